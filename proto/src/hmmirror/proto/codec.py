@@ -1,0 +1,159 @@
+"""Frame layout, encoding and validated decoding of hmmirror messages.
+
+Frames of one message, after the ROUTER's identity frame::
+
+    [b"", header, body, bulk0, bulk1, ...]
+    header  msgpack map {"v": [1, 0], "type": "fault", "id": 17, "re": 0}
+    body    msgpack map of the message's fields (see ``messages``)
+    bulk    raw frames: page entries as little-endian u64, DMA data as bytes
+
+``id`` is chosen by the sender and is unique per sender per session; a reply
+carries the request's ``id`` in ``re``. Untrusted bytes are checked in a fixed
+order: frame count and sizes, header, version, type (through the ``TYPES``
+table), body against the schema, then bulk frame sizes. Nothing is allocated on
+a peer's say-so, and nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+
+from hmmirror.proto.errors import DecodeError, TooLarge, UnknownMessage, VersionError
+from hmmirror.proto.messages import MAX_FRAME, TYPES, Message
+from hmmirror.proto.schema import REQUIRED, Spec, check, to_plain
+from hmmirror.proto.version import PROTOCOL_VERSION, compatible
+
+#: Header and body are small maps; anything bigger is an attack or a bug.
+MAX_HEADER = 512
+MAX_BODY = 256 * 1024
+
+
+class Buffer(Protocol):
+    """Anything with a length that supports the buffer protocol (bytes, zmq.Frame, memoryview)."""
+
+    def __len__(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A decoded message: header fields, the validated message and its bulk frames."""
+
+    type: str
+    id: int
+    re: int
+    version: tuple[int, int]
+    msg: Message
+    bulk: tuple[memoryview, ...]
+
+
+_FIELDS: dict[type[Message], tuple[tuple[str, Spec], ...]] = {}
+
+
+def _fields(cls: type[Message]) -> tuple[tuple[str, Spec], ...]:
+    cached = _FIELDS.get(cls)
+    if cached is None:
+        cached = tuple((f.name, f.metadata["wire"]) for f in dataclasses.fields(cls))
+        _FIELDS[cls] = cached
+    return cached
+
+
+def encode(msg: Message, id: int, re: int = 0, bulk: Sequence[Any] = ()) -> list[Any]:
+    """Return the frames of ``msg``: delimiter, header, body and ``bulk`` as given.
+
+    ``bulk`` frames are passed through untouched (bytes, memoryview or numpy
+    buffers), so the caller may send them with ``copy=False``.
+    """
+    cls = type(msg)
+    if len(bulk) != len(cls.BULK):
+        raise ValueError(f"{cls.TYPE} carries {len(cls.BULK)} bulk frames, got {len(bulk)}")
+    header = msgpack.packb({"v": list(PROTOCOL_VERSION), "type": cls.TYPE, "id": id, "re": re})
+    body = msgpack.packb({name: to_plain(spec, getattr(msg, name)) for name, spec in _fields(cls)})
+    return [b"", header, body, *bulk]
+
+
+def _unpack(frame: Buffer, limit: int, what: str) -> dict[str, Any]:
+    if len(frame) > limit:
+        raise TooLarge(f"{what} frame of {len(frame)} bytes exceeds {limit}")
+    try:
+        value = msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=limit,
+            max_str_len=limit,
+            max_array_len=limit,
+            max_map_len=limit,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises a zoo of types; all mean "not our format"
+        raise DecodeError(f"{what} is not valid msgpack: {exc}") from exc
+    if type(value) is not dict:
+        raise DecodeError(f"{what} must be a msgpack map")
+    return value
+
+
+def decode_header(frames: Sequence[Buffer]) -> tuple[str, int, int, tuple[int, int]]:
+    """Check the frame layout and header; return (type, id, re, version)."""
+    if len(frames) < 3:
+        raise DecodeError(f"a message has at least 3 frames, got {len(frames)}")
+    if len(frames[0]) != 0:
+        raise DecodeError("the first frame must be the empty delimiter")
+    for frame in frames:
+        if len(frame) > MAX_FRAME:
+            raise TooLarge(f"frame of {len(frame)} bytes exceeds {MAX_FRAME}")
+    header = _unpack(frames[1], MAX_HEADER, "header")
+    version = header.get("v")
+    if (
+        type(version) is not list
+        or len(version) != 2
+        or not all(type(x) is int and 0 <= x < 1 << 16 for x in version)
+    ):
+        raise DecodeError("header field 'v' must be [major, minor]")
+    ver = (version[0], version[1])
+    mtype = header.get("type")
+    if type(mtype) is not str or len(mtype) > 32:
+        raise DecodeError("header field 'type' must be a short string")
+    msg_id = header.get("id", 0)
+    re = header.get("re", 0)
+    for name, value in (("id", msg_id), ("re", re)):
+        if type(value) is not int or not 0 <= value < 1 << 64:
+            raise DecodeError(f"header field {name!r} must be a u64")
+    if not compatible(ver):
+        raise VersionError(
+            f"peer speaks protocol {ver[0]}.{ver[1]}, "
+            f"we speak {PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}"
+        )
+    return mtype, msg_id, re, ver
+
+
+def decode(frames: Sequence[Buffer]) -> Envelope:
+    """Decode and validate one message's frames (without the identity frame).
+
+    Raises a ``ProtocolError`` subclass for anything that is not a valid
+    message; the exception's ``code`` is the wire error code to answer with.
+    """
+    mtype, msg_id, re, ver = decode_header(frames)
+    cls = TYPES.get(mtype)
+    if cls is None:
+        raise UnknownMessage(f"unknown message type {mtype!r}")
+    raw = _unpack(frames[2], MAX_BODY, f"{mtype} body")
+    values: dict[str, Any] = {}
+    for name, spec in _fields(cls):
+        if name in raw:
+            values[name] = check(name, spec, raw[name])
+        elif spec.default is REQUIRED:
+            raise DecodeError(f"{mtype} is missing field {name!r}")
+    msg = cls(**values)
+    bulk = tuple(memoryview(f) for f in frames[3:])  # type: ignore[arg-type]
+    expected = msg.bulk_sizes()
+    if len(bulk) != len(expected):
+        raise DecodeError(f"{mtype} carries {len(expected)} bulk frames, got {len(bulk)}")
+    for name, frame, size in zip(cls.BULK, bulk, expected, strict=True):
+        if frame.nbytes != size:
+            raise DecodeError(f"{mtype} bulk frame {name!r} has {frame.nbytes} bytes, expected {size}")
+    return Envelope(mtype, msg_id, re, ver, msg, bulk)

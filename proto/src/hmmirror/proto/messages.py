@@ -1,0 +1,380 @@
+"""Every hmmirror message, one frozen dataclass per type.
+
+A message class's docstring is its wire documentation: who sends it, what it
+answers or is answered by, its fields and units, and its bulk frames. Field
+kinds and bounds are declared with ``wire(...)`` and enforced by the codec.
+
+Addresses are byte addresses in the target's virtual address space; ``start``
+values and lengths are multiples of 4096 unless stated otherwise. ``npages``
+counts 4 KiB pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+from typing import ClassVar
+
+from hmmirror.proto.schema import Kind, wire
+
+#: The largest range one FAULT may cover: 1 GiB of 4 KiB pages (2 MiB of entries).
+MAX_FAULT_PAGES = 1 << 18
+#: The largest DMA one request may move: 4 MiB (1024 pages).
+MAX_DMA_PAGES = 1024
+#: Intervals per REGISTER.
+MAX_INTERVALS = 64
+#: Items per INVALIDATE batch.
+MAX_ITEMS = 4096
+#: The largest frame a peer may send (ZeroMQ ``MAXMSGSIZE``): a full DMA plus headroom.
+MAX_FRAME = MAX_DMA_PAGES * 4096 + 65536
+#: Highest user-space address on x86-64 with 4-level paging, plus one page.
+USER_ADDR_END = 1 << 47
+NAME_MAX = 64
+
+
+class Access(IntFlag):
+    """What a mirror may do to the target's memory."""
+
+    READ = 1
+    WRITE = 2
+
+
+class Event(IntEnum):
+    """Why a range is invalidated: ``mmu_notifier_event`` values, plus EVICT."""
+
+    UNMAP = 0
+    CLEAR = 1
+    PROTECTION_VMA = 2
+    PROTECTION_PAGE = 3
+    SOFT_DIRTY = 4
+    RELEASE = 5
+    MIGRATE = 6
+    EXCLUSIVE = 7
+    EVICT = 8
+
+
+class FaultMode(IntEnum):
+    """How FAULT treats pages that are not present."""
+
+    SNAPSHOT = 0
+    """Report what is there; fault nothing in (``default_flags = 0``)."""
+    POPULATE = 1
+    """Fault missing pages in first (``HMM_PFN_REQ_FAULT``)."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of all messages. ``TYPE`` is the header ``type`` string."""
+
+    TYPE: ClassVar[str] = ""
+    #: Names of the raw frames that follow the body, in order.
+    BULK: ClassVar[tuple[str, ...]] = ()
+
+    def bulk_sizes(self) -> tuple[int, ...]:
+        """The exact byte length each bulk frame must have."""
+        return ()
+
+
+# --- sessions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """Agent → daemon: open a session. Answered by ``welcome``.
+
+    ``agent`` is a human-readable name for logs and ``hmmctl``; ``pid`` the
+    agent's process id, for the operator's eyes only. Sending ``hello`` again on
+    the same connection opens a fresh session and drops the old one's mirrors.
+    """
+
+    TYPE: ClassVar[str] = "hello"
+    agent: str = wire(Kind.STR, NAME_MAX)
+    pid: int = wire(Kind.UINT, 1 << 32, default=0)
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    """Daemon → agent, answering ``hello``.
+
+    ``epoch`` is random per daemon start (16 hex digits): a new value means the
+    daemon restarted and every translation is void. The agent sends
+    ``heartbeat`` every ``heartbeat_ms``; after ``lease_ms`` without one the
+    daemon drops the session. An INVALIDATE not acked within ``ack_deadline_ms``
+    evicts the mirror. ``zero_pfn`` is the PFN of the kernel's shared zero page
+    (0 if unknown), so agents can tell ZERO pages apart as dmirror does.
+    """
+
+    TYPE: ClassVar[str] = "welcome"
+    session: int = wire(Kind.UINT)
+    epoch: str = wire(Kind.STR, 32)
+    heartbeat_ms: int = wire(Kind.UINT, 1 << 32)
+    lease_ms: int = wire(Kind.UINT, 1 << 32)
+    ack_deadline_ms: int = wire(Kind.UINT, 1 << 32)
+    zero_pfn: int = wire(Kind.UINT)
+    max_fault_pages: int = wire(Kind.UINT, 1 << 32)
+    max_dma_pages: int = wire(Kind.UINT, 1 << 32)
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """Agent → daemon: renew the lease. Answered by ``heartbeat_ack``."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+
+
+@dataclass(frozen=True)
+class HeartbeatAck(Message):
+    """Daemon → agent, answering ``heartbeat``; ``epoch`` as in ``welcome``."""
+
+    TYPE: ClassVar[str] = "heartbeat_ack"
+    epoch: str = wire(Kind.STR, 32)
+
+
+@dataclass(frozen=True)
+class Goodbye(Message):
+    """Agent → daemon: close the session and drop its mirrors. Answered by ``ok``."""
+
+    TYPE: ClassVar[str] = "goodbye"
+
+
+@dataclass(frozen=True)
+class Ok(Message):
+    """Daemon → agent: the request named by the header's ``re`` succeeded."""
+
+    TYPE: ClassVar[str] = "ok"
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    """Either direction: the request named by the header's ``re`` failed.
+
+    ``code`` is an ``ErrorCode``; ``message`` says what failed, for whom and why.
+    ``re`` is 0 when the failing message could not be decoded far enough to name.
+    """
+
+    TYPE: ClassVar[str] = "error"
+    code: int = wire(Kind.UINT, 65535)
+    message: str = wire(Kind.STR, 1024)
+
+
+# --- mirrors --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Register(Message):
+    """Agent → daemon: mirror ``intervals`` of process ``pid``. Answered by ``registered``.
+
+    ``start_time`` is the target's start time in clock ticks since boot (field
+    22 of ``/proc/PID/stat``); 0 means "whatever process has this pid now". The
+    daemon refuses a mismatch with ESRCH, so a reused pid is never mirrored by
+    mistake. ``access`` is an ``Access`` bit set. Intervals are page-aligned,
+    non-empty, below 2^47 and at most 64 of them.
+    """
+
+    TYPE: ClassVar[str] = "register"
+    pid: int = wire(Kind.UINT, 1 << 32)
+    start_time: int = wire(Kind.UINT)
+    intervals: tuple[tuple[int, int], ...] = wire(Kind.INTERVALS, MAX_INTERVALS)
+    access: int = wire(Kind.UINT, 3)
+
+
+@dataclass(frozen=True)
+class Registered(Message):
+    """Daemon → agent, answering ``register``.
+
+    ``mirror`` is the new mirror's id, unique within the daemon's epoch.
+    ``start_time`` is the identity the daemon bound (see ``register``). ``seq``
+    is the mm's current sequence number (even when no invalidation is active).
+    """
+
+    TYPE: ClassVar[str] = "registered"
+    mirror: int = wire(Kind.UINT)
+    pid: int = wire(Kind.UINT, 1 << 32)
+    start_time: int = wire(Kind.UINT)
+    seq: int = wire(Kind.UINT)
+
+
+@dataclass(frozen=True)
+class Unregister(Message):
+    """Agent → daemon: drop ``mirror``. Answered by ``ok``."""
+
+    TYPE: ClassVar[str] = "unregister"
+    mirror: int = wire(Kind.UINT)
+
+
+@dataclass(frozen=True)
+class Fault(Message):
+    """Agent → daemon: ``hmm_range_fault`` over ``npages`` pages at ``start``.
+
+    Answered by ``fault_reply``, or by ``error`` with EFAULT (no VMA or an
+    unreadable one, in POPULATE mode), EPERM (``write`` on a VMA without write
+    permission, or a mirror without WRITE access), EBUSY (invalidations kept
+    racing the fault for 1000 ms) or EINVAL (outside the mirror). ``mode`` is a
+    ``FaultMode``. The range lies inside one of the mirror's intervals.
+    """
+
+    TYPE: ClassVar[str] = "fault"
+    mirror: int = wire(Kind.UINT)
+    start: int = wire(Kind.UINT)
+    npages: int = wire(Kind.UINT, MAX_FAULT_PAGES)
+    write: bool = wire(Kind.BOOL)
+    mode: int = wire(Kind.UINT, 1)
+
+
+@dataclass(frozen=True)
+class FaultReply(Message):
+    """Daemon → agent, answering ``fault``.
+
+    Bulk frame ``entries``: ``npages`` little-endian u64 ``hmm_pfn`` values.
+    ``seq`` is the mm's (even) sequence number when the entries were read. The
+    agent installs them only if no INVALIDATE for this mirror arrived since it
+    sent the FAULT (``mmu_interval_read_retry``); otherwise it faults again.
+    """
+
+    TYPE: ClassVar[str] = "fault_reply"
+    BULK: ClassVar[tuple[str, ...]] = ("entries",)
+    mirror: int = wire(Kind.UINT)
+    start: int = wire(Kind.UINT)
+    npages: int = wire(Kind.UINT, MAX_FAULT_PAGES)
+    seq: int = wire(Kind.UINT)
+
+    def bulk_sizes(self) -> tuple[int, ...]:
+        """One entry frame of ``npages * 8`` bytes."""
+        return (self.npages * 8,)
+
+
+# --- invalidation ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Invalidate(Message):
+    """Daemon → agent: zap these ranges, fence in-flight DMA, then ``ack``.
+
+    ``n`` is this connection's message number: it grows by one per INVALIDATE
+    the daemon sends on the session. Each item is ``[mirror, seq, start, end,
+    event]``: the mm's odd ``seq`` to record with ``set_seq``, the byte range
+    [start, end) and an ``Event``. RELEASE and EVICT items cover the whole mirror.
+    """
+
+    TYPE: ClassVar[str] = "invalidate"
+    n: int = wire(Kind.UINT)
+    items: tuple[tuple[int, int, int, int, int], ...] = wire(Kind.ITEMS, MAX_ITEMS)
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    """Agent → daemon: every INVALIDATE numbered up to ``n`` is done (cumulative).
+
+    Send it only after every item up to ``n`` was zapped and no DMA of the agent
+    still uses the zapped pages. Acks need no reply.
+    """
+
+    TYPE: ClassVar[str] = "ack"
+    n: int = wire(Kind.UINT)
+
+
+@dataclass(frozen=True)
+class Evicted(Message):
+    """Daemon → agent: the session was fenced; these mirrors are gone.
+
+    Sent best-effort when the agent missed an ack deadline or its lease. Every
+    later request other than ``hello`` gets FENCED. The agent drops all its
+    entries and says ``hello`` again.
+    """
+
+    TYPE: ClassVar[str] = "evicted"
+    mirrors: tuple[int, ...] = wire(Kind.UINTS, 1 << 16)
+    reason: str = wire(Kind.STR, 256)
+
+
+# --- device access --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DmaRead(Message):
+    """Agent → daemon: read ``npages`` pages at ``start`` through translations ``entries``.
+
+    Bulk frame ``entries``: the ``npages`` u64 entries the agent translated with,
+    all VALID. The daemon compares them with the live page table before and after
+    the copy; a mismatch, or a pending INVALIDATE of the range, gets STALE and the
+    data is discarded. Answered by ``dma_read_reply`` or ``error`` (STALE, EFAULT).
+    """
+
+    TYPE: ClassVar[str] = "dma_read"
+    BULK: ClassVar[tuple[str, ...]] = ("entries",)
+    mirror: int = wire(Kind.UINT)
+    start: int = wire(Kind.UINT)
+    npages: int = wire(Kind.UINT, MAX_DMA_PAGES)
+
+    def bulk_sizes(self) -> tuple[int, ...]:
+        """One entry frame of ``npages * 8`` bytes."""
+        return (self.npages * 8,)
+
+
+@dataclass(frozen=True)
+class DmaReadReply(Message):
+    """Daemon → agent, answering ``dma_read``. Bulk frame ``data``: ``npages * 4096`` bytes."""
+
+    TYPE: ClassVar[str] = "dma_read_reply"
+    BULK: ClassVar[tuple[str, ...]] = ("data",)
+    mirror: int = wire(Kind.UINT)
+    start: int = wire(Kind.UINT)
+    npages: int = wire(Kind.UINT, MAX_DMA_PAGES)
+
+    def bulk_sizes(self) -> tuple[int, ...]:
+        """One data frame of ``npages * 4096`` bytes."""
+        return (self.npages * 4096,)
+
+
+@dataclass(frozen=True)
+class DmaWrite(Message):
+    """Agent → daemon: write ``data`` to ``npages`` pages at ``start`` through ``entries``.
+
+    Bulk frames ``entries`` (``npages`` u64, all VALID|WRITE) and ``data``
+    (``npages * 4096`` bytes). Checked like ``dma_read`` before the copy.
+    Answered by ``ok`` or ``error`` (STALE, EPERM for a read-only page, EFAULT).
+    """
+
+    TYPE: ClassVar[str] = "dma_write"
+    BULK: ClassVar[tuple[str, ...]] = ("entries", "data")
+    mirror: int = wire(Kind.UINT)
+    start: int = wire(Kind.UINT)
+    npages: int = wire(Kind.UINT, MAX_DMA_PAGES)
+
+    def bulk_sizes(self) -> tuple[int, ...]:
+        """An entry frame of ``npages * 8`` bytes, then ``npages * 4096`` bytes of data."""
+        return (self.npages * 8, self.npages * 4096)
+
+
+# --- operations -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Status(Message):
+    """Anyone → daemon: report the daemon's state. Answered by ``status_reply``; needs no session."""
+
+    TYPE: ClassVar[str] = "status"
+
+
+@dataclass(frozen=True)
+class StatusReply(Message):
+    """Daemon → requester: ``stats`` maps names to numbers or short strings.
+
+    Keys include ``epoch``, ``uptime_s``, ``sessions``, ``mms``, ``mirrors``,
+    ``invalidations``, ``evictions``, ``faults``, ``dma_reads``, ``dma_writes``,
+    ``stale``, ``bad_messages``, ``ack_p50_us`` and ``ack_p99_us``.
+    """
+
+    TYPE: ClassVar[str] = "status_reply"
+    stats: dict[str, int | float | str] = wire(Kind.STATS, 256)
+
+
+ALL_MESSAGES: tuple[type[Message], ...] = (
+    Hello, Welcome, Heartbeat, HeartbeatAck, Goodbye, Ok, Error,
+    Register, Registered, Unregister, Fault, FaultReply,
+    Invalidate, Ack, Evicted, DmaRead, DmaReadReply, DmaWrite,
+    Status, StatusReply,
+)  # fmt: skip
+
+#: The explicit type table: the only way a wire string becomes a class.
+TYPES: dict[str, type[Message]] = {cls.TYPE: cls for cls in ALL_MESSAGES}

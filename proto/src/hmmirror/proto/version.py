@@ -1,0 +1,14 @@
+"""The wire protocol version, independent of any package version.
+
+A peer whose major version differs is refused with ``VERSION_MISMATCH``; a
+newer minor version is accepted and its unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION: tuple[int, int] = (1, 0)
+
+
+def compatible(version: tuple[int, int]) -> bool:
+    """Return True when a peer speaking ``version`` can talk to us."""
+    return version[0] == PROTOCOL_VERSION[0]
