@@ -17,6 +17,8 @@ from typing import ClassVar
 
 from hmmirror.proto.schema import Kind, wire
 
+U32_MAX = (1 << 32) - 1
+
 #: The largest range one FAULT may cover: 1 GiB of 4 KiB pages (2 MiB of entries).
 MAX_FAULT_PAGES = 1 << 18
 #: The largest DMA one request may move: 4 MiB (1024 pages).
@@ -107,12 +109,12 @@ class Welcome(Message):
     TYPE: ClassVar[str] = "welcome"
     session: int = wire(Kind.UINT)
     epoch: str = wire(Kind.STR, 32)
-    heartbeat_ms: int = wire(Kind.UINT, 1 << 32)
-    lease_ms: int = wire(Kind.UINT, 1 << 32)
-    ack_deadline_ms: int = wire(Kind.UINT, 1 << 32)
+    heartbeat_ms: int = wire(Kind.UINT, U32_MAX)
+    lease_ms: int = wire(Kind.UINT, U32_MAX)
+    ack_deadline_ms: int = wire(Kind.UINT, U32_MAX)
     zero_pfn: int = wire(Kind.UINT)
-    max_fault_pages: int = wire(Kind.UINT, 1 << 32)
-    max_dma_pages: int = wire(Kind.UINT, 1 << 32)
+    max_fault_pages: int = wire(Kind.UINT, U32_MAX)
+    max_dma_pages: int = wire(Kind.UINT, U32_MAX)
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,7 @@ class Register(Message):
     """
 
     TYPE: ClassVar[str] = "register"
-    pid: int = wire(Kind.UINT, 1 << 32)
+    pid: int = wire(Kind.UINT, U32_MAX)
     start_time: int = wire(Kind.UINT)
     intervals: tuple[tuple[int, int], ...] = wire(Kind.INTERVALS, MAX_INTERVALS)
     access: int = wire(Kind.UINT, 3)
@@ -189,7 +191,7 @@ class Registered(Message):
 
     TYPE: ClassVar[str] = "registered"
     mirror: int = wire(Kind.UINT)
-    pid: int = wire(Kind.UINT, 1 << 32)
+    pid: int = wire(Kind.UINT, U32_MAX)
     start_time: int = wire(Kind.UINT)
     seq: int = wire(Kind.UINT)
 
@@ -287,6 +289,25 @@ class Evicted(Message):
     reason: str = wire(Kind.STR, 256)
 
 
+@dataclass(frozen=True)
+class SyncRange(Message):
+    """Agent or target → daemon: invalidate [start, end) of process ``pid`` now.
+
+    The daemon starts an invalidation with ``event`` (an ``Event``) exactly as if
+    its watcher had seen a change, and answers ``ok`` only once every mirror
+    overlapping the range has acked or been evicted. This is
+    ``sync_cpu_device_pagetables`` made literal: a target that calls it before
+    changing its memory gets the kernel's invalidate-before-change order.
+    Answered by ``ok``, or ``error`` (ESRCH for an unknown process, EINVAL).
+    """
+
+    TYPE: ClassVar[str] = "sync_range"
+    pid: int = wire(Kind.UINT, U32_MAX)
+    start: int = wire(Kind.UINT)
+    end: int = wire(Kind.UINT)
+    event: int = wire(Kind.UINT, 255)
+
+
 # --- device access --------------------------------------------------------------------------
 
 
@@ -372,7 +393,7 @@ class StatusReply(Message):
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Hello, Welcome, Heartbeat, HeartbeatAck, Goodbye, Ok, Error,
     Register, Registered, Unregister, Fault, FaultReply,
-    Invalidate, Ack, Evicted, DmaRead, DmaReadReply, DmaWrite,
+    Invalidate, Ack, Evicted, SyncRange, DmaRead, DmaReadReply, DmaWrite,
     Status, StatusReply,
 )  # fmt: skip
 

@@ -57,8 +57,10 @@ def wire(kind: Kind, max: int = U64_MAX, default: Any = dataclasses.MISSING) -> 
 def _uint(name: str, value: Any, bound: int) -> int:
     if type(value) is not int:
         raise DecodeError(f"field {name!r} must be an unsigned integer, got {type(value).__name__}")
-    if value < 0 or value > bound:
-        raise DecodeError(f"field {name!r} = {value} is outside [0, {bound}]")
+    if value < 0:
+        raise DecodeError(f"field {name!r} = {value} is negative")
+    if value > bound:
+        raise TooLarge(f"field {name!r} = {value} exceeds {bound}")
     return value
 
 

@@ -1,0 +1,110 @@
+"""The ``hmmd`` command line: run the daemon, check or print its configuration.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+Logs go to stderr (journald picks them up); ``run`` prints exactly one line to
+stdout, ``hmmd ready <endpoint>``, once the socket is bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from hmmirror.daemon import __version__
+from hmmirror.daemon.config import DEFAULT_CONFIG_FILE, ConfigError, load
+from hmmirror.proto.version import PROTOCOL_VERSION
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hmmd",
+        description="hmmirror host daemon: watches live processes' memory and sends synchronous, "
+        "sequence-numbered invalidations to mirroring agents over ZeroMQ.",
+        epilog="Settings come from defaults < the config file < HMMIRROR_* environment variables "
+        "(e.g. HMMIRROR_ACK_DEADLINE=2s) < flags. Durations look like 2s, 250ms, 1m.",
+    )
+    parser.add_argument("--config", metavar="FILE", help=f"TOML config file (default {DEFAULT_CONFIG_FILE} if present)")
+    parser.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("--endpoint", help="ipc://PATH (default) or tcp://HOST:PORT to bind")
+    run.add_argument("--heartbeat", metavar="DURATION", help="agent heartbeat interval (default 1s)")
+    run.add_argument("--ack-deadline", metavar="DURATION", help="evict a mirror whose ACK is later (default 2s)")
+    run.add_argument("--poll-interval", metavar="DURATION", dest="poll_min", help="fastest proc watcher poll (default 2ms)")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    sub.add_parser("check-config", help="validate the configuration and exit 0 if it is good")
+    sub.add_parser("version", help="print versions and exit")
+    return parser
+
+
+async def _run(config_flags: dict[str, object], args: argparse.Namespace) -> int:
+    from hmmirror.daemon.app import Daemon
+
+    config = load(args.config, flags=config_flags)
+    try:
+        import uvloop  # noqa: F401  (installed as the loop policy by main)
+    except ImportError:
+        pass
+    daemon = Daemon(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop)
+
+    def ready(endpoint: str) -> None:
+        print(f"hmmd ready {endpoint}", flush=True)
+        logging.getLogger("hmmirror.daemon").info(
+            "hmmd ready on %s (epoch %s, zero_pfn %#x)", endpoint, daemon.epoch, daemon.zero_pfn
+        )
+
+    await daemon.serve(ready)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hmmd`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    flags: dict[str, object] = {
+        key: getattr(args, key, None)
+        for key in ("endpoint", "heartbeat", "ack_deadline", "poll_min", "log_level")
+    }
+    try:
+        config = load(args.config, flags=flags)
+    except ConfigError as exc:
+        print(f"hmmd: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.print_config:
+        sys.stdout.write(config.as_toml())
+        return EXIT_OK
+    if args.command == "check-config":
+        print("configuration OK")
+        return EXIT_OK
+    if args.command == "version":
+        print(f"hmmd {__version__}, protocol {PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}")
+        return EXIT_OK
+    if args.command != "run":
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        import uvloop
+
+        return uvloop.run(_run(flags, args))
+    except OSError as exc:
+        print(f"hmmd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

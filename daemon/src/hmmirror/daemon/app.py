@@ -1,0 +1,575 @@
+"""The hmmd application: sessions, mirrors, watchers and the request handlers.
+
+Inbound messages arrive from the ``Transport`` drain loop already split from
+their identity. They are decoded and validated by the proto codec, then
+dispatched through ``HANDLERS``, an explicit table from message class to
+handler; a wire string never reaches ``getattr``. Handlers that must wait
+(fault, sync_range) run as tasks; the rest run inline. Every failure becomes a
+typed ``error`` reply and, for malformed or out-of-order input, a count in
+``bad_messages``; nothing a peer sends can stop the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from hmmirror.daemon.config import Config
+from hmmirror.daemon.dma.service import ZERO_COPY_MIN, DmaService
+from hmmirror.daemon.errors import RequestError
+from hmmirror.daemon.fault.service import resolve
+from hmmirror.daemon.invalidation import Invalidator
+from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PAGE_SIZE, ProcessView, start_time, zero_pfn
+from hmmirror.daemon.mm import Mirror, Mm, Span
+from hmmirror.daemon.server import Transport, Unreachable
+from hmmirror.daemon.session import Session
+from hmmirror.daemon.watch.proc import Change, detect
+from hmmirror.proto.codec import Envelope, decode, encode
+from hmmirror.proto.entries import from_wire, to_wire
+from hmmirror.proto.errors import ErrorCode, ProtocolError
+from hmmirror.proto.messages import (
+    MAX_DMA_PAGES,
+    MAX_FAULT_PAGES,
+    USER_ADDR_END,
+    Access,
+    Ack,
+    DmaRead,
+    DmaReadReply,
+    DmaWrite,
+    Error,
+    Event,
+    Evicted,
+    Fault,
+    FaultMode,
+    FaultReply,
+    Goodbye,
+    Heartbeat,
+    HeartbeatAck,
+    Hello,
+    Message,
+    Ok,
+    Register,
+    Registered,
+    Status,
+    StatusReply,
+    SyncRange,
+    Unregister,
+    Welcome,
+)
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["Daemon", bytes, "Session | None", Envelope], "Awaitable[None] | None"]
+
+
+def _aligned_range(start: int, npages: int, what: str) -> int:
+    if start % PAGE_SIZE:
+        raise RequestError(ErrorCode.EINVAL, f"{what} start {start:#x} is not page-aligned")
+    if npages == 0:
+        raise RequestError(ErrorCode.EINVAL, f"{what} of zero pages")
+    end = start + (npages << PAGE_SHIFT)
+    if end > USER_ADDR_END:
+        raise RequestError(ErrorCode.EINVAL, f"{what} [{start:#x}, {end:#x}) leaves user space")
+    return end
+
+
+class Daemon:
+    """One hmmd instance: owns the transport, every session, mm and mirror."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.epoch = secrets.token_hex(8)
+        self.started = time.monotonic()
+        self.zero_pfn = zero_pfn()
+        self.sessions: dict[bytes, Session] = {}
+        self.mms: dict[tuple[int, int], Mm] = {}
+        self.mirrors: dict[int, Mirror] = {}
+        self._next_session = 1
+        self._next_mirror = 1
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
+                "messages",
+                "bad_messages",
+                "faults",
+                "dma_reads",
+                "dma_writes",
+                "evictions",
+                "releases",
+                "registrations",
+            ),
+            0,
+        )
+        self._rejections_logged = 0
+        self.transport = Transport(config.endpoint, self.on_message, heartbeat_ms=config.heartbeat_ms)
+        self.invalidator = Invalidator(self.transport, config.ack_deadline, self.evict)
+        self.dma = DmaService(self.zero_pfn, self.start_invalidations)
+        self.stopping = asyncio.Event()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def serve(self, ready: Callable[[str], None] | None = None) -> None:
+        """Run until ``stop()``: drain the socket, sweep leases."""
+        self.transport.start()
+        if ready is not None:
+            ready(self.transport.endpoint)
+        sweeper = self.spawn(self._sweep_leases())
+        try:
+            await self.stopping.wait()
+        finally:
+            sweeper.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            for mm in list(self.mms.values()):
+                self._drop_mm(mm)
+            self.transport.close()
+
+    def stop(self) -> None:
+        """Ask ``serve`` to return."""
+        self.stopping.set()
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task the daemon owns and cancels at shutdown."""
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("daemon task failed", exc_info=task.exception())
+
+    # --- messaging ---------------------------------------------------------------------------
+
+    def send(
+        self, identity: bytes, msg: Message, re: int = 0, bulk: Sequence[Any] = (), copy: bool = True
+    ) -> None:
+        """Send ``msg`` to ``identity``, after any INVALIDATE queued for it (FIFO with replies)."""
+        session = self.sessions.get(identity)
+        if session is not None and session.batch:
+            self.invalidator.flush(session)
+        msg_id = session.take_id() if session is not None else 1
+        try:
+            self.transport.send(identity, encode(msg, msg_id, re, bulk), copy=copy)
+        except Unreachable as exc:
+            log.info("reply %s to %r dropped: %s", msg.TYPE, identity, exc)
+            if session is not None:
+                self.evict(session, f"peer unreachable: {exc}")
+
+    def reject(self, identity: bytes, code: ErrorCode, message: str, re: int, mtype: str, bad: bool) -> None:
+        """Answer with an error; count and log malformed or out-of-order input (never its payload)."""
+        if bad:
+            self.counters["bad_messages"] += 1
+            self._rejections_logged += 1
+            level = logging.WARNING if self._rejections_logged <= 100 else logging.DEBUG
+            log.log(level, "rejected %s id=%d from %r: %s (%s)", mtype, re, identity, code.name, message)
+        self.send(identity, Error(code=int(code), message=message[:1024]), re=re)
+
+    def on_message(self, identity: bytes, frames: list[bytes]) -> None:
+        """Decode, authorise by session state, and dispatch one inbound message."""
+        self.counters["messages"] += 1
+        try:
+            env = decode(frames)
+        except ProtocolError as exc:
+            self.reject(identity, exc.code, str(exc), 0, "message", bad=True)
+            return
+        entry = HANDLERS.get(type(env.msg))
+        if entry is None:
+            self.reject(
+                identity, ErrorCode.UNKNOWN_MESSAGE, f"hmmd does not accept {env.type!r}",
+                env.id, env.type, bad=True,
+            )  # fmt: skip
+            return
+        handler, needs_session = entry
+        session = self.sessions.get(identity)
+        if session is not None:
+            session.last_seen = time.monotonic()
+        if needs_session and (session is None or session.fenced):
+            code = ErrorCode.NO_SESSION if session is None else ErrorCode.FENCED
+            self.reject(identity, code, f"{env.type} needs a live session: send hello", env.id, env.type, bad=True)
+            return
+        try:
+            result = handler(self, identity, session, env)
+        except RequestError as exc:
+            self.reject(identity, exc.code, exc.message, env.id, env.type, bad=exc.code == ErrorCode.EINVAL)
+            return
+        if result is not None:
+            self.spawn(self._finish(identity, env, result))
+
+    async def _finish(self, identity: bytes, env: Envelope, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except RequestError as exc:
+            self.reject(identity, exc.code, exc.message, env.id, env.type, bad=exc.code == ErrorCode.EINVAL)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("%s id=%d from %r failed", env.type, env.id, identity)
+            self.reject(identity, ErrorCode.INTERNAL, f"{env.type} failed: {exc}", env.id, env.type, bad=False)
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    def evict(self, session: Session, reason: str) -> None:
+        """Fence ``session``: drop its mirrors, forgive its acks, tell it (best effort)."""
+        if session.fenced:
+            return
+        session.fenced = True
+        self.counters["evictions"] += 1
+        ids = tuple(session.mirrors)
+        log.warning("evicting session %d (%s): %s", session.id, session.name, reason)
+        self.invalidator.forgive(session)
+        for mirror in list(session.mirrors.values()):
+            self._drop_mirror(mirror)
+        with contextlib.suppress(Unreachable):
+            self.transport.send(
+                session.identity, encode(Evicted(mirrors=ids[:4096], reason=reason[:256]), session.take_id())
+            )
+
+    def _close_session(self, session: Session) -> None:
+        self.invalidator.forgive(session)
+        for mirror in list(session.mirrors.values()):
+            self._drop_mirror(mirror)
+        self.sessions.pop(session.identity, None)
+
+    async def _sweep_leases(self) -> None:
+        lease = self.config.lease
+        while True:
+            await asyncio.sleep(self.config.heartbeat_ms / 1000)
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                if now - session.last_seen > lease:
+                    if not session.fenced:
+                        self.evict(session, f"no heartbeat for {lease:g} s (lease expired)")
+                    self.sessions.pop(session.identity, None)
+
+    # --- mms and mirrors ---------------------------------------------------------------------
+
+    def _attach_mm(self, pid: int, wanted_start: int) -> Mm:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError as exc:
+            raise RequestError(ErrorCode.ESRCH, f"no process {pid}") from exc
+        except OSError as exc:
+            raise RequestError(ErrorCode.ESRCH, f"cannot open process {pid}: {exc}") from exc
+        try:
+            st = start_time(pid)
+            if wanted_start and st != wanted_start:
+                raise RequestError(
+                    ErrorCode.ESRCH, f"process {pid} started at {st}, not {wanted_start}: pid reused"
+                )
+            mm = self.mms.get((pid, st))
+            if mm is not None:
+                os.close(pidfd)
+                return mm
+            try:
+                view = ProcessView(pid)
+            except PermissionError as exc:
+                raise RequestError(ErrorCode.PERMISSION_DENIED, f"hmmd may not read process {pid}") from exc
+            except OSError as exc:
+                raise RequestError(ErrorCode.ESRCH, f"process {pid} vanished: {exc}") from exc
+            # The pid may have been reused between pidfd_open and the reads: check it still names st.
+            if start_time(pid) != st:
+                view.close()
+                raise RequestError(ErrorCode.ESRCH, f"process {pid} was replaced while attaching")
+        except (ProcessLookupError, RequestError) as exc:
+            os.close(pidfd)
+            if isinstance(exc, RequestError):
+                raise
+            raise RequestError(ErrorCode.ESRCH, f"no process {pid}") from exc
+        mm = Mm(pid=pid, start_time=st, view=view, pidfd=pidfd)
+        self.mms[mm.key] = mm
+        asyncio.get_running_loop().add_reader(pidfd, self._on_exit, mm)
+        mm.watcher = self.spawn(self._watch(mm))
+        return mm
+
+    def _drop_mirror(self, mirror: Mirror) -> None:
+        mirror.dead = True
+        mirror.session.mirrors.pop(mirror.id, None)
+        self.mirrors.pop(mirror.id, None)
+        mm = mirror.mm
+        if mirror in mm.mirrors:
+            mm.mirrors.remove(mirror)
+        if not mm.mirrors and not mm.released and mm.active == 0:
+            self._drop_mm(mm)
+
+    def _drop_mm(self, mm: Mm) -> None:
+        if self.mms.get(mm.key) is mm:
+            del self.mms[mm.key]
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(mm.pidfd)
+        if mm.watcher is not None:
+            mm.watcher.cancel()
+        with contextlib.suppress(OSError):
+            os.close(mm.pidfd)
+        mm.view.close()
+
+    def _on_exit(self, mm: Mm) -> None:
+        asyncio.get_running_loop().remove_reader(mm.pidfd)
+        if not mm.released:
+            mm.released = True
+            self.spawn(self._release(mm))
+
+    async def _release(self, mm: Mm) -> None:
+        """The target exited: RELEASE every mirror (``mn_itree_release``), then forget the mm."""
+        self.counters["releases"] += 1
+        await self.invalidator.invalidate(mm, 0, 1 << 64, Event.RELEASE)
+        for mirror in list(mm.mirrors):
+            self._drop_mirror(mirror)
+        self._drop_mm(mm)
+
+    def start_invalidations(self, mm: Mm, changes: list[Change]) -> None:
+        """Begin an invalidation per change now; their completion is awaited in the background."""
+        for start, end, event in changes:
+            self.spawn(self.invalidator.finish(self.invalidator.begin(mm, start, end, event)))
+
+    async def _watch(self, mm: Mm) -> None:
+        """The proc watcher's poll loop: adaptive, bounded by its own cost."""
+        lo, hi = self.config.poll_min, self.config.poll_max
+        interval = lo
+        while not mm.released:
+            await asyncio.sleep(interval)
+            t0 = time.perf_counter()
+            try:
+                changes = detect(mm, self.zero_pfn)
+            except ProcessLookupError:
+                return  # the pidfd reports the exit
+            if changes:
+                self.start_invalidations(mm, changes)
+            cost = time.perf_counter() - t0
+            # Poll fast after a change, back off while quiet, never spend >5% of a core.
+            interval = lo if changes else min(hi, interval * 1.5)
+            interval = max(interval, cost * 20)
+
+    def mirror_of(self, session: Session, mirror_id: int) -> Mirror:
+        """The live mirror ``mirror_id`` of ``session``, or NO_MIRROR."""
+        mirror = session.mirrors.get(mirror_id)
+        if mirror is None or mirror.dead:
+            raise RequestError(ErrorCode.NO_MIRROR, f"session {session.id} has no mirror {mirror_id}")
+        if mirror.mm.released:
+            raise RequestError(ErrorCode.ESRCH, f"process {mirror.mm.pid} of mirror {mirror_id} exited")
+        return mirror
+
+    def status(self) -> dict[str, int | float | str]:
+        """The figures ``hmmctl status`` shows."""
+        p50, p99 = self.invalidator.latency.percentiles(50, 99)
+        stats: dict[str, int | float | str] = {
+            "epoch": self.epoch,
+            "endpoint": self.transport.endpoint,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "sessions": sum(1 for s in self.sessions.values() if not s.fenced),
+            "mms": len(self.mms),
+            "mirrors": len(self.mirrors),
+            "invalidations": self.invalidator.count,
+            "stale": self.dma.stale,
+            "ack_p50_us": round(p50, 1),
+            "ack_p99_us": round(p99, 1),
+            "zero_pfn": self.zero_pfn,
+        }
+        stats.update(self.counters)
+        return stats
+
+
+# --- handlers -------------------------------------------------------------------------------
+
+
+def on_hello(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
+    """Open a session (replacing any previous one on this connection)."""
+    msg = env.msg
+    assert isinstance(msg, Hello)
+    if session is not None:
+        d._close_session(session)
+    new = Session(d._next_session, identity, msg.agent, time.monotonic())
+    d._next_session += 1
+    d.sessions[identity] = new
+    log.info("session %d opened by %s (pid %d)", new.id, msg.agent, msg.pid)
+    d.send(
+        identity,
+        Welcome(
+            session=new.id,
+            epoch=d.epoch,
+            heartbeat_ms=d.config.heartbeat_ms,
+            lease_ms=int(d.config.lease * 1000),
+            ack_deadline_ms=int(d.config.ack_deadline * 1000),
+            zero_pfn=d.zero_pfn,
+            max_fault_pages=MAX_FAULT_PAGES,
+            max_dma_pages=MAX_DMA_PAGES,
+        ),
+        re=env.id,
+    )
+
+
+def on_heartbeat(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
+    """Renew the lease (done on every message) and answer with the epoch."""
+    d.send(identity, HeartbeatAck(epoch=d.epoch), re=env.id)
+
+
+def on_goodbye(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
+    """Close the session and drop its mirrors."""
+    assert session is not None
+    d._close_session(session)
+    d.send(identity, Ok(), re=env.id)
+
+
+def on_status(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
+    """Report the daemon's figures; needs no session."""
+    d.send(identity, StatusReply(stats=d.status()), re=env.id)
+
+
+def on_register(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
+    """Create a mirror of (pid, intervals, access)."""
+    msg = env.msg
+    assert isinstance(msg, Register) and session is not None
+    if msg.pid == 0:
+        raise RequestError(ErrorCode.EINVAL, "pid 0 cannot be mirrored")
+    if not msg.access & Access.READ:
+        raise RequestError(ErrorCode.EINVAL, "a mirror needs at least READ access")
+    if not msg.intervals:
+        raise RequestError(ErrorCode.EINVAL, "register needs at least one interval")
+    spans = []
+    for start, end in sorted(msg.intervals):
+        if start % PAGE_SIZE or end % PAGE_SIZE:
+            raise RequestError(ErrorCode.EINVAL, f"interval [{start:#x}, {end:#x}) is not page-aligned")
+        if end > USER_ADDR_END:
+            raise RequestError(ErrorCode.EINVAL, f"interval [{start:#x}, {end:#x}) leaves user space")
+        if spans and start < spans[-1].end:
+            raise RequestError(ErrorCode.EINVAL, "intervals overlap")
+        spans.append(Span(start, end))
+    mm = d._attach_mm(msg.pid, msg.start_time)
+    mirror = Mirror(d._next_mirror, session, mm, spans, Access(msg.access))
+    d._next_mirror += 1
+    mm.mirrors.append(mirror)
+    session.mirrors[mirror.id] = mirror
+    d.mirrors[mirror.id] = mirror
+    d.counters["registrations"] += 1
+    d.send(identity, Registered(mirror=mirror.id, pid=mm.pid, start_time=mm.start_time, seq=mm.seq), re=env.id)
+
+
+def on_unregister(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
+    """Drop a mirror."""
+    msg = env.msg
+    assert isinstance(msg, Unregister) and session is not None
+    mirror = session.mirrors.get(msg.mirror)
+    if mirror is None:
+        raise RequestError(ErrorCode.NO_MIRROR, f"session {session.id} has no mirror {msg.mirror}")
+    d._drop_mirror(mirror)
+    d.send(identity, Ok(), re=env.id)
+
+
+def on_ack(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
+    """Apply a cumulative ACK."""
+    msg = env.msg
+    assert isinstance(msg, Ack) and session is not None
+    if msg.n >= session.next_n:
+        raise RequestError(ErrorCode.EINVAL, f"ACK({msg.n}) for an INVALIDATE never sent")
+    d.invalidator.on_ack(session, msg.n)
+
+
+async def on_fault(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
+    """hmm_range_fault for the agent, then the entries as a raw frame."""
+    msg = env.msg
+    assert isinstance(msg, Fault) and session is not None
+    mirror = d.mirror_of(session, msg.mirror)
+    end = _aligned_range(msg.start, msg.npages, "fault")
+    span = mirror.span_for(msg.start, end)
+    if span is None:
+        raise RequestError(ErrorCode.EINVAL, f"fault [{msg.start:#x}, {end:#x}) is outside mirror {mirror.id}")
+    mode = FaultMode(msg.mode)
+    if msg.write and mode == FaultMode.POPULATE and not mirror.access & Access.WRITE:
+        raise RequestError(ErrorCode.EPERM, f"mirror {mirror.id} was registered without WRITE access")
+    d.counters["faults"] += 1
+    entries, raw = await resolve(mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn, d.start_invalidations)
+    # No await from here to the send: a later invalidation is sent after this reply.
+    if mirror.dead:
+        raise RequestError(ErrorCode.NO_MIRROR, f"mirror {mirror.id} was dropped during the fault")
+    if mode == FaultMode.POPULATE:
+        if not mirror.access & Access.WRITE:
+            entries &= ~np.uint64(1 << 62)
+        a = (msg.start - span.start) >> PAGE_SHIFT
+        valid = (entries >> np.uint64(63)) != 0
+        span.handed[a : a + msg.npages] = np.where(valid, entries, np.uint64(0))
+        span.raw[a : a + msg.npages] = np.where(valid, raw, np.uint64(0))
+    reply = FaultReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=mirror.mm.seq)
+    d.send(identity, reply, re=env.id, bulk=[to_wire(entries)], copy=msg.npages * 8 < ZERO_COPY_MIN)
+
+
+def _dma_target(d: Daemon, session: Session, mirror_id: int, start: int, npages: int) -> Mirror:
+    mirror = d.mirror_of(session, mirror_id)
+    end = _aligned_range(start, npages, "DMA")
+    if mirror.span_for(start, end) is None:
+        raise RequestError(ErrorCode.EINVAL, f"DMA [{start:#x}, {end:#x}) is outside mirror {mirror.id}")
+    return mirror
+
+
+def on_dma_read(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
+    """A device read through the agent's translations."""
+    msg = env.msg
+    assert isinstance(msg, DmaRead) and session is not None
+    mirror = _dma_target(d, session, msg.mirror, msg.start, msg.npages)
+    d.counters["dma_reads"] += 1
+    entries = from_wire(env.bulk[0], msg.npages)
+    end = msg.start + (msg.npages << PAGE_SHIFT)
+    pending = d.invalidator.pending_for(mirror, msg.start, end)
+    data = d.dma.read(mirror.mm, msg.start, msg.npages, entries, pending)
+    reply = DmaReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages)
+    d.send(identity, reply, re=env.id, bulk=[data], copy=len(data) < ZERO_COPY_MIN)
+
+
+def on_dma_write(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
+    """A device write through the agent's translations."""
+    msg = env.msg
+    assert isinstance(msg, DmaWrite) and session is not None
+    mirror = _dma_target(d, session, msg.mirror, msg.start, msg.npages)
+    if not mirror.access & Access.WRITE:
+        raise RequestError(ErrorCode.EPERM, f"mirror {mirror.id} was registered without WRITE access")
+    d.counters["dma_writes"] += 1
+    entries = from_wire(env.bulk[0], msg.npages)
+    end = msg.start + (msg.npages << PAGE_SHIFT)
+    pending = d.invalidator.pending_for(mirror, msg.start, end)
+    d.dma.write(mirror.mm, msg.start, msg.npages, entries, env.bulk[1], pending)
+    d.send(identity, Ok(), re=env.id)
+
+
+async def on_sync_range(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
+    """The target's own sync_cpu_device_pagetables: invalidate now, answer after every ack."""
+    msg = env.msg
+    assert isinstance(msg, SyncRange)
+    if msg.start >= msg.end:
+        raise RequestError(ErrorCode.EINVAL, f"sync_range [{msg.start:#x}, {msg.end:#x}) is empty")
+    try:
+        event = Event(msg.event)
+    except ValueError as exc:
+        raise RequestError(ErrorCode.EINVAL, f"unknown event {msg.event}") from exc
+    mms = [mm for mm in d.mms.values() if mm.pid == msg.pid and not mm.released]
+    if not mms:
+        try:
+            start_time(msg.pid)
+        except ProcessLookupError as exc:
+            raise RequestError(ErrorCode.ESRCH, f"no process {msg.pid}") from exc
+    await asyncio.gather(*(d.invalidator.invalidate(mm, msg.start, msg.end, event) for mm in mms))
+    d.send(identity, Ok(), re=env.id)
+
+
+#: The dispatch table: message class → (handler, needs a live session).
+HANDLERS: dict[type[Message], tuple[Handler, bool]] = {
+    Hello: (on_hello, False),
+    Heartbeat: (on_heartbeat, True),
+    Goodbye: (on_goodbye, True),
+    Status: (on_status, False),
+    Register: (on_register, True),
+    Unregister: (on_unregister, True),
+    Ack: (on_ack, True),
+    Fault: (on_fault, True),
+    DmaRead: (on_dma_read, True),
+    DmaWrite: (on_dma_write, True),
+    SyncRange: (on_sync_range, True),
+}

@@ -1,0 +1,144 @@
+"""hmmd's typed configuration: defaults in code < TOML file < HMMIRROR_* environment < flags.
+
+Durations are strings such as ``"2s"``, ``"250ms"`` or ``"1m"``, parsed once
+here. Unknown keys in the file are an error, so a typo never silently becomes
+a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_CONFIG_FILE = "/etc/hmmirror/hmmd.toml"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)?\s*$")
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the source."""
+
+
+def parse_duration(text: str | float | int, key: str = "duration") -> float:
+    """Parse ``"2s"``, ``"250ms"``, ``"1.5m"`` (or a number of seconds) into seconds."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        match = _DURATION.match(str(text))
+        if match is None:
+            raise ConfigError(f"{key}: {text!r} is not a duration like '2s' or '250ms'")
+        value = float(match.group(1)) * _UNITS[match.group(2)]
+    if value <= 0:
+        raise ConfigError(f"{key}: {text!r} must be positive")
+    return value
+
+
+def default_endpoint() -> str:
+    """``ipc://$RUNTIME_DIRECTORY/hmmd.sock`` under systemd, else ``/run/hmmirror/hmmd.sock``."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "/run/hmmirror").split(":")[0]
+    return f"ipc://{runtime}/hmmd.sock"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything hmmd can be told. Durations are in seconds."""
+
+    endpoint: str = dataclasses.field(default_factory=default_endpoint)
+    heartbeat: float = 1.0
+    """How often agents must send a heartbeat (announced at HELLO)."""
+    lease_factor: float = 3.0
+    """A session expires after ``lease_factor * heartbeat`` without a message."""
+    ack_deadline: float = 2.0
+    """An INVALIDATE not acked within this time evicts the mirror's session."""
+    poll_min: float = 0.002
+    """Fastest proc watcher poll interval (right after a change)."""
+    poll_max: float = 0.05
+    """Slowest proc watcher poll interval (while nothing changes)."""
+    log_level: str = "info"
+
+    @property
+    def heartbeat_ms(self) -> int:
+        """The heartbeat interval in milliseconds, as the wire carries it."""
+        return max(1, int(self.heartbeat * 1000))
+
+    @property
+    def lease(self) -> float:
+        """The lease in seconds."""
+        return self.heartbeat * self.lease_factor
+
+    def as_toml(self) -> str:
+        """The effective configuration, in the file format."""
+        lines = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _DURATIONS:
+                value = f"{value:g}s"
+            lines.append(f"{f.name} = {value!r}".replace("'", '"'))
+        return "\n".join(lines) + "\n"
+
+
+_DURATIONS = {"heartbeat", "ack_deadline", "poll_min", "poll_max"}
+_FLOATS = {"lease_factor"}
+_LEVELS = {"debug", "info", "warning", "error"}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    if key in _DURATIONS:
+        return parse_duration(value, f"{source}: {key}")
+    if key in _FLOATS:
+        try:
+            number = float(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}") from exc
+        if number < 1:
+            raise ConfigError(f"{source}: {key} must be at least 1")
+        return number
+    if not isinstance(value, str):
+        raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+    if key == "log_level" and value.lower() not in _LEVELS:
+        raise ConfigError(f"{source}: log_level must be one of {sorted(_LEVELS)}")
+    if key == "endpoint" and not value.startswith(("ipc://", "tcp://")):
+        raise ConfigError(f"{source}: endpoint must start with ipc:// or tcp://, got {value!r}")
+    return value.lower() if key == "log_level" else value
+
+
+def load(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the effective Config from the layers; raise ConfigError naming the bad key."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    values: dict[str, Any] = {}
+    explicit = path is not None
+    path = path or DEFAULT_CONFIG_FILE
+    if explicit or os.path.exists(path):
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        section = data.get("hmmd", data)
+        for key, value in section.items():
+            if key not in names:
+                raise ConfigError(f"{path}: unknown key {key!r}")
+            values[key] = _coerce(key, value, path)
+    env = os.environ if env is None else env
+    for key in names:
+        var = f"HMMIRROR_{key.upper()}"
+        if var in env:
+            values[key] = _coerce(key, env[var], var)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, value, f"--{key.replace('_', '-')}")
+    config = Config(**values)
+    if config.poll_min > config.poll_max:
+        raise ConfigError("poll_min must not exceed poll_max")
+    return config

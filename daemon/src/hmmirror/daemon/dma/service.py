@@ -1,0 +1,133 @@
+"""Device READ/WRITE through process_vm_readv/writev, checked against the live page table.
+
+Every request names the entries the agent translated with. Before the copy the
+daemon refuses with STALE if an INVALIDATE of the range is still pending for
+that mirror, or if the live pagemap no longer matches the entries (and then
+starts the invalidation the watcher would have). A read is checked again after
+the copy, which closes the window in which a page changes mid-copy; its data
+is discarded on a mismatch.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Callable
+
+import numpy as np
+
+from hmmirror.daemon.errors import RequestError
+from hmmirror.daemon.linux import vm
+from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PFN_MASK, PM_PRESENT, Raw
+from hmmirror.daemon.mm import Mm
+from hmmirror.daemon.pagetable import vma_perms
+from hmmirror.daemon.watch.proc import Change, detect
+from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID, HMM_PFN_WRITE, Entries
+from hmmirror.proto.errors import ErrorCode
+
+#: Reads at least this large go out zero-copy (pyzmq's copy=False pays off above ~64 KiB).
+ZERO_COPY_MIN = 64 * 1024
+
+
+def matches(entries: Entries, raw: Raw) -> bool:
+    """Whether every entry still names the page the live pagemap shows."""
+    present = (raw & PM_PRESENT) != 0
+    same = (raw & PM_PFN_MASK) == (entries & np.uint64(HMM_PFN_PFN_MASK))
+    return bool((present & same).all())
+
+
+class DmaService:
+    """Performs checked device accesses on one daemon's mms."""
+
+    def __init__(
+        self,
+        zero_pfn: int,
+        start_invalidations: Callable[[Mm, list[Change]], None],
+    ) -> None:
+        self.zero_pfn = zero_pfn
+        self.start_invalidations = start_invalidations
+        self.stale = 0
+
+    def _refuse_stale(self, mm: Mm, start: int, end: int, why: str) -> RequestError:
+        self.stale += 1
+        try:
+            changes = detect(mm, self.zero_pfn, start, end)
+        except ProcessLookupError:
+            changes = []
+        if changes:
+            self.start_invalidations(mm, changes)
+        return RequestError(ErrorCode.STALE, why)
+
+    def _precheck(self, mm: Mm, start: int, npages: int, entries: Entries, pending: bool, write: bool) -> None:
+        end = start + (npages << PAGE_SHIFT)
+        if not ((entries & np.uint64(HMM_PFN_VALID)) != 0).all():
+            raise RequestError(ErrorCode.EINVAL, f"DMA at {start:#x} names an entry that is not VALID")
+        if write and not ((entries & np.uint64(HMM_PFN_WRITE)) != 0).all():
+            raise RequestError(ErrorCode.EPERM, f"DMA write at {start:#x} names an entry without WRITE")
+        if pending:
+            raise self._refuse_stale(
+                mm, start, end, f"an INVALIDATE of [{start:#x}, {end:#x}) is pending for this mirror"
+            )
+        try:
+            fresh = mm.view.pagemap(start, npages)
+        except ProcessLookupError as exc:
+            raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited") from exc
+        if not matches(entries, fresh):
+            raise self._refuse_stale(
+                mm, start, end, f"translation of [{start:#x}, {end:#x}) no longer matches pid {mm.pid}"
+            )
+
+    def _fault_reason(self, mm: Mm, start: int, npages: int, write: bool, exc: OSError | None) -> RequestError:
+        end = start + (npages << PAGE_SHIFT)
+        try:
+            vmas = mm.view.maps()
+        except ProcessLookupError:
+            return RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited")
+        perms = vma_perms(vmas, start, npages)
+        readable, writable = perms.readable, perms.writable
+        changes = detect(mm, self.zero_pfn, start, end, vmas)
+        if changes:
+            self.start_invalidations(mm, changes)
+        if not readable.all():
+            return RequestError(ErrorCode.EFAULT, f"no readable VMA in [{start:#x}, {end:#x}) of pid {mm.pid}")
+        if write and not writable.all():
+            # process_vm_writev says EFAULT for a read-only page; dmirror says EPERM.
+            return RequestError(ErrorCode.EPERM, f"[{start:#x}, {end:#x}) of pid {mm.pid} is read-only")
+        self.stale += 1
+        return RequestError(
+            ErrorCode.STALE, f"[{start:#x}, {end:#x}) of pid {mm.pid} changed during the copy ({exc})"
+        )
+
+    def read(self, mm: Mm, start: int, npages: int, entries: Entries, pending: bool) -> bytes | mmap.mmap:
+        """Copy ``npages`` from the target; raise RequestError (STALE, EFAULT, EINVAL)."""
+        self._precheck(mm, start, npages, entries, pending, write=False)
+        size = npages << PAGE_SHIFT
+        buf: bytearray | mmap.mmap = mmap.mmap(-1, size) if size >= ZERO_COPY_MIN else bytearray(size)
+        try:
+            got = vm.read_into(mm.pid, memoryview(buf), [(start, size)])
+        except OSError as exc:
+            raise self._fault_reason(mm, start, npages, False, exc) from exc
+        if got != size:
+            raise self._fault_reason(mm, start, npages, False, None)
+        post = mm.view.pagemap(start, npages)
+        if not matches(entries, post):
+            raise self._refuse_stale(
+                mm, start, start + size, f"[{start:#x}, {start + size:#x}) of pid {mm.pid} changed mid-copy"
+            )
+        return buf if isinstance(buf, mmap.mmap) else bytes(buf)
+
+    def write(self, mm: Mm, start: int, npages: int, entries: Entries, data: memoryview, pending: bool) -> None:
+        """Copy ``data`` into the target; raise RequestError (STALE, EPERM, EFAULT, EINVAL)."""
+        self._precheck(mm, start, npages, entries, pending, write=True)
+        size = npages << PAGE_SHIFT
+        try:
+            got = vm.write_from(mm.pid, data, [(start, size)])
+        except OSError as exc:
+            raise self._fault_reason(mm, start, npages, True, exc) from exc
+        if got != size:
+            raise self._fault_reason(mm, start, npages, True, None)
+        # Writing may have broken COW (zero page, fork): a new PFN invalidates the old translations.
+        post = mm.view.pagemap(start, npages)
+        if not matches(entries, post):
+            changes = detect(mm, self.zero_pfn, start, start + size)
+            if changes:
+                self.start_invalidations(mm, changes)

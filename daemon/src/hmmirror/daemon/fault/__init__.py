@@ -1,0 +1,1 @@
+"""FAULT service: ``hmm_range_fault`` for remote devices (snapshot or populate)."""

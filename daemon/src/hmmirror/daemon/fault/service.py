@@ -1,0 +1,143 @@
+"""Resolve a FAULT: wait out overlapping invalidations, populate, and read the entries.
+
+The loop mirrors ``hmm_range_fault`` plus the caller's ``-EBUSY`` retry:
+an overlapping active invalidation makes the fault wait, a change detected
+while faulting starts an invalidation and retries, and the whole thing gives
+up with EBUSY after the 1000 ms budget (``HMM_RANGE_DEFAULT_TIMEOUT``). The
+final read and the reply happen with no await in between, so an invalidation
+that starts later is always sent after the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+from collections.abc import Callable
+
+import numpy as np
+
+from hmmirror.daemon.errors import RequestError
+from hmmirror.daemon.linux import scan, vm
+from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PRESENT, Raw
+from hmmirror.daemon.mm import Mm
+from hmmirror.daemon.pagetable import derive, vma_perms
+from hmmirror.daemon.watch.proc import Change, detect
+from hmmirror.proto.entries import Entries
+from hmmirror.proto.errors import ErrorCode
+from hmmirror.proto.messages import FaultMode
+
+#: HMM_RANGE_DEFAULT_TIMEOUT: the retry budget of a fault racing invalidations.
+RETRY_BUDGET = 1.0
+
+
+def page_runs(mask: np.ndarray, start: int) -> list[tuple[int, int]]:
+    """(address, length) runs of the pages where ``mask`` is true."""
+    idx = np.flatnonzero(mask)
+    if len(idx) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    return [
+        (start + (int(idx[lo]) << PAGE_SHIFT), (int(idx[hi - 1]) - int(idx[lo]) + 1) << PAGE_SHIFT)
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(idx)], strict=True)
+    ]
+
+
+def populate(pid: int, runs: list[tuple[int, int]]) -> int:
+    """Fault ``runs`` in by reading them (the data is discarded); return bytes read."""
+    total = sum(n for _, n in runs)
+    scratch = mmap.mmap(-1, min(total, 1 << 22))
+    done = 0
+    try:
+        batch: list[tuple[int, int]] = []
+        room = len(scratch)
+        for addr, length in runs:
+            while length:
+                take = min(length, room)
+                batch.append((addr, take))
+                addr += take
+                length -= take
+                room -= take
+                if room == 0:
+                    done += vm.read_into(pid, memoryview(scratch), batch)
+                    batch, room = [], len(scratch)
+        if batch:
+            done += vm.read_into(pid, memoryview(scratch), batch)
+    finally:
+        scratch.close()
+    return done
+
+
+def huge_pages(mm: Mm, start: int, npages: int) -> np.ndarray:
+    """Per page: whether it is mapped by a huge (PMD) entry, per PAGEMAP_SCAN."""
+    out = np.zeros(npages, dtype=np.bool_)
+    for lo, hi in scan.regions(mm.view.pagemap_fd, start, start + (npages << PAGE_SHIFT), scan.PAGE_IS_HUGE):
+        out[(lo - start) >> PAGE_SHIFT : (hi - start) >> PAGE_SHIFT] = True
+    return out
+
+
+async def resolve(
+    mm: Mm,
+    start: int,
+    npages: int,
+    write: bool,
+    mode: FaultMode,
+    zero_pfn: int,
+    start_invalidations: Callable[[Mm, list[Change]], None],
+) -> tuple[Entries, Raw]:
+    """Return (entries, raw pagemap) for the range, faulting it in for POPULATE."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RETRY_BUDGET
+    end = start + (npages << PAGE_SHIFT)
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise RequestError(
+                ErrorCode.EBUSY,
+                f"fault of [{start:#x}, {end:#x}) of pid {mm.pid} kept racing invalidations "
+                f"for {RETRY_BUDGET:g} s",
+            )
+        if mm.released:
+            raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited")
+        if mm.busy(start, end):
+            # mmu_interval_read_begin: sleep until the overlapping window closes.
+            try:
+                await asyncio.wait_for(mm.idle.wait(), remaining)
+            except TimeoutError:
+                continue
+            continue
+        try:
+            vmas = mm.view.maps()
+        except ProcessLookupError as exc:
+            raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited") from exc
+        changes = detect(mm, zero_pfn, start, end, vmas)
+        if changes:
+            start_invalidations(mm, changes)
+            continue
+        perms = vma_perms(vmas, start, npages)
+        readable, writable = perms.readable, perms.writable
+        if mode == FaultMode.POPULATE:
+            if not readable.all():
+                bad = start + (int(np.argmin(readable)) << PAGE_SHIFT)
+                raise RequestError(ErrorCode.EFAULT, f"no readable VMA at {bad:#x} in pid {mm.pid}")
+            if write and not writable.all():
+                bad = start + (int(np.argmin(writable)) << PAGE_SHIFT)
+                raise RequestError(ErrorCode.EPERM, f"VMA at {bad:#x} in pid {mm.pid} is not writable")
+        raw = mm.view.pagemap(start, npages)
+        if mode == FaultMode.POPULATE:
+            missing = (raw & PM_PRESENT) == 0
+            if missing.any():
+                runs = page_runs(missing, start)
+                try:
+                    got = await loop.run_in_executor(None, populate, mm.pid, runs)
+                except OSError as exc:
+                    raise RequestError(
+                        ErrorCode.EFAULT, f"cannot fault in pid {mm.pid} at {runs[0][0]:#x}: {exc}"
+                    ) from exc
+                if got == 0:
+                    raise RequestError(
+                        ErrorCode.EFAULT, f"cannot fault in pid {mm.pid} at {runs[0][0]:#x}"
+                    )
+                continue
+        huge = huge_pages(mm, start, npages)
+        entries = derive(raw, perms, zero_pfn, write and mode == FaultMode.POPULATE, huge)
+        return entries, raw

@@ -1,0 +1,139 @@
+"""Per-process state: the watched mm, its sequence number, and the mirrors of it.
+
+An ``Mm`` is the userspace twin of ``struct mmu_notifier_subscriptions``: it
+keeps ``seq`` (even when idle, odd while any invalidation is active) and
+``active`` (how many are). Each ``Mirror`` keeps, per interval, a *shadow*:
+the entries the daemon handed to the agent and the raw pagemap entries they
+came from. The shadow is what the watcher compares the live page table
+against, so a change is detected for exactly the translations a device may hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from hmmirror.daemon.linux.procfs import PAGE_SHIFT, ProcessView, Raw
+from hmmirror.proto.entries import Entries
+from hmmirror.proto.messages import Access
+
+if TYPE_CHECKING:
+    from hmmirror.daemon.session import Session
+
+
+@dataclass
+class Span:
+    """One mirrored interval [start, end) and its shadow arrays (one u64 per page)."""
+
+    start: int
+    end: int
+    handed: Entries = field(init=False)
+    raw: Raw = field(init=False)
+
+    def __post_init__(self) -> None:
+        npages = (self.end - self.start) >> PAGE_SHIFT
+        self.handed = np.zeros(npages, dtype=np.uint64)
+        self.raw = np.zeros(npages, dtype=np.uint64)
+
+    def contains(self, start: int, end: int) -> bool:
+        """Whether [start, end) lies inside this span."""
+        return self.start <= start and end <= self.end
+
+    def overlaps(self, start: int, end: int) -> bool:
+        """Whether [start, end) intersects this span."""
+        return start < self.end and self.start < end
+
+    def zap(self, start: int, end: int) -> None:
+        """Forget what was handed out in [start, end) (the agent will zap it too)."""
+        lo = max(start, self.start)
+        hi = min(end, self.end)
+        if lo < hi:
+            a, b = (lo - self.start) >> PAGE_SHIFT, (hi - self.start) >> PAGE_SHIFT
+            self.handed[a:b] = 0
+            self.raw[a:b] = 0
+
+
+@dataclass(eq=False)
+class Mirror:
+    """One agent's subscription to intervals of one mm (an ``mmu_interval_notifier``)."""
+
+    id: int
+    session: Session
+    mm: Mm
+    spans: list[Span]
+    access: Access
+    dead: bool = False
+
+    def span_for(self, start: int, end: int) -> Span | None:
+        """The span containing [start, end), if one does."""
+        for span in self.spans:
+            if span.contains(start, end):
+                return span
+        return None
+
+    def overlaps(self, start: int, end: int) -> bool:
+        """Whether any span intersects [start, end)."""
+        return any(s.overlaps(start, end) for s in self.spans)
+
+    @property
+    def lo(self) -> int:
+        """Lowest mirrored address."""
+        return min(s.start for s in self.spans)
+
+    @property
+    def hi(self) -> int:
+        """End of the highest mirrored span."""
+        return max(s.end for s in self.spans)
+
+    def zap(self, start: int, end: int) -> None:
+        """Forget handed-out entries in [start, end) across every span."""
+        for span in self.spans:
+            span.zap(start, end)
+
+
+@dataclass(eq=False)
+class Mm:
+    """A watched process, identified by pid plus start time."""
+
+    pid: int
+    start_time: int
+    view: ProcessView
+    pidfd: int
+    seq: int = 2
+    active: int = 0
+    mirrors: list[Mirror] = field(default_factory=list)
+    active_ranges: list[tuple[int, int]] = field(default_factory=list)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    released: bool = False
+    watcher: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """The identity under which mirrors find this mm."""
+        return (self.pid, self.start_time)
+
+    def invalidate_start(self, start: int, end: int) -> int:
+        """Enter an invalidation window: make ``seq`` odd; return it (``mn_itree_inv_start_range``)."""
+        self.active += 1
+        self.seq |= 1
+        self.active_ranges.append((start, end))
+        self.idle.clear()
+        return self.seq
+
+    def invalidate_end(self, start: int, end: int) -> None:
+        """Leave the window; the last one out makes ``seq`` even and wakes waiting faults."""
+        self.active -= 1
+        self.active_ranges.remove((start, end))
+        if self.active == 0:
+            self.seq += 1
+            self.idle.set()
+
+    def busy(self, start: int, end: int) -> bool:
+        """Whether an active invalidation overlaps [start, end) (``read_begin`` would sleep)."""
+        return any(lo < end and start < hi for lo, hi in self.active_ranges)

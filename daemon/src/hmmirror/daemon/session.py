@@ -1,0 +1,48 @@
+"""Agent sessions: identity, lease, and the per-connection INVALIDATE numbering.
+
+Acks are cumulative: ``ACK(n)`` covers every INVALIDATE numbered up to ``n``
+on this session. Per-peer FIFO ordering of the ZeroMQ connection makes that
+sound. Sequence state belongs to exactly one consumer, the session.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hmmirror.daemon.invalidation import Invalidation
+    from hmmirror.daemon.mm import Mirror
+
+#: An INVALIDATE item queued for a session: (mirror, seq, start, end, event) and its invalidation.
+Item = tuple[tuple[int, int, int, int, int], "Invalidation", "Mirror"]
+
+
+@dataclass(eq=False)
+class Session:
+    """One agent connection, from HELLO to GOODBYE, lease expiry or eviction."""
+
+    id: int
+    identity: bytes
+    name: str
+    last_seen: float
+    mirrors: dict[int, Mirror] = field(default_factory=dict)
+    fenced: bool = False
+    next_n: int = 1
+    next_id: int = 1
+    batch: list[Item] = field(default_factory=list)
+    unacked: deque[tuple[int, list[Item]]] = field(default_factory=deque)
+
+    def take_id(self) -> int:
+        """A fresh header id for a daemon-originated message."""
+        self.next_id += 1
+        return self.next_id
+
+    def pending_overlap(self, mirror: Mirror, start: int, end: int) -> bool:
+        """Whether an INVALIDATE of [start, end) for ``mirror`` is queued or unacked."""
+        for items in (self.batch, *(items for _, items in self.unacked)):
+            for (_, _, lo, hi, _), _, m in items:
+                if m is mirror and lo < end and start < hi:
+                    return True
+        return False
