@@ -39,6 +39,8 @@ class Invalidation:
     waiting: dict[Session, int] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     t0: float = 0.0
+    acked_at: float = 0.0
+    targets: int = 0
 
     def acked(self, session: Session, items: int = 1) -> None:
         """Count ``items`` of ``session``'s items as acked (or forgiven, on eviction)."""
@@ -48,6 +50,7 @@ class Invalidation:
         if left <= items:
             del self.waiting[session]
             if not self.waiting:
+                self.acked_at = time.perf_counter()
                 self.done.set()
         else:
             self.waiting[session] = left - items
@@ -110,6 +113,7 @@ class Invalidator:
             item = (mirror.id, seq, lo, hi, int(event))
             inv.waiting[mirror.session] = inv.waiting.get(mirror.session, 0) + 1
             self._queue(mirror.session, (item, inv, mirror))
+        inv.targets = len(inv.waiting)
         if inv.waiting:
             self.count += 1
         else:
@@ -119,7 +123,7 @@ class Invalidator:
     async def finish(self, inv: Invalidation) -> Invalidation:
         """Wait for every ack (evicting whoever misses the deadline), then close the window."""
         try:
-            if inv.waiting:
+            if inv.targets:
                 try:
                     await asyncio.wait_for(inv.done.wait(), self.ack_deadline)
                 except TimeoutError:
@@ -132,7 +136,8 @@ class Invalidator:
                             "it may have been applied",
                         )
                 else:
-                    self.latency.add((time.perf_counter() - inv.t0) * 1e6)
+                    if inv.acked_at:  # not when evictions, rather than acks, ended the wait
+                        self.latency.add((inv.acked_at - inv.t0) * 1e6)
             return inv
         finally:
             inv.mm.invalidate_end(inv.start, inv.end)

@@ -91,7 +91,8 @@ def parse_maps(text: bytes) -> Vmas:
         readable.append(perms[0:1] == b"r")
         writable.append(perms[1:2] == b"w")
         shared.append(perms[3:4] == b"s")
-        special.append(name in _SPECIAL_NAMES or name.startswith(b"/dev/") and perms[3:4] == b"s")
+        device = name.startswith(b"/dev/") and not name.startswith((b"/dev/zero", b"/dev/shm/"))
+        special.append(name in _SPECIAL_NAMES or device)
         keys.append(line)
     return Vmas(
         np.array(starts, dtype=np.uint64),

@@ -1,0 +1,40 @@
+"""hmmirror's agent library: sessions with hmmd, mirrors and their device page tables.
+
+>>> async with connect("ipc:///run/hmmirror/hmmd.sock", name="agent") as session:
+...     mirror = await session.mirror(pid, start, length, Access.READ | Access.WRITE)
+...     result = await mirror.read(start, 4)
+"""
+
+from hmmirror.client.errors import (
+    AgentError,
+    DaemonUnavailable,
+    DeviceError,
+    Evicted,
+    RemoteError,
+    RequestTimeout,
+)
+from hmmirror.client.mirror import Mirror, ReadResult, WriteResult
+from hmmirror.client.session import Session, connect, status
+from hmmirror.proto.messages import Access, Event
+
+__all__ = [
+    "Access",
+    "AgentError",
+    "DaemonUnavailable",
+    "DeviceError",
+    "Event",
+    "Evicted",
+    "Mirror",
+    "ReadResult",
+    "RemoteError",
+    "RequestTimeout",
+    "Session",
+    "WriteResult",
+    "connect",
+    "status",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("hmmirror.client."):
+        _obj.__module__ = "hmmirror.client"

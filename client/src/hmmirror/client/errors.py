@@ -1,0 +1,59 @@
+"""The client's typed failures: one root, families below (httpx-style).
+
+Device operations fail like dmirror's ioctls: ``DeviceError`` is an
+``OSError`` whose ``errno`` is EFAULT, EPERM, EBUSY, EINVAL or ESRCH.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+from hmmirror.proto.errors import ErrorCode
+
+
+class AgentError(Exception):
+    """Root of every hmmirror client failure."""
+
+
+class DaemonUnavailable(AgentError):
+    """hmmd cannot be reached, stopped answering heartbeats, or restarted (new epoch)."""
+
+
+class RequestTimeout(AgentError, TimeoutError):
+    """No reply within the deadline; the request may or may not have taken effect."""
+
+
+class RemoteError(AgentError):
+    """hmmd answered with an error."""
+
+    def __init__(self, code: int, message: str) -> None:
+        try:
+            self.code: ErrorCode | int = ErrorCode(code)
+        except ValueError:
+            self.code = code
+        name = self.code.name if isinstance(self.code, ErrorCode) else str(code)
+        super().__init__(f"{name}: {message}")
+        self.message = message
+
+
+class Evicted(AgentError):
+    """The daemon evicted this mirror (missed ack deadline or lease); register again."""
+
+
+class DeviceError(AgentError, OSError):
+    """A device operation failed with the errno dmirror would return."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        OSError.__init__(self, errno, f"{os.strerror(errno)}: {message}")
+
+
+#: Wire codes that a device operation reports as an errno.
+ERRNO_CODES = {
+    ErrorCode.EFAULT: _errno.EFAULT,
+    ErrorCode.EPERM: _errno.EPERM,
+    ErrorCode.EBUSY: _errno.EBUSY,
+    ErrorCode.EINVAL: _errno.EINVAL,
+    ErrorCode.ESRCH: _errno.ESRCH,
+    ErrorCode.TOO_LARGE: _errno.EINVAL,
+}

@@ -1,0 +1,305 @@
+"""A mirror: the device page table of one interval of a target, and the device operations on it.
+
+The fault loop is the kernel's (Documentation/mm/hmm.rst)::
+
+    again: gen = read_begin()            # this mirror's invalidation count
+           entries = await FAULT(range)  # hmm_range_fault in hmmd
+           if read_retry(gen): goto again  # an INVALIDATE arrived meanwhile
+           install(entries)              # no await between check and install
+
+Everything runs on one event loop, so code between two awaits is the
+"user_lock" critical section: an INVALIDATE handled by the drain loop can never
+interleave with the check-and-install. Device reads and writes go through
+hmmd (process_vm_readv/writev), naming the entries they translated with; each
+in-flight DMA is a fence that holds the ACK of an invalidation overlapping it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import types
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from hmmirror.client.errors import ERRNO_CODES, DeviceError, Evicted, RemoteError
+from hmmirror.proto.codec import Envelope
+from hmmirror.proto.entries import (
+    HMM_PFN_VALID,
+    HMM_PFN_WRITE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    Entries,
+    from_wire,
+    prot_bytes,
+    to_wire,
+)
+from hmmirror.proto.errors import ErrorCode
+from hmmirror.proto.messages import (
+    Access,
+    DmaRead,
+    DmaReadReply,
+    DmaWrite,
+    Event,
+    Fault,
+    FaultMode,
+    FaultReply,
+    Registered,
+    Unregister,
+)
+
+if TYPE_CHECKING:
+    from hmmirror.client.session import Session
+
+#: HMM_RANGE_DEFAULT_TIMEOUT: how long a device access keeps retrying races.
+RETRY_BUDGET = 1.0
+_VALID = np.uint64(HMM_PFN_VALID)
+_VALID_WRITE = np.uint64(HMM_PFN_VALID | HMM_PFN_WRITE)
+COUNTER_NAMES = ("page_faults", "page_faults_handled", "page_invalidations", "page_invalidations_handled")
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    """What HMM_DMIRROR_READ returns: the bytes, pages copied, and fault calls made."""
+
+    data: bytes
+    cpages: int
+    faults: int
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What HMM_DMIRROR_WRITE returns: pages copied and fault calls made."""
+
+    cpages: int
+    faults: int
+
+
+class _Stale(Exception):
+    """hmmd refused a DMA as STALE: fault again."""
+
+
+class Mirror:
+    """One agent's mirror of [start, end) of a target, with its device page table."""
+
+    def __init__(self, session: Session, reg: Registered, start: int, length: int, access: Access) -> None:
+        self.session = session
+        self.id = reg.mirror
+        self.pid = reg.pid
+        self.start_time = reg.start_time
+        self.start = start
+        self.end = start + length
+        self.npages = length >> PAGE_SHIFT
+        self.access = access
+        #: The device page table: one hmm_pfn u64 per page.
+        self.table: Entries = np.zeros(self.npages, dtype=np.uint64)
+        self.seq = reg.seq
+        self._gen = 0
+        self._counters = dict.fromkeys(COUNTER_NAMES, 0)
+        self.counters: Mapping[str, int] = types.MappingProxyType(self._counters)
+        #: Fault replies thrown away because an invalidation raced them (read_retry).
+        self.retries = 0
+        #: True once the target exited (RELEASE).
+        self.released = False
+        self.dropped: str | None = None
+        self._evicted = False
+        self._inflight: list[tuple[int, int, asyncio.Future[None]]] = []
+        self.events: list[tuple[int, int, Event]] = []
+        #: Testing hook: awaited between a FAULT reply and the read_retry check.
+        self.fault_hook: Callable[[], Awaitable[None]] | None = None
+
+    # --- called by the session's drain loop (the invalidate callback) ---------------------------
+
+    def _invalidate(self, seq: int, start: int, end: int, event: Event) -> list[asyncio.Future[None]]:
+        """mmu_interval_set_seq, zap, and return the in-flight DMAs the ACK must wait for."""
+        self.seq = seq
+        self._gen += 1
+        if len(self.events) < 4096:
+            self.events.append((start, end, event))
+        lo, hi = max(start, self.start), min(end, self.end)
+        if lo < hi:
+            a, b = (lo - self.start) >> PAGE_SHIFT, (hi - self.start) >> PAGE_SHIFT
+            zapped = int(np.count_nonzero(self.table[a:b] & _VALID))
+            if zapped:
+                self.table[a:b] = 0
+                self._counters["page_invalidations"] += zapped
+                self._counters["page_invalidations_handled"] += 1
+        if event == Event.RELEASE:
+            self.released = True
+            self.table[:] = 0
+        return [f for s, e, f in self._inflight if s < end and start < e and not f.done()]
+
+    def _drop(self, reason: str, evicted: bool = False) -> None:
+        """The mirror is gone (session lost, evicted, closed): no translation survives."""
+        self.table[:] = 0
+        self._gen += 1
+        self.dropped = reason
+        self._evicted = self._evicted or evicted
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _check_live(self) -> None:
+        if self.released:
+            raise DeviceError(errno.ESRCH, f"process {self.pid} of mirror {self.id} exited")
+        if self._evicted:
+            raise Evicted(f"mirror {self.id}: {self.dropped}")
+        if self.dropped is not None:
+            raise DeviceError(errno.ENODEV, f"mirror {self.id}: {self.dropped}")
+
+    def _range(self, addr: int, npages: int) -> tuple[int, int]:
+        if addr % PAGE_SIZE or npages <= 0:
+            raise DeviceError(errno.EINVAL, f"bad range {addr:#x} + {npages} pages")
+        end = addr + (npages << PAGE_SHIFT)
+        if addr < self.start or end > self.end:
+            raise DeviceError(
+                errno.EINVAL, f"[{addr:#x}, {end:#x}) is outside mirror [{self.start:#x}, {self.end:#x})"
+            )
+        return (addr - self.start) >> PAGE_SHIFT, ((addr - self.start) >> PAGE_SHIFT) + npages
+
+    async def _call(self, *args: object, **kw: object) -> Envelope:
+        try:
+            return await self.session.request(*args, **kw)  # type: ignore[arg-type]
+        except RemoteError as exc:
+            if exc.code == ErrorCode.STALE:
+                raise _Stale(exc.message) from exc
+            if exc.code in (ErrorCode.NO_MIRROR, ErrorCode.FENCED, ErrorCode.NO_SESSION):
+                self._check_live()
+                raise Evicted(f"mirror {self.id}: {exc.message}") from exc
+            mapped = ERRNO_CODES.get(exc.code) if isinstance(exc.code, ErrorCode) else None
+            if mapped is not None:
+                raise DeviceError(mapped, exc.message) from exc
+            raise
+
+    # --- the fault loop ---------------------------------------------------------------------
+
+    async def _fault_range(self, addr: int, npages: int, write: bool, mode: FaultMode) -> Entries:
+        """read_begin → FAULT → read_retry, retried for up to 1000 ms; returns the entries."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RETRY_BUDGET
+        while True:
+            self._check_live()
+            gen = self._gen  # mmu_interval_read_begin
+            env = await self._call(
+                Fault(mirror=self.id, start=addr, npages=npages, write=write, mode=int(mode)), expect=FaultReply
+            )
+            entries = from_wire(env.bulk[0], npages)
+            if self.fault_hook is not None:
+                await self.fault_hook()
+            if self._gen == gen:  # not mmu_interval_read_retry: install with no await in between
+                return entries
+            self.retries += 1
+            if loop.time() > deadline:
+                raise DeviceError(errno.EBUSY, f"fault at {addr:#x} kept racing invalidations")
+
+    async def fault(self, addr: int, npages: int, write: bool = False) -> int:
+        """Fault [addr, +npages) into the table (one fault call); return the pages installed."""
+        a, b = self._range(addr, npages)
+        if write and not self.access & Access.WRITE:
+            raise DeviceError(errno.EPERM, f"mirror {self.id} has no WRITE access")
+        installed = 0
+        chunk = self.session.max_fault_pages
+        for off in range(0, npages, chunk):
+            n = min(chunk, npages - off)
+            entries = await self._fault_range(addr + (off << PAGE_SHIFT), n, write, FaultMode.POPULATE)
+            valid = (entries & _VALID) != 0
+            dst = self.table[a + off : a + off + n]
+            np.copyto(dst, entries, where=valid)
+            installed += int(np.count_nonzero(valid))
+        self._counters["page_faults"] += installed
+        self._counters["page_faults_handled"] += 1
+        return installed
+
+    async def snapshot(self, addr: int, npages: int) -> npt.NDArray[np.uint8]:
+        """HMM_DMIRROR_SNAPSHOT: one dmirror PROT byte per page, faulting nothing in."""
+        self._range(addr, npages)
+        out = []
+        chunk = self.session.max_fault_pages
+        for off in range(0, npages, chunk):
+            n = min(chunk, npages - off)
+            entries = await self._fault_range(addr + (off << PAGE_SHIFT), n, False, FaultMode.SNAPSHOT)
+            out.append(prot_bytes(entries, self.session.zero_pfn))
+        return np.concatenate(out)
+
+    # --- device accesses ----------------------------------------------------------------------
+
+    def _first_missing(self, a: int, b: int, need: np.uint64) -> int | None:
+        bad = np.flatnonzero((self.table[a:b] & need) != need)
+        return int(bad[0]) if len(bad) else None
+
+    async def _dma(self, msg: DmaRead | DmaWrite, entries: Entries, data: memoryview | None) -> Envelope:
+        start, end = msg.start, msg.start + (msg.npages << PAGE_SHIFT)
+        fence: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight.append((start, end, fence))
+        try:
+            bulk: list[object] = [to_wire(entries)] if data is None else [to_wire(entries), data]
+            return await self._call(msg, bulk, copy=data is None or len(data) < 65536)
+        finally:
+            fence.set_result(None)
+            self._inflight.remove((start, end, fence))
+            self.session._fence()
+
+    async def _access(self, addr: int, npages: int, payload: memoryview | None) -> tuple[bytes, int]:
+        write = payload is not None
+        need = _VALID_WRITE if write else _VALID
+        a, b = self._range(addr, npages)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RETRY_BUDGET
+        faults = 0
+        out = bytearray(0 if write else npages << PAGE_SHIFT)
+        chunk = self.session.max_dma_pages
+        while True:
+            self._check_live()
+            missing = self._first_missing(a, b, need)
+            if missing is not None:
+                await self.fault(addr + (missing << PAGE_SHIFT), npages - missing, write)
+                faults += 1
+                continue
+            try:
+                for off in range(0, npages, chunk):
+                    n = min(chunk, npages - off)
+                    entries = self.table[a + off : a + off + n].copy()
+                    if not ((entries & need) == need).all():
+                        raise _Stale("an invalidation zapped the range mid-access")
+                    start = addr + (off << PAGE_SHIFT)
+                    if payload is None:
+                        env = await self._dma(DmaRead(mirror=self.id, start=start, npages=n), entries, None)
+                        assert isinstance(env.msg, DmaReadReply)
+                        out[off << PAGE_SHIFT : (off + n) << PAGE_SHIFT] = env.bulk[0]
+                    else:
+                        piece = payload[off << PAGE_SHIFT : (off + n) << PAGE_SHIFT]
+                        await self._dma(DmaWrite(mirror=self.id, start=start, npages=n), entries, piece)
+            except _Stale as exc:
+                if loop.time() > deadline:
+                    raise DeviceError(errno.EBUSY, f"access at {addr:#x} kept going stale: {exc}") from exc
+                continue
+            return bytes(out), faults
+
+    async def read(self, addr: int, npages: int) -> ReadResult:
+        """HMM_DMIRROR_READ: read ``npages`` from ``addr`` through the mirror, faulting as needed."""
+        data, faults = await self._access(addr, npages, None)
+        return ReadResult(data, npages, faults)
+
+    async def write(self, addr: int, data: bytes | bytearray | memoryview) -> WriteResult:
+        """HMM_DMIRROR_WRITE: write ``data`` (whole pages) at ``addr``, faulting for write as needed."""
+        view = memoryview(data).cast("B")
+        if len(view) == 0 or len(view) % PAGE_SIZE:
+            raise DeviceError(errno.EINVAL, f"write of {len(view)} bytes is not whole pages")
+        if not self.access & Access.WRITE:
+            raise DeviceError(errno.EPERM, f"mirror {self.id} has no WRITE access")
+        npages = len(view) >> PAGE_SHIFT
+        _, faults = await self._access(addr, npages, view)
+        return WriteResult(npages, faults)
+
+    async def close(self) -> None:
+        """UNREGISTER the mirror and drop its table."""
+        if self.dropped is None and not self.released:
+            try:
+                await self.session.request(Unregister(mirror=self.id))
+            except RemoteError:
+                pass
+        self._drop("closed")
+        self.session.mirrors.pop(self.id, None)

@@ -1,0 +1,334 @@
+"""An agent's session with hmmd: one DEALER, a drain loop, requests, heartbeats and acks.
+
+The socket is a plain pyzmq DEALER registered with ``loop.add_reader`` and
+drained until ``EVENTS`` has no POLLIN (its FD is edge-triggered). INVALIDATE
+is handled synchronously inside the drain loop, under the loop's implicit
+lock: every item zaps its mirror's entries at once, and the cumulative ACK for
+the burst goes out when no DMA of ours still uses a zapped page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import zmq
+
+from hmmirror.client.errors import DaemonUnavailable, RemoteError, RequestTimeout
+from hmmirror.client.mirror import Mirror
+from hmmirror.proto.codec import Envelope, decode, encode
+from hmmirror.proto.errors import ErrorCode, ProtocolError
+from hmmirror.proto.messages import (
+    MAX_FRAME,
+    Access,
+    Ack,
+    Error,
+    Event,
+    Evicted,
+    Goodbye,
+    Heartbeat,
+    HeartbeatAck,
+    Hello,
+    Invalidate,
+    Message,
+    Register,
+    Registered,
+    Status,
+    StatusReply,
+    SyncRange,
+    Welcome,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    """A live session. Create it with ``connect``; it owns its socket and its mirrors."""
+
+    def __init__(self, endpoint: str, name: str, timeout: float) -> None:
+        self.endpoint = endpoint
+        self.name = name
+        self.timeout = timeout
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+        self.sock.setsockopt(zmq.SNDHWM, 10000)
+        self.sock.setsockopt(zmq.RCVHWM, 10000)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.sock.connect(endpoint)
+        self._fd: int = self.sock.getsockopt(zmq.FD)
+        self.loop = asyncio.get_running_loop()
+        self._next_id = 1
+        self._pending: dict[int, asyncio.Future[Envelope]] = {}
+        self.mirrors: dict[int, Mirror] = {}
+        self._acks: deque[tuple[int, list[asyncio.Future[None]]]] = deque()
+        self._acked = 0
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.lost: str | None = None
+        self.welcome: Welcome | None = None
+        self.invalidations_received = 0
+
+    # --- properties announced at HELLO ----------------------------------------------------------
+
+    @property
+    def epoch(self) -> str:
+        """The daemon's epoch: changes when hmmd restarts."""
+        assert self.welcome is not None
+        return self.welcome.epoch
+
+    @property
+    def zero_pfn(self) -> int:
+        """PFN of the kernel's zero page, as the daemon sees it (0 if hidden)."""
+        assert self.welcome is not None
+        return self.welcome.zero_pfn
+
+    @property
+    def max_dma_pages(self) -> int:
+        """The largest DMA the daemon accepts, in pages."""
+        assert self.welcome is not None
+        return self.welcome.max_dma_pages
+
+    @property
+    def max_fault_pages(self) -> int:
+        """The largest FAULT the daemon accepts, in pages."""
+        assert self.welcome is not None
+        return self.welcome.max_fault_pages
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Say HELLO and start heartbeats; raise DaemonUnavailable if hmmd does not answer."""
+        self.loop.add_reader(self._fd, self._drain)
+        try:
+            env = await self.request(Hello(agent=self.name[:64], pid=os.getpid()), expect=Welcome)
+        except RequestTimeout as exc:
+            await self.close()
+            raise DaemonUnavailable(f"no WELCOME from hmmd at {self.endpoint} in {self.timeout:g} s") from exc
+        except BaseException:
+            await self.close()
+            raise
+        assert isinstance(env.msg, Welcome)
+        self.welcome = env.msg
+        self._heartbeat = asyncio.ensure_future(self._beat())
+
+    async def close(self) -> None:
+        """Unregister everything (GOODBYE, best effort), then close the socket."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(BaseException):
+                await self._heartbeat
+            self._heartbeat = None
+        if self.welcome is not None and self.lost is None:
+            with contextlib.suppress(Exception):
+                await self.request(Goodbye(), timeout=1.0)
+        for mirror in self.mirrors.values():
+            mirror._drop("session closed")
+        self.loop.remove_reader(self._fd)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(DaemonUnavailable(f"session to {self.endpoint} closed"))
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+    async def _beat(self) -> None:
+        assert self.welcome is not None
+        interval = self.welcome.heartbeat_ms / 1000
+        lease = self.welcome.lease_ms / 1000
+        while self.lost is None:
+            await asyncio.sleep(interval)
+            try:
+                env = await self.request(Heartbeat(), timeout=lease, expect=HeartbeatAck)
+            except RequestTimeout:
+                self._lose(f"no heartbeat reply from {self.endpoint} within the {lease:g} s lease")
+                return
+            except RemoteError as exc:
+                if exc.code in (ErrorCode.FENCED, ErrorCode.NO_SESSION):
+                    self._lose(f"session ended by hmmd: {exc}")
+                    return
+                raise
+            assert isinstance(env.msg, HeartbeatAck)
+            if env.msg.epoch != self.epoch:
+                self._lose(f"hmmd restarted (epoch {self.epoch} -> {env.msg.epoch})")
+                return
+
+    def _lose(self, reason: str) -> None:
+        """The daemon is gone or restarted: no translation may survive."""
+        log.warning("session %s lost: %s", self.name, reason)
+        self.lost = reason
+        for mirror in self.mirrors.values():
+            mirror._drop(reason)
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def _send(self, msg: Message, re: int = 0, bulk: Sequence[Any] = (), copy: bool = True) -> int:
+        msg_id = self._next_id
+        self._next_id += 1
+        try:
+            self.sock.send_multipart(encode(msg, msg_id, re, bulk), zmq.NOBLOCK, copy=copy)
+        except zmq.Again as exc:
+            raise DaemonUnavailable(f"send queue to {self.endpoint} is full") from exc
+        finally:
+            if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self.loop.call_soon(self._drain)
+        return msg_id
+
+    async def request(
+        self,
+        msg: Message,
+        bulk: Sequence[Any] = (),
+        *,
+        timeout: float | None = None,
+        expect: type[Message] | None = None,
+        copy: bool = True,
+    ) -> Envelope:
+        """Send ``msg`` and await its reply; raise RemoteError, RequestTimeout or DaemonUnavailable."""
+        if self.lost is not None and not isinstance(msg, Hello):
+            raise DaemonUnavailable(self.lost)
+        fut: asyncio.Future[Envelope] = self.loop.create_future()
+        msg_id = self._next_id
+        self._pending[msg_id] = fut
+        try:
+            self._send(msg, bulk=bulk, copy=copy)
+            wait = self.timeout if timeout is None else timeout
+            try:
+                env = await asyncio.wait_for(fut, wait)
+            except TimeoutError as exc:
+                raise RequestTimeout(
+                    f"no reply to {msg.TYPE} id={msg_id} from hmmd at {self.endpoint} in {wait:g} s; "
+                    "it may have taken effect"
+                ) from exc
+        finally:
+            self._pending.pop(msg_id, None)
+        if isinstance(env.msg, Error):
+            raise RemoteError(env.msg.code, env.msg.message)
+        if expect is not None and not isinstance(env.msg, expect):
+            raise RemoteError(ErrorCode.BAD_MESSAGE, f"expected {expect.TYPE}, got {env.type}")
+        return env
+
+    # --- inbound --------------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        sock = self.sock
+        got_invalidate = False
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                env = decode(frames)
+            except ProtocolError as exc:
+                log.warning("dropped a malformed message from hmmd: %s", exc)
+                continue
+            msg = env.msg
+            if env.re:
+                fut = self._pending.get(env.re)
+                if fut is not None and not fut.done():
+                    fut.set_result(env)
+            elif isinstance(msg, Invalidate):
+                self._on_invalidate(msg)
+                got_invalidate = True
+            elif isinstance(msg, Evicted):
+                for mirror_id in msg.mirrors:
+                    mirror = self.mirrors.get(mirror_id)
+                    if mirror is not None:
+                        mirror._drop(f"evicted: {msg.reason}", evicted=True)
+                log.warning("session %s evicted by hmmd: %s", self.name, msg.reason)
+                self.loop.call_soon(self._rehello)
+        if got_invalidate:
+            self._advance_acks()
+
+    def _on_invalidate(self, msg: Invalidate) -> None:
+        self.invalidations_received += 1
+        fences: list[asyncio.Future[None]] = []
+        for mirror_id, seq, start, end, event in msg.items:
+            mirror = self.mirrors.get(mirror_id)
+            if mirror is not None:
+                fences.extend(mirror._invalidate(seq, start, end, Event(event) if event <= 8 else Event.CLEAR))
+        self._acks.append((msg.n, fences))
+
+    def _advance_acks(self) -> None:
+        """ACK the highest n whose zaps are done and whose DMA fences have drained."""
+        upto = self._acked
+        while self._acks and all(f.done() for f in self._acks[0][1]):
+            upto = self._acks.popleft()[0]
+        if upto > self._acked:
+            self._acked = upto
+            with contextlib.suppress(DaemonUnavailable):
+                self._send(Ack(n=upto))
+
+    def _rehello(self) -> None:
+        """After eviction the old session is fenced: open a fresh one for future mirrors."""
+        self._acks.clear()
+        self._acked = 0
+
+        async def again() -> None:
+            with contextlib.suppress(Exception):
+                env = await self.request(Hello(agent=self.name[:64], pid=os.getpid()), expect=Welcome)
+                assert isinstance(env.msg, Welcome)
+                self.welcome = env.msg
+
+        asyncio.ensure_future(again())
+
+    # --- the agent API ------------------------------------------------------------------------
+
+    async def mirror(
+        self, pid: int, start: int, length: int, access: Access = Access.READ, *, start_time: int = 0
+    ) -> Mirror:
+        """Mirror [start, start + length) of process ``pid``; returns the Mirror and its page table."""
+        env = await self.request(
+            Register(pid=pid, start_time=start_time, intervals=((start, start + length),), access=int(access)),
+            expect=Registered,
+        )
+        assert isinstance(env.msg, Registered)
+        mirror = Mirror(self, env.msg, start, length, Access(access))
+        self.mirrors[mirror.id] = mirror
+        return mirror
+
+    async def sync_range(self, pid: int, start: int, end: int, event: Event = Event.CLEAR) -> None:
+        """Invalidate [start, end) of ``pid`` and return once every mirror acked (or was evicted)."""
+        await self.request(SyncRange(pid=pid, start=start, end=end, event=int(event)))
+
+    async def status(self) -> dict[str, int | float | str]:
+        """The daemon's figures (see ``StatusReply``)."""
+        env = await self.request(Status(), expect=StatusReply)
+        assert isinstance(env.msg, StatusReply)
+        return dict(env.msg.stats)
+
+    def _fence(self) -> None:
+        """A DMA finished: acks waiting on it may go out now."""
+        if self._acks:
+            self._advance_acks()
+
+
+@asynccontextmanager
+async def connect(endpoint: str, *, name: str = "agent", timeout: float = 5.0) -> AsyncIterator[Session]:
+    """Open a session with hmmd at ``endpoint`` (``ipc://...`` or ``tcp://...``)."""
+    session = Session(endpoint, name, timeout)
+    await session.open()
+    try:
+        yield session
+    finally:
+        await session.close()
+
+
+async def status(endpoint: str, timeout: float = 2.0) -> dict[str, int | float | str]:
+    """One-shot STATUS without a session (what ``hmmctl status`` uses)."""
+    session = Session(endpoint, "hmmctl", timeout)
+    session.loop.add_reader(session._fd, session._drain)
+    try:
+        env = await session.request(Status(), expect=StatusReply)
+        assert isinstance(env.msg, StatusReply)
+        return dict(env.msg.stats)
+    except RequestTimeout as exc:
+        raise DaemonUnavailable(f"no answer from hmmd at {endpoint} in {timeout:g} s") from exc
+    finally:
+        await session.close()
