@@ -11,7 +11,6 @@ that starts later is always sent after the reply.
 from __future__ import annotations
 
 import asyncio
-import mmap
 from collections.abc import Callable
 
 import numpy as np
@@ -45,25 +44,23 @@ def page_runs(mask: np.ndarray, start: int) -> list[tuple[int, int]]:
 def populate(pid: int, runs: list[tuple[int, int]]) -> int:
     """Fault ``runs`` in by reading them (the data is discarded); return bytes read."""
     total = sum(n for _, n in runs)
-    scratch = mmap.mmap(-1, min(total, 1 << 22))
+    # A bytearray, not an mmap: an exception's traceback may still hold a view of it.
+    scratch = bytearray(min(total, 1 << 22))
     done = 0
-    try:
-        batch: list[tuple[int, int]] = []
-        room = len(scratch)
-        for addr, length in runs:
-            while length:
-                take = min(length, room)
-                batch.append((addr, take))
-                addr += take
-                length -= take
-                room -= take
-                if room == 0:
-                    done += vm.read_into(pid, memoryview(scratch), batch)
-                    batch, room = [], len(scratch)
-        if batch:
-            done += vm.read_into(pid, memoryview(scratch), batch)
-    finally:
-        scratch.close()
+    batch: list[tuple[int, int]] = []
+    room = len(scratch)
+    for addr, length in runs:
+        while length:
+            take = min(length, room)
+            batch.append((addr, take))
+            addr += take
+            length -= take
+            room -= take
+            if room == 0:
+                done += vm.read_into(pid, memoryview(scratch), batch)
+                batch, room = [], len(scratch)
+    if batch:
+        done += vm.read_into(pid, memoryview(scratch), batch)
     return done
 
 

@@ -1,0 +1,221 @@
+"""``hmmctl demo``: hmmd, a churning target and two agents, with a live table and a coherence report.
+
+Everything is real: a daemon process, a target process that keeps mapping,
+writing, mprotecting, madvising and unmapping, and two agents with their own
+sessions that read and write through their mirrors. The run is split into
+rounds; after each round the target is stopped, the watcher is allowed to
+catch up, and the oracle compares every VALID agent entry with the live
+pagemap. Exit status 1 if any violation was found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import IO
+
+from hmmirror.client.errors import DeviceError
+from hmmirror.client.mirror import Mirror
+from hmmirror.client.oracle import Violation, check
+from hmmirror.client.session import Session, connect
+from hmmirror.proto.messages import Access
+
+PAGE = 4096
+
+
+@dataclass
+class AgentStats:
+    """What one demo agent did."""
+
+    name: str
+    reads: int = 0
+    writes: int = 0
+    refused: int = 0
+    busy: int = 0
+
+
+@dataclass
+class Report:
+    """The demo's closing figures."""
+
+    rounds: int = 0
+    violations: list[Violation] = field(default_factory=list)
+    stats: dict[str, int | float | str] = field(default_factory=dict)
+    agents: list[AgentStats] = field(default_factory=list)
+    mirrors: list[Mirror] = field(default_factory=list)
+
+
+async def _start_daemon(endpoint: str, err: IO[bytes]) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint, "--ack-deadline", "2s"],
+        stdout=subprocess.PIPE,
+        stderr=err,
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 15)
+    if not line.startswith(b"hmmd ready"):
+        proc.kill()
+        raise RuntimeError(f"hmmd did not start (said {line!r}); see its log")
+    return proc
+
+
+async def _agent(mirror: Mirror, stats: AgentStats, rng: random.Random, until: float) -> None:
+    loop = asyncio.get_running_loop()
+    while loop.time() < until:
+        page = rng.randrange(mirror.npages)
+        addr = mirror.start + page * PAGE
+        try:
+            if rng.random() < 0.7:
+                n = min(rng.randint(1, 4), mirror.npages - page)
+                await mirror.read(addr, n)
+                stats.reads += 1
+            else:
+                await mirror.write(addr, rng.randbytes(8) + bytes(PAGE - 8))
+                stats.writes += 1
+        except DeviceError as exc:
+            if exc.errno == errno.EBUSY:
+                stats.busy += 1
+            else:
+                stats.refused += 1  # EFAULT/EPERM: the target unmapped or protected it; correct
+        await asyncio.sleep(0)
+
+
+def _table(report: Report, elapsed: float, out: IO[str], tty: bool) -> None:
+    s = report.stats
+    rows = [
+        f"hmmirror demo  {elapsed:5.1f} s  round {report.rounds}",
+        f"{'agent':<10}{'reads':>8}{'writes':>8}{'refused':>9}{'faults':>9}{'pages in':>10}{'invals':>8}{'zapped':>8}",
+    ]
+    for agent, mirror in zip(report.agents, report.mirrors, strict=True):
+        c = mirror.counters
+        rows.append(
+            f"{agent.name:<10}{agent.reads:>8}{agent.writes:>8}{agent.refused:>9}"
+            f"{c['page_faults_handled']:>9}{c['page_faults']:>10}"
+            f"{c['page_invalidations_handled']:>8}{c['page_invalidations']:>8}"
+        )
+    rows.append(
+        f"hmmd: invalidations {s.get('invalidations', 0)}  ack p50 {s.get('ack_p50_us', 0)} us  "
+        f"p99 {s.get('ack_p99_us', 0)} us  stale {s.get('stale', 0)}  violations {len(report.violations)}"
+    )
+    if tty:
+        out.write("\x1b[H\x1b[J" + "\n".join(rows) + "\n")
+    else:
+        out.write(rows[-1] + "\n")
+    out.flush()
+
+
+async def _quiesce(session: Session, target: subprocess.Popen[bytes]) -> None:
+    """Stop the target and wait until hmmd's watcher has caught up and nothing is in flight."""
+    target.send_signal(signal.SIGSTOP)
+    last = None
+    for _ in range(50):
+        await asyncio.sleep(0.12)  # > 2x the slowest poll interval
+        stats = await session.status()
+        now = (stats["invalidations"], stats["faults"])
+        if now == last:
+            return
+        last = now
+
+
+async def run_demo(duration: float, seed: int, out: IO[str]) -> Report:
+    """Run the demo for about ``duration`` seconds; return the report."""
+    report = Report()
+    tty = out.isatty()
+    with tempfile.TemporaryDirectory(prefix="hmmdemo-") as tmp, open(os.path.join(tmp, "hmmd.log"), "wb") as log:
+        endpoint = f"ipc://{tmp}/hmmd.sock"
+        daemon = await _start_daemon(endpoint, log)
+        target = subprocess.Popen(
+            [sys.executable, "-m", "hmmirror.client.churn", str(seed)], stdout=subprocess.PIPE
+        )
+        try:
+            assert target.stdout is not None
+            line = await asyncio.wait_for(asyncio.to_thread(target.stdout.readline), 10)
+            base_s, size_s = line.split()
+            base, size = int(base_s, 16), int(size_s)
+            async with (
+                connect(endpoint, name="agent-a") as sa,
+                connect(endpoint, name="agent-b") as sb,
+            ):
+                for session in (sa, sb):
+                    report.mirrors.append(
+                        await session.mirror(target.pid, base, size, Access.READ | Access.WRITE)
+                    )
+                    report.agents.append(AgentStats(session.name))
+                rng = random.Random(seed)
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                while loop.time() - t0 < duration:
+                    target.send_signal(signal.SIGCONT)
+                    until = loop.time() + 0.6
+                    await asyncio.gather(
+                        *(
+                            _agent(m, a, random.Random(rng.random()), until)
+                            for m, a in zip(report.mirrors, report.agents, strict=True)
+                        )
+                    )
+                    await _quiesce(sa, target)
+                    for mirror in report.mirrors:
+                        report.violations.extend(check(mirror))
+                    report.rounds += 1
+                    report.stats = await sa.status()
+                    _table(report, loop.time() - t0, out, tty)
+                report.stats = await sa.status()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                target.kill()
+            target.wait()
+            daemon.terminate()
+            try:
+                daemon.wait(10)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+    return report
+
+
+def print_report(report: Report, seed: int, out: IO[str]) -> None:
+    """The closing report: a table of figures, then any violations."""
+    s = report.stats
+    faults = sum(m.counters["page_faults_handled"] for m in report.mirrors)
+    zapped = sum(m.counters["page_invalidations"] for m in report.mirrors)
+    rows = [
+        ("rounds (quiescent checks)", report.rounds),
+        ("invalidations (hmmd)", s.get("invalidations", 0)),
+        ("invalidation round trip p50", f"{s.get('ack_p50_us', 0)} us"),
+        ("invalidation round trip p99", f"{s.get('ack_p99_us', 0)} us"),
+        ("faults (agents, fault calls)", faults),
+        ("pages zapped (agents)", zapped),
+        ("device reads / writes", f"{sum(a.reads for a in report.agents)} / {sum(a.writes for a in report.agents)}"),
+        ("refused (EFAULT/EPERM)", sum(a.refused for a in report.agents)),
+        ("STALE refusals (hmmd)", s.get("stale", 0)),
+        ("evictions", s.get("evictions", 0)),
+        ("coherence violations", len(report.violations)),
+        ("seed", seed),
+    ]
+    width = max(len(k) for k, _ in rows)
+    out.write("\nhmmirror demo report\n" + "-" * (width + 16) + "\n")
+    for key, value in rows:
+        out.write(f"{key:<{width}}  {value}\n")
+    for v in report.violations[:20]:
+        out.write(f"VIOLATION mirror {v.mirror} at {v.addr:#x}: {v.kind} (entry {v.entry:#x}, live {v.live:#x})\n")
+    out.flush()
+
+
+def main(duration: float, seed: int) -> int:
+    """Run the demo and print the report; 0 if coherent, 1 if any violation."""
+    import uvloop
+
+    start = time.monotonic()
+    report = uvloop.run(run_demo(duration, seed, sys.stdout))
+    print_report(report, seed, sys.stdout)
+    sys.stdout.write(f"finished in {time.monotonic() - start:.1f} s\n")
+    return 1 if report.violations else 0

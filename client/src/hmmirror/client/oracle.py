@@ -1,0 +1,71 @@
+"""The translation oracle: check agents' VALID entries against the live pagemap, read independently.
+
+At a quiescent point (target stopped, watcher caught up, no invalidation in
+flight) every VALID entry a mirror holds must name the page the target maps
+right now, and a WRITE entry must sit in a writable VMA. Anything else is a
+coherence violation. The oracle reads /proc itself, never through hmmd.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from hmmirror.client.mirror import Mirror
+from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID, HMM_PFN_WRITE, PAGE_SHIFT
+
+_PRESENT = np.uint64(1 << 63)
+_PFN = np.uint64((1 << 55) - 1)
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One stale translation: which mirror, which page, what it held, what is live."""
+
+    mirror: int
+    addr: int
+    entry: int
+    live: int
+    kind: str
+
+
+def _writable_pages(pid: int, start: int, npages: int) -> np.ndarray:
+    out = np.zeros(npages, dtype=np.bool_)
+    end = start + (npages << PAGE_SHIFT)
+    with open(f"/proc/{pid}/maps", "rb") as f:
+        for line in f:
+            lo_hi, perms = line.split()[:2]
+            lo, hi = (int(x, 16) for x in lo_hi.split(b"-"))
+            if hi <= start or lo >= end or perms[1:2] != b"w":
+                continue
+            a, b = (max(lo, start) - start) >> PAGE_SHIFT, (min(hi, end) - start) >> PAGE_SHIFT
+            out[a:b] = True
+    return out
+
+
+def check(mirror: Mirror) -> list[Violation]:
+    """Compare ``mirror``'s VALID entries with the live page table of its target."""
+    table = mirror.table.copy()
+    held = np.flatnonzero(table & np.uint64(HMM_PFN_VALID))
+    if len(held) == 0:
+        return []
+    live = np.zeros(mirror.npages, dtype=np.uint64)
+    fd = os.open(f"/proc/{mirror.pid}/pagemap", os.O_RDONLY)
+    try:
+        os.preadv(fd, [memoryview(live).cast("B")], (mirror.start >> PAGE_SHIFT) * 8)
+    finally:
+        os.close(fd)
+    writable = _writable_pages(mirror.pid, mirror.start, mirror.npages)
+    found = []
+    for i in held:
+        entry, now = int(table[i]), int(live[i])
+        addr = mirror.start + (int(i) << PAGE_SHIFT)
+        if not now & int(_PRESENT):
+            found.append(Violation(mirror.id, addr, entry, now, "entry for a page that is gone"))
+        elif (now & int(_PFN)) != (entry & HMM_PFN_PFN_MASK):
+            found.append(Violation(mirror.id, addr, entry, now, "entry names a replaced page"))
+        elif entry & HMM_PFN_WRITE and not writable[i]:
+            found.append(Violation(mirror.id, addr, entry, now, "WRITE entry in a read-only VMA"))
+    return found
