@@ -38,6 +38,7 @@ from hmmirror.proto.errors import ErrorCode, ProtocolError
 from hmmirror.proto.messages import (
     MAX_DMA_PAGES,
     MAX_FAULT_PAGES,
+    MAX_MIRROR_PAGES,
     USER_ADDR_END,
     Access,
     Ack,
@@ -201,6 +202,10 @@ class Daemon:
             result = handler(self, identity, session, env)
         except RequestError as exc:
             self.reject(identity, exc.code, exc.message, env.id, env.type, bad=exc.code == ErrorCode.EINVAL)
+            return
+        except Exception as exc:  # a handler bug: answer, log, keep serving
+            log.exception("%s id=%d from %r failed", env.type, env.id, identity)
+            self.reject(identity, ErrorCode.INTERNAL, f"{env.type} failed: {exc}", env.id, env.type, bad=False)
             return
         if result is not None:
             self.spawn(self._finish(identity, env, result))
@@ -435,17 +440,22 @@ def on_register(d: Daemon, identity: bytes, session: Session | None, env: Envelo
         raise RequestError(ErrorCode.EINVAL, "a mirror needs at least READ access")
     if not msg.intervals:
         raise RequestError(ErrorCode.EINVAL, "register needs at least one interval")
+    total = sum(end - start for start, end in msg.intervals) >> PAGE_SHIFT
+    if total > MAX_MIRROR_PAGES:
+        raise RequestError(
+            ErrorCode.TOO_LARGE, f"register covers {total} pages; at most {MAX_MIRROR_PAGES} per mirror"
+        )
     spans = []
     for start, end in sorted(msg.intervals):
         if start % PAGE_SIZE or end % PAGE_SIZE:
             raise RequestError(ErrorCode.EINVAL, f"interval [{start:#x}, {end:#x}) is not page-aligned")
         if end > USER_ADDR_END:
             raise RequestError(ErrorCode.EINVAL, f"interval [{start:#x}, {end:#x}) leaves user space")
-        if spans and start < spans[-1].end:
+        if spans and start < spans[-1][1]:
             raise RequestError(ErrorCode.EINVAL, "intervals overlap")
-        spans.append(Span(start, end))
+        spans.append((start, end))
     mm = d._attach_mm(msg.pid, msg.start_time)
-    mirror = Mirror(d._next_mirror, session, mm, spans, Access(msg.access))
+    mirror = Mirror(d._next_mirror, session, mm, [Span(lo, hi) for lo, hi in spans], Access(msg.access))
     d._next_mirror += 1
     mm.mirrors.append(mirror)
     session.mirrors[mirror.id] = mirror

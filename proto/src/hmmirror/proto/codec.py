@@ -30,7 +30,7 @@ from hmmirror.proto.version import PROTOCOL_VERSION, compatible
 
 #: Header and body are small maps; anything bigger is an attack or a bug.
 MAX_HEADER = 512
-MAX_BODY = 256 * 1024
+MAX_BODY = 1 << 20
 
 
 class Buffer(Protocol):

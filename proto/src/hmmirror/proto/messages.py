@@ -25,6 +25,8 @@ MAX_FAULT_PAGES = 1 << 18
 MAX_DMA_PAGES = 1024
 #: Intervals per REGISTER.
 MAX_INTERVALS = 64
+#: Pages one mirror may cover in all (256 GiB): the daemon keeps a shadow entry per page.
+MAX_MIRROR_PAGES = 1 << 26
 #: Items per INVALIDATE batch.
 MAX_ITEMS = 4096
 #: The largest frame a peer may send (ZeroMQ ``MAXMSGSIZE``): a full DMA plus headroom.
@@ -285,7 +287,7 @@ class Evicted(Message):
     """
 
     TYPE: ClassVar[str] = "evicted"
-    mirrors: tuple[int, ...] = wire(Kind.UINTS, 1 << 16)
+    mirrors: tuple[int, ...] = wire(Kind.UINTS, 4096)
     reason: str = wire(Kind.STR, 256)
 
 

@@ -1,0 +1,230 @@
+"""The mirror contract under races: retry on a racing invalidation, eviction, RELEASE, STALE.
+
+Each test drives a real hmmd, real puppet target processes and real agent
+sessions; the expected translations are read from /proc/PID/pagemap here,
+never through the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import time
+
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+from hmmirror.client import Access, DeviceError, Event
+from hmmirror.proto import decode, encode
+from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID
+from hmmirror.proto.messages import (
+    Error,
+    Evicted,
+    Fault,
+    Heartbeat,
+    Hello,
+    Invalidate,
+    Register,
+    Registered,
+    Welcome,
+)
+
+PAGE = 4096
+
+
+def live_pfns(pid: int, addr: int, npages: int) -> np.ndarray:
+    """PFNs of the target's pages as pagemap shows them now (0 where absent)."""
+    raw = np.zeros(npages, dtype=np.uint64)
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    try:
+        os.preadv(fd, [memoryview(raw).cast("B")], (addr // PAGE) * 8)
+    finally:
+        os.close(fd)
+    present = (raw >> np.uint64(63)) != 0
+    return np.where(present, raw & np.uint64((1 << 55) - 1), np.uint64(0))
+
+
+async def test_fault_racing_invalidation_retries_and_never_installs_stale(hmmd, puppet, agent):
+    addr = await puppet.mmap(4 * PAGE)
+    await puppet.write(addr, b"a" * 4 * PAGE)
+    async with agent() as s, agent() as announcer:
+        mirror = await s.mirror(puppet.pid, addr, 4 * PAGE, Access.READ)
+        old = live_pfns(puppet.pid, addr, 4)
+        calls = 0
+
+        async def replace_pages_between_fault_and_install() -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await puppet.madvise(addr, 4 * PAGE, "dontneed")
+                await puppet.write(addr, b"b" * 4 * PAGE)
+                await announcer.sync_range(puppet.pid, addr, addr + 4 * PAGE, Event.CLEAR)
+
+        mirror.fault_hook = replace_pages_between_fault_and_install
+        installed = await mirror.fault(addr, 4)
+        new = live_pfns(puppet.pid, addr, 4)
+        assert calls >= 2 and mirror.retries >= 1
+        assert installed == 4
+        assert not np.array_equal(old, new), "the target's pages were not replaced"
+        assert np.array_equal(mirror.table & np.uint64(HMM_PFN_PFN_MASK), new)
+        mirror.fault_hook = None
+        result = await mirror.read(addr, 4)
+        assert result.faults == 0 and result.data == b"b" * 4 * PAGE
+
+
+class RawAgent:
+    """A hand-driven DEALER agent that heartbeats but never acks: the misbehaving device."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.next_id = 1
+        self.replies: dict[int, asyncio.Future] = {}
+        self.unsolicited: asyncio.Queue = asyncio.Queue()
+        self.tasks = [asyncio.ensure_future(self._read())]
+
+    async def _read(self) -> None:
+        while True:
+            env = decode(await self.sock.recv_multipart())
+            fut = self.replies.pop(env.re, None)
+            if fut is not None:
+                fut.set_result(env)
+            else:
+                self.unsolicited.put_nowait(env)
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            self.next_id += 1
+            await self.sock.send_multipart(encode(Heartbeat(), self.next_id))
+
+    def start_heartbeats(self) -> None:
+        self.tasks.append(asyncio.ensure_future(self._beat()))
+
+    async def request(self, msg, timeout: float = 5.0):
+        self.next_id += 1
+        fut = asyncio.get_running_loop().create_future()
+        self.replies[self.next_id] = fut
+        await self.sock.send_multipart(encode(msg, self.next_id))
+        return await asyncio.wait_for(fut, timeout)
+
+    async def recv(self, timeout: float):
+        """The next message that is not a heartbeat reply."""
+        while True:
+            env = await asyncio.wait_for(self.unsolicited.get(), timeout)
+            if env.type != "heartbeat_ack":
+                return env
+
+    def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        self.sock.close(0)
+        self.ctx.term()
+
+
+async def test_agent_that_never_acks_is_evicted_and_others_complete(hmmd, puppet, agent):
+    addr = await puppet.mmap(2 * PAGE)
+    await puppet.write(addr, b"x" * 2 * PAGE)
+    silent = RawAgent(hmmd.endpoint)
+    try:
+        assert isinstance((await silent.request(Hello(agent="silent"))).msg, Welcome)
+        silent.start_heartbeats()
+        reg = await silent.request(
+            Register(pid=puppet.pid, start_time=0, intervals=((addr, addr + 2 * PAGE),), access=1)
+        )
+        assert isinstance(reg.msg, Registered)
+        async with agent() as good:
+            mirror = await good.mirror(puppet.pid, addr, 2 * PAGE, Access.READ)
+            assert (await mirror.read(addr, 2)).faults == 1
+            t0 = time.monotonic()
+            await good.sync_range(puppet.pid, addr, addr + 2 * PAGE)
+            elapsed = time.monotonic() - t0
+            # The daemon's ack deadline is 1 s (conftest): the silent agent holds the call that long, no longer.
+            assert 0.9 <= elapsed < 2.5, elapsed
+            assert mirror.counters["page_invalidations_handled"] == 1
+            inval = await silent.recv(1.0)
+            assert isinstance(inval.msg, Invalidate)
+            evicted = await silent.recv(1.0)
+            assert isinstance(evicted.msg, Evicted) and reg.msg.mirror in evicted.msg.mirrors
+            fenced = await silent.request(Fault(mirror=reg.msg.mirror, start=addr, npages=1, write=False, mode=1))
+            assert isinstance(fenced.msg, Error) and fenced.msg.code == 106  # FENCED
+            stats = await good.status()
+            assert stats["evictions"] == 1
+            # The good agent is unaffected: a second invalidation completes at once.
+            t0 = time.monotonic()
+            await good.sync_range(puppet.pid, addr, addr + 2 * PAGE)
+            assert time.monotonic() - t0 < 0.5
+    finally:
+        silent.close()
+
+
+async def test_target_exit_sends_release_to_every_mirror(hmmd, puppet, agent):
+    addr = await puppet.mmap(2 * PAGE)
+    await puppet.write(addr, b"r" * 2 * PAGE)
+    async with agent() as a, agent() as b:
+        ma = await a.mirror(puppet.pid, addr, 2 * PAGE, Access.READ)
+        mb = await b.mirror(puppet.pid, addr, 2 * PAGE, Access.READ)
+        await ma.read(addr, 2)
+        await mb.read(addr, 2)
+        await puppet.exit()
+        deadline = time.monotonic() + 5
+        while not (ma.released and mb.released) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert ma.released and mb.released
+        for m in (ma, mb):
+            assert not (m.table & np.uint64(HMM_PFN_VALID)).any()
+            assert (m.events[-1][2]) == Event.RELEASE
+            with pytest.raises(DeviceError) as info:
+                await m.read(addr, 1)
+            assert info.value.errno == errno.ESRCH
+        stats = await a.status()
+        assert stats["releases"] == 1 and stats["mms"] == 0
+
+
+async def test_watcher_invalidates_munmap_mprotect_and_dontneed(hmmd, puppet, agent):
+    addr = await puppet.mmap(6 * PAGE)
+    await puppet.write(addr, b"w" * 6 * PAGE)
+    async with agent() as s:
+        m = await s.mirror(puppet.pid, addr, 6 * PAGE, Access.READ | Access.WRITE)
+        await m.read(addr, 6)
+        await puppet.madvise(addr, 2 * PAGE, "dontneed")
+        await puppet.mprotect(addr + 2 * PAGE, 2 * PAGE, "r")
+        await puppet.munmap(addr + 4 * PAGE, 2 * PAGE)
+        deadline = time.monotonic() + 5
+        seen: set[Event] = set()
+        while time.monotonic() < deadline and not {Event.CLEAR, Event.PROTECTION_VMA, Event.UNMAP} <= seen:
+            await asyncio.sleep(0.02)
+            seen = {e for _, _, e in m.events}
+        assert {Event.CLEAR, Event.PROTECTION_VMA, Event.UNMAP} <= seen, m.events
+        # The next access faults again and sees the new contents (DONTNEED: zeros).
+        result = await m.read(addr, 2)
+        assert result.faults == 1 and result.data == bytes(2 * PAGE)
+        with pytest.raises(DeviceError) as info:
+            await m.write(addr + 2 * PAGE, b"z" * PAGE)
+        assert info.value.errno == errno.EPERM
+        with pytest.raises(DeviceError) as info:
+            await m.read(addr + 4 * PAGE, 1)
+        assert info.value.errno == errno.EFAULT
+
+
+async def test_stale_translation_is_refused(hmmd, puppet, agent):
+    """A DMA through entries the target has since replaced gets STALE, and the agent re-faults."""
+    addr = await puppet.mmap(PAGE)
+    await puppet.write(addr, b"1" * PAGE)
+    async with agent() as s:
+        m = await s.mirror(puppet.pid, addr, PAGE, Access.READ)
+        assert (await m.read(addr, 1)).faults == 1
+        before = (await s.status())["stale"]
+        # Replace the page and read at once, before the watcher's next poll can invalidate it.
+        await puppet.madvise(addr, PAGE, "dontneed")
+        await puppet.write(addr, b"2" * PAGE)
+        result = await m.read(addr, 1)
+        assert result.data == b"2" * PAGE
+        stats = await s.status()
+        # Either the watcher got there first (re-fault) or hmmd refused the stale DMA: never old data.
+        assert result.faults == 1
+        assert stats["stale"] >= before
