@@ -24,7 +24,14 @@ MADV_DONTNEED, MADV_FREE = 4, 8
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 for _name in ("munmap", "mprotect", "madvise"):
     getattr(_libc, _name).argtypes = [ctypes.c_void_p, ctypes.c_size_t] + (
         [ctypes.c_int] if _name != "munmap" else []
@@ -77,7 +84,9 @@ def run(seed: int, ops_per_s: float) -> None:
             if op < 0.45 and st == "rw":
                 version += 1
                 page = rng.randrange(SLOT_PAGES)
-                ctypes.memmove(addr + page * PAGE + 8 * rng.randrange(8), version.to_bytes(8, "little"), 8)
+                ctypes.memmove(
+                    addr + page * PAGE + 8 * rng.randrange(8), version.to_bytes(8, "little"), 8
+                )
             elif op < 0.6:
                 _check(_libc.mprotect(addr, length, PROT_READ), "mprotect ro")
                 state[slot] = "ro"
@@ -95,4 +104,7 @@ def run(seed: int, ops_per_s: float) -> None:
 
 
 if __name__ == "__main__":
-    run(int(sys.argv[1]) if len(sys.argv) > 1 else 1, float(sys.argv[2]) if len(sys.argv) > 2 else 2000.0)
+    run(
+        int(sys.argv[1]) if len(sys.argv) > 1 else 1,
+        float(sys.argv[2]) if len(sys.argv) > 2 else 2000.0,
+    )

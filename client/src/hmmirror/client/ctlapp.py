@@ -27,12 +27,14 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("HMMIRROR_ENDPOINT", DEFAULT_ENDPOINT),
         help="hmmd endpoint (default $HMMIRROR_ENDPOINT or %(default)s)",
     )
-    parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for hmmd (default 2)")
+    parser.add_argument(
+        "--timeout", type=float, default=2.0, help="seconds to wait for hmmd (default 2)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("status", help="show the daemon's state and figures")
     demo = sub.add_parser(
         "demo",
-        help="start hmmd, a churning target and two agents; show live counters and a coherence report",
+        help="start hmmd, a churning target and two agents; show live counters and a report",
     )
     demo.add_argument("--duration", type=float, default=20.0, help="seconds of churn (default 20)")
     demo.add_argument("--seed", type=int, default=1, help="random seed (default 1)")

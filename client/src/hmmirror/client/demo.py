@@ -1,4 +1,4 @@
-"""``hmmctl demo``: hmmd, a churning target and two agents, with a live table and a coherence report.
+"""``hmmctl demo``: hmmd, a churning target, two agents, a live table and a coherence report.
 
 Everything is real: a daemon process, a target process that keeps mapping,
 writing, mprotecting, madvising and unmapping, and two agents with their own
@@ -56,7 +56,16 @@ class Report:
 
 async def _start_daemon(endpoint: str, err: IO[bytes]) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint, "--ack-deadline", "2s"],
+        [
+            sys.executable,
+            "-m",
+            "hmmirror.daemon",
+            "run",
+            "--endpoint",
+            endpoint,
+            "--ack-deadline",
+            "2s",
+        ],
         stdout=subprocess.PIPE,
         stderr=err,
     )
@@ -93,7 +102,8 @@ def _table(report: Report, elapsed: float, out: IO[str], tty: bool) -> None:
     s = report.stats
     rows = [
         f"hmmirror demo  {elapsed:5.1f} s  round {report.rounds}",
-        f"{'agent':<10}{'reads':>8}{'writes':>8}{'refused':>9}{'faults':>9}{'pages in':>10}{'invals':>8}{'zapped':>8}",
+        f"{'agent':<10}{'reads':>8}{'writes':>8}{'refused':>9}{'faults':>9}"
+        f"{'pages in':>10}{'invals':>8}{'zapped':>8}",
     ]
     for agent, mirror in zip(report.agents, report.mirrors, strict=True):
         c = mirror.counters
@@ -104,7 +114,8 @@ def _table(report: Report, elapsed: float, out: IO[str], tty: bool) -> None:
         )
     rows.append(
         f"hmmd: invalidations {s.get('invalidations', 0)}  ack p50 {s.get('ack_p50_us', 0)} us  "
-        f"p99 {s.get('ack_p99_us', 0)} us  stale {s.get('stale', 0)}  violations {len(report.violations)}"
+        f"p99 {s.get('ack_p99_us', 0)} us  stale {s.get('stale', 0)}  "
+        f"violations {len(report.violations)}"
     )
     if tty:
         out.write("\x1b[H\x1b[J" + "\n".join(rows) + "\n")
@@ -130,7 +141,10 @@ async def run_demo(duration: float, seed: int, out: IO[str]) -> Report:
     """Run the demo for about ``duration`` seconds; return the report."""
     report = Report()
     tty = out.isatty()
-    with tempfile.TemporaryDirectory(prefix="hmmdemo-") as tmp, open(os.path.join(tmp, "hmmd.log"), "wb") as log:
+    with (
+        tempfile.TemporaryDirectory(prefix="hmmdemo-") as tmp,
+        open(os.path.join(tmp, "hmmd.log"), "wb") as log,
+    ):
         endpoint = f"ipc://{tmp}/hmmd.sock"
         daemon = await _start_daemon(endpoint, log)
         target = subprocess.Popen(
@@ -194,7 +208,10 @@ def print_report(report: Report, seed: int, out: IO[str]) -> None:
         ("invalidation round trip p99", f"{s.get('ack_p99_us', 0)} us"),
         ("faults (agents, fault calls)", faults),
         ("pages zapped (agents)", zapped),
-        ("device reads / writes", f"{sum(a.reads for a in report.agents)} / {sum(a.writes for a in report.agents)}"),
+        (
+            "device reads / writes",
+            f"{sum(a.reads for a in report.agents)} / {sum(a.writes for a in report.agents)}",
+        ),
         ("refused (EFAULT/EPERM)", sum(a.refused for a in report.agents)),
         ("STALE refusals (hmmd)", s.get("stale", 0)),
         ("evictions", s.get("evictions", 0)),
@@ -206,7 +223,10 @@ def print_report(report: Report, seed: int, out: IO[str]) -> None:
     for key, value in rows:
         out.write(f"{key:<{width}}  {value}\n")
     for v in report.violations[:20]:
-        out.write(f"VIOLATION mirror {v.mirror} at {v.addr:#x}: {v.kind} (entry {v.entry:#x}, live {v.live:#x})\n")
+        out.write(
+            f"VIOLATION mirror {v.mirror} at {v.addr:#x}: {v.kind} "
+            f"(entry {v.entry:#x}, live {v.live:#x})\n"
+        )
     out.flush()
 
 

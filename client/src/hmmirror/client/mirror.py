@@ -17,6 +17,7 @@ in-flight DMA is a fence that holds the ACK of an invalidation overlapping it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import types
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,7 +26,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-
 from hmmirror.client.errors import ERRNO_CODES, DeviceError, Evicted, RemoteError
 from hmmirror.proto.codec import Envelope
 from hmmirror.proto.entries import (
@@ -59,7 +59,12 @@ if TYPE_CHECKING:
 RETRY_BUDGET = 1.0
 _VALID = np.uint64(HMM_PFN_VALID)
 _VALID_WRITE = np.uint64(HMM_PFN_VALID | HMM_PFN_WRITE)
-COUNTER_NAMES = ("page_faults", "page_faults_handled", "page_invalidations", "page_invalidations_handled")
+COUNTER_NAMES = (
+    "page_faults",
+    "page_faults_handled",
+    "page_invalidations",
+    "page_invalidations_handled",
+)
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,9 @@ class _Stale(Exception):
 class Mirror:
     """One agent's mirror of [start, end) of a target, with its device page table."""
 
-    def __init__(self, session: Session, reg: Registered, start: int, length: int, access: Access) -> None:
+    def __init__(
+        self, session: Session, reg: Registered, start: int, length: int, access: Access
+    ) -> None:
         self.session = session
         self.id = reg.mirror
         self.pid = reg.pid
@@ -114,7 +121,9 @@ class Mirror:
 
     # --- called by the session's drain loop (the invalidate callback) ---------------------------
 
-    def _invalidate(self, seq: int, start: int, end: int, event: Event) -> list[asyncio.Future[None]]:
+    def _invalidate(
+        self, seq: int, start: int, end: int, event: Event
+    ) -> list[asyncio.Future[None]]:
         """mmu_interval_set_seq, zap, and return the in-flight DMAs the ACK must wait for."""
         self.seq = seq
         self._gen += 1
@@ -156,7 +165,8 @@ class Mirror:
         end = addr + (npages << PAGE_SHIFT)
         if addr < self.start or end > self.end:
             raise DeviceError(
-                errno.EINVAL, f"[{addr:#x}, {end:#x}) is outside mirror [{self.start:#x}, {self.end:#x})"
+                errno.EINVAL,
+                f"[{addr:#x}, {end:#x}) is outside mirror [{self.start:#x}, {self.end:#x})",
             )
         return (addr - self.start) >> PAGE_SHIFT, ((addr - self.start) >> PAGE_SHIFT) + npages
 
@@ -184,7 +194,8 @@ class Mirror:
             self._check_live()
             gen = self._gen  # mmu_interval_read_begin
             env = await self._call(
-                Fault(mirror=self.id, start=addr, npages=npages, write=write, mode=int(mode)), expect=FaultReply
+                Fault(mirror=self.id, start=addr, npages=npages, write=write, mode=int(mode)),
+                expect=FaultReply,
             )
             entries = from_wire(env.bulk[0], npages)
             if self.fault_hook is not None:
@@ -197,14 +208,16 @@ class Mirror:
 
     async def fault(self, addr: int, npages: int, write: bool = False) -> int:
         """Fault [addr, +npages) into the table (one fault call); return the pages installed."""
-        a, b = self._range(addr, npages)
+        a, _ = self._range(addr, npages)
         if write and not self.access & Access.WRITE:
             raise DeviceError(errno.EPERM, f"mirror {self.id} has no WRITE access")
         installed = 0
         chunk = self.session.max_fault_pages
         for off in range(0, npages, chunk):
             n = min(chunk, npages - off)
-            entries = await self._fault_range(addr + (off << PAGE_SHIFT), n, write, FaultMode.POPULATE)
+            entries = await self._fault_range(
+                addr + (off << PAGE_SHIFT), n, write, FaultMode.POPULATE
+            )
             valid = (entries & _VALID) != 0
             dst = self.table[a + off : a + off + n]
             np.copyto(dst, entries, where=valid)
@@ -220,7 +233,9 @@ class Mirror:
         chunk = self.session.max_fault_pages
         for off in range(0, npages, chunk):
             n = min(chunk, npages - off)
-            entries = await self._fault_range(addr + (off << PAGE_SHIFT), n, False, FaultMode.SNAPSHOT)
+            entries = await self._fault_range(
+                addr + (off << PAGE_SHIFT), n, False, FaultMode.SNAPSHOT
+            )
             out.append(prot_bytes(entries, self.session.zero_pfn))
         return np.concatenate(out)
 
@@ -230,7 +245,9 @@ class Mirror:
         bad = np.flatnonzero((self.table[a:b] & need) != need)
         return int(bad[0]) if len(bad) else None
 
-    async def _dma(self, msg: DmaRead | DmaWrite, entries: Entries, data: memoryview | None) -> Envelope:
+    async def _dma(
+        self, msg: DmaRead | DmaWrite, entries: Entries, data: memoryview | None
+    ) -> Envelope:
         start, end = msg.start, msg.start + (msg.npages << PAGE_SHIFT)
         fence: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight.append((start, end, fence))
@@ -242,7 +259,9 @@ class Mirror:
             self._inflight.remove((start, end, fence))
             self.session._fence()
 
-    async def _access(self, addr: int, npages: int, payload: memoryview | None) -> tuple[bytes, int]:
+    async def _access(
+        self, addr: int, npages: int, payload: memoryview | None
+    ) -> tuple[bytes, int]:
         write = payload is not None
         need = _VALID_WRITE if write else _VALID
         a, b = self._range(addr, npages)
@@ -266,25 +285,31 @@ class Mirror:
                         raise _Stale("an invalidation zapped the range mid-access")
                     start = addr + (off << PAGE_SHIFT)
                     if payload is None:
-                        env = await self._dma(DmaRead(mirror=self.id, start=start, npages=n), entries, None)
+                        env = await self._dma(
+                            DmaRead(mirror=self.id, start=start, npages=n), entries, None
+                        )
                         assert isinstance(env.msg, DmaReadReply)
                         out[off << PAGE_SHIFT : (off + n) << PAGE_SHIFT] = env.bulk[0]
                     else:
                         piece = payload[off << PAGE_SHIFT : (off + n) << PAGE_SHIFT]
-                        await self._dma(DmaWrite(mirror=self.id, start=start, npages=n), entries, piece)
+                        await self._dma(
+                            DmaWrite(mirror=self.id, start=start, npages=n), entries, piece
+                        )
             except _Stale as exc:
                 if loop.time() > deadline:
-                    raise DeviceError(errno.EBUSY, f"access at {addr:#x} kept going stale: {exc}") from exc
+                    raise DeviceError(
+                        errno.EBUSY, f"access at {addr:#x} kept going stale: {exc}"
+                    ) from exc
                 continue
             return bytes(out), faults
 
     async def read(self, addr: int, npages: int) -> ReadResult:
-        """HMM_DMIRROR_READ: read ``npages`` from ``addr`` through the mirror, faulting as needed."""
+        """HMM_DMIRROR_READ: read ``npages`` at ``addr`` through the mirror, faulting as needed."""
         data, faults = await self._access(addr, npages, None)
         return ReadResult(data, npages, faults)
 
     async def write(self, addr: int, data: bytes | bytearray | memoryview) -> WriteResult:
-        """HMM_DMIRROR_WRITE: write ``data`` (whole pages) at ``addr``, faulting for write as needed."""
+        """HMM_DMIRROR_WRITE: write ``data`` (whole pages) at ``addr``, faulting as needed."""
         view = memoryview(data).cast("B")
         if len(view) == 0 or len(view) % PAGE_SIZE:
             raise DeviceError(errno.EINVAL, f"write of {len(view)} bytes is not whole pages")
@@ -297,9 +322,7 @@ class Mirror:
     async def close(self) -> None:
         """UNREGISTER the mirror and drop its table."""
         if self.dropped is None and not self.released:
-            try:
+            with contextlib.suppress(RemoteError):
                 await self.session.request(Unregister(mirror=self.id))
-            except RemoteError:
-                pass
         self._drop("closed")
         self.session.mirrors.pop(self.id, None)

@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-
 from hmmirror.client.mirror import Mirror
 from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID, HMM_PFN_WRITE, PAGE_SHIFT
 
@@ -54,7 +53,7 @@ def check(mirror: Mirror) -> list[Violation]:
     live = np.zeros(mirror.npages, dtype=np.uint64)
     fd = os.open(f"/proc/{mirror.pid}/pagemap", os.O_RDONLY)
     try:
-        os.preadv(fd, [memoryview(live).cast("B")], (mirror.start >> PAGE_SHIFT) * 8)
+        os.preadv(fd, [live.data.cast("B")], (mirror.start >> PAGE_SHIFT) * 8)
     finally:
         os.close(fd)
     writable = _writable_pages(mirror.pid, mirror.start, mirror.npages)

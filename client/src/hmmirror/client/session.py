@@ -16,10 +16,9 @@ import os
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import zmq
-
 from hmmirror.client.errors import DaemonUnavailable, RemoteError, RequestTimeout
 from hmmirror.client.mirror import Mirror
 from hmmirror.proto.codec import Envelope, decode, encode
@@ -64,7 +63,7 @@ class Session:
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         self.sock.connect(endpoint)
-        self._fd: int = self.sock.getsockopt(zmq.FD)
+        self._fd = cast(int, self.sock.getsockopt(zmq.FD))
         self.loop = asyncio.get_running_loop()
         self._next_id = 1
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
@@ -75,6 +74,7 @@ class Session:
         self.lost: str | None = None
         self.welcome: Welcome | None = None
         self.invalidations_received = 0
+        self._rehello_task: asyncio.Future[None] | None = None
 
     # --- properties announced at HELLO ----------------------------------------------------------
 
@@ -111,7 +111,9 @@ class Session:
             env = await self.request(Hello(agent=self.name[:64], pid=os.getpid()), expect=Welcome)
         except RequestTimeout as exc:
             await self.close()
-            raise DaemonUnavailable(f"no WELCOME from hmmd at {self.endpoint} in {self.timeout:g} s") from exc
+            raise DaemonUnavailable(
+                f"no WELCOME from hmmd at {self.endpoint} in {self.timeout:g} s"
+            ) from exc
         except BaseException:
             await self.close()
             raise
@@ -176,7 +178,7 @@ class Session:
         except zmq.Again as exc:
             raise DaemonUnavailable(f"send queue to {self.endpoint} is full") from exc
         finally:
-            if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if cast(int, self.sock.get(zmq.EVENTS)) & zmq.POLLIN:
                 self.loop.call_soon(self._drain)
         return msg_id
 
@@ -189,7 +191,7 @@ class Session:
         expect: type[Message] | None = None,
         copy: bool = True,
     ) -> Envelope:
-        """Send ``msg`` and await its reply; raise RemoteError, RequestTimeout or DaemonUnavailable."""
+        """Send ``msg``, await its reply; raise RemoteError, RequestTimeout or DaemonUnavailable."""
         if self.lost is not None and not isinstance(msg, Hello):
             raise DaemonUnavailable(self.lost)
         fut: asyncio.Future[Envelope] = self.loop.create_future()
@@ -202,7 +204,8 @@ class Session:
                 env = await asyncio.wait_for(fut, wait)
             except TimeoutError as exc:
                 raise RequestTimeout(
-                    f"no reply to {msg.TYPE} id={msg_id} from hmmd at {self.endpoint} in {wait:g} s; "
+                    f"no reply to {msg.TYPE} id={msg_id} from hmmd at {self.endpoint} "
+                    f"in {wait:g} s; "
                     "it may have taken effect"
                 ) from exc
         finally:
@@ -218,7 +221,7 @@ class Session:
     def _drain(self) -> None:
         sock = self.sock
         got_invalidate = False
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -252,7 +255,9 @@ class Session:
         for mirror_id, seq, start, end, event in msg.items:
             mirror = self.mirrors.get(mirror_id)
             if mirror is not None:
-                fences.extend(mirror._invalidate(seq, start, end, Event(event) if event <= 8 else Event.CLEAR))
+                fences.extend(
+                    mirror._invalidate(seq, start, end, Event(event) if event <= 8 else Event.CLEAR)
+                )
         self._acks.append((msg.n, fences))
 
     def _advance_acks(self) -> None:
@@ -272,20 +277,33 @@ class Session:
 
         async def again() -> None:
             with contextlib.suppress(Exception):
-                env = await self.request(Hello(agent=self.name[:64], pid=os.getpid()), expect=Welcome)
+                env = await self.request(
+                    Hello(agent=self.name[:64], pid=os.getpid()), expect=Welcome
+                )
                 assert isinstance(env.msg, Welcome)
                 self.welcome = env.msg
 
-        asyncio.ensure_future(again())
+        self._rehello_task = asyncio.ensure_future(again())
 
     # --- the agent API ------------------------------------------------------------------------
 
     async def mirror(
-        self, pid: int, start: int, length: int, access: Access = Access.READ, *, start_time: int = 0
+        self,
+        pid: int,
+        start: int,
+        length: int,
+        access: Access = Access.READ,
+        *,
+        start_time: int = 0,
     ) -> Mirror:
-        """Mirror [start, start + length) of process ``pid``; returns the Mirror and its page table."""
+        """Mirror [start, start + length) of process ``pid``; return the Mirror."""
         env = await self.request(
-            Register(pid=pid, start_time=start_time, intervals=((start, start + length),), access=int(access)),
+            Register(
+                pid=pid,
+                start_time=start_time,
+                intervals=((start, start + length),),
+                access=int(access),
+            ),
             expect=Registered,
         )
         assert isinstance(env.msg, Registered)
@@ -294,7 +312,7 @@ class Session:
         return mirror
 
     async def sync_range(self, pid: int, start: int, end: int, event: Event = Event.CLEAR) -> None:
-        """Invalidate [start, end) of ``pid`` and return once every mirror acked (or was evicted)."""
+        """Invalidate [start, end) of ``pid``; return once every mirror acked or was evicted."""
         await self.request(SyncRange(pid=pid, start=start, end=end, event=int(event)))
 
     async def status(self) -> dict[str, int | float | str]:
@@ -310,7 +328,9 @@ class Session:
 
 
 @asynccontextmanager
-async def connect(endpoint: str, *, name: str = "agent", timeout: float = 5.0) -> AsyncIterator[Session]:
+async def connect(
+    endpoint: str, *, name: str = "agent", timeout: float = 5.0
+) -> AsyncIterator[Session]:
     """Open a session with hmmd at ``endpoint`` (``ipc://...`` or ``tcp://...``)."""
     session = Session(endpoint, name, timeout)
     await session.open()

@@ -29,16 +29,33 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Settings come from defaults < the config file < HMMIRROR_* environment variables "
         "(e.g. HMMIRROR_ACK_DEADLINE=2s) < flags. Durations look like 2s, 250ms, 1m.",
     )
-    parser.add_argument("--config", metavar="FILE", help=f"TOML config file (default {DEFAULT_CONFIG_FILE} if present)")
-    parser.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"TOML config file (default {DEFAULT_CONFIG_FILE} if present)",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the effective configuration and exit"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--endpoint", help="ipc://PATH (default) or tcp://HOST:PORT to bind")
-    run.add_argument("--heartbeat", metavar="DURATION", help="agent heartbeat interval (default 1s)")
-    run.add_argument("--ack-deadline", metavar="DURATION", help="evict a mirror whose ACK is later (default 2s)")
-    run.add_argument("--poll-interval", metavar="DURATION", dest="poll_min", help="fastest proc watcher poll (default 2ms)")
+    run.add_argument(
+        "--heartbeat", metavar="DURATION", help="agent heartbeat interval (default 1s)"
+    )
+    run.add_argument(
+        "--ack-deadline", metavar="DURATION", help="evict a mirror whose ACK is later (default 2s)"
+    )
+    run.add_argument(
+        "--poll-interval",
+        metavar="DURATION",
+        dest="poll_min",
+        help="fastest proc watcher poll (default 2ms)",
+    )
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    run.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    run.add_argument(
+        "--print-config", action="store_true", help="print the effective configuration and exit"
+    )
     sub.add_parser("check-config", help="validate the configuration and exit 0 if it is good")
     sub.add_parser("version", help="print versions and exit")
     return parser
@@ -48,10 +65,6 @@ async def _run(config_flags: dict[str, object], args: argparse.Namespace) -> int
     from hmmirror.daemon.app import Daemon
 
     config = load(args.config, flags=config_flags)
-    try:
-        import uvloop  # noqa: F401  (installed as the loop policy by main)
-    except ImportError:
-        pass
     daemon = Daemon(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

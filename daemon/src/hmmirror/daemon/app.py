@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
-
 from hmmirror.daemon.config import Config
 from hmmirror.daemon.dma.service import ZERO_COPY_MIN, DmaService
 from hmmirror.daemon.errors import RequestError
@@ -110,7 +109,9 @@ class Daemon:
             0,
         )
         self._rejections_logged = 0
-        self.transport = Transport(config.endpoint, self.on_message, heartbeat_ms=config.heartbeat_ms)
+        self.transport = Transport(
+            config.endpoint, self.on_message, heartbeat_ms=config.heartbeat_ms
+        )
         self.invalidator = Invalidator(self.transport, config.ack_deadline, self.evict)
         self.dma = DmaService(self.zero_pfn, self.start_invalidations)
         self.stopping = asyncio.Event()
@@ -152,7 +153,12 @@ class Daemon:
     # --- messaging ---------------------------------------------------------------------------
 
     def send(
-        self, identity: bytes, msg: Message, re: int = 0, bulk: Sequence[Any] = (), copy: bool = True
+        self,
+        identity: bytes,
+        msg: Message,
+        re: int = 0,
+        bulk: Sequence[Any] = (),
+        copy: bool = True,
     ) -> None:
         """Send ``msg`` to ``identity``, after any INVALIDATE queued for it (FIFO with replies)."""
         session = self.sessions.get(identity)
@@ -166,13 +172,17 @@ class Daemon:
             if session is not None:
                 self.evict(session, f"peer unreachable: {exc}")
 
-    def reject(self, identity: bytes, code: ErrorCode, message: str, re: int, mtype: str, bad: bool) -> None:
-        """Answer with an error; count and log malformed or out-of-order input (never its payload)."""
+    def reject(
+        self, identity: bytes, code: ErrorCode, message: str, re: int, mtype: str, bad: bool
+    ) -> None:
+        """Answer with an error; count and log bad or out-of-order input (never its payload)."""
         if bad:
             self.counters["bad_messages"] += 1
             self._rejections_logged += 1
             level = logging.WARNING if self._rejections_logged <= 100 else logging.DEBUG
-            log.log(level, "rejected %s id=%d from %r: %s (%s)", mtype, re, identity, code.name, message)
+            log.log(
+                level, "rejected %s id=%d from %r: %s (%s)", mtype, re, identity, code.name, message
+            )
         self.send(identity, Error(code=int(code), message=message[:1024]), re=re)
 
     def on_message(self, identity: bytes, frames: list[bytes]) -> None:
@@ -196,16 +206,32 @@ class Daemon:
             session.last_seen = time.monotonic()
         if needs_session and (session is None or session.fenced):
             code = ErrorCode.NO_SESSION if session is None else ErrorCode.FENCED
-            self.reject(identity, code, f"{env.type} needs a live session: send hello", env.id, env.type, bad=True)
+            self.reject(
+                identity,
+                code,
+                f"{env.type} needs a live session: send hello",
+                env.id,
+                env.type,
+                bad=True,
+            )
             return
         try:
             result = handler(self, identity, session, env)
         except RequestError as exc:
-            self.reject(identity, exc.code, exc.message, env.id, env.type, bad=exc.code == ErrorCode.EINVAL)
+            self.reject(
+                identity, exc.code, exc.message, env.id, env.type, bad=exc.code == ErrorCode.EINVAL
+            )
             return
         except Exception as exc:  # a handler bug: answer, log, keep serving
             log.exception("%s id=%d from %r failed", env.type, env.id, identity)
-            self.reject(identity, ErrorCode.INTERNAL, f"{env.type} failed: {exc}", env.id, env.type, bad=False)
+            self.reject(
+                identity,
+                ErrorCode.INTERNAL,
+                f"{env.type} failed: {exc}",
+                env.id,
+                env.type,
+                bad=False,
+            )
             return
         if result is not None:
             self.spawn(self._finish(identity, env, result))
@@ -214,12 +240,21 @@ class Daemon:
         try:
             await work
         except RequestError as exc:
-            self.reject(identity, exc.code, exc.message, env.id, env.type, bad=exc.code == ErrorCode.EINVAL)
+            self.reject(
+                identity, exc.code, exc.message, env.id, env.type, bad=exc.code == ErrorCode.EINVAL
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("%s id=%d from %r failed", env.type, env.id, identity)
-            self.reject(identity, ErrorCode.INTERNAL, f"{env.type} failed: {exc}", env.id, env.type, bad=False)
+            self.reject(
+                identity,
+                ErrorCode.INTERNAL,
+                f"{env.type} failed: {exc}",
+                env.id,
+                env.type,
+                bad=False,
+            )
 
     # --- sessions ----------------------------------------------------------------------------
 
@@ -236,7 +271,8 @@ class Daemon:
             self._drop_mirror(mirror)
         with contextlib.suppress(Unreachable):
             self.transport.send(
-                session.identity, encode(Evicted(mirrors=ids[:4096], reason=reason[:256]), session.take_id())
+                session.identity,
+                encode(Evicted(mirrors=ids[:4096], reason=reason[:256]), session.take_id()),
             )
 
     def _close_session(self, session: Session) -> None:
@@ -269,7 +305,8 @@ class Daemon:
             st = start_time(pid)
             if wanted_start and st != wanted_start:
                 raise RequestError(
-                    ErrorCode.ESRCH, f"process {pid} started at {st}, not {wanted_start}: pid reused"
+                    ErrorCode.ESRCH,
+                    f"process {pid} started at {st}, not {wanted_start}: pid reused",
                 )
             mm = self.mms.get((pid, st))
             if mm is not None:
@@ -278,10 +315,12 @@ class Daemon:
             try:
                 view = ProcessView(pid)
             except PermissionError as exc:
-                raise RequestError(ErrorCode.PERMISSION_DENIED, f"hmmd may not read process {pid}") from exc
+                raise RequestError(
+                    ErrorCode.PERMISSION_DENIED, f"hmmd may not read process {pid}"
+                ) from exc
             except OSError as exc:
                 raise RequestError(ErrorCode.ESRCH, f"process {pid} vanished: {exc}") from exc
-            # The pid may have been reused between pidfd_open and the reads: check it still names st.
+            # The pid may have been reused since pidfd_open: check it still names st.
             if start_time(pid) != st:
                 view.close()
                 raise RequestError(ErrorCode.ESRCH, f"process {pid} was replaced while attaching")
@@ -358,9 +397,13 @@ class Daemon:
         """The live mirror ``mirror_id`` of ``session``, or NO_MIRROR."""
         mirror = session.mirrors.get(mirror_id)
         if mirror is None or mirror.dead:
-            raise RequestError(ErrorCode.NO_MIRROR, f"session {session.id} has no mirror {mirror_id}")
+            raise RequestError(
+                ErrorCode.NO_MIRROR, f"session {session.id} has no mirror {mirror_id}"
+            )
         if mirror.mm.released:
-            raise RequestError(ErrorCode.ESRCH, f"process {mirror.mm.pid} of mirror {mirror_id} exited")
+            raise RequestError(
+                ErrorCode.ESRCH, f"process {mirror.mm.pid} of mirror {mirror_id} exited"
+            )
         return mirror
 
     def status(self) -> dict[str, int | float | str]:
@@ -443,25 +486,36 @@ def on_register(d: Daemon, identity: bytes, session: Session | None, env: Envelo
     total = sum(end - start for start, end in msg.intervals) >> PAGE_SHIFT
     if total > MAX_MIRROR_PAGES:
         raise RequestError(
-            ErrorCode.TOO_LARGE, f"register covers {total} pages; at most {MAX_MIRROR_PAGES} per mirror"
+            ErrorCode.TOO_LARGE,
+            f"register covers {total} pages; at most {MAX_MIRROR_PAGES} per mirror",
         )
-    spans = []
+    spans: list[tuple[int, int]] = []
     for start, end in sorted(msg.intervals):
         if start % PAGE_SIZE or end % PAGE_SIZE:
-            raise RequestError(ErrorCode.EINVAL, f"interval [{start:#x}, {end:#x}) is not page-aligned")
+            raise RequestError(
+                ErrorCode.EINVAL, f"interval [{start:#x}, {end:#x}) is not page-aligned"
+            )
         if end > USER_ADDR_END:
-            raise RequestError(ErrorCode.EINVAL, f"interval [{start:#x}, {end:#x}) leaves user space")
+            raise RequestError(
+                ErrorCode.EINVAL, f"interval [{start:#x}, {end:#x}) leaves user space"
+            )
         if spans and start < spans[-1][1]:
             raise RequestError(ErrorCode.EINVAL, "intervals overlap")
         spans.append((start, end))
     mm = d._attach_mm(msg.pid, msg.start_time)
-    mirror = Mirror(d._next_mirror, session, mm, [Span(lo, hi) for lo, hi in spans], Access(msg.access))
+    mirror = Mirror(
+        d._next_mirror, session, mm, [Span(lo, hi) for lo, hi in spans], Access(msg.access)
+    )
     d._next_mirror += 1
     mm.mirrors.append(mirror)
     session.mirrors[mirror.id] = mirror
     d.mirrors[mirror.id] = mirror
     d.counters["registrations"] += 1
-    d.send(identity, Registered(mirror=mirror.id, pid=mm.pid, start_time=mm.start_time, seq=mm.seq), re=env.id)
+    d.send(
+        identity,
+        Registered(mirror=mirror.id, pid=mm.pid, start_time=mm.start_time, seq=mm.seq),
+        re=env.id,
+    )
 
 
 def on_unregister(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
@@ -492,12 +546,18 @@ async def on_fault(d: Daemon, identity: bytes, session: Session | None, env: Env
     end = _aligned_range(msg.start, msg.npages, "fault")
     span = mirror.span_for(msg.start, end)
     if span is None:
-        raise RequestError(ErrorCode.EINVAL, f"fault [{msg.start:#x}, {end:#x}) is outside mirror {mirror.id}")
+        raise RequestError(
+            ErrorCode.EINVAL, f"fault [{msg.start:#x}, {end:#x}) is outside mirror {mirror.id}"
+        )
     mode = FaultMode(msg.mode)
     if msg.write and mode == FaultMode.POPULATE and not mirror.access & Access.WRITE:
-        raise RequestError(ErrorCode.EPERM, f"mirror {mirror.id} was registered without WRITE access")
+        raise RequestError(
+            ErrorCode.EPERM, f"mirror {mirror.id} was registered without WRITE access"
+        )
     d.counters["faults"] += 1
-    entries, raw = await resolve(mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn, d.start_invalidations)
+    entries, raw = await resolve(
+        mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn, d.start_invalidations
+    )
     # No await from here to the send: a later invalidation is sent after this reply.
     if mirror.dead:
         raise RequestError(ErrorCode.NO_MIRROR, f"mirror {mirror.id} was dropped during the fault")
@@ -516,7 +576,9 @@ def _dma_target(d: Daemon, session: Session, mirror_id: int, start: int, npages:
     mirror = d.mirror_of(session, mirror_id)
     end = _aligned_range(start, npages, "DMA")
     if mirror.span_for(start, end) is None:
-        raise RequestError(ErrorCode.EINVAL, f"DMA [{start:#x}, {end:#x}) is outside mirror {mirror.id}")
+        raise RequestError(
+            ErrorCode.EINVAL, f"DMA [{start:#x}, {end:#x}) is outside mirror {mirror.id}"
+        )
     return mirror
 
 
@@ -540,7 +602,9 @@ def on_dma_write(d: Daemon, identity: bytes, session: Session | None, env: Envel
     assert isinstance(msg, DmaWrite) and session is not None
     mirror = _dma_target(d, session, msg.mirror, msg.start, msg.npages)
     if not mirror.access & Access.WRITE:
-        raise RequestError(ErrorCode.EPERM, f"mirror {mirror.id} was registered without WRITE access")
+        raise RequestError(
+            ErrorCode.EPERM, f"mirror {mirror.id} was registered without WRITE access"
+        )
     d.counters["dma_writes"] += 1
     entries = from_wire(env.bulk[0], msg.npages)
     end = msg.start + (msg.npages << PAGE_SHIFT)

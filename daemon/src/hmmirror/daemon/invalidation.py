@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from hmmirror.daemon.mm import Mirror, Mm
 from hmmirror.daemon.server import Transport, Unreachable
 from hmmirror.daemon.session import Item, Session

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, ProcessView, Raw
 from hmmirror.proto.entries import Entries
 from hmmirror.proto.messages import Access
@@ -119,7 +118,7 @@ class Mm:
         return (self.pid, self.start_time)
 
     def invalidate_start(self, start: int, end: int) -> int:
-        """Enter an invalidation window: make ``seq`` odd; return it (``mn_itree_inv_start_range``)."""
+        """Open an invalidation window: ``seq`` goes odd (``mn_itree_inv_start_range``)."""
         self.active += 1
         self.seq |= 1
         self.active_ranges.append((start, end))

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-
 from hmmirror.daemon.linux.procfs import (
     PAGE_SHIFT,
     PM_EXCLUSIVE,
@@ -53,7 +52,8 @@ def derive(
     Pages outside a readable VMA get ERROR. Present pages get VALID and their
     PFN. WRITE follows ``pte_write`` as closely as user space can see it: a
     writable shared VMA, or a writable private VMA whose page is exclusively
-    mapped, not the zero page and not uffd-write-protected. For a write fault it follows the VMA alone, because
+    mapped, not the zero page and not uffd-write-protected. For a write fault it follows the VMA
+    alone, because
     the device's write goes through process_vm_writev, which breaks COW itself
     (and the PFN change that causes is then invalidated).
     """

@@ -16,10 +16,9 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import zmq
-
 from hmmirror.proto.messages import MAX_FRAME
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ class Transport:
         self.on_message = on_message
         self.endpoint = self._bind(endpoint)
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._fd: int = sock.getsockopt(zmq.FD)
+        self._fd = cast(int, sock.getsockopt(zmq.FD))
 
     def _bind(self, endpoint: str) -> str:
         if endpoint.startswith("ipc://"):
@@ -83,7 +82,7 @@ class Transport:
     def drain(self) -> None:
         """Receive every queued message (the FD is edge-triggered: drain fully)."""
         sock = self.sock
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -106,7 +105,7 @@ class Transport:
                 raise Unreachable(f"peer {identity!r} is not connected") from exc
             raise
         finally:
-            if self.loop is not None and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if self.loop is not None and cast(int, self.sock.get(zmq.EVENTS)) & zmq.POLLIN:
                 self.loop.call_soon(self.drain)
 
     def close(self) -> None:

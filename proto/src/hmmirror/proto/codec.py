@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgpack
-
 from hmmirror.proto.errors import DecodeError, TooLarge, UnknownMessage, VersionError
 from hmmirror.proto.messages import MAX_FRAME, TYPES, Message
 from hmmirror.proto.schema import REQUIRED, Spec, check, to_plain
@@ -155,5 +154,7 @@ def decode(frames: Sequence[Buffer]) -> Envelope:
         raise DecodeError(f"{mtype} carries {len(expected)} bulk frames, got {len(bulk)}")
     for name, frame, size in zip(cls.BULK, bulk, expected, strict=True):
         if frame.nbytes != size:
-            raise DecodeError(f"{mtype} bulk frame {name!r} has {frame.nbytes} bytes, expected {size}")
+            raise DecodeError(
+                f"{mtype} bulk frame {name!r} has {frame.nbytes} bytes, expected {size}"
+            )
     return Envelope(mtype, msg_id, re, ver, msg, bulk)

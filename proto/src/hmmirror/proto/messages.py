@@ -374,7 +374,7 @@ class DmaWrite(Message):
 
 @dataclass(frozen=True)
 class Status(Message):
-    """Anyone → daemon: report the daemon's state. Answered by ``status_reply``; needs no session."""
+    """Anyone → daemon: report state, no session needed. Answered by ``status_reply``."""
 
     TYPE: ClassVar[str] = "status"
 

@@ -14,7 +14,6 @@ import mmap
 from collections.abc import Callable
 
 import numpy as np
-
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.linux import vm
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PFN_MASK, PM_PRESENT, Raw
@@ -57,15 +56,24 @@ class DmaService:
             self.start_invalidations(mm, changes)
         return RequestError(ErrorCode.STALE, why)
 
-    def _precheck(self, mm: Mm, start: int, npages: int, entries: Entries, pending: bool, write: bool) -> None:
+    def _precheck(
+        self, mm: Mm, start: int, npages: int, entries: Entries, pending: bool, write: bool
+    ) -> None:
         end = start + (npages << PAGE_SHIFT)
         if not ((entries & np.uint64(HMM_PFN_VALID)) != 0).all():
-            raise RequestError(ErrorCode.EINVAL, f"DMA at {start:#x} names an entry that is not VALID")
+            raise RequestError(
+                ErrorCode.EINVAL, f"DMA at {start:#x} names an entry that is not VALID"
+            )
         if write and not ((entries & np.uint64(HMM_PFN_WRITE)) != 0).all():
-            raise RequestError(ErrorCode.EPERM, f"DMA write at {start:#x} names an entry without WRITE")
+            raise RequestError(
+                ErrorCode.EPERM, f"DMA write at {start:#x} names an entry without WRITE"
+            )
         if pending:
             raise self._refuse_stale(
-                mm, start, end, f"an INVALIDATE of [{start:#x}, {end:#x}) is pending for this mirror"
+                mm,
+                start,
+                end,
+                f"an INVALIDATE of [{start:#x}, {end:#x}) is pending for this mirror",
             )
         try:
             fresh = mm.view.pagemap(start, npages)
@@ -73,10 +81,15 @@ class DmaService:
             raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited") from exc
         if not matches(entries, fresh):
             raise self._refuse_stale(
-                mm, start, end, f"translation of [{start:#x}, {end:#x}) no longer matches pid {mm.pid}"
+                mm,
+                start,
+                end,
+                f"translation of [{start:#x}, {end:#x}) no longer matches pid {mm.pid}",
             )
 
-    def _fault_reason(self, mm: Mm, start: int, npages: int, write: bool, exc: OSError | None) -> RequestError:
+    def _fault_reason(
+        self, mm: Mm, start: int, npages: int, write: bool, exc: OSError | None
+    ) -> RequestError:
         end = start + (npages << PAGE_SHIFT)
         try:
             vmas = mm.view.maps()
@@ -88,20 +101,29 @@ class DmaService:
         if changes:
             self.start_invalidations(mm, changes)
         if not readable.all():
-            return RequestError(ErrorCode.EFAULT, f"no readable VMA in [{start:#x}, {end:#x}) of pid {mm.pid}")
+            return RequestError(
+                ErrorCode.EFAULT, f"no readable VMA in [{start:#x}, {end:#x}) of pid {mm.pid}"
+            )
         if write and not writable.all():
             # process_vm_writev says EFAULT for a read-only page; dmirror says EPERM.
-            return RequestError(ErrorCode.EPERM, f"[{start:#x}, {end:#x}) of pid {mm.pid} is read-only")
+            return RequestError(
+                ErrorCode.EPERM, f"[{start:#x}, {end:#x}) of pid {mm.pid} is read-only"
+            )
         self.stale += 1
         return RequestError(
-            ErrorCode.STALE, f"[{start:#x}, {end:#x}) of pid {mm.pid} changed during the copy ({exc})"
+            ErrorCode.STALE,
+            f"[{start:#x}, {end:#x}) of pid {mm.pid} changed during the copy ({exc})",
         )
 
-    def read(self, mm: Mm, start: int, npages: int, entries: Entries, pending: bool) -> bytes | mmap.mmap:
+    def read(
+        self, mm: Mm, start: int, npages: int, entries: Entries, pending: bool
+    ) -> bytes | mmap.mmap:
         """Copy ``npages`` from the target; raise RequestError (STALE, EFAULT, EINVAL)."""
         self._precheck(mm, start, npages, entries, pending, write=False)
         size = npages << PAGE_SHIFT
-        buf: bytearray | mmap.mmap = mmap.mmap(-1, size) if size >= ZERO_COPY_MIN else bytearray(size)
+        buf: bytearray | mmap.mmap = (
+            mmap.mmap(-1, size) if size >= ZERO_COPY_MIN else bytearray(size)
+        )
         try:
             got = vm.read_into(mm.pid, memoryview(buf), [(start, size)])
         except OSError as exc:
@@ -111,11 +133,16 @@ class DmaService:
         post = mm.view.pagemap(start, npages)
         if not matches(entries, post):
             raise self._refuse_stale(
-                mm, start, start + size, f"[{start:#x}, {start + size:#x}) of pid {mm.pid} changed mid-copy"
+                mm,
+                start,
+                start + size,
+                f"[{start:#x}, {start + size:#x}) of pid {mm.pid} changed mid-copy",
             )
         return buf if isinstance(buf, mmap.mmap) else bytes(buf)
 
-    def write(self, mm: Mm, start: int, npages: int, entries: Entries, data: memoryview, pending: bool) -> None:
+    def write(
+        self, mm: Mm, start: int, npages: int, entries: Entries, data: memoryview, pending: bool
+    ) -> None:
         """Copy ``data`` into the target; raise RequestError (STALE, EPERM, EFAULT, EINVAL)."""
         self._precheck(mm, start, npages, entries, pending, write=True)
         size = npages << PAGE_SHIFT

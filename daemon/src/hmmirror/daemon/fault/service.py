@@ -14,7 +14,6 @@ import asyncio
 from collections.abc import Callable
 
 import numpy as np
-
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.linux import scan, vm
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PRESENT, Raw
@@ -67,7 +66,9 @@ def populate(pid: int, runs: list[tuple[int, int]]) -> int:
 def huge_pages(mm: Mm, start: int, npages: int) -> np.ndarray:
     """Per page: whether it is mapped by a huge (PMD) entry, per PAGEMAP_SCAN."""
     out = np.zeros(npages, dtype=np.bool_)
-    for lo, hi in scan.regions(mm.view.pagemap_fd, start, start + (npages << PAGE_SHIFT), scan.PAGE_IS_HUGE):
+    for lo, hi in scan.regions(
+        mm.view.pagemap_fd, start, start + (npages << PAGE_SHIFT), scan.PAGE_IS_HUGE
+    ):
         out[(lo - start) >> PAGE_SHIFT : (hi - start) >> PAGE_SHIFT] = True
     return out
 
@@ -118,7 +119,9 @@ async def resolve(
                 raise RequestError(ErrorCode.EFAULT, f"no readable VMA at {bad:#x} in pid {mm.pid}")
             if write and not writable.all():
                 bad = start + (int(np.argmin(writable)) << PAGE_SHIFT)
-                raise RequestError(ErrorCode.EPERM, f"VMA at {bad:#x} in pid {mm.pid} is not writable")
+                raise RequestError(
+                    ErrorCode.EPERM, f"VMA at {bad:#x} in pid {mm.pid} is not writable"
+                )
         raw = mm.view.pagemap(start, npages)
         if mode == FaultMode.POPULATE:
             missing = (raw & PM_PRESENT) == 0

@@ -57,12 +57,16 @@ class Vmas:
     keys: tuple[bytes, ...]
     """The whole maps line of each VMA: a change in it means the VMA changed."""
 
-    def locate(self, addrs: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
+    def locate(
+        self, addrs: npt.NDArray[np.uint64]
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
         """Return, for each address, the index of the VMA covering it and whether one does."""
         idx = np.searchsorted(self.starts, addrs, side="right").astype(np.intp) - 1
         safe = np.maximum(idx, 0)
-        covered = (idx >= 0) & (addrs < self.ends[safe]) if len(self.starts) else np.zeros(
-            addrs.shape, dtype=np.bool_
+        covered = (
+            (idx >= 0) & (addrs < self.ends[safe])
+            if len(self.starts)
+            else np.zeros(addrs.shape, dtype=np.bool_)
         )
         return safe, covered
 
@@ -144,7 +148,9 @@ class ProcessView:
                     break
                 chunks.append(chunk)
         except OSError as exc:
-            raise ProcessLookupError(self.pid, f"process {self.pid} maps unreadable: {exc}") from exc
+            raise ProcessLookupError(
+                self.pid, f"process {self.pid} maps unreadable: {exc}"
+            ) from exc
         return parse_maps(b"".join(chunks))
 
     def pagemap(self, start: int, npages: int) -> Raw:
@@ -152,7 +158,7 @@ class ProcessView:
         out = np.zeros(npages, dtype=np.uint64)
         if npages == 0:
             return out
-        view = memoryview(out).cast("B")
+        view = out.data.cast("B")
         off = (start >> PAGE_SHIFT) * 8
         done = 0
         try:
@@ -162,7 +168,9 @@ class ProcessView:
                     break
                 done += n
         except OSError as exc:
-            raise ProcessLookupError(self.pid, f"process {self.pid} pagemap unreadable: {exc}") from exc
+            raise ProcessLookupError(
+                self.pid, f"process {self.pid} pagemap unreadable: {exc}"
+            ) from exc
         return out
 
 

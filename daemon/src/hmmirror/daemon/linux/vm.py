@@ -10,11 +10,10 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 _libc = ctypes.CDLL(None, use_errno=True)
 IOV_MAX = 1024
@@ -61,7 +60,9 @@ def _transfer(write: bool, pid: int, local: Buffer, remote: Sequence[tuple[int, 
             err = ctypes.get_errno()
             if done:
                 return done
-            raise OSError(err, f"process_vm_{'writev' if write else 'readv'} pid {pid}: {os.strerror(err)}")
+            raise OSError(
+                err, f"process_vm_{'writev' if write else 'readv'} pid {pid}: {os.strerror(err)}"
+            )
         done += n
         if n < total:
             break

@@ -10,7 +10,6 @@ after they happen: this is observation mode, and the docs say so.
 from __future__ import annotations
 
 import numpy as np
-
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, Vmas
 from hmmirror.daemon.mm import Mm
 from hmmirror.daemon.pagetable import classify, runs, vma_perms
@@ -40,7 +39,9 @@ def detect(
             npages = last - first
             new_raw = mm.view.pagemap(sub_start, npages)
             perms = vma_perms(vmas, sub_start, npages)
-            events = classify(span.handed[first:last], span.raw[first:last], new_raw, perms, zero_pfn)
+            events = classify(
+                span.handed[first:last], span.raw[first:last], new_raw, perms, zero_pfn
+            )
             found.extend(runs(events, sub_start))
     return merge(found)
 
