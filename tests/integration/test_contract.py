@@ -143,14 +143,16 @@ async def test_agent_that_never_acks_is_evicted_and_others_complete(hmmd, puppet
             t0 = time.monotonic()
             await good.sync_range(puppet.pid, addr, addr + 2 * PAGE)
             elapsed = time.monotonic() - t0
-            # The daemon's ack deadline is 1 s (conftest): the silent agent holds the call that long, no longer.
+            # The ack deadline is 1 s (conftest): the silent agent holds the call that long, no longer.
             assert 0.9 <= elapsed < 2.5, elapsed
             assert mirror.counters["page_invalidations_handled"] == 1
             inval = await silent.recv(1.0)
             assert isinstance(inval.msg, Invalidate)
             evicted = await silent.recv(1.0)
             assert isinstance(evicted.msg, Evicted) and reg.msg.mirror in evicted.msg.mirrors
-            fenced = await silent.request(Fault(mirror=reg.msg.mirror, start=addr, npages=1, write=False, mode=1))
+            fenced = await silent.request(
+                Fault(mirror=reg.msg.mirror, start=addr, npages=1, write=False, mode=1)
+            )
             assert isinstance(fenced.msg, Error) and fenced.msg.code == 106  # FENCED
             stats = await good.status()
             assert stats["evictions"] == 1
@@ -196,7 +198,10 @@ async def test_watcher_invalidates_munmap_mprotect_and_dontneed(hmmd, puppet, ag
         await puppet.munmap(addr + 4 * PAGE, 2 * PAGE)
         deadline = time.monotonic() + 5
         seen: set[Event] = set()
-        while time.monotonic() < deadline and not {Event.CLEAR, Event.PROTECTION_VMA, Event.UNMAP} <= seen:
+        while (
+            time.monotonic() < deadline
+            and not {Event.CLEAR, Event.PROTECTION_VMA, Event.UNMAP} <= seen
+        ):
             await asyncio.sleep(0.02)
             seen = {e for _, _, e in m.events}
         assert {Event.CLEAR, Event.PROTECTION_VMA, Event.UNMAP} <= seen, m.events
@@ -218,13 +223,11 @@ async def test_stale_translation_is_refused(hmmd, puppet, agent):
     async with agent() as s:
         m = await s.mirror(puppet.pid, addr, PAGE, Access.READ)
         assert (await m.read(addr, 1)).faults == 1
-        before = (await s.status())["stale"]
         # Replace the page and read at once, before the watcher's next poll can invalidate it.
         await puppet.madvise(addr, PAGE, "dontneed")
         await puppet.write(addr, b"2" * PAGE)
         result = await m.read(addr, 1)
+        # Either the watcher invalidated first or hmmd refused the stale DMA; both re-fault.
+        # Serving the old translation would return the old bytes with no fault.
         assert result.data == b"2" * PAGE
-        stats = await s.status()
-        # Either the watcher got there first (re-fault) or hmmd refused the stale DMA: never old data.
         assert result.faults == 1
-        assert stats["stale"] >= before
