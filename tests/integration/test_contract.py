@@ -143,7 +143,7 @@ async def test_agent_that_never_acks_is_evicted_and_others_complete(hmmd, puppet
             t0 = time.monotonic()
             await good.sync_range(puppet.pid, addr, addr + 2 * PAGE)
             elapsed = time.monotonic() - t0
-            # The ack deadline is 1 s (conftest): the silent agent holds the call that long, no longer.
+            # The ack deadline is 1 s (conftest): the silent agent holds the call that long.
             assert 0.9 <= elapsed < 2.5, elapsed
             assert mirror.counters["page_invalidations_handled"] == 1
             inval = await silent.recv(1.0)
