@@ -1,0 +1,406 @@
+"""Shared plumbing for the hmmirror benchmarks (not tests).
+
+* ``Procs``: spawn helper processes and kill every one of them (by pid) on exit.
+* ``spawn_target`` / ``target_main``: a tiny target process that mmaps an anonymous
+  region, optionally writes every page, prints ``target ready <addr> <len>`` and sleeps
+  until its stdin closes (or a hard time limit).
+* ``start_daemon``: run ``hmmd`` and wait for ``hmmd ready``.
+* ``daemon_status``: one raw Status round trip (needs no session).
+* ``machine_info``, ``Row`` and ``print_table`` for the report.
+
+Run as a script, this file is the target: ``python bench/common.py target NBYTES [--populate]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import platform
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+PY = sys.executable
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+PAGE = 4096
+
+#: Hard cap on how long any helper process lives, whatever happens to its parent.
+HELPER_MAX_S = 600.0
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the bench process dies (even by SIGKILL)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+class Procs:
+    """Context manager owning helper processes; every one is terminated, then killed, on exit."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Procs:
+        return self
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        stdout: Any = subprocess.PIPE,
+        stdin: Any = subprocess.PIPE,
+        stderr: Any = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(
+            list(argv),
+            stdout=stdout,
+            stdin=stdin,
+            stderr=stderr,
+            env=env,
+            cwd=REPO,
+            preexec_fn=_die_with_parent,
+        )
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen[bytes], timeout: float = 3.0) -> int | None:
+        """Close stdin, SIGTERM, wait, then SIGKILL; returns the exit code."""
+        if p.poll() is None:
+            with contextlib.suppress(Exception):
+                if p.stdin:
+                    p.stdin.close()
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout)
+        for f in (p.stdin, p.stdout):
+            with contextlib.suppress(Exception):
+                if f:
+                    f.close()
+        return p.returncode
+
+    def __exit__(self, *exc: object) -> None:
+        for p in reversed(self.procs):
+            self.stop(p)
+        self.procs.clear()
+
+
+def read_line(p: subprocess.Popen[bytes], prefix: str, timeout: float) -> str:
+    """Read stdout lines of ``p`` until one starts with ``prefix``; raise on timeout or exit."""
+    assert p.stdout is not None
+    fd = p.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    buf = b""
+    seen: list[str] = []
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], max(0.0, min(0.2, deadline - time.monotonic())))
+        if r:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise RuntimeError(
+                    f"process {p.args!r} closed stdout (rc={p.poll()}); saw {seen!r}"
+                )
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                text = line.decode(errors="replace").strip()
+                if text.startswith(prefix):
+                    return text
+                seen.append(text)
+        elif p.poll() is not None:
+            raise RuntimeError(
+                f"process {p.args!r} exited rc={p.returncode} before {prefix!r}; saw {seen!r}"
+            )
+    raise TimeoutError(f"no {prefix!r} from {p.args!r} within {timeout}s; saw {seen!r}")
+
+
+@contextlib.contextmanager
+def tmpdir() -> Iterator[str]:
+    """A short directory under /tmp for ipc:// sockets (sun_path is limited to 107 bytes)."""
+    d = tempfile.mkdtemp(prefix="hmmb-", dir="/tmp")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- target
+
+
+@dataclass
+class Target:
+    proc: subprocess.Popen[bytes]
+    pid: int
+    addr: int
+    length: int
+
+
+def spawn_target(procs: Procs, nbytes: int, populate: bool, timeout: float = 60.0) -> Target:
+    """Start the target: mmap ``nbytes`` anonymous, write every page if ``populate``."""
+    argv = [PY, os.path.join(HERE, "common.py"), "target", str(nbytes)]
+    if populate:
+        argv.append("--populate")
+    p = procs.spawn(argv)
+    line = read_line(p, "target ready", timeout)
+    _, _, addr, length = line.split()
+    return Target(p, p.pid, int(addr, 16), int(length))
+
+
+def target_main(argv: list[str]) -> int:
+    nbytes = int(argv[0])
+    populate = "--populate" in argv
+    m = mmap.mmap(
+        -1,
+        nbytes,
+        flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+        prot=mmap.PROT_READ | mmap.PROT_WRITE,
+    )
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    if populate:
+        import numpy as np
+
+        a = np.frombuffer(m, dtype=np.uint8)
+        a[::PAGE] = 1  # one write per 4 KiB page: every page becomes present, writable, exclusive
+        del a
+    sys.stdout.write(f"target ready {addr:#x} {nbytes}\n")
+    sys.stdout.flush()
+    # Sleep until the parent closes our stdin (or dies), bounded by HELPER_MAX_S.
+    deadline = time.monotonic() + HELPER_MAX_S
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([0], [], [], 1.0)
+        if r and not os.read(0, 4096):
+            break
+        if os.getppid() == 1:
+            break
+    return 0
+
+
+# --------------------------------------------------------------------------- daemon
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    endpoint: str
+    stderr_path: str
+
+    def stderr_tail(self, n: int = 30) -> str:
+        try:
+            with open(self.stderr_path, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+
+#: If set, every hmmd runs under cProfile and writes ``hmmd-<n>.prof`` here (diagnostics only).
+PROFILE_DIR: str | None = None
+_profiles = iter(range(1, 1 << 30))
+
+
+def start_daemon(
+    procs: Procs, endpoint: str, workdir: str, extra: Sequence[str] = (), timeout: float = 20.0
+) -> Daemon:
+    """Start hmmd on ``endpoint``, wait for ``hmmd ready``; its stderr goes to ``workdir``."""
+    errpath = os.path.join(workdir, "hmmd.stderr")
+    err = open(errpath, "wb")  # noqa: SIM115 - closed right after spawn; the child keeps its copy
+    try:
+        pre: list[str] = []
+        if PROFILE_DIR:
+            prof = os.path.join(PROFILE_DIR, f"hmmd-{next(_profiles)}.prof")
+            pre = ["-m", "cProfile", "-o", prof]
+        p = procs.spawn(
+            [PY, *pre, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint, *extra],
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        err.close()
+    d = Daemon(p, endpoint, errpath)
+    try:
+        read_line(p, "hmmd ready", timeout)
+    except Exception as exc:
+        raise RuntimeError(
+            f"hmmd did not start: {exc}\n--- hmmd stderr ---\n{d.stderr_tail()}"
+        ) from exc
+    return d
+
+
+def daemon_status(endpoint: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Raw Status request (no session) -> the stats dict."""
+    import zmq
+    from hmmirror.proto import decode, encode
+    from hmmirror.proto.messages import Status
+
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    try:
+        s.connect(endpoint)
+        s.send_multipart(encode(Status(), id=1))
+        if not s.poll(int(timeout * 1000)):
+            raise TimeoutError(f"no status_reply from {endpoint} in {timeout}s")
+        env = decode(s.recv_multipart())
+        if env.type != "status_reply":
+            raise RuntimeError(f"status answered with {env.type}: {env.msg}")
+        return dict(env.msg.stats)  # type: ignore[attr-defined]
+    finally:
+        s.close(0)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _cpu_busy_jiffies() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v[:8]) - idle, sum(v[:8])
+
+
+def busy_cores(interval: float = 0.5) -> float:
+    """CPU cores busy (all processes) over ``interval`` seconds, from /proc/stat."""
+    b0, t0 = _cpu_busy_jiffies()
+    time.sleep(interval)
+    b1, t1 = _cpu_busy_jiffies()
+    ncpu = os.cpu_count() or 1
+    return (b1 - b0) / max(1, t1 - t0) * ncpu
+
+
+def wait_idle(max_wait: float, threshold: float = 0.15, log: Any = print) -> float:
+    """Wait (at most ``max_wait`` s) until the machine uses < ``threshold`` cores; return that."""
+    deadline = time.monotonic() + max_wait
+    t0 = time.monotonic()
+    while True:
+        b = busy_cores()
+        if b < threshold:
+            if time.monotonic() - t0 > 1.0:
+                log(f"[idle] machine idle after {time.monotonic() - t0:.0f} s ({b:.2f} cores busy)")
+            return b
+        if time.monotonic() >= deadline:
+            log(
+                f"[idle] WARNING: machine still busy ({b:.2f} cores used by other work) after "
+                f"{max_wait:.0f} s; measuring anyway, results are noisy"
+            )
+            return b
+
+
+#: Seconds ``settle()`` may wait for an idle machine before each measurement (0: don't wait).
+IDLE_WAIT = 30.0
+
+
+def settle(log: Any = print) -> float:
+    """Before a measurement: wait (bounded by IDLE_WAIT) for other work to stop."""
+    return wait_idle(IDLE_WAIT, log=log) if IDLE_WAIT > 0 else busy_cores()
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def machine_info() -> str:
+    cpu = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    try:
+        import zmq
+
+        zv = f"pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}"
+    except Exception:
+        zv = "pyzmq ?"
+    try:
+        import uvloop
+
+        uv = f"uvloop {uvloop.__version__}"
+    except Exception:
+        uv = "no uvloop"
+    return (
+        f"nproc={os.cpu_count()} loadavg={loadavg()} kernel={platform.release()} cpu={cpu!r} "
+        f"python={platform.python_version()} {zv} {uv}"
+    )
+
+
+@dataclass
+class Row:
+    benchmark: str
+    ours: str
+    baseline: str
+    ratio: float | None
+    target: str
+    verdict: str
+    note: str = ""
+
+
+def verdict(ratio: float | None, op: str, bound: float) -> str:
+    if ratio is None:
+        return "n/a"
+    ok = ratio <= bound if op == "<=" else ratio >= bound
+    return "PASS" if ok else "FAIL"
+
+
+def print_table(rows: Sequence[Row], file: Any = None) -> None:
+    out = file or sys.stdout
+    heads = ("benchmark", "ours", "baseline", "ratio", "target", "verdict")
+    cells = [
+        (
+            r.benchmark,
+            r.ours,
+            r.baseline,
+            "-" if r.ratio is None else f"{r.ratio:.2f}",
+            r.target,
+            r.verdict,
+        )
+        for r in rows
+    ]
+    widths = [
+        max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(heads)
+    ]
+    print(
+        "| " + " | ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)) + " |", file=out
+    )
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=out)
+    for c in cells:
+        print(
+            "| " + " | ".join(x.ljust(w) for x, w in zip(c, widths, strict=True)) + " |", file=out
+        )
+    notes = [f"  * {r.benchmark}: {r.note}" for r in rows if r.note]
+    if notes:
+        print("\n".join(notes), file=out)
+    out.flush()
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100])."""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = max(0, min(len(s) - 1, round(q / 100.0 * (len(s) - 1))))
+    return s[k]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "target":
+        sys.exit(target_main(sys.argv[2:]))
+    print(machine_info())

@@ -1,0 +1,137 @@
+"""Run the hmmirror benchmarks.
+
+``uv run python -m bench`` or ``uv run python bench/run.py [--only invalidate|pipelined|fault]``.
+
+Every result is a ratio to a baseline measured in the same run; see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common
+from common import Row, loadavg, machine_info, print_table
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if s[-1:] in mult:
+        return int(float(s[:-1]) * mult[s[-1]])
+    return int(s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument(
+        "--only",
+        choices=["invalidate", "pipelined", "fault"],
+        action="append",
+        help="run only this benchmark (repeatable); default: all three",
+    )
+    ap.add_argument(
+        "--agents", default="1,8", help="agent counts for the W=1 benchmark (default 1,8)"
+    )
+    ap.add_argument(
+        "--count", type=int, default=2000, help="W=1 timed invalidations per case (2000)"
+    )
+    ap.add_argument(
+        "--warmup", type=int, default=200, help="W=1 untimed invalidations per case (200)"
+    )
+    ap.add_argument(
+        "--pipe-agents", type=int, default=8, help="agents for the pipelined benchmark (8)"
+    )
+    ap.add_argument("--window", type=int, default=64, help="concurrent sync_range calls (64)")
+    ap.add_argument(
+        "--pipe-warmup", type=float, default=0.5, help="pipelined warm-up seconds (0.5)"
+    )
+    ap.add_argument("--duration", type=float, default=3.0, help="pipelined measured seconds (3.0)")
+    ap.add_argument(
+        "--fault-size", default="1G", help="populated range for the fault benchmark (1G)"
+    )
+    ap.add_argument("--fault-runs", type=int, default=5, help="timed fault runs per mode (5)")
+    ap.add_argument(
+        "--loop",
+        choices=["uvloop", "asyncio"],
+        default="uvloop",
+        help="event loop of the baseline router and of our driver/agents (uvloop)",
+    )
+    ap.add_argument(
+        "--daemon-args", default="", help="extra hmmd arguments, e.g. '--ack-deadline 2s'"
+    )
+    ap.add_argument(
+        "--diag",
+        action="store_true",
+        help="also run hmmd with raw-protocol blocking agents (info rows): "
+        "separates the daemon's cost from the client library's",
+    )
+    ap.add_argument(
+        "--idle-wait",
+        type=float,
+        default=10.0,
+        help="max seconds to wait for an idle machine before each measurement (10; 0=off)",
+    )
+    ap.add_argument(
+        "--profile-daemon",
+        metavar="DIR",
+        help="run every hmmd under cProfile, writing DIR/hmmd-N.prof (slows hmmd)",
+    )
+    a = ap.parse_args(argv)
+
+    # Bounds: every loop below is bounded in count and time.
+    if not (1 <= a.count <= 200_000 and 0 <= a.warmup <= 100_000):
+        ap.error("--count must be 1..200000, --warmup 0..100000")
+    if not (0 < a.duration <= 60 and 0 <= a.pipe_warmup <= 30 and 1 <= a.window <= 4096):
+        ap.error("--duration 0..60 s, --pipe-warmup 0..30 s, --window 1..4096")
+    agents = [int(x) for x in a.agents.split(",") if x.strip()]
+    if not agents or any(not 1 <= n <= 64 for n in agents) or not 1 <= a.pipe_agents <= 64:
+        ap.error("agent counts must be 1..64")
+    size = parse_size(a.fault_size)
+    if size % 4096 or not 0 < size <= 1 << 30 or not 1 <= a.fault_runs <= 50:
+        ap.error("--fault-size: page multiple up to 1G; --fault-runs 1..50")
+    daemon_args = shlex.split(a.daemon_args)
+    if a.profile_daemon:
+        os.makedirs(a.profile_daemon, exist_ok=True)
+        common.PROFILE_DIR = os.path.abspath(a.profile_daemon)
+    common.IDLE_WAIT = max(0.0, min(a.idle_wait, 300.0))
+    only = set(a.only or ["invalidate", "pipelined", "fault"])
+
+    def _terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwind so every finally kills its helper processes
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    print("hmmirror benchmarks  " + time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    print("machine (start): " + machine_info(), flush=True)
+    t0 = time.monotonic()
+    rows: list[Row] = []
+    if "invalidate" in only:
+        from bench_invalidate import bench_w1
+
+        rows += bench_w1(agents, a.count, a.warmup, a.loop, daemon_args, a.diag)
+    if "pipelined" in only:
+        from bench_invalidate import bench_pipelined
+
+        rows += bench_pipelined(
+            a.pipe_agents, a.window, a.pipe_warmup, a.duration, a.loop, daemon_args, a.diag
+        )
+    if "fault" in only:
+        from bench_fault import bench_fault
+
+        rows += bench_fault(size, a.fault_runs, a.loop, daemon_args)
+    print()
+    print(f"machine (end): loadavg={loadavg()}  elapsed {time.monotonic() - t0:.0f} s")
+    print()
+    print_table(rows)
+    bad = [r for r in rows if r.verdict in ("FAIL", "ERROR")]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
