@@ -16,15 +16,15 @@ device registration before CPU changes.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
-from hmmirror.client import Access, DeviceError
+from hmmirror.client import Access, DeviceError, ReadResult
 from hmmirror.proto.entries import (
     HMM_DMIRROR_PROT_ERROR,
     HMM_DMIRROR_PROT_NONE,
@@ -345,8 +345,15 @@ async def test_anon_teardown(agent: Agent, puppet: Puppet) -> None:
     As in the original, an error return is allowed; a successful read must be
     complete and correct, and nothing may crash or hang. The puppet's thread
     sleeps ``hmm_random() % 32000`` ns before munmap, like ``unmap_buffer``.
-    Afterwards the first half must still read correctly through the same
-    mirror, which is the userspace form of "the device survived".
+
+    In the kernel the thread and the ioctl start together and the ioctl takes
+    far longer than 32 us, so the munmap lands during the read. Here a device
+    read crosses two processes and takes milliseconds while a puppet command
+    takes tens of microseconds, so the thread also waits a random offset
+    within the duration of an unraced read: otherwise the munmap would always
+    land first and the read would never race it. Afterwards the first
+    half must still read correctly through the same mirror, the userspace form
+    of "the device survived".
     """
     p = puppet
     npages = HMM_BUFFER_SIZE // PAGE_SIZE
@@ -354,26 +361,36 @@ async def test_anon_teardown(agent: Agent, puppet: Puppet) -> None:
     half = size // 2
     outcomes: list[str] = []
     async with agent() as s:
+        # Time one unraced read of a fresh buffer, the window the munmap must hit.
+        ptr = await p.mmap(size, "rw")
+        mirror = await s.mirror(p.pid, ptr, size, RW)
+        await p.write(ptr, ints(size))
+        t0 = time.monotonic()
+        r = await mirror.read(ptr, npages)
+        window = time.monotonic() - t0
+        assert r.cpages == npages
+        await mirror.close()
+        await p.munmap(ptr, size)
+
         for c in range(NTIMES):
             ptr = await p.mmap(size, "rw")
             mirror = await s.mirror(p.pid, ptr, size, RW)
             want = ints(size, base=c)
             await p.write(ptr, want)
 
-            unmap, read = await asyncio.gather(
-                p.munmap_later(ptr + half, half, random.randrange(32000)),
-                mirror.read(ptr, npages),
-                return_exceptions=True,
-            )
-            if isinstance(unmap, BaseException):
-                raise unmap
+            # The puppet's thread does the waiting: it runs outside this event
+            # loop, which is busy with the read itself.
+            delay_ns = int(random.uniform(0, window) * 1e9) + random.randrange(32000)
+            unmap = await p.munmap_later(ptr + half, half, delay_ns)
+            try:
+                read: ReadResult | DeviceError = await mirror.read(ptr, npages)
+            except DeviceError as e:
+                read = e
             joined = await p.join(unmap)
             assert joined["errno"] == 0, f"round {c}: munmap failed: {joined}"
 
             if isinstance(read, DeviceError):
                 outcomes.append(errno.errorcode.get(read.errno or 0, str(read.errno)))
-            elif isinstance(read, BaseException):
-                raise read
             else:
                 outcomes.append("ok")
                 assert read.cpages == npages, f"round {c}"
@@ -385,7 +402,7 @@ async def test_anon_teardown(agent: Agent, puppet: Puppet) -> None:
             assert_data(r.data, want[:half], f"first half after the unmap, round {c}")
             await mirror.close()
             await p.munmap(ptr, half)
-    print(f"anon_teardown outcomes: {outcomes}")
+    print(f"anon_teardown: unraced read {window * 1e3:.2f} ms; outcomes {outcomes}")
 
 
 async def test_double_map(agent: Agent, puppet: Puppet) -> None:
