@@ -31,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import HELPER_MAX_S, PY, Procs, percentile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: Upper bound on any one benchmark phase, seconds.
+LIMIT_S = 300.0
 
 
 class Fanout:
@@ -211,7 +213,16 @@ def pick_runner(loop: str) -> Callable[[Coroutine[Any, Any, Any]], Any]:
     return asyncio.run
 
 
-def _setup(procs: Procs, endpoint: str, n: int, ctx: zmq.Context) -> Fanout:
+def run_bounded(loop: str, coro: Coroutine[Any, Any, Any], limit: float) -> Any:
+    """Run ``coro`` on a fresh event loop, cancelling it after ``limit`` seconds."""
+
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro, limit)
+
+    return pick_runner(loop)(bounded())
+
+
+def setup(procs: Procs, endpoint: str, n: int, ctx: zmq.Context) -> Fanout:
     ids = [b"bagent-%d" % i for i in range(n)]
     fan = Fanout(endpoint, ids, ctx=ctx)
     for i in ids:
@@ -239,15 +250,15 @@ def run_w1(
 
     try:
         with Procs() as procs:
-            fan = _setup(procs, endpoint, n, ctx)
+            fan = setup(procs, endpoint, n, ctx)
             try:
                 t0 = time.perf_counter()
-                pick_runner(loop)(main(fan))
+                run_bounded(loop, main(fan), LIMIT_S)
                 wall = time.perf_counter() - t0
             finally:
                 fan.close()
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)  # never hang on a socket left open
     return {
         "p50_us": percentile(lat, 50),
         "p99_us": percentile(lat, 99),
@@ -296,13 +307,13 @@ def run_pipelined(
 
     try:
         with Procs() as procs:
-            fan = _setup(procs, endpoint, n, ctx)
+            fan = setup(procs, endpoint, n, ctx)
             try:
-                pick_runner(loop)(main(fan))
+                run_bounded(loop, main(fan), LIMIT_S)
             finally:
                 fan.close()
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)  # never hang on a socket left open
     return res
 
 

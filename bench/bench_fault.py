@@ -136,11 +136,15 @@ def bench_fault(
         try:
             dmn = start_daemon(procs, f"ipc://{d}/hmmd.sock", d, daemon_args)
             settle(log)
-            r = baseline_fanout.pick_runner(loop)(
-                _ours(dmn.endpoint, target.pid, target.addr, npages, runs, btimes)
+            r = baseline_fanout.run_bounded(
+                loop,
+                _ours(dmn.endpoint, target.pid, target.addr, npages, runs, btimes),
+                baseline_fanout.LIMIT_S,
             )
         except Exception as exc:
             log(f"[fault {label}] hmmirror side failed: {exc!r}")
+            if "dmn" in locals() and dmn.problems():
+                log(f"[hmmd log] {dmn.problems()}")
             return [
                 Row(
                     f"fault {label} (fresh mirror, best)",
@@ -152,6 +156,9 @@ def bench_fault(
                     repr(exc)[:300],
                 )
             ]
+        procs.stop(dmn.proc)
+        if dmn.problems():
+            log(f"[hmmd log] {dmn.problems()}")
     # baseline over all its samples: the up-front ones plus one interleaved before each of ours
     bbest, bmed = min(btimes), statistics.median(btimes)
     log(

@@ -91,7 +91,7 @@ def rawagent_main(argv: list[str]) -> int:
     """Blocking DEALER speaking the hmmirror protocol: hello, register, drain + cumulative ack."""
     import zmq
     from hmmirror.proto import decode, encode
-    from hmmirror.proto.messages import Ack, Heartbeat, Hello, Register
+    from hmmirror.proto.messages import Ack, Goodbye, Heartbeat, Hello, Register
 
     endpoint, name, pid, start, length = (
         argv[0],
@@ -151,6 +151,8 @@ def rawagent_main(argv: list[str]) -> int:
             "agent stats " + json.dumps({"counters": {"page_invalidations": invalidates}}),
             flush=True,
         )
+        sock.send_multipart(encode(Goodbye(), next(ids)))
+        sock.poll(2000)  # the daemon's ok (best effort)
     finally:
         sock.close(0)
         ctx.term()
@@ -206,6 +208,7 @@ class Ours:
                 if a.stdin:
                     a.stdin.close()
                 out.append(json.loads(read_line(a, "agent stats", 5.0).split(" ", 2)[2]))
+                a.wait(5.0)  # let it unregister and say goodbye before the target goes away
             except Exception as exc:
                 out.append({"error": str(exc)[:200]})
         return out
@@ -213,32 +216,66 @@ class Ours:
     def __exit__(self, *exc: Any) -> None:
         try:
             self.procs.__exit__(*exc)
+            bad = self.daemon.problems() if hasattr(self, "daemon") else ""
+            if bad:
+                print(f"[hmmd log] {bad}", flush=True)
         finally:
             self._tmp.__exit__(*exc)
 
 
-async def _drive_w1(o: Ours, count: int, warmup: int) -> dict[str, Any]:
+async def _drive_w1(
+    o: Ours, fan: baseline_fanout.Fanout, count: int, warmup: int, block: int
+) -> dict[str, Any]:
+    """W=1 on both sides in one event loop, alternating blocks of ``block`` invalidations
+    (baseline block, then ours), so both see the same machine conditions."""
     from hmmirror.client import connect
 
     t = o.target
     lat: list[float] = []
-    async with connect(o.endpoint, name="bench-driver") as s:
-        st0 = await s.status()
-        pc = time.perf_counter
-        for i in range(warmup + count):
-            a = t.addr + (i % TARGET_PAGES) * PAGE
-            t0 = pc()
-            await s.sync_range(t.pid, a, a + PAGE)
-            dt = pc() - t0
-            if i >= warmup:
-                lat.append(dt * 1e6)
-        st1 = await s.status()
+    blat: list[float] = []
+    pc = time.perf_counter
+    fan.start()
+    try:
+        async with connect(o.endpoint, name="bench-driver") as s:
+            st0 = await s.status()
+            i = 0
+
+            async def ours(k: int, keep: bool) -> None:
+                nonlocal i
+                for _ in range(k):
+                    a = t.addr + (i % TARGET_PAGES) * PAGE
+                    i += 1
+                    t0 = pc()
+                    await s.sync_range(t.pid, a, a + PAGE)
+                    if keep:
+                        lat.append((pc() - t0) * 1e6)
+
+            async def base(k: int, keep: bool) -> None:
+                nonlocal i
+                for _ in range(k):
+                    a = (i % TARGET_PAGES) * PAGE
+                    i += 1
+                    t0 = pc()
+                    await fan.invalidate(1, a, a + PAGE)
+                    if keep:
+                        blat.append((pc() - t0) * 1e6)
+
+            await base(warmup, False)
+            await ours(warmup, False)
+            while len(lat) < count:
+                k = min(block, count - len(lat))
+                await base(k, True)
+                await ours(k, True)
+            st1 = await s.status()
+    finally:
+        fan.close()
     return {
         "st0": st0,
         "st1": st1,
         "p50_us": percentile(lat, 50),
         "p99_us": percentile(lat, 99),
         "n": len(lat),
+        "base": {"p50_us": percentile(blat, 50), "p99_us": percentile(blat, 99), "n": len(blat)},
     }
 
 
@@ -315,12 +352,29 @@ def _delta(st0: dict[str, Any], st1: dict[str, Any], key: str) -> Any:
 
 
 def _w1_ours(
-    n: int, count: int, warmup: int, loop: str, daemon_args: list[str], kind: str, log: Any
+    n: int,
+    count: int,
+    warmup: int,
+    loop: str,
+    daemon_args: list[str],
+    kind: str,
+    block: int,
+    log: Any,
 ) -> dict[str, Any]:
-    with Ours(n, daemon_args, kind) as o:
-        settle(log)
-        r = baseline_fanout.pick_runner(loop)(_drive_w1(o, count, warmup))
-        r["agents"] = o.agent_stats()
+    import zmq
+
+    ctx = zmq.Context()
+    try:
+        with tmpdir() as d, Procs() as bprocs:
+            fan = baseline_fanout.setup(bprocs, f"ipc://{d}/base.sock", n, ctx)
+            with Ours(n, daemon_args, kind) as o:
+                settle(log)
+                r = baseline_fanout.run_bounded(
+                    loop, _drive_w1(o, fan, count, warmup, block), baseline_fanout.LIMIT_S
+                )
+                r["agents"] = o.agent_stats()
+    finally:
+        ctx.destroy(linger=0)
     st0, st1 = r["st0"], r["st1"]
     r["d50"], r["d99"] = float(st1["ack_p50_us"]), float(st1["ack_p99_us"])
     r["note"] = (
@@ -339,28 +393,28 @@ def bench_w1(
     loop: str,
     daemon_args: list[str],
     diag: bool = False,
+    block: int = 250,
     log: Any = print,
 ) -> list[Row]:
     rows: list[Row] = []
     for n in agents:
-        settle(log)
-        with tmpdir() as d:
-            base = baseline_fanout.run_w1(f"ipc://{d}/base.sock", n, count, warmup, loop)
-        b50, b99 = base["p50_us"], base["p99_us"]
-        log(
-            f"[invalidate N={n}] baseline raw fan-out: p50 {b50:.0f} us, p99 {b99:.0f} us "
-            f"({base['n']} samples)"
-        )
         head = f"inval W=1 N={n}"
         try:
-            r = _w1_ours(n, count, warmup, loop, daemon_args, "agent", log)
+            r = _w1_ours(n, count, warmup, loop, daemon_args, "agent", block, log)
         except Exception as exc:
-            log(f"[invalidate N={n}] hmmirror side failed: {exc!r}")
+            log(f"[invalidate N={n}] hmmirror side failed: {exc!r}; baseline alone:")
+            settle(log)
+            with tmpdir() as d:
+                base = baseline_fanout.run_w1(f"ipc://{d}/base.sock", n, count, warmup, loop)
+            log(
+                f"[invalidate N={n}] baseline raw fan-out: p50 {base['p50_us']:.0f} us, "
+                f"p99 {base['p99_us']:.0f} us ({base['n']} samples)"
+            )
             rows.append(
                 Row(
                     f"{head} p50 (hmmd ack)",
                     "ERROR",
-                    f"{b50:.0f} us",
+                    f"{base['p50_us']:.0f} us",
                     None,
                     "<= 1.3",
                     "ERROR",
@@ -368,6 +422,11 @@ def bench_w1(
                 )
             )
             continue
+        b50, b99 = r["base"]["p50_us"], r["base"]["p99_us"]
+        log(
+            f"[invalidate N={n}] baseline raw fan-out (interleaved in blocks of {block}): "
+            f"p50 {b50:.0f} us, p99 {b99:.0f} us ({r['base']['n']} samples)"
+        )
         log(
             f"[invalidate N={n}] hmmd ack (daemon stats): p50 {r['d50']:.0f} us, "
             f"p99 {r['d99']:.0f} us; driver sync_range RTT p50 {r['p50_us']:.0f} us, "
@@ -411,27 +470,27 @@ def bench_w1(
         ]
         if diag:
             try:
-                q = _w1_ours(n, count, warmup, loop, daemon_args, "rawagent", log)
+                q = _w1_ours(n, count, warmup, loop, daemon_args, "rawagent", block, log)
+                q50 = q["base"]["p50_us"]
                 log(
                     f"[invalidate N={n}] DIAG hmmd + raw-protocol blocking agents: hmmd ack p50 "
-                    f"{q['d50']:.0f} us, p99 {q['d99']:.0f} us; "
-                    f"driver RTT p50 {q['p50_us']:.0f} us; "
-                    f"{q['note']}"
+                    f"{q['d50']:.0f} us, p99 {q['d99']:.0f} us; driver RTT p50 "
+                    f"{q['p50_us']:.0f} us; interleaved baseline p50 {q50:.0f} us; {q['note']}"
                 )
                 rows += [
                     Row(
                         f"{head} p50 (hmmd ack, DIAG raw agents)",
                         f"{q['d50']:.0f} us",
-                        f"{b50:.0f} us",
-                        q["d50"] / b50,
+                        f"{q50:.0f} us",
+                        q["d50"] / q50,
                         "info",
                         "-",
                     ),
                     Row(
                         f"{head} p50 (driver RTT, DIAG raw agents)",
                         f"{q['p50_us']:.0f} us",
-                        f"{b50:.0f} us",
-                        q["p50_us"] / b50,
+                        f"{q50:.0f} us",
+                        q["p50_us"] / q50,
                         "info",
                         "-",
                     ),
@@ -453,7 +512,9 @@ def _pipe_ours(
 ) -> dict[str, Any]:
     with Ours(n, daemon_args, kind) as o:
         settle(log)
-        r = baseline_fanout.pick_runner(loop)(_drive_pipelined(o, window, warmup_s, duration_s))
+        r = baseline_fanout.run_bounded(
+            loop, _drive_pipelined(o, window, warmup_s, duration_s), baseline_fanout.LIMIT_S
+        )
         r["agents"] = o.agent_stats()
     st0, st1 = r["st0"], r["st1"]
     dt = r["ts1"] - r["ts0"]

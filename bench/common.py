@@ -203,6 +203,21 @@ class Daemon:
     endpoint: str
     stderr_path: str
 
+    def problems(self) -> str:
+        """A one-line summary of WARNING/ERROR/Traceback lines in hmmd's stderr ('' if none)."""
+        try:
+            with open(self.stderr_path, errors="replace") as f:
+                bad = [
+                    ln.strip()
+                    for ln in f
+                    if ln.startswith(("WARNING", "ERROR", "CRITICAL", "Traceback"))
+                ]
+        except OSError:
+            return ""
+        if not bad:
+            return ""
+        return f"hmmd logged {len(bad)} warning/error lines, first: {bad[0][:200]!r}"
+
     def stderr_tail(self, n: int = 30) -> str:
         try:
             with open(self.stderr_path, errors="replace") as f:

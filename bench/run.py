@@ -82,9 +82,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="run every hmmd under cProfile, writing DIR/hmmd-N.prof (slows hmmd)",
     )
+    ap.add_argument(
+        "--block",
+        type=int,
+        default=250,
+        help="W=1: baseline and ours alternate in blocks of this many (250)",
+    )
     a = ap.parse_args(argv)
 
     # Bounds: every loop below is bounded in count and time.
+    if not 1 <= a.block <= 200_000:
+        ap.error("--block must be 1..200000")
     if not (1 <= a.count <= 200_000 and 0 <= a.warmup <= 100_000):
         ap.error("--count must be 1..200000, --warmup 0..100000")
     if not (0 < a.duration <= 60 and 0 <= a.pipe_warmup <= 30 and 1 <= a.window <= 4096):
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if "invalidate" in only:
         from bench_invalidate import bench_w1
 
-        rows += bench_w1(agents, a.count, a.warmup, a.loop, daemon_args, a.diag)
+        rows += bench_w1(agents, a.count, a.warmup, a.loop, daemon_args, a.diag, a.block)
     if "pipelined" in only:
         from bench_invalidate import bench_pipelined
 

@@ -373,7 +373,7 @@ class Daemon:
     def start_invalidations(self, mm: Mm, changes: list[Change]) -> None:
         """Begin an invalidation per change now; their completion is awaited in the background."""
         for start, end, event in changes:
-            self.spawn(self.invalidator.finish(self.invalidator.begin(mm, start, end, event)))
+            self.invalidator.begin(mm, start, end, event)
 
     async def _watch(self, mm: Mm) -> None:
         """The proc watcher's poll loop: adaptive, bounded by its own cost."""
@@ -564,10 +564,7 @@ async def on_fault(d: Daemon, identity: bytes, session: Session | None, env: Env
     if mode == FaultMode.POPULATE:
         if not mirror.access & Access.WRITE:
             entries &= ~np.uint64(1 << 62)
-        a = (msg.start - span.start) >> PAGE_SHIFT
-        valid = (entries >> np.uint64(63)) != 0
-        span.handed[a : a + msg.npages] = np.where(valid, entries, np.uint64(0))
-        span.raw[a : a + msg.npages] = np.where(valid, raw, np.uint64(0))
+        span.hand_out(msg.start, entries, raw)
     reply = FaultReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=mirror.mm.seq)
     d.send(identity, reply, re=env.id, bulk=[to_wire(entries)], copy=msg.npages * 8 < ZERO_COPY_MIN)
 
@@ -613,7 +610,7 @@ def on_dma_write(d: Daemon, identity: bytes, session: Session | None, env: Envel
     d.send(identity, Ok(), re=env.id)
 
 
-async def on_sync_range(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
+def on_sync_range(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
     """The target's own sync_cpu_device_pagetables: invalidate now, answer after every ack."""
     msg = env.msg
     assert isinstance(msg, SyncRange)
@@ -629,8 +626,24 @@ async def on_sync_range(d: Daemon, identity: bytes, session: Session | None, env
             start_time(msg.pid)
         except ProcessLookupError as exc:
             raise RequestError(ErrorCode.ESRCH, f"no process {msg.pid}") from exc
-    await asyncio.gather(*(d.invalidator.invalidate(mm, msg.start, msg.end, event) for mm in mms))
-    d.send(identity, Ok(), re=env.id)
+    pending = [
+        inv.done
+        for inv in (d.invalidator.begin(mm, msg.start, msg.end, event) for mm in mms)
+        if not inv.done.done()
+    ]
+    if not pending:
+        d.send(identity, Ok(), re=env.id)
+        return
+    # Answer from callbacks once the last window closes: no task per call.
+    left = [len(pending)]
+
+    def one_done(_: object) -> None:
+        left[0] -= 1
+        if left[0] == 0:
+            d.send(identity, Ok(), re=env.id)
+
+    for fut in pending:
+        fut.add_done_callback(one_done)
 
 
 #: The dispatch table: message class → (handler, needs a live session).

@@ -35,24 +35,27 @@ class Invalidation:
     end: int
     event: Event
     seq: int
+    done: asyncio.Future[None]
     waiting: dict[Session, int] = field(default_factory=dict)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
     t0: float = 0.0
     acked_at: float = 0.0
     targets: int = 0
+    timer: asyncio.TimerHandle | None = None
+    finished: bool = False
 
-    def acked(self, session: Session, items: int = 1) -> None:
-        """Count ``items`` of ``session``'s items as acked (or forgiven, on eviction)."""
+    def acked(self, session: Session, items: int = 1) -> bool:
+        """Count ``items`` of ``session``'s items as acked or forgiven; True once none are left."""
         left = self.waiting.get(session)
         if left is None:
-            return
+            return False
         if left <= items:
             del self.waiting[session]
             if not self.waiting:
                 self.acked_at = time.perf_counter()
-                self.done.set()
+                return True
         else:
             self.waiting[session] = left - items
+        return False
 
 
 class LatencyLog:
@@ -96,13 +99,17 @@ class Invalidator:
         self._flush_pending: set[Session] = set()
 
     def begin(self, mm: Mm, start: int, end: int, event: Event) -> Invalidation:
-        """Open the seq window and queue the items now, synchronously; ``finish`` waits.
+        """Open the seq window and queue the items now, synchronously.
 
-        Splitting the two keeps detection and the zap of the shadow atomic with
-        respect to the event loop: nobody can see the change half-announced.
+        Completion (every ack in, or the deadline's evictions done) closes the
+        window and resolves ``inv.done`` from callbacks; no task waits per
+        invalidation. Doing detection and the shadow zap synchronously keeps
+        them atomic with respect to the event loop: nobody sees a change
+        half-announced.
         """
+        loop = asyncio.get_running_loop()
         seq = mm.invalidate_start(start, end)
-        inv = Invalidation(mm, start, end, event, seq)
+        inv = Invalidation(mm, start, end, event, seq, loop.create_future())
         inv.t0 = time.perf_counter()
         for mirror in list(mm.mirrors):
             if mirror.dead or not mirror.overlaps(start, end):
@@ -115,35 +122,44 @@ class Invalidator:
         inv.targets = len(inv.waiting)
         if inv.waiting:
             self.count += 1
+            inv.timer = loop.call_later(self.ack_deadline, self._expire, inv)
         else:
-            inv.done.set()
+            self._complete(inv)
         return inv
 
-    async def finish(self, inv: Invalidation) -> Invalidation:
-        """Wait for every ack (evicting whoever misses the deadline), then close the window."""
-        try:
-            if inv.targets:
-                try:
-                    await asyncio.wait_for(inv.done.wait(), self.ack_deadline)
-                except TimeoutError:
-                    for session in list(inv.waiting):
-                        n = session.unacked[0][0] if session.unacked else session.next_n
-                        self.evict(
-                            session,
-                            f"no ACK for INVALIDATE n={n} (seq {inv.seq}, {inv.event.name} "
-                            f"[{inv.start:#x}, {inv.end:#x})) within {self.ack_deadline:g} s; "
-                            "it may have been applied",
-                        )
-                else:
-                    if inv.acked_at:  # not when evictions, rather than acks, ended the wait
-                        self.latency.add((inv.acked_at - inv.t0) * 1e6)
-            return inv
-        finally:
-            inv.mm.invalidate_end(inv.start, inv.end)
+    def _complete(self, inv: Invalidation) -> None:
+        """invalidate_range_end: close the window, record the round trip, wake the waiter."""
+        if inv.finished:
+            return
+        inv.finished = True
+        if inv.timer is not None:
+            inv.timer.cancel()
+        inv.mm.invalidate_end(inv.start, inv.end)
+        if inv.targets and inv.acked_at and not inv.waiting:
+            self.latency.add((inv.acked_at - inv.t0) * 1e6)
+        if not inv.done.done():
+            inv.done.set_result(None)
+
+    def _expire(self, inv: Invalidation) -> None:
+        """The deadline passed: evict every session that has not acked, then complete."""
+        inv.acked_at = 0.0  # evictions, not acks, ended this one: keep it out of the latency log
+        for session in list(inv.waiting):
+            n = session.unacked[0][0] if session.unacked else session.next_n
+            self.evict(
+                session,
+                f"no ACK for INVALIDATE n={n} (seq {inv.seq}, {inv.event.name} "
+                f"[{inv.start:#x}, {inv.end:#x})) within {self.ack_deadline:g} s; "
+                "it may have been applied",
+            )
+            inv.waiting.pop(session, None)
+        inv.acked_at = 0.0
+        self._complete(inv)
 
     async def invalidate(self, mm: Mm, start: int, end: int, event: Event) -> Invalidation:
         """Invalidate [start, end) of ``mm`` and wait until every overlapping mirror acked."""
-        return await self.finish(self.begin(mm, start, end, event))
+        inv = self.begin(mm, start, end, event)
+        await asyncio.shield(inv.done)
+        return inv
 
     def _queue(self, session: Session, item: Item) -> None:
         session.batch.append(item)
@@ -176,7 +192,8 @@ class Invalidator:
         while session.unacked and session.unacked[0][0] <= n:
             _, items = session.unacked.popleft()
             for _, inv, _ in items:
-                inv.acked(session)
+                if inv.acked(session):
+                    self._complete(inv)
 
     def forgive(self, session: Session) -> None:
         """Drop ``session``'s outstanding items (it was evicted or left): nobody waits on it."""
@@ -186,7 +203,8 @@ class Invalidator:
         session.batch.clear()
         session.unacked.clear()
         for _, inv, _ in items:
-            inv.acked(session)
+            if inv.acked(session):
+                self._complete(inv)
 
     def pending_for(self, mirror: Mirror, start: int, end: int) -> bool:
         """Whether ``mirror`` has an INVALIDATE of the range queued or unacked."""

@@ -31,11 +31,23 @@ class Span:
     end: int
     handed: Entries = field(init=False)
     raw: Raw = field(init=False)
+    held: int = field(init=False, default=0)
+    """How many handed-out entries are VALID: lets a zap of an empty shadow cost nothing."""
 
     def __post_init__(self) -> None:
         npages = (self.end - self.start) >> PAGE_SHIFT
         self.handed = np.zeros(npages, dtype=np.uint64)
         self.raw = np.zeros(npages, dtype=np.uint64)
+
+    def hand_out(self, start: int, entries: Entries, raw: Raw) -> None:
+        """Record that the agent was given ``entries`` (VALID ones only) from ``start``."""
+        a = (start - self.start) >> PAGE_SHIFT
+        b = a + len(entries)
+        valid = (entries >> np.uint64(63)) != 0
+        self.held -= int(np.count_nonzero(self.handed[a:b]))
+        self.handed[a:b] = np.where(valid, entries, np.uint64(0))
+        self.raw[a:b] = np.where(valid, raw, np.uint64(0))
+        self.held += int(np.count_nonzero(valid))
 
     def contains(self, start: int, end: int) -> bool:
         """Whether [start, end) lies inside this span."""
@@ -47,12 +59,17 @@ class Span:
 
     def zap(self, start: int, end: int) -> None:
         """Forget what was handed out in [start, end) (the agent will zap it too)."""
+        if self.held == 0:
+            return
         lo = max(start, self.start)
         hi = min(end, self.end)
         if lo < hi:
             a, b = (lo - self.start) >> PAGE_SHIFT, (hi - self.start) >> PAGE_SHIFT
-            self.handed[a:b] = 0
-            self.raw[a:b] = 0
+            zapped = int(np.count_nonzero(self.handed[a:b]))
+            if zapped:
+                self.handed[a:b] = 0
+                self.raw[a:b] = 0
+                self.held -= zapped
 
 
 @dataclass(eq=False)
@@ -65,6 +82,14 @@ class Mirror:
     spans: list[Span]
     access: Access
     dead: bool = False
+    lo: int = field(init=False)
+    """Lowest mirrored address."""
+    hi: int = field(init=False)
+    """End of the highest mirrored span."""
+
+    def __post_init__(self) -> None:
+        self.lo = min(s.start for s in self.spans)
+        self.hi = max(s.end for s in self.spans)
 
     def span_for(self, start: int, end: int) -> Span | None:
         """The span containing [start, end), if one does."""
@@ -75,17 +100,9 @@ class Mirror:
 
     def overlaps(self, start: int, end: int) -> bool:
         """Whether any span intersects [start, end)."""
-        return any(s.overlaps(start, end) for s in self.spans)
-
-    @property
-    def lo(self) -> int:
-        """Lowest mirrored address."""
-        return min(s.start for s in self.spans)
-
-    @property
-    def hi(self) -> int:
-        """End of the highest mirrored span."""
-        return max(s.end for s in self.spans)
+        if start >= self.hi or end <= self.lo:
+            return False
+        return len(self.spans) == 1 or any(s.overlaps(start, end) for s in self.spans)
 
     def zap(self, start: int, end: int) -> None:
         """Forget handed-out entries in [start, end) across every span."""

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgpack
 from hmmirror.proto.errors import DecodeError, TooLarge, UnknownMessage, VersionError
 from hmmirror.proto.messages import MAX_FRAME, TYPES, Message
-from hmmirror.proto.schema import REQUIRED, Spec, check, to_plain
-from hmmirror.proto.version import PROTOCOL_VERSION, compatible
+from hmmirror.proto.schema import REQUIRED, VALIDATORS, Spec, Validator
+from hmmirror.proto.version import PROTOCOL_VERSION
 
 #: Header and body are small maps; anything bigger is an attack or a bug.
 MAX_HEADER = 512
@@ -38,8 +37,7 @@ class Buffer(Protocol):
     def __len__(self) -> int: ...
 
 
-@dataclass(frozen=True)
-class Envelope:
+class Envelope(NamedTuple):
     """A decoded message: header fields, the validated message and its bulk frames."""
 
     type: str
@@ -51,6 +49,7 @@ class Envelope:
 
 
 _FIELDS: dict[type[Message], tuple[tuple[str, Spec], ...]] = {}
+_CHECKS: dict[type[Message], tuple[tuple[str, Validator, Spec], ...]] = {}
 
 
 def _fields(cls: type[Message]) -> tuple[tuple[str, Spec], ...]:
@@ -58,6 +57,24 @@ def _fields(cls: type[Message]) -> tuple[tuple[str, Spec], ...]:
     if cached is None:
         cached = tuple((f.name, f.metadata["wire"]) for f in dataclasses.fields(cls))
         _FIELDS[cls] = cached
+    return cached
+
+
+_NAMES: dict[type[Message], tuple[str, ...]] = {}
+
+
+def _names(cls: type[Message]) -> tuple[str, ...]:
+    cached = _NAMES.get(cls)
+    if cached is None:
+        cached = _NAMES[cls] = tuple(name for name, _ in _fields(cls))
+    return cached
+
+
+def _checks(cls: type[Message]) -> tuple[tuple[str, Validator, Spec], ...]:
+    cached = _CHECKS.get(cls)
+    if cached is None:
+        cached = tuple((name, VALIDATORS[spec.kind], spec) for name, spec in _fields(cls))
+        _CHECKS[cls] = cached
     return cached
 
 
@@ -71,7 +88,8 @@ def encode(msg: Message, id: int, re: int = 0, bulk: Sequence[Any] = ()) -> list
     if len(bulk) != len(cls.BULK):
         raise ValueError(f"{cls.TYPE} carries {len(cls.BULK)} bulk frames, got {len(bulk)}")
     header = msgpack.packb({"v": list(PROTOCOL_VERSION), "type": cls.TYPE, "id": id, "re": re})
-    body = msgpack.packb({name: to_plain(spec, getattr(msg, name)) for name, spec in _fields(cls)})
+    # msgpack packs tuples as arrays, so the frozen messages' tuples need no conversion.
+    body = msgpack.packb({name: getattr(msg, name) for name in _names(cls)})
     return [b"", header, body, *bulk]
 
 
@@ -79,16 +97,9 @@ def _unpack(frame: Buffer, limit: int, what: str) -> dict[str, Any]:
     if len(frame) > limit:
         raise TooLarge(f"{what} frame of {len(frame)} bytes exceeds {limit}")
     try:
-        value = msgpack.unpackb(
-            frame,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=limit,
-            max_str_len=limit,
-            max_array_len=limit,
-            max_map_len=limit,
-            max_ext_len=0,
-        )
+        # msgpack (>= 1.0) bounds every declared length by the buffer size, which is
+        # checked above, so a peer can never make it allocate more than the frame.
+        value = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_ext_len=0)
     except Exception as exc:  # msgpack raises a zoo of types; all mean "not our format"
         raise DecodeError(f"{what} is not valid msgpack: {exc}") from exc
     if type(value) is not dict:
@@ -107,22 +118,22 @@ def decode_header(frames: Sequence[Buffer]) -> tuple[str, int, int, tuple[int, i
             raise TooLarge(f"frame of {len(frame)} bytes exceeds {MAX_FRAME}")
     header = _unpack(frames[1], MAX_HEADER, "header")
     version = header.get("v")
-    if (
-        type(version) is not list
-        or len(version) != 2
-        or not all(type(x) is int and 0 <= x < 1 << 16 for x in version)
-    ):
+    if type(version) is not list or len(version) != 2:
         raise DecodeError("header field 'v' must be [major, minor]")
-    ver = (version[0], version[1])
+    major, minor = version
+    if type(major) is not int or type(minor) is not int or not 0 <= major < 65536 > minor >= 0:
+        raise DecodeError("header field 'v' must be [major, minor]")
+    ver = (major, minor)
     mtype = header.get("type")
     if type(mtype) is not str or len(mtype) > 32:
         raise DecodeError("header field 'type' must be a short string")
     msg_id = header.get("id", 0)
     re = header.get("re", 0)
-    for name, value in (("id", msg_id), ("re", re)):
-        if type(value) is not int or not 0 <= value < 1 << 64:
-            raise DecodeError(f"header field {name!r} must be a u64")
-    if not compatible(ver):
+    if type(msg_id) is not int or not 0 <= msg_id < 1 << 64:
+        raise DecodeError("header field 'id' must be a u64")
+    if type(re) is not int or not 0 <= re < 1 << 64:
+        raise DecodeError("header field 're' must be a u64")
+    if major != PROTOCOL_VERSION[0]:
         raise VersionError(
             f"peer speaks protocol {ver[0]}.{ver[1]}, "
             f"we speak {PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}"
@@ -140,14 +151,16 @@ def decode(frames: Sequence[Buffer]) -> Envelope:
     cls = TYPES.get(mtype)
     if cls is None:
         raise UnknownMessage(f"unknown message type {mtype!r}")
-    raw = _unpack(frames[2], MAX_BODY, f"{mtype} body")
+    raw = _unpack(frames[2], MAX_BODY, "body")
     values: dict[str, Any] = {}
-    for name, spec in _fields(cls):
+    for name, validate, spec in _checks(cls):
         if name in raw:
-            values[name] = check(name, spec, raw[name])
+            values[name] = validate(name, spec, raw[name])
         elif spec.default is REQUIRED:
             raise DecodeError(f"{mtype} is missing field {name!r}")
     msg = cls(**values)
+    if len(frames) == 3 and not cls.BULK:
+        return Envelope(mtype, msg_id, re, ver, msg, ())
     bulk = tuple(memoryview(f) for f in frames[3:])  # type: ignore[arg-type]
     expected = msg.bulk_sizes()
     if len(bulk) != len(expected):

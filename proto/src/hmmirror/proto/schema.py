@@ -8,6 +8,7 @@ only ever see values of the declared type and range.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -64,55 +65,104 @@ def _uint(name: str, value: Any, bound: int) -> int:
     return value
 
 
-def check(name: str, spec: Spec, value: Any) -> Any:
-    """Validate one decoded value against ``spec``; return it in its Python form."""
-    kind = spec.kind
-    if kind is Kind.UINT:
-        return _uint(name, value, spec.max)
-    if kind is Kind.BOOL:
-        if type(value) is not bool:
-            raise DecodeError(f"field {name!r} must be a bool")
+def _check_uint(name: str, spec: Spec, value: Any) -> int:
+    if type(value) is int and 0 <= value <= spec.max:
         return value
-    if kind is Kind.STR:
-        if type(value) is not str:
-            raise DecodeError(f"field {name!r} must be a string")
-        if len(value) > spec.max:
-            raise TooLarge(f"field {name!r} is longer than {spec.max} characters")
-        return value
-    if type(value) is not list and type(value) is not tuple and kind is not Kind.STATS:
+    return _uint(name, value, spec.max)
+
+
+def _check_bool(name: str, spec: Spec, value: Any) -> bool:
+    if type(value) is not bool:
+        raise DecodeError(f"field {name!r} must be a bool")
+    return value
+
+
+def _check_str(name: str, spec: Spec, value: Any) -> str:
+    if type(value) is not str:
+        raise DecodeError(f"field {name!r} must be a string")
+    if len(value) > spec.max:
+        raise TooLarge(f"field {name!r} is longer than {spec.max} characters")
+    return value
+
+
+def _list(name: str, spec: Spec, value: Any) -> list[Any] | tuple[Any, ...]:
+    if type(value) is not list and type(value) is not tuple:
         raise DecodeError(f"field {name!r} must be a list")
-    if kind is Kind.STATS:
-        if type(value) is not dict:
-            raise DecodeError(f"field {name!r} must be a map")
-        if len(value) > spec.max:
-            raise TooLarge(f"field {name!r} has more than {spec.max} entries")
-        for k, v in value.items():
-            if type(k) is not str or len(k) > 64:
-                raise DecodeError(f"field {name!r} has a bad key")
-            if type(v) not in (int, float, str) or (type(v) is str and len(v) > 256):
-                raise DecodeError(f"field {name!r}[{k!r}] has a bad value")
-        return dict(value)
     if len(value) > spec.max:
         raise TooLarge(f"field {name!r} has more than {spec.max} elements")
-    if kind is Kind.UINTS:
-        return tuple(_uint(name, v, U64_MAX) for v in value)
-    if kind is Kind.INTERVALS:
-        out = []
-        for pair in value:
-            if type(pair) not in (list, tuple) or len(pair) != 2:
-                raise DecodeError(f"field {name!r} must hold [start, end] pairs")
-            start, end = (_uint(name, v, U64_MAX) for v in pair)
-            if start >= end:
-                raise DecodeError(f"field {name!r} has an empty or reversed interval")
-            out.append((start, end))
-        return tuple(out)
-    # Kind.ITEMS
-    items = []
-    for item in value:
-        if type(item) not in (list, tuple) or len(item) != 5:
-            raise DecodeError(f"field {name!r} must hold 5-element items")
-        items.append(tuple(_uint(name, v, U64_MAX) for v in item))
-    return tuple(items)
+    return value  # type: ignore[no-any-return]
+
+
+def _check_stats(name: str, spec: Spec, value: Any) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise DecodeError(f"field {name!r} must be a map")
+    if len(value) > spec.max:
+        raise TooLarge(f"field {name!r} has more than {spec.max} entries")
+    for k, v in value.items():
+        if type(k) is not str or len(k) > 64:
+            raise DecodeError(f"field {name!r} has a bad key")
+        if type(v) not in (int, float, str) or (type(v) is str and len(v) > 256):
+            raise DecodeError(f"field {name!r}[{k!r}] has a bad value")
+    return dict(value)
+
+
+def _check_uints(name: str, spec: Spec, value: Any) -> tuple[int, ...]:
+    return tuple(_uint(name, v, U64_MAX) for v in _list(name, spec, value))
+
+
+def _check_intervals(name: str, spec: Spec, value: Any) -> tuple[tuple[int, int], ...]:
+    out = []
+    for pair in _list(name, spec, value):
+        if type(pair) not in (list, tuple) or len(pair) != 2:
+            raise DecodeError(f"field {name!r} must hold [start, end] pairs")
+        start, end = _uint(name, pair[0], U64_MAX), _uint(name, pair[1], U64_MAX)
+        if start >= end:
+            raise DecodeError(f"field {name!r} has an empty or reversed interval")
+        out.append((start, end))
+    return tuple(out)
+
+
+def _item_ok(item: Any) -> bool:
+    if type(item) is not list or len(item) != 5:
+        return False
+    a, b, c, d, e = item
+    return (
+        type(a) is int and type(b) is int and type(c) is int and type(d) is int and type(e) is int
+        and 0 <= a <= U64_MAX and 0 <= b <= U64_MAX and 0 <= c <= U64_MAX
+        and 0 <= d <= U64_MAX and 0 <= e <= U64_MAX
+    )  # fmt: skip
+
+
+def _check_items(name: str, spec: Spec, value: Any) -> tuple[tuple[int, ...], ...]:
+    items = _list(name, spec, value)
+    out = []
+    for item in items:
+        if not _item_ok(item):
+            if type(item) not in (list, tuple) or len(item) != 5:
+                raise DecodeError(f"field {name!r} must hold 5-element items")
+            for v in item:
+                _uint(name, v, U64_MAX)
+        out.append(tuple(item))
+    return tuple(out)
+
+
+Validator = Callable[[str, Spec, Any], Any]
+
+#: One validator per kind: the codec compiles each message class into (name, validator, spec).
+VALIDATORS: dict[Kind, Validator] = {
+    Kind.UINT: _check_uint,
+    Kind.BOOL: _check_bool,
+    Kind.STR: _check_str,
+    Kind.STATS: _check_stats,
+    Kind.UINTS: _check_uints,
+    Kind.INTERVALS: _check_intervals,
+    Kind.ITEMS: _check_items,
+}
+
+
+def check(name: str, spec: Spec, value: Any) -> Any:
+    """Validate one decoded value against ``spec``; return it in its Python form."""
+    return VALIDATORS[spec.kind](name, spec, value)
 
 
 def to_plain(spec: Spec, value: Any) -> Any:

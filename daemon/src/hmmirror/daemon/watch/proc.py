@@ -21,14 +21,16 @@ Change = tuple[int, int, Event]
 def detect(
     mm: Mm, zero_pfn: int, lo: int = 0, hi: int = 1 << 64, vmas: Vmas | None = None
 ) -> list[Change]:
-    """Return the changed ranges of ``mm`` within [lo, hi) that make handed-out entries stale."""
-    if vmas is None:
-        vmas = mm.view.maps()
-    found: list[Change] = []
+    """Return the changed ranges of ``mm`` within [lo, hi) that make handed-out entries stale.
+
+    pagemap is read before maps: a munmap landing between the two reads then
+    shows as a missing VMA (UNMAP), not as a page gone from a live VMA (CLEAR).
+    """
+    reads = []
     for mirror in mm.mirrors:
         for span in mirror.spans:
             a, b = max(lo, span.start), min(hi, span.end)
-            if a >= b:
+            if a >= b or span.held == 0:
                 continue
             ia, ib = (a - span.start) >> PAGE_SHIFT, (b - span.start) >> PAGE_SHIFT
             held = np.flatnonzero(span.handed[ia:ib])
@@ -36,13 +38,16 @@ def detect(
                 continue
             first, last = ia + int(held[0]), ia + int(held[-1]) + 1
             sub_start = span.start + (first << PAGE_SHIFT)
-            npages = last - first
-            new_raw = mm.view.pagemap(sub_start, npages)
-            perms = vma_perms(vmas, sub_start, npages)
-            events = classify(
-                span.handed[first:last], span.raw[first:last], new_raw, perms, zero_pfn
-            )
-            found.extend(runs(events, sub_start))
+            reads.append((span, first, last, sub_start, mm.view.pagemap(sub_start, last - first)))
+    if not reads:
+        return []
+    if vmas is None:
+        vmas = mm.view.maps()
+    found: list[Change] = []
+    for span, first, last, sub_start, new_raw in reads:
+        perms = vma_perms(vmas, sub_start, last - first)
+        events = classify(span.handed[first:last], span.raw[first:last], new_raw, perms, zero_pfn)
+        found.extend(runs(events, sub_start))
     return merge(found)
 
 
