@@ -218,10 +218,14 @@ class Mirror:
             entries = await self._fault_range(
                 addr + (off << PAGE_SHIFT), n, write, FaultMode.POPULATE
             )
-            valid = (entries & _VALID) != 0
             dst = self.table[a + off : a + off + n]
-            np.copyto(dst, entries, where=valid)
-            installed += int(np.count_nonzero(valid))
+            if entries.min() >= _VALID:  # every entry VALID: the usual populate result
+                dst[:] = entries
+                installed += n
+            else:
+                valid = entries >= _VALID
+                np.copyto(dst, entries, where=valid)
+                installed += int(np.count_nonzero(valid))
         self._counters["page_faults"] += installed
         self._counters["page_faults_handled"] += 1
         return installed

@@ -32,7 +32,7 @@ from hmmirror.daemon.server import Transport, Unreachable
 from hmmirror.daemon.session import Session
 from hmmirror.daemon.watch.proc import Change, detect
 from hmmirror.proto.codec import Envelope, decode, encode
-from hmmirror.proto.entries import from_wire, to_wire
+from hmmirror.proto.entries import from_wire
 from hmmirror.proto.errors import ErrorCode, ProtocolError
 from hmmirror.proto.messages import (
     MAX_DMA_PAGES,
@@ -555,9 +555,7 @@ async def on_fault(d: Daemon, identity: bytes, session: Session | None, env: Env
             ErrorCode.EPERM, f"mirror {mirror.id} was registered without WRITE access"
         )
     d.counters["faults"] += 1
-    entries, raw = await resolve(
-        mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn, d.start_invalidations
-    )
+    entries, raw = await resolve(mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn)
     # No await from here to the send: a later invalidation is sent after this reply.
     if mirror.dead:
         raise RequestError(ErrorCode.NO_MIRROR, f"mirror {mirror.id} was dropped during the fault")
@@ -566,7 +564,8 @@ async def on_fault(d: Daemon, identity: bytes, session: Session | None, env: Env
             entries &= ~np.uint64(1 << 62)
         span.hand_out(msg.start, entries, raw)
     reply = FaultReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=mirror.mm.seq)
-    d.send(identity, reply, re=env.id, bulk=[to_wire(entries)], copy=msg.npages * 8 < ZERO_COPY_MIN)
+    # entries is a fresh little-endian u64 array nobody mutates: send its buffer as is.
+    d.send(identity, reply, re=env.id, bulk=[entries], copy=msg.npages * 8 < ZERO_COPY_MIN)
 
 
 def _dma_target(d: Daemon, session: Session, mirror_id: int, start: int, npages: int) -> Mirror:

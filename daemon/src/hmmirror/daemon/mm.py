@@ -19,6 +19,8 @@ from hmmirror.daemon.linux.procfs import PAGE_SHIFT, ProcessView, Raw
 from hmmirror.proto.entries import Entries
 from hmmirror.proto.messages import Access
 
+_VALID = np.uint64(1 << 63)
+
 if TYPE_CHECKING:
     from hmmirror.daemon.session import Session
 
@@ -43,8 +45,14 @@ class Span:
         """Record that the agent was given ``entries`` (VALID ones only) from ``start``."""
         a = (start - self.start) >> PAGE_SHIFT
         b = a + len(entries)
-        valid = (entries >> np.uint64(63)) != 0
-        self.held -= int(np.count_nonzero(self.handed[a:b]))
+        if self.held:
+            self.held -= int(np.count_nonzero(self.handed[a:b]))
+        if entries.min() >= _VALID:  # the usual populate result: every entry VALID
+            self.handed[a:b] = entries
+            self.raw[a:b] = raw
+            self.held += len(entries)
+            return
+        valid = entries >= _VALID
         self.handed[a:b] = np.where(valid, entries, np.uint64(0))
         self.raw[a:b] = np.where(valid, raw, np.uint64(0))
         self.held += int(np.count_nonzero(valid))

@@ -1,17 +1,21 @@
 """Resolve a FAULT: wait out overlapping invalidations, populate, and read the entries.
 
 The loop mirrors ``hmm_range_fault`` plus the caller's ``-EBUSY`` retry:
-an overlapping active invalidation makes the fault wait, a change detected
-while faulting starts an invalidation and retries, and the whole thing gives
-up with EBUSY after the 1000 ms budget (``HMM_RANGE_DEFAULT_TIMEOUT``). The
-final read and the reply happen with no await in between, so an invalidation
-that starts later is always sent after the reply.
+an overlapping active invalidation makes the fault wait (``read_begin``), a
+populate pass is followed by a fresh look, and the whole thing gives up with
+EBUSY after the 1000 ms budget (``HMM_RANGE_DEFAULT_TIMEOUT``). The final read
+and the reply happen with no await in between, so an invalidation that starts
+later is always sent after the reply.
+
+A fault reads the live page table, so what it hands out is never stale, and
+it only replaces the faulting mirror's own shadow for the range. Stale
+translations other mirrors may hold are the watcher's and the DMA check's
+business; the fault need not look for them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import numpy as np
 from hmmirror.daemon.errors import RequestError
@@ -19,7 +23,6 @@ from hmmirror.daemon.linux import scan, vm
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PRESENT, Raw
 from hmmirror.daemon.mm import Mm
 from hmmirror.daemon.pagetable import derive, vma_perms
-from hmmirror.daemon.watch.proc import Change, detect
 from hmmirror.proto.entries import Entries
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import FaultMode
@@ -80,7 +83,6 @@ async def resolve(
     write: bool,
     mode: FaultMode,
     zero_pfn: int,
-    start_invalidations: Callable[[Mm, list[Change]], None],
 ) -> tuple[Entries, Raw]:
     """Return (entries, raw pagemap) for the range, faulting it in for POPULATE."""
     loop = asyncio.get_running_loop()
@@ -107,10 +109,6 @@ async def resolve(
             vmas = mm.view.maps()
         except ProcessLookupError as exc:
             raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited") from exc
-        changes = detect(mm, zero_pfn, start, end, vmas)
-        if changes:
-            start_invalidations(mm, changes)
-            continue
         perms = vma_perms(vmas, start, npages)
         readable, writable = perms.readable, perms.writable
         if mode == FaultMode.POPULATE:
@@ -122,22 +120,23 @@ async def resolve(
                 raise RequestError(
                     ErrorCode.EPERM, f"VMA at {bad:#x} in pid {mm.pid} is not writable"
                 )
-        raw = mm.view.pagemap(start, npages)
-        if mode == FaultMode.POPULATE:
-            missing = (raw & PM_PRESENT) == 0
-            if missing.any():
-                runs = page_runs(missing, start)
-                try:
-                    got = await loop.run_in_executor(None, populate, mm.pid, runs)
-                except OSError as exc:
-                    raise RequestError(
-                        ErrorCode.EFAULT, f"cannot fault in pid {mm.pid} at {runs[0][0]:#x}: {exc}"
-                    ) from exc
-                if got == 0:
-                    raise RequestError(
-                        ErrorCode.EFAULT, f"cannot fault in pid {mm.pid} at {runs[0][0]:#x}"
-                    )
-                continue
+        # Scratch: the handler copies what it keeps (hand_out) before any await.
+        raw = mm.view.pagemap(start, npages, scratch=True)
+        # One pass: is any page not present?
+        if mode == FaultMode.POPULATE and raw.min() < PM_PRESENT:
+            missing = raw < PM_PRESENT
+            runs = page_runs(missing, start)
+            try:
+                got = await loop.run_in_executor(None, populate, mm.pid, runs)
+            except OSError as exc:
+                raise RequestError(
+                    ErrorCode.EFAULT, f"cannot fault in pid {mm.pid} at {runs[0][0]:#x}: {exc}"
+                ) from exc
+            if got == 0:
+                raise RequestError(
+                    ErrorCode.EFAULT, f"cannot fault in pid {mm.pid} at {runs[0][0]:#x}"
+                )
+            continue
         huge = huge_pages(mm, start, npages)
         entries = derive(raw, perms, zero_pfn, write and mode == FaultMode.POPULATE, huge)
         return entries, raw

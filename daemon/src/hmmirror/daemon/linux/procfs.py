@@ -7,6 +7,7 @@ soft-dirty, 0..54 PFN (visible only with CAP_SYS_ADMIN at open time).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import mmap
 import os
@@ -109,6 +110,22 @@ def parse_maps(text: bytes) -> Vmas:
     )
 
 
+#: Reads of at least this many entries (256 MiB of VA) are split across two threads.
+SPLIT_PAGES = 1 << 16
+_READER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagemap")
+
+
+def _read_fully(fd: int, view: memoryview, off: int) -> None:
+    """preadv until ``view`` is full; zero what lies past the end of the address space."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], off + done)
+        if n <= 0:
+            view[done:] = b"\0" * (len(view) - done)
+            return
+        done += n
+
+
 class ProcessView:
     """Open handles on one process's maps and pagemap, kept for the process's lifetime.
 
@@ -118,6 +135,7 @@ class ProcessView:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self._scratch: Raw = np.empty(0, dtype=np.uint64)
         self._maps_fd = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
         try:
             self._pagemap_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -153,20 +171,33 @@ class ProcessView:
             ) from exc
         return parse_maps(b"".join(chunks))
 
-    def pagemap(self, start: int, npages: int) -> Raw:
-        """Read ``npages`` raw pagemap entries from virtual address ``start``."""
-        out = np.zeros(npages, dtype=np.uint64)
+    def pagemap(self, start: int, npages: int, *, scratch: bool = False) -> Raw:
+        """Read ``npages`` raw pagemap entries from virtual address ``start``.
+
+        With ``scratch`` the result lives in a buffer this view reuses, which
+        saves faulting in fresh memory for every large read; the caller must
+        be done with it before its next ``scratch`` read (no await in between).
+        """
+        if scratch:
+            if len(self._scratch) < npages:
+                self._scratch = np.empty(npages, dtype=np.uint64)
+            out = self._scratch[:npages]
+        else:
+            # np.empty, not zeros: preadv overwrites it all.
+            out = np.empty(npages, dtype=np.uint64)
         if npages == 0:
             return out
         view = out.data.cast("B")
         off = (start >> PAGE_SHIFT) * 8
-        done = 0
         try:
-            while done < len(view):
-                n = os.preadv(self._pagemap_fd, [view[done:]], off + done)
-                if n <= 0:
-                    break
-                done += n
+            if npages >= SPLIT_PAGES:
+                # preadv drops the GIL: read the first half on a helper thread meanwhile.
+                half = (npages // 2) * 8
+                other = _READER.submit(_read_fully, self._pagemap_fd, view[:half], off)
+                _read_fully(self._pagemap_fd, view[half:], off + half)
+                other.result()
+            else:
+                _read_fully(self._pagemap_fd, view, off)
         except OSError as exc:
             raise ProcessLookupError(
                 self.pid, f"process {self.pid} pagemap unreadable: {exc}"
