@@ -46,6 +46,21 @@ from hmmirror.proto.messages import (
 
 log = logging.getLogger(__name__)
 
+# pyzmq's constants are IntFlag enums; enum arithmetic on the hot path costs
+# microseconds per call, plain ints nothing.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+#: Event by wire value, without an Enum call per item (unknown values count as CLEAR).
+_EVENT_OF = tuple(Event)
+
+
+def _expire(fut: asyncio.Future[Envelope]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
 
 class Session:
     """A live session. Create it with ``connect``; it owns its socket and its mirrors."""
@@ -174,11 +189,15 @@ class Session:
         msg_id = self._next_id
         self._next_id += 1
         try:
-            self.sock.send_multipart(encode(msg, msg_id, re, bulk), zmq.NOBLOCK, copy=copy)
+            frames = encode(msg, msg_id, re, bulk)
+            sock = self.sock
+            for frame in frames[:-1]:
+                sock.send(frame, _NOBLOCK | _SNDMORE, copy=copy)
+            sock.send(frames[-1], _NOBLOCK, copy=copy)
         except zmq.Again as exc:
             raise DaemonUnavailable(f"send queue to {self.endpoint} is full") from exc
         finally:
-            if cast(int, self.sock.get(zmq.EVENTS)) & zmq.POLLIN:
+            if cast(int, self.sock.get(_EVENTS)) & _POLLIN:
                 self.loop.call_soon(self._drain)
         return msg_id
 
@@ -200,14 +219,17 @@ class Session:
         try:
             self._send(msg, bulk=bulk, copy=copy)
             wait = self.timeout if timeout is None else timeout
+            # A timer, not asyncio.wait_for: no extra task per request on the hot path.
+            timer = self.loop.call_later(wait, _expire, fut)
             try:
-                env = await asyncio.wait_for(fut, wait)
+                env = await fut
             except TimeoutError as exc:
                 raise RequestTimeout(
                     f"no reply to {msg.TYPE} id={msg_id} from hmmd at {self.endpoint} "
-                    f"in {wait:g} s; "
-                    "it may have taken effect"
+                    f"in {wait:g} s; it may have taken effect"
                 ) from exc
+            finally:
+                timer.cancel()
         finally:
             self._pending.pop(msg_id, None)
         if isinstance(env.msg, Error):
@@ -221,9 +243,11 @@ class Session:
     def _drain(self) -> None:
         sock = self.sock
         got_invalidate = False
-        while cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
+        while cast(int, sock.get(_EVENTS)) & _POLLIN:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = [sock.recv(_NOBLOCK)]
+                while sock.get(_RCVMORE):
+                    frames.append(sock.recv(_NOBLOCK))
             except zmq.Again:
                 break
             try:
@@ -255,9 +279,8 @@ class Session:
         for mirror_id, seq, start, end, event in msg.items:
             mirror = self.mirrors.get(mirror_id)
             if mirror is not None:
-                fences.extend(
-                    mirror._invalidate(seq, start, end, Event(event) if event <= 8 else Event.CLEAR)
-                )
+                kind = _EVENT_OF[event] if event < len(_EVENT_OF) else Event.CLEAR
+                fences.extend(mirror._invalidate(seq, start, end, kind))
         self._acks.append((msg.n, fences))
 
     def _advance_acks(self) -> None:

@@ -23,6 +23,14 @@ from hmmirror.proto.messages import MAX_FRAME
 
 log = logging.getLogger(__name__)
 
+# pyzmq's constants are IntFlag enums, and enum arithmetic costs microseconds per
+# call on the hot path; plain ints cost nothing.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+
 
 class Unreachable(Exception):
     """A message could not be queued to a peer (gone, or its pipe is full)."""
@@ -82,9 +90,11 @@ class Transport:
     def drain(self) -> None:
         """Receive every queued message (the FD is edge-triggered: drain fully)."""
         sock = self.sock
-        while cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
+        while cast(int, sock.get(_EVENTS)) & _POLLIN:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = [sock.recv(_NOBLOCK)]
+                while sock.get(_RCVMORE):
+                    frames.append(sock.recv(_NOBLOCK))
             except zmq.Again:
                 break
             if len(frames) < 2:
@@ -97,7 +107,12 @@ class Transport:
     def send(self, identity: bytes, frames: Sequence[Any], *, copy: bool = True) -> None:
         """Queue ``frames`` to ``identity`` without blocking; raise ``Unreachable`` on failure."""
         try:
-            self.sock.send_multipart([identity, *frames], zmq.NOBLOCK, copy=copy)
+            sock = self.sock
+            # A ROUTER queues nothing until the last frame, so a failure leaves no partial message.
+            sock.send(identity, _NOBLOCK | _SNDMORE)
+            for frame in frames[:-1]:
+                sock.send(frame, _NOBLOCK | _SNDMORE, copy=copy)
+            sock.send(frames[-1], _NOBLOCK, copy=copy)
         except zmq.Again as exc:
             raise Unreachable(f"peer {identity!r}: send queue full") from exc
         except zmq.ZMQError as exc:
@@ -105,7 +120,7 @@ class Transport:
                 raise Unreachable(f"peer {identity!r} is not connected") from exc
             raise
         finally:
-            if self.loop is not None and cast(int, self.sock.get(zmq.EVENTS)) & zmq.POLLIN:
+            if self.loop is not None and cast(int, self.sock.get(_EVENTS)) & _POLLIN:
                 self.loop.call_soon(self.drain)
 
     def close(self) -> None:
