@@ -360,7 +360,7 @@ class Fuzzer:
                 mode=self.uint(1),
             )
         if cls is M.SyncRange:
-            return M.SyncRange(pid=pid, start=self.addr(), end=self.addr(), event=self.uint(255))
+            return M.SyncRange(pid=pid, ranges=((self.addr(), self.addr()),), event=self.uint(255))
         if cls in (M.DmaRead, M.DmaWrite):
             return cls(mirror=self.uint(8), start=self.addr(), npages=self.npages(M.MAX_DMA_PAGES))
         if cls is M.Ack:
@@ -548,8 +548,8 @@ class Fuzzer:
                     pid=PID_MAX_EVER + 7, start_time=0, intervals=((0, PAGE_SIZE),), access=1
                 ),
                 M.Register(pid=os.getpid(), start_time=1, intervals=((0, PAGE_SIZE),), access=3),
-                M.SyncRange(pid=PID_MAX_EVER + 7, start=0, end=PAGE_SIZE, event=0),
-                M.SyncRange(pid=os.getpid(), start=PAGE_SIZE, end=0, event=5),
+                M.SyncRange(pid=PID_MAX_EVER + 7, ranges=((0, PAGE_SIZE),), event=0),
+                M.SyncRange(pid=os.getpid(), ranges=((PAGE_SIZE, 0),), event=5),
             ]
         )
         return self.valid(msg)

@@ -21,12 +21,12 @@ from typing import Any, cast
 import zmq
 from hmmirror.client.errors import DaemonUnavailable, RemoteError, RequestTimeout
 from hmmirror.client.mirror import Mirror
-from hmmirror.proto.codec import Envelope, decode, encode
+from hmmirror.proto.codec import Envelope, decode, encode, encode_ack
 from hmmirror.proto.errors import ErrorCode, ProtocolError
 from hmmirror.proto.messages import (
     MAX_FRAME,
+    MAX_ITEMS,
     Access,
-    Ack,
     Error,
     Event,
     Evicted,
@@ -81,6 +81,9 @@ class Session:
         self._fd = cast(int, self.sock.getsockopt(zmq.FD))
         self.loop = asyncio.get_running_loop()
         self._next_id = 1
+        self._recheck = False
+        self._syncs: dict[tuple[int, int], tuple[list[tuple[int, int]], asyncio.Future[None]]] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
         self.mirrors: dict[int, Mirror] = {}
         self._acks: deque[tuple[int, list[asyncio.Future[None]]]] = deque()
@@ -188,8 +191,11 @@ class Session:
     def _send(self, msg: Message, re: int = 0, bulk: Sequence[Any] = (), copy: bool = True) -> int:
         msg_id = self._next_id
         self._next_id += 1
+        self._send_frames(encode(msg, msg_id, re, bulk), copy)
+        return msg_id
+
+    def _send_frames(self, frames: list[Any], copy: bool = True) -> None:
         try:
-            frames = encode(msg, msg_id, re, bulk)
             sock = self.sock
             for frame in frames[:-1]:
                 sock.send(frame, _NOBLOCK | _SNDMORE, copy=copy)
@@ -197,9 +203,15 @@ class Session:
         except zmq.Again as exc:
             raise DaemonUnavailable(f"send queue to {self.endpoint} is full") from exc
         finally:
-            if cast(int, self.sock.get(_EVENTS)) & _POLLIN:
-                self.loop.call_soon(self._drain)
-        return msg_id
+            # A send can consume the FD's edge: look again once this tick is done, not per send.
+            if not self._recheck:
+                self._recheck = True
+                self.loop.call_soon(self._after_sends)
+
+    def _after_sends(self) -> None:
+        self._recheck = False
+        if cast(int, self.sock.get(_EVENTS)) & _POLLIN:
+            self._drain()
 
     async def request(
         self,
@@ -291,7 +303,8 @@ class Session:
         if upto > self._acked:
             self._acked = upto
             with contextlib.suppress(DaemonUnavailable):
-                self._send(Ack(n=upto))
+                self._next_id += 1
+                self._send_frames(encode_ack(upto, self._next_id))
 
     def _rehello(self) -> None:
         """After eviction the old session is fenced: open a fresh one for future mirrors."""
@@ -335,8 +348,48 @@ class Session:
         return mirror
 
     async def sync_range(self, pid: int, start: int, end: int, event: Event = Event.CLEAR) -> None:
-        """Invalidate [start, end) of ``pid``; return once every mirror acked or was evicted."""
-        await self.request(SyncRange(pid=pid, start=start, end=end, event=int(event)))
+        """Invalidate [start, end) of ``pid``; return once every mirror acked or was evicted.
+
+        Calls made in the same loop tick for the same process and event travel
+        as one ``sync_range`` message, and all of them return when it is answered.
+        """
+        if not 0 <= start < end <= 1 << 64:
+            raise ValueError(f"sync_range [{start:#x}, {end:#x}) is empty or out of range")
+        key = (pid, int(event))
+        batch = self._syncs.get(key)
+        if batch is None:
+            batch = self._syncs[key] = ([], self.loop.create_future())
+            if len(self._syncs) == 1:
+                self.loop.call_soon(self._flush_syncs)
+        batch[0].append((start, end))
+        # shield: one caller's cancellation must not cancel the batch the others wait on.
+        await asyncio.shield(batch[1])
+
+    def _flush_syncs(self) -> None:
+        batches, self._syncs = self._syncs, {}
+        for (pid, event), (ranges, fut) in batches.items():
+            task = asyncio.ensure_future(self._send_syncs(pid, event, ranges, fut))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send_syncs(
+        self, pid: int, event: int, ranges: list[tuple[int, int]], fut: asyncio.Future[None]
+    ) -> None:
+        try:
+            await asyncio.gather(
+                *(
+                    self.request(
+                        SyncRange(pid=pid, ranges=tuple(ranges[i : i + MAX_ITEMS]), event=event)
+                    )
+                    for i in range(0, len(ranges), MAX_ITEMS)
+                )
+            )
+        except Exception as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+        else:
+            if not fut.done():
+                fut.set_result(None)
 
     async def status(self) -> dict[str, int | float | str]:
         """The daemon's figures (see ``StatusReply``)."""

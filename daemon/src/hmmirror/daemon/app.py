@@ -372,8 +372,11 @@ class Daemon:
 
     def start_invalidations(self, mm: Mm, changes: list[Change]) -> None:
         """Begin an invalidation per change now; their completion is awaited in the background."""
+        by_event: dict[Event, list[tuple[int, int]]] = {}
         for start, end, event in changes:
-            self.invalidator.begin(mm, start, end, event)
+            by_event.setdefault(event, []).append((start, end))
+        for event, ranges in by_event.items():
+            self.invalidator.begin(mm, ranges, event)
 
     async def _watch(self, mm: Mm) -> None:
         """The proc watcher's poll loop: adaptive, bounded by its own cost."""
@@ -613,8 +616,8 @@ def on_sync_range(d: Daemon, identity: bytes, session: Session | None, env: Enve
     """The target's own sync_cpu_device_pagetables: invalidate now, answer after every ack."""
     msg = env.msg
     assert isinstance(msg, SyncRange)
-    if msg.start >= msg.end:
-        raise RequestError(ErrorCode.EINVAL, f"sync_range [{msg.start:#x}, {msg.end:#x}) is empty")
+    if not msg.ranges:
+        raise RequestError(ErrorCode.EINVAL, "sync_range names no range")
     try:
         event = Event(msg.event)
     except ValueError as exc:
@@ -625,9 +628,10 @@ def on_sync_range(d: Daemon, identity: bytes, session: Session | None, env: Enve
             start_time(msg.pid)
         except ProcessLookupError as exc:
             raise RequestError(ErrorCode.ESRCH, f"no process {msg.pid}") from exc
+    ranges = list(msg.ranges)
     pending = [
         inv.done
-        for inv in (d.invalidator.begin(mm, msg.start, msg.end, event) for mm in mms)
+        for inv in (d.invalidator.begin(mm, ranges, event) for mm in mms)
         if not inv.done.done()
     ]
     if not pending:

@@ -20,19 +20,18 @@ import numpy as np
 from hmmirror.daemon.mm import Mirror, Mm
 from hmmirror.daemon.server import Transport, Unreachable
 from hmmirror.daemon.session import Item, Session
-from hmmirror.proto.codec import encode
-from hmmirror.proto.messages import MAX_ITEMS, Event, Invalidate
+from hmmirror.proto.codec import encode_invalidate
+from hmmirror.proto.messages import MAX_ITEMS, Event
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
 class Invalidation:
-    """One invalidate_range_start/_end pair in flight."""
+    """One invalidate_range_start/_end pair in flight, over one or more ranges."""
 
     mm: Mm
-    start: int
-    end: int
+    ranges: list[tuple[int, int]]
     event: Event
     seq: int
     done: asyncio.Future[None]
@@ -42,6 +41,16 @@ class Invalidation:
     targets: int = 0
     timer: asyncio.TimerHandle | None = None
     finished: bool = False
+
+    @property
+    def start(self) -> int:
+        """Lowest invalidated address."""
+        return min(lo for lo, _ in self.ranges)
+
+    @property
+    def end(self) -> int:
+        """End of the highest invalidated range."""
+        return max(hi for _, hi in self.ranges)
 
     def acked(self, session: Session, items: int = 1) -> bool:
         """Count ``items`` of ``session``'s items as acked or forgiven; True once none are left."""
@@ -98,30 +107,41 @@ class Invalidator:
         self.count = 0
         self._flush_pending: set[Session] = set()
 
-    def begin(self, mm: Mm, start: int, end: int, event: Event) -> Invalidation:
-        """Open the seq window and queue the items now, synchronously.
+    def begin(self, mm: Mm, ranges: list[tuple[int, int]], event: Event) -> Invalidation:
+        """Open the seq window over ``ranges`` and queue the items now, synchronously.
 
-        Completion (every ack in, or the deadline's evictions done) closes the
-        window and resolves ``inv.done`` from callbacks; no task waits per
-        invalidation. Doing detection and the shadow zap synchronously keeps
-        them atomic with respect to the event loop: nobody sees a change
-        half-announced.
+        Each range counts as one invalidation; announcing several together (a
+        batched ``sync_range``, or one watcher poll's changes) shares a window
+        and the ack accounting. Completion (every ack in, or the deadline's
+        evictions done) closes the window and resolves ``inv.done`` from
+        callbacks: no task waits per invalidation. Doing detection and the
+        shadow zap synchronously keeps them atomic with respect to the event
+        loop: nobody sees a change half-announced.
         """
         loop = asyncio.get_running_loop()
-        seq = mm.invalidate_start(start, end)
-        inv = Invalidation(mm, start, end, event, seq, loop.create_future())
+        seq = mm.invalidate_start(ranges)
+        inv = Invalidation(mm, ranges, event, seq, loop.create_future())
         inv.t0 = time.perf_counter()
+        lo = min(start for start, _ in ranges)
+        hi = max(end for _, end in ranges)
+        ev = int(event)
         for mirror in list(mm.mirrors):
-            if mirror.dead or not mirror.overlaps(start, end):
+            if mirror.dead or not mirror.overlaps(lo, hi):
                 continue
-            mirror.zap(start, end)
-            lo, hi = max(start, mirror.lo), min(end, mirror.hi)
-            item = (mirror.id, seq, lo, hi, int(event))
-            inv.waiting[mirror.session] = inv.waiting.get(mirror.session, 0) + 1
-            self._queue(mirror.session, (item, inv, mirror))
+            mlo, mhi = mirror.lo, mirror.hi
+            session = mirror.session
+            queued = 0
+            for start, end in ranges:
+                if start < mhi and mlo < end and mirror.overlaps(start, end):
+                    mirror.zap(start, end)
+                    item = (mirror.id, seq, max(start, mlo), min(end, mhi), ev)
+                    self._queue(session, (item, inv, mirror))
+                    queued += 1
+            if queued:
+                inv.waiting[session] = inv.waiting.get(session, 0) + queued
         inv.targets = len(inv.waiting)
         if inv.waiting:
-            self.count += 1
+            self.count += len(ranges)
             inv.timer = loop.call_later(self.ack_deadline, self._expire, inv)
         else:
             self._complete(inv)
@@ -134,7 +154,7 @@ class Invalidator:
         inv.finished = True
         if inv.timer is not None:
             inv.timer.cancel()
-        inv.mm.invalidate_end(inv.start, inv.end)
+        inv.mm.invalidate_end(inv.ranges)
         if inv.targets and inv.acked_at and not inv.waiting:
             self.latency.add((inv.acked_at - inv.t0) * 1e6)
         if not inv.done.done():
@@ -157,7 +177,7 @@ class Invalidator:
 
     async def invalidate(self, mm: Mm, start: int, end: int, event: Event) -> Invalidation:
         """Invalidate [start, end) of ``mm`` and wait until every overlapping mirror acked."""
-        inv = self.begin(mm, start, end, event)
+        inv = self.begin(mm, [(start, end)], event)
         await asyncio.shield(inv.done)
         return inv
 
@@ -180,9 +200,9 @@ class Invalidator:
             n = session.next_n
             session.next_n += 1
             session.unacked.append((n, items))
-            msg = Invalidate(n=n, items=tuple(item for item, _, _ in items))
+            frames = encode_invalidate(n, [item for item, _, _ in items], session.take_id())
             try:
-                self.transport.send(session.identity, encode(msg, session.take_id()))
+                self.transport.send(session.identity, frames)
             except Unreachable as exc:
                 self.evict(session, f"INVALIDATE n={n} could not be delivered: {exc}")
                 return

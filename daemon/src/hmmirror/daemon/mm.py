@@ -142,21 +142,24 @@ class Mm:
         """The identity under which mirrors find this mm."""
         return (self.pid, self.start_time)
 
-    def invalidate_start(self, start: int, end: int) -> int:
+    def invalidate_start(self, ranges: list[tuple[int, int]]) -> int:
         """Open an invalidation window: ``seq`` goes odd (``mn_itree_inv_start_range``)."""
         self.active += 1
         self.seq |= 1
-        self.active_ranges.append((start, end))
+        self.active_ranges.extend(ranges)
         self.idle.clear()
         return self.seq
 
-    def invalidate_end(self, start: int, end: int) -> None:
+    def invalidate_end(self, ranges: list[tuple[int, int]]) -> None:
         """Leave the window; the last one out makes ``seq`` even and wakes waiting faults."""
         self.active -= 1
-        self.active_ranges.remove((start, end))
         if self.active == 0:
+            self.active_ranges.clear()
             self.seq += 1
             self.idle.set()
+        else:
+            for r in ranges:
+                self.active_ranges.remove(r)
 
     def busy(self, start: int, end: int) -> bool:
         """Whether an active invalidation overlaps [start, end) (``read_begin`` would sleep)."""

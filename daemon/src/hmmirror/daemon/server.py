@@ -61,6 +61,7 @@ class Transport:
         self.on_message = on_message
         self.endpoint = self._bind(endpoint)
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._recheck = False
         self._fd = cast(int, sock.getsockopt(zmq.FD))
 
     def _bind(self, endpoint: str) -> str:
@@ -120,8 +121,15 @@ class Transport:
                 raise Unreachable(f"peer {identity!r} is not connected") from exc
             raise
         finally:
-            if self.loop is not None and cast(int, self.sock.get(_EVENTS)) & _POLLIN:
-                self.loop.call_soon(self.drain)
+            # A send can consume the FD's edge: look again once this tick is done, not per send.
+            if self.loop is not None and not self._recheck:
+                self._recheck = True
+                self.loop.call_soon(self._after_sends)
+
+    def _after_sends(self) -> None:
+        self._recheck = False
+        if cast(int, self.sock.get(_EVENTS)) & _POLLIN:
+            self.drain()
 
     def close(self) -> None:
         """Stop draining and close the socket and context (linger 0)."""

@@ -293,20 +293,21 @@ class Evicted(Message):
 
 @dataclass(frozen=True)
 class SyncRange(Message):
-    """Agent or target → daemon: invalidate [start, end) of process ``pid`` now.
+    """Agent or target → daemon: invalidate ``ranges`` of process ``pid`` now.
 
-    The daemon starts an invalidation with ``event`` (an ``Event``) exactly as if
-    its watcher had seen a change, and answers ``ok`` only once every mirror
-    overlapping the range has acked or been evicted. This is
+    ``ranges`` is a list of at most 4096 [start, end) pairs, each counted as one
+    invalidation. The daemon invalidates them with ``event`` (an ``Event``)
+    exactly as if its watcher had seen the changes, and answers ``ok`` only once
+    every mirror overlapping any of them has acked or been evicted. This is
     ``sync_cpu_device_pagetables`` made literal: a target that calls it before
     changing its memory gets the kernel's invalidate-before-change order.
-    Answered by ``ok``, or ``error`` (ESRCH for an unknown process, EINVAL).
+    Clients coalesce concurrent calls into one message. Answered by ``ok``, or
+    ``error`` (ESRCH for an unknown process, EINVAL).
     """
 
     TYPE: ClassVar[str] = "sync_range"
     pid: int = wire(Kind.UINT, U32_MAX)
-    start: int = wire(Kind.UINT)
-    end: int = wire(Kind.UINT)
+    ranges: tuple[tuple[int, int], ...] = wire(Kind.INTERVALS, MAX_ITEMS)
     event: int = wire(Kind.UINT, 255)
 
 
