@@ -102,8 +102,11 @@ class Mirror:
         self.end = start + length
         self.npages = length >> PAGE_SHIFT
         self.access = access
-        #: The device page table: one hmm_pfn u64 per page.
+        #: The device page table: one hmm_pfn u64 per page. Read it; change it only
+        #: through the mirror's methods, which keep ``_held`` exact.
         self.table: Entries = np.zeros(self.npages, dtype=np.uint64)
+        #: How many entries of ``table`` are VALID: zapping an empty table costs nothing.
+        self._held = 0
         self.seq = reg.seq
         self._gen = 0
         self._counters = dict.fromkeys(COUNTER_NAMES, 0)
@@ -130,21 +133,24 @@ class Mirror:
         if len(self.events) < 4096:
             self.events.append((start, end, event))
         lo, hi = max(start, self.start), min(end, self.end)
-        if lo < hi:
+        if self._held and lo < hi:
             a, b = (lo - self.start) >> PAGE_SHIFT, (hi - self.start) >> PAGE_SHIFT
-            zapped = int(np.count_nonzero(self.table[a:b] & _VALID))
+            zapped = int(np.count_nonzero(self.table[a:b] >= _VALID))
             if zapped:
                 self.table[a:b] = 0
+                self._held -= zapped
                 self._counters["page_invalidations"] += zapped
                 self._counters["page_invalidations_handled"] += 1
         if event == Event.RELEASE:
             self.released = True
             self.table[:] = 0
+            self._held = 0
         return [f for s, e, f in self._inflight if s < end and start < e and not f.done()]
 
     def _drop(self, reason: str, evicted: bool = False) -> None:
         """The mirror is gone (session lost, evicted, closed): no translation survives."""
         self.table[:] = 0
+        self._held = 0
         self._gen += 1
         self.dropped = reason
         self._evicted = self._evicted or evicted
@@ -219,13 +225,16 @@ class Mirror:
                 addr + (off << PAGE_SHIFT), n, write, FaultMode.POPULATE
             )
             dst = self.table[a + off : a + off + n]
+            before = int(np.count_nonzero(dst >= _VALID)) if self._held else 0
             if entries.min() >= _VALID:  # every entry VALID: the usual populate result
                 dst[:] = entries
                 installed += n
+                self._held += n - before
             else:
                 valid = entries >= _VALID
                 np.copyto(dst, entries, where=valid)
                 installed += int(np.count_nonzero(valid))
+                self._held += int(np.count_nonzero(dst >= _VALID)) - before
         self._counters["page_faults"] += installed
         self._counters["page_faults_handled"] += 1
         return installed

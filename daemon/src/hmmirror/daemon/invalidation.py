@@ -128,17 +128,19 @@ class Invalidator:
         for mirror in list(mm.mirrors):
             if mirror.dead or not mirror.overlaps(lo, hi):
                 continue
-            mlo, mhi = mirror.lo, mirror.hi
-            session = mirror.session
-            queued = 0
+            mid, mlo, mhi = mirror.id, mirror.lo, mirror.hi
+            simple = len(mirror.spans) == 1  # one span: the bounds test is the overlap test
+            held = any(span.held for span in mirror.spans)
+            items = []
             for start, end in ranges:
-                if start < mhi and mlo < end and mirror.overlaps(start, end):
-                    mirror.zap(start, end)
-                    item = (mirror.id, seq, max(start, mlo), min(end, mhi), ev)
-                    self._queue(session, (item, inv, mirror))
-                    queued += 1
-            if queued:
-                inv.waiting[session] = inv.waiting.get(session, 0) + queued
+                if start < mhi and mlo < end and (simple or mirror.overlaps(start, end)):
+                    if held:
+                        mirror.zap(start, end)
+                    items.append((mid, seq, max(start, mlo), min(end, mhi), ev))
+            if items:
+                session = mirror.session
+                inv.waiting[session] = inv.waiting.get(session, 0) + len(items)
+                self._queue(session, [(item, inv, mirror) for item in items])
         inv.targets = len(inv.waiting)
         if inv.waiting:
             self.count += len(ranges)
@@ -181,8 +183,8 @@ class Invalidator:
         await asyncio.shield(inv.done)
         return inv
 
-    def _queue(self, session: Session, item: Item) -> None:
-        session.batch.append(item)
+    def _queue(self, session: Session, items: list[Item]) -> None:
+        session.batch.extend(items)
         if not session.unacked and session not in self._flush_pending:
             self.flush(session)  # nothing in flight: send at once, no batching delay
         elif session not in self._flush_pending:
@@ -199,7 +201,11 @@ class Invalidator:
             items, session.batch = session.batch[:MAX_ITEMS], session.batch[MAX_ITEMS:]
             n = session.next_n
             session.next_n += 1
-            session.unacked.append((n, items))
+            # Credit acks per invalidation, not per item: one ACK may cover thousands.
+            counts: dict[Invalidation, int] = {}
+            for _, inv, _ in items:
+                counts[inv] = counts.get(inv, 0) + 1
+            session.unacked.append((n, items, counts))
             frames = encode_invalidate(n, [item for item, _, _ in items], session.take_id())
             try:
                 self.transport.send(session.identity, frames)
@@ -210,15 +216,15 @@ class Invalidator:
     def on_ack(self, session: Session, n: int) -> None:
         """Apply a cumulative ``ACK(n)`` from ``session``."""
         while session.unacked and session.unacked[0][0] <= n:
-            _, items = session.unacked.popleft()
-            for _, inv, _ in items:
-                if inv.acked(session):
+            _, _, counts = session.unacked.popleft()
+            for inv, count in counts.items():
+                if inv.acked(session, count):
                     self._complete(inv)
 
     def forgive(self, session: Session) -> None:
         """Drop ``session``'s outstanding items (it was evicted or left): nobody waits on it."""
         items = list(session.batch)
-        for _, unacked in session.unacked:
+        for _, unacked, _ in session.unacked:
             items.extend(unacked)
         session.batch.clear()
         session.unacked.clear()

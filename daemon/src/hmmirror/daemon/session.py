@@ -32,7 +32,7 @@ class Session:
     next_n: int = 1
     next_id: int = 1
     batch: list[Item] = field(default_factory=list)
-    unacked: deque[tuple[int, list[Item]]] = field(default_factory=deque)
+    unacked: deque[tuple[int, list[Item], dict[Invalidation, int]]] = field(default_factory=deque)
 
     def take_id(self) -> int:
         """A fresh header id for a daemon-originated message."""
@@ -41,7 +41,7 @@ class Session:
 
     def pending_overlap(self, mirror: Mirror, start: int, end: int) -> bool:
         """Whether an INVALIDATE of [start, end) for ``mirror`` is queued or unacked."""
-        for items in (self.batch, *(items for _, items in self.unacked)):
+        for items in (self.batch, *(items for _, items, _ in self.unacked)):
             for (_, _, lo, hi, _), _, m in items:
                 if m is mirror and lo < end and start < hi:
                     return True
