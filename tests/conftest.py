@@ -120,6 +120,14 @@ def _read_ready_line(proc: subprocess.Popen[bytes], deadline: float) -> str:
         sel.close()
 
 
+def _die_with_parent() -> None:
+    """In the daemon child: get SIGTERM if pytest dies, so no hmmd outlives a killed run."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _drain(proc: subprocess.Popen[bytes], sink: list[str]) -> None:
     """Keep reading hmmd's stdout so a chatty daemon never blocks on a full pipe."""
     assert proc.stdout is not None
@@ -148,7 +156,13 @@ def hmmd(request: pytest.FixtureRequest) -> Iterator[Hmmd]:
         "200ms",
     ]
     with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            preexec_fn=_die_with_parent,
+        )
     daemon = Hmmd(endpoint, proc, directory, stderr_path)
     drainer: threading.Thread | None = None
     try:

@@ -53,8 +53,6 @@ _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
-#: Event by wire value, without an Enum call per item (unknown values count as CLEAR).
-_EVENT_OF = tuple(Event)
 
 
 def _expire(fut: asyncio.Future[Envelope]) -> None:
@@ -82,6 +80,8 @@ class Session:
         self.loop = asyncio.get_running_loop()
         self._next_id = 1
         self._recheck = False
+        self._draining = False
+        self._sent_while_draining = False
         self._syncs: dict[tuple[int, int], tuple[list[tuple[int, int]], asyncio.Future[None]]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
@@ -203,8 +203,11 @@ class Session:
         except zmq.Again as exc:
             raise DaemonUnavailable(f"send queue to {self.endpoint} is full") from exc
         finally:
-            # A send can consume the FD's edge: look again once this tick is done, not per send.
-            if not self._recheck:
+            # A send can consume the FD's edge: look again, inside the drain loop if we
+            # are in it, else once this tick is done (never once per send).
+            if self._draining:
+                self._sent_while_draining = True
+            elif not self._recheck:
                 self._recheck = True
                 self.loop.call_soon(self._after_sends)
 
@@ -253,6 +256,16 @@ class Session:
     # --- inbound --------------------------------------------------------------------------------
 
     def _drain(self) -> None:
+        self._draining = True
+        try:
+            while self._drain_once():
+                pass  # a send during the pass may have consumed the FD's edge: look again
+        finally:
+            self._draining = False
+
+    def _drain_once(self) -> bool:
+        """Handle every queued message; return whether anything was sent meanwhile."""
+        self._sent_while_draining = False
         sock = self.sock
         got_invalidate = False
         while cast(int, sock.get(_EVENTS)) & _POLLIN:
@@ -284,15 +297,22 @@ class Session:
                 self.loop.call_soon(self._rehello)
         if got_invalidate:
             self._advance_acks()
+        return self._sent_while_draining
 
     def _on_invalidate(self, msg: Invalidate) -> None:
         self.invalidations_received += 1
         fences: list[asyncio.Future[None]] = []
-        for mirror_id, seq, start, end, event in msg.items:
+        items = msg.items
+        if items and items[0][0] == items[-1][0] and len(self.mirrors) == 1:
+            groups = {items[0][0]: list(items)}  # one mirror: the usual case, no regrouping
+        else:
+            groups = {}
+            for item in items:
+                groups.setdefault(item[0], []).append(item)
+        for mirror_id, mine in groups.items():
             mirror = self.mirrors.get(mirror_id)
             if mirror is not None:
-                kind = _EVENT_OF[event] if event < len(_EVENT_OF) else Event.CLEAR
-                fences.extend(mirror._invalidate(seq, start, end, kind))
+                fences.extend(mirror._invalidate_items(mine))
         self._acks.append((msg.n, fences))
 
     def _advance_acks(self) -> None:

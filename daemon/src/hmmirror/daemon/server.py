@@ -62,6 +62,8 @@ class Transport:
         self.endpoint = self._bind(endpoint)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._recheck = False
+        self._draining = False
+        self._sent_while_draining = False
         self._fd = cast(int, sock.getsockopt(zmq.FD))
 
     def _bind(self, endpoint: str) -> str:
@@ -90,6 +92,15 @@ class Transport:
 
     def drain(self) -> None:
         """Receive every queued message (the FD is edge-triggered: drain fully)."""
+        self._draining = True
+        try:
+            while self._drain_once():
+                pass  # a reply sent during the pass may have consumed the edge: look again
+        finally:
+            self._draining = False
+
+    def _drain_once(self) -> bool:
+        self._sent_while_draining = False
         sock = self.sock
         while cast(int, sock.get(_EVENTS)) & _POLLIN:
             try:
@@ -104,6 +115,7 @@ class Transport:
                 self.on_message(frames[0], frames[1:])
             except Exception:  # a handler bug must never take the loop down
                 log.exception("unhandled error while handling a message from %r", frames[0])
+        return self._sent_while_draining
 
     def send(self, identity: bytes, frames: Sequence[Any], *, copy: bool = True) -> None:
         """Queue ``frames`` to ``identity`` without blocking; raise ``Unreachable`` on failure."""
@@ -121,8 +133,11 @@ class Transport:
                 raise Unreachable(f"peer {identity!r} is not connected") from exc
             raise
         finally:
-            # A send can consume the FD's edge: look again once this tick is done, not per send.
-            if self.loop is not None and not self._recheck:
+            # A send can consume the FD's edge: look again, inside the drain loop if we
+            # are in it, else once this tick is done (never once per send).
+            if self._draining:
+                self._sent_while_draining = True
+            elif self.loop is not None and not self._recheck:
                 self._recheck = True
                 self.loop.call_soon(self._after_sends)
 
