@@ -15,11 +15,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 from hmmirror.daemon.mm import Mirror, Mm
 from hmmirror.daemon.server import Transport, Unreachable
-from hmmirror.daemon.session import Item, Session
+from hmmirror.daemon.session import Chunk, Session
 from hmmirror.proto.codec import encode_invalidate
 from hmmirror.proto.messages import MAX_ITEMS, Event
 
@@ -125,22 +126,29 @@ class Invalidator:
         lo = min(start for start, _ in ranges)
         hi = max(end for _, end in ranges)
         ev = int(event)
+        clipped_by_bounds: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for mirror in list(mm.mirrors):
             if mirror.dead or not mirror.overlaps(lo, hi):
                 continue
-            mid, mlo, mhi = mirror.id, mirror.lo, mirror.hi
-            simple = len(mirror.spans) == 1  # one span: the bounds test is the overlap test
-            held = any(span.held for span in mirror.spans)
-            items = []
-            for start, end in ranges:
-                if start < mhi and mlo < end and (simple or mirror.overlaps(start, end)):
-                    if held:
-                        mirror.zap(start, end)
-                    items.append((mid, seq, max(start, mlo), min(end, mhi), ev))
-            if items:
-                session = mirror.session
-                inv.waiting[session] = inv.waiting.get(session, 0) + len(items)
-                self._queue(session, [(item, inv, mirror) for item in items])
+            mlo, mhi = mirror.lo, mirror.hi
+            if len(mirror.spans) == 1:  # one span: clip once per distinct bounds, share it
+                clipped = clipped_by_bounds.get((mlo, mhi))
+                if clipped is None:
+                    clipped = clipped_by_bounds[(mlo, mhi)] = [
+                        (max(s, mlo), min(e, mhi)) for s, e in ranges if s < mhi and mlo < e
+                    ]
+            else:
+                clipped = [(max(s, mlo), min(e, mhi)) for s, e in ranges if mirror.overlaps(s, e)]
+            if not clipped:
+                continue
+            if any(span.held for span in mirror.spans):
+                for start, end in clipped:
+                    mirror.zap(start, end)
+            mid, session = mirror.id, mirror.session
+            inv.waiting[session] = inv.waiting.get(session, 0) + len(clipped)
+            for i in range(0, len(clipped), MAX_ITEMS):
+                part = clipped[i : i + MAX_ITEMS]
+                self._queue(session, ([(mid, seq, s, e, ev) for s, e in part], inv, mirror))
         inv.targets = len(inv.waiting)
         if inv.waiting:
             self.count += len(ranges)
@@ -183,8 +191,8 @@ class Invalidator:
         await asyncio.shield(inv.done)
         return inv
 
-    def _queue(self, session: Session, items: list[Item]) -> None:
-        session.batch.extend(items)
+    def _queue(self, session: Session, chunk: Chunk) -> None:
+        session.batch.append(chunk)
         if not session.unacked and session not in self._flush_pending:
             self.flush(session)  # nothing in flight: send at once, no batching delay
         elif session not in self._flush_pending:
@@ -196,17 +204,24 @@ class Invalidator:
         self.flush(session)
 
     def flush(self, session: Session) -> None:
-        """Send ``session``'s queued items now, as INVALIDATE batches."""
+        """Send ``session``'s queued chunks now, as INVALIDATE messages of at most MAX_ITEMS."""
         while session.batch and not session.fenced:
-            items, session.batch = session.batch[:MAX_ITEMS], session.batch[MAX_ITEMS:]
+            take, total = 0, 0
+            for chunk in session.batch:
+                if take and total + len(chunk[0]) > MAX_ITEMS:
+                    break
+                take += 1
+                total += len(chunk[0])
+            chunks, session.batch = session.batch[:take], session.batch[take:]
             n = session.next_n
             session.next_n += 1
             # Credit acks per invalidation, not per item: one ACK may cover thousands.
             counts: dict[Invalidation, int] = {}
-            for _, inv, _ in items:
-                counts[inv] = counts.get(inv, 0) + 1
-            session.unacked.append((n, items, counts))
-            frames = encode_invalidate(n, [item for item, _, _ in items], session.take_id())
+            for items, inv, _ in chunks:
+                counts[inv] = counts.get(inv, 0) + len(items)
+            session.unacked.append((n, chunks, counts))
+            wire = chunks[0][0] if take == 1 else list(chain.from_iterable(c[0] for c in chunks))
+            frames = encode_invalidate(n, wire, session.take_id())
             try:
                 self.transport.send(session.identity, frames)
             except Unreachable as exc:
@@ -223,13 +238,13 @@ class Invalidator:
 
     def forgive(self, session: Session) -> None:
         """Drop ``session``'s outstanding items (it was evicted or left): nobody waits on it."""
-        items = list(session.batch)
+        chunks = list(session.batch)
         for _, unacked, _ in session.unacked:
-            items.extend(unacked)
+            chunks.extend(unacked)
         session.batch.clear()
         session.unacked.clear()
-        for _, inv, _ in items:
-            if inv.acked(session):
+        for items, inv, _ in chunks:
+            if inv.acked(session, len(items)):
                 self._complete(inv)
 
     def pending_for(self, mirror: Mirror, start: int, end: int) -> bool:

@@ -15,8 +15,10 @@ if TYPE_CHECKING:
     from hmmirror.daemon.invalidation import Invalidation
     from hmmirror.daemon.mm import Mirror
 
-#: An INVALIDATE item queued for a session: (mirror, seq, start, end, event) and its invalidation.
-Item = tuple[tuple[int, int, int, int, int], "Invalidation", "Mirror"]
+#: Wire items [mirror, seq, start, end, event] of one mirror for one invalidation.
+Items = list[tuple[int, int, int, int, int]]
+#: What a session queues: one mirror's items for one invalidation, with both.
+Chunk = tuple[Items, "Invalidation", "Mirror"]
 
 
 @dataclass(eq=False)
@@ -31,8 +33,8 @@ class Session:
     fenced: bool = False
     next_n: int = 1
     next_id: int = 1
-    batch: list[Item] = field(default_factory=list)
-    unacked: deque[tuple[int, list[Item], dict[Invalidation, int]]] = field(default_factory=deque)
+    batch: list[Chunk] = field(default_factory=list)
+    unacked: deque[tuple[int, list[Chunk], dict[Invalidation, int]]] = field(default_factory=deque)
 
     def take_id(self) -> int:
         """A fresh header id for a daemon-originated message."""
@@ -41,8 +43,8 @@ class Session:
 
     def pending_overlap(self, mirror: Mirror, start: int, end: int) -> bool:
         """Whether an INVALIDATE of [start, end) for ``mirror`` is queued or unacked."""
-        for items in (self.batch, *(items for _, items, _ in self.unacked)):
-            for (_, _, lo, hi, _), _, m in items:
-                if m is mirror and lo < end and start < hi:
+        for chunks in (self.batch, *(chunks for _, chunks, _ in self.unacked)):
+            for items, _, m in chunks:
+                if m is mirror and any(lo < end and start < hi for _, _, lo, hi, _ in items):
                     return True
         return False
