@@ -52,7 +52,6 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
 
 
 def _expire(fut: asyncio.Future[Envelope]) -> None:
@@ -270,9 +269,13 @@ class Session:
         got_invalidate = False
         while cast(int, sock.get(_EVENTS)) & _POLLIN:
             try:
-                frames = [sock.recv(_NOBLOCK)]
-                while sock.get(_RCVMORE):
-                    frames.append(sock.recv(_NOBLOCK))
+                # Frames carry their own "more" flag: no RCVMORE query (an enum
+                # conversion plus a getsockopt) per frame.
+                frame = sock.recv(_NOBLOCK, copy=False)
+                frames = [frame]
+                while frame.more:
+                    frame = sock.recv(_NOBLOCK, copy=False)
+                    frames.append(frame)
             except zmq.Again:
                 break
             try:

@@ -31,7 +31,7 @@ from hmmirror.daemon.mm import Mirror, Mm, Span
 from hmmirror.daemon.server import Transport, Unreachable
 from hmmirror.daemon.session import Session
 from hmmirror.daemon.watch.proc import Change, detect
-from hmmirror.proto.codec import Envelope, decode, encode
+from hmmirror.proto.codec import Buffer, Envelope, decode, encode
 from hmmirror.proto.entries import from_wire
 from hmmirror.proto.errors import ErrorCode, ProtocolError
 from hmmirror.proto.messages import (
@@ -185,7 +185,7 @@ class Daemon:
             )
         self.send(identity, Error(code=int(code), message=message[:1024]), re=re)
 
-    def on_message(self, identity: bytes, frames: list[bytes]) -> None:
+    def on_message(self, identity: bytes, frames: Sequence[Buffer]) -> None:
         """Decode, authorise by session state, and dispatch one inbound message."""
         self.counters["messages"] += 1
         try:

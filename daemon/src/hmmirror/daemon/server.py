@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import zmq
+from hmmirror.proto.codec import Buffer
 from hmmirror.proto.messages import MAX_FRAME
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
 
 
 class Unreachable(Exception):
@@ -42,7 +42,7 @@ class Transport:
     def __init__(
         self,
         endpoint: str,
-        on_message: Callable[[bytes, list[bytes]], None],
+        on_message: Callable[[bytes, Sequence[Buffer]], None],
         *,
         hwm: int = 10000,
         heartbeat_ms: int = 1000,
@@ -104,15 +104,19 @@ class Transport:
         sock = self.sock
         while cast(int, sock.get(_EVENTS)) & _POLLIN:
             try:
-                frames = [sock.recv(_NOBLOCK)]
-                while sock.get(_RCVMORE):
-                    frames.append(sock.recv(_NOBLOCK))
+                # Frames carry their own "more" flag: no RCVMORE query (an enum
+                # conversion plus a getsockopt) per frame.
+                frame = sock.recv(_NOBLOCK, copy=False)
+                frames = [frame]
+                while frame.more:
+                    frame = sock.recv(_NOBLOCK, copy=False)
+                    frames.append(frame)
             except zmq.Again:
                 break
             if len(frames) < 2:
                 continue
             try:
-                self.on_message(frames[0], frames[1:])
+                self.on_message(frames[0].bytes, frames[1:])
             except Exception:  # a handler bug must never take the loop down
                 log.exception("unhandled error while handling a message from %r", frames[0])
         return self._sent_while_draining
