@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import operator
 import types
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ _VALID = np.uint64(HMM_PFN_VALID)
 _VALID_WRITE = np.uint64(HMM_PFN_VALID | HMM_PFN_WRITE)
 #: How many invalidations a mirror remembers in ``events`` (for tests and diagnostics).
 MAX_EVENTS_KEPT = 4096
+_RELEASE = int(Event.RELEASE)
+_EVENT_FIELD = operator.itemgetter(4)
 #: Event by wire value, without an Enum call per item.
 _EVENT_OF = tuple(Event)
 COUNTER_NAMES = (
@@ -159,7 +162,7 @@ class Mirror:
         The common case, a table with nothing to zap and no DMA in flight, costs
         one pass over the items whatever their number.
         """
-        if self._held or self._inflight or any(item[4] == Event.RELEASE for item in items):
+        if self._held or self._inflight or _RELEASE in map(_EVENT_FIELD, items):
             fences: list[asyncio.Future[None]] = []
             for _, seq, start, end, event in items:
                 kind = _EVENT_OF[event] if event < len(_EVENT_OF) else Event.CLEAR

@@ -80,7 +80,6 @@ class Session:
         self._next_id = 1
         self._recheck = False
         self._draining = False
-        self._sent_while_draining = False
         self._syncs: dict[tuple[int, int], tuple[list[tuple[int, int]], asyncio.Future[None]]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
@@ -204,9 +203,7 @@ class Session:
         finally:
             # A send can consume the FD's edge: look again, inside the drain loop if we
             # are in it, else once this tick is done (never once per send).
-            if self._draining:
-                self._sent_while_draining = True
-            elif not self._recheck:
+            if not self._draining and not self._recheck:
                 self._recheck = True
                 self.loop.call_soon(self._after_sends)
 
@@ -255,52 +252,51 @@ class Session:
     # --- inbound --------------------------------------------------------------------------------
 
     def _drain(self) -> None:
+        """Handle every queued message (the FD is edge-triggered: drain fully).
+
+        ``EVENTS`` is read after every message, so it also catches an edge that
+        a send made while handling (an ACK) may have consumed.
+        """
         self._draining = True
         try:
-            while self._drain_once():
-                pass  # a send during the pass may have consumed the FD's edge: look again
+            sock = self.sock
+            while cast(int, sock.get(_EVENTS)) & _POLLIN:
+                try:
+                    # Frames carry their own "more" flag: no RCVMORE query (an enum
+                    # conversion plus a getsockopt) per frame.
+                    frame = sock.recv(_NOBLOCK, copy=False)
+                    frames = [frame]
+                    while frame.more:
+                        frame = sock.recv(_NOBLOCK, copy=False)
+                        frames.append(frame)
+                except zmq.Again:
+                    break
+                self._handle(frames)
         finally:
             self._draining = False
 
-    def _drain_once(self) -> bool:
-        """Handle every queued message; return whether anything was sent meanwhile."""
-        self._sent_while_draining = False
-        sock = self.sock
-        got_invalidate = False
-        while cast(int, sock.get(_EVENTS)) & _POLLIN:
-            try:
-                # Frames carry their own "more" flag: no RCVMORE query (an enum
-                # conversion plus a getsockopt) per frame.
-                frame = sock.recv(_NOBLOCK, copy=False)
-                frames = [frame]
-                while frame.more:
-                    frame = sock.recv(_NOBLOCK, copy=False)
-                    frames.append(frame)
-            except zmq.Again:
-                break
-            try:
-                env = decode(frames)
-            except ProtocolError as exc:
-                log.warning("dropped a malformed message from hmmd: %s", exc)
-                continue
-            msg = env.msg
-            if env.re:
-                fut = self._pending.get(env.re)
-                if fut is not None and not fut.done():
-                    fut.set_result(env)
-            elif isinstance(msg, Invalidate):
-                self._on_invalidate(msg)
-                got_invalidate = True
-            elif isinstance(msg, Evicted):
-                for mirror_id in msg.mirrors:
-                    mirror = self.mirrors.get(mirror_id)
-                    if mirror is not None:
-                        mirror._drop(f"evicted: {msg.reason}", evicted=True)
-                log.warning("session %s evicted by hmmd: %s", self.name, msg.reason)
-                self.loop.call_soon(self._rehello)
-        if got_invalidate:
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        try:
+            env = decode(frames)
+        except ProtocolError as exc:
+            log.warning("dropped a malformed message from hmmd: %s", exc)
+            return
+        msg = env.msg
+        if env.re:
+            fut = self._pending.get(env.re)
+            if fut is not None and not fut.done():
+                fut.set_result(env)
+        elif isinstance(msg, Invalidate):
+            self._on_invalidate(msg)
+            # Ack now: the EVENTS check that follows then also covers the send's edge.
             self._advance_acks()
-        return self._sent_while_draining
+        elif isinstance(msg, Evicted):
+            for mirror_id in msg.mirrors:
+                mirror = self.mirrors.get(mirror_id)
+                if mirror is not None:
+                    mirror._drop(f"evicted: {msg.reason}", evicted=True)
+            log.warning("session %s evicted by hmmd: %s", self.name, msg.reason)
+            self.loop.call_soon(self._rehello)
 
     def _on_invalidate(self, msg: Invalidate) -> None:
         self.invalidations_received += 1

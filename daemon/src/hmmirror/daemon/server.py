@@ -63,7 +63,6 @@ class Transport:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._recheck = False
         self._draining = False
-        self._sent_while_draining = False
         self._fd = cast(int, sock.getsockopt(zmq.FD))
 
     def _bind(self, endpoint: str) -> str:
@@ -92,15 +91,15 @@ class Transport:
 
     def drain(self) -> None:
         """Receive every queued message (the FD is edge-triggered: drain fully)."""
+        # EVENTS is read again after every message, which also catches an edge that
+        # a reply sent while handling it may have consumed.
         self._draining = True
         try:
-            while self._drain_once():
-                pass  # a reply sent during the pass may have consumed the edge: look again
+            self._drain_all()
         finally:
             self._draining = False
 
-    def _drain_once(self) -> bool:
-        self._sent_while_draining = False
+    def _drain_all(self) -> None:
         sock = self.sock
         while cast(int, sock.get(_EVENTS)) & _POLLIN:
             try:
@@ -119,7 +118,6 @@ class Transport:
                 self.on_message(frames[0].bytes, frames[1:])
             except Exception:  # a handler bug must never take the loop down
                 log.exception("unhandled error while handling a message from %r", frames[0])
-        return self._sent_while_draining
 
     def send(self, identity: bytes, frames: Sequence[Any], *, copy: bool = True) -> None:
         """Queue ``frames`` to ``identity`` without blocking; raise ``Unreachable`` on failure."""
@@ -139,9 +137,7 @@ class Transport:
         finally:
             # A send can consume the FD's edge: look again, inside the drain loop if we
             # are in it, else once this tick is done (never once per send).
-            if self._draining:
-                self._sent_while_draining = True
-            elif self.loop is not None and not self._recheck:
+            if not self._draining and self.loop is not None and not self._recheck:
                 self._recheck = True
                 self.loop.call_soon(self._after_sends)
 
