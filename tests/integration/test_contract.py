@@ -231,3 +231,28 @@ async def test_stale_translation_is_refused(hmmd, puppet, agent):
         # Serving the old translation would return the old bytes with no fault.
         assert result.data == b"2" * PAGE
         assert result.faults == 1
+
+
+async def test_coalesced_sync_range_survives_one_cancelled_caller(hmmd, puppet, agent):
+    """Concurrent sync_range calls share one message; cancelling one must not cancel the rest."""
+    addr = await puppet.mmap(4 * PAGE)
+    await puppet.write(addr, b"s" * 4 * PAGE)
+    async with agent() as s, agent() as target_side:
+        mirror = await s.mirror(puppet.pid, addr, 4 * PAGE, Access.READ)
+        await mirror.read(addr, 4)
+        calls = [
+            asyncio.ensure_future(
+                target_side.sync_range(puppet.pid, addr + i * PAGE, addr + (i + 1) * PAGE)
+            )
+            for i in range(4)
+        ]
+        await asyncio.sleep(0)  # all four are now in one batch
+        calls[0].cancel()
+        done = await asyncio.wait_for(asyncio.gather(*calls[1:]), 5)
+        assert done == [None, None, None]
+        with pytest.raises(asyncio.CancelledError):
+            await calls[0]
+        # One message carried all four ranges: every page of the mirror was invalidated.
+        assert mirror.counters["page_invalidations"] == 4
+        stats = await s.status()
+        assert stats["invalidations"] == 4

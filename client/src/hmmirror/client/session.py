@@ -54,6 +54,18 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 
 
+class _Shared(asyncio.Future[None]):
+    """A future many callers await together, which refuses to be cancelled.
+
+    A cancelled waiter still gets its CancelledError (asyncio raises it when the
+    task resumes), but cannot cancel the batch everyone else waits on: what
+    ``asyncio.shield`` gives, without a wrapper future per caller.
+    """
+
+    def cancel(self, msg: object = None) -> bool:
+        return False
+
+
 def _expire(fut: asyncio.Future[Envelope]) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())
@@ -80,7 +92,7 @@ class Session:
         self._next_id = 1
         self._recheck = False
         self._draining = False
-        self._syncs: dict[tuple[int, int], tuple[list[tuple[int, int]], asyncio.Future[None]]] = {}
+        self._syncs: dict[tuple[int, int], tuple[list[tuple[int, int]], _Shared]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
         self.mirrors: dict[int, Mirror] = {}
@@ -377,12 +389,11 @@ class Session:
         key = (pid, int(event))
         batch = self._syncs.get(key)
         if batch is None:
-            batch = self._syncs[key] = ([], self.loop.create_future())
+            batch = self._syncs[key] = ([], _Shared(loop=self.loop))
             if len(self._syncs) == 1:
                 self.loop.call_soon(self._flush_syncs)
         batch[0].append((start, end))
-        # shield: one caller's cancellation must not cancel the batch the others wait on.
-        await asyncio.shield(batch[1])
+        await batch[1]
 
     def _flush_syncs(self) -> None:
         batches, self._syncs = self._syncs, {}
