@@ -111,14 +111,20 @@ def _check_uints(name: str, spec: Spec, value: Any) -> tuple[int, ...]:
 
 
 def _check_intervals(name: str, spec: Spec, value: Any) -> tuple[tuple[int, int], ...]:
-    out = []
+    out: list[tuple[int, int]] = []
+    append = out.append
     for pair in _list(name, spec, value):
+        if type(pair) is list and len(pair) == 2:  # the common case, inline
+            start, end = pair
+            if type(start) is int and type(end) is int and 0 <= start < end <= U64_MAX:
+                append((start, end))
+                continue
         if type(pair) not in (list, tuple) or len(pair) != 2:
             raise DecodeError(f"field {name!r} must hold [start, end] pairs")
         start, end = _uint(name, pair[0], U64_MAX), _uint(name, pair[1], U64_MAX)
         if start >= end:
             raise DecodeError(f"field {name!r} has an empty or reversed interval")
-        out.append((start, end))
+        append((start, end))
     return tuple(out)
 
 
