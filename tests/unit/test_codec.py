@@ -212,10 +212,8 @@ def _at_caps(cls: type[M.Message]) -> M.Message:
 def test_round_trip_at_declared_caps(cls: type[M.Message]) -> None:
     """Whatever the schema allows must fit the codec's frame limits (encode → decode).
 
-    Fails today for ``evicted`` (65 536 u64 mirror ids take up to 590 KB of msgpack) and
-    ``status_reply`` (256 stats with 64-char keys and 256-char values take up to 330 KB):
-    both exceed ``MAX_BODY`` (256 KiB), so a message the schema and SPEC.md allow, and
-    ``encode`` happily produces, is refused by the peer's ``decode`` with TOO_LARGE.
+    This caught ``evicted`` (65 536 mirror ids) and ``status_reply`` outgrowing the old
+    256 KiB body limit; the caps were brought in line (4096 ids, a 1 MiB body).
     """
     msg = _at_caps(cls)
     if cls.BULK:
