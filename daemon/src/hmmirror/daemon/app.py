@@ -630,23 +630,21 @@ def on_sync_range(d: Daemon, identity: bytes, session: Session | None, env: Enve
             raise RequestError(ErrorCode.ESRCH, f"no process {msg.pid}") from exc
     ranges = list(msg.ranges)
     pending = [
-        inv.done
-        for inv in (d.invalidator.begin(mm, ranges, event) for mm in mms)
-        if not inv.done.done()
+        inv for inv in (d.invalidator.begin(mm, ranges, event) for mm in mms) if not inv.finished
     ]
     if not pending:
         d.send(identity, Ok(), re=env.id)
         return
-    # Answer from callbacks once the last window closes: no task per call.
+    # Answer from the completion itself, inside the ACK's handling: no task, no extra turn.
     left = [len(pending)]
 
-    def one_done(_: object) -> None:
+    def one_done() -> None:
         left[0] -= 1
         if left[0] == 0:
             d.send(identity, Ok(), re=env.id)
 
-    for fut in pending:
-        fut.add_done_callback(one_done)
+    for inv in pending:
+        inv.on_done.append(one_done)
 
 
 #: The dispatch table: message class → (handler, needs a live session).

@@ -42,6 +42,8 @@ class Invalidation:
     targets: int = 0
     timer: asyncio.TimerHandle | None = None
     finished: bool = False
+    on_done: list[Callable[[], None]] = field(default_factory=list)
+    """Called synchronously when the window closes (before ``done`` wakes anyone)."""
 
     @property
     def start(self) -> int:
@@ -167,6 +169,8 @@ class Invalidator:
         inv.mm.invalidate_end(inv.ranges)
         if inv.targets and inv.acked_at and not inv.waiting:
             self.latency.add((inv.acked_at - inv.t0) * 1e6)
+        for hook in inv.on_done:
+            hook()
         if not inv.done.done():
             inv.done.set_result(None)
 
