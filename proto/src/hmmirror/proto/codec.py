@@ -122,7 +122,10 @@ def _unpack(frame: Buffer, limit: int, what: str) -> dict[str, Any]:
     try:
         # msgpack (>= 1.0) bounds every declared length by the buffer size, which is
         # checked above, so a peer can never make it allocate more than the frame.
-        value = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_ext_len=0)
+        # Arrays come back as tuples: the messages keep tuples anyway, so nothing is rebuilt.
+        value = msgpack.unpackb(
+            frame, raw=False, strict_map_key=True, max_ext_len=0, use_list=False
+        )
     except Exception as exc:  # msgpack raises a zoo of types; all mean "not our format"
         raise DecodeError(f"{what} is not valid msgpack: {exc}") from exc
     if type(value) is not dict:
@@ -141,7 +144,7 @@ def decode_header(frames: Sequence[Buffer]) -> tuple[str, int, int, tuple[int, i
             raise TooLarge(f"frame of {len(frame)} bytes exceeds {MAX_FRAME}")
     header = _unpack(frames[1], MAX_HEADER, "header")
     version = header.get("v")
-    if type(version) is not list or len(version) != 2:
+    if type(version) is not tuple or len(version) != 2:
         raise DecodeError("header field 'v' must be [major, minor]")
     major, minor = version
     if type(major) is not int or type(minor) is not int or not 0 <= major < 65536 > minor >= 0:
