@@ -68,7 +68,7 @@ def value_strategy(spec: Spec) -> st.SearchStrategy[Any]:
         )
         return st.lists(pair, max_size=cap).map(tuple)
     if kind is Kind.ITEMS:
-        item = st.tuples(_u64(), _u64(), _u64(), _u64(), _u64())
+        item = st.tuples(_u64(), _u64(), _u64(), _u64())
         return st.lists(item, max_size=cap).map(tuple)
     if kind is Kind.STATS:
         stat = st.one_of(
@@ -201,7 +201,7 @@ def _at_caps(cls: type[M.Message]) -> M.Message:
         elif k is Kind.INTERVALS:
             values[name] = ((U64_MAX - 1, U64_MAX),) * spec.max
         elif k is Kind.ITEMS:
-            values[name] = ((U64_MAX,) * 5,) * spec.max
+            values[name] = ((U64_MAX,) * 4,) * spec.max
         elif k is Kind.STATS:
             values[name] = {f"{i:03d}" + _max_string(61): _max_string(256) for i in range(spec.max)}
     return cls(**values)
@@ -396,7 +396,7 @@ def _small(cls: type[M.Message]) -> M.Message:
             Kind.STR: "s",
             Kind.UINTS: (1,),
             Kind.INTERVALS: ((0, 4096),),
-            Kind.ITEMS: ((1, 2, 3, 4, 5),),
+            Kind.ITEMS: ((1, 2, 3, 4),),
             Kind.STATS: {"k": 1},
         }[spec.kind]
     return cls(**values)
@@ -528,9 +528,11 @@ def test_malformed_intervals(intervals: Any) -> None:
 def test_oversize_lists_are_too_large() -> None:
     rejects(_register([[0, 4096]] * (M.MAX_INTERVALS + 1)), TooLarge, ErrorCode.TOO_LARGE)
     assert len(decode(_register([[0, 4096]] * M.MAX_INTERVALS)).msg.intervals) == 64
-    items = [[1, 1, 0, 4096, 0]] * (M.MAX_ITEMS + 1)
+    items = [[1, 0, 4096, 0]] * (M.MAX_ITEMS + 1)
     rejects(
-        _frames_with_body(M.Invalidate, {"n": 1, "items": items}), TooLarge, ErrorCode.TOO_LARGE
+        _frames_with_body(M.Invalidate, {"n": 1, "mirror": 1, "items": items}),
+        TooLarge,
+        ErrorCode.TOO_LARGE,
     )
     mirrors = [1] * ((1 << 16) + 1)
     rejects(
@@ -544,11 +546,11 @@ def test_oversize_lists_are_too_large() -> None:
 
 @pytest.mark.parametrize(
     "items",
-    [[[1, 2, 3, 4]], [[1, 2, 3, 4, 5, 6]], [[1, 2, 3, 4, -5]], [[1, 2, 3, 4, True]], [5], "x"],
+    [[[1, 2, 3]], [[1, 2, 3, 4, 5]], [[1, 2, 3, -4]], [[1, 2, 3, True]], [5], "x"],
 )
 def test_malformed_items(items: Any) -> None:
     rejects(
-        _frames_with_body(M.Invalidate, {"n": 1, "items": items}),
+        _frames_with_body(M.Invalidate, {"n": 1, "mirror": 1, "items": items}),
         DecodeError,
         ErrorCode.BAD_MESSAGE,
     )

@@ -63,7 +63,7 @@ _VALID_WRITE = np.uint64(HMM_PFN_VALID | HMM_PFN_WRITE)
 #: How many invalidations a mirror remembers in ``events`` (for tests and diagnostics).
 MAX_EVENTS_KEPT = 4096
 _RELEASE = int(Event.RELEASE)
-_EVENT_FIELD = operator.itemgetter(4)
+_EVENT_FIELD = operator.itemgetter(3)
 #: Event by wire value, without an Enum call per item.
 _EVENT_OF = tuple(Event)
 COUNTER_NAMES = (
@@ -125,7 +125,7 @@ class Mirror:
         self.dropped: str | None = None
         self._evicted = False
         self._inflight: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._events: list[tuple[int, int, int, int, int]] = []
+        self._events: list[tuple[int, int, int, int]] = []
         #: Testing hook: awaited between a FAULT reply and the read_retry check.
         self.fault_hook: Callable[[], Awaitable[None]] | None = None
 
@@ -138,7 +138,7 @@ class Mirror:
         self.seq = seq
         self._gen += 1
         if len(self._events) < MAX_EVENTS_KEPT:
-            self._events.append((self.id, seq, start, end, int(event)))
+            self._events.append((seq, start, end, int(event)))
         lo, hi = max(start, self.start), min(end, self.end)
         if self._held and lo < hi:
             a, b = (lo - self.start) >> PAGE_SHIFT, (hi - self.start) >> PAGE_SHIFT
@@ -155,20 +155,21 @@ class Mirror:
         return [f for s, e, f in self._inflight if s < end and start < e and not f.done()]
 
     def _invalidate_items(
-        self, items: list[tuple[int, int, int, int, int]]
+        self, items: tuple[tuple[int, int, int, int], ...]
     ) -> list[asyncio.Future[None]]:
-        """Apply one INVALIDATE's items for this mirror; return the DMAs the ACK must wait for.
+        """Apply one INVALIDATE's items ``[seq, start, end, event]``; return the DMAs to wait for.
 
         The common case, a table with nothing to zap and no DMA in flight, costs
         one pass over the items whatever their number.
         """
         if self._held or self._inflight or _RELEASE in map(_EVENT_FIELD, items):
             fences: list[asyncio.Future[None]] = []
-            for _, seq, start, end, event in items:
+            for seq, start, end, event in items:
                 kind = _EVENT_OF[event] if event < len(_EVENT_OF) else Event.CLEAR
                 fences.extend(self._invalidate(seq, start, end, kind))
             return fences
-        self.seq = items[-1][1]
+        if items:
+            self.seq = items[-1][0]
         self._gen += 1
         room = MAX_EVENTS_KEPT - len(self._events)
         if room > 0:
@@ -180,7 +181,7 @@ class Mirror:
         """The first invalidations this mirror received: (start, end, event)."""
         return [
             (start, end, _EVENT_OF[ev] if ev < len(_EVENT_OF) else Event.CLEAR)
-            for _, _, start, end, ev in self._events
+            for _, start, end, ev in self._events
         ]
 
     def _drop(self, reason: str, evicted: bool = False) -> None:

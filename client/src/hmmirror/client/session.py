@@ -312,18 +312,8 @@ class Session:
 
     def _on_invalidate(self, msg: Invalidate) -> None:
         self.invalidations_received += 1
-        fences: list[asyncio.Future[None]] = []
-        items = msg.items
-        if items and items[0][0] == items[-1][0] and len(self.mirrors) == 1:
-            groups = {items[0][0]: list(items)}  # one mirror: the usual case, no regrouping
-        else:
-            groups = {}
-            for item in items:
-                groups.setdefault(item[0], []).append(item)
-        for mirror_id, mine in groups.items():
-            mirror = self.mirrors.get(mirror_id)
-            if mirror is not None:
-                fences.extend(mirror._invalidate_items(mine))
+        mirror = self.mirrors.get(msg.mirror)
+        fences = mirror._invalidate_items(msg.items) if mirror is not None else []
         self._acks.append((msg.n, fences))
 
     def _advance_acks(self) -> None:

@@ -17,10 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain
 
+import msgpack
 import numpy as np
 from hmmirror.daemon.mm import Mirror, Mm
 from hmmirror.daemon.server import Transport, Unreachable
-from hmmirror.daemon.session import Chunk, Session
+from hmmirror.daemon.session import Chunk, Items, Session
 from hmmirror.proto.codec import encode_invalidate
 from hmmirror.proto.messages import MAX_ITEMS, Event
 
@@ -128,29 +129,36 @@ class Invalidator:
         lo = min(start for start, _ in ranges)
         hi = max(end for _, end in ranges)
         ev = int(event)
-        clipped_by_bounds: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        # Items carry no mirror id, so every mirror whose bounds clip the ranges the same
+        # way shares one item list, and it is packed for the wire once (Items.packed).
+        shared_by_bounds: dict[tuple[int, int], list[Items]] = {}
         for mirror in list(mm.mirrors):
             if mirror.dead or not mirror.overlaps(lo, hi):
                 continue
             mlo, mhi = mirror.lo, mirror.hi
-            if len(mirror.spans) == 1:  # one span: clip once per distinct bounds, share it
-                clipped = clipped_by_bounds.get((mlo, mhi))
-                if clipped is None:
-                    clipped = clipped_by_bounds[(mlo, mhi)] = [
-                        (max(s, mlo), min(e, mhi)) for s, e in ranges if s < mhi and mlo < e
-                    ]
-            else:
-                clipped = [(max(s, mlo), min(e, mhi)) for s, e in ranges if mirror.overlaps(s, e)]
-            if not clipped:
+            parts = shared_by_bounds.get((mlo, mhi)) if len(mirror.spans) == 1 else None
+            if parts is None:
+                clipped = [
+                    (max(s, mlo), min(e, mhi))
+                    for s, e in ranges
+                    if s < mhi and mlo < e and (len(mirror.spans) == 1 or mirror.overlaps(s, e))
+                ]
+                parts = [
+                    Items([(seq, s, e, ev) for s, e in clipped[i : i + MAX_ITEMS]])
+                    for i in range(0, len(clipped), MAX_ITEMS)
+                ]
+                if len(mirror.spans) == 1:
+                    shared_by_bounds[(mlo, mhi)] = parts
+            if not parts:
                 continue
             if any(span.held for span in mirror.spans):
-                for start, end in clipped:
-                    mirror.zap(start, end)
-            mid, session = mirror.id, mirror.session
-            inv.waiting[session] = inv.waiting.get(session, 0) + len(clipped)
-            for i in range(0, len(clipped), MAX_ITEMS):
-                part = clipped[i : i + MAX_ITEMS]
-                self._queue(session, ([(mid, seq, s, e, ev) for s, e in part], inv, mirror))
+                for part in parts:
+                    for _, start, end, _ in part.items:
+                        mirror.zap(start, end)
+            session = mirror.session
+            inv.waiting[session] = inv.waiting.get(session, 0) + sum(len(p.items) for p in parts)
+            for part in parts:
+                self._queue(session, (part, inv, mirror))
         inv.targets = len(inv.waiting)
         if inv.waiting:
             self.count += len(ranges)
@@ -208,24 +216,28 @@ class Invalidator:
         self.flush(session)
 
     def flush(self, session: Session) -> None:
-        """Send ``session``'s queued chunks now, as INVALIDATE messages of at most MAX_ITEMS."""
+        """Send ``session``'s queued chunks now: one INVALIDATE per run of chunks of one mirror."""
         while session.batch and not session.fenced:
+            first = session.batch[0]
             take, total = 0, 0
             for chunk in session.batch:
-                if take and total + len(chunk[0]) > MAX_ITEMS:
+                if take and (chunk[2] is not first[2] or total + len(chunk[0].items) > MAX_ITEMS):
                     break
                 take += 1
-                total += len(chunk[0])
+                total += len(chunk[0].items)
             chunks, session.batch = session.batch[:take], session.batch[take:]
             n = session.next_n
             session.next_n += 1
             # Credit acks per invalidation, not per item: one ACK may cover thousands.
             counts: dict[Invalidation, int] = {}
-            for items, inv, _ in chunks:
-                counts[inv] = counts.get(inv, 0) + len(items)
+            for part, inv, _ in chunks:
+                counts[inv] = counts.get(inv, 0) + len(part.items)
             session.unacked.append((n, chunks, counts))
-            wire = chunks[0][0] if take == 1 else list(chain.from_iterable(c[0] for c in chunks))
-            frames = encode_invalidate(n, wire, session.take_id())
+            if take == 1:
+                packed = first[0].packed()
+            else:
+                packed = msgpack.packb(list(chain.from_iterable(c[0].items for c in chunks)))
+            frames = encode_invalidate(n, first[2].id, packed, session.take_id())
             try:
                 self.transport.send(session.identity, frames)
             except Unreachable as exc:
@@ -247,8 +259,8 @@ class Invalidator:
             chunks.extend(unacked)
         session.batch.clear()
         session.unacked.clear()
-        for items, inv, _ in chunks:
-            if inv.acked(session, len(items)):
+        for part, inv, _ in chunks:
+            if inv.acked(session, len(part.items)):
                 self._complete(inv)
 
     def pending_for(self, mirror: Mirror, start: int, end: int) -> bool:

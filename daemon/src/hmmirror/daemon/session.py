@@ -11,13 +11,31 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import msgpack
+
 if TYPE_CHECKING:
     from hmmirror.daemon.invalidation import Invalidation
     from hmmirror.daemon.mm import Mirror
 
-#: Wire items [mirror, seq, start, end, event] of one mirror for one invalidation.
-Items = list[tuple[int, int, int, int, int]]
-#: What a session queues: one mirror's items for one invalidation, with both.
+
+class Items:
+    """Wire items ``[seq, start, end, event]`` of one invalidation, shared by every mirror
+    they apply to unchanged, and packed for the wire at most once."""
+
+    __slots__ = ("_packed", "items")
+
+    def __init__(self, items: list[tuple[int, int, int, int]]) -> None:
+        self.items = items
+        self._packed: bytes | None = None
+
+    def packed(self) -> bytes:
+        """``msgpack.packb(items)``, computed once."""
+        if self._packed is None:
+            self._packed = msgpack.packb(self.items)
+        return self._packed
+
+
+#: What a session queues: items for one mirror from one invalidation, with both.
 Chunk = tuple[Items, "Invalidation", "Mirror"]
 
 
@@ -44,7 +62,7 @@ class Session:
     def pending_overlap(self, mirror: Mirror, start: int, end: int) -> bool:
         """Whether an INVALIDATE of [start, end) for ``mirror`` is queued or unacked."""
         for chunks in (self.batch, *(chunks for _, chunks, _ in self.unacked)):
-            for items, _, m in chunks:
-                if m is mirror and any(lo < end and start < hi for _, _, lo, hi, _ in items):
+            for part, _, m in chunks:
+                if m is mirror and any(lo < end and start < hi for _, lo, hi, _ in part.items):
                     return True
         return False

@@ -252,17 +252,19 @@ class FaultReply(Message):
 
 @dataclass(frozen=True)
 class Invalidate(Message):
-    """Daemon → agent: zap these ranges, fence in-flight DMA, then ``ack``.
+    """Daemon → agent: zap these ranges of ``mirror``, fence in-flight DMA, then ``ack``.
 
     ``n`` is this connection's message number: it grows by one per INVALIDATE
-    the daemon sends on the session. Each item is ``[mirror, seq, start, end,
-    event]``: the mm's odd ``seq`` to record with ``set_seq``, the byte range
-    [start, end) and an ``Event``. RELEASE and EVICT items cover the whole mirror.
+    the daemon sends on the session. Each item is ``[seq, start, end, event]``:
+    the mm's odd ``seq`` to record with ``set_seq``, the byte range [start, end)
+    and an ``Event``; each item is one invalidation. RELEASE and EVICT items
+    cover the whole mirror.
     """
 
     TYPE: ClassVar[str] = "invalidate"
     n: int = wire(Kind.UINT)
-    items: tuple[tuple[int, int, int, int, int], ...] = wire(Kind.ITEMS, MAX_ITEMS)
+    mirror: int = wire(Kind.UINT)
+    items: tuple[tuple[int, int, int, int], ...] = wire(Kind.ITEMS, MAX_ITEMS)
 
 
 @dataclass(frozen=True)

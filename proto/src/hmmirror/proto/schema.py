@@ -35,7 +35,7 @@ class Kind(Enum):
     UINTS = "uints"
     """A list of at most ``max`` u64 values."""
     ITEMS = "items"
-    """A list of at most ``max`` invalidation items [mirror, seq, start, end, event]."""
+    """A list of at most ``max`` invalidation items [seq, start, end, event]."""
     STATS = "stats"
     """A map of at most ``max`` string keys to numbers or short strings."""
 
@@ -136,18 +136,17 @@ def _check_items(name: str, spec: Spec, value: Any) -> tuple[tuple[int, ...], ..
     append = out.append
     # Inline, no call per item: agents decode every item of every INVALIDATE.
     for item in _list(name, spec, value):
-        if type(item) is tuple and len(item) == 5:
-            a, b, c, d, e = item
+        if type(item) is tuple and len(item) == 4:
+            a, b, c, d = item
             # msgpack cannot carry an integer above 2^64-1: only the lower bound can fail.
             if (
-                type(a) is int and type(b) is int and type(c) is int
-                and type(d) is int and type(e) is int
-                and a >= 0 and b >= 0 and c >= 0 and d >= 0 and e >= 0
+                type(a) is int and type(b) is int and type(c) is int and type(d) is int
+                and a >= 0 and b >= 0 and c >= 0 and d >= 0
             ):  # fmt: skip
                 append(item)
                 continue
-        if type(item) not in (list, tuple) or len(item) != 5:
-            raise DecodeError(f"field {name!r} must hold 5-element items")
+        if type(item) not in (list, tuple) or len(item) != 4:
+            raise DecodeError(f"field {name!r} must hold 4-element items")
         append(tuple(_uint(name, v, U64_MAX) for v in item))
     return tuple(out)
 
