@@ -75,7 +75,9 @@ class LatencyLog:
     """A ring of the last invalidation round trips, in microseconds."""
 
     def __init__(self, size: int = 1 << 16) -> None:
-        self._ring = np.zeros(size, dtype=np.float64)
+        # A plain list: storing a float in it costs a fraction of a numpy scalar store,
+        # and this runs once per invalidation; numpy only does the rare percentile query.
+        self._ring: list[float] = [0.0] * size
         self._count = 0
 
     def add(self, micros: float) -> None:
@@ -88,7 +90,7 @@ class LatencyLog:
         n = min(self._count, len(self._ring))
         if n == 0:
             return [0.0 for _ in qs]
-        return [float(v) for v in np.percentile(self._ring[:n], qs)]
+        return [float(v) for v in np.percentile(np.array(self._ring[:n]), qs)]
 
     def reset(self) -> None:
         """Forget everything recorded."""

@@ -107,7 +107,14 @@ def encode_invalidate(n: int, mirror: int, packed_items: bytes, id: int) -> list
     header = msgpack.packb({"v": _HEADER_V, "type": "invalidate", "id": id, "re": 0})
     # A 3-entry map, keys in field order, the items value spliced in already packed.
     body = b"".join(
-        (b"\x83\xa1n", msgpack.packb(n), b"\xa6mirror", msgpack.packb(mirror), b"\xa5items", packed_items)
+        (
+            b"\x83\xa1n",
+            msgpack.packb(n),
+            b"\xa6mirror",
+            msgpack.packb(mirror),
+            b"\xa5items",
+            packed_items,
+        )
     )
     return [b"", header, body]
 
