@@ -263,3 +263,31 @@ async def test_coalesced_sync_range_survives_one_cancelled_caller(hmmd, puppet, 
         assert mirror.counters["page_invalidations"] == 4
         stats = await s.status()
         assert stats["invalidations"] == 4
+
+
+async def test_watcher_reports_fork_write_protect_and_cow_migration(hmmd, puppet, agent):
+    """fork write-protects the parent's pages (PROTECTION_PAGE); a write moves one (MIGRATE)."""
+    addr = await puppet.mmap(2 * PAGE)
+    await puppet.write(addr, b"p" * 2 * PAGE)
+    async with agent() as s:
+        writer = await s.mirror(puppet.pid, addr, PAGE, Access.READ | Access.WRITE)
+        reader = await s.mirror(puppet.pid, addr + PAGE, PAGE, Access.READ)
+        await writer.write(addr, b"w" * PAGE)
+        await reader.read(addr + PAGE, 1)
+        assert writer.table[0] & np.uint64(1 << 62), "a written, exclusive page maps WRITE"
+        before = int(live_pfns(puppet.pid, addr + PAGE, 1)[0])
+        child = await puppet.fork()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not writer.events:
+            await asyncio.sleep(0.02)
+        assert [e for _, _, e in writer.events] == [Event.PROTECTION_PAGE]
+        assert not reader.events, "a read-only translation survives fork's write-protect"
+        await puppet.write(addr + PAGE, b"c" * PAGE)  # COW: the parent gets a new page
+        assert int(live_pfns(puppet.pid, addr + PAGE, 1)[0]) != before
+        while time.monotonic() < deadline and not reader.events:
+            await asyncio.sleep(0.02)
+        assert [e for _, _, e in reader.events] == [Event.MIGRATE]
+        result = await reader.read(addr + PAGE, 1)
+        assert result.faults == 1 and result.data == b"c" * PAGE
+        assert await child.read(addr + PAGE, PAGE) == b"p" * PAGE
+        await child.exit()
