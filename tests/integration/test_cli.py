@@ -1,0 +1,178 @@
+"""The command lines as an operator meets them: help, configuration layers, exit codes,
+the socket's permissions, shutdown, hmmctl, and the demo (the main job)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+
+PY = sys.executable
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-m", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_hmmd_help_names_commands_and_layers():
+    out = run("hmmirror.daemon", "--help")
+    assert out.returncode == 0
+    for word in ("run", "check-config", "--print-config", "HMMIRROR_"):
+        assert word in out.stdout
+    sub = run("hmmirror.daemon", "run", "--help")
+    assert sub.returncode == 0 and "--ack-deadline" in sub.stdout
+
+
+def test_config_layers_file_then_environment_then_flags(tmp_path):
+    cfg = tmp_path / "hmmd.toml"
+    cfg.write_text('ack_deadline = "5s"\nheartbeat = "250ms"\npoll_max = "80ms"\n')
+    out = run(
+        "hmmirror.daemon", "--config", str(cfg), "--print-config", env={"HMMIRROR_HEARTBEAT": "2s"}
+    )
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(" = ", 1) for line in out.stdout.splitlines())
+    assert lines["ack_deadline"] == '"5s"'  # from the file
+    assert lines["heartbeat"] == '"2s"'  # the environment beats the file
+    assert lines["poll_max"] == '"0.08s"'
+    flagged = run(
+        "hmmirror.daemon", "--config", str(cfg), "run", "--ack-deadline", "750ms", "--print-config",
+        env={"HMMIRROR_HEARTBEAT": "2s"},
+    )  # fmt: skip
+    assert flagged.returncode == 0, flagged.stderr
+    assert 'ack_deadline = "0.75s"' in flagged.stdout  # flags beat everything
+
+
+@pytest.mark.parametrize(
+    "text, complaint",
+    [
+        ("ack_dedline = '2s'\n", "unknown key 'ack_dedline'"),
+        ("ack_deadline = 'soon'\n", "not a duration"),
+        ("endpoint = 'udp://x'\n", "endpoint must start with"),
+        ("poll_min = '1s'\npoll_max = '10ms'\n", "poll_min must not exceed poll_max"),
+        ("[hmmd\n", "hmmd.toml"),
+    ],
+)
+def test_bad_configuration_is_refused_with_exit_2(tmp_path, text, complaint):
+    cfg = tmp_path / "hmmd.toml"
+    cfg.write_text(text)
+    out = run("hmmirror.daemon", "--config", str(cfg), "check-config")
+    assert out.returncode == 2
+    assert complaint in out.stderr
+
+
+def test_good_configuration_checks_out(tmp_path):
+    cfg = tmp_path / "hmmd.toml"
+    cfg.write_text("[hmmd]\nack_deadline = '3s'\nlog_level = 'warning'\n")
+    out = run("hmmirror.daemon", "--config", str(cfg), "check-config")
+    assert out.returncode == 0 and "OK" in out.stdout
+
+
+def test_run_binds_a_0660_socket_and_stops_cleanly_on_sigterm():
+    directory = tempfile.mkdtemp(prefix="hmmc-", dir="/tmp")
+    endpoint = f"ipc://{directory}/hmmd.sock"
+    with subprocess.Popen(
+        [PY, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as proc:
+        _check_running_daemon(proc, directory, endpoint)
+
+
+def _check_running_daemon(proc: subprocess.Popen[str], directory: str, endpoint: str) -> None:
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == f"hmmd ready {endpoint}"
+        mode = stat.S_IMODE(os.stat(f"{directory}/hmmd.sock").st_mode)
+        assert mode == 0o660, oct(mode)
+        status = run("hmmirror.client.ctlapp", "--endpoint", endpoint, "status")
+        assert status.returncode == 0, status.stderr
+        assert "epoch" in status.stdout and "invalidations" in status.stdout
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_hmmctl_status_without_a_daemon_fails_fast_and_says_where():
+    t0 = time.monotonic()
+    out = run(
+        "hmmirror.client.ctlapp",
+        "--endpoint",
+        "ipc:///tmp/hmm-nobody-here.sock",
+        "--timeout",
+        "1",
+        "status",
+    )
+    assert out.returncode == 1
+    assert "ipc:///tmp/hmm-nobody-here.sock" in out.stderr
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_client_that_abandons_its_session_still_exits_promptly():
+    """Sockets, context and loop left open at exit must not hang the process (linger 0)."""
+    directory = tempfile.mkdtemp(prefix="hmmc-", dir="/tmp")
+    endpoint = f"ipc://{directory}/hmmd.sock"
+    with subprocess.Popen(
+        [PY, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as daemon:
+        _abandon_a_session(daemon, endpoint)
+
+
+def _abandon_a_session(daemon: subprocess.Popen[str], endpoint: str) -> None:
+    try:
+        assert daemon.stdout is not None and daemon.stdout.readline().startswith("hmmd ready")
+        script = textwrap.dedent(
+            f"""
+            import asyncio, os, sys
+            from hmmirror.client import Session
+            async def main():
+                s = Session({endpoint!r}, "abandoner", 5.0)
+                await s.open()
+                await s.sync_range(os.getpid(), 4096, 8192)
+                sys.exit(0)  # no close(): the session, its socket and context are abandoned
+            asyncio.run(main())
+            """
+        )
+        t0 = time.monotonic()
+        child = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=30)
+        assert child.returncode == 0, child.stderr
+        assert time.monotonic() - t0 < 10
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+
+
+def test_demo_runs_and_reports_zero_violations():
+    out = run("hmmirror.client.ctlapp", "demo", "--duration", "3", "--seed", "7", timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = out.stdout[out.stdout.index("hmmirror demo report") :]
+    rows = {
+        key.strip(): value.strip()
+        for key, value in (line.rsplit("  ", 1) for line in report.splitlines()[2:] if "  " in line)
+    }
+    assert rows["coherence violations"] == "0"
+    assert int(rows["invalidations (hmmd)"]) > 0
+    assert int(rows["rounds (quiescent checks)"]) >= 1
+    assert rows["seed"] == "7"
