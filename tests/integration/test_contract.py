@@ -26,8 +26,10 @@ from hmmirror.proto.messages import (
     Heartbeat,
     Hello,
     Invalidate,
+    Ok,
     Register,
     Registered,
+    Unregister,
     Welcome,
 )
 
@@ -291,3 +293,31 @@ async def test_watcher_reports_fork_write_protect_and_cow_migration(hmmd, puppet
         assert result.faults == 1 and result.data == b"c" * PAGE
         assert await child.read(addr + PAGE, PAGE) == b"p" * PAGE
         await child.exit()
+
+
+async def test_mm_is_forgotten_when_its_last_mirror_goes_mid_invalidation(hmmd, puppet, agent):
+    """An mm whose last mirror goes while an invalidation is open must still be forgotten."""
+    addr = await puppet.mmap(PAGE)
+    silent = RawAgent(hmmd.endpoint)
+    try:
+        assert isinstance((await silent.request(Hello(agent="silent"))).msg, Welcome)
+        silent.start_heartbeats()
+        reg = await silent.request(
+            Register(pid=puppet.pid, start_time=0, intervals=((addr, addr + PAGE),), access=1)
+        )
+        assert isinstance(reg.msg, Registered)
+        async with agent() as announcer:
+            assert (await announcer.status())["mms"] == 1
+            sync = asyncio.ensure_future(announcer.sync_range(puppet.pid, addr, addr + PAGE))
+            assert isinstance((await silent.recv(2.0)).msg, Invalidate)
+            # The last mirror goes while its invalidation is still waiting for the ack.
+            assert isinstance((await silent.request(Unregister(mirror=reg.msg.mirror))).msg, Ok)
+            await asyncio.wait_for(sync, 5)  # the silent session is evicted at the deadline
+            deadline = time.monotonic() + 3
+            while (await announcer.status())["mms"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            stats = await announcer.status()
+            assert stats["mirrors"] == 0
+            assert stats["mms"] == 0, "the mm (its pidfd, /proc fds and watcher) leaked"
+    finally:
+        silent.close()

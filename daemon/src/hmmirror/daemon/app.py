@@ -112,7 +112,9 @@ class Daemon:
         self.transport = Transport(
             config.endpoint, self.on_message, heartbeat_ms=config.heartbeat_ms
         )
-        self.invalidator = Invalidator(self.transport, config.ack_deadline, self.evict)
+        self.invalidator = Invalidator(
+            self.transport, config.ack_deadline, self.evict, self._on_mm_idle
+        )
         self.dma = DmaService(self.zero_pfn, self.start_invalidations)
         self.stopping = asyncio.Event()
 
@@ -345,7 +347,15 @@ class Daemon:
         if not mm.mirrors and not mm.released and mm.active == 0:
             self._drop_mm(mm)
 
+    def _on_mm_idle(self, mm: Mm) -> None:
+        """An mm's windows all closed: forget it if its last mirror went meanwhile."""
+        if not mm.mirrors and not mm.released:
+            self._drop_mm(mm)
+
     def _drop_mm(self, mm: Mm) -> None:
+        if mm.closed:
+            return  # never close a pidfd number twice: it may belong to someone else by now
+        mm.closed = True
         if self.mms.get(mm.key) is mm:
             del self.mms[mm.key]
         with contextlib.suppress(Exception):

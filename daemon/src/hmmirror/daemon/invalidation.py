@@ -105,10 +105,13 @@ class Invalidator:
         transport: Transport,
         ack_deadline: float,
         evict: Callable[[Session, str], None],
+        idle: Callable[[Mm], None],
     ) -> None:
         self.transport = transport
         self.ack_deadline = ack_deadline
         self.evict = evict
+        self.idle = idle
+        """Called when an mm's last open window closes (it may have lost its mirrors meanwhile)."""
         self.latency = LatencyLog()
         self.count = 0
         self._flush_pending: set[Session] = set()
@@ -177,6 +180,8 @@ class Invalidator:
         if inv.timer is not None:
             inv.timer.cancel()
         inv.mm.invalidate_end(inv.ranges)
+        if inv.mm.active == 0:
+            self.idle(inv.mm)
         if inv.targets and inv.acked_at and not inv.waiting:
             self.latency.add((inv.acked_at - inv.t0) * 1e6)
         for hook in inv.on_done:

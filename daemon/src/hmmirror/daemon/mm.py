@@ -132,6 +132,7 @@ class Mm:
     active_ranges: list[tuple[int, int]] = field(default_factory=list)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     released: bool = False
+    closed: bool = False
     watcher: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
