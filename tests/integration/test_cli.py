@@ -176,3 +176,13 @@ def test_demo_runs_and_reports_zero_violations():
     assert int(rows["invalidations (hmmd)"]) > 0
     assert int(rows["rounds (quiescent checks)"]) >= 1
     assert rows["seed"] == "7"
+
+
+def test_the_shipped_sample_configuration_is_valid_and_matches_the_defaults():
+    sample = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "hmmd.toml")
+    checked = run("hmmirror.daemon", "--config", sample, "check-config")
+    assert checked.returncode == 0, checked.stderr
+    with_sample = run("hmmirror.daemon", "--config", sample, "--print-config")
+    defaults = run("hmmirror.daemon", "--config", os.devnull, "--print-config")
+    assert with_sample.returncode == 0 and defaults.returncode == 0
+    assert with_sample.stdout == defaults.stdout, "the sample no longer shows the defaults"
