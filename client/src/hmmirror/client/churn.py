@@ -39,6 +39,7 @@ for _name in ("munmap", "mprotect", "madvise"):
 
 
 def _check(ret: int, what: str) -> None:
+    """Raise OSError with the C errno if the libc call ``what`` returned nonzero."""
     if ret != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {errno.errorcode.get(err, err)}")

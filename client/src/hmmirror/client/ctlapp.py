@@ -18,6 +18,7 @@ DEFAULT_ENDPOINT = "ipc:///run/hmmirror/hmmd.sock"
 
 
 def _parser() -> argparse.ArgumentParser:
+    """Build the ``hmmctl`` argument parser and its subcommands."""
     parser = argparse.ArgumentParser(
         prog="hmmctl",
         description="Inspect hmmirror's daemon, or run the self-contained demo.",

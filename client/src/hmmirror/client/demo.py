@@ -55,6 +55,7 @@ class Report:
 
 
 async def _start_daemon(endpoint: str, err: IO[bytes]) -> subprocess.Popen[bytes]:
+    """Start hmmd on ``endpoint``, logging to ``err``; return it once it is ready."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -78,6 +79,7 @@ async def _start_daemon(endpoint: str, err: IO[bytes]) -> subprocess.Popen[bytes
 
 
 async def _agent(mirror: Mirror, stats: AgentStats, rng: random.Random, until: float) -> None:
+    """One agent: random reads and writes through ``mirror`` until ``until``, counted."""
     loop = asyncio.get_running_loop()
     while loop.time() < until:
         page = rng.randrange(mirror.npages)
@@ -99,6 +101,7 @@ async def _agent(mirror: Mirror, stats: AgentStats, rng: random.Random, until: f
 
 
 def _table(report: Report, elapsed: float, out: IO[str], tty: bool) -> None:
+    """Write the live figures: the whole table on a terminal, else the summary line."""
     s = report.stats
     rows = [
         f"hmmirror demo  {elapsed:5.1f} s  round {report.rounds}",

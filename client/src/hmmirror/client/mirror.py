@@ -195,6 +195,7 @@ class Mirror:
     # --- helpers --------------------------------------------------------------------------------
 
     def _check_live(self) -> None:
+        """Raise if the mirror is unusable: its target exited, or it was evicted or dropped."""
         if self.released:
             raise DeviceError(errno.ESRCH, f"process {self.pid} of mirror {self.id} exited")
         if self._evicted:
@@ -203,6 +204,7 @@ class Mirror:
             raise DeviceError(errno.ENODEV, f"mirror {self.id}: {self.dropped}")
 
     def _range(self, addr: int, npages: int) -> tuple[int, int]:
+        """Check [addr, +npages) is page-aligned and inside the mirror; return its table slice."""
         if addr % PAGE_SIZE or npages <= 0:
             raise DeviceError(errno.EINVAL, f"bad range {addr:#x} + {npages} pages")
         end = addr + (npages << PAGE_SHIFT)
@@ -214,6 +216,7 @@ class Mirror:
         return (addr - self.start) >> PAGE_SHIFT, ((addr - self.start) >> PAGE_SHIFT) + npages
 
     async def _call(self, *args: object, **kw: object) -> Envelope:
+        """A session request, hmmd's refusals turned into _Stale, Evicted or DeviceError."""
         try:
             return await self.session.request(*args, **kw)  # type: ignore[arg-type]
         except RemoteError as exc:
@@ -292,12 +295,14 @@ class Mirror:
     # --- device accesses ----------------------------------------------------------------------
 
     def _first_missing(self, a: int, b: int, need: np.uint64) -> int | None:
+        """Offset from ``a`` of the first entry in [a, b) lacking ``need``, or None."""
         bad = np.flatnonzero((self.table[a:b] & need) != need)
         return int(bad[0]) if len(bad) else None
 
     async def _dma(
         self, msg: DmaRead | DmaWrite, entries: Entries, data: memoryview | None
     ) -> Envelope:
+        """Send a DMA request as an in-flight fence that overlapping ACKs wait for."""
         start, end = msg.start, msg.start + (msg.npages << PAGE_SHIFT)
         fence: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight.append((start, end, fence))
@@ -312,6 +317,7 @@ class Mirror:
     async def _access(
         self, addr: int, npages: int, payload: memoryview | None
     ) -> tuple[bytes, int]:
+        """Read (``payload`` None) or write via the table; return (data read, fault calls)."""
         write = payload is not None
         need = _VALID_WRITE if write else _VALID
         a, b = self._range(addr, npages)

@@ -31,6 +31,7 @@ class Violation:
 
 
 def _writable_pages(pid: int, start: int, npages: int) -> np.ndarray:
+    """Per page from ``start``: whether a writable VMA of ``pid`` covers it."""
     out = np.zeros(npages, dtype=np.bool_)
     end = start + (npages << PAGE_SHIFT)
     with open(f"/proc/{pid}/maps", "rb") as f:

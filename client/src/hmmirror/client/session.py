@@ -63,10 +63,12 @@ class _Shared(asyncio.Future[None]):
     """
 
     def cancel(self, msg: object = None) -> bool:
+        """Refuse: one waiter's cancellation must not cancel the shared batch."""
         return False
 
 
 def _expire(fut: asyncio.Future[Envelope]) -> None:
+    """The request's timer fired: fail ``fut`` with TimeoutError unless it was answered."""
     if not fut.done():
         fut.set_exception(TimeoutError())
 
@@ -169,6 +171,7 @@ class Session:
         self.ctx.term()
 
     async def _beat(self) -> None:
+        """Send heartbeats; lose the session on a missed lease, a fence or a new epoch."""
         assert self.welcome is not None
         interval = self.welcome.heartbeat_ms / 1000
         lease = self.welcome.lease_ms / 1000
@@ -199,12 +202,14 @@ class Session:
     # --- requests -------------------------------------------------------------------------------
 
     def _send(self, msg: Message, re: int = 0, bulk: Sequence[Any] = (), copy: bool = True) -> int:
+        """Encode and send ``msg`` under a fresh id; return the id."""
         msg_id = self._next_id
         self._next_id += 1
         self._send_frames(encode(msg, msg_id, re, bulk), copy)
         return msg_id
 
     def _send_frames(self, frames: list[Any], copy: bool = True) -> None:
+        """Send ``frames`` without blocking; DaemonUnavailable if the queue is full."""
         try:
             sock = self.sock
             for frame in frames[:-1]:
@@ -220,6 +225,7 @@ class Session:
                 self.loop.call_soon(self._after_sends)
 
     def _after_sends(self) -> None:
+        """Drain if this tick's sends consumed the FD's POLLIN edge."""
         self._recheck = False
         if cast(int, self.sock.get(_EVENTS)) & _POLLIN:
             self._drain()
@@ -288,6 +294,7 @@ class Session:
             self._draining = False
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
+        """Decode and dispatch one inbound message: a reply, INVALIDATE or EVICTED."""
         try:
             env = decode(frames)
         except ProtocolError as exc:
@@ -311,6 +318,7 @@ class Session:
             self.loop.call_soon(self._rehello)
 
     def _on_invalidate(self, msg: Invalidate) -> None:
+        """Zap the named mirror's entries; queue the ACK behind the DMA fences."""
         self.invalidations_received += 1
         mirror = self.mirrors.get(msg.mirror)
         fences = mirror._invalidate_items(msg.items) if mirror is not None else []
@@ -333,6 +341,7 @@ class Session:
         self._acked = 0
 
         async def again() -> None:
+            """Say HELLO again and keep the new WELCOME; failure is ignored."""
             with contextlib.suppress(Exception):
                 env = await self.request(
                     Hello(agent=self.name[:64], pid=os.getpid()), expect=Welcome
@@ -386,6 +395,7 @@ class Session:
         await batch[1]
 
     def _flush_syncs(self) -> None:
+        """Send this tick's batched ``sync_range`` calls, one task per (pid, event)."""
         batches, self._syncs = self._syncs, {}
         for (pid, event), (ranges, fut) in batches.items():
             task = asyncio.ensure_future(self._send_syncs(pid, event, ranges, fut))
@@ -395,6 +405,7 @@ class Session:
     async def _send_syncs(
         self, pid: int, event: int, ranges: list[tuple[int, int]], fut: asyncio.Future[None]
     ) -> None:
+        """Send one batch's ranges as SYNC_RANGE requests; settle ``fut`` with the outcome."""
         try:
             await asyncio.gather(
                 *(

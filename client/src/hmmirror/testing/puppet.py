@@ -281,6 +281,7 @@ class _Userfault:
         self._thread.start()
 
     def _run(self) -> None:
+        """Handler thread: UFFDIO_COPY the fill page into each faulting page until stopped."""
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
@@ -345,6 +346,7 @@ class _Delayed:
         self._thread.start()
 
     def _run(self, addr: int, length: int, delay_ns: int) -> None:
+        """Thread body: sleep ``delay_ns``, munmap, record errno and timings in ``result``."""
         t0 = time.monotonic_ns()
         _sleep_ns(self._libc, delay_ns)
         t1 = time.monotonic_ns()
@@ -353,6 +355,7 @@ class _Delayed:
         self.result = {"errno": e, "slept_ns": t1 - t0, "munmap_ns": time.monotonic_ns() - t1}
 
     def join(self, timeout: float) -> dict[str, Any]:
+        """Wait for the thread; return its result (ETIMEDOUT if it is still running)."""
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise OSError(errno.ETIMEDOUT, "munmap thread did not finish")
@@ -394,6 +397,7 @@ class _Target:
         }
 
     def _dial(self) -> socket.socket:
+        """Connect to the controller and announce our pid."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         addr = self.address
         if addr.startswith(_ABSTRACT_PREFIX):
@@ -428,9 +432,11 @@ class _Target:
     # -- ops; each returns (result, payload)
 
     def op_ping(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """Report our pid and parent pid."""
         return {"pid": os.getpid(), "ppid": os.getppid()}, b""
 
     def op_mmap(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """mmap with the given prot and flags (anonymous unless ``fd``); return the address."""
         flags = MAP_SHARED if a.get("shared") else MAP_PRIVATE
         fd = a.get("fd")
         if fd is None:
@@ -450,18 +456,22 @@ class _Target:
         return self.libc.check(ret, "mmap"), b""
 
     def op_munmap(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """munmap [addr, +length)."""
         return self.libc.check(self.libc.munmap(a["addr"], a["length"]), "munmap"), b""
 
     def op_mprotect(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """mprotect [addr, +length) to ``prot``."""
         ret = self.libc.mprotect(a["addr"], a["length"], parse_prot(a["prot"]))
         return self.libc.check(ret, "mprotect"), b""
 
     def op_madvise(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """madvise [addr, +length) with ``advice``, a name from ``MADV`` or a number."""
         advice = a["advice"]
         code = advice if isinstance(advice, int) else MADV[advice]
         return self.libc.check(self.libc.madvise(a["addr"], a["length"], code), "madvise"), b""
 
     def op_mremap(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """mremap [addr, +old_length) to ``new_length``; return the new address."""
         flags = MREMAP_MAYMOVE if a.get("maymove", True) else 0
         new = a.get("fixed")
         if new is not None:
@@ -472,6 +482,7 @@ class _Target:
         return self.libc.check(ret, "mremap"), b""
 
     def op_write(self, a: dict[str, Any], data: bytes) -> tuple[Any, bytes]:
+        """Store the payload at ``addr`` with CPU stores; return the bytes written."""
         self._check_access(a["addr"], len(data), write=True)
         # ctypes.memmove is a CFUNCTYPE call: it drops the GIL, so a userfaultfd
         # handler thread can resolve a fault this store raises.
@@ -479,6 +490,7 @@ class _Target:
         return len(data), b""
 
     def op_read(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """Load ``length`` bytes at ``addr`` with CPU loads; they are the reply payload."""
         n = a["length"]
         self._check_access(a["addr"], n, write=False)
         buf = ctypes.create_string_buffer(n)
@@ -486,6 +498,7 @@ class _Target:
         return n, buf.raw
 
     def op_open_tmpfile(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """Create an unnamed O_TMPFILE of ``size`` bytes in ``dir``; return its fd."""
         fd = os.open(a.get("dir", "/tmp"), os.O_TMPFILE | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.ftruncate(fd, a["size"])
@@ -495,27 +508,33 @@ class _Target:
         return fd, b""
 
     def op_open(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """Open ``path`` (read-write unless ``write`` is false); return the fd."""
         flags = os.O_RDWR if a.get("write", True) else os.O_RDONLY
         if a.get("create"):
             flags |= os.O_CREAT
         return os.open(a["path"], flags, 0o600), b""
 
     def op_close(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """Close ``fd``."""
         os.close(a["fd"])
         return 0, b""
 
     def op_pwrite(self, a: dict[str, Any], data: bytes) -> tuple[Any, bytes]:
+        """pwrite the payload to ``fd`` at ``offset``; return the bytes written."""
         return os.pwrite(a["fd"], data, a.get("offset", 0)), b""
 
     def op_pread(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """pread ``length`` bytes of ``fd`` at ``offset``; they are the reply payload."""
         data = os.pread(a["fd"], a["length"], a.get("offset", 0))
         return len(data), data
 
     def op_ftruncate(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """Set the size of ``fd`` to ``size`` bytes."""
         os.ftruncate(a["fd"], a["size"])
         return 0, b""
 
     def op_fork(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """fork(): the parent returns the child's pid; the child dials its own connection."""
         pid = os.fork()
         if pid == 0:
             # The child: drop the parent's connection and the parent's threads'
@@ -530,6 +549,7 @@ class _Target:
         return pid, b""
 
     def op_waitpid(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """Wait up to ``timeout`` for child ``pid`` to exit, reap it; return its status."""
         pid = a["pid"]
         pidfd = os.pidfd_open(pid)
         try:
@@ -542,33 +562,39 @@ class _Target:
         return {"status": status, "returncode": os.waitstatus_to_exitcode(status)}, b""
 
     def op_munmap_later(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """Start a thread that munmaps [addr, +length) after ``delay_ns``; return a handle."""
         h = self.next_handle
         self.next_handle += 1
         self.handles[h] = _Delayed(self.libc, a["addr"], a["length"], a["delay_ns"])
         return h, b""
 
     def op_join(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """Wait for a ``munmap_later`` handle; return what its thread recorded."""
         job = self.handles.pop(a["handle"])
         if not isinstance(job, _Delayed):
             raise OSError(errno.EINVAL, f"handle {a['handle']} is not a delayed munmap")
         return job.join(a.get("timeout", DEFAULT_TIMEOUT)), b""
 
     def op_uffd_register(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """Register [addr, +length) with userfaultfd, filled with ``fill``; return a handle."""
         h = self.next_handle
         self.next_handle += 1
         self.handles[h] = _Userfault(self.libc, a["addr"], a["length"], a.get("fill", 0))
         return h, b""
 
     def _uffd(self, h: int) -> _Userfault:
+        """The userfaultfd registration of handle ``h``; EINVAL if it is not one."""
         job = self.handles.get(h)
         if not isinstance(job, _Userfault):
             raise OSError(errno.EINVAL, f"handle {h} is not a userfaultfd")
         return job
 
     def op_uffd_stats(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """The counters of a userfaultfd handle."""
         return self._uffd(a["handle"]).stats(), b""
 
     def op_uffd_close(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """Unregister and close a userfaultfd handle; return its final counters."""
         job = self._uffd(a["handle"])
         stats = job.stats()
         job.close()
@@ -578,6 +604,7 @@ class _Target:
     # -- loop
 
     def _reply(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        """Send one reply: the JSON header with ``nbytes`` set, then the payload."""
         header["nbytes"] = len(payload)
         self.sock.sendall(json.dumps(header).encode() + b"\n" + payload)
 
@@ -647,9 +674,11 @@ class _Hub:
         self._writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> None:
+        """Listen on the hub's abstract unix socket."""
         self._server = await asyncio.start_unix_server(self._on_connect, path="\0" + self.name)
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read a process's hello; hand the connection to its ``claim``, or keep it."""
         self._writers.append(writer)
         try:
             async with asyncio.timeout(DEFAULT_TIMEOUT):
@@ -679,6 +708,7 @@ class _Hub:
             self._waiting.pop(pid, None)
 
     async def close(self) -> None:
+        """Stop listening and close every puppet connection."""
         if self._server is not None:
             self._server.close()
         for w in self._writers:
@@ -775,6 +805,7 @@ class Puppet:
 
     @staticmethod
     async def _claim_or_died(hub: _Hub, proc: asyncio.subprocess.Process, timeout: float) -> Conn:
+        """Wait for ``proc`` to connect; raise PuppetDied if it exits first."""
         claim = asyncio.ensure_future(hub.claim(proc.pid, timeout))
         died = asyncio.ensure_future(proc.wait())
         try:
@@ -842,12 +873,14 @@ class Puppet:
     async def _call(
         self, op: str, payload: bytes = b"", *, deadline: float | None = None, **args: Any
     ) -> Any:
+        """Run command ``op`` and return its result, dropping any reply payload."""
         result, _ = await self._call_bytes(op, payload, deadline=deadline, **args)
         return result
 
     async def _call_bytes(
         self, op: str, payload: bytes = b"", *, deadline: float | None = None, **args: Any
     ) -> tuple[Any, bytes]:
+        """Run command ``op`` with ``payload``; return (result, reply payload)."""
         if self._broken is not None:
             raise PuppetError(f"puppet pid {self.pid} is unusable: {self._broken}")
         if self._exited:

@@ -22,6 +22,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    """Build the ``hmmd`` argument parser and its subcommands."""
     parser = argparse.ArgumentParser(
         prog="hmmd",
         description="hmmirror host daemon: watches live processes' memory and sends synchronous, "
@@ -62,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(config_flags: dict[str, object], args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT, announcing readiness on stdout; return the exit code."""
     from hmmirror.daemon.app import Daemon
 
     config = load(args.config, flags=config_flags)
@@ -71,6 +73,7 @@ async def _run(config_flags: dict[str, object], args: argparse.Namespace) -> int
         loop.add_signal_handler(sig, daemon.stop)
 
     def ready(endpoint: str) -> None:
+        """Print the ``hmmd ready`` line (bound endpoint) and log the daemon's identity."""
         print(f"hmmd ready {endpoint}", flush=True)
         logging.getLogger("hmmirror.daemon").info(
             "hmmd ready on %s (epoch %s, zero_pfn %#x)", endpoint, daemon.epoch, daemon.zero_pfn

@@ -71,6 +71,7 @@ Handler = Callable[["Daemon", bytes, "Session | None", Envelope], "Awaitable[Non
 
 
 def _aligned_range(start: int, npages: int, what: str) -> int:
+    """Check a page-aligned, non-empty range inside user space; return its end."""
     if start % PAGE_SIZE:
         raise RequestError(ErrorCode.EINVAL, f"{what} start {start:#x} is not page-aligned")
     if npages == 0:
@@ -148,6 +149,7 @@ class Daemon:
         return task
 
     def _reap(self, task: asyncio.Task[Any]) -> None:
+        """Forget a finished task; log its exception if it failed."""
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("daemon task failed", exc_info=task.exception())
@@ -239,6 +241,7 @@ class Daemon:
             self.spawn(self._finish(identity, env, result))
 
     async def _finish(self, identity: bytes, env: Envelope, work: Awaitable[None]) -> None:
+        """Await a handler's deferred work; answer its failure with an error reply."""
         try:
             await work
         except RequestError as exc:
@@ -278,12 +281,14 @@ class Daemon:
             )
 
     def _close_session(self, session: Session) -> None:
+        """Forget ``session`` (GOODBYE or a new HELLO), forgiving acks, dropping mirrors."""
         self.invalidator.forgive(session)
         for mirror in list(session.mirrors.values()):
             self._drop_mirror(mirror)
         self.sessions.pop(session.identity, None)
 
     async def _sweep_leases(self) -> None:
+        """Each heartbeat interval, evict and forget the sessions past their lease."""
         lease = self.config.lease
         while True:
             await asyncio.sleep(self.config.heartbeat_ms / 1000)
@@ -297,6 +302,7 @@ class Daemon:
     # --- mms and mirrors ---------------------------------------------------------------------
 
     def _attach_mm(self, pid: int, wanted_start: int) -> Mm:
+        """The Mm of process ``pid`` (start time checked), reused or newly opened and watched."""
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError as exc:
@@ -338,6 +344,7 @@ class Daemon:
         return mm
 
     def _drop_mirror(self, mirror: Mirror) -> None:
+        """Forget ``mirror``; forget its mm too once nothing uses it."""
         mirror.dead = True
         mirror.session.mirrors.pop(mirror.id, None)
         self.mirrors.pop(mirror.id, None)
@@ -353,6 +360,7 @@ class Daemon:
             self._drop_mm(mm)
 
     def _drop_mm(self, mm: Mm) -> None:
+        """Stop watching ``mm`` and close its pidfd and view, once."""
         if mm.closed:
             return  # never close a pidfd number twice: it may belong to someone else by now
         mm.closed = True
@@ -367,6 +375,7 @@ class Daemon:
         mm.view.close()
 
     def _on_exit(self, mm: Mm) -> None:
+        """The target's pidfd became readable (it exited): start its RELEASE once."""
         asyncio.get_running_loop().remove_reader(mm.pidfd)
         if not mm.released:
             mm.released = True
@@ -582,6 +591,7 @@ async def on_fault(d: Daemon, identity: bytes, session: Session | None, env: Env
 
 
 def _dma_target(d: Daemon, session: Session, mirror_id: int, start: int, npages: int) -> Mirror:
+    """The live mirror a DMA names, checked to cover the page-aligned range."""
     mirror = d.mirror_of(session, mirror_id)
     end = _aligned_range(start, npages, "DMA")
     if mirror.span_for(start, end) is None:
@@ -649,6 +659,7 @@ def on_sync_range(d: Daemon, identity: bytes, session: Session | None, env: Enve
     left = [len(pending)]
 
     def one_done() -> None:
+        """One invalidation completed: answer OK once all of them have."""
         left[0] -= 1
         if left[0] == 0:
             d.send(identity, Ok(), re=env.id)

@@ -88,6 +88,7 @@ _LEVELS = {"debug", "info", "warning", "error"}
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
+    """Check and convert setting ``key`` read from ``source``; raise ConfigError."""
     if key in _DURATIONS:
         return parse_duration(value, f"{source}: {key}")
     if key in _FLOATS:

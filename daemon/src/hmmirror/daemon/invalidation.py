@@ -211,6 +211,7 @@ class Invalidator:
         return inv
 
     def _queue(self, session: Session, chunk: Chunk) -> None:
+        """Queue ``chunk``: send now if nothing is unacked, else flush later this tick."""
         session.batch.append(chunk)
         if not session.unacked and session not in self._flush_pending:
             self.flush(session)  # nothing in flight: send at once, no batching delay
@@ -219,6 +220,7 @@ class Invalidator:
             asyncio.get_running_loop().call_soon(self._scheduled_flush, session)
 
     def _scheduled_flush(self, session: Session) -> None:
+        """The deferred flush ``_queue`` scheduled for ``session``."""
         self._flush_pending.discard(session)
         self.flush(session)
 

@@ -66,6 +66,7 @@ class Transport:
         self._fd = cast(int, sock.getsockopt(zmq.FD))
 
     def _bind(self, endpoint: str) -> str:
+        """Bind the ROUTER, replacing a stale ipc socket file; return the bound endpoint."""
         if endpoint.startswith("ipc://"):
             path = endpoint[len("ipc://") :]
             directory = os.path.dirname(path)
@@ -100,6 +101,7 @@ class Transport:
             self._draining = False
 
     def _drain_all(self) -> None:
+        """Receive and dispatch whole messages while EVENTS shows POLLIN."""
         sock = self.sock
         while cast(int, sock.get(_EVENTS)) & _POLLIN:
             try:
@@ -142,6 +144,7 @@ class Transport:
                 self.loop.call_soon(self._after_sends)
 
     def _after_sends(self) -> None:
+        """Drain if this tick's sends consumed the FD's POLLIN edge."""
         self._recheck = False
         if cast(int, self.sock.get(_EVENTS)) & _POLLIN:
             self.drain()

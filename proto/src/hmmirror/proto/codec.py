@@ -53,6 +53,7 @@ _CHECKS: dict[type[Message], tuple[tuple[str, Validator, Spec], ...]] = {}
 
 
 def _fields(cls: type[Message]) -> tuple[tuple[str, Spec], ...]:
+    """The (name, spec) pairs of ``cls``'s wire fields in field order, cached per class."""
     cached = _FIELDS.get(cls)
     if cached is None:
         cached = tuple((f.name, f.metadata["wire"]) for f in dataclasses.fields(cls))
@@ -64,6 +65,7 @@ _NAMES: dict[type[Message], tuple[str, ...]] = {}
 
 
 def _names(cls: type[Message]) -> tuple[str, ...]:
+    """The wire field names of ``cls`` in field order, cached per class."""
     cached = _NAMES.get(cls)
     if cached is None:
         cached = _NAMES[cls] = tuple(name for name, _ in _fields(cls))
@@ -71,6 +73,7 @@ def _names(cls: type[Message]) -> tuple[str, ...]:
 
 
 def _checks(cls: type[Message]) -> tuple[tuple[str, Validator, Spec], ...]:
+    """The (name, validator, spec) triples ``decode`` runs for ``cls``, cached per class."""
     cached = _CHECKS.get(cls)
     if cached is None:
         cached = tuple((name, VALIDATORS[spec.kind], spec) for name, spec in _fields(cls))
@@ -129,6 +132,7 @@ def encode_ack(n: int, id: int) -> list[Any]:
 
 
 def _unpack(frame: Buffer, limit: int, what: str) -> dict[str, Any]:
+    """Unpack a header or body frame of at most ``limit`` bytes that must hold a map."""
     if len(frame) > limit:
         raise TooLarge(f"{what} frame of {len(frame)} bytes exceeds {limit}")
     try:

@@ -58,6 +58,7 @@ def wire(kind: Kind, max: int = U64_MAX, default: Any = dataclasses.MISSING) -> 
 
 
 def _uint(name: str, value: Any, bound: int) -> int:
+    """Return ``value`` if it is an int in [0, ``bound``]; else raise DecodeError or TooLarge."""
     if type(value) is not int:
         raise DecodeError(f"field {name!r} must be an unsigned integer, got {type(value).__name__}")
     if value < 0:
@@ -68,18 +69,21 @@ def _uint(name: str, value: Any, bound: int) -> int:
 
 
 def _check_uint(name: str, spec: Spec, value: Any) -> int:
+    """Validate a UINT field: an int in [0, ``spec.max``], the valid case first."""
     if type(value) is int and 0 <= value <= spec.max:
         return value
     return _uint(name, value, spec.max)
 
 
 def _check_bool(name: str, spec: Spec, value: Any) -> bool:
+    """Validate a BOOL field: a real bool, not an int."""
     if type(value) is not bool:
         raise DecodeError(f"field {name!r} must be a bool")
     return value
 
 
 def _check_str(name: str, spec: Spec, value: Any) -> str:
+    """Validate a STR field: a string of at most ``spec.max`` characters."""
     if type(value) is not str:
         raise DecodeError(f"field {name!r} must be a string")
     if len(value) > spec.max:
@@ -88,6 +92,7 @@ def _check_str(name: str, spec: Spec, value: Any) -> str:
 
 
 def _list(name: str, spec: Spec, value: Any) -> list[Any] | tuple[Any, ...]:
+    """Return ``value`` if it is a list or tuple of at most ``spec.max`` elements."""
     if type(value) is not list and type(value) is not tuple:
         raise DecodeError(f"field {name!r} must be a list")
     if len(value) > spec.max:
@@ -96,6 +101,7 @@ def _list(name: str, spec: Spec, value: Any) -> list[Any] | tuple[Any, ...]:
 
 
 def _check_stats(name: str, spec: Spec, value: Any) -> dict[str, Any]:
+    """Validate a STATS field: a bounded map of short keys to numbers or short strings."""
     if type(value) is not dict:
         raise DecodeError(f"field {name!r} must be a map")
     if len(value) > spec.max:
@@ -109,10 +115,12 @@ def _check_stats(name: str, spec: Spec, value: Any) -> dict[str, Any]:
 
 
 def _check_uints(name: str, spec: Spec, value: Any) -> tuple[int, ...]:
+    """Validate a UINTS field: a bounded list of u64 values, returned as a tuple."""
     return tuple(_uint(name, v, U64_MAX) for v in _list(name, spec, value))
 
 
 def _check_intervals(name: str, spec: Spec, value: Any) -> tuple[tuple[int, int], ...]:
+    """Validate an INTERVALS field: a bounded list of [start, end) u64 pairs, start < end."""
     out: list[tuple[int, int]] = []
     append = out.append
     for pair in _list(name, spec, value):
@@ -132,6 +140,7 @@ def _check_intervals(name: str, spec: Spec, value: Any) -> tuple[tuple[int, int]
 
 
 def _check_items(name: str, spec: Spec, value: Any) -> tuple[tuple[int, ...], ...]:
+    """Validate an ITEMS field: a bounded list of 4-element u64 items."""
     out: list[tuple[int, ...]] = []
     append = out.append
     # Inline, no call per item: agents decode every item of every INVALIDATE.

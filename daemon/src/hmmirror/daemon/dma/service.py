@@ -47,6 +47,7 @@ class DmaService:
         self.stale = 0
 
     def _refuse_stale(self, mm: Mm, start: int, end: int, why: str) -> RequestError:
+        """Count a STALE refusal, start the invalidations the range needs; return it."""
         self.stale += 1
         try:
             changes = detect(mm, self.zero_pfn, start, end)
@@ -59,6 +60,7 @@ class DmaService:
     def _precheck(
         self, mm: Mm, start: int, npages: int, entries: Entries, pending: bool, write: bool
     ) -> None:
+        """Refuse a DMA before copying: entries not VALID (or WRITE), pending or stale."""
         end = start + (npages << PAGE_SHIFT)
         if not ((entries & np.uint64(HMM_PFN_VALID)) != 0).all():
             raise RequestError(
@@ -90,6 +92,7 @@ class DmaService:
     def _fault_reason(
         self, mm: Mm, start: int, npages: int, write: bool, exc: OSError | None
     ) -> RequestError:
+        """Why a copy failed or fell short: ESRCH, EFAULT, EPERM, else STALE."""
         end = start + (npages << PAGE_SHIFT)
         try:
             vmas = mm.view.maps()

@@ -96,8 +96,10 @@ async def resolve(
                 f"fault of [{start:#x}, {end:#x}) of pid {mm.pid} kept racing invalidations "
                 f"for {RETRY_BUDGET:g} s",
             )
-        if mm.released:
-            raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited")
+        if mm.released or mm.closed:
+            raise RequestError(
+                ErrorCode.ESRCH, f"process {mm.pid} has exited or is no longer mirrored"
+            )
         if mm.busy(start, end):
             # mmu_interval_read_begin: sleep until the overlapping window closes.
             try:

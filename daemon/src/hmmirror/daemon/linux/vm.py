@@ -20,6 +20,8 @@ IOV_MAX = 1024
 
 
 class _Iovec(ctypes.Structure):
+    """``struct iovec``: one (base, length) run for process_vm_readv/writev."""
+
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
@@ -37,6 +39,7 @@ for _fn in (_libc.process_vm_readv, _libc.process_vm_writev):
 
 
 def _address(buf: Buffer) -> int:
+    """The address of ``buf``'s first byte."""
     # numpy gives the address of read-only buffers too (bytes, zmq frames).
     return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
 
