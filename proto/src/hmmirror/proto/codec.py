@@ -99,6 +99,17 @@ def encode(msg: Message, id: int, re: int = 0, bulk: Sequence[Any] = ()) -> list
 _HEADER_V = list(PROTOCOL_VERSION)
 
 
+def _head(mtype: str) -> bytes:
+    """The packed header up to the id's value: a 4-entry map in the general encoder's order."""
+    full: bytes = msgpack.packb({"v": _HEADER_V, "type": mtype, "id": 0, "re": 0})
+    return full[: -len(msgpack.packb(0) + _NO_RE)]
+
+
+_NO_RE = b"\xa2re\x00"  # the key "re" and the value 0, packed
+_INVALIDATE_HEAD = _head("invalidate")
+_ACK_HEAD = _head("ack")
+
+
 def encode_invalidate(n: int, mirror: int, packed_items: bytes, id: int) -> list[Any]:
     """``encode(Invalidate(n, mirror, items), id)`` from items packed once and shared.
 
@@ -107,7 +118,7 @@ def encode_invalidate(n: int, mirror: int, packed_items: bytes, id: int) -> list
     built per session. The bytes are identical to the general encoder's (the
     unit tests check it).
     """
-    header = msgpack.packb({"v": _HEADER_V, "type": "invalidate", "id": id, "re": 0})
+    header = b"".join((_INVALIDATE_HEAD, msgpack.packb(id), _NO_RE))
     # A 3-entry map, keys in field order, the items value spliced in already packed.
     body = b"".join(
         (
@@ -124,11 +135,8 @@ def encode_invalidate(n: int, mirror: int, packed_items: bytes, id: int) -> list
 
 def encode_ack(n: int, id: int) -> list[Any]:
     """``encode(Ack(n), id)`` for the agents' hot path; same bytes as the general encoder."""
-    return [
-        b"",
-        msgpack.packb({"v": _HEADER_V, "type": "ack", "id": id, "re": 0}),
-        msgpack.packb({"n": n}),
-    ]
+    header = b"".join((_ACK_HEAD, msgpack.packb(id), _NO_RE))
+    return [b"", header, msgpack.packb({"n": n})]
 
 
 def _unpack(frame: Buffer, limit: int, what: str) -> dict[str, Any]:
