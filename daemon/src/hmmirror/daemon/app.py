@@ -221,21 +221,8 @@ class Daemon:
             return
         try:
             result = handler(self, identity, session, env)
-        except RequestError as exc:
-            self.reject(
-                identity, exc.code, exc.message, env.id, env.type, bad=exc.code == ErrorCode.EINVAL
-            )
-            return
-        except Exception as exc:  # a handler bug: answer, log, keep serving
-            log.exception("%s id=%d from %r failed", env.type, env.id, identity)
-            self.reject(
-                identity,
-                ErrorCode.INTERNAL,
-                f"{env.type} failed: {exc}",
-                env.id,
-                env.type,
-                bad=False,
-            )
+        except Exception as exc:  # a typed refusal, or a handler bug: answer and keep serving
+            self._answer_failure(identity, env, exc)
             return
         if result is not None:
             self.spawn(self._finish(identity, env, result))
@@ -244,22 +231,20 @@ class Daemon:
         """Await a handler's deferred work; answer its failure with an error reply."""
         try:
             await work
-        except RequestError as exc:
-            self.reject(
-                identity, exc.code, exc.message, env.id, env.type, bad=exc.code == ErrorCode.EINVAL
-            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("%s id=%d from %r failed", env.type, env.id, identity)
-            self.reject(
-                identity,
-                ErrorCode.INTERNAL,
-                f"{env.type} failed: {exc}",
-                env.id,
-                env.type,
-                bad=False,
-            )
+            self._answer_failure(identity, env, exc)
+
+    def _answer_failure(self, identity: bytes, env: Envelope, exc: Exception) -> None:
+        """Answer a handler's failure: its typed error, or INTERNAL (logged) for a bug."""
+        if isinstance(exc, RequestError):
+            bad = exc.code == ErrorCode.EINVAL
+            self.reject(identity, exc.code, exc.message, env.id, env.type, bad=bad)
+            return
+        log.error("%s id=%d from %r failed", env.type, env.id, identity, exc_info=exc)
+        message = f"{env.type} failed: {exc}"
+        self.reject(identity, ErrorCode.INTERNAL, message, env.id, env.type, bad=False)
 
     # --- sessions ----------------------------------------------------------------------------
 
