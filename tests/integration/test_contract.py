@@ -20,6 +20,7 @@ from hmmirror.client import Access, DeviceError, Event
 from hmmirror.proto import decode, encode
 from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID
 from hmmirror.proto.messages import (
+    Ack,
     Error,
     Evicted,
     Fault,
@@ -321,3 +322,56 @@ async def test_mm_is_forgotten_when_its_last_mirror_goes_mid_invalidation(hmmd, 
             assert stats["mms"] == 0, "the mm (its pidfd, /proc fds and watcher) leaked"
     finally:
         silent.close()
+
+
+async def test_an_unreachable_first_agent_does_not_end_the_invalidation_for_the_others(
+    hmmd, puppet, agent
+):
+    """An agent gone without GOODBYE is evicted while the fan-out is still sending.
+
+    That eviction must not close the window: the live agent registered after it still has to
+    ack before sync_range answers (here it acks 0.4 s late, on purpose).
+    """
+    addr = await puppet.mmap(PAGE)
+    await puppet.write(addr, b"d" * PAGE)
+    dead = RawAgent(hmmd.endpoint)
+    assert isinstance((await dead.request(Hello(agent="dead"))).msg, Welcome)
+    assert isinstance(
+        (
+            await dead.request(
+                Register(pid=puppet.pid, start_time=0, intervals=((addr, addr + PAGE),), access=1)
+            )
+        ).msg,
+        Registered,
+    )
+    dead.close()  # no GOODBYE: its session lives on until the lease runs out
+    await asyncio.sleep(0.1)
+    slow = RawAgent(hmmd.endpoint)
+    try:
+        assert isinstance((await slow.request(Hello(agent="slow"))).msg, Welcome)
+        slow.start_heartbeats()
+        reg = await slow.request(
+            Register(pid=puppet.pid, start_time=0, intervals=((addr, addr + PAGE),), access=1)
+        )
+        assert isinstance(reg.msg, Registered)
+
+        async def ack_late() -> None:
+            inval = await slow.recv(5.0)
+            assert isinstance(inval.msg, Invalidate)
+            await asyncio.sleep(0.4)
+            slow.next_id += 1
+            await slow.sock.send_multipart(encode(Ack(n=inval.msg.n), slow.next_id))
+
+        acker = asyncio.ensure_future(ack_late())
+        async with agent() as announcer:
+            t0 = time.monotonic()
+            await announcer.sync_range(puppet.pid, addr, addr + PAGE)
+            elapsed = time.monotonic() - t0
+            await acker
+            assert elapsed >= 0.35, (
+                f"sync_range returned after {elapsed:.3f} s, before the live ack"
+            )
+            stats = await announcer.status()
+            assert stats["evictions"] == 1  # the dead one, and only it
+    finally:
+        slow.close()

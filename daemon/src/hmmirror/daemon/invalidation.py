@@ -137,6 +137,7 @@ class Invalidator:
         # Items carry no mirror id, so every mirror whose bounds clip the ranges the same
         # way shares one item list, and it is packed for the wire once (Items.packed).
         shared_by_bounds: dict[tuple[int, int], list[Items]] = {}
+        chunks: list[tuple[Session, Chunk]] = []
         for mirror in list(mm.mirrors):
             if mirror.dead or not mirror.overlaps(lo, hi):
                 continue
@@ -162,14 +163,17 @@ class Invalidator:
                         mirror.zap(start, end)
             session = mirror.session
             inv.waiting[session] = inv.waiting.get(session, 0) + sum(len(p.items) for p in parts)
-            for part in parts:
-                self._queue(session, (part, inv, mirror))
+            chunks.extend((session, (part, inv, mirror)) for part in parts)
         inv.targets = len(inv.waiting)
-        if inv.waiting:
-            self.count += len(ranges)
-            inv.timer = loop.call_later(self.ack_deadline, self._expire, inv)
-        else:
+        if not inv.waiting:
             self._complete(inv)
+            return inv
+        self.count += len(ranges)
+        inv.timer = loop.call_later(self.ack_deadline, self._expire, inv)
+        # Send only once every target is counted: a send that fails evicts its session and
+        # forgives its items, and that must not close the window on the others still to come.
+        for session, chunk in chunks:
+            self._queue(session, chunk)
         return inv
 
     def _complete(self, inv: Invalidation) -> None:
@@ -212,6 +216,11 @@ class Invalidator:
 
     def _queue(self, session: Session, chunk: Chunk) -> None:
         """Queue ``chunk``: send now if nothing is unacked, else flush later this tick."""
+        if session.fenced:  # evicted earlier in this fan-out: nobody will ack it
+            part, inv, _ = chunk
+            if inv.acked(session, len(part.items)):
+                self._complete(inv)
+            return
         session.batch.append(chunk)
         if not session.unacked and session not in self._flush_pending:
             self.flush(session)  # nothing in flight: send at once, no batching delay
