@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
-from hmmirror.client import Access, DeviceError, Event
+from hmmirror.client import Access, AgentError, DeviceError, Event
+from hmmirror.client import Evicted as MirrorEvicted
 from hmmirror.proto import decode, encode
 from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID
 from hmmirror.proto.messages import (
@@ -375,3 +376,30 @@ async def test_an_unreachable_first_agent_does_not_end_the_invalidation_for_the_
             assert stats["evictions"] == 1  # the dead one, and only it
     finally:
         slow.close()
+
+
+async def test_an_agent_evicted_for_a_stalled_loop_comes_back_with_a_fresh_session(
+    hmmd, puppet, agent
+):
+    """Past its lease the session is fenced; the agent must drop its mirrors and say HELLO again."""
+    addr = await puppet.mmap(PAGE)
+    await puppet.write(addr, b"e" * PAGE)
+    async with agent() as s:
+        old = await s.mirror(puppet.pid, addr, PAGE, Access.READ)
+        assert (await old.read(addr, 1)).faults == 1
+        time.sleep(1.2)  # the whole loop stalls past the 0.6 s lease (conftest: 200 ms heartbeats)
+        deadline = time.monotonic() + 5
+        while old.dropped is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        with pytest.raises(MirrorEvicted):
+            await old.read(addr, 1)
+        assert not (old.table & np.uint64(HMM_PFN_VALID)).any()
+        fresh = None
+        while fresh is None and time.monotonic() < deadline:
+            try:
+                fresh = await s.mirror(puppet.pid, addr, PAGE, Access.READ)
+            except AgentError:
+                await asyncio.sleep(0.05)  # the new HELLO may still be on its way
+        assert fresh is not None, f"the session never came back: {s.lost}"
+        result = await fresh.read(addr, 1)
+        assert result.faults == 1 and result.data == b"e" * PAGE

@@ -175,7 +175,7 @@ class Session:
         self.ctx.term()
 
     async def _beat(self) -> None:
-        """Send heartbeats; lose the session on a missed lease, a fence or a new epoch."""
+        """Send heartbeats: re-hello after a fence, lose the session on silence or a new epoch."""
         assert self.welcome is not None
         interval = self.welcome.heartbeat_ms / 1000
         lease = self.welcome.lease_ms / 1000
@@ -188,8 +188,12 @@ class Session:
                 return
             except RemoteError as exc:
                 if exc.code in (ErrorCode.FENCED, ErrorCode.NO_SESSION):
-                    self._lose(f"session ended by hmmd: {exc}")
-                    return
+                    # Evicted or expired, but hmmd is alive: drop every translation and
+                    # open a fresh session (SPEC: after FENCED, drop everything, hello again).
+                    for mirror in self.mirrors.values():
+                        mirror._drop(f"session ended by hmmd: {exc}", evicted=True)
+                    self._rehello()
+                    continue
                 raise
             assert isinstance(env.msg, HeartbeatAck)
             if env.msg.epoch != self.epoch:
@@ -334,13 +338,17 @@ class Session:
         while self._acks and all(f.done() for f in self._acks[0][1]):
             upto = self._acks.popleft()[0]
         if upto > self._acked:
-            self._acked = upto
+            # The id is taken like any request's, so the next request never reuses it.
+            msg_id = self._next_id
+            self._next_id += 1
             with contextlib.suppress(DaemonUnavailable):
-                self._next_id += 1
-                self._send_frames(encode_ack(upto, self._next_id))
+                self._send_frames(encode_ack(upto, msg_id))
+                self._acked = upto  # only once sent: a later ack must still cover it
 
     def _rehello(self) -> None:
         """After eviction the old session is fenced: open a fresh one for future mirrors."""
+        if self._rehello_task is not None and not self._rehello_task.done():
+            return  # one HELLO at a time: the EVICTED notice and a heartbeat may both ask
         self._acks.clear()
         self._acked = 0
 
