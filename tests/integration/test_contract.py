@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
-from hmmirror.client import Access, AgentError, DeviceError, Event
+from hmmirror.client import Access, AgentError, DeviceError, Event, RemoteError
 from hmmirror.client import Evicted as MirrorEvicted
-from hmmirror.proto import decode, encode
+from hmmirror.proto import ErrorCode, decode, encode
 from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID
 from hmmirror.proto.messages import (
     Ack,
@@ -403,3 +403,18 @@ async def test_an_agent_evicted_for_a_stalled_loop_comes_back_with_a_fresh_sessi
         assert fresh is not None, f"the session never came back: {s.lost}"
         result = await fresh.read(addr, 1)
         assert result.faults == 1 and result.data == b"e" * PAGE
+
+
+@pytest.mark.parametrize("event", [Event.RELEASE, Event.EVICT])
+async def test_sync_range_may_not_announce_release_or_evict(hmmd, puppet, agent, event):
+    """Only hmmd says a process is gone or a mirror evicted; an agent may not say it for others."""
+    addr = await puppet.mmap(PAGE)
+    await puppet.write(addr, b"r" * PAGE)
+    async with agent() as victim, agent() as other:
+        mirror = await victim.mirror(puppet.pid, addr, PAGE, Access.READ)
+        await mirror.read(addr, 1)
+        with pytest.raises(RemoteError) as info:
+            await other.sync_range(puppet.pid, addr, addr + PAGE, event)
+        assert info.value.code == ErrorCode.EINVAL
+        assert not mirror.released and not mirror.events
+        assert (await mirror.read(addr, 1)).faults == 0

@@ -302,6 +302,8 @@ class Daemon:
                     f"process {pid} started at {st}, not {wanted_start}: pid reused",
                 )
             mm = self.mms.get((pid, st))
+            if mm is not None and mm.released:
+                raise RequestError(ErrorCode.ESRCH, f"process {pid} has exited")
             if mm is not None:
                 os.close(pidfd)
                 return mm
@@ -314,9 +316,13 @@ class Daemon:
             except OSError as exc:
                 raise RequestError(ErrorCode.ESRCH, f"process {pid} vanished: {exc}") from exc
             # The pid may have been reused since pidfd_open: check it still names st.
-            if start_time(pid) != st:
+            try:
+                same = start_time(pid) == st
+            except ProcessLookupError:
+                same = False
+            if not same:
                 view.close()
-                raise RequestError(ErrorCode.ESRCH, f"process {pid} was replaced while attaching")
+                raise RequestError(ErrorCode.ESRCH, f"process {pid} exited or was replaced")
         except (ProcessLookupError, RequestError) as exc:
             os.close(pidfd)
             if isinstance(exc, RequestError):
@@ -627,6 +633,10 @@ def on_sync_range(d: Daemon, identity: bytes, session: Session | None, env: Enve
         event = Event(msg.event)
     except ValueError as exc:
         raise RequestError(ErrorCode.EINVAL, f"unknown event {msg.event}") from exc
+    if event in (Event.RELEASE, Event.EVICT):
+        # Only hmmd says a process is gone or a mirror is evicted: an agent that could send
+        # these would switch off other agents' mirrors for good.
+        raise RequestError(ErrorCode.EINVAL, f"sync_range may not announce {event.name}")
     mms = [mm for mm in d.mms.values() if mm.pid == msg.pid and not mm.released]
     if not mms:
         try:

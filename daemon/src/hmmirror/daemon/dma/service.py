@@ -100,7 +100,10 @@ class DmaService:
             return RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited")
         perms = vma_perms(vmas, start, npages)
         readable, writable = perms.readable, perms.writable
-        changes = detect(mm, self.zero_pfn, start, end, vmas)
+        try:
+            changes = detect(mm, self.zero_pfn, start, end, vmas)
+        except ProcessLookupError:
+            return RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited")
         if changes:
             self.start_invalidations(mm, changes)
         if not readable.all():
@@ -133,7 +136,10 @@ class DmaService:
             raise self._fault_reason(mm, start, npages, False, exc) from exc
         if got != size:
             raise self._fault_reason(mm, start, npages, False, None)
-        post = mm.view.pagemap(start, npages)
+        try:
+            post = mm.view.pagemap(start, npages)
+        except ProcessLookupError as exc:
+            raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} exited mid-copy") from exc
         if not matches(entries, post):
             raise self._refuse_stale(
                 mm,
@@ -156,8 +162,12 @@ class DmaService:
         if got != size:
             raise self._fault_reason(mm, start, npages, True, None)
         # Writing may have broken COW (zero page, fork): a new PFN invalidates the old translations.
-        post = mm.view.pagemap(start, npages)
-        if not matches(entries, post):
-            changes = detect(mm, self.zero_pfn, start, start + size)
-            if changes:
-                self.start_invalidations(mm, changes)
+        try:
+            post = mm.view.pagemap(start, npages)
+            changes = (
+                [] if matches(entries, post) else detect(mm, self.zero_pfn, start, start + size)
+            )
+        except ProcessLookupError:
+            return  # the target exited after the copy: its RELEASE follows
+        if changes:
+            self.start_invalidations(mm, changes)

@@ -123,7 +123,10 @@ async def resolve(
                     ErrorCode.EPERM, f"VMA at {bad:#x} in pid {mm.pid} is not writable"
                 )
         # Scratch: the handler copies what it keeps (hand_out) before any await.
-        raw = mm.view.pagemap(start, npages, scratch=True)
+        try:
+            raw = mm.view.pagemap(start, npages, scratch=True)
+        except ProcessLookupError as exc:
+            raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited") from exc
         # One pass: is any page not present?
         if mode == FaultMode.POPULATE and raw.min() < PM_PRESENT:
             missing = raw < PM_PRESENT
