@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import sys
 import time
 
 import numpy as np
@@ -418,3 +419,44 @@ async def test_sync_range_may_not_announce_release_or_evict(hmmd, puppet, agent,
         assert info.value.code == ErrorCode.EINVAL
         assert not mirror.released and not mirror.events
         assert (await mirror.read(addr, 1)).faults == 0
+
+
+EXEC_TARGET = """
+import mmap, ctypes, os, sys
+def page(fill):
+    m = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m[:] = fill * 4096
+    return m, ctypes.addressof(ctypes.c_char.from_buffer(m))
+m, addr = page(sys.argv[1].encode())
+print(addr, flush=True)
+if sys.argv[1] == "a":
+    sys.stdin.readline()
+    os.execv(sys.executable, [sys.executable, "-c", sys.argv[2], "b", sys.argv[2]])
+sys.stdin.readline()
+"""
+
+
+async def test_execve_releases_the_old_image_and_the_new_one_can_be_mirrored(hmmd, agent):
+    """execve keeps pid and start time but replaces the mm: RELEASE the old, mirror the new."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", EXEC_TARGET, "a", EXEC_TARGET,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        old_addr = int(await asyncio.wait_for(proc.stdout.readline(), 10))
+        async with agent() as s:
+            old = await s.mirror(proc.pid, old_addr, PAGE, Access.READ)
+            assert (await old.read(old_addr, 1)).data == b"a" * PAGE
+            proc.stdin.write(b"exec\n")
+            new_addr = int(await asyncio.wait_for(proc.stdout.readline(), 10))
+            deadline = time.monotonic() + 5
+            while not old.released and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert old.released, f"no RELEASE for the replaced image: {old.events}"
+            new = await s.mirror(proc.pid, new_addr, PAGE, Access.READ)
+            result = await new.read(new_addr, 1)
+            assert result.faults == 1 and result.data == b"b" * PAGE
+    finally:
+        proc.kill()
+        await proc.wait()

@@ -302,6 +302,9 @@ class Daemon:
                     f"process {pid} started at {st}, not {wanted_start}: pid reused",
                 )
             mm = self.mms.get((pid, st))
+            if mm is not None and not mm.released and mm.view.replaced():
+                self._on_exit(mm)  # execve gave the process a new mm: RELEASE the old one
+                mm = None
             if mm is not None and mm.released:
                 raise RequestError(ErrorCode.ESRCH, f"process {pid} has exited")
             if mm is not None:
@@ -366,8 +369,9 @@ class Daemon:
         mm.view.close()
 
     def _on_exit(self, mm: Mm) -> None:
-        """The target's pidfd became readable (it exited): start its RELEASE once."""
-        asyncio.get_running_loop().remove_reader(mm.pidfd)
+        """The mm is gone (the pidfd reports exit, or execve replaced it): RELEASE it once."""
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(mm.pidfd)
         if not mm.released:
             mm.released = True
             self.spawn(self._release(mm))
@@ -401,6 +405,9 @@ class Daemon:
                 return  # the pidfd reports the exit
             if changes:
                 self.start_invalidations(mm, changes)
+            if mm.view.replaced():
+                self._on_exit(mm)  # execve (or death): the mm we watch is gone, RELEASE it
+                return
             cost = time.perf_counter() - t0
             # Poll fast after a change, back off while quiet, never spend >5% of a core.
             interval = lo if changes else min(hi, interval * 1.5)

@@ -171,6 +171,17 @@ class ProcessView:
             ) from exc
         return parse_maps(b"".join(chunks))
 
+    def replaced(self) -> bool:
+        """Whether the mm these handles pin is gone: execve replaced it, or the process died.
+
+        A live mm always has VMAs, so an empty maps read through our (old) descriptor means
+        the process now runs in another mm, even though its pid and start time are the same.
+        """
+        try:
+            return len(self.maps().starts) == 0
+        except ProcessLookupError:
+            return True
+
     def pagemap(self, start: int, npages: int, *, scratch: bool = False) -> Raw:
         """Read ``npages`` raw pagemap entries from virtual address ``start``.
 
