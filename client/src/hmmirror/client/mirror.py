@@ -352,6 +352,11 @@ class Mirror:
                             DmaWrite(mirror=self.id, start=start, npages=n), entries, piece
                         )
             except _Stale as exc:
+                # hmmd judged what we hold stale: drop it, so the retry re-faults instead of
+                # presenting the same translations again (SPEC: zap the named entries).
+                zapped = int(np.count_nonzero(self.table[a:b] >= _VALID))
+                self.table[a:b] = 0
+                self._held -= zapped
                 if loop.time() > deadline:
                     raise DeviceError(
                         errno.EBUSY, f"access at {addr:#x} kept going stale: {exc}"

@@ -318,10 +318,10 @@ class Session:
             # Ack now: the EVENTS check that follows then also covers the send's edge.
             self._advance_acks()
         elif isinstance(msg, Evicted):
-            for mirror_id in msg.mirrors:
-                mirror = self.mirrors.get(mirror_id)
-                if mirror is not None:
-                    mirror._drop(f"evicted: {msg.reason}", evicted=True)
+            # The whole session is fenced: every mirror goes, not only the ids listed (the
+            # list is capped at 4096).
+            for mirror in self.mirrors.values():
+                mirror._drop(f"evicted: {msg.reason}", evicted=True)
             log.warning("session %s evicted by hmmd: %s", self.name, msg.reason)
             self.loop.call_soon(self._rehello)
 
