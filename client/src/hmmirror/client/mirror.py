@@ -62,7 +62,8 @@ _VALID = np.uint64(HMM_PFN_VALID)
 _VALID_WRITE = np.uint64(HMM_PFN_VALID | HMM_PFN_WRITE)
 #: How many invalidations a mirror remembers in ``events`` (for tests and diagnostics).
 MAX_EVENTS_KEPT = 4096
-_RELEASE = int(Event.RELEASE)
+#: Events that end the whole mirror: they always take the careful path.
+_WHOLE_MIRROR = frozenset((int(Event.RELEASE), int(Event.EVICT)))
 _EVENT_FIELD = operator.itemgetter(3)
 #: Event by wire value, without an Enum call per item.
 _EVENT_OF = tuple(Event)
@@ -152,6 +153,8 @@ class Mirror:
             self.released = True
             self.table[:] = 0
             self._held = 0
+        elif event == Event.EVICT:  # hmmd removed the mirror (its watcher could not go on)
+            self._drop("evicted by hmmd", evicted=True)
         return [f for s, e, f in self._inflight if s < end and start < e and not f.done()]
 
     def _invalidate_items(
@@ -162,7 +165,7 @@ class Mirror:
         The common case, a table with nothing to zap and no DMA in flight, costs
         one pass over the items whatever their number.
         """
-        if self._held or self._inflight or _RELEASE in map(_EVENT_FIELD, items):
+        if self._held or self._inflight or not _WHOLE_MIRROR.isdisjoint(map(_EVENT_FIELD, items)):
             fences: list[asyncio.Future[None]] = []
             for seq, start, end, event in items:
                 kind = _EVENT_OF[event] if event < len(_EVENT_OF) else Event.CLEAR

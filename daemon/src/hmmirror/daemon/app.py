@@ -376,10 +376,11 @@ class Daemon:
             mm.released = True
             self.spawn(self._release(mm))
 
-    async def _release(self, mm: Mm) -> None:
-        """The target exited: RELEASE every mirror (``mn_itree_release``), then forget the mm."""
-        self.counters["releases"] += 1
-        await self.invalidator.invalidate(mm, 0, 1 << 64, Event.RELEASE)
+    async def _release(self, mm: Mm, event: Event = Event.RELEASE) -> None:
+        """The mm is gone (RELEASE, ``mn_itree_release``) or can no longer be watched (EVICT):
+        tell every mirror, then forget them and the mm."""
+        self.counters["releases" if event == Event.RELEASE else "evictions"] += 1
+        await self.invalidator.invalidate(mm, 0, 1 << 64, event)
         for mirror in list(mm.mirrors):
             self._drop_mirror(mirror)
         self._drop_mm(mm)
@@ -393,6 +394,20 @@ class Daemon:
             self.invalidator.begin(mm, ranges, event)
 
     async def _watch(self, mm: Mm) -> None:
+        """Run the proc watcher; if it fails, EVICT the mirrors it can no longer protect."""
+        try:
+            await self._poll(mm)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("watcher of pid %d failed; evicting its mirrors", mm.pid)
+            if not mm.released:
+                mm.released = True
+                with contextlib.suppress(Exception):
+                    asyncio.get_running_loop().remove_reader(mm.pidfd)
+                self.spawn(self._release(mm, Event.EVICT))
+
+    async def _poll(self, mm: Mm) -> None:
         """The proc watcher's poll loop: adaptive, bounded by its own cost."""
         lo, hi = self.config.poll_min, self.config.poll_max
         interval = lo

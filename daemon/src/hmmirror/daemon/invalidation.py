@@ -196,17 +196,21 @@ class Invalidator:
     def _expire(self, inv: Invalidation) -> None:
         """The deadline passed: evict every session that has not acked, then complete."""
         inv.acked_at = 0.0  # evictions, not acks, ended this one: keep it out of the latency log
-        for session in list(inv.waiting):
-            n = session.unacked[0][0] if session.unacked else session.next_n
-            self.evict(
-                session,
-                f"no ACK for INVALIDATE n={n} (seq {inv.seq}, {inv.event.name} "
-                f"[{inv.start:#x}, {inv.end:#x})) within {self.ack_deadline:g} s; "
-                "it may have been applied",
-            )
-            inv.waiting.pop(session, None)
-        inv.acked_at = 0.0
-        self._complete(inv)
+        try:
+            for session in list(inv.waiting):
+                n = session.unacked[0][0] if session.unacked else session.next_n
+                self.evict(
+                    session,
+                    f"no ACK for INVALIDATE n={n} (seq {inv.seq}, {inv.event.name} "
+                    f"[{inv.start:#x}, {inv.end:#x})) within {self.ack_deadline:g} s; "
+                    "it may have been applied",
+                )
+                inv.waiting.pop(session, None)
+        finally:
+            # Whatever an eviction raised, the window closes: seq must never stay odd.
+            inv.waiting.clear()
+            inv.acked_at = 0.0
+            self._complete(inv)
 
     async def invalidate(self, mm: Mm, start: int, end: int, event: Event) -> Invalidation:
         """Invalidate [start, end) of ``mm`` and wait until every overlapping mirror acked."""
