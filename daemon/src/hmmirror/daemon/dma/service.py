@@ -77,16 +77,20 @@ class DmaService:
                 end,
                 f"an INVALIDATE of [{start:#x}, {end:#x}) is pending for this mirror",
             )
+        self._refuse_unless_live(mm, start, npages, entries, "no longer matches")
+
+    def _refuse_unless_live(
+        self, mm: Mm, start: int, npages: int, entries: Entries, what: str
+    ) -> None:
+        """Read the live pagemap; refuse (ESRCH, or STALE saying ``what``) unless it matches."""
+        end = start + (npages << PAGE_SHIFT)
         try:
-            fresh = mm.view.pagemap(start, npages)
+            live = mm.view.pagemap(start, npages)
         except ProcessLookupError as exc:
             raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited") from exc
-        if not matches(entries, fresh):
+        if not matches(entries, live):
             raise self._refuse_stale(
-                mm,
-                start,
-                end,
-                f"translation of [{start:#x}, {end:#x}) no longer matches pid {mm.pid}",
+                mm, start, end, f"translation of [{start:#x}, {end:#x}) of pid {mm.pid} {what}"
             )
 
     def _fault_reason(
@@ -136,17 +140,7 @@ class DmaService:
             raise self._fault_reason(mm, start, npages, False, exc) from exc
         if got != size:
             raise self._fault_reason(mm, start, npages, False, None)
-        try:
-            post = mm.view.pagemap(start, npages)
-        except ProcessLookupError as exc:
-            raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} exited mid-copy") from exc
-        if not matches(entries, post):
-            raise self._refuse_stale(
-                mm,
-                start,
-                start + size,
-                f"[{start:#x}, {start + size:#x}) of pid {mm.pid} changed mid-copy",
-            )
+        self._refuse_unless_live(mm, start, npages, entries, "changed mid-copy")
         return buf if isinstance(buf, mmap.mmap) else bytes(buf)
 
     def write(
