@@ -174,6 +174,25 @@ async def test_anon_write_prot(agent: Agent, puppet: Puppet) -> None:
         assert_data(await p.read(ptr, size), want, "CPU view of the device write")
 
 
+async def _device_write_in_forked_child(
+    agent: Agent, p: Puppet, ptr: int, parent_data: bytes, device_data: bytes
+) -> None:
+    """Fork; the child, which sees the parent's values, gets its own mirror and device-writes."""
+    size = len(device_data)
+    child = await p.fork()
+    assert_data(await child.read(ptr, size), parent_data, "child's view after fork")
+    # The child process needs its own mirror to its own mm.
+    async with agent("child") as cs:
+        child_mirror = await cs.mirror(child.pid, ptr, size, RW)
+        r = await child_mirror.write(ptr, device_data)
+        assert r.cpages == size // PAGE_SIZE
+        assert r.faults == 1
+        assert_data(await child.read(ptr, size), device_data, "child's view of the write")
+        await child_mirror.close()
+    await child.exit(0)
+    assert await child.wait() == 0
+
+
 @pytest.mark.parametrize("use_thp", [False, True], ids=["4k", "thp"])
 async def test_anon_write_child(agent: Agent, puppet: Puppet, use_thp: bool) -> None:
     """A device write in a forked child copies on write; the parent keeps its data.
@@ -182,7 +201,6 @@ async def test_anon_write_child(agent: Agent, puppet: Puppet, use_thp: bool) -> 
     """
     p = puppet
     size = TWOMEG if use_thp else HMM_BUFFER_SIZE
-    npages = size // PAGE_SIZE
     async with agent("parent") as s:
         old_ptr = await p.mmap(2 * size, "rw")
         ptr = old_ptr
@@ -196,20 +214,7 @@ async def test_anon_write_child(agent: Agent, puppet: Puppet, use_thp: bool) -> 
         device_data = ints(size, sign=-1)
         await p.write(ptr, parent_data)
 
-        child = await p.fork()
-        # The child sees the parent's values.
-        assert_data(await child.read(ptr, size), parent_data, "child's view after fork")
-
-        # The child process needs its own mirror to its own mm.
-        async with agent("child") as cs:
-            child_mirror = await cs.mirror(child.pid, ptr, size, RW)
-            r = await child_mirror.write(ptr, device_data)
-            assert r.cpages == npages
-            assert r.faults == 1
-            assert_data(await child.read(ptr, size), device_data, "child's view of the write")
-            await child_mirror.close()
-        await child.exit(0)
-        assert await child.wait() == 0
+        await _device_write_in_forked_child(agent, p, ptr, parent_data, device_data)
 
         # The parent's buffer did not change.
         assert_data(await p.read(ptr, size), parent_data, "parent's view after the child's write")
@@ -227,17 +232,7 @@ async def test_anon_write_child_shared(agent: Agent, puppet: Puppet) -> None:
         device_data = ints(size, sign=-1)
         await p.write(ptr, parent_data)
 
-        child = await p.fork()
-        assert_data(await child.read(ptr, size), parent_data, "child's view after fork")
-        async with agent("child") as cs:
-            child_mirror = await cs.mirror(child.pid, ptr, size, RW)
-            r = await child_mirror.write(ptr, device_data)
-            assert r.cpages == npages
-            assert r.faults == 1
-            assert_data(await child.read(ptr, size), device_data, "child's view of the write")
-            await child_mirror.close()
-        await child.exit(0)
-        assert await child.wait() == 0
+        await _device_write_in_forked_child(agent, p, ptr, parent_data, device_data)
 
         # The parent's buffer did change.
         assert_data(await p.read(ptr, size), device_data, "parent's view of the child's write")
