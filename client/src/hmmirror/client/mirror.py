@@ -42,8 +42,10 @@ from hmmirror.proto.entries import (
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import (
     Access,
+    AtomicOp,
+    AtomicReply,
+    DmaAtomic,
     DmaRead,
-    DmaReadReply,
     DmaWrite,
     Event,
     Fault,
@@ -60,6 +62,10 @@ if TYPE_CHECKING:
 RETRY_BUDGET = 1.0
 _VALID = np.uint64(HMM_PFN_VALID)
 _VALID_WRITE = np.uint64(HMM_PFN_VALID | HMM_PFN_WRITE)
+_NOT_WRITE = ~np.uint64(HMM_PFN_WRITE)
+_PAGE_MASK = PAGE_SIZE - 1
+#: Faults the pages [addr, +npages) in, however the caller's device model wants it.
+FaultFn = Callable[[int, int], Awaitable[object]]
 #: How many invalidations a mirror remembers in ``events`` (for tests and diagnostics).
 MAX_EVENTS_KEPT = 4096
 #: Events that end the whole mirror: they always take the careful path.
@@ -73,6 +79,8 @@ COUNTER_NAMES = (
     "page_invalidations",
     "page_invalidations_handled",
 )
+#: ``rdma stat mr``'s counters, in its order; mirrors keep the first four.
+MR_COUNTER_NAMES = (*COUNTER_NAMES, "page_prefetch")
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,11 @@ class Mirror:
         self._events: list[tuple[int, int, int, int]] = []
         #: Testing hook: awaited between a FAULT reply and the read_retry check.
         self.fault_hook: Callable[[], Awaitable[None]] | None = None
+        #: Testing hook: awaited while a DMA is still in flight, after hmmd answered it (a
+        #: device still moving the data): an overlapping invalidation's ACK must wait.
+        self.dma_hook: Callable[[], Awaitable[None]] | None = None
+        #: Called when an invalidation zapped this mirror's last VALID entry.
+        self.on_empty: Callable[[Mirror], None] | None = None
 
     # --- called by the session's drain loop (the invalidate callback) ---------------------------
 
@@ -149,6 +162,8 @@ class Mirror:
                 self._held -= zapped
                 self._counters["page_invalidations"] += zapped
                 self._counters["page_invalidations_handled"] += 1
+                if self._held == 0 and self.on_empty is not None:
+                    self.on_empty(self)
         if event == Event.RELEASE:
             self.released = True
             self.table[:] = 0
@@ -255,8 +270,19 @@ class Mirror:
             if loop.time() > deadline:
                 raise DeviceError(errno.EBUSY, f"fault at {addr:#x} kept racing invalidations")
 
-    async def fault(self, addr: int, npages: int, write: bool = False) -> int:
-        """Fault [addr, +npages) into the table (one fault call); return the pages installed."""
+    async def populate(
+        self,
+        addr: int,
+        npages: int,
+        write: bool,
+        mode: FaultMode = FaultMode.POPULATE,
+        downgrade: bool = False,
+    ) -> int:
+        """Fault [addr, +npages) into the table and return the pages installed; count nothing.
+
+        ``mode`` PRESENT maps only what is already present. ``downgrade`` installs
+        the entries without their WRITE bit (mlx5's ``MLX5_PF_FLAGS_DOWNGRADE``).
+        """
         a, _ = self._range(addr, npages)
         if write and not self.access & Access.WRITE:
             raise DeviceError(errno.EPERM, f"mirror {self.id} has no WRITE access")
@@ -264,9 +290,9 @@ class Mirror:
         chunk = self.session.max_fault_pages
         for off in range(0, npages, chunk):
             n = min(chunk, npages - off)
-            entries = await self._fault_range(
-                addr + (off << PAGE_SHIFT), n, write, FaultMode.POPULATE
-            )
+            entries = await self._fault_range(addr + (off << PAGE_SHIFT), n, write, mode)
+            if downgrade:
+                entries &= _NOT_WRITE
             dst = self.table[a + off : a + off + n]
             before = int(np.count_nonzero(dst >= _VALID)) if self._held else 0
             if entries.min() >= _VALID:  # every entry VALID: the usual populate result
@@ -278,6 +304,11 @@ class Mirror:
                 np.copyto(dst, entries, where=valid)
                 installed += int(np.count_nonzero(valid))
                 self._held += int(np.count_nonzero(dst >= _VALID)) - before
+        return installed
+
+    async def fault(self, addr: int, npages: int, write: bool = False) -> int:
+        """Fault [addr, +npages) into the table (one fault event); return the pages installed."""
+        installed = await self.populate(addr, npages, write)
         self._counters["page_faults"] += installed
         self._counters["page_faults_handled"] += 1
         return installed
@@ -303,74 +334,134 @@ class Mirror:
         return int(bad[0]) if len(bad) else None
 
     async def _dma(
-        self, msg: DmaRead | DmaWrite, entries: Entries, data: memoryview | None
+        self,
+        msg: DmaRead | DmaWrite | DmaAtomic,
+        start: int,
+        npages: int,
+        entries: Entries,
+        data: memoryview | None,
     ) -> Envelope:
         """Send a DMA request as an in-flight fence that overlapping ACKs wait for."""
-        start, end = msg.start, msg.start + (msg.npages << PAGE_SHIFT)
+        end = start + (npages << PAGE_SHIFT)
         fence: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight.append((start, end, fence))
         try:
             bulk: list[object] = [to_wire(entries)] if data is None else [to_wire(entries), data]
-            return await self._call(msg, bulk, copy=data is None or len(data) < 65536)
+            env = await self._call(msg, bulk, copy=data is None or len(data) < 65536)
+            if self.dma_hook is not None:
+                await self.dma_hook()
+            return env
         finally:
             fence.set_result(None)
             self._inflight.remove((start, end, fence))
             self.session._fence()
 
-    async def _access(
-        self, addr: int, npages: int, payload: memoryview | None
-    ) -> tuple[bytes, int]:
-        """Read (``payload`` None) or write via the table; return (data read, fault calls)."""
+    def _forget(self, a: int, b: int) -> None:
+        """Drop the translations of table slots [a, b): hmmd judged them stale."""
+        # The retry then re-faults instead of presenting the same translations again
+        # (SPEC: zap the named entries).
+        zapped = int(np.count_nonzero(self.table[a:b] >= _VALID))
+        self.table[a:b] = 0
+        self._held -= zapped
+
+    async def transfer(
+        self, addr: int, length: int, payload: memoryview | None, fault: FaultFn
+    ) -> tuple[list[memoryview], int]:
+        """Read (``payload`` None) or write ``length`` bytes at any ``addr`` through the table.
+
+        Missing translations are faulted in by ``fault`` (from the first missing
+        page to the end of the access); a STALE refusal drops the translations
+        and starts over, for up to the 1000 ms retry budget. Returns the data
+        read, as views of the DMA replies in address order, and the fault calls made.
+        """
         write = payload is not None
         need = _VALID_WRITE if write else _VALID
-        a, b = self._range(addr, npages)
+        first = addr & ~_PAGE_MASK
+        end = addr + length
+        npages = (end - first + _PAGE_MASK) >> PAGE_SHIFT
+        a, b = self._range(first, npages)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RETRY_BUDGET
         faults = 0
-        out = bytearray(0 if write else npages << PAGE_SHIFT)
         chunk = self.session.max_dma_pages
         while True:
             self._check_live()
             missing = self._first_missing(a, b, need)
             if missing is not None:
-                await self.fault(addr + (missing << PAGE_SHIFT), npages - missing, write)
+                await fault(first + (missing << PAGE_SHIFT), npages - missing)
                 faults += 1
                 continue
+            pieces: list[memoryview] = []
             try:
                 for off in range(0, npages, chunk):
                     n = min(chunk, npages - off)
                     entries = self.table[a + off : a + off + n].copy()
                     if not ((entries & need) == need).all():
                         raise _Stale("an invalidation zapped the range mid-access")
-                    start = addr + (off << PAGE_SHIFT)
+                    start = first + (off << PAGE_SHIFT)
+                    lo, hi = max(addr, start), min(end, start + (n << PAGE_SHIFT))
                     if payload is None:
-                        env = await self._dma(
-                            DmaRead(mirror=self.id, start=start, npages=n), entries, None
-                        )
-                        assert isinstance(env.msg, DmaReadReply)
-                        out[off << PAGE_SHIFT : (off + n) << PAGE_SHIFT] = env.bulk[0]
+                        read = DmaRead(mirror=self.id, start=start, npages=n)
+                        env = await self._dma(read, start, n, entries, None)
+                        pieces.append(env.bulk[0][lo - start : hi - start])
                     else:
-                        piece = payload[off << PAGE_SHIFT : (off + n) << PAGE_SHIFT]
-                        await self._dma(
-                            DmaWrite(mirror=self.id, start=start, npages=n), entries, piece
-                        )
+                        whole = hi - lo == n << PAGE_SHIFT
+                        msg = DmaWrite(
+                            mirror=self.id, start=start, npages=n, offset=lo - start,
+                            length=0 if whole else hi - lo,
+                        )  # fmt: skip
+                        await self._dma(msg, start, n, entries, payload[lo - addr : hi - addr])
             except _Stale as exc:
-                # hmmd judged what we hold stale: drop it, so the retry re-faults instead of
-                # presenting the same translations again (SPEC: zap the named entries).
-                zapped = int(np.count_nonzero(self.table[a:b] >= _VALID))
-                self.table[a:b] = 0
-                self._held -= zapped
+                self._forget(a, b)
                 if loop.time() > deadline:
                     raise DeviceError(
                         errno.EBUSY, f"access at {addr:#x} kept going stale: {exc}"
                     ) from exc
                 continue
-            return bytes(out), faults
+            return pieces, faults
+
+    async def atomic(
+        self, addr: int, op: AtomicOp, compare_add: int, swap: int, fault: FaultFn
+    ) -> int:
+        """An 8-byte atomic at 8-aligned ``addr`` through the table; return the old value."""
+        if addr % 8:
+            raise DeviceError(errno.EINVAL, f"atomic at {addr:#x} is not 8-byte aligned")
+        page = addr & ~_PAGE_MASK
+        a, b = self._range(page, 1)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RETRY_BUDGET
+        while True:
+            self._check_live()
+            if self._first_missing(a, b, _VALID_WRITE) is not None:
+                await fault(page, 1)
+                continue
+            msg = DmaAtomic(
+                mirror=self.id, start=page, offset=addr - page, op=int(op),
+                compare_add=compare_add, swap=swap,
+            )  # fmt: skip
+            try:
+                env = await self._dma(msg, page, 1, self.table[a:b].copy(), None)
+            except _Stale as exc:
+                self._forget(a, b)
+                if loop.time() > deadline:
+                    raise DeviceError(
+                        errno.EBUSY, f"atomic at {addr:#x} kept going stale: {exc}"
+                    ) from exc
+                continue
+            assert isinstance(env.msg, AtomicReply)
+            return env.msg.old
+
+    def _dmirror_fault(self, write: bool) -> FaultFn:
+        """dmirror's fault: populate the missing pages, for write if the access writes."""
+        return lambda addr, npages: self.fault(addr, npages, write)
 
     async def read(self, addr: int, npages: int) -> ReadResult:
         """HMM_DMIRROR_READ: read ``npages`` at ``addr`` through the mirror, faulting as needed."""
-        data, faults = await self._access(addr, npages, None)
-        return ReadResult(data, npages, faults)
+        self._range(addr, npages)
+        pieces, faults = await self.transfer(
+            addr, npages << PAGE_SHIFT, None, self._dmirror_fault(False)
+        )
+        return ReadResult(b"".join(pieces), npages, faults)
 
     async def write(self, addr: int, data: bytes | bytearray | memoryview) -> WriteResult:
         """HMM_DMIRROR_WRITE: write ``data`` (whole pages) at ``addr``, faulting as needed."""
@@ -380,7 +471,8 @@ class Mirror:
         if not self.access & Access.WRITE:
             raise DeviceError(errno.EPERM, f"mirror {self.id} has no WRITE access")
         npages = len(view) >> PAGE_SHIFT
-        _, faults = await self._access(addr, npages, view)
+        self._range(addr, npages)
+        _, faults = await self.transfer(addr, len(view), view, self._dmirror_fault(True))
         return WriteResult(npages, faults)
 
     async def close(self) -> None:

@@ -14,21 +14,17 @@ import contextlib
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, cast
 
-import zmq
-import zmq.backend
+from hmmirror.client.channel import Channel
 from hmmirror.client.errors import DaemonUnavailable, RemoteError, RequestTimeout
 from hmmirror.client.mirror import Mirror
-from hmmirror.proto.codec import Envelope, decode, encode, encode_ack
-from hmmirror.proto.errors import ErrorCode, ProtocolError
+from hmmirror.proto.codec import Envelope, encode_ack
+from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import (
-    MAX_FRAME,
     MAX_ITEMS,
     Access,
-    Error,
     Event,
     Evicted,
     Goodbye,
@@ -36,7 +32,6 @@ from hmmirror.proto.messages import (
     HeartbeatAck,
     Hello,
     Invalidate,
-    Message,
     Register,
     Registered,
     Status,
@@ -46,16 +41,6 @@ from hmmirror.proto.messages import (
 )
 
 log = logging.getLogger(__name__)
-
-# pyzmq's constants are IntFlag enums; enum arithmetic on the hot path costs
-# microseconds per call, plain ints nothing.
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-_NOBLOCK = int(zmq.NOBLOCK)
-_SNDMORE = int(zmq.SNDMORE)
-#: The Cython send itself: pyzmq's Python wrapper around it only handles DRAFT routing
-#: ids and groups, which hmmirror never uses, and costs a quarter of a small send.
-_zmq_send = zmq.backend.Socket.send
 
 
 class _Shared(asyncio.Future[None]):
@@ -71,41 +56,20 @@ class _Shared(asyncio.Future[None]):
         return False
 
 
-def _expire(fut: asyncio.Future[Envelope]) -> None:
-    """The request's timer fired: fail ``fut`` with TimeoutError unless it was answered."""
-    if not fut.done():
-        fut.set_exception(TimeoutError())
-
-
-class Session:
+class Session(Channel):
     """A live session. Create it with ``connect``; it owns its socket and its mirrors."""
 
+    what = "hmmd"
+
     def __init__(self, endpoint: str, name: str, timeout: float) -> None:
-        self.endpoint = endpoint
+        super().__init__(endpoint, timeout)
         self.name = name
-        self.timeout = timeout
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
-        self.sock.setsockopt(zmq.SNDHWM, 10000)
-        self.sock.setsockopt(zmq.RCVHWM, 10000)
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        self.sock.connect(endpoint)
-        self._fd = cast(int, self.sock.getsockopt(zmq.FD))
-        self.loop = asyncio.get_running_loop()
-        self._next_id = 1
-        self._recheck = False
-        self._draining = False
         self._syncs: dict[tuple[int, int], tuple[list[tuple[int, int]], _Shared]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
-        self._pending: dict[int, asyncio.Future[Envelope]] = {}
         self.mirrors: dict[int, Mirror] = {}
         self._acks: deque[tuple[int, list[asyncio.Future[None]]]] = deque()
         self._acked = 0
         self._heartbeat: asyncio.Task[None] | None = None
-        self.lost: str | None = None
         self.welcome: Welcome | None = None
         self.invalidations_received = 0
         self._rehello_task: asyncio.Future[None] | None = None
@@ -140,7 +104,6 @@ class Session:
 
     async def open(self) -> None:
         """Say HELLO and start heartbeats; raise DaemonUnavailable if hmmd does not answer."""
-        self.loop.add_reader(self._fd, self._drain)
         try:
             env = await self.request(Hello(agent=self.name[:64], pid=os.getpid()), expect=Welcome)
         except RequestTimeout as exc:
@@ -167,12 +130,7 @@ class Session:
                 await self.request(Goodbye(), timeout=1.0)
         for mirror in self.mirrors.values():
             mirror._drop("session closed")
-        self.loop.remove_reader(self._fd)
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(DaemonUnavailable(f"session to {self.endpoint} closed"))
-        self.sock.close(linger=0)
-        self.ctx.term()
+        self._close_socket()
 
     async def _beat(self) -> None:
         """Send heartbeats: re-hello after a fence, lose the session on silence or a new epoch."""
@@ -207,113 +165,12 @@ class Session:
         for mirror in self.mirrors.values():
             mirror._drop(reason)
 
-    # --- requests -------------------------------------------------------------------------------
-
-    def _send(self, msg: Message, re: int = 0, bulk: Sequence[Any] = (), copy: bool = True) -> int:
-        """Encode and send ``msg`` under a fresh id; return the id."""
-        msg_id = self._next_id
-        self._next_id += 1
-        self._send_frames(encode(msg, msg_id, re, bulk), copy)
-        return msg_id
-
-    def _send_frames(self, frames: list[Any], copy: bool = True) -> None:
-        """Send ``frames`` without blocking; DaemonUnavailable if the queue is full."""
-        try:
-            sock = self.sock
-            for frame in frames[:-1]:
-                _zmq_send(sock, frame, _NOBLOCK | _SNDMORE, copy)
-            _zmq_send(sock, frames[-1], _NOBLOCK, copy)
-        except zmq.Again as exc:
-            raise DaemonUnavailable(f"send queue to {self.endpoint} is full") from exc
-        finally:
-            # A send can consume the FD's edge: look again, inside the drain loop if we
-            # are in it, else once this tick is done (never once per send).
-            if not self._draining and not self._recheck:
-                self._recheck = True
-                self.loop.call_soon(self._after_sends)
-
-    def _after_sends(self) -> None:
-        """Drain if this tick's sends consumed the FD's POLLIN edge."""
-        self._recheck = False
-        if cast(int, self.sock.get(_EVENTS)) & _POLLIN:
-            self._drain()
-
-    async def request(
-        self,
-        msg: Message,
-        bulk: Sequence[Any] = (),
-        *,
-        timeout: float | None = None,
-        expect: type[Message] | None = None,
-        copy: bool = True,
-    ) -> Envelope:
-        """Send ``msg``, await its reply; raise RemoteError, RequestTimeout or DaemonUnavailable."""
-        if self.lost is not None and not isinstance(msg, Hello):
-            raise DaemonUnavailable(self.lost)
-        fut: asyncio.Future[Envelope] = self.loop.create_future()
-        msg_id = self._next_id
-        self._pending[msg_id] = fut
-        try:
-            self._send(msg, bulk=bulk, copy=copy)
-            wait = self.timeout if timeout is None else timeout
-            # A timer, not asyncio.wait_for: no extra task per request on the hot path.
-            timer = self.loop.call_later(wait, _expire, fut)
-            try:
-                env = await fut
-            except TimeoutError as exc:
-                raise RequestTimeout(
-                    f"no reply to {msg.TYPE} id={msg_id} from hmmd at {self.endpoint} "
-                    f"in {wait:g} s; it may have taken effect"
-                ) from exc
-            finally:
-                timer.cancel()
-        finally:
-            self._pending.pop(msg_id, None)
-        if isinstance(env.msg, Error):
-            raise RemoteError(env.msg.code, env.msg.message)
-        if expect is not None and not isinstance(env.msg, expect):
-            raise RemoteError(ErrorCode.BAD_MESSAGE, f"expected {expect.TYPE}, got {env.type}")
-        return env
-
     # --- inbound --------------------------------------------------------------------------------
 
-    def _drain(self) -> None:
-        """Handle every queued message (the FD is edge-triggered: drain fully).
-
-        ``EVENTS`` is read after every message, so it also catches an edge that
-        a send made while handling (an ACK) may have consumed.
-        """
-        self._draining = True
-        try:
-            sock = self.sock
-            while cast(int, sock.get(_EVENTS)) & _POLLIN:
-                try:
-                    # Frames carry their own "more" flag: no RCVMORE query (an enum
-                    # conversion plus a getsockopt) per frame.
-                    frame = sock.recv(_NOBLOCK, copy=False)
-                    frames = [frame]
-                    while frame.more:
-                        frame = sock.recv(_NOBLOCK, copy=False)
-                        frames.append(frame)
-                except zmq.Again:
-                    break
-                self._handle(frames)
-        finally:
-            self._draining = False
-
-    def _handle(self, frames: list[zmq.Frame]) -> None:
-        """Decode and dispatch one inbound message: a reply, INVALIDATE or EVICTED."""
-        try:
-            env = decode(frames)
-        except ProtocolError as exc:
-            log.warning("dropped a malformed message from hmmd: %s", exc)
-            return
+    def _on_push(self, env: Envelope) -> None:
+        """hmmd's own messages: INVALIDATE and EVICTED."""
         msg = env.msg
-        if env.re:
-            fut = self._pending.get(env.re)
-            if fut is not None and not fut.done():
-                fut.set_result(env)
-        elif isinstance(msg, Invalidate):
+        if isinstance(msg, Invalidate):
             self._on_invalidate(msg)
             # Ack now: the EVENTS check that follows then also covers the send's edge.
             self._advance_acks()
@@ -462,7 +319,6 @@ async def connect(
 async def status(endpoint: str, timeout: float = 2.0) -> dict[str, int | float | str]:
     """One-shot STATUS without a session (what ``hmmctl status`` uses)."""
     session = Session(endpoint, "hmmctl", timeout)
-    session.loop.add_reader(session._fd, session._drain)
     try:
         env = await session.request(Status(), expect=StatusReply)
         assert isinstance(env.msg, StatusReply)

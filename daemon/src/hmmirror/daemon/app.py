@@ -41,6 +41,9 @@ from hmmirror.proto.messages import (
     USER_ADDR_END,
     Access,
     Ack,
+    AtomicOp,
+    AtomicReply,
+    DmaAtomic,
     DmaRead,
     DmaReadReply,
     DmaWrite,
@@ -103,6 +106,7 @@ class Daemon:
                 "faults",
                 "dma_reads",
                 "dma_writes",
+                "dma_atomics",
                 "evictions",
                 "releases",
                 "registrations",
@@ -594,7 +598,7 @@ async def on_fault(d: Daemon, identity: bytes, session: Session | None, env: Env
     # No await from here to the send: a later invalidation is sent after this reply.
     if mirror.dead:
         raise RequestError(ErrorCode.NO_MIRROR, f"mirror {mirror.id} was dropped during the fault")
-    if mode == FaultMode.POPULATE:
+    if mode != FaultMode.SNAPSHOT:  # POPULATE and PRESENT entries may be installed
         if not mirror.access & Access.WRITE:
             entries &= ~np.uint64(1 << 62)
         span.hand_out(msg.start, entries, raw)
@@ -632,17 +636,49 @@ def on_dma_write(d: Daemon, identity: bytes, session: Session | None, env: Envel
     """A device write through the agent's translations."""
     msg = env.msg
     assert isinstance(msg, DmaWrite) and session is not None
-    mirror = _dma_target(d, session, msg.mirror, msg.start, msg.npages)
-    if not mirror.access & Access.WRITE:
+    mirror = _writable_dma_target(d, session, msg.mirror, msg.start, msg.npages)
+    length = msg.length or msg.npages << PAGE_SHIFT
+    if not (msg.npages - 1) << PAGE_SHIFT < msg.offset + length <= msg.npages << PAGE_SHIFT:
         raise RequestError(
-            ErrorCode.EPERM, f"mirror {mirror.id} was registered without WRITE access"
+            ErrorCode.EINVAL,
+            f"DMA write of {length} bytes at offset {msg.offset} does not span exactly "
+            f"{msg.npages} pages",
         )
     d.counters["dma_writes"] += 1
     entries = from_wire(env.bulk[0], msg.npages)
     end = msg.start + (msg.npages << PAGE_SHIFT)
     pending = d.invalidator.pending_for(mirror, msg.start, end)
-    d.dma.write(mirror.mm, msg.start, msg.npages, entries, env.bulk[1], pending)
+    d.dma.write(mirror.mm, msg.start, msg.npages, entries, env.bulk[1], pending, msg.offset)
     d.send(identity, Ok(), re=env.id)
+
+
+def on_dma_atomic(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
+    """An 8-byte device atomic: read, compute and write with no await in between."""
+    msg = env.msg
+    assert isinstance(msg, DmaAtomic) and session is not None
+    mirror = _writable_dma_target(d, session, msg.mirror, msg.start, 1)
+    if msg.offset % 8:
+        raise RequestError(ErrorCode.EINVAL, f"atomic at offset {msg.offset} is not 8-aligned")
+    d.counters["dma_atomics"] += 1
+    entries = from_wire(env.bulk[0], 1)
+    pending = d.invalidator.pending_for(mirror, msg.start, msg.start + (1 << PAGE_SHIFT))
+    old = d.dma.atomic(
+        mirror.mm, msg.start + msg.offset, entries, AtomicOp(msg.op), msg.compare_add, msg.swap,
+        pending,
+    )  # fmt: skip
+    d.send(identity, AtomicReply(old=old), re=env.id)
+
+
+def _writable_dma_target(
+    d: Daemon, session: Session, mirror_id: int, start: int, npages: int
+) -> Mirror:
+    """Like ``_dma_target``, and the mirror must have been registered with WRITE access."""
+    mirror = _dma_target(d, session, mirror_id, start, npages)
+    if not mirror.access & Access.WRITE:
+        raise RequestError(
+            ErrorCode.EPERM, f"mirror {mirror.id} was registered without WRITE access"
+        )
+    return mirror
 
 
 def on_sync_range(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
@@ -697,5 +733,6 @@ HANDLERS: dict[type[Message], tuple[Handler, bool]] = {
     Fault: (on_fault, True),
     DmaRead: (on_dma_read, True),
     DmaWrite: (on_dma_write, True),
+    DmaAtomic: (on_dma_atomic, True),
     SyncRange: (on_sync_range, True),
 }

@@ -42,6 +42,9 @@ class ErrorCode(IntEnum):
     """The request exceeds a size cap."""
     NO_MIRROR = 108
     """No such mirror in this session."""
+    REMOTE_ACCESS = 109
+    """An RDMA request named an unknown rkey, fell outside the MR, or lacks the MR's access
+    right (``IBV_WC_REM_ACCESS_ERR``)."""
     INTERNAL = 199
     """The receiver failed; the request may or may not have taken effect."""
 

@@ -31,6 +31,14 @@ MAX_MIRROR_PAGES = 1 << 26
 MAX_ITEMS = 4096
 #: The largest frame a peer may send (ZeroMQ ``MAXMSGSIZE``): a full DMA plus headroom.
 MAX_FRAME = MAX_DMA_PAGES * 4096 + 65536
+#: The largest RDMA READ or WRITE one request may move (the device's ``max_msg_sz``).
+MAX_RDMA_BYTES = MAX_DMA_PAGES * 4096
+#: Columns of ``stat_mr_reply`` rows, in order (the counters are ``rdma stat mr``'s).
+STAT_MR_COLUMNS = (
+    "mrn", "rkey", "pid", "addr", "length", "access",
+    "page_faults", "page_faults_handled", "page_invalidations",
+    "page_invalidations_handled", "page_prefetch",
+)  # fmt: skip
 #: Highest user-space address on x86-64 with 4-level paging, plus one page.
 USER_ADDR_END = 1 << 47
 NAME_MAX = 64
@@ -64,6 +72,19 @@ class FaultMode(IntEnum):
     """Report what is there; fault nothing in (``default_flags = 0``)."""
     POPULATE = 1
     """Fault missing pages in first (``HMM_PFN_REQ_FAULT``)."""
+    PRESENT = 2
+    """Map the pages already present, faulting nothing in: what SNAPSHOT reports, but
+    handed out like POPULATE's entries, so the agent may install them (mlx5's
+    ``MLX5_PF_FLAGS_SNAPSHOT``, used by PREFETCH_NO_FAULT and ODP registration)."""
+
+
+class AtomicOp(IntEnum):
+    """An 8-byte device atomic (``IBV_WR_ATOMIC_*``)."""
+
+    CMP_SWAP = 0
+    """If the value equals ``compare_add``, store ``swap``; return the old value."""
+    FETCH_ADD = 1
+    """Add ``compare_add`` modulo 2^64; return the old value."""
 
 
 @dataclass(frozen=True)
@@ -222,7 +243,7 @@ class Fault(Message):
     start: int = wire(Kind.UINT)
     npages: int = wire(Kind.UINT, MAX_FAULT_PAGES)
     write: bool = wire(Kind.BOOL)
-    mode: int = wire(Kind.UINT, 1)
+    mode: int = wire(Kind.UINT, 2)
 
 
 @dataclass(frozen=True)
@@ -354,11 +375,14 @@ class DmaReadReply(Message):
 
 @dataclass(frozen=True)
 class DmaWrite(Message):
-    """Agent → daemon: write ``data`` to ``npages`` pages at ``start`` through ``entries``.
+    """Agent → daemon: write ``data`` into the ``npages`` pages at ``start`` through ``entries``.
 
-    Bulk frames ``entries`` (``npages`` u64, all VALID|WRITE) and ``data``
-    (``npages * 4096`` bytes). Checked like ``dma_read`` before the copy.
-    Answered by ``ok`` or ``error`` (STALE, EPERM for a read-only page, EFAULT).
+    The data lands at byte ``offset`` of the first page and is ``length`` bytes
+    long (0 means ``npages * 4096``); the pages are exactly those the bytes touch,
+    so a device write of a few bytes never rewrites the rest of the page. Bulk
+    frames ``entries`` (``npages`` u64, all VALID|WRITE) and ``data``. Checked
+    like ``dma_read`` before the copy. Answered by ``ok`` or ``error`` (STALE,
+    EPERM for a read-only page, EFAULT, EINVAL for bytes that do not fit the pages).
     """
 
     TYPE: ClassVar[str] = "dma_write"
@@ -366,10 +390,138 @@ class DmaWrite(Message):
     mirror: int = wire(Kind.UINT)
     start: int = wire(Kind.UINT)
     npages: int = wire(Kind.UINT, MAX_DMA_PAGES)
+    offset: int = wire(Kind.UINT, 4095, default=0)
+    length: int = wire(Kind.UINT, MAX_DMA_PAGES * 4096, default=0)
 
     def bulk_sizes(self) -> tuple[int, ...]:
-        """An entry frame of ``npages * 8`` bytes, then ``npages * 4096`` bytes of data."""
-        return (self.npages * 8, self.npages * 4096)
+        """An entry frame of ``npages * 8`` bytes, then the data."""
+        return (self.npages * 8, self.length or self.npages * 4096)
+
+
+@dataclass(frozen=True)
+class DmaAtomic(Message):
+    """Agent → daemon: an 8-byte atomic at ``start + offset`` through one entry.
+
+    ``op`` is an ``AtomicOp``; ``offset`` is 8-byte aligned. Bulk frame
+    ``entries``: the page's one u64 entry, VALID|WRITE. Checked like
+    ``dma_write``. The daemon performs read, compute and write with nothing in
+    between, so atomics through one daemon are atomic with respect to each other
+    (``IBV_ATOMIC_HCA``), not with respect to the target's own CPU accesses.
+    Answered by ``atomic_reply`` or ``error`` (STALE, EPERM, EFAULT, EINVAL).
+    """
+
+    TYPE: ClassVar[str] = "dma_atomic"
+    BULK: ClassVar[tuple[str, ...]] = ("entries",)
+    mirror: int = wire(Kind.UINT)
+    start: int = wire(Kind.UINT)
+    offset: int = wire(Kind.UINT, 4088)
+    op: int = wire(Kind.UINT, 1)
+    compare_add: int = wire(Kind.UINT)
+    swap: int = wire(Kind.UINT, default=0)
+
+    def bulk_sizes(self) -> tuple[int, ...]:
+        """One entry frame of 8 bytes."""
+        return (8,)
+
+
+@dataclass(frozen=True)
+class AtomicReply(Message):
+    """Answers ``dma_atomic`` (daemon → agent) and ``rdma_atomic`` (agent → requester).
+
+    ``old`` is the 8-byte little-endian value found before the operation.
+    """
+
+    TYPE: ClassVar[str] = "atomic_reply"
+    old: int = wire(Kind.UINT)
+
+
+# --- the RDMA service (requester ↔ hm-agent) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class RdmaRead(Message):
+    """Requester → agent: RDMA READ of ``length`` bytes at virtual address ``addr`` of ``rkey``.
+
+    Any byte alignment. Answered by ``rdma_read_reply``, or ``error`` with
+    REMOTE_ACCESS (unknown rkey, outside the MR, no REMOTE_READ), EFAULT (an
+    unmapped page), EBUSY or ESRCH.
+    """
+
+    TYPE: ClassVar[str] = "rdma_read"
+    rkey: int = wire(Kind.UINT, U32_MAX)
+    addr: int = wire(Kind.UINT)
+    length: int = wire(Kind.UINT, MAX_RDMA_BYTES)
+
+
+@dataclass(frozen=True)
+class RdmaReadReply(Message):
+    """Agent → requester, answering ``rdma_read``. Bulk frame ``data``: ``length`` bytes."""
+
+    TYPE: ClassVar[str] = "rdma_read_reply"
+    BULK: ClassVar[tuple[str, ...]] = ("data",)
+    length: int = wire(Kind.UINT, MAX_RDMA_BYTES)
+
+    def bulk_sizes(self) -> tuple[int, ...]:
+        """One data frame of ``length`` bytes."""
+        return (self.length,)
+
+
+@dataclass(frozen=True)
+class RdmaWrite(Message):
+    """Requester → agent: RDMA WRITE of the bulk frame ``data`` at ``addr`` of ``rkey``.
+
+    Answered by ``ok``, or ``error`` with REMOTE_ACCESS (unknown rkey, outside
+    the MR, no REMOTE_WRITE), EPERM (a page the target maps read-only), EFAULT
+    (an unmapped page), EBUSY or ESRCH.
+    """
+
+    TYPE: ClassVar[str] = "rdma_write"
+    BULK: ClassVar[tuple[str, ...]] = ("data",)
+    rkey: int = wire(Kind.UINT, U32_MAX)
+    addr: int = wire(Kind.UINT)
+    length: int = wire(Kind.UINT, MAX_RDMA_BYTES)
+
+    def bulk_sizes(self) -> tuple[int, ...]:
+        """One data frame of ``length`` bytes."""
+        return (self.length,)
+
+
+@dataclass(frozen=True)
+class RdmaAtomic(Message):
+    """Requester → agent: an 8-byte atomic (``AtomicOp``) at 8-aligned ``addr`` of ``rkey``.
+
+    Answered by ``atomic_reply``, or ``error`` with REMOTE_ACCESS (unknown
+    rkey, outside the MR, no REMOTE_ATOMIC), EINVAL (unaligned), EPERM, EFAULT.
+    """
+
+    TYPE: ClassVar[str] = "rdma_atomic"
+    rkey: int = wire(Kind.UINT, U32_MAX)
+    addr: int = wire(Kind.UINT)
+    op: int = wire(Kind.UINT, 1)
+    compare_add: int = wire(Kind.UINT)
+    swap: int = wire(Kind.UINT, default=0)
+
+
+@dataclass(frozen=True)
+class StatMr(Message):
+    """Anyone → agent: list the MRs and their ODP counters. Answered by ``stat_mr_reply``."""
+
+    TYPE: ClassVar[str] = "stat_mr"
+
+
+@dataclass(frozen=True)
+class StatMrReply(Message):
+    """Agent → requester: ``device`` and one row per MR, flattened into ``rows``.
+
+    Each row has the ``STAT_MR_COLUMNS`` in order; ``addr`` and ``length`` are 0
+    for an implicit (whole address space) MR, whose ``access`` has ON_DEMAND.
+    Counter units are those of ``rdma stat mr``: pages, except the two
+    ``*_handled`` counters, which count events.
+    """
+
+    TYPE: ClassVar[str] = "stat_mr_reply"
+    device: str = wire(Kind.STR, NAME_MAX)
+    rows: tuple[int, ...] = wire(Kind.UINTS, 4096 * len(STAT_MR_COLUMNS))
 
 
 # --- operations -----------------------------------------------------------------------------
@@ -399,7 +551,8 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Hello, Welcome, Heartbeat, HeartbeatAck, Goodbye, Ok, Error,
     Register, Registered, Unregister, Fault, FaultReply,
     Invalidate, Ack, Evicted, SyncRange, DmaRead, DmaReadReply, DmaWrite,
-    Status, StatusReply,
+    DmaAtomic, AtomicReply, Status, StatusReply,
+    RdmaRead, RdmaReadReply, RdmaWrite, RdmaAtomic, StatMr, StatMrReply,
 )  # fmt: skip
 
 #: The explicit type table: the only way a wire string becomes a class.

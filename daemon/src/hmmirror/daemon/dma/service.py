@@ -22,6 +22,9 @@ from hmmirror.daemon.pagetable import vma_perms
 from hmmirror.daemon.watch.proc import Change, detect
 from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID, HMM_PFN_WRITE, Entries
 from hmmirror.proto.errors import ErrorCode
+from hmmirror.proto.messages import AtomicOp
+
+U64_MASK = (1 << 64) - 1
 
 #: Reads at least this large go out zero-copy (pyzmq's copy=False pays off above ~64 KiB).
 ZERO_COPY_MIN = 64 * 1024
@@ -144,22 +147,75 @@ class DmaService:
         return buf if isinstance(buf, mmap.mmap) else bytes(buf)
 
     def write(
-        self, mm: Mm, start: int, npages: int, entries: Entries, data: memoryview, pending: bool
+        self,
+        mm: Mm,
+        start: int,
+        npages: int,
+        entries: Entries,
+        data: memoryview,
+        pending: bool,
+        offset: int = 0,
     ) -> None:
-        """Copy ``data`` into the target; raise RequestError (STALE, EPERM, EFAULT, EINVAL)."""
+        """Copy ``data`` to byte ``offset`` of the pages; raise RequestError (STALE, EPERM, ...)."""
         self._precheck(mm, start, npages, entries, pending, write=True)
-        size = npages << PAGE_SHIFT
+        size = len(data)
         try:
-            got = vm.write_from(mm.pid, data, [(start, size)])
+            got = vm.write_from(mm.pid, data, [(start + offset, size)])
         except OSError as exc:
             raise self._fault_reason(mm, start, npages, True, exc) from exc
         if got != size:
             raise self._fault_reason(mm, start, npages, True, None)
-        # Writing may have broken COW (zero page, fork): a new PFN invalidates the old translations.
+        self._after_write(mm, start, npages, entries)
+
+    def atomic(
+        self,
+        mm: Mm,
+        addr: int,
+        entries: Entries,
+        op: AtomicOp,
+        compare_add: int,
+        swap: int,
+        pending: bool,
+    ) -> int:
+        """Read, compute and write the u64 at ``addr``; return the old value.
+
+        No await and no other request runs in between, so atomics through this
+        daemon never interleave (``IBV_ATOMIC_HCA``); the target's own CPU
+        accesses are not excluded, as with a real HCA.
+        """
+        page = addr & ~((1 << PAGE_SHIFT) - 1)
+        self._precheck(mm, page, 1, entries, pending, write=True)
+        cell = bytearray(8)
+        try:
+            got = vm.read_into(mm.pid, memoryview(cell), [(addr, 8)])
+        except OSError as exc:
+            raise self._fault_reason(mm, page, 1, True, exc) from exc
+        if got != 8:
+            raise self._fault_reason(mm, page, 1, True, None)
+        old = int.from_bytes(cell, "little")
+        if op == AtomicOp.FETCH_ADD:
+            new = (old + compare_add) & U64_MASK
+        elif old == compare_add:
+            new = swap
+        else:
+            return old  # a failed compare-and-swap writes nothing
+        try:
+            got = vm.write_from(mm.pid, new.to_bytes(8, "little"), [(addr, 8)])
+        except OSError as exc:
+            raise self._fault_reason(mm, page, 1, True, exc) from exc
+        if got != 8:
+            raise self._fault_reason(mm, page, 1, True, None)
+        self._after_write(mm, page, 1, entries)
+        return old
+
+    def _after_write(self, mm: Mm, start: int, npages: int, entries: Entries) -> None:
+        """Writing may have broken COW (zero page, fork): a new PFN invalidates old translations."""
         try:
             post = mm.view.pagemap(start, npages)
             changes = (
-                [] if matches(entries, post) else detect(mm, self.zero_pfn, start, start + size)
+                []
+                if matches(entries, post)
+                else detect(mm, self.zero_pfn, start, start + (npages << PAGE_SHIFT))
             )
         except ProcessLookupError:
             return  # the target exited after the copy: its RELEASE follows
