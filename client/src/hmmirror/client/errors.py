@@ -48,6 +48,14 @@ class DeviceError(AgentError, OSError):
         OSError.__init__(self, errno, f"{os.strerror(errno)}: {message}")
 
 
+class RemoteAccessError(DeviceError):
+    """An RDMA access named an unknown key, fell outside the MR, or lacks the MR's access
+    right: the work completion status ``IBV_WC_REM_ACCESS_ERR`` (errno EACCES)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_errno.EACCES, message)
+
+
 #: Wire codes that a device operation reports as an errno.
 ERRNO_CODES = {
     ErrorCode.EFAULT: _errno.EFAULT,
@@ -56,4 +64,19 @@ ERRNO_CODES = {
     ErrorCode.EINVAL: _errno.EINVAL,
     ErrorCode.ESRCH: _errno.ESRCH,
     ErrorCode.TOO_LARGE: _errno.EINVAL,
+    ErrorCode.REMOTE_ACCESS: _errno.EACCES,
 }
+
+
+def device_error(exc: RemoteError) -> AgentError:
+    """The device-level failure a peer's error reply stands for.
+
+    REMOTE_ACCESS becomes ``RemoteAccessError``; the errno-valued codes become
+    ``DeviceError``; anything else stays the ``RemoteError`` it is.
+    """
+    if exc.code == ErrorCode.REMOTE_ACCESS:
+        return RemoteAccessError(exc.message)
+    mapped = ERRNO_CODES.get(exc.code) if isinstance(exc.code, ErrorCode) else None
+    if mapped is not None:
+        return DeviceError(mapped, exc.message)
+    return exc

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-from hmmirror.client.errors import ERRNO_CODES, DeviceError, Evicted, RemoteError
+from hmmirror.client.errors import DeviceError, Evicted, RemoteError, device_error
 from hmmirror.proto.codec import Envelope
 from hmmirror.proto.entries import (
     HMM_PFN_VALID,
@@ -243,10 +243,7 @@ class Mirror:
             if exc.code in (ErrorCode.NO_MIRROR, ErrorCode.FENCED, ErrorCode.NO_SESSION):
                 self._check_live()
                 raise Evicted(f"mirror {self.id}: {exc.message}") from exc
-            mapped = ERRNO_CODES.get(exc.code) if isinstance(exc.code, ErrorCode) else None
-            if mapped is not None:
-                raise DeviceError(mapped, exc.message) from exc
-            raise
+            raise device_error(exc) from exc
 
     # --- the fault loop ---------------------------------------------------------------------
 
@@ -388,6 +385,8 @@ class Mirror:
             self._check_live()
             missing = self._first_missing(a, b, need)
             if missing is not None:
+                if faults and loop.time() > deadline:
+                    raise DeviceError(errno.EBUSY, f"access at {addr:#x} kept faulting")
                 await fault(first + (missing << PAGE_SHIFT), npages - missing)
                 faults += 1
                 continue
@@ -433,6 +432,8 @@ class Mirror:
         while True:
             self._check_live()
             if self._first_missing(a, b, _VALID_WRITE) is not None:
+                if loop.time() > deadline:
+                    raise DeviceError(errno.EBUSY, f"atomic at {addr:#x} kept faulting")
                 await fault(page, 1)
                 continue
             msg = DmaAtomic(

@@ -202,6 +202,12 @@ class Session(Channel):
                 self._send_frames(encode_ack(upto, msg_id))
                 self._acked = upto  # only once sent: a later ack must still cover it
 
+    async def rehello(self) -> None:
+        """Open a fresh session after an eviction (or join the reopening under way)."""
+        self._rehello()
+        assert self._rehello_task is not None
+        await asyncio.shield(self._rehello_task)
+
     def _rehello(self) -> None:
         """After eviction the old session is fenced: open a fresh one for future mirrors."""
         if self._rehello_task is not None and not self._rehello_task.done():

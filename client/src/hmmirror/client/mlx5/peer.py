@@ -1,0 +1,104 @@
+"""An RDMA requester: READ, WRITE and atomics on a remote ``hm-agent``'s MRs.
+
+>>> async with RdmaPeer.connect("tcp://10.231.0.2:18515") as peer:
+...     data = await peer.read(rkey, addr, 4096)
+...     old = await peer.fetch_add(rkey, counter_addr, 1)
+
+Failures raise the model's errors: ``RemoteAccessError`` for a bad rkey, an
+access outside the MR or a missing right; ``DeviceError`` with EPERM (a page
+the target maps read-only), EFAULT (an unmapped page), EBUSY or ESRCH;
+``RequestTimeout`` when the agent does not answer within the deadline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from hmmirror.client.channel import Channel
+from hmmirror.client.errors import RemoteError, device_error
+from hmmirror.proto.codec import Envelope
+from hmmirror.proto.messages import (
+    STAT_MR_COLUMNS,
+    AtomicOp,
+    AtomicReply,
+    Message,
+    Ok,
+    RdmaAtomic,
+    RdmaRead,
+    RdmaReadReply,
+    RdmaWrite,
+    StatMr,
+    StatMrReply,
+)
+
+#: Writes this large go out without a copy into ZeroMQ.
+_ZERO_COPY_MIN = 64 * 1024
+
+
+class RdmaPeer(Channel):
+    """A connection to one ``hm-agent``'s RDMA service."""
+
+    what = "hm-agent"
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, endpoint: str, *, timeout: float = 15.0) -> AsyncIterator[RdmaPeer]:
+        """Connect to the agent at ``endpoint``; close on exit."""
+        peer = cls(endpoint, timeout)
+        try:
+            yield peer
+        finally:
+            peer.close()
+
+    def close(self) -> None:
+        """Close the connection; requests still waiting fail."""
+        self._close_socket()
+
+    async def _ask(
+        self, msg: Message, expect: type[Message], bulk: Any = (), copy: bool = True
+    ) -> Envelope:
+        """One request, with the agent's error replies raised as the model's errors."""
+        try:
+            return await self.request(msg, bulk, expect=expect, copy=copy)
+        except RemoteError as exc:
+            raise device_error(exc) from exc
+
+    async def read(self, rkey: int, addr: int, length: int) -> memoryview:
+        """RDMA READ: ``length`` bytes at ``addr`` of ``rkey`` (a view of the received frame)."""
+        env = await self._ask(RdmaRead(rkey=rkey, addr=addr, length=length), RdmaReadReply)
+        return env.bulk[0]
+
+    async def write(self, rkey: int, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """RDMA WRITE: ``data`` at ``addr`` of ``rkey``."""
+        view = memoryview(data).cast("B")
+        msg = RdmaWrite(rkey=rkey, addr=addr, length=len(view))
+        await self._ask(msg, Ok, [view], copy=len(view) < _ZERO_COPY_MIN)
+
+    async def compare_swap(self, rkey: int, addr: int, compare: int, swap: int) -> int:
+        """ATOMIC compare-and-swap of the u64 at ``addr``; return the value found."""
+        msg = RdmaAtomic(
+            rkey=rkey, addr=addr, op=int(AtomicOp.CMP_SWAP), compare_add=compare, swap=swap
+        )
+        env = await self._ask(msg, AtomicReply)
+        assert isinstance(env.msg, AtomicReply)
+        return env.msg.old
+
+    async def fetch_add(self, rkey: int, addr: int, add: int) -> int:
+        """ATOMIC fetch-and-add on the u64 at ``addr`` (modulo 2^64); return the value found."""
+        msg = RdmaAtomic(rkey=rkey, addr=addr, op=int(AtomicOp.FETCH_ADD), compare_add=add)
+        env = await self._ask(msg, AtomicReply)
+        assert isinstance(env.msg, AtomicReply)
+        return env.msg.old
+
+    async def stat_mr(self) -> tuple[str, list[dict[str, int]]]:
+        """The agent's device name and one row per MR (``STAT_MR_COLUMNS``)."""
+        env = await self._ask(StatMr(), StatMrReply)
+        assert isinstance(env.msg, StatMrReply)
+        width = len(STAT_MR_COLUMNS)
+        rows = env.msg.rows
+        return env.msg.device, [
+            dict(zip(STAT_MR_COLUMNS, rows[i : i + width], strict=True))
+            for i in range(0, len(rows) - width + 1, width)
+        ]

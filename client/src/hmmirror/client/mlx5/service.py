@@ -1,0 +1,209 @@
+"""The RDMA service: remote requesters READ, WRITE and run atomics on a Nic's MRs.
+
+One ROUTER socket, drained with ``loop.add_reader`` until ``EVENTS`` has no
+POLLIN. Each request runs as a task (it may fault) under a deadline, and is
+answered with the data, ``ok``, ``atomic_reply`` or an ``error`` whose code
+follows the verbs semantics (``ErrorCode.REMOTE_ACCESS``, EPERM, EFAULT, ...).
+READ data goes back as the very buffers hmmd's replies arrived in, zero-copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Sequence
+from typing import Any, cast
+
+import zmq
+from hmmirror.client.errors import AgentError, DeviceError, RemoteAccessError, RemoteError
+from hmmirror.client.mlx5.nic import Nic
+from hmmirror.proto.codec import Envelope, decode, encode
+from hmmirror.proto.errors import ErrorCode, ProtocolError
+from hmmirror.proto.messages import (
+    MAX_FRAME,
+    STAT_MR_COLUMNS,
+    AtomicOp,
+    AtomicReply,
+    Error,
+    Message,
+    Ok,
+    RdmaAtomic,
+    RdmaRead,
+    RdmaReadReply,
+    RdmaWrite,
+    StatMr,
+    StatMrReply,
+)
+
+log = logging.getLogger(__name__)
+
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+#: Data this large goes out without a copy into ZeroMQ.
+ZERO_COPY_MIN = 64 * 1024
+#: How long one request may take, faults and retries included, before it fails with EBUSY.
+REQUEST_DEADLINE = 10.0
+#: Requests in progress at once; more are refused with EBUSY (the RNR NAK of this model).
+MAX_IN_FLIGHT = 1024
+_ERRNO_CODES = {int(c): c for c in ErrorCode if c < 100}
+
+
+def error_code(exc: BaseException) -> ErrorCode:
+    """The wire code for a failed request."""
+    if isinstance(exc, RemoteAccessError):
+        return ErrorCode.REMOTE_ACCESS
+    if isinstance(exc, OSError) and exc.errno in _ERRNO_CODES:
+        return _ERRNO_CODES[exc.errno]
+    if isinstance(exc, RemoteError) and isinstance(exc.code, ErrorCode):
+        return exc.code
+    if isinstance(exc, TimeoutError):
+        return ErrorCode.EBUSY
+    return ErrorCode.INTERNAL
+
+
+class RdmaService:
+    """Serves ``nic``'s MRs on ``endpoint`` (``tcp://host:port``; port 0 picks one)."""
+
+    def __init__(self, nic: Nic, endpoint: str) -> None:
+        self.nic = nic
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.SNDHWM, 10000)
+        self.sock.setsockopt(zmq.RCVHWM, 10000)
+        if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
+            port = self.sock.bind_to_random_port(endpoint[: -len(":0")])
+            endpoint = f"{endpoint[: -len(':0')]}:{port}"
+        else:
+            self.sock.bind(endpoint)
+        self.endpoint = endpoint
+        self.loop = asyncio.get_running_loop()
+        self._fd = cast(int, self.sock.getsockopt(zmq.FD))
+        self.loop.add_reader(self._fd, self._drain)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._recheck = False
+        self.counters = dict.fromkeys(
+            ("requests", "reads", "writes", "atomics", "errors", "bad_messages", "unroutable"), 0
+        )
+
+    async def close(self) -> None:
+        """Stop serving: cancel requests in progress and close the socket."""
+        self.loop.remove_reader(self._fd)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+    # --- inbound --------------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Handle every queued request (edge-triggered FD: drain fully)."""
+        sock = self.sock
+        while cast(int, sock.get(_EVENTS)) & _POLLIN:
+            try:
+                frame = sock.recv(_NOBLOCK, copy=False)
+                frames = [frame]
+                while frame.more:
+                    frame = sock.recv(_NOBLOCK, copy=False)
+                    frames.append(frame)
+            except zmq.Again:
+                break
+            self._handle(frames[0].bytes, frames[1:])
+
+    def _handle(self, identity: bytes, frames: Sequence[zmq.Frame]) -> None:
+        """Decode one request and start it; a malformed one is answered and counted."""
+        try:
+            env = decode(frames)
+        except ProtocolError as exc:
+            self.counters["bad_messages"] += 1
+            self._reply(identity, Error(code=int(exc.code), message=str(exc)[:1024]), 0)
+            return
+        self.counters["requests"] += 1
+        msg = env.msg
+        if isinstance(msg, StatMr):
+            self._reply(identity, self._stat(), env.id)
+            return
+        if not isinstance(msg, RdmaRead | RdmaWrite | RdmaAtomic):
+            self.counters["bad_messages"] += 1
+            text = f"hm-agent does not accept {env.type!r}"
+            self._reply(identity, Error(code=int(ErrorCode.UNKNOWN_MESSAGE), message=text), env.id)
+            return
+        if len(self._tasks) >= MAX_IN_FLIGHT:
+            text = f"{MAX_IN_FLIGHT} requests already in progress"
+            self._reply(identity, Error(code=int(ErrorCode.EBUSY), message=text), env.id)
+            return
+        task = asyncio.ensure_future(self._serve(identity, env))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, identity: bytes, env: Envelope) -> None:
+        """Perform one RDMA request and answer it."""
+        msg = env.msg
+        try:
+            async with asyncio.timeout(REQUEST_DEADLINE):
+                if isinstance(msg, RdmaRead):
+                    self.counters["reads"] += 1
+                    pieces = await self.nic.read(msg.rkey, msg.addr, msg.length)
+                    data: Any = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                    self._reply(identity, RdmaReadReply(length=msg.length), env.id, [data])
+                    return
+                if isinstance(msg, RdmaWrite):
+                    self.counters["writes"] += 1
+                    await self.nic.write(msg.rkey, msg.addr, env.bulk[0])
+                    self._reply(identity, Ok(), env.id)
+                    return
+                assert isinstance(msg, RdmaAtomic)
+                self.counters["atomics"] += 1
+                try:
+                    op = AtomicOp(msg.op)
+                except ValueError as exc:
+                    raise DeviceError(errno.EINVAL, f"unknown atomic op {msg.op}") from exc
+                old = await self.nic.atomic(msg.rkey, msg.addr, op, msg.compare_add, msg.swap)
+                self._reply(identity, AtomicReply(old=old), env.id)
+        except (AgentError, OSError, TimeoutError) as exc:
+            self.counters["errors"] += 1
+            text = str(exc) or type(exc).__name__
+            self._reply(identity, Error(code=int(error_code(exc)), message=text[:1024]), env.id)
+        except Exception as exc:
+            log.exception("RDMA %s failed", env.type)
+            self.counters["errors"] += 1
+            text = f"{type(exc).__name__}: {exc}"[:1024]
+            self._reply(identity, Error(code=int(ErrorCode.INTERNAL), message=text), env.id)
+
+    def _stat(self) -> StatMrReply:
+        """The ``stat_mr_reply`` for the Nic's MRs."""
+        rows: list[int] = []
+        for row in self.nic.stat_mr()[:4096]:
+            rows.extend(row[name] for name in STAT_MR_COLUMNS)
+        return StatMrReply(device=self.nic.name[:64], rows=tuple(rows))
+
+    # --- outbound -------------------------------------------------------------------------------
+
+    def _reply(self, identity: bytes, msg: Message, re: int, bulk: Sequence[Any] = ()) -> None:
+        """Send ``msg`` to ``identity``; a requester that left is counted, not an error."""
+        frames = [identity, *encode(msg, 0, re, bulk)]
+        copy = not bulk or len(bulk[-1]) < ZERO_COPY_MIN
+        try:
+            for frame in frames[:-1]:
+                self.sock.send(frame, _NOBLOCK | _SNDMORE, copy=copy)
+            self.sock.send(frames[-1], _NOBLOCK, copy=copy)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH (ROUTER_MANDATORY) or a full queue
+            self.counters["unroutable"] += 1
+            log.debug("reply to a requester dropped: %s", exc)
+        # A send can consume the FD's edge: look again once this tick is done.
+        if not self._recheck:
+            self._recheck = True
+            self.loop.call_soon(self._after_sends)
+
+    def _after_sends(self) -> None:
+        """Drain if this tick's sends consumed the FD's POLLIN edge."""
+        self._recheck = False
+        if not self.sock.closed and cast(int, self.sock.get(_EVENTS)) & _POLLIN:
+            self._drain()
