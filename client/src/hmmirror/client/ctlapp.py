@@ -1,13 +1,15 @@
-"""The ``hmmctl`` command line: inspect a running hmmd, or run the demo.
+"""The ``hmmctl`` command line: inspect a running hmmd or hm-agent, or run the demo.
 
-Exit codes: 0 success, 1 failure (daemon unreachable, violations found),
-2 usage error. ``HMMIRROR_ENDPOINT`` sets the default endpoint.
+Exit codes: 0 success, 1 failure (daemon or agent unreachable, violations
+found), 2 usage error. ``HMMIRROR_ENDPOINT`` sets the default hmmd endpoint,
+``HMMIRROR_AGENT`` the default hm-agent endpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -15,6 +17,15 @@ from collections.abc import Sequence
 from hmmirror.client.errors import AgentError
 
 DEFAULT_ENDPOINT = "ipc:///run/hmmirror/hmmd.sock"
+DEFAULT_AGENT = "tcp://127.0.0.1:18515"
+#: ``rdma stat mr``'s counters, in the order it prints them.
+MR_COUNTERS = (
+    "page_faults",
+    "page_faults_handled",
+    "page_invalidations",
+    "page_invalidations_handled",
+    "page_prefetch",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("status", help="show the daemon's state and figures")
+    stat = sub.add_parser("stat", help="device statistics of an hm-agent, as `rdma stat` shows")
+    stat_sub = stat.add_subparsers(dest="object", metavar="OBJECT", required=True)
+    stat_mr = stat_sub.add_parser("mr", help="per-MR ODP counters, in the shape of `rdma stat mr`")
+    stat_mr.add_argument(
+        "--agent",
+        default=os.environ.get("HMMIRROR_AGENT", DEFAULT_AGENT),
+        help="hm-agent endpoint (default $HMMIRROR_AGENT or %(default)s)",
+    )
+    stat_mr.add_argument("-j", "--json", action="store_true", help="JSON, as `rdma -j stat mr`")
+    stat_mr.add_argument(
+        "-d", "--details", action="store_true", help="also show each MR's rkey, pid and range"
+    )
     demo = sub.add_parser(
         "demo",
         help="start hmmd, a churning target and two agents; show live counters and a report",
@@ -62,8 +85,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, value in stats.items():
             print(f"{key:<{width}}  {value}")
         return 0
+    if args.command == "stat":
+        return _stat_mr(args)
     parser.print_help(sys.stderr)
     return 2
+
+
+def _stat_mr(args: argparse.Namespace) -> int:
+    """``hmmctl stat mr``: one line per MR, as ``rdma stat mr`` prints them."""
+    from hmmirror.client.mlx5.peer import RdmaPeer
+
+    async def fetch() -> tuple[str, list[dict[str, int]]]:
+        """Ask the agent for its MR table."""
+        async with RdmaPeer.connect(args.agent, timeout=args.timeout) as peer:
+            return await peer.stat_mr()
+
+    try:
+        device, rows = asyncio.run(fetch())
+    except AgentError as exc:
+        print(f"hmmctl: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        out = []
+        for row in rows:
+            entry: dict[str, object] = {"ifname": device, "mrn": row["mrn"]}
+            if args.details:
+                entry.update(rkey=row["rkey"], pid=row["pid"], addr=row["addr"])
+                entry.update(length=row["length"])
+            entry.update((name, row[name]) for name in MR_COUNTERS)
+            out.append(entry)
+        print(json.dumps(out))
+        return 0
+    for row in rows:
+        fields = [f"dev {device}", f"mrn {row['mrn']}"]
+        if args.details:
+            where = "all" if row["length"] == 0 else f"{row['addr']:#x} length {row['length']}"
+            fields += [f"rkey {row['rkey']:#x}", f"pid {row['pid']}", f"addr {where}"]
+        fields += [f"{name} {row[name]}" for name in MR_COUNTERS]
+        print(" ".join(fields))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,221 @@
+"""``hm-agent`` as a process: remote READ, WRITE and atomics by rkey, errors, stat mr, CLI.
+
+The agent is a real process on a real hmmd, serving over tcp loopback; the
+requesters are ``RdmaPeer`` connections (each its own ZeroMQ context and socket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from hmmirror.client import DeviceError
+from hmmirror.client.mlx5 import RdmaPeer, RemoteAccessError
+
+PAGE = 4096
+HM_AGENT = [sys.executable, "-m", "hmmirror.client.agentapp"]
+HMMCTL = [sys.executable, "-m", "hmmirror.client.ctlapp"]
+DEADLINE = 10.0
+
+
+@dataclass
+class Agent:
+    """A running hm-agent: its endpoint and the MRs it printed (rkey by spec order)."""
+
+    proc: asyncio.subprocess.Process
+    endpoint: str
+    rkeys: list[int]
+    lines: list[str]
+
+
+@contextlib.asynccontextmanager
+async def hm_agent(hmmd, *mrs: str, name: str = "mlx5_t") -> AsyncIterator[Agent]:
+    """Start ``hm-agent`` with ``--mr`` specs; stop it with SIGTERM and check it exits 0."""
+    args = ["--daemon", hmmd.endpoint, "--listen", "tcp://127.0.0.1:0", "--name", name]
+    for spec in mrs:
+        args += ["--mr", spec]
+    proc = await asyncio.create_subprocess_exec(
+        *HM_AGENT, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                raw = await proc.stdout.readline()
+                if not raw:
+                    err = (await proc.stderr.read()).decode()
+                    raise AssertionError(f"hm-agent exited before ready: {err}")
+                line = raw.decode().strip()
+                lines.append(line)
+                if line.startswith("hm-agent ready "):
+                    break
+        rkeys = [int(m.group(1), 16) for ln in lines if (m := re.search(r"rkey=(0x[0-9a-f]+)", ln))]
+        yield Agent(proc, line.split()[-1], rkeys, lines)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(DEADLINE):
+                    code = await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                raise AssertionError("hm-agent ignored SIGTERM") from None
+            err = (await proc.stderr.read()).decode()
+            assert code == 0, f"hm-agent exited {code}: {err}"
+
+
+async def test_remote_read_write_and_atomics_through_hm_agent(hmmd, puppet):
+    addr = await puppet.mmap(64 * PAGE)
+    data = os.urandom(64 * PAGE)
+    await puppet.write(addr, data)
+    async with (
+        hm_agent(hmmd, f"{puppet.pid}:{addr:#x}:{64 * PAGE}:rwa") as agent,
+        RdmaPeer.connect(agent.endpoint) as peer,
+    ):
+        (rkey,) = agent.rkeys
+        assert bytes(await peer.read(rkey, addr, 64 * PAGE)) == data
+        assert bytes(await peer.read(rkey, addr + 5, 11)) == data[5:16]
+        await peer.write(rkey, addr + 4093, b"spans two pages")
+        assert await puppet.read(addr + 4093, 15) == b"spans two pages"
+        big = os.urandom(40 * PAGE)
+        await peer.write(rkey, addr + 8 * PAGE, big)
+        assert await puppet.read(addr + 8 * PAGE, 40 * PAGE) == big
+        await puppet.write(addr, (41).to_bytes(8, "little"))
+        assert await peer.fetch_add(rkey, addr, 1) == 41
+        assert await peer.compare_swap(rkey, addr, 42, 7) == 42
+        assert int.from_bytes(await puppet.read(addr, 8), "little") == 7
+
+
+async def test_concurrent_fetch_and_add_from_two_requesters_loses_nothing(hmmd, puppet):
+    addr = await puppet.mmap(PAGE)
+    await puppet.write(addr, bytes(8))
+    per_peer = 300
+    async with (
+        hm_agent(hmmd, f"{puppet.pid}:{addr:#x}:{PAGE}:ra") as agent,
+        RdmaPeer.connect(agent.endpoint) as one,
+        RdmaPeer.connect(agent.endpoint) as two,
+    ):
+        (rkey,) = agent.rkeys
+
+        async def hammer(peer: RdmaPeer) -> list[int]:
+            # Many in flight at once: the agent runs them concurrently.
+            return list(
+                await asyncio.gather(*(peer.fetch_add(rkey, addr, 1) for _ in range(per_peer)))
+            )
+
+        olds = await asyncio.gather(hammer(one), hammer(two))
+        seen = sorted(olds[0] + olds[1])
+        assert seen == list(range(2 * per_peer)), "every increment saw a distinct old value"
+        assert int.from_bytes(await puppet.read(addr, 8), "little") == 2 * per_peer
+
+
+async def test_rdma_errors_follow_verbs_semantics(hmmd, puppet):
+    addr = await puppet.mmap(4 * PAGE)
+    await puppet.write(addr, b"x" * 4 * PAGE)
+    specs = (f"{puppet.pid}:{addr:#x}:{4 * PAGE}:rwa", f"{puppet.pid}:{addr:#x}:{4 * PAGE}:r")
+    async with hm_agent(hmmd, *specs) as agent, RdmaPeer.connect(agent.endpoint) as peer:
+        rw, ro = agent.rkeys
+        for op in (
+            peer.read(rw ^ 0x100, addr, 8),  # no such rkey
+            peer.read(rw, addr + 4 * PAGE - 4, 8),  # past the MR's end
+            peer.read(rw, addr - 8, 8),  # before its start
+            peer.write(ro, addr, b"no write right"),
+            peer.fetch_add(ro, addr, 1),  # no atomic right
+        ):
+            with pytest.raises(RemoteAccessError) as info:
+                await op
+            assert info.value.errno == errno.EACCES
+        with pytest.raises(DeviceError) as info:
+            await peer.fetch_add(rw, addr + 4, 1)
+        assert info.value.errno == errno.EINVAL
+
+        await puppet.mprotect(addr + PAGE, PAGE, "r")
+        with pytest.raises(DeviceError) as info:
+            await peer.write(rw, addr + PAGE, b"read-only page")
+        assert info.value.errno == errno.EPERM
+        assert bytes(await peer.read(rw, addr + PAGE, 4)) == b"xxxx"
+
+        await puppet.munmap(addr + 2 * PAGE, PAGE)
+        for op in (peer.read(rw, addr + 2 * PAGE, 8), peer.write(rw, addr + 2 * PAGE, b"gone")):
+            with pytest.raises(DeviceError) as info:
+                await op
+            assert info.value.errno == errno.EFAULT
+        # The agent is still healthy after every failure.
+        assert bytes(await peer.read(rw, addr, 8)) == b"x" * 8
+
+
+async def test_hmmctl_stat_mr_prints_rdma_stat_mr_lines(hmmd, puppet):
+    addr = await puppet.mmap(8 * PAGE)
+    async with (
+        hm_agent(hmmd, f"{puppet.pid}:{addr:#x}:{8 * PAGE}:rw", f"{puppet.pid}:all:r") as agent,
+        RdmaPeer.connect(agent.endpoint) as peer,
+    ):
+        rkey, implicit_rkey = agent.rkeys
+        await puppet.write(addr, b"y" * 8 * PAGE)
+        await peer.read(rkey, addr, 8 * PAGE)
+        await peer.read(implicit_rkey, addr, PAGE)
+
+        def hmmctl(*extra: str) -> str:
+            out = subprocess.run(
+                [*HMMCTL, "stat", "mr", "--agent", agent.endpoint, *extra],
+                capture_output=True, text=True, timeout=DEADLINE, check=True,
+            )  # fmt: skip
+            return out.stdout
+
+        lines = (await asyncio.to_thread(hmmctl)).splitlines()
+        shape = (
+            r"dev mlx5_t mrn (\d+) page_faults (\d+) page_faults_handled (\d+) "
+            r"page_invalidations (\d+) page_invalidations_handled (\d+) page_prefetch (\d+)"
+        )
+        rows = [re.fullmatch(shape, ln) for ln in lines]
+        assert all(rows) and len(rows) == 2, lines
+        assert [int(r.group(2)) for r in rows if r] == [8, 1]  # pages faulted: 8, then 1
+        assert [int(r.group(3)) for r in rows if r] == [1, 1]  # one fault event each
+        as_json = json.loads(await asyncio.to_thread(hmmctl, "--json", "--details"))
+        assert [e["page_faults"] for e in as_json] == [8, 1]
+        assert as_json[0]["rkey"] == rkey and as_json[1]["length"] == 0
+
+
+def test_hm_agent_usage_errors_exit_2():
+    for bad in (["--mr", "nope"], ["--mr", "1:0x1000"], ["--mr", "1:0x1000:4K:rx"]):
+        out = subprocess.run([*HM_AGENT, *bad], capture_output=True, text=True, timeout=DEADLINE)
+        assert out.returncode == 2, (bad, out.stderr)
+        assert "--mr" in out.stderr
+    out = subprocess.run([*HM_AGENT, "--help"], capture_output=True, text=True, timeout=DEADLINE)
+    assert out.returncode == 0 and "PID:ADDR:LENGTH" in out.stdout
+
+
+def test_hm_agent_without_hmmd_exits_1(tmp_path):
+    start = time.monotonic()
+    out = subprocess.run(
+        [*HM_AGENT, "--daemon", f"ipc://{tmp_path}/absent.sock", "--listen", "tcp://127.0.0.1:0"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert "no WELCOME" in out.stderr
+    assert time.monotonic() - start < 20
+
+
+async def test_hm_agent_refusing_a_registration_exits_1(hmmd, puppet):
+    proc = await asyncio.create_subprocess_exec(
+        *HM_AGENT, "--daemon", hmmd.endpoint, "--listen", "tcp://127.0.0.1:0",
+        "--mr", f"{puppet.pid}:0x1000:4K:r", "--mr", "999999999:0x1000:4K:r",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(DEADLINE):
+        out, err = await proc.communicate()
+    assert proc.returncode == 1, err
+    assert b"hm-agent ready" not in out
