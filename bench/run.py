@@ -1,6 +1,7 @@
 """Run the hmmirror benchmarks.
 
-``uv run python -m bench`` or ``uv run python bench/run.py [--only invalidate|pipelined|fault]``.
+``uv run python -m bench`` or
+``uv run python bench/run.py [--only invalidate|pipelined|fault|rdma]``.
 
 Every result is a ratio to a baseline measured in the same run; see bench/README.md.
 """
@@ -31,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument(
         "--only",
-        choices=["invalidate", "pipelined", "fault"],
+        choices=["invalidate", "pipelined", "fault", "rdma"],
         action="append",
-        help="run only this benchmark (repeatable); default: all three",
+        help="run only this benchmark (repeatable); default: all four",
     )
     ap.add_argument(
         "--agents", default="1,8", help="agent counts for the W=1 benchmark (default 1,8)"
@@ -56,6 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         "--fault-size", default="1G", help="populated range for the fault benchmark (1G)"
     )
     ap.add_argument("--fault-runs", type=int, default=5, help="timed fault runs per mode (5)")
+    ap.add_argument(
+        "--rdma-window", type=int, default=8, help="RDMA requests in flight (8)"
+    )
+    ap.add_argument(
+        "--rdma-seconds", type=float, default=0.5, help="RDMA seconds per block and side (0.5)"
+    )
+    ap.add_argument("--rdma-rounds", type=int, default=3, help="RDMA blocks per side (3)")
+    ap.add_argument(
+        "--fault-count", type=int, default=300, help="ODP first-touch faults timed (300)"
+    )
     ap.add_argument(
         "--loop",
         choices=["uvloop", "asyncio"],
@@ -103,12 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     size = parse_size(a.fault_size)
     if size % 4096 or not 0 < size <= 1 << 30 or not 1 <= a.fault_runs <= 50:
         ap.error("--fault-size: page multiple up to 1G; --fault-runs 1..50")
+    if not (1 <= a.rdma_window <= 256 and 0 < a.rdma_seconds <= 10 and 1 <= a.rdma_rounds <= 20):
+        ap.error("--rdma-window 1..256, --rdma-seconds 0..10, --rdma-rounds 1..20")
+    if not 1 <= a.fault_count <= 20_000:
+        ap.error("--fault-count 1..20000")
     daemon_args = shlex.split(a.daemon_args)
     if a.profile_daemon:
         os.makedirs(a.profile_daemon, exist_ok=True)
         common.PROFILE_DIR = os.path.abspath(a.profile_daemon)
     common.IDLE_WAIT = max(0.0, min(a.idle_wait, 300.0))
-    only = set(a.only or ["invalidate", "pipelined", "fault"])
+    only = set(a.only or ["invalidate", "pipelined", "fault", "rdma"])
 
     def _terminate(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)  # unwind so every finally kills its helper processes
@@ -133,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         from bench_fault import bench_fault
 
         rows += bench_fault(size, a.fault_runs, a.loop, daemon_args)
+    if "rdma" in only:
+        from bench_rdma import bench_rdma
+
+        rows += bench_rdma(
+            a.rdma_window, a.rdma_seconds, a.rdma_rounds, a.fault_count, a.loop, daemon_args
+        )
     print()
     print(f"machine (end): loadavg={loadavg()}  elapsed {time.monotonic() - t0:.0f} s")
     print()

@@ -421,7 +421,10 @@ class Daemon:
             try:
                 changes = detect(mm, self.zero_pfn)
             except ProcessLookupError:
-                return  # the pidfd reports the exit
+                # Death is the pidfd's to report; an execve leaves no pidfd event behind.
+                if mm.view.replaced():
+                    self._on_exit(mm)
+                return
             if changes:
                 self.start_invalidations(mm, changes)
             if mm.view.replaced():

@@ -102,7 +102,7 @@ class DmaService:
         """Why a copy failed or fell short: ESRCH, EFAULT, EPERM, else STALE."""
         end = start + (npages << PAGE_SHIFT)
         try:
-            vmas = mm.view.maps()
+            vmas = mm.view.maps_range(start, end)
         except ProcessLookupError:
             return RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited")
         perms = vma_perms(vmas, start, npages)

@@ -108,7 +108,7 @@ async def resolve(
                 continue
             continue
         try:
-            vmas = mm.view.maps()
+            vmas = mm.view.maps_range(start, end)
         except ProcessLookupError as exc:
             raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited") from exc
         perms = vma_perms(vmas, start, npages)

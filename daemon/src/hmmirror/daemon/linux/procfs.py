@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
+import errno
+import fcntl
 import mmap
 import os
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +79,20 @@ class Vmas:
 _SPECIAL_NAMES = (b"[vvar]", b"[vsyscall]", b"[vvar_vclock]")
 
 
+def _special(name: bytes) -> bool:
+    """Whether a VMA of this name is one hmm refuses (vvar, vsyscall, a device mapping)."""
+    device = name.startswith(b"/dev/") and not name.startswith((b"/dev/zero", b"/dev/shm/"))
+    return name in _SPECIAL_NAMES or device
+
+
+#: ``_IOWR('f', 17, struct procmap_query)`` (include/uapi/linux/fs.h, Linux 6.11+).
+PROCMAP_QUERY = 0xC0686611
+_QUERY = struct.Struct("<QQQQQQQQQIIIIQQ")
+_COVERING_OR_NEXT_VMA = 0x10
+_VMA_READABLE, _VMA_WRITABLE, _VMA_SHARED = 0x1, 0x2, 0x8
+_NAME_MAX = 4096
+
+
 def parse_maps(text: bytes) -> Vmas:
     """Parse ``/proc/PID/maps`` text."""
     starts: list[int] = []
@@ -96,8 +114,7 @@ def parse_maps(text: bytes) -> Vmas:
         readable.append(perms[0:1] == b"r")
         writable.append(perms[1:2] == b"w")
         shared.append(perms[3:4] == b"s")
-        device = name.startswith(b"/dev/") and not name.startswith((b"/dev/zero", b"/dev/shm/"))
-        special.append(name in _SPECIAL_NAMES or device)
+        special.append(_special(name))
         keys.append(line)
     return Vmas(
         np.array(starts, dtype=np.uint64),
@@ -136,6 +153,9 @@ class ProcessView:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self._scratch: Raw = np.empty(0, dtype=np.uint64)
+        self._query = bytearray(_QUERY.size)
+        self._name = ctypes.create_string_buffer(_NAME_MAX)
+        self._can_query = True
         self._maps_fd = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
         try:
             self._pagemap_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -171,16 +191,78 @@ class ProcessView:
             ) from exc
         return parse_maps(b"".join(chunks))
 
+    def _query_vma(self, addr: int) -> tuple[int, int, int, bytes] | None:
+        """PROCMAP_QUERY: the first VMA ending above ``addr`` as (start, end, flags, name).
+
+        None when there is none. Raises ProcessLookupError when the mm is gone,
+        and OSError(ENOTTY) on kernels without the ioctl.
+        """
+        buf = self._query
+        _QUERY.pack_into(
+            buf, 0, _QUERY.size, _COVERING_OR_NEXT_VMA, addr, 0, 0, 0, 0, 0, 0, 0, 0,
+            _NAME_MAX, 0, ctypes.addressof(self._name), 0,
+        )  # fmt: skip
+        try:
+            fcntl.ioctl(self._maps_fd, PROCMAP_QUERY, buf, True)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            if exc.errno in (errno.ESRCH, errno.EBADF):
+                raise ProcessLookupError(self.pid, f"process {self.pid} is gone") from exc
+            raise
+        f = _QUERY.unpack_from(buf)
+        name_size = f[11]
+        return f[3], f[4], f[5], self._name.raw[: name_size - 1] if name_size else b""
+
+    def maps_range(self, start: int, end: int) -> Vmas:
+        """The VMAs that intersect [start, end), by PROCMAP_QUERY lookups (one per VMA).
+
+        Far cheaper than ``maps()`` for the few VMAs a fault or DMA touches in a
+        process with thousands; falls back to ``maps()`` where the ioctl is missing.
+        """
+        if not self._can_query:
+            return self.maps()
+        rows: list[tuple[int, int, int, bytes]] = []
+        addr = start
+        try:
+            while addr < end:
+                vma = self._query_vma(addr)
+                if vma is None or vma[0] >= end:
+                    break
+                rows.append(vma)
+                addr = vma[1]
+        except OSError as exc:
+            if isinstance(exc, ProcessLookupError) or exc.errno not in (errno.ENOTTY, errno.EINVAL):
+                raise
+            self._can_query = False
+            return self.maps()
+        return Vmas(
+            np.array([r[0] for r in rows], dtype=np.uint64),
+            np.array([r[1] for r in rows], dtype=np.uint64),
+            np.array([bool(r[2] & _VMA_READABLE) for r in rows], dtype=np.bool_),
+            np.array([bool(r[2] & _VMA_WRITABLE) for r in rows], dtype=np.bool_),
+            np.array([bool(r[2] & _VMA_SHARED) for r in rows], dtype=np.bool_),
+            np.array([_special(r[3]) for r in rows], dtype=np.bool_),
+            tuple(b"%x-%x %x %s" % r for r in rows),
+        )
+
     def replaced(self) -> bool:
         """Whether the mm these handles pin is gone: execve replaced it, or the process died.
 
-        A live mm always has VMAs, so an empty maps read through our (old) descriptor means
+        A live mm always has VMAs, so finding none through our (old) descriptor means
         the process now runs in another mm, even though its pid and start time are the same.
         """
         try:
+            if self._can_query:
+                return self._query_vma(0) is None
             return len(self.maps().starts) == 0
         except ProcessLookupError:
             return True
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTTY, errno.EINVAL):
+                raise
+            self._can_query = False
+            return self.replaced()
 
     def pagemap(self, start: int, npages: int, *, scratch: bool = False) -> Raw:
         """Read ``npages`` raw pagemap entries from virtual address ``start``.
