@@ -42,6 +42,7 @@ from common import (
     Row,
     percentile,
     read_line,
+    read_until,
     settle,
     spawn_target,
     start_daemon,
@@ -72,11 +73,18 @@ def vm_copy(write: bool, pid: int, buf: Any, addr: int, size: int) -> None:
 # --------------------------------------------------------------------------- raw pyzmq side
 
 
+def _buffers(sock: zmq.Socket[Any]) -> None:
+    """The kernel socket buffers hmmirror's own sockets ask for: a like-for-like baseline."""
+    sock.setsockopt(zmq.SNDBUF, 4 << 20)
+    sock.setsockopt(zmq.RCVBUF, 4 << 20)
+
+
 def raw_server_main(argv: list[str]) -> int:
     """``python bench/bench_rdma.py raw-server``: the raw pyzmq peer (bounded lifetime)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
+    _buffers(sock)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     data = bytearray(os.urandom(4 << 20))
     print(f"raw ready tcp://127.0.0.1:{port}", flush=True)
@@ -220,9 +228,9 @@ def bench_rdma(window: int, seconds: float, rounds: int, fault_count: int, loop:
              "--listen", "tcp://127.0.0.1:0", "--log-level", "warning",
              "--mr", f"{target.pid}:{target.addr:#x}:{REGION}:rwa"],
         )  # fmt: skip
-        mr_line = read_line(agent, "mr ", 30)
-        rkey = int(mr_line.split("rkey=")[1].split()[0], 16)
-        agent_ep = read_line(agent, "hm-agent ready", 30).split()[-1]
+        lines = read_until(agent, "hm-agent ready", 30)
+        rkey = int(lines[0].split("rkey=")[1].split()[0], 16)
+        agent_ep = lines[-1].split()[-1]
         raw = procs.spawn([PY, os.path.abspath(__file__), "raw-server"])
         raw_ep = read_line(raw, "raw ready", 30).split()[-1]
         log(f"[rdma] hm-agent {agent_ep} rkey {rkey:#x}; raw pyzmq peer {raw_ep}; "
@@ -231,6 +239,7 @@ def bench_rdma(window: int, seconds: float, rounds: int, fault_count: int, loop:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        _buffers(sock)
         sock.connect(raw_ep)
         settle(log)
 

@@ -106,6 +106,15 @@ class Procs:
 
 def read_line(p: subprocess.Popen[bytes], prefix: str, timeout: float) -> str:
     """Read stdout lines of ``p`` until one starts with ``prefix``; raise on timeout or exit."""
+    return read_until(p, prefix, timeout)[-1]
+
+
+def read_until(p: subprocess.Popen[bytes], prefix: str, timeout: float) -> list[str]:
+    """Every stdout line of ``p`` up to and including the first starting with ``prefix``.
+
+    Reads byte by byte past nothing: whatever follows that line stays in the pipe
+    for the next call.
+    """
     assert p.stdout is not None
     fd = p.stdout.fileno()
     deadline = time.monotonic() + timeout
@@ -114,18 +123,18 @@ def read_line(p: subprocess.Popen[bytes], prefix: str, timeout: float) -> str:
     while time.monotonic() < deadline:
         r, _, _ = select.select([fd], [], [], max(0.0, min(0.2, deadline - time.monotonic())))
         if r:
-            chunk = os.read(fd, 4096)
+            chunk = os.read(fd, 1)  # one byte: never swallow the lines after ours
             if not chunk:
                 raise RuntimeError(
                     f"process {p.args!r} closed stdout (rc={p.poll()}); saw {seen!r}"
                 )
             buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                text = line.decode(errors="replace").strip()
-                if text.startswith(prefix):
-                    return text
+            if chunk == b"\n":
+                text = buf.decode(errors="replace").strip()
+                buf = b""
                 seen.append(text)
+                if text.startswith(prefix):
+                    return seen
         elif p.poll() is not None:
             raise RuntimeError(
                 f"process {p.args!r} exited rc={p.returncode} before {prefix!r}; saw {seen!r}"

@@ -32,6 +32,31 @@ _SNDMORE = int(zmq.SNDMORE)
 #: The Cython send itself: pyzmq's Python wrapper around it only handles DRAFT routing
 #: ids and groups, which hmmirror never uses, and costs a quarter of a small send.
 _zmq_send = zmq.backend.Socket.send
+#: Frames this large go out zero-copy when the caller allows it (pyzmq's break-even).
+ZERO_COPY_MIN = 64 * 1024
+#: Kernel socket buffers asked for (capped by net.core.[rw]mem_max): megabyte transfers
+#: then take a few large writes instead of many small ones.
+SOCKET_BUFFER = 4 << 20
+
+
+def tune(sock: zmq.Socket[Any]) -> None:
+    """The socket options every hmmirror connection uses: no linger, size caps, buffers."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+    sock.setsockopt(zmq.SNDBUF, SOCKET_BUFFER)
+    sock.setsockopt(zmq.RCVBUF, SOCKET_BUFFER)
+    sock.setsockopt(zmq.SNDHWM, 10000)
+    sock.setsockopt(zmq.RCVHWM, 10000)
+
+
+def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], copy: bool) -> None:
+    """Send one message without blocking; only large frames go zero-copy (with ``copy`` off)."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        _zmq_send(
+            sock, frame, _NOBLOCK | (_SNDMORE if i < last else 0),
+            copy or len(frame) < ZERO_COPY_MIN,
+        )  # fmt: skip
 
 
 def _expire(fut: asyncio.Future[Envelope]) -> None:
@@ -51,10 +76,7 @@ class Channel:
         self.timeout = timeout
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
-        self.sock.setsockopt(zmq.SNDHWM, 10000)
-        self.sock.setsockopt(zmq.RCVHWM, 10000)
+        tune(self.sock)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         self.sock.connect(endpoint)
@@ -92,10 +114,7 @@ class Channel:
     def _send_frames(self, frames: list[Any], copy: bool = True) -> None:
         """Send ``frames`` without blocking; DaemonUnavailable if the queue is full."""
         try:
-            sock = self.sock
-            for frame in frames[:-1]:
-                _zmq_send(sock, frame, _NOBLOCK | _SNDMORE, copy)
-            _zmq_send(sock, frames[-1], _NOBLOCK, copy)
+            send_frames(self.sock, frames, copy)
         except zmq.Again as exc:
             raise DaemonUnavailable(f"send queue to {self.endpoint} is full") from exc
         finally:

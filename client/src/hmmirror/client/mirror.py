@@ -344,7 +344,7 @@ class Mirror:
         self._inflight.append((start, end, fence))
         try:
             bulk: list[object] = [to_wire(entries)] if data is None else [to_wire(entries), data]
-            env = await self._call(msg, bulk, copy=data is None or len(data) < 65536)
+            env = await self._call(msg, bulk, copy=False)
             if self.dma_hook is not None:
                 await self.dma_hook()
             return env

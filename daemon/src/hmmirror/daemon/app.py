@@ -22,17 +22,24 @@ from typing import Any
 
 import numpy as np
 from hmmirror.daemon.config import Config
-from hmmirror.daemon.dma.service import ZERO_COPY_MIN, DmaService
+from hmmirror.daemon.dma.service import DmaService
 from hmmirror.daemon.errors import RequestError
-from hmmirror.daemon.fault.service import resolve
+from hmmirror.daemon.fault.service import Pending, attempt, resolve
 from hmmirror.daemon.invalidation import Invalidator
-from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PAGE_SIZE, ProcessView, start_time, zero_pfn
+from hmmirror.daemon.linux.procfs import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    ProcessView,
+    Raw,
+    start_time,
+    zero_pfn,
+)
 from hmmirror.daemon.mm import Mirror, Mm, Span
 from hmmirror.daemon.server import Transport, Unreachable
 from hmmirror.daemon.session import Session
 from hmmirror.daemon.watch.proc import Change, detect
 from hmmirror.proto.codec import Buffer, Envelope, decode, encode
-from hmmirror.proto.entries import from_wire
+from hmmirror.proto.entries import Entries, from_wire
 from hmmirror.proto.errors import ErrorCode, ProtocolError
 from hmmirror.proto.messages import (
     MAX_DMA_PAGES,
@@ -580,8 +587,14 @@ def on_ack(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -
     d.invalidator.on_ack(session, msg.n)
 
 
-async def on_fault(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
-    """hmm_range_fault for the agent, then the entries as a raw frame."""
+def on_fault(
+    d: Daemon, identity: bytes, session: Session | None, env: Envelope
+) -> Awaitable[None] | None:
+    """hmm_range_fault for the agent, then the entries as a raw frame.
+
+    A fault that needs no waiting and no faulting-in is answered at once, with
+    no task; the others continue in ``_fault_later``.
+    """
     msg = env.msg
     assert isinstance(msg, Fault) and session is not None
     mirror = d.mirror_of(session, msg.mirror)
@@ -597,17 +610,43 @@ async def on_fault(d: Daemon, identity: bytes, session: Session | None, env: Env
             ErrorCode.EPERM, f"mirror {mirror.id} was registered without WRITE access"
         )
     d.counters["faults"] += 1
-    entries, raw = await resolve(mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn)
-    # No await from here to the send: a later invalidation is sent after this reply.
+    step = attempt(mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn)
+    if isinstance(step, Pending):
+        return _fault_later(d, identity, env, mirror, span, step)
+    _fault_reply(d, identity, env, mirror, span, *step)
+    return None
+
+
+async def _fault_later(
+    d: Daemon, identity: bytes, env: Envelope, mirror: Mirror, span: Span, first: Pending
+) -> None:
+    """The fault's slow path: wait out invalidations, fault pages in, then reply."""
+    msg = env.msg
+    assert isinstance(msg, Fault)
+    mode = FaultMode(msg.mode)
+    entries, raw = await resolve(
+        mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn, first
+    )
+    _fault_reply(d, identity, env, mirror, span, entries, raw)
+
+
+def _fault_reply(
+    d: Daemon, identity: bytes, env: Envelope, mirror: Mirror, span: Span, entries: Entries,
+    raw: Raw,
+) -> None:  # fmt: skip
+    """Record what is handed out and send it; no await from the pagemap read to here, so a
+    later invalidation is always sent after this reply."""
+    msg = env.msg
+    assert isinstance(msg, Fault)
     if mirror.dead:
         raise RequestError(ErrorCode.NO_MIRROR, f"mirror {mirror.id} was dropped during the fault")
-    if mode != FaultMode.SNAPSHOT:  # POPULATE and PRESENT entries may be installed
+    if msg.mode != FaultMode.SNAPSHOT:  # POPULATE and PRESENT entries may be installed
         if not mirror.access & Access.WRITE:
             entries &= ~np.uint64(1 << 62)
         span.hand_out(msg.start, entries, raw)
     reply = FaultReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=mirror.mm.seq)
     # entries is a fresh little-endian u64 array nobody mutates: send its buffer as is.
-    d.send(identity, reply, re=env.id, bulk=[entries], copy=msg.npages * 8 < ZERO_COPY_MIN)
+    d.send(identity, reply, re=env.id, bulk=[entries], copy=False)
 
 
 def _dma_target(d: Daemon, session: Session, mirror_id: int, start: int, npages: int) -> Mirror:
@@ -632,7 +671,7 @@ def on_dma_read(d: Daemon, identity: bytes, session: Session | None, env: Envelo
     pending = d.invalidator.pending_for(mirror, msg.start, end)
     data = d.dma.read(mirror.mm, msg.start, msg.npages, entries, pending)
     reply = DmaReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages)
-    d.send(identity, reply, re=env.id, bulk=[data], copy=len(data) < ZERO_COPY_MIN)
+    d.send(identity, reply, re=env.id, bulk=[data], copy=False)
 
 
 def on_dma_write(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:

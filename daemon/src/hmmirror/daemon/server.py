@@ -34,6 +34,11 @@ _SNDMORE = int(zmq.SNDMORE)
 #: The Cython send itself: pyzmq's Python wrapper around it only handles DRAFT routing
 #: ids and groups, which hmmirror never uses, and costs a quarter of a small send.
 _zmq_send = zmq.backend.Socket.send
+#: Frames this large go out zero-copy when the caller allows it (pyzmq's break-even).
+ZERO_COPY_MIN = 64 * 1024
+#: Kernel socket buffers asked for (the kernel caps them at net.core.[rw]mem_max): fewer,
+#: larger writes for megabyte DMA replies.
+SOCKET_BUFFER = 4 << 20
 
 
 class Unreachable(Exception):
@@ -57,6 +62,8 @@ class Transport:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+        sock.setsockopt(zmq.SNDBUF, SOCKET_BUFFER)
+        sock.setsockopt(zmq.RCVBUF, SOCKET_BUFFER)
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)
         # ZMTP heartbeats drop half-open TCP peers; app heartbeats carry the lease.
@@ -132,8 +139,10 @@ class Transport:
             # A ROUTER queues nothing until the last frame, so a failure leaves no partial message.
             _zmq_send(sock, identity, _NOBLOCK | _SNDMORE)
             for frame in frames[:-1]:
-                _zmq_send(sock, frame, _NOBLOCK | _SNDMORE, copy)
-            _zmq_send(sock, frames[-1], _NOBLOCK, copy)
+                # Small frames are cheaper copied than referenced: zero-copy is for bulk data.
+                _zmq_send(sock, frame, _NOBLOCK | _SNDMORE, copy or len(frame) < ZERO_COPY_MIN)
+            last = frames[-1]
+            _zmq_send(sock, last, _NOBLOCK, copy or len(last) < ZERO_COPY_MIN)
         except zmq.Again as exc:
             raise Unreachable(f"peer {identity!r}: send queue full") from exc
         except zmq.ZMQError as exc:

@@ -33,9 +33,6 @@ from hmmirror.proto.messages import (
     StatMrReply,
 )
 
-#: Writes this large go out without a copy into ZeroMQ.
-_ZERO_COPY_MIN = 64 * 1024
-
 
 class RdmaPeer(Channel):
     """A connection to one ``hm-agent``'s RDMA service."""
@@ -74,7 +71,7 @@ class RdmaPeer(Channel):
         """RDMA WRITE: ``data`` at ``addr`` of ``rkey``."""
         view = memoryview(data).cast("B")
         msg = RdmaWrite(rkey=rkey, addr=addr, length=len(view))
-        await self._ask(msg, Ok, [view], copy=len(view) < _ZERO_COPY_MIN)
+        await self._ask(msg, Ok, [view], copy=False)
 
     async def compare_swap(self, rkey: int, addr: int, compare: int, swap: int) -> int:
         """ATOMIC compare-and-swap of the u64 at ``addr``; return the value found."""

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import zmq
+from hmmirror.client.channel import send_frames, tune
 from hmmirror.client.errors import AgentError, DeviceError, RemoteAccessError, RemoteError
 from hmmirror.client.mlx5.nic import Nic
 from hmmirror.proto.codec import Envelope, decode, encode
 from hmmirror.proto.errors import ErrorCode, ProtocolError
 from hmmirror.proto.messages import (
-    MAX_FRAME,
     STAT_MR_COLUMNS,
     AtomicOp,
     AtomicReply,
@@ -41,9 +41,6 @@ log = logging.getLogger(__name__)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
-_SNDMORE = int(zmq.SNDMORE)
-#: Data this large goes out without a copy into ZeroMQ.
-ZERO_COPY_MIN = 64 * 1024
 #: How long one request may take, faults and retries included, before it fails with EBUSY.
 REQUEST_DEADLINE = 10.0
 #: Requests in progress at once; more are refused with EBUSY (the RNR NAK of this model).
@@ -69,13 +66,10 @@ class RdmaService:
 
     def __init__(self, nic: Nic, endpoint: str) -> None:
         self.nic = nic
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+        # The session's context: one ZeroMQ I/O thread for both sockets, one less to wake.
+        self.sock = nic.session.ctx.socket(zmq.ROUTER)
+        tune(self.sock)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.SNDHWM, 10000)
-        self.sock.setsockopt(zmq.RCVHWM, 10000)
         if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
             port = self.sock.bind_to_random_port(endpoint[: -len(":0")])
             endpoint = f"{endpoint[: -len(':0')]}:{port}"
@@ -99,7 +93,6 @@ class RdmaService:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.sock.close(linger=0)
-        self.ctx.term()
 
     # --- inbound --------------------------------------------------------------------------------
 
@@ -188,12 +181,8 @@ class RdmaService:
 
     def _reply(self, identity: bytes, msg: Message, re: int, bulk: Sequence[Any] = ()) -> None:
         """Send ``msg`` to ``identity``; a requester that left is counted, not an error."""
-        frames = [identity, *encode(msg, 0, re, bulk)]
-        copy = not bulk or len(bulk[-1]) < ZERO_COPY_MIN
         try:
-            for frame in frames[:-1]:
-                self.sock.send(frame, _NOBLOCK | _SNDMORE, copy=copy)
-            self.sock.send(frames[-1], _NOBLOCK, copy=copy)
+            send_frames(self.sock, [identity, *encode(msg, 0, re, bulk)], copy=False)
         except zmq.ZMQError as exc:  # EHOSTUNREACH (ROUTER_MANDATORY) or a full queue
             self.counters["unroutable"] += 1
             log.debug("reply to a requester dropped: %s", exc)

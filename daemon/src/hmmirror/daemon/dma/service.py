@@ -10,10 +10,11 @@ is discarded on a mismatch.
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Callable
 
 import numpy as np
+import zmq
+from hmmirror.daemon.dma.buffers import ReadBuffers
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.linux import vm
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PFN_MASK, PM_PRESENT, Raw
@@ -22,7 +23,7 @@ from hmmirror.daemon.pagetable import vma_perms
 from hmmirror.daemon.watch.proc import Change, detect
 from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID, HMM_PFN_WRITE, Entries
 from hmmirror.proto.errors import ErrorCode
-from hmmirror.proto.messages import AtomicOp
+from hmmirror.proto.messages import MAX_DMA_PAGES, AtomicOp
 
 U64_MASK = (1 << 64) - 1
 
@@ -48,6 +49,7 @@ class DmaService:
         self.zero_pfn = zero_pfn
         self.start_invalidations = start_invalidations
         self.stale = 0
+        self.buffers = ReadBuffers(MAX_DMA_PAGES << PAGE_SHIFT)
 
     def _refuse_stale(self, mm: Mm, start: int, end: int, why: str) -> RequestError:
         """Count a STALE refusal, start the invalidations the range needs; return it."""
@@ -130,21 +132,37 @@ class DmaService:
 
     def read(
         self, mm: Mm, start: int, npages: int, entries: Entries, pending: bool
-    ) -> bytes | mmap.mmap:
-        """Copy ``npages`` from the target; raise RequestError (STALE, EFAULT, EINVAL)."""
+    ) -> bytes | zmq.Frame:
+        """Copy ``npages`` from the target; raise RequestError (STALE, EFAULT, EINVAL).
+
+        Small reads come back as bytes; large ones as a zero-copy frame of a pooled buffer.
+        """
         self._precheck(mm, start, npages, entries, pending, write=False)
         size = npages << PAGE_SHIFT
-        buf: bytearray | mmap.mmap = (
-            mmap.mmap(-1, size) if size >= ZERO_COPY_MIN else bytearray(size)
-        )
+        if size < ZERO_COPY_MIN:
+            small = bytearray(size)
+            self._copy_out(mm, start, npages, memoryview(small), entries)
+            return bytes(small)
+        buf = self.buffers.take()
         try:
-            got = vm.read_into(mm.pid, memoryview(buf), [(start, size)])
+            self._copy_out(mm, start, npages, memoryview(buf)[:size], entries)
+        except BaseException:
+            self.buffers.give_back(buf)
+            raise
+        return self.buffers.lend(buf, size)
+
+    def _copy_out(
+        self, mm: Mm, start: int, npages: int, into: memoryview, entries: Entries
+    ) -> None:
+        """process_vm_readv the pages into ``into``, then check the translation held."""
+        size = len(into)
+        try:
+            got = vm.read_into(mm.pid, into, [(start, size)])
         except OSError as exc:
             raise self._fault_reason(mm, start, npages, False, exc) from exc
         if got != size:
             raise self._fault_reason(mm, start, npages, False, None)
         self._refuse_unless_live(mm, start, npages, entries, "changed mid-copy")
-        return buf if isinstance(buf, mmap.mmap) else bytes(buf)
 
     def write(
         self,

@@ -16,6 +16,8 @@ business; the fault need not look for them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import NamedTuple
 
 import numpy as np
 from hmmirror.daemon.errors import RequestError
@@ -76,6 +78,50 @@ def huge_pages(mm: Mm, start: int, npages: int) -> np.ndarray:
     return out
 
 
+class Pending(NamedTuple):
+    """Why a fault cannot be answered yet: an overlapping invalidation, or pages to fault in."""
+
+    busy: bool
+    runs: list[tuple[int, int]]
+
+
+def attempt(
+    mm: Mm, start: int, npages: int, write: bool, mode: FaultMode, zero_pfn: int
+) -> tuple[Entries, Raw] | Pending:
+    """One pass of ``hmm_range_fault`` without waiting: the (entries, raw pagemap), or Pending.
+
+    Raises RequestError: ESRCH (the process is gone), EFAULT (no readable VMA, in
+    POPULATE mode), EPERM (a write the VMA forbids).
+    """
+    end = start + (npages << PAGE_SHIFT)
+    if mm.released or mm.closed:
+        raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited or is no longer mirrored")
+    if mm.busy(start, end):
+        return Pending(busy=True, runs=[])  # mmu_interval_read_begin would sleep
+    try:
+        vmas = mm.view.maps_range(start, end)
+    except ProcessLookupError as exc:
+        raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited") from exc
+    perms = vma_perms(vmas, start, npages)
+    readable, writable = perms.readable, perms.writable
+    if mode == FaultMode.POPULATE:
+        if not readable.all():
+            bad = start + (int(np.argmin(readable)) << PAGE_SHIFT)
+            raise RequestError(ErrorCode.EFAULT, f"no readable VMA at {bad:#x} in pid {mm.pid}")
+        if write and not writable.all():
+            bad = start + (int(np.argmin(writable)) << PAGE_SHIFT)
+            raise RequestError(ErrorCode.EPERM, f"VMA at {bad:#x} in pid {mm.pid} is not writable")
+    # Scratch: the handler copies what it keeps (hand_out) before any await.
+    try:
+        raw = mm.view.pagemap(start, npages, scratch=True)
+    except ProcessLookupError as exc:
+        raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited") from exc
+    if mode == FaultMode.POPULATE and raw.min() < PM_PRESENT:  # one pass: any page missing?
+        return Pending(busy=False, runs=page_runs(raw < PM_PRESENT, start))
+    huge = huge_pages(mm, start, npages)
+    return derive(raw, perms, zero_pfn, write and mode == FaultMode.POPULATE, huge), raw
+
+
 async def resolve(
     mm: Mm,
     start: int,
@@ -83,12 +129,17 @@ async def resolve(
     write: bool,
     mode: FaultMode,
     zero_pfn: int,
+    first: Pending | None = None,
 ) -> tuple[Entries, Raw]:
-    """Return (entries, raw pagemap) for the range, faulting it in for POPULATE."""
+    """Return (entries, raw pagemap) for the range, waiting and faulting in as needed.
+
+    ``first`` is the outcome of an ``attempt`` the caller already made.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + RETRY_BUDGET
     end = start + (npages << PAGE_SHIFT)
-    while True:
+    step = first if first is not None else attempt(mm, start, npages, write, mode, zero_pfn)
+    while isinstance(step, Pending):
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise RequestError(
@@ -96,52 +147,21 @@ async def resolve(
                 f"fault of [{start:#x}, {end:#x}) of pid {mm.pid} kept racing invalidations "
                 f"for {RETRY_BUDGET:g} s",
             )
-        if mm.released or mm.closed:
-            raise RequestError(
-                ErrorCode.ESRCH, f"process {mm.pid} has exited or is no longer mirrored"
-            )
-        if mm.busy(start, end):
-            # mmu_interval_read_begin: sleep until the overlapping window closes.
-            try:
+        if step.busy:
+            # Sleep until the overlapping window closes (or the budget ends).
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(mm.idle.wait(), remaining)
-            except TimeoutError:
-                continue
-            continue
-        try:
-            vmas = mm.view.maps_range(start, end)
-        except ProcessLookupError as exc:
-            raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited") from exc
-        perms = vma_perms(vmas, start, npages)
-        readable, writable = perms.readable, perms.writable
-        if mode == FaultMode.POPULATE:
-            if not readable.all():
-                bad = start + (int(np.argmin(readable)) << PAGE_SHIFT)
-                raise RequestError(ErrorCode.EFAULT, f"no readable VMA at {bad:#x} in pid {mm.pid}")
-            if write and not writable.all():
-                bad = start + (int(np.argmin(writable)) << PAGE_SHIFT)
-                raise RequestError(
-                    ErrorCode.EPERM, f"VMA at {bad:#x} in pid {mm.pid} is not writable"
-                )
-        # Scratch: the handler copies what it keeps (hand_out) before any await.
-        try:
-            raw = mm.view.pagemap(start, npages, scratch=True)
-        except ProcessLookupError as exc:
-            raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited") from exc
-        # One pass: is any page not present?
-        if mode == FaultMode.POPULATE and raw.min() < PM_PRESENT:
-            missing = raw < PM_PRESENT
-            runs = page_runs(missing, start)
+        else:
             try:
-                got = await loop.run_in_executor(None, populate, mm.pid, runs)
+                got = await loop.run_in_executor(None, populate, mm.pid, step.runs)
             except OSError as exc:
                 raise RequestError(
-                    ErrorCode.EFAULT, f"cannot fault in pid {mm.pid} at {runs[0][0]:#x}: {exc}"
+                    ErrorCode.EFAULT,
+                    f"cannot fault in pid {mm.pid} at {step.runs[0][0]:#x}: {exc}",
                 ) from exc
             if got == 0:
                 raise RequestError(
-                    ErrorCode.EFAULT, f"cannot fault in pid {mm.pid} at {runs[0][0]:#x}"
+                    ErrorCode.EFAULT, f"cannot fault in pid {mm.pid} at {step.runs[0][0]:#x}"
                 )
-            continue
-        huge = huge_pages(mm, start, npages)
-        entries = derive(raw, perms, zero_pfn, write and mode == FaultMode.POPULATE, huge)
-        return entries, raw
+        step = attempt(mm, start, npages, write, mode, zero_pfn)
+    return step
