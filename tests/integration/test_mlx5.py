@@ -402,3 +402,34 @@ async def test_atomics_and_byte_granular_writes(hmmd, puppet, agent):
         await puppet.write(addr + 100, b"ABCDE")
         await nic.write(mr.rkey, addr + 101, b"xyz")
         assert await puppet.read(addr + 100, 5) == b"AxyzE"
+
+
+async def test_a_read_fault_that_races_an_invalidation_discards_its_data(hmmd, puppet, agent):
+    """A read's fault brings the data in its own trip; an INVALIDATE that arrives before the
+    install voids the data as well as the entries, and the retry reads the new contents."""
+    addr = await puppet.mmap(2 * PAGE)
+    await puppet.write(addr, pattern(1, 2))
+    async with agent() as s, agent() as announcer:
+        nic = Nic(s)
+        mr = await nic.reg_mr(puppet.pid, addr, 2 * PAGE, RW)
+        await announcer.sync_range(puppet.pid, addr, addr + 2 * PAGE)  # empty the MTT
+        assert not mr.mapped(addr)
+        (seg,) = mr._segments.values()
+        raced = 0
+
+        async def race() -> None:
+            nonlocal raced
+            if raced:
+                return
+            raced += 1
+            # The reply (entries + old data) is in; before the install, the CPU side changes.
+            await puppet.madvise(addr, 2 * PAGE, "dontneed")
+            await puppet.write(addr, pattern(2, 2))
+            await announcer.sync_range(puppet.pid, addr, addr + 2 * PAGE)
+
+        seg.mirror.fault_hook = race
+        before = await s.status()
+        assert await read_all(nic, mr, addr, 2 * PAGE) == pattern(2, 2)
+        assert raced == 1 and seg.mirror.retries >= 1
+        after = await s.status()
+        assert after["dma_reads"] - before["dma_reads"] == 2, "both faults read in their own trip"

@@ -50,6 +50,7 @@ from hmmirror.proto.messages import (
     Event,
     Fault,
     FaultMode,
+    FaultReadReply,
     FaultReply,
     Registered,
     Unregister,
@@ -64,7 +65,8 @@ _VALID = np.uint64(HMM_PFN_VALID)
 _VALID_WRITE = np.uint64(HMM_PFN_VALID | HMM_PFN_WRITE)
 _NOT_WRITE = ~np.uint64(HMM_PFN_WRITE)
 _PAGE_MASK = PAGE_SIZE - 1
-#: Faults the pages [addr, +npages) in, however the caller's device model wants it.
+#: Faults the pages [addr, +npages) in, however the caller's device model wants it. It may
+#: return those pages' data, read in the same trip, which then serves a read access.
 FaultFn = Callable[[int, int], Awaitable[object]]
 #: How many invalidations a mirror remembers in ``events`` (for tests and diagnostics).
 MAX_EVENTS_KEPT = 4096
@@ -247,25 +249,49 @@ class Mirror:
 
     # --- the fault loop ---------------------------------------------------------------------
 
-    async def _fault_range(self, addr: int, npages: int, write: bool, mode: FaultMode) -> Entries:
-        """read_begin → FAULT → read_retry, retried for up to 1000 ms; returns the entries."""
+    async def _fault_range(
+        self, addr: int, npages: int, write: bool, mode: FaultMode, read: bool = False
+    ) -> tuple[Entries, memoryview | None]:
+        """read_begin → FAULT → read_retry, retried for up to 1000 ms.
+
+        Returns the entries, and with ``read`` the pages' data when hmmd could read
+        them in the same trip (None otherwise).
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RETRY_BUDGET
+        msg = Fault(
+            mirror=self.id, start=addr, npages=npages, write=write, mode=int(mode), read=read
+        )
         while True:
             self._check_live()
             gen = self._gen  # mmu_interval_read_begin
-            env = await self._call(
-                Fault(mirror=self.id, start=addr, npages=npages, write=write, mode=int(mode)),
-                expect=FaultReply,
-            )
+            env = await self._call(msg)
+            if not isinstance(env.msg, FaultReply | FaultReadReply):
+                raise RemoteError(ErrorCode.BAD_MESSAGE, f"expected fault_reply, got {env.type}")
             entries = from_wire(env.bulk[0], npages)
             if self.fault_hook is not None:
                 await self.fault_hook()
             if self._gen == gen:  # not mmu_interval_read_retry: install with no await in between
-                return entries
+                return entries, env.bulk[1] if len(env.bulk) > 1 else None
             self.retries += 1
             if loop.time() > deadline:
                 raise DeviceError(errno.EBUSY, f"fault at {addr:#x} kept racing invalidations")
+
+    def _install(self, a: int, entries: Entries, downgrade: bool) -> int:
+        """Install ``entries`` at table slot ``a`` (VALID ones only); return how many."""
+        if downgrade:
+            entries &= _NOT_WRITE
+        n = len(entries)
+        dst = self.table[a : a + n]
+        before = int(np.count_nonzero(dst >= _VALID)) if self._held else 0
+        if entries.min() >= _VALID:  # every entry VALID: the usual populate result
+            dst[:] = entries
+            self._held += n - before
+            return n
+        valid = entries >= _VALID
+        np.copyto(dst, entries, where=valid)
+        self._held += int(np.count_nonzero(dst >= _VALID)) - before
+        return int(np.count_nonzero(valid))
 
     async def populate(
         self,
@@ -287,21 +313,24 @@ class Mirror:
         chunk = self.session.max_fault_pages
         for off in range(0, npages, chunk):
             n = min(chunk, npages - off)
-            entries = await self._fault_range(addr + (off << PAGE_SHIFT), n, write, mode)
-            if downgrade:
-                entries &= _NOT_WRITE
-            dst = self.table[a + off : a + off + n]
-            before = int(np.count_nonzero(dst >= _VALID)) if self._held else 0
-            if entries.min() >= _VALID:  # every entry VALID: the usual populate result
-                dst[:] = entries
-                installed += n
-                self._held += n - before
-            else:
-                valid = entries >= _VALID
-                np.copyto(dst, entries, where=valid)
-                installed += int(np.count_nonzero(valid))
-                self._held += int(np.count_nonzero(dst >= _VALID)) - before
+            entries, _ = await self._fault_range(addr + (off << PAGE_SHIFT), n, write, mode)
+            installed += self._install(a + off, entries, downgrade)
         return installed
+
+    async def populate_read(
+        self, addr: int, npages: int, write: bool
+    ) -> tuple[int, memoryview | None]:
+        """``populate`` of at most ``max_dma_pages`` that also reads the pages in the same trip.
+
+        Returns the pages installed and their data (None if hmmd could not read
+        them then: the caller reads as usual).
+        """
+        a, _ = self._range(addr, npages)
+        if write and not self.access & Access.WRITE:
+            raise DeviceError(errno.EPERM, f"mirror {self.id} has no WRITE access")
+        read = npages <= self.session.max_dma_pages
+        entries, data = await self._fault_range(addr, npages, write, FaultMode.POPULATE, read)
+        return self._install(a, entries, False), data
 
     async def fault(self, addr: int, npages: int, write: bool = False) -> int:
         """Fault [addr, +npages) into the table (one fault event); return the pages installed."""
@@ -317,7 +346,7 @@ class Mirror:
         chunk = self.session.max_fault_pages
         for off in range(0, npages, chunk):
             n = min(chunk, npages - off)
-            entries = await self._fault_range(
+            entries, _ = await self._fault_range(
                 addr + (off << PAGE_SHIFT), n, False, FaultMode.SNAPSHOT
             )
             out.append(prot_bytes(entries, self.session.zero_pfn))
@@ -387,8 +416,17 @@ class Mirror:
             if missing is not None:
                 if faults and loop.time() > deadline:
                     raise DeviceError(errno.EBUSY, f"access at {addr:#x} kept faulting")
-                await fault(first + (missing << PAGE_SHIFT), npages - missing)
+                data = await fault(first + (missing << PAGE_SHIFT), npages - missing)
                 faults += 1
+                if (
+                    payload is None
+                    and missing == 0
+                    and isinstance(data, memoryview)
+                    and len(data) == npages << PAGE_SHIFT
+                ):
+                    # The fault read the pages in its own trip, through the entries just
+                    # installed (no INVALIDATE came between): that was the device's access.
+                    return [data[addr - first : end - first]], faults
                 continue
             pieces: list[memoryview] = []
             try:

@@ -153,10 +153,7 @@ def vma_perms(vmas: Vmas, start: int, npages: int) -> Perms:
     Filled per VMA, not looked up per page: a range is covered by a handful of
     VMAs, so this costs a few slice assignments even for a 1 GiB range.
     """
-    covered = np.zeros(npages, dtype=np.bool_)
-    readable = np.zeros(npages, dtype=np.bool_)
-    writable = np.zeros(npages, dtype=np.bool_)
-    shared = np.zeros(npages, dtype=np.bool_)
+    covered, readable, writable, shared = np.zeros((4, npages), dtype=np.bool_)  # one allocation
     end = start + (npages << PAGE_SHIFT)
     first = max(int(np.searchsorted(vmas.ends, np.uint64(start), side="right")), 0)
     last = int(np.searchsorted(vmas.starts, np.uint64(end), side="left"))

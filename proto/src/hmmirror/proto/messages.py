@@ -236,6 +236,11 @@ class Fault(Message):
     permission, or a mirror without WRITE access), EBUSY (invalidations kept
     racing the fault for 1000 ms) or EINVAL (outside the mirror). ``mode`` is a
     ``FaultMode``. The range lies inside one of the mirror's intervals.
+
+    ``read`` asks the daemon to also read the pages through the entries it hands
+    out, in the same trip (a POPULATE fault of at most ``max_dma_pages``): the
+    answer is then ``fault_read_reply``, or a plain ``fault_reply`` when the read
+    could not be done (the agent then reads as usual).
     """
 
     TYPE: ClassVar[str] = "fault"
@@ -244,6 +249,7 @@ class Fault(Message):
     npages: int = wire(Kind.UINT, MAX_FAULT_PAGES)
     write: bool = wire(Kind.BOOL)
     mode: int = wire(Kind.UINT, 2)
+    read: bool = wire(Kind.BOOL, default=False)
 
 
 @dataclass(frozen=True)
@@ -266,6 +272,29 @@ class FaultReply(Message):
     def bulk_sizes(self) -> tuple[int, ...]:
         """One entry frame of ``npages * 8`` bytes."""
         return (self.npages * 8,)
+
+
+@dataclass(frozen=True)
+class FaultReadReply(Message):
+    """Daemon → agent, answering a ``fault`` with ``read``: the entries and the data.
+
+    Bulk frames ``entries`` (``npages`` u64, as ``fault_reply``) and ``data``
+    (``npages * 4096`` bytes), read through those entries and checked against
+    the live page table before and after the copy, as ``dma_read`` is. The
+    agent installs the entries under the same rule as ``fault_reply``; if it may
+    not, it discards the data too and faults again.
+    """
+
+    TYPE: ClassVar[str] = "fault_read_reply"
+    BULK: ClassVar[tuple[str, ...]] = ("entries", "data")
+    mirror: int = wire(Kind.UINT)
+    start: int = wire(Kind.UINT)
+    npages: int = wire(Kind.UINT, MAX_DMA_PAGES)
+    seq: int = wire(Kind.UINT)
+
+    def bulk_sizes(self) -> tuple[int, ...]:
+        """An entry frame of ``npages * 8`` bytes, then ``npages * 4096`` bytes of data."""
+        return (self.npages * 8, self.npages * 4096)
 
 
 # --- invalidation ---------------------------------------------------------------------------
@@ -549,7 +578,7 @@ class StatusReply(Message):
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Hello, Welcome, Heartbeat, HeartbeatAck, Goodbye, Ok, Error,
-    Register, Registered, Unregister, Fault, FaultReply,
+    Register, Registered, Unregister, Fault, FaultReply, FaultReadReply,
     Invalidate, Ack, Evicted, SyncRange, DmaRead, DmaReadReply, DmaWrite,
     DmaAtomic, AtomicReply, Status, StatusReply,
     RdmaRead, RdmaReadReply, RdmaWrite, RdmaAtomic, StatMr, StatMrReply,

@@ -247,18 +247,32 @@ class MemoryRegion:
 
     # --- faults -----------------------------------------------------------------------------------
 
-    async def _fault(self, seg: _Segment, addr: int, npages: int, need_write: bool) -> int:
-        """Resolve a device page fault on [addr, +npages) of ``seg``; count it."""
+    async def _fault(
+        self, seg: _Segment, addr: int, npages: int, need_write: bool, read: bool = False
+    ) -> tuple[int, memoryview | None]:
+        """Resolve a device page fault on [addr, +npages) of ``seg``; count it.
+
+        With ``read`` (a read access that missed) hmmd also reads the pages in the
+        fault's trip, when it can: returns (pages mapped, their data or None).
+        """
         write = self.writable
+        mirror = seg.mirror
         try:
-            installed = await seg.mirror.populate(addr, npages, write)
+            if read:
+                installed, data = await mirror.populate_read(addr, npages, write)
+            else:
+                installed, data = await mirror.populate(addr, npages, write), None
         except DeviceError as exc:
             if exc.errno != errno.EPERM or need_write or not write:
                 raise
-            installed = await seg.mirror.populate(addr, npages, False)  # read-only page
+            # A page the process maps read-only: map it read-only.
+            if read:
+                installed, data = await mirror.populate_read(addr, npages, False)
+            else:
+                installed, data = await mirror.populate(addr, npages, False), None
         self._counters["page_faults"] += installed
         self._counters["page_faults_handled"] += 1
-        return installed
+        return installed, data
 
     async def page_fault(self, addr: int, length: int = 0) -> int:
         """A device page fault at ``addr`` (the RDMA subtype); return the pages mapped.
@@ -279,7 +293,7 @@ class MemoryRegion:
             with self._use(seg):
                 first = lo & ~_PAGE_MASK
                 npages = (hi - first + _PAGE_MASK) >> PAGE_SHIFT
-                mapped += await self._fault(seg, first, npages, False)
+                mapped += (await self._fault(seg, first, npages, False))[0]
         if unknown:
             after = (addr & ~_PAGE_MASK) + PAGE_SIZE
             more = min(MAX_PREFETCH_LEN, self.end - after)
@@ -392,9 +406,9 @@ class MemoryRegion:
     def _fault_fn(self, seg: _Segment, need_write: bool) -> FaultFn:
         """The mirror's fault callback for an access through ``seg``."""
 
-        async def fault(addr: int, npages: int) -> int:
-            """Fault the pages in for this access."""
-            return await self._fault(seg, addr, npages, need_write)
+        async def fault(addr: int, npages: int) -> memoryview | None:
+            """Fault the pages in for this access (a read's fault also brings the data)."""
+            return (await self._fault(seg, addr, npages, need_write, read=not need_write))[1]
 
         return fault
 

@@ -60,6 +60,7 @@ class Vmas:
     special: npt.NDArray[np.bool_]
     """VM_IO/VM_PFNMAP-like mappings hmm refuses: [vvar], [vsyscall] and device mappings."""
     keys: tuple[bytes, ...]
+    """The maps lines, for diffing two reads (empty for ``maps_range``)."""
     """The whole maps line of each VMA: a change in it means the VMA changed."""
 
     def locate(
@@ -243,7 +244,7 @@ class ProcessView:
             np.array([bool(r[2] & _VMA_WRITABLE) for r in rows], dtype=np.bool_),
             np.array([bool(r[2] & _VMA_SHARED) for r in rows], dtype=np.bool_),
             np.array([_special(r[3]) for r in rows], dtype=np.bool_),
-            tuple(b"%x-%x %x %s" % r for r in rows),
+            (),  # keys identify maps lines for diffs; a range lookup is never diffed
         )
 
     def replaced(self) -> bool:

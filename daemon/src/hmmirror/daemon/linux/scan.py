@@ -23,13 +23,15 @@ def regions(pagemap_fd: int, start: int, end: int, category: int) -> list[tuple[
 
     Returns an empty list if the kernel lacks PAGEMAP_SCAN.
     """
-    vec = ctypes.create_string_buffer(_REGION.size * _NVEC)
+    # A range of n pages has at most n regions: a one-page fault needs a one-entry vector.
+    nvec = max(1, min(_NVEC, (end - start) >> 12))
+    vec = ctypes.create_string_buffer(_REGION.size * nvec)
     out: list[tuple[int, int]] = []
     pos = start
     while pos < end:
         arg = bytearray(
             struct.pack(
-                "12Q", 96, 0, pos, end, 0, ctypes.addressof(vec), _NVEC, 0, 0, category, 0, category
+                "12Q", 96, 0, pos, end, 0, ctypes.addressof(vec), nvec, 0, 0, category, 0, category
             )
         )
         try:
@@ -39,7 +41,7 @@ def regions(pagemap_fd: int, start: int, end: int, category: int) -> list[tuple[
         for i in range(n):
             lo, hi, _ = _REGION.unpack_from(vec, _REGION.size * i)
             out.append((lo, hi))
-        if n < _NVEC:
+        if n < nvec:
             break
         # walk_end can be stale on 6.18 when the buffer fills: resume after the last region.
         pos = max(struct.unpack_from("Q", arg, 32)[0], out[-1][1])
