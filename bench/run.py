@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         "--rdma-window", type=int, default=8, help="RDMA requests in flight (8)"
     )
     ap.add_argument(
-        "--rdma-seconds", type=float, default=0.5, help="RDMA seconds per block and side (0.5)"
+        "--rdma-seconds", type=float, default=0.4, help="RDMA seconds per block and side (0.4)"
     )
-    ap.add_argument("--rdma-rounds", type=int, default=3, help="RDMA blocks per side (3)")
+    ap.add_argument("--rdma-rounds", type=int, default=5, help="RDMA blocks per side (5)")
     ap.add_argument(
         "--fault-count", type=int, default=300, help="ODP first-touch faults timed (300)"
     )
