@@ -433,3 +433,30 @@ async def test_a_read_fault_that_races_an_invalidation_discards_its_data(hmmd, p
         assert raced == 1 and seg.mirror.retries >= 1
         after = await s.status()
         assert after["dma_reads"] - before["dma_reads"] == 2, "both faults read in their own trip"
+
+
+async def test_an_evicted_mr_comes_back_on_a_fresh_session_without_old_translations(
+    hmmd, puppet, agent
+):
+    """A DMA held in flight past the ack deadline (1 s here) gets the session evicted; the MR
+    then registers a fresh mirror on its own and serves the target's new contents."""
+    addr = await puppet.mmap(PAGE)
+    await puppet.write(addr, pattern(1, 1))
+    async with agent() as s, agent() as announcer:
+        nic = Nic(s)
+        mr = await nic.reg_mr(puppet.pid, addr, PAGE, RW)
+        entered, release = hold_dma(mr)
+        reading = asyncio.ensure_future(read_all(nic, mr, addr, PAGE))
+        await asyncio.wait_for(entered.wait(), 5)
+        old_mirror = next(iter(mr._segments.values())).mirror
+        await puppet.madvise(addr, PAGE, "dontneed")
+        await puppet.write(addr, pattern(2, 1))
+        # The INVALIDATE waits for the held DMA, misses the deadline, and the session is fenced.
+        await asyncio.wait_for(announcer.sync_range(puppet.pid, addr, addr + PAGE), 5)
+        await until(lambda: old_mirror.dropped is not None, "the eviction to reach the agent")
+        release.set()
+        await asyncio.wait_for(reading, 5)  # the held DMA itself had completed before the change
+        assert await read_all(nic, mr, addr, PAGE) == pattern(2, 1)
+        (fresh,) = mr._segments.values()
+        assert fresh.mirror is not old_mirror and fresh.mirror.id != old_mirror.id
+        assert (await s.status())["evictions"] >= 1
