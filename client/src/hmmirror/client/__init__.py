@@ -12,6 +12,7 @@ from hmmirror.client.errors import (
     Evicted,
     RemoteError,
     RequestTimeout,
+    SyncIncomplete,
 )
 from hmmirror.client.mirror import Mirror, ReadResult, WriteResult
 from hmmirror.client.session import Session, connect, status
@@ -29,6 +30,7 @@ __all__ = [
     "RemoteError",
     "RequestTimeout",
     "Session",
+    "SyncIncomplete",
     "WriteResult",
     "connect",
     "status",

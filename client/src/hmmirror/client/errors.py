@@ -37,6 +37,11 @@ class RemoteError(AgentError):
         self.message = message
 
 
+class SyncIncomplete(AgentError):
+    """A strict ``sync_range`` completed, but some mirrors were evicted (or left) instead of
+    acking. The range is invalidated all the same: those mirrors hold nothing usable."""
+
+
 class Evicted(AgentError):
     """The daemon evicted this mirror (missed ack deadline or lease); register again."""
 

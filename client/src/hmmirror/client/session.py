@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from hmmirror.client.channel import Channel
-from hmmirror.client.errors import DaemonUnavailable, RemoteError, RequestTimeout
+from hmmirror.client.errors import DaemonUnavailable, RemoteError, RequestTimeout, SyncIncomplete
 from hmmirror.client.mirror import Mirror
 from hmmirror.proto.codec import Envelope, encode_ack
 from hmmirror.proto.errors import ErrorCode
@@ -64,7 +64,7 @@ class Session(Channel):
     def __init__(self, endpoint: str, name: str, timeout: float) -> None:
         super().__init__(endpoint, timeout)
         self.name = name
-        self._syncs: dict[tuple[int, int], tuple[list[tuple[int, int]], _Shared]] = {}
+        self._syncs: dict[tuple[int, int, bool], tuple[list[tuple[int, int]], _Shared]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
         self.mirrors: dict[int, Mirror] = {}
         self._acks: deque[tuple[int, list[asyncio.Future[None]]]] = deque()
@@ -252,15 +252,19 @@ class Session(Channel):
         self.mirrors[mirror.id] = mirror
         return mirror
 
-    async def sync_range(self, pid: int, start: int, end: int, event: Event = Event.CLEAR) -> None:
+    async def sync_range(
+        self, pid: int, start: int, end: int, event: Event = Event.CLEAR, *, strict: bool = False
+    ) -> None:
         """Invalidate [start, end) of ``pid``; return once every mirror acked or was evicted.
 
-        Calls made in the same loop tick for the same process and event travel
-        as one ``sync_range`` message, and all of them return when it is answered.
+        With ``strict``, a mirror evicted (or gone) instead of acking raises
+        ``SyncIncomplete`` once the invalidation is complete. Calls made in the
+        same loop tick for the same process, event and strictness travel as one
+        ``sync_range`` message, and all of them return (or raise) when it is answered.
         """
         if not 0 <= start < end <= 1 << 64:
             raise ValueError(f"sync_range [{start:#x}, {end:#x}) is empty or out of range")
-        key = (pid, int(event))
+        key = (pid, int(event), strict)
         batch = self._syncs.get(key)
         if batch is None:
             batch = self._syncs[key] = ([], _Shared(loop=self.loop))
@@ -270,26 +274,38 @@ class Session(Channel):
         await batch[1]
 
     def _flush_syncs(self) -> None:
-        """Send this tick's batched ``sync_range`` calls, one task per (pid, event)."""
+        """Send this tick's batched ``sync_range`` calls, one task per (pid, event, strict)."""
         batches, self._syncs = self._syncs, {}
-        for (pid, event), (ranges, fut) in batches.items():
-            task = asyncio.ensure_future(self._send_syncs(pid, event, ranges, fut))
+        for key, (ranges, fut) in batches.items():
+            task = asyncio.ensure_future(self._send_syncs(*key, ranges, fut))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _send_syncs(
-        self, pid: int, event: int, ranges: list[tuple[int, int]], fut: asyncio.Future[None]
+        self,
+        pid: int,
+        event: int,
+        strict: bool,
+        ranges: list[tuple[int, int]],
+        fut: asyncio.Future[None],
     ) -> None:
         """Send one batch's ranges as SYNC_RANGE requests; settle ``fut`` with the outcome."""
         try:
             await asyncio.gather(
                 *(
                     self.request(
-                        SyncRange(pid=pid, ranges=tuple(ranges[i : i + MAX_ITEMS]), event=event)
+                        SyncRange(
+                            pid=pid, ranges=tuple(ranges[i : i + MAX_ITEMS]), event=event,
+                            strict=strict,
+                        )
                     )
                     for i in range(0, len(ranges), MAX_ITEMS)
                 )
-            )
+            )  # fmt: skip
+        except RemoteError as exc:
+            if not fut.done():
+                failure = SyncIncomplete(exc.message) if exc.code == ErrorCode.INCOMPLETE else exc
+                fut.set_exception(failure)
         except Exception as exc:
             if not fut.done():
                 fut.set_exception(exc)

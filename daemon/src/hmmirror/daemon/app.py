@@ -762,20 +762,29 @@ def on_sync_range(d: Daemon, identity: bytes, session: Session | None, env: Enve
         except ProcessLookupError as exc:
             raise RequestError(ErrorCode.ESRCH, f"no process {msg.pid}") from exc
     ranges = list(msg.ranges)
-    pending = [
-        inv for inv in (d.invalidator.begin(mm, ranges, event) for mm in mms) if not inv.finished
-    ]
+    started = [d.invalidator.begin(mm, ranges, event) for mm in mms]
+    pending = [inv for inv in started if not inv.finished]
+
+    def answer() -> None:
+        """Every invalidation is complete: OK, or INCOMPLETE for a strict caller."""
+        gone = [who for inv in started for who in inv.not_acked]
+        if msg.strict and gone:
+            text = f"invalidated, but not acked by {', '.join(gone)} (evicted or gone)"
+            d.reject(identity, ErrorCode.INCOMPLETE, text[:1024], env.id, env.type, bad=False)
+        else:
+            d.send(identity, Ok(), re=env.id)
+
     if not pending:
-        d.send(identity, Ok(), re=env.id)
+        answer()
         return
     # Answer from the completion itself, inside the ACK's handling: no task, no extra turn.
     left = [len(pending)]
 
     def one_done() -> None:
-        """One invalidation completed: answer OK once all of them have."""
+        """One invalidation completed: answer once all of them have."""
         left[0] -= 1
         if left[0] == 0:
-            d.send(identity, Ok(), re=env.id)
+            answer()
 
     for inv in pending:
         inv.on_done.append(one_done)

@@ -45,6 +45,8 @@ class Invalidation:
     finished: bool = False
     on_done: list[Callable[[], None]] = field(default_factory=list)
     """Called synchronously when the window closes (before ``done`` wakes anyone)."""
+    not_acked: list[str] = field(default_factory=list)
+    """Sessions ("name (session N)") that were evicted or left instead of acking."""
 
     @property
     def start(self) -> int:
@@ -55,6 +57,12 @@ class Invalidation:
     def end(self) -> int:
         """End of the highest invalidated range."""
         return max(hi for _, hi in self.ranges)
+
+    def forgiven(self, session: Session, items: int) -> bool:
+        """Like ``acked``, for a session that was evicted or left instead: remember who."""
+        if session in self.waiting:
+            self.not_acked.append(f"{session.name} (session {session.id})")
+        return self.acked(session, items)
 
     def acked(self, session: Session, items: int = 1) -> bool:
         """Count ``items`` of ``session``'s items as acked or forgiven; True once none are left."""
@@ -222,7 +230,7 @@ class Invalidator:
         """Queue ``chunk``: send now if nothing is unacked, else flush later this tick."""
         if session.fenced:  # evicted earlier in this fan-out: nobody will ack it
             part, inv, _ = chunk
-            if inv.acked(session, len(part.items)):
+            if inv.forgiven(session, len(part.items)):
                 self._complete(inv)
             return
         session.batch.append(chunk)
@@ -282,7 +290,7 @@ class Invalidator:
         session.batch.clear()
         session.unacked.clear()
         for part, inv, _ in chunks:
-            if inv.acked(session, len(part.items)):
+            if inv.forgiven(session, len(part.items)):
                 self._complete(inv)
 
     def pending_for(self, mirror: Mirror, start: int, end: int) -> bool:

@@ -45,6 +45,9 @@ class ErrorCode(IntEnum):
     REMOTE_ACCESS = 109
     """An RDMA request named an unknown rkey, fell outside the MR, or lacks the MR's access
     right (``IBV_WC_REM_ACCESS_ERR``)."""
+    INCOMPLETE = 110
+    """A strict ``sync_range`` completed, but some mirrors were evicted (or left) instead of
+    acking; they hold no usable translation any more."""
     INTERNAL = 199
     """The receiver failed; the request may or may not have taken effect."""
 

@@ -354,13 +354,16 @@ class SyncRange(Message):
     ``sync_cpu_device_pagetables`` made literal: a target that calls it before
     changing its memory gets the kernel's invalidate-before-change order.
     Clients coalesce concurrent calls into one message. Answered by ``ok``, or
-    ``error`` (ESRCH for an unknown process, EINVAL).
+    ``error`` (ESRCH for an unknown process, EINVAL). With ``strict`` (the
+    target's own sync call), a mirror evicted instead of acking makes the answer
+    ``error`` INCOMPLETE, naming who: the range is still invalidated.
     """
 
     TYPE: ClassVar[str] = "sync_range"
     pid: int = wire(Kind.UINT, U32_MAX)
     ranges: tuple[tuple[int, int], ...] = wire(Kind.INTERVALS, MAX_ITEMS)
     event: int = wire(Kind.UINT, 255)
+    strict: bool = wire(Kind.BOOL, default=False)
 
 
 # --- device access --------------------------------------------------------------------------

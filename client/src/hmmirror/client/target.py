@@ -1,0 +1,163 @@
+"""The target's own sync call: announce a change to every mirror before making it.
+
+The kernel runs the invalidate callbacks before it changes a page table; a
+watcher in user space only sees a change after it happened. A cooperating
+process can restore the kernel's order by announcing the change first:
+
+>>> async with hmmirror.client.target.connect(endpoint) as me:
+...     async with me.invalidating(addr, addr + length, Event.UNMAP):
+...         libc.munmap(addr, length)          # every mirror has acked by now
+
+and, without asyncio:
+
+>>> me = BlockingTarget(endpoint)
+>>> with me.invalidating(addr, addr + length, Event.CLEAR):
+...     libc.madvise(addr, length, MADV_DONTNEED)
+
+This is ``sync_cpu_device_pagetables`` made literal. ``invalidating`` enters its
+body only once every mirror covering the range has acked. A mirror evicted
+instead (dead, stopped or partitioned past its deadline) makes it raise
+``SyncIncomplete`` after that deadline rather than hang; the range is
+invalidated all the same, so the caller may still go ahead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import zmq
+from hmmirror.client.channel import tune
+from hmmirror.client.errors import (
+    DaemonUnavailable,
+    RemoteError,
+    RequestTimeout,
+    SyncIncomplete,
+)
+from hmmirror.client.session import Session
+from hmmirror.client.session import connect as _connect
+from hmmirror.proto.codec import decode, encode
+from hmmirror.proto.errors import ErrorCode, ProtocolError
+from hmmirror.proto.messages import Error, Event, Hello, Message, SyncRange, Welcome
+
+#: How long a blocking call waits for hmmd: longer than any ack deadline hmmd would use.
+DEFAULT_TIMEOUT = 15.0
+
+
+class Target:
+    """This process, as a target that announces its own changes (asyncio)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.pid = os.getpid()
+
+    @asynccontextmanager
+    async def invalidating(
+        self, start: int, end: int, event: Event = Event.CLEAR
+    ) -> AsyncIterator[None]:
+        """Enter once every mirror of [start, end) of this process has acked the invalidation.
+
+        Raises SyncIncomplete if a mirror was evicted instead of acking.
+        """
+        await self.session.sync_range(self.pid, start, end, event, strict=True)
+        yield
+
+
+@asynccontextmanager
+async def connect(endpoint: str, *, timeout: float = DEFAULT_TIMEOUT) -> AsyncIterator[Target]:
+    """A session with hmmd for this process's own announcements."""
+    async with _connect(endpoint, name=f"target-{os.getpid()}", timeout=timeout) as session:
+        yield Target(session)
+
+
+class BlockingTarget:
+    """The blocking twin of ``Target``: a plain socket, no event loop, no heartbeats.
+
+    The session is opened on first use and again whenever hmmd has dropped it
+    (a lease that lapsed between calls, or a daemon restart).
+    """
+
+    def __init__(self, endpoint: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.pid = os.getpid()
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        tune(self._sock)
+        self._sock.connect(endpoint)
+        self._next_id = 1
+        self._open = False
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    def __enter__(self) -> BlockingTarget:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, msg: Message) -> Message:
+        """One request and its reply, within ``timeout``; raise RequestTimeout or RemoteError."""
+        msg_id = self._next_id
+        self._next_id += 1
+        self._sock.send_multipart(encode(msg, msg_id))
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
+                raise RequestTimeout(
+                    f"no reply to {msg.TYPE} from hmmd at {self.endpoint} in {self.timeout:g} s"
+                )
+            frames: list[Any] = self._sock.recv_multipart(copy=False)
+            try:
+                env = decode(frames)
+            except ProtocolError:
+                continue  # not for us (or garbage): keep waiting for our reply
+            if env.re != msg_id:
+                continue  # an unsolicited message or a stale reply
+            if isinstance(env.msg, Error):
+                raise RemoteError(env.msg.code, env.msg.message)
+            return env.msg
+
+    def _hello(self) -> None:
+        """Open (or reopen) the session."""
+        reply = self._call(Hello(agent=f"target-{self.pid}", pid=self.pid))
+        if not isinstance(reply, Welcome):
+            raise DaemonUnavailable(f"hmmd at {self.endpoint} answered hello with {reply.TYPE}")
+        self._open = True
+
+    def sync_range(self, start: int, end: int, event: Event = Event.CLEAR) -> None:
+        """Invalidate [start, end) of this process; return once every mirror acked.
+
+        Raises SyncIncomplete (some mirror was evicted instead), RequestTimeout,
+        or RemoteError.
+        """
+        if not 0 <= start < end <= 1 << 64:
+            raise ValueError(f"sync_range [{start:#x}, {end:#x}) is empty or out of range")
+        msg = SyncRange(pid=self.pid, ranges=((start, end),), event=int(event), strict=True)
+        for attempt in (1, 2):
+            if not self._open:
+                self._hello()
+            try:
+                self._call(msg)
+                return
+            except RemoteError as exc:
+                if exc.code == ErrorCode.INCOMPLETE:
+                    raise SyncIncomplete(exc.message) from exc
+                if exc.code in (ErrorCode.NO_SESSION, ErrorCode.FENCED) and attempt == 1:
+                    self._open = False  # the lease lapsed between calls: hello again, once
+                    continue
+                raise
+
+    @contextlib.contextmanager
+    def invalidating(self, start: int, end: int, event: Event = Event.CLEAR) -> Iterator[None]:
+        """Enter once every mirror of [start, end) of this process has acked the invalidation."""
+        self.sync_range(start, end, event)
+        yield
