@@ -16,6 +16,7 @@ from hmmirror.client.errors import (
 )
 from hmmirror.client.mirror import Mirror, ReadResult, WriteResult
 from hmmirror.client.session import Session, connect, status
+from hmmirror.client.target import expose
 from hmmirror.proto.messages import Access, Event
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "SyncIncomplete",
     "WriteResult",
     "connect",
+    "expose",
     "status",
 ]
 

@@ -14,6 +14,10 @@ and, without asyncio:
 >>> with me.invalidating(addr, addr + length, Event.CLEAR):
 ...     libc.madvise(addr, length, MADV_DONTNEED)
 
+``expose()`` hands hmmd a userfaultfd of this process, so that munmap,
+madvise, mremap and fork reach the mirrors as they happen rather than one
+watcher poll later.
+
 This is ``sync_cpu_device_pagetables`` made literal. ``invalidating`` enters its
 body only once every mirror covering the range has acked. A mirror evicted
 instead (dead, stopped or partitioned past its deadline) makes it raise
@@ -24,7 +28,10 @@ invalidated all the same, so the caller may still go ahead.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import platform
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -161,3 +168,52 @@ class BlockingTarget:
         """Enter once every mirror of [start, end) of this process has acked the invalidation."""
         self.sync_range(start, end, event)
         yield
+
+
+_SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
+_UFFD_USER_MODE_ONLY = 1
+
+
+def expose_path(endpoint: str | None = None) -> str:
+    """Where hmmd takes userfaultfds: ``$HMMIRROR_EXPOSE_SOCKET``, else next to the endpoint."""
+    explicit = os.environ.get("HMMIRROR_EXPOSE_SOCKET")
+    if explicit:
+        return explicit
+    endpoint = endpoint or os.environ.get("HMMIRROR_ENDPOINT", "ipc:///run/hmmirror/hmmd.sock")
+    if endpoint.startswith("ipc://"):
+        return endpoint[len("ipc://") :] + ".uffd"
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "/run/hmmirror").split(":")[0]
+    return os.path.join(runtime, "hmmd.uffd.sock")
+
+
+def expose(endpoint: str | None = None, *, timeout: float = 5.0) -> None:
+    """Give hmmd a userfaultfd of this process, so its changes are seen as they happen.
+
+    Creates the fd (user-mode-only where unprivileged userfaultfd is off), sends
+    it over hmmd's intake socket with SCM_RIGHTS, and closes this process's copy:
+    hmmd configures and owns it. ``endpoint`` is hmmd's ``ipc://`` endpoint (or
+    ``$HMMIRROR_ENDPOINT``); ``$HMMIRROR_EXPOSE_SOCKET`` names the intake directly.
+    Raises OSError (or DaemonUnavailable when hmmd refuses it).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    nr = _SYS_USERFAULTFD.get(platform.machine())
+    if nr is None:
+        raise OSError(38, f"userfaultfd is unknown on {platform.machine()}")
+    flags = os.O_CLOEXEC | os.O_NONBLOCK
+    fd = int(libc.syscall(nr, flags))
+    if fd < 0:  # vm.unprivileged_userfaultfd = 0: user-mode faults are enough for hmmd
+        fd = int(libc.syscall(nr, flags | _UFFD_USER_MODE_ONLY))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"userfaultfd: {os.strerror(err)}")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(expose_path(endpoint))
+            socket.send_fds(sock, [b"uffd\n"], [fd])
+            reply = sock.recv(256).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+    if reply != "ok":
+        raise DaemonUnavailable(f"hmmd refused this process's userfaultfd: {reply or 'no answer'}")

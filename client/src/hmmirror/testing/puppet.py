@@ -394,6 +394,8 @@ class _Target:
             "uffd_register": self.op_uffd_register,
             "uffd_stats": self.op_uffd_stats,
             "uffd_close": self.op_uffd_close,
+            "expose": self.op_expose,
+            "uffd_leave": self.op_uffd_leave,
         }
 
     def _dial(self) -> socket.socket:
@@ -600,6 +602,21 @@ class _Target:
         job.close()
         del self.handles[a["handle"]]
         return stats, b""
+
+    def op_expose(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """``hmmirror.client.expose(endpoint)``: hand hmmd a userfaultfd of this process."""
+        from hmmirror.client.target import expose
+
+        expose(a["endpoint"])
+        return None, b""
+
+    def op_uffd_leave(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """Create a userfaultfd and leave it open and unconfigured, for hmmd to take."""
+        nr = _SYS_USERFAULTFD.get(platform.machine())
+        if nr is None:
+            raise OSError(errno.ENOSYS, "userfaultfd syscall number unknown")
+        fd = self.libc.check(self.libc.syscall(nr, os.O_CLOEXEC | os.O_NONBLOCK), "userfaultfd")
+        return fd, b""
 
     # -- loop
 
@@ -1057,6 +1074,15 @@ class Puppet:
         """
         h: int = await self._call("uffd_register", addr=addr, length=length, fill=fill)
         return h
+
+    async def expose(self, endpoint: str) -> None:
+        """Make the puppet call ``hmmirror.client.expose(endpoint)``."""
+        await self._call("expose", endpoint=endpoint)
+
+    async def uffd_leave(self) -> int:
+        """Make the puppet create a userfaultfd it leaves unconfigured; returns its fd number."""
+        fd: int = await self._call("uffd_leave")
+        return fd
 
     async def uffd_stats(self, handle: int) -> dict[str, Any]:
         """``{"faults", "write_faults", "copies", "errors"}`` of a userfaultfd handler."""

@@ -53,6 +53,17 @@ def _parser() -> argparse.ArgumentParser:
         dest="poll_min",
         help="fastest proc watcher poll (default 2ms)",
     )
+    run.add_argument(
+        "--poll-max",
+        metavar="DURATION",
+        dest="poll_max",
+        help="slowest proc watcher poll, while nothing changes (default 50ms)",
+    )
+    run.add_argument(
+        "--uffd",
+        choices=["off", "cooperate"],
+        help="how to get a target's userfaultfd for synchronous events (default cooperate)",
+    )
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument(
         "--print-config", action="store_true", help="print the effective configuration and exit"
@@ -89,7 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     flags: dict[str, object] = {
         key: getattr(args, key, None)
-        for key in ("endpoint", "heartbeat", "ack_deadline", "poll_min", "log_level")
+        for key in (
+            "endpoint",
+            "heartbeat",
+            "ack_deadline",
+            "poll_min",
+            "poll_max",
+            "uffd",
+            "log_level",
+        )
     }
     try:
         config = load(args.config, flags=flags)

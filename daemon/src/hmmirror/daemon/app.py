@@ -25,7 +25,9 @@ from hmmirror.daemon.config import Config
 from hmmirror.daemon.dma.service import DmaService
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.fault.service import Pending, attempt, resolve
+from hmmirror.daemon.intake import UffdIntake, default_path
 from hmmirror.daemon.invalidation import Invalidator
+from hmmirror.daemon.linux import uffd
 from hmmirror.daemon.linux.procfs import (
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -34,10 +36,12 @@ from hmmirror.daemon.linux.procfs import (
     start_time,
     zero_pfn,
 )
+from hmmirror.daemon.linux.uffd import unconfigured_uffds
 from hmmirror.daemon.mm import Mirror, Mm, Span
 from hmmirror.daemon.server import Transport, Unreachable
 from hmmirror.daemon.session import Session
 from hmmirror.daemon.watch.proc import Change, detect
+from hmmirror.daemon.watch.uffd import UffdWatch
 from hmmirror.proto.codec import Buffer, Envelope, decode, encode
 from hmmirror.proto.entries import Entries, from_wire
 from hmmirror.proto.errors import ErrorCode, ProtocolError
@@ -77,6 +81,8 @@ from hmmirror.proto.messages import (
 )
 
 log = logging.getLogger(__name__)
+#: Exposed userfaultfds kept for processes nothing mirrors yet.
+MAX_EXPOSED = 1024
 
 Handler = Callable[["Daemon", bytes, "Session | None", Envelope], "Awaitable[None] | None"]
 
@@ -130,12 +136,19 @@ class Daemon:
         )
         self.dma = DmaService(self.zero_pfn, self.start_invalidations)
         self.stopping = asyncio.Event()
+        #: Userfaultfds targets exposed before anything mirrored them: pid -> (start time, fd).
+        self._exposed: dict[int, tuple[int, int]] = {}
+        self.intake: UffdIntake | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def serve(self, ready: Callable[[str], None] | None = None) -> None:
         """Run until ``stop()``: drain the socket, sweep leases."""
         self.transport.start()
+        if self.config.uffd != "off":
+            self.intake = UffdIntake(
+                self.config.expose_socket or default_path(self.config.endpoint), self._on_exposed
+            )
         if ready is not None:
             ready(self.transport.endpoint)
         sweeper = self.spawn(self._sweep_leases())
@@ -147,6 +160,11 @@ class Daemon:
                 task.cancel()
             for mm in list(self.mms.values()):
                 self._drop_mm(mm)
+            if self.intake is not None:
+                self.intake.close()
+            for _, fd in self._exposed.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             self.transport.close()
 
     def stop(self) -> None:
@@ -347,7 +365,79 @@ class Daemon:
         self.mms[mm.key] = mm
         asyncio.get_running_loop().add_reader(pidfd, self._on_exit, mm)
         mm.watcher = self.spawn(self._watch(mm))
+        self._attach_uffd(mm)
         return mm
+
+    # --- userfaultfd --------------------------------------------------------------------------
+
+    def _on_exposed(self, pid: int, fd: int) -> str | None:
+        """A target sent its userfaultfd: watch with it now, or keep it for its first mirror."""
+        if self.config.uffd == "off":
+            return "hmmd runs with uffd = off"
+        try:
+            st = start_time(pid)
+        except ProcessLookupError:
+            return f"process {pid} is gone"
+        mm = self.mms.get((pid, st))
+        if mm is not None and not mm.released:
+            if mm.uffd is not None:
+                return f"process {pid} is already watched through a userfaultfd"
+            self._watch_with(mm, fd, configured=False)
+            return None
+        old = self._exposed.pop(pid, None)
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.close(old[1])
+        if len(self._exposed) >= MAX_EXPOSED:  # forget the oldest offer
+            _, oldest_fd = self._exposed.pop(next(iter(self._exposed)))
+            with contextlib.suppress(OSError):
+                os.close(oldest_fd)
+        self._exposed[pid] = (st, fd)
+        return None
+
+    def _attach_uffd(self, mm: Mm) -> None:
+        """Watch ``mm`` through a userfaultfd if the target offers one (``uffd`` config)."""
+        if self.config.uffd == "off":
+            return
+        exposed = self._exposed.pop(mm.pid, None)
+        if exposed is not None:
+            st, fd = exposed
+            if st == mm.start_time:
+                self._watch_with(mm, fd, configured=False)
+                return
+            with contextlib.suppress(OSError):
+                os.close(fd)  # exposed by an earlier process with the same pid
+        for target_fd in unconfigured_uffds(mm.pid):
+            try:
+                fd = uffd.getfd(mm.pidfd, target_fd)
+            except OSError as exc:
+                log.info("pidfd_getfd of pid %d fd %d: %s", mm.pid, target_fd, exc)
+                continue
+            self._watch_with(mm, fd, configured=False)
+            return
+
+    def _watch_with(self, mm: Mm, fd: int, *, configured: bool) -> None:
+        """Start ``mm``'s uffd watcher on ``fd`` (ours now); fall back to proc on failure."""
+        try:
+            mm.uffd = UffdWatch(mm, fd, self.zero_pfn, self.start_invalidations,
+                                configured=configured)  # fmt: skip
+        except OSError as exc:
+            log.warning("userfaultfd of pid %d unusable (%s): proc watcher only", mm.pid, exc)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            return
+        log.info("watching pid %d through its userfaultfd", mm.pid)
+        self.cover_with_uffd(mm)
+
+    def cover_with_uffd(self, mm: Mm) -> None:
+        """Register the VMAs under ``mm``'s mirrors with its uffd, if it has one."""
+        if mm.uffd is None or mm.uffd.closed:
+            return
+        try:
+            mm.uffd.cover()
+        except OSError as exc:
+            log.warning("userfaultfd of pid %d failed (%s): proc watcher only", mm.pid, exc)
+            mm.uffd.close()
 
     def _drop_mirror(self, mirror: Mirror) -> None:
         """Forget ``mirror``; forget its mm too once nothing uses it."""
@@ -376,6 +466,8 @@ class Daemon:
             asyncio.get_running_loop().remove_reader(mm.pidfd)
         if mm.watcher is not None:
             mm.watcher.cancel()
+        if mm.uffd is not None:
+            mm.uffd.close()
         with contextlib.suppress(OSError):
             os.close(mm.pidfd)
         mm.view.close()
@@ -435,6 +527,7 @@ class Daemon:
                 return
             if changes:
                 self.start_invalidations(mm, changes)
+            self.cover_with_uffd(mm)  # new VMAs under a mirror raise no event: register them
             if mm.view.replaced():
                 self._on_exit(mm)  # execve (or death): the mm we watch is gone, RELEASE it
                 return
@@ -472,6 +565,10 @@ class Daemon:
             "ack_p50_us": round(p50, 1),
             "ack_p99_us": round(p99, 1),
             "zero_pfn": self.zero_pfn,
+            "uffd_watched": sum(1 for mm in self.mms.values() if mm.uffd and not mm.uffd.closed),
+            "uffd_events": sum(
+                sum(mm.uffd.events.values()) for mm in self.mms.values() if mm.uffd is not None
+            ),
         }
         stats.update(self.counters)
         return stats
@@ -561,6 +658,7 @@ def on_register(d: Daemon, identity: bytes, session: Session | None, env: Envelo
     session.mirrors[mirror.id] = mirror
     d.mirrors[mirror.id] = mirror
     d.counters["registrations"] += 1
+    d.cover_with_uffd(mm)
     d.send(
         identity,
         Registered(mirror=mirror.id, pid=mm.pid, start_time=mm.start_time, seq=mm.seq),
@@ -649,6 +747,15 @@ def _fault_reply(
         if not mirror.access & Access.WRITE:
             entries &= ~np.uint64(1 << 62)
         span.hand_out(msg.start, entries, raw)
+        uffd_watch = mirror.mm.uffd
+        if uffd_watch is not None and not uffd_watch.closed:
+            # A VMA mapped since the last poll raises no event until registered: register
+            # it before the agent can hold a translation from it.
+            try:
+                uffd_watch.cover_range(msg.start, msg.start + (msg.npages << PAGE_SHIFT))
+            except OSError as exc:
+                log.warning("userfaultfd of pid %d failed (%s): proc only", mirror.mm.pid, exc)
+                uffd_watch.close()
     seq = mirror.mm.seq
     if msg.read and msg.mode == FaultMode.POPULATE and msg.npages <= MAX_DMA_PAGES:
         # The device's access, done in the fault's own trip: nothing awaits between the

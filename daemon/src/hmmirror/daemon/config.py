@@ -60,6 +60,11 @@ class Config:
     poll_max: float = 0.05
     """Slowest proc watcher poll interval (while nothing changes)."""
     log_level: str = "info"
+    uffd: str = "cooperate"
+    """How hmmd gets a target's userfaultfd: "off", or "cooperate": one the target exposed
+    (``hmmirror.client.expose``), or an unconfigured one it left open, taken with pidfd_getfd."""
+    expose_socket: str = ""
+    """Where targets send their userfaultfd (empty: the endpoint's socket path + ".uffd")."""
 
     @property
     def heartbeat_ms(self) -> int:
@@ -85,6 +90,7 @@ class Config:
 _DURATIONS = {"heartbeat", "ack_deadline", "poll_min", "poll_max"}
 _FLOATS = {"lease_factor"}
 _LEVELS = {"debug", "info", "warning", "error"}
+_UFFD_MODES = {"off", "cooperate"}
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -103,6 +109,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
     if key == "log_level" and value.lower() not in _LEVELS:
         raise ConfigError(f"{source}: log_level must be one of {sorted(_LEVELS)}")
+    if key == "uffd" and value not in _UFFD_MODES:
+        raise ConfigError(f"{source}: uffd must be one of {sorted(_UFFD_MODES)}, got {value!r}")
     if key == "endpoint" and not value.startswith(("ipc://", "tcp://")):
         raise ConfigError(f"{source}: endpoint must start with ipc:// or tcp://, got {value!r}")
     return value.lower() if key == "log_level" else value

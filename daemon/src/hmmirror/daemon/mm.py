@@ -23,6 +23,7 @@ _VALID = np.uint64(1 << 63)
 
 if TYPE_CHECKING:
     from hmmirror.daemon.session import Session
+    from hmmirror.daemon.watch.uffd import UffdWatch
 
 
 @dataclass
@@ -134,6 +135,8 @@ class Mm:
     released: bool = False
     closed: bool = False
     watcher: asyncio.Task[None] | None = None
+    uffd: UffdWatch | None = None
+    """The target's userfaultfd watcher, when hmmd has one (see ``watch.uffd``)."""
 
     def __post_init__(self) -> None:
         self.idle.set()

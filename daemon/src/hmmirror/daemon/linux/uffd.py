@@ -1,0 +1,138 @@
+"""userfaultfd from the monitor's side: configure another process's uffd, read its events.
+
+Every ioctl here acts on the uffd's own mm, not the caller's, so hmmd can do
+``UFFDIO_API`` and ``UFFDIO_REGISTER`` for a target whose fd it holds
+(reference: linux-mechanisms.md §4). Debian's headers predate several of these
+values, so they are defined here from include/uapi/linux/userfaultfd.h.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import platform
+import struct
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}.get(platform.machine(), -1)
+SYS_PIDFD_GETFD = 438
+UFFD_USER_MODE_ONLY = 1
+UFFD_API = 0xAA
+
+
+def _iowr(nr: int, size: int) -> int:
+    """``_IOWR(0xAA, nr, size)``."""
+    return (3 << 30) | (size << 16) | (0xAA << 8) | nr
+
+
+UFFDIO_API = _iowr(0x3F, 24)
+UFFDIO_REGISTER = _iowr(0x00, 32)
+UFFDIO_UNREGISTER = (2 << 30) | (16 << 16) | (0xAA << 8) | 0x01  # _IOR
+
+FEATURE_EVENT_FORK = 1 << 1
+FEATURE_EVENT_REMAP = 1 << 2
+FEATURE_EVENT_REMOVE = 1 << 3
+FEATURE_EVENT_UNMAP = 1 << 6
+FEATURE_WP_UNPOPULATED = 1 << 13
+FEATURE_WP_ASYNC = 1 << 15
+#: What hmmd asks for: the non-cooperative events, and asynchronous write-protection.
+WATCH_FEATURES = (
+    FEATURE_EVENT_FORK | FEATURE_EVENT_REMAP | FEATURE_EVENT_REMOVE | FEATURE_EVENT_UNMAP
+    | FEATURE_WP_UNPOPULATED | FEATURE_WP_ASYNC
+)  # fmt: skip
+REGISTER_MODE_WP = 1 << 1
+
+EVENT_PAGEFAULT = 0x12
+EVENT_FORK = 0x13
+EVENT_REMAP = 0x14
+EVENT_REMOVE = 0x15
+EVENT_UNMAP = 0x16
+_MSG = struct.Struct("B7x3Q")
+#: Events read per ``read`` call (each ``struct uffd_msg`` is 32 bytes).
+_BATCH = 64
+
+
+def userfaultfd(user_mode_only: bool = False) -> int:
+    """A new userfaultfd of the calling process (O_CLOEXEC | O_NONBLOCK)."""
+    flags = os.O_CLOEXEC | os.O_NONBLOCK | (UFFD_USER_MODE_ONLY if user_mode_only else 0)
+    fd = int(_libc.syscall(SYS_USERFAULTFD, flags))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"userfaultfd: {os.strerror(err)}")
+    return fd
+
+
+def getfd(pidfd: int, targetfd: int) -> int:
+    """``pidfd_getfd``: a duplicate of the target's fd ``targetfd`` in this process."""
+    fd = int(_libc.syscall(SYS_PIDFD_GETFD, pidfd, targetfd, 0))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pidfd_getfd({targetfd}): {os.strerror(err)}")
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def api(fd: int, features: int) -> int:
+    """``UFFDIO_API``; returns the features the kernel granted. EINVAL if already done."""
+    arg = bytearray(struct.pack("3Q", UFFD_API, features, 0))
+    fcntl.ioctl(fd, UFFDIO_API, arg, True)
+    return int(struct.unpack_from("3Q", arg)[1])
+
+
+def register(fd: int, start: int, length: int, mode: int = REGISTER_MODE_WP) -> None:
+    """``UFFDIO_REGISTER`` [start, start + length) of the uffd's mm (EINVAL on file VMAs)."""
+    fcntl.ioctl(fd, UFFDIO_REGISTER, bytearray(struct.pack("4Q", start, length, mode, 0)), True)
+
+
+def read_events(fd: int) -> list[tuple[int, int, int, int]]:
+    """Every queued event as (event, arg0, arg1, arg2), without blocking.
+
+    Reading an event is what lets the target thread that raised it go on.
+    """
+    out: list[tuple[int, int, int, int]] = []
+    while True:
+        try:
+            data = os.read(fd, _MSG.size * _BATCH)
+        except BlockingIOError:
+            return out
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EINTR):
+                return out
+            raise
+        if not data:
+            return out
+        out.extend(_MSG.unpack_from(data, off) for off in range(0, len(data), _MSG.size))
+        if len(data) < _MSG.size * _BATCH:
+            return out
+
+
+def unconfigured_uffds(pid: int) -> list[int]:
+    """The target's userfaultfds on which nobody has done ``UFFDIO_API`` yet.
+
+    Those are the ones a cooperating target left for hmmd; a uffd the target
+    configured itself is its own business and is never touched.
+    """
+    found = []
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    for name in names:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") != "anon_inode:[userfaultfd]":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{name}") as f:
+                info = f.read()
+        except OSError:
+            continue
+        for line in info.splitlines():
+            if line.startswith("API:"):
+                # "API:\t<api>:<features>:<ioctls>"; features 0 means UFFDIO_API never ran.
+                parts = line.split()[1].split(":")
+                if len(parts) >= 2 and int(parts[1], 16) == 0:
+                    found.append(int(name))
+    return found

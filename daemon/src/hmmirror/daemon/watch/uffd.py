@@ -1,0 +1,148 @@
+"""The uffd watcher: a target's userfaultfd events become invalidations as they happen.
+
+The kernel blocks the target thread in munmap, madvise(DONTNEED/FREE), mremap
+and fork until the monitor has read the event, so these are seen within one
+event-loop turn, not one poll interval later. REMOVE (DONTNEED, FREE) is read
+before the pages are zapped; UNMAP and REMAP describe mappings already gone
+(kernel-contract.md §5.4). mprotect, new VMAs and file-backed mappings raise no
+event: the proc watcher keeps covering them, and each of its polls registers
+the anonymous and shmem VMAs that appeared under a mirror, as does every fault
+for the VMAs it hands out translations from.
+
+The reader never blocks: every unread event stalls a target thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import Callable
+
+from hmmirror.daemon.linux import uffd
+from hmmirror.daemon.mm import Mm
+from hmmirror.daemon.watch.proc import Change, detect
+from hmmirror.proto.messages import Event
+
+log = logging.getLogger(__name__)
+
+
+class UffdWatch:
+    """One target's userfaultfd, registered over the VMAs its mirrors cover."""
+
+    def __init__(
+        self,
+        mm: Mm,
+        fd: int,
+        zero_pfn: int,
+        on_changes: Callable[[Mm, list[Change]], None],
+        *,
+        configured: bool = False,
+    ) -> None:
+        self.mm = mm
+        self.fd = fd
+        self.zero_pfn = zero_pfn
+        self.on_changes = on_changes
+        if not configured:
+            uffd.api(fd, uffd.WATCH_FEATURES)
+        os.set_blocking(fd, False)
+        self._registered: set[tuple[int, int]] = set()
+        self._refused: set[tuple[int, int]] = set()
+        self.events = dict.fromkeys(("unmap", "remove", "remap", "fork"), 0)
+        self.closed = False
+        asyncio.get_running_loop().add_reader(fd, self._drain)
+
+    def close(self) -> None:
+        """Stop reading and close the fd: the registrations die with the last reference."""
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self.fd)
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    # --- registration -----------------------------------------------------------------------
+
+    def cover(self) -> int:
+        """Register every anon/shmem VMA under a mirror not registered yet; return how many.
+
+        Whole VMAs are registered, so registration never splits one. File-backed
+        VMAs (EINVAL) and VMAs another uffd holds (EBUSY) stay with the proc watcher.
+        """
+        added = 0
+        for mirror in list(self.mm.mirrors):
+            for span in mirror.spans:
+                added += self.cover_range(span.start, span.end)
+        return added
+
+    def cover_range(self, start: int, end: int) -> int:
+        """``cover`` for the VMAs of [start, end) only (a fault registers what it hands out)."""
+        if self.closed:
+            return 0
+        try:
+            vmas = self.mm.view.maps_range(start, end)
+        except ProcessLookupError:
+            return 0
+        added = 0
+        for lo, hi in zip(vmas.starts.tolist(), vmas.ends.tolist(), strict=True):
+            key = (lo, hi)
+            if key in self._registered or key in self._refused:
+                continue
+            try:
+                uffd.register(self.fd, lo, hi - lo)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EBUSY, errno.ENOMEM):
+                    raise
+                self._refused.add(key)
+                continue
+            self._registered.add(key)
+            added += 1
+        return added
+
+    def _forget(self, start: int, end: int) -> None:
+        """VMAs in [start, end) are gone: a new mapping there must be registered afresh."""
+        for key in [k for k in self._registered | self._refused if k[0] < end and start < k[1]]:
+            self._registered.discard(key)
+            self._refused.discard(key)
+
+    # --- events -----------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Read every queued event (releasing the target), then start the invalidations."""
+        try:
+            events = uffd.read_events(self.fd)
+        except OSError as exc:
+            log.warning("userfaultfd of pid %d failed: %s; proc watcher only", self.mm.pid, exc)
+            self.close()
+            return
+        changes: list[Change] = []
+        forked = False
+        for kind, a0, a1, a2 in events:
+            if kind == uffd.EVENT_UNMAP:
+                self.events["unmap"] += 1
+                changes.append((a0, a1, Event.UNMAP))
+                self._forget(a0, a1)
+            elif kind == uffd.EVENT_REMOVE:
+                self.events["remove"] += 1
+                changes.append((a0, a1, Event.CLEAR))
+            elif kind == uffd.EVENT_REMAP:
+                self.events["remap"] += 1
+                changes.append((a0, a0 + a2, Event.UNMAP))  # the source moved away
+                self._forget(a0, a0 + a2)
+            elif kind == uffd.EVENT_FORK:
+                self.events["fork"] += 1
+                forked = True
+                # The child's uffd, installed in our fd table: policy "close" (the child is
+                # not mirrored; its own registrations die with this last reference).
+                with contextlib.suppress(OSError):
+                    os.close(a0 & 0xFFFFFFFF)
+        if forked:
+            # fork write-protected the parent's private pages for COW: downgrade WRITE entries
+            # now (PROTECTION_PAGE), not a poll later.
+            with contextlib.suppress(ProcessLookupError):
+                changes.extend(detect(self.mm, self.zero_pfn))
+        if changes and not self.mm.released:
+            self.on_changes(self.mm, changes)

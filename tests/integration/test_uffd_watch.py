@@ -1,0 +1,200 @@
+"""The uffd watcher against real targets: events arrive as the change happens, not a poll later.
+
+hmmd runs with a proc-watcher poll of 4 s here, so an invalidation seen within
+a second can only have come from the target's userfaultfd (and hmmd's
+``uffd_events`` counter says so too). Each case runs for
+both ways a target offers its fd: ``expose()`` (SCM_RIGHTS) and an unconfigured
+uffd left open for hmmd's pidfd_getfd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from hmmirror.client import Access, Event
+
+PAGE = 4096
+#: Far slower than any assertion below: only the uffd path can be this fast.
+SLOW_POLL = ("--poll-interval", "4s", "--poll-max", "4s")
+EVENT_DEADLINE = 1.0
+
+pytestmark = pytest.mark.hmmd_args(*SLOW_POLL)
+
+
+async def events_within(mirror, n: int, deadline: float = EVENT_DEADLINE) -> list[Event]:
+    """The mirror's first ``n`` invalidation events, waiting at most ``deadline`` seconds."""
+    end = time.monotonic() + deadline
+    while len(mirror.events) < n:
+        if time.monotonic() > end:
+            raise AssertionError(f"only {mirror.events} within {deadline} s")
+        await asyncio.sleep(0.005)
+    return [ev for _, _, ev in mirror.events]
+
+
+@pytest.fixture(params=["expose", "getfd"])
+async def watched(request, hmmd, puppet):
+    """The puppet, offering hmmd its userfaultfd the parametrised way."""
+    if request.param == "expose":
+        await puppet.expose(hmmd.endpoint)
+    else:
+        await puppet.uffd_leave()
+    return puppet
+
+
+async def mirrored(agent_session, puppet, npages: int, access=Access.READ):
+    addr = await puppet.mmap(npages * PAGE)
+    await puppet.write(addr, b"x" * npages * PAGE)
+    mirror = await agent_session.mirror(puppet.pid, addr, npages * PAGE, access)
+    await mirror.fault(addr, npages)
+    return addr, mirror
+
+
+async def test_hmmd_watches_through_the_target_uffd(hmmd, watched, agent):
+    async with agent() as s:
+        await mirrored(s, watched, 1)
+        st = await s.status()
+        assert st["uffd_watched"] == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ("munmap", Event.UNMAP),
+        ("dontneed", Event.CLEAR),
+        ("free", Event.CLEAR),
+        ("mremap", Event.UNMAP),
+        ("fixed", Event.UNMAP),
+    ],
+)
+async def test_the_right_event_arrives_at_once(hmmd, watched, agent, change, expected):
+    puppet = watched
+    async with agent() as s:
+        addr, mirror = await mirrored(s, puppet, 4)
+        t0 = time.monotonic()
+        if change == "munmap":
+            await puppet.munmap(addr + PAGE, 2 * PAGE)
+            lo, hi = addr + PAGE, addr + 3 * PAGE
+        elif change == "dontneed":
+            await puppet.madvise(addr, 4 * PAGE, "dontneed")
+            lo, hi = addr, addr + 4 * PAGE
+        elif change == "free":
+            await puppet.madvise(addr, 4 * PAGE, "free")
+            lo, hi = addr, addr + 4 * PAGE
+        elif change == "mremap":
+            await puppet.mremap(addr, 4 * PAGE, 8 * PAGE, maymove=True)
+            lo, hi = addr, addr + 4 * PAGE
+        else:
+            await puppet.mmap(2 * PAGE, fixed=addr)
+            lo, hi = addr, addr + 2 * PAGE
+        events = await events_within(mirror, 1)
+        assert time.monotonic() - t0 < EVENT_DEADLINE
+        assert events[0] == expected
+        assert (await s.status())["uffd_events"] >= 1
+        start, end, _ = mirror.events[0]
+        assert start <= lo and hi <= end + 0, (hex(start), hex(end), hex(lo), hex(hi))
+        page = (lo - addr) // PAGE
+        assert mirror.table[page] == 0, "the agent zapped the page"
+
+
+async def test_fork_downgrades_write_entries_at_once(hmmd, watched, agent):
+    puppet = watched
+    async with agent() as s:
+        addr, mirror = await mirrored(s, puppet, 2, Access.READ | Access.WRITE)
+        await mirror.fault(addr, 2, write=True)
+        child = await puppet.fork()
+        try:
+            events = await events_within(mirror, 1)
+            assert Event.PROTECTION_PAGE in events
+        finally:
+            await child.exit()
+
+
+async def test_mprotect_and_new_vmas_are_still_caught(hmmd, watched, agent):
+    """mprotect raises no uffd event: the proc watcher (4 s here, so wait for it) covers it;
+    and a VMA mapped later under a mirror gets registered, so its munmap is an event."""
+    puppet = watched
+    async with agent() as s:
+        hole = await puppet.mmap(4 * PAGE)
+        await puppet.munmap(hole + 2 * PAGE, 2 * PAGE)  # a mirror over a half-mapped range
+        mirror = await s.mirror(puppet.pid, hole, 4 * PAGE, Access.READ)
+        await puppet.write(hole, b"y" * 2 * PAGE)
+        await mirror.fault(hole, 2)
+        later = await puppet.mmap(2 * PAGE, fixed=hole + 2 * PAGE)
+        assert later == hole + 2 * PAGE
+        await puppet.write(later, b"z" * 2 * PAGE)
+        await mirror.fault(later, 2)  # faulting it makes hmmd register the new VMA, too
+        await puppet.munmap(later, 2 * PAGE)
+        events = await events_within(mirror, 1)
+        assert events[0] == Event.UNMAP
+        await puppet.mprotect(hole, 2 * PAGE, "none")
+        events = await events_within(mirror, 2, deadline=10.0)
+        assert events[1] == Event.PROTECTION_VMA
+
+
+async def test_a_target_with_a_uffd_exits(hmmd, watched, agent):
+    puppet = watched
+    async with agent() as s:
+        _, mirror = await mirrored(s, puppet, 1)
+        await puppet.exit()
+        await events_within(mirror, 1)
+        assert mirror.released
+        assert (await s.status())["uffd_watched"] == 0
+
+
+TARGET = textwrap.dedent(
+    """
+    import ctypes, mmap, sys, time
+    from hmmirror.client.target import expose
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    addr = libc.mmap(None, 8192, 3, 0x22, -1, 0)
+    ctypes.memset(addr, 7, 8192)
+    expose(sys.argv[1])
+    print("ready", addr, flush=True)
+    sys.stdin.readline()
+    t0 = time.monotonic()
+    libc.munmap(ctypes.c_void_p(addr), 4096)
+    print("munmap returned", time.monotonic() - t0, flush=True)
+    """
+)
+
+
+async def test_the_target_carries_on_when_hmmd_dies_while_it_is_blocked(hmmd, agent):
+    """hmmd is stopped (so it cannot read the event) while the target munmaps, then killed:
+    the target, blocked in munmap meanwhile, goes on as soon as hmmd's fd closes."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", TARGET, hmmd.endpoint,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 10)
+        assert line.startswith(b"ready"), line + (await proc.stderr.read() if proc.stderr else b"")
+        addr = int(line.split()[1])
+        async with agent() as s:
+            mirror = await s.mirror(proc.pid, addr, 2 * PAGE, Access.READ)
+            await mirror.fault(addr, 2)
+            assert (await s.status())["uffd_watched"] == 1
+            hmmd.kill(signal.SIGSTOP)
+            proc.stdin.write(b"go\n")
+            await proc.stdin.drain()
+            await asyncio.sleep(0.5)
+            assert proc.returncode is None
+            blocked = not proc.stdout.at_eof() and not proc.stdout._buffer  # type: ignore[attr-defined]
+            assert blocked, "munmap returned although hmmd never read the event"
+            hmmd.kill(signal.SIGKILL)
+            line = await asyncio.wait_for(proc.stdout.readline(), 5)
+            assert line.startswith(b"munmap returned"), line
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
