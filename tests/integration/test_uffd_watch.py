@@ -198,3 +198,52 @@ async def test_the_target_carries_on_when_hmmd_dies_while_it_is_blocked(hmmd, ag
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+
+
+def pages_of(events, addr: int, kind: Event) -> set[int]:
+    """The page indexes (from ``addr``) that ``kind`` events covered."""
+    out: set[int] = set()
+    for start, end, ev in events:
+        if ev == kind:
+            out.update(range((start - addr) // PAGE, (end - addr) // PAGE))
+    return out
+
+
+async def test_written_tracking_reports_exactly_the_pages_written(hmmd, watched, agent):
+    puppet = watched
+    async with agent() as s, agent() as plain:
+        addr = await puppet.mmap(16 * PAGE)
+        await puppet.write(addr, b"a" * 16 * PAGE)
+        mirror = await s.mirror(puppet.pid, addr, 16 * PAGE, Access.READ, watch_writes=True)
+        other = await plain.mirror(puppet.pid, addr, 16 * PAGE, Access.READ)
+        await mirror.fault(addr, 16)
+        await other.fault(addr, 16)
+        await puppet.read(addr + 3 * PAGE, 64)  # reads are never reported
+        written = {1, 5, 6, 11}
+        for page in sorted(written):
+            await puppet.write(addr + page * PAGE + 100, b"w")
+        end = time.monotonic() + EVENT_DEADLINE
+        while pages_of(mirror.events, addr, Event.WRITTEN) != written:
+            assert pages_of(mirror.events, addr, Event.WRITTEN) <= written, mirror.events
+            assert time.monotonic() < end, f"WRITTEN events so far: {mirror.events}"
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.2)  # nothing more comes: exactly the pages written
+        assert pages_of(mirror.events, addr, Event.WRITTEN) == written
+        assert all(ev == Event.WRITTEN for _, _, ev in mirror.events)
+        assert [mirror.table[p] == 0 for p in range(16)] == [p in written for p in range(16)]
+        assert other.events == [], "a mirror that did not subscribe gets no WRITTEN"
+        # Writing again after the zap is reported again.
+        await puppet.write(addr + 2 * PAGE, b"again")
+        await events_within(mirror, len(mirror.events) + 1)
+        assert 2 in pages_of(mirror.events, addr, Event.WRITTEN)
+
+
+async def test_watching_writes_needs_the_target_uffd(hmmd, puppet, agent):
+    from hmmirror.client import RemoteError
+
+    addr = await puppet.mmap(PAGE)
+    async with agent() as s:
+        with pytest.raises(RemoteError) as info:
+            await s.mirror(puppet.pid, addr, PAGE, Access.READ, watch_writes=True)
+        assert "userfaultfd" in str(info.value)
+        await s.mirror(puppet.pid, addr, PAGE, Access.READ)  # without the subscription: fine

@@ -236,14 +236,20 @@ class Session(Channel):
         access: Access = Access.READ,
         *,
         start_time: int = 0,
+        watch_writes: bool = False,
     ) -> Mirror:
-        """Mirror [start, start + length) of process ``pid``; return the Mirror."""
+        """Mirror [start, start + length) of process ``pid``; return the Mirror.
+
+        ``watch_writes`` subscribes to WRITTEN invalidations of the pages the target
+        writes (it needs the target's userfaultfd: see ``hmmirror.client.expose``).
+        """
         env = await self.request(
             Register(
                 pid=pid,
                 start_time=start_time,
                 intervals=((start, start + length),),
                 access=int(access),
+                watch_writes=watch_writes,
             ),
             expect=Registered,
         )

@@ -83,6 +83,8 @@ from hmmirror.proto.messages import (
 log = logging.getLogger(__name__)
 #: Exposed userfaultfds kept for processes nothing mirrors yet.
 MAX_EXPOSED = 1024
+#: Written-page scan interval bounds, in seconds: fastest while the target writes.
+WRITTEN_SCAN_MIN, WRITTEN_SCAN_MAX = 0.002, 0.1
 
 Handler = Callable[["Daemon", bytes, "Session | None", Envelope], "Awaitable[None] | None"]
 
@@ -429,6 +431,39 @@ class Daemon:
         log.info("watching pid %d through its userfaultfd", mm.pid)
         self.cover_with_uffd(mm)
 
+    def track_writes(self, mm: Mm) -> None:
+        """Arm written-page tracking for ``mm``'s subscribed mirrors; start its scan loop."""
+        assert mm.uffd is not None
+        try:
+            changes = mm.uffd.scan_written()  # arms what is new; reports what others armed
+        except ProcessLookupError:
+            return
+        if changes:
+            self.start_invalidations(mm, changes)
+        if mm.written is None or mm.written.done():
+            mm.written = self.spawn(self._scan_written(mm))
+
+    async def _scan_written(self, mm: Mm) -> None:
+        """Get-and-clear written pages of subscribed mirrors, adapting to the write rate."""
+        lo, hi = WRITTEN_SCAN_MIN, WRITTEN_SCAN_MAX
+        interval = lo
+        while not mm.released and not mm.closed:
+            watch = mm.uffd
+            if watch is None or watch.closed or not any(m.watch_writes for m in mm.mirrors):
+                return
+            await asyncio.sleep(interval)
+            t0 = time.perf_counter()
+            try:
+                changes = watch.scan_written()
+            except ProcessLookupError:
+                return  # the pidfd reports the exit
+            if changes:
+                self.start_invalidations(mm, changes)
+            cost = time.perf_counter() - t0
+            # Scan fast while the target writes, back off while it does not, <5% of a core.
+            interval = lo if changes else min(hi, interval * 1.5)
+            interval = max(interval, cost * 20)
+
     def cover_with_uffd(self, mm: Mm) -> None:
         """Register the VMAs under ``mm``'s mirrors with its uffd, if it has one."""
         if mm.uffd is None or mm.uffd.closed:
@@ -466,6 +501,8 @@ class Daemon:
             asyncio.get_running_loop().remove_reader(mm.pidfd)
         if mm.watcher is not None:
             mm.watcher.cancel()
+        if mm.written is not None:
+            mm.written.cancel()
         if mm.uffd is not None:
             mm.uffd.close()
         with contextlib.suppress(OSError):
@@ -569,6 +606,7 @@ class Daemon:
             "uffd_events": sum(
                 sum(mm.uffd.events.values()) for mm in self.mms.values() if mm.uffd is not None
             ),
+            "written_runs": sum(mm.uffd.written_runs for mm in self.mms.values() if mm.uffd),
         }
         stats.update(self.counters)
         return stats
@@ -653,12 +691,23 @@ def on_register(d: Daemon, identity: bytes, session: Session | None, env: Envelo
     mirror = Mirror(
         d._next_mirror, session, mm, [Span(lo, hi) for lo, hi in spans], Access(msg.access)
     )
+    if msg.watch_writes and (mm.uffd is None or mm.uffd.closed):
+        if not mm.mirrors:
+            d._drop_mm(mm)
+        raise RequestError(
+            ErrorCode.EINVAL,
+            f"watch_writes needs process {msg.pid}'s userfaultfd (the target calls "
+            "hmmirror.client.expose(), or hmmd runs with uffd = off)",
+        )
+    mirror.watch_writes = msg.watch_writes
     d._next_mirror += 1
     mm.mirrors.append(mirror)
     session.mirrors[mirror.id] = mirror
     d.mirrors[mirror.id] = mirror
     d.counters["registrations"] += 1
     d.cover_with_uffd(mm)
+    if mirror.watch_writes:
+        d.track_writes(mm)
     d.send(
         identity,
         Registered(mirror=mirror.id, pid=mm.pid, start_time=mm.start_time, seq=mm.seq),

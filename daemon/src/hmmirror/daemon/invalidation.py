@@ -146,9 +146,12 @@ class Invalidator:
         # way shares one item list, and it is packed for the wire once (Items.packed).
         shared_by_bounds: dict[tuple[int, int], list[Items]] = {}
         chunks: list[tuple[Session, Chunk]] = []
+        written = event == Event.WRITTEN
         for mirror in list(mm.mirrors):
             if mirror.dead or not mirror.overlaps(lo, hi):
                 continue
+            if written and not mirror.watch_writes:
+                continue  # a write changes no translation: only data caches care
             mlo, mhi = mirror.lo, mirror.hi
             parts = shared_by_bounds.get((mlo, mhi)) if len(mirror.spans) == 1 else None
             if parts is None:

@@ -91,6 +91,8 @@ class Mirror:
     spans: list[Span]
     access: Access
     dead: bool = False
+    watch_writes: bool = False
+    """Subscribed to WRITTEN invalidations (written-page tracking)."""
     lo: int = field(init=False)
     """Lowest mirrored address."""
     hi: int = field(init=False)
@@ -137,6 +139,8 @@ class Mm:
     watcher: asyncio.Task[None] | None = None
     uffd: UffdWatch | None = None
     """The target's userfaultfd watcher, when hmmd has one (see ``watch.uffd``)."""
+    written: asyncio.Task[None] | None = None
+    """The written-page scan loop, while a mirror subscribes to writes."""
 
     def __post_init__(self) -> None:
         self.idle.set()

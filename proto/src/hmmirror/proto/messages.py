@@ -63,6 +63,8 @@ class Event(IntEnum):
     MIGRATE = 6
     EXCLUSIVE = 7
     EVICT = 8
+    WRITTEN = 9
+    """The target wrote these pages (written-page tracking; only subscribed mirrors get it)."""
 
 
 class FaultMode(IntEnum):
@@ -193,7 +195,9 @@ class Register(Message):
     22 of ``/proc/PID/stat``); 0 means "whatever process has this pid now". The
     daemon refuses a mismatch with ESRCH, so a reused pid is never mirrored by
     mistake. ``access`` is an ``Access`` bit set. Intervals are page-aligned,
-    non-empty, below 2^47 and at most 64 of them.
+    non-empty, below 2^47 and at most 64 of them. ``watch_writes`` subscribes the
+    mirror to WRITTEN invalidations of the pages the target writes (for agents
+    that cache data, not only translations); it needs the target's userfaultfd.
     """
 
     TYPE: ClassVar[str] = "register"
@@ -201,6 +205,7 @@ class Register(Message):
     start_time: int = wire(Kind.UINT)
     intervals: tuple[tuple[int, int], ...] = wire(Kind.INTERVALS, MAX_INTERVALS)
     access: int = wire(Kind.UINT, 3)
+    watch_writes: bool = wire(Kind.BOOL, default=False)
 
 
 @dataclass(frozen=True)

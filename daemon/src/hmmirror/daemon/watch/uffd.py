@@ -21,9 +21,9 @@ import logging
 import os
 from collections.abc import Callable
 
-from hmmirror.daemon.linux import uffd
+from hmmirror.daemon.linux import scan, uffd
 from hmmirror.daemon.mm import Mm
-from hmmirror.daemon.watch.proc import Change, detect
+from hmmirror.daemon.watch.proc import Change, detect, merge
 from hmmirror.proto.messages import Event
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,10 @@ class UffdWatch:
         os.set_blocking(fd, False)
         self._registered: set[tuple[int, int]] = set()
         self._refused: set[tuple[int, int]] = set()
+        self._armed: set[tuple[int, int]] = set()
+        """Registered VMAs whose written bits were cleared once: later scans report writes."""
         self.events = dict.fromkeys(("unmap", "remove", "remap", "fork"), 0)
+        self.written_runs = 0
         self.closed = False
         asyncio.get_running_loop().add_reader(fd, self._drain)
 
@@ -100,13 +103,63 @@ class UffdWatch:
                 continue
             self._registered.add(key)
             added += 1
+            if any(m.watch_writes for m in self.mm.mirrors):
+                self._arm(key)
         return added
+
+    def _arm(self, key: tuple[int, int]) -> None:
+        """Clear the written bits of a registered VMA: from now on, writes are reported."""
+        try:
+            scan.written(self.mm.view.pagemap_fd, key[0], key[1])
+        except OSError:
+            return  # it changed already; the next scan retries it
+        self._armed.add(key)
 
     def _forget(self, start: int, end: int) -> None:
         """VMAs in [start, end) are gone: a new mapping there must be registered afresh."""
         for key in [k for k in self._registered | self._refused if k[0] < end and start < k[1]]:
             self._registered.discard(key)
             self._refused.discard(key)
+            self._armed.discard(key)
+
+    # --- written pages ----------------------------------------------------------------------
+
+    def scan_written(self) -> list[Change]:
+        """WRITTEN changes: pages written under subscribed mirrors since the last scan.
+
+        A VMA's first scan only arms it (the kernel reports all of it as written
+        then). Raises ProcessLookupError once the process is gone.
+        """
+        if self.closed:
+            return []
+        spans = [
+            (span.start, span.end)
+            for mirror in self.mm.mirrors
+            if mirror.watch_writes and not mirror.dead
+            for span in mirror.spans
+        ]
+        changes: list[Change] = []
+        fd = self.mm.view.pagemap_fd
+        for key in sorted(self._registered):
+            lo, hi = key
+            if not any(s < hi and lo < e for s, e in spans):
+                continue
+            try:
+                runs = scan.written(fd, lo, hi)
+            except OSError as exc:
+                if exc.errno in (errno.ESRCH, errno.EBADF):
+                    raise ProcessLookupError(self.mm.pid, str(exc)) from exc
+                self._forget(lo, hi)  # the VMA changed under us: register it again next time
+                continue
+            if key not in self._armed:  # this scan only armed it
+                self._armed.add(key)
+                continue
+            self.written_runs += len(runs)
+            for a, b in runs:
+                for s, e in spans:
+                    if a < e and s < b:
+                        changes.append((max(a, s), min(b, e), Event.WRITTEN))
+        return merge(changes)
 
     # --- events -----------------------------------------------------------------------------
 
