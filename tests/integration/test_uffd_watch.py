@@ -10,6 +10,8 @@ uffd left open for hmmd's pidfd_getfd.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -247,3 +249,39 @@ async def test_watching_writes_needs_the_target_uffd(hmmd, puppet, agent):
             await s.mirror(puppet.pid, addr, PAGE, Access.READ, watch_writes=True)
         assert "userfaultfd" in str(info.value)
         await s.mirror(puppet.pid, addr, PAGE, Access.READ)  # without the subscription: fine
+
+
+def fd_table(pid: int) -> dict[str, str]:
+    return {name: os.readlink(f"/proc/{pid}/fd/{name}") for name in os.listdir(f"/proc/{pid}/fd")}
+
+
+@pytest.mark.hmmd_args(*SLOW_POLL, "--uffd", "inject")
+async def test_injected_uffd_watches_an_unmodified_target(hmmd, puppet, agent):
+    before = fd_table(puppet.pid)
+    async with agent() as s:
+        addr, mirror = await mirrored(s, puppet, 2)
+        st = await s.status()
+        assert st["uffd_watched"] == 1, st["uffd_last_refusal"]
+        assert fd_table(puppet.pid) == before, "the target's fd table is as it was"
+        assert (await puppet.ping())["pid"] == puppet.pid, "the target carries on"
+        await puppet.munmap(addr, PAGE)
+        assert (await events_within(mirror, 1))[0] == Event.UNMAP
+
+
+@pytest.mark.hmmd_args(*SLOW_POLL, "--uffd", "inject")
+async def test_injection_into_a_traced_process_is_refused_clearly(hmmd, puppet, agent):
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.restype = ctypes.c_long
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    assert libc.ptrace(0x4206, puppet.pid, None, None) == 0  # PTRACE_SEIZE: we trace it now
+    try:
+        async with agent() as s:
+            _, mirror = await mirrored(s, puppet, 1)  # the mirror still works, by proc watcher
+            st = await s.status()
+            assert st["uffd_watched"] == 0
+            assert st["uffd_refusals"] == 1
+            assert f"already traced by pid {os.getpid()}" in st["uffd_last_refusal"]
+            assert "already traced" in hmmd.stderr()
+            assert (await mirror.read(mirror.start, 1)).cpages == 1
+    finally:
+        libc.ptrace(17, puppet.pid, None, None)  # PTRACE_DETACH

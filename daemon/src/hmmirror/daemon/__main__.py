@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--uffd",
-        choices=["off", "cooperate"],
+        choices=["off", "cooperate", "inject"],
         help="how to get a target's userfaultfd for synchronous events (default cooperate)",
     )
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

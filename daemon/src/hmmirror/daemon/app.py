@@ -28,6 +28,7 @@ from hmmirror.daemon.fault.service import Pending, attempt, resolve
 from hmmirror.daemon.intake import UffdIntake, default_path
 from hmmirror.daemon.invalidation import Invalidator
 from hmmirror.daemon.linux import uffd
+from hmmirror.daemon.linux.inject import InjectError, inject_userfaultfd
 from hmmirror.daemon.linux.procfs import (
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -141,6 +142,8 @@ class Daemon:
         #: Userfaultfds targets exposed before anything mirrored them: pid -> (start time, fd).
         self._exposed: dict[int, tuple[int, int]] = {}
         self.intake: UffdIntake | None = None
+        self.uffd_refusals = 0
+        self.uffd_last_refusal = ""
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -417,6 +420,15 @@ class Daemon:
                 continue
             self._watch_with(mm, fd, configured=False)
             return
+        if self.config.uffd == "inject":
+            try:
+                fd = inject_userfaultfd(mm.pid, mm.pidfd)
+            except InjectError as exc:
+                self.uffd_refusals += 1
+                self.uffd_last_refusal = str(exc)
+                log.warning("no userfaultfd injected: %s; proc watcher only", exc)
+                return
+            self._watch_with(mm, fd, configured=False)
 
     def _watch_with(self, mm: Mm, fd: int, *, configured: bool) -> None:
         """Start ``mm``'s uffd watcher on ``fd`` (ours now); fall back to proc on failure."""
@@ -607,6 +619,8 @@ class Daemon:
                 sum(mm.uffd.events.values()) for mm in self.mms.values() if mm.uffd is not None
             ),
             "written_runs": sum(mm.uffd.written_runs for mm in self.mms.values() if mm.uffd),
+            "uffd_refusals": self.uffd_refusals,
+            "uffd_last_refusal": self.uffd_last_refusal[:256],
         }
         stats.update(self.counters)
         return stats

@@ -61,8 +61,9 @@ class Config:
     """Slowest proc watcher poll interval (while nothing changes)."""
     log_level: str = "info"
     uffd: str = "cooperate"
-    """How hmmd gets a target's userfaultfd: "off", or "cooperate": one the target exposed
-    (``hmmirror.client.expose``), or an unconfigured one it left open, taken with pidfd_getfd."""
+    """How hmmd gets a target's userfaultfd: "off"; "cooperate": one the target exposed
+    (``hmmirror.client.expose``), or an unconfigured one it left open, taken with pidfd_getfd;
+    or "inject" (opt-in): failing those, create one in the target with ptrace."""
     expose_socket: str = ""
     """Where targets send their userfaultfd (empty: the endpoint's socket path + ".uffd")."""
 
@@ -90,7 +91,7 @@ class Config:
 _DURATIONS = {"heartbeat", "ack_deadline", "poll_min", "poll_max"}
 _FLOATS = {"lease_factor"}
 _LEVELS = {"debug", "info", "warning", "error"}
-_UFFD_MODES = {"off", "cooperate"}
+_UFFD_MODES = {"off", "cooperate", "inject"}
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
