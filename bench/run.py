@@ -1,7 +1,7 @@
 """Run the hmmirror benchmarks.
 
 ``uv run python -m bench`` or
-``uv run python bench/run.py [--only invalidate|pipelined|fault|rdma]``.
+``uv run python bench/run.py [--only invalidate|pipelined|fault|rdma|uffd]``.
 
 Every result is a ratio to a baseline measured in the same run; see bench/README.md.
 """
@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument(
         "--only",
-        choices=["invalidate", "pipelined", "fault", "rdma"],
+        choices=["invalidate", "pipelined", "fault", "rdma", "uffd"],
         action="append",
-        help="run only this benchmark (repeatable); default: all four",
+        help="run only this benchmark (repeatable); default: all five",
     )
     ap.add_argument(
         "--agents", default="1,8", help="agent counts for the W=1 benchmark (default 1,8)"
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rdma-rounds", type=int, default=5, help="RDMA blocks per side (5)")
     ap.add_argument(
         "--fault-count", type=int, default=300, help="ODP first-touch faults timed (300)"
+    )
+    ap.add_argument(
+        "--munmap-count", type=int, default=300, help="munmaps timed per watcher mode (300)"
     )
     ap.add_argument(
         "--loop",
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--fault-size: page multiple up to 1G; --fault-runs 1..50")
     if not (1 <= a.rdma_window <= 256 and 0 < a.rdma_seconds <= 10 and 1 <= a.rdma_rounds <= 20):
         ap.error("--rdma-window 1..256, --rdma-seconds 0..10, --rdma-rounds 1..20")
+    if not 1 <= a.munmap_count <= 5_000:
+        ap.error("--munmap-count 1..5000")
     if not 1 <= a.fault_count <= 20_000:
         ap.error("--fault-count 1..20000")
     daemon_args = shlex.split(a.daemon_args)
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(a.profile_daemon, exist_ok=True)
         common.PROFILE_DIR = os.path.abspath(a.profile_daemon)
     common.IDLE_WAIT = max(0.0, min(a.idle_wait, 300.0))
-    only = set(a.only or ["invalidate", "pipelined", "fault", "rdma"])
+    only = set(a.only or ["invalidate", "pipelined", "fault", "rdma", "uffd"])
 
     def _terminate(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)  # unwind so every finally kills its helper processes
@@ -154,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_rdma(
             a.rdma_window, a.rdma_seconds, a.rdma_rounds, a.fault_count, a.loop, daemon_args
         )
+    if "uffd" in only:
+        from bench_uffd import bench_uffd
+
+        rows += bench_uffd(a.munmap_count, a.loop)
     print()
     print(f"machine (end): loadavg={loadavg()}  elapsed {time.monotonic() - t0:.0f} s")
     print()
