@@ -3,8 +3,9 @@
 * **munmap → INVALIDATE**: a target process munmaps one mirrored page at a time
   and stamps CLOCK_MONOTONIC before the call and after it returns; an agent in
   this process stamps the moment its INVALIDATE for that page arrives (it acks
-  right then, so "all acked" is that plus half a round trip). Run against hmmd with the uffd watcher (the target exposes its
-  userfaultfd) and against hmmd with ``--uffd off`` (proc watcher only). The
+  right then, so "all acked" is that plus half a round trip). Run against hmmd
+  with the uffd watcher (the target exposes its userfaultfd) and against hmmd
+  with ``--uffd off`` (proc watcher only). The
   target for uffd mode: latency p50 <= munmap's own p50 with uffd (the uffd
   event round trip) + 1.3 x hmmd's invalidation round trip p50 (``ack_p50_us``).
 * **written scan**: PAGEMAP_SCAN get-and-clear of PAGE_IS_WRITTEN (hmmd's own
@@ -173,8 +174,8 @@ def bench_uffd(count: int, loop: str, log: Any = print) -> list[Row]:
         f"{percentile(p['syscall'], 50) * 1e6:.0f} us without",
     ))  # fmt: skip
     rows.append(Row(
-        "munmap -> INVALIDATE at the agent p50, proc watcher", f"{p50 * 1e6:.0f} us", f"{u50 * 1e6:.0f} us (uffd)",
-        p50 / u50 if u50 else None, "info", "info",
+        "munmap -> INVALIDATE at the agent p50, proc watcher", f"{p50 * 1e6:.0f} us",
+        f"{u50 * 1e6:.0f} us (uffd)", p50 / u50 if u50 else None, "info", "info",
     ))  # fmt: skip
     w = _written_cost(log)
     rows.append(Row("written scan, 1 GiB, 0% written", f"{w['idle'] * 1e3:.2f} ms/GiB", "-",
