@@ -237,11 +237,14 @@ class Session(Channel):
         *,
         start_time: int = 0,
         watch_writes: bool = False,
+        strict_writes: bool = False,
     ) -> Mirror:
         """Mirror [start, start + length) of process ``pid``; return the Mirror.
 
         ``watch_writes`` subscribes to WRITTEN invalidations of the pages the target
         writes (it needs the target's userfaultfd: see ``hmmirror.client.expose``).
+        ``strict_writes`` makes such a write wait until this mirror acked the
+        invalidation (it needs ``expose(strict=True)`` in the target).
         """
         env = await self.request(
             Register(
@@ -250,6 +253,7 @@ class Session(Channel):
                 intervals=((start, start + length),),
                 access=int(access),
                 watch_writes=watch_writes,
+                strict_writes=strict_writes,
             ),
             expect=Registered,
         )

@@ -186,14 +186,16 @@ def expose_path(endpoint: str | None = None) -> str:
     return os.path.join(runtime, "hmmd.uffd.sock")
 
 
-def expose(endpoint: str | None = None, *, timeout: float = 5.0) -> None:
+def expose(endpoint: str | None = None, *, strict: bool = False, timeout: float = 5.0) -> None:
     """Give hmmd a userfaultfd of this process, so its changes are seen as they happen.
 
     Creates the fd (user-mode-only where unprivileged userfaultfd is off), sends
     it over hmmd's intake socket with SCM_RIGHTS, and closes this process's copy:
     hmmd configures and owns it. ``endpoint`` is hmmd's ``ipc://`` endpoint (or
     ``$HMMIRROR_ENDPOINT``); ``$HMMIRROR_EXPOSE_SOCKET`` names the intake directly.
-    Raises OSError (or DaemonUnavailable when hmmd refuses it).
+    Call it again with ``strict=True`` to allow strict-write mirrors, which need a
+    second userfaultfd (synchronous write-protection). Raises OSError (or
+    DaemonUnavailable when hmmd refuses it).
     """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
@@ -211,7 +213,7 @@ def expose(endpoint: str | None = None, *, timeout: float = 5.0) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(expose_path(endpoint))
-            socket.send_fds(sock, [b"uffd\n"], [fd])
+            socket.send_fds(sock, [b"uffd strict\n" if strict else b"uffd\n"], [fd])
             reply = sock.recv(256).decode(errors="replace").strip()
     finally:
         os.close(fd)

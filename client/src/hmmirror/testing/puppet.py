@@ -607,7 +607,7 @@ class _Target:
         """``hmmirror.client.expose(endpoint)``: hand hmmd a userfaultfd of this process."""
         from hmmirror.client.target import expose
 
-        expose(a["endpoint"])
+        expose(a["endpoint"], strict=a.get("strict", False))
         return None, b""
 
     def op_uffd_leave(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
@@ -1075,9 +1075,9 @@ class Puppet:
         h: int = await self._call("uffd_register", addr=addr, length=length, fill=fill)
         return h
 
-    async def expose(self, endpoint: str) -> None:
-        """Make the puppet call ``hmmirror.client.expose(endpoint)``."""
-        await self._call("expose", endpoint=endpoint)
+    async def expose(self, endpoint: str, strict: bool = False) -> None:
+        """Make the puppet call ``hmmirror.client.expose(endpoint, strict=strict)``."""
+        await self._call("expose", endpoint=endpoint, strict=strict)
 
     async def uffd_leave(self) -> int:
         """Make the puppet create a userfaultfd it leaves unconfigured; returns its fd number."""

@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -141,6 +141,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         #: Userfaultfds targets exposed before anything mirrored them: pid -> (start time, fd).
         self._exposed: dict[int, tuple[int, int]] = {}
+        self._exposed_strict: dict[int, tuple[int, int]] = {}
         self.intake: UffdIntake | None = None
         self.uffd_refusals = 0
         self.uffd_last_refusal = ""
@@ -167,7 +168,7 @@ class Daemon:
                 self._drop_mm(mm)
             if self.intake is not None:
                 self.intake.close()
-            for _, fd in self._exposed.values():
+            for _, fd in [*self._exposed.values(), *self._exposed_strict.values()]:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self.transport.close()
@@ -375,8 +376,8 @@ class Daemon:
 
     # --- userfaultfd --------------------------------------------------------------------------
 
-    def _on_exposed(self, pid: int, fd: int) -> str | None:
-        """A target sent its userfaultfd: watch with it now, or keep it for its first mirror."""
+    def _on_exposed(self, pid: int, fd: int, strict: bool) -> str | None:
+        """A target sent a userfaultfd: watch with it now, or keep it for its first mirror."""
         if self.config.uffd == "off":
             return "hmmd runs with uffd = off"
         try:
@@ -385,19 +386,24 @@ class Daemon:
             return f"process {pid} is gone"
         mm = self.mms.get((pid, st))
         if mm is not None and not mm.released:
-            if mm.uffd is not None:
-                return f"process {pid} is already watched through a userfaultfd"
-            self._watch_with(mm, fd, configured=False)
+            current = mm.strict_uffd if strict else mm.uffd
+            if current is not None and not current.closed:
+                return f"process {pid} is already watched through such a userfaultfd"
+            if strict:
+                self._watch_strict_with(mm, fd)
+            else:
+                self._watch_with(mm, fd, configured=False)
             return None
-        old = self._exposed.pop(pid, None)
+        offers = self._exposed_strict if strict else self._exposed
+        old = offers.pop(pid, None)
         if old is not None:
             with contextlib.suppress(OSError):
                 os.close(old[1])
-        if len(self._exposed) >= MAX_EXPOSED:  # forget the oldest offer
-            _, oldest_fd = self._exposed.pop(next(iter(self._exposed)))
+        if len(offers) >= MAX_EXPOSED:  # forget the oldest offer
+            _, oldest_fd = offers.pop(next(iter(offers)))
             with contextlib.suppress(OSError):
                 os.close(oldest_fd)
-        self._exposed[pid] = (st, fd)
+        offers[pid] = (st, fd)
         return None
 
     def _attach_uffd(self, mm: Mm) -> None:
@@ -476,15 +482,91 @@ class Daemon:
             interval = lo if changes else min(hi, interval * 1.5)
             interval = max(interval, cost * 20)
 
+    def strict_watch(self, mm: Mm) -> UffdWatch | None:
+        """``mm``'s strict-write watch, obtained now if the target offers a second uffd."""
+        if mm.strict_uffd is not None and not mm.strict_uffd.closed:
+            return mm.strict_uffd
+        if self.config.uffd == "off":
+            return None
+        exposed = self._exposed_strict.pop(mm.pid, None)
+        if exposed is not None:
+            st, fd = exposed
+            if st == mm.start_time:
+                self._watch_strict_with(mm, fd)
+                return mm.strict_uffd
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for target_fd in unconfigured_uffds(mm.pid):
+            try:
+                fd = uffd.getfd(mm.pidfd, target_fd)
+            except OSError:
+                continue
+            self._watch_strict_with(mm, fd)
+            return mm.strict_uffd
+        if self.config.uffd == "inject":
+            try:
+                fd = inject_userfaultfd(mm.pid, mm.pidfd)
+            except InjectError as exc:
+                self.uffd_refusals += 1
+                self.uffd_last_refusal = str(exc)
+                log.warning("no strict userfaultfd injected: %s", exc)
+                return None
+            self._watch_strict_with(mm, fd)
+        return mm.strict_uffd
+
+    def _watch_strict_with(self, mm: Mm, fd: int) -> None:
+        """Start ``mm``'s strict-write watch on ``fd`` (ours now)."""
+        try:
+            mm.strict_uffd = UffdWatch(
+                mm, fd, self.zero_pfn, self.start_invalidations, on_write_fault=self._write_fault
+            )
+        except OSError as exc:
+            log.warning("strict userfaultfd of pid %d unusable: %s", mm.pid, exc)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            return
+        self.cover_with_uffd(mm)
+
+    def _write_fault(self, watch: UffdWatch, page: int) -> None:
+        """A write to a strictly protected page: it proceeds once every subscriber acked."""
+        end = page + PAGE_SIZE
+        inv = self.invalidator.begin(watch.mm, [(page, end)], Event.WRITTEN)
+        if inv.finished:
+            watch.unprotect(page, end)
+        else:
+            inv.on_done.append(lambda: watch.unprotect(page, end))
+
+    @contextlib.contextmanager
+    def device_write(self, mm: Mm, start: int, end: int) -> Iterator[None]:
+        """Around hmmd's own write into the target: lift strict protection, then restore it.
+
+        hmmd's process_vm_writev would otherwise fault on a protected page and wait
+        for hmmd itself. A device write is not announced to strict mirrors first.
+        """
+        watch = mm.strict_uffd
+        if watch is None or watch.closed:
+            yield
+            return
+        watch.unprotect(start, end, wake=False)
+        try:
+            yield
+        finally:
+            if not watch.closed and any(
+                m.strict and not m.dead and m.overlaps(start, end) for m in mm.mirrors
+            ):
+                with contextlib.suppress(OSError):
+                    watch.protect(start, end)
+
     def cover_with_uffd(self, mm: Mm) -> None:
         """Register the VMAs under ``mm``'s mirrors with its uffd, if it has one."""
-        if mm.uffd is None or mm.uffd.closed:
-            return
-        try:
-            mm.uffd.cover()
-        except OSError as exc:
-            log.warning("userfaultfd of pid %d failed (%s): proc watcher only", mm.pid, exc)
-            mm.uffd.close()
+        for watch in (mm.strict_uffd, mm.uffd):  # strict first: it takes the VMAs it needs
+            if watch is None or watch.closed:
+                continue
+            try:
+                watch.cover()
+            except OSError as exc:
+                log.warning("userfaultfd of pid %d failed (%s): proc watcher only", mm.pid, exc)
+                watch.close()
 
     def _drop_mirror(self, mirror: Mirror) -> None:
         """Forget ``mirror``; forget its mm too once nothing uses it."""
@@ -515,8 +597,9 @@ class Daemon:
             mm.watcher.cancel()
         if mm.written is not None:
             mm.written.cancel()
-        if mm.uffd is not None:
-            mm.uffd.close()
+        for watch in (mm.uffd, mm.strict_uffd):
+            if watch is not None:
+                watch.close()
         with contextlib.suppress(OSError):
             os.close(mm.pidfd)
         mm.view.close()
@@ -616,7 +699,13 @@ class Daemon:
             "zero_pfn": self.zero_pfn,
             "uffd_watched": sum(1 for mm in self.mms.values() if mm.uffd and not mm.uffd.closed),
             "uffd_events": sum(
-                sum(mm.uffd.events.values()) for mm in self.mms.values() if mm.uffd is not None
+                sum(w.events.values())
+                for mm in self.mms.values()
+                for w in (mm.uffd, mm.strict_uffd)
+                if w is not None
+            ),
+            "strict_write_faults": sum(
+                mm.strict_uffd.events["write_fault"] for mm in self.mms.values() if mm.strict_uffd
             ),
             "written_runs": sum(mm.uffd.written_runs for mm in self.mms.values() if mm.uffd),
             "uffd_refusals": self.uffd_refusals,
@@ -705,7 +794,15 @@ def on_register(d: Daemon, identity: bytes, session: Session | None, env: Envelo
     mirror = Mirror(
         d._next_mirror, session, mm, [Span(lo, hi) for lo, hi in spans], Access(msg.access)
     )
-    if msg.watch_writes and (mm.uffd is None or mm.uffd.closed):
+    if msg.strict_writes and d.strict_watch(mm) is None:
+        if not mm.mirrors:
+            d._drop_mm(mm)
+        raise RequestError(
+            ErrorCode.EINVAL,
+            f"strict_writes needs a second userfaultfd of process {msg.pid} (the target calls "
+            "hmmirror.client.expose(strict=True), or hmmd runs with uffd = inject)",
+        )
+    if msg.watch_writes and not msg.strict_writes and (mm.uffd is None or mm.uffd.closed):
         if not mm.mirrors:
             d._drop_mm(mm)
         raise RequestError(
@@ -713,14 +810,15 @@ def on_register(d: Daemon, identity: bytes, session: Session | None, env: Envelo
             f"watch_writes needs process {msg.pid}'s userfaultfd (the target calls "
             "hmmirror.client.expose(), or hmmd runs with uffd = off)",
         )
-    mirror.watch_writes = msg.watch_writes
+    mirror.watch_writes = msg.watch_writes or msg.strict_writes
+    mirror.strict = msg.strict_writes
     d._next_mirror += 1
     mm.mirrors.append(mirror)
     session.mirrors[mirror.id] = mirror
     d.mirrors[mirror.id] = mirror
     d.counters["registrations"] += 1
     d.cover_with_uffd(mm)
-    if mirror.watch_writes:
+    if mirror.watch_writes and mm.uffd is not None and not mm.uffd.closed:
         d.track_writes(mm)
     d.send(
         identity,
@@ -810,6 +908,16 @@ def _fault_reply(
         if not mirror.access & Access.WRITE:
             entries &= ~np.uint64(1 << 62)
         span.hand_out(msg.start, entries, raw)
+        strict = mirror.mm.strict_uffd if mirror.strict else None
+        if strict is not None and not strict.closed:
+            # The mirror may now hold these pages: the next write to them waits for its ack.
+            end = msg.start + (msg.npages << PAGE_SHIFT)
+            try:
+                strict.cover_range(msg.start, end)
+                strict.protect(msg.start, end)
+            except OSError as exc:
+                log.warning("strict userfaultfd of pid %d failed: %s", mirror.mm.pid, exc)
+                strict.close()
         uffd_watch = mirror.mm.uffd
         if uffd_watch is not None and not uffd_watch.closed:
             # A VMA mapped since the last poll raises no event until registered: register
@@ -878,7 +986,8 @@ def on_dma_write(d: Daemon, identity: bytes, session: Session | None, env: Envel
     entries = from_wire(env.bulk[0], msg.npages)
     end = msg.start + (msg.npages << PAGE_SHIFT)
     pending = d.invalidator.pending_for(mirror, msg.start, end)
-    d.dma.write(mirror.mm, msg.start, msg.npages, entries, env.bulk[1], pending, msg.offset)
+    with d.device_write(mirror.mm, msg.start, end):
+        d.dma.write(mirror.mm, msg.start, msg.npages, entries, env.bulk[1], pending, msg.offset)
     d.send(identity, Ok(), re=env.id)
 
 
@@ -892,10 +1001,11 @@ def on_dma_atomic(d: Daemon, identity: bytes, session: Session | None, env: Enve
     d.counters["dma_atomics"] += 1
     entries = from_wire(env.bulk[0], 1)
     pending = d.invalidator.pending_for(mirror, msg.start, msg.start + (1 << PAGE_SHIFT))
-    old = d.dma.atomic(
-        mirror.mm, msg.start + msg.offset, entries, AtomicOp(msg.op), msg.compare_add, msg.swap,
-        pending,
-    )  # fmt: skip
+    with d.device_write(mirror.mm, msg.start, msg.start + PAGE_SIZE):
+        old = d.dma.atomic(
+            mirror.mm, msg.start + msg.offset, entries, AtomicOp(msg.op), msg.compare_add,
+            msg.swap, pending,
+        )  # fmt: skip
     d.send(identity, AtomicReply(old=old), re=env.id)
 
 

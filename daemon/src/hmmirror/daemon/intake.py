@@ -4,7 +4,8 @@ A cooperating target (``hmmirror.client.expose()``) creates a userfaultfd and
 sends it with SCM_RIGHTS; ZeroMQ sockets cannot carry descriptors, hence this
 small side door next to the main socket, with the same 0660 permissions. The
 sender is identified by SO_PEERCRED, never by anything it says. The exchange
-is one line each way: ``uffd`` (plus the fd), then ``ok`` or ``error <why>``.
+is one line each way: ``uffd`` or ``uffd strict`` (plus the fd), then ``ok``
+or ``error <why>``. A strict fd is the second uffd that strict-write mirrors need.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ _CRED = struct.Struct("3i")
 
 
 class UffdIntake:
-    """A listening AF_UNIX socket at ``path``; ``on_fd(pid, fd)`` returns None or a refusal."""
+    """A listening AF_UNIX socket at ``path``; ``on_fd(pid, fd, strict)`` returns None or a
+    refusal."""
 
-    def __init__(self, path: str, on_fd: Callable[[int, int], str | None]) -> None:
+    def __init__(self, path: str, on_fd: Callable[[int, int, bool], str | None]) -> None:
         self.path = path
         self.on_fd = on_fd
         with contextlib.suppress(FileNotFoundError):
@@ -104,11 +106,12 @@ class UffdIntake:
             pid, _, _ = _CRED.unpack(
                 conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
             )
-            if data.strip() != b"uffd" or len(fds) != 1:
-                return "error expected the line 'uffd' and exactly one descriptor\n"
+            line = data.strip()
+            if line not in (b"uffd", b"uffd strict") or len(fds) != 1:
+                return "error expected the line 'uffd' or 'uffd strict' and one descriptor\n"
             if os.readlink(f"/proc/self/fd/{fds[0]}") != "anon_inode:[userfaultfd]":
                 return "error the descriptor is not a userfaultfd\n"
-            why = self.on_fd(pid, fds[0])
+            why = self.on_fd(pid, fds[0], line == b"uffd strict")
             if why is not None:
                 return f"error {why}\n"
             keep = fds[0]

@@ -93,6 +93,9 @@ class Mirror:
     dead: bool = False
     watch_writes: bool = False
     """Subscribed to WRITTEN invalidations (written-page tracking)."""
+    strict: bool = False
+    """Strict writes: a write to a page it holds waits for the WRITTEN acks (implies
+    ``watch_writes``)."""
     lo: int = field(init=False)
     """Lowest mirrored address."""
     hi: int = field(init=False)
@@ -139,6 +142,8 @@ class Mm:
     watcher: asyncio.Task[None] | None = None
     uffd: UffdWatch | None = None
     """The target's userfaultfd watcher, when hmmd has one (see ``watch.uffd``)."""
+    strict_uffd: UffdWatch | None = None
+    """The strict-write watch (a second uffd without WP_ASYNC), when a mirror needs one."""
     written: asyncio.Task[None] | None = None
     """The written-page scan loop, while a mirror subscribes to writes."""
 

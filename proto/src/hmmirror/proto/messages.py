@@ -198,6 +198,9 @@ class Register(Message):
     non-empty, below 2^47 and at most 64 of them. ``watch_writes`` subscribes the
     mirror to WRITTEN invalidations of the pages the target writes (for agents
     that cache data, not only translations); it needs the target's userfaultfd.
+    ``strict_writes`` goes further: a write to a page the mirror holds blocks the
+    writing thread until the mirrors have acked the WRITTEN invalidation (it
+    needs a second, "strict" userfaultfd from the target).
     """
 
     TYPE: ClassVar[str] = "register"
@@ -206,6 +209,7 @@ class Register(Message):
     intervals: tuple[tuple[int, int], ...] = wire(Kind.INTERVALS, MAX_INTERVALS)
     access: int = wire(Kind.UINT, 3)
     watch_writes: bool = wire(Kind.BOOL, default=False)
+    strict_writes: bool = wire(Kind.BOOL, default=False)
 
 
 @dataclass(frozen=True)

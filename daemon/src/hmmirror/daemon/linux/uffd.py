@@ -32,6 +32,10 @@ def _iowr(nr: int, size: int) -> int:
 UFFDIO_API = _iowr(0x3F, 24)
 UFFDIO_REGISTER = _iowr(0x00, 32)
 UFFDIO_UNREGISTER = (2 << 30) | (16 << 16) | (0xAA << 8) | 0x01  # _IOR
+UFFDIO_WRITEPROTECT = _iowr(0x06, 24)
+WRITEPROTECT_MODE_WP = 1 << 0
+WRITEPROTECT_MODE_DONTWAKE = 1 << 1
+PAGEFAULT_FLAG_WP = 1 << 1
 
 FEATURE_EVENT_FORK = 1 << 1
 FEATURE_EVENT_REMAP = 1 << 2
@@ -43,6 +47,11 @@ FEATURE_WP_ASYNC = 1 << 15
 WATCH_FEATURES = (
     FEATURE_EVENT_FORK | FEATURE_EVENT_REMAP | FEATURE_EVENT_REMOVE | FEATURE_EVENT_UNMAP
     | FEATURE_WP_UNPOPULATED | FEATURE_WP_ASYNC
+)  # fmt: skip
+#: Strict mode's uffd: the events, and write-protection whose faults wait for hmmd.
+STRICT_FEATURES = (
+    FEATURE_EVENT_FORK | FEATURE_EVENT_REMAP | FEATURE_EVENT_REMOVE | FEATURE_EVENT_UNMAP
+    | FEATURE_WP_UNPOPULATED
 )  # fmt: skip
 REGISTER_MODE_WP = 1 << 1
 
@@ -86,6 +95,17 @@ def api(fd: int, features: int) -> int:
 def register(fd: int, start: int, length: int, mode: int = REGISTER_MODE_WP) -> None:
     """``UFFDIO_REGISTER`` [start, start + length) of the uffd's mm (EINVAL on file VMAs)."""
     fcntl.ioctl(fd, UFFDIO_REGISTER, bytearray(struct.pack("4Q", start, length, mode, 0)), True)
+
+
+def unregister(fd: int, start: int, length: int) -> None:
+    """``UFFDIO_UNREGISTER`` [start, start + length)."""
+    fcntl.ioctl(fd, UFFDIO_UNREGISTER, bytearray(struct.pack("2Q", start, length)), True)
+
+
+def writeprotect(fd: int, start: int, length: int, protect: bool, wake: bool = True) -> None:
+    """``UFFDIO_WRITEPROTECT``: protect, or lift the protection (waking blocked writers)."""
+    mode = (WRITEPROTECT_MODE_WP if protect else 0) | (0 if wake else WRITEPROTECT_MODE_DONTWAKE)
+    fcntl.ioctl(fd, UFFDIO_WRITEPROTECT, bytearray(struct.pack("3Q", start, length, mode)), True)
 
 
 def read_events(fd: int) -> list[tuple[int, int, int, int]]:

@@ -9,6 +9,11 @@ event: the proc watcher keeps covering them, and each of its polls registers
 the anonymous and shmem VMAs that appeared under a mirror, as does every fault
 for the VMAs it hands out translations from.
 
+A *strict* watch is a second uffd, without WP_ASYNC, over the VMAs of
+strict-write mirrors: the pages such a mirror holds are write-protected, a
+write to one blocks the writing thread and arrives as a fault, and hmmd lifts
+the protection only once every subscribed mirror has acked the invalidation.
+
 The reader never blocks: every unread event stalls a target thread.
 """
 
@@ -40,19 +45,23 @@ class UffdWatch:
         on_changes: Callable[[Mm, list[Change]], None],
         *,
         configured: bool = False,
+        on_write_fault: Callable[[UffdWatch, int], None] | None = None,
     ) -> None:
         self.mm = mm
         self.fd = fd
         self.zero_pfn = zero_pfn
         self.on_changes = on_changes
+        #: Strict mode: write faults on protected pages go to this (with the page address).
+        self.on_write_fault = on_write_fault
+        self.strict = on_write_fault is not None
         if not configured:
-            uffd.api(fd, uffd.WATCH_FEATURES)
+            uffd.api(fd, uffd.STRICT_FEATURES if self.strict else uffd.WATCH_FEATURES)
         os.set_blocking(fd, False)
         self._registered: set[tuple[int, int]] = set()
         self._refused: set[tuple[int, int]] = set()
         self._armed: set[tuple[int, int]] = set()
         """Registered VMAs whose written bits were cleared once: later scans report writes."""
-        self.events = dict.fromkeys(("unmap", "remove", "remap", "fork"), 0)
+        self.events = dict.fromkeys(("unmap", "remove", "remap", "fork", "write_fault"), 0)
         self.written_runs = 0
         self.closed = False
         asyncio.get_running_loop().add_reader(fd, self._drain)
@@ -74,12 +83,38 @@ class UffdWatch:
 
         Whole VMAs are registered, so registration never splits one. File-backed
         VMAs (EINVAL) and VMAs another uffd holds (EBUSY) stay with the proc watcher.
+        A strict watch covers only the strict mirrors' VMAs.
         """
         added = 0
         for mirror in list(self.mm.mirrors):
+            if self.strict and not mirror.strict:
+                continue
             for span in mirror.spans:
                 added += self.cover_range(span.start, span.end)
         return added
+
+    def release(self, lo: int, hi: int) -> None:
+        """Unregister the VMA [lo, hi) from this uffd, so the strict one can take it."""
+        if (lo, hi) in self._registered:
+            with contextlib.suppress(OSError):
+                uffd.unregister(self.fd, lo, hi - lo)
+            self._forget(lo, hi)
+        self._refused.discard((lo, hi))
+
+    def protect(self, start: int, end: int) -> None:
+        """Write-protect [start, end) (strict watch): the next write there is a fault."""
+        for lo, hi in self._registered:
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                uffd.writeprotect(self.fd, a, b - a, True)
+
+    def unprotect(self, start: int, end: int, wake: bool = True) -> None:
+        """Lift the protection of [start, end), waking the writers blocked there."""
+        for lo, hi in self._registered:
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                with contextlib.suppress(OSError):  # the VMA went meanwhile: nobody waits
+                    uffd.writeprotect(self.fd, a, b - a, False, wake)
 
     def cover_range(self, start: int, end: int) -> int:
         """``cover`` for the VMAs of [start, end) only (a fault registers what it hands out)."""
@@ -94,6 +129,8 @@ class UffdWatch:
             key = (lo, hi)
             if key in self._registered or key in self._refused:
                 continue
+            if self.strict and self.mm.uffd is not None and self.mm.uffd is not self:
+                self.mm.uffd.release(lo, hi)  # a VMA has one uffd: strict mode takes it
             try:
                 uffd.register(self.fd, lo, hi - lo)
             except OSError as exc:
@@ -103,7 +140,7 @@ class UffdWatch:
                 continue
             self._registered.add(key)
             added += 1
-            if any(m.watch_writes for m in self.mm.mirrors):
+            if not self.strict and any(m.watch_writes for m in self.mm.mirrors):
                 self._arm(key)
         return added
 
@@ -174,7 +211,13 @@ class UffdWatch:
         changes: list[Change] = []
         forked = False
         for kind, a0, a1, a2 in events:
-            if kind == uffd.EVENT_UNMAP:
+            if kind == uffd.EVENT_PAGEFAULT:
+                if self.on_write_fault is not None and a0 & uffd.PAGEFAULT_FLAG_WP:
+                    self.events["write_fault"] += 1
+                    self.on_write_fault(self, a1 & ~0xFFF)
+                else:  # not ours to hold: let it go (a fault hmmd cannot resolve otherwise)
+                    self.unprotect(a1 & ~0xFFF, (a1 & ~0xFFF) + 0x1000)
+            elif kind == uffd.EVENT_UNMAP:
                 self.events["unmap"] += 1
                 changes.append((a0, a1, Event.UNMAP))
                 self._forget(a0, a1)
