@@ -285,3 +285,33 @@ async def test_injection_into_a_traced_process_is_refused_clearly(hmmd, puppet, 
             assert (await mirror.read(mirror.start, 1)).cpages == 1
     finally:
         libc.ptrace(17, puppet.pid, None, None)  # PTRACE_DETACH
+
+
+@pytest.mark.hmmd_args(*SLOW_POLL, "--uffd-fork", "adopt")
+async def test_fork_policy_adopt_watches_the_child_through_its_uffd(hmmd, puppet, agent):
+    await puppet.expose(hmmd.endpoint)
+    async with agent() as s:
+        addr, mirror = await mirrored(s, puppet, 2, Access.READ | Access.WRITE)
+        child = await puppet.fork()
+        try:
+            await events_within(mirror, 1)  # the parent's COW downgrade, at once
+            child_mirror = await s.mirror(child.pid, addr, 2 * PAGE, Access.READ)
+            await child_mirror.fault(addr, 2)
+            assert (await s.status())["uffd_watched"] == 2, "the child is watched by its uffd"
+            await child.munmap(addr, PAGE)
+            assert (await events_within(child_mirror, 1))[0] == Event.UNMAP
+        finally:
+            await child.exit()
+
+
+async def test_fork_policy_close_leaves_the_child_to_the_proc_watcher(hmmd, puppet, agent):
+    await puppet.expose(hmmd.endpoint)
+    async with agent() as s:
+        addr, _ = await mirrored(s, puppet, 1)
+        child = await puppet.fork()
+        try:
+            child_mirror = await s.mirror(child.pid, addr, PAGE, Access.READ)
+            await child_mirror.fault(addr, 1)
+            assert (await s.status())["uffd_watched"] == 1, "only the parent"
+        finally:
+            await child.exit()

@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
         choices=["off", "cooperate", "inject"],
         help="how to get a target's userfaultfd for synchronous events (default cooperate)",
     )
+    run.add_argument(
+        "--uffd-fork",
+        choices=["close", "adopt"],
+        help="a watched target's child's userfaultfd: close it, or adopt it (default close)",
+    )
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument(
         "--print-config", action="store_true", help="print the effective configuration and exit"
@@ -107,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "poll_min",
             "poll_max",
             "uffd",
+            "uffd_fork",
             "log_level",
         )
     }

@@ -394,16 +394,7 @@ class Daemon:
             else:
                 self._watch_with(mm, fd, configured=False)
             return None
-        offers = self._exposed_strict if strict else self._exposed
-        old = offers.pop(pid, None)
-        if old is not None:
-            with contextlib.suppress(OSError):
-                os.close(old[1])
-        if len(offers) >= MAX_EXPOSED:  # forget the oldest offer
-            _, oldest_fd = offers.pop(next(iter(offers)))
-            with contextlib.suppress(OSError):
-                os.close(oldest_fd)
-        offers[pid] = (st, fd)
+        self._offer(self._exposed_strict if strict else self._exposed, pid, st, fd)
         return None
 
     def _attach_uffd(self, mm: Mm) -> None:
@@ -439,8 +430,10 @@ class Daemon:
     def _watch_with(self, mm: Mm, fd: int, *, configured: bool) -> None:
         """Start ``mm``'s uffd watcher on ``fd`` (ours now); fall back to proc on failure."""
         try:
-            mm.uffd = UffdWatch(mm, fd, self.zero_pfn, self.start_invalidations,
-                                configured=configured)  # fmt: skip
+            mm.uffd = UffdWatch(
+                mm, fd, self.zero_pfn, self.start_invalidations, configured=configured,
+                on_fork=self._adopt_child if self.config.uffd_fork == "adopt" else None,
+            )  # fmt: skip
         except OSError as exc:
             log.warning("userfaultfd of pid %d unusable (%s): proc watcher only", mm.pid, exc)
             with contextlib.suppress(OSError):
@@ -526,6 +519,42 @@ class Daemon:
                 os.close(fd)
             return
         self.cover_with_uffd(mm)
+
+    def _adopt_child(self, watch: UffdWatch, child_fd: int) -> bool:
+        """FORK under policy "adopt": keep the child's uffd for when the child is mirrored.
+
+        The event names no pid: the child is the target's newest child process
+        (a fork's child exists, and the parent is still blocked in fork, when it arrives).
+        """
+        parent = watch.mm.pid
+        newest: tuple[int, int] | None = None
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    for child in f.read().split():
+                        try:
+                            st = start_time(int(child))
+                        except ProcessLookupError:
+                            continue
+                        if newest is None or st > newest[1]:
+                            newest = (int(child), st)
+        if newest is None:
+            return False
+        self._offer(self._exposed, newest[0], newest[1], child_fd)
+        log.info("adopted the userfaultfd of pid %d's child %d", parent, newest[0])
+        return True
+
+    def _offer(self, offers: dict[int, tuple[int, int]], pid: int, st: int, fd: int) -> None:
+        """Keep ``fd`` for process ``pid`` (start time ``st``) until something mirrors it."""
+        old = offers.pop(pid, None)
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.close(old[1])
+        if len(offers) >= MAX_EXPOSED:  # forget the oldest offer
+            _, oldest_fd = offers.pop(next(iter(offers)))
+            with contextlib.suppress(OSError):
+                os.close(oldest_fd)
+        offers[pid] = (st, fd)
 
     def _write_fault(self, watch: UffdWatch, page: int) -> None:
         """A write to a strictly protected page: it proceeds once every subscriber acked."""

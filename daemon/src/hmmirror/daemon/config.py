@@ -64,6 +64,9 @@ class Config:
     """How hmmd gets a target's userfaultfd: "off"; "cooperate": one the target exposed
     (``hmmirror.client.expose``), or an unconfigured one it left open, taken with pidfd_getfd;
     or "inject" (opt-in): failing those, create one in the target with ptrace."""
+    uffd_fork: str = "close"
+    """What to do with a watched target's forked child's userfaultfd: "close" it, or "adopt"
+    it, so the child is watched through it as soon as an agent mirrors the child."""
     expose_socket: str = ""
     """Where targets send their userfaultfd (empty: the endpoint's socket path + ".uffd")."""
 
@@ -110,6 +113,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
     if key == "log_level" and value.lower() not in _LEVELS:
         raise ConfigError(f"{source}: log_level must be one of {sorted(_LEVELS)}")
+    if key == "uffd_fork" and value not in ("close", "adopt"):
+        raise ConfigError(f"{source}: uffd_fork must be 'close' or 'adopt', got {value!r}")
     if key == "uffd" and value not in _UFFD_MODES:
         raise ConfigError(f"{source}: uffd must be one of {sorted(_UFFD_MODES)}, got {value!r}")
     if key == "endpoint" and not value.startswith(("ipc://", "tcp://")):

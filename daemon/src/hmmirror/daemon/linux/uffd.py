@@ -92,6 +92,25 @@ def api(fd: int, features: int) -> int:
     return int(struct.unpack_from("3Q", arg)[1])
 
 
+def features_of(fd: int) -> int:
+    """The features a uffd of ours was configured with (0: ``UFFDIO_API`` never ran)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("API:"):
+                return int(line.split()[1].split(":")[1], 16)
+    return 0
+
+
+def ensure_api(fd: int, features: int) -> None:
+    """``UFFDIO_API`` unless already done with at least ``features`` (a FORK child's uffd
+    inherits its parent's); raise OSError(EINVAL) if it was set up otherwise."""
+    try:
+        api(fd, features)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL or features_of(fd) & features != features:
+            raise
+
+
 def register(fd: int, start: int, length: int, mode: int = REGISTER_MODE_WP) -> None:
     """``UFFDIO_REGISTER`` [start, start + length) of the uffd's mm (EINVAL on file VMAs)."""
     fcntl.ioctl(fd, UFFDIO_REGISTER, bytearray(struct.pack("4Q", start, length, mode, 0)), True)

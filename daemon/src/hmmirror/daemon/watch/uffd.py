@@ -46,6 +46,7 @@ class UffdWatch:
         *,
         configured: bool = False,
         on_write_fault: Callable[[UffdWatch, int], None] | None = None,
+        on_fork: Callable[[UffdWatch, int], bool] | None = None,
     ) -> None:
         self.mm = mm
         self.fd = fd
@@ -54,8 +55,10 @@ class UffdWatch:
         #: Strict mode: write faults on protected pages go to this (with the page address).
         self.on_write_fault = on_write_fault
         self.strict = on_write_fault is not None
+        #: Offered each FORK's child uffd; returns True if it kept it (policy "adopt").
+        self.on_fork = on_fork
         if not configured:
-            uffd.api(fd, uffd.STRICT_FEATURES if self.strict else uffd.WATCH_FEATURES)
+            uffd.ensure_api(fd, uffd.STRICT_FEATURES if self.strict else uffd.WATCH_FEATURES)
         os.set_blocking(fd, False)
         self._registered: set[tuple[int, int]] = set()
         self._refused: set[tuple[int, int]] = set()
@@ -231,10 +234,12 @@ class UffdWatch:
             elif kind == uffd.EVENT_FORK:
                 self.events["fork"] += 1
                 forked = True
-                # The child's uffd, installed in our fd table: policy "close" (the child is
-                # not mirrored; its own registrations die with this last reference).
-                with contextlib.suppress(OSError):
-                    os.close(a0 & 0xFFFFFFFF)
+                # The child's uffd, installed in our fd table. Policy "close" drops it (the
+                # child's registrations die with it); "adopt" keeps it for the child.
+                child_fd = a0 & 0xFFFFFFFF
+                if self.on_fork is None or not self.on_fork(self, child_fd):
+                    with contextlib.suppress(OSError):
+                        os.close(child_fd)
         if forked:
             # fork write-protected the parent's private pages for COW: downgrade WRITE entries
             # now (PROTECTION_PAGE), not a poll later.
