@@ -262,9 +262,7 @@ def bench_rdma(window: int, seconds: float, rounds: int, fault_count: int, loop:
                     raw_block(sock, write, size, window, 0.1)  # warm-up
                     for _ in range(rounds):
                         raw_bw.append(raw_block(sock, write, size, window, seconds))
-                        our_bw.append(
-                            baseline_fanout.run_bounded(loop, ours_run(write, size), 120)
-                        )
+                        our_bw.append(baseline_fanout.run_bounded(loop, ours_run(write, size), 120))
                         vm_bw.append(vm_block(target.pid, target.addr, write, size, seconds))
                     ours, base, vm = (statistics.median(x) for x in (our_bw, raw_bw, vm_bw))
                     # Ratios of adjacent blocks, then their median: a drift in machine load

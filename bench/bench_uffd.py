@@ -8,6 +8,9 @@
   with ``--uffd off`` (proc watcher only). The
   target for uffd mode: latency p50 <= munmap's own p50 with uffd (the uffd
   event round trip) + 1.3 x hmmd's invalidation round trip p50 (``ack_p50_us``).
+* **store cost**: the target times its first store to each of N pages that a
+  mirror holds, unwatched, under WP_ASYNC written tracking, and under strict
+  (synchronous) write-protection, where each store waits for the agent's ack.
 * **written scan**: PAGEMAP_SCAN get-and-clear of PAGE_IS_WRITTEN (hmmd's own
   ``scan.written``) over 1 GiB registered with a WP_ASYNC userfaultfd, after
   0% and after 1% of its pages were written; ms per GiB.
@@ -36,9 +39,11 @@ libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 mode, n = sys.argv[1], int(sys.argv[2])
 addr = libc.mmap(None, n * 4096, 3, 0x22, -1, 0)
 ctypes.memset(addr, 1, n * 4096)
-if mode == "expose":
+if mode in ("expose", "expose2"):
     from hmmirror.client.target import expose
     expose(sys.argv[3])
+    if mode == "expose2":
+        expose(sys.argv[3], strict=True)
 elif mode == "leave":
     fd = libc.syscall(323, os.O_CLOEXEC | os.O_NONBLOCK)
     print("uffd", fd, flush=True)
@@ -51,6 +56,15 @@ for line in sys.stdin:
         libc.munmap(ctypes.c_void_p(page), 4096)
         t1 = time.clock_gettime(time.CLOCK_MONOTONIC)
         print("done", t0, t1, flush=True)
+    elif cmd[0] == "touch":  # one timed store into each of the first n pages
+        buf = (ctypes.c_char * (n * 4096)).from_address(addr)
+        times = []
+        for p in range(int(cmd[1])):
+            t0 = time.perf_counter_ns()
+            buf[p * 4096 + 1] = b"t"
+            times.append(time.perf_counter_ns() - t0)
+        times.sort()
+        print("done", times[len(times) // 2], times[len(times) * 99 // 100], flush=True)
     elif cmd[0] == "write":
         rng = random.Random(int(cmd[2]))
         buf = (ctypes.c_char * (n * 4096)).from_address(addr)
@@ -152,6 +166,40 @@ def _written_cost(log: Any) -> dict[str, float]:
             "written": n // 100}  # fmt: skip
 
 
+async def _touch_run(endpoint: str, target: Any, addr: int, n: int, how: str) -> list[float]:
+    """p50 and p99 (µs) of the target's first store to each of ``n`` pages, mirrored ``how``."""
+    from hmmirror.client import Access, connect
+
+    loop = asyncio.get_running_loop()
+    async with connect(endpoint, name="bench-touch") as s:
+        if how != "none":
+            mirror = await s.mirror(
+                target.pid, addr, n * PAGE, Access.READ,
+                watch_writes=how == "async", strict_writes=how == "strict",
+            )  # fmt: skip
+            await mirror.fault(addr, n)
+        target.stdin.write(f"touch {n}\n".encode())
+        target.stdin.flush()
+        line = await loop.run_in_executor(None, target.stdout.readline)
+    _, p50, p99 = line.split()
+    return [int(p50) / 1e3, int(p99) / 1e3]
+
+
+def _write_cost(n: int, loop: str, log: Any) -> dict[str, list[float]]:
+    """Per-store cost to the target: unwatched, WP_ASYNC tracking, strict (synchronous) WP."""
+    out: dict[str, list[float]] = {}
+    for how in ("none", "async", "strict"):
+        with tmpdir() as d, Procs() as procs:
+            dmn = start_daemon(procs, f"ipc://{d}/hmmd.sock", d)
+            target = procs.spawn([PY, "-c", TARGET, "expose2", str(n), dmn.endpoint])
+            addr = int(read_line(target, "ready", 30).split()[1])
+            out[how] = baseline_fanout.run_bounded(
+                loop, _touch_run(dmn.endpoint, target, addr, n, how), 300
+            )
+        log(f"[store cost {how}] p50 {out[how][0]:.2f} us, p99 {out[how][1]:.2f} us")
+    return out
+
+
 def bench_uffd(count: int, loop: str, log: Any = print) -> list[Row]:
     rows: list[Row] = []
     modes = {}
@@ -176,6 +224,14 @@ def bench_uffd(count: int, loop: str, log: Any = print) -> list[Row]:
     rows.append(Row(
         "munmap -> INVALIDATE at the agent p50, proc watcher", f"{p50 * 1e6:.0f} us",
         f"{u50 * 1e6:.0f} us (uffd)", p50 / u50 if u50 else None, "info", "info",
+    ))  # fmt: skip
+    cost = _write_cost(count, loop, log)
+    rows.append(Row(
+        "first store to a page, strict write-protect p50 (vs WP_ASYNC tracking)",
+        f"{cost['strict'][0]:.1f} us", f"{cost['async'][0]:.2f} us",
+        cost["strict"][0] / cost["async"][0] if cost["async"][0] else None, "info", "info",
+        f"p99 strict {cost['strict'][1]:.1f} us, WP_ASYNC {cost['async'][1]:.2f} us; an "
+        f"unwatched store p50 {cost['none'][0]:.2f} us",
     ))  # fmt: skip
     w = _written_cost(log)
     rows.append(Row("written scan, 1 GiB, 0% written", f"{w['idle'] * 1e3:.2f} ms/GiB", "-",

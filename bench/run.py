@@ -57,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "--fault-size", default="1G", help="populated range for the fault benchmark (1G)"
     )
     ap.add_argument("--fault-runs", type=int, default=5, help="timed fault runs per mode (5)")
-    ap.add_argument(
-        "--rdma-window", type=int, default=8, help="RDMA requests in flight (8)"
-    )
+    ap.add_argument("--rdma-window", type=int, default=8, help="RDMA requests in flight (8)")
     ap.add_argument(
         "--rdma-seconds", type=float, default=0.4, help="RDMA seconds per block and side (0.4)"
     )
