@@ -3,8 +3,9 @@
 hmmd runs with a proc-watcher poll of 4 s here, so an invalidation seen within
 a second can only have come from the target's userfaultfd (and hmmd's
 ``uffd_events`` counter says so too). Each case runs for
-both ways a target offers its fd: ``expose()`` (SCM_RIGHTS) and an unconfigured
-uffd left open for hmmd's pidfd_getfd.
+the three ways hmmd gets the fd: the target's ``expose()`` (SCM_RIGHTS), an
+unconfigured uffd the target left open for pidfd_getfd, and ptrace injection
+into a target that does nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ PAGE = 4096
 SLOW_POLL = ("--poll-interval", "4s", "--poll-max", "4s")
 EVENT_DEADLINE = 1.0
 
-pytestmark = pytest.mark.hmmd_args(*SLOW_POLL)
+#: hmmd also injects a uffd into targets that offer none (the "inject" way below).
+pytestmark = pytest.mark.hmmd_args(*SLOW_POLL, "--uffd", "inject")
 
 
 async def events_within(mirror, n: int, deadline: float = EVENT_DEADLINE) -> list[Event]:
@@ -39,12 +41,12 @@ async def events_within(mirror, n: int, deadline: float = EVENT_DEADLINE) -> lis
     return [ev for _, _, ev in mirror.events]
 
 
-@pytest.fixture(params=["expose", "getfd"])
+@pytest.fixture(params=["expose", "getfd", "inject"])
 async def watched(request, hmmd, puppet):
-    """The puppet, offering hmmd its userfaultfd the parametrised way."""
+    """The puppet, offering hmmd its userfaultfd the parametrised way (or not at all)."""
     if request.param == "expose":
         await puppet.expose(hmmd.endpoint)
-    else:
+    elif request.param == "getfd":
         await puppet.uffd_leave()
     return puppet
 
@@ -240,6 +242,7 @@ async def test_written_tracking_reports_exactly_the_pages_written(hmmd, watched,
         assert 2 in pages_of(mirror.events, addr, Event.WRITTEN)
 
 
+@pytest.mark.hmmd_args(*SLOW_POLL)
 async def test_watching_writes_needs_the_target_uffd(hmmd, puppet, agent):
     from hmmirror.client import RemoteError
 
@@ -304,6 +307,7 @@ async def test_fork_policy_adopt_watches_the_child_through_its_uffd(hmmd, puppet
             await child.exit()
 
 
+@pytest.mark.hmmd_args(*SLOW_POLL)
 async def test_fork_policy_close_leaves_the_child_to_the_proc_watcher(hmmd, puppet, agent):
     await puppet.expose(hmmd.endpoint)
     async with agent() as s:
