@@ -725,6 +725,7 @@ class Daemon:
             "stale": self.dma.stale,
             "ack_p50_us": round(p50, 1),
             "ack_p99_us": round(p99, 1),
+            "last_acked_monotonic": round(self.invalidator.last_acked, 6),
             "zero_pfn": self.zero_pfn,
             "uffd_watched": sum(1 for mm in self.mms.values() if mm.uffd and not mm.uffd.closed),
             "uffd_events": sum(

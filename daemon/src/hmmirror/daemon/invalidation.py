@@ -122,6 +122,8 @@ class Invalidator:
         """Called when an mm's last open window closes (it may have lost its mirrors meanwhile)."""
         self.latency = LatencyLog()
         self.count = 0
+        #: CLOCK_MONOTONIC when the last invalidation had all its acks (0: none yet).
+        self.last_acked = 0.0
         self._flush_pending: set[Session] = set()
 
     def begin(self, mm: Mm, ranges: list[tuple[int, int]], event: Event) -> Invalidation:
@@ -199,6 +201,7 @@ class Invalidator:
             self.idle(inv.mm)
         if inv.targets and inv.acked_at and not inv.waiting:
             self.latency.add((inv.acked_at - inv.t0) * 1e6)
+            self.last_acked = time.monotonic()
         for hook in inv.on_done:
             hook()
         if not inv.done.done():
