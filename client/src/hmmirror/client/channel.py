@@ -65,7 +65,73 @@ def _expire(fut: asyncio.Future[Envelope]) -> None:
         fut.set_exception(TimeoutError())
 
 
-class Channel:
+class Drained:
+    """A plain pyzmq socket on the event loop: ``loop.add_reader`` on its edge-triggered FD.
+
+    ``_drain`` receives every queued message and hands its frames to
+    ``_on_frames``; a send may consume the FD's POLLIN edge, so ``_sent`` makes
+    the loop look again once per tick (never once per send), or right away when
+    called from inside the drain loop, whose own ``EVENTS`` check covers it.
+    """
+
+    sock: zmq.Socket[Any]
+    loop: asyncio.AbstractEventLoop
+
+    def _watch(self, sock: zmq.Socket[Any]) -> None:
+        """Start draining ``sock`` on the running loop."""
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self._fd = cast(int, sock.getsockopt(zmq.FD))
+        self._recheck = False
+        self._draining = False
+        self.loop.add_reader(self._fd, self._drain)
+
+    def _unwatch(self) -> None:
+        """Stop draining (the caller closes the socket)."""
+        self.loop.remove_reader(self._fd)
+
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        """One inbound message's frames; subclasses define it."""
+        raise NotImplementedError
+
+    def _drain(self) -> None:
+        """Handle every queued message (the FD is edge-triggered: drain fully).
+
+        ``EVENTS`` is read after every message, so it also catches an edge that
+        a send made while handling (an ACK) may have consumed.
+        """
+        self._draining = True
+        try:
+            sock = self.sock
+            while cast(int, sock.get(_EVENTS)) & _POLLIN:
+                try:
+                    # Frames carry their own "more" flag: no RCVMORE query (an enum
+                    # conversion plus a getsockopt) per frame.
+                    frame = sock.recv(_NOBLOCK, copy=False)
+                    frames = [frame]
+                    while frame.more:
+                        frame = sock.recv(_NOBLOCK, copy=False)
+                        frames.append(frame)
+                except zmq.Again:
+                    break
+                self._on_frames(frames)
+        finally:
+            self._draining = False
+
+    def _sent(self) -> None:
+        """A send happened: make sure its consumed edge does not strand inbound messages."""
+        if not self._draining and not self._recheck:
+            self._recheck = True
+            self.loop.call_soon(self._after_sends)
+
+    def _after_sends(self) -> None:
+        """Drain if this tick's sends consumed the FD's POLLIN edge."""
+        self._recheck = False
+        if not self.sock.closed and cast(int, self.sock.get(_EVENTS)) & _POLLIN:
+            self._drain()
+
+
+class Channel(Drained):
     """A DEALER connection to ``endpoint`` on the running loop; ``what`` names the peer."""
 
     #: The peer, for messages ("hmmd", "hm-agent").
@@ -75,17 +141,13 @@ class Channel:
         self.endpoint = endpoint
         self.timeout = timeout
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        tune(self.sock)
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        self.sock.connect(endpoint)
-        self._fd = cast(int, self.sock.getsockopt(zmq.FD))
-        self.loop = asyncio.get_running_loop()
-        self.loop.add_reader(self._fd, self._drain)
+        sock = self.ctx.socket(zmq.DEALER)
+        tune(sock)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(endpoint)
+        self._watch(sock)
         self._next_id = 1
-        self._recheck = False
-        self._draining = False
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
         self.lost: str | None = None
         self._closed = False
@@ -95,7 +157,7 @@ class Channel:
         if self._closed:
             return
         self._closed = True
-        self.loop.remove_reader(self._fd)
+        self._unwatch()
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(DaemonUnavailable(f"connection to {self.endpoint} closed"))
@@ -118,17 +180,7 @@ class Channel:
         except zmq.Again as exc:
             raise DaemonUnavailable(f"send queue to {self.endpoint} is full") from exc
         finally:
-            # A send can consume the FD's edge: look again, inside the drain loop if we
-            # are in it, else once this tick is done (never once per send).
-            if not self._draining and not self._recheck:
-                self._recheck = True
-                self.loop.call_soon(self._after_sends)
-
-    def _after_sends(self) -> None:
-        """Drain if this tick's sends consumed the FD's POLLIN edge."""
-        self._recheck = False
-        if not self._closed and cast(int, self.sock.get(_EVENTS)) & _POLLIN:
-            self._drain()
+            self._sent()
 
     async def request(
         self,
@@ -171,31 +223,7 @@ class Channel:
 
     # --- inbound --------------------------------------------------------------------------------
 
-    def _drain(self) -> None:
-        """Handle every queued message (the FD is edge-triggered: drain fully).
-
-        ``EVENTS`` is read after every message, so it also catches an edge that
-        a send made while handling (an ACK) may have consumed.
-        """
-        self._draining = True
-        try:
-            sock = self.sock
-            while cast(int, sock.get(_EVENTS)) & _POLLIN:
-                try:
-                    # Frames carry their own "more" flag: no RCVMORE query (an enum
-                    # conversion plus a getsockopt) per frame.
-                    frame = sock.recv(_NOBLOCK, copy=False)
-                    frames = [frame]
-                    while frame.more:
-                        frame = sock.recv(_NOBLOCK, copy=False)
-                        frames.append(frame)
-                except zmq.Again:
-                    break
-                self._handle(frames)
-        finally:
-            self._draining = False
-
-    def _handle(self, frames: list[zmq.Frame]) -> None:
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
         """Decode one inbound message: settle the request it answers, or pass it on."""
         try:
             env = decode(frames)

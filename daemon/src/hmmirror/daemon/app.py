@@ -961,11 +961,8 @@ def _fault_reply(
     if msg.read and msg.mode == FaultMode.POPULATE and msg.npages <= MAX_DMA_PAGES:
         # The device's access, done in the fault's own trip: nothing awaits between the
         # pagemap read above and this copy, and the copy is checked like any DMA read.
-        try:
-            data = d.dma.read(mirror.mm, msg.start, msg.npages, entries, pending=False)
-        except RequestError:
-            pass  # a plain fault_reply: the agent reads as usual and sees the error then
-        else:
+        data = d.dma.read_or_none(mirror.mm, msg.start, msg.npages, entries)
+        if data is not None:  # else a plain fault_reply: the agent reads, and sees why, itself
             d.counters["dma_reads"] += 1
             both = FaultReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=seq)
             d.send(identity, both, re=env.id, bulk=[entries, data], copy=False)

@@ -13,10 +13,10 @@ import asyncio
 import errno
 import logging
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import zmq
-from hmmirror.client.channel import send_frames, tune
+from hmmirror.client.channel import Drained, send_frames, tune
 from hmmirror.client.errors import AgentError, DeviceError, RemoteAccessError, RemoteError
 from hmmirror.client.mlx5.nic import Nic
 from hmmirror.proto.codec import Envelope, decode, encode
@@ -38,9 +38,6 @@ from hmmirror.proto.messages import (
 
 log = logging.getLogger(__name__)
 
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-_NOBLOCK = int(zmq.NOBLOCK)
 #: How long one request may take, faults and retries included, before it fails with EBUSY.
 REQUEST_DEADLINE = 10.0
 #: Requests in progress at once; more are refused with EBUSY (the RNR NAK of this model).
@@ -61,33 +58,30 @@ def error_code(exc: BaseException) -> ErrorCode:
     return ErrorCode.INTERNAL
 
 
-class RdmaService:
+class RdmaService(Drained):
     """Serves ``nic``'s MRs on ``endpoint`` (``tcp://host:port``; port 0 picks one)."""
 
     def __init__(self, nic: Nic, endpoint: str) -> None:
         self.nic = nic
         # The session's context: one ZeroMQ I/O thread for both sockets, one less to wake.
-        self.sock = nic.session.ctx.socket(zmq.ROUTER)
-        tune(self.sock)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock = nic.session.ctx.socket(zmq.ROUTER)
+        tune(sock)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
-            port = self.sock.bind_to_random_port(endpoint[: -len(":0")])
+            port = sock.bind_to_random_port(endpoint[: -len(":0")])
             endpoint = f"{endpoint[: -len(':0')]}:{port}"
         else:
-            self.sock.bind(endpoint)
+            sock.bind(endpoint)
         self.endpoint = endpoint
-        self.loop = asyncio.get_running_loop()
-        self._fd = cast(int, self.sock.getsockopt(zmq.FD))
-        self.loop.add_reader(self._fd, self._drain)
+        self._watch(sock)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._recheck = False
         self.counters = dict.fromkeys(
             ("requests", "reads", "writes", "atomics", "errors", "bad_messages", "unroutable"), 0
         )
 
     async def close(self) -> None:
         """Stop serving: cancel requests in progress and close the socket."""
-        self.loop.remove_reader(self._fd)
+        self._unwatch()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -96,19 +90,9 @@ class RdmaService:
 
     # --- inbound --------------------------------------------------------------------------------
 
-    def _drain(self) -> None:
-        """Handle every queued request (edge-triggered FD: drain fully)."""
-        sock = self.sock
-        while cast(int, sock.get(_EVENTS)) & _POLLIN:
-            try:
-                frame = sock.recv(_NOBLOCK, copy=False)
-                frames = [frame]
-                while frame.more:
-                    frame = sock.recv(_NOBLOCK, copy=False)
-                    frames.append(frame)
-            except zmq.Again:
-                break
-            self._handle(frames[0].bytes, frames[1:])
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        """A request: the peer's identity frame, then the message."""
+        self._handle(frames[0].bytes, frames[1:])
 
     def _handle(self, identity: bytes, frames: Sequence[zmq.Frame]) -> None:
         """Decode one request and start it; a malformed one is answered and counted."""
@@ -186,13 +170,4 @@ class RdmaService:
         except zmq.ZMQError as exc:  # EHOSTUNREACH (ROUTER_MANDATORY) or a full queue
             self.counters["unroutable"] += 1
             log.debug("reply to a requester dropped: %s", exc)
-        # A send can consume the FD's edge: look again once this tick is done.
-        if not self._recheck:
-            self._recheck = True
-            self.loop.call_soon(self._after_sends)
-
-    def _after_sends(self) -> None:
-        """Drain if this tick's sends consumed the FD's POLLIN edge."""
-        self._recheck = False
-        if not self.sock.closed and cast(int, self.sock.get(_EVENTS)) & _POLLIN:
-            self._drain()
+        self._sent()

@@ -151,6 +151,15 @@ class DmaService:
             raise
         return self.buffers.lend(buf, size)
 
+    def read_or_none(
+        self, mm: Mm, start: int, npages: int, entries: Entries
+    ) -> bytes | zmq.Frame | None:
+        """``read`` through entries just handed out, or None where it refuses (STALE, EFAULT)."""
+        try:
+            return self.read(mm, start, npages, entries, pending=False)
+        except RequestError:
+            return None
+
     def _copy_out(
         self, mm: Mm, start: int, npages: int, into: memoryview, entries: Entries
     ) -> None:
