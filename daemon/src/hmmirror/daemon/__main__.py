@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from hmmirror.daemon import __version__
+from hmmirror.daemon import __version__, sdnotify
 from hmmirror.daemon.config import DEFAULT_CONFIG_FILE, ConfigError, load
 from hmmirror.proto.version import PROTOCOL_VERSION
 
@@ -85,17 +85,34 @@ async def _run(config_flags: dict[str, object], args: argparse.Namespace) -> int
     config = load(args.config, flags=config_flags)
     daemon = Daemon(config)
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        """SIGTERM/SIGINT: tell systemd we are stopping, then stop."""
+        sdnotify.notify("STOPPING=1")
+        daemon.stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, daemon.stop)
+        loop.add_signal_handler(sig, stop)
+
+    watchdog: asyncio.Task[None] | None = None
 
     def ready(endpoint: str) -> None:
-        """Print the ``hmmd ready`` line (bound endpoint) and log the daemon's identity."""
+        """Announce readiness: the ``hmmd ready`` line, systemd's READY=1, the log."""
+        nonlocal watchdog
         print(f"hmmd ready {endpoint}", flush=True)
+        sdnotify.notify(f"READY=1\nSTATUS=serving on {endpoint}, epoch {daemon.epoch}")
+        interval = sdnotify.watchdog_interval()
+        if interval is not None:
+            watchdog = asyncio.ensure_future(sdnotify.keep_watchdog_fed(interval))
         logging.getLogger("hmmirror.daemon").info(
             "hmmd ready on %s (epoch %s, zero_pfn %#x)", endpoint, daemon.epoch, daemon.zero_pfn
         )
 
-    await daemon.serve(ready)
+    try:
+        await daemon.serve(ready)
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
     return EXIT_OK
 
 
