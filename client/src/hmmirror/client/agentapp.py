@@ -134,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
         help="register PID:ADDR:LENGTH[:RIGHTS] or PID:all[:RIGHTS] (implicit ODP); RIGHTS are "
         "r (remote read, the default), w (remote write), a (remote atomic). Repeatable.",
     )
+    parser.add_argument(
+        "--server-key", metavar="FILE", help="hmmd's public CURVE certificate (tcp:// hmmd)"
+    )
+    parser.add_argument(
+        "--client-key", metavar="FILE", help="this agent's secret CURVE certificate"
+    )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -146,6 +152,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "name": "mlx5_0",
         "mr": [],
         "log_level": "info",
+        "server_key": "",
+        "client_key": "",
     }
     if args.config:
         try:
@@ -161,10 +169,12 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         ("daemon", "HMMIRROR_ENDPOINT"),
         ("listen", "HMMIRROR_AGENT_LISTEN"),
         ("name", "HMMIRROR_AGENT_NAME"),
+        ("server_key", "HMMIRROR_SERVER_KEY"),
+        ("client_key", "HMMIRROR_CLIENT_KEY"),
     ):
         if os.environ.get(env):
             out[key] = os.environ[env]
-    for key in ("daemon", "listen", "name", "log_level"):
+    for key in ("daemon", "listen", "name", "log_level", "server_key", "client_key"):
         if getattr(args, key) is not None:
             out[key] = getattr(args, key)
     if args.mr:
@@ -189,7 +199,12 @@ async def serve(conf: dict[str, Any]) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with connect(conf["daemon"], name=conf["name"][:64]) as session:
+    curve = None
+    if conf["server_key"] or conf["client_key"]:
+        from hmmirror.client.curve import CurveKeys
+
+        curve = CurveKeys.load(conf["server_key"], conf["client_key"])
+    async with connect(conf["daemon"], name=conf["name"][:64], curve=curve) as session:
         nic = Nic(session, conf["name"])
         try:
             for spec in conf["mr"]:

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import zmq
 import zmq.backend
+from hmmirror.client.curve import CurveKeys
 from hmmirror.client.errors import DaemonUnavailable, RemoteError, RequestTimeout
 from hmmirror.proto.codec import Envelope, decode, encode
 from hmmirror.proto.errors import ErrorCode, ProtocolError
@@ -137,7 +138,7 @@ class Channel(Drained):
     #: The peer, for messages ("hmmd", "hm-agent").
     what = "peer"
 
-    def __init__(self, endpoint: str, timeout: float) -> None:
+    def __init__(self, endpoint: str, timeout: float, curve: CurveKeys | None = None) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self.ctx = zmq.Context()
@@ -145,6 +146,8 @@ class Channel(Drained):
         tune(sock)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if curve is not None:
+            curve.apply(sock)
         sock.connect(endpoint)
         self._watch(sock)
         self._next_id = 1

@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("status", help="show the daemon's state and figures")
+    keys = sub.add_parser("keys", help="CURVE keys for TCP connections to hmmd")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    gen = keys_sub.add_parser(
+        "generate", help="write NAME.key (public) and NAME.key_secret (mode 0600) into DIR"
+    )
+    gen.add_argument("directory", metavar="DIR")
+    gen.add_argument("name", metavar="NAME")
     stat = sub.add_parser("stat", help="device statistics of an hm-agent, as `rdma stat` shows")
     stat_sub = stat.add_subparsers(dest="object", metavar="OBJECT", required=True)
     stat_mr = stat_sub.add_parser("mr", help="per-MR ODP counters, in the shape of `rdma stat mr`")
@@ -87,6 +94,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "stat":
         return _stat_mr(args)
+    if args.command == "keys":
+        from hmmirror.client.curve import generate
+
+        try:
+            public, secret = generate(args.directory, args.name)
+        except OSError as exc:
+            print(f"hmmctl: {exc}", file=sys.stderr)
+            return 1
+        print(f"public {public}\nsecret {secret}")
+        return 0
     parser.print_help(sys.stderr)
     return 2
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from hmmirror.client.channel import Channel
+from hmmirror.client.curve import CurveKeys
 from hmmirror.client.errors import DaemonUnavailable, RemoteError, RequestTimeout, SyncIncomplete
 from hmmirror.client.mirror import Mirror
 from hmmirror.proto.codec import Envelope, encode_ack
@@ -61,8 +62,10 @@ class Session(Channel):
 
     what = "hmmd"
 
-    def __init__(self, endpoint: str, name: str, timeout: float) -> None:
-        super().__init__(endpoint, timeout)
+    def __init__(
+        self, endpoint: str, name: str, timeout: float, curve: CurveKeys | None = None
+    ) -> None:
+        super().__init__(endpoint, timeout, curve)
         self.name = name
         self._syncs: dict[tuple[int, int, bool], tuple[list[tuple[int, int]], _Shared]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
@@ -337,10 +340,16 @@ class Session(Channel):
 
 @asynccontextmanager
 async def connect(
-    endpoint: str, *, name: str = "agent", timeout: float = 5.0
+    endpoint: str, *, name: str = "agent", timeout: float = 5.0, curve: CurveKeys | None = None
 ) -> AsyncIterator[Session]:
-    """Open a session with hmmd at ``endpoint`` (``ipc://...`` or ``tcp://...``)."""
-    session = Session(endpoint, name, timeout)
+    """Open a session with hmmd at ``endpoint`` (``ipc://...`` or ``tcp://...``).
+
+    A ``tcp://`` hmmd wants CURVE: pass ``curve`` (``CurveKeys.load``), or set
+    ``$HMMIRROR_SERVER_KEY`` and ``$HMMIRROR_CLIENT_KEY``.
+    """
+    if curve is None and endpoint.startswith("tcp://"):
+        curve = CurveKeys.from_env()
+    session = Session(endpoint, name, timeout, curve)
     await session.open()
     try:
         yield session
@@ -348,9 +357,13 @@ async def connect(
         await session.close()
 
 
-async def status(endpoint: str, timeout: float = 2.0) -> dict[str, int | float | str]:
+async def status(
+    endpoint: str, timeout: float = 2.0, curve: CurveKeys | None = None
+) -> dict[str, int | float | str]:
     """One-shot STATUS without a session (what ``hmmctl status`` uses)."""
-    session = Session(endpoint, "hmmctl", timeout)
+    if curve is None and endpoint.startswith("tcp://"):
+        curve = CurveKeys.from_env()
+    session = Session(endpoint, "hmmctl", timeout, curve)
     try:
         env = await session.request(Status(), expect=StatusReply)
         assert isinstance(env.msg, StatusReply)

@@ -69,6 +69,16 @@ def _parser() -> argparse.ArgumentParser:
         choices=["close", "adopt"],
         help="a watched target's child's userfaultfd: close it, or adopt it (default close)",
     )
+    run.add_argument(
+        "--insecure",
+        action="store_const",
+        const=True,
+        help="allow a tcp:// endpoint without CURVE (logged as a warning)",
+    )
+    run.add_argument("--curve-key", metavar="FILE", help="the daemon's secret CURVE certificate")
+    run.add_argument(
+        "--curve-allow", metavar="DIR", help="directory of allowed agents' public certificates"
+    )
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument(
         "--print-config", action="store_true", help="print the effective configuration and exit"
@@ -130,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "poll_max",
             "uffd",
             "uffd_fork",
+            "insecure",
+            "curve_key",
+            "curve_allow",
             "log_level",
         )
     }

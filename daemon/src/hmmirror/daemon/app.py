@@ -132,8 +132,17 @@ class Daemon:
         )
         self._rejections_logged = 0
         self.transport = Transport(
-            config.endpoint, self.on_message, heartbeat_ms=config.heartbeat_ms
+            config.endpoint,
+            self.on_message,
+            heartbeat_ms=config.heartbeat_ms,
+            curve_key=config.curve_key if config.endpoint.startswith("tcp://") else "",
+            curve_allow=config.curve_allow,
         )
+        if config.endpoint.startswith("tcp://") and not config.curve_key:
+            log.warning(
+                "%s is plain TCP (insecure = true): anyone who can reach it can mirror",
+                self.transport.endpoint,
+            )
         self.invalidator = Invalidator(
             self.transport, config.ack_deadline, self.evict, self._on_mm_idle
         )
@@ -152,9 +161,11 @@ class Daemon:
         """Run until ``stop()``: drain the socket, sweep leases."""
         self.transport.start()
         if self.config.uffd != "off":
-            self.intake = UffdIntake(
-                self.config.expose_socket or default_path(self.config.endpoint), self._on_exposed
-            )
+            path = self.config.expose_socket or default_path(self.config.endpoint)
+            try:
+                self.intake = UffdIntake(path, self._on_exposed)
+            except OSError as exc:  # the watchers still work; only exposing is unavailable
+                log.warning("no userfaultfd intake at %s: %s", path, exc)
         if ready is not None:
             ready(self.transport.endpoint)
         sweeper = self.spawn(self._sweep_leases())

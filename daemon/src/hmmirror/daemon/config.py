@@ -67,6 +67,12 @@ class Config:
     uffd_fork: str = "close"
     """What to do with a watched target's forked child's userfaultfd: "close" it, or "adopt"
     it, so the child is watched through it as soon as an agent mirrors the child."""
+    insecure: bool = False
+    """Allow a tcp:// endpoint without CURVE (logged as a warning). Never needed for ipc://."""
+    curve_key: str = ""
+    """The daemon's secret CURVE certificate (``hmmctl keys generate``); mode 0600 or stricter."""
+    curve_allow: str = ""
+    """A directory of the public certificates (``*.key``) of the agents allowed to connect."""
     expose_socket: str = ""
     """Where targets send their userfaultfd (empty: the endpoint's socket path + ".uffd")."""
 
@@ -87,12 +93,16 @@ class Config:
             value = getattr(self, f.name)
             if f.name in _DURATIONS:
                 value = f"{value:g}s"
+            if isinstance(value, bool):
+                lines.append(f"{f.name} = {'true' if value else 'false'}")
+                continue
             lines.append(f"{f.name} = {value!r}".replace("'", '"'))
         return "\n".join(lines) + "\n"
 
 
 _DURATIONS = {"heartbeat", "ack_deadline", "poll_min", "poll_max"}
 _FLOATS = {"lease_factor"}
+_BOOLS = {"insecure"}
 _LEVELS = {"debug", "info", "warning", "error"}
 _UFFD_MODES = {"off", "cooperate", "inject"}
 
@@ -101,6 +111,14 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     """Check and convert setting ``key`` read from ``source``; raise ConfigError."""
     if key in _DURATIONS:
         return parse_duration(value, f"{source}: {key}")
+    if key in _BOOLS:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
     if key in _FLOATS:
         try:
             number = float(value)
@@ -156,4 +174,25 @@ def load(
     config = Config(**values)
     if config.poll_min > config.poll_max:
         raise ConfigError("poll_min must not exceed poll_max")
+    if config.endpoint.startswith("tcp://") and not config.insecure:
+        if not (config.curve_key and config.curve_allow):
+            raise ConfigError(
+                f"{config.endpoint} is a tcp:// endpoint: set curve_key and curve_allow "
+                "(hmmctl keys generate), or insecure = true for plain TCP"
+            )
+        check_secret_file(config.curve_key)
+        if not os.path.isdir(config.curve_allow):
+            raise ConfigError(f"curve_allow: {config.curve_allow} is not a directory")
     return config
+
+
+def check_secret_file(path: str) -> None:
+    """Refuse a secret key file that others could read (or that is missing)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ConfigError(f"curve_key: cannot read {path}: {exc.strerror}") from exc
+    if mode & 0o077:
+        raise ConfigError(
+            f"curve_key: {path} is readable by others (mode {mode & 0o777:o}); chmod 600 it"
+        )

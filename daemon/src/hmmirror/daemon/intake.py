@@ -34,6 +34,7 @@ class UffdIntake:
     def __init__(self, path: str, on_fd: Callable[[int, int, bool], str | None]) -> None:
         self.path = path
         self.on_fd = on_fd
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(path).st_mode):
                 os.unlink(path)  # a stale socket of an earlier hmmd

@@ -19,9 +19,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import zmq
+import zmq.auth
 import zmq.backend
 from hmmirror.proto.codec import Buffer
 from hmmirror.proto.messages import MAX_FRAME
+from zmq.auth.thread import ThreadAuthenticator
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,11 @@ class Transport:
         *,
         hwm: int = 10000,
         heartbeat_ms: int = 1000,
+        curve_key: str = "",
+        curve_allow: str = "",
     ) -> None:
         self.ctx = zmq.Context()
+        self.auth: ThreadAuthenticator | None = None
         self.sock = self.ctx.socket(zmq.ROUTER)
         sock = self.sock
         sock.setsockopt(zmq.LINGER, 0)
@@ -69,12 +74,30 @@ class Transport:
         # ZMTP heartbeats drop half-open TCP peers; app heartbeats carry the lease.
         sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
+        if curve_key:
+            self._curve(curve_key, curve_allow)
         self.on_message = on_message
         self.endpoint = self._bind(endpoint)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._recheck = False
         self._draining = False
         self._fd = cast(int, sock.getsockopt(zmq.FD))
+
+    def _curve(self, key_file: str, allow_dir: str) -> None:
+        """Be a CURVE server whose ZAP handler admits only the public keys in ``allow_dir``.
+
+        Clients with no key, or a key not in the directory, fail the handshake:
+        they never reach hmmd's handlers at all.
+        """
+        public, secret = zmq.auth.load_certificate(key_file)
+        if secret is None:
+            raise OSError(f"{key_file} holds no secret key (use the .key_secret file)")
+        self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("hmmirror.daemon.zap"))
+        self.auth.start()
+        self.auth.configure_curve(domain="*", location=allow_dir)
+        self.sock.curve_secretkey = secret
+        self.sock.curve_publickey = public
+        self.sock.curve_server = True
 
     def _bind(self, endpoint: str) -> str:
         """Bind the ROUTER, replacing a stale ipc socket file; return the bound endpoint."""
@@ -168,4 +191,6 @@ class Transport:
             self.loop.remove_reader(self._fd)
             self.loop = None
         self.sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()

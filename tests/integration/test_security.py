@@ -1,0 +1,99 @@
+"""Transport security: tcp:// needs CURVE and a ZAP allow-list, unless insecure = true.
+
+Real hmmd processes on tcp loopback, real ZeroMQ CURVE handshakes, keys made by
+``hmmctl keys generate``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hmmirror.client import DaemonUnavailable, connect
+from hmmirror.client.curve import CurveKeys
+
+HMMD = [sys.executable, "-m", "hmmirror.daemon", "run", "--endpoint", "tcp://127.0.0.1:0"]
+HMMCTL = [sys.executable, "-m", "hmmirror.client.ctlapp"]
+
+
+def keys(directory, name: str) -> tuple[str, str]:
+    out = subprocess.run(
+        [*HMMCTL, "keys", "generate", str(directory), name],
+        capture_output=True, text=True, check=True, timeout=30,
+    )  # fmt: skip
+    public = out.stdout.split("public ")[1].split()[0]
+    secret = out.stdout.split("secret ")[1].split()[0]
+    assert oct(os.stat(secret).st_mode & 0o777) == "0o600"
+    return public, secret
+
+
+def start(tmp_path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    # The uffd intake of a tcp:// hmmd would live in /run/hmmirror: keep it in the test's dir.
+    env = dict(os.environ, HMMIRROR_EXPOSE_SOCKET=str(tmp_path / "uffd.sock"))
+    proc = subprocess.Popen([*HMMD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    if not line.startswith("hmmd ready"):
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        raise AssertionError(f"hmmd did not start: {line!r} {err.decode()}")
+    return proc, line.split()[-1]
+
+
+def stop(proc: subprocess.Popen[bytes]) -> str:
+    proc.terminate()
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err.decode()
+    return err.decode()
+
+
+def test_plain_tcp_needs_insecure_true():
+    out = subprocess.run(HMMD, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "insecure = true" in out.stderr and "curve_key" in out.stderr
+
+
+async def test_insecure_tcp_works_and_says_so(tmp_path):
+    proc, endpoint = start(tmp_path, "--insecure")
+    try:
+        async with connect(endpoint, name="plain") as s:
+            assert (await s.status())["sessions"] == 1
+    finally:
+        err = stop(proc)
+    assert "plain TCP (insecure = true)" in err
+
+
+async def test_curve_admits_only_allowed_keys(tmp_path):
+    _, server_secret = keys(tmp_path / "server", "hmmd")
+    server_public = str(tmp_path / "server" / "hmmd.key")
+    allowed_public, allowed_secret = keys(tmp_path / "agents", "good")
+    _, rogue_secret = keys(tmp_path / "rogue", "bad")
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    os.link(allowed_public, allow / "good.key")
+    proc, endpoint = start(tmp_path, "--curve-key", server_secret, "--curve-allow", str(allow))
+    try:
+        async with connect(
+            endpoint, name="good", curve=CurveKeys.load(server_public, allowed_secret)
+        ) as s:
+            assert (await s.status())["sessions"] == 1
+        # An unknown key, and no key at all, fail the handshake: hmmd never answers.
+        for curve in (CurveKeys.load(server_public, rogue_secret), None):
+            with pytest.raises(DaemonUnavailable):
+                async with connect(endpoint, name="rogue", timeout=1.0, curve=curve):
+                    pytest.fail("connected without an allowed key")
+    finally:
+        stop(proc)
+
+
+def test_a_secret_key_readable_by_others_is_refused(tmp_path):
+    _, secret = keys(tmp_path, "hmmd")
+    os.chmod(secret, 0o644)
+    out = subprocess.run(
+        [*HMMD, "--curve-key", secret, "--curve-allow", str(tmp_path)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "readable by others" in out.stderr
