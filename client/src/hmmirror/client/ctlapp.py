@@ -1,4 +1,4 @@
-"""The ``hmmctl`` command line: inspect a running hmmd or hm-agent, or run the demo.
+"""The ``hmmctl`` command line: inspect a running hmmd or hm-agent, make keys, run the demo.
 
 Exit codes: 0 success, 1 failure (daemon or agent unreachable, violations
 found), 2 usage error. ``HMMIRROR_ENDPOINT`` sets the default hmmd endpoint,
@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from hmmirror.client.errors import AgentError
@@ -44,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("status", help="show the daemon's state and figures")
+    sub.add_parser("mms", help="list the processes hmmd watches, and how")
+    sub.add_parser("mirrors", help="list every mirror: agent, process, range, pages held")
+    top = sub.add_parser(
+        "top", help="a live line per interval: rates, ack latency, evictions (Ctrl-C stops)"
+    )
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between lines (1)")
+    top.add_argument("--count", type=int, default=0, help="lines to print (0: until Ctrl-C)")
     keys = sub.add_parser("keys", help="CURVE keys for TCP connections to hmmd")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     gen = keys_sub.add_parser(
@@ -94,6 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "stat":
         return _stat_mr(args)
+    if args.command in ("mms", "mirrors"):
+        return _inventory(args)
+    if args.command == "top":
+        try:
+            return asyncio.run(_top(args))
+        except KeyboardInterrupt:
+            return 0
     if args.command == "keys":
         from hmmirror.client.curve import generate
 
@@ -106,6 +121,82 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser.print_help(sys.stderr)
     return 2
+
+
+def _table(heads: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns aligned under their heads."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(heads)]  # fmt: skip
+    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+_WATCHED = {0: "proc", 1: "proc+uffd", 2: "proc+uffd+strict"}
+_WRITES = {0: "-", 1: "watch", 2: "strict", 3: "strict"}
+
+
+def _inventory(args: argparse.Namespace) -> int:
+    """``hmmctl mms`` and ``hmmctl mirrors``."""
+    from hmmirror.client.session import inventory
+
+    try:
+        mms, mirrors = asyncio.run(inventory(args.endpoint, args.timeout))
+    except AgentError as exc:
+        print(f"hmmctl: {exc}", file=sys.stderr)
+        return 1
+    if args.command == "mms":
+        print(_table(
+            ("PID", "START", "SEQ", "ACTIVE", "MIRRORS", "WATCHED BY"),
+            [(m["pid"], m["start_time"], m["seq"], m["active"], m["mirrors"],
+              _WATCHED.get(m["uffd"], "?")) for m in mms],
+        ))  # fmt: skip
+    else:
+        print(_table(
+            ("MIRROR", "AGENT", "SESSION", "PID", "RANGE", "PAGES HELD", "ACCESS", "WRITES"),
+            [(m["mirror"], m["agent"], m["session"], m["pid"],
+              f"{int(m['lo']):#x}-{int(m['hi']):#x}", m["held_pages"],
+              "rw" if int(m["access"]) & 2 else "r", _WRITES.get(int(m["flags"]), "?"))
+             for m in mirrors],
+        ))  # fmt: skip
+    return 0
+
+
+def _rate(prev: dict[str, int | float | str], now: dict[str, int | float | str], *keys: str) -> str:
+    """Per-second rate of the summed counters ``keys`` between two status readings."""
+    dt = float(now["uptime_s"]) - float(prev["uptime_s"])
+    delta = sum(float(now.get(k, 0)) - float(prev.get(k, 0)) for k in keys)
+    return f"{delta / dt:.0f}" if dt > 0 else "-"
+
+
+async def _top(args: argparse.Namespace) -> int:
+    """``hmmctl top``: one line per interval, with rates from successive status figures."""
+    from hmmirror.client.session import status
+
+    heads = ("TIME", "SESS", "MMS", "MIRRORS", "INVAL/S", "FAULT/S", "DMA/S", "ACK P50 US",
+             "ACK P99 US", "EVICT", "STALE")  # fmt: skip
+    print("  ".join(heads), flush=True)
+    prev: dict[str, int | float | str] | None = None
+    shown = 0
+    while args.count == 0 or shown < args.count:
+        try:
+            now = await status(args.endpoint, args.timeout)
+        except AgentError as exc:
+            print(f"hmmctl: {exc}", file=sys.stderr)
+            return 1
+        if prev is not None:
+            line = (
+                time.strftime("%H:%M:%S"), now["sessions"], now["mms"], now["mirrors"],
+                _rate(prev, now, "invalidations"), _rate(prev, now, "faults"),
+                _rate(prev, now, "dma_reads", "dma_writes"),
+                now["ack_p50_us"], now["ack_p99_us"], now["evictions"], now["stale"],
+            )  # fmt: skip
+            print("  ".join(str(c) for c in line), flush=True)
+            shown += 1
+        prev = now
+        await asyncio.sleep(args.interval)
+    return 0
 
 
 def _stat_mr(args: argparse.Namespace) -> int:

@@ -25,6 +25,8 @@ from hmmirror.proto.codec import Envelope, encode_ack
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import (
     MAX_ITEMS,
+    MIRROR_COLUMNS,
+    MM_COLUMNS,
     Access,
     Event,
     Evicted,
@@ -33,6 +35,9 @@ from hmmirror.proto.messages import (
     HeartbeatAck,
     Hello,
     Invalidate,
+    Inventory,
+    InventoryReply,
+    Message,
     Register,
     Registered,
     Status,
@@ -357,18 +362,50 @@ async def connect(
         await session.close()
 
 
-async def status(
-    endpoint: str, timeout: float = 2.0, curve: CurveKeys | None = None
-) -> dict[str, int | float | str]:
-    """One-shot STATUS without a session (what ``hmmctl status`` uses)."""
+async def ask(
+    endpoint: str,
+    msg: Message,
+    expect: type[Message],
+    timeout: float = 2.0,
+    curve: CurveKeys | None = None,
+) -> Envelope:
+    """One request that needs no session (``status``, ``inventory``); the reply's envelope."""
     if curve is None and endpoint.startswith("tcp://"):
         curve = CurveKeys.from_env()
     session = Session(endpoint, "hmmctl", timeout, curve)
     try:
-        env = await session.request(Status(), expect=StatusReply)
-        assert isinstance(env.msg, StatusReply)
-        return dict(env.msg.stats)
+        return await session.request(msg, expect=expect)
     except RequestTimeout as exc:
         raise DaemonUnavailable(f"no answer from hmmd at {endpoint} in {timeout:g} s") from exc
     finally:
         await session.close()
+
+
+async def status(
+    endpoint: str, timeout: float = 2.0, curve: CurveKeys | None = None
+) -> dict[str, int | float | str]:
+    """The daemon's figures (what ``hmmctl status`` shows)."""
+    env = await ask(endpoint, Status(), StatusReply, timeout, curve)
+    assert isinstance(env.msg, StatusReply)
+    return dict(env.msg.stats)
+
+
+async def inventory(
+    endpoint: str, timeout: float = 2.0, curve: CurveKeys | None = None
+) -> tuple[list[dict[str, int]], list[dict[str, int | str]]]:
+    """The daemon's mms and mirrors, one dict per row (``hmmctl mms`` / ``mirrors``)."""
+    env = await ask(endpoint, Inventory(), InventoryReply, timeout, curve)
+    msg = env.msg
+    assert isinstance(msg, InventoryReply)
+    mms = [dict(zip(MM_COLUMNS, row, strict=True)) for row in _rows(msg.mms, len(MM_COLUMNS))]
+    mirrors: list[dict[str, int | str]] = []
+    for row in _rows(msg.mirrors, len(MIRROR_COLUMNS)):
+        entry: dict[str, int | str] = dict(zip(MIRROR_COLUMNS, row, strict=True))
+        entry["agent"] = str(msg.sessions.get(str(entry["session"]), "?"))
+        mirrors.append(entry)
+    return mms, mirrors
+
+
+def _rows(flat: tuple[int, ...], width: int) -> list[tuple[int, ...]]:
+    """Split a flattened table into rows of ``width``."""
+    return [flat[i : i + width] for i in range(0, len(flat) - width + 1, width)]

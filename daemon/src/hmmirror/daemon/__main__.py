@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
         help="a watched target's child's userfaultfd: close it, or adopt it (default close)",
     )
     run.add_argument(
+        "--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics there (default: off)"
+    )
+    run.add_argument(
         "--insecure",
         action="store_const",
         const=True,
@@ -141,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "uffd",
             "uffd_fork",
             "insecure",
+            "metrics",
             "curve_key",
             "curve_allow",
             "log_level",

@@ -38,6 +38,7 @@ from hmmirror.daemon.linux.procfs import (
     zero_pfn,
 )
 from hmmirror.daemon.linux.uffd import unconfigured_uffds
+from hmmirror.daemon.metrics import MetricsServer
 from hmmirror.daemon.mm import Mirror, Mm, Span
 from hmmirror.daemon.server import Transport, Unreachable
 from hmmirror.daemon.session import Session
@@ -70,6 +71,8 @@ from hmmirror.proto.messages import (
     Heartbeat,
     HeartbeatAck,
     Hello,
+    Inventory,
+    InventoryReply,
     Message,
     Ok,
     Register,
@@ -154,6 +157,7 @@ class Daemon:
         self.intake: UffdIntake | None = None
         self.uffd_refusals = 0
         self.uffd_last_refusal = ""
+        self.metrics = MetricsServer(self.status)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -166,6 +170,9 @@ class Daemon:
                 self.intake = UffdIntake(path, self._on_exposed)
             except OSError as exc:  # the watchers still work; only exposing is unavailable
                 log.warning("no userfaultfd intake at %s: %s", path, exc)
+        if self.config.metrics:
+            await self.metrics.start(self.config.metrics)
+            log.info("metrics on %s", self.metrics.url)
         if ready is not None:
             ready(self.transport.endpoint)
         sweeper = self.spawn(self._sweep_leases())
@@ -177,6 +184,7 @@ class Daemon:
                 task.cancel()
             for mm in list(self.mms.values()):
                 self._drop_mm(mm)
+            self.metrics.close()
             if self.intake is not None:
                 self.intake.close()
             for _, fd in [*self._exposed.values(), *self._exposed_strict.values()]:
@@ -750,6 +758,7 @@ class Daemon:
             ),
             "written_runs": sum(mm.uffd.written_runs for mm in self.mms.values() if mm.uffd),
             "uffd_refusals": self.uffd_refusals,
+            "metrics": self.metrics.url,
             "uffd_last_refusal": self.uffd_last_refusal[:256],
         }
         stats.update(self.counters)
@@ -800,6 +809,28 @@ def on_goodbye(d: Daemon, identity: bytes, session: Session | None, env: Envelop
 def on_status(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
     """Report the daemon's figures; needs no session."""
     d.send(identity, StatusReply(stats=d.status()), re=env.id)
+
+
+def on_inventory(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
+    """List mms, mirrors and sessions (``hmmctl mms`` / ``mirrors``); needs no session."""
+    mms: list[int] = []
+    for mm in list(d.mms.values())[:4096]:
+        uffd_level = 0
+        if mm.uffd is not None and not mm.uffd.closed:
+            uffd_level = 1
+        if mm.strict_uffd is not None and not mm.strict_uffd.closed:
+            uffd_level = 2
+        mms.extend((mm.pid, mm.start_time, mm.seq, mm.active, len(mm.mirrors), uffd_level))
+    mirrors: list[int] = []
+    for m in list(d.mirrors.values())[:4096]:
+        held = sum(span.held for span in m.spans)
+        flags = (1 if m.watch_writes else 0) | (2 if m.strict else 0)
+        mirrors.extend((m.id, m.session.id, m.mm.pid, m.lo, m.hi, held, int(m.access), flags))
+    names: dict[str, int | float | str] = {
+        str(s.id): s.name[:256] for s in list(d.sessions.values())[:256] if not s.fenced
+    }
+    reply = InventoryReply(mms=tuple(mms), mirrors=tuple(mirrors), sessions=names)
+    d.send(identity, reply, re=env.id)
 
 
 def on_register(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
@@ -1114,6 +1145,7 @@ HANDLERS: dict[type[Message], tuple[Handler, bool]] = {
     Heartbeat: (on_heartbeat, True),
     Goodbye: (on_goodbye, True),
     Status: (on_status, False),
+    Inventory: (on_inventory, False),
     Register: (on_register, True),
     Unregister: (on_unregister, True),
     Ack: (on_ack, True),

@@ -588,11 +588,36 @@ class StatusReply(Message):
     stats: dict[str, int | float | str] = wire(Kind.STATS, 256)
 
 
+#: Columns of ``inventory_reply.mms`` rows, in order (``uffd``: 0 none, 1 events, 2 also strict).
+MM_COLUMNS = ("pid", "start_time", "seq", "active", "mirrors", "uffd")
+#: Columns of ``inventory_reply.mirrors`` rows, in order (``flags``: 1 watch_writes, 2 strict).
+MIRROR_COLUMNS = ("mirror", "session", "pid", "lo", "hi", "held_pages", "access", "flags")
+
+
+@dataclass(frozen=True)
+class Inventory(Message):
+    """Anyone → daemon: list mms, mirrors and sessions. Answered by ``inventory_reply``."""
+
+    TYPE: ClassVar[str] = "inventory"
+
+
+@dataclass(frozen=True)
+class InventoryReply(Message):
+    """Daemon → requester: one row per mm and per mirror, flattened (``MM_COLUMNS``,
+    ``MIRROR_COLUMNS``); ``sessions`` maps session ids (as strings) to agent names.
+    At most 4096 rows of each are listed."""
+
+    TYPE: ClassVar[str] = "inventory_reply"
+    mms: tuple[int, ...] = wire(Kind.UINTS, 4096 * len(MM_COLUMNS))
+    mirrors: tuple[int, ...] = wire(Kind.UINTS, 4096 * len(MIRROR_COLUMNS))
+    sessions: dict[str, int | float | str] = wire(Kind.STATS, 256)
+
+
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Hello, Welcome, Heartbeat, HeartbeatAck, Goodbye, Ok, Error,
     Register, Registered, Unregister, Fault, FaultReply, FaultReadReply,
     Invalidate, Ack, Evicted, SyncRange, DmaRead, DmaReadReply, DmaWrite,
-    DmaAtomic, AtomicReply, Status, StatusReply,
+    DmaAtomic, AtomicReply, Status, StatusReply, Inventory, InventoryReply,
     RdmaRead, RdmaReadReply, RdmaWrite, RdmaAtomic, StatMr, StatMrReply,
 )  # fmt: skip
 
