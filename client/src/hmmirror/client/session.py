@@ -141,17 +141,21 @@ class Session(Channel):
         self._close_socket()
 
     async def _beat(self) -> None:
-        """Send heartbeats: re-hello after a fence, lose the session on silence or a new epoch."""
+        """Send heartbeats: re-hello after a fence, lose the session on silence or a new epoch,
+        and then keep asking for a fresh session until hmmd grants one."""
         assert self.welcome is not None
         interval = self.welcome.heartbeat_ms / 1000
         lease = self.welcome.lease_ms / 1000
-        while self.lost is None:
+        while not self._closed:
             await asyncio.sleep(interval)
+            if self.lost is not None:
+                await self._reopen(lease)
+                continue
             try:
                 env = await self.request(Heartbeat(), timeout=lease, expect=HeartbeatAck)
             except RequestTimeout:
                 self._lose(f"no heartbeat reply from {self.endpoint} within the {lease:g} s lease")
-                return
+                continue
             except RemoteError as exc:
                 if exc.code in (ErrorCode.FENCED, ErrorCode.NO_SESSION):
                     # Evicted or expired, but hmmd is alive: drop every translation and
@@ -164,7 +168,26 @@ class Session(Channel):
             assert isinstance(env.msg, HeartbeatAck)
             if env.msg.epoch != self.epoch:
                 self._lose(f"hmmd restarted (epoch {self.epoch} -> {env.msg.epoch})")
-                return
+
+    async def _reopen(self, timeout: float) -> None:
+        """After a loss: HELLO again; on WELCOME the session is live once more, empty.
+
+        Every mirror was dropped when the session was lost; hmmd (restarted, or
+        having expired the lease) remembers none of them, so neither do we.
+        """
+        try:
+            env = await self.request(
+                Hello(agent=self.name[:64], pid=os.getpid()), timeout=timeout, expect=Welcome
+            )
+        except (RequestTimeout, RemoteError, DaemonUnavailable):
+            return
+        assert isinstance(env.msg, Welcome)
+        self.welcome = env.msg
+        self.mirrors = {}
+        self._acks.clear()
+        self._acked = 0
+        log.info("session %s reopened on %s (epoch %s)", self.name, self.endpoint, self.epoch)
+        self.lost = None
 
     def _lose(self, reason: str) -> None:
         """The daemon is gone or restarted: no translation may survive."""
