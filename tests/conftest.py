@@ -166,6 +166,8 @@ def hmmd(request: pytest.FixtureRequest) -> Iterator[Hmmd]:
     marker = request.node.get_closest_marker("hmmd_args")
     if marker is not None:
         argv.extend(str(a) for a in marker.args)
+    if "hmmd_extra_args" in request.fixturenames:  # arguments a test computes (file paths)
+        argv.extend(str(a) for a in request.getfixturevalue("hmmd_extra_args"))
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(
             argv,

@@ -97,3 +97,37 @@ def test_a_secret_key_readable_by_others_is_refused(tmp_path):
     )  # fmt: skip
     assert out.returncode == 2
     assert "readable by others" in out.stderr
+
+
+async def test_a_known_key_without_a_grant_is_denied_another_uids_process(tmp_path):
+    import zmq.auth
+    from hmmirror.client import Access, RemoteError
+    from hmmirror.proto import ErrorCode
+
+    _, server_secret = keys(tmp_path / "server", "hmmd")
+    server_public = str(tmp_path / "server" / "hmmd.key")
+    agent_public, agent_secret = keys(tmp_path / "agents", "agent")
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    os.link(agent_public, allow / "agent.key")
+    z85 = zmq.auth.load_certificate(agent_public)[0].decode()
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[[grant]]\nagents = ["curve:{z85}"]\nuids = [0]\naccess = ["read"]\n')
+    mine = subprocess.Popen(["sleep", "60"])
+    theirs = subprocess.Popen(["sleep", "60"], user=65534, group=65534)
+    proc, endpoint = start(tmp_path, "--curve-key", server_secret, "--curve-allow", str(allow),
+                           "--policy", str(policy))  # fmt: skip
+    try:
+        curve = CurveKeys.load(server_public, agent_secret)
+        async with connect(endpoint, name="agent", curve=curve) as s:
+            await s.mirror(mine.pid, 0x10000, 4096, Access.READ)  # uid 0: granted
+            with pytest.raises(RemoteError) as info:
+                await s.mirror(theirs.pid, 0x10000, 4096, Access.READ)
+            assert info.value.code == ErrorCode.PERMISSION_DENIED
+            assert f"curve:{z85}" in info.value.message and "uid 65534" in info.value.message
+    finally:
+        err = stop(proc)
+        for p in (mine, theirs):
+            p.kill()
+            p.wait()
+    assert "refused register" in err

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from hmmirror.daemon import __version__, sdnotify
 from hmmirror.daemon.config import DEFAULT_CONFIG_FILE, ConfigError, load
+from hmmirror.daemon.policy import Policy, PolicyError
 from hmmirror.proto.version import PROTOCOL_VERSION
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=["close", "adopt"],
         help="a watched target's child's userfaultfd: close it, or adopt it (default close)",
     )
+    run.add_argument("--policy", metavar="FILE", help="grants of agents to targets (TOML)")
     run.add_argument(
         "--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics there (default: off)"
     )
@@ -145,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "uffd_fork",
             "insecure",
             "metrics",
+            "policy",
             "curve_key",
             "curve_allow",
             "log_level",
@@ -152,7 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         config = load(args.config, flags=flags)
-    except ConfigError as exc:
+        if config.policy:
+            Policy.load(config.policy)
+    except (ConfigError, PolicyError) as exc:
         print(f"hmmd: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(

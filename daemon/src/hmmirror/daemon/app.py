@@ -40,7 +40,8 @@ from hmmirror.daemon.linux.procfs import (
 from hmmirror.daemon.linux.uffd import unconfigured_uffds
 from hmmirror.daemon.metrics import MetricsServer
 from hmmirror.daemon.mm import Mirror, Mm, Span
-from hmmirror.daemon.server import Transport, Unreachable
+from hmmirror.daemon.policy import Policy, agent_identity
+from hmmirror.daemon.server import Transport, Unreachable, peer_of
 from hmmirror.daemon.session import Session
 from hmmirror.daemon.watch.proc import Change, detect
 from hmmirror.daemon.watch.uffd import UffdWatch
@@ -158,6 +159,8 @@ class Daemon:
         self.uffd_refusals = 0
         self.uffd_last_refusal = ""
         self.metrics = MetricsServer(self.status)
+        self.policy = Policy.load(config.policy) if config.policy else None
+        self._hello_peer = "unknown"
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -260,6 +263,8 @@ class Daemon:
             )  # fmt: skip
             return
         handler, needs_session = entry
+        if entry[0] is on_hello:  # who is asking: ZeroMQ's metadata of the frame (policy)
+            self._hello_peer = agent_identity(*peer_of(frames[0]))
         session = self.sessions.get(identity)
         if session is not None:
             session.last_seen = time.monotonic()
@@ -774,10 +779,10 @@ def on_hello(d: Daemon, identity: bytes, session: Session | None, env: Envelope)
     assert isinstance(msg, Hello)
     if session is not None:
         d._close_session(session)
-    new = Session(d._next_session, identity, msg.agent, time.monotonic())
+    new = Session(d._next_session, identity, msg.agent, time.monotonic(), peer=d._hello_peer)
     d._next_session += 1
     d.sessions[identity] = new
-    log.info("session %d opened by %s (pid %d)", new.id, msg.agent, msg.pid)
+    log.info("session %d opened by %s (pid %d, %s)", new.id, msg.agent, msg.pid, new.peer)
     d.send(
         identity,
         Welcome(
@@ -833,10 +838,21 @@ def on_inventory(d: Daemon, identity: bytes, session: Session | None, env: Envel
     d.send(identity, reply, re=env.id)
 
 
+def _authorize(d: Daemon, session: Session, pid: int, access: Access, what: str) -> None:
+    """PERMISSION_DENIED unless the policy grants ``access`` to ``pid`` (reason logged)."""
+    if d.policy is None:
+        return
+    why = d.policy.refusal(session.peer, pid, access)
+    if why is not None:
+        log.warning("refused %s by session %d (%s): %s", what, session.id, session.name, why)
+        raise RequestError(ErrorCode.PERMISSION_DENIED, why)
+
+
 def on_register(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
     """Create a mirror of (pid, intervals, access)."""
     msg = env.msg
     assert isinstance(msg, Register) and session is not None
+    _authorize(d, session, msg.pid, Access(msg.access), "register")
     if msg.pid == 0:
         raise RequestError(ErrorCode.EINVAL, "pid 0 cannot be mirrored")
     if not msg.access & Access.READ:
@@ -1104,6 +1120,8 @@ def on_sync_range(d: Daemon, identity: bytes, session: Session | None, env: Enve
         # Only hmmd says a process is gone or a mirror is evicted: an agent that could send
         # these would switch off other agents' mirrors for good.
         raise RequestError(ErrorCode.EINVAL, f"sync_range may not announce {event.name}")
+    assert session is not None
+    _authorize(d, session, msg.pid, Access.READ, "sync_range")
     mms = [mm for mm in d.mms.values() if mm.pid == msg.pid and not mm.released]
     if not mms:
         try:

@@ -67,6 +67,8 @@ class Config:
     uffd_fork: str = "close"
     """What to do with a watched target's forked child's userfaultfd: "close" it, or "adopt"
     it, so the child is watched through it as soon as an agent mirrors the child."""
+    policy: str = ""
+    """A policy file of grants (see ``policy``); empty: allow whatever the socket lets in."""
     metrics: str = ""
     """``HOST:PORT`` for a Prometheus ``/metrics`` endpoint; empty (the default) for none."""
     insecure: bool = False

@@ -43,6 +43,21 @@ ZERO_COPY_MIN = 64 * 1024
 SOCKET_BUFFER = 4 << 20
 
 
+def peer_of(frame: Any) -> tuple[str | None, str | None]:
+    """ZeroMQ's metadata about a message's sender: (Peer-Address, User-Id).
+
+    On ``ipc://`` the address carries SO_PEERCRED as ``host:uid:gid:pid``; on a
+    CURVE socket the User-Id is the public key the ZAP handler admitted.
+    """
+    found: list[str | None] = []
+    for key in ("Peer-Address", "User-Id"):
+        try:
+            found.append(frame.get(key))
+        except (zmq.ZMQError, AttributeError):
+            found.append(None)
+    return found[0], found[1]
+
+
 class Unreachable(Exception):
     """A message could not be queued to a peer (gone, or its pipe is full)."""
 

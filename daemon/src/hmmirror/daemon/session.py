@@ -47,6 +47,8 @@ class Session:
     identity: bytes
     name: str
     last_seen: float
+    peer: str = "unknown"
+    """Who the agent is, for the policy: ``curve:KEY``, ``uid:N`` or ``unknown``."""
     mirrors: dict[int, Mirror] = field(default_factory=dict)
     fenced: bool = False
     next_n: int = 1
