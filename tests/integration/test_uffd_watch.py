@@ -300,7 +300,10 @@ async def test_fork_policy_adopt_watches_the_child_through_its_uffd(hmmd, puppet
             await events_within(mirror, 1)  # the parent's COW downgrade, at once
             child_mirror = await s.mirror(child.pid, addr, 2 * PAGE, Access.READ)
             await child_mirror.fault(addr, 2)
-            assert (await s.status())["uffd_watched"] == 2, "the child is watched by its uffd"
+            end = time.monotonic() + EVENT_DEADLINE  # the adoption settles just after fork
+            while (await s.status())["uffd_watched"] < 2:
+                assert time.monotonic() < end, "the child is not watched by its uffd"
+                await asyncio.sleep(0.01)
             await child.munmap(addr, PAGE)
             assert (await events_within(child_mirror, 1))[0] == Event.UNMAP
         finally:

@@ -88,6 +88,8 @@ from hmmirror.proto.messages import (
 log = logging.getLogger(__name__)
 #: Exposed userfaultfds kept for processes nothing mirrors yet.
 MAX_EXPOSED = 1024
+#: How many times (5 ms apart) a FORK's child is looked for before its uffd is closed.
+ADOPT_ATTEMPTS = 200
 #: Written-page scan interval bounds, in seconds: fastest while the target writes.
 WRITTEN_SCAN_MIN, WRITTEN_SCAN_MAX = 0.002, 0.1
 
@@ -155,6 +157,8 @@ class Daemon:
         #: Userfaultfds targets exposed before anything mirrored them: pid -> (start time, fd).
         self._exposed: dict[int, tuple[int, int]] = {}
         self._exposed_strict: dict[int, tuple[int, int]] = {}
+        #: Children whose uffd a FORK handed us (pid, start time), so no two FORKs claim one.
+        self._adopted: set[tuple[int, int]] = set()
         self.intake: UffdIntake | None = None
         self.uffd_refusals = 0
         self.uffd_last_refusal = ""
@@ -408,6 +412,10 @@ class Daemon:
             st = start_time(pid)
         except ProcessLookupError:
             return f"process {pid} is gone"
+        return self._take_fd(pid, st, fd, strict)
+
+    def _take_fd(self, pid: int, st: int, fd: int, strict: bool) -> str | None:
+        """Watch process (pid, st) with ``fd`` now if it is mirrored, else keep it for later."""
         mm = self.mms.get((pid, st))
         if mm is not None and not mm.released:
             current = mm.strict_uffd if strict else mm.uffd
@@ -547,10 +555,15 @@ class Daemon:
     def _adopt_child(self, watch: UffdWatch, child_fd: int) -> bool:
         """FORK under policy "adopt": keep the child's uffd for when the child is mirrored.
 
-        The event names no pid: the child is the target's newest child process
-        (a fork's child exists, and the parent is still blocked in fork, when it arrives).
+        The event names no pid, and arrives before the kernel lists the child among
+        its parent's children: the child is found a moment later, as the parent's
+        newest child that no earlier FORK claimed.
         """
-        parent = watch.mm.pid
+        self._find_child(watch.mm.pid, child_fd, 0)
+        return True
+
+    def _find_child(self, parent: int, child_fd: int, attempt: int) -> None:
+        """Match ``child_fd`` to the parent's newest unclaimed child; retry briefly."""
         newest: tuple[int, int] | None = None
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{parent}/task"):
@@ -560,13 +573,25 @@ class Daemon:
                             st = start_time(int(child))
                         except ProcessLookupError:
                             continue
+                        if (int(child), st) in self._adopted:
+                            continue
                         if newest is None or st > newest[1]:
                             newest = (int(child), st)
         if newest is None:
-            return False
-        self._offer(self._exposed, newest[0], newest[1], child_fd)
+            if attempt < ADOPT_ATTEMPTS:
+                asyncio.get_running_loop().call_later(
+                    0.005, self._find_child, parent, child_fd, attempt + 1
+                )
+            else:
+                with contextlib.suppress(OSError):
+                    os.close(child_fd)
+            return
+        self._adopted.add(newest)
+        if self._take_fd(newest[0], newest[1], child_fd, False) is not None:
+            with contextlib.suppress(OSError):
+                os.close(child_fd)  # the child is already watched through another uffd
+            return
         log.info("adopted the userfaultfd of pid %d's child %d", parent, newest[0])
-        return True
 
     def _offer(self, offers: dict[int, tuple[int, int]], pid: int, st: int, fd: int) -> None:
         """Keep ``fd`` for process ``pid`` (start time ``st``) until something mirrors it."""
