@@ -56,10 +56,12 @@ class Keys:
             self.clients[name] = secret
 
 
-def start_hmmd(host: Host, keys: Keys, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    err = open(workdir / "hmmd.stderr", "wb")  # noqa: SIM115 - the child keeps its copy
+def start_hmmd(
+    host: Host, keys: Keys, workdir: Path, port: str = "0"
+) -> tuple[subprocess.Popen[bytes], str]:
+    err = open(workdir / "hmmd.stderr", "ab")  # noqa: SIM115 - the child keeps its copy
     proc = host.spawn(
-        [sys.executable, "-m", "hmmirror.daemon", "run", "--endpoint", f"tcp://{host.addr}:0",
+        [sys.executable, "-m", "hmmirror.daemon", "run", "--endpoint", f"tcp://{host.addr}:{port}",
          "--curve-key", keys.server_secret, "--curve-allow", str(keys.allow),
          "--ack-deadline", "1s", "--heartbeat", "200ms"],
         stdout=subprocess.PIPE, stderr=err,
@@ -151,3 +153,58 @@ async def test_a_cut_link_evicts_b_after_its_deadline_c_carries_on_b_comes_back_
         assert again["mirror"] != state["mirror"]
         assert again["epoch"] == before, "hmmd did not restart; the session is new"
         assert (await agent_b.ask("read"))["pages"] == ["43" * 16]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGSTOP", "SIGKILL"])
+async def test_a_stopped_or_killed_agent_is_evicted_at_its_deadline_and_c_carries_on(
+    puppet, tmp_path, signal_name
+):
+    import signal
+
+    keys = Keys(tmp_path, ["b", "c"])
+    with Cluster(3) as (a, b, c):
+        _, endpoint = start_hmmd(a, keys, tmp_path)
+        addr = await puppet.mmap(PAGE)
+        await puppet.write(addr, b"A" * PAGE)
+        agent_b = start_agent(b, keys, "b", endpoint, puppet.pid, addr, 1)
+        agent_c = start_agent(c, keys, "c", endpoint, puppet.pid, addr, 1)
+        assert (await agent_b.line())["ready"] and (await agent_c.line())["ready"]
+        assert (await agent_b.ask("read"))["pages"] == ["41" * 16]
+        assert (await agent_c.ask("read"))["pages"] == ["41" * 16]
+        b.kill(agent_b.proc, getattr(signal, signal_name))
+        await puppet.madvise(addr, PAGE, "dontneed")
+        await puppet.write(addr, b"D" * PAGE)
+        t0 = time.monotonic()
+        await until(agent_c, lambda s: s["events"], "C's invalidation", deadline=3)
+        assert (await agent_c.ask("read"))["pages"] == ["44" * 16]
+        assert time.monotonic() - t0 < 5, "B blocked C for longer than its deadline"
+        if signal_name == "SIGSTOP":
+            b.kill(agent_b.proc, signal.SIGCONT)
+            state = await until(agent_b, lambda s: s["dropped"], "B noticing its eviction")
+            assert state["held"] == 0
+            assert (await agent_b.ask("read"))["pages"] == ["44" * 16]
+
+
+async def test_after_an_hmmd_restart_agents_see_a_new_epoch_and_re_register(puppet, tmp_path):
+    import signal
+
+    keys = Keys(tmp_path, ["b"])
+    with Cluster(2) as (a, b):
+        first, endpoint = start_hmmd(a, keys, tmp_path)
+        addr = await puppet.mmap(PAGE)
+        await puppet.write(addr, b"A" * PAGE)
+        agent = start_agent(b, keys, "b", endpoint, puppet.pid, addr, 1)
+        epoch = (await agent.line())["epoch"]
+        assert (await agent.ask("read"))["pages"] == ["41" * 16]
+        a.kill(first, signal.SIGKILL)
+        first.wait(DEADLINE)
+        await puppet.write(addr, b"E" * PAGE)
+        port = endpoint.rsplit(":", 1)[1]
+        _, again = start_hmmd(a, keys, tmp_path, port=port)
+        assert again == endpoint
+        state = await until(agent, lambda s: s["epoch"] != epoch and not s["lost"],
+                            "the agent's fresh session with the new hmmd")  # fmt: skip
+        assert state["held"] == 0, "nothing survives a restart"
+        read = await agent.ask("read")
+        assert read["pages"] == ["45" * 16], read
+        assert (await agent.ask("state"))["mirror"] != 0

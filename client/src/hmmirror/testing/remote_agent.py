@@ -6,6 +6,8 @@
 line: first ``{"ready": ...}``, then one answer per command:
 
 - ``read``: the first 16 bytes of each page, faulting as needed (or the error);
+  a mirror that was evicted or lost to a daemon restart is registered afresh
+  first, on the agent's own initiative;
 - ``state``: the session's epoch, whether it was evicted or lost, the mirror's
   events and counters, and whether the table holds any entry;
 - ``remirror``: register the range again (after an eviction or a daemon restart);
@@ -52,6 +54,9 @@ async def main(args: argparse.Namespace) -> None:
             if cmd in ("", "exit"):
                 return
             try:
+                if mirror.dropped is not None and s.lost is None and cmd != "state":
+                    # Evicted, or hmmd restarted: nothing survived; register again on our own.
+                    mirror = await mirror_it()
                 if cmd == "read":
                     result = await mirror.read(args.addr, args.npages)
                     data = result.data
