@@ -43,6 +43,41 @@ ZERO_COPY_MIN = 64 * 1024
 SOCKET_BUFFER = 4 << 20
 
 
+class AllowDir:
+    """The ZAP allow-list: the public keys of the ``*.key`` certificates in a directory.
+
+    The directory is read again whenever it changed, so an operator admits or
+    removes an agent by adding or deleting its certificate, without a restart.
+    Called on the authenticator's thread.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._stamp: tuple[int, int] | None = None
+        self._keys: frozenset[bytes] = frozenset()
+
+    def _reload(self) -> None:
+        """Reread the certificates if the directory changed since the last look."""
+        try:
+            st = os.stat(self.directory)
+        except OSError:
+            self._keys = frozenset()
+            return
+        stamp = (st.st_mtime_ns, st.st_ino)
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._keys = frozenset(zmq.auth.load_certificates(self.directory).keys())
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """Whether the Z85 public ``key`` may connect."""
+        self._reload()
+        allowed = key in self._keys
+        if not allowed:
+            log.warning("refused a CURVE client whose key %s is not in %s",
+                        key.decode(errors="replace"), self.directory)  # fmt: skip
+        return allowed
+
+
 def peer_of(frame: Any) -> tuple[str | None, str | None]:
     """ZeroMQ's metadata about a message's sender: (Peer-Address, User-Id).
 
@@ -109,7 +144,7 @@ class Transport:
             raise OSError(f"{key_file} holds no secret key (use the .key_secret file)")
         self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("hmmirror.daemon.zap"))
         self.auth.start()
-        self.auth.configure_curve(domain="*", location=allow_dir)
+        self.auth.configure_curve_callback(domain="*", credentials_provider=AllowDir(allow_dir))
         self.sock.curve_secretkey = secret
         self.sock.curve_publickey = public
         self.sock.curve_server = True

@@ -1,0 +1,209 @@
+"""Multi-node test rigs: hosts, an hmmd over CURVE in the first, agents and targets.
+
+``Network(n, workdir)`` builds ``n`` hosts (``netns.Cluster``), makes CURVE keys,
+and starts hmmd in host 1 on ``tcp://10.231.0.1``; ``net.agent(host, ...)``
+starts a ``remote_agent`` in any host; ``Target`` is a process whose memory the
+agents mirror, changed on command. Everything has a deadline and everything
+is removed on exit. The pytest plugin (``hmmirror.testing.plugin``) hands these
+out as fixtures; hmmirror's own multi-node tests use them that way.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from hmmirror.client.curve import generate
+from hmmirror.testing.netns import Cluster, Host
+
+PAGE = 4096
+#: Deadline of every wait for a process's answer, in seconds.
+DEADLINE = 10.0
+
+
+def read_json_line(proc: subprocess.Popen[bytes], timeout: float = DEADLINE) -> dict[str, Any]:
+    """The next JSON line ``proc`` prints, within ``timeout``."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise TimeoutError(f"no answer from pid {proc.pid} within {timeout:g} s")
+    raw = proc.stdout.readline()
+    if not raw:
+        raise EOFError(f"pid {proc.pid} exited (rc {proc.poll()})")
+    answer: dict[str, Any] = json.loads(raw)
+    return answer
+
+
+class RemoteAgent:
+    """A ``remote_agent`` process in some host, driven line by line."""
+
+    def __init__(self, host: Host, proc: subprocess.Popen[bytes]) -> None:
+        self.host = host
+        self.proc = proc
+        self.ready = read_json_line(proc)
+
+    def ask(self, cmd: str, timeout: float = DEADLINE) -> dict[str, Any]:
+        """Send one command; return its answer."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(cmd.encode() + b"\n")
+        self.proc.stdin.flush()
+        return read_json_line(self.proc, timeout)
+
+    def until(self, check: Any, what: str, deadline: float = DEADLINE) -> dict[str, Any]:
+        """Poll ``state`` until ``check(state)``; raise AssertionError after ``deadline``."""
+        end = time.monotonic() + deadline
+        while True:
+            state = self.ask("state")
+            if check(state):
+                return state
+            if time.monotonic() > end:
+                raise AssertionError(f"{what}: last state {state}")
+            time.sleep(0.05)
+
+    def signal(self, sig: int) -> None:
+        """SIGSTOP, SIGCONT, SIGKILL... the agent."""
+        self.host.kill(self.proc, sig)
+
+
+_TARGET = textwrap.dedent(
+    """
+    import ctypes, json, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    n, fill = int(sys.argv[1]), bytes.fromhex(sys.argv[2])
+    addr = libc.mmap(None, n * 4096, 3, 0x22, -1, 0)
+    ctypes.memmove(addr, fill * (n * 4096 // len(fill)), n * 4096)
+    print(json.dumps({"addr": addr}), flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "write":
+            data = bytes.fromhex(cmd[2])
+            ctypes.memmove(addr + int(cmd[1]), data, len(data))
+        elif cmd[0] == "dontneed":
+            libc.madvise(ctypes.c_void_p(addr + int(cmd[1])), int(cmd[2]), 4)
+        print(json.dumps({"done": cmd[0]}), flush=True)
+    """
+)
+
+
+class Target:
+    """A process with ``npages`` of anonymous memory filled with ``fill``, changed on command."""
+
+    def __init__(self, npages: int, fill: bytes = b"A") -> None:
+        self.npages = npages
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _TARGET, str(npages), fill.hex()],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )  # fmt: skip
+        self.pid = self.proc.pid
+        self.addr: int = read_json_line(self.proc)["addr"]
+
+    def _do(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+        read_json_line(self.proc)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """CPU stores of ``data`` at ``addr + offset``."""
+        self._do(f"write {offset} {data.hex()}")
+
+    def dontneed(self, offset: int, length: int) -> None:
+        """``madvise(MADV_DONTNEED)`` of [addr + offset, +length)."""
+        self._do(f"dontneed {offset} {length}")
+
+    def close(self) -> None:
+        """End the process."""
+        self.proc.kill()
+        self.proc.wait(DEADLINE)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+class Network:
+    """``n`` hosts with hmmd in host 1 over CURVE; agents may be started in any host."""
+
+    def __init__(self, n: int, workdir: Path, *, ack_deadline: str = "1s") -> None:
+        self.workdir = workdir
+        self.cluster = Cluster(n)
+        self.ack_deadline = ack_deadline
+        self.server_public, self.server_secret = generate(str(workdir / "server"), "hmmd")
+        self.allow = workdir / "allow"
+        self.allow.mkdir(exist_ok=True)
+        self.hosts: list[Host] = []
+        self.endpoint = ""
+        self.daemon: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Network:
+        self.hosts = self.cluster.__enter__()
+        try:
+            self.start_daemon()
+        except BaseException:
+            self.cluster.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cluster.__exit__()
+
+    def start_daemon(self, port: str = "0") -> None:
+        """Start hmmd in host 1 (again, after ``kill_daemon``: same port, new epoch)."""
+        host = self.hosts[0]
+        with open(self.workdir / "hmmd.stderr", "ab") as err:
+            proc = host.spawn(
+                [sys.executable, "-m", "hmmirror.daemon", "run",
+                 "--endpoint", f"tcp://{host.addr}:{port}", "--curve-key", self.server_secret,
+                 "--curve-allow", str(self.allow), "--ack-deadline", self.ack_deadline,
+                 "--heartbeat", "200ms"],
+                stdout=subprocess.PIPE, stderr=err,
+                env={"HMMIRROR_EXPOSE_SOCKET": str(self.workdir / "uffd.sock"),
+                     "PATH": "/usr/bin:/bin"},
+            )  # fmt: skip
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], DEADLINE)
+        line = proc.stdout.readline().decode() if ready else ""
+        if not line.startswith("hmmd ready tcp://"):
+            raise RuntimeError(f"hmmd did not start: {self.daemon_log()}")
+        self.daemon = proc
+        self.endpoint = line.split()[-1]
+
+    def kill_daemon(self, sig: int = signal.SIGKILL) -> None:
+        """Signal hmmd; with SIGKILL, also wait until it is gone."""
+        assert self.daemon is not None
+        self.hosts[0].kill(self.daemon, sig)
+        if sig == signal.SIGKILL:
+            self.daemon.wait(DEADLINE)
+
+    def restart_daemon(self) -> None:
+        """Kill hmmd and start a new one on the same endpoint."""
+        port = self.endpoint.rsplit(":", 1)[1]
+        self.kill_daemon()
+        self.start_daemon(port)
+
+    def daemon_log(self) -> str:
+        """What hmmd wrote to stderr so far."""
+        path = self.workdir / "hmmd.stderr"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def agent(self, host: Host, name: str, pid: int, addr: int, npages: int) -> RemoteAgent:
+        """Start a remote agent ``name`` (its key allowed in) in ``host``, mirroring a range."""
+        public, secret = generate(str(self.workdir / "agents" / name), name)
+        (self.allow / f"{name}.key").write_bytes(Path(public).read_bytes())
+        proc = host.spawn(
+            [sys.executable, "-m", "hmmirror.testing.remote_agent", self.endpoint, str(pid),
+             hex(addr), str(npages), "--server-key", self.server_public, "--client-key", secret,
+             "--name", name, "--timeout", "2"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        return RemoteAgent(host, proc)
