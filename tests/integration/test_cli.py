@@ -186,3 +186,41 @@ def test_the_shipped_sample_configuration_is_valid_and_matches_the_defaults():
     defaults = run("hmmirror.daemon", "--config", os.devnull, "--print-config")
     assert with_sample.returncode == 0 and defaults.returncode == 0
     assert with_sample.stdout == defaults.stdout, "the sample no longer shows the defaults"
+
+
+def test_sockets_belong_to_the_socket_group():
+    import grp
+
+    group = "daemon" if "daemon" in {g.gr_name for g in grp.getgrall()} else "nogroup"
+    gid = grp.getgrnam(group).gr_gid
+    directory = tempfile.mkdtemp(prefix="hmmc-", dir="/tmp")
+    endpoint = f"ipc://{directory}/hmmd.sock"
+    with subprocess.Popen(
+        [PY, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint, "--socket-group", group],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    ) as proc:  # fmt: skip
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().startswith("hmmd ready")
+            for name in ("hmmd.sock", "hmmd.sock.uffd"):
+                st = os.stat(f"{directory}/{name}")
+                assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid), name
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+
+
+def test_json_logs_are_one_object_per_line():
+    import json
+
+    directory = tempfile.mkdtemp(prefix="hmmc-", dir="/tmp")
+    endpoint = f"ipc://{directory}/hmmd.sock"
+    with subprocess.Popen(
+        [PY, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint, "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as proc:  # fmt: skip
+        assert proc.stdout is not None and proc.stdout.readline().startswith("hmmd ready")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    records = [json.loads(line) for line in err.splitlines()]
+    assert records and all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+    assert any("hmmd ready on" in r["msg"] and r["level"] == "info" for r in records)

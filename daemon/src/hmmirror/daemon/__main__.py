@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from hmmirror.daemon import __version__, sdnotify
+from hmmirror.daemon import __version__, logfmt, sdnotify
 from hmmirror.daemon.config import DEFAULT_CONFIG_FILE, ConfigError, load
 from hmmirror.daemon.policy import Policy, PolicyError
 from hmmirror.proto.version import PROTOCOL_VERSION
@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--policy", metavar="FILE", help="grants of agents to targets (TOML)")
     run.add_argument(
+        "--socket-group", metavar="GROUP", help="group of the 0660 sockets (default hmmirror)"
+    )
+    run.add_argument(
         "--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics there (default: off)"
     )
     run.add_argument(
@@ -85,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
         "--curve-allow", metavar="DIR", help="directory of allowed agents' public certificates"
     )
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--log-format", choices=["text", "json"], help="stderr lines: text or JSON (text)"
+    )
     run.add_argument(
         "--print-config", action="store_true", help="print the effective configuration and exit"
     )
@@ -148,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "insecure",
             "metrics",
             "policy",
+            "socket_group",
+            "log_format",
             "curve_key",
             "curve_allow",
             "log_level",
@@ -160,11 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, PolicyError) as exc:
         print(f"hmmd: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    logfmt.configure(config.log_level, config.log_format)
     if args.print_config:
         sys.stdout.write(config.as_toml())
         return EXIT_OK

@@ -141,6 +141,7 @@ class Daemon:
             config.endpoint,
             self.on_message,
             heartbeat_ms=config.heartbeat_ms,
+            group=config.socket_group,
             curve_key=config.curve_key if config.endpoint.startswith("tcp://") else "",
             curve_allow=config.curve_allow,
         )
@@ -174,7 +175,7 @@ class Daemon:
         if self.config.uffd != "off":
             path = self.config.expose_socket or default_path(self.config.endpoint)
             try:
-                self.intake = UffdIntake(path, self._on_exposed)
+                self.intake = UffdIntake(path, self._on_exposed, self.config.socket_group)
             except OSError as exc:  # the watchers still work; only exposing is unavailable
                 log.warning("no userfaultfd intake at %s: %s", path, exc)
         if self.config.metrics:

@@ -60,6 +60,10 @@ class Config:
     poll_max: float = 0.05
     """Slowest proc watcher poll interval (while nothing changes)."""
     log_level: str = "info"
+    log_format: str = "text"
+    """stderr log lines: "text", or "json" (one object per line, for log collectors)."""
+    socket_group: str = "hmmirror"
+    """The group given the ipc:// and uffd intake sockets (mode 0660), when it exists."""
     uffd: str = "cooperate"
     """How hmmd gets a target's userfaultfd: "off"; "cooperate": one the target exposed
     (``hmmirror.client.expose``), or an unconfigured one it left open, taken with pidfd_getfd;
@@ -135,6 +139,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
     if key == "log_level" and value.lower() not in _LEVELS:
         raise ConfigError(f"{source}: log_level must be one of {sorted(_LEVELS)}")
+    if key == "log_format" and value not in ("text", "json"):
+        raise ConfigError(f"{source}: log_format must be 'text' or 'json', got {value!r}")
     if key == "uffd_fork" and value not in ("close", "adopt"):
         raise ConfigError(f"{source}: uffd_fork must be 'close' or 'adopt', got {value!r}")
     if key == "uffd" and value not in _UFFD_MODES:

@@ -20,6 +20,8 @@ import stat
 import struct
 from collections.abc import Callable
 
+from hmmirror.daemon.server import share_with_group
+
 log = logging.getLogger(__name__)
 
 #: How long a connected target has to send its line and fd.
@@ -31,7 +33,9 @@ class UffdIntake:
     """A listening AF_UNIX socket at ``path``; ``on_fd(pid, fd, strict)`` returns None or a
     refusal."""
 
-    def __init__(self, path: str, on_fd: Callable[[int, int, bool], str | None]) -> None:
+    def __init__(
+        self, path: str, on_fd: Callable[[int, int, bool], str | None], group: str = "hmmirror"
+    ) -> None:
         self.path = path
         self.on_fd = on_fd
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -40,7 +44,7 @@ class UffdIntake:
                 os.unlink(path)  # a stale socket of an earlier hmmd
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.bind(path)
-        os.chmod(path, 0o660)
+        share_with_group(path, group)
         self.sock.listen(64)
         self.sock.setblocking(False)
         self.loop = asyncio.get_running_loop()

@@ -12,6 +12,7 @@ reported to the caller as ``Unreachable``.
 from __future__ import annotations
 
 import asyncio
+import grp
 import logging
 import os
 import stat
@@ -41,6 +42,20 @@ ZERO_COPY_MIN = 64 * 1024
 #: Kernel socket buffers asked for (the kernel caps them at net.core.[rw]mem_max): fewer,
 #: larger writes for megabyte DMA replies.
 SOCKET_BUFFER = 4 << 20
+
+
+def share_with_group(path: str, group: str) -> None:
+    """Make a socket file mode 0660 and, if ``group`` exists, owned by that group.
+
+    Agents and targets in the group may then connect; nobody else may.
+    """
+    os.chmod(path, 0o660)
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        log.info("no group %r: %s keeps its group", group, path)
+        return
+    os.chown(path, -1, gid)
 
 
 class AllowDir:
@@ -107,6 +122,7 @@ class Transport:
         *,
         hwm: int = 10000,
         heartbeat_ms: int = 1000,
+        group: str = "hmmirror",
         curve_key: str = "",
         curve_allow: str = "",
     ) -> None:
@@ -127,6 +143,7 @@ class Transport:
         if curve_key:
             self._curve(curve_key, curve_allow)
         self.on_message = on_message
+        self.group = group
         self.endpoint = self._bind(endpoint)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._recheck = False
@@ -165,7 +182,7 @@ class Transport:
             raise OSError(exc.errno, f"cannot bind {endpoint}: {exc}") from exc
         bound = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if endpoint.startswith("ipc://"):
-            os.chmod(endpoint[len("ipc://") :], 0o660)
+            share_with_group(endpoint[len("ipc://") :], self.group)
         return bound
 
     def start(self) -> None:
