@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--policy", metavar="FILE", help="grants of agents to targets (TOML)")
     run.add_argument(
+        "--expose-socket", metavar="PATH", help="where targets send their userfaultfd"
+    )
+    run.add_argument(
         "--socket-group", metavar="GROUP", help="group of the 0660 sockets (default hmmirror)"
     )
     run.add_argument(
@@ -156,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "policy",
             "socket_group",
             "log_format",
+            "expose_socket",
             "curve_key",
             "curve_allow",
             "log_level",
