@@ -1,7 +1,7 @@
 """Multi-node: hmmd in host A, agents in hosts B and C, over CURVE on a real bridge.
 
-These tests use only the public pytest plugin (``hmmirror_network``,
-``hmmirror_target``), exactly as a user's own integration tests would. Hosts are
+These tests use only the public pytest plugin (``hmmirror_network``; targets run
+in host A next to hmmd), exactly as a user's own integration tests would. Hosts are
 network namespaces whose 10.231.0.0/24 addresses exist only inside them; the
 fixtures remove them all, whatever happens.
 """
@@ -17,9 +17,9 @@ pytestmark = pytest.mark.multinode
 PAGE = 4096
 
 
-def test_agent_in_b_mirrors_a_target_in_a_over_curve(hmmirror_network, hmmirror_target):
+def test_agent_in_b_mirrors_a_target_in_a_over_curve(hmmirror_network):
     net = hmmirror_network(hosts=2)
-    target = hmmirror_target(npages=2, fill=b"A")
+    target = net.target(npages=2, fill=b"A")
     agent = net.agent(net.hosts[1], "b", target.pid, target.addr, 2)
     read = agent.ask("read")
     assert read["pages"] == ["41" * 16] * 2 and read["faults"] >= 1
@@ -30,12 +30,10 @@ def test_agent_in_b_mirrors_a_target_in_a_over_curve(hmmirror_network, hmmirror_
     assert agent.ask("read")["pages"] == ["42" * 16, "41" * 16]
 
 
-def test_a_cut_link_evicts_b_after_its_deadline_c_carries_on_b_comes_back_fresh(
-    hmmirror_network, hmmirror_target
-):
+def test_a_cut_link_evicts_b_after_its_deadline_c_carries_on_b_comes_back_fresh(hmmirror_network):
     net = hmmirror_network(hosts=3)
     _, b, c = net.hosts
-    target = hmmirror_target(npages=1, fill=b"A")
+    target = net.target(npages=1, fill=b"A")
     agent_b = net.agent(b, "b", target.pid, target.addr, 1)
     agent_c = net.agent(c, "c", target.pid, target.addr, 1)
     assert agent_b.ask("read")["pages"] == agent_c.ask("read")["pages"] == ["41" * 16]
@@ -64,11 +62,11 @@ def test_a_cut_link_evicts_b_after_its_deadline_c_carries_on_b_comes_back_fresh(
 
 @pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["SIGSTOP", "SIGKILL"])
 def test_a_stopped_or_killed_agent_is_evicted_at_its_deadline_and_c_carries_on(
-    hmmirror_network, hmmirror_target, sig
+    hmmirror_network, sig
 ):
     net = hmmirror_network(hosts=3)
     _, b, c = net.hosts
-    target = hmmirror_target(npages=1, fill=b"A")
+    target = net.target(npages=1, fill=b"A")
     agent_b = net.agent(b, "b", target.pid, target.addr, 1)
     agent_c = net.agent(c, "c", target.pid, target.addr, 1)
     assert agent_b.ask("read")["pages"] == agent_c.ask("read")["pages"] == ["41" * 16]
@@ -86,11 +84,9 @@ def test_a_stopped_or_killed_agent_is_evicted_at_its_deadline_and_c_carries_on(
         assert agent_b.ask("read")["pages"] == ["44" * 16]
 
 
-def test_after_an_hmmd_restart_agents_see_a_new_epoch_and_re_register(
-    hmmirror_network, hmmirror_target
-):
+def test_after_an_hmmd_restart_agents_see_a_new_epoch_and_re_register(hmmirror_network):
     net = hmmirror_network(hosts=2)
-    target = hmmirror_target(npages=1, fill=b"A")
+    target = net.target(npages=1, fill=b"A")
     agent = net.agent(net.hosts[1], "b", target.pid, target.addr, 1)
     epoch = agent.ready["epoch"]
     assert agent.ask("read")["pages"] == ["41" * 16]

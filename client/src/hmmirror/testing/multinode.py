@@ -99,14 +99,16 @@ _TARGET = textwrap.dedent(
 class Target:
     """A process with ``npages`` of anonymous memory filled with ``fill``, changed on command."""
 
-    def __init__(self, npages: int, fill: bytes = b"A") -> None:
+    def __init__(self, npages: int, fill: bytes = b"A", host: Host | None = None) -> None:
         self.npages = npages
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _TARGET, str(npages), fill.hex()],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        )  # fmt: skip
-        self.pid = self.proc.pid
+        argv = [sys.executable, "-c", _TARGET, str(npages), fill.hex()]
+        pipes: dict[str, Any] = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
+        self.proc = (
+            host.spawn(argv, **pipes) if host is not None else subprocess.Popen(argv, **pipes)
+        )
         self.addr: int = read_json_line(self.proc)["addr"]
+        # Under ``ip netns exec`` the target is a child of ip's exec: the same process.
+        self.pid = self.proc.pid
 
     def _do(self, line: str) -> None:
         assert self.proc.stdin is not None
@@ -144,6 +146,7 @@ class Network:
         self.hosts: list[Host] = []
         self.endpoint = ""
         self.daemon: subprocess.Popen[bytes] | None = None
+        self.targets: list[Target] = []
 
     def __enter__(self) -> Network:
         self.hosts = self.cluster.__enter__()
@@ -155,7 +158,11 @@ class Network:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.cluster.__exit__()
+        self.cluster.__exit__()  # kills every process started in a host, targets included
+        for target in self.targets:
+            for pipe in (target.proc.stdin, target.proc.stdout):
+                if pipe is not None:
+                    pipe.close()
 
     def start_daemon(self, port: str = "0") -> None:
         """Start hmmd in host 1 (again, after ``kill_daemon``: same port, new epoch)."""
@@ -195,6 +202,12 @@ class Network:
         """What hmmd wrote to stderr so far."""
         path = self.workdir / "hmmd.stderr"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def target(self, npages: int = 1, fill: bytes = b"A") -> Target:
+        """A target process in host 1, next to hmmd (ended with the network)."""
+        target = Target(npages, fill, self.hosts[0])
+        self.targets.append(target)
+        return target
 
     def agent(self, host: Host, name: str, pid: int, addr: int, npages: int) -> RemoteAgent:
         """Start a remote agent ``name`` (its key allowed in) in ``host``, mirroring a range."""
