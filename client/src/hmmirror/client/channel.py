@@ -9,6 +9,7 @@ request it names; anything else goes to ``_on_push``, which subclasses define.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 from collections.abc import Sequence
@@ -66,7 +67,7 @@ def _expire(fut: asyncio.Future[Envelope]) -> None:
         fut.set_exception(TimeoutError())
 
 
-class Drained:
+class Drained(abc.ABC):
     """A plain pyzmq socket on the event loop: ``loop.add_reader`` on its edge-triggered FD.
 
     ``_drain`` receives every queued message and hands its frames to
@@ -91,9 +92,9 @@ class Drained:
         """Stop draining (the caller closes the socket)."""
         self.loop.remove_reader(self._fd)
 
+    @abc.abstractmethod
     def _on_frames(self, frames: list[zmq.Frame]) -> None:
-        """One inbound message's frames; subclasses define it."""
-        raise NotImplementedError
+        """One inbound message's frames."""
 
     def _drain(self) -> None:
         """Handle every queued message (the FD is edge-triggered: drain fully).
