@@ -24,6 +24,7 @@ _libc.ptrace.restype = ctypes.c_long
 _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
 
 PTRACE_PEEKTEXT = 1
+PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
@@ -35,6 +36,8 @@ SYS_CLOSE = 3
 _SYSCALL_INSN = b"\x0f\x05"
 #: How long the target may take to stop at each step before the attempt is abandoned.
 STOP_DEADLINE = 1.0
+#: How many times the target is interrupted, looking for it blocked in a system call.
+SYSCALL_ATTEMPTS = 50
 # struct user_regs_struct (x86-64) field indexes.
 _RAX, _RDI, _ORIG_RAX, _RIP = 10, 14, 15, 16
 
@@ -107,6 +110,28 @@ def _call(pid: int, saved: _Regs, nr: int, arg0: int) -> int:
     return ret - (1 << 64) if ret >= 1 << 63 else ret
 
 
+def _stop_in_syscall(pid: int) -> _Regs:
+    """Interrupt the seized tracee where it sits in a system call; return its registers.
+
+    A thread caught running user code is let go for a moment and caught again;
+    most processes spend nearly all their time blocked in a system call.
+    """
+    for _ in range(SYSCALL_ATTEMPTS):
+        _ptrace(PTRACE_INTERRUPT, pid)
+        _wait_stopped(pid)
+        saved = _Regs()
+        _ptrace(PTRACE_GETREGS, pid, 0, ctypes.addressof(saved))
+        word = _ptrace(PTRACE_PEEKTEXT, pid, saved.r[_RIP] - 2) & 0xFFFF
+        if word.to_bytes(2, "little") == _SYSCALL_INSN:
+            return saved
+        _ptrace(PTRACE_CONT, pid)
+        time.sleep(0.002)
+    raise InjectError(
+        f"process {pid} was never caught in a system call ({SYSCALL_ATTEMPTS} tries); "
+        "it may be spinning in user code"
+    )
+
+
 def inject_userfaultfd(pid: int, pidfd: int) -> int:
     """Create a userfaultfd in ``pid`` and return hmmd's copy of it; raise InjectError."""
     why = refusal(pid)
@@ -117,13 +142,7 @@ def inject_userfaultfd(pid: int, pidfd: int) -> int:
     except OSError as exc:
         raise InjectError(f"cannot trace process {pid}: {exc.strerror}") from exc
     try:
-        _ptrace(PTRACE_INTERRUPT, pid)
-        _wait_stopped(pid)
-        saved = _Regs()
-        _ptrace(PTRACE_GETREGS, pid, 0, ctypes.addressof(saved))
-        word = _ptrace(PTRACE_PEEKTEXT, pid, saved.r[_RIP] - 2) & 0xFFFF
-        if word.to_bytes(2, "little") != _SYSCALL_INSN:
-            raise InjectError(f"process {pid} is not stopped in a system call; try again later")
+        saved = _stop_in_syscall(pid)
         try:
             flags = os.O_CLOEXEC | os.O_NONBLOCK
             fd = _call(pid, saved, uffd.SYS_USERFAULTFD, flags)
