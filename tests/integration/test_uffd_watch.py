@@ -322,3 +322,21 @@ async def test_fork_policy_close_leaves_the_child_to_the_proc_watcher(hmmd, pupp
             assert (await s.status())["uffd_watched"] == 1, "only the parent"
         finally:
             await child.exit()
+
+
+@pytest.mark.hmmd_args(*SLOW_POLL, "--uffd", "inject")
+async def test_injection_into_a_target_spinning_in_user_code_is_refused_clearly(hmmd, agent):
+    import subprocess
+    import sys
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        async with agent() as s:
+            await s.mirror(spinner.pid, 0x10000, PAGE, Access.READ)  # still mirrored, by proc
+            st = await s.status()
+            assert st["uffd_watched"] == 0
+            assert "never caught in a system call" in st["uffd_last_refusal"]
+        assert spinner.poll() is None, "the target runs on, untouched"
+    finally:
+        spinner.kill()
+        spinner.wait()

@@ -116,7 +116,7 @@ def _stop_in_syscall(pid: int) -> _Regs:
     A thread caught running user code is let go for a moment and caught again;
     most processes spend nearly all their time blocked in a system call.
     """
-    for _ in range(SYSCALL_ATTEMPTS):
+    for attempt in range(SYSCALL_ATTEMPTS):
         _ptrace(PTRACE_INTERRUPT, pid)
         _wait_stopped(pid)
         saved = _Regs()
@@ -124,8 +124,9 @@ def _stop_in_syscall(pid: int) -> _Regs:
         word = _ptrace(PTRACE_PEEKTEXT, pid, saved.r[_RIP] - 2) & 0xFFFF
         if word.to_bytes(2, "little") == _SYSCALL_INSN:
             return saved
-        _ptrace(PTRACE_CONT, pid)
-        time.sleep(0.002)
+        if attempt + 1 < SYSCALL_ATTEMPTS:  # the last time it stays stopped, to be detached
+            _ptrace(PTRACE_CONT, pid)
+            time.sleep(0.002)
     raise InjectError(
         f"process {pid} was never caught in a system call ({SYSCALL_ATTEMPTS} tries); "
         "it may be spinning in user code"
@@ -159,5 +160,20 @@ def inject_userfaultfd(pid: int, pidfd: int) -> int:
     except OSError as exc:
         raise InjectError(f"injection into process {pid} failed: {exc}") from exc
     finally:
-        with contextlib.suppress(OSError):  # already gone
-            _ptrace(PTRACE_DETACH, pid)
+        _detach(pid)
+
+
+def _detach(pid: int) -> None:
+    """Detach, stopping the tracee first if it runs (PTRACE_DETACH needs it stopped).
+
+    A tracee left attached would be reported to hmmd, not its parent, when it dies.
+    """
+    try:
+        _ptrace(PTRACE_DETACH, pid)
+        return
+    except OSError:
+        pass
+    with contextlib.suppress(OSError, InjectError):  # gone, or it will not stop: nothing left
+        _ptrace(PTRACE_INTERRUPT, pid)
+        _wait_stopped(pid)
+        _ptrace(PTRACE_DETACH, pid)
