@@ -71,9 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a watched target's child's userfaultfd: close it, or adopt it (default close)",
     )
     run.add_argument("--policy", metavar="FILE", help="grants of agents to targets (TOML)")
-    run.add_argument(
-        "--expose-socket", metavar="PATH", help="where targets send their userfaultfd"
-    )
+    run.add_argument("--expose-socket", metavar="PATH", help="where targets send their userfaultfd")
     run.add_argument(
         "--socket-group", metavar="GROUP", help="group of the 0660 sockets (default hmmirror)"
     )

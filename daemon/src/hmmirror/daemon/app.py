@@ -1,9 +1,9 @@
-"""The hmmd application: sessions, mirrors, watchers and the request handlers.
+"""The hmmd application: sessions, mirrors, watchers, and the dispatch of requests.
 
 Inbound messages arrive from the ``Transport`` drain loop already split from
 their identity. They are decoded and validated by the proto codec, then
-dispatched through ``HANDLERS``, an explicit table from message class to
-handler; a wire string never reaches ``getattr``. Handlers that must wait
+dispatched through ``HANDLERS`` (``handlers``), an explicit table from message
+class to handler; a wire string never reaches ``getattr``. Handlers that must wait
 (fault, sync_range) run as tasks; the rest run inline. Every failure becomes a
 typed ``error`` reply and, for malformed or out-of-order input, a count in
 ``bad_messages``; nothing a peer sends can stop the loop.
@@ -20,69 +20,35 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 from hmmirror.daemon.config import Config
 from hmmirror.daemon.dma.service import DmaService
 from hmmirror.daemon.errors import RequestError
-from hmmirror.daemon.fault.service import Pending, attempt, resolve
+from hmmirror.daemon.handlers import HANDLERS, on_hello
 from hmmirror.daemon.intake import UffdIntake, default_path
 from hmmirror.daemon.invalidation import Invalidator
 from hmmirror.daemon.linux import uffd
 from hmmirror.daemon.linux.inject import InjectError, inject_userfaultfd
 from hmmirror.daemon.linux.procfs import (
-    PAGE_SHIFT,
     PAGE_SIZE,
     ProcessView,
-    Raw,
     start_time,
     zero_pfn,
 )
 from hmmirror.daemon.linux.uffd import unconfigured_uffds
 from hmmirror.daemon.metrics import MetricsServer
-from hmmirror.daemon.mm import Mirror, Mm, Span
+from hmmirror.daemon.mm import Mirror, Mm
 from hmmirror.daemon.policy import Policy, agent_identity
 from hmmirror.daemon.server import Transport, Unreachable, peer_of
 from hmmirror.daemon.session import Session
 from hmmirror.daemon.watch.proc import Change, detect
 from hmmirror.daemon.watch.uffd import UffdWatch
 from hmmirror.proto.codec import Buffer, Envelope, decode, encode
-from hmmirror.proto.entries import Entries, from_wire
 from hmmirror.proto.errors import ErrorCode, ProtocolError
 from hmmirror.proto.messages import (
-    MAX_DMA_PAGES,
-    MAX_FAULT_PAGES,
-    MAX_MIRROR_PAGES,
-    USER_ADDR_END,
-    Access,
-    Ack,
-    AtomicOp,
-    AtomicReply,
-    DmaAtomic,
-    DmaRead,
-    DmaReadReply,
-    DmaWrite,
     Error,
     Event,
     Evicted,
-    Fault,
-    FaultMode,
-    FaultReadReply,
-    FaultReply,
-    Goodbye,
-    Heartbeat,
-    HeartbeatAck,
-    Hello,
-    Inventory,
-    InventoryReply,
     Message,
-    Ok,
-    Register,
-    Registered,
-    Status,
-    StatusReply,
-    SyncRange,
-    Unregister,
-    Welcome,
 )
 
 log = logging.getLogger(__name__)
@@ -92,20 +58,6 @@ MAX_EXPOSED = 1024
 ADOPT_ATTEMPTS = 200
 #: Written-page scan interval bounds, in seconds: fastest while the target writes.
 WRITTEN_SCAN_MIN, WRITTEN_SCAN_MAX = 0.002, 0.1
-
-Handler = Callable[["Daemon", bytes, "Session | None", Envelope], "Awaitable[None] | None"]
-
-
-def _aligned_range(start: int, npages: int, what: str) -> int:
-    """Check a page-aligned, non-empty range inside user space; return its end."""
-    if start % PAGE_SIZE:
-        raise RequestError(ErrorCode.EINVAL, f"{what} start {start:#x} is not page-aligned")
-    if npages == 0:
-        raise RequestError(ErrorCode.EINVAL, f"{what} of zero pages")
-    end = start + (npages << PAGE_SHIFT)
-    if end > USER_ADDR_END:
-        raise RequestError(ErrorCode.EINVAL, f"{what} [{start:#x}, {end:#x}) leaves user space")
-    return end
 
 
 class Daemon:
@@ -794,408 +746,3 @@ class Daemon:
         }
         stats.update(self.counters)
         return stats
-
-
-# --- handlers -------------------------------------------------------------------------------
-
-
-def on_hello(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
-    """Open a session (replacing any previous one on this connection)."""
-    msg = env.msg
-    assert isinstance(msg, Hello)
-    if session is not None:
-        d._close_session(session)
-    new = Session(d._next_session, identity, msg.agent, time.monotonic(), peer=d._hello_peer)
-    d._next_session += 1
-    d.sessions[identity] = new
-    log.info("session %d opened by %s (pid %d, %s)", new.id, msg.agent, msg.pid, new.peer)
-    d.send(
-        identity,
-        Welcome(
-            session=new.id,
-            epoch=d.epoch,
-            heartbeat_ms=d.config.heartbeat_ms,
-            lease_ms=int(d.config.lease * 1000),
-            ack_deadline_ms=int(d.config.ack_deadline * 1000),
-            zero_pfn=d.zero_pfn,
-            max_fault_pages=MAX_FAULT_PAGES,
-            max_dma_pages=MAX_DMA_PAGES,
-        ),
-        re=env.id,
-    )
-
-
-def on_heartbeat(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
-    """Renew the lease (done on every message) and answer with the epoch."""
-    d.send(identity, HeartbeatAck(epoch=d.epoch), re=env.id)
-
-
-def on_goodbye(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
-    """Close the session and drop its mirrors."""
-    assert session is not None
-    d._close_session(session)
-    d.send(identity, Ok(), re=env.id)
-
-
-def on_status(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
-    """Report the daemon's figures; needs no session."""
-    d.send(identity, StatusReply(stats=d.status()), re=env.id)
-
-
-def on_inventory(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
-    """List mms, mirrors and sessions (``hmmctl mms`` / ``mirrors``); needs no session."""
-    mms: list[int] = []
-    for mm in list(d.mms.values())[:4096]:
-        uffd_level = 0
-        if mm.uffd is not None and not mm.uffd.closed:
-            uffd_level = 1
-        if mm.strict_uffd is not None and not mm.strict_uffd.closed:
-            uffd_level = 2
-        mms.extend((mm.pid, mm.start_time, mm.seq, mm.active, len(mm.mirrors), uffd_level))
-    mirrors: list[int] = []
-    for m in list(d.mirrors.values())[:4096]:
-        held = sum(span.held for span in m.spans)
-        flags = (1 if m.watch_writes else 0) | (2 if m.strict else 0)
-        mirrors.extend((m.id, m.session.id, m.mm.pid, m.lo, m.hi, held, int(m.access), flags))
-    names: dict[str, int | float | str] = {
-        str(s.id): s.name[:256] for s in list(d.sessions.values())[:256] if not s.fenced
-    }
-    reply = InventoryReply(mms=tuple(mms), mirrors=tuple(mirrors), sessions=names)
-    d.send(identity, reply, re=env.id)
-
-
-def _authorize(d: Daemon, session: Session, pid: int, access: Access, what: str) -> None:
-    """PERMISSION_DENIED unless the policy grants ``access`` to ``pid`` (reason logged)."""
-    if d.policy is None:
-        return
-    why = d.policy.refusal(session.peer, pid, access)
-    if why is not None:
-        log.warning("refused %s by session %d (%s): %s", what, session.id, session.name, why)
-        raise RequestError(ErrorCode.PERMISSION_DENIED, why)
-
-
-def on_register(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
-    """Create a mirror of (pid, intervals, access)."""
-    msg = env.msg
-    assert isinstance(msg, Register) and session is not None
-    _authorize(d, session, msg.pid, Access(msg.access), "register")
-    if msg.pid == 0:
-        raise RequestError(ErrorCode.EINVAL, "pid 0 cannot be mirrored")
-    if not msg.access & Access.READ:
-        raise RequestError(ErrorCode.EINVAL, "a mirror needs at least READ access")
-    if not msg.intervals:
-        raise RequestError(ErrorCode.EINVAL, "register needs at least one interval")
-    total = sum(end - start for start, end in msg.intervals) >> PAGE_SHIFT
-    if total > MAX_MIRROR_PAGES:
-        raise RequestError(
-            ErrorCode.TOO_LARGE,
-            f"register covers {total} pages; at most {MAX_MIRROR_PAGES} per mirror",
-        )
-    spans: list[tuple[int, int]] = []
-    for start, end in sorted(msg.intervals):
-        if start % PAGE_SIZE or end % PAGE_SIZE:
-            raise RequestError(
-                ErrorCode.EINVAL, f"interval [{start:#x}, {end:#x}) is not page-aligned"
-            )
-        if end > USER_ADDR_END:
-            raise RequestError(
-                ErrorCode.EINVAL, f"interval [{start:#x}, {end:#x}) leaves user space"
-            )
-        if spans and start < spans[-1][1]:
-            raise RequestError(ErrorCode.EINVAL, "intervals overlap")
-        spans.append((start, end))
-    mm = d._attach_mm(msg.pid, msg.start_time)
-    mirror = Mirror(
-        d._next_mirror, session, mm, [Span(lo, hi) for lo, hi in spans], Access(msg.access)
-    )
-    if msg.strict_writes and d.strict_watch(mm) is None:
-        if not mm.mirrors:
-            d._drop_mm(mm)
-        raise RequestError(
-            ErrorCode.EINVAL,
-            f"strict_writes needs a second userfaultfd of process {msg.pid} (the target calls "
-            "hmmirror.client.expose(strict=True), or hmmd runs with uffd = inject)",
-        )
-    if msg.watch_writes and not msg.strict_writes and (mm.uffd is None or mm.uffd.closed):
-        if not mm.mirrors:
-            d._drop_mm(mm)
-        raise RequestError(
-            ErrorCode.EINVAL,
-            f"watch_writes needs process {msg.pid}'s userfaultfd (the target calls "
-            "hmmirror.client.expose(), or hmmd runs with uffd = off)",
-        )
-    mirror.watch_writes = msg.watch_writes or msg.strict_writes
-    mirror.strict = msg.strict_writes
-    d._next_mirror += 1
-    mm.mirrors.append(mirror)
-    session.mirrors[mirror.id] = mirror
-    d.mirrors[mirror.id] = mirror
-    d.counters["registrations"] += 1
-    d.cover_with_uffd(mm)
-    if mirror.watch_writes and mm.uffd is not None and not mm.uffd.closed:
-        d.track_writes(mm)
-    d.send(
-        identity,
-        Registered(mirror=mirror.id, pid=mm.pid, start_time=mm.start_time, seq=mm.seq),
-        re=env.id,
-    )
-
-
-def on_unregister(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
-    """Drop a mirror."""
-    msg = env.msg
-    assert isinstance(msg, Unregister) and session is not None
-    mirror = session.mirrors.get(msg.mirror)
-    if mirror is None:
-        raise RequestError(ErrorCode.NO_MIRROR, f"session {session.id} has no mirror {msg.mirror}")
-    d._drop_mirror(mirror)
-    d.send(identity, Ok(), re=env.id)
-
-
-def on_ack(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
-    """Apply a cumulative ACK."""
-    msg = env.msg
-    assert isinstance(msg, Ack) and session is not None
-    if msg.n >= session.next_n:
-        raise RequestError(ErrorCode.EINVAL, f"ACK({msg.n}) for an INVALIDATE never sent")
-    d.invalidator.on_ack(session, msg.n)
-
-
-#: FaultMode by wire value (the schema bounds ``mode``), without an Enum call per fault.
-_FAULT_MODES = tuple(FaultMode)
-
-
-def on_fault(
-    d: Daemon, identity: bytes, session: Session | None, env: Envelope
-) -> Awaitable[None] | None:
-    """hmm_range_fault for the agent, then the entries as a raw frame.
-
-    A fault that needs no waiting and no faulting-in is answered at once, with
-    no task; the others continue in ``_fault_later``.
-    """
-    msg = env.msg
-    assert isinstance(msg, Fault) and session is not None
-    mirror = d.mirror_of(session, msg.mirror)
-    end = _aligned_range(msg.start, msg.npages, "fault")
-    span = mirror.span_for(msg.start, end)
-    if span is None:
-        raise RequestError(
-            ErrorCode.EINVAL, f"fault [{msg.start:#x}, {end:#x}) is outside mirror {mirror.id}"
-        )
-    mode = _FAULT_MODES[msg.mode]
-    if msg.write and mode == FaultMode.POPULATE and not mirror.access & Access.WRITE:
-        raise RequestError(
-            ErrorCode.EPERM, f"mirror {mirror.id} was registered without WRITE access"
-        )
-    d.counters["faults"] += 1
-    step = attempt(mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn)
-    if isinstance(step, Pending):
-        return _fault_later(d, identity, env, mirror, span, step)
-    _fault_reply(d, identity, env, mirror, span, *step)
-    return None
-
-
-async def _fault_later(
-    d: Daemon, identity: bytes, env: Envelope, mirror: Mirror, span: Span, first: Pending
-) -> None:
-    """The fault's slow path: wait out invalidations, fault pages in, then reply."""
-    msg = env.msg
-    assert isinstance(msg, Fault)
-    mode = _FAULT_MODES[msg.mode]
-    entries, raw = await resolve(
-        mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn, first
-    )
-    _fault_reply(d, identity, env, mirror, span, entries, raw)
-
-
-def _fault_reply(
-    d: Daemon, identity: bytes, env: Envelope, mirror: Mirror, span: Span, entries: Entries,
-    raw: Raw,
-) -> None:  # fmt: skip
-    """Record what is handed out and send it; no await from the pagemap read to here, so a
-    later invalidation is always sent after this reply."""
-    msg = env.msg
-    assert isinstance(msg, Fault)
-    if mirror.dead:
-        raise RequestError(ErrorCode.NO_MIRROR, f"mirror {mirror.id} was dropped during the fault")
-    if msg.mode != FaultMode.SNAPSHOT:  # POPULATE and PRESENT entries may be installed
-        if not mirror.access & Access.WRITE:
-            entries &= ~np.uint64(1 << 62)
-        span.hand_out(msg.start, entries, raw)
-        strict = mirror.mm.strict_uffd if mirror.strict else None
-        if strict is not None and not strict.closed:
-            # The mirror may now hold these pages: the next write to them waits for its ack.
-            end = msg.start + (msg.npages << PAGE_SHIFT)
-            try:
-                strict.cover_range(msg.start, end)
-                strict.protect(msg.start, end)
-            except OSError as exc:
-                log.warning("strict userfaultfd of pid %d failed: %s", mirror.mm.pid, exc)
-                strict.close()
-        uffd_watch = mirror.mm.uffd
-        if uffd_watch is not None and not uffd_watch.closed:
-            # A VMA mapped since the last poll raises no event until registered: register
-            # it before the agent can hold a translation from it.
-            try:
-                uffd_watch.cover_range(msg.start, msg.start + (msg.npages << PAGE_SHIFT))
-            except OSError as exc:
-                log.warning("userfaultfd of pid %d failed (%s): proc only", mirror.mm.pid, exc)
-                uffd_watch.close()
-    seq = mirror.mm.seq
-    if msg.read and msg.mode == FaultMode.POPULATE and msg.npages <= MAX_DMA_PAGES:
-        # The device's access, done in the fault's own trip: nothing awaits between the
-        # pagemap read above and this copy, and the copy is checked like any DMA read.
-        data = d.dma.read_or_none(mirror.mm, msg.start, msg.npages, entries)
-        if data is not None:  # else a plain fault_reply: the agent reads, and sees why, itself
-            d.counters["dma_reads"] += 1
-            both = FaultReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=seq)
-            d.send(identity, both, re=env.id, bulk=[entries, data], copy=False)
-            return
-    reply = FaultReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=seq)
-    # entries is a fresh little-endian u64 array nobody mutates: send its buffer as is.
-    d.send(identity, reply, re=env.id, bulk=[entries], copy=False)
-
-
-def _dma_target(d: Daemon, session: Session, mirror_id: int, start: int, npages: int) -> Mirror:
-    """The live mirror a DMA names, checked to cover the page-aligned range."""
-    mirror = d.mirror_of(session, mirror_id)
-    end = _aligned_range(start, npages, "DMA")
-    if mirror.span_for(start, end) is None:
-        raise RequestError(
-            ErrorCode.EINVAL, f"DMA [{start:#x}, {end:#x}) is outside mirror {mirror.id}"
-        )
-    return mirror
-
-
-def on_dma_read(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
-    """A device read through the agent's translations."""
-    msg = env.msg
-    assert isinstance(msg, DmaRead) and session is not None
-    mirror = _dma_target(d, session, msg.mirror, msg.start, msg.npages)
-    d.counters["dma_reads"] += 1
-    entries = from_wire(env.bulk[0], msg.npages)
-    end = msg.start + (msg.npages << PAGE_SHIFT)
-    pending = d.invalidator.pending_for(mirror, msg.start, end)
-    data = d.dma.read(mirror.mm, msg.start, msg.npages, entries, pending)
-    reply = DmaReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages)
-    d.send(identity, reply, re=env.id, bulk=[data], copy=False)
-
-
-def on_dma_write(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
-    """A device write through the agent's translations."""
-    msg = env.msg
-    assert isinstance(msg, DmaWrite) and session is not None
-    mirror = _writable_dma_target(d, session, msg.mirror, msg.start, msg.npages)
-    length = msg.length or msg.npages << PAGE_SHIFT
-    if not (msg.npages - 1) << PAGE_SHIFT < msg.offset + length <= msg.npages << PAGE_SHIFT:
-        raise RequestError(
-            ErrorCode.EINVAL,
-            f"DMA write of {length} bytes at offset {msg.offset} does not span exactly "
-            f"{msg.npages} pages",
-        )
-    d.counters["dma_writes"] += 1
-    entries = from_wire(env.bulk[0], msg.npages)
-    end = msg.start + (msg.npages << PAGE_SHIFT)
-    pending = d.invalidator.pending_for(mirror, msg.start, end)
-    with d.device_write(mirror.mm, msg.start, end):
-        d.dma.write(mirror.mm, msg.start, msg.npages, entries, env.bulk[1], pending, msg.offset)
-    d.send(identity, Ok(), re=env.id)
-
-
-def on_dma_atomic(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
-    """An 8-byte device atomic: read, compute and write with no await in between."""
-    msg = env.msg
-    assert isinstance(msg, DmaAtomic) and session is not None
-    mirror = _writable_dma_target(d, session, msg.mirror, msg.start, 1)
-    if msg.offset % 8:
-        raise RequestError(ErrorCode.EINVAL, f"atomic at offset {msg.offset} is not 8-aligned")
-    d.counters["dma_atomics"] += 1
-    entries = from_wire(env.bulk[0], 1)
-    pending = d.invalidator.pending_for(mirror, msg.start, msg.start + (1 << PAGE_SHIFT))
-    with d.device_write(mirror.mm, msg.start, msg.start + PAGE_SIZE):
-        old = d.dma.atomic(
-            mirror.mm, msg.start + msg.offset, entries, AtomicOp(msg.op), msg.compare_add,
-            msg.swap, pending,
-        )  # fmt: skip
-    d.send(identity, AtomicReply(old=old), re=env.id)
-
-
-def _writable_dma_target(
-    d: Daemon, session: Session, mirror_id: int, start: int, npages: int
-) -> Mirror:
-    """Like ``_dma_target``, and the mirror must have been registered with WRITE access."""
-    mirror = _dma_target(d, session, mirror_id, start, npages)
-    if not mirror.access & Access.WRITE:
-        raise RequestError(
-            ErrorCode.EPERM, f"mirror {mirror.id} was registered without WRITE access"
-        )
-    return mirror
-
-
-def on_sync_range(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
-    """The target's own sync_cpu_device_pagetables: invalidate now, answer after every ack."""
-    msg = env.msg
-    assert isinstance(msg, SyncRange)
-    if not msg.ranges:
-        raise RequestError(ErrorCode.EINVAL, "sync_range names no range")
-    try:
-        event = Event(msg.event)
-    except ValueError as exc:
-        raise RequestError(ErrorCode.EINVAL, f"unknown event {msg.event}") from exc
-    if event in (Event.RELEASE, Event.EVICT):
-        # Only hmmd says a process is gone or a mirror is evicted: an agent that could send
-        # these would switch off other agents' mirrors for good.
-        raise RequestError(ErrorCode.EINVAL, f"sync_range may not announce {event.name}")
-    assert session is not None
-    _authorize(d, session, msg.pid, Access.READ, "sync_range")
-    mms = [mm for mm in d.mms.values() if mm.pid == msg.pid and not mm.released]
-    if not mms:
-        try:
-            start_time(msg.pid)
-        except ProcessLookupError as exc:
-            raise RequestError(ErrorCode.ESRCH, f"no process {msg.pid}") from exc
-    ranges = list(msg.ranges)
-    started = [d.invalidator.begin(mm, ranges, event) for mm in mms]
-    pending = [inv for inv in started if not inv.finished]
-
-    def answer() -> None:
-        """Every invalidation is complete: OK, or INCOMPLETE for a strict caller."""
-        gone = [who for inv in started for who in inv.not_acked]
-        if msg.strict and gone:
-            text = f"invalidated, but not acked by {', '.join(gone)} (evicted or gone)"
-            d.reject(identity, ErrorCode.INCOMPLETE, text[:1024], env.id, env.type, bad=False)
-        else:
-            d.send(identity, Ok(), re=env.id)
-
-    if not pending:
-        answer()
-        return
-    # Answer from the completion itself, inside the ACK's handling: no task, no extra turn.
-    left = [len(pending)]
-
-    def one_done() -> None:
-        """One invalidation completed: answer once all of them have."""
-        left[0] -= 1
-        if left[0] == 0:
-            answer()
-
-    for inv in pending:
-        inv.on_done.append(one_done)
-
-
-#: The dispatch table: message class → (handler, needs a live session).
-HANDLERS: dict[type[Message], tuple[Handler, bool]] = {
-    Hello: (on_hello, False),
-    Heartbeat: (on_heartbeat, True),
-    Goodbye: (on_goodbye, True),
-    Status: (on_status, False),
-    Inventory: (on_inventory, False),
-    Register: (on_register, True),
-    Unregister: (on_unregister, True),
-    Ack: (on_ack, True),
-    Fault: (on_fault, True),
-    DmaRead: (on_dma_read, True),
-    DmaWrite: (on_dma_write, True),
-    DmaAtomic: (on_dma_atomic, True),
-    SyncRange: (on_sync_range, True),
-}
