@@ -305,3 +305,27 @@ def hugetlb_pages() -> Iterator[Callable[[int], int]]:
     if saved:
         with open(path, "w") as f:
             f.write(f"{saved[0]}\n")
+
+
+@pytest.fixture
+def hold_dma() -> Callable[[Any], tuple[Any, Any]]:
+    """``hold_dma(mirror)``: that mirror's next DMA stays in flight until released.
+
+    Returns (entered, release) asyncio Events. A DMA in flight fences the ACK of
+    any invalidation of its pages, so this is how a test makes an agent's ack
+    late, or never come.
+    """
+    import asyncio
+
+    def hold(mirror: Any) -> tuple[asyncio.Event, asyncio.Event]:
+        entered, release = asyncio.Event(), asyncio.Event()
+
+        async def hook() -> None:
+            mirror.dma_hook = None
+            entered.set()
+            await release.wait()
+
+        mirror.dma_hook = hook
+        return entered, release
+
+    return hold

@@ -275,27 +275,19 @@ async def test_implicit_access_spanning_two_children(hmmd, puppet, agent):
 # --- fences ---------------------------------------------------------------------------------
 
 
-def hold_dma(mr: MemoryRegion) -> tuple[asyncio.Event, asyncio.Event]:
-    """Make the MR's next DMA stay in flight until released: (entered, release)."""
-    entered, release = asyncio.Event(), asyncio.Event()
+def held(hold_dma, mr: MemoryRegion) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold the next DMA of the MR's one mirror in flight (see the ``hold_dma`` fixture)."""
     (seg,) = mr._segments.values()
-
-    async def hook() -> None:
-        seg.mirror.dma_hook = None
-        entered.set()
-        await release.wait()
-
-    seg.mirror.dma_hook = hook
-    return entered, release
+    return hold_dma(seg.mirror)
 
 
-async def test_dereg_mr_waits_for_dma_in_flight(hmmd, puppet, agent):
+async def test_dereg_mr_waits_for_dma_in_flight(hold_dma, hmmd, puppet, agent):
     addr = await puppet.mmap(2 * PAGE)
     await puppet.write(addr, pattern(7, 2))
     async with agent() as s:
         nic = Nic(s)
         mr = await nic.reg_mr(puppet.pid, addr, 2 * PAGE, RW)
-        entered, release = hold_dma(mr)
+        entered, release = held(hold_dma, mr)
         reading = asyncio.ensure_future(read_all(nic, mr, addr, 2 * PAGE))
         await asyncio.wait_for(entered.wait(), 5)
         dereg = asyncio.ensure_future(nic.dereg_mr(mr))
@@ -311,13 +303,13 @@ async def test_dereg_mr_waits_for_dma_in_flight(hmmd, puppet, agent):
         assert s.mirrors == {}
 
 
-async def test_invalidation_ack_waits_for_the_dma_in_flight(hmmd, puppet, agent):
+async def test_invalidation_ack_waits_for_the_dma_in_flight(hold_dma, hmmd, puppet, agent):
     addr = await puppet.mmap(2 * PAGE)
     await puppet.write(addr, pattern(8, 2))
     async with agent() as s, agent() as announcer:
         nic = Nic(s)
         mr = await nic.reg_mr(puppet.pid, addr, 2 * PAGE, RW)
-        entered, release = hold_dma(mr)
+        entered, release = held(hold_dma, mr)
         reading = asyncio.ensure_future(read_all(nic, mr, addr, 2 * PAGE))
         await asyncio.wait_for(entered.wait(), 5)
         synced = asyncio.ensure_future(announcer.sync_range(puppet.pid, addr, addr + PAGE))
@@ -436,7 +428,7 @@ async def test_a_read_fault_that_races_an_invalidation_discards_its_data(hmmd, p
 
 
 async def test_an_evicted_mr_comes_back_on_a_fresh_session_without_old_translations(
-    hmmd, puppet, agent
+    hold_dma, hmmd, puppet, agent
 ):
     """A DMA held in flight past the ack deadline (1 s here) gets the session evicted; the MR
     then registers a fresh mirror on its own and serves the target's new contents."""
@@ -445,7 +437,7 @@ async def test_an_evicted_mr_comes_back_on_a_fresh_session_without_old_translati
     async with agent() as s, agent() as announcer:
         nic = Nic(s)
         mr = await nic.reg_mr(puppet.pid, addr, PAGE, RW)
-        entered, release = hold_dma(mr)
+        entered, release = held(hold_dma, mr)
         reading = asyncio.ensure_future(read_all(nic, mr, addr, PAGE))
         await asyncio.wait_for(entered.wait(), 5)
         old_mirror = next(iter(mr._segments.values())).mirror

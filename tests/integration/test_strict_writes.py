@@ -17,19 +17,6 @@ from hmmirror.client import Access, Event, RemoteError
 PAGE = 4096
 
 
-def hold_next_dma(mirror) -> tuple[asyncio.Event, asyncio.Event]:
-    """Make ``mirror``'s next DMA stay in flight until released: (entered, release)."""
-    entered, release = asyncio.Event(), asyncio.Event()
-
-    async def hook() -> None:
-        mirror.dma_hook = None
-        entered.set()
-        await release.wait()
-
-    mirror.dma_hook = hook
-    return entered, release
-
-
 async def strict_mirror(hmmd, puppet, agent_session):
     await puppet.expose(hmmd.endpoint)
     await puppet.expose(hmmd.endpoint, strict=True)
@@ -40,7 +27,7 @@ async def strict_mirror(hmmd, puppet, agent_session):
     return addr, mirror
 
 
-async def test_no_agent_reads_the_old_data_once_the_write_is_visible(hmmd, puppet, agent):
+async def test_no_agent_reads_the_old_data_once_the_write_is_visible(hold_dma, hmmd, puppet, agent):
     async with agent() as s:
         addr, mirror = await strict_mirror(hmmd, puppet, s)
         seen_at: dict[str, float] = {}
@@ -52,7 +39,7 @@ async def test_no_agent_reads_the_old_data_once_the_write_is_visible(hmmd, puppe
             return original(seq, start, end, event)
 
         mirror._invalidate = stamp
-        entered, release = hold_next_dma(mirror)
+        entered, release = hold_dma(mirror)
         reading = asyncio.ensure_future(mirror.read(addr, 1))
         await asyncio.wait_for(entered.wait(), 5)
         writing = asyncio.ensure_future(puppet.write(addr + 8, b"NEW!"))
@@ -72,10 +59,12 @@ async def test_no_agent_reads_the_old_data_once_the_write_is_visible(hmmd, puppe
         assert st["strict_write_faults"] >= 1
 
 
-async def test_a_dead_strict_agent_blocks_a_write_only_until_its_deadline(hmmd, puppet, agent):
+async def test_a_dead_strict_agent_blocks_a_write_only_until_its_deadline(
+    hold_dma, hmmd, puppet, agent
+):
     async with agent(name="dead-device") as s:
         addr, mirror = await strict_mirror(hmmd, puppet, s)
-        entered, release = hold_next_dma(mirror)
+        entered, release = hold_dma(mirror)
         reading = asyncio.ensure_future(mirror.read(addr, 1))
         await asyncio.wait_for(entered.wait(), 5)
         t0 = time.monotonic()

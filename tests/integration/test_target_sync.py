@@ -46,19 +46,6 @@ TARGET = textwrap.dedent(
 )
 
 
-def hold_next_dma(mirror) -> tuple[asyncio.Event, asyncio.Event]:
-    """Make ``mirror``'s next DMA stay in flight until released: (entered, release)."""
-    entered, release = asyncio.Event(), asyncio.Event()
-
-    async def hook() -> None:
-        mirror.dma_hook = None
-        entered.set()
-        await release.wait()
-
-    mirror.dma_hook = hook
-    return entered, release
-
-
 async def start_target(hmmd) -> tuple[asyncio.subprocess.Process, int]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", TARGET, hmmd.endpoint,
@@ -70,13 +57,13 @@ async def start_target(hmmd) -> tuple[asyncio.subprocess.Process, int]:
     return proc, int(line.split()[1])
 
 
-async def test_blocking_sync_call_enters_only_after_every_ack(hmmd, agent):
+async def test_blocking_sync_call_enters_only_after_every_ack(hold_dma, hmmd, agent):
     proc, addr = await start_target(hmmd)
     assert proc.stdin is not None and proc.stdout is not None
     try:
         async with agent() as s:
             mirror = await s.mirror(proc.pid, addr, PAGE, Access.READ)
-            entered, release = hold_next_dma(mirror)
+            entered, release = hold_dma(mirror)
             reading = asyncio.ensure_future(mirror.read(addr, 1))
             await asyncio.wait_for(entered.wait(), 5)
             proc.stdin.write(b"go\n")
@@ -97,13 +84,15 @@ async def test_blocking_sync_call_enters_only_after_every_ack(hmmd, agent):
     assert proc.returncode == 0, (await proc.stderr.read()).decode() if proc.stderr else ""
 
 
-async def test_blocking_sync_call_fails_after_the_deadline_when_an_agent_is_dead(hmmd, agent):
+async def test_blocking_sync_call_fails_after_the_deadline_when_an_agent_is_dead(
+    hold_dma, hmmd, agent
+):
     proc, addr = await start_target(hmmd)
     assert proc.stdin is not None and proc.stdout is not None
     try:
         async with agent(name="stuck-device") as s:
             mirror = await s.mirror(proc.pid, addr, PAGE, Access.READ)
-            entered, release = hold_next_dma(mirror)
+            entered, release = hold_dma(mirror)
             reading = asyncio.ensure_future(mirror.read(addr, 1))
             await asyncio.wait_for(entered.wait(), 5)
             proc.stdin.write(b"go\n")
@@ -119,14 +108,14 @@ async def test_blocking_sync_call_fails_after_the_deadline_when_an_agent_is_dead
         await asyncio.wait_for(proc.wait(), 10)
 
 
-async def test_async_sync_call_of_this_process(hmmd, agent):
+async def test_async_sync_call_of_this_process(hold_dma, hmmd, agent):
     region = mmap.mmap(-1, 2 * PAGE)
     region[:4] = b"mine"
     addr = ctypes.addressof(ctypes.c_char.from_buffer(region))
     async with agent() as s, target_mod.connect(hmmd.endpoint) as me:
         mirror = await s.mirror(os.getpid(), addr, 2 * PAGE, Access.READ)
         assert (await mirror.read(addr, 1)).data[:4] == b"mine"
-        entered, release = hold_next_dma(mirror)
+        entered, release = hold_dma(mirror)
         reading = asyncio.ensure_future(mirror.read(addr, 1))
         await asyncio.wait_for(entered.wait(), 5)
         order: list[str] = []
@@ -144,7 +133,7 @@ async def test_async_sync_call_of_this_process(hmmd, agent):
         assert order == ["released", "entered"]
         await reading
         # A dead agent: held past the deadline, the call raises instead of hanging.
-        entered, _never = hold_next_dma(mirror)
+        entered, _never = hold_dma(mirror)
         stuck = asyncio.ensure_future(mirror.read(addr, 1))
         await asyncio.wait_for(entered.wait(), 5)
         t0 = time.monotonic()

@@ -382,13 +382,15 @@ class Mirror:
             self._inflight.remove((start, end, fence))
             self.session._fence()
 
-    def _forget(self, a: int, b: int) -> None:
-        """Drop the translations of table slots [a, b): hmmd judged them stale."""
-        # The retry then re-faults instead of presenting the same translations again
-        # (SPEC: zap the named entries).
+    def _forget(self, a: int, b: int, out_of_time: bool, what: str, why: _Stale) -> None:
+        """hmmd judged the translations of table slots [a, b) stale: drop them, so the
+        retry re-faults instead of presenting them again (SPEC: zap the named entries);
+        EBUSY once the retry budget is spent."""
         zapped = int(np.count_nonzero(self.table[a:b] >= _VALID))
         self.table[a:b] = 0
         self._held -= zapped
+        if out_of_time:
+            raise DeviceError(errno.EBUSY, f"{what} kept going stale: {why}") from why
 
     async def transfer(
         self, addr: int, length: int, payload: memoryview | None, fault: FaultFn
@@ -449,11 +451,7 @@ class Mirror:
                         )  # fmt: skip
                         await self._dma(msg, start, n, entries, payload[lo - addr : hi - addr])
             except _Stale as exc:
-                self._forget(a, b)
-                if loop.time() > deadline:
-                    raise DeviceError(
-                        errno.EBUSY, f"access at {addr:#x} kept going stale: {exc}"
-                    ) from exc
+                self._forget(a, b, loop.time() > deadline, f"access at {addr:#x}", exc)
                 continue
             return pieces, faults
 
@@ -481,11 +479,7 @@ class Mirror:
             try:
                 env = await self._dma(msg, page, 1, self.table[a:b].copy(), None)
             except _Stale as exc:
-                self._forget(a, b)
-                if loop.time() > deadline:
-                    raise DeviceError(
-                        errno.EBUSY, f"atomic at {addr:#x} kept going stale: {exc}"
-                    ) from exc
+                self._forget(a, b, loop.time() > deadline, f"atomic at {addr:#x}", exc)
                 continue
             assert isinstance(env.msg, AtomicReply)
             return env.msg.old

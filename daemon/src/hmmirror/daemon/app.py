@@ -384,33 +384,36 @@ class Daemon:
 
     def _attach_uffd(self, mm: Mm) -> None:
         """Watch ``mm`` through a userfaultfd if the target offers one (``uffd`` config)."""
+        fd = self._obtain_uffd(mm, self._exposed, "userfaultfd")
+        if fd is not None:
+            self._watch_with(mm, fd, configured=False)
+
+    def _obtain_uffd(self, mm: Mm, offers: dict[int, tuple[int, int]], what: str) -> int | None:
+        """A userfaultfd of ``mm``'s process, now ours: one it offered (``offers``), an
+        unconfigured one it left open, or (``uffd = "inject"``) one created in it; else None."""
         if self.config.uffd == "off":
-            return
-        exposed = self._exposed.pop(mm.pid, None)
+            return None
+        exposed = offers.pop(mm.pid, None)
         if exposed is not None:
             st, fd = exposed
             if st == mm.start_time:
-                self._watch_with(mm, fd, configured=False)
-                return
+                return fd
             with contextlib.suppress(OSError):
-                os.close(fd)  # exposed by an earlier process with the same pid
+                os.close(fd)  # offered by an earlier process with the same pid
         for target_fd in unconfigured_uffds(mm.pid):
             try:
-                fd = uffd.getfd(mm.pidfd, target_fd)
+                return uffd.getfd(mm.pidfd, target_fd)
             except OSError as exc:
                 log.info("pidfd_getfd of pid %d fd %d: %s", mm.pid, target_fd, exc)
-                continue
-            self._watch_with(mm, fd, configured=False)
-            return
-        if self.config.uffd == "inject":
-            try:
-                fd = inject_userfaultfd(mm.pid, mm.pidfd)
-            except InjectError as exc:
-                self.uffd_refusals += 1
-                self.uffd_last_refusal = str(exc)
-                log.warning("no userfaultfd injected: %s; proc watcher only", exc)
-                return
-            self._watch_with(mm, fd, configured=False)
+        if self.config.uffd != "inject":
+            return None
+        try:
+            return inject_userfaultfd(mm.pid, mm.pidfd)
+        except InjectError as exc:
+            self.uffd_refusals += 1
+            self.uffd_last_refusal = str(exc)
+            log.warning("no %s injected: %s; proc watcher only", what, exc)
+            return None
 
     def _watch_with(self, mm: Mm, fd: int, *, configured: bool) -> None:
         """Start ``mm``'s uffd watcher on ``fd`` (ours now); fall back to proc on failure."""
@@ -464,33 +467,11 @@ class Daemon:
         """``mm``'s strict-write watch, obtained now if the target offers a second uffd."""
         if mm.strict_uffd is not None and not mm.strict_uffd.closed:
             return mm.strict_uffd
-        if self.config.uffd == "off":
-            return None
-        exposed = self._exposed_strict.pop(mm.pid, None)
-        if exposed is not None:
-            st, fd = exposed
-            if st == mm.start_time:
-                self._watch_strict_with(mm, fd)
-                return mm.strict_uffd
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        for target_fd in unconfigured_uffds(mm.pid):
-            try:
-                fd = uffd.getfd(mm.pidfd, target_fd)
-            except OSError:
-                continue
+        fd = self._obtain_uffd(mm, self._exposed_strict, "strict userfaultfd")
+        if fd is not None:
             self._watch_strict_with(mm, fd)
-            return mm.strict_uffd
-        if self.config.uffd == "inject":
-            try:
-                fd = inject_userfaultfd(mm.pid, mm.pidfd)
-            except InjectError as exc:
-                self.uffd_refusals += 1
-                self.uffd_last_refusal = str(exc)
-                log.warning("no strict userfaultfd injected: %s", exc)
-                return None
-            self._watch_strict_with(mm, fd)
-        return mm.strict_uffd
+        watch = mm.strict_uffd
+        return watch if watch is not None and not watch.closed else None
 
     def _watch_strict_with(self, mm: Mm, fd: int) -> None:
         """Start ``mm``'s strict-write watch on ``fd`` (ours now)."""
