@@ -329,7 +329,12 @@ async def test_injection_into_a_target_spinning_in_user_code_is_refused_clearly(
     import subprocess
     import sys
 
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    # Only once it says so is it spinning: while Python starts up it makes system calls.
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", "print('spinning', flush=True)\nwhile True: pass"],
+        stdout=subprocess.PIPE,
+    )
+    assert spinner.stdout is not None and spinner.stdout.readline() == b"spinning\n"
     try:
         async with agent() as s:
             await s.mirror(spinner.pid, 0x10000, PAGE, Access.READ)  # still mirrored, by proc
@@ -340,3 +345,4 @@ async def test_injection_into_a_target_spinning_in_user_code_is_refused_clearly(
     finally:
         spinner.kill()
         spinner.wait()
+        spinner.stdout.close()
