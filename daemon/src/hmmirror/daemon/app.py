@@ -695,7 +695,7 @@ class Daemon:
 
     def status(self) -> dict[str, int | float | str]:
         """The figures ``hmmctl status`` shows."""
-        p50, p99 = self.invalidator.latency.percentiles(50, 99)
+        p50, p99, p999 = self.invalidator.latency.percentiles(50, 99, 99.9)
         stats: dict[str, int | float | str] = {
             "epoch": self.epoch,
             "endpoint": self.transport.endpoint,
@@ -708,6 +708,7 @@ class Daemon:
             "stale": self.dma.stale,
             "ack_p50_us": round(p50, 1),
             "ack_p99_us": round(p99, 1),
+            "ack_p999_us": round(p999, 1),
             "last_acked_monotonic": round(self.invalidator.last_acked, 6),
             "zero_pfn": self.zero_pfn,
             "uffd_watched": sum(1 for mm in self.mms.values() if mm.uffd and not mm.uffd.closed),

@@ -581,7 +581,7 @@ class StatusReply(Message):
 
     Keys include ``epoch``, ``uptime_s``, ``sessions``, ``mms``, ``mirrors``,
     ``invalidations``, ``evictions``, ``faults``, ``dma_reads``, ``dma_writes``,
-    ``stale``, ``bad_messages``, ``ack_p50_us`` and ``ack_p99_us``.
+    ``stale``, ``bad_messages``, ``ack_p50_us``, ``ack_p99_us`` and ``ack_p999_us``.
     """
 
     TYPE: ClassVar[str] = "status_reply"
