@@ -709,6 +709,7 @@ class Daemon:
             "ack_p50_us": round(p50, 1),
             "ack_p99_us": round(p99, 1),
             "ack_p999_us": round(p999, 1),
+            "ack_samples": self.invalidator.latency.recorded,
             "last_acked_monotonic": round(self.invalidator.last_acked, 6),
             "zero_pfn": self.zero_pfn,
             "uffd_watched": sum(1 for mm in self.mms.values() if mm.uffd and not mm.uffd.closed),

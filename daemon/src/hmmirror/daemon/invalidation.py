@@ -96,6 +96,11 @@ class LatencyLog:
         self._ring[self._count % len(self._ring)] = micros
         self._count += 1
 
+    @property
+    def recorded(self) -> int:
+        """How many round trips were recorded since the start (or the last reset)."""
+        return self._count
+
     def percentiles(self, *qs: float) -> list[float]:
         """Percentiles over what the ring holds (0.0 when empty)."""
         n = min(self._count, len(self._ring))
