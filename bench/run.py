@@ -1,7 +1,7 @@
 """Run the hmmirror benchmarks.
 
 ``uv run python -m bench`` or
-``uv run python bench/run.py [--only invalidate|pipelined|fault|rdma|uffd]``.
+``uv run python bench/run.py [--only invalidate|pipelined|fault|rdma|uffd|soak]``.
 
 Every result is a ratio to a baseline measured in the same run; see bench/README.md.
 """
@@ -32,9 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument(
         "--only",
-        choices=["invalidate", "pipelined", "fault", "rdma", "uffd"],
+        choices=["invalidate", "pipelined", "fault", "rdma", "uffd", "soak"],
         action="append",
-        help="run only this benchmark (repeatable); default: all five",
+        help="run only this benchmark (repeatable); default: the first five (soak only "
+        "when asked: it takes minutes)",
     )
     ap.add_argument(
         "--agents", default="1,8", help="agent counts for the W=1 benchmark (default 1,8)"
@@ -67,6 +68,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--munmap-count", type=int, default=300, help="munmaps timed per watcher mode (300)"
+    )
+    ap.add_argument("--soak-seconds", type=float, default=60.0, help="soak: measured seconds (60)")
+    ap.add_argument("--soak-agents", type=int, default=8, help="soak: agent processes (8)")
+    ap.add_argument(
+        "--soak-rate", type=float, default=10000.0, help="soak: invalidating ops/s asked (10000)"
+    )
+    ap.add_argument("--soak-threads", type=int, default=16, help="soak: target churn threads (16)")
+    ap.add_argument(
+        "--soak-pages", type=int, default=4096, help="soak: target arena, in 4 KiB pages (4096)"
+    )
+    ap.add_argument(
+        "--soak-fault-hz",
+        type=float,
+        default=20.0,
+        help="soak: each agent faults a random 64-page run this often per second (20)",
+    )
+    ap.add_argument(
+        "--soak-warmup", type=float, default=5.0, help="soak: seconds of churn before measuring (5)"
+    )
+    ap.add_argument(
+        "--soak-check-every",
+        type=float,
+        default=15.0,
+        help="soak: seconds of running between quiescent oracle checks (15; one at the end too)",
     )
     ap.add_argument(
         "--loop",
@@ -121,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--munmap-count 1..5000")
     if not 1 <= a.fault_count <= 20_000:
         ap.error("--fault-count 1..20000")
+    if not (1 <= a.soak_seconds <= 3600 and 1 <= a.soak_agents <= 64 and 1 <= a.soak_rate <= 1e6):
+        ap.error("--soak-seconds 1..3600, --soak-agents 1..64, --soak-rate 1..1000000")
+    if not (1 <= a.soak_threads <= 32 and a.soak_pages % 64 == 0 and 64 * a.soak_threads
+            <= a.soak_pages <= 1 << 20):  # fmt: skip
+        ap.error("--soak-threads 1..32; --soak-pages a multiple of 64, 64 per thread, <= 1M")
+    if not (0 <= a.soak_fault_hz <= 1000 and 0 <= a.soak_warmup <= 600
+            and 1 <= a.soak_check_every <= 3600):  # fmt: skip
+        ap.error("--soak-fault-hz 0..1000, --soak-warmup 0..600 s, --soak-check-every 1..3600 s")
     daemon_args = shlex.split(a.daemon_args)
     if a.profile_daemon:
         os.makedirs(a.profile_daemon, exist_ok=True)
@@ -161,6 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         from bench_uffd import bench_uffd
 
         rows += bench_uffd(a.munmap_count, a.loop)
+    if "soak" in (a.only or []):
+        from bench_soak import bench_soak
+
+        soak = {
+            "seconds": a.soak_seconds, "agents": a.soak_agents, "rate": a.soak_rate,
+            "threads": a.soak_threads, "pages": a.soak_pages, "fault_hz": a.soak_fault_hz,
+            "warmup": a.soak_warmup, "check_every": a.soak_check_every,
+        }  # fmt: skip
+        rows += bench_soak(soak, daemon_args)
     print()
     print(f"machine (end): loadavg={loadavg()}  elapsed {time.monotonic() - t0:.0f} s")
     print()
