@@ -1,0 +1,237 @@
+"""The ceiling of hmmirror's RDMA READ path: the same topology with nothing in the way.
+
+An *idealized pipeline* built from plain blocking pyzmq loops, with no library,
+no asyncio, no faults and no error handling, but the same hops and copies the
+design requires:
+
+    requester --tcp--> agent --ipc--> daemon: pagemap check, process_vm_readv
+                                      into memory shared with the agent, recheck
+    requester <--tcp-- agent (sends the shared slice; zero-copy from 64 KiB)
+
+The agent drains every request waiting on its socket and checks each one
+against an MTT (a numpy u64 array), then sends the whole batch to the daemon
+as one message. The daemon reads the live pagemap before and after one
+vectored process_vm_readv, for the batch, into the agent's memfd. That is one
+copy more than the raw pyzmq transfer (the read out of the target) and one
+ipc round trip more. Both are inherent to "the DMA is performed by hmmd".
+
+``bench_rdma`` measures it in the same rounds as the raw transfer and as
+hmmirror. "ideal / raw" is the most any implementation of this design could
+reach on this machine; "ours / ideal" is how much of it hmmirror gets.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+PAGE = 4096
+VALID = np.uint64(1 << 63)
+PFN = np.uint64((1 << 55) - 1)
+#: One slot per request in flight; a 2 MiB READ fits one slot.
+SLOT = 4 << 20
+SLOTS = 16
+LIFETIME = 600.0
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def _address(buf: Any) -> int:
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
+
+
+def _tune(sock: zmq.Socket[Any]) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDBUF, 4 << 20)
+    sock.setsockopt(zmq.RCVBUF, 4 << 20)
+
+
+def _orphaned() -> bool:
+    return os.getppid() == 1
+
+
+def _live_ok(pagemap: int, batch: list[list[int]], named: Any) -> bool:
+    """Whether the live pagemap still shows the pages the batch's entries name."""
+    for addr, length, _, first in batch:
+        n = length // PAGE
+        raw = os.pread(pagemap, n * 8, addr // PAGE * 8)
+        live = np.frombuffer(raw, dtype=np.uint64) & PFN
+        if not (live == (named[first : first + n] & PFN)).all():
+            return False
+    return True
+
+
+def daemon_main(endpoint: str, pid: int, window_path: str) -> int:
+    """The daemon's half: checked, batched process_vm_readv into the agent's window."""
+    fd = os.open(window_path, os.O_RDWR)
+    window = mmap.mmap(fd, SLOT * SLOTS)
+    base = _address(window)
+    pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    ctx = zmq.Context(1)
+    sock = ctx.socket(zmq.ROUTER)
+    _tune(sock)
+    sock.bind(endpoint)
+    print("daemon ready", flush=True)
+    deadline = time.monotonic() + LIFETIME
+    while time.monotonic() < deadline and not _orphaned():
+        if not sock.poll(1000):
+            continue
+        ident, head, entries = sock.recv_multipart(copy=False)
+        batch = msgpack.unpackb(head.bytes)  # [[addr, length, slot offset, first entry], ...]
+        named = np.frombuffer(entries.buffer, dtype=np.uint64)
+
+        ok = _live_ok(pagemap, batch, named)
+        if ok:
+            n = len(batch)
+            local = (_Iovec * n)(*[_Iovec(base + off, ln) for _, ln, off, _ in batch])
+            remote = (_Iovec * n)(*[_Iovec(a, ln) for a, ln, _, _ in batch])
+            total = sum(ln for _, ln, _, _ in batch)
+            copied = _libc.process_vm_readv(pid, local, n, remote, n, 0)
+            ok = copied == total and _live_ok(pagemap, batch, named)
+        sock.send_multipart([ident, b"ok" if ok else b"stale"])
+    return 0
+
+
+def agent_main(pid: int, addr: int, length: int) -> int:
+    """The agent's half: MTT check, one batched request to the daemon, the slices out."""
+    window_fd = os.memfd_create("hmmirror-ceiling")
+    os.ftruncate(window_fd, SLOT * SLOTS)
+    window = memoryview(mmap.mmap(window_fd, SLOT * SLOTS))
+    # The MTT: the live pagemap entries, VALID (the target is populated and stays put).
+    with open(f"/proc/{pid}/pagemap", "rb") as f:
+        f.seek(addr // PAGE * 8)
+        mtt = np.frombuffer(f.read(length // PAGE * 8), dtype=np.uint64) & PFN | VALID
+    with tempfile.TemporaryDirectory(prefix="hmmirror-ceiling-") as tmp:
+        endpoint = f"ipc://{tmp}/daemon.sock"
+        daemon = subprocess.Popen(
+            [sys.executable, __file__, "daemon", endpoint, str(pid),
+             f"/proc/{os.getpid()}/fd/{window_fd}"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert daemon.stdout is not None and "ready" in daemon.stdout.readline()
+            return _agent_loop(pid, addr, mtt, window, endpoint)
+        finally:
+            daemon.kill()
+            daemon.wait()
+
+
+def _agent_loop(pid: int, addr: int, mtt: Any, window: memoryview, endpoint: str) -> int:
+    ctx = zmq.Context(1)
+    front = ctx.socket(zmq.ROUTER)
+    _tune(front)
+    port = front.bind_to_random_port("tcp://127.0.0.1")
+    back = ctx.socket(zmq.DEALER)
+    _tune(back)
+    back.connect(endpoint)
+    print(f"ceiling ready tcp://127.0.0.1:{port}", flush=True)
+    free = list(range(0, SLOT * SLOTS, SLOT))
+    lent: list[tuple[int, zmq.MessageTracker]] = []
+    waiting: list[list[tuple[bytes, int, int, int]]] = []  # batches at the daemon
+    poller = zmq.Poller()
+    poller.register(front, zmq.POLLIN)
+    poller.register(back, zmq.POLLIN)
+    deadline = time.monotonic() + LIFETIME
+    while time.monotonic() < deadline and not _orphaned():
+        if not poller.poll(1000):
+            continue
+        batch: list[tuple[bytes, int, int, int]] = []
+        heads: list[list[int]] = []
+        parts: list[Any] = []
+        first = 0
+        while True:
+            if not free:  # reclaim the slots ZeroMQ has finished sending
+                still: list[tuple[int, zmq.MessageTracker]] = []
+                for off, tracker in lent:
+                    if tracker.done:
+                        free.append(off)
+                    else:
+                        still.append((off, tracker))
+                lent = still
+                if not free:
+                    break
+            try:
+                ident, head = front.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            rid, at, length = msgpack.unpackb(head)
+            i = (at - addr) // PAGE
+            n = length // PAGE
+            entries = mtt[i : i + n]
+            if not (entries & VALID).all():
+                raise RuntimeError("the ceiling's MTT lost an entry")
+            off = free.pop()
+            batch.append((ident, rid, off, length))
+            heads.append([at, length, off, first])
+            parts.append(entries)
+            first += n
+        if batch:
+            back.send_multipart([msgpack.packb(heads), np.concatenate(parts)])
+            waiting.append(batch)
+        while waiting:
+            try:
+                verdict = back.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if verdict != b"ok":
+                raise RuntimeError("the ceiling's daemon refused a batch")
+            for ident, rid, off, length in waiting.pop(0):
+                head = msgpack.packb([rid, length])
+                if length < 65536:
+                    front.send_multipart([ident, head, window[off : off + length]])
+                    free.append(off)
+                else:
+                    frame = zmq.Frame(window[off : off + length], track=True)
+                    front.send_multipart([ident, head, frame], copy=False)
+                    assert frame.tracker is not None
+                    lent.append((off, frame.tracker))
+    return 0
+
+
+def ceiling_block(sock: zmq.Socket[Any], addr: int, span: int, size: int, window: int,
+                  seconds: float) -> float:  # fmt: skip
+    """Bytes per second READ through the idealized pipeline in one block of ``seconds``."""
+    n = 0
+
+    def post() -> None:
+        nonlocal n
+        sock.send(msgpack.packb([n, addr + (n * size) % (span - size), size]))
+        n += 1
+
+    for _ in range(window):
+        post()
+    done = 0
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    while True:
+        sock.recv_multipart(copy=False)
+        done += 1
+        if time.perf_counter() >= end:
+            break
+        post()
+    elapsed = time.perf_counter() - t0
+    for _ in range(window - 1):  # drain what is still in flight (untimed)
+        sock.recv_multipart(copy=False)
+    return done * size / elapsed
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["daemon"]:
+        sys.exit(daemon_main(sys.argv[2], int(sys.argv[3]), sys.argv[4]))
+    if sys.argv[1:2] == ["agent"]:
+        sys.exit(agent_main(int(sys.argv[2]), int(sys.argv[3], 0), int(sys.argv[4])))
+    sys.exit(2)
