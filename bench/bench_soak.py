@@ -54,6 +54,7 @@ from common import (
     PY,
     Procs,
     Row,
+    daemon_request,
     daemon_status,
     loadavg,
     read_line,
@@ -400,24 +401,11 @@ def all_stopped(pid: int) -> bool:
 
 def daemon_mms(endpoint: str, timeout: float = 5.0) -> list[dict[str, int]]:
     """Raw Inventory request -> one dict per mm (``MM_COLUMNS``)."""
-    import zmq
-    from hmmirror.proto import decode, encode
     from hmmirror.proto.messages import MM_COLUMNS, Inventory
 
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.DEALER)
-    s.linger = 0
-    try:
-        s.connect(endpoint)
-        s.send_multipart(encode(Inventory(), id=1))
-        if not s.poll(int(timeout * 1000)):
-            raise TimeoutError(f"no inventory_reply from {endpoint} in {timeout}s")
-        env = decode(s.recv_multipart())
-        flat = env.msg.mms  # type: ignore[attr-defined]
-        w = len(MM_COLUMNS)
-        return [dict(zip(MM_COLUMNS, flat[i : i + w], strict=True)) for i in range(0, len(flat), w)]
-    finally:
-        s.close(0)
+    flat = daemon_request(endpoint, Inventory(), "inventory_reply", timeout).mms
+    w = len(MM_COLUMNS)
+    return [dict(zip(MM_COLUMNS, flat[i : i + w], strict=True)) for i in range(0, len(flat), w)]
 
 
 @dataclass

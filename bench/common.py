@@ -5,7 +5,7 @@
   region, optionally writes every page, prints ``target ready <addr> <len>`` and sleeps
   until its stdin closes (or a hard time limit).
 * ``start_daemon``: run ``hmmd`` and wait for ``hmmd ready``.
-* ``daemon_status``: one raw Status round trip (needs no session).
+* ``daemon_request`` / ``daemon_status``: one raw request that needs no session (Status, Inventory).
 * ``machine_info``, ``Row`` and ``print_table`` for the report.
 
 Run as a script, this file is the target: ``python bench/common.py target NBYTES [--populate]``.
@@ -268,26 +268,32 @@ def start_daemon(
     return d
 
 
-def daemon_status(endpoint: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Raw Status request (no session) -> the stats dict."""
+def daemon_request(endpoint: str, msg: Any, reply: str, timeout: float = 5.0) -> Any:
+    """One raw request that needs no session (Status, Inventory) -> the reply message."""
     import zmq
     from hmmirror.proto import decode, encode
-    from hmmirror.proto.messages import Status
 
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.linger = 0
     try:
         s.connect(endpoint)
-        s.send_multipart(encode(Status(), id=1))
+        s.send_multipart(encode(msg, id=1))
         if not s.poll(int(timeout * 1000)):
-            raise TimeoutError(f"no status_reply from {endpoint} in {timeout}s")
+            raise TimeoutError(f"no {reply} from {endpoint} in {timeout}s")
         env = decode(s.recv_multipart())
-        if env.type != "status_reply":
-            raise RuntimeError(f"status answered with {env.type}: {env.msg}")
-        return dict(env.msg.stats)  # type: ignore[attr-defined]
+        if env.type != reply:
+            raise RuntimeError(f"{type(msg).__name__} answered with {env.type}: {env.msg}")
+        return env.msg
     finally:
         s.close(0)
+
+
+def daemon_status(endpoint: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Raw Status request (no session) -> the stats dict."""
+    from hmmirror.proto.messages import Status
+
+    return dict(daemon_request(endpoint, Status(), "status_reply", timeout).stats)
 
 
 # --------------------------------------------------------------------------- report
