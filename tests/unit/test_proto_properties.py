@@ -425,3 +425,48 @@ def test_decode_header_agrees_with_decode(frames: list[Any]) -> None:
     env = check_total(frames)
     if env is not None:
         assert (env.type, env.id, env.re, env.version) == head
+
+
+def _header_id(frames: list[Any]) -> int | None:
+    """The header ``id`` a receiver can read from ``frames``, or None if the header is bad."""
+    try:
+        return decode_header(frames)[1]
+    except VersionError as exc:
+        return exc.id  # a whole header, only the major version is foreign
+    except ProtocolError:
+        return None
+
+
+@settings(max_examples=400, deadline=DEADLINE, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=hostile_frames())
+def test_refusals_name_the_request_once_its_header_was_read(frames: list[Any]) -> None:
+    """A refusal after a readable header carries its ``id`` (the daemon answers with it in
+    ``re``, so the sender's request fails at once); before that, ``id`` is 0."""
+    try:
+        decode(frames)
+    except ProtocolError as exc:
+        readable = _header_id(frames)
+        event("named" if readable is not None else "anonymous")
+        assert exc.id == (readable or 0), (type(exc).__name__, exc, exc.id, readable)
+
+
+def test_refusal_ids_by_stage() -> None:
+    """One example per stage: the header, the version, the type, the body, the bulk frames."""
+    hello = msgpack.packb({"agent": "a"})
+
+    def refusal(frames: list[bytes]) -> ProtocolError:
+        with pytest.raises(ProtocolError) as info:
+            decode(frames)
+        return info.value
+
+    def hdr(mtype: str, v: Any = None) -> bytes:
+        return msgpack.packb({"v": v or list(PROTOCOL_VERSION), "type": mtype, "id": 77})
+
+    assert refusal([b"", msgpack.packb({"v": "1.0", "type": "hello", "id": 77}), hello]).id == 0
+    assert refusal([b"", hdr("hello", [9, 0]), hello]).id == 77
+    assert refusal([b"", hdr("nope"), hello]).id == 77
+    assert refusal([b"", hdr("hello"), b"\xc1"]).id == 77
+    assert refusal([b"", hdr("hello"), msgpack.packb({"agent": 1})]).id == 77
+    assert refusal([b"", hdr("hello"), hello, b"extra"]).id == 77
+    read = msgpack.packb({"mirror": 1, "start": 0, "npages": 1})
+    assert refusal([b"", hdr("dma_read"), read, bytes(7)]).id == 77

@@ -210,7 +210,9 @@ class Daemon:
         try:
             env = decode(frames)
         except ProtocolError as exc:
-            self.reject(identity, exc.code, str(exc), 0, "message", bad=True)
+            # exc.id names the request once its header was readable (0 before): the sender's
+            # pending request then fails at once rather than timing out.
+            self.reject(identity, exc.code, str(exc), exc.id, "message", bad=True)
             return
         entry = HANDLERS.get(type(env.msg))
         if entry is None:
