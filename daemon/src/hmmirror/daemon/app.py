@@ -210,7 +210,9 @@ class Daemon:
         try:
             env = decode(frames)
         except ProtocolError as exc:
-            self.reject(identity, exc.code, str(exc), 0, "message", bad=True)
+            # exc.id names the request once its header was readable (0 before): the sender's
+            # pending request then fails at once rather than timing out.
+            self.reject(identity, exc.code, str(exc), exc.id, "message", bad=True)
             return
         entry = HANDLERS.get(type(env.msg))
         if entry is None:
@@ -256,7 +258,9 @@ class Daemon:
     def _answer_failure(self, identity: bytes, env: Envelope, exc: Exception) -> None:
         """Answer a handler's failure: its typed error, or INTERNAL (logged) for a bug."""
         if isinstance(exc, RequestError):
-            bad = exc.code == ErrorCode.EINVAL
+            # Bad arguments are bad input, whether a cap or a range was violated; ESRCH,
+            # NO_MIRROR or EPERM can follow from a race or a policy, not only from the peer.
+            bad = exc.code in (ErrorCode.EINVAL, ErrorCode.TOO_LARGE)
             self.reject(identity, exc.code, exc.message, env.id, env.type, bad=bad)
             return
         log.error("%s id=%d from %r failed", env.type, env.id, identity, exc_info=exc)

@@ -21,7 +21,13 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
 import msgpack
-from hmmirror.proto.errors import DecodeError, TooLarge, UnknownMessage, VersionError
+from hmmirror.proto.errors import (
+    DecodeError,
+    ProtocolError,
+    TooLarge,
+    UnknownMessage,
+    VersionError,
+)
 from hmmirror.proto.messages import MAX_FRAME, TYPES, Message
 from hmmirror.proto.schema import REQUIRED, VALIDATORS, Spec, Validator
 from hmmirror.proto.version import PROTOCOL_VERSION
@@ -184,10 +190,12 @@ def decode_header(frames: Sequence[Buffer]) -> tuple[str, int, int, tuple[int, i
     if type(re) is not int or not 0 <= re < 1 << 64:
         raise DecodeError("header field 're' must be a u64")
     if major != PROTOCOL_VERSION[0]:
-        raise VersionError(
+        exc = VersionError(
             f"peer speaks protocol {ver[0]}.{ver[1]}, "
             f"we speak {PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}"
         )
+        exc.id = msg_id
+        raise exc
     return mtype, msg_id, re, ver
 
 
@@ -195,29 +203,35 @@ def decode(frames: Sequence[Buffer]) -> Envelope:
     """Decode and validate one message's frames (without the identity frame).
 
     Raises a ``ProtocolError`` subclass for anything that is not a valid
-    message; the exception's ``code`` is the wire error code to answer with.
+    message; the exception's ``code`` is the wire error code to answer with,
+    and its ``id`` the header's ``id`` once the header was read whole.
     """
     mtype, msg_id, re, ver = decode_header(frames)
-    cls = TYPES.get(mtype)
-    if cls is None:
-        raise UnknownMessage(f"unknown message type {mtype!r}")
-    raw = _unpack(frames[2], MAX_BODY, "body")
-    values: dict[str, Any] = {}
-    for name, validate, spec in _checks(cls):
-        if name in raw:
-            values[name] = validate(name, spec, raw[name])
-        elif spec.default is REQUIRED:
-            raise DecodeError(f"{mtype} is missing field {name!r}")
-    msg = cls(**values)
-    if len(frames) == 3 and not cls.BULK:
-        return Envelope(mtype, msg_id, re, ver, msg, ())
-    bulk = tuple(memoryview(f) for f in frames[3:])  # type: ignore[arg-type]
-    expected = msg.bulk_sizes()
-    if len(bulk) != len(expected):
-        raise DecodeError(f"{mtype} carries {len(expected)} bulk frames, got {len(bulk)}")
-    for name, frame, size in zip(cls.BULK, bulk, expected, strict=True):
-        if frame.nbytes != size:
-            raise DecodeError(
-                f"{mtype} bulk frame {name!r} has {frame.nbytes} bytes, expected {size}"
-            )
-    return Envelope(mtype, msg_id, re, ver, msg, bulk)
+    # A try block costs nothing in CPython 3.11 until it catches.
+    try:
+        cls = TYPES.get(mtype)
+        if cls is None:
+            raise UnknownMessage(f"unknown message type {mtype!r}")
+        raw = _unpack(frames[2], MAX_BODY, "body")
+        values: dict[str, Any] = {}
+        for name, validate, spec in _checks(cls):
+            if name in raw:
+                values[name] = validate(name, spec, raw[name])
+            elif spec.default is REQUIRED:
+                raise DecodeError(f"{mtype} is missing field {name!r}")
+        msg = cls(**values)
+        if len(frames) == 3 and not cls.BULK:
+            return Envelope(mtype, msg_id, re, ver, msg, ())
+        bulk = tuple(memoryview(f) for f in frames[3:])  # type: ignore[arg-type]
+        expected = msg.bulk_sizes()
+        if len(bulk) != len(expected):
+            raise DecodeError(f"{mtype} carries {len(expected)} bulk frames, got {len(bulk)}")
+        for name, frame, size in zip(cls.BULK, bulk, expected, strict=True):
+            if frame.nbytes != size:
+                raise DecodeError(
+                    f"{mtype} bulk frame {name!r} has {frame.nbytes} bytes, expected {size}"
+                )
+        return Envelope(mtype, msg_id, re, ver, msg, bulk)
+    except ProtocolError as exc:
+        exc.id = msg_id
+        raise

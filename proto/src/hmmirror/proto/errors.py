@@ -53,9 +53,15 @@ class ErrorCode(IntEnum):
 
 
 class ProtocolError(Exception):
-    """Root of every wire-layer failure: the bytes could not become a message."""
+    """Root of every wire-layer failure: the bytes could not become a message.
+
+    ``id`` is the failing message's header ``id`` once the header was read
+    whole (0 before that), so the receiver can answer in ``re`` and the
+    sender's pending request fails at once instead of timing out.
+    """
 
     code: ErrorCode = ErrorCode.BAD_MESSAGE
+    id: int = 0
 
 
 class DecodeError(ProtocolError):

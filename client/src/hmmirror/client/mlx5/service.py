@@ -100,7 +100,9 @@ class RdmaService(Drained):
             env = decode(frames)
         except ProtocolError as exc:
             self.counters["bad_messages"] += 1
-            self._reply(identity, Error(code=int(exc.code), message=str(exc)[:1024]), 0)
+            # exc.id names the request once its header was readable: the requester's
+            # pending request then fails at once rather than timing out.
+            self._reply(identity, Error(code=int(exc.code), message=str(exc)[:1024]), exc.id)
             return
         self.counters["requests"] += 1
         msg = env.msg
