@@ -466,7 +466,7 @@ def rejects_over_bound(frames: list[bytes]) -> None:
 
 
 def test_too_large_ints() -> None:
-    rejects_over_bound(_frames_with_body(M.Hello, {"agent": "a", "pid": (1 << 32) + 1}))
+    rejects_over_bound(_frames_with_body(M.Hello, {"agent": "a", "pid": 1 << 32}))
     body = {"mirror": 1, "start": 0, "npages": M.MAX_FAULT_PAGES + 1, "write": False, "mode": 0}
     rejects_over_bound(_frames_with_body(M.Fault, body))
     body = {"mirror": 1, "start": 0, "npages": M.MAX_FAULT_PAGES, "write": False, "mode": 3}
@@ -476,7 +476,7 @@ def test_too_large_ints() -> None:
     # At the bound is fine (bounds are inclusive).
     body = {"mirror": 1, "start": U64_MAX, "npages": M.MAX_FAULT_PAGES, "write": True, "mode": 1}
     assert decode(_frames_with_body(M.Fault, body)).msg.npages == M.MAX_FAULT_PAGES
-    assert decode(_frames_with_body(M.Hello, {"agent": "", "pid": 1 << 32})).msg.pid == 1 << 32
+    assert decode(_frames_with_body(M.Hello, {"agent": "", "pid": M.U32_MAX})).msg.pid == M.U32_MAX
 
 
 def test_str_fields() -> None:
@@ -764,3 +764,15 @@ def test_entries_wire_round_trip_and_length_check() -> None:
         E.from_wire(wire, 5)
     assert E.map_order(table).tolist() == [0, 9, 0, 0]
     assert E.pfns(table).tolist() == [1, 2, 0, 0]
+
+
+def test_every_pid_field_is_a_u32() -> None:
+    """A pid is a u32 on the wire wherever it appears (hello's was capped at 2^32, one over)."""
+    pid_fields = [(cls, spec) for cls in M.ALL_MESSAGES for name, spec in wire_specs(cls)
+                  if name == "pid"]  # fmt: skip
+    assert pid_fields
+    for cls, spec in pid_fields:
+        assert spec.max == M.U32_MAX, cls.TYPE
+        body = {**_valid_body(cls), "pid": 1 << 32}
+        with pytest.raises(DecodeError):
+            decode(_frames_with_body(cls, body))

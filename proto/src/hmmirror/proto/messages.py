@@ -116,7 +116,7 @@ class Hello(Message):
 
     TYPE: ClassVar[str] = "hello"
     agent: str = wire(Kind.STR, NAME_MAX)
-    pid: int = wire(Kind.UINT, 1 << 32, default=0)
+    pid: int = wire(Kind.UINT, U32_MAX, default=0)
 
 
 @dataclass(frozen=True)
