@@ -37,7 +37,7 @@ import time
 from typing import Any
 
 import zmq
-from hmmirror.client.channel import send_frames
+from hmmirror.client.channel import send_frames, tune
 from hmmirror.client.check.stamps import (
     GARBAGE,
     PAGE,
@@ -78,6 +78,17 @@ class CheckSession(Session):
     broken_zap_delay = 3.0
     suicide = False
     evictions = 0
+
+    def shrink_receive_queue(self) -> None:
+        """Reconnect with a tiny receive queue, so a flood fills hmmd's send queue quickly."""
+        self._unwatch()
+        self.sock.close(linger=0)
+        sock = self.ctx.socket(zmq.DEALER)
+        tune(sock)
+        sock.setsockopt(zmq.RCVHWM, 10)
+        sock.setsockopt(zmq.RCVBUF, 4096)
+        sock.connect(self.endpoint)
+        self._watch(sock)
 
     def _on_invalidate(self, msg: Invalidate) -> None:
         """Zap and queue the ACK, unless a knob says to misbehave."""
@@ -349,6 +360,8 @@ async def serve(args: argparse.Namespace) -> None:
     session.ack_delay = args.ack_delay
     session.broken_ack = args.broken_ack
     session.broken_zap_delay = args.broken_zap_delay
+    if args.small_queue:
+        session.shrink_receive_queue()
     await session.open()
     agent = Agent(session, args)
     reader = asyncio.StreamReader()
@@ -404,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ack-delay", type=float, default=0.0, help="hold every ACK this long")
     p.add_argument("--broken-ack", action="store_true", help="ACK before zapping (test only)")
     p.add_argument("--broken-zap-delay", type=float, default=3.0)
+    p.add_argument("--small-queue", action="store_true", help="a 10-message receive queue")
     p.add_argument("--corrupt-reads", action="store_true", help="log wrong READ data (test only)")
     args = p.parse_args(argv)
     import uvloop

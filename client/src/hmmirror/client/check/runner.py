@@ -631,6 +631,7 @@ SCENARIOS: dict[str, Scenario] = {
     "hwm": Scenario(
         "agent-0 stops reading and floods hmmd with heartbeats until hmmd's send queue to it "
         "is full; hmmd must evict it, not block or drop INVALIDATEs silently",
+        agent_args=_args(a0=["--small-queue"]),
         during=_hwm_during,
         after=_hwm_after,
     ),
