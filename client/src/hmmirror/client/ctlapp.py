@@ -1,4 +1,5 @@
-"""The ``hmmctl`` command line: inspect a running hmmd or hm-agent, make keys, run the demo.
+"""The ``hmmctl`` command line: inspect a running hmmd or hm-agent, make keys, run the demo
+or the coherence checker (``hmmctl check``).
 
 Exit codes: 0 success, 1 failure (daemon or agent unreachable, violations
 found), 2 usage error. ``HMMIRROR_ENDPOINT`` sets the default hmmd endpoint,
@@ -77,7 +78,44 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--duration", type=float, default=20.0, help="seconds of churn (default 20)")
     demo.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    _check_parser(sub)
     return parser
+
+
+def _check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``hmmctl check``: the coherence checker (see ``hmmirror.client.check``)."""
+    from hmmirror.client.check.runner import SCENARIOS
+
+    names = "\n".join(f"  {name:<13} {s.help}" for name, s in SCENARIOS.items())
+    check = sub.add_parser(
+        "check",
+        help="run a seeded random workload under hmmd and judge it with two oracles",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Start a private hmmd, a target that mmaps, munmaps, mprotects, madvises, mremaps,\n"
+            "maps over, forks and writes at random (seeded), and N agent processes that fault,\n"
+            "prefetch, READ, WRITE and run atomics through ODP MRs. At quiescent points every\n"
+            "VALID agent entry must equal /proc/PID/pagemap (read by the checker itself); every\n"
+            "READ must return a page stamp that was live at some moment of that READ.\n"
+            "Exit status 1 on any violation; replay a failure with its --seed and --scenario.\n\n"
+            f"scenarios:\n{names}"
+        ),
+    )
+    check.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    check.add_argument(
+        "--duration", type=float, default=20.0, help="seconds of rounds, after start-up (20)"
+    )
+    check.add_argument("--ops", type=int, default=5000, help="most target operations (5000)")
+    check.add_argument("--agents", type=int, default=3, help="agent processes (default 3)")
+    check.add_argument(
+        "--scenario", default="none", metavar="NAME",
+        help="fault to inject (default none; 'list' lists them)",
+    )  # fmt: skip
+    check.add_argument(
+        "--ack-deadline", type=float, default=1.0, help="hmmd's ack deadline, seconds (1)"
+    )
+    check.add_argument("--keep", action="store_true", help="keep the run's logs and say where")
+    check.add_argument("-q", "--quiet", action="store_true", help="only the report")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hmmirror.client.demo import main as demo_main
 
         return demo_main(args.duration, args.seed)
+    if args.command == "check":
+        return _check(args)
     if args.command == "status":
         from hmmirror.client.session import status
 
@@ -121,6 +161,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser.print_help(sys.stderr)
     return 2
+
+
+def _check(args: argparse.Namespace) -> int:
+    """``hmmctl check``."""
+    from hmmirror.client.check.runner import SCENARIOS, Options
+    from hmmirror.client.check.runner import main as check_main
+
+    if args.scenario == "list":
+        for name, scenario in SCENARIOS.items():
+            print(f"{name:<13} {scenario.help}")
+        return 0
+    if args.agents < 1 or (args.scenario == "slow-agent" and args.agents < 2):
+        print("hmmctl check: --agents must be at least 1 (2 for slow-agent)", file=sys.stderr)
+        return 2
+    opts = Options(
+        seed=args.seed, duration=args.duration, ops=args.ops, agents=args.agents,
+        scenario=args.scenario, ack_deadline=args.ack_deadline, keep=args.keep,
+    )  # fmt: skip
+    return check_main(opts, sys.stdout, progress=not args.quiet)
 
 
 def _table(heads: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -274,11 +274,24 @@ class Mirror:
             if self._gen == gen:  # not mmu_interval_read_retry: install with no await in between
                 return entries, env.bulk[1] if len(env.bulk) > 1 else None
             self.retries += 1
+            # hmmd recorded the discarded reply as what this mirror holds for the range,
+            # and judges later changes against it: an older entry kept here could go
+            # stale with no INVALIDATE ever naming it. Hold nothing there instead.
+            self._zap_slots(addr, npages)
             if loop.time() > deadline:
                 raise DeviceError(errno.EBUSY, f"fault at {addr:#x} kept racing invalidations")
 
+    def _zap_slots(self, addr: int, npages: int) -> None:
+        """Drop this mirror's own entries for [addr, +npages) (no INVALIDATE involved)."""
+        a = (addr - self.start) >> PAGE_SHIFT
+        dst = self.table[a : a + npages]
+        zapped = int(np.count_nonzero(dst >= _VALID)) if self._held else 0
+        if zapped:
+            dst[:] = 0
+            self._held -= zapped
+
     def _install(self, a: int, entries: Entries, downgrade: bool) -> int:
-        """Install ``entries`` at table slot ``a`` (VALID ones only); return how many."""
+        """Install ``entries`` at table slot ``a`` (others there dropped); return how many."""
         if downgrade:
             entries &= _NOT_WRITE
         n = len(entries)
@@ -289,8 +302,10 @@ class Mirror:
             self._held += n - before
             return n
         valid = entries >= _VALID
-        np.copyto(dst, entries, where=valid)
-        self._held += int(np.count_nonzero(dst >= _VALID)) - before
+        # Not VALID now means not held: hmmd's record of this mirror says so too (it
+        # keeps only VALID entries), so an older entry kept here would never be invalidated.
+        dst[:] = np.where(valid, entries, np.uint64(0))
+        self._held += int(np.count_nonzero(valid)) - before
         return int(np.count_nonzero(valid))
 
     async def populate(

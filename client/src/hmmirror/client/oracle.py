@@ -47,25 +47,34 @@ def _writable_pages(pid: int, start: int, npages: int) -> np.ndarray:
 
 def check(mirror: Mirror) -> list[Violation]:
     """Compare ``mirror``'s VALID entries with the live page table of its target."""
-    table = mirror.table.copy()
+    return check_table(mirror.id, mirror.pid, mirror.start, mirror.table.copy())
+
+
+def check_table(mirror: int, pid: int, start: int, table: np.ndarray) -> list[Violation]:
+    """Compare a device page table over [start, ...) of ``pid`` with the live pagemap.
+
+    ``table`` may come from another process (an agent's MTT, sent as bytes):
+    the check needs only the entries, never the agent's objects.
+    """
     held = np.flatnonzero(table & np.uint64(HMM_PFN_VALID))
     if len(held) == 0:
         return []
-    live = np.zeros(mirror.npages, dtype=np.uint64)
-    fd = os.open(f"/proc/{mirror.pid}/pagemap", os.O_RDONLY)
+    npages = len(table)
+    live = np.zeros(npages, dtype=np.uint64)
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
     try:
-        os.preadv(fd, [live.data.cast("B")], (mirror.start >> PAGE_SHIFT) * 8)
+        os.preadv(fd, [live.data.cast("B")], (start >> PAGE_SHIFT) * 8)
     finally:
         os.close(fd)
-    writable = _writable_pages(mirror.pid, mirror.start, mirror.npages)
+    writable = _writable_pages(pid, start, npages)
     found = []
     for i in held:
         entry, now = int(table[i]), int(live[i])
-        addr = mirror.start + (int(i) << PAGE_SHIFT)
+        addr = start + (int(i) << PAGE_SHIFT)
         if not now & int(_PRESENT):
-            found.append(Violation(mirror.id, addr, entry, now, "entry for a page that is gone"))
+            found.append(Violation(mirror, addr, entry, now, "entry for a page that is gone"))
         elif (now & int(_PFN)) != (entry & HMM_PFN_PFN_MASK):
-            found.append(Violation(mirror.id, addr, entry, now, "entry names a replaced page"))
+            found.append(Violation(mirror, addr, entry, now, "entry names a replaced page"))
         elif entry & HMM_PFN_WRITE and not writable[i]:
-            found.append(Violation(mirror.id, addr, entry, now, "WRITE entry in a read-only VMA"))
+            found.append(Violation(mirror, addr, entry, now, "WRITE entry in a read-only VMA"))
     return found

@@ -1,0 +1,13 @@
+"""The coherence checker behind ``hmmctl check``: a seeded workload judged by two oracles.
+
+>>> report = asyncio.run(Checker(Options(seed=3, duration=8, agents=3)).run())
+>>> assert not report.violations
+
+``check.target`` is the stamped target process, ``check.agent`` the agent
+process, ``check.stamps`` the log formats and the data oracle, ``check.runner``
+the run, its fault-injection ``SCENARIOS`` and the report.
+"""
+
+from hmmirror.client.check.runner import SCENARIOS, Checker, Options, Report, print_report
+
+__all__ = ["SCENARIOS", "Checker", "Options", "Report", "print_report"]

@@ -1,0 +1,204 @@
+"""Page stamps, the change logs the target and the agents keep, and the data oracle.
+
+Every page of the checked arena holds one 8-byte stamp at offset 0; offset 8
+is the word agents run atomics on, and bytes 16..4096 stay zero. A stamp names
+its writer, the mapping generation, the page index and a write version::
+
+    bits 63..56  writer: 0x5A target, 0xA0 + n agent n, 0xC1 a fork child
+    bits 55..40  mapping generation (target) or 0 (agents)
+    bits 39..32  page index in the arena
+    bits 31..0   write version
+
+Logs are flat files of little-endian u64 records, stamped with
+CLOCK_MONOTONIC nanoseconds (one clock for every process on the host):
+
+``TARGET_LOG``  t0, t1, addr, kind, value, src  (kind SET, FREE or MOVE)
+``DMA_LOG``     t0, t1, addr, kind, value, flags (kind READ, WRITE or WRITE_WEAK)
+
+The data oracle: a DMA READ of a page, sent at ``s`` and answered at ``r``,
+must return a value that was live at some moment in [s, r]. A change logged
+over [t0, t1] happened at one unknown instant inside it, so a value is ruled
+out only when a later change certainly began after it was written
+(``t0' > t1``) and certainly ended before the read began (``t1' < s``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+PAGE = 4096
+#: The value of a page that is not mapped (or PROT_NONE): no read can return it.
+UNMAPPED = (1 << 64) - 1
+ZERO = 0
+WRITER_TARGET = 0x5A
+WRITER_CHILD = 0xC1
+WRITER_AGENT = 0xA0
+
+# Target log kinds.
+SET = 0
+"""The page now holds ``value``."""
+FREE = 1
+"""MADV_FREE: the page holds what it held, or zero, until it is next written."""
+MOVE = 2
+"""mremap: the page now holds what the page at ``src`` held."""
+# DMA log kinds.
+READ = 0
+WRITE = 1
+WRITE_WEAK = 2
+"""A write whose outcome is unknown (a timeout): it may have landed, and overrides nothing."""
+#: DMA_LOG flag: the page's bytes 16..4096 were not all zero.
+GARBAGE = 1
+
+RECORD = np.dtype(
+    [("t0", "<u8"), ("t1", "<u8"), ("addr", "<u8"), ("kind", "<u8"), ("value", "<u8"),
+     ("extra", "<u8")]
+)  # fmt: skip
+
+
+def stamp(writer: int, gen: int, page: int, version: int) -> int:
+    """The stamp word for ``writer``'s ``version``-th write of arena page ``page``."""
+    return (
+        (writer & 0xFF) << 56 | (gen & 0xFFFF) << 40 | (page & 0xFF) << 32 | (version & 0xFFFFFFFF)
+    )
+
+
+def describe(value: int) -> str:
+    """A stamp in words, for violation reports."""
+    if value == UNMAPPED:
+        return "unmapped"
+    if value == ZERO:
+        return "zero"
+    writer = value >> 56
+    who = {WRITER_TARGET: "target", WRITER_CHILD: "fork child"}.get(
+        writer, f"agent {writer - WRITER_AGENT}" if writer >= WRITER_AGENT else f"?{writer:#x}"
+    )
+    return (
+        f"{who} gen {(value >> 40) & 0xFFFF} page {(value >> 32) & 0xFF} "
+        f"v{value & 0xFFFFFFFF} ({value:#018x})"
+    )
+
+
+def record(t0: int, t1: int, addr: int, kind: int, value: int, extra: int = 0) -> bytes:
+    """One log record's bytes."""
+    return np.array([(t0, t1, addr, kind, value, extra)], dtype=RECORD).tobytes()
+
+
+def load(path: str) -> npt.NDArray[np.void]:
+    """A log file's records (a partial trailing record, from a killed writer, is dropped)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    usable = len(raw) - len(raw) % RECORD.itemsize
+    return np.frombuffer(raw[:usable], dtype=RECORD)
+
+
+@dataclass(frozen=True)
+class DataViolation:
+    """A DMA READ that returned a value no moment of its flight could have shown."""
+
+    addr: int
+    t0: int
+    t1: int
+    got: int
+    live: tuple[int, ...]
+    kind: str
+
+
+class _Page:
+    """One page's changes: t0, t1, whether each can override older ones, and its values."""
+
+    def __init__(self) -> None:
+        self.t0: list[int] = []
+        self.t1: list[int] = []
+        self.strong: list[bool] = []
+        self.values: list[frozenset[int]] = []
+        self._arrays: tuple[npt.NDArray[np.uint64], ...] | None = None
+
+    def add(self, t0: int, t1: int, values: frozenset[int], strong: bool = True) -> None:
+        """Log a change that happened at one instant inside [t0, t1]."""
+        self.t0.append(t0)
+        self.t1.append(t1)
+        self.strong.append(strong)
+        self.values.append(values)
+        self._arrays = None
+
+    def live(self, s: int, r: int) -> set[int]:
+        """Every value the page may have shown at some instant in [s, r]."""
+        if self._arrays is None:
+            self._arrays = (
+                np.array(self.t0, dtype=np.uint64),
+                np.array(self.t1, dtype=np.uint64),
+                np.array(self.strong, dtype=np.bool_),
+            )
+        t0, t1, strong = self._arrays
+        done = strong & (t1 < s)  # changes certainly over before the DMA began
+        newest = t0[done].max() if done.any() else np.uint64(0)
+        # Not certainly overridden before s, and possibly begun by r.
+        keep = np.flatnonzero((t0 <= r) & (t1 >= newest))
+        out: set[int] = set()
+        for i in keep:
+            out |= self.values[i]
+        return out
+
+
+class DataOracle:
+    """Judges DMA READ results against the target's change log and the agents' writes."""
+
+    def __init__(self, base: int, npages: int, t_start: int) -> None:
+        self.base = base
+        self.npages = npages
+        self.pages: dict[int, _Page] = defaultdict(_Page)
+        for i in range(npages):  # the arena starts reserved PROT_NONE
+            self.pages[base + i * PAGE].add(0, t_start, frozenset((UNMAPPED,)))
+        self.reads = 0
+
+    def feed(
+        self, target_log: npt.NDArray[np.void], dma_logs: Iterable[npt.NDArray[np.void]]
+    ) -> None:
+        """Load every change: the agents' writes first, then the target's own, in its order.
+
+        FREE and MOVE take the values the page (or its source) may have held
+        while they ran, and an agent's write that landed just before counts.
+        """
+        for log in dma_logs:
+            for rec in log[log["kind"] != READ]:
+                self.pages[int(rec["addr"])].add(
+                    int(rec["t0"]), int(rec["t1"]), frozenset((int(rec["value"]),)),
+                    strong=int(rec["kind"]) == WRITE,
+                )  # fmt: skip
+        for rec in target_log:
+            t0, t1, addr, kind = int(rec["t0"]), int(rec["t1"]), int(rec["addr"]), int(rec["kind"])
+            if kind == SET:
+                values = frozenset((int(rec["value"]),))
+            elif kind == FREE:
+                values = frozenset(self.pages[addr].live(t0, t1) | {ZERO}) - {UNMAPPED}
+            else:
+                values = frozenset(self.pages[int(rec["extra"])].live(t0, t1)) - {UNMAPPED}
+            self.pages[addr].add(t0, t1, values)
+
+    def judge(self, dma_logs: Iterable[npt.NDArray[np.void]]) -> list[DataViolation]:
+        """Every READ whose value was never live during its flight, or whose page had garbage."""
+        found = []
+        for log in dma_logs:
+            for rec in log[log["kind"] == READ]:
+                self.reads += 1
+                addr, s, r, got = (
+                    int(rec["addr"]),
+                    int(rec["t0"]),
+                    int(rec["t1"]),
+                    int(rec["value"]),
+                )
+                live = self.pages[addr].live(s, r) if addr in self.pages else {UNMAPPED}
+                if int(rec["extra"]) & GARBAGE:
+                    found.append(DataViolation(addr, s, r, got, tuple(sorted(live)), "garbage"))
+                elif got not in live:
+                    found.append(
+                        DataViolation(
+                            addr, s, r, got, tuple(sorted(live)), "read a value never live"
+                        )
+                    )
+        return found

@@ -1,0 +1,136 @@
+"""The coherence checker (``hmmctl check``): clean runs, and proof that both oracles can fail.
+
+Every run is real: a private hmmd, the stamped target and three agent
+processes on real sockets, judged against /proc by the checker itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hmmirror.client import Access, DeviceError
+from hmmirror.client.check import Checker, Options
+from hmmirror.client.check.stamps import (
+    READ,
+    RECORD,
+    SET,
+    UNMAPPED,
+    WRITER_TARGET,
+    ZERO,
+    DataOracle,
+    stamp,
+)
+from hmmirror.client.oracle import check
+from hmmirror.proto.entries import HMM_PFN_VALID, HMM_PFN_WRITE
+
+PAGE = 4096
+
+
+def _summary(report: object) -> str:
+    return "\n".join(f"{k}: {d}" for k, d in getattr(report, "violations", [])[:20])
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("seed", [11, 12])
+async def test_checker_seeded_run_is_coherent(seed: int) -> None:
+    """Three agents, one seed, a few seconds of churn: no violation, and real work was judged."""
+    report = await Checker(Options(seed=seed, duration=4.0, agents=3)).run()
+    assert not report.violations, _summary(report)
+    assert report.rounds >= 2
+    assert report.translations_checked > 0, "no VALID entry was ever checked"
+    assert report.reads_judged > 50, "the data oracle judged almost nothing"
+    assert sum(report.target_ops.values()) >= 2 * 80
+    assert int(report.hmmd.get("invalidations", 0)) > 0
+
+
+@pytest.mark.timeout(150)
+async def test_broken_agent_that_acks_before_zapping_is_caught() -> None:
+    """An agent that ACKs an INVALIDATE and zaps later holds stale entries: violations > 0."""
+    report = await Checker(Options(seed=5, duration=3.0, agents=3, scenario="broken-ack")).run()
+    kinds = report.by_kind()
+    assert kinds["stale translation"] > 0, _summary(report)
+
+
+@pytest.mark.timeout(150)
+async def test_corrupted_reads_are_caught_by_the_data_oracle() -> None:
+    """An agent whose READ results are wrong is caught by the data oracle (it alone sees data)."""
+    report = await Checker(Options(seed=6, duration=3.0, agents=3, scenario="corrupt-read")).run()
+    kinds = report.by_kind()
+    assert kinds["data: read a value never live"] > 0, _summary(report)
+    assert kinds["stale translation"] == 0, _summary(report)
+
+
+def _log(*rows: tuple[int, int, int, int, int, int]) -> np.ndarray:
+    return np.array(list(rows), dtype=RECORD)
+
+
+def test_data_oracle_rules_out_only_values_certainly_overwritten_before_the_read() -> None:
+    """Times are uncertain intervals: a value dies only once a later change surely finished."""
+    base = 0x10000
+    old, new = stamp(WRITER_TARGET, 1, 0, 1), stamp(WRITER_TARGET, 1, 0, 2)
+    target = _log(
+        (10, 20, base, SET, ZERO, 0), (30, 40, base, SET, old, 0), (100, 110, base, SET, new, 0)
+    )
+    reads = _log(
+        (50, 60, base, READ, old, 0),  # only old is live: fine
+        (105, 120, base, READ, old, 0),  # overlaps the write of new: old may still show
+        (200, 210, base, READ, old, 0),  # new surely landed at 110 < 200: stale data
+        (200, 210, base, READ, new, 0),
+        (5, 8, base, READ, ZERO, 0),  # before the mmap: unmapped, no value could be read
+    )
+    oracle = DataOracle(base, 1, 1)
+    oracle.feed(target, [reads])
+    bad = oracle.judge([reads])
+    assert [(v.t0, v.got) for v in bad] == [(200, old), (5, ZERO)]
+    assert UNMAPPED in bad[1].live
+
+
+@pytest.mark.timeout(60)
+async def test_discarded_fault_reply_leaves_no_entry_hmmd_no_longer_tracks(hmmd, puppet, agent):
+    """A FAULT reply dropped by read_retry must not leave the older entry behind.
+
+    hmmd records every reply as what the mirror holds; keeping an older WRITE
+    entry over a discarded read-fault reply made it stale for good: after an
+    mprotect to read-only, no INVALIDATE ever named it (found by ``hmmctl check``).
+    """
+    addr = await puppet.mmap(2 * PAGE)
+    async with agent() as s:
+        mirror = await s.mirror(puppet.pid, addr, 2 * PAGE, Access.READ | Access.WRITE)
+        await mirror.populate(addr, 1, write=True)  # the zero page, WRITE (the VMA allows it)
+        assert int(mirror.table[0]) & HMM_PFN_WRITE
+
+        async def race() -> None:
+            # A real invalidation of the other page while each reply is on its way.
+            await s.sync_range(puppet.pid, addr + PAGE, addr + 2 * PAGE)
+
+        mirror.fault_hook = race
+        with pytest.raises(DeviceError) as caught:
+            await mirror.populate(addr, 1, write=False)  # replies: zero page, no WRITE
+        assert caught.value.errno == errno.EBUSY
+        mirror.fault_hook = None
+        assert not int(mirror.table[0]) & HMM_PFN_VALID
+        await puppet.mprotect(addr, 2 * PAGE, "r")
+        await asyncio.sleep(0.3)  # several watcher polls
+        assert check(mirror) == []
+
+
+@pytest.mark.timeout(150)
+def test_hmmctl_check_cli_reports_seed_and_fails_on_violations() -> None:
+    """``hmmctl check`` prints the report table and exits 1 when a self-test breaks an agent."""
+    ok = subprocess.run(
+        [sys.executable, "-m", "hmmirror.client.ctlapp", "check", "--seed", "13",
+         "--duration", "2", "--agents", "3", "-q"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "seed" in ok.stdout and "READs judged" in ok.stdout
+    listed = subprocess.run(
+        [sys.executable, "-m", "hmmirror.client.ctlapp", "check", "--scenario", "list"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "hmmd-restart" in listed.stdout
