@@ -62,6 +62,16 @@ from common import (
     start_daemon,
     tmpdir,
 )
+from hmmirror.client.syscalls import (
+    MADV_DONTNEED,
+    MADV_NOHUGEPAGE,
+    MAP_ANONYMOUS,
+    MAP_FIXED_NOREPLACE,
+    MAP_PRIVATE,
+    PROT_READ,
+    PROT_WRITE,
+    libc,
+)
 
 HERE = os.path.abspath(__file__)
 SLOT_PAGES = 64
@@ -72,27 +82,6 @@ QUIESCE_LIMIT_S = 20.0
 FAULT_RUN_PAGES = 64
 
 # --------------------------------------------------------------------------- target process
-
-PROT_READ, PROT_WRITE = 1, 2
-MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
-MADV_DONTNEED, MADV_NOHUGEPAGE = 4, 15
-
-
-def _libc() -> Any:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_long,
-    ]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
 
 
 def _churn(
@@ -171,7 +160,6 @@ def target_main(argv: list[str]) -> int:
     endpoint, pages, threads, seed = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
     from hmmirror.client.target import expose
 
-    libc = _libc()
     length = pages * PAGE
     base = libc.mmap(
         None, length + SLOT_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0

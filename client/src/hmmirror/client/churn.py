@@ -8,49 +8,36 @@ until killed. Every operation is a real syscall on its own memory.
 from __future__ import annotations
 
 import ctypes
-import errno
 import random
 import sys
 import time
+
+from hmmirror.client.syscalls import (
+    MADV_DONTNEED,
+    MADV_FREE,
+    MAP_ANONYMOUS,
+    MAP_FAILED,
+    MAP_FIXED_NOREPLACE,
+    MAP_PRIVATE,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+    check,
+    libc,
+)
 
 SLOTS = 32
 SLOT_PAGES = 16
 PAGE = 4096
 ARENA = SLOTS * SLOT_PAGES * PAGE
 
-PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
-MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
-MADV_DONTNEED, MADV_FREE = 4, 8
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-for _name in ("munmap", "mprotect", "madvise"):
-    getattr(_libc, _name).argtypes = [ctypes.c_void_p, ctypes.c_size_t] + (
-        [ctypes.c_int] if _name != "munmap" else []
-    )
-
-
-def _check(ret: int, what: str) -> None:
-    """Raise OSError with the C errno if the libc call ``what`` returned nonzero."""
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {errno.errorcode.get(err, err)}")
-
 
 def mmap_at(addr: int, length: int, prot: int) -> bool:
     """Map fresh anonymous memory exactly at ``addr``; False if something else took the hole."""
-    got = _libc.mmap(addr, length, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
-    if got is None or got == ctypes.c_void_p(-1).value or got != addr:
-        if got not in (None, ctypes.c_void_p(-1).value):
-            _libc.munmap(got, length)
+    got = libc.mmap(addr, length, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+    if got is None or got == MAP_FAILED or got != addr:
+        if got not in (None, MAP_FAILED):
+            libc.munmap(got, length)
         return False
     return True
 
@@ -58,8 +45,8 @@ def mmap_at(addr: int, length: int, prot: int) -> bool:
 def run(seed: int, ops_per_s: float) -> None:
     """Churn forever (the demo kills us)."""
     rng = random.Random(seed)
-    base = _libc.mmap(None, ARENA, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-    if base in (None, ctypes.c_void_p(-1).value):
+    base = libc.mmap(None, ARENA, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    if base in (None, MAP_FAILED):
         raise OSError(ctypes.get_errno(), "mmap arena")
     state = ["none"] * SLOTS  # none (PROT_NONE reservation), rw, ro, gone (munmapped)
     print(f"{base:#x} {ARENA}", flush=True)
@@ -72,7 +59,7 @@ def run(seed: int, ops_per_s: float) -> None:
         st = state[slot]
         if st in ("none", "gone"):
             if st == "none":
-                _check(_libc.munmap(addr, length), "munmap reservation")
+                check(libc.munmap(addr, length), "munmap reservation")
             if mmap_at(addr, length, PROT_READ | PROT_WRITE):
                 state[slot] = "rw"
                 for page in range(0, SLOT_PAGES, 2):
@@ -89,17 +76,17 @@ def run(seed: int, ops_per_s: float) -> None:
                     addr + page * PAGE + 8 * rng.randrange(8), version.to_bytes(8, "little"), 8
                 )
             elif op < 0.6:
-                _check(_libc.mprotect(addr, length, PROT_READ), "mprotect ro")
+                check(libc.mprotect(addr, length, PROT_READ), "mprotect ro")
                 state[slot] = "ro"
             elif op < 0.7:
-                _check(_libc.mprotect(addr, length, PROT_READ | PROT_WRITE), "mprotect rw")
+                check(libc.mprotect(addr, length, PROT_READ | PROT_WRITE), "mprotect rw")
                 state[slot] = "rw"
             elif op < 0.8:
-                _check(_libc.madvise(addr, length, MADV_DONTNEED), "madvise dontneed")
+                check(libc.madvise(addr, length, MADV_DONTNEED), "madvise dontneed")
             elif op < 0.85 and st == "rw":
-                _check(_libc.madvise(addr, length, MADV_FREE), "madvise free")
+                check(libc.madvise(addr, length, MADV_FREE), "madvise free")
             elif op < 0.95:
-                _check(_libc.munmap(addr, length), "munmap")
+                check(libc.munmap(addr, length), "munmap")
                 state[slot] = "gone"
         time.sleep(pause)
 

@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``hmmctl check``: the coherence checker (see ``hmmirror.client.check``)."""
-    from hmmirror.client.check.runner import SCENARIOS
+    from hmmirror.client.check.scenarios import SCENARIOS
 
     names = "\n".join(f"  {name:<13} {s.help}" for name, s in SCENARIOS.items())
     check = sub.add_parser(
@@ -165,8 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     """``hmmctl check``."""
-    from hmmirror.client.check.runner import SCENARIOS, Options
-    from hmmirror.client.check.runner import main as check_main
+    from hmmirror.client.check.report import main as check_main
+    from hmmirror.client.check.runner import Options
+    from hmmirror.client.check.scenarios import SCENARIOS
 
     if args.scenario == "list":
         for name, scenario in SCENARIOS.items():

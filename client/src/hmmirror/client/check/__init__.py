@@ -5,9 +5,12 @@
 
 ``check.target`` is the stamped target process, ``check.agent`` the agent
 process, ``check.stamps`` the log formats and the data oracle, ``check.runner``
-the run, its fault-injection ``SCENARIOS`` and the report.
+the run, ``check.scenarios`` the fault-injection ``SCENARIOS`` and ``check.report``
+the report and the entry point.
 """
 
-from hmmirror.client.check.runner import SCENARIOS, Checker, Options, Report, print_report
+from hmmirror.client.check.report import print_report
+from hmmirror.client.check.runner import Checker, Options, Report
+from hmmirror.client.check.scenarios import SCENARIOS
 
 __all__ = ["SCENARIOS", "Checker", "Options", "Report", "print_report"]

@@ -39,35 +39,27 @@ from hmmirror.client.check.stamps import (
     record,
     stamp,
 )
+from hmmirror.client.syscalls import (
+    MADV_DONTNEED,
+    MADV_FREE,
+    MAP_ANONYMOUS,
+    MAP_FAILED,
+    MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
+    MAP_PRIVATE,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+    check,
+    libc,
+)
 
 SLOTS = 16
 SLOT_PAGES = 16
 SLOT = SLOT_PAGES * PAGE
 ARENA = SLOTS * SLOT
-
-PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
-MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x10, 0x20, 0x100000
-MADV_DONTNEED, MADV_FREE = 4, 8
-MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
-_FAILED = ctypes.c_void_p(-1).value
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_long]  # fmt: skip
-_libc.mremap.restype = ctypes.c_void_p
-_libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
-                         ctypes.c_void_p]  # fmt: skip
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
-def _ok(ret: int, what: str) -> None:
-    """Raise OSError (with errno) if the libc call ``what`` failed."""
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 class Target:
@@ -75,8 +67,8 @@ class Target:
 
     def __init__(self, seed: int, log_path: str) -> None:
         self.rng = random.Random(seed)
-        base = _libc.mmap(None, ARENA, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-        if base in (None, _FAILED):
+        base = libc.mmap(None, ARENA, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if base in (None, MAP_FAILED):
             raise OSError(ctypes.get_errno(), "mmap arena")
         self.base: int = base
         #: "none" (ours, PROT_NONE), "gone" (munmapped: anyone may take the hole), "rw", "ro".
@@ -125,11 +117,11 @@ class Target:
         """mmap fresh anonymous memory at the slot (``flags``: FIXED or FIXED_NOREPLACE)."""
         addr = self.addr(slot)
         t0 = time.monotonic_ns()
-        got = _libc.mmap(addr, SLOT, prot, MAP_PRIVATE | MAP_ANONYMOUS | flags, -1, 0)
+        got = libc.mmap(addr, SLOT, prot, MAP_PRIVATE | MAP_ANONYMOUS | flags, -1, 0)
         t1 = time.monotonic_ns()
         if got != addr:
-            if got not in (None, _FAILED):
-                _libc.munmap(got, SLOT)
+            if got not in (None, MAP_FAILED):
+                libc.munmap(got, SLOT)
             return False
         if prot == PROT_NONE:
             self._log_slot(t0, t1, slot, UNMAPPED)
@@ -172,7 +164,7 @@ class Target:
             return self._madvise(slot, MADV_FREE)
         if op < 0.70:
             t0 = time.monotonic_ns()
-            _ok(_libc.munmap(self.addr(slot), SLOT), "munmap")
+            check(libc.munmap(self.addr(slot), SLOT), "munmap")
             self._log_slot(t0, time.monotonic_ns(), slot, UNMAPPED)
             self.state[slot] = "gone"
             return "munmap"
@@ -189,13 +181,13 @@ class Target:
         return "nop"
 
     def _mprotect(self, slot: int, prot: int) -> str:
-        _ok(_libc.mprotect(self.addr(slot), SLOT, prot), "mprotect")
+        check(libc.mprotect(self.addr(slot), SLOT, prot), "mprotect")
         self.state[slot] = "rw" if prot & PROT_WRITE else "ro"
         return "mprotect"
 
     def _madvise(self, slot: int, advice: int) -> str:
         t0 = time.monotonic_ns()
-        _ok(_libc.madvise(self.addr(slot), SLOT, advice), "madvise")
+        check(libc.madvise(self.addr(slot), SLOT, advice), "madvise")
         t1 = time.monotonic_ns()
         if advice == MADV_DONTNEED:
             self._log_slot(t0, t1, slot, ZERO)
@@ -211,9 +203,7 @@ class Target:
             return "nop"
         dst = self.rng.choice(free)
         t0 = time.monotonic_ns()
-        got = _libc.mremap(
-            self.addr(src), SLOT, SLOT, MREMAP_MAYMOVE | MREMAP_FIXED, self.addr(dst)
-        )
+        got = libc.mremap(self.addr(src), SLOT, SLOT, MREMAP_MAYMOVE | MREMAP_FIXED, self.addr(dst))
         t1 = time.monotonic_ns()
         if got != self.addr(dst):
             raise OSError(ctypes.get_errno(), "mremap")

@@ -1,0 +1,69 @@
+"""The checker's report and its entry point: run a check, print what ran and what was found."""
+
+from __future__ import annotations
+
+from typing import IO
+
+from hmmirror.client.check.runner import Checker, Options, Report
+from hmmirror.client.check.scenarios import SCENARIOS
+
+
+def print_report(report: Report, out: IO[str]) -> None:
+    """The closing table: what ran, what was checked, what was found."""
+    agents = report.agents
+
+    slowest = max((float(a.get("max_op_s", 0)) for a in agents), default=0.0)
+
+    def total(key: str) -> int:
+        return sum(int(a.get(key, 0)) for a in agents)
+
+    ops = sum(report.target_ops.values())
+    rows: list[tuple[str, object]] = [
+        ("scenario", report.scenario),
+        ("seed", report.seed),
+        ("elapsed", f"{report.elapsed:.1f} s"),
+        ("rounds (quiescent checks)", report.rounds),
+        ("target operations", ops),
+        ("  by kind", " ".join(f"{k}={v}" for k, v in sorted(report.target_ops.items()))),
+        ("agents", len(agents)),
+        (
+            "device reads / writes / atomics",
+            f"{total('reads')} / {total('writes')} / {total('atomics')}",
+        ),
+        ("page faults (calls / pages)", f"{total('page_faults_handled')} / {total('page_faults')}"),
+        ("prefetch (calls / pages)", f"{total('prefetches')} / {total('page_prefetch')}"),
+        (
+            "invalidations (hmmd / agents' zaps)",
+            f"{report.hmmd.get('invalidations', '?')} / {total('page_invalidations_handled')}",
+        ),
+        ("STALE refusals (hmmd)", report.hmmd.get("stale", "?")),
+        ("evictions (hmmd)", report.hmmd.get("evictions", "?")),
+        ("refused / EBUSY (agents)", f"{total('refused')} / {total('busy')}"),
+        ("slowest agent operation", f"{slowest:.3f} s"),
+        ("translations checked", report.translations_checked),
+        ("READs judged (data oracle)", report.reads_judged),
+        ("violations", len(report.violations)),
+    ]
+    for kind, count in sorted(report.by_kind().items()):
+        rows.append((f"  {kind}", count))
+    width = max(len(k) for k, _ in rows)
+    out.write("\nhmmirror coherence check\n" + "-" * (width + 30) + "\n")
+    for key, value in rows:
+        out.write(f"{key:<{width}}  {value}\n")
+    for note in report.notes:
+        out.write(f"note: {note}\n")
+    if report.violations:
+        out.write(f"replay: hmmctl check --seed {report.seed} --scenario {report.scenario}\n")
+    out.flush()
+
+
+def main(opts: Options, out: IO[str], progress: bool = True) -> int:
+    """Run the check and print the report (progress lines too); 0 if no violation, else 1."""
+    import uvloop
+
+    if opts.scenario not in SCENARIOS:
+        out.write(f"hmmctl check: no scenario {opts.scenario!r}; try --scenario list\n")
+        return 2
+    report = uvloop.run(Checker(opts, out if progress else None).run())
+    print_report(report, out)
+    return 1 if report.violations else 0
