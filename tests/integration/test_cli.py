@@ -4,6 +4,7 @@ the socket's permissions, shutdown, hmmctl, and the demo (the main job)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -165,9 +166,23 @@ def _abandon_a_session(daemon: subprocess.Popen[str], endpoint: str) -> None:
 
 
 def test_demo_runs_and_reports_zero_violations():
-    out = run("hmmirror.client.ctlapp", "demo", "--duration", "3", "--seed", "7", timeout=60)
+    out = run(
+        "hmmirror.client.ctlapp", "demo", "--duration", "3", "--seed", "7",
+        "--check-duration", "3", timeout=90,
+    )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     report = out.stdout[out.stdout.index("hmmirror demo report") :]
+    checked = report[report.index("hmmirror coherence check") :]
+    report = report[: report.index("hmmirror coherence check")]
+    check_rows = dict(
+        re.split(r"\s{2,}", line, maxsplit=1)  # "key<padding>  value"
+        for line in checked.splitlines()[2:]
+        if "  " in line and not line.startswith(" ")
+    )
+    assert check_rows["violations"] == "0", checked
+    assert check_rows["seed"] == "7"
+    assert int(check_rows["READs judged (data oracle)"]) > 0, checked
+    assert int(check_rows["translations checked"]) > 0, checked
     rows = {
         key.strip(): value.strip()
         for key, value in (line.rsplit("  ", 1) for line in report.splitlines()[2:] if "  " in line)

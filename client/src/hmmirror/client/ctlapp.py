@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--duration", type=float, default=20.0, help="seconds of churn (default 20)")
     demo.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    demo.add_argument(
+        "--check-duration",
+        type=float,
+        default=8.0,
+        help="seconds of the coherence checker's rounds after the demo (default 8; 0 skips it)",
+    )
     _check_parser(sub)
     return parser
 
@@ -125,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from hmmirror.client.demo import main as demo_main
 
-        return demo_main(args.duration, args.seed)
+        return demo_main(args.duration, args.seed, args.check_duration)
     if args.command == "check":
         return _check(args)
     if args.command == "status":

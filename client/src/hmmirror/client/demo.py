@@ -5,7 +5,10 @@ writing, mprotecting, madvising and unmapping, and two agents with their own
 sessions that read and write through their mirrors. The run is split into
 rounds; after each round the target is stopped, the watcher is allowed to
 catch up, and the oracle compares every VALID agent entry with the live
-pagemap. Exit status 1 if any violation was found.
+pagemap. Then the coherence checker (``hmmctl check``) runs with the same
+seed: three mlx5-model agents fault, prefetch, READ, WRITE and run atomics
+while the target also forks and mremaps, judged by both of its oracles.
+Exit status 1 if either part found a violation.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from hmmirror.client.session import Session, connect
 from hmmirror.proto.messages import Access
 
 PAGE = 4096
+#: Seconds of the checker's rounds after the demo's own (``--check-duration``).
+CHECK_SECONDS = 8.0
 
 
 @dataclass
@@ -233,12 +238,19 @@ def print_report(report: Report, seed: int, out: IO[str]) -> None:
     out.flush()
 
 
-def main(duration: float, seed: int) -> int:
-    """Run the demo and print the report; 0 if coherent, 1 if any violation."""
+def main(duration: float, seed: int, check_duration: float = CHECK_SECONDS) -> int:
+    """Run the demo, then the checker; print both reports; 0 if coherent, 1 if any violation."""
     import uvloop
+    from hmmirror.client.check import Checker, Options, print_report as print_check
 
     start = time.monotonic()
     report = uvloop.run(run_demo(duration, seed, sys.stdout))
     print_report(report, seed, sys.stdout)
+    checked = None
+    if check_duration > 0:
+        sys.stdout.write(f"\nchecker: seed {seed}, 3 mlx5-model agents, {check_duration:g} s\n")
+        opts = Options(seed=seed, duration=check_duration, agents=3)
+        checked = uvloop.run(Checker(opts, sys.stdout).run())
+        print_check(checked, sys.stdout)
     sys.stdout.write(f"finished in {time.monotonic() - start:.1f} s\n")
-    return 1 if report.violations else 0
+    return 1 if report.violations or (checked is not None and checked.violations) else 0
