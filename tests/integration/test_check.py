@@ -20,6 +20,9 @@ from hmmirror.client.check.stamps import (
     RECORD,
     SET,
     UNMAPPED,
+    WRITE,
+    WRITE_INTENT,
+    WRITER_AGENT,
     WRITER_TARGET,
     ZERO,
     DataOracle,
@@ -88,6 +91,31 @@ def test_data_oracle_rules_out_only_values_certainly_overwritten_before_the_read
     bad = oracle.judge([reads])
     assert [(v.t0, v.got) for v in bad] == [(200, old), (5, ZERO)]
     assert UNMAPPED in bad[1].live
+
+
+def test_data_oracle_keeps_a_write_whose_agent_died_in_flight_possible() -> None:
+    """An agent SIGKILLed with a WRITE in flight leaves only its intent in the log; hmmd may
+    still perform the write after the agent died, so its value may show from then on (the
+    agent-kill scenario read such a value once and the oracle called it never live)."""
+    base = 0x10000
+    first = stamp(WRITER_TARGET, 1, 0, 1)
+    lost, done = stamp(WRITER_AGENT, 0, 0, 8), stamp(WRITER_AGENT, 0, 0, 9)
+    target = _log((10, 20, base, SET, first, 0), (100, 110, base, SET, first + 1, 0))
+    agent = _log(
+        (30, 30, base, WRITE_INTENT, lost, 0),  # the agent died before it knew the outcome
+        (40, 40, base, WRITE_INTENT, done, 0),
+        (40, 50, base, WRITE, done, 0),  # this one completed at 50
+    )
+    reads = _log(
+        (200, 210, base, READ, lost, 0),  # possible: hmmd may have done it after 110
+        (200, 210, base, READ, done, 0),  # stale: it landed by 50 and 100..110 overwrote it
+        (200, 210, base, READ, first, 0),  # stale
+    )
+    oracle = DataOracle(base, 1, 1)
+    oracle.feed(target, [agent, reads])
+    bad = oracle.judge([reads])
+    assert [v.got for v in bad] == [done, first]
+    assert lost in bad[0].live
 
 
 @pytest.mark.timeout(60)

@@ -43,6 +43,7 @@ from hmmirror.client.check.stamps import (
     PAGE,
     READ,
     WRITE,
+    WRITE_INTENT,
     WRITE_WEAK,
     WRITER_AGENT,
     record,
@@ -222,6 +223,9 @@ class Agent:
             elif choice < 0.60:
                 self.version += 1
                 value = stamp(WRITER_AGENT + self.index, 0, page, self.version)
+                # Unbuffered, before the write leaves: a SIGKILL from here on loses the
+                # outcome, not the fact that this value may land.
+                self.log.write(record(t0, t0, addr, WRITE_INTENT, value))
                 try:
                     await self.nic.write(
                         mr.rkey, addr, value.to_bytes(8, "little") + bytes(PAGE - 8)

@@ -13,7 +13,8 @@ Logs are flat files of little-endian u64 records, stamped with
 CLOCK_MONOTONIC nanoseconds (one clock for every process on the host):
 
 ``TARGET_LOG``  t0, t1, addr, kind, value, src  (kind SET, FREE or MOVE)
-``DMA_LOG``     t0, t1, addr, kind, value, flags (kind READ, WRITE or WRITE_WEAK)
+``DMA_LOG``     t0, t1, addr, kind, value, flags (kind READ, WRITE, WRITE_WEAK or
+                WRITE_INTENT)
 
 The data oracle: a DMA READ of a page, sent at ``s`` and answered at ``r``,
 must return a value that was live at some moment in [s, r]. A change logged
@@ -51,6 +52,13 @@ READ = 0
 WRITE = 1
 WRITE_WEAK = 2
 """A write whose outcome is unknown (a timeout): it may have landed, and overrides nothing."""
+WRITE_INTENT = 3
+"""Written straight to the log before a WRITE is sent, so that it survives the agent's
+SIGKILL. An intent that no WRITE or WRITE_WEAK of the same value follows (the agent died
+with the write in flight, and hmmd may still have performed it) may have landed at any
+time after ``t0``, and overrides nothing."""
+#: The end of time, for an intent whose write may land whenever hmmd gets to it.
+FOREVER = (1 << 64) - 1
 #: DMA_LOG flag: the page's bytes 16..4096 were not all zero.
 GARBAGE = 1
 
@@ -164,12 +172,22 @@ class DataOracle:
         FREE and MOVE take the values the page (or its source) may have held
         while they ran, and an agent's write that landed just before counts.
         """
-        for log in dma_logs:
-            for rec in log[log["kind"] != READ]:
-                self.pages[int(rec["addr"])].add(
-                    int(rec["t0"]), int(rec["t1"]), frozenset((int(rec["value"]),)),
-                    strong=int(rec["kind"]) == WRITE,
-                )  # fmt: skip
+        writes = [log[log["kind"] != READ] for log in dma_logs]
+        outcomes = {
+            (int(rec["addr"]), int(rec["value"]))
+            for log in writes
+            for rec in log
+            if int(rec["kind"]) != WRITE_INTENT
+        }
+        for log in writes:
+            for rec in log:
+                kind, addr, value = int(rec["kind"]), int(rec["addr"]), int(rec["value"])
+                t1 = int(rec["t1"])
+                if kind == WRITE_INTENT:
+                    if (addr, value) in outcomes:
+                        continue  # its WRITE or WRITE_WEAK says how it ended
+                    t1 = FOREVER
+                self.pages[addr].add(int(rec["t0"]), t1, frozenset((value,)), strong=kind == WRITE)
         for rec in target_log:
             t0, t1, addr, kind = int(rec["t0"]), int(rec["t1"]), int(rec["addr"]), int(rec["kind"])
             if kind == SET:
