@@ -236,7 +236,6 @@ def _ceiling_rows(name: str, ours: list[float], raw: list[float], ideal: list[fl
     ]  # fmt: skip
 
 
-
 def bench_rdma(window: int, seconds: float, rounds: int, fault_count: int, loop: str,
                daemon_args: list[str], log: Any = print) -> list[Row]:  # fmt: skip
     rows: list[Row] = []

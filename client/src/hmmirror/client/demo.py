@@ -241,7 +241,8 @@ def print_report(report: Report, seed: int, out: IO[str]) -> None:
 def main(duration: float, seed: int, check_duration: float = CHECK_SECONDS) -> int:
     """Run the demo, then the checker; print both reports; 0 if coherent, 1 if any violation."""
     import uvloop
-    from hmmirror.client.check import Checker, Options, print_report as print_check
+    from hmmirror.client.check import Checker, Options
+    from hmmirror.client.check import print_report as print_check
 
     start = time.monotonic()
     report = uvloop.run(run_demo(duration, seed, sys.stdout))
