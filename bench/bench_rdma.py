@@ -219,20 +219,22 @@ async def mtt_memory(endpoint: str, pid: int, addr: int, length: int) -> dict[st
 # --------------------------------------------------------------------------- driver
 
 
-def _ceiling_rows(name: str, ours: list[float], raw: list[float], ideal: list[float],
-                  log: Any) -> list[Row]:  # fmt: skip
-    """Info rows: the idealized pipeline against the raw transfer, and ours against it."""
+def _ceiling_rows(name: str, data_path: str, ours: list[float], raw: list[float],
+                  ideal: list[float], log: Any) -> list[Row]:  # fmt: skip
+    """Info rows: an idealized pipeline against the raw transfer, and ours against it."""
     ideal_raw = statistics.median(i / r for i, r in zip(ideal, raw, strict=True))
     ours_ideal = statistics.median(o / i for o, i in zip(ours, ideal, strict=True))
     med = statistics.median(ideal)
-    log(f"[rdma {name}] idealized pipeline {med / 1e6:.0f} MB/s; per-round ideal/raw "
+    what = {"shm": "data in shared memory", "ipc": "data over ipc, as hmmirror"}[data_path]
+    log(f"[rdma {name}] idealized pipeline ({what}) {med / 1e6:.0f} MB/s; per-round ideal/raw "
         f"{[round(i / r, 2) for i, r in zip(ideal, raw, strict=True)]}")  # fmt: skip
     return [
-        Row(f"ceiling: idealized pipeline {name} vs raw pyzmq", f"{med / 1e6:.0f} MB/s",
-            f"{statistics.median(raw) / 1e6:.0f} MB/s", ideal_raw, "info", "info",
-            "blocking pyzmq, same hops and copies, batched, no library (bench/rdma_ceiling.py)"),
-        Row(f"RDMA {name} vs the idealized pipeline", f"{statistics.median(ours) / 1e6:.0f} MB/s",
-            f"{med / 1e6:.0f} MB/s", ours_ideal, "info", "info"),
+        Row(f"ceiling ({data_path}): idealized pipeline {name} vs raw pyzmq",
+            f"{med / 1e6:.0f} MB/s", f"{statistics.median(raw) / 1e6:.0f} MB/s", ideal_raw,
+            "info", "info", f"blocking pyzmq, {what}, batched, no library (bench/rdma_ceiling.py)"),
+        Row(f"RDMA {name} vs the idealized pipeline ({data_path})",
+            f"{statistics.median(ours) / 1e6:.0f} MB/s", f"{med / 1e6:.0f} MB/s", ours_ideal,
+            "info", "info"),
     ]  # fmt: skip
 
 
@@ -253,10 +255,11 @@ def bench_rdma(window: int, seconds: float, rounds: int, fault_count: int, loop:
         agent_ep = lines[-1].split()[-1]
         raw = procs.spawn([PY, os.path.abspath(__file__), "raw-server"])
         raw_ep = read_line(raw, "raw ready", 30).split()[-1]
-        ideal = procs.spawn(
-            [PY, rdma_ceiling.__file__, "agent", str(target.pid), hex(target.addr), str(REGION)]
-        )
-        ideal_ep = read_line(ideal, "ceiling ready", 30).split()[-1]
+        ideal_eps = {}
+        for data_path in ("shm", "ipc"):
+            ideal = procs.spawn([PY, rdma_ceiling.__file__, "agent", str(target.pid),
+                                 hex(target.addr), str(REGION), data_path])  # fmt: skip
+            ideal_eps[data_path] = read_line(ideal, "ceiling ready", 30).split()[-1]
         log(f"[rdma] hm-agent {agent_ep} rkey {rkey:#x}; raw pyzmq peer {raw_ep}; "
             f"window {window}, {rounds} x {seconds:g} s blocks per side")  # fmt: skip
         ctx = zmq.Context()
@@ -265,11 +268,13 @@ def bench_rdma(window: int, seconds: float, rounds: int, fault_count: int, loop:
         sock.setsockopt(zmq.RCVTIMEO, 10_000)
         _buffers(sock)
         sock.connect(raw_ep)
-        ideal_sock = ctx.socket(zmq.DEALER)
-        ideal_sock.setsockopt(zmq.LINGER, 0)
-        ideal_sock.setsockopt(zmq.RCVTIMEO, 10_000)
-        _buffers(ideal_sock)
-        ideal_sock.connect(ideal_ep)
+        ideal_socks = {}
+        for data_path, ep in ideal_eps.items():
+            ideal_sock = ideal_socks[data_path] = ctx.socket(zmq.DEALER)
+            ideal_sock.setsockopt(zmq.LINGER, 0)
+            ideal_sock.setsockopt(zmq.RCVTIMEO, 10_000)
+            _buffers(ideal_sock)
+            ideal_sock.connect(ep)
         settle(log)
 
         async def ours_run(write: bool, size: int) -> float:
@@ -287,16 +292,16 @@ def bench_rdma(window: int, seconds: float, rounds: int, fault_count: int, loop:
                     raw_bw: list[float] = []
                     vm_bw: list[float] = []
                     our_bw: list[float] = []
-                    ideal_bw: list[float] = []
+                    ideal_bw: dict[str, list[float]] = {k: [] for k in ideal_socks}
                     raw_block(sock, write, size, window, 0.1)  # warm-up
-                    if not write:
+                    for ideal_sock in ideal_socks.values() if not write else ():
                         ceiling_block(ideal_sock, target.addr, REGION, size, window, 0.1)
                     for _ in range(rounds):
                         raw_bw.append(raw_block(sock, write, size, window, seconds))
                         our_bw.append(baseline_fanout.run_bounded(loop, ours_run(write, size), 120))
                         vm_bw.append(vm_block(target.pid, target.addr, write, size, seconds))
-                        if not write:
-                            ideal_bw.append(ceiling_block(
+                        for data_path, ideal_sock in ideal_socks.items() if not write else ():
+                            ideal_bw[data_path].append(ceiling_block(
                                 ideal_sock, target.addr, REGION, size, window, seconds
                             ))  # fmt: skip
                     ours, base, vm = (statistics.median(x) for x in (our_bw, raw_bw, vm_bw))
@@ -319,8 +324,8 @@ def bench_rdma(window: int, seconds: float, rounds: int, fault_count: int, loop:
                         f"RDMA {name} vs raw process_vm", f"{ours / 1e6:.0f} MB/s",
                         f"{vm / 1e6:.0f} MB/s", vm_ratio, "info", "info",
                     ))  # fmt: skip
-                    if ideal_bw:
-                        rows.extend(_ceiling_rows(name, our_bw, raw_bw, ideal_bw, log))
+                    for data_path, bw in ideal_bw.items() if not write else ():
+                        rows.extend(_ceiling_rows(name, data_path, our_bw, raw_bw, bw, log))
             settle(log)
             r = baseline_fanout.run_bounded(
                 loop,
@@ -358,7 +363,8 @@ def bench_rdma(window: int, seconds: float, rounds: int, fault_count: int, loop:
             ))  # fmt: skip
         finally:
             sock.close(0)
-            ideal_sock.close(0)
+            for ideal_sock in ideal_socks.values():
+                ideal_sock.close(0)
             ctx.term()
     return rows
 

@@ -15,7 +15,11 @@ vectored process_vm_readv, for the batch, into the agent's memfd. That is one
 copy more than the raw pyzmq transfer (the read out of the target) and one
 ipc round trip more. Both are inherent to "the DMA is performed by hmmd".
 
-``bench_rdma`` measures it in the same rounds as the raw transfer and as
+A second variant (``ipc``) sends the data back over the daemon's socket, as
+hmmirror does today, and the agent forwards the frames it received: two more
+copies (into and out of the ipc socket) than the shared window.
+
+``bench_rdma`` measures both in the same rounds as the raw transfer and as
 hmmirror. "ideal / raw" is the most any implementation of this design could
 reach on this machine; "ours / ideal" is how much of it hmmirror gets.
 """
@@ -75,8 +79,12 @@ def _live_ok(pagemap: int, batch: list[list[int]], named: Any) -> bool:
     return True
 
 
-def daemon_main(endpoint: str, pid: int, window_path: str) -> int:
-    """The daemon's half: checked, batched process_vm_readv into the agent's window."""
+def daemon_main(endpoint: str, pid: int, window_path: str, over_ipc: bool) -> int:
+    """The daemon's half: checked, batched process_vm_readv into the agent's window.
+
+    ``over_ipc``: also send the data back over the socket, as hmmirror does today (the
+    agent then forwards the frames it received, not its shared memory).
+    """
     fd = os.open(window_path, os.O_RDWR)
     window = mmap.mmap(fd, SLOT * SLOTS)
     base = _address(window)
@@ -102,12 +110,20 @@ def daemon_main(endpoint: str, pid: int, window_path: str) -> int:
             total = sum(ln for _, ln, _, _ in batch)
             copied = _libc.process_vm_readv(pid, local, n, remote, n, 0)
             ok = copied == total and _live_ok(pagemap, batch, named)
-        sock.send_multipart([ident, b"ok" if ok else b"stale"])
+        if ok and over_ipc:
+            data = [window[off : off + ln] for _, ln, off, _ in batch]
+            sock.send_multipart([ident, b"ok", *data], copy=batch[0][1] < 65536)
+        else:
+            sock.send_multipart([ident, b"ok" if ok else b"stale"])
     return 0
 
 
-def agent_main(pid: int, addr: int, length: int) -> int:
-    """The agent's half: MTT check, one batched request to the daemon, the slices out."""
+def agent_main(pid: int, addr: int, length: int, data_path: str) -> int:
+    """The agent's half: MTT check, one batched request to the daemon, the slices out.
+
+    ``data_path`` is ``shm`` (the data stays in the shared window) or ``ipc`` (it comes
+    back over the daemon's socket).
+    """
     window_fd = os.memfd_create("hmmirror-ceiling")
     os.ftruncate(window_fd, SLOT * SLOTS)
     window = memoryview(mmap.mmap(window_fd, SLOT * SLOTS))
@@ -119,18 +135,19 @@ def agent_main(pid: int, addr: int, length: int) -> int:
         endpoint = f"ipc://{tmp}/daemon.sock"
         daemon = subprocess.Popen(
             [sys.executable, __file__, "daemon", endpoint, str(pid),
-             f"/proc/{os.getpid()}/fd/{window_fd}"],
+             f"/proc/{os.getpid()}/fd/{window_fd}", data_path],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
             assert daemon.stdout is not None and "ready" in daemon.stdout.readline()
-            return _agent_loop(pid, addr, mtt, window, endpoint)
+            return _agent_loop(pid, addr, mtt, window, endpoint, data_path == "ipc")
         finally:
             daemon.kill()
             daemon.wait()
 
 
-def _agent_loop(pid: int, addr: int, mtt: Any, window: memoryview, endpoint: str) -> int:
+def _agent_loop(pid: int, addr: int, mtt: Any, window: memoryview, endpoint: str,
+                over_ipc: bool) -> int:  # fmt: skip
     ctx = zmq.Context(1)
     front = ctx.socket(zmq.ROUTER)
     _tune(front)
@@ -184,14 +201,17 @@ def _agent_loop(pid: int, addr: int, mtt: Any, window: memoryview, endpoint: str
             waiting.append(batch)
         while waiting:
             try:
-                verdict = back.recv(zmq.NOBLOCK)
+                verdict, *data = back.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            if verdict != b"ok":
+            if verdict.bytes != b"ok":
                 raise RuntimeError("the ceiling's daemon refused a batch")
-            for ident, rid, off, length in waiting.pop(0):
+            for i, (ident, rid, off, length) in enumerate(waiting.pop(0)):
                 head = msgpack.packb([rid, length])
-                if length < 65536:
+                if over_ipc:  # forward the frame that came over the socket
+                    front.send_multipart([ident, head, data[i]], copy=length < 65536)
+                    free.append(off)
+                elif length < 65536:
                     front.send_multipart([ident, head, window[off : off + length]])
                     free.append(off)
                 else:
@@ -231,7 +251,7 @@ def ceiling_block(sock: zmq.Socket[Any], addr: int, span: int, size: int, window
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["daemon"]:
-        sys.exit(daemon_main(sys.argv[2], int(sys.argv[3]), sys.argv[4]))
+        sys.exit(daemon_main(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "ipc"))
     if sys.argv[1:2] == ["agent"]:
-        sys.exit(agent_main(int(sys.argv[2]), int(sys.argv[3], 0), int(sys.argv[4])))
+        sys.exit(agent_main(int(sys.argv[2]), int(sys.argv[3], 0), int(sys.argv[4]), sys.argv[5]))
     sys.exit(2)
