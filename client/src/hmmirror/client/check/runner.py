@@ -113,6 +113,9 @@ class Options:
     scenario: str = "none"
     ack_deadline: float = 1.0
     round_ops: int = 80
+    min_rounds: int = 2
+    """Quiescent checks a run makes even when ``duration`` has passed (a loaded host, or slow
+    acks, can make the first round take it all)."""
     keep: bool = False
     """Keep the run's directory (logs, hmmd's stderr) and print where it is."""
 
@@ -394,7 +397,7 @@ class Checker:
                 )
                 t0 = loop.time()
                 n = 0
-                while n == 0 or (
+                while n < self.opts.min_rounds or (
                     loop.time() - t0 < self.opts.duration and self.ops_done < self.opts.ops
                 ):
                     await self.round(phase, n)
