@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -57,6 +60,7 @@ async def test_broken_agent_that_acks_before_zapping_is_caught() -> None:
     report = await Checker(Options(seed=5, duration=3.0, agents=3, scenario="broken-ack")).run()
     kinds = report.by_kind()
     assert kinds["stale translation"] > 0, _summary(report)
+    shutil.rmtree(report.logs)  # kept because of the (expected) violations
 
 
 @pytest.mark.timeout(150)
@@ -66,6 +70,7 @@ async def test_corrupted_reads_are_caught_by_the_data_oracle() -> None:
     kinds = report.by_kind()
     assert kinds["data: read a value never live"] > 0, _summary(report)
     assert kinds["stale translation"] == 0, _summary(report)
+    shutil.rmtree(report.logs)  # kept because of the (expected) violations
 
 
 def _log(*rows: tuple[int, int, int, int, int, int]) -> np.ndarray:
@@ -162,6 +167,16 @@ def test_hmmctl_check_cli_reports_seed_and_fails_on_violations() -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert "hmmd-restart" in listed.stdout
+    broken = subprocess.run(
+        [sys.executable, "-m", "hmmirror.client.ctlapp", "check", "--seed", "13",
+         "--duration", "2", "--agents", "3", "--scenario", "broken-ack", "-q"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert "replay: hmmctl check --seed 13 --scenario broken-ack" in broken.stdout
+    kept = re.search(r"logs kept in (/\S+)", broken.stdout)
+    assert kept is not None and os.path.isdir(kept[1]), broken.stdout
+    shutil.rmtree(kept[1])
 
 
 @pytest.mark.timeout(90)

@@ -135,6 +135,8 @@ class Report:
     translations_checked: int = 0
     violations: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    logs: str = ""
+    """The run's directory when it was kept (``--keep``, or any violation); "" once removed."""
 
     def by_kind(self) -> Counter[str]:
         """Violations counted by kind."""
@@ -416,6 +418,7 @@ class Checker:
             self.report.agents = [self.figures.get(i, {}) for i in range(len(self.agents))]
             if self.opts.keep or self.report.violations:
                 self.report.notes.append(f"logs kept in {self.dir}")
+                self.report.logs = self.dir
             else:
                 shutil.rmtree(self.dir, ignore_errors=True)
         return self.report
