@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -12,10 +13,19 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 
 import pytest
 
 PY = sys.executable
+
+
+@pytest.fixture
+def directory() -> Iterator[str]:
+    """A fresh directory under /tmp (short ipc paths) for a daemon's socket, removed after."""
+    path = tempfile.mkdtemp(prefix="hmmc-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def run(
@@ -84,8 +94,7 @@ def test_good_configuration_checks_out(tmp_path):
     assert out.returncode == 0 and "OK" in out.stdout
 
 
-def test_run_binds_a_0660_socket_and_stops_cleanly_on_sigterm():
-    directory = tempfile.mkdtemp(prefix="hmmc-", dir="/tmp")
+def test_run_binds_a_0660_socket_and_stops_cleanly_on_sigterm(directory: str) -> None:
     endpoint = f"ipc://{directory}/hmmd.sock"
     with subprocess.Popen(
         [PY, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint],
@@ -129,9 +138,8 @@ def test_hmmctl_status_without_a_daemon_fails_fast_and_says_where():
     assert time.monotonic() - t0 < 10
 
 
-def test_a_client_that_abandons_its_session_still_exits_promptly():
+def test_a_client_that_abandons_its_session_still_exits_promptly(directory: str) -> None:
     """Sockets, context and loop left open at exit must not hang the process (linger 0)."""
-    directory = tempfile.mkdtemp(prefix="hmmc-", dir="/tmp")
     endpoint = f"ipc://{directory}/hmmd.sock"
     with subprocess.Popen(
         [PY, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint],
@@ -203,12 +211,11 @@ def test_the_shipped_sample_configuration_is_valid_and_matches_the_defaults():
     assert with_sample.stdout == defaults.stdout, "the sample no longer shows the defaults"
 
 
-def test_sockets_belong_to_the_socket_group():
+def test_sockets_belong_to_the_socket_group(directory: str) -> None:
     import grp
 
     group = "daemon" if "daemon" in {g.gr_name for g in grp.getgrall()} else "nogroup"
     gid = grp.getgrnam(group).gr_gid
-    directory = tempfile.mkdtemp(prefix="hmmc-", dir="/tmp")
     endpoint = f"ipc://{directory}/hmmd.sock"
     with subprocess.Popen(
         [PY, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint, "--socket-group", group],
@@ -224,10 +231,9 @@ def test_sockets_belong_to_the_socket_group():
             assert proc.wait(timeout=10) == 0
 
 
-def test_json_logs_are_one_object_per_line():
+def test_json_logs_are_one_object_per_line(directory: str) -> None:
     import json
 
-    directory = tempfile.mkdtemp(prefix="hmmc-", dir="/tmp")
     endpoint = f"ipc://{directory}/hmmd.sock"
     with subprocess.Popen(
         [PY, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint, "--log-format", "json"],
