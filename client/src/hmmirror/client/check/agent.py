@@ -44,7 +44,6 @@ from hmmirror.client.check.stamps import (
     READ,
     WRITE,
     WRITE_INTENT,
-    WRITE_WEAK,
     WRITER_AGENT,
     record,
     stamp,
@@ -226,14 +225,9 @@ class Agent:
                 # Unbuffered, before the write leaves: a SIGKILL from here on loses the
                 # outcome, not the fact that this value may land.
                 self.log.write(record(t0, t0, addr, WRITE_INTENT, value))
-                try:
-                    await self.nic.write(
-                        mr.rkey, addr, value.to_bytes(8, "little") + bytes(PAGE - 8)
-                    )
-                except (RequestTimeout, DaemonUnavailable):
-                    # It may have landed: a value that may be there, overriding nothing.
-                    self.buf += record(t0, time.monotonic_ns(), addr, WRITE_WEAK, value)
-                    raise
+                # A timeout leaves the intent unresolved: hmmd may still perform the write
+                # later, so its value stays possible from t0 on, overriding nothing.
+                await self.nic.write(mr.rkey, addr, value.to_bytes(8, "little") + bytes(PAGE - 8))
                 self.buf += record(t0, time.monotonic_ns(), addr, WRITE, value)
                 self.stats["writes"] += 1
             elif choice < 0.70:

@@ -225,14 +225,19 @@ class Checker:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         child = Child(f"target-{n}", proc)
-        words = (await child.line(15)).split()
-        if words[0] != "ready":
-            raise RuntimeError(f"the target said {words!r}")
-        phase = Phase(
-            child, proc.pid, start_time_of(proc.pid), int(words[1], 16), int(words[2]), log,
-            [os.path.join(self.dir, f"agent-{i}.{n}.dma") for i in range(self.opts.agents)],
-            t_start,
-        )  # fmt: skip
+        try:
+            words = (await child.line(15)).split()
+            if words[:1] != ["ready"]:
+                raise RuntimeError(f"the target said {words!r}")
+            phase = Phase(
+                child, proc.pid, start_time_of(proc.pid), int(words[1], 16), int(words[2]), log,
+                [os.path.join(self.dir, f"agent-{i}.{n}.dma") for i in range(self.opts.agents)],
+                t_start,
+            )  # fmt: skip
+        except BaseException:
+            child.kill()  # not yet in self.phases, which stop_all reaps
+            await child.reap()
+            raise
         self.phases.append(phase)
         return phase
 
@@ -280,7 +285,8 @@ class Checker:
         last: tuple[object, ...] | None = None
         stable = 0
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10 + 2 * self.opts.ack_deadline
+        limit = 10 + 2 * self.opts.ack_deadline
+        deadline = loop.time() + limit
         while loop.time() < deadline:
             await asyncio.sleep(0.1)  # two of these exceed the slowest watcher poll (50 ms)
             try:
@@ -295,7 +301,7 @@ class Checker:
             last = now
             if stable >= 2:
                 return
-        self.violation("not quiescent", f"hmmd never settled in {deadline:.0f} s")
+        self.violation("not quiescent", f"hmmd never settled in {limit:.0f} s")
 
     async def check_translations(self, phase: Phase) -> None:
         """The translation oracle, at a quiescent point (target between commands, agents paused)."""
@@ -331,7 +337,11 @@ class Checker:
                 k, v = item.split("=")
                 self.report.target_ops[k] = int(v)
 
-        await asyncio.gather(target_done(), self.scenario.during(self, n))
+        # A TaskGroup: if one side fails, the other (which may signal processes or restart
+        # hmmd) is cancelled before stop_all runs, not left running beside it.
+        async with asyncio.TaskGroup() as group:
+            group.create_task(target_done())
+            group.create_task(self.scenario.during(self, n))
         self.ops_done += count
         for i, figures in (await self.ask_all("pause")).items():
             self.figures[i] = figures
@@ -388,8 +398,11 @@ class Checker:
         """The whole run, bounded by ``--duration`` and ``--ops``; children killed in the end."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
+        bound = self.opts.duration + 120
+        whole_run = asyncio.timeout(bound)
+        finished = False
         try:
-            async with asyncio.timeout(self.opts.duration + 120):
+            async with whole_run:
                 await self.start_hmmd()
                 phase = await self.start_target(self.opts.seed)
                 await self.start_agents(phase)
@@ -410,13 +423,21 @@ class Checker:
                     self.judge_data(p)
                 with contextlib.suppress(AgentError):
                     self.report.hmmd = await status(self.endpoint, 2.0)
-        except TimeoutError:
-            self.violation("timeout", f"the run did not finish in {self.opts.duration + 120:.0f} s")
+            finished = True
+        except TimeoutError as exc:
+            if whole_run.expired():
+                self.violation("timeout", f"the run did not finish in {bound:.0f} s")
+            else:  # one step's own deadline (a child's answer, hmmd's start-up)
+                self.violation("checker error", f"a step timed out: {exc!r}")
+            finished = True
+        except (ChildDied, RuntimeError, AgentError, OSError) as exc:
+            self.violation("checker error", f"{type(exc).__name__}: {exc}")
+            finished = True
         finally:
             await self.stop_all()
             self.report.elapsed = loop.time() - t0
             self.report.agents = [self.figures.get(i, {}) for i in range(len(self.agents))]
-            if self.opts.keep or self.report.violations:
+            if self.opts.keep or self.report.violations or not finished:
                 self.report.notes.append(f"logs kept in {self.dir}")
                 self.report.logs = self.dir
             else:

@@ -13,8 +13,7 @@ Logs are flat files of little-endian u64 records, stamped with
 CLOCK_MONOTONIC nanoseconds (one clock for every process on the host):
 
 ``TARGET_LOG``  t0, t1, addr, kind, value, src  (kind SET, FREE or MOVE)
-``DMA_LOG``     t0, t1, addr, kind, value, flags (kind READ, WRITE, WRITE_WEAK or
-                WRITE_INTENT)
+``DMA_LOG``     t0, t1, addr, kind, value, flags (kind READ, WRITE or WRITE_INTENT)
 
 The data oracle: a DMA READ of a page, sent at ``s`` and answered at ``r``,
 must return a value that was live at some moment in [s, r]. A change logged
@@ -50,13 +49,11 @@ MOVE = 2
 # DMA log kinds.
 READ = 0
 WRITE = 1
-WRITE_WEAK = 2
-"""A write whose outcome is unknown (a timeout): it may have landed, and overrides nothing."""
 WRITE_INTENT = 3
 """Written straight to the log before a WRITE is sent, so that it survives the agent's
-SIGKILL. An intent that no WRITE or WRITE_WEAK of the same value follows (the agent died
-with the write in flight, and hmmd may still have performed it) may have landed at any
-time after ``t0``, and overrides nothing."""
+SIGKILL. An intent that no WRITE of the same value follows (the agent died with the write
+in flight, or gave up waiting for it, and hmmd may still perform it) may land at any time
+after ``t0``, and overrides nothing."""
 #: The end of time, for an intent whose write may land whenever hmmd gets to it.
 FOREVER = (1 << 64) - 1
 #: DMA_LOG flag: the page's bytes 16..4096 were not all zero.
@@ -185,7 +182,7 @@ class DataOracle:
                 t1 = int(rec["t1"])
                 if kind == WRITE_INTENT:
                     if (addr, value) in outcomes:
-                        continue  # its WRITE or WRITE_WEAK says how it ended
+                        continue  # its WRITE says when it landed
                     t1 = FOREVER
                 self.pages[addr].add(int(rec["t0"]), t1, frozenset((value,)), strong=kind == WRITE)
         for rec in target_log:
