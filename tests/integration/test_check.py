@@ -99,9 +99,10 @@ def test_data_oracle_rules_out_only_values_certainly_overwritten_before_the_read
 
 
 def test_data_oracle_keeps_a_write_whose_agent_died_in_flight_possible() -> None:
-    """An agent SIGKILLed with a WRITE in flight leaves only its intent in the log; hmmd may
-    still perform the write after the agent died, so its value may show from then on (the
-    agent-kill scenario read such a value once and the oracle called it never live)."""
+    """An agent SIGKILLed with a WRITE in flight, or one that gave up waiting for it, leaves
+    only its intent in the log; hmmd may still perform the write later, so its value may show
+    from then on (the agent-kill scenario read such a value once and the oracle called it
+    never live)."""
     base = 0x10000
     first = stamp(WRITER_TARGET, 1, 0, 1)
     lost, done = stamp(WRITER_AGENT, 0, 0, 8), stamp(WRITER_AGENT, 0, 0, 9)
@@ -186,3 +187,14 @@ async def test_a_run_makes_its_minimum_quiescent_checks_even_past_its_duration()
     report = await Checker(Options(seed=5, duration=0.0, agents=1)).run()
     assert not report.violations, report.violations[:5]
     assert report.rounds == 2
+
+
+@pytest.mark.timeout(60)
+async def test_a_run_that_cannot_start_reports_it_and_keeps_its_logs() -> None:
+    """hmmd refusing its options is a reported failure of the run, and hmmd's log survives it
+    (before, the exception escaped and the log it named had just been deleted)."""
+    report = await Checker(Options(seed=1, duration=0.0, agents=1, ack_deadline=-1.0)).run()
+    assert [kind for kind, _ in report.violations] == ["checker error"], report.violations
+    assert "hmmd did not start" in report.violations[0][1]
+    assert os.path.isfile(os.path.join(report.logs, "hmmd.log"))
+    shutil.rmtree(report.logs)

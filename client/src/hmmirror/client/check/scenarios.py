@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from hmmirror.client.check.runner import LATENCY_SLACK, Checker
 from hmmirror.client.errors import AgentError
@@ -31,9 +32,9 @@ class Scenario:
 
     help: str
     agent_args: Callable[[int, float], list[str]] = lambda i, deadline: []
-    during: Callable[[Checker, int], Awaitable[None]] = _nothing
+    during: Callable[[Checker, int], Coroutine[Any, Any, None]] = _nothing
     """Run alongside round ``n`` (the target's batch); may signal processes."""
-    after: Callable[[Checker], Awaitable[None]] = _nothing
+    after: Callable[[Checker], Coroutine[Any, Any, None]] = _nothing
     """Run once the target exited, before the data oracle; may add phases and violations."""
     self_test: bool = False
     """A deliberately broken run: violations are the expected outcome."""
