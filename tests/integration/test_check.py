@@ -198,3 +198,15 @@ async def test_a_run_that_cannot_start_reports_it_and_keeps_its_logs() -> None:
     assert "hmmd did not start" in report.violations[0][1]
     assert os.path.isfile(os.path.join(report.logs, "hmmd.log"))
     shutil.rmtree(report.logs)
+
+
+def test_a_scenario_refuses_too_few_agents() -> None:
+    """slow-agent compares agent-0 with agent-1: with one agent it could only fail falsely."""
+    with pytest.raises(ValueError, match="at least 2 agents"):
+        Checker(Options(agents=1, scenario="slow-agent"))
+    out = subprocess.run(
+        [sys.executable, "-m", "hmmirror.client.ctlapp", "check", "--scenario", "slow-agent",
+         "--agents", "1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "at least 2" in out.stderr, out.stderr

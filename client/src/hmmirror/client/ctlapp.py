@@ -179,8 +179,9 @@ def _check(args: argparse.Namespace) -> int:
         for name, scenario in SCENARIOS.items():
             print(f"{name:<13} {scenario.help}")
         return 0
-    if args.agents < 1 or (args.scenario == "slow-agent" and args.agents < 2):
-        print("hmmctl check: --agents must be at least 1 (2 for slow-agent)", file=sys.stderr)
+    needed = SCENARIOS[args.scenario].min_agents if args.scenario in SCENARIOS else 1
+    if args.agents < needed:
+        print(f"hmmctl check: --agents must be at least {needed} here", file=sys.stderr)
         return 2
     opts = Options(
         seed=args.seed, duration=args.duration, ops=args.ops, agents=args.agents,

@@ -39,6 +39,7 @@ from hmmirror.client.check.stamps import DataOracle, describe, load
 from hmmirror.client.errors import AgentError
 from hmmirror.client.oracle import check_table
 from hmmirror.client.session import inventory, status
+from hmmirror.testing.puppet import proc_start_time
 
 #: Seconds one agent command may take (``pause`` waits for in-flight operations).
 COMMAND_DEADLINE = 15.0
@@ -157,13 +158,6 @@ class Phase:
     t_start: int
 
 
-def start_time_of(pid: int) -> int:
-    """Field 22 of /proc/PID/stat: the process's start time in clock ticks."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
-
-
 class Checker:
     """One checker run; ``run()`` returns the report."""
 
@@ -174,6 +168,10 @@ class Checker:
         from hmmirror.client.check.scenarios import SCENARIOS
 
         self.scenario = SCENARIOS[opts.scenario]
+        if opts.agents < self.scenario.min_agents:
+            raise ValueError(
+                f"scenario {opts.scenario} needs at least {self.scenario.min_agents} agents"
+            )
         self.report = Report(opts.seed, opts.scenario)
         self.dir = tempfile.mkdtemp(prefix="hmmchk-", dir="/tmp")
         self.endpoint = f"ipc://{self.dir}/hmmd.sock"
@@ -230,7 +228,7 @@ class Checker:
             if words[:1] != ["ready"]:
                 raise RuntimeError(f"the target said {words!r}")
             phase = Phase(
-                child, proc.pid, start_time_of(proc.pid), int(words[1], 16), int(words[2]), log,
+                child, proc.pid, proc_start_time(proc.pid), int(words[1], 16), int(words[2]), log,
                 [os.path.join(self.dir, f"agent-{i}.{n}.dma") for i in range(self.opts.agents)],
                 t_start,
             )  # fmt: skip

@@ -38,6 +38,8 @@ class Scenario:
     """Run once the target exited, before the data oracle; may add phases and violations."""
     self_test: bool = False
     """A deliberately broken run: violations are the expected outcome."""
+    min_agents: int = 1
+    """Agents the scenario needs (``slow-agent`` slows agent-0 and agent-1 differently)."""
 
 
 def _latency_bound(checker: Checker, victims: set[int]) -> None:
@@ -226,6 +228,7 @@ SCENARIOS: dict[str, Scenario] = {
             1: ["--ack-delay", f"{1.5 * d:.3f}"],
         }.get(i, []),
         after=_slow_after,
+        min_agents=2,
     ),
     "broken-ack": Scenario(
         "SELF-TEST: agent-0 acks INVALIDATE before zapping; the translation oracle must flag it",
