@@ -157,17 +157,22 @@ class Session(Channel):
                 self._lose(f"no heartbeat reply from {self.endpoint} within the {lease:g} s lease")
                 continue
             except RemoteError as exc:
-                if exc.code in (ErrorCode.FENCED, ErrorCode.NO_SESSION):
-                    # Evicted or expired, but hmmd is alive: drop every translation and
-                    # open a fresh session (SPEC: after FENCED, drop everything, hello again).
-                    for mirror in self.mirrors.values():
-                        mirror._drop(f"session ended by hmmd: {exc}", evicted=True)
-                    self._rehello()
+                if self.fenced(exc):
                     continue
                 raise
             assert isinstance(env.msg, HeartbeatAck)
             if env.msg.epoch != self.epoch:
                 self._lose(f"hmmd restarted (epoch {self.epoch} -> {env.msg.epoch})")
+
+    def fenced(self, exc: RemoteError) -> bool:
+        """If ``exc`` says hmmd ended this session (FENCED, NO_SESSION), drop every translation
+        and open a fresh session (SPEC: after FENCED, drop everything, hello again); say so."""
+        if exc.code not in (ErrorCode.FENCED, ErrorCode.NO_SESSION):
+            return False
+        for mirror in self.mirrors.values():
+            mirror._drop(f"session ended by hmmd: {exc}", evicted=True)
+        self._rehello()
+        return True
 
     async def _reopen(self, timeout: float) -> None:
         """After a loss: HELLO again; on WELCOME the session is live once more, empty.

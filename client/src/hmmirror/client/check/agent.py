@@ -60,7 +60,6 @@ from hmmirror.client.mirror import Mirror
 from hmmirror.client.mlx5 import ADVISE_FLUSH, AccessFlags, Advice, AtomicOp, MemoryRegion, Nic
 from hmmirror.client.session import Session
 from hmmirror.proto.codec import encode
-from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import Heartbeat, HeartbeatAck, Invalidate
 
 ACCESS = (
@@ -176,8 +175,7 @@ class Agent:
             await self.register()
             self.stats["reregistered"] += 1
         except RemoteError as exc:
-            if exc.code in (ErrorCode.FENCED, ErrorCode.NO_SESSION):
-                self.session._rehello()
+            self.session.fenced(exc)
             await asyncio.sleep(0.05)
         except (AgentError, OSError):
             await asyncio.sleep(0.05)
@@ -244,7 +242,9 @@ class Agent:
                 await self.nic.advise_mr(advice, ADVISE_FLUSH, [(mr.lkey, addr, length)])
                 self.stats["prefetches"] += 1
         except Evicted:
-            pass  # the worker registers again
+            # Counted by the session; the worker's next turn finds the MR unusable and
+            # _recover registers it again.
+            pass
         except DeviceError as exc:
             key = "busy" if exc.errno == errno.EBUSY else "refused"
             self.stats[key] += 1
@@ -297,10 +297,7 @@ class Agent:
         try:
             await s.request(Heartbeat(), expect=HeartbeatAck, timeout=2.0)
         except RemoteError as exc:
-            if exc.code in (ErrorCode.FENCED, ErrorCode.NO_SESSION):
-                for held in s.mirrors.values():  # fenced: no translation may survive
-                    held._drop(f"session ended by hmmd: {exc}", evicted=True)
-                s._rehello()
+            s.fenced(exc)  # fenced: no translation may survive
         except (RequestTimeout, DaemonUnavailable):
             pass  # hmmd is gone: the session drops everything once its lease runs out
         mirror = _mirror(self.mr)
