@@ -168,6 +168,9 @@ def hmmd(request: pytest.FixtureRequest) -> Iterator[Hmmd]:
         argv.extend(str(a) for a in marker.args)
     if "hmmd_extra_args" in request.fixturenames:  # arguments a test computes (file paths)
         argv.extend(str(a) for a in request.getfixturevalue("hmmd_extra_args"))
+    if "hmmd_group" in request.fixturenames:  # other users reach the socket through a group
+        os.chmod(directory, 0o755)
+        argv.extend(["--socket-group", request.getfixturevalue("hmmd_group")])
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(
             argv,

@@ -37,7 +37,8 @@ from hmmirror.daemon.linux.procfs import (
 from hmmirror.daemon.linux.uffd import unconfigured_uffds
 from hmmirror.daemon.metrics import MetricsServer
 from hmmirror.daemon.mm import Mirror, Mm
-from hmmirror.daemon.policy import Policy, agent_identity
+from hmmirror.daemon.peer import Peer
+from hmmirror.daemon.policy import Policy
 from hmmirror.daemon.server import Transport, Unreachable, peer_of
 from hmmirror.daemon.session import Session
 from hmmirror.daemon.watch.proc import Change, detect
@@ -117,7 +118,7 @@ class Daemon:
         self.uffd_last_refusal = ""
         self.metrics = MetricsServer(self.status)
         self.policy = Policy.load(config.policy) if config.policy else None
-        self._hello_peer = "unknown"
+        self._hello_peer = Peer()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -223,7 +224,7 @@ class Daemon:
             return
         handler, needs_session = entry
         if entry[0] is on_hello:  # who is asking: ZeroMQ's metadata of the frame (policy)
-            self._hello_peer = agent_identity(*peer_of(frames[0]))
+            self._hello_peer = Peer.from_metadata(*peer_of(frames[0]))
         session = self.sessions.get(identity)
         if session is not None:
             session.last_seen = time.monotonic()

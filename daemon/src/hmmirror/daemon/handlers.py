@@ -91,10 +91,12 @@ def on_hello(d: Daemon, identity: bytes, session: Session | None, env: Envelope)
     assert isinstance(msg, Hello)
     if session is not None:
         d._close_session(session)
-    new = Session(d._next_session, identity, msg.agent, time.monotonic(), peer=d._hello_peer)
+    peer = d._hello_peer
+    new = Session(d._next_session, identity, msg.agent, time.monotonic(), peer=peer)
+    new.physical_frames = peer.root
     d._next_session += 1
     d.sessions[identity] = new
-    log.info("session %d opened by %s (pid %d, %s)", new.id, msg.agent, msg.pid, new.peer)
+    log.info("session %d opened by %s (pid %d, %s)", new.id, msg.agent, msg.pid, new.peer.identity)
     d.send(
         identity,
         Welcome(
@@ -154,7 +156,7 @@ def _authorize(d: Daemon, session: Session, pid: int, access: Access, what: str)
     """PERMISSION_DENIED unless the policy grants ``access`` to ``pid`` (reason logged)."""
     if d.policy is None:
         return
-    why = d.policy.refusal(session.peer, pid, access)
+    why = d.policy.refusal(session.peer.identity, pid, access)
     if why is not None:
         log.warning("refused %s by session %d (%s): %s", what, session.id, session.name, why)
         raise RequestError(ErrorCode.PERMISSION_DENIED, why)

@@ -132,12 +132,3 @@ class Policy:
             f"no grant lets {agent} have {access!r} on pid {pid} "
             f"(uid {target.uid}, {target.exe}, cgroup {target.cgroup})"
         )
-
-
-def agent_identity(peer_address: str | None, user_id: str | None) -> str:
-    """``curve:KEY`` for a CURVE peer, ``uid:N`` for a local one, else ``unknown``."""
-    if user_id:
-        return f"curve:{user_id}"
-    if peer_address and peer_address.count(":") >= 3:  # ipc: "host:uid:gid:pid"
-        return f"uid:{peer_address.split(':')[-3]}"
-    return "unknown"

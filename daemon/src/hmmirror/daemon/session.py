@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import msgpack
+from hmmirror.daemon.peer import Peer
 
 if TYPE_CHECKING:
     from hmmirror.daemon.invalidation import Invalidation
@@ -47,8 +48,13 @@ class Session:
     identity: bytes
     name: str
     last_seen: float
-    peer: str = "unknown"
-    """Who the agent is, for the policy: ``curve:KEY``, ``uid:N`` or ``unknown``."""
+    peer: Peer = field(default_factory=Peer)
+    """Who the agent is, as the transport proved it (policy, logs)."""
+    physical_frames: bool = False
+    """Entries carry real PFNs (a root agent over ipc, or a ``frames = "physical"`` grant);
+    otherwise opaque frame tokens."""
+    inspector: bool = False
+    """May see every session's mirrors in ``inventory`` and the full ``status``."""
     mirrors: dict[int, Mirror] = field(default_factory=dict)
     fenced: bool = False
     next_n: int = 1

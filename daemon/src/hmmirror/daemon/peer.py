@@ -1,0 +1,54 @@
+"""Who is on the other end of a connection, as the transport proved it.
+
+An ``ipc://`` peer is known by the kernel's SO_PEERCRED (uid, gid, pid); a
+``tcp://`` peer by the CURVE public key the ZAP handler admitted, or by nothing
+at all on an ``insecure`` endpoint. Nothing a peer *says* ever goes in here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A connection's proven identity."""
+
+    uid: int | None = None
+    """The peer process's uid (``ipc://`` only)."""
+    gid: int | None = None
+    """The peer process's gid (``ipc://`` only)."""
+    pid: int | None = None
+    """The pid that opened the connection (``ipc://`` only)."""
+    curve_key: str | None = None
+    """The Z85 CURVE public key (``tcp://`` with CURVE only)."""
+
+    @property
+    def local(self) -> bool:
+        """Whether the kernel vouched for the peer's credentials (``ipc://``)."""
+        return self.uid is not None
+
+    @property
+    def root(self) -> bool:
+        """A local peer running as uid 0."""
+        return self.uid == 0
+
+    @property
+    def identity(self) -> str:
+        """``uid:N``, ``curve:KEY`` or ``unknown``: how policies and logs name the peer."""
+        if self.uid is not None:
+            return f"uid:{self.uid}"
+        if self.curve_key:
+            return f"curve:{self.curve_key}"
+        return "unknown"
+
+    @classmethod
+    def from_metadata(cls, peer_address: str | None, user_id: str | None) -> Peer:
+        """From ZeroMQ's message metadata: ``Peer-Address`` (``host:uid:gid:pid`` on ipc,
+        from SO_PEERCRED) and ``User-Id`` (the admitted CURVE key)."""
+        if user_id:
+            return cls(curve_key=user_id)
+        if peer_address and peer_address.count(":") >= 3:
+            uid, gid, pid = peer_address.rsplit(":", 3)[1:]
+            return cls(uid=int(uid), gid=int(gid), pid=int(pid))
+        return cls()
