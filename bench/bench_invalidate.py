@@ -92,6 +92,7 @@ def rawagent_main(argv: list[str]) -> int:
     import zmq
     from hmmirror.proto import decode, encode
     from hmmirror.proto.messages import Ack, Goodbye, Heartbeat, Hello, Register
+    from hmmirror.transport import dial
 
     endpoint, name, pid, start, length = (
         argv[0],
@@ -101,9 +102,7 @@ def rawagent_main(argv: list[str]) -> int:
         int(argv[4]),
     )
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(endpoint)
+    sock = dial(ctx, endpoint)
     ids = iter(range(1, 1 << 62))
 
     def call(msg: Any) -> Any:

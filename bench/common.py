@@ -272,12 +272,11 @@ def daemon_request(endpoint: str, msg: Any, reply: str, timeout: float = 5.0) ->
     """One raw request that needs no session (Status, Inventory) -> the reply message."""
     import zmq
     from hmmirror.proto import decode, encode
+    from hmmirror.transport import dial
 
     ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.DEALER)
-    s.linger = 0
+    s = dial(ctx, endpoint, timeout=timeout)
     try:
-        s.connect(endpoint)
         s.send_multipart(encode(msg, id=1))
         if not s.poll(int(timeout * 1000)):
             raise TimeoutError(f"no {reply} from {endpoint} in {timeout}s")

@@ -42,6 +42,7 @@ from hmmirror.proto import messages as M
 from hmmirror.proto.codec import Envelope
 from hmmirror.proto.entries import HMM_PFN_ERROR, HMM_PFN_VALID, PAGE_SIZE, from_wire, to_wire
 from hmmirror.proto.schema import U64_MAX, Kind
+from hmmirror.transport import dial
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -156,11 +157,8 @@ class Peer:
     """A DEALER with deadlines everywhere; it acks every INVALIDATE it sees."""
 
     def __init__(self, ctx: zmq.Context[Any], endpoint: str) -> None:
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)  # never make the daemon's sends fail on our account
-        self.sock.setsockopt(zmq.SNDHWM, 10_000)
-        self.sock.connect(endpoint)
+        # RCVHWM 0: never make the daemon's sends fail on our account.
+        self.sock = dial(ctx, endpoint, options={zmq.RCVHWM: 0, zmq.SNDHWM: 10_000})
         self.next_id = 1_000_000
         self.replies: list[Envelope] = []
         self.undecodable_replies: list[tuple[list[bytes], str]] = []

@@ -35,6 +35,7 @@ from hmmirror.proto.messages import (
     Unregister,
     Welcome,
 )
+from hmmirror.transport import dial
 
 PAGE = 4096
 
@@ -84,9 +85,7 @@ class RawAgent:
 
     def __init__(self, endpoint: str) -> None:
         self.ctx = zmq.asyncio.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
+        self.sock = dial(self.ctx, endpoint)
         self.next_id = 1
         self.replies: dict[int, asyncio.Future] = {}
         self.unsolicited: asyncio.Queue = asyncio.Queue()

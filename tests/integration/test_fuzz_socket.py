@@ -42,6 +42,7 @@ from hmmirror.proto import messages as M
 from hmmirror.proto.codec import Envelope
 from hmmirror.proto.entries import HMM_PFN_VALID, HMM_PFN_WRITE
 from hmmirror.proto.schema import U64_MAX
+from hmmirror.transport import dial
 
 PAGE = 4096
 #: Pages the well-behaved agent mirrors.
@@ -72,10 +73,7 @@ class RawPeer:
     """
 
     def __init__(self, ctx: zmq.asyncio.Context, endpoint: str) -> None:
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, M.MAX_FRAME)
-        self.sock.connect(endpoint)
+        self.sock = dial(ctx, endpoint)
         self.next_id = 100
         self.waiting: dict[int, asyncio.Future[Envelope]] = {}
         self.anonymous: asyncio.Queue[Envelope] = asyncio.Queue()

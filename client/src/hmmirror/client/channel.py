@@ -1,64 +1,29 @@
 """A request channel: one DEALER socket, a drain loop, and requests with deadlines.
 
 This is what every client-side connection shares: the agent's session with
-hmmd and an RDMA requester's connection to an ``hm-agent``. The socket is a
-plain pyzmq DEALER registered with ``loop.add_reader`` and drained until
-``EVENTS`` has no POLLIN (its FD is edge-triggered). A reply settles the
-request it names; anything else goes to ``_on_push``, which subclasses define.
+hmmd and an RDMA requester's connection to an ``hm-agent``. The socket comes
+from ``hmmirror.transport.Dialer`` (an ``ipc://`` server is reached through its
+side door, once, before the first request) and is drained on the event loop
+(``hmmirror.transport.Drained``). A reply settles the request it names;
+anything else goes to ``_on_push``, which subclasses define.
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any, cast
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import zmq
-import zmq.backend
-from hmmirror.client.curve import CurveKeys
 from hmmirror.client.errors import DaemonUnavailable, RemoteError, RequestTimeout
 from hmmirror.proto.codec import Envelope, decode, encode
 from hmmirror.proto.errors import ErrorCode, ProtocolError
-from hmmirror.proto.messages import MAX_FRAME, Error, Hello, Message
+from hmmirror.proto.messages import Error, Hello, Message
+from hmmirror.transport import CurveKeys, Dialer, DoorError, Drained
+from hmmirror.transport.sockets import send_frames
 
 log = logging.getLogger(__name__)
-
-# pyzmq's constants are IntFlag enums; enum arithmetic on the hot path costs
-# microseconds per call, plain ints nothing.
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-_NOBLOCK = int(zmq.NOBLOCK)
-_SNDMORE = int(zmq.SNDMORE)
-#: The Cython send itself: pyzmq's Python wrapper around it only handles DRAFT routing
-#: ids and groups, which hmmirror never uses, and costs a quarter of a small send.
-_zmq_send = zmq.backend.Socket.send
-#: Frames this large go out zero-copy when the caller allows it (pyzmq's break-even).
-ZERO_COPY_MIN = 64 * 1024
-#: Kernel socket buffers asked for (capped by net.core.[rw]mem_max): megabyte transfers
-#: then take a few large writes instead of many small ones.
-SOCKET_BUFFER = 4 << 20
-
-
-def tune(sock: zmq.Socket[Any]) -> None:
-    """The socket options every hmmirror connection uses: no linger, size caps, buffers."""
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
-    sock.setsockopt(zmq.SNDBUF, SOCKET_BUFFER)
-    sock.setsockopt(zmq.RCVBUF, SOCKET_BUFFER)
-    sock.setsockopt(zmq.SNDHWM, 10000)
-    sock.setsockopt(zmq.RCVHWM, 10000)
-
-
-def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], copy: bool) -> None:
-    """Send one message without blocking; only large frames go zero-copy (with ``copy`` off)."""
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        _zmq_send(
-            sock, frame, _NOBLOCK | (_SNDMORE if i < last else 0),
-            copy or len(frame) < ZERO_COPY_MIN,
-        )  # fmt: skip
 
 
 def _expire(fut: asyncio.Future[Envelope]) -> None:
@@ -67,94 +32,55 @@ def _expire(fut: asyncio.Future[Envelope]) -> None:
         fut.set_exception(TimeoutError())
 
 
-class Drained(abc.ABC):
-    """A plain pyzmq socket on the event loop: ``loop.add_reader`` on its edge-triggered FD.
-
-    ``_drain`` receives every queued message and hands its frames to
-    ``_on_frames``; a send may consume the FD's POLLIN edge, so ``_sent`` makes
-    the loop look again once per tick (never once per send), or right away when
-    called from inside the drain loop, whose own ``EVENTS`` check covers it.
-    """
-
-    sock: zmq.Socket[Any]
-    loop: asyncio.AbstractEventLoop
-
-    def _watch(self, sock: zmq.Socket[Any]) -> None:
-        """Start draining ``sock`` on the running loop."""
-        self.sock = sock
-        self.loop = asyncio.get_running_loop()
-        self._fd = cast(int, sock.getsockopt(zmq.FD))
-        self._recheck = False
-        self._draining = False
-        self.loop.add_reader(self._fd, self._drain)
-
-    def _unwatch(self) -> None:
-        """Stop draining (the caller closes the socket)."""
-        self.loop.remove_reader(self._fd)
-
-    @abc.abstractmethod
-    def _on_frames(self, frames: list[zmq.Frame]) -> None:
-        """One inbound message's frames."""
-
-    def _drain(self) -> None:
-        """Handle every queued message (the FD is edge-triggered: drain fully).
-
-        ``EVENTS`` is read after every message, so it also catches an edge that
-        a send made while handling (an ACK) may have consumed.
-        """
-        self._draining = True
-        try:
-            sock = self.sock
-            while cast(int, sock.get(_EVENTS)) & _POLLIN:
-                try:
-                    # Frames carry their own "more" flag: no RCVMORE query (an enum
-                    # conversion plus a getsockopt) per frame.
-                    frame = sock.recv(_NOBLOCK, copy=False)
-                    frames = [frame]
-                    while frame.more:
-                        frame = sock.recv(_NOBLOCK, copy=False)
-                        frames.append(frame)
-                except zmq.Again:
-                    break
-                self._on_frames(frames)
-        finally:
-            self._draining = False
-
-    def _sent(self) -> None:
-        """A send happened: make sure its consumed edge does not strand inbound messages."""
-        if not self._draining and not self._recheck:
-            self._recheck = True
-            self.loop.call_soon(self._after_sends)
-
-    def _after_sends(self) -> None:
-        """Drain if this tick's sends consumed the FD's POLLIN edge."""
-        self._recheck = False
-        if not self.sock.closed and cast(int, self.sock.get(_EVENTS)) & _POLLIN:
-            self._drain()
-
-
 class Channel(Drained):
     """A DEALER connection to ``endpoint`` on the running loop; ``what`` names the peer."""
 
     #: The peer, for messages ("hmmd", "hm-agent").
     what = "peer"
 
-    def __init__(self, endpoint: str, timeout: float, curve: CurveKeys | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        timeout: float,
+        curve: CurveKeys | None = None,
+        options: Mapping[int, int] | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
+        self.curve = curve
+        self.options = options
         self.ctx = zmq.Context()
-        sock = self.ctx.socket(zmq.DEALER)
-        tune(sock)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        if curve is not None:
-            curve.apply(sock)
-        sock.connect(endpoint)
-        self._watch(sock)
+        try:
+            self._dialer = Dialer(self.ctx, endpoint, curve, options)
+        except (OSError, ValueError, zmq.ZMQError) as exc:
+            self.ctx.term()
+            raise DaemonUnavailable(f"cannot reach {self.what} at {endpoint}: {exc}") from exc
+        self._watch(self._dialer.sock)
+        self._dialing: asyncio.Future[None] | None = None
         self._next_id = 1
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
         self.lost: str | None = None
         self._closed = False
+
+    async def _dial(self, timeout: float) -> None:
+        """Reach an ``ipc://`` server through its side door (once; concurrent callers wait)."""
+        if self._dialing is None or self._dialing.done():
+            self._dialing = asyncio.ensure_future(self._dialer.dial(timeout))
+        try:
+            await asyncio.shield(self._dialing)
+        except DoorError as exc:
+            raise DaemonUnavailable(f"cannot connect to {self.what}: {exc}") from exc
+
+    async def redial(self) -> None:
+        """A fresh connection to a server that dropped (or lost) this one: knock again."""
+        if self._closed:
+            return
+        self._unwatch()
+        self._dialer.close()
+        self._dialer = Dialer(self.ctx, self.endpoint, self.curve, self.options)
+        self._dialing = None
+        self._watch(self._dialer.sock)
+        await self._dial(self.timeout)
 
     def _close_socket(self) -> None:
         """Fail every pending request and close the socket (idempotent)."""
@@ -162,10 +88,12 @@ class Channel(Drained):
             return
         self._closed = True
         self._unwatch()
+        if self._dialing is not None:
+            self._dialing.cancel()
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(DaemonUnavailable(f"connection to {self.endpoint} closed"))
-        self.sock.close(linger=0)
+        self._dialer.close()
         self.ctx.term()
 
     # --- outbound -------------------------------------------------------------------------------
@@ -200,6 +128,8 @@ class Channel(Drained):
             raise DaemonUnavailable(self.lost)
         if self._closed:
             raise DaemonUnavailable(f"connection to {self.endpoint} closed")
+        if not self._dialer.ready:
+            await self._dial(self.timeout if timeout is None else timeout)
         fut: asyncio.Future[Envelope] = self.loop.create_future()
         msg_id = self._next_id
         self._pending[msg_id] = fut

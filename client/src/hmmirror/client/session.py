@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 from hmmirror.client.channel import Channel
@@ -68,9 +68,14 @@ class Session(Channel):
     what = "hmmd"
 
     def __init__(
-        self, endpoint: str, name: str, timeout: float, curve: CurveKeys | None = None
+        self,
+        endpoint: str,
+        name: str,
+        timeout: float,
+        curve: CurveKeys | None = None,
+        options: Mapping[int, int] | None = None,
     ) -> None:
-        super().__init__(endpoint, timeout, curve)
+        super().__init__(endpoint, timeout, curve, options)
         self.name = name
         self._syncs: dict[tuple[int, int, bool], tuple[list[tuple[int, int]], _Shared]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
@@ -156,6 +161,9 @@ class Session(Channel):
             except RequestTimeout:
                 self._lose(f"no heartbeat reply from {self.endpoint} within the {lease:g} s lease")
                 continue
+            except DaemonUnavailable as exc:  # the connection itself is gone (hmmd restarted)
+                self._lose(str(exc))
+                continue
             except RemoteError as exc:
                 if self.fenced(exc):
                     continue
@@ -181,6 +189,7 @@ class Session(Channel):
         having expired the lease) remembers none of them, so neither do we.
         """
         try:
+            await self.redial()  # hmmd restarted or dropped us: knock again
             env = await self.request(
                 Hello(agent=self.name[:64], pid=os.getpid()), timeout=timeout, expect=Welcome
             )

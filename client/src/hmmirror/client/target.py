@@ -31,14 +31,12 @@ import contextlib
 import ctypes
 import os
 import platform
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import zmq
-from hmmirror.client.channel import tune
 from hmmirror.client.errors import (
     DaemonUnavailable,
     RemoteError,
@@ -50,6 +48,8 @@ from hmmirror.client.session import connect as _connect
 from hmmirror.proto.codec import decode, encode
 from hmmirror.proto.errors import ErrorCode, ProtocolError
 from hmmirror.proto.messages import Error, Event, Hello, Message, SyncRange, Welcome
+from hmmirror.transport import DoorError, dial
+from hmmirror.transport.door import knock
 
 #: How long a blocking call waits for hmmd: longer than any ack deadline hmmd would use.
 DEFAULT_TIMEOUT = 15.0
@@ -93,9 +93,11 @@ class BlockingTarget:
         self.timeout = timeout
         self.pid = os.getpid()
         self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        tune(self._sock)
-        self._sock.connect(endpoint)
+        try:
+            self._sock = dial(self._ctx, endpoint, timeout=timeout)
+        except (DoorError, OSError, ValueError) as exc:
+            self._ctx.term()
+            raise DaemonUnavailable(f"cannot connect to hmmd at {endpoint}: {exc}") from exc
         self._next_id = 1
         self._open = False
 
@@ -175,13 +177,14 @@ _UFFD_USER_MODE_ONLY = 1
 
 
 def expose_path(endpoint: str | None = None) -> str:
-    """Where hmmd takes userfaultfds: ``$HMMIRROR_EXPOSE_SOCKET``, else next to the endpoint."""
+    """Where hmmd takes userfaultfds: ``$HMMIRROR_EXPOSE_SOCKET``, else the side door of an
+    ``ipc://`` endpoint itself (for ``tcp://``, hmmd.uffd.sock in the runtime directory)."""
     explicit = os.environ.get("HMMIRROR_EXPOSE_SOCKET")
     if explicit:
         return explicit
     endpoint = endpoint or os.environ.get("HMMIRROR_ENDPOINT", "ipc:///run/hmmirror/hmmd.sock")
     if endpoint.startswith("ipc://"):
-        return endpoint[len("ipc://") :] + ".uffd"
+        return endpoint[len("ipc://") :]
     runtime = os.environ.get("RUNTIME_DIRECTORY", "/run/hmmirror").split(":")[0]
     return os.path.join(runtime, "hmmd.uffd.sock")
 
@@ -210,12 +213,8 @@ def expose(endpoint: str | None = None, *, strict: bool = False, timeout: float 
         err = ctypes.get_errno()
         raise OSError(err, f"userfaultfd: {os.strerror(err)}")
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(expose_path(endpoint))
-            socket.send_fds(sock, [b"uffd strict\n" if strict else b"uffd\n"], [fd])
-            reply = sock.recv(256).decode(errors="replace").strip()
+        knock(expose_path(endpoint), b"uffd strict" if strict else b"uffd", fd, timeout)
+    except DoorError as exc:
+        raise DaemonUnavailable(f"hmmd did not take this process's userfaultfd: {exc}") from exc
     finally:
         os.close(fd)
-    if reply != "ok":
-        raise DaemonUnavailable(f"hmmd refused this process's userfaultfd: {reply or 'no answer'}")

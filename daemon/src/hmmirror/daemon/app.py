@@ -1,12 +1,13 @@
 """The hmmd application: sessions, mirrors, watchers, and the dispatch of requests.
 
-Inbound messages arrive from the ``Transport`` drain loop already split from
-their identity. They are decoded and validated by the proto codec, then
-dispatched through ``HANDLERS`` (``handlers``), an explicit table from message
-class to handler; a wire string never reaches ``getattr``. Handlers that must wait
-(fault, sync_range) run as tasks; the rest run inline. Every failure becomes a
-typed ``error`` reply and, for malformed or out-of-order input, a count in
-``bad_messages``; nothing a peer sends can stop the loop.
+Inbound messages arrive from the transport's ``Server`` with the ``Connection``
+they came on (its routing id and the peer the kernel or CURVE proved). They are
+decoded and validated by the proto codec, then dispatched through ``HANDLERS``
+(``handlers``), an explicit table from message class to handler; a wire string
+never reaches ``getattr``. Handlers that must wait (fault, sync_range) run as
+tasks; the rest run inline. Every failure becomes a typed ``error`` reply and,
+for malformed or out-of-order input, a count in ``bad_messages``; nothing a
+peer sends can stop the loop.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from typing import Any
 from hmmirror.daemon.config import Config
 from hmmirror.daemon.dma.service import DmaService
 from hmmirror.daemon.errors import RequestError
-from hmmirror.daemon.handlers import HANDLERS, on_hello
-from hmmirror.daemon.intake import UffdIntake, default_path
+from hmmirror.daemon.handlers import HANDLERS
+from hmmirror.daemon.intake import OfferBook, default_path, is_userfaultfd
 from hmmirror.daemon.invalidation import Invalidator
+from hmmirror.daemon.limits import FdBudget
 from hmmirror.daemon.linux import uffd
 from hmmirror.daemon.linux.inject import InjectError, inject_userfaultfd
 from hmmirror.daemon.linux.procfs import (
@@ -37,9 +39,7 @@ from hmmirror.daemon.linux.procfs import (
 from hmmirror.daemon.linux.uffd import unconfigured_uffds
 from hmmirror.daemon.metrics import MetricsServer
 from hmmirror.daemon.mm import Mirror, Mm
-from hmmirror.daemon.peer import Peer
 from hmmirror.daemon.policy import Policy
-from hmmirror.daemon.server import Transport, Unreachable, peer_of
 from hmmirror.daemon.session import Session
 from hmmirror.daemon.watch.proc import Change, detect
 from hmmirror.daemon.watch.uffd import UffdWatch
@@ -51,10 +51,11 @@ from hmmirror.proto.messages import (
     Evicted,
     Message,
 )
+from hmmirror.transport import AllowDir, Connection, Door, Peer, Server, ServerKeys, Unreachable
 
 log = logging.getLogger(__name__)
-#: Exposed userfaultfds kept for processes nothing mirrors yet.
-MAX_EXPOSED = 1024
+#: A local connection with no session and no message for this long (at least) is dropped.
+IDLE_CONNECTION = 10.0
 #: How many times (5 ms apart) a FORK's child is looked for before its uffd is closed.
 ADOPT_ATTEMPTS = 200
 #: Written-page scan interval bounds, in seconds: fastest while the target writes.
@@ -90,17 +91,25 @@ class Daemon:
             0,
         )
         self._rejections_logged = 0
-        self.transport = Transport(
+        self.budget = FdBudget.raise_limit(config)
+        tcp = config.endpoint.startswith("tcp://")
+        self.allow = AllowDir(config.curve_allow) if tcp and config.curve_key else None
+        uffd_door = {"uffd": self._on_uffd}
+        self.transport = Server(
             config.endpoint,
             self.on_message,
-            heartbeat_ms=config.heartbeat_ms,
+            keys=ServerKeys.load(config.curve_key) if tcp and config.curve_key else None,
+            allow=self.allow,
+            insecure=config.insecure,
             group=config.socket_group,
-            curve_key=config.curve_key if config.endpoint.startswith("tcp://") else "",
-            curve_allow=config.curve_allow,
+            limits=self.budget.connection_limits,
+            heartbeat_ms=config.heartbeat_ms,
+            door_handlers=uffd_door if config.uffd != "off" else {},
         )
-        if config.endpoint.startswith("tcp://") and not config.curve_key:
+        if tcp and not config.curve_key:
             log.warning(
-                "%s is plain TCP (insecure = true): anyone who can reach it can mirror",
+                "%s is plain TCP (insecure = true): anyone who can reach it can mirror, "
+                "and can disturb hmmd's other connections",
                 self.transport.endpoint,
             )
         self.invalidator = Invalidator(
@@ -108,27 +117,31 @@ class Daemon:
         )
         self.dma = DmaService(self.zero_pfn, self.start_invalidations)
         self.stopping = asyncio.Event()
-        #: Userfaultfds targets exposed before anything mirrored them: pid -> (start time, fd).
-        self._exposed: dict[int, tuple[int, int]] = {}
-        self._exposed_strict: dict[int, tuple[int, int]] = {}
+        #: Userfaultfds targets exposed before anything mirrored them (plain, strict).
+        self.offers = OfferBook(self.budget.offers)
+        self.strict_offers = OfferBook(self.budget.offers)
         #: Children whose uffd a FORK handed us (pid, start time), so no two FORKs claim one.
         self._adopted: set[tuple[int, int]] = set()
-        self.intake: UffdIntake | None = None
+        #: A separate side door for userfaultfds (a tcp:// hmmd, or expose_socket set).
+        self.intake: Door | None = None
         self.uffd_refusals = 0
         self.uffd_last_refusal = ""
         self.metrics = MetricsServer(self.status)
         self.policy = Policy.load(config.policy) if config.policy else None
-        self._hello_peer = Peer()
+        #: Who sent the message being handled, as the transport proved it.
+        self.asking = Peer()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def serve(self, ready: Callable[[str], None] | None = None) -> None:
         """Run until ``stop()``: drain the socket, sweep leases."""
         self.transport.start()
-        if self.config.uffd != "off":
-            path = self.config.expose_socket or default_path(self.config.endpoint)
+        path = self.config.expose_socket or default_path(self.config.endpoint)
+        if (self.config.uffd != "off" and path != default_path(self.config.endpoint)) or (
+            self.config.uffd != "off" and not self.transport.ipc
+        ):
             try:
-                self.intake = UffdIntake(path, self._on_exposed, self.config.socket_group)
+                self.intake = Door.unix(path, {"uffd": self._on_uffd}, self.config.socket_group)
             except OSError as exc:  # the watchers still work; only exposing is unavailable
                 log.warning("no userfaultfd intake at %s: %s", path, exc)
         if self.config.metrics:
@@ -148,9 +161,8 @@ class Daemon:
             self.metrics.close()
             if self.intake is not None:
                 self.intake.close()
-            for _, fd in [*self._exposed.values(), *self._exposed_strict.values()]:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            self.offers.close()
+            self.strict_offers.close()
             self.transport.close()
 
     def stop(self) -> None:
@@ -205,9 +217,11 @@ class Daemon:
             )
         self.send(identity, Error(code=int(code), message=message[:1024]), re=re)
 
-    def on_message(self, identity: bytes, frames: Sequence[Buffer]) -> None:
+    def on_message(self, conn: Connection, frames: Sequence[Buffer]) -> None:
         """Decode, authorise by session state, and dispatch one inbound message."""
         self.counters["messages"] += 1
+        identity = conn.rid
+        self.asking = conn.peer
         try:
             env = decode(frames)
         except ProtocolError as exc:
@@ -223,8 +237,6 @@ class Daemon:
             )  # fmt: skip
             return
         handler, needs_session = entry
-        if entry[0] is on_hello:  # who is asking: ZeroMQ's metadata of the frame (policy)
-            self._hello_peer = Peer.from_metadata(*peer_of(frames[0]))
         session = self.sessions.get(identity)
         if session is not None:
             session.last_seen = time.monotonic()
@@ -295,8 +307,10 @@ class Daemon:
         self.sessions.pop(session.identity, None)
 
     async def _sweep_leases(self) -> None:
-        """Each heartbeat interval, evict and forget the sessions past their lease."""
+        """Each heartbeat interval: evict and forget the sessions past their lease, drop the
+        local connections silent as long, and close userfaultfd offers that expired."""
         lease = self.config.lease
+        silence = max(IDLE_CONNECTION, 4 * (lease + self.config.ack_deadline))
         while True:
             await asyncio.sleep(self.config.heartbeat_ms / 1000)
             now = time.monotonic()
@@ -305,6 +319,14 @@ class Daemon:
                     if not session.fenced:
                         self.evict(session, f"no heartbeat for {lease:g} s (lease expired)")
                     self.sessions.pop(session.identity, None)
+            for conn in self.transport.idle(now - silence):
+                # A local client silent that long, with no session, has gone (or will dial
+                # again): its descriptors come back. A request never waits that long.
+                # (A tcp connection cannot be closed from here: its record stays, bounded.)
+                if conn.endpoint and conn.rid not in self.sessions:
+                    self.transport.drop(conn.rid)
+            self.offers.expire()
+            self.strict_offers.expire()
 
     # --- mms and mirrors ---------------------------------------------------------------------
 
@@ -362,17 +384,27 @@ class Daemon:
 
     # --- userfaultfd --------------------------------------------------------------------------
 
-    def _on_exposed(self, pid: int, fd: int, strict: bool) -> str | None:
+    def _on_uffd(self, peer: Peer, arg: str, fd: int) -> str | None:
+        """Door line ``uffd`` (or ``uffd strict``, the second userfaultfd strict-write mirrors
+        need): a target hands hmmd a userfaultfd of its own."""
+        if arg not in ("", "strict"):
+            return f"unknown option {arg!r} of 'uffd' (only 'strict')"
+        return self._on_exposed(peer, fd, strict=arg == "strict")
+
+    def _on_exposed(self, peer: Peer, fd: int, strict: bool) -> str | None:
         """A target sent a userfaultfd: watch with it now, or keep it for its first mirror."""
         if self.config.uffd == "off":
             return "hmmd runs with uffd = off"
+        if not is_userfaultfd(fd):
+            return "the descriptor is not a userfaultfd"
+        assert peer.pid is not None and peer.uid is not None
         try:
-            st = start_time(pid)
+            st = start_time(peer.pid)
         except ProcessLookupError:
-            return f"process {pid} is gone"
-        return self._take_fd(pid, st, fd, strict)
+            return f"process {peer.pid} is gone"
+        return self._take_fd(peer.pid, st, fd, strict, peer.uid)
 
-    def _take_fd(self, pid: int, st: int, fd: int, strict: bool) -> str | None:
+    def _take_fd(self, pid: int, st: int, fd: int, strict: bool, uid: int) -> str | None:
         """Watch process (pid, st) with ``fd`` now if it is mirrored, else keep it for later."""
         mm = self.mms.get((pid, st))
         if mm is not None and not mm.released:
@@ -384,27 +416,22 @@ class Daemon:
             else:
                 self._watch_with(mm, fd, configured=False)
             return None
-        self._offer(self._exposed_strict if strict else self._exposed, pid, st, fd)
-        return None
+        return (self.strict_offers if strict else self.offers).put(pid, st, fd, uid)
 
     def _attach_uffd(self, mm: Mm) -> None:
         """Watch ``mm`` through a userfaultfd if the target offers one (``uffd`` config)."""
-        fd = self._obtain_uffd(mm, self._exposed, "userfaultfd")
+        fd = self._obtain_uffd(mm, self.offers, "userfaultfd")
         if fd is not None:
             self._watch_with(mm, fd, configured=False)
 
-    def _obtain_uffd(self, mm: Mm, offers: dict[int, tuple[int, int]], what: str) -> int | None:
+    def _obtain_uffd(self, mm: Mm, offers: OfferBook, what: str) -> int | None:
         """A userfaultfd of ``mm``'s process, now ours: one it offered (``offers``), an
         unconfigured one it left open, or (``uffd = "inject"``) one created in it; else None."""
         if self.config.uffd == "off":
             return None
-        exposed = offers.pop(mm.pid, None)
-        if exposed is not None:
-            st, fd = exposed
-            if st == mm.start_time:
-                return fd
-            with contextlib.suppress(OSError):
-                os.close(fd)  # offered by an earlier process with the same pid
+        fd = offers.take(mm.pid, mm.start_time)
+        if fd is not None:
+            return fd
         for target_fd in unconfigured_uffds(mm.pid):
             try:
                 return uffd.getfd(mm.pidfd, target_fd)
@@ -472,7 +499,7 @@ class Daemon:
         """``mm``'s strict-write watch, obtained now if the target offers a second uffd."""
         if mm.strict_uffd is not None and not mm.strict_uffd.closed:
             return mm.strict_uffd
-        fd = self._obtain_uffd(mm, self._exposed_strict, "strict userfaultfd")
+        fd = self._obtain_uffd(mm, self.strict_offers, "strict userfaultfd")
         if fd is not None:
             self._watch_strict_with(mm, fd)
         watch = mm.strict_uffd
@@ -526,23 +553,15 @@ class Daemon:
                     os.close(child_fd)
             return
         self._adopted.add(newest)
-        if self._take_fd(newest[0], newest[1], child_fd, False) is not None:
+        try:
+            owner = os.stat(f"/proc/{newest[0]}").st_uid
+        except OSError:
+            owner = -1  # gone: the offer is dropped at the next sweep
+        if self._take_fd(newest[0], newest[1], child_fd, False, owner) is not None:
             with contextlib.suppress(OSError):
                 os.close(child_fd)  # the child is already watched through another uffd
             return
         log.info("adopted the userfaultfd of pid %d's child %d", parent, newest[0])
-
-    def _offer(self, offers: dict[int, tuple[int, int]], pid: int, st: int, fd: int) -> None:
-        """Keep ``fd`` for process ``pid`` (start time ``st``) until something mirrors it."""
-        old = offers.pop(pid, None)
-        if old is not None:
-            with contextlib.suppress(OSError):
-                os.close(old[1])
-        if len(offers) >= MAX_EXPOSED:  # forget the oldest offer
-            _, oldest_fd = offers.pop(next(iter(offers)))
-            with contextlib.suppress(OSError):
-                os.close(oldest_fd)
-        offers[pid] = (st, fd)
 
     def _write_fault(self, watch: UffdWatch, page: int) -> None:
         """A write to a strictly protected page: it proceeds once every subscriber acked."""

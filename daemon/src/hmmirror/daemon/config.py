@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from hmmirror.transport.keys import CertificateError, ServerKeys
+
 DEFAULT_CONFIG_FILE = "/etc/hmmirror/hmmd.toml"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)?\s*$")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -82,7 +84,12 @@ class Config:
     curve_allow: str = ""
     """A directory of the public certificates (``*.key``) of the agents allowed to connect."""
     expose_socket: str = ""
-    """Where targets send their userfaultfd (empty: the endpoint's socket path + ".uffd")."""
+    """Where targets send their userfaultfd (empty: the ipc:// endpoint's side door itself;
+    for a tcp:// endpoint, hmmd.uffd.sock in the runtime directory)."""
+    max_connections: int = 0
+    """Connections hmmd keeps at most (0: a quarter of its descriptor limit allows)."""
+    max_connections_per_peer: int = 128
+    """Connections one local uid (root is not limited) or one remote address may hold."""
 
     @property
     def heartbeat_ms(self) -> int:
@@ -104,6 +111,9 @@ class Config:
             if isinstance(value, bool):
                 lines.append(f"{f.name} = {'true' if value else 'false'}")
                 continue
+            if isinstance(value, int) and not isinstance(value, bool):
+                lines.append(f"{f.name} = {value}")
+                continue
             lines.append(f"{f.name} = {value!r}".replace("'", '"'))
         return "\n".join(lines) + "\n"
 
@@ -111,6 +121,7 @@ class Config:
 _DURATIONS = {"heartbeat", "ack_deadline", "poll_min", "poll_max"}
 _FLOATS = {"lease_factor"}
 _BOOLS = {"insecure"}
+_INTS = {"max_connections", "max_connections_per_peer"}
 _LEVELS = {"debug", "info", "warning", "error"}
 _UFFD_MODES = {"off", "cooperate", "inject"}
 
@@ -127,6 +138,10 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         if str(value).lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+    if key in _INTS:
+        if isinstance(value, bool) or not str(value).strip().isdigit():
+            raise ConfigError(f"{source}: {key} must be a whole number, got {value!r}")
+        return int(value)
     if key in _FLOATS:
         try:
             number = float(value)
@@ -190,19 +205,10 @@ def load(
                 f"{config.endpoint} is a tcp:// endpoint: set curve_key and curve_allow "
                 "(hmmctl keys generate), or insecure = true for plain TCP"
             )
-        check_secret_file(config.curve_key)
+        try:
+            ServerKeys.load(config.curve_key)
+        except CertificateError as exc:
+            raise ConfigError(f"curve_key: {exc}") from exc
         if not os.path.isdir(config.curve_allow):
             raise ConfigError(f"curve_allow: {config.curve_allow} is not a directory")
     return config
-
-
-def check_secret_file(path: str) -> None:
-    """Refuse a secret key file that others could read (or that is missing)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise ConfigError(f"curve_key: cannot read {path}: {exc.strerror}") from exc
-    if mode & 0o077:
-        raise ConfigError(
-            f"curve_key: {path} is readable by others (mode {mode & 0o777:o}); chmod 600 it"
-        )

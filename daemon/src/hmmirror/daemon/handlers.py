@@ -91,7 +91,7 @@ def on_hello(d: Daemon, identity: bytes, session: Session | None, env: Envelope)
     assert isinstance(msg, Hello)
     if session is not None:
         d._close_session(session)
-    peer = d._hello_peer
+    peer = d.asking
     new = Session(d._next_session, identity, msg.agent, time.monotonic(), peer=peer)
     new.physical_frames = peer.root
     d._next_session += 1

@@ -1,141 +1,131 @@
-"""Where targets hand hmmd their userfaultfd: a unix socket that takes one fd per connection.
+"""Userfaultfds that targets hand hmmd, kept until something mirrors their process.
 
 A cooperating target (``hmmirror.client.expose()``) creates a userfaultfd and
-sends it with SCM_RIGHTS; ZeroMQ sockets cannot carry descriptors, hence this
-small side door next to the main socket, with the same 0660 permissions. The
-sender is identified by SO_PEERCRED, never by anything it says. The exchange
-is one line each way: ``uffd`` or ``uffd strict`` (plus the fd), then ``ok``
-or ``error <why>``. A strict fd is the second uffd that strict-write mirrors need.
+sends it through hmmd's door (``hmmirror.transport.door``) with the
+line ``uffd``, or ``uffd strict`` for the second one strict-write mirrors
+need. The sender is known by SO_PEERCRED, never by what it says, and may only
+offer its own descriptor for itself. Every offer holds a descriptor of hmmd's,
+so the book is bounded: an offer lasts ``OFFER_TTL`` at most, is dropped as soon
+as its process is gone, and there are at most ``per_uid`` offers per uid and
+``total`` in all; beyond that the offer is refused, never the daemon.
 """
 
 from __future__ import annotations
 
-import array
-import asyncio
 import contextlib
-import logging
 import os
-import socket
-import stat
-import struct
-from collections.abc import Callable
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-from hmmirror.daemon.server import share_with_group
+from hmmirror.daemon.linux.procfs import start_time
 
-log = logging.getLogger(__name__)
-
-#: How long a connected target has to send its line and fd.
-SEND_DEADLINE = 2.0
-_CRED = struct.Struct("3i")
+#: How long an offer for a process nothing mirrors is kept.
+OFFER_TTL = 30.0
+#: Offers kept per uid (a process may have a plain and a strict one).
+OFFERS_PER_UID = 16
 
 
-class UffdIntake:
-    """A listening AF_UNIX socket at ``path``; ``on_fd(pid, fd, strict)`` returns None or a
-    refusal."""
+@dataclass
+class Offer:
+    """A userfaultfd of process (pid, start_time), offered by ``uid``, kept until ``expires``."""
 
-    def __init__(
-        self, path: str, on_fd: Callable[[int, int, bool], str | None], group: str = "hmmirror"
-    ) -> None:
-        self.path = path
-        self.on_fd = on_fd
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # a stale socket of an earlier hmmd
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.bind(path)
-        share_with_group(path, group)
-        self.sock.listen(64)
-        self.sock.setblocking(False)
-        self.loop = asyncio.get_running_loop()
-        self.loop.add_reader(self.sock.fileno(), self._accept)
-        self._conns: dict[int, tuple[socket.socket, asyncio.TimerHandle]] = {}
-        self.received = 0
-        self.refused = 0
+    pid: int
+    start_time: int
+    fd: int
+    uid: int
+    expires: float
 
     def close(self) -> None:
-        """Stop listening and drop half-open connections."""
-        self.loop.remove_reader(self.sock.fileno())
-        for conn, timer in list(self._conns.values()):
-            timer.cancel()
-            self._drop(conn)
-        self.sock.close()
+        """Close the descriptor."""
         with contextlib.suppress(OSError):
-            os.unlink(self.path)
+            os.close(self.fd)
 
-    def _accept(self) -> None:
-        """Accept every pending connection; each gets a deadline to send its fd."""
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("uffd intake accept failed: %s", exc)
-                return
-            conn.setblocking(False)
-            timer = self.loop.call_later(SEND_DEADLINE, self._drop, conn)
-            self._conns[conn.fileno()] = (conn, timer)
-            self.loop.add_reader(conn.fileno(), self._receive, conn)
 
-    def _drop(self, conn: socket.socket) -> None:
-        """Forget a connection (done, refused, or out of time)."""
-        entry = self._conns.pop(conn.fileno(), None)
-        if entry is not None:
-            entry[1].cancel()
-            self.loop.remove_reader(conn.fileno())
-        conn.close()
+def is_userfaultfd(fd: int) -> bool:
+    """Whether ``fd`` (one of ours) is a userfaultfd."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]"
+    except OSError:
+        return False
 
-    def _receive(self, conn: socket.socket) -> None:
-        """Read the line and the fd, identify the sender, and hand the fd on."""
-        fds = array.array("i")
-        try:
-            data, ancdata, _, _ = conn.recvmsg(64, socket.CMSG_SPACE(4 * 4))
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._drop(conn)
-            return
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-        reply = self._judge(conn, data, list(fds))
-        with contextlib.suppress(OSError):
-            conn.send(reply.encode())
-        self._drop(conn)
 
-    def _judge(self, conn: socket.socket, data: bytes, fds: list[int]) -> str:
-        """Accept exactly one userfaultfd from an identified sender; close anything else."""
-        keep: int | None = None
-        try:
-            pid, _, _ = _CRED.unpack(
-                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
+class OfferBook:
+    """Offers by pid, bounded per uid and in all, expiring."""
+
+    def __init__(self, total: int, per_uid: int = OFFERS_PER_UID, ttl: float = OFFER_TTL) -> None:
+        self.total = total
+        self.per_uid = per_uid
+        self.ttl = ttl
+        self._offers: dict[int, Offer] = {}
+        self.refused = 0
+
+    def __len__(self) -> int:
+        return len(self._offers)
+
+    def __iter__(self) -> Iterator[Offer]:
+        return iter(list(self._offers.values()))
+
+    def put(self, pid: int, st: int, fd: int, uid: int) -> str | None:
+        """Keep ``fd`` (ours once accepted) for (pid, st); the reason if refused (fd not kept)."""
+        old = self._offers.pop(pid, None)
+        if old is not None:
+            old.close()  # the process offers again, or the pid was reused
+        mine = sum(1 for o in self._offers.values() if o.uid == uid)
+        if mine >= self.per_uid or len(self._offers) >= self.total:
+            self.expire(check_alive=True)  # make room from the dead before refusing
+            mine = sum(1 for o in self._offers.values() if o.uid == uid)
+        if mine >= self.per_uid or len(self._offers) >= self.total:
+            self.refused += 1
+            return (
+                f"hmmd keeps {mine} offers of uid {uid} and {len(self._offers)} in all; "
+                "offer again once something mirrors the process"
             )
-            line = data.strip()
-            if line not in (b"uffd", b"uffd strict") or len(fds) != 1:
-                return "error expected the line 'uffd' or 'uffd strict' and one descriptor\n"
-            if os.readlink(f"/proc/self/fd/{fds[0]}") != "anon_inode:[userfaultfd]":
-                return "error the descriptor is not a userfaultfd\n"
-            why = self.on_fd(pid, fds[0], line == b"uffd strict")
-            if why is not None:
-                return f"error {why}\n"
-            keep = fds[0]
-            self.received += 1
-            return "ok\n"
-        except OSError as exc:
-            return f"error {exc}\n"
-        finally:
-            if keep is None:
-                self.refused += 1
-            for fd in fds:
-                if fd != keep:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+        self._offers[pid] = Offer(pid, st, fd, uid, time.monotonic() + self.ttl)
+        return None
+
+    def take(self, pid: int, st: int) -> int | None:
+        """The offered descriptor of (pid, st), now the caller's; None if there is none."""
+        offer = self._offers.pop(pid, None)
+        if offer is None:
+            return None
+        if offer.start_time != st:
+            offer.close()  # offered by an earlier process with the same pid
+            return None
+        return offer.fd
+
+    def expire(self, *, check_alive: bool = True) -> int:
+        """Close offers past their time (and, with ``check_alive``, those whose process is
+        gone); return how many."""
+        now = time.monotonic()
+        gone = []
+        for pid, offer in self._offers.items():
+            if offer.expires <= now:
+                gone.append(pid)
+                continue
+            if not check_alive:
+                continue
+            try:
+                alive = start_time(pid) == offer.start_time
+            except ProcessLookupError:
+                alive = False
+            if not alive:
+                gone.append(pid)
+        for pid in gone:
+            self._offers.pop(pid).close()
+        return len(gone)
+
+    def close(self) -> None:
+        """Close every offer."""
+        for offer in self._offers.values():
+            offer.close()
+        self._offers.clear()
 
 
 def default_path(endpoint: str) -> str:
-    """Next to an ``ipc://`` endpoint's socket; in the runtime directory otherwise."""
+    """Where targets send their userfaultfd: the side door of an ``ipc://`` endpoint itself;
+    for a ``tcp://`` one, a side door in the runtime directory."""
     if endpoint.startswith("ipc://"):
-        return endpoint[len("ipc://") :] + ".uffd"
+        return endpoint[len("ipc://") :]
     runtime = os.environ.get("RUNTIME_DIRECTORY", "/run/hmmirror").split(":")[0]
     return os.path.join(runtime, "hmmd.uffd.sock")

@@ -21,10 +21,10 @@ from itertools import chain
 import msgpack
 import numpy as np
 from hmmirror.daemon.mm import Mirror, Mm
-from hmmirror.daemon.server import Transport, Unreachable
 from hmmirror.daemon.session import Chunk, Items, Session
 from hmmirror.proto.codec import encode_invalidate
 from hmmirror.proto.messages import MAX_ITEMS, Event
+from hmmirror.transport import Server, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Invalidator:
 
     def __init__(
         self,
-        transport: Transport,
+        transport: Server,
         ack_deadline: float,
         evict: Callable[[Session, str], None],
         idle: Callable[[Mm], None],

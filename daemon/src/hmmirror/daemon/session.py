@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import msgpack
-from hmmirror.daemon.peer import Peer
+from hmmirror.transport.peer import Peer
 
 if TYPE_CHECKING:
     from hmmirror.daemon.invalidation import Invalidation

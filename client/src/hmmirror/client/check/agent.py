@@ -37,7 +37,6 @@ import time
 from typing import Any
 
 import zmq
-from hmmirror.client.channel import send_frames, tune
 from hmmirror.client.check.stamps import (
     GARBAGE,
     PAGE,
@@ -61,6 +60,7 @@ from hmmirror.client.mlx5 import ADVISE_FLUSH, AccessFlags, Advice, AtomicOp, Me
 from hmmirror.client.session import Session
 from hmmirror.proto.codec import encode
 from hmmirror.proto.messages import Heartbeat, HeartbeatAck, Invalidate
+from hmmirror.transport.sockets import send_frames
 
 ACCESS = (
     AccessFlags.LOCAL_WRITE | AccessFlags.REMOTE_READ | AccessFlags.REMOTE_WRITE
@@ -77,17 +77,6 @@ class CheckSession(Session):
     broken_zap_delay = 3.0
     suicide = False
     evictions = 0
-
-    def shrink_receive_queue(self) -> None:
-        """Reconnect with a tiny receive queue, so a flood fills hmmd's send queue quickly."""
-        self._unwatch()
-        self.sock.close(linger=0)
-        sock = self.ctx.socket(zmq.DEALER)
-        tune(sock)
-        sock.setsockopt(zmq.RCVHWM, 10)
-        sock.setsockopt(zmq.RCVBUF, 4096)
-        sock.connect(self.endpoint)
-        self._watch(sock)
 
     def _on_invalidate(self, msg: Invalidate) -> None:
         """Zap and queue the ACK, unless a knob says to misbehave."""
@@ -351,12 +340,12 @@ class Agent:
 async def serve(args: argparse.Namespace) -> None:
     """Connect, register, then answer commands until ``exit`` or EOF."""
     loop = asyncio.get_running_loop()
-    session = CheckSession(args.endpoint, f"check-{args.index}", 5.0)
+    # A tiny receive queue, so a flood fills hmmd's send queue quickly.
+    small = {int(zmq.RCVHWM): 10, int(zmq.RCVBUF): 4096} if args.small_queue else None
+    session = CheckSession(args.endpoint, f"check-{args.index}", 5.0, options=small)
     session.ack_delay = args.ack_delay
     session.broken_ack = args.broken_ack
     session.broken_zap_delay = args.broken_zap_delay
-    if args.small_queue:
-        session.shrink_receive_queue()
     await session.open()
     agent = Agent(session, args)
     reader = asyncio.StreamReader()

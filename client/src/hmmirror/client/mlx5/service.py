@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import zmq
-from hmmirror.client.channel import Drained, send_frames, tune
 from hmmirror.client.errors import AgentError, DeviceError, RemoteAccessError, RemoteError
 from hmmirror.client.mlx5.nic import Nic
 from hmmirror.proto.codec import Envelope, decode, encode
@@ -35,6 +34,7 @@ from hmmirror.proto.messages import (
     StatMr,
     StatMrReply,
 )
+from hmmirror.transport.sockets import Drained, send_frames, tune
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,8 @@ class Peer:
     """The pid that opened the connection (``ipc://`` only)."""
     curve_key: str | None = None
     """The Z85 CURVE public key (``tcp://`` with CURVE only)."""
+    address: str | None = None
+    """The remote address (``tcp://`` only; for logs, never for decisions)."""
 
     @property
     def local(self) -> bool:
@@ -41,14 +43,3 @@ class Peer:
         if self.curve_key:
             return f"curve:{self.curve_key}"
         return "unknown"
-
-    @classmethod
-    def from_metadata(cls, peer_address: str | None, user_id: str | None) -> Peer:
-        """From ZeroMQ's message metadata: ``Peer-Address`` (``host:uid:gid:pid`` on ipc,
-        from SO_PEERCRED) and ``User-Id`` (the admitted CURVE key)."""
-        if user_id:
-            return cls(curve_key=user_id)
-        if peer_address and peer_address.count(":") >= 3:
-            uid, gid, pid = peer_address.rsplit(":", 3)[1:]
-            return cls(uid=int(uid), gid=int(gid), pid=int(pid))
-        return cls()

@@ -1,0 +1,60 @@
+"""hmmd's descriptor budget: raise RLIMIT_NOFILE, then cap what peers can make it hold.
+
+Every connection holds two descriptors (the socket and the client's socket
+file, see ``hmmirror.transport.server``), every watched process up to five (a
+pidfd, maps, pagemap, two userfaultfds), every userfaultfd offer one. Peers
+decide how many of each exist, so each is capped with headroom below the limit:
+beyond a cap hmmd refuses the request politely; it never runs out of
+descriptors itself (where libzmq would abort rather than fail).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+from dataclasses import dataclass
+
+from hmmirror.daemon.config import Config
+from hmmirror.transport import Limits
+
+log = logging.getLogger(__name__)
+
+#: Descriptors kept for hmmd itself: libzmq's threads and mailboxes, logs, /proc reads.
+RESERVE = 256
+#: Descriptors one connection, one watched process and one offer hold at most.
+PER_CONNECTION, PER_MM, PER_OFFER = 2, 5, 1
+
+
+@dataclass(frozen=True)
+class FdBudget:
+    """How the descriptors under ``nofile`` are shared out."""
+
+    nofile: int
+    connection_limits: Limits
+    mms: int
+    offers: int
+
+    @classmethod
+    def raise_limit(cls, config: Config) -> FdBudget:
+        """Raise the soft RLIMIT_NOFILE to the hard limit, then divide it up."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft != hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                soft = hard
+            except (OSError, ValueError) as exc:
+                log.warning("cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, hard, exc)
+        return cls.of(soft, config)
+
+    @classmethod
+    def of(cls, nofile: int, config: Config) -> FdBudget:
+        """The shares of ``nofile`` descriptors: a quarter for connections, half for watched
+        processes, a sixteenth for offers; the rest is headroom."""
+        usable = max(0, nofile - RESERVE)
+        total = config.max_connections or max(8, usable // 4 // PER_CONNECTION)
+        limits = Limits(per_peer=config.max_connections_per_peer, total=total)
+        mms = max(8, usable // 2 // PER_MM)
+        offers = max(8, min(1024, usable // 16 // PER_OFFER))
+        return cls(nofile, limits, mms, offers)

@@ -1,0 +1,228 @@
+"""The client end: a DEALER that a server (hmmd, hm-agent) connects to, after a knock.
+
+The DEALER binds, and the client knocks at the server's door (``door``); the
+server's ROUTER then connects to it (``server`` says why that way round):
+
+- ``ipc://PATH``: the DEALER binds a socket file in a fresh private directory
+  (mode 0700: nobody else can reach it by path), the knock hands the server an
+  ``O_PATH`` descriptor of that file, and once the server is connected the file
+  is removed, so no one can ever connect to the DEALER again.
+- ``tcp://HOST:PORT``: the DEALER binds a free port on the address the knock
+  leaves from, and the knock names that port. With CURVE keys the DEALER is the
+  CURVE *client*: only the holder of the server's secret key can complete a
+  handshake with it, whoever connects.
+
+``Dialer`` does this for asyncio code (``await dialer.dial(timeout)``), or with
+``dial_sync``; ``dial`` returns a ready socket for blocking code (tests,
+benchmarks, tools).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Mapping
+from typing import Any, cast
+
+import zmq
+from hmmirror.transport.door import (
+    DoorError,
+    check_reply,
+    knock,
+    knock_async,
+    read_reply,
+    read_reply_async,
+    split_tcp,
+    tcp_endpoint,
+)
+from hmmirror.transport.keys import CurveKeys
+from hmmirror.transport.sockets import EVENTS, POLLOUT, tune
+
+
+def _private_dir() -> str:
+    """A fresh mode-0700 directory for a DEALER's socket file (short: sun_path is 107 bytes)."""
+    base = os.environ.get("XDG_RUNTIME_DIR", "")
+    if not base or not os.access(base, os.W_OK | os.X_OK) or len(base) > 60:
+        base = tempfile.gettempdir()
+    return tempfile.mkdtemp(prefix="hmmirror-", dir=base)
+
+
+class Dialer:
+    """A DEALER socket towards ``endpoint``; ready once ``dial`` (or ``dial_sync``) returned."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        endpoint: str,
+        curve: CurveKeys | None = None,
+        options: Mapping[int, int] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.ipc = endpoint.startswith("ipc://")
+        if self.ipc:
+            if len(endpoint) == len("ipc://"):
+                raise ValueError(f"{endpoint!r} names no socket path")
+        else:
+            if not endpoint.startswith("tcp://"):
+                raise ValueError(f"{endpoint!r} is not ipc://PATH or tcp://HOST:PORT")
+            self.host, self.port = split_tcp(endpoint)
+        self.curve = curve
+        self.sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+        tune(self.sock)
+        for option, value in (options or {}).items():
+            self.sock.setsockopt(option, value)
+        self._dir = ""
+        self._file = ""
+        self.ready = False
+        try:
+            if self.ipc:
+                self._dir = _private_dir()
+                self._file = os.path.join(self._dir, "s")
+                self.sock.bind(f"ipc://{self._file}")
+                # Reachable by path only through the 0700 directory; the server gets to
+                # it through the descriptor, whatever its own uid.
+                os.chmod(self._file, 0o666)
+            elif curve is not None:
+                curve.apply(self.sock)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- ipc ----------------------------------------------------------------------------------
+
+    @property
+    def door(self) -> str:
+        """Where the server's door is: a path, or HOST:PORT."""
+        return self.endpoint[len("ipc://") :] if self.ipc else f"{self.host}:{self.port}"
+
+    def _descriptor(self) -> int:
+        """An ``O_PATH`` descriptor of the DEALER's socket file."""
+        return os.open(self._file, os.O_PATH | os.O_CLOEXEC)
+
+    def _seal(self) -> None:
+        """Remove the socket file and its directory: nobody else can connect from now on."""
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = ""
+
+    # --- tcp ----------------------------------------------------------------------------------
+
+    def _knock_socket(self) -> socket.socket:
+        """A TCP socket towards the server's door (not yet connected)."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+
+    def _bind_near(self, knocking: socket.socket) -> int:
+        """Bind the DEALER on the address ``knocking`` leaves from; return its port."""
+        local = str(knocking.getsockname()[0])
+        self.sock.bind(tcp_endpoint(local, 0))
+        last = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return int(last.rpartition(":")[2])
+
+    # --- both ---------------------------------------------------------------------------------
+
+    def _connected(self) -> bool:
+        """Whether the server's connection reached the DEALER (it can send)."""
+        return bool(cast(int, self.sock.get(EVENTS)) & POLLOUT)
+
+    def _refused(self, why: str) -> DoorError:
+        """The error for a server that never connected."""
+        hint = " (is this client's CURVE key in its allow-list?)" if self.curve else ""
+        return DoorError(errno.ETIMEDOUT, f"{self.door}: {why}{hint}")
+
+    async def dial(self, timeout: float) -> None:
+        """Knock, then wait for the server's connection; raise DoorError."""
+        if self.ready:
+            return
+        deadline = time.monotonic() + timeout
+        if self.ipc:
+            fd = self._descriptor()
+            try:
+                await knock_async(self.door, b"channel", fd, timeout)
+            finally:
+                os.close(fd)
+        else:
+            await self._knock_tcp_async(timeout)
+        while not self._connected():
+            if time.monotonic() > deadline:
+                raise self._refused("the server did not connect back")
+            await asyncio.sleep(0.001)
+        self._seal()
+        self.ready = True
+
+    async def _knock_tcp_async(self, timeout: float) -> None:
+        """``channel PORT`` at a TCP door, without blocking the loop."""
+        loop = asyncio.get_running_loop()
+        with self._knock_socket() as knocking:
+            knocking.setblocking(False)
+            try:
+                async with asyncio.timeout(timeout):
+                    await loop.sock_connect(knocking, (self.host, self.port))
+                    port = self._bind_near(knocking)
+                    await loop.sock_sendall(knocking, f"channel {port}\n".encode())
+                    reply = await read_reply_async(knocking)
+            except TimeoutError as exc:
+                raise self._refused(f"no answer in {timeout:g} s") from exc
+            except OSError as exc:
+                raise DoorError(
+                    exc.errno or errno.EIO, f"{self.door}: {exc.strerror or exc}"
+                ) from exc
+        check_reply(self.door, reply)
+
+    def dial_sync(self, timeout: float) -> None:
+        """``dial`` for blocking code."""
+        if self.ready:
+            return
+        deadline = time.monotonic() + timeout
+        if self.ipc:
+            fd = self._descriptor()
+            try:
+                knock(self.door, b"channel", fd, timeout)
+            finally:
+                os.close(fd)
+        else:
+            with self._knock_socket() as knocking:
+                knocking.settimeout(timeout)
+                try:
+                    knocking.connect((self.host, self.port))
+                    port = self._bind_near(knocking)
+                    knocking.sendall(f"channel {port}\n".encode())
+                    reply = read_reply(knocking)
+                except OSError as exc:
+                    raise DoorError(exc.errno or errno.EIO, f"{self.door}: {exc}") from exc
+            check_reply(self.door, reply)
+        while not self._connected():
+            if time.monotonic() > deadline:
+                raise self._refused("the server did not connect back")
+            time.sleep(0.001)
+        self._seal()
+        self.ready = True
+
+    def close(self) -> None:
+        """Close the socket (linger 0) and remove what it left on disk."""
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.close(linger=0)
+        self._seal()
+
+
+def dial(
+    ctx: zmq.Context[Any],
+    endpoint: str,
+    curve: CurveKeys | None = None,
+    timeout: float = 5.0,
+    options: Mapping[int, int] | None = None,
+) -> zmq.Socket[Any]:
+    """A DEALER connected to ``endpoint``, for blocking code (raises DoorError, OSError)."""
+    dialer = Dialer(ctx, endpoint, curve, options)
+    try:
+        dialer.dial_sync(timeout)
+    except BaseException:
+        dialer.close()
+        raise
+    return dialer.sock

@@ -1,0 +1,422 @@
+"""The door: where a client asks a server (hmmd, hm-agent) to connect to it.
+
+A server's public endpoint is a door owned by Python, not a libzmq listener.
+libzmq's ROUTER takes the routing id a peer presents, and aborts the process
+when an id it numbers itself collides with one a peer pre-claimed
+(``socket_base.cpp``); its ``ipc://`` listener also aborts when descriptors
+run out (``ipc_listener.cpp``). So no peer ever reaches a server's ROUTER: the
+client binds its own socket and knocks at the door, and the server's ROUTER
+*connects* to it under a routing id the server chooses (see ``server``).
+
+Each door connection sends one line and gets ``ok`` or ``error <why>`` back,
+then is closed:
+
+- ``ipc://PATH``: a Unix socket at PATH. The line comes with exactly one
+  descriptor (SCM_RIGHTS): ``channel`` with an ``O_PATH`` descriptor of the
+  client's bound socket file, or (hmmd) ``uffd`` / ``uffd strict`` with a
+  userfaultfd. The sender is its SO_PEERCRED, never what it says.
+- ``tcp://HOST:PORT``: a TCP socket; the line is ``channel PORT``, the port the
+  client bound on the address it knocked from. Who it is, CURVE proves once the
+  server connects back.
+
+Everything is bounded: a connection has ``DEADLINE`` to speak, unanswered ones
+are capped per uid (or address) and in all, knocks from one address are rate
+limited, and running out of descriptors pauses accepting instead of failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import grp
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from hmmirror.transport.peer import Peer
+
+log = logging.getLogger(__name__)
+
+#: How long a connected client has to send its line (and descriptor).
+DEADLINE = 2.0
+#: Longest line read (the known ones are a few bytes).
+LINE_MAX = 64
+#: Connections not yet answered, per uid (or address) and in all; more are closed at once.
+PENDING_PER_PEER, PENDING_TOTAL = 8, 64
+#: Knocks one address may make per second, and in a burst (tcp doors).
+RATE, BURST = 20.0, 100.0
+#: After EMFILE/ENFILE, accepting pauses this long (the backlog holds newcomers).
+EMFILE_PAUSE = 0.1
+_CRED = struct.Struct("3i")
+
+#: A handler gets the sender, the line's argument and the descriptor sent with it (-1 on a
+#: tcp door); it returns None once it owns the descriptor, or the reason it refuses (the door
+#: then closes the descriptor).
+Handler = Callable[[Peer, str, int], str | None]
+
+
+class DoorError(OSError):
+    """The door refused, or could not be reached; the message says why."""
+
+
+class AddressInUse(OSError):
+    """A live server already answers at the door's address."""
+
+
+def share_with_group(path: str, group: str) -> None:
+    """Make a socket file mode 0660 and, if ``group`` exists, owned by that group."""
+    os.chmod(path, 0o660)
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        log.info("no group %r: %s keeps its group", group, path)
+        return
+    os.chown(path, -1, gid)
+
+
+def claim(path: str) -> None:
+    """Make ``path`` free for a new door: refuse if a live one answers there.
+
+    A socket file nobody listens on is a stale one from a server that died: it is
+    removed. Anything that is not a socket is left alone and refused.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise AddressInUse(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # stale
+        return
+    except OSError as exc:
+        raise AddressInUse(exc.errno or errno.EADDRINUSE, f"cannot probe {path}: {exc}") from exc
+    else:
+        pid = _CRED.unpack(probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))[0]
+        raise AddressInUse(errno.EADDRINUSE, f"{path} is served by a live process (pid {pid})")
+    finally:
+        probe.close()
+
+
+def split_tcp(endpoint: str) -> tuple[str, int]:
+    """``tcp://HOST:PORT`` (``[v6]`` allowed) as (host, port); ValueError if malformed."""
+    rest = endpoint[len("tcp://") :]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{endpoint!r} is not tcp://HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def tcp_endpoint(host: str, port: int) -> str:
+    """The ``tcp://`` endpoint of (host, port), bracketing an IPv6 address."""
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+@dataclass
+class _Pending:
+    """A connection that has not spoken yet."""
+
+    conn: socket.socket
+    peer: Peer
+    key: object
+    timer: asyncio.TimerHandle
+
+
+@dataclass
+class _Bucket:
+    """A token bucket of knocks."""
+
+    tokens: float
+    stamp: float
+
+
+class Door:
+    """A listening socket dispatching one-line requests to ``handlers`` by their first word."""
+
+    def __init__(self, sock: socket.socket, handlers: Mapping[str, Handler], where: str) -> None:
+        self.sock = sock
+        self.handlers = handlers
+        self.where = where
+        self.local = sock.family == socket.AF_UNIX
+        self._inode = -1
+        sock.setblocking(False)
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(sock.fileno(), self._accept)
+        self._pending: dict[int, _Pending] = {}
+        self._buckets: dict[str, _Bucket] = {}
+        self._paused = False
+        self.counters = dict.fromkeys(("accepted", "refused", "busy", "emfile"), 0)
+
+    @classmethod
+    def unix(cls, path: str, handlers: Mapping[str, Handler], group: str = "") -> Door:
+        """A door at the Unix socket ``path`` (mode 0660, group ``group`` when it exists)."""
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        claim(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(path)
+            inode = os.stat(path).st_ino
+            if group:
+                share_with_group(path, group)
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        door = cls(sock, handlers, path)
+        door._inode = inode
+        return door
+
+    @classmethod
+    def tcp(cls, host: str, port: int, handlers: Mapping[str, Handler]) -> Door:
+        """A door on TCP (host, port); port 0 picks a free one (see ``port``)."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("" if host == "*" else host, port))
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUse(exc.errno, f"{host}:{port} is in use") from exc
+            raise
+        return cls(sock, handlers, f"{host}:{port}")
+
+    @property
+    def port(self) -> int:
+        """The TCP port the door listens on."""
+        return int(self.sock.getsockname()[1])
+
+    def close(self) -> None:
+        """Stop listening, drop unanswered connections, remove the path if it is still ours."""
+        if not self._paused:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(self.sock.fileno())
+        for pending in list(self._pending.values()):
+            self._drop(pending.conn)
+        self.sock.close()
+        if self.local:
+            with contextlib.suppress(OSError):
+                if os.stat(self.where).st_ino == self._inode:
+                    os.unlink(self.where)
+
+    # --- accepting ----------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        """Accept every pending connection; each gets a deadline to send its line."""
+        while True:
+            try:
+                conn, address = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause(exc)
+                else:
+                    log.warning("door %s: accept failed: %s", self.where, exc)
+                return
+            conn.setblocking(False)
+            try:
+                peer, key = self._identify(conn, address)
+            except OSError:
+                conn.close()
+                continue
+            mine = sum(1 for p in self._pending.values() if p.key == key)
+            if len(self._pending) >= PENDING_TOTAL or mine >= PENDING_PER_PEER:
+                self._busy(conn, "too many connections waiting; try again")
+                continue
+            if not self.local and not self._take(str(key)):
+                self._busy(conn, "too many knocks from this address; slow down")
+                continue
+            timer = self.loop.call_later(DEADLINE, self._drop, conn)
+            self._pending[conn.fileno()] = _Pending(conn, peer, key, timer)
+            self.loop.add_reader(conn.fileno(), self._receive, conn)
+
+    def _identify(self, conn: socket.socket, address: object) -> tuple[Peer, object]:
+        """Who connected: SO_PEERCRED on a Unix door, the address on a TCP door."""
+        if self.local:
+            pid, uid, gid = _CRED.unpack(
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
+            )
+            return Peer(uid=uid, gid=gid, pid=pid), uid
+        host = str(address[0]) if isinstance(address, tuple) else str(address)
+        return Peer(address=host), host
+
+    def _busy(self, conn: socket.socket, why: str) -> None:
+        """Turn a connection away at once."""
+        self.counters["busy"] += 1
+        _answer(conn, f"error {why}\n")
+        conn.close()
+
+    def _take(self, who: str) -> bool:
+        """Spend one knock of ``who``; False when its bucket is empty."""
+        now = time.monotonic()
+        bucket = self._buckets.get(who)
+        if bucket is None:
+            if len(self._buckets) > 4096:  # forget idle addresses
+                self._buckets = {
+                    k: b for k, b in self._buckets.items() if now - b.stamp < BURST / RATE
+                }
+            bucket = self._buckets[who] = _Bucket(BURST, now)
+        bucket.tokens = min(BURST, bucket.tokens + (now - bucket.stamp) * RATE)
+        bucket.stamp = now
+        if bucket.tokens < 1:
+            return False
+        bucket.tokens -= 1
+        return True
+
+    def _pause(self, exc: OSError) -> None:
+        """Out of descriptors: stop accepting for a moment instead of spinning or failing."""
+        self.counters["emfile"] += 1
+        if self.counters["emfile"] <= 10 or self.counters["emfile"] % 1000 == 0:
+            log.warning("door %s: %s; accepting again in %g s", self.where, exc, EMFILE_PAUSE)
+        self._paused = True
+        self.loop.remove_reader(self.sock.fileno())
+        self.loop.call_later(EMFILE_PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        """Accept again after a pause."""
+        if self._paused and self.sock.fileno() >= 0:
+            self._paused = False
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+            self._accept()
+
+    def _drop(self, conn: socket.socket) -> None:
+        """Forget a connection (answered, refused, or out of time)."""
+        pending = self._pending.pop(conn.fileno(), None)
+        if pending is not None:
+            pending.timer.cancel()
+            self.loop.remove_reader(conn.fileno())
+        conn.close()
+
+    # --- a request ----------------------------------------------------------------------------
+
+    def _receive(self, conn: socket.socket) -> None:
+        """Read the line (and descriptors), hand them on, answer, close."""
+        pending = self._pending.get(conn.fileno())
+        if pending is None:
+            return
+        try:
+            data, fds, _, _ = socket.recv_fds(conn, LINE_MAX, 4 if self.local else 0)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        reply = self._judge(pending.peer, data, fds)
+        _answer(conn, reply)
+        self._drop(conn)
+
+    def _judge(self, peer: Peer, data: bytes, fds: list[int]) -> str:
+        """Give the descriptor (exactly one on a Unix door) to the line's handler; close
+        anything not kept."""
+        keep: int | None = None
+        try:
+            line = data.decode(errors="replace").strip()
+            word, _, arg = line.partition(" ")
+            handler = self.handlers.get(word)
+            if handler is None:
+                known = ", ".join(repr(k) for k in self.handlers)
+                return f"error expected a line starting with one of {known}\n"
+            if self.local and len(fds) != 1:
+                return f"error {word!r} needs exactly one descriptor\n"
+            fd = fds[0] if self.local else -1
+            why = handler(peer, arg.strip(), fd)
+            if why is not None:
+                return f"error {why}\n"
+            keep = fd
+            return "ok\n"
+        except Exception as exc:  # a handler bug must not take the door down
+            log.exception("door %s: handler failed", self.where)
+            return f"error {type(exc).__name__}\n"
+        finally:
+            self.counters["accepted" if keep is not None else "refused"] += 1
+            for fd in fds:
+                if fd != keep:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+
+def _answer(conn: socket.socket, reply: str) -> None:
+    """Best-effort one-line answer on a non-blocking connection."""
+    with contextlib.suppress(OSError):
+        conn.send(reply.encode()[:256])
+
+
+# --- knocking (the client side) ------------------------------------------------------------------
+
+
+def knock(path: str, line: bytes, fd: int, timeout: float) -> None:
+    """Hand ``fd`` to the Unix door at ``path`` with ``line``; raise DoorError unless ``ok``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            socket.send_fds(sock, [line + b"\n"], [fd])
+            reply = read_reply(sock)
+        except OSError as exc:
+            raise DoorError(exc.errno or errno.EIO, f"{path}: {exc.strerror or exc}") from exc
+    check_reply(path, reply)
+
+
+async def knock_async(path: str, line: bytes, fd: int, timeout: float) -> None:
+    """``knock`` without blocking the event loop."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, path)
+            # One short line into an empty socket buffer: sendmsg cannot block.
+            socket.send_fds(sock, [line + b"\n"], [fd])
+            reply = await read_reply_async(sock)
+    except TimeoutError as exc:
+        raise DoorError(errno.ETIMEDOUT, f"{path}: no answer in {timeout:g} s") from exc
+    except OSError as exc:
+        raise DoorError(exc.errno or errno.EIO, f"{path}: {exc.strerror or exc}") from exc
+    finally:
+        sock.close()
+    check_reply(path, reply)
+
+
+def read_reply(sock: socket.socket) -> str:
+    """Read one reply line (at most 256 bytes) from a blocking socket."""
+    reply = b""
+    while b"\n" not in reply and len(reply) < 256:
+        chunk = sock.recv(256)
+        if not chunk:
+            break
+        reply += chunk
+    return reply.decode(errors="replace")
+
+
+async def read_reply_async(sock: socket.socket) -> str:
+    """Read one reply line (at most 256 bytes) from a non-blocking socket."""
+    loop = asyncio.get_running_loop()
+    reply = b""
+    while b"\n" not in reply and len(reply) < 256:
+        chunk = await loop.sock_recv(sock, 256)
+        if not chunk:
+            break
+        reply += chunk
+    return reply.decode(errors="replace")
+
+
+def check_reply(where: str, reply: str) -> None:
+    """Raise DoorError unless the door said ``ok``."""
+    reply = reply.strip()
+    if reply == "ok":
+        return
+    reason = reply[len("error ") :] if reply.startswith("error ") else (reply or "no answer")
+    raise DoorError(errno.EPERM, f"{where} refused: {reason}")

@@ -1,0 +1,132 @@
+"""What every hmmirror ZeroMQ socket shares: options, a non-blocking send, and the drain loop.
+
+A plain (not ``zmq.asyncio``) socket is registered with ``loop.add_reader`` on
+its edge-triggered FD; the reader drains until ``EVENTS`` shows no POLLIN, and
+a send may consume the edge (pyzmq #1177), so sends make the loop look again
+once per tick. This is the measured-fastest pattern on these machines
+(reference/zeromq-python.md §2, §7).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Sequence
+from typing import Any, cast
+
+import zmq
+import zmq.backend
+from hmmirror.proto.messages import MAX_FRAME
+
+# pyzmq's constants are IntFlag enums; enum arithmetic on the hot path costs
+# microseconds per call, plain ints nothing.
+EVENTS = int(zmq.EVENTS)
+POLLIN = int(zmq.POLLIN)
+POLLOUT = int(zmq.POLLOUT)
+NOBLOCK = int(zmq.NOBLOCK)
+SNDMORE = int(zmq.SNDMORE)
+#: The Cython send itself: pyzmq's Python wrapper around it only handles DRAFT routing
+#: ids and groups, which hmmirror never uses, and costs a quarter of a small send.
+zmq_send = zmq.backend.Socket.send
+#: Frames this large go out zero-copy when the caller allows it (pyzmq's break-even).
+ZERO_COPY_MIN = 64 * 1024
+#: Kernel socket buffers asked for (capped by net.core.[rw]mem_max): megabyte transfers
+#: then take a few large writes instead of many small ones.
+SOCKET_BUFFER = 4 << 20
+#: Messages queued per peer and direction before a send fails (EAGAIN) or input stops.
+HWM = 10000
+
+
+class Unreachable(Exception):
+    """A message could not be queued to a peer (gone, or its pipe is full)."""
+
+
+def tune(sock: zmq.Socket[Any]) -> None:
+    """The options every hmmirror socket uses: no linger, size caps, buffers, HWMs."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+    sock.setsockopt(zmq.SNDBUF, SOCKET_BUFFER)
+    sock.setsockopt(zmq.RCVBUF, SOCKET_BUFFER)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+
+
+def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], copy: bool) -> None:
+    """Send one message without blocking; only large frames go zero-copy (with ``copy`` off).
+
+    Raises ``zmq.Again`` when the peer's pipe is full and ``zmq.ZMQError`` otherwise. A
+    socket queues nothing until the last frame, so a failure leaves no partial message.
+    """
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        zmq_send(
+            sock, frame, NOBLOCK | (SNDMORE if i < last else 0),
+            copy or len(frame) < ZERO_COPY_MIN,
+        )  # fmt: skip
+
+
+class Drained(abc.ABC):
+    """A plain pyzmq socket on the event loop: ``loop.add_reader`` on its edge-triggered FD.
+
+    ``_drain`` receives every queued message and hands its frames to
+    ``_on_frames``; a send may consume the FD's POLLIN edge, so ``_sent`` makes
+    the loop look again once per tick (never once per send), or right away when
+    called from inside the drain loop, whose own ``EVENTS`` check covers it.
+    """
+
+    sock: zmq.Socket[Any]
+    loop: asyncio.AbstractEventLoop
+
+    def _watch(self, sock: zmq.Socket[Any]) -> None:
+        """Start draining ``sock`` on the running loop."""
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self._fd = cast(int, sock.getsockopt(zmq.FD))
+        self._recheck = False
+        self._draining = False
+        self.loop.add_reader(self._fd, self._drain)
+        self.loop.call_soon(self._after_sends)  # messages may have queued before the reader
+
+    def _unwatch(self) -> None:
+        """Stop draining (the caller closes the socket)."""
+        self.loop.remove_reader(self._fd)
+
+    @abc.abstractmethod
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        """One inbound message's frames."""
+
+    def _drain(self) -> None:
+        """Handle every queued message (the FD is edge-triggered: drain fully).
+
+        ``EVENTS`` is read after every message, so it also catches an edge that
+        a send made while handling (an ACK) may have consumed.
+        """
+        self._draining = True
+        try:
+            sock = self.sock
+            while cast(int, sock.get(EVENTS)) & POLLIN:
+                try:
+                    # Frames carry their own "more" flag: no RCVMORE query (an enum
+                    # conversion plus a getsockopt) per frame.
+                    frame = sock.recv(NOBLOCK, copy=False)
+                    frames = [frame]
+                    while frame.more:
+                        frame = sock.recv(NOBLOCK, copy=False)
+                        frames.append(frame)
+                except zmq.Again:
+                    break
+                self._on_frames(frames)
+        finally:
+            self._draining = False
+
+    def _sent(self) -> None:
+        """A send happened: make sure its consumed edge does not strand inbound messages."""
+        if not self._draining and not self._recheck:
+            self._recheck = True
+            self.loop.call_soon(self._after_sends)
+
+    def _after_sends(self) -> None:
+        """Drain if this tick's sends consumed the FD's POLLIN edge."""
+        self._recheck = False
+        if not self.sock.closed and cast(int, self.sock.get(EVENTS)) & POLLIN:
+            self._drain()
