@@ -136,7 +136,7 @@ def wheel_url(index: str, filename: str, deadline: float) -> str:
     body, content_type, final_url = _read(page_url, accept, INDEX_PAGE_LIMIT, deadline)
     try:
         if "json" in content_type:
-            hrefs = [entry["url"] for entry in json.loads(body)["files"]]
+            hrefs = [str(entry["url"]) for entry in json.loads(body)["files"]]
         else:
             parser = _Links()
             parser.feed(body.decode("utf-8", "replace"))
