@@ -12,15 +12,19 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from hmmirror.client import DeviceError
+from hmmirror.client.curve import CurveKeys, generate
 from hmmirror.client.mlx5 import RdmaPeer, RemoteAccessError
 
 PAGE = 4096
@@ -31,22 +35,81 @@ DEADLINE = 10.0
 
 @dataclass
 class Agent:
-    """A running hm-agent: its endpoint and the MRs it printed (rkey by spec order)."""
+    """A running hm-agent: its endpoint, the MRs it printed (rkey by spec order), and keys.
+
+    On a CURVE listener ``curve`` are the keys of a requester that is allowed and, unless
+    the test said otherwise, granted every MR; ``requester(name)`` makes more.
+    """
 
     proc: asyncio.subprocess.Process
     endpoint: str
     rkeys: list[int]
     lines: list[str]
+    keys: str
+    curve: CurveKeys | None
+
+    @property
+    def public_key(self) -> str:
+        """The agent's public certificate (what requesters pass as the server key)."""
+        return os.path.join(self.keys, "agent.key")
+
+    def requester(self, name: str, allowed: bool = True) -> tuple[str, CurveKeys]:
+        """A new requester key pair (in the allow-list unless ``allowed`` is False): its
+        public certificate's path and its CurveKeys for this agent."""
+        return _requester(self.keys, name, allowed)
+
+    def peer(self, curve: CurveKeys | None = None, **kw: Any) -> Any:
+        """``RdmaPeer.connect`` to the agent, as the default requester unless ``curve``."""
+        return RdmaPeer.connect(self.endpoint, curve=curve or self.curve, **kw)
+
+    def hmmctl_keys(self) -> list[str]:
+        """``hmmctl stat mr`` flags that authenticate as the default requester."""
+        secret = os.path.join(self.keys, "requester.key_secret")
+        return ["--agent-key", self.public_key, "--client-key", secret]
+
+
+def _requester(keys: str, name: str, allowed: bool) -> tuple[str, CurveKeys]:
+    """Generate ``name``'s key pair in ``keys`` (and allow it); return (public path, keys)."""
+    public, secret = generate(keys, name)
+    if allowed:
+        shutil.copy(public, os.path.join(keys, "allow"))
+    return public, CurveKeys.load(os.path.join(keys, "agent.key"), secret)
 
 
 @contextlib.asynccontextmanager
-async def hm_agent(hmmd, *mrs: str, name: str = "mlx5_t") -> AsyncIterator[Agent]:
-    """Start ``hm-agent`` with ``--mr`` specs; stop it with SIGTERM and check it exits 0."""
-    args = ["--daemon", hmmd.endpoint, "--listen", "tcp://127.0.0.1:0", "--name", name]
+async def hm_agent(
+    hmmd: Any,
+    *mrs: str,
+    name: str = "mlx5_t",
+    listen: str = "tcp://127.0.0.1:0",
+    insecure: bool = False,
+    grants: Sequence[str] | None = None,
+    extra: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[Agent]:
+    """Start ``hm-agent`` with ``--mr`` specs; stop it with SIGTERM and check it exits 0.
+
+    A tcp:// listener is a CURVE server whose allow-list holds one requester, granted
+    every MR with rwa (``grants`` replaces that: REQUESTER stands for its certificate);
+    ``insecure`` makes it plain TCP with every MR granted to ``any``.
+    """
+    keys = tempfile.mkdtemp(prefix="hmak-", dir="/tmp")
+    os.mkdir(os.path.join(keys, "allow"))
+    generate(keys, "agent")
+    _, curve = _requester(keys, "requester", True)
+    args = ["--daemon", hmmd.endpoint, "--listen", listen, "--name", name]
+    default = "any:*:rwa" if insecure else "REQUESTER:*:rwa"
+    for grant in [default] if grants is None else grants:
+        args += ["--grant", grant.replace("REQUESTER", os.path.join(keys, "requester.key"))]
+    if insecure:
+        args.append("--insecure")
+    elif listen.startswith("tcp://"):
+        args += ["--listen-key", os.path.join(keys, "agent.key_secret")]
+        args += ["--listen-allow", os.path.join(keys, "allow")]
     for spec in mrs:
         args += ["--mr", spec]
     proc = await asyncio.create_subprocess_exec(
-        *HM_AGENT, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        *HM_AGENT, *args, *extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
     )
     assert proc.stdout is not None and proc.stderr is not None
     lines: list[str] = []
@@ -62,19 +125,23 @@ async def hm_agent(hmmd, *mrs: str, name: str = "mlx5_t") -> AsyncIterator[Agent
                 if line.startswith("hm-agent ready "):
                     break
         rkeys = [int(m.group(1), 16) for ln in lines if (m := re.search(r"rkey=(0x[0-9a-f]+)", ln))]
-        yield Agent(proc, line.split()[-1], rkeys, lines)
+        tcp_curve = listen.startswith("tcp://") and not insecure
+        yield Agent(proc, line.split()[-1], rkeys, lines, keys, curve if tcp_curve else None)
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(DEADLINE):
-                    code = await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                raise AssertionError("hm-agent ignored SIGTERM") from None
-            err = (await proc.stderr.read()).decode()
-            assert code == 0, f"hm-agent exited {code}: {err}"
+        try:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    async with asyncio.timeout(DEADLINE):
+                        code = await proc.wait()
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+                    raise AssertionError("hm-agent ignored SIGTERM") from None
+                err = (await proc.stderr.read()).decode()
+                assert code == 0, f"hm-agent exited {code}: {err}"
+        finally:
+            shutil.rmtree(keys, ignore_errors=True)
 
 
 async def test_remote_read_write_and_atomics_through_hm_agent(hmmd, puppet):
@@ -83,7 +150,7 @@ async def test_remote_read_write_and_atomics_through_hm_agent(hmmd, puppet):
     await puppet.write(addr, data)
     async with (
         hm_agent(hmmd, f"{puppet.pid}:{addr:#x}:{64 * PAGE}:rwa") as agent,
-        RdmaPeer.connect(agent.endpoint) as peer,
+        agent.peer() as peer,
     ):
         (rkey,) = agent.rkeys
         assert bytes(await peer.read(rkey, addr, 64 * PAGE)) == data
@@ -105,8 +172,8 @@ async def test_concurrent_fetch_and_add_from_two_requesters_loses_nothing(hmmd, 
     per_peer = 300
     async with (
         hm_agent(hmmd, f"{puppet.pid}:{addr:#x}:{PAGE}:ra") as agent,
-        RdmaPeer.connect(agent.endpoint) as one,
-        RdmaPeer.connect(agent.endpoint) as two,
+        agent.peer() as one,
+        agent.peer() as two,
     ):
         (rkey,) = agent.rkeys
 
@@ -126,7 +193,7 @@ async def test_rdma_errors_follow_verbs_semantics(hmmd, puppet):
     addr = await puppet.mmap(4 * PAGE)
     await puppet.write(addr, b"x" * 4 * PAGE)
     specs = (f"{puppet.pid}:{addr:#x}:{4 * PAGE}:rwa", f"{puppet.pid}:{addr:#x}:{4 * PAGE}:r")
-    async with hm_agent(hmmd, *specs) as agent, RdmaPeer.connect(agent.endpoint) as peer:
+    async with hm_agent(hmmd, *specs) as agent, agent.peer() as peer:
         rw, ro = agent.rkeys
         for op in (
             peer.read(rw ^ 0x100, addr, 8),  # no such rkey
@@ -161,7 +228,7 @@ async def test_hmmctl_stat_mr_prints_rdma_stat_mr_lines(hmmd, puppet):
     addr = await puppet.mmap(8 * PAGE)
     async with (
         hm_agent(hmmd, f"{puppet.pid}:{addr:#x}:{8 * PAGE}:rw", f"{puppet.pid}:all:r") as agent,
-        RdmaPeer.connect(agent.endpoint) as peer,
+        agent.peer() as peer,
     ):
         rkey, implicit_rkey = agent.rkeys
         await puppet.write(addr, b"y" * 8 * PAGE)
@@ -170,7 +237,7 @@ async def test_hmmctl_stat_mr_prints_rdma_stat_mr_lines(hmmd, puppet):
 
         def hmmctl(*extra: str) -> str:
             out = subprocess.run(
-                [*HMMCTL, "stat", "mr", "--agent", agent.endpoint, *extra],
+                [*HMMCTL, "stat", "mr", "--agent", agent.endpoint, *agent.hmmctl_keys(), *extra],
                 capture_output=True, text=True, timeout=DEADLINE, check=True,
             )  # fmt: skip
             return out.stdout
@@ -201,7 +268,8 @@ def test_hm_agent_usage_errors_exit_2():
 def test_hm_agent_without_hmmd_exits_1(tmp_path):
     start = time.monotonic()
     out = subprocess.run(
-        [*HM_AGENT, "--daemon", f"ipc://{tmp_path}/absent.sock", "--listen", "tcp://127.0.0.1:0"],
+        [*HM_AGENT, "--daemon", f"ipc://{tmp_path}/absent.sock", "--listen", "tcp://127.0.0.1:0",
+         "--insecure"],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert out.returncode == 1, out.stderr
@@ -211,7 +279,7 @@ def test_hm_agent_without_hmmd_exits_1(tmp_path):
 
 async def test_hm_agent_refusing_a_registration_exits_1(hmmd, puppet):
     proc = await asyncio.create_subprocess_exec(
-        *HM_AGENT, "--daemon", hmmd.endpoint, "--listen", "tcp://127.0.0.1:0",
+        *HM_AGENT, "--daemon", hmmd.endpoint, "--listen", "tcp://127.0.0.1:0", "--insecure",
         "--mr", f"{puppet.pid}:0x1000:4K:r", "--mr", "999999999:0x1000:4K:r",
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
