@@ -1,147 +1,29 @@
 """``hm-agent`` as a process: remote READ, WRITE and atomics by rkey, errors, stat mr, CLI.
 
-The agent is a real process on a real hmmd, serving over tcp loopback; the
-requesters are ``RdmaPeer`` connections (each its own ZeroMQ context and socket).
+The agent is a real process on a real hmmd, serving over tcp loopback with CURVE;
+the requesters are ``RdmaPeer`` connections (each its own ZeroMQ context and
+socket) with an allowed and granted key (``hmmirror.testing.rdma``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 from hmmirror.client import DeviceError
-from hmmirror.client.curve import CurveKeys, generate
 from hmmirror.client.mlx5 import RdmaPeer, RemoteAccessError
+from hmmirror.testing.rdma import DEADLINE, HM_AGENT, hm_agent
 
+__all__ = ["hm_agent"]  # test_fuzz_socket.py takes it from here
 PAGE = 4096
-HM_AGENT = [sys.executable, "-m", "hmmirror.client.agentapp"]
 HMMCTL = [sys.executable, "-m", "hmmirror.client.ctlapp"]
-DEADLINE = 10.0
-
-
-@dataclass
-class Agent:
-    """A running hm-agent: its endpoint, the MRs it printed (rkey by spec order), and keys.
-
-    On a CURVE listener ``curve`` are the keys of a requester that is allowed and, unless
-    the test said otherwise, granted every MR; ``requester(name)`` makes more.
-    """
-
-    proc: asyncio.subprocess.Process
-    endpoint: str
-    rkeys: list[int]
-    lines: list[str]
-    keys: str
-    curve: CurveKeys | None
-
-    @property
-    def public_key(self) -> str:
-        """The agent's public certificate (what requesters pass as the server key)."""
-        return os.path.join(self.keys, "agent.key")
-
-    def requester(self, name: str, allowed: bool = True) -> tuple[str, CurveKeys]:
-        """A new requester key pair (in the allow-list unless ``allowed`` is False): its
-        public certificate's path and its CurveKeys for this agent."""
-        return _requester(self.keys, name, allowed)
-
-    def peer(self, curve: CurveKeys | None = None, **kw: Any) -> Any:
-        """``RdmaPeer.connect`` to the agent, as the default requester unless ``curve``."""
-        return RdmaPeer.connect(self.endpoint, curve=curve or self.curve, **kw)
-
-    def hmmctl_keys(self) -> list[str]:
-        """``hmmctl stat mr`` flags that authenticate as the default requester."""
-        secret = os.path.join(self.keys, "requester.key_secret")
-        return ["--agent-key", self.public_key, "--client-key", secret]
-
-
-def _requester(keys: str, name: str, allowed: bool) -> tuple[str, CurveKeys]:
-    """Generate ``name``'s key pair in ``keys`` (and allow it); return (public path, keys)."""
-    public, secret = generate(keys, name)
-    if allowed:
-        shutil.copy(public, os.path.join(keys, "allow"))
-    return public, CurveKeys.load(os.path.join(keys, "agent.key"), secret)
-
-
-@contextlib.asynccontextmanager
-async def hm_agent(
-    hmmd: Any,
-    *mrs: str,
-    name: str = "mlx5_t",
-    listen: str = "tcp://127.0.0.1:0",
-    insecure: bool = False,
-    grants: Sequence[str] | None = None,
-    extra: Sequence[str] = (),
-    env: dict[str, str] | None = None,
-) -> AsyncIterator[Agent]:
-    """Start ``hm-agent`` with ``--mr`` specs; stop it with SIGTERM and check it exits 0.
-
-    A tcp:// listener is a CURVE server whose allow-list holds one requester, granted
-    every MR with rwa (``grants`` replaces that: REQUESTER stands for its certificate);
-    ``insecure`` makes it plain TCP with every MR granted to ``any``.
-    """
-    keys = tempfile.mkdtemp(prefix="hmak-", dir="/tmp")
-    os.mkdir(os.path.join(keys, "allow"))
-    generate(keys, "agent")
-    _, curve = _requester(keys, "requester", True)
-    args = ["--daemon", hmmd.endpoint, "--listen", listen, "--name", name]
-    default = "any:*:rwa" if insecure else "REQUESTER:*:rwa"
-    for grant in [default] if grants is None else grants:
-        args += ["--grant", grant.replace("REQUESTER", os.path.join(keys, "requester.key"))]
-    if insecure:
-        args.append("--insecure")
-    elif listen.startswith("tcp://"):
-        args += ["--listen-key", os.path.join(keys, "agent.key_secret")]
-        args += ["--listen-allow", os.path.join(keys, "allow")]
-    for spec in mrs:
-        args += ["--mr", spec]
-    proc = await asyncio.create_subprocess_exec(
-        *HM_AGENT, *args, *extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    lines: list[str] = []
-    try:
-        async with asyncio.timeout(DEADLINE):
-            while True:
-                raw = await proc.stdout.readline()
-                if not raw:
-                    err = (await proc.stderr.read()).decode()
-                    raise AssertionError(f"hm-agent exited before ready: {err}")
-                line = raw.decode().strip()
-                lines.append(line)
-                if line.startswith("hm-agent ready "):
-                    break
-        rkeys = [int(m.group(1), 16) for ln in lines if (m := re.search(r"rkey=(0x[0-9a-f]+)", ln))]
-        tcp_curve = listen.startswith("tcp://") and not insecure
-        yield Agent(proc, line.split()[-1], rkeys, lines, keys, curve if tcp_curve else None)
-    finally:
-        try:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    async with asyncio.timeout(DEADLINE):
-                        code = await proc.wait()
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
-                    raise AssertionError("hm-agent ignored SIGTERM") from None
-                err = (await proc.stderr.read()).decode()
-                assert code == 0, f"hm-agent exited {code}: {err}"
-        finally:
-            shutil.rmtree(keys, ignore_errors=True)
 
 
 async def test_remote_read_write_and_atomics_through_hm_agent(hmmd, puppet):
