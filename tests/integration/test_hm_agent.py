@@ -15,9 +15,11 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from hmmirror.client import DeviceError
+from hmmirror.client.curve import generate
 from hmmirror.client.mlx5 import RdmaPeer, RemoteAccessError
 from hmmirror.testing.rdma import DEADLINE, HM_AGENT, hm_agent
 
@@ -147,6 +149,50 @@ def test_hm_agent_usage_errors_exit_2():
     assert out.returncode == 0 and "PID:ADDR:LENGTH" in out.stdout
 
 
+def test_hm_agent_listener_settings_errors_are_one_line_exit_2(tmp_path):
+    """Bad keys, allow-lists and grants are refused before anything starts, in one line."""
+    public, secret = generate(str(tmp_path), "agent")
+    loose = tmp_path / "loose.key_secret"
+    loose.write_bytes(Path(secret).read_bytes())
+    loose.chmod(0o644)
+    only_public = tmp_path / "public.key"  # private, but no secret key in it
+    only_public.write_bytes(Path(public).read_bytes())
+    only_public.chmod(0o600)
+    garbage = tmp_path / "garbage.key_secret"
+    garbage.write_text("not a certificate")
+    garbage.chmod(0o600)
+    (tmp_path / "allow").mkdir()
+    (tmp_path / "agent.toml").write_text('[[grant]]\nrequesters = ["any"]\nmrs = ["mr1"]\n')
+    tcp = ["--listen", "tcp://127.0.0.1:0"]
+    ok_keys = ["--listen-key", secret, "--listen-allow", str(tmp_path / "allow")]
+    mr = ["--mr", "1:0x1000:4K:r"]
+    for bad, says in (
+        ([*tcp], "set listen_key"),
+        ([*tcp, "--listen-key", secret, "--listen-allow", str(tmp_path / "no")], "not a directory"),
+        ([*tcp, "--listen-key", str(only_public), "--listen-allow", str(tmp_path)], "no secret"),
+        ([*tcp, "--listen-key", str(loose), "--listen-allow", str(tmp_path)], "chmod 600"),
+        ([*tcp, "--listen-key", str(garbage), "--listen-allow", str(tmp_path)], "listen_key"),
+        (
+            [*tcp, "--listen-key", str(tmp_path / "absent"), "--listen-allow", str(tmp_path)],
+            "cannot read",
+        ),
+        ([*tcp, "--insecure", *ok_keys[:2]], "exclude each other"),
+        (["--listen", "ipc:///tmp/x.sock", "--insecure"], "tcp:// only"),
+        (["--listen", "udp://127.0.0.1:1"], "only tcp:// and ipc://"),
+        ([*tcp, *ok_keys, *mr, "--grant", "nobody:mr1:r"], "not 'any', 'uid:N'"),
+        ([*tcp, *ok_keys, *mr, "--grant", "any:mr2:r"], "does not register"),
+        ([*tcp, *ok_keys, *mr, "--grant", "any:mr1:rx"], "rights"),
+        ([*tcp, *ok_keys, *mr, "--grant", "any:mr1"], "REQUESTER:MR1,MR2:RIGHTS"),
+        ([*tcp, *ok_keys, *mr, "--grant", f"{tmp_path}/absent.key:mr1:r"], "certificate"),
+        ([*tcp, *ok_keys, "--mr", "x=1:0x1000:4K", "--mr", "x=1:0x2000:4K"], "must differ"),
+        ([*tcp, *ok_keys, "--mr", "a b=1:0x1000:4K"], "name"),
+        ([*tcp, *ok_keys, *mr, "--config", str(tmp_path / "agent.toml")], "exactly requesters"),
+    ):
+        out = subprocess.run([*HM_AGENT, *bad], capture_output=True, text=True, timeout=DEADLINE)
+        assert out.returncode == 2, (bad, out.stderr)
+        assert out.stderr.count("\n") == 1 and says in out.stderr, (bad, out.stderr)
+
+
 def test_hm_agent_without_hmmd_exits_1(tmp_path):
     start = time.monotonic()
     out = subprocess.run(
@@ -169,3 +215,19 @@ async def test_hm_agent_refusing_a_registration_exits_1(hmmd, puppet):
         out, err = await proc.communicate()
     assert proc.returncode == 1, err
     assert b"hm-agent ready" not in out
+
+
+def test_hmmctl_stat_mr_key_errors_are_one_line_exit_2(tmp_path):
+    public, secret = generate(str(tmp_path), "me")
+    for bad, says in (
+        (["--agent-key", public], "both --agent-key and --client-key"),
+        (["--client-key", secret], "both --agent-key and --client-key"),
+        (["--agent-key", public, "--client-key", public], "no secret key"),
+        (["--agent-key", str(tmp_path / "absent"), "--client-key", secret], "absent"),
+    ):
+        out = subprocess.run(
+            [*HMMCTL, "stat", "mr", "--agent", "tcp://127.0.0.1:9", *bad],
+            capture_output=True, text=True, timeout=DEADLINE,
+        )  # fmt: skip
+        assert out.returncode == 2, (bad, out.stderr)
+        assert out.stderr.count("\n") == 1 and says in out.stderr, (bad, out.stderr)
