@@ -313,6 +313,7 @@ async def test_512_guesses_of_rkeys_find_no_live_key(hmmd, puppet):
         assert info.value.code == ErrorCode.PERMISSION_DENIED
         # What "any" was granted works for whoever holds the key.
         assert bytes(await peer.read(agent.rkeys[1], addr + PAGE, 8)) == SECRET[PAGE : PAGE + 8]
+        assert b"plain TCP (insecure = true)" in agent.errors, "insecure is logged as a warning"
 
 
 # --- row 14: a listener that cannot be bound, and READY ---------------------------------------
