@@ -656,7 +656,7 @@ async def test_hm_agent_names_the_malformed_request_it_refuses(hmmd: Any, puppet
     addr = await puppet.mmap(PAGE)
     await puppet.write(addr, b"r" * PAGE)
     spec = f"{puppet.pid}:{addr:#x}:{PAGE}:rwa"
-    async with hm_agent(hmmd, spec) as device, raw_peers(device.endpoint) as make:
+    async with hm_agent(hmmd, spec, insecure=True) as device, raw_peers(device.endpoint) as make:
         peer = make()
         write = M.RdmaWrite(rkey=device.rkeys[0], addr=addr, length=16)
         msg_id = peer.take_id()

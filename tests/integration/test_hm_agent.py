@@ -1,80 +1,31 @@
 """``hm-agent`` as a process: remote READ, WRITE and atomics by rkey, errors, stat mr, CLI.
 
-The agent is a real process on a real hmmd, serving over tcp loopback; the
-requesters are ``RdmaPeer`` connections (each its own ZeroMQ context and socket).
+The agent is a real process on a real hmmd, serving over tcp loopback with CURVE;
+the requesters are ``RdmaPeer`` connections (each its own ZeroMQ context and
+socket) with an allowed and granted key (``hmmirror.testing.rdma``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hmmirror.client import DeviceError
+from hmmirror.client.curve import generate
 from hmmirror.client.mlx5 import RdmaPeer, RemoteAccessError
+from hmmirror.testing.rdma import DEADLINE, HM_AGENT, hm_agent
 
+__all__ = ["hm_agent"]  # test_fuzz_socket.py takes it from here
 PAGE = 4096
-HM_AGENT = [sys.executable, "-m", "hmmirror.client.agentapp"]
 HMMCTL = [sys.executable, "-m", "hmmirror.client.ctlapp"]
-DEADLINE = 10.0
-
-
-@dataclass
-class Agent:
-    """A running hm-agent: its endpoint and the MRs it printed (rkey by spec order)."""
-
-    proc: asyncio.subprocess.Process
-    endpoint: str
-    rkeys: list[int]
-    lines: list[str]
-
-
-@contextlib.asynccontextmanager
-async def hm_agent(hmmd, *mrs: str, name: str = "mlx5_t") -> AsyncIterator[Agent]:
-    """Start ``hm-agent`` with ``--mr`` specs; stop it with SIGTERM and check it exits 0."""
-    args = ["--daemon", hmmd.endpoint, "--listen", "tcp://127.0.0.1:0", "--name", name]
-    for spec in mrs:
-        args += ["--mr", spec]
-    proc = await asyncio.create_subprocess_exec(
-        *HM_AGENT, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    lines: list[str] = []
-    try:
-        async with asyncio.timeout(DEADLINE):
-            while True:
-                raw = await proc.stdout.readline()
-                if not raw:
-                    err = (await proc.stderr.read()).decode()
-                    raise AssertionError(f"hm-agent exited before ready: {err}")
-                line = raw.decode().strip()
-                lines.append(line)
-                if line.startswith("hm-agent ready "):
-                    break
-        rkeys = [int(m.group(1), 16) for ln in lines if (m := re.search(r"rkey=(0x[0-9a-f]+)", ln))]
-        yield Agent(proc, line.split()[-1], rkeys, lines)
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(DEADLINE):
-                    code = await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                raise AssertionError("hm-agent ignored SIGTERM") from None
-            err = (await proc.stderr.read()).decode()
-            assert code == 0, f"hm-agent exited {code}: {err}"
 
 
 async def test_remote_read_write_and_atomics_through_hm_agent(hmmd, puppet):
@@ -83,7 +34,7 @@ async def test_remote_read_write_and_atomics_through_hm_agent(hmmd, puppet):
     await puppet.write(addr, data)
     async with (
         hm_agent(hmmd, f"{puppet.pid}:{addr:#x}:{64 * PAGE}:rwa") as agent,
-        RdmaPeer.connect(agent.endpoint) as peer,
+        agent.peer() as peer,
     ):
         (rkey,) = agent.rkeys
         assert bytes(await peer.read(rkey, addr, 64 * PAGE)) == data
@@ -105,8 +56,8 @@ async def test_concurrent_fetch_and_add_from_two_requesters_loses_nothing(hmmd, 
     per_peer = 300
     async with (
         hm_agent(hmmd, f"{puppet.pid}:{addr:#x}:{PAGE}:ra") as agent,
-        RdmaPeer.connect(agent.endpoint) as one,
-        RdmaPeer.connect(agent.endpoint) as two,
+        agent.peer() as one,
+        agent.peer() as two,
     ):
         (rkey,) = agent.rkeys
 
@@ -126,7 +77,7 @@ async def test_rdma_errors_follow_verbs_semantics(hmmd, puppet):
     addr = await puppet.mmap(4 * PAGE)
     await puppet.write(addr, b"x" * 4 * PAGE)
     specs = (f"{puppet.pid}:{addr:#x}:{4 * PAGE}:rwa", f"{puppet.pid}:{addr:#x}:{4 * PAGE}:r")
-    async with hm_agent(hmmd, *specs) as agent, RdmaPeer.connect(agent.endpoint) as peer:
+    async with hm_agent(hmmd, *specs) as agent, agent.peer() as peer:
         rw, ro = agent.rkeys
         for op in (
             peer.read(rw ^ 0x100, addr, 8),  # no such rkey
@@ -161,7 +112,7 @@ async def test_hmmctl_stat_mr_prints_rdma_stat_mr_lines(hmmd, puppet):
     addr = await puppet.mmap(8 * PAGE)
     async with (
         hm_agent(hmmd, f"{puppet.pid}:{addr:#x}:{8 * PAGE}:rw", f"{puppet.pid}:all:r") as agent,
-        RdmaPeer.connect(agent.endpoint) as peer,
+        agent.peer() as peer,
     ):
         rkey, implicit_rkey = agent.rkeys
         await puppet.write(addr, b"y" * 8 * PAGE)
@@ -170,7 +121,7 @@ async def test_hmmctl_stat_mr_prints_rdma_stat_mr_lines(hmmd, puppet):
 
         def hmmctl(*extra: str) -> str:
             out = subprocess.run(
-                [*HMMCTL, "stat", "mr", "--agent", agent.endpoint, *extra],
+                [*HMMCTL, "stat", "mr", "--agent", agent.endpoint, *agent.hmmctl_keys(), *extra],
                 capture_output=True, text=True, timeout=DEADLINE, check=True,
             )  # fmt: skip
             return out.stdout
@@ -198,10 +149,55 @@ def test_hm_agent_usage_errors_exit_2():
     assert out.returncode == 0 and "PID:ADDR:LENGTH" in out.stdout
 
 
+def test_hm_agent_listener_settings_errors_are_one_line_exit_2(tmp_path):
+    """Bad keys, allow-lists and grants are refused before anything starts, in one line."""
+    public, secret = generate(str(tmp_path), "agent")
+    loose = tmp_path / "loose.key_secret"
+    loose.write_bytes(Path(secret).read_bytes())
+    loose.chmod(0o644)
+    only_public = tmp_path / "public.key"  # private, but no secret key in it
+    only_public.write_bytes(Path(public).read_bytes())
+    only_public.chmod(0o600)
+    garbage = tmp_path / "garbage.key_secret"
+    garbage.write_text("not a certificate")
+    garbage.chmod(0o600)
+    (tmp_path / "allow").mkdir()
+    (tmp_path / "agent.toml").write_text('[[grant]]\nrequesters = ["any"]\nmrs = ["mr1"]\n')
+    tcp = ["--listen", "tcp://127.0.0.1:0"]
+    ok_keys = ["--listen-key", secret, "--listen-allow", str(tmp_path / "allow")]
+    mr = ["--mr", "1:0x1000:4K:r"]
+    for bad, says in (
+        ([*tcp], "set listen_key"),
+        ([*tcp, "--listen-key", secret, "--listen-allow", str(tmp_path / "no")], "not a directory"),
+        ([*tcp, "--listen-key", str(only_public), "--listen-allow", str(tmp_path)], "no secret"),
+        ([*tcp, "--listen-key", str(loose), "--listen-allow", str(tmp_path)], "chmod 600"),
+        ([*tcp, "--listen-key", str(garbage), "--listen-allow", str(tmp_path)], "listen_key"),
+        (
+            [*tcp, "--listen-key", str(tmp_path / "absent"), "--listen-allow", str(tmp_path)],
+            "cannot read",
+        ),
+        ([*tcp, "--insecure", *ok_keys[:2]], "exclude each other"),
+        (["--listen", "ipc:///tmp/x.sock", "--insecure"], "tcp:// only"),
+        (["--listen", "udp://127.0.0.1:1"], "only tcp:// and ipc://"),
+        ([*tcp, *ok_keys, *mr, "--grant", "nobody:mr1:r"], "not 'any', 'uid:N'"),
+        ([*tcp, *ok_keys, *mr, "--grant", "any:mr2:r"], "does not register"),
+        ([*tcp, *ok_keys, *mr, "--grant", "any:mr1:rx"], "rights"),
+        ([*tcp, *ok_keys, *mr, "--grant", "any:mr1"], "REQUESTER:MR1,MR2:RIGHTS"),
+        ([*tcp, *ok_keys, *mr, "--grant", f"{tmp_path}/absent.key:mr1:r"], "certificate"),
+        ([*tcp, *ok_keys, "--mr", "x=1:0x1000:4K", "--mr", "x=1:0x2000:4K"], "must differ"),
+        ([*tcp, *ok_keys, "--mr", "a b=1:0x1000:4K"], "name"),
+        ([*tcp, *ok_keys, *mr, "--config", str(tmp_path / "agent.toml")], "exactly requesters"),
+    ):
+        out = subprocess.run([*HM_AGENT, *bad], capture_output=True, text=True, timeout=DEADLINE)
+        assert out.returncode == 2, (bad, out.stderr)
+        assert out.stderr.count("\n") == 1 and says in out.stderr, (bad, out.stderr)
+
+
 def test_hm_agent_without_hmmd_exits_1(tmp_path):
     start = time.monotonic()
     out = subprocess.run(
-        [*HM_AGENT, "--daemon", f"ipc://{tmp_path}/absent.sock", "--listen", "tcp://127.0.0.1:0"],
+        [*HM_AGENT, "--daemon", f"ipc://{tmp_path}/absent.sock", "--listen", "tcp://127.0.0.1:0",
+         "--insecure"],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert out.returncode == 1, out.stderr
@@ -211,7 +207,7 @@ def test_hm_agent_without_hmmd_exits_1(tmp_path):
 
 async def test_hm_agent_refusing_a_registration_exits_1(hmmd, puppet):
     proc = await asyncio.create_subprocess_exec(
-        *HM_AGENT, "--daemon", hmmd.endpoint, "--listen", "tcp://127.0.0.1:0",
+        *HM_AGENT, "--daemon", hmmd.endpoint, "--listen", "tcp://127.0.0.1:0", "--insecure",
         "--mr", f"{puppet.pid}:0x1000:4K:r", "--mr", "999999999:0x1000:4K:r",
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -219,3 +215,19 @@ async def test_hm_agent_refusing_a_registration_exits_1(hmmd, puppet):
         out, err = await proc.communicate()
     assert proc.returncode == 1, err
     assert b"hm-agent ready" not in out
+
+
+def test_hmmctl_stat_mr_key_errors_are_one_line_exit_2(tmp_path):
+    public, secret = generate(str(tmp_path), "me")
+    for bad, says in (
+        (["--agent-key", public], "both --agent-key and --client-key"),
+        (["--client-key", secret], "both --agent-key and --client-key"),
+        (["--agent-key", public, "--client-key", public], "no secret key"),
+        (["--agent-key", str(tmp_path / "absent"), "--client-key", secret], "absent"),
+    ):
+        out = subprocess.run(
+            [*HMMCTL, "stat", "mr", "--agent", "tcp://127.0.0.1:9", *bad],
+            capture_output=True, text=True, timeout=DEADLINE,
+        )  # fmt: skip
+        assert out.returncode == 2, (bad, out.stderr)
+        assert out.stderr.count("\n") == 1 and says in out.stderr, (bad, out.stderr)

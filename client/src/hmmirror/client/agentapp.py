@@ -1,13 +1,18 @@
 """The ``hm-agent`` command line: run an mlx5-model NIC as a process and serve RDMA.
 
-The agent opens a session with hmmd, registers the MRs it is told to, and
-serves READ, WRITE and atomics on them to remote requesters (``RdmaPeer``).
-It prints one ``mr ...`` line per MR, then ``hm-agent ready <endpoint>``, to
-stdout; logs go to stderr. SIGTERM or SIGINT deregisters every MR (waiting
-for operations in flight) and exits 0.
+The agent opens a session with hmmd, binds its RDMA listener, registers the
+MRs it is told to, and serves READ, WRITE and atomics on them to the remote
+requesters its grants name (``RdmaPeer``). A ``tcp://`` listener is a CURVE
+server admitting the keys in ``listen_allow`` (or plain TCP with ``insecure``);
+an ``ipc://`` one knows its requesters' uids. It prints one ``mr ...`` line per
+MR, then ``hm-agent ready <endpoint>``, to stdout, and tells systemd
+``READY=1``; logs go to stderr. SIGHUP rereads the config file's grants.
+SIGTERM or SIGINT deregisters every MR (waiting for operations in flight) and
+exits 0.
 
 Exit codes: 0 success, 1 runtime failure (hmmd unreachable, a registration
-refused), 2 usage or configuration error.
+refused), 2 usage or configuration error (a listen endpoint that cannot be
+bound included).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import zmq.auth
 from hmmirror.client.errors import AgentError
+from hmmirror.client.mlx5.grants import MR_NAME, Grant, GrantError, Grants, grant_from_table
 from hmmirror.client.mlx5.verbs import WHOLE_ADDRESS_SPACE, AccessFlags
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -50,12 +57,13 @@ class UsageError(Exception):
 
 @dataclass(frozen=True)
 class MrSpec:
-    """One ``--mr`` registration: process, range (None: implicit) and access."""
+    """One ``--mr`` registration: process, range (None: implicit) and access, and its name."""
 
     pid: int
     addr: int
     length: int
     access: AccessFlags
+    name: str = ""
 
     @property
     def implicit(self) -> bool:
@@ -71,10 +79,13 @@ def parse_size(text: str) -> int:
     return int(m.group(1), 0) * _UNITS[m.group(2)]
 
 
-def parse_mr(text: str) -> MrSpec:
-    """``PID:ADDR:LENGTH[:RIGHTS]`` or ``PID:all[:RIGHTS]``; RIGHTS letters r, w, a."""
-    parts = text.split(":")
+def parse_mr(text: str, default_name: str = "") -> MrSpec:
+    """``[NAME=]PID:ADDR:LENGTH[:RIGHTS]`` or ``[NAME=]PID:all[:RIGHTS]``; RIGHTS r, w, a."""
+    name, _, rest_text = text.rpartition("=")
+    parts = rest_text.split(":")
     try:
+        if name and not MR_NAME.match(name):
+            raise ValueError(f"name {name!r} is not letters, digits, _ . - (at most 64)")
         pid = int(parts[0])
         if len(parts) >= 2 and parts[1] == "all":
             addr, length, rest = 0, WHOLE_ADDRESS_SPACE, parts[2:]
@@ -89,12 +100,13 @@ def parse_mr(text: str) -> MrSpec:
             raise ValueError(f"rights {letters!r} are not a combination of r, w, a")
     except (ValueError, UsageError) as exc:
         raise UsageError(
-            f"--mr {text!r}: {exc}; expected PID:ADDR:LENGTH[:RIGHTS] or PID:all[:RIGHTS]"
+            f"--mr {text!r}: {exc}; expected [NAME=]PID:ADDR:LENGTH[:RIGHTS] or "
+            "[NAME=]PID:all[:RIGHTS]"
         ) from exc
     access = AccessFlags.ON_DEMAND
     for letter in letters:
         access |= _RIGHTS[letter]
-    return MrSpec(pid, addr, length, access)
+    return MrSpec(pid, addr, length, access, name or default_name)
 
 
 def rights(access: AccessFlags) -> str:
@@ -117,8 +129,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Run an mlx5-model RDMA NIC with On-Demand Paging over hmmd: register MRs on "
         "live processes and serve remote READ, WRITE and atomics on them by rkey.",
         epilog="Settings come from defaults < --config FILE < HMMIRROR_ENDPOINT, "
-        "HMMIRROR_AGENT_LISTEN, HMMIRROR_AGENT_NAME < flags. Example: "
-        "hm-agent --mr 1234:0x7f0000000000:2M:rwa --mr 1234:all:r",
+        "HMMIRROR_AGENT_LISTEN, HMMIRROR_AGENT_LISTEN_KEY, HMMIRROR_AGENT_LISTEN_ALLOW, "
+        "HMMIRROR_AGENT_NAME < flags; --grant adds to the config file's grants. Example: "
+        "hm-agent --listen-key agent.key_secret --listen-allow allow/ "
+        "--mr buf=1234:0x7f0000000000:2M:rwa --grant allow/host-b.key:buf:rw",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML file (keys as the long flags)")
     parser.add_argument("--daemon", metavar="ENDPOINT", help=f"hmmd (default {DEFAULT_DAEMON})")
@@ -131,8 +145,33 @@ def _parser() -> argparse.ArgumentParser:
         "--mr",
         action="append",
         metavar="SPEC",
-        help="register PID:ADDR:LENGTH[:RIGHTS] or PID:all[:RIGHTS] (implicit ODP); RIGHTS are "
-        "r (remote read, the default), w (remote write), a (remote atomic). Repeatable.",
+        help="register [NAME=]PID:ADDR:LENGTH[:RIGHTS] or [NAME=]PID:all[:RIGHTS] (implicit "
+        "ODP); RIGHTS are r (remote read, the default), w (remote write), a (remote atomic); "
+        "NAME defaults to mr1, mr2, ... in order. Repeatable.",
+    )
+    parser.add_argument(
+        "--grant",
+        action="append",
+        metavar="WHO:MRS:RIGHTS",
+        help="let WHO (curve:KEY, a requester's .key certificate file, uid:N over ipc://, or "
+        "any) use the MRs named MRS (comma-separated, * for all) with RIGHTS (r, w, a), as "
+        "far as each MR's own rights allow. Repeatable. Without a grant a requester has no MR.",
+    )
+    parser.add_argument(
+        "--listen-key", metavar="FILE", help="this agent's secret CURVE certificate (tcp:// listen)"
+    )
+    parser.add_argument(
+        "--listen-allow",
+        metavar="DIR",
+        help="directory of the public .key certificates of requesters allowed to connect "
+        "(tcp:// listen; reread when it changes)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="serve a tcp:// listen endpoint as plain TCP, with no authentication: requesters "
+        "get only what grants to 'any' give, and no stat_mr",
     )
     parser.add_argument(
         "--server-key", metavar="FILE", help="hmmd's public CURVE certificate (tcp:// hmmd)"
@@ -154,6 +193,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "log_level": "info",
         "server_key": "",
         "client_key": "",
+        "listen_key": "",
+        "listen_allow": "",
+        "insecure": False,
+        "grant": [],
     }
     if args.config:
         try:
@@ -168,30 +211,117 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     for key, env in (
         ("daemon", "HMMIRROR_ENDPOINT"),
         ("listen", "HMMIRROR_AGENT_LISTEN"),
+        ("listen_key", "HMMIRROR_AGENT_LISTEN_KEY"),
+        ("listen_allow", "HMMIRROR_AGENT_LISTEN_ALLOW"),
         ("name", "HMMIRROR_AGENT_NAME"),
         ("server_key", "HMMIRROR_SERVER_KEY"),
         ("client_key", "HMMIRROR_CLIENT_KEY"),
     ):
         if os.environ.get(env):
             out[key] = os.environ[env]
-    for key in ("daemon", "listen", "name", "log_level", "server_key", "client_key"):
+    for key in ("daemon", "listen", "name", "log_level", "server_key", "client_key",
+                "listen_key", "listen_allow", "insecure"):  # fmt: skip
         if getattr(args, key) is not None:
             out[key] = getattr(args, key)
     if args.mr:
         out["mr"] = list(args.mr)
     if not isinstance(out["mr"], list):
         raise UsageError("mr must be a list of SPEC strings")
-    out["mr"] = [parse_mr(str(spec)) for spec in out["mr"]]
+    out["mr"] = [parse_mr(str(spec), f"mr{i}") for i, spec in enumerate(out["mr"], 1)]
+    names = [spec.name for spec in out["mr"]]
+    if len(set(names)) != len(names):
+        raise UsageError(f"MR names must differ: {names}")
     for key in ("daemon", "listen", "name"):
         if not isinstance(out[key], str) or not out[key]:
             raise UsageError(f"{key} must be a non-empty string")
+    if not isinstance(out["insecure"], bool):
+        raise UsageError("insecure must be true or false")
+    out["grant"] = read_grants(out["grant"], args.config or "config", out["mr"])
+    out["grant"] += read_grants(args.grant or [], "--grant", out["mr"])
+    check_listen(out)
     return out
 
 
-async def serve(conf: dict[str, Any]) -> int:
-    """Connect, register, serve until a signal; return the exit code."""
+def read_grants(entries: Any, where: str, mrs: Sequence[MrSpec]) -> list[Grant]:
+    """``grant`` entries (``[[grant]]`` tables or ``--grant`` strings), checked against ``mrs``."""
+    if not isinstance(entries, list):
+        raise UsageError(f"{where}: grant must be a list of [[grant]] tables or strings")
+    try:
+        grants = [g for i, e in enumerate(entries) for g in grant_from_table(e, f"{where}: "
+                  f"grant {i + 1}")]  # fmt: skip
+        Grants(grants, {spec.name: i for i, spec in enumerate(mrs, 1)})  # names exist
+    except GrantError as exc:
+        raise UsageError(str(exc)) from exc
+    return grants
+
+
+def check_listen(conf: dict[str, Any]) -> None:
+    """The listen endpoint's scheme and security settings make sense (before anything starts)."""
+    listen = conf["listen"]
+    for key in ("listen_key", "listen_allow"):
+        if not isinstance(conf[key], str):
+            raise UsageError(f"{key} must be a string")
+    if listen.startswith("ipc://"):
+        if conf["listen_key"] or conf["listen_allow"] or conf["insecure"]:
+            raise UsageError(
+                f"{listen} is ipc://: requesters are known by uid; listen_key, listen_allow "
+                "and insecure are for tcp:// only"
+            )
+        return
+    if not listen.startswith("tcp://"):
+        raise UsageError(f"cannot listen on {listen!r}: only tcp:// and ipc:// are served")
+    if conf["insecure"]:
+        if conf["listen_key"] or conf["listen_allow"]:
+            raise UsageError("insecure and listen_key/listen_allow exclude each other")
+        return
+    if not (conf["listen_key"] and conf["listen_allow"]):
+        raise UsageError(
+            f"{listen} is a tcp:// endpoint: set listen_key (this agent's .key_secret) and "
+            "listen_allow (a directory of allowed requesters' .key files), or insecure = true "
+            "for plain TCP"
+        )
+    try:
+        mode = os.stat(conf["listen_key"]).st_mode
+    except OSError as exc:
+        raise UsageError(f"listen_key: cannot read {conf['listen_key']}: {exc.strerror}") from exc
+    if mode & 0o077:
+        raise UsageError(
+            f"listen_key: {conf['listen_key']} is readable by others (mode {mode & 0o777:o}); "
+            "chmod 600 it"
+        )
+    try:
+        _, secret = zmq.auth.load_certificate(conf["listen_key"])
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"listen_key: {exc}") from exc
+    if secret is None:
+        raise UsageError(f"listen_key: {conf['listen_key']} holds no secret key (.key_secret)")
+    if not os.path.isdir(conf["listen_allow"]):
+        raise UsageError(f"listen_allow: {conf['listen_allow']} is not a directory")
+
+
+def reload_grants(config: str | None, flag_grants: Sequence[str], mrs: Sequence[MrSpec],
+                  names: dict[str, int]) -> Grants:  # fmt: skip
+    """The grants of the config file as it is now, plus the ``--grant`` flags (SIGHUP)."""
+    entries: Any = []
+    if config:
+        try:
+            with open(config, "rb") as f:
+                entries = tomllib.load(f).get("grant", [])
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise UsageError(f"cannot read {config}: {exc}") from exc
+    grants = read_grants(entries, config or "config", mrs)
+    grants += read_grants(list(flag_grants), "--grant", mrs)
+    try:
+        return Grants(grants, names)
+    except GrantError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+async def serve(conf: dict[str, Any], args: argparse.Namespace | None = None) -> int:
+    """Connect, bind, register, serve until a signal; return the exit code."""
     from hmmirror.client.mlx5.nic import Nic
     from hmmirror.client.mlx5.service import RdmaService
+    from hmmirror.client.sdnotify import notify
     from hmmirror.client.session import connect
 
     log = logging.getLogger("hmmirror.agent")
@@ -199,27 +329,63 @@ async def serve(conf: dict[str, Any]) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP must not kill an agent that is still starting: its grants are read at start.
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP while starting: ignored"))
+    config = args.config if args is not None else None
+    flag_grants = (args.grant or []) if args is not None else []
     curve = None
     if conf["server_key"] or conf["client_key"]:
         from hmmirror.client.curve import CurveKeys
 
-        curve = CurveKeys.load(conf["server_key"], conf["client_key"])
+        try:
+            curve = CurveKeys.load(conf["server_key"], conf["client_key"])
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"server_key/client_key: {exc}") from exc
     async with connect(conf["daemon"], name=conf["name"][:64], curve=curve) as session:
         nic = Nic(session, conf["name"])
+        service = RdmaService(
+            nic, conf["listen"], key_file=conf["listen_key"], allow_dir=conf["listen_allow"],
+            insecure=conf["insecure"],
+        )  # fmt: skip
+        names: dict[str, int] = {}
         try:
             for spec in conf["mr"]:
                 mr = await nic.reg_mr(spec.pid, spec.addr, spec.length, spec.access)
+                names[spec.name] = mr.mrn
                 where = "all" if mr.implicit else f"{mr.addr:#x} length={mr.length}"
                 print(
-                    f"mr mrn={mr.mrn} rkey={mr.rkey:#x} pid={mr.pid} addr={where} "
-                    f"rights={rights(mr.access)}",
+                    f"mr name={spec.name} mrn={mr.mrn} rkey={mr.rkey:#x} pid={mr.pid} "
+                    f"addr={where} rights={rights(mr.access)}",
                     flush=True,
                 )
-            service = RdmaService(nic, conf["listen"])
+            service.grants = Grants(conf["grant"], names)
+            service.start()
         except BaseException:
+            await service.close()
             await nic.close()
             raise
+
+        def reload() -> None:
+            """SIGHUP: the config file's grants as they are now (a bad file changes nothing),
+            and the allow-list directory read again."""
+            service.reload()
+            try:
+                service.grants = reload_grants(config, flag_grants, conf["mr"], names)
+            except UsageError as exc:
+                log.error("SIGHUP: grants unchanged: %s", exc)
+                return
+            log.info("SIGHUP: %d requester(s) hold grants now", len(service.grants))
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
         print(f"hm-agent ready {service.endpoint}", flush=True)
+        notify(f"READY=1\nSTATUS=serving {len(nic.mrs)} MR(s) on {service.endpoint}")
+        if conf["insecure"]:
+            log.warning(
+                "%s is plain TCP (insecure = true): anyone who reaches it gets what the grants "
+                "to 'any' give, unauthenticated", service.endpoint,
+            )  # fmt: skip
+        if not len(service.grants):
+            log.warning("no requester holds a grant: every RDMA access will be refused")
         log.info(
             "hm-agent %s serving %d MR(s) on %s (hmmd %s, epoch %s)",
             nic.name, len(nic.mrs), service.endpoint, conf["daemon"], session.epoch,
@@ -227,6 +393,7 @@ async def serve(conf: dict[str, Any]) -> int:
         try:
             await stop.wait()
         finally:
+            notify("STOPPING=1")
             log.info("stopping: deregistering %d MR(s)", len(nic.mrs))
             await service.close()
             await nic.close()
@@ -260,10 +427,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from hmmirror.client.mlx5.service import ListenError
+
     try:
         import uvloop
 
-        return uvloop.run(serve(conf))
+        return uvloop.run(serve(conf, args))
+    except (ListenError, UsageError) as exc:
+        print(f"hm-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (AgentError, OSError) as exc:
         print(f"hm-agent: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -3,7 +3,8 @@ or the coherence checker (``hmmctl check``).
 
 Exit codes: 0 success, 1 failure (daemon or agent unreachable, violations
 found), 2 usage error. ``HMMIRROR_ENDPOINT`` sets the default hmmd endpoint,
-``HMMIRROR_AGENT`` the default hm-agent endpoint.
+``HMMIRROR_AGENT`` the default hm-agent endpoint, ``HMMIRROR_AGENT_KEY`` and
+``HMMIRROR_CLIENT_KEY`` the CURVE certificates ``stat mr`` uses.
 """
 
 from __future__ import annotations
@@ -67,6 +68,19 @@ def _parser() -> argparse.ArgumentParser:
         "--agent",
         default=os.environ.get("HMMIRROR_AGENT", DEFAULT_AGENT),
         help="hm-agent endpoint (default $HMMIRROR_AGENT or %(default)s)",
+    )
+    stat_mr.add_argument(
+        "--agent-key",
+        metavar="FILE",
+        default=os.environ.get("HMMIRROR_AGENT_KEY", ""),
+        help="the agent's public CURVE certificate (a tcp:// agent; default $HMMIRROR_AGENT_KEY)",
+    )
+    stat_mr.add_argument(
+        "--client-key",
+        metavar="FILE",
+        default=os.environ.get("HMMIRROR_CLIENT_KEY", ""),
+        help="our secret CURVE certificate, allowed and granted by the agent "
+        "(default $HMMIRROR_CLIENT_KEY)",
     )
     stat_mr.add_argument("-j", "--json", action="store_true", help="JSON, as `rdma -j stat mr`")
     stat_mr.add_argument(
@@ -267,12 +281,24 @@ async def _top(args: argparse.Namespace) -> int:
 
 
 def _stat_mr(args: argparse.Namespace) -> int:
-    """``hmmctl stat mr``: one line per MR, as ``rdma stat mr`` prints them."""
+    """``hmmctl stat mr``: one line per MR granted to us, as ``rdma stat mr`` prints them."""
+    from hmmirror.client.curve import CurveKeys
     from hmmirror.client.mlx5.peer import RdmaPeer
+
+    curve = None
+    if args.agent_key or args.client_key:
+        if not (args.agent_key and args.client_key):
+            print("hmmctl: stat mr needs both --agent-key and --client-key", file=sys.stderr)
+            return 2
+        try:
+            curve = CurveKeys.load(args.agent_key, args.client_key)
+        except (OSError, ValueError) as exc:
+            print(f"hmmctl: cannot load the CURVE keys: {exc}", file=sys.stderr)
+            return 2
 
     async def fetch() -> tuple[str, list[dict[str, int]]]:
         """Ask the agent for its MR table."""
-        async with RdmaPeer.connect(args.agent, timeout=args.timeout) as peer:
+        async with RdmaPeer.connect(args.agent, timeout=args.timeout, curve=curve) as peer:
             return await peer.stat_mr()
 
     try:

@@ -485,11 +485,13 @@ class RdmaRead(Message):
 
     Any byte alignment. Answered by ``rdma_read_reply``, or ``error`` with
     REMOTE_ACCESS (unknown rkey, outside the MR, no REMOTE_READ), EFAULT (an
-    unmapped page), EBUSY or ESRCH.
+    unmapped page), EBUSY or ESRCH. ``rkey`` is a u64 mkey (in hm-agent a 24-bit
+    index and 40 secret random bits); an MR the requester holds no grant on
+    answers REMOTE_ACCESS exactly as an unknown rkey does.
     """
 
     TYPE: ClassVar[str] = "rdma_read"
-    rkey: int = wire(Kind.UINT, U32_MAX)
+    rkey: int = wire(Kind.UINT)
     addr: int = wire(Kind.UINT)
     length: int = wire(Kind.UINT, MAX_RDMA_BYTES)
 
@@ -518,7 +520,7 @@ class RdmaWrite(Message):
 
     TYPE: ClassVar[str] = "rdma_write"
     BULK: ClassVar[tuple[str, ...]] = ("data",)
-    rkey: int = wire(Kind.UINT, U32_MAX)
+    rkey: int = wire(Kind.UINT)
     addr: int = wire(Kind.UINT)
     length: int = wire(Kind.UINT, MAX_RDMA_BYTES)
 
@@ -536,7 +538,7 @@ class RdmaAtomic(Message):
     """
 
     TYPE: ClassVar[str] = "rdma_atomic"
-    rkey: int = wire(Kind.UINT, U32_MAX)
+    rkey: int = wire(Kind.UINT)
     addr: int = wire(Kind.UINT)
     op: int = wire(Kind.UINT, 1)
     compare_add: int = wire(Kind.UINT)
@@ -545,7 +547,12 @@ class RdmaAtomic(Message):
 
 @dataclass(frozen=True)
 class StatMr(Message):
-    """Anyone → agent: list the MRs and their ODP counters. Answered by ``stat_mr_reply``."""
+    """Authenticated requester → agent: list its MRs and their ODP counters.
+
+    Answered by ``stat_mr_reply`` with the MRs granted to the requester (none
+    for a requester without a grant), or ``error`` PERMISSION_DENIED for an
+    unauthenticated one (a plain-TCP ``insecure`` listener's peers).
+    """
 
     TYPE: ClassVar[str] = "stat_mr"
 

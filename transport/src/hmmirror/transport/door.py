@@ -69,9 +69,11 @@ class AddressInUse(OSError):
     """A live server already answers at the door's address."""
 
 
-def share_with_group(path: str, group: str) -> None:
-    """Make a socket file mode 0660 and, if ``group`` exists, owned by that group."""
-    os.chmod(path, 0o660)
+def share_with_group(path: str, group: str, mode: int = 0o660) -> None:
+    """Give a socket file ``mode`` and, if ``group`` exists, that group."""
+    os.chmod(path, mode)
+    if not group:
+        return
     try:
         gid = grp.getgrnam(group).gr_gid
     except KeyError:
@@ -159,16 +161,17 @@ class Door:
         self.counters = dict.fromkeys(("accepted", "refused", "busy", "emfile"), 0)
 
     @classmethod
-    def unix(cls, path: str, handlers: Mapping[str, Handler], group: str = "") -> Door:
-        """A door at the Unix socket ``path`` (mode 0660, group ``group`` when it exists)."""
+    def unix(
+        cls, path: str, handlers: Mapping[str, Handler], group: str = "", mode: int = 0o660
+    ) -> Door:
+        """A door at the Unix socket ``path`` (``mode``, group ``group`` when it exists)."""
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         claim(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(path)
             inode = os.stat(path).st_ino
-            if group:
-                share_with_group(path, group)
+            share_with_group(path, group, mode)
             sock.listen(128)
         except OSError:
             sock.close()

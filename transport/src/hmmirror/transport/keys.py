@@ -135,6 +135,10 @@ class AllowDir:
         self._keys: frozenset[bytes] = frozenset()
         self._lock = threading.Lock()
 
+    def readable(self) -> bool:
+        """Whether the directory can be listed now."""
+        return os.path.isdir(self.directory) and os.access(self.directory, os.R_OK | os.X_OK)
+
     def reload(self) -> None:
         """Forget the cached listing: the next lookup reads the directory again."""
         with self._lock:

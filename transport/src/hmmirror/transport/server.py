@@ -91,6 +91,7 @@ class Server(Drained):
         allow: AllowDir | None = None,
         insecure: bool = False,
         group: str = "",
+        mode: int = 0o660,
         limits: Limits | None = None,
         heartbeat_ms: int = 1000,
         door_handlers: Mapping[str, Handler] | None = None,
@@ -112,6 +113,7 @@ class Server(Drained):
         self.on_message = on_message
         self.limits = limits or Limits()
         self.group = group
+        self.mode = mode
         self.door_handlers = dict(door_handlers or {})
         self.connections: dict[bytes, Connection] = {}
         self._by_endpoint: dict[str, bytes] = {}
@@ -140,14 +142,20 @@ class Server(Drained):
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Open the door and begin draining, on the running loop (raises AddressInUse)."""
+    def open(self) -> None:
+        """Open the door on the running loop (raises AddressInUse, OSError); idempotent."""
+        if self.door is not None:
+            return
         if self.ipc:
             handlers = {"channel": self._channel_ipc, **self.door_handlers}
-            self.door = Door.unix(self.path, handlers, self.group)
+            self.door = Door.unix(self.path, handlers, self.group, self.mode)
         else:
             self.door = Door.tcp(self.host, self.port, {"channel": self._channel_tcp})
             self.endpoint = tcp_endpoint(self.host, self.door.port)
+
+    def start(self) -> None:
+        """Open the door (if ``open`` was not called) and begin draining, on the running loop."""
+        self.open()
         self._watch(self.sock)
 
     def close(self) -> None:

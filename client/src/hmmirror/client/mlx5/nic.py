@@ -31,7 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: mlx5 mkeys are a 24-bit index and an 8-bit variant.
+#: mlx5's mkeys are a 24-bit index and an 8-bit variant: a requester who knows one key
+#: finds the others in a few hundred tries. The model's keys are the 24-bit index and
+#: ``KEY_RANDOM_BITS`` drawn from ``secrets``, 64 bits in all, so that a key is a secret.
+KEY_RANDOM_BITS = 40
 _MAX_INDEX = (1 << 24) - 1
 _REMOTE_RIGHT = {
     "read": AccessFlags.REMOTE_READ,
@@ -84,7 +87,7 @@ class Nic:
             raise DeviceError(errno.ENOMEM, "no mkey index left")
         index = self._next_index
         self._next_index += 1
-        key = (index << 8) | secrets.randbelow(256)
+        key = (index << KEY_RANDOM_BITS) | secrets.randbits(KEY_RANDOM_BITS)
         mr = MemoryRegion(self.session, index, key, pid, addr, length, access, start_time)
         try:
             await mr._open()
@@ -114,6 +117,10 @@ class Nic:
         return sorted(self._mrs.values(), key=lambda m: m.mrn)
 
     # --- lookups --------------------------------------------------------------------------------
+
+    def find(self, key: int) -> MemoryRegion | None:
+        """The MR ``key`` names, unchecked; None for an unknown key."""
+        return self._mrs.get(key)
 
     def lookup(self, key: int, addr: int, length: int, right: str, remote: bool) -> MemoryRegion:
         """The MR ``key`` names, checked to cover the access and to grant ``right``.

@@ -1,8 +1,13 @@
 """An RDMA requester: READ, WRITE and atomics on a remote ``hm-agent``'s MRs.
 
->>> async with RdmaPeer.connect("tcp://10.231.0.2:18515") as peer:
+>>> keys = CurveKeys.load("/etc/hmmirror/keys/nic0.key", "/etc/hmmirror/keys/me.key_secret")
+>>> async with RdmaPeer.connect("tcp://10.231.0.2:18515", curve=keys) as peer:
 ...     data = await peer.read(rkey, addr, 4096)
 ...     old = await peer.fetch_add(rkey, counter_addr, 1)
+
+A ``tcp://`` agent admits only requesters whose public key is in its allow-list
+(``curve``: the agent's public certificate and the requester's own secret one);
+a request that times out after a refused handshake says so (DaemonUnavailable).
 
 Failures raise the model's errors: ``RemoteAccessError`` for a bad rkey, an
 access outside the MR or a missing right; ``DeviceError`` with EPERM (a page
@@ -16,8 +21,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import zmq
 from hmmirror.client.channel import Channel
-from hmmirror.client.errors import RemoteError, device_error
+from hmmirror.client.curve import CurveKeys
+from hmmirror.client.errors import DaemonUnavailable, RemoteError, RequestTimeout, device_error
 from hmmirror.proto.codec import Envelope
 from hmmirror.proto.messages import (
     STAT_MR_COLUMNS,
@@ -38,12 +45,30 @@ class RdmaPeer(Channel):
     """A connection to one ``hm-agent``'s RDMA service."""
 
     what = "hm-agent"
+    #: The socket-monitor events that say whether the agent admitted us.
+    _HANDSHAKE = {
+        int(zmq.EVENT_HANDSHAKE_SUCCEEDED): "",
+        int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL): "the handshake failed",
+        int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "the security mechanisms differ (CURVE or not)",
+        int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): "our key is not in its allow-list",
+    }
+
+    def __init__(self, endpoint: str, timeout: float, curve: CurveKeys | None = None) -> None:
+        super().__init__(endpoint, timeout, curve)
+        events = 0
+        for event in self._HANDSHAKE:
+            events |= event
+        self._monitor = self.sock.get_monitor_socket(events)
+        self._refused = ""
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, endpoint: str, *, timeout: float = 15.0) -> AsyncIterator[RdmaPeer]:
-        """Connect to the agent at ``endpoint``; close on exit."""
-        peer = cls(endpoint, timeout)
+    async def connect(
+        cls, endpoint: str, *, timeout: float = 15.0, curve: CurveKeys | None = None
+    ) -> AsyncIterator[RdmaPeer]:
+        """Connect to the agent at ``endpoint`` (with ``curve`` keys for a CURVE listener);
+        close on exit."""
+        peer = cls(endpoint, timeout, curve)
         try:
             yield peer
         finally:
@@ -51,7 +76,21 @@ class RdmaPeer(Channel):
 
     def close(self) -> None:
         """Close the connection; requests still waiting fail."""
+        if not self._monitor.closed:
+            self.sock.disable_monitor()
+            self._monitor.close(linger=0)
         self._close_socket()
+
+    def _handshake_refused(self) -> str:
+        """Why the agent refused our last handshake ("" if it did not, or we cannot tell)."""
+        while not self._monitor.closed:
+            try:
+                frames = self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            event = int.from_bytes(frames[0][:2], "little")
+            self._refused = self._HANDSHAKE.get(event, self._refused)
+        return self._refused
 
     async def _ask(
         self, msg: Message, expect: type[Message], bulk: Any = (), copy: bool = True
@@ -61,6 +100,13 @@ class RdmaPeer(Channel):
             return await self.request(msg, bulk, expect=expect, copy=copy)
         except RemoteError as exc:
             raise device_error(exc) from exc
+        except RequestTimeout as exc:
+            why = self._handshake_refused()
+            if why:
+                raise DaemonUnavailable(
+                    f"{self.what} at {self.endpoint} refused the connection: {why}"
+                ) from exc
+            raise
 
     async def read(self, rkey: int, addr: int, length: int) -> memoryview:
         """RDMA READ: ``length`` bytes at ``addr`` of ``rkey`` (a view of the received frame)."""
@@ -90,7 +136,7 @@ class RdmaPeer(Channel):
         return env.msg.old
 
     async def stat_mr(self) -> tuple[str, list[dict[str, int]]]:
-        """The agent's device name and one row per MR (``STAT_MR_COLUMNS``)."""
+        """The agent's device name and one row per MR granted to us (``STAT_MR_COLUMNS``)."""
         env = await self._ask(StatMr(), StatMrReply)
         assert isinstance(env.msg, StatMrReply)
         width = len(STAT_MR_COLUMNS)

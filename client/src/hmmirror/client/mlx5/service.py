@@ -5,6 +5,13 @@ POLLIN. Each request runs as a task (it may fault) under a deadline, and is
 answered with the data, ``ok``, ``atomic_reply`` or an ``error`` whose code
 follows the verbs semantics (``ErrorCode.REMOTE_ACCESS``, EPERM, EFAULT, ...).
 READ data goes back as the very buffers hmmd's replies arrived in, zero-copy.
+
+Who asks is what the listener proved (``requester_of``): a ``tcp://`` listener
+is a CURVE server whose ZAP handler admits only the keys in an allow-list
+directory (``listen``), unless it was made plain TCP with ``insecure``; an
+``ipc://`` listener knows its peers' uids. Every access is checked against the
+``Grants`` first: an MR the requester holds no grant on is, to it, an unknown
+rkey. ``stat_mr`` answers authenticated requesters only, about their MRs only.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from typing import Any
 
 import zmq
 from hmmirror.client.errors import AgentError, DeviceError, RemoteAccessError, RemoteError
+from hmmirror.client.mlx5.grants import Grants
 from hmmirror.client.mlx5.nic import Nic
+from hmmirror.client.mlx5.verbs import AccessFlags
 from hmmirror.proto.codec import Envelope, decode, encode
 from hmmirror.proto.errors import ErrorCode, ProtocolError
 from hmmirror.proto.messages import (
@@ -34,7 +43,15 @@ from hmmirror.proto.messages import (
     StatMr,
     StatMrReply,
 )
-from hmmirror.transport.sockets import Drained, send_frames, tune
+from hmmirror.transport import (
+    AddressInUse,
+    AllowDir,
+    CertificateError,
+    Connection,
+    Server,
+    ServerKeys,
+    Unreachable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +60,23 @@ REQUEST_DEADLINE = 10.0
 #: Requests in progress at once; more are refused with EBUSY (the RNR NAK of this model).
 MAX_IN_FLIGHT = 1024
 _ERRNO_CODES = {int(c): c for c in ErrorCode if c < 100}
+_NEEDS = {
+    RdmaRead: AccessFlags.REMOTE_READ,
+    RdmaWrite: AccessFlags.REMOTE_WRITE,
+    RdmaAtomic: AccessFlags.REMOTE_ATOMIC,
+}
+
+
+class ListenError(Exception):
+    """The RDMA endpoint cannot be served: a bad scheme, an address in use, unusable keys."""
+
+
+def requester_of(conn: Connection) -> str | None:
+    """Who sent a request, as the listener proved it: ``curve:KEY`` (a CURVE key the
+    allow-list admitted), ``uid:N`` (SO_PEERCRED on ``ipc://``), or None (plain TCP, with
+    ``insecure``: nobody). Nothing the peer *says* counts."""
+    identity = conn.peer.identity
+    return None if identity == "unknown" else identity
 
 
 def error_code(exc: BaseException) -> ErrorCode:
@@ -58,44 +92,82 @@ def error_code(exc: BaseException) -> ErrorCode:
     return ErrorCode.INTERNAL
 
 
-class RdmaService(Drained):
-    """Serves ``nic``'s MRs on ``endpoint`` (``tcp://host:port``; port 0 picks one)."""
+class RdmaService:
+    """Serves ``nic``'s MRs on ``endpoint`` to the requesters ``grants`` name.
 
-    def __init__(self, nic: Nic, endpoint: str) -> None:
+    ``tcp://host:port`` (port 0 picks one) needs ``key_file`` and ``allow_dir``,
+    or ``insecure``; ``ipc://PATH`` needs neither (the socket is mode 0666: grants,
+    not its mode, say who may do what). The constructor opens the listener's door
+    (or raises ListenError); ``start`` begins serving what queued meanwhile.
+    """
+
+    def __init__(
+        self,
+        nic: Nic,
+        endpoint: str,
+        *,
+        grants: Grants | None = None,
+        key_file: str = "",
+        allow_dir: str = "",
+        insecure: bool = False,
+    ) -> None:
         self.nic = nic
-        # The session's context: one ZeroMQ I/O thread for both sockets, one less to wake.
-        sock = nic.session.ctx.socket(zmq.ROUTER)
-        tune(sock)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
-            port = sock.bind_to_random_port(endpoint[: -len(":0")])
-            endpoint = f"{endpoint[: -len(':0')]}:{port}"
-        else:
-            sock.bind(endpoint)
-        self.endpoint = endpoint
-        self._watch(sock)
+        #: Replaced whole on a reload; a request is checked against the table of its arrival.
+        self.grants = grants or Grants()
+        tcp = endpoint.startswith("tcp://")
+        try:
+            if tcp and key_file and not allow_dir:
+                raise ListenError(f"{endpoint}: listen_key needs listen_allow (a directory)")
+            keys = ServerKeys.load(key_file) if tcp and key_file else None
+            allow = AllowDir(allow_dir) if keys is not None else None
+            if allow is not None and not allow.readable():
+                raise ListenError(f"listen_allow: {allow_dir!r} is not a readable directory")
+            # The session's context: one ZeroMQ I/O thread for both sockets, one less to wake.
+            self.server = Server(
+                endpoint, self._on_message, ctx=nic.session.ctx, keys=keys, allow=allow,
+                insecure=insecure, group="", mode=0o666,
+            )  # fmt: skip
+        except (ValueError, CertificateError) as exc:
+            raise ListenError(str(exc)) from exc
+        try:
+            self.server.open()
+        except (AddressInUse, OSError) as exc:
+            self.server.close()
+            raise ListenError(f"cannot listen on {endpoint}: {exc}") from exc
+        self.endpoint = self.server.endpoint
         self._tasks: set[asyncio.Task[None]] = set()
         self.counters = dict.fromkeys(
-            ("requests", "reads", "writes", "atomics", "errors", "bad_messages", "unroutable"), 0
-        )
+            ("requests", "reads", "writes", "atomics", "errors", "bad_messages", "unroutable",
+             "refused"), 0,
+        )  # fmt: skip
+
+    def start(self) -> None:
+        """Begin serving on the running loop (requests that arrived since the door opened
+        first)."""
+        self.server.start()
+
+    def reload(self) -> None:
+        """Read the allow-list directory again at the next handshake."""
+        if self.server.zap is not None:
+            self.server.zap.allow.reload()
 
     async def close(self) -> None:
-        """Stop serving: cancel requests in progress and close the socket."""
-        self._unwatch()
+        """Stop serving: cancel requests in progress, close the listener."""
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.sock.close(linger=0)
+        self.server.close()
 
     # --- inbound --------------------------------------------------------------------------------
 
-    def _on_frames(self, frames: list[zmq.Frame]) -> None:
-        """A request: the peer's identity frame, then the message."""
-        self._handle(frames[0].bytes, frames[1:])
+    def _on_message(self, conn: Connection, frames: Sequence[zmq.Frame]) -> None:
+        """A request on ``conn``."""
+        self._handle(conn.rid, frames, requester_of(conn))
 
-    def _handle(self, identity: bytes, frames: Sequence[zmq.Frame]) -> None:
-        """Decode one request and start it; a malformed one is answered and counted."""
+    def _handle(self, identity: bytes, frames: Sequence[zmq.Frame], requester: str | None) -> None:
+        """Decode one request, check it against the grants and start it; a malformed or
+        refused one is answered and counted."""
         try:
             env = decode(frames)
         except ProtocolError as exc:
@@ -107,12 +179,25 @@ class RdmaService(Drained):
         self.counters["requests"] += 1
         msg = env.msg
         if isinstance(msg, StatMr):
-            self._reply(identity, self._stat(), env.id)
+            if requester is None:
+                self.counters["refused"] += 1
+                text = "stat_mr answers authenticated requesters only"
+                self._reply(identity, Error(code=int(ErrorCode.PERMISSION_DENIED), message=text),
+                            env.id)  # fmt: skip
+                return
+            self._reply(identity, self._stat(requester), env.id)
             return
         if not isinstance(msg, RdmaRead | RdmaWrite | RdmaAtomic):
             self.counters["bad_messages"] += 1
             text = f"hm-agent does not accept {env.type!r}"
             self._reply(identity, Error(code=int(ErrorCode.UNKNOWN_MESSAGE), message=text), env.id)
+            return
+        refusal = self._refusal(requester, msg)
+        if refusal is not None:
+            self.counters["refused"] += 1
+            self.counters["errors"] += 1
+            error = Error(code=int(ErrorCode.REMOTE_ACCESS), message=refusal)
+            self._reply(identity, error, env.id)
             return
         if len(self._tasks) >= MAX_IN_FLIGHT:
             text = f"{MAX_IN_FLIGHT} requests already in progress"
@@ -156,10 +241,26 @@ class RdmaService(Drained):
             text = f"{type(exc).__name__}: {exc}"[:1024]
             self._reply(identity, Error(code=int(ErrorCode.INTERNAL), message=text), env.id)
 
-    def _stat(self) -> StatMrReply:
-        """The ``stat_mr_reply`` for the Nic's MRs."""
+    def _refusal(self, requester: str | None, msg: RdmaRead | RdmaWrite | RdmaAtomic) -> str | None:
+        """Why ``requester`` may not make this access (None: the grants allow it).
+
+        An MR it holds no grant on reads exactly as an unknown rkey: the answer
+        must not tell a stranger which keys exist.
+        """
+        mr = self.nic.find(msg.rkey)
+        granted = AccessFlags(0) if mr is None else self.grants.rights(requester, mr.mrn)
+        if mr is None or not granted:
+            return f"no MR with key {msg.rkey:#x} on {self.nic.name}"
+        needed = _NEEDS[type(msg)]
+        if not granted & needed:
+            return f"mr {mr.mrn}: {needed.name} was not granted to this requester"
+        return None
+
+    def _stat(self, requester: str) -> StatMrReply:
+        """The ``stat_mr_reply`` for the MRs granted to ``requester``."""
         rows: list[int] = []
-        for row in self.nic.stat_mr()[:4096]:
+        mine = [r for r in self.nic.stat_mr() if self.grants.rights(requester, r["mrn"])]
+        for row in mine[:4096]:
             rows.extend(row[name] for name in STAT_MR_COLUMNS)
         return StatMrReply(device=self.nic.name[:64], rows=tuple(rows))
 
@@ -168,8 +269,7 @@ class RdmaService(Drained):
     def _reply(self, identity: bytes, msg: Message, re: int, bulk: Sequence[Any] = ()) -> None:
         """Send ``msg`` to ``identity``; a requester that left is counted, not an error."""
         try:
-            send_frames(self.sock, [identity, *encode(msg, 0, re, bulk)], copy=False)
-        except zmq.ZMQError as exc:  # EHOSTUNREACH (ROUTER_MANDATORY) or a full queue
+            self.server.send(identity, encode(msg, 0, re, bulk), copy=False)
+        except Unreachable as exc:  # gone, or its queue is full
             self.counters["unroutable"] += 1
             log.debug("reply to a requester dropped: %s", exc)
-        self._sent()
