@@ -23,7 +23,7 @@ import operator
 import types
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -236,16 +236,37 @@ class Mirror:
         return (addr - self.start) >> PAGE_SHIFT, ((addr - self.start) >> PAGE_SHIFT) + npages
 
     async def _call(self, *args: object, **kw: object) -> Envelope:
-        """A session request, hmmd's refusals turned into _Stale, Evicted or DeviceError."""
-        try:
-            return await self.session.request(*args, **kw)  # type: ignore[arg-type]
-        except RemoteError as exc:
-            if exc.code == ErrorCode.STALE:
-                raise _Stale(exc.message) from exc
-            if exc.code in (ErrorCode.NO_MIRROR, ErrorCode.FENCED, ErrorCode.NO_SESSION):
-                self._check_live()
-                raise Evicted(f"mirror {self.id}: {exc.message}") from exc
-            raise device_error(exc) from exc
+        """A session request, hmmd's refusals turned into _Stale, Evicted or DeviceError.
+
+        A read or fault refused at once with EBUSY is asked again for up to the
+        retry budget: hmmd refuses them while its unread replies to this session
+        fill the connection's reply cap, which reading them frees (an agent that
+        pipelines more large reads than the cap holds meets this).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RETRY_BUDGET
+        pause = 0.001
+        while True:
+            try:
+                return await self.session.request(*args, **kw)  # type: ignore[arg-type]
+            except RemoteError as exc:
+                if not (
+                    exc.code == ErrorCode.EBUSY
+                    and isinstance(args[0], Fault | DmaRead)  # nothing was done: ask again
+                    and loop.time() + pause < deadline
+                ):
+                    self._refused(exc)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def _refused(self, exc: RemoteError) -> NoReturn:
+        """Raise hmmd's refusal as _Stale, Evicted or DeviceError."""
+        if exc.code == ErrorCode.STALE:
+            raise _Stale(exc.message) from exc
+        if exc.code in (ErrorCode.NO_MIRROR, ErrorCode.FENCED, ErrorCode.NO_SESSION):
+            self._check_live()
+            raise Evicted(f"mirror {self.id}: {exc.message}") from exc
+        raise device_error(exc) from exc
 
     # --- the fault loop ---------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
         description="hmmirror host daemon: watches live processes' memory and sends synchronous, "
         "sequence-numbered invalidations to mirroring agents over ZeroMQ.",
         epilog="Settings come from defaults < the config file < HMMIRROR_* environment variables "
-        "(e.g. HMMIRROR_ACK_DEADLINE=2s) < flags. Durations look like 2s, 250ms, 1m.",
+        "(e.g. HMMIRROR_ACK_DEADLINE=2s) < flags. Durations look like 2s, 250ms, 1m; sizes like "
+        "32MiB.",
     )
     parser.add_argument(
         "--config",
@@ -69,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
         "--uffd-fork",
         choices=["close", "adopt"],
         help="a watched target's child's userfaultfd: close it, or adopt it (default close)",
+    )
+    run.add_argument(
+        "--reply-cap",
+        metavar="SIZE",
+        help="reply bytes queued for one connection before its requests get EBUSY (32MiB)",
     )
     run.add_argument("--policy", metavar="FILE", help="grants of agents to targets (TOML)")
     run.add_argument("--expose-socket", metavar="PATH", help="where targets send their userfaultfd")
@@ -160,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "expose_socket",
             "curve_key",
             "curve_allow",
+            "reply_cap",
             "log_level",
         )
     }

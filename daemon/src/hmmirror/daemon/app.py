@@ -21,10 +21,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
+from hmmirror.daemon.budget import busy, track_last
 from hmmirror.daemon.config import Config
 from hmmirror.daemon.dma.service import DmaService
 from hmmirror.daemon.errors import RequestError
-from hmmirror.daemon.handlers import HANDLERS
+from hmmirror.daemon.handlers import HANDLERS, UNGATED
 from hmmirror.daemon.intake import OfferBook, default_path, is_userfaultfd
 from hmmirror.daemon.invalidation import Invalidator
 from hmmirror.daemon.limits import FdBudget
@@ -43,6 +44,7 @@ from hmmirror.daemon.policy import Policy
 from hmmirror.daemon.session import Session
 from hmmirror.daemon.watch.proc import Change, detect
 from hmmirror.daemon.watch.uffd import UffdWatch
+from hmmirror.transport.budget import ReplyBudget, frame_bytes
 from hmmirror.proto.codec import Buffer, Envelope, decode, encode
 from hmmirror.proto.errors import ErrorCode, ProtocolError
 from hmmirror.proto.messages import (
@@ -87,11 +89,12 @@ class Daemon:
                 "evictions",
                 "releases",
                 "registrations",
+                "reply_evictions",
             ),
             0,
         )
         self._rejections_logged = 0
-        self.budget = FdBudget.raise_limit(config)
+        self.fds = FdBudget.raise_limit(config)
         tcp = config.endpoint.startswith("tcp://")
         self.allow = AllowDir(config.curve_allow) if tcp and config.curve_key else None
         uffd_door = {"uffd": self._on_uffd}
@@ -102,7 +105,7 @@ class Daemon:
             allow=self.allow,
             insecure=config.insecure,
             group=config.socket_group,
-            limits=self.budget.connection_limits,
+            limits=self.fds.connection_limits,
             heartbeat_ms=config.heartbeat_ms,
             door_handlers=uffd_door if config.uffd != "off" else {},
         )
@@ -116,10 +119,12 @@ class Daemon:
             self.transport, config.ack_deadline, self.evict, self._on_mm_idle
         )
         self.dma = DmaService(self.zero_pfn, self.start_invalidations)
+        #: Reply bytes queued or being prepared, per connection, against ``reply_cap``.
+        self.budget = ReplyBudget(config.reply_cap, config.ack_deadline)
         self.stopping = asyncio.Event()
         #: Userfaultfds targets exposed before anything mirrored them (plain, strict).
-        self.offers = OfferBook(self.budget.offers)
-        self.strict_offers = OfferBook(self.budget.offers)
+        self.offers = OfferBook(self.fds.offers)
+        self.strict_offers = OfferBook(self.fds.offers)
         #: Children whose uffd a FORK handed us (pid, start time), so no two FORKs claim one.
         self._adopted: set[tuple[int, int]] = set()
         #: A separate side door for userfaultfds (a tcp:// hmmd, or expose_socket set).
@@ -191,18 +196,40 @@ class Daemon:
         re: int = 0,
         bulk: Sequence[Any] = (),
         copy: bool = True,
+        reserved: int = 0,
     ) -> None:
-        """Send ``msg`` to ``identity``, after any INVALIDATE queued for it (FIFO with replies)."""
+        """Send ``msg`` to ``identity``, after any INVALIDATE queued for it (FIFO with replies).
+
+        Its bytes count against the connection's reply cap until libzmq lets go of
+        them, in place of the ``reserved`` bytes a bulk reply set aside.
+        """
         session = self.sessions.get(identity)
         if session is not None and session.batch:
             self.invalidator.flush(session)
         msg_id = session.take_id() if session is not None else 1
+        frames = encode(msg, msg_id, re, bulk)
+        budget = self.budget
+        nbytes = frame_bytes(frames)
+        tracker = track_last(frames) if budget.wants_tracker(identity, nbytes) else None
         try:
-            self.transport.send(identity, encode(msg, msg_id, re, bulk), copy=copy)
+            self.transport.send(identity, frames, copy=copy)
         except Unreachable as exc:
+            budget.unreserve(identity, reserved)
             log.info("reply %s to %r dropped: %s", msg.TYPE, identity, exc)
             if session is not None:
                 self.evict(session, f"peer unreachable: {exc}")
+            return
+        budget.sent(identity, nbytes, tracker, reserved)
+
+    def reserve(self, identity: bytes, nbytes: int, what: str) -> int:
+        """Set aside ``nbytes`` of the connection's reply cap for a bulk reply; EBUSY past it.
+
+        Returns ``nbytes``, to be passed to ``send`` (or given back with
+        ``budget.unreserve`` if the reply is not sent).
+        """
+        if not self.budget.reserve(identity, nbytes):
+            raise busy(self.budget, identity, what)
+        return nbytes
 
     def reject(
         self, identity: bytes, code: ErrorCode, message: str, re: int, mtype: str, bad: bool
@@ -250,6 +277,10 @@ class Daemon:
                 env.type,
                 bad=True,
             )
+            return
+        if handler not in UNGATED and self.budget.full(identity):
+            refusal = busy(self.budget, identity, env.type)
+            self.reject(identity, refusal.code, refusal.message, env.id, env.type, bad=False)
             return
         try:
             result = handler(self, identity, session, env)
@@ -307,8 +338,9 @@ class Daemon:
         self.sessions.pop(session.identity, None)
 
     async def _sweep_leases(self) -> None:
-        """Each heartbeat interval: evict and forget the sessions past their lease, drop the
-        local connections silent as long, and close userfaultfd offers that expired."""
+        """Each heartbeat interval: evict and forget the sessions past their lease, and those
+        that left their queued replies unread past the ack deadline; drop the local
+        connections silent as long; close userfaultfd offers that expired."""
         lease = self.config.lease
         silence = max(IDLE_CONNECTION, 4 * (lease + self.config.ack_deadline))
         while True:
@@ -327,6 +359,23 @@ class Daemon:
                     self.transport.drop(conn.rid)
             self.offers.expire()
             self.strict_offers.expire()
+            self._evict_stalled()
+
+    def _evict_stalled(self) -> None:
+        """Evict the sessions whose connection stayed at its reply cap without reading, and
+        disconnect it: what libzmq still queues for it goes with the connection."""
+        for identity, backlog in self.budget.sweep():
+            session = self.sessions.get(identity)
+            if session is not None and not session.fenced:
+                self.counters["reply_evictions"] += 1
+                self.evict(
+                    session,
+                    f"read none of its {backlog.queued >> 10} KiB of queued replies for "
+                    f"{self.budget.deadline:g} s (reply_cap {self.budget.cap >> 10} KiB)",
+                )
+            # Disconnecting drops what libzmq still queues for it; it may knock again.
+            self.transport.drop(identity)
+            self.budget.forget(identity)
 
     # --- mms and mirrors ---------------------------------------------------------------------
 
@@ -748,6 +797,8 @@ class Daemon:
             ),
             "written_runs": sum(mm.uffd.written_runs for mm in self.mms.values() if mm.uffd),
             "uffd_refusals": self.uffd_refusals,
+            "reply_bytes": self.budget.total(),
+            "reply_refusals": self.budget.refusals,
             "metrics": self.metrics.url,
             "uffd_last_refusal": self.uffd_last_refusal[:256],
         }

@@ -20,6 +20,10 @@ from hmmirror.transport.keys import CertificateError, ServerKeys
 DEFAULT_CONFIG_FILE = "/etc/hmmirror/hmmd.toml"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)?\s*$")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|K|M|G)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+#: The smallest reply cap: two of the largest replies (a 1024-page DMA read and its entries).
+MIN_REPLY_CAP = 8 << 20
 
 
 class ConfigError(ValueError):
@@ -38,6 +42,25 @@ def parse_duration(text: str | float | int, key: str = "duration") -> float:
     if value <= 0:
         raise ConfigError(f"{key}: {text!r} must be positive")
     return value
+
+
+def parse_size(text: str | int, key: str = "size") -> int:
+    """Parse ``"32MiB"``, ``"64M"``, ``"1GiB"`` (binary units) or a number of bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    match = _SIZE.match(str(text))
+    if match is None:
+        raise ConfigError(f"{key}: {text!r} is not a size like '32MiB' or '65536'")
+    unit = match.group(2)
+    return int(match.group(1)) * _SIZE_UNITS[unit[0] if unit else None]
+
+
+def format_size(value: int) -> str:
+    """A size the way the file writes it: ``"32MiB"``, ``"512KiB"`` or plain bytes."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if value and value % (1 << shift) == 0:
+            return f"{value >> shift}{unit}"
+    return str(value)
 
 
 def default_endpoint() -> str:
@@ -90,6 +113,10 @@ class Config:
     """Connections hmmd keeps at most (0: a quarter of its descriptor limit allows)."""
     max_connections_per_peer: int = 128
     """Connections one local uid (root is not limited) or one remote address may hold."""
+    reply_cap: int = 32 << 20
+    """The most reply bytes hmmd keeps queued (or being prepared) for one connection; past
+    it requests are refused with EBUSY, and a peer that stays there without reading for
+    ``ack_deadline`` is evicted. hmmd's memory for replies is at most connections x this."""
 
     @property
     def heartbeat_ms(self) -> int:
@@ -108,6 +135,8 @@ class Config:
             value = getattr(self, f.name)
             if f.name in _DURATIONS:
                 value = f"{value:g}s"
+            if f.name in _SIZES:
+                value = format_size(value)
             if isinstance(value, bool):
                 lines.append(f"{f.name} = {'true' if value else 'false'}")
                 continue
@@ -120,6 +149,7 @@ class Config:
 
 _DURATIONS = {"heartbeat", "ack_deadline", "poll_min", "poll_max"}
 _FLOATS = {"lease_factor"}
+_SIZES = {"reply_cap"}
 _BOOLS = {"insecure"}
 _INTS = {"max_connections", "max_connections_per_peer"}
 _LEVELS = {"debug", "info", "warning", "error"}
@@ -130,6 +160,11 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     """Check and convert setting ``key`` read from ``source``; raise ConfigError."""
     if key in _DURATIONS:
         return parse_duration(value, f"{source}: {key}")
+    if key in _SIZES:
+        size = parse_size(value, f"{source}: {key}")
+        if size < MIN_REPLY_CAP:
+            raise ConfigError(f"{source}: {key} must be at least {format_size(MIN_REPLY_CAP)}")
+        return size
     if key in _BOOLS:
         if isinstance(value, bool):
             return value

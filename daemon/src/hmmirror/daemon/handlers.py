@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
+from hmmirror.daemon.budget import fault_reply_bytes
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.fault.service import Pending, attempt, resolve
 from hmmirror.daemon.linux.procfs import (
@@ -275,33 +276,46 @@ def on_fault(
         raise RequestError(
             ErrorCode.EPERM, f"mirror {mirror.id} was registered without WRITE access"
         )
+    # The reply's room on the connection is set aside first: a peer that does not read
+    # gets EBUSY here, before anything is populated or copied for it.
+    reserved = d.reserve(identity, fault_reply_bytes(msg), "fault")
     d.counters["faults"] += 1
-    step = attempt(mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn)
-    if isinstance(step, Pending):
-        return _fault_later(d, identity, env, mirror, span, step)
-    _fault_reply(d, identity, env, mirror, span, *step)
+    try:
+        step = attempt(mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn)
+        if isinstance(step, Pending):
+            return _fault_later(d, identity, env, mirror, span, step, reserved)
+        _fault_reply(d, identity, env, mirror, span, *step, reserved)
+    except BaseException:
+        d.budget.unreserve(identity, reserved)
+        raise
     return None
 
 
 async def _fault_later(
-    d: Daemon, identity: bytes, env: Envelope, mirror: Mirror, span: Span, first: Pending
-) -> None:
+    d: Daemon, identity: bytes, env: Envelope, mirror: Mirror, span: Span, first: Pending,
+    reserved: int,
+) -> None:  # fmt: skip
     """The fault's slow path: wait out invalidations, fault pages in, then reply."""
     msg = env.msg
     assert isinstance(msg, Fault)
     mode = _FAULT_MODES[msg.mode]
-    entries, raw = await resolve(
-        mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn, first
-    )
-    _fault_reply(d, identity, env, mirror, span, entries, raw)
+    try:
+        entries, raw = await resolve(
+            mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn, first
+        )
+        _fault_reply(d, identity, env, mirror, span, entries, raw, reserved)
+    except BaseException:
+        d.budget.unreserve(identity, reserved)
+        raise
 
 
 def _fault_reply(
     d: Daemon, identity: bytes, env: Envelope, mirror: Mirror, span: Span, entries: Entries,
-    raw: Raw,
+    raw: Raw, reserved: int,
 ) -> None:  # fmt: skip
-    """Record what is handed out and send it; no await from the pagemap read to here, so a
-    later invalidation is always sent after this reply."""
+    """Record what is handed out and send it (in place of the ``reserved`` bytes); no await
+    from the pagemap read to here, so a later invalidation is always sent after this reply.
+    Nothing raises once the reply is sent."""
     msg = env.msg
     assert isinstance(msg, Fault)
     if mirror.dead:
@@ -337,11 +351,11 @@ def _fault_reply(
         if data is not None:  # else a plain fault_reply: the agent reads, and sees why, itself
             d.counters["dma_reads"] += 1
             both = FaultReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=seq)
-            d.send(identity, both, re=env.id, bulk=[entries, data], copy=False)
+            d.send(identity, both, re=env.id, bulk=[entries, data], copy=False, reserved=reserved)
             return
     reply = FaultReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=seq)
     # entries is a fresh little-endian u64 array nobody mutates: send its buffer as is.
-    d.send(identity, reply, re=env.id, bulk=[entries], copy=False)
+    d.send(identity, reply, re=env.id, bulk=[entries], copy=False, reserved=reserved)
 
 
 def _dma_target(d: Daemon, session: Session, mirror_id: int, start: int, npages: int) -> Mirror:
@@ -360,13 +374,19 @@ def on_dma_read(d: Daemon, identity: bytes, session: Session | None, env: Envelo
     msg = env.msg
     assert isinstance(msg, DmaRead) and session is not None
     mirror = _dma_target(d, session, msg.mirror, msg.start, msg.npages)
+    # Room for the data first: a peer that does not read gets EBUSY, and no buffer.
+    reserved = d.reserve(identity, msg.npages << PAGE_SHIFT, "dma_read")
     d.counters["dma_reads"] += 1
     entries = from_wire(env.bulk[0], msg.npages)
     end = msg.start + (msg.npages << PAGE_SHIFT)
     pending = d.invalidator.pending_for(mirror, msg.start, end)
-    data = d.dma.read(mirror.mm, msg.start, msg.npages, entries, pending)
+    try:
+        data = d.dma.read(mirror.mm, msg.start, msg.npages, entries, pending)
+    except BaseException:
+        d.budget.unreserve(identity, reserved)
+        raise
     reply = DmaReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages)
-    d.send(identity, reply, re=env.id, bulk=[data], copy=False)
+    d.send(identity, reply, re=env.id, bulk=[data], copy=False, reserved=reserved)
 
 
 def on_dma_write(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
@@ -470,6 +490,10 @@ def on_sync_range(d: Daemon, identity: bytes, session: Session | None, env: Enve
     for inv in pending:
         inv.on_done.append(one_done)
 
+
+#: Handlers served even when the connection is at its reply cap: they answer nothing or
+#: little, and keep a slow but live agent's lease and acks going.
+UNGATED: frozenset[Handler] = frozenset({on_heartbeat, on_ack, on_goodbye})
 
 #: The dispatch table: message class → (handler, needs a live session).
 HANDLERS: dict[type[Message], tuple[Handler, bool]] = {

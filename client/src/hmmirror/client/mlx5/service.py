@@ -27,6 +27,7 @@ from hmmirror.client.errors import AgentError, DeviceError, RemoteAccessError, R
 from hmmirror.client.mlx5.grants import Grants
 from hmmirror.client.mlx5.nic import Nic
 from hmmirror.client.mlx5.verbs import AccessFlags
+from hmmirror.transport.budget import ReplyBudget, frame_bytes
 from hmmirror.proto.codec import Envelope, decode, encode
 from hmmirror.proto.errors import ErrorCode, ProtocolError
 from hmmirror.proto.messages import (
@@ -59,6 +60,13 @@ log = logging.getLogger(__name__)
 REQUEST_DEADLINE = 10.0
 #: Requests in progress at once; more are refused with EBUSY (the RNR NAK of this model).
 MAX_IN_FLIGHT = 1024
+#: Reply bytes queued (or being read) for one requester; beyond it its requests get EBUSY,
+#: so a requester that never reads its socket holds at most this much of the agent's memory.
+REPLY_CAP = 32 << 20
+#: How long a requester may stay at its cap without reading before it is counted as stalled.
+REPLY_STALL = 2.0
+#: Requests between two sweeps of the reply budget (which forgets idle requesters).
+SWEEP_EVERY = 1024
 _ERRNO_CODES = {int(c): c for c in ErrorCode if c < 100}
 _NEEDS = {
     RdmaRead: AccessFlags.REMOTE_READ,
@@ -110,8 +118,10 @@ class RdmaService:
         key_file: str = "",
         allow_dir: str = "",
         insecure: bool = False,
+        reply_cap: int = REPLY_CAP,
     ) -> None:
         self.nic = nic
+        self.budget = ReplyBudget(reply_cap, REPLY_STALL)
         #: Replaced whole on a reload; a request is checked against the table of its arrival.
         self.grants = grants or Grants()
         tcp = endpoint.startswith("tcp://")
@@ -185,7 +195,8 @@ class RdmaService:
                 self._reply(identity, Error(code=int(ErrorCode.PERMISSION_DENIED), message=text),
                             env.id)  # fmt: skip
                 return
-            self._reply(identity, self._stat(requester), env.id)
+            if not self._over_budget(identity, msg, env.id):
+                self._reply(identity, self._stat(requester), env.id)
             return
         if not isinstance(msg, RdmaRead | RdmaWrite | RdmaAtomic):
             self.counters["bad_messages"] += 1
@@ -203,6 +214,8 @@ class RdmaService:
             text = f"{MAX_IN_FLIGHT} requests already in progress"
             self._reply(identity, Error(code=int(ErrorCode.EBUSY), message=text), env.id)
             return
+        if self._over_budget(identity, msg, env.id):
+            return
         task = asyncio.ensure_future(self._serve(identity, env))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -214,9 +227,14 @@ class RdmaService:
             async with asyncio.timeout(REQUEST_DEADLINE):
                 if isinstance(msg, RdmaRead):
                     self.counters["reads"] += 1
-                    pieces = await self.nic.read(msg.rkey, msg.addr, msg.length)
-                    data: Any = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                    self._reply(identity, RdmaReadReply(length=msg.length), env.id, [data])
+                    try:
+                        pieces = await self.nic.read(msg.rkey, msg.addr, msg.length)
+                        data: Any = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                    except BaseException:
+                        self.budget.unreserve(identity, msg.length)
+                        raise
+                    reply = RdmaReadReply(length=msg.length)
+                    self._reply(identity, reply, env.id, [data], reserved=msg.length)
                     return
                 if isinstance(msg, RdmaWrite):
                     self.counters["writes"] += 1
@@ -266,10 +284,46 @@ class RdmaService:
 
     # --- outbound -------------------------------------------------------------------------------
 
-    def _reply(self, identity: bytes, msg: Message, re: int, bulk: Sequence[Any] = ()) -> None:
-        """Send ``msg`` to ``identity``; a requester that left is counted, not an error."""
+    def _over_budget(self, identity: bytes, msg: Message, re: int) -> bool:
+        """Refuse with EBUSY (and say so) a request whose reply ``identity`` has no room for.
+
+        A READ sets its length aside until its reply is sent; any other request is
+        refused once the requester is at its cap.
+        """
+        budget = self.budget
+        if self.counters["requests"] % SWEEP_EVERY == 0:
+            budget.sweep()  # forget the requesters that took everything (no sessions here)
+        if isinstance(msg, RdmaRead):
+            if budget.reserve(identity, msg.length):
+                return False
+        elif not budget.full(identity):
+            return False
+        text = (
+            f"{budget.held(identity) >> 10} KiB of replies are queued for this requester "
+            f"(cap {budget.cap >> 10} KiB); read them first"
+        )
+        self._reply(identity, Error(code=int(ErrorCode.EBUSY), message=text), re)
+        return True
+
+    def _reply(
+        self, identity: bytes, msg: Message, re: int, bulk: Sequence[Any] = (), reserved: int = 0
+    ) -> None:
+        """Send ``msg`` to ``identity``; a requester that left is counted, not an error.
+
+        Its bytes count against the requester's reply cap (in place of ``reserved``)
+        until libzmq lets go of them: the last frame is then sent tracked.
+        """
+        frames = encode(msg, 0, re, bulk)
+        nbytes = frame_bytes(frames)
+        tracker = None
+        if self.budget.wants_tracker(identity, nbytes):
+            last = frames[-1] = zmq.Frame(frames[-1], track=True, copy=False)
+            tracker = last.tracker
         try:
-            self.server.send(identity, encode(msg, 0, re, bulk), copy=False)
+            self.server.send(identity, frames, copy=False)
         except Unreachable as exc:  # gone, or its queue is full
             self.counters["unroutable"] += 1
+            self.budget.unreserve(identity, reserved)
             log.debug("reply to a requester dropped: %s", exc)
+        else:
+            self.budget.sent(identity, nbytes, tracker, reserved)
