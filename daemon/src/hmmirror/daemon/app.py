@@ -44,7 +44,6 @@ from hmmirror.daemon.policy import Policy
 from hmmirror.daemon.session import Session
 from hmmirror.daemon.watch.proc import Change, detect
 from hmmirror.daemon.watch.uffd import UffdWatch
-from hmmirror.transport.budget import ReplyBudget, frame_bytes
 from hmmirror.proto.codec import Buffer, Envelope, decode, encode
 from hmmirror.proto.errors import ErrorCode, ProtocolError
 from hmmirror.proto.messages import (
@@ -54,6 +53,7 @@ from hmmirror.proto.messages import (
     Message,
 )
 from hmmirror.transport import AllowDir, Connection, Door, Peer, Server, ServerKeys, Unreachable
+from hmmirror.transport.budget import ReplyBudget, frame_bytes
 
 log = logging.getLogger(__name__)
 #: A local connection with no session and no message for this long (at least) is dropped.

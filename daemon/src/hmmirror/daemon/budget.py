@@ -15,9 +15,9 @@ from typing import Any
 import zmq
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT
-from hmmirror.transport.budget import ReplyBudget, Tracker
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import MAX_DMA_PAGES, Fault, FaultMode
+from hmmirror.transport.budget import ReplyBudget, Tracker
 
 
 def track_last(frames: list[Any]) -> Tracker:

@@ -27,7 +27,6 @@ from hmmirror.client.errors import AgentError, DeviceError, RemoteAccessError, R
 from hmmirror.client.mlx5.grants import Grants
 from hmmirror.client.mlx5.nic import Nic
 from hmmirror.client.mlx5.verbs import AccessFlags
-from hmmirror.transport.budget import ReplyBudget, frame_bytes
 from hmmirror.proto.codec import Envelope, decode, encode
 from hmmirror.proto.errors import ErrorCode, ProtocolError
 from hmmirror.proto.messages import (
@@ -53,6 +52,7 @@ from hmmirror.transport import (
     ServerKeys,
     Unreachable,
 )
+from hmmirror.transport.budget import ReplyBudget, frame_bytes
 
 log = logging.getLogger(__name__)
 
