@@ -44,6 +44,7 @@ from hmmirror.proto import ErrorCode, ProtocolError, decode, encode
 from hmmirror.proto import messages as M
 from hmmirror.proto.entries import to_wire
 from hmmirror.testing.puppet import Puppet
+from hmmirror.transport import dial
 
 MIB = 1 << 20
 PAGE = 4096
@@ -128,12 +129,8 @@ class NeverReader:
     """
 
     def __init__(self, ctx: zmq.Context[Any], endpoint: str) -> None:
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 1)
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, M.MAX_FRAME)
-        self.sock.connect(endpoint)
+        options = {zmq.RCVHWM: 1, zmq.SNDHWM: 100_000}
+        self.sock = dial(ctx, endpoint, options=options)
         self.next_id = 0
         self.sent = 0
 
@@ -311,10 +308,13 @@ async def test_a_peer_that_never_reads_cannot_grow_hmmd_and_is_evicted(
         print(f"the attacker got back: {dict(kinds)}; status {stats['reply_refusals']} refusals")
         data = kinds["dma_read_reply"]
         assert data < sent // 4, f"{data} of {sent} reads were answered with data: {kinds}"
-        assert kinds["EBUSY"] > 0, f"nothing was refused with EBUSY: {kinds}"
+        # The eviction also disconnects it, dropping what was queued for it (its EBUSYs and
+        # the EVICTED notice among them): hmmd's own figures and log say what happened.
+        assert stats["reply_refusals"] > 0, f"nothing was refused with EBUSY: {stats}"
         assert stats["reply_refusals"] >= kinds["EBUSY"]
-        assert evicted and "queued replies" in evicted[0], f"not evicted for not reading: {kinds}"
         assert stats["reply_evictions"] >= 1
+        assert "queued replies" in hmmd.stderr(), "not evicted for not reading"
+        assert not evicted or "queued replies" in evicted[0]
         assert hmmd.proc.poll() is None
 
 
@@ -334,6 +334,7 @@ class HmAgent:
 async def hm_agent(hmmd: Any, spec: str) -> AsyncIterator[HmAgent]:
     """hm-agent serving one MR ``spec`` on tcp loopback; SIGTERM (then SIGKILL) afterwards."""
     args = ["--daemon", hmmd.endpoint, "--listen", "tcp://127.0.0.1:0", "--mr", spec]
+    args += ["--insecure", "--grant", "any:*:r"]  # a raw peer without CURVE keys
     proc = await asyncio.create_subprocess_exec(
         *HM_AGENT, *args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )

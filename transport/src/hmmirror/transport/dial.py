@@ -23,11 +23,12 @@ import asyncio
 import contextlib
 import errno
 import os
+import secrets
 import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 import zmq
@@ -40,9 +41,18 @@ from hmmirror.transport.door import (
     read_reply_async,
     split_tcp,
     tcp_endpoint,
+    unreachable,
 )
 from hmmirror.transport.keys import CurveKeys
 from hmmirror.transport.sockets import EVENTS, POLLOUT, tune
+from zmq.utils.monitor import recv_monitor_message
+
+#: The monitor events of a handshake that failed (the DEALER is the CURVE client).
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 def _private_dir() -> str:
@@ -80,6 +90,7 @@ class Dialer:
         self._dir = ""
         self._file = ""
         self.ready = False
+        self._auth_failed = False
         try:
             if self.ipc:
                 self._dir = _private_dir()
@@ -132,27 +143,61 @@ class Dialer:
         return bool(cast(int, self.sock.get(EVENTS)) & POLLOUT)
 
     def _refused(self, why: str) -> DoorError:
-        """The error for a server that never connected."""
+        """The error for a server that never connected (or whose handshake failed)."""
+        if self._auth_failed:
+            return DoorError(
+                errno.EACCES,
+                f"{self.door}: the server refused this client's CURVE key: it is not in its "
+                "allow-list (or the server's key is not the one this client expects)",
+            )
         hint = " (is this client's CURVE key in its allow-list?)" if self.curve else ""
         return DoorError(errno.ETIMEDOUT, f"{self.door}: {why}{hint}")
+
+    @contextlib.contextmanager
+    def _watching(self) -> Iterator[Callable[[], bool]]:
+        """While dialing with CURVE: a test of whether the handshake was refused."""
+        if self.curve is None:
+            yield lambda: False
+            return
+        # An address of its own: pyzmq's default one stays taken after disable_monitor.
+        address = f"inproc://hmmirror.dial.{id(self)}.{secrets.token_hex(4)}"
+        self.sock.monitor(address, _HANDSHAKE_FAILED)
+        monitor = self.sock.context.socket(zmq.PAIR)
+        monitor.connect(address)
+
+        def refused() -> bool:
+            """Whether the monitor reported a failed handshake."""
+            while monitor.poll(0):
+                event = recv_monitor_message(monitor)
+                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    self._auth_failed = True
+            return self._auth_failed
+
+        try:
+            yield refused
+        finally:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.disable_monitor()
+            monitor.close(linger=0)
 
     async def dial(self, timeout: float) -> None:
         """Knock, then wait for the server's connection; raise DoorError."""
         if self.ready:
             return
         deadline = time.monotonic() + timeout
-        if self.ipc:
-            fd = self._descriptor()
-            try:
-                await knock_async(self.door, b"channel", fd, timeout)
-            finally:
-                os.close(fd)
-        else:
-            await self._knock_tcp_async(timeout)
-        while not self._connected():
-            if time.monotonic() > deadline:
-                raise self._refused("the server did not connect back")
-            await asyncio.sleep(0.001)
+        with self._watching() as refused:
+            if self.ipc:
+                fd = self._descriptor()
+                try:
+                    await knock_async(self.door, b"channel", fd, timeout)
+                finally:
+                    os.close(fd)
+            else:
+                await self._knock_tcp_async(timeout)
+            while not self._connected():
+                if time.monotonic() > deadline or refused():
+                    raise self._refused("the server did not connect back")
+                await asyncio.sleep(0.001)
         self._seal()
         self.ready = True
 
@@ -180,29 +225,34 @@ class Dialer:
         if self.ready:
             return
         deadline = time.monotonic() + timeout
-        if self.ipc:
-            fd = self._descriptor()
-            try:
-                knock(self.door, b"channel", fd, timeout)
-            finally:
-                os.close(fd)
-        else:
-            with self._knock_socket() as knocking:
-                knocking.settimeout(timeout)
+        with self._watching() as refused:
+            if self.ipc:
+                fd = self._descriptor()
                 try:
-                    knocking.connect((self.host, self.port))
-                    port = self._bind_near(knocking)
-                    knocking.sendall(f"channel {port}\n".encode())
-                    reply = read_reply(knocking)
-                except OSError as exc:
-                    raise DoorError(exc.errno or errno.EIO, f"{self.door}: {exc}") from exc
-            check_reply(self.door, reply)
-        while not self._connected():
-            if time.monotonic() > deadline:
-                raise self._refused("the server did not connect back")
-            time.sleep(0.001)
+                    knock(self.door, b"channel", fd, timeout)
+                finally:
+                    os.close(fd)
+            else:
+                self._knock_tcp_sync(timeout)
+            while not self._connected():
+                if time.monotonic() > deadline or refused():
+                    raise self._refused("the server did not connect back")
+                time.sleep(0.001)
         self._seal()
         self.ready = True
+
+    def _knock_tcp_sync(self, timeout: float) -> None:
+        """``channel PORT`` at a TCP door, blocking."""
+        with self._knock_socket() as knocking:
+            knocking.settimeout(timeout)
+            try:
+                knocking.connect((self.host, self.port))
+                port = self._bind_near(knocking)
+                knocking.sendall(f"channel {port}\n".encode())
+                reply = read_reply(knocking)
+            except OSError as exc:
+                raise unreachable(self.door, exc) from exc
+        check_reply(self.door, reply)
 
     def close(self) -> None:
         """Close the socket (linger 0) and remove what it left on disk."""

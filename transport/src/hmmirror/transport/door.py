@@ -359,6 +359,21 @@ def _answer(conn: socket.socket, reply: str) -> None:
 
 # --- knocking (the client side) ------------------------------------------------------------------
 
+_WHY = {
+    errno.ENOENT: "no such socket (is the server running?)",
+    errno.ECONNREFUSED: "nothing listens there (is the server running?)",
+    errno.EACCES: "permission denied (is this user in the socket's group?)",
+    errno.EPERM: "permission denied (is this user in the socket's group?)",
+}
+
+
+def unreachable(where: str, exc: OSError) -> DoorError:
+    """A DoorError saying, in one line, why the door at ``where`` could not be reached."""
+    code = exc.errno or errno.EIO
+    why = _WHY.get(code) or exc.strerror or str(exc) or type(exc).__name__
+    return DoorError(code, f"{where}: {why}")
+
+
 
 def knock(path: str, line: bytes, fd: int, timeout: float) -> None:
     """Hand ``fd`` to the Unix door at ``path`` with ``line``; raise DoorError unless ``ok``."""
@@ -369,7 +384,7 @@ def knock(path: str, line: bytes, fd: int, timeout: float) -> None:
             socket.send_fds(sock, [line + b"\n"], [fd])
             reply = read_reply(sock)
         except OSError as exc:
-            raise DoorError(exc.errno or errno.EIO, f"{path}: {exc.strerror or exc}") from exc
+            raise unreachable(path, exc) from exc
     check_reply(path, reply)
 
 
@@ -387,7 +402,7 @@ async def knock_async(path: str, line: bytes, fd: int, timeout: float) -> None:
     except TimeoutError as exc:
         raise DoorError(errno.ETIMEDOUT, f"{path}: no answer in {timeout:g} s") from exc
     except OSError as exc:
-        raise DoorError(exc.errno or errno.EIO, f"{path}: {exc.strerror or exc}") from exc
+        raise unreachable(path, exc) from exc
     finally:
         sock.close()
     check_reply(path, reply)
