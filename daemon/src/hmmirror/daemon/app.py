@@ -23,7 +23,7 @@ from typing import Any
 from hmmirror.daemon.config import Config
 from hmmirror.daemon.dma.service import DmaService
 from hmmirror.daemon.errors import RequestError
-from hmmirror.daemon.handlers import HANDLERS, on_hello
+from hmmirror.daemon.handlers import HANDLERS
 from hmmirror.daemon.intake import UffdIntake, default_path
 from hmmirror.daemon.invalidation import Invalidator
 from hmmirror.daemon.linux import uffd
@@ -86,6 +86,7 @@ class Daemon:
                 "evictions",
                 "releases",
                 "registrations",
+                "refusals",
             ),
             0,
         )
@@ -118,7 +119,8 @@ class Daemon:
         self.uffd_last_refusal = ""
         self.metrics = MetricsServer(self.status)
         self.policy = Policy.load(config.policy) if config.policy else None
-        self._hello_peer = Peer()
+        self.request_peer = Peer()
+        """Who sent the sessionless request (hello, status, inventory) being handled."""
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -223,8 +225,8 @@ class Daemon:
             )  # fmt: skip
             return
         handler, needs_session = entry
-        if entry[0] is on_hello:  # who is asking: ZeroMQ's metadata of the frame (policy)
-            self._hello_peer = Peer.from_metadata(*peer_of(frames[0]))
+        if not needs_session:  # who is asking: ZeroMQ's metadata of the frame (policy)
+            self.request_peer = Peer.from_metadata(*peer_of(frames[0]))
         session = self.sessions.get(identity)
         if session is not None:
             session.last_seen = time.monotonic()
