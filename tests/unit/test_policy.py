@@ -22,6 +22,7 @@ from hmmirror.daemon.policy import (
     Policy,
     PolicyError,
     kernel_refusal,
+    own_process,
     refusal,
     yama_refusal,
 )
@@ -110,6 +111,14 @@ def test_hmmd_itself_is_refused_to_everyone(tmp_path: Path) -> None:
     me = creds(pid=HOST.hmmd_pid, uids=(0,), gids=(0,))
     for agent in (local(uid=0, gid=0), local(cap_eff=-1), Agent(Peer(curve_key=KEY))):
         assert "hmmd itself" in (refusal(everything, agent, me, Access.READ, HOST) or "")
+
+
+def test_own_process_is_the_hello_process_by_pid_and_start_time() -> None:
+    agent = local(pid=400)  # creds(400, ...) start at 1
+    assert own_process(agent, 400, 1)
+    assert not own_process(agent, 400, 2)  # the pid was reused since hello
+    assert not own_process(agent, 401, 1)
+    assert not own_process(Agent(Peer(uid=1000, gid=1000, pid=400), None), 400, 1)
 
 
 # --- Yama ---------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ and says what ``status`` and ``inventory`` show to whom.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -22,10 +21,12 @@ from hmmirror.daemon.linux.creds import (
     own_userns,
     read_agent_creds,
     read_creds,
+    read_identity,
     yama_scope,
 )
+from hmmirror.daemon.linux.procfs import start_time
 from hmmirror.daemon.peer import Peer
-from hmmirror.daemon.policy import Agent, Host, refusal
+from hmmirror.daemon.policy import Agent, Host, own_process, refusal
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import Access
 
@@ -73,15 +74,17 @@ class RefusalLog:
 _refusals = RefusalLog()
 
 
-@functools.cache
-def _userns() -> int:
-    """hmmd's own user namespace (it never changes)."""
-    return own_userns()
+#: How long a reading of Yama's ptrace_scope is reused, in seconds.
+YAMA_REREAD = 1.0
+_yama: list[float] = [-YAMA_REREAD, 0]
 
 
 def host() -> Host:
-    """hmmd's side of a decision, now (Yama's scope may change at run time)."""
-    return Host(hmmd_pid=os.getpid(), userns=_userns(), yama=yama_scope())
+    """hmmd's side of a decision, now (Yama's scope may change: reread every second)."""
+    now = time.monotonic()
+    if now - _yama[0] >= YAMA_REREAD:
+        _yama[:] = [now, yama_scope()]
+    return Host(hmmd_pid=os.getpid(), userns=own_userns(), yama=int(_yama[1]))
 
 
 def may_inspect(d: Daemon, peer: Peer) -> bool:
@@ -115,16 +118,33 @@ def _who(session: Session) -> str:
 def authorize(d: Daemon, session: Session, pid: int, access: Access, what: str) -> Creds:
     """The target's credentials if ``session`` may have ``access`` to ``pid``; else
     PERMISSION_DENIED (ESRCH for a process that does not exist)."""
+    agent, now = Agent(session.peer, session.credentials), host()
     try:
-        target = read_creds(pid)
+        # A privileged agent may have any process but hmmd: who it is is all that matters
+        # (and saves the per-thread reads on the target's own sync_range path).
+        if agent.privileged(now):
+            target = read_identity(pid)
+        else:
+            target = read_creds(pid, ancestry=now.yama == 1)
     except CredsUnreadable as exc:
         raise RequestError(ErrorCode.ESRCH, str(exc.args[-1])) from exc
     except TooManyThreads as exc:
         refuse(d, _who(session), what, str(exc))
-    why = refusal(d.policy, Agent(session.peer, session.credentials), target, access, host())
+    why = refusal(d.policy, agent, target, access, now)
     if why is not None:
         refuse(d, _who(session), what, why)
     return target
+
+
+def authorize_sync_range(d: Daemon, session: Session, pid: int) -> None:
+    """``sync_range`` needs write access to ``pid``. Its hot caller, a target announcing its
+    own change, is answered from its start time alone (the kernel's same-thread-group rule)."""
+    try:
+        if own_process(Agent(session.peer, session.credentials), pid, start_time(pid)):
+            return
+    except ProcessLookupError as exc:
+        raise RequestError(ErrorCode.ESRCH, f"no process {pid}") from exc
+    authorize(d, session, pid, Access.READ | Access.WRITE, "sync_range")
 
 
 def authorize_attached(

@@ -14,9 +14,10 @@ would let it ``process_vm_readv`` that process (PTRACE_MODE_ATTACH_REALCREDS,
   descendant of it, scope 2 a privileged agent, scope 3 nobody at all.
 
 A ``tcp://`` agent gets nothing from this rule. Stricter than the kernel, on purpose:
-a thread group's access to itself is not special (a SO_PEERCRED pid may have been
-reused), a process with euid 0 or in another user namespace counts as not dumpable
-(/proc cannot show it), and Yama's PR_SET_PTRACER exceptions are not visible.
+a thread group's access to itself counts for ``sync_range`` only (``own_process``:
+a SO_PEERCRED pid may have been reused before HELLO), a process with euid 0 or in
+another user namespace counts as not dumpable (/proc cannot show it), and Yama's
+PR_SET_PTRACER exceptions are not visible.
 
 **Grants widen it.** A policy is a TOML file of grants::
 
@@ -37,7 +38,9 @@ effective, saved and fs id of every thread, never only the real uid. Without
 capabilities: set-id programs, processes that made themselves undumpable and root's
 processes need it. ``inspect`` and ``frames = "physical"`` are rights of the session,
 whatever the grant's target criteria: any grant naming the agent that has them gives
-them. Nothing covers hmmd itself, and Yama's scope 3 stops everyone.
+them. ``"any"`` names every agent, an ``insecure`` tcp:// one included. Grants are the
+operator's explicit word: Yama's scopes 1 and 2 do not narrow them. Nothing covers
+hmmd itself, and Yama's scope 3 stops everyone.
 """
 
 from __future__ import annotations
@@ -223,6 +226,15 @@ class Policy:
     def physical_frames(self, agent: str) -> bool:
         """Whether a grant gives ``agent`` real frame numbers (``frames = "physical"``)."""
         return any(g.physical_frames and g.names(agent) for g in self.grants)
+
+
+def own_process(agent: Agent, pid: int, start: int) -> bool:
+    """Whether ``pid`` (started at ``start``) is the agent's own process, the one whose
+    credentials hmmd read at HELLO: the kernel lets a thread group access itself whatever
+    else holds. hmmd applies this to ``sync_range`` only (a target's own sync call), so a
+    pid reused before HELLO can at most invalidate, never read or write."""
+    creds = agent.creds
+    return creds is not None and creds.pid == pid == agent.peer.pid and creds.start == start
 
 
 def yama_refusal(agent: Agent, target: Creds, host: Host) -> str | None:

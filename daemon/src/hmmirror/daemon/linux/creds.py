@@ -19,7 +19,9 @@ Sources, on this kernel (6.x) and every one since 4.x:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 import select
 from dataclasses import dataclass
 
@@ -76,46 +78,70 @@ class Creds:
         return f"uids {uids}, gids {gids}{caps}{dumpable}"
 
 
+@functools.cache
 def own_userns() -> int:
-    """The inode of hmmd's own user namespace."""
+    """The inode of hmmd's own user namespace (it never changes)."""
     return os.stat("/proc/self/ns/user").st_ino
 
 
-def _fields(text: str) -> dict[str, str]:
-    """``Key:\tvalue`` lines of a status file."""
-    out = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        out[key] = value.strip()
-    return out
+_TGID = re.compile(rb"\nTgid:\t(\d+)\n")
+_IDS = re.compile(rb"\nUid:\t(\d+)\t(\d+)\t(\d+)\t(\d+)\nGid:\t(\d+)\t(\d+)\t(\d+)\t(\d+)\n")
+_CAPS = re.compile(rb"\nCapPrm:\t([0-9a-f]+)\nCapEff:\t([0-9a-f]+)\n")
 
 
-def _thread(task: str, userns: int) -> tuple[list[int], list[int], int, int, bool] | None:
-    """One thread's (uids, gids, CapPrm, CapEff, dumpable); None if it exited meanwhile."""
+def _status(path: str) -> tuple[bytes, os.stat_result] | None:
+    """A status file's text and owner; None if its task exited meanwhile."""
     try:
-        fd = os.open(f"{task}/status", os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
         return None
     try:
-        owner = os.fstat(fd)
-        text = os.read(fd, 1 << 16).decode(errors="replace")
+        return os.read(fd, 1 << 16), os.fstat(fd)
     except ProcessLookupError:
         return None
     finally:
         os.close(fd)
-    f = _fields(text)
-    try:
-        uids = [int(x) for x in f["Uid"].split()]
-        gids = [int(x) for x in f["Gid"].split()]
-        prm, eff = int(f["CapPrm"], 16), int(f["CapEff"], 16)
-    except (KeyError, ValueError):
+
+
+def _thread(path: str) -> tuple[tuple[int, ...], int, int, bool] | None:
+    """One thread's (uids then gids, CapPrm, CapEff, owned by its effective ids); None if it
+    exited meanwhile."""
+    got = _status(path)
+    if got is None:
+        return None
+    text, owner = got
+    ids, caps = _IDS.search(text), _CAPS.search(text)
+    if ids is None or caps is None:
         return None  # a zombie thread shows no credentials worth reading
-    euid, egid = uids[1], gids[1]
+    numbers = tuple(int(x) for x in ids.groups())
+    euid, egid = numbers[1], numbers[5]
     # task_dump_owner: a non-dumpable task's files belong to (its namespace's) root.
-    dumpable = (owner.st_uid, owner.st_gid) == (euid, egid) and euid != 0
-    if userns != own_userns():
-        dumpable = False  # its root may map to its own uid: the owner proves nothing
-    return uids, gids, prm, eff, dumpable
+    owned = (owner.st_uid, owner.st_gid) == (euid, egid) and euid != 0
+    return numbers, int(caps[1], 16), int(caps[2], 16), owned
+
+
+def _tgid(pid: int) -> int:
+    """The thread group ``pid`` belongs to (ProcessLookupError if none)."""
+    got = _status(f"/proc/{pid}/status")
+    match = _TGID.search(got[0]) if got is not None else None
+    if match is None:
+        raise ProcessLookupError(pid, f"no process {pid}")
+    return int(match[1])
+
+
+def read_identity(pid: int) -> Creds:
+    """Only who ``pid`` is (its thread group and start time), no credentials: all a decision
+    about a privileged agent needs. Raises :class:`CredsUnreadable`."""
+    try:
+        before = start_time(pid)
+        tgid = _tgid(pid)
+        if start_time(pid) != before:
+            raise CredsUnreadable(pid, f"process {pid} changed while it was read")
+    except OSError as exc:
+        if isinstance(exc, CredsUnreadable):
+            raise
+        raise CredsUnreadable(pid, f"no process {pid}") from exc
+    return Creds(tgid, before, frozenset(), frozenset())
 
 
 def read_creds(pid: int, *, ancestry: bool = False) -> Creds:
@@ -126,41 +152,39 @@ def read_creds(pid: int, *, ancestry: bool = False) -> Creds:
     """
     try:
         before = start_time(pid)
-        with open(f"/proc/{pid}/status") as f:
-            tgid = int(_fields(f.read()).get("Tgid", "0"))
-        base = f"/proc/{tgid}"
+        base = f"/proc/{_tgid(pid)}"
         userns = os.stat(f"{base}/ns/user").st_ino
         tids = os.listdir(f"{base}/task")
         if len(tids) > MAX_THREADS:
             raise TooManyThreads(f"process {pid} has {len(tids)} threads; hmmd checks the "
                                  f"credentials of at most {MAX_THREADS}")  # fmt: skip
-        uids: set[int] = set()
-        gids: set[int] = set()
+        ids: set[tuple[int, ...]] = set()
         prm = eff = 0
-        dumpable = True
+        dumpable = userns == own_userns()  # else its root may map to its own uid: unprovable
         for tid in tids:
-            got = _thread(f"{base}/task/{tid}", userns)
+            got = _thread(f"{base}/task/{tid}/status")
             if got is None:
                 continue
-            uids.update(got[0])
-            gids.update(got[1])
-            prm |= got[2]
-            eff |= got[3]
-            dumpable = dumpable and got[4]
+            ids.add(got[0])
+            prm |= got[1]
+            eff |= got[2]
+            dumpable = dumpable and got[3]
         exe = ""
         with contextlib.suppress(OSError):
-            exe = os.path.realpath(f"{base}/exe")
+            exe = os.readlink(f"{base}/exe")
         with open(f"{base}/cgroup") as f:
             cgroup = f.read().strip().rpartition(":")[2]
+        tgid = int(base[6:])
         parents = ancestors(tgid) if ancestry else ()
-        if not uids or start_time(pid) != before:
+        if not ids or start_time(pid) != before:
             raise CredsUnreadable(pid, f"process {pid} changed while its credentials were read")
     except (OSError, ValueError) as exc:
         if isinstance(exc, CredsUnreadable | TooManyThreads):
             raise
         raise CredsUnreadable(pid, f"cannot read the credentials of process {pid}: {exc}") from exc
-    return Creds(tgid, before, frozenset(uids), frozenset(gids), prm, eff, dumpable, userns, exe,
-                 cgroup, parents)  # fmt: skip
+    uids = frozenset(u for t in ids for u in t[:4])
+    gids = frozenset(g for t in ids for g in t[4:])
+    return Creds(tgid, before, uids, gids, prm, eff, dumpable, userns, exe, cgroup, parents)
 
 
 def read_agent_creds(pid: int, uid: int, gid: int, pidfd: int | None = None) -> Creds | None:
