@@ -239,6 +239,22 @@ def test_the_sample_policy_is_valid() -> None:
     assert Policy.load(str(sample)).grants
 
 
+def test_refusals_are_logged_at_most_a_burst_per_window(caplog: pytest.LogCaptureFixture) -> None:
+    import time
+
+    from hmmirror.daemon.authz import RefusalLog
+
+    refusals = RefusalLog(burst=2, window=0.05)
+    with caplog.at_level("WARNING", logger="hmmirror.daemon.authz"):
+        for i in range(5):
+            refusals.warning(f"refused {i}")
+        time.sleep(0.06)
+        refusals.warning("refused later")
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused 0", "refused 1", "3 more refusals were not logged", "refused later",
+    ]  # fmt: skip
+
+
 # --- the /proc readers, on real processes ---------------------------------------------------
 
 
