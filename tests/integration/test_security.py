@@ -99,7 +99,10 @@ def test_a_secret_key_readable_by_others_is_refused(tmp_path):
     assert "readable by others" in out.stderr
 
 
-async def test_a_known_key_without_a_grant_is_denied_another_uids_process(tmp_path):
+async def test_a_known_key_gets_what_its_grant_says_and_nothing_more(tmp_path):
+    """A tcp agent gets nothing from the kernel's rule: only its grant, which here covers
+    root's processes (privileged: they hold capabilities) for reading. An allowed key with
+    no grant is refused everything."""
     import zmq.auth
     from hmmirror.client import Access, RemoteError
     from hmmirror.proto import ErrorCode
@@ -107,12 +110,16 @@ async def test_a_known_key_without_a_grant_is_denied_another_uids_process(tmp_pa
     _, server_secret = keys(tmp_path / "server", "hmmd")
     server_public = str(tmp_path / "server" / "hmmd.key")
     agent_public, agent_secret = keys(tmp_path / "agents", "agent")
+    idle_public, idle_secret = keys(tmp_path / "idle", "idle")
     allow = tmp_path / "allow"
     allow.mkdir()
     os.link(agent_public, allow / "agent.key")
+    os.link(idle_public, allow / "idle.key")
     z85 = zmq.auth.load_certificate(agent_public)[0].decode()
     policy = tmp_path / "policy.toml"
-    policy.write_text(f'[[grant]]\nagents = ["curve:{z85}"]\nuids = [0]\naccess = ["read"]\n')
+    policy.write_text(
+        f'[[grant]]\nagents = ["curve:{z85}"]\nuids = [0]\nprivileged = true\naccess = ["read"]\n'
+    )
     mine = subprocess.Popen(["sleep", "60"])
     theirs = subprocess.Popen(["sleep", "60"], user=65534, group=65534)
     proc, endpoint = start(tmp_path, "--curve-key", server_secret, "--curve-allow", str(allow),
@@ -121,10 +128,17 @@ async def test_a_known_key_without_a_grant_is_denied_another_uids_process(tmp_pa
         curve = CurveKeys.load(server_public, agent_secret)
         async with connect(endpoint, name="agent", curve=curve) as s:
             await s.mirror(mine.pid, 0x10000, 4096, Access.READ)  # uid 0: granted
+            for pid, access in ((theirs.pid, Access.READ), (mine.pid, Access.READ | Access.WRITE)):
+                with pytest.raises(RemoteError) as info:
+                    await s.mirror(pid, 0x10000, 4096, access)
+                assert info.value.code == ErrorCode.PERMISSION_DENIED
+            assert f"curve:{z85}" in info.value.message and "uids 0" in info.value.message
+            assert "pid" not in await s.status()  # no inspect grant: counters only
+        idle = CurveKeys.load(server_public, idle_secret)
+        async with connect(endpoint, name="idle", curve=idle) as s:
             with pytest.raises(RemoteError) as info:
-                await s.mirror(theirs.pid, 0x10000, 4096, Access.READ)
-            assert info.value.code == ErrorCode.PERMISSION_DENIED
-            assert f"curve:{z85}" in info.value.message and "uid 65534" in info.value.message
+                await s.mirror(mine.pid, 0x10000, 4096, Access.READ)
+            assert "a tcp:// agent gets only what a grant gives it" in info.value.message
     finally:
         err = stop(proc)
         for p in (mine, theirs):

@@ -167,12 +167,19 @@ class Network:
     def start_daemon(self, port: str = "0") -> None:
         """Start hmmd in host 1 (again, after ``kill_daemon``: same port, new epoch)."""
         host = self.hosts[0]
+        # A tcp agent gets only what a grant gives it: every allowed key (the ZAP allow-list
+        # is the harness's) may read and write the targets, root's processes in host 1.
+        policy = self.workdir / "policy.toml"
+        policy.write_text(
+            '[[grant]]\nagents = ["any"]\nuids = [0]\ngids = [0]\nprivileged = true\n'
+            'access = ["read", "write"]\n'
+        )
         with open(self.workdir / "hmmd.stderr", "ab") as err:
             proc = host.spawn(
                 [sys.executable, "-m", "hmmirror.daemon", "run",
                  "--endpoint", f"tcp://{host.addr}:{port}", "--curve-key", self.server_secret,
-                 "--curve-allow", str(self.allow), "--ack-deadline", self.ack_deadline,
-                 "--heartbeat", "200ms"],
+                 "--curve-allow", str(self.allow), "--policy", str(policy),
+                 "--ack-deadline", self.ack_deadline, "--heartbeat", "200ms"],
                 stdout=subprocess.PIPE, stderr=err,
                 env={"HMMIRROR_EXPOSE_SOCKET": str(self.workdir / "uffd.sock"),
                      "PATH": "/usr/bin:/bin"},

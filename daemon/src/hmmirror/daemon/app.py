@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
+from hmmirror.daemon import authz
 from hmmirror.daemon.budget import busy, track_last
 from hmmirror.daemon.config import Config
 from hmmirror.daemon.dma.service import DmaService
@@ -30,6 +31,7 @@ from hmmirror.daemon.intake import OfferBook, default_path, is_userfaultfd
 from hmmirror.daemon.invalidation import Invalidator
 from hmmirror.daemon.limits import FdBudget
 from hmmirror.daemon.linux import uffd
+from hmmirror.daemon.linux.creds import Creds
 from hmmirror.daemon.linux.inject import InjectError, inject_userfaultfd
 from hmmirror.daemon.linux.procfs import (
     PAGE_SIZE,
@@ -90,6 +92,7 @@ class Daemon:
                 "releases",
                 "registrations",
                 "reply_evictions",
+                "refusals",
             ),
             0,
         )
@@ -108,6 +111,7 @@ class Daemon:
             limits=self.fds.connection_limits,
             heartbeat_ms=config.heartbeat_ms,
             door_handlers=uffd_door if config.uffd != "off" else {},
+            vouch=authz.vouch,
         )
         if tcp and not config.curve_key:
             log.warning(
@@ -133,8 +137,10 @@ class Daemon:
         self.uffd_last_refusal = ""
         self.metrics = MetricsServer(self.status)
         self.policy = Policy.load(config.policy) if config.policy else None
-        #: Who sent the message being handled, as the transport proved it.
+        #: Who sent the message being handled, as the transport proved it, and what was read
+        #: about it when it connected (a local agent's credentials).
         self.asking = Peer()
+        self.asking_vouched: Creds | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -249,6 +255,7 @@ class Daemon:
         self.counters["messages"] += 1
         identity = conn.rid
         self.asking = conn.peer
+        self.asking_vouched = conn.vouched
         try:
             env = decode(frames)
         except ProtocolError as exc:
@@ -433,7 +440,7 @@ class Daemon:
 
     # --- userfaultfd --------------------------------------------------------------------------
 
-    def _on_uffd(self, peer: Peer, arg: str, fd: int) -> str | None:
+    def _on_uffd(self, peer: Peer, arg: str, fd: int, pidfd: int) -> str | None:
         """Door line ``uffd`` (or ``uffd strict``, the second userfaultfd strict-write mirrors
         need): a target hands hmmd a userfaultfd of its own."""
         if arg not in ("", "strict"):

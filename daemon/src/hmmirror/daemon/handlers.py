@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
+from hmmirror.daemon import authz
 from hmmirror.daemon.budget import fault_reply_bytes
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.fault.service import Pending, attempt, resolve
@@ -92,9 +93,8 @@ def on_hello(d: Daemon, identity: bytes, session: Session | None, env: Envelope)
     assert isinstance(msg, Hello)
     if session is not None:
         d._close_session(session)
-    peer = d.asking
-    new = Session(d._next_session, identity, msg.agent, time.monotonic(), peer=peer)
-    new.physical_frames = peer.root
+    new = Session(d._next_session, identity, msg.agent, time.monotonic(), peer=d.asking)
+    authz.open_session(d, new)
     d._next_session += 1
     d.sessions[identity] = new
     log.info("session %d opened by %s (pid %d, %s)", new.id, msg.agent, msg.pid, new.peer.identity)
@@ -127,47 +127,56 @@ def on_goodbye(d: Daemon, identity: bytes, session: Session | None, env: Envelop
 
 
 def on_status(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
-    """Report the daemon's figures; needs no session."""
-    d.send(identity, StatusReply(stats=d.status()), re=env.id)
+    """Report the daemon's figures; needs no session. Counters only, unless the asker is root
+    or holds an ``inspect`` grant (``authz.PUBLIC_STATUS``)."""
+    d.send(identity, StatusReply(stats=authz.visible_status(d, d.asking)), re=env.id)
 
 
 def on_inventory(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
-    """List mms, mirrors and sessions (``hmmctl mms`` / ``mirrors``); needs no session."""
+    """List mms, mirrors and sessions (``hmmctl mms`` / ``mirrors``).
+
+    Root and ``inspect`` grants see everything, with or without a session; any other
+    agent sees only its own session's mirrors, and without a session is refused.
+    """
+    everyone = authz.may_inspect(d, d.asking)
+    if not everyone and (session is None or session.fenced):
+        authz.refuse(
+            d, d.asking.identity, "inventory",
+            "inventory shows other sessions' mirrors only to root or an inspect grant; "
+            "send it from a session to see your own",
+        )  # fmt: skip
+    if everyone:
+        own, sessions = list(d.mirrors.values()), list(d.sessions.values())
+        shown = list(d.mms.values())
+    else:
+        assert session is not None
+        own, sessions = list(session.mirrors.values()), [session]
+        shown = list({m.mm.key: m.mm for m in own}.values())
     mms: list[int] = []
-    for mm in list(d.mms.values())[:4096]:
+    for mm in shown[:4096]:
         uffd_level = 0
         if mm.uffd is not None and not mm.uffd.closed:
             uffd_level = 1
         if mm.strict_uffd is not None and not mm.strict_uffd.closed:
             uffd_level = 2
-        mms.extend((mm.pid, mm.start_time, mm.seq, mm.active, len(mm.mirrors), uffd_level))
+        count = len(mm.mirrors) if everyone else sum(1 for m in own if m.mm is mm)
+        mms.extend((mm.pid, mm.start_time, mm.seq, mm.active, count, uffd_level))
     mirrors: list[int] = []
-    for m in list(d.mirrors.values())[:4096]:
+    for m in own[:4096]:
         held = sum(span.held for span in m.spans)
         flags = (1 if m.watch_writes else 0) | (2 if m.strict else 0)
         mirrors.extend((m.id, m.session.id, m.mm.pid, m.lo, m.hi, held, int(m.access), flags))
     names: dict[str, int | float | str] = {
-        str(s.id): s.name[:256] for s in list(d.sessions.values())[:256] if not s.fenced
+        str(s.id): s.name[:256] for s in sessions[:256] if not s.fenced
     }
     reply = InventoryReply(mms=tuple(mms), mirrors=tuple(mirrors), sessions=names)
     d.send(identity, reply, re=env.id)
-
-
-def _authorize(d: Daemon, session: Session, pid: int, access: Access, what: str) -> None:
-    """PERMISSION_DENIED unless the policy grants ``access`` to ``pid`` (reason logged)."""
-    if d.policy is None:
-        return
-    why = d.policy.refusal(session.peer.identity, pid, access)
-    if why is not None:
-        log.warning("refused %s by session %d (%s): %s", what, session.id, session.name, why)
-        raise RequestError(ErrorCode.PERMISSION_DENIED, why)
 
 
 def on_register(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
     """Create a mirror of (pid, intervals, access)."""
     msg = env.msg
     assert isinstance(msg, Register) and session is not None
-    _authorize(d, session, msg.pid, Access(msg.access), "register")
     if msg.pid == 0:
         raise RequestError(ErrorCode.EINVAL, "pid 0 cannot be mirrored")
     if not msg.access & Access.READ:
@@ -193,7 +202,19 @@ def on_register(d: Daemon, identity: bytes, session: Session | None, env: Envelo
         if spans and start < spans[-1][1]:
             raise RequestError(ErrorCode.EINVAL, "intervals overlap")
         spans.append((start, end))
-    mm = d._attach_mm(msg.pid, msg.start_time)
+    access = Access(msg.access)
+    checked = authz.authorize(d, session, msg.pid, access, "register")
+    if msg.start_time and msg.start_time != checked.start:
+        raise RequestError(
+            ErrorCode.ESRCH, f"process {msg.pid} started at {checked.start}, not {msg.start_time}"
+        )
+    mm = d._attach_mm(msg.pid, checked.start)
+    try:
+        authz.authorize_attached(d, session, mm, checked, access, "register")
+    except RequestError:
+        if not mm.mirrors:
+            d._drop_mm(mm)
+        raise
     mirror = Mirror(
         d._next_mirror, session, mm, [Span(lo, hi) for lo, hi in spans], Access(msg.access)
     )
@@ -455,7 +476,8 @@ def on_sync_range(d: Daemon, identity: bytes, session: Session | None, env: Enve
         # these would switch off other agents' mirrors for good.
         raise RequestError(ErrorCode.EINVAL, f"sync_range may not announce {event.name}")
     assert session is not None
-    _authorize(d, session, msg.pid, Access.READ, "sync_range")
+    # Invalidating is acting on the target's mirrors: the same right as writing it.
+    authz.authorize_sync_range(d, session, msg.pid)
     mms = [mm for mm in d.mms.values() if mm.pid == msg.pid and not mm.released]
     if not mms:
         try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import msgpack
+from hmmirror.daemon.linux.creds import Creds
 from hmmirror.transport.peer import Peer
 
 if TYPE_CHECKING:
@@ -50,6 +51,9 @@ class Session:
     last_seen: float
     peer: Peer = field(default_factory=Peer)
     """Who the agent is, as the transport proved it (policy, logs)."""
+    credentials: Creds | None = None
+    """The agent process's own credentials, read at HELLO (``ipc://`` only; None when they
+    could not be proven): the kernel's ptrace rule compares them with a target's."""
     physical_frames: bool = False
     """Entries carry real PFNs (a root agent over ipc, or a ``frames = "physical"`` grant);
     otherwise opaque frame tokens."""

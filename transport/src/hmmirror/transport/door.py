@@ -55,10 +55,13 @@ RATE, BURST = 20.0, 100.0
 EMFILE_PAUSE = 0.1
 _CRED = struct.Struct("3i")
 
-#: A handler gets the sender, the line's argument and the descriptor sent with it (-1 on a
-#: tcp door); it returns None once it owns the descriptor, or the reason it refuses (the door
-#: then closes the descriptor).
-Handler = Callable[[Peer, str, int], str | None]
+#: A handler gets the sender, the line's argument, the descriptor sent with it (-1 on a tcp
+#: door) and a pidfd of the sending process (-1 where the kernel gives none: SO_PEERPIDFD is
+#: Linux 6.5+); it returns None once it owns the descriptor, or the reason it refuses (the
+#: door then closes the descriptor). The pidfd is the door's: valid during the call only.
+Handler = Callable[[Peer, str, int, int], str | None]
+#: SO_PEERPIDFD (include/uapi/asm-generic/socket.h): a pidfd of the peer at connect time.
+SO_PEERPIDFD = 77
 
 
 class DoorError(OSError):
@@ -133,6 +136,7 @@ class _Pending:
     peer: Peer
     key: object
     timer: asyncio.TimerHandle
+    pidfd: int = -1
 
 
 @dataclass
@@ -235,15 +239,16 @@ class Door:
             except OSError:
                 conn.close()
                 continue
+            pidfd = _peer_pidfd(conn) if self.local else -1
             mine = sum(1 for p in self._pending.values() if p.key == key)
             if len(self._pending) >= PENDING_TOTAL or mine >= PENDING_PER_PEER:
-                self._busy(conn, "too many connections waiting; try again")
+                self._busy(conn, "too many connections waiting; try again", pidfd)
                 continue
             if not self.local and not self._take(str(key)):
-                self._busy(conn, "too many knocks from this address; slow down")
+                self._busy(conn, "too many knocks from this address; slow down", pidfd)
                 continue
             timer = self.loop.call_later(DEADLINE, self._drop, conn)
-            self._pending[conn.fileno()] = _Pending(conn, peer, key, timer)
+            self._pending[conn.fileno()] = _Pending(conn, peer, key, timer, pidfd)
             self.loop.add_reader(conn.fileno(), self._receive, conn)
 
     def _identify(self, conn: socket.socket, address: object) -> tuple[Peer, object]:
@@ -256,11 +261,12 @@ class Door:
         host = str(address[0]) if isinstance(address, tuple) else str(address)
         return Peer(address=host), host
 
-    def _busy(self, conn: socket.socket, why: str) -> None:
+    def _busy(self, conn: socket.socket, why: str, pidfd: int) -> None:
         """Turn a connection away at once."""
         self.counters["busy"] += 1
         _answer(conn, f"error {why}\n")
         conn.close()
+        _close(pidfd)
 
     def _take(self, who: str) -> bool:
         """Spend one knock of ``who``; False when its bucket is empty."""
@@ -301,6 +307,7 @@ class Door:
         if pending is not None:
             pending.timer.cancel()
             self.loop.remove_reader(conn.fileno())
+            _close(pending.pidfd)
         conn.close()
 
     # --- a request ----------------------------------------------------------------------------
@@ -317,11 +324,11 @@ class Door:
         except OSError:
             self._drop(conn)
             return
-        reply = self._judge(pending.peer, data, fds)
+        reply = self._judge(pending.peer, data, fds, pending.pidfd)
         _answer(conn, reply)
         self._drop(conn)
 
-    def _judge(self, peer: Peer, data: bytes, fds: list[int]) -> str:
+    def _judge(self, peer: Peer, data: bytes, fds: list[int], pidfd: int) -> str:
         """Give the descriptor (exactly one on a Unix door) to the line's handler; close
         anything not kept."""
         keep: int | None = None
@@ -335,7 +342,7 @@ class Door:
             if self.local and len(fds) != 1:
                 return f"error {word!r} needs exactly one descriptor\n"
             fd = fds[0] if self.local else -1
-            why = handler(peer, arg.strip(), fd)
+            why = handler(peer, arg.strip(), fd, pidfd)
             if why is not None:
                 return f"error {why}\n"
             keep = fd
@@ -349,6 +356,21 @@ class Door:
                 if fd != keep:
                     with contextlib.suppress(OSError):
                         os.close(fd)
+
+
+def _peer_pidfd(conn: socket.socket) -> int:
+    """A pidfd of the process that connected (SO_PEERPIDFD), or -1 where there is none."""
+    try:
+        return int(conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+    except OSError:
+        return -1
+
+
+def _close(fd: int) -> None:
+    """Close ``fd`` if it is one."""
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _answer(conn: socket.socket, reply: str) -> None:
@@ -372,7 +394,6 @@ def unreachable(where: str, exc: OSError) -> DoorError:
     code = exc.errno or errno.EIO
     why = _WHY.get(code) or exc.strerror or str(exc) or type(exc).__name__
     return DoorError(code, f"{where}: {why}")
-
 
 
 def knock(path: str, line: bytes, fd: int, timeout: float) -> None:

@@ -67,6 +67,8 @@ class Connection:
     last_seen: float = field(default_factory=time.monotonic)
     proven: bool = False
     """Whether ``peer`` is final (a tcp CURVE peer's key is read from its first message)."""
+    vouched: Any = None
+    """What the server's ``vouch`` hook learnt of a local peer when it knocked."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class Server(Drained):
         limits: Limits | None = None,
         heartbeat_ms: int = 1000,
         door_handlers: Mapping[str, Handler] | None = None,
+        vouch: Callable[[Peer, int], Any] | None = None,
     ) -> None:
         self.ipc = endpoint.startswith("ipc://")
         if self.ipc:
@@ -115,6 +118,9 @@ class Server(Drained):
         self.group = group
         self.mode = mode
         self.door_handlers = dict(door_handlers or {})
+        #: Called with a knocking local peer and its pidfd (or -1): what it returns is kept
+        #: as the connection's ``vouched`` (hmmd reads the agent's credentials there).
+        self.vouch = vouch
         self.connections: dict[bytes, Connection] = {}
         self._by_endpoint: dict[str, bytes] = {}
         self.door: Door | None = None
@@ -183,7 +189,7 @@ class Server(Drained):
 
     # --- connections --------------------------------------------------------------------------
 
-    def _channel_ipc(self, peer: Peer, arg: str, fd: int) -> str | None:
+    def _channel_ipc(self, peer: Peer, arg: str, fd: int, pidfd: int) -> str | None:
         """``channel`` on the Unix door: connect to the caller's socket file ``fd``."""
         try:
             st = os.fstat(fd)
@@ -193,9 +199,14 @@ class Server(Drained):
             return "the descriptor is not a socket file (send an O_PATH descriptor of it)"
         if not peer.root and st.st_uid != peer.uid:
             return f"the socket file belongs to uid {st.st_uid}, not to uid {peer.uid}"
-        return self._connect(peer, f"ipc:///proc/self/fd/{fd}", fd, proven=True)
+        why = self._connect(peer, f"ipc:///proc/self/fd/{fd}", fd, proven=True)
+        if why is None and self.vouch is not None:
+            self.connections[self._by_endpoint[f"ipc:///proc/self/fd/{fd}"]].vouched = self.vouch(
+                peer, pidfd
+            )
+        return why
 
-    def _channel_tcp(self, peer: Peer, arg: str, fd: int) -> str | None:
+    def _channel_tcp(self, peer: Peer, arg: str, fd: int, pidfd: int) -> str | None:
         """``channel PORT`` on the TCP door: connect to that port at the caller's address."""
         if not arg.isdigit() or not 0 < int(arg) < 65536:
             return f"'channel' needs the port the client bound, got {arg!r}"
