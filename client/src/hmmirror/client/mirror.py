@@ -239,12 +239,14 @@ class Mirror:
         """A session request, hmmd's refusals turned into _Stale, Evicted or DeviceError.
 
         A read or fault refused at once with EBUSY is asked again for up to the
-        retry budget: hmmd refuses them while its unread replies to this session
-        fill the connection's reply cap, which reading them frees (an agent that
-        pipelines more large reads than the cap holds meets this).
+        session's request timeout: hmmd refuses them while its unread replies to
+        this session fill the connection's reply cap, which reading them frees (an
+        agent that pipelines more large reads than the cap holds meets this). This
+        is flow control, not a race with invalidations, so it gets the request's
+        deadline rather than the fault retry budget.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + RETRY_BUDGET
+        deadline = loop.time() + self.session.timeout
         pause = 0.001
         while True:
             try:
