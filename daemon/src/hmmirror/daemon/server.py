@@ -47,7 +47,9 @@ SOCKET_BUFFER = 4 << 20
 def share_with_group(path: str, group: str) -> None:
     """Make a socket file mode 0660 and, if ``group`` exists, owned by that group.
 
-    Agents and targets in the group may then connect; nobody else may.
+    Agents and targets in the group may then connect; nobody else may. A socket already in
+    the group (hmmd.service runs with Group=hmmirror) is left alone: the unit's system call
+    filter refuses chown, which @privileged holds.
     """
     os.chmod(path, 0o660)
     try:
@@ -55,7 +57,8 @@ def share_with_group(path: str, group: str) -> None:
     except KeyError:
         log.info("no group %r: %s keeps its group", group, path)
         return
-    os.chown(path, -1, gid)
+    if os.stat(path).st_gid != gid:
+        os.chown(path, -1, gid)
 
 
 class AllowDir:
