@@ -83,7 +83,7 @@ def test_units_verify_clean(tmp_path):
         shutil.copy(VENV_BIN / script, root / "usr/local/bin" / script)
     out = subprocess.run(
         [exe, "verify", f"--root={root}", "/etc/systemd/system/hmmd.service",
-         "/etc/systemd/system/hmm-agent@.service"],
+         "/etc/systemd/system/hm-agent@.service"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
@@ -100,6 +100,14 @@ def test_hmmd_unit_exposure_is_at_most_2_5():
     match = re.search(r"Overall exposure level for hmmd\.service: (\d+\.\d+)", out.stdout)
     assert match, out.stdout + out.stderr
     assert float(match.group(1)) <= 2.5, out.stdout
-    for line in ("AmbientCapabilities=CAP_SYS_PTRACE CAP_SYS_ADMIN", "User=hmmirror",
-                 "NoNewPrivileges=yes", "Type=notify"):  # fmt: skip
+    caps = "CAP_SYS_PTRACE CAP_DAC_READ_SEARCH CAP_SYS_ADMIN"
+    for line in (f"AmbientCapabilities={caps}", f"CapabilityBoundingSet={caps}", "User=hmmirror",
+                 "NoNewPrivileges=yes", "Type=notify", "LimitNOFILE="):  # fmt: skip
         assert line in (DEPLOY / "hmmd.service").read_text()
+
+
+def test_agent_unit_is_notify_and_does_not_restart_a_configuration_error():
+    text = (DEPLOY / "hm-agent@.service").read_text()
+    for line in ("Type=notify", "NotifyAccess=main", "RestartPreventExitStatus=2",
+                 "CapabilityBoundingSet=\n", "User=hmmirror-agent"):  # fmt: skip
+        assert line in text

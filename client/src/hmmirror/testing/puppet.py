@@ -611,12 +611,16 @@ class _Target:
         return None, b""
 
     def op_uffd_leave(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
-        """Create a userfaultfd and leave it open and unconfigured, for hmmd to take."""
+        """Create a userfaultfd and leave it open and unconfigured, for hmmd to take
+        (user-mode-only where vm.unprivileged_userfaultfd = 0 refuses an unprivileged one)."""
         nr = _SYS_USERFAULTFD.get(platform.machine())
         if nr is None:
             raise OSError(errno.ENOSYS, "userfaultfd syscall number unknown")
-        fd = self.libc.check(self.libc.syscall(nr, os.O_CLOEXEC | os.O_NONBLOCK), "userfaultfd")
-        return fd, b""
+        flags = os.O_CLOEXEC | os.O_NONBLOCK
+        fd = self.libc.syscall(nr, flags)
+        if fd < 0:
+            fd = self.libc.syscall(nr, flags | _UFFD_USER_MODE_ONLY)
+        return self.libc.check(fd, "userfaultfd"), b""
 
     # -- loop
 

@@ -73,7 +73,11 @@ class AddressInUse(OSError):
 
 
 def share_with_group(path: str, group: str, mode: int = 0o660) -> None:
-    """Give a socket file ``mode`` and, if ``group`` exists, that group."""
+    """Give a socket file ``mode`` and, if ``group`` exists, that group.
+
+    A socket already in the group (hmmd.service runs with Group=hmmirror) is left
+    alone: the unit's system call filter refuses chown (in @privileged).
+    """
     os.chmod(path, mode)
     if not group:
         return
@@ -82,7 +86,8 @@ def share_with_group(path: str, group: str, mode: int = 0o660) -> None:
     except KeyError:
         log.info("no group %r: %s keeps its group", group, path)
         return
-    os.chown(path, -1, gid)
+    if os.stat(path).st_gid != gid:
+        os.chown(path, -1, gid)
 
 
 def claim(path: str) -> None:

@@ -1,0 +1,229 @@
+"""Row 13: the documented deployment mirrors other users' processes, as its policy grants.
+
+``deploy/hmmd.service`` runs hmmd as the unprivileged user ``hmmirror`` with the ambient
+capabilities the unit lists. Here hmmd runs exactly so, without systemd: as a throwaway user
+(standing for ``hmmirror``, its socket group for the group ``hmmirror``) under ``setpriv`` with
+the ``AmbientCapabilities=`` and ``CapabilityBoundingSet=`` read from the unit file, in a 0750
+directory of its own like ``RuntimeDirectory=``. The target and the agent are two more real
+users. At 6c59ac2 the unit granted CAP_SYS_PTRACE and CAP_SYS_ADMIN only: /proc/PID/pagemap
+(mode 0400, the target's user's) stayed closed to hmmd, so a granted mirror of another user's
+process failed and hmmd mirrored nobody but itself. ``tests/integration/test_systemd_live.py``
+runs the same unit under a real systemd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import grp
+import json
+import mmap
+import os
+import selectors
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import USER_DEADLINE, User
+
+UNIT = Path(__file__).resolve().parents[2] / "deploy" / "hmmd.service"
+PAGE = 4096
+
+#: An agent that mirrors each ``label=pid:addr`` given, reads and writes one page, and prints
+#: what became of each, as one JSON object.
+AGENT = """
+import asyncio, json, sys
+from hmmirror.client import Access, AgentError, connect
+
+async def main(endpoint, targets):
+    out = {}
+    async with connect(endpoint, name="row13", timeout=10) as s:
+        for item in targets:
+            label, _, where = item.partition("=")
+            pid, addr = (int(x) for x in where.split(":"))
+            try:
+                m = await s.mirror(pid, addr, 4096, Access.READ | Access.WRITE)
+                r = await m.read(addr, 1)
+                page = bytearray(4096)
+                page[64:84] = b"written by the agent"
+                await m.write(addr, page)
+                out[label] = {"ok": True, "head": bytes(r.data[:16]).decode(errors="replace")}
+            except AgentError as e:
+                out[label] = {"ok": False, "code": str(getattr(e, "code", "")), "error": str(e)}
+    print(json.dumps(out), flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2:]))
+"""
+
+#: A target: one page with a known head, its pid and address on stdout; on a line on stdin it
+#: prints what is at offset 64 (where the agent writes) and exits.
+TARGET = """
+import ctypes, mmap, os, sys
+m = mmap.mmap(-1, 4096)
+m[:16] = b"row13 target pg."
+print(os.getpid(), ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
+sys.stdin.readline()
+print(m[64:84].decode(errors="replace"), flush=True)
+"""
+
+
+def unit_service_settings(path: Path) -> dict[str, list[str]]:
+    """The ``[Service]`` assignments of a unit file, each key's values in order."""
+    settings: dict[str, list[str]] = {}
+    section = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line:
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def setpriv_caps(names: list[str]) -> str:
+    """``CAP_SYS_PTRACE CAP_X`` as setpriv's ``-all,+sys_ptrace,+x``."""
+    caps = [n.lower().removeprefix("cap_") for value in names for n in value.split()]
+    return ",".join(["-all", *(f"+{c}" for c in caps)])
+
+
+def read_ready_line(proc: subprocess.Popen[str], deadline: float) -> str:
+    """hmmd's ``hmmd ready`` line, or an AssertionError at its death or the deadline."""
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        while time.monotonic() < deadline:
+            if not sel.select(max(0.0, deadline - time.monotonic())):
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"hmmd exited with {proc.wait(10)} before it was ready")
+            if line.startswith("hmmd ready "):
+                return line.strip()
+        raise AssertionError("hmmd printed no 'hmmd ready' line in time")
+    finally:
+        sel.close()
+
+
+@pytest.fixture
+def deployed_hmmd(
+    make_user: Callable[..., User], hmmd_group: str
+) -> Iterator[tuple[str, Callable[[], subprocess.Popen[str]], list[str]]]:
+    """hmmd as the unit runs it: (endpoint, ``start()`` that starts it and returns its
+    process, the policy's grants that ``start`` writes first)."""
+    settings = unit_service_settings(UNIT)
+    assert settings["User"] == ["hmmirror"], "the unit's user is the one this test stands in for"
+    daemon_user = make_user(groups=(hmmd_group,))
+    directory = tempfile.mkdtemp(prefix="hmm13-", dir="/tmp")
+    # As RuntimeDirectory= makes it: the unit's User= and Group= (the socket's group), 0750.
+    os.chown(directory, daemon_user.uid, grp.getgrnam(hmmd_group).gr_gid)
+    os.chmod(directory, 0o750)
+    policy = os.path.join(directory, "policy.toml")
+    grants: list[str] = []
+    endpoint = f"ipc://{directory}/hmmd.sock"
+    ambient = setpriv_caps(settings["AmbientCapabilities"])
+    bounding = setpriv_caps(settings["CapabilityBoundingSet"])
+    argv = [
+        "setpriv", f"--reuid={daemon_user.uid}", f"--regid={daemon_user.gid}", "--init-groups",
+        f"--inh-caps={ambient}", f"--ambient-caps={ambient}", f"--bounding-set={bounding}",
+        "--", sys.executable, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint,
+        "--socket-group", hmmd_group, "--policy", policy,
+    ]  # fmt: skip
+    state: dict[str, Any] = {}
+
+    def start() -> subprocess.Popen[str]:
+        with open(policy, "w") as f:
+            f.write("\n".join(grants) + "\n")
+        os.chmod(policy, 0o644)
+        with open(os.path.join(directory, "hmmd.stderr"), "w") as err:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True
+            )
+        state["proc"] = proc
+        read_ready_line(proc, time.monotonic() + USER_DEADLINE)
+        return proc
+
+    try:
+        yield endpoint, start, grants
+    finally:
+        proc = state.get("proc")
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+            with open(os.path.join(directory, "hmmd.stderr")) as f:
+                sys.stderr.write(f"--- hmmd stderr ---\n{f.read()}--- end ---\n")
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def start_target(user: User) -> tuple[subprocess.Popen[str], int, int]:
+    """A target process of ``user``: (process, pid, address of its page)."""
+    proc = user.popen(User.python(TARGET))
+    assert proc.stdout is not None
+    line = proc.stdout.readline().split()
+    assert len(line) == 2, f"the target did not start: {proc.stderr.read() if proc.stderr else ''}"
+    return proc, int(line[0]), int(line[1])
+
+
+def agent_run(agent: User, endpoint: str, targets: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """Run the agent as ``agent`` over ``targets`` ({label: (pid, addr)}); its JSON answer."""
+    args = [f"{label}={pid}:{addr}" for label, (pid, addr) in targets.items()]
+    out = agent.run(User.python(AGENT, endpoint, *args), timeout=USER_DEADLINE)
+    assert out.returncode == 0, out.stderr[-2000:]
+    answer: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return answer
+
+
+def test_the_unit_user_and_capabilities_mirror_a_granted_other_users_process(
+    deployed_hmmd: Any, make_user: Callable[..., User], hmmd_group: str
+) -> None:
+    endpoint, start, grants = deployed_hmmd
+    target_user = make_user()
+    agent = make_user(groups=(hmmd_group,))
+    stranger = make_user(groups=(hmmd_group,))
+    grants.append(f'[[grant]]\nagents = ["uid:{agent.uid}"]\nuids = [{target_user.uid}]\n'
+                  'access = ["read", "write"]')  # fmt: skip
+    hmmd = start()
+    target, pid, addr = start_target(target_user)
+    # A page of root's (this test's own process), which no grant covers.
+    root_page = mmap.mmap(-1, PAGE)
+    root_page[:16] = b"root's own page."
+    root_addr = ctypes.addressof(ctypes.c_char.from_buffer(root_page))
+    try:
+        answer = agent_run(
+            agent, endpoint,
+            {"granted": (pid, addr), "root": (os.getpid(), root_addr), "hmmd": (hmmd.pid, 0)},
+        )  # fmt: skip
+        # The grant works through hmmd's own user and the unit's capabilities: read and write.
+        assert answer["granted"] == {"ok": True, "head": "row13 target pg."}, answer
+        assert target.stdin is not None and target.stdout is not None
+        target.stdin.write("report\n")
+        target.stdin.flush()
+        assert target.stdout.readline().strip() == "written by the agent"
+        # Nothing else: root's process and hmmd itself are refused.
+        for label in ("root", "hmmd"):
+            assert answer[label]["ok"] is False, answer
+            assert "PERMISSION_DENIED" in answer[label]["error"], answer
+        # A member of the socket group without a grant gets nothing of the target either.
+        _, pid2, addr2 = start_target(target_user)
+        refused = agent_run(stranger, endpoint, {"target": (pid2, addr2)})
+        assert refused["target"]["ok"] is False, refused
+        assert "PERMISSION_DENIED" in refused["target"]["error"], refused
+        assert root_page[64:84] != b"written by the agent"
+        assert hmmd.poll() is None, "hmmd still serves"
+    finally:
+        root_page.close()
