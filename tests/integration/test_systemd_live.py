@@ -77,15 +77,7 @@ CHECKS = [
 
 #: Checks of behaviour other branches of issue 11 bring; strict: each fails the run once that
 #: work has landed and the check passes, so its entry here is removed then.
-PENDING = {
-    "own_uid_without_grant": "the default rule (an ipc agent may mirror processes whose ids "
-    "all equal its own without a grant) is the policy branch's",
-    "hm_agent_ready": "hm-agent's READY=1 once it serves is the agent branch's",
-    "hm_agent_bad_listen_busy": "hm-agent's exit 2 at once on a listen endpoint it cannot "
-    "bind is the agent branch's",
-    "hm_agent_bad_listen_scheme": "hm-agent's exit 2 at once on a listen endpoint of an "
-    "unknown scheme is the agent branch's",
-}
+PENDING: dict[str, str] = {}
 
 
 def _apt_install(*packages: str) -> str:

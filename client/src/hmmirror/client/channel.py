@@ -69,7 +69,9 @@ class Channel(Drained):
         try:
             await asyncio.shield(self._dialing)
         except DoorError as exc:
-            raise DaemonUnavailable(f"cannot connect to {self.what}: {exc}") from exc
+            raise DaemonUnavailable(
+                f"cannot connect to {self.what} at {self.endpoint}: {exc.why}"
+            ) from exc
 
     async def redial(self) -> None:
         """A fresh connection to a server that dropped (or lost) this one: knock again."""

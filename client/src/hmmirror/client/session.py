@@ -152,10 +152,14 @@ class Session(Channel):
         interval = self.welcome.heartbeat_ms / 1000
         lease = self.welcome.lease_ms / 1000
         while not self._closed:
-            await asyncio.sleep(interval)
             if self.lost is not None:
+                # Reach hmmd again at once (a lost connection is knocked for anew), then
+                # every heartbeat interval while it stays away.
                 await self._reopen(lease)
+                if self.lost is not None:
+                    await asyncio.sleep(interval)
                 continue
+            await asyncio.sleep(interval)
             try:
                 env = await self.request(Heartbeat(), timeout=lease, expect=HeartbeatAck)
             except RequestTimeout:

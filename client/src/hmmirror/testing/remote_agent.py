@@ -25,7 +25,7 @@ import json
 import sys
 from typing import Any
 
-from hmmirror.client import Access, AgentError, Mirror, connect
+from hmmirror.client import Access, AgentError, Mirror, Session, connect
 from hmmirror.client.curve import CurveKeys
 
 PAGE = 4096
@@ -34,6 +34,13 @@ PAGE = 4096
 def say(**fields: Any) -> None:
     """One JSON line on stdout."""
     print(json.dumps(fields), flush=True)
+
+
+async def reopened(session: Session, timeout: float) -> None:
+    """Wait (up to ``timeout``) until a lost session has been opened again."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while session.lost is not None and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -54,6 +61,8 @@ async def main(args: argparse.Namespace) -> None:
             if cmd in ("", "exit"):
                 return
             try:
+                if mirror.dropped is not None and cmd != "state":
+                    await reopened(s, args.timeout)
                 if mirror.dropped is not None and s.lost is None and cmd != "state":
                     # Evicted, or hmmd restarted: nothing survived; register again on our own.
                     mirror = await mirror_it()

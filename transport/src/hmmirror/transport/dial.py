@@ -147,11 +147,12 @@ class Dialer:
         if self._auth_failed:
             return DoorError(
                 errno.EACCES,
-                f"{self.door}: the server refused this client's CURVE key: it is not in its "
-                "allow-list (or the server's key is not the one this client expects)",
+                self.door,
+                "the server refused this client's CURVE key: it is not in its allow-list "
+                "(or the server's key is not the one this client expects)",
             )
         hint = " (is this client's CURVE key in its allow-list?)" if self.curve else ""
-        return DoorError(errno.ETIMEDOUT, f"{self.door}: {why}{hint}")
+        return DoorError(errno.ETIMEDOUT, self.door, f"{why}{hint}")
 
     @contextlib.contextmanager
     def _watching(self) -> Iterator[Callable[[], bool]]:
@@ -215,9 +216,7 @@ class Dialer:
             except TimeoutError as exc:
                 raise self._refused(f"no answer in {timeout:g} s") from exc
             except OSError as exc:
-                raise DoorError(
-                    exc.errno or errno.EIO, f"{self.door}: {exc.strerror or exc}"
-                ) from exc
+                raise unreachable(self.door, exc) from exc
         check_reply(self.door, reply)
 
     def dial_sync(self, timeout: float) -> None:

@@ -65,7 +65,15 @@ SO_PEERPIDFD = 77
 
 
 class DoorError(OSError):
-    """The door refused, or could not be reached; the message says why."""
+    """The door refused, or could not be reached: ``why`` says so, ``where`` names the door."""
+
+    def __init__(self, code: int, where: str, why: str) -> None:
+        super().__init__(code, f"{where}: {why}")
+        self.where = where
+        self.why = why
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.why}"
 
 
 class AddressInUse(OSError):
@@ -398,7 +406,7 @@ def unreachable(where: str, exc: OSError) -> DoorError:
     """A DoorError saying, in one line, why the door at ``where`` could not be reached."""
     code = exc.errno or errno.EIO
     why = _WHY.get(code) or exc.strerror or str(exc) or type(exc).__name__
-    return DoorError(code, f"{where}: {why}")
+    return DoorError(code, where, why)
 
 
 def knock(path: str, line: bytes, fd: int, timeout: float) -> None:
@@ -426,7 +434,7 @@ async def knock_async(path: str, line: bytes, fd: int, timeout: float) -> None:
             socket.send_fds(sock, [line + b"\n"], [fd])
             reply = await read_reply_async(sock)
     except TimeoutError as exc:
-        raise DoorError(errno.ETIMEDOUT, f"{path}: no answer in {timeout:g} s") from exc
+        raise DoorError(errno.ETIMEDOUT, path, f"no answer in {timeout:g} s") from exc
     except OSError as exc:
         raise unreachable(path, exc) from exc
     finally:
@@ -463,4 +471,4 @@ def check_reply(where: str, reply: str) -> None:
     if reply == "ok":
         return
     reason = reply[len("error ") :] if reply.startswith("error ") else (reply or "no answer")
-    raise DoorError(errno.EPERM, f"{where} refused: {reason}")
+    raise DoorError(errno.EPERM, where, f"refused: {reason}")
