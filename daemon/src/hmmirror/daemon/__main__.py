@@ -90,6 +90,16 @@ def _parser() -> argparse.ArgumentParser:
         const=True,
         help="allow a tcp:// endpoint without CURVE (logged as a warning)",
     )
+    run.add_argument(
+        "--max-connections",
+        metavar="N",
+        help="connections kept at most (default 0: a quarter of the descriptor limit allows)",
+    )
+    run.add_argument(
+        "--max-connections-per-peer",
+        metavar="N",
+        help="connections one local uid or remote address may hold (default 128; root: any)",
+    )
     run.add_argument("--curve-key", metavar="FILE", help="the daemon's secret CURVE certificate")
     run.add_argument(
         "--curve-allow", metavar="DIR", help="directory of allowed agents' public certificates"
@@ -121,6 +131,7 @@ async def _run(config_flags: dict[str, object], args: argparse.Namespace) -> int
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
 
     watchdog: asyncio.Task[None] | None = None
 
@@ -167,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "curve_key",
             "curve_allow",
             "reply_cap",
+            "max_connections",
+            "max_connections_per_peer",
             "log_level",
         )
     }
@@ -190,10 +203,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "run":
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    from hmmirror.transport import AddressInUse
+
     try:
         import uvloop
 
         return uvloop.run(_run(flags, args))
+    except AddressInUse as exc:  # one hmmd per endpoint: the live one keeps serving
+        print(f"hmmd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:  # an endpoint the transport cannot serve
+        print(f"hmmd: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         print(f"hmmd: {exc}", file=sys.stderr)
         return EXIT_FAILURE

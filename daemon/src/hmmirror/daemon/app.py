@@ -42,7 +42,7 @@ from hmmirror.daemon.linux.procfs import (
 from hmmirror.daemon.linux.uffd import unconfigured_uffds
 from hmmirror.daemon.metrics import MetricsServer
 from hmmirror.daemon.mm import Mirror, Mm
-from hmmirror.daemon.policy import Policy
+from hmmirror.daemon.policy import Policy, PolicyError
 from hmmirror.daemon.session import Session
 from hmmirror.daemon.watch.proc import Change, detect
 from hmmirror.daemon.watch.uffd import UffdWatch
@@ -145,26 +145,33 @@ class Daemon:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def serve(self, ready: Callable[[str], None] | None = None) -> None:
-        """Run until ``stop()``: drain the socket, sweep leases."""
-        self.transport.start()
-        path = self.config.expose_socket or default_path(self.config.endpoint)
-        if (self.config.uffd != "off" and path != default_path(self.config.endpoint)) or (
-            self.config.uffd != "off" and not self.transport.ipc
-        ):
-            try:
-                self.intake = Door.unix(path, {"uffd": self._on_uffd}, self.config.socket_group)
-            except OSError as exc:  # the watchers still work; only exposing is unavailable
-                log.warning("no userfaultfd intake at %s: %s", path, exc)
-        if self.config.metrics:
-            await self.metrics.start(self.config.metrics)
-            log.info("metrics on %s", self.metrics.url)
-        if ready is not None:
-            ready(self.transport.endpoint)
-        sweeper = self.spawn(self._sweep_leases())
+        """Run until ``stop()``: drain the socket, sweep leases.
+
+        Raises AddressInUse (another hmmd answers at the endpoint) or OSError before it
+        is ready, with everything it opened closed again.
+        """
+        sweeper: asyncio.Task[Any] | None = None
         try:
+            self.transport.start()
+            path = self.config.expose_socket or default_path(self.config.endpoint)
+            if self.config.uffd != "off" and (
+                path != default_path(self.config.endpoint) or not self.transport.ipc
+            ):
+                try:
+                    handlers = {"uffd": self._on_uffd}
+                    self.intake = Door.unix(path, handlers, self.config.socket_group)
+                except OSError as exc:  # the watchers still work; only exposing is unavailable
+                    log.warning("no userfaultfd intake at %s: %s", path, exc)
+            if self.config.metrics:
+                await self.metrics.start(self.config.metrics)
+                log.info("metrics on %s", self.metrics.url)
+            if ready is not None:
+                ready(self.transport.endpoint)
+            sweeper = self.spawn(self._sweep_leases())
             await self.stopping.wait()
         finally:
-            sweeper.cancel()
+            if sweeper is not None:
+                sweeper.cancel()
             for task in list(self._tasks):
                 task.cancel()
             for mm in list(self.mms.values()):
@@ -175,6 +182,25 @@ class Daemon:
             self.offers.close()
             self.strict_offers.close()
             self.transport.close()
+
+    def reload(self) -> None:
+        """SIGHUP: read the policy file and the CURVE allow-list again (a bad policy file
+        keeps the old one); logged either way."""
+        if self.allow is not None:
+            self.allow.reload()
+            log.info("SIGHUP: the allow-list %s will be read again", self.allow.directory)
+        if not self.config.policy:
+            log.info("SIGHUP: no policy file; the kernel's rule applies")
+            return
+        try:
+            policy = Policy.load(self.config.policy)
+        except PolicyError as exc:
+            log.error("SIGHUP: policy unchanged: %s", exc)
+            return
+        self.policy = policy
+        log.info(
+            "SIGHUP: policy %s read again: %d grant(s)", self.config.policy, len(policy.grants)
+        )
 
     def stop(self) -> None:
         """Ask ``serve`` to return."""

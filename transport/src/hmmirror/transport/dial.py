@@ -47,6 +47,8 @@ from hmmirror.transport.keys import CurveKeys
 from hmmirror.transport.sockets import EVENTS, POLLOUT, tune
 from zmq.utils.monitor import recv_monitor_message
 
+#: A busy door is knocked at again after this pause, doubling up to the maximum.
+BUSY_PAUSE, BUSY_PAUSE_MAX = 0.01, 0.2
 #: The monitor events of a handshake that failed (the DEALER is the CURVE client).
 _HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -187,14 +189,23 @@ class Dialer:
             return
         deadline = time.monotonic() + timeout
         with self._watching() as refused:
-            if self.ipc:
-                fd = self._descriptor()
+            pause = BUSY_PAUSE
+            while True:
                 try:
-                    await knock_async(self.door, b"channel", fd, timeout)
-                finally:
-                    os.close(fd)
-            else:
-                await self._knock_tcp_async(timeout)
+                    if self.ipc:
+                        fd = self._descriptor()
+                        try:
+                            await knock_async(self.door, b"channel", fd, timeout)
+                        finally:
+                            os.close(fd)
+                    else:
+                        await self._knock_tcp_async(timeout)
+                    break
+                except DoorError as exc:
+                    if not exc.busy or time.monotonic() + pause > deadline:
+                        raise
+                await asyncio.sleep(pause)  # the door is busy: knock again a little later
+                pause = min(2 * pause, BUSY_PAUSE_MAX)
             while not self._connected():
                 if time.monotonic() > deadline or refused():
                     raise self._refused("the server did not connect back")
@@ -225,14 +236,23 @@ class Dialer:
             return
         deadline = time.monotonic() + timeout
         with self._watching() as refused:
-            if self.ipc:
-                fd = self._descriptor()
+            pause = BUSY_PAUSE
+            while True:
                 try:
-                    knock(self.door, b"channel", fd, timeout)
-                finally:
-                    os.close(fd)
-            else:
-                self._knock_tcp_sync(timeout)
+                    if self.ipc:
+                        fd = self._descriptor()
+                        try:
+                            knock(self.door, b"channel", fd, timeout)
+                        finally:
+                            os.close(fd)
+                    else:
+                        self._knock_tcp_sync(timeout)
+                    break
+                except DoorError as exc:
+                    if not exc.busy or time.monotonic() + pause > deadline:
+                        raise
+                time.sleep(pause)  # the door is busy: knock again a little later
+                pause = min(2 * pause, BUSY_PAUSE_MAX)
             while not self._connected():
                 if time.monotonic() > deadline or refused():
                     raise self._refused("the server did not connect back")

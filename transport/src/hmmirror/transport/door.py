@@ -20,8 +20,8 @@ then is closed:
   server connects back.
 
 Everything is bounded: a connection has ``DEADLINE`` to speak, unanswered ones
-are capped per uid (or address) and in all, knocks from one address are rate
-limited, and running out of descriptors pauses accepting instead of failing.
+are capped per uid (or address) and in all, an answered one is closed at once,
+and running out of descriptors pauses accepting instead of failing.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import os
 import socket
 import stat
 import struct
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -49,8 +48,8 @@ DEADLINE = 2.0
 LINE_MAX = 64
 #: Connections not yet answered, per uid (or address) and in all; more are closed at once.
 PENDING_PER_PEER, PENDING_TOTAL = 8, 64
-#: Knocks one address may make per second, and in a burst (tcp doors).
-RATE, BURST = 20.0, 100.0
+#: The first word of a refusal that asks the client to knock again a little later.
+BUSY = "busy:"
 #: After EMFILE/ENFILE, accepting pauses this long (the backlog holds newcomers).
 EMFILE_PAUSE = 0.1
 _CRED = struct.Struct("3i")
@@ -65,19 +64,24 @@ SO_PEERPIDFD = 77
 
 
 class DoorError(OSError):
-    """The door refused, or could not be reached: ``why`` says so, ``where`` names the door."""
+    """The door refused, or could not be reached: ``why`` says so, ``where`` names the door;
+    ``busy`` when it only asked to knock again later."""
 
-    def __init__(self, code: int, where: str, why: str) -> None:
+    def __init__(self, code: int, where: str, why: str, busy: bool = False) -> None:
         super().__init__(code, f"{where}: {why}")
         self.where = where
         self.why = why
+        self.busy = busy
 
     def __str__(self) -> str:
         return f"{self.where}: {self.why}"
 
 
 class AddressInUse(OSError):
-    """A live server already answers at the door's address."""
+    """A live server already answers at the door's address (or it is taken otherwise)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def share_with_group(path: str, group: str, mode: int = 0o660) -> None:
@@ -122,7 +126,10 @@ def claim(path: str) -> None:
         raise AddressInUse(exc.errno or errno.EADDRINUSE, f"cannot probe {path}: {exc}") from exc
     else:
         pid = _CRED.unpack(probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))[0]
-        raise AddressInUse(errno.EADDRINUSE, f"{path} is served by a live process (pid {pid})")
+        raise AddressInUse(
+            errno.EADDRINUSE,
+            f"{path} is served by a live process (pid {pid}); stop it, or choose another path",
+        )
     finally:
         probe.close()
 
@@ -152,14 +159,6 @@ class _Pending:
     pidfd: int = -1
 
 
-@dataclass
-class _Bucket:
-    """A token bucket of knocks."""
-
-    tokens: float
-    stamp: float
-
-
 class Door:
     """A listening socket dispatching one-line requests to ``handlers`` by their first word."""
 
@@ -173,7 +172,6 @@ class Door:
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(sock.fileno(), self._accept)
         self._pending: dict[int, _Pending] = {}
-        self._buckets: dict[str, _Bucket] = {}
         self._paused = False
         self.counters = dict.fromkeys(("accepted", "refused", "busy", "emfile"), 0)
 
@@ -255,10 +253,7 @@ class Door:
             pidfd = _peer_pidfd(conn) if self.local else -1
             mine = sum(1 for p in self._pending.values() if p.key == key)
             if len(self._pending) >= PENDING_TOTAL or mine >= PENDING_PER_PEER:
-                self._busy(conn, "too many connections waiting; try again", pidfd)
-                continue
-            if not self.local and not self._take(str(key)):
-                self._busy(conn, "too many knocks from this address; slow down", pidfd)
+                self._busy(conn, "too many connections waiting", pidfd)
                 continue
             timer = self.loop.call_later(DEADLINE, self._drop, conn)
             self._pending[conn.fileno()] = _Pending(conn, peer, key, timer, pidfd)
@@ -275,28 +270,11 @@ class Door:
         return Peer(address=host), host
 
     def _busy(self, conn: socket.socket, why: str, pidfd: int) -> None:
-        """Turn a connection away at once."""
+        """Turn a connection away at once; the client may knock again (``BUSY``)."""
         self.counters["busy"] += 1
-        _answer(conn, f"error {why}\n")
+        _answer(conn, f"error {BUSY} {why}\n")
         conn.close()
         _close(pidfd)
-
-    def _take(self, who: str) -> bool:
-        """Spend one knock of ``who``; False when its bucket is empty."""
-        now = time.monotonic()
-        bucket = self._buckets.get(who)
-        if bucket is None:
-            if len(self._buckets) > 4096:  # forget idle addresses
-                self._buckets = {
-                    k: b for k, b in self._buckets.items() if now - b.stamp < BURST / RATE
-                }
-            bucket = self._buckets[who] = _Bucket(BURST, now)
-        bucket.tokens = min(BURST, bucket.tokens + (now - bucket.stamp) * RATE)
-        bucket.stamp = now
-        if bucket.tokens < 1:
-            return False
-        bucket.tokens -= 1
-        return True
 
     def _pause(self, exc: OSError) -> None:
         """Out of descriptors: stop accepting for a moment instead of spinning or failing."""
@@ -471,4 +449,6 @@ def check_reply(where: str, reply: str) -> None:
     if reply == "ok":
         return
     reason = reply[len("error ") :] if reply.startswith("error ") else (reply or "no answer")
+    if reason.startswith(BUSY):
+        raise DoorError(errno.EAGAIN, where, f"busy: {reason[len(BUSY) :].strip()}", busy=True)
     raise DoorError(errno.EPERM, where, f"refused: {reason}")
