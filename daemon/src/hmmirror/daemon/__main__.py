@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-connections-per-peer",
         metavar="N",
-        help="connections one local uid or remote address may hold (default 128; root: any)",
+        help="connections one local uid or remote address may hold (default 32; root: any)",
     )
     run.add_argument("--curve-key", metavar="FILE", help="the daemon's secret CURVE certificate")
     run.add_argument(

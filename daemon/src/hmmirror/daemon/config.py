@@ -111,7 +111,7 @@ class Config:
     for a tcp:// endpoint, hmmd.uffd.sock in the runtime directory)."""
     max_connections: int = 0
     """Connections hmmd keeps at most (0: a quarter of its descriptor limit allows)."""
-    max_connections_per_peer: int = 128
+    max_connections_per_peer: int = 32
     """Connections one local uid (root is not limited) or one remote address may hold."""
     reply_cap: int = 32 << 20
     """The most reply bytes hmmd keeps queued (or being prepared) for one connection; past

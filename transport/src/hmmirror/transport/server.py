@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 
 #: How long a connection's handshake may take before libzmq gives it up.
 HANDSHAKE_MS = 5000
+#: Inbound messages queued per connection before libzmq stops reading its socket (the
+#: kernel buffer then fills and the peer waits): with 4 MiB dma_writes, about 33 MiB at most.
+#: The drain loop empties the queue at once, so a reading server never waits on this.
+INBOUND_HWM = 8
 
 
 @dataclass
@@ -75,7 +79,7 @@ class Connection:
 class Limits:
     """How many connections a server keeps: per local uid or remote address, and in all."""
 
-    per_peer: int = 128
+    per_peer: int = 32
     """Per local uid (root is not limited) or remote address."""
     total: int = 4096
 
@@ -131,6 +135,7 @@ class Server(Drained):
         sock = self.sock = self.ctx.socket(zmq.ROUTER)
         try:
             tune(sock)
+            sock.setsockopt(zmq.RCVHWM, INBOUND_HWM)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.RECONNECT_IVL, -1)  # a lost client knocks again itself
             sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
