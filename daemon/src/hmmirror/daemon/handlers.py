@@ -8,6 +8,7 @@ awaitable for work that must wait (a fault that populates, a strict
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -291,7 +292,7 @@ async def _fault_later(
     assert isinstance(msg, Fault)
     mode = _FAULT_MODES[msg.mode]
     entries, raw = await resolve(
-        mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn, first
+        mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn, d.copier, first
     )
     _fault_reply(d, identity, env, mirror, span, entries, raw)
 
@@ -329,19 +330,52 @@ def _fault_reply(
             except OSError as exc:
                 log.warning("userfaultfd of pid %d failed (%s): proc only", mirror.mm.pid, exc)
                 uffd_watch.close()
-    seq = mirror.mm.seq
     if msg.read and msg.mode == FaultMode.POPULATE and msg.npages <= MAX_DMA_PAGES:
-        # The device's access, done in the fault's own trip: nothing awaits between the
-        # pagemap read above and this copy, and the copy is checked like any DMA read.
-        data = d.dma.read_or_none(mirror.mm, msg.start, msg.npages, entries)
-        if data is not None:  # else a plain fault_reply: the agent reads, and sees why, itself
+        # The device's access, done in the fault's own trip and checked like any DMA read.
+        # Its copy runs on the target's worker: an invalidation that starts meanwhile goes
+        # out before this reply, so the agent discards the reply and faults again.
+        def with_data(data: object) -> None:
             d.counters["dma_reads"] += 1
-            both = FaultReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=seq)
-            d.send(identity, both, re=env.id, bulk=[entries, data], copy=False)
+            _send_fault_reply(d, identity, env, mirror, entries, data)
+
+        def without(_: Exception) -> None:  # the agent reads, and sees why, itself
+            _send_fault_reply(d, identity, env, mirror, entries, None)
+
+        try:
+            d.dma.read(mirror.mm, msg.start, msg.npages, entries, False, with_data, without)
             return
+        except RequestError:
+            pass
+    _send_fault_reply(d, identity, env, mirror, entries, None)
+
+
+def _send_fault_reply(
+    d: Daemon, identity: bytes, env: Envelope, mirror: Mirror, entries: Entries,
+    data: object | None,
+) -> None:  # fmt: skip
+    """FAULT_READ_REPLY with the entries and ``data``, or FAULT_REPLY with the entries only."""
+    msg = env.msg
+    assert isinstance(msg, Fault)
+    if mirror.dead:
+        d._answer_failure(
+            identity,
+            env,
+            RequestError(ErrorCode.NO_MIRROR, f"mirror {mirror.id} was dropped during the fault"),
+        )
+        return
+    seq = mirror.mm.seq
+    if data is not None:
+        both = FaultReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=seq)
+        d.send(identity, both, re=env.id, bulk=[entries, data], copy=False)
+        return
     reply = FaultReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=seq)
     # entries is a fresh little-endian u64 array nobody mutates: send its buffer as is.
     d.send(identity, reply, re=env.id, bulk=[entries], copy=False)
+
+
+def _failer(d: Daemon, identity: bytes, env: Envelope) -> Callable[[Exception], None]:
+    """What answers a request whose copy failed: its typed error reply."""
+    return functools.partial(d._answer_failure, identity, env)
 
 
 def _dma_target(d: Daemon, session: Session, mirror_id: int, start: int, npages: int) -> Mirror:
@@ -364,9 +398,12 @@ def on_dma_read(d: Daemon, identity: bytes, session: Session | None, env: Envelo
     entries = from_wire(env.bulk[0], msg.npages)
     end = msg.start + (msg.npages << PAGE_SHIFT)
     pending = d.invalidator.pending_for(mirror, msg.start, end)
-    data = d.dma.read(mirror.mm, msg.start, msg.npages, entries, pending)
-    reply = DmaReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages)
-    d.send(identity, reply, re=env.id, bulk=[data], copy=False)
+
+    def reply(data: object) -> None:
+        answer = DmaReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages)
+        d.send(identity, answer, re=env.id, bulk=[data], copy=False)
+
+    d.dma.read(mirror.mm, msg.start, msg.npages, entries, pending, reply, _failer(d, identity, env))
 
 
 def on_dma_write(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
@@ -385,13 +422,15 @@ def on_dma_write(d: Daemon, identity: bytes, session: Session | None, env: Envel
     entries = from_wire(env.bulk[0], msg.npages)
     end = msg.start + (msg.npages << PAGE_SHIFT)
     pending = d.invalidator.pending_for(mirror, msg.start, end)
-    with d.device_write(mirror.mm, msg.start, end):
-        d.dma.write(mirror.mm, msg.start, msg.npages, entries, env.bulk[1], pending, msg.offset)
-    d.send(identity, Ok(), re=env.id)
+    d.dma.write(
+        mirror.mm, msg.start, msg.npages, entries, env.bulk[1], pending, msg.offset,
+        d.device_write(mirror.mm, msg.start, end),
+        lambda: d.send(identity, Ok(), re=env.id), _failer(d, identity, env),
+    )  # fmt: skip
 
 
 def on_dma_atomic(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
-    """An 8-byte device atomic: read, compute and write with no await in between."""
+    """An 8-byte device atomic: read, compute and write as one job of the target's worker."""
     msg = env.msg
     assert isinstance(msg, DmaAtomic) and session is not None
     mirror = _writable_dma_target(d, session, msg.mirror, msg.start, 1)
@@ -400,12 +439,11 @@ def on_dma_atomic(d: Daemon, identity: bytes, session: Session | None, env: Enve
     d.counters["dma_atomics"] += 1
     entries = from_wire(env.bulk[0], 1)
     pending = d.invalidator.pending_for(mirror, msg.start, msg.start + (1 << PAGE_SHIFT))
-    with d.device_write(mirror.mm, msg.start, msg.start + PAGE_SIZE):
-        old = d.dma.atomic(
-            mirror.mm, msg.start + msg.offset, entries, AtomicOp(msg.op), msg.compare_add,
-            msg.swap, pending,
-        )  # fmt: skip
-    d.send(identity, AtomicReply(old=old), re=env.id)
+    d.dma.atomic(
+        mirror.mm, msg.start + msg.offset, entries, AtomicOp(msg.op), (msg.compare_add, msg.swap),
+        pending, d.device_write(mirror.mm, msg.start, msg.start + PAGE_SIZE),
+        lambda old: d.send(identity, AtomicReply(old=old), re=env.id), _failer(d, identity, env),
+    )  # fmt: skip
 
 
 def _writable_dma_target(
