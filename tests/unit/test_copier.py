@@ -8,9 +8,11 @@ In process, with jobs that block on an Event the test sets: the same shape as a
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -190,4 +192,36 @@ async def test_an_idle_thread_retires_and_a_new_copy_starts_another(
     copier.submit(mms[0], lambda _: 2, done)
     await until(lambda: len(got) == 2)
     assert [j.result for j in got] == [1, 2]
+    copier.close()
+
+
+async def test_queued_bytes_are_bounded_per_user_and_released_when_answered(
+    mms: list[Mm], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(copier_module, "MAX_QUEUED_BYTES_PER_UID", 100)
+    copier = Copier(DEADLINE)
+    got, _, done = answers()
+    release = threading.Event()
+
+    class Data:
+        """Stands for a write's payload: it must be freed once its job is answered."""
+
+    payload = Data()
+    alive = weakref.ref(payload)
+
+    def holds(data: Data) -> Callable[[CopyJob], Data]:
+        return lambda _: data
+
+    copier.submit(mms[0], lambda _: release.wait(30), done, 60)
+    copier.submit(mms[0], holds(payload), done, 40)
+    del payload
+    with pytest.raises(RequestError, match="bytes of data"):
+        copier.submit(mms[1], lambda _: 0, done, 1)  # the same user's other target
+    copier.submit(mms[1], lambda _: 0, done)  # a copy holding no data is not counted
+    await until(lambda: len(got) == 3, DEADLINE + SLACK)
+    assert copier.queued_bytes == {}
+    gc.collect()
+    assert alive() is None, "an answered queued copy still holds its data"
+    release.set()
+    await until(lambda: copier.figures()["copy_stuck"] == 0)
     copier.close()

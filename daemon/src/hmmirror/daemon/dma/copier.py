@@ -16,7 +16,11 @@ retires after ``IDLE_EXIT`` s without one; its threads are daemon threads, so
 neither an idle nor a stuck one can hold up hmmd's exit. Thread count is
 bounded: at most ``MAX_THREADS`` in all, and at most ``MAX_BUSY_PER_UID`` mms
 of one user's targets with copies queued or stuck at a time, so one user's
-blocking targets can never take the threads everyone else needs.
+blocking targets can never take the threads everyone else needs. Memory is
+bounded too: the data of queued writes counts against their target user's
+``MAX_QUEUED_BYTES_PER_UID`` (a read takes its buffer only when it runs), and a
+copy answered without its result drops its data at once; only a call that is
+still blocked keeps what it was given (one request's worth per stuck thread).
 
 Only the thread hop is paid per copy: a ``SimpleQueue`` put to wake the worker,
 and one ``call_soon_threadsafe`` back for whatever finished since the loop last
@@ -49,20 +53,32 @@ MAX_THREADS = 256
 #: Mms of one user's targets that may have copies queued, running or stuck at once.
 MAX_BUSY_PER_UID = 16
 #: Copies queued for one mm at most; beyond it the request is answered EBUSY.
-MAX_QUEUED = 64
+MAX_QUEUED = 1024
+#: Bytes of write data queued for one user's targets at most, beyond it EBUSY.
+MAX_QUEUED_BYTES_PER_UID = 64 << 20
 
 
 class CopyJob:
     """One copy: ``fn`` runs on the worker, ``done`` on the loop once it finished or timed out."""
 
-    __slots__ = ("cancelled", "deadline", "done", "error", "fn", "result", "timed_out")
+    __slots__ = (
+        "buffer", "cancelled", "deadline", "done", "error", "fn", "nbytes", "result", "timed_out"
+    )  # fmt: skip
 
     def __init__(
-        self, fn: Callable[[CopyJob], Any], done: Callable[[CopyJob], None], deadline: float
+        self,
+        fn: Callable[[CopyJob], Any],
+        done: Callable[[CopyJob], None],
+        deadline: float,
+        nbytes: int = 0,
     ) -> None:
         self.fn = fn
         self.done = done
         self.deadline = deadline
+        #: Bytes of data the job holds while queued (counted for its target's user).
+        self.nbytes = nbytes
+        #: A buffer the job took when it ran (the loop frees its pages if it is abandoned).
+        self.buffer: Any = None
         self.result: Any = None
         self.error: Exception | None = None
         #: Set on the loop once the job was answered without its result: the worker skips it,
@@ -71,6 +87,10 @@ class CopyJob:
         #: The job was answered EBUSY at its deadline; whatever it was given (a buffer) may
         #: still be written by the abandoned call.
         self.timed_out = False
+
+
+def _dropped(_: CopyJob) -> None:
+    """What an answered job's ``fn`` becomes: its data is released, and it never runs."""
 
 
 def _owner(pid: int) -> int:
@@ -134,7 +154,7 @@ class Worker:
             self.outstanding.popleft()  # FIFO: the job that finished is the oldest
             if not self.outstanding:
                 self.copier.idle(self)
-            self.copier.answer(job)
+            self.copier.answer(job, self.uid)
 
     def expire(self) -> None:
         """The oldest copy's deadline: answer every outstanding copy EBUSY if it is not done."""
@@ -159,6 +179,8 @@ class Worker:
         )
         jobs = list(self.outstanding)
         self.outstanding.clear()
+        for job in jobs:
+            job.fn = _dropped  # the blocked call keeps its own reference while it runs
         error = RequestError(
             ErrorCode.EBUSY,
             f"copy of process {self.pid} did not finish in {self.copier.deadline:g} s: its "
@@ -168,16 +190,17 @@ class Worker:
         for job in jobs:
             job.cancelled = job.timed_out = True
             job.error = error
-            self.copier.answer(job)
+            self.copier.answer(job, self.uid)
 
     def cancel_all(self, error: RequestError) -> None:
         """Answer every outstanding copy with ``error`` (the mm is gone)."""
         jobs = list(self.outstanding)
         self.outstanding.clear()
         for job in jobs:
+            job.fn = _dropped
             job.cancelled = True
             job.error = error
-            self.copier.answer(job)
+            self.copier.answer(job, self.uid)
 
     # --- on the worker thread -----------------------------------------------------------------
 
@@ -232,6 +255,8 @@ class Copier:
         self.running: set[Worker] = set()
         #: Per target uid: how many of its mms have copies outstanding or stuck.
         self.busy: dict[int, int] = {}
+        #: Per target uid: bytes of data its outstanding copies hold.
+        self.queued_bytes: dict[int, int] = {}
         self.timeouts = 0
         self.refused = 0
 
@@ -247,9 +272,16 @@ class Copier:
         self.refused += 1
         return RequestError(ErrorCode.EBUSY, message)
 
-    def submit(self, mm: Mm, fn: Callable[[CopyJob], Any], done: Callable[[CopyJob], None]) -> None:
+    def submit(
+        self,
+        mm: Mm,
+        fn: Callable[[CopyJob], Any],
+        done: Callable[[CopyJob], None],
+        nbytes: int = 0,
+    ) -> None:
         """Run ``fn(job)`` on ``mm``'s worker, then ``done(job)`` on the loop with its result,
-        its error, or EBUSY at the deadline. Raise RequestError(EBUSY) to refuse at once."""
+        its error, or EBUSY at the deadline. ``nbytes``: the data the job holds until then.
+        Raise RequestError(EBUSY) to refuse at once."""
         worker = self.workers.get(mm)
         if worker is None:
             worker = self._worker(mm)
@@ -260,6 +292,12 @@ class Copier:
                 "pages do not come in): its copies are refused until it returns"
             )
         outstanding = worker.outstanding
+        held = self.queued_bytes.get(worker.uid, 0) + nbytes
+        if nbytes and held > MAX_QUEUED_BYTES_PER_UID:
+            raise self._refuse(
+                f"copies into processes of uid {worker.uid} already hold "
+                f"{held - nbytes} bytes of data; try again later"
+            )
         if not outstanding:
             uid = worker.uid
             if self.busy.get(uid, 0) >= MAX_BUSY_PER_UID:
@@ -270,7 +308,7 @@ class Copier:
             self.busy[uid] = self.busy.get(uid, 0) + 1
         elif len(outstanding) >= MAX_QUEUED:
             raise self._refuse(f"{MAX_QUEUED} copies of process {mm.pid} are already queued")
-        job = CopyJob(fn, done, self.loop.time() + self.deadline)
+        job = CopyJob(fn, done, self.loop.time() + self.deadline, nbytes)
         outstanding.append(job)
         try:
             worker.put(job)
@@ -279,6 +317,8 @@ class Copier:
             if not outstanding:
                 self.idle(worker)
             raise self._refuse(f"no copy thread for process {mm.pid}: {exc}") from exc
+        if nbytes:
+            self.queued_bytes[worker.uid] = held
         if worker.timer is None:
             worker.timer = self.loop.call_at(job.deadline, worker.expire)
 
@@ -293,8 +333,14 @@ class Copier:
         self.submit(mm, fn, done)
         return fut
 
-    def answer(self, job: CopyJob) -> None:
-        """Run ``job.done``; a failing callback is logged, never lost in the loop."""
+    def answer(self, job: CopyJob, uid: int) -> None:
+        """Run ``job.done`` (once per job); a failing callback is logged, never lost."""
+        if job.nbytes:
+            left = self.queued_bytes.get(uid, 0) - job.nbytes
+            if left > 0:
+                self.queued_bytes[uid] = left
+            else:
+                self.queued_bytes.pop(uid, None)
         try:
             job.done(job)
         except Exception:
@@ -322,7 +368,10 @@ class Copier:
         """Start ``worker``'s thread (under its lock); RuntimeError beyond ``MAX_THREADS``."""
         if len(self.running) >= MAX_THREADS:
             raise RuntimeError(f"hmmd already runs {MAX_THREADS} copy threads")
-        pidfd = os.dup(worker.mm.pidfd)  # the thread's own: the mm's may close meanwhile
+        try:
+            pidfd = os.dup(worker.mm.pidfd)  # the thread's own: the mm's may close meanwhile
+        except OSError as exc:
+            raise RuntimeError(f"no pidfd for a copy thread: {exc}") from exc
         thread = threading.Thread(
             target=worker.run, args=(pidfd,), name=f"copy-{worker.pid}", daemon=True
         )

@@ -64,6 +64,9 @@ class DmaService:
         self.zero_pfn = zero_pfn
         self.start_invalidations = start_invalidations
         self.copier = copier
+        #: Per mm: device writes in flight inside a guard, and the guards of those done.
+        self._guarded_copies: dict[Mm, int] = {}
+        self._guards_done: dict[Mm, list[contextlib.AbstractContextManager[Any]]] = {}
         self.stale = 0
         self.buffers = ReadBuffers(MAX_DMA_PAGES << PAGE_SHIFT)
 
@@ -184,14 +187,15 @@ class DmaService:
         self._precheck(mm, start, npages, entries, pending, write=False)
         size = npages << PAGE_SHIFT
         pooled = size >= ZERO_COPY_MIN
-        buf: mmap.mmap | bytearray = self.buffers.take() if pooled else bytearray(size)
-        into = memoryview(buf)[:size]
-        pid = mm.pid
+        buffers, pid = self.buffers, mm.pid
 
         def copy(job: CopyJob) -> int:
-            return vm.read_into(pid, into, [(start, size)])
+            # Taken here, not when queued: a queued read holds no memory.
+            job.buffer = buf = buffers.take() if pooled else bytearray(size)
+            return vm.read_into(pid, memoryview(buf)[:size], [(start, size)])
 
         def done(job: CopyJob) -> None:
+            buf = job.buffer
             if job.cancelled:  # the copy may still write into buf: never hand it out again
                 if isinstance(buf, mmap.mmap):
                     buf.madvise(mmap.MADV_DONTNEED)  # what it wrote so far is freed now
@@ -203,20 +207,15 @@ class DmaService:
                 self._refuse_unless_live(mm, start, npages, entries, "changed mid-copy")
             except Exception as exc:
                 if isinstance(buf, mmap.mmap):
-                    self.buffers.give_back(buf)
+                    buffers.give_back(buf)
                 fail(exc)
                 return
             if isinstance(buf, mmap.mmap):
-                reply(self.buffers.lend(buf, size))
+                reply(buffers.lend(buf, size))
             else:
                 reply(bytes(buf))
 
-        try:
-            self.copier.submit(mm, copy, done)
-        except BaseException:
-            if isinstance(buf, mmap.mmap):
-                self.buffers.give_back(buf)
-            raise
+        self.copier.submit(mm, copy, done)
 
     def write(
         self,
@@ -248,13 +247,13 @@ class DmaService:
                 self._copied(mm, start, npages, True, job, size)
                 self._after_write(mm, start, npages, entries)
             except Exception as exc:
-                guard.__exit__(None, None, None)
+                self._leave(mm, guard)
                 fail(exc)
                 return
-            guard.__exit__(None, None, None)
+            self._leave(mm, guard)
             reply()
 
-        self._guarded(mm, copy, done, guard)
+        self._guarded(mm, copy, done, guard, size)
 
     def _guarded(
         self,
@@ -262,14 +261,32 @@ class DmaService:
         copy: Callable[[CopyJob], Any],
         done: Callable[[CopyJob], None],
         guard: contextlib.AbstractContextManager[Any],
+        nbytes: int = 0,
     ) -> None:
         """Enter ``guard`` and submit the copy; ``done`` leaves it (at once if refused)."""
         guard.__enter__()
+        self._guarded_copies[mm] = self._guarded_copies.get(mm, 0) + 1
         try:
-            self.copier.submit(mm, copy, done)
+            self.copier.submit(mm, copy, done, nbytes)
         except BaseException:
-            guard.__exit__(None, None, None)
+            self._leave(mm, guard)
             raise
+
+    def _leave(self, mm: Mm, guard: contextlib.AbstractContextManager[Any]) -> None:
+        """A guarded copy is over: leave its guard once no other one of ``mm`` is in flight.
+
+        Guards of queued writes overlap (each lifted strict protection on entry):
+        restoring one write's protection early would make the next write of the
+        queue wait for hmmd's own strict-write fault, whose ACK that write fences.
+        """
+        self._guards_done.setdefault(mm, []).append(guard)
+        left = self._guarded_copies[mm] - 1
+        if left:
+            self._guarded_copies[mm] = left
+            return
+        del self._guarded_copies[mm]
+        for done in self._guards_done.pop(mm):
+            done.__exit__(None, None, None)
 
     def atomic(
         self,
@@ -325,10 +342,10 @@ class DmaService:
                 if wrote:
                     self._after_write(mm, page, 1, entries)
             except Exception as exc:
-                guard.__exit__(None, None, None)
+                self._leave(mm, guard)
                 fail(exc)
                 return
-            guard.__exit__(None, None, None)
+            self._leave(mm, guard)
             reply(old)
 
         self._guarded(mm, copy, done, guard)
