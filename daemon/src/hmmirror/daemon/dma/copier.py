@@ -22,9 +22,11 @@ bounded too: the data of queued writes counts against their target user's
 copy answered without its result drops its data at once; only a call that is
 still blocked keeps what it was given (one request's worth per stuck thread).
 
-Only the thread hop is paid per copy: a ``SimpleQueue`` put to wake the worker,
-and one ``call_soon_threadsafe`` back for whatever finished since the loop last
-looked. Everything else (checks, replies, timers) stays on the loop.
+Only the thread hop is paid, and once per batch rather than per copy: the copies
+submitted in one turn of the loop go to their worker together at its end (a
+worker woken at the first would fight the loop for the GIL while it dispatches
+the rest), and one ``call_soon_threadsafe`` brings back whatever finished since
+the loop last looked. Everything else (checks, replies, timers) stays on the loop.
 """
 
 from __future__ import annotations
@@ -119,6 +121,8 @@ class Worker:
         #: Finished on the thread, not yet seen by the loop (the thread appends).
         self.finished: deque[CopyJob] = deque()
         self.wake_pending = False
+        #: Submitted in this turn of the loop, handed to the thread at its end (loop only).
+        self.batch: list[CopyJob] = []
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
         #: The abandoned job the thread is blocked in (loop only); None while not stuck.
@@ -130,11 +134,32 @@ class Worker:
     # --- on the loop ------------------------------------------------------------------------
 
     def put(self, job: CopyJob) -> None:
-        """Queue ``job`` for the thread, starting the thread if it is not running."""
+        """Queue ``job`` for the thread at the end of this turn of the loop (the thread is
+        started now if it is not running, so a failure to start refuses this copy)."""
         with self.lock:  # the thread decides to retire under the same lock
             if self.thread is None:
                 self.thread = self.copier.start_thread(self)
-            self.queue.put(job)
+        if not self.batch:
+            self.copier.loop.call_soon(self.flush)
+        self.batch.append(job)
+
+    def flush(self) -> None:
+        """Hand this turn's copies to the thread (restarting it if it retired meanwhile)."""
+        jobs, self.batch = self.batch, []
+        if self.forgotten or not jobs:
+            return  # its mm is gone: they were answered already
+        try:
+            with self.lock:
+                if self.thread is None:
+                    self.thread = self.copier.start_thread(self)
+                for job in jobs:
+                    self.queue.put(job)
+        except RuntimeError as exc:  # its thread retired and no new one could start
+            log.warning("no copy thread for pid %d: %s", self.pid, exc)
+            had = bool(self.outstanding)
+            self.cancel_all(RequestError(ErrorCode.EBUSY, f"no copy thread: {exc}"))
+            if had:
+                self.copier.idle(self)
 
     def drain(self) -> None:
         """Hand what the thread finished to its ``done`` callbacks (on the loop)."""
@@ -394,6 +419,7 @@ class Copier:
         if worker is None:
             return
         worker.forgotten = True
+        worker.batch = []
         if worker.timer is not None:
             worker.timer.cancel()
             worker.timer = None
