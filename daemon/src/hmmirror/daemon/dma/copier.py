@@ -136,9 +136,10 @@ class Worker:
     def put(self, job: CopyJob) -> None:
         """Queue ``job`` for the thread at the end of this turn of the loop (the thread is
         started now if it is not running, so a failure to start refuses this copy)."""
-        with self.lock:  # the thread decides to retire under the same lock
-            if self.thread is None:
-                self.thread = self.copier.start_thread(self)
+        if self.thread is None:
+            with self.lock:  # the thread decides to retire under the same lock
+                if self.thread is None:
+                    self.thread = self.copier.start_thread(self)
         if not self.batch:
             self.copier.loop.call_soon(self.flush)
         self.batch.append(job)

@@ -18,6 +18,7 @@ pages (SPEC: a DMA in flight is a fence), as a device would.
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,8 @@ from hmmirror.daemon.watch.proc import Change, detect
 from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID, HMM_PFN_WRITE, Entries
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import MAX_DMA_PAGES, AtomicOp
+
+log = logging.getLogger(__name__)
 
 U64_MASK = (1 << 64) - 1
 
@@ -286,7 +289,10 @@ class DmaService:
             return
         del self._guarded_copies[mm]
         for done in self._guards_done.pop(mm):
-            done.__exit__(None, None, None)
+            try:
+                done.__exit__(None, None, None)
+            except Exception:  # the request is answered all the same
+                log.exception("restoring strict protection of pid %d failed", mm.pid)
 
     def atomic(
         self,
