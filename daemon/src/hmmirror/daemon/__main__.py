@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
         "--ack-deadline", metavar="DURATION", help="evict a mirror whose ACK is later (default 2s)"
     )
     run.add_argument(
+        "--copy-deadline",
+        metavar="DURATION",
+        help="answer EBUSY to a copy a target blocks for longer (default 1s)",
+    )
+    run.add_argument(
         "--poll-interval",
         metavar="DURATION",
         dest="poll_min",
@@ -165,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "endpoint",
             "heartbeat",
             "ack_deadline",
+            "copy_deadline",
             "poll_min",
             "poll_max",
             "uffd",

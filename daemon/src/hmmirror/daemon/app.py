@@ -24,6 +24,7 @@ from typing import Any
 from hmmirror.daemon import authz
 from hmmirror.daemon.budget import busy, track_last
 from hmmirror.daemon.config import Config
+from hmmirror.daemon.dma.copier import Copier
 from hmmirror.daemon.dma.service import DmaService
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.handlers import HANDLERS, UNGATED
@@ -122,7 +123,15 @@ class Daemon:
         self.invalidator = Invalidator(
             self.transport, config.ack_deadline, self.evict, self._on_mm_idle
         )
-        self.dma = DmaService(self.zero_pfn, self.start_invalidations)
+        self.copier = Copier(config.copy_deadline)
+        if config.copy_deadline > config.ack_deadline:
+            log.warning(
+                "copy_deadline %g s exceeds ack_deadline %g s: an agent whose DMA is blocked in "
+                "a target is evicted for its held ACKs before it is answered EBUSY",
+                config.copy_deadline,
+                config.ack_deadline,
+            )
+        self.dma = DmaService(self.zero_pfn, self.start_invalidations, self.copier)
         #: Reply bytes queued or being prepared, per connection, against ``reply_cap``.
         self.budget = ReplyBudget(config.reply_cap, config.ack_deadline)
         self.stopping = asyncio.Event()
@@ -176,6 +185,7 @@ class Daemon:
                 task.cancel()
             for mm in list(self.mms.values()):
                 self._drop_mm(mm)
+            self.copier.close()
             self.metrics.close()
             if self.intake is not None:
                 self.intake.close()
@@ -709,6 +719,7 @@ class Daemon:
         mm.closed = True
         if self.mms.get(mm.key) is mm:
             del self.mms[mm.key]
+        self.copier.forget(mm)
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(mm.pidfd)
         if mm.watcher is not None:
@@ -836,4 +847,5 @@ class Daemon:
             "uffd_last_refusal": self.uffd_last_refusal[:256],
         }
         stats.update(self.counters)
+        stats.update(self.copier.figures())
         return stats

@@ -80,6 +80,10 @@ class Config:
     """A session expires after ``lease_factor * heartbeat`` without a message."""
     ack_deadline: float = 2.0
     """An INVALIDATE not acked within this time evicts the mirror's session."""
+    copy_deadline: float = 1.0
+    """A copy into or out of a target (populate, DMA, atomic) not done within this time is
+    answered EBUSY, and that target's later copies are refused until it returns. Keep it
+    below ``ack_deadline``: an agent's DMA in flight holds its ACKs."""
     poll_min: float = 0.002
     """Fastest proc watcher poll interval (right after a change)."""
     poll_max: float = 0.05
@@ -147,7 +151,7 @@ class Config:
         return "\n".join(lines) + "\n"
 
 
-_DURATIONS = {"heartbeat", "ack_deadline", "poll_min", "poll_max"}
+_DURATIONS = {"heartbeat", "ack_deadline", "copy_deadline", "poll_min", "poll_max"}
 _FLOATS = {"lease_factor"}
 _SIZES = {"reply_cap"}
 _BOOLS = {"insecure"}

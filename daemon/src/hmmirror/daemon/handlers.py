@@ -322,7 +322,7 @@ async def _fault_later(
     mode = _FAULT_MODES[msg.mode]
     try:
         entries, raw = await resolve(
-            mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn, first
+            mirror.mm, msg.start, msg.npages, msg.write, mode, d.zero_pfn, d.copier, first
         )
         _fault_reply(d, identity, env, mirror, span, entries, raw, reserved)
     except BaseException:
@@ -335,8 +335,8 @@ def _fault_reply(
     raw: Raw, reserved: int,
 ) -> None:  # fmt: skip
     """Record what is handed out and send it (in place of the ``reserved`` bytes); no await
-    from the pagemap read to here, so a later invalidation is always sent after this reply.
-    Nothing raises once the reply is sent."""
+    from the pagemap read to the hand-out, so a later invalidation is always sent after this
+    reply. Raises only before anything is sent."""
     msg = env.msg
     assert isinstance(msg, Fault)
     if mirror.dead:
@@ -364,19 +364,62 @@ def _fault_reply(
             except OSError as exc:
                 log.warning("userfaultfd of pid %d failed (%s): proc only", mirror.mm.pid, exc)
                 uffd_watch.close()
-    seq = mirror.mm.seq
     if msg.read and msg.mode == FaultMode.POPULATE and msg.npages <= MAX_DMA_PAGES:
-        # The device's access, done in the fault's own trip: nothing awaits between the
-        # pagemap read above and this copy, and the copy is checked like any DMA read.
-        data = d.dma.read_or_none(mirror.mm, msg.start, msg.npages, entries)
-        if data is not None:  # else a plain fault_reply: the agent reads, and sees why, itself
+        # The device's access, done in the fault's own trip and checked like any DMA read.
+        # Its copy runs on the target's worker: an invalidation that starts meanwhile goes
+        # out before this reply, so the agent discards the reply and faults again.
+        def with_data(data: object) -> None:
             d.counters["dma_reads"] += 1
-            both = FaultReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=seq)
-            d.send(identity, both, re=env.id, bulk=[entries, data], copy=False, reserved=reserved)
+            _send_fault_reply(d, identity, env, mirror, entries, data, reserved)
+
+        def without(_: Exception) -> None:  # the agent reads, and sees why, itself
+            _send_fault_reply(d, identity, env, mirror, entries, None, reserved)
+
+        try:
+            d.dma.read(mirror.mm, msg.start, msg.npages, entries, False, with_data, without)
             return
+        except RequestError:
+            pass
+    _send_fault_reply(d, identity, env, mirror, entries, None, reserved)
+
+
+def _send_fault_reply(
+    d: Daemon, identity: bytes, env: Envelope, mirror: Mirror, entries: Entries,
+    data: object | None, reserved: int,
+) -> None:  # fmt: skip
+    """FAULT_READ_REPLY with the entries and ``data``, or FAULT_REPLY with the entries only,
+    in place of the ``reserved`` reply bytes."""
+    msg = env.msg
+    assert isinstance(msg, Fault)
+    if mirror.dead:
+        d.budget.unreserve(identity, reserved)
+        d._answer_failure(
+            identity,
+            env,
+            RequestError(ErrorCode.NO_MIRROR, f"mirror {mirror.id} was dropped during the fault"),
+        )
+        return
+    seq = mirror.mm.seq
+    if data is not None:
+        both = FaultReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=seq)
+        d.send(identity, both, re=env.id, bulk=[entries, data], copy=False, reserved=reserved)
+        return
     reply = FaultReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=seq)
     # entries is a fresh little-endian u64 array nobody mutates: send its buffer as is.
     d.send(identity, reply, re=env.id, bulk=[entries], copy=False, reserved=reserved)
+
+
+def _failer(
+    d: Daemon, identity: bytes, env: Envelope, reserved: int = 0
+) -> Callable[[Exception], None]:
+    """What answers a request whose copy failed: its typed error reply (and the reply bytes
+    it had set aside given back)."""
+
+    def fail(exc: Exception) -> None:
+        d.budget.unreserve(identity, reserved)
+        d._answer_failure(identity, env, exc)
+
+    return fail
 
 
 def _dma_target(d: Daemon, session: Session, mirror_id: int, start: int, npages: int) -> Mirror:
@@ -401,13 +444,19 @@ def on_dma_read(d: Daemon, identity: bytes, session: Session | None, env: Envelo
     entries = from_wire(env.bulk[0], msg.npages)
     end = msg.start + (msg.npages << PAGE_SHIFT)
     pending = d.invalidator.pending_for(mirror, msg.start, end)
+
+    def reply(data: object) -> None:
+        answer = DmaReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages)
+        d.send(identity, answer, re=env.id, bulk=[data], copy=False, reserved=reserved)
+
     try:
-        data = d.dma.read(mirror.mm, msg.start, msg.npages, entries, pending)
+        d.dma.read(
+            mirror.mm, msg.start, msg.npages, entries, pending, reply,
+            _failer(d, identity, env, reserved),
+        )  # fmt: skip
     except BaseException:
         d.budget.unreserve(identity, reserved)
         raise
-    reply = DmaReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages)
-    d.send(identity, reply, re=env.id, bulk=[data], copy=False, reserved=reserved)
 
 
 def on_dma_write(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
@@ -426,13 +475,15 @@ def on_dma_write(d: Daemon, identity: bytes, session: Session | None, env: Envel
     entries = from_wire(env.bulk[0], msg.npages)
     end = msg.start + (msg.npages << PAGE_SHIFT)
     pending = d.invalidator.pending_for(mirror, msg.start, end)
-    with d.device_write(mirror.mm, msg.start, end):
-        d.dma.write(mirror.mm, msg.start, msg.npages, entries, env.bulk[1], pending, msg.offset)
-    d.send(identity, Ok(), re=env.id)
+    d.dma.write(
+        mirror.mm, msg.start, msg.npages, entries, env.bulk[1], pending, msg.offset,
+        d.device_write(mirror.mm, msg.start, end),
+        lambda: d.send(identity, Ok(), re=env.id), _failer(d, identity, env),
+    )  # fmt: skip
 
 
 def on_dma_atomic(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
-    """An 8-byte device atomic: read, compute and write with no await in between."""
+    """An 8-byte device atomic: read, compute and write as one job of the target's worker."""
     msg = env.msg
     assert isinstance(msg, DmaAtomic) and session is not None
     mirror = _writable_dma_target(d, session, msg.mirror, msg.start, 1)
@@ -441,12 +492,11 @@ def on_dma_atomic(d: Daemon, identity: bytes, session: Session | None, env: Enve
     d.counters["dma_atomics"] += 1
     entries = from_wire(env.bulk[0], 1)
     pending = d.invalidator.pending_for(mirror, msg.start, msg.start + (1 << PAGE_SHIFT))
-    with d.device_write(mirror.mm, msg.start, msg.start + PAGE_SIZE):
-        old = d.dma.atomic(
-            mirror.mm, msg.start + msg.offset, entries, AtomicOp(msg.op), msg.compare_add,
-            msg.swap, pending,
-        )  # fmt: skip
-    d.send(identity, AtomicReply(old=old), re=env.id)
+    d.dma.atomic(
+        mirror.mm, msg.start + msg.offset, entries, AtomicOp(msg.op), (msg.compare_add, msg.swap),
+        pending, d.device_write(mirror.mm, msg.start, msg.start + PAGE_SIZE),
+        lambda old: d.send(identity, AtomicReply(old=old), re=env.id), _failer(d, identity, env),
+    )  # fmt: skip
 
 
 def _writable_dma_target(

@@ -6,15 +6,27 @@ that mirror, or if the live pagemap no longer matches the entries (and then
 starts the invalidation the watcher would have). A read is checked again after
 the copy, which closes the window in which a page changes mid-copy; its data
 is discarded on a mismatch.
+
+The checks run on the event loop; the copy itself runs on the target's worker
+(``copier``), since a target can make it block for ever. Each request is
+therefore answered through callbacks, ``reply`` or ``fail``, once its copy
+finished or its deadline passed; a refusal before the copy is raised at once.
+While a copy is in flight the agent holds the ACK of any invalidation of its
+pages (SPEC: a DMA in flight is a fence), as a device would.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import mmap
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import zmq
 from hmmirror.daemon.dma.buffers import ReadBuffers
+from hmmirror.daemon.dma.copier import Copier, CopyJob
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.linux import vm
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PFN_MASK, PM_PRESENT, Raw
@@ -25,10 +37,15 @@ from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID, HMM_PFN_WRIT
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import MAX_DMA_PAGES, AtomicOp
 
+log = logging.getLogger(__name__)
+
 U64_MASK = (1 << 64) - 1
 
 #: Reads at least this large go out zero-copy (pyzmq's copy=False pays off above ~64 KiB).
 ZERO_COPY_MIN = 64 * 1024
+
+#: How a request is failed once its copy is over: the handler turns the error into a reply.
+Fail = Callable[[Exception], None]
 
 
 def matches(entries: Entries, raw: Raw) -> bool:
@@ -45,9 +62,14 @@ class DmaService:
         self,
         zero_pfn: int,
         start_invalidations: Callable[[Mm, list[Change]], None],
+        copier: Copier,
     ) -> None:
         self.zero_pfn = zero_pfn
         self.start_invalidations = start_invalidations
+        self.copier = copier
+        #: Per mm: device writes in flight inside a guard, and the guards of those done.
+        self._guarded_copies: dict[Mm, int] = {}
+        self._guards_done: dict[Mm, list[contextlib.AbstractContextManager[Any]]] = {}
         self.stale = 0
         self.buffers = ReadBuffers(MAX_DMA_PAGES << PAGE_SHIFT)
 
@@ -130,48 +152,73 @@ class DmaService:
             f"[{start:#x}, {end:#x}) of pid {mm.pid} changed during the copy ({exc})",
         )
 
-    def read(
-        self, mm: Mm, start: int, npages: int, entries: Entries, pending: bool
-    ) -> bytes | zmq.Frame:
-        """Copy ``npages`` from the target; raise RequestError (STALE, EFAULT, EINVAL).
+    def _failure(self, mm: Mm, start: int, npages: int, write: bool, job: CopyJob) -> Exception:
+        """Why a finished copy failed or fell short: ESRCH, EFAULT, EPERM, STALE, or its own."""
+        if mm.closed:  # its view's fds are closed: look at nothing
+            return RequestError(ErrorCode.ESRCH, f"process {mm.pid} is no longer mirrored")
+        error = job.error
+        if isinstance(error, ProcessLookupError):
+            return RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited")
+        if isinstance(error, OSError):
+            return self._fault_reason(mm, start, npages, write, error)
+        if error is not None:
+            return error
+        return self._fault_reason(mm, start, npages, write, None)
 
+    def _copied(
+        self, mm: Mm, start: int, npages: int, write: bool, job: CopyJob, size: int
+    ) -> None:
+        """Raise ``_failure`` unless the copy moved all ``size`` bytes and the mm is still here."""
+        if mm.closed or job.error is not None or job.result != size:
+            raise self._failure(mm, start, npages, write, job)
+
+    def read(
+        self,
+        mm: Mm,
+        start: int,
+        npages: int,
+        entries: Entries,
+        pending: bool,
+        reply: Callable[[bytes | zmq.Frame], None],
+        fail: Fail,
+    ) -> None:
+        """Copy ``npages`` from the target, then ``reply(data)`` or ``fail(error)``.
+
+        Raises RequestError (STALE, EINVAL, EBUSY) when it refuses before the copy.
         Small reads come back as bytes; large ones as a zero-copy frame of a pooled buffer.
         """
         self._precheck(mm, start, npages, entries, pending, write=False)
         size = npages << PAGE_SHIFT
-        if size < ZERO_COPY_MIN:
-            small = bytearray(size)
-            self._copy_out(mm, start, npages, memoryview(small), entries)
-            return bytes(small)
-        buf = self.buffers.take()
-        try:
-            self._copy_out(mm, start, npages, memoryview(buf)[:size], entries)
-        except BaseException:
-            self.buffers.give_back(buf)
-            raise
-        return self.buffers.lend(buf, size)
+        pooled = size >= ZERO_COPY_MIN
+        buffers, pid = self.buffers, mm.pid
 
-    def read_or_none(
-        self, mm: Mm, start: int, npages: int, entries: Entries
-    ) -> bytes | zmq.Frame | None:
-        """``read`` through entries just handed out, or None where it refuses (STALE, EFAULT)."""
-        try:
-            return self.read(mm, start, npages, entries, pending=False)
-        except RequestError:
-            return None
+        def copy(job: CopyJob) -> int:
+            # Taken here, not when queued: a queued read holds no memory.
+            job.buffer = buf = buffers.take() if pooled else bytearray(size)
+            return vm.read_into(pid, memoryview(buf)[:size], [(start, size)])
 
-    def _copy_out(
-        self, mm: Mm, start: int, npages: int, into: memoryview, entries: Entries
-    ) -> None:
-        """process_vm_readv the pages into ``into``, then check the translation held."""
-        size = len(into)
-        try:
-            got = vm.read_into(mm.pid, into, [(start, size)])
-        except OSError as exc:
-            raise self._fault_reason(mm, start, npages, False, exc) from exc
-        if got != size:
-            raise self._fault_reason(mm, start, npages, False, None)
-        self._refuse_unless_live(mm, start, npages, entries, "changed mid-copy")
+        def done(job: CopyJob) -> None:
+            buf = job.buffer
+            if job.cancelled:  # the copy may still write into buf: never hand it out again
+                if isinstance(buf, mmap.mmap):
+                    buf.madvise(mmap.MADV_DONTNEED)  # what it wrote so far is freed now
+                assert job.error is not None
+                fail(job.error)
+                return
+            try:
+                self._copied(mm, start, npages, False, job, size)
+                self._refuse_unless_live(mm, start, npages, entries, "changed mid-copy")
+            except Exception as exc:
+                if isinstance(buf, mmap.mmap):
+                    buffers.give_back(buf)
+                fail(exc)
+                return
+            if isinstance(buf, mmap.mmap):
+                reply(buffers.lend(buf, size))
+            else:
+                reply(bytes(buf))
+
+        self.copier.submit(mm, copy, done)
 
     def write(
         self,
@@ -181,18 +228,71 @@ class DmaService:
         entries: Entries,
         data: memoryview,
         pending: bool,
-        offset: int = 0,
+        offset: int,
+        guard: contextlib.AbstractContextManager[Any],
+        reply: Callable[[], None],
+        fail: Fail,
     ) -> None:
-        """Copy ``data`` to byte ``offset`` of the pages; raise RequestError (STALE, EPERM, ...)."""
+        """Copy ``data`` to byte ``offset`` of the pages inside ``guard``, then ``reply()``
+        or ``fail(error)``; raise RequestError (STALE, EPERM, EBUSY, ...) to refuse at once."""
         self._precheck(mm, start, npages, entries, pending, write=True)
         size = len(data)
+        pid, at = mm.pid, start + offset
+
+        def copy(job: CopyJob) -> int:
+            return vm.write_from(pid, data, [(at, size)])
+
+        def done(job: CopyJob) -> None:
+            try:
+                if job.cancelled:
+                    assert job.error is not None
+                    raise job.error
+                self._copied(mm, start, npages, True, job, size)
+                self._after_write(mm, start, npages, entries)
+            except Exception as exc:
+                self._leave(mm, guard)
+                fail(exc)
+                return
+            self._leave(mm, guard)
+            reply()
+
+        self._guarded(mm, copy, done, guard, size)
+
+    def _guarded(
+        self,
+        mm: Mm,
+        copy: Callable[[CopyJob], Any],
+        done: Callable[[CopyJob], None],
+        guard: contextlib.AbstractContextManager[Any],
+        nbytes: int = 0,
+    ) -> None:
+        """Enter ``guard`` and submit the copy; ``done`` leaves it (at once if refused)."""
+        guard.__enter__()
+        self._guarded_copies[mm] = self._guarded_copies.get(mm, 0) + 1
         try:
-            got = vm.write_from(mm.pid, data, [(start + offset, size)])
-        except OSError as exc:
-            raise self._fault_reason(mm, start, npages, True, exc) from exc
-        if got != size:
-            raise self._fault_reason(mm, start, npages, True, None)
-        self._after_write(mm, start, npages, entries)
+            self.copier.submit(mm, copy, done, nbytes)
+        except BaseException:
+            self._leave(mm, guard)
+            raise
+
+    def _leave(self, mm: Mm, guard: contextlib.AbstractContextManager[Any]) -> None:
+        """A guarded copy is over: leave its guard once no other one of ``mm`` is in flight.
+
+        Guards of queued writes overlap (each lifted strict protection on entry):
+        restoring one write's protection early would make the next write of the
+        queue wait for hmmd's own strict-write fault, whose ACK that write fences.
+        """
+        self._guards_done.setdefault(mm, []).append(guard)
+        left = self._guarded_copies[mm] - 1
+        if left:
+            self._guarded_copies[mm] = left
+            return
+        del self._guarded_copies[mm]
+        for done in self._guards_done.pop(mm):
+            try:
+                done.__exit__(None, None, None)
+            except Exception:  # the request is answered all the same
+                log.exception("restoring strict protection of pid %d failed", mm.pid)
 
     def atomic(
         self,
@@ -200,40 +300,61 @@ class DmaService:
         addr: int,
         entries: Entries,
         op: AtomicOp,
-        compare_add: int,
-        swap: int,
+        operands: tuple[int, int],
         pending: bool,
-    ) -> int:
-        """Read, compute and write the u64 at ``addr``; return the old value.
+        guard: contextlib.AbstractContextManager[Any],
+        reply: Callable[[int], None],
+        fail: Fail,
+    ) -> None:
+        """Read, compute and write the u64 at ``addr`` inside ``guard``; ``reply(old)``.
 
-        No await and no other request runs in between, so atomics through this
-        daemon never interleave (``IBV_ATOMIC_HCA``); the target's own CPU
-        accesses are not excluded, as with a real HCA.
+        ``operands`` is (compare_add, swap). The whole read-modify-write is one job
+        on the target's worker, which runs that target's copies one at a time, so
+        atomics on one target through this daemon never interleave
+        (``IBV_ATOMIC_HCA``); the target's own CPU accesses are not excluded, as
+        with a real HCA. One answered EBUSY before its write started never writes.
         """
         page = addr & ~((1 << PAGE_SHIFT) - 1)
         self._precheck(mm, page, 1, entries, pending, write=True)
-        cell = bytearray(8)
-        try:
-            got = vm.read_into(mm.pid, memoryview(cell), [(addr, 8)])
-        except OSError as exc:
-            raise self._fault_reason(mm, page, 1, True, exc) from exc
-        if got != 8:
-            raise self._fault_reason(mm, page, 1, True, None)
-        old = int.from_bytes(cell, "little")
-        if op == AtomicOp.FETCH_ADD:
-            new = (old + compare_add) & U64_MASK
-        elif old == compare_add:
-            new = swap
-        else:
-            return old  # a failed compare-and-swap writes nothing
-        try:
-            got = vm.write_from(mm.pid, new.to_bytes(8, "little"), [(addr, 8)])
-        except OSError as exc:
-            raise self._fault_reason(mm, page, 1, True, exc) from exc
-        if got != 8:
-            raise self._fault_reason(mm, page, 1, True, None)
-        self._after_write(mm, page, 1, entries)
-        return old
+        compare_add, swap = operands
+        pid = mm.pid
+
+        def copy(job: CopyJob) -> tuple[int, bool] | None:
+            cell = bytearray(8)
+            if vm.read_into(pid, memoryview(cell), [(addr, 8)]) != 8:
+                return None
+            old = int.from_bytes(cell, "little")
+            if op == AtomicOp.FETCH_ADD:
+                new = (old + compare_add) & U64_MASK
+            elif old == compare_add:
+                new = swap
+            else:
+                return old, False  # a failed compare-and-swap writes nothing
+            if job.cancelled:
+                return None  # answered EBUSY meanwhile: the agent was told nothing happened
+            if vm.write_from(pid, new.to_bytes(8, "little"), [(addr, 8)]) != 8:
+                return None
+            return old, True
+
+        def done(job: CopyJob) -> None:
+            try:
+                if job.cancelled:
+                    assert job.error is not None
+                    raise job.error
+                outcome: tuple[int, bool] | None = job.result
+                if mm.closed or job.error is not None or outcome is None:
+                    raise self._failure(mm, page, 1, True, job)
+                old, wrote = outcome
+                if wrote:
+                    self._after_write(mm, page, 1, entries)
+            except Exception as exc:
+                self._leave(mm, guard)
+                fail(exc)
+                return
+            self._leave(mm, guard)
+            reply(old)
+
+        self._guarded(mm, copy, done, guard)
 
     def _after_write(self, mm: Mm, start: int, npages: int, entries: Entries) -> None:
         """Writing may have broken COW (zero page, fork): a new PFN invalidates old translations."""

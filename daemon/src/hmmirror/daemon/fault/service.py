@@ -11,15 +11,21 @@ A fault reads the live page table, so what it hands out is never stale, and
 it only replaces the faulting mirror's own shadow for the range. Stale
 translations other mirrors may hold are the watcher's and the DMA check's
 business; the fault need not look for them.
+
+Faulting in is a copy out of the target, which the target can make block for
+ever: it runs on the target's worker (``dma.copier``), in chunks that each get
+the copy deadline, and a chunk that misses it ends the fault with EBUSY.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
+from hmmirror.daemon.dma.copier import Copier, CopyJob
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.linux import scan, vm
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PRESENT, Raw
@@ -31,6 +37,8 @@ from hmmirror.proto.messages import FaultMode
 
 #: HMM_RANGE_DEFAULT_TIMEOUT: the retry budget of a fault racing invalidations.
 RETRY_BUDGET = 1.0
+#: Bytes faulted in per copy job: each one must finish within the copy deadline.
+POPULATE_CHUNK = 64 << 20
 
 
 def page_runs(mask: np.ndarray, start: int) -> list[tuple[int, int]]:
@@ -65,6 +73,57 @@ def populate(pid: int, runs: list[tuple[int, int]]) -> int:
                 batch, room = [], len(scratch)
     if batch:
         done += vm.read_into(pid, memoryview(scratch), batch)
+    return done
+
+
+def chunks(runs: list[tuple[int, int]], size: int) -> list[list[tuple[int, int]]]:
+    """``runs`` split into consecutive groups of at most ``size`` bytes each."""
+    out: list[list[tuple[int, int]]] = [[]]
+    room = size
+    for addr, length in runs:
+        while length:
+            if room == 0:
+                out.append([])
+                room = size
+            take = min(length, room)
+            out[-1].append((addr, take))
+            addr += take
+            length -= take
+            room -= take
+    return out
+
+
+def _populate_job(pid: int, runs: list[tuple[int, int]]) -> Callable[[CopyJob], int]:
+    """The worker's job that faults ``runs`` of ``pid`` in."""
+
+    def job(_: CopyJob) -> int:
+        return populate(pid, runs)
+
+    return job
+
+
+async def fault_in(copier: Copier, mm: Mm, runs: list[tuple[int, int]]) -> int:
+    """``populate`` the runs on ``mm``'s worker, chunk by chunk; return bytes read.
+
+    Stops at the first chunk that falls short. Raises RequestError: EBUSY (a chunk
+    missed the copy deadline, or the worker is stuck), ESRCH, EFAULT.
+    """
+    pid = mm.pid
+    done = 0
+    for chunk in chunks(runs, POPULATE_CHUNK):
+        job = await copier.run(mm, _populate_job(pid, chunk))
+        error = job.error
+        if isinstance(error, ProcessLookupError):
+            raise RequestError(ErrorCode.ESRCH, f"process {pid} has exited") from error
+        if isinstance(error, OSError):
+            raise RequestError(
+                ErrorCode.EFAULT, f"cannot fault in pid {pid} at {chunk[0][0]:#x}: {error}"
+            ) from error
+        if error is not None:
+            raise error
+        done += job.result
+        if job.result < sum(n for _, n in chunk):
+            break
     return done
 
 
@@ -129,11 +188,13 @@ async def resolve(
     write: bool,
     mode: FaultMode,
     zero_pfn: int,
+    copier: Copier,
     first: Pending | None = None,
 ) -> tuple[Entries, Raw]:
     """Return (entries, raw pagemap) for the range, waiting and faulting in as needed.
 
-    ``first`` is the outcome of an ``attempt`` the caller already made.
+    ``first`` is the outcome of an ``attempt`` the caller already made; pages are
+    faulted in on ``copier``'s worker for ``mm``.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + RETRY_BUDGET
@@ -152,13 +213,7 @@ async def resolve(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(mm.idle.wait(), remaining)
         else:
-            try:
-                got = await loop.run_in_executor(None, populate, mm.pid, step.runs)
-            except OSError as exc:
-                raise RequestError(
-                    ErrorCode.EFAULT,
-                    f"cannot fault in pid {mm.pid} at {step.runs[0][0]:#x}: {exc}",
-                ) from exc
+            got = await fault_in(copier, mm, step.runs)
             if got == 0:
                 raise RequestError(
                     ErrorCode.EFAULT, f"cannot fault in pid {mm.pid} at {step.runs[0][0]:#x}"
