@@ -4,7 +4,7 @@ At 6c59ac2 hmmd's send limit counted messages (SNDHWM 10000) and every queued
 DMA reply held its own 4 MiB buffer, so such a peer grew hmmd by hundreds of
 MiB a second until the OOM killer came; hm-agent's RDMA replies likewise. Now
 a connection's queued reply bytes are capped (``reply_cap``, 32 MiB): beyond
-it its requests get EBUSY, and a peer that stays there without reading past
+it its requests get EAGAIN, and a peer that stays there without reading past
 the ack deadline is evicted.
 
 The attacker is a raw ZeroMQ DEALER whose own queue holds one message
@@ -14,7 +14,7 @@ in for the right entries, then sends hundreds of 1024-page ``dma_read``s and
 reads nothing. Meanwhile a witness agent (the client library) keeps being
 served within a generous deadline, and the process's VmRSS is sampled every
 10 ms: it must stay within +100 MiB of its value before the attack. Only
-afterwards does the attacker read what came back: a few data replies, EBUSY
+afterwards does the attacker read what came back: a few data replies, EAGAIN
 refusals, and its eviction. The same attack on hm-agent uses RDMA READs.
 """
 
@@ -308,10 +308,10 @@ async def test_a_peer_that_never_reads_cannot_grow_hmmd_and_is_evicted(
         print(f"the attacker got back: {dict(kinds)}; status {stats['reply_refusals']} refusals")
         data = kinds["dma_read_reply"]
         assert data < sent // 4, f"{data} of {sent} reads were answered with data: {kinds}"
-        # The eviction also disconnects it, dropping what was queued for it (its EBUSYs and
+        # The eviction also disconnects it, dropping what was queued for it (its EAGAINs and
         # the EVICTED notice among them): hmmd's own figures and log say what happened.
-        assert stats["reply_refusals"] > 0, f"nothing was refused with EBUSY: {stats}"
-        assert stats["reply_refusals"] >= kinds["EBUSY"]
+        assert stats["reply_refusals"] > 0, f"nothing was refused with EAGAIN: {stats}"
+        assert stats["reply_refusals"] >= kinds["EAGAIN"]
         assert stats["reply_evictions"] >= 1
         assert "queued replies" in hmmd.stderr(), "not evicted for not reading"
         assert not evicted or "queued replies" in evicted[0]
@@ -401,7 +401,7 @@ async def test_a_requester_that_never_reads_cannot_grow_hm_agent(hmmd: Any, pupp
         print(f"the attacker got back: {dict(kinds)}")
         data = kinds["rdma_read_reply"]
         assert data < sent // 4, f"{data} of {sent} reads were answered with data: {kinds}"
-        assert kinds["EBUSY"] > 0, f"nothing was refused with EBUSY: {kinds}"
+        assert kinds["EAGAIN"] > 0, f"nothing was refused with EAGAIN: {kinds}"
         assert nic.proc.returncode is None
 
 
@@ -419,7 +419,7 @@ async def test_an_agent_that_reads_but_pipelines_past_its_cap_is_only_slowed(
         mirror = await session.mirror(puppet.pid, addr, REGION, Access.READ)
         await mirror.fault(addr, REGION // PAGE)
         # 24 reads of 4 MiB at once, through a cap of 8 MiB: hmmd refuses most of them at
-        # first (EBUSY), and the client asks again as its socket drains.
+        # first (EAGAIN), and the client asks again as its socket drains.
         reads = await asyncio.gather(
             *(mirror.read(addr + (i % 16) * READ_BYTES, READ_PAGES) for i in range(24))
         )

@@ -65,6 +65,7 @@ class RemoteAccessError(DeviceError):
 ERRNO_CODES = {
     ErrorCode.EFAULT: _errno.EFAULT,
     ErrorCode.EPERM: _errno.EPERM,
+    ErrorCode.EAGAIN: _errno.EAGAIN,
     ErrorCode.EBUSY: _errno.EBUSY,
     ErrorCode.EINVAL: _errno.EINVAL,
     ErrorCode.ESRCH: _errno.ESRCH,

@@ -238,7 +238,7 @@ class Mirror:
     async def _call(self, *args: object, **kw: object) -> Envelope:
         """A session request, hmmd's refusals turned into _Stale, Evicted or DeviceError.
 
-        A read or fault refused at once with EBUSY is asked again for up to the
+        A read or fault refused at once with EAGAIN is asked again for up to the
         session's request timeout: hmmd refuses them while its unread replies to
         this session fill the connection's reply cap, which reading them frees (an
         agent that pipelines more large reads than the cap holds meets this). This
@@ -253,7 +253,7 @@ class Mirror:
                 return await self.session.request(*args, **kw)  # type: ignore[arg-type]
             except RemoteError as exc:
                 if not (
-                    exc.code == ErrorCode.EBUSY
+                    exc.code == ErrorCode.EAGAIN
                     and isinstance(args[0], Fault | DmaRead)  # nothing was done: ask again
                     and loop.time() + pause < deadline
                 ):

@@ -1,9 +1,9 @@
 """hmmd's use of the reply budget (``hmmirror.transport.budget``): what a bulk reply reserves,
-how a send is tracked, and the EBUSY refusal.
+how a send is tracked, and the EAGAIN refusal.
 
 Every reply goes through ``Daemon.send``, which counts its bytes against the
 connection's cap and sends it tracked when the budget asks; a request whose
-reply would take the connection past ``reply_cap`` is refused with EBUSY
+reply would take the connection past ``reply_cap`` is refused with EAGAIN
 before anything is copied. The budget is keyed by routing id, not by session,
 so a peer that says HELLO again keeps what it has not read.
 """
@@ -43,10 +43,10 @@ def fault_reply_bytes(msg: Fault) -> int:
 
 
 def busy(budget: ReplyBudget, identity: bytes, what: str) -> RequestError:
-    """The EBUSY refusal of a request whose reply the connection has no room for."""
+    """The EAGAIN refusal of a request whose reply the connection has no room for."""
     held = budget.held(identity)
     return RequestError(
-        ErrorCode.EBUSY,
+        ErrorCode.EAGAIN,
         f"{what} refused: {held >> 10} KiB of replies are queued for this connection "
         f"(reply_cap {budget.cap >> 10} KiB); read them first",
     )

@@ -20,8 +20,11 @@ class ErrorCode(IntEnum):
     """The target process does not exist (or is not the one registered)."""
     EFAULT = errno.EFAULT
     """No VMA, or an unreadable one, covers the range."""
+    EAGAIN = errno.EAGAIN
+    """The connection holds its reply cap of unread replies: read them, then ask again."""
     EBUSY = errno.EBUSY
-    """Invalidations kept racing the request past its retry budget."""
+    """Invalidations kept racing the request past its retry budget, or a copy into or out of
+    the target did not finish within the copy deadline."""
     EINVAL = errno.EINVAL
     """Bad arguments: unaligned, empty, wrapping or outside the mirror."""
     STALE = 100

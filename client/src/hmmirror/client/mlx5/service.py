@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 REQUEST_DEADLINE = 10.0
 #: Requests in progress at once; more are refused with EBUSY (the RNR NAK of this model).
 MAX_IN_FLIGHT = 1024
-#: Reply bytes queued (or being read) for one requester; beyond it its requests get EBUSY,
+#: Reply bytes queued (or being read) for one requester; beyond it its requests get EAGAIN,
 #: so a requester that never reads its socket holds at most this much of the agent's memory.
 REPLY_CAP = 32 << 20
 #: How long a requester may stay at its cap without reading before it is counted as stalled.
@@ -285,7 +285,7 @@ class RdmaService:
     # --- outbound -------------------------------------------------------------------------------
 
     def _over_budget(self, identity: bytes, msg: Message, re: int) -> bool:
-        """Refuse with EBUSY (and say so) a request whose reply ``identity`` has no room for.
+        """Refuse with EAGAIN (and say so) a request whose reply ``identity`` has no room for.
 
         A READ sets its length aside until its reply is sent; any other request is
         refused once the requester is at its cap.
@@ -302,7 +302,7 @@ class RdmaService:
             f"{budget.held(identity) >> 10} KiB of replies are queued for this requester "
             f"(cap {budget.cap >> 10} KiB); read them first"
         )
-        self._reply(identity, Error(code=int(ErrorCode.EBUSY), message=text), re)
+        self._reply(identity, Error(code=int(ErrorCode.EAGAIN), message=text), re)
         return True
 
     def _reply(
