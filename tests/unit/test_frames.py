@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hmmirror.daemon.frames import CHUNK, ROUNDS, FrameTokens
+from hmmirror.daemon.frames import CHUNK, SECRET_BYTES, FrameTokens
 from hmmirror.proto.entries import (
     HMM_PFN_ERROR,
     HMM_PFN_FLAGS,
@@ -29,7 +29,9 @@ def tokens_of(frames: FrameTokens, entries: list[int]) -> np.ndarray:
 
 
 @settings(max_examples=200)
-@given(st.lists(U64, min_size=1, max_size=300), st.binary(min_size=8 * ROUNDS, max_size=8 * ROUNDS))
+@given(
+    st.lists(U64, min_size=1, max_size=300), st.binary(min_size=SECRET_BYTES, max_size=SECRET_BYTES)
+)
 def test_flags_stay_and_physical_undoes_tokenize(entries: list[int], secret: bytes) -> None:
     frames = FrameTokens(secret)
     tokens = tokens_of(frames, entries)
