@@ -241,10 +241,17 @@ _profiles = iter(range(1, 1 << 30))
 
 
 def start_daemon(
-    procs: Procs, endpoint: str, workdir: str, extra: Sequence[str] = (), timeout: float = 20.0
+    procs: Procs,
+    endpoint: str,
+    workdir: str,
+    extra: Sequence[str] = (),
+    timeout: float = 20.0,
+    env: dict[str, str] | None = None,
+    name: str = "hmmd",
 ) -> Daemon:
-    """Start hmmd on ``endpoint``, wait for ``hmmd ready``; its stderr goes to ``workdir``."""
-    errpath = os.path.join(workdir, "hmmd.stderr")
+    """Start hmmd on ``endpoint``, wait for ``hmmd ready``; its stderr goes to
+    ``workdir/NAME.stderr``; ``env`` adds environment variables (HMMIRROR_* settings)."""
+    errpath = os.path.join(workdir, f"{name}.stderr")
     err = open(errpath, "wb")  # noqa: SIM115 - closed right after spawn; the child keeps its copy
     try:
         pre: list[str] = []
@@ -255,6 +262,7 @@ def start_daemon(
             [PY, *pre, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint, *extra],
             stderr=err,
             stdin=subprocess.DEVNULL,
+            env={**os.environ, **env} if env else None,
         )
     finally:
         err.close()

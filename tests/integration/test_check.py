@@ -31,7 +31,7 @@ from hmmirror.client.check.stamps import (
     DataOracle,
     stamp,
 )
-from hmmirror.client.oracle import check
+from hmmirror.client.oracle import check, check_table
 from hmmirror.proto.entries import HMM_PFN_VALID, HMM_PFN_WRITE
 
 PAGE = 4096
@@ -210,3 +210,32 @@ def test_a_scenario_refuses_too_few_agents() -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 2 and "at least 2" in out.stderr, out.stderr
+
+
+def test_translation_oracle_compares_pfns_only_when_entries_carry_them() -> None:
+    """A VALID entry naming another frame is a violation when entries are physical; frame
+    tokens cannot be compared with pagemap PFNs, so then only presence is judged."""
+    import ctypes
+    import mmap
+
+    buf = mmap.mmap(-1, 2 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf[0] = 1  # page 0 present; page 1 never touched
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        pfn = int.from_bytes(os.pread(fd, 8, (addr // PAGE) * 8), "little") & ((1 << 55) - 1)
+    finally:
+        os.close(fd)
+    assert pfn, "PFNs are hidden: this test reads its own pagemap as root"
+    table = np.array([HMM_PFN_VALID | (pfn + 1), HMM_PFN_VALID | 5], dtype=np.uint64)
+    physical = check_table(1, os.getpid(), addr, table)
+    assert [v.kind for v in physical] == [
+        "entry names a replaced page",
+        "entry for a page that is gone",
+    ]
+    tokens = check_table(1, os.getpid(), addr, table, physical=False)
+    assert [v.kind for v in tokens] == ["entry for a page that is gone"]
+    table[0] = HMM_PFN_VALID | pfn
+    assert [v.kind for v in check_table(1, os.getpid(), addr, table)] == [
+        "entry for a page that is gone"
+    ]

@@ -47,14 +47,21 @@ def _writable_pages(pid: int, start: int, npages: int) -> np.ndarray:
 
 def check(mirror: Mirror) -> list[Violation]:
     """Compare ``mirror``'s VALID entries with the live page table of its target."""
-    return check_table(mirror.id, mirror.pid, mirror.start, mirror.table.copy())
+    physical = mirror.session.physical_frames
+    return check_table(mirror.id, mirror.pid, mirror.start, mirror.table.copy(), physical)
 
 
-def check_table(mirror: int, pid: int, start: int, table: np.ndarray) -> list[Violation]:
+def check_table(
+    mirror: int, pid: int, start: int, table: np.ndarray, physical: bool = True
+) -> list[Violation]:
     """Compare a device page table over [start, ...) of ``pid`` with the live pagemap.
 
     ``table`` may come from another process (an agent's MTT, sent as bytes):
-    the check needs only the entries, never the agent's objects.
+    the check needs only the entries, never the agent's objects. Entries that
+    carry frame tokens (``physical`` false: the session was given no physical
+    frames) cannot be compared with PFNs: then only presence and WRITE are
+    checked, and a replaced page goes unseen. The checker's agents connect as
+    root over ipc, which gets physical frames.
     """
     held = np.flatnonzero(table & np.uint64(HMM_PFN_VALID))
     if len(held) == 0:
@@ -73,7 +80,7 @@ def check_table(mirror: int, pid: int, start: int, table: np.ndarray) -> list[Vi
         addr = start + (int(i) << PAGE_SHIFT)
         if not now & int(_PRESENT):
             found.append(Violation(mirror, addr, entry, now, "entry for a page that is gone"))
-        elif (now & int(_PFN)) != (entry & HMM_PFN_PFN_MASK):
+        elif physical and (now & int(_PFN)) != (entry & HMM_PFN_PFN_MASK):
             found.append(Violation(mirror, addr, entry, now, "entry names a replaced page"))
         elif entry & HMM_PFN_WRITE and not writable[i]:
             found.append(Violation(mirror, addr, entry, now, "WRITE entry in a read-only VMA"))

@@ -24,6 +24,7 @@ from hmmirror.client.mirror import Mirror
 from hmmirror.proto.codec import Envelope, encode_ack
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import (
+    FRAMES_PHYSICAL,
     MAX_ITEMS,
     MIRROR_COLUMNS,
     MM_COLUMNS,
@@ -97,9 +98,17 @@ class Session(Channel):
 
     @property
     def zero_pfn(self) -> int:
-        """PFN of the kernel's zero page, as the daemon sees it (0 if hidden)."""
+        """The kernel's zero page as this session's entries name it: its PFN, or its frame
+        token (``physical_frames``); 0 if unknown. Compare PFN fields with it, nothing else."""
         assert self.welcome is not None
         return self.welcome.zero_pfn
+
+    @property
+    def physical_frames(self) -> bool:
+        """Whether entries carry physical frame numbers (root over ipc, or a ``frames =
+        "physical"`` grant); otherwise frame tokens, equal exactly when the pages are."""
+        assert self.welcome is not None
+        return self.welcome.frames == FRAMES_PHYSICAL
 
     @property
     def max_dma_pages(self) -> int:

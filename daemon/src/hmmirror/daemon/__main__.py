@@ -149,7 +149,7 @@ async def _run(config_flags: dict[str, object], args: argparse.Namespace) -> int
         if interval is not None:
             watchdog = asyncio.ensure_future(sdnotify.keep_watchdog_fed(interval))
         logging.getLogger("hmmirror.daemon").info(
-            "hmmd ready on %s (epoch %s, zero_pfn %#x)", endpoint, daemon.epoch, daemon.zero_pfn
+            "hmmd ready on %s (epoch %s)", endpoint, daemon.epoch
         )
 
     try:

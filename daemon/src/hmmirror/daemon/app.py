@@ -27,6 +27,7 @@ from hmmirror.daemon.config import Config
 from hmmirror.daemon.dma.copier import Copier
 from hmmirror.daemon.dma.service import DmaService
 from hmmirror.daemon.errors import RequestError
+from hmmirror.daemon.frames import FrameTokens
 from hmmirror.daemon.handlers import HANDLERS, UNGATED
 from hmmirror.daemon.intake import OfferBook, default_path, is_userfaultfd
 from hmmirror.daemon.invalidation import Invalidator
@@ -75,6 +76,8 @@ class Daemon:
         self.epoch = secrets.token_hex(8)
         self.started = time.monotonic()
         self.zero_pfn = zero_pfn()
+        #: This epoch's frame tokens: what agents without physical frames see as PFNs.
+        self.frames = FrameTokens()
         self.sessions: dict[bytes, Session] = {}
         self.mms: dict[tuple[int, int], Mm] = {}
         self.mirrors: dict[int, Mirror] = {}
@@ -828,7 +831,6 @@ class Daemon:
             "ack_p999_us": round(p999, 1),
             "ack_samples": self.invalidator.latency.recorded,
             "last_acked_monotonic": round(self.invalidator.last_acked, 6),
-            "zero_pfn": self.zero_pfn,
             "uffd_watched": sum(1 for mm in self.mms.values() if mm.uffd and not mm.uffd.closed),
             "uffd_events": sum(
                 sum(w.events.values())

@@ -27,7 +27,7 @@ from hmmirror.daemon.linux.creds import (
 from hmmirror.daemon.linux.procfs import start_time
 from hmmirror.daemon.policy import Agent, Host, own_process, refusal
 from hmmirror.proto.errors import ErrorCode
-from hmmirror.proto.messages import Access
+from hmmirror.proto.messages import FRAMES_PHYSICAL, Access
 from hmmirror.transport.peer import Peer
 
 if TYPE_CHECKING:
@@ -107,7 +107,9 @@ def open_session(d: Daemon, session: Session) -> None:
     peer = session.peer
     session.credentials = d.asking_vouched
     session.inspector = may_inspect(d, peer)
-    session.physical_frames = peer.root or (
+    # Root over ipc could read the PFNs from pagemap itself (unless root_frames says
+    # tokens for everyone); anyone else needs a frames = "physical" grant.
+    session.physical_frames = (peer.root and d.config.root_frames == FRAMES_PHYSICAL) or (
         d.policy is not None and d.policy.physical_frames(peer.identity)
     )
 

@@ -121,6 +121,10 @@ class Config:
     """The most reply bytes hmmd keeps queued (or being prepared) for one connection; past
     it requests are refused with EBUSY, and a peer that stays there without reading for
     ``ack_deadline`` is evicted. hmmd's memory for replies is at most connections x this."""
+    root_frames: str = "physical"
+    """What entries carry for a root agent over ipc: "physical" PFNs (it could read them from
+    pagemap itself), or frame "token"s like every agent without a ``frames = "physical"``
+    grant (benchmarks compare the two; a site may want no PFN to leave hmmd at all)."""
 
     @property
     def heartbeat_ms(self) -> int:
@@ -197,6 +201,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: log_format must be 'text' or 'json', got {value!r}")
     if key == "uffd_fork" and value not in ("close", "adopt"):
         raise ConfigError(f"{source}: uffd_fork must be 'close' or 'adopt', got {value!r}")
+    if key == "root_frames" and value not in ("physical", "token"):
+        raise ConfigError(f"{source}: root_frames must be 'physical' or 'token', got {value!r}")
     if key == "uffd" and value not in _UFFD_MODES:
         raise ConfigError(f"{source}: uffd must be one of {sorted(_UFFD_MODES)}, got {value!r}")
     if key == "endpoint" and not value.startswith(("ipc://", "tcp://")):

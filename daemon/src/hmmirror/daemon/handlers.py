@@ -30,6 +30,8 @@ from hmmirror.proto.codec import Envelope
 from hmmirror.proto.entries import Entries, from_wire
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import (
+    FRAMES_PHYSICAL,
+    FRAMES_TOKEN,
     MAX_DMA_PAGES,
     MAX_FAULT_PAGES,
     MAX_MIRROR_PAGES,
@@ -106,9 +108,10 @@ def on_hello(d: Daemon, identity: bytes, session: Session | None, env: Envelope)
             heartbeat_ms=d.config.heartbeat_ms,
             lease_ms=int(d.config.lease * 1000),
             ack_deadline_ms=int(d.config.ack_deadline * 1000),
-            zero_pfn=d.zero_pfn,
+            zero_pfn=d.zero_pfn if new.physical_frames else d.frames.token(d.zero_pfn),
             max_fault_pages=MAX_FAULT_PAGES,
             max_dma_pages=MAX_DMA_PAGES,
+            frames=FRAMES_PHYSICAL if new.physical_frames else FRAMES_TOKEN,
         ),
         re=env.id,
     )
@@ -400,12 +403,13 @@ def _send_fault_reply(
         )
         return
     seq = mirror.mm.seq
+    _to_agent(d, mirror.session, entries)
     if data is not None:
         both = FaultReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=seq)
         d.send(identity, both, re=env.id, bulk=[entries, data], copy=False, reserved=reserved)
         return
     reply = FaultReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=seq)
-    # entries is a fresh little-endian u64 array nobody mutates: send its buffer as is.
+    # entries is a fresh little-endian u64 array nobody mutates now: send its buffer as is.
     d.send(identity, reply, re=env.id, bulk=[entries], copy=False, reserved=reserved)
 
 
@@ -420,6 +424,20 @@ def _failer(
         d._answer_failure(identity, env, exc)
 
     return fail
+
+
+def _to_agent(d: Daemon, session: Session, entries: Entries) -> None:
+    """Make ``entries`` (already recorded as handed out) what the session may see: frame
+    tokens in place of PFNs unless it has physical frames. Done in place, last thing."""
+    if not session.physical_frames:
+        d.frames.tokenize(entries)
+
+
+def _from_agent(d: Daemon, session: Session, frame: bytes | memoryview, npages: int) -> Entries:
+    """The entries a DMA request names, with the PFNs hmmd compares against the pagemap:
+    a session without physical frames names pages by their tokens."""
+    entries = from_wire(frame, npages)
+    return entries if session.physical_frames else d.frames.physical(entries)
 
 
 def _dma_target(d: Daemon, session: Session, mirror_id: int, start: int, npages: int) -> Mirror:
@@ -441,7 +459,7 @@ def on_dma_read(d: Daemon, identity: bytes, session: Session | None, env: Envelo
     # Room for the data first: a peer that does not read gets EBUSY, and no buffer.
     reserved = d.reserve(identity, msg.npages << PAGE_SHIFT, "dma_read")
     d.counters["dma_reads"] += 1
-    entries = from_wire(env.bulk[0], msg.npages)
+    entries = _from_agent(d, session, env.bulk[0], msg.npages)
     end = msg.start + (msg.npages << PAGE_SHIFT)
     pending = d.invalidator.pending_for(mirror, msg.start, end)
 
@@ -472,7 +490,7 @@ def on_dma_write(d: Daemon, identity: bytes, session: Session | None, env: Envel
             f"{msg.npages} pages",
         )
     d.counters["dma_writes"] += 1
-    entries = from_wire(env.bulk[0], msg.npages)
+    entries = _from_agent(d, session, env.bulk[0], msg.npages)
     end = msg.start + (msg.npages << PAGE_SHIFT)
     pending = d.invalidator.pending_for(mirror, msg.start, end)
     d.dma.write(
@@ -490,7 +508,7 @@ def on_dma_atomic(d: Daemon, identity: bytes, session: Session | None, env: Enve
     if msg.offset % 8:
         raise RequestError(ErrorCode.EINVAL, f"atomic at offset {msg.offset} is not 8-aligned")
     d.counters["dma_atomics"] += 1
-    entries = from_wire(env.bulk[0], 1)
+    entries = _from_agent(d, session, env.bulk[0], 1)
     pending = d.invalidator.pending_for(mirror, msg.start, msg.start + (1 << PAGE_SHIFT))
     d.dma.atomic(
         mirror.mm, msg.start + msg.offset, entries, AtomicOp(msg.op), (msg.compare_add, msg.swap),

@@ -42,6 +42,9 @@ STAT_MR_COLUMNS = (
 #: Highest user-space address on x86-64 with 4-level paging, plus one page.
 USER_ADDR_END = 1 << 47
 NAME_MAX = 64
+#: ``welcome.frames``: entries carry physical frame numbers, or opaque frame tokens.
+FRAMES_PHYSICAL = "physical"
+FRAMES_TOKEN = "token"
 
 
 class Access(IntFlag):
@@ -127,8 +130,12 @@ class Welcome(Message):
     daemon restarted and every translation is void. The agent sends
     ``heartbeat`` every ``heartbeat_ms``; after ``lease_ms`` without one the
     daemon drops the session. An INVALIDATE not acked within ``ack_deadline_ms``
-    evicts the mirror. ``zero_pfn`` is the PFN of the kernel's shared zero page
-    (0 if unknown), so agents can tell ZERO pages apart as dmirror does.
+    evicts the mirror. ``frames`` says what the PFN field of this session's
+    entries holds: ``"physical"`` (PFNs: a root agent over ipc, or a
+    ``frames = "physical"`` grant) or ``"token"`` (opaque frame tokens, equal
+    exactly when the pages are). ``zero_pfn`` is the kernel's shared zero page
+    in the same terms, its PFN or its token (0 if unknown), so agents can tell
+    ZERO pages apart as dmirror does.
     """
 
     TYPE: ClassVar[str] = "welcome"
@@ -140,6 +147,7 @@ class Welcome(Message):
     zero_pfn: int = wire(Kind.UINT)
     max_fault_pages: int = wire(Kind.UINT, U32_MAX)
     max_dma_pages: int = wire(Kind.UINT, U32_MAX)
+    frames: str = wire(Kind.STR, 16, default=FRAMES_PHYSICAL)
 
 
 @dataclass(frozen=True)

@@ -296,6 +296,7 @@ class Agent:
             "mirror": mirror.id if mirror is not None else -1,
             "table": table.tobytes().hex() if table is not None else "",
             "epoch": s.epoch if s.welcome is not None else "", "lost": s.lost,
+            "physical": s.physical_frames if s.welcome is not None else True,
             "released": bool(mirror is not None and mirror.released),
             "usable": self.usable(),
         }  # fmt: skip

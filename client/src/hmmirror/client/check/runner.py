@@ -307,6 +307,14 @@ class Checker:
             if not answer.get("table") or int(answer["pid"]) != phase.pid:
                 continue
             table = np.frombuffer(bytes.fromhex(answer["table"]), dtype=np.uint64)
+            if not answer.get("physical", True):
+                # Frame tokens cannot be compared with the pagemap: say so, never pass quietly.
+                self.violation(
+                    "oracle",
+                    f"agent-{i} was given frame tokens, not physical frames: its translations "
+                    "cannot be checked (the checker's agents must connect as root over ipc)",
+                )
+                continue
             self.report.translations_checked += int(np.count_nonzero(table >> np.uint64(63)))
             try:
                 found = check_table(int(answer["mirror"]), phase.pid, int(answer["start"]), table)
