@@ -53,9 +53,9 @@ log = logging.getLogger(__name__)
 #: How long a connection's handshake may take before libzmq gives it up.
 HANDSHAKE_MS = 5000
 #: Inbound messages queued per connection before libzmq stops reading its socket (the
-#: kernel buffer then fills and the peer waits): with 4 MiB dma_writes, about 33 MiB at most.
+#: kernel buffer then fills and the peer waits): with 4 MiB dma_writes, about 65 MiB at most.
 #: The drain loop empties the queue at once, so a reading server never waits on this.
-INBOUND_HWM = 8
+INBOUND_HWM = 16
 
 
 @dataclass
