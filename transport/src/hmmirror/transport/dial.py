@@ -28,6 +28,7 @@ import shutil
 import socket
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
@@ -96,6 +97,8 @@ class Dialer:
         try:
             if self.ipc:
                 self._dir = _private_dir()
+                # Gone at the latest when the Dialer is, or the interpreter exits.
+                self._removal = weakref.finalize(self, shutil.rmtree, self._dir, True)
                 self._file = os.path.join(self._dir, "s")
                 self.sock.bind(f"ipc://{self._file}")
                 # Reachable by path only through the 0700 directory; the server gets to
@@ -121,7 +124,7 @@ class Dialer:
     def _seal(self) -> None:
         """Remove the socket file and its directory: nobody else can connect from now on."""
         if self._dir:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._removal()
             self._dir = ""
 
     # --- tcp ----------------------------------------------------------------------------------
