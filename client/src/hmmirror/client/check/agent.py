@@ -107,6 +107,14 @@ class CheckSession(Session):
             self.evictions += 1
         super()._rehello()
 
+    def _lose(self, reason: str) -> None:
+        """Count a lost connection as an eviction too: hmmd drops the connection of an
+        agent that stopped answering (its ZMTP heartbeats lapse), which that agent learns
+        when it wakes as a send that finds no connection, not as an EVICTED notice."""
+        if self.lost is None:
+            self.evictions += 1
+        super()._lose(reason)
+
 
 def _mirror(mr: MemoryRegion | None) -> Mirror | None:
     """The one mirror of an explicit MR."""
