@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 import zmq
-from hmmirror.client import Access, connect
+from hmmirror.client import Access, RemoteError, connect
 from hmmirror.client.session import status
 from hmmirror.proto import ErrorCode, decode, encode
 from hmmirror.proto import messages as M
@@ -380,3 +380,22 @@ def test_row12_a_second_hmmd_on_a_live_endpoint_exits_2_and_sighup_reloads(tmp_p
     assert proc.returncode == 0, err
     assert "SIGHUP: policy" in err and "read again" in err, err
     assert not os.path.exists(path), "hmmd left its socket behind"
+
+
+async def test_row7_watched_processes_are_capped_below_the_descriptor_limit(shared_dir):
+    # 320 descriptors: after hmmd's reserve, room for 8 watched processes (5 descriptors each).
+    proc, endpoint = start_hmmd(shared_dir, 320)
+    sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(9)]
+    try:
+        async with connect(endpoint, name="many") as s:
+            for sleeper in sleepers[:8]:
+                await s.mirror(sleeper.pid, 0x10000, PAGE, Access.READ)
+            with pytest.raises(RemoteError) as info:
+                await s.mirror(sleepers[8].pid, 0x10000, PAGE, Access.READ)
+            assert info.value.code == ErrorCode.EBUSY and "descriptor limit" in info.value.message
+        assert proc.poll() is None
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()
+        stop_hmmd(proc)

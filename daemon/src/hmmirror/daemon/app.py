@@ -449,6 +449,12 @@ class Daemon:
             if mm is not None:
                 os.close(pidfd)
                 return mm
+            if len(self.mms) >= self.fds.mms:  # each one holds descriptors: keep headroom
+                raise RequestError(
+                    ErrorCode.EBUSY,
+                    f"hmmd watches {len(self.mms)} processes, the most its descriptor limit "
+                    f"({self.fds.nofile}) leaves room for",
+                )
             try:
                 view = ProcessView(pid)
             except PermissionError as exc:
