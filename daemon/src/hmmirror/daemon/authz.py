@@ -147,11 +147,17 @@ def authorize(d: Daemon, session: Session, pid: int, access: Access, what: str) 
     return target
 
 
-def authorize_sync_range(d: Daemon, session: Session, pid: int) -> None:
-    """``sync_range`` needs write access to ``pid``. Its hot caller, a target announcing its
-    own change, is answered from its start time alone (the kernel's same-thread-group rule)."""
+def authorize_sync_range(d: Daemon, session: Session, pid: int, watched: bool) -> None:
+    """``sync_range`` needs write access to ``pid``. Its hot callers are answered without
+    reading the target's credentials: a target announcing its own change, from its start time
+    alone (the kernel's same-thread-group rule), and a privileged agent (root, or
+    CAP_SYS_PTRACE) naming a process hmmd ``watched``, which is never hmmd itself: ``refusal``
+    would read who the target is only to refuse hmmd's own pid, or any pid under Yama 3."""
+    agent, now = Agent(session.peer, session.credentials), host()
+    if watched and now.yama < 3 and agent.privileged(now):
+        return
     try:
-        if own_process(Agent(session.peer, session.credentials), pid, start_time(pid)):
+        if own_process(agent, pid, start_time(pid)):
             return
     except ProcessLookupError as exc:
         raise RequestError(ErrorCode.ESRCH, f"no process {pid}") from exc

@@ -545,8 +545,8 @@ def on_sync_range(d: Daemon, identity: bytes, session: Session | None, env: Enve
         raise RequestError(ErrorCode.EINVAL, f"sync_range may not announce {event.name}")
     assert session is not None
     # Invalidating is acting on the target's mirrors: the same right as writing it.
-    authz.authorize_sync_range(d, session, msg.pid)
     mms = [mm for mm in d.mms.values() if mm.pid == msg.pid and not mm.released]
+    authz.authorize_sync_range(d, session, msg.pid, watched=bool(mms))
     if not mms:
         try:
             start_time(msg.pid)

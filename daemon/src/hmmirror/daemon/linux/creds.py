@@ -80,7 +80,7 @@ class Creds:
 
 @functools.cache
 def own_userns() -> int:
-    """The inode of hmmd's own user namespace (it never changes)."""
+    """The inode of hmmd's own user namespace (it never changes: read once)."""
     return os.stat("/proc/self/ns/user").st_ino
 
 
