@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import signal
 import sys
 import time
 
@@ -403,6 +404,39 @@ async def test_an_agent_evicted_for_a_stalled_loop_comes_back_with_a_fresh_sessi
         assert fresh is not None, f"the session never came back: {s.lost}"
         result = await fresh.read(addr, 1)
         assert result.faults == 1 and result.data == b"e" * PAGE
+
+
+async def test_an_agent_drops_its_entries_a_lease_after_its_last_heartbeat_ack(hmmd, puppet, agent):
+    """SPEC §5 step 2: the lease runs from the last heartbeat_ack, on the agent's own clock.
+    hmmd is stopped (no eviction notice, no reply comes) and the agent's loop stalls past its
+    lease: the first turn of the loop afterwards finds the session lost and no entry left,
+    not a lease after the heartbeat it sends on waking (the agent-stop fault scenario hit
+    that window once: hmmd's end had dropped the connection, and the notice with it)."""
+    addr = await puppet.mmap(PAGE)
+    await puppet.write(addr, b"l" * PAGE)
+    async with agent() as s:
+        mirror = await s.mirror(puppet.pid, addr, PAGE, Access.READ)
+        assert (await mirror.read(addr, 1)).faults == 1
+        lease = s.welcome.lease_ms / 1000
+        os.kill(hmmd.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(lease + 0.3)  # the whole loop stalls past the lease
+            await asyncio.sleep(0.01)  # one turn of the loop: the timers then due run
+            assert s.lost is not None, "a lease past the last heartbeat_ack, still not lost"
+            assert mirror.dropped is not None
+            assert not (mirror.table & np.uint64(HMM_PFN_VALID)).any()
+        finally:
+            os.kill(hmmd.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        fresh = None
+        while fresh is None and time.monotonic() < deadline:
+            try:
+                fresh = await s.mirror(puppet.pid, addr, PAGE, Access.READ)
+            except AgentError:
+                await asyncio.sleep(0.05)  # the session is still coming back
+        assert fresh is not None, f"the session never came back: {s.lost}"
+        result = await fresh.read(addr, 1)
+        assert result.faults == 1 and result.data == b"l" * PAGE
 
 
 @pytest.mark.parametrize("event", [Event.RELEASE, Event.EVICT])

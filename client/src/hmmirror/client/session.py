@@ -87,6 +87,10 @@ class Session(Channel):
         self.welcome: Welcome | None = None
         self.invalidations_received = 0
         self._rehello_task: asyncio.Future[None] | None = None
+        #: Loop time until which hmmd is known to hold the session: the last
+        #: ``heartbeat_ack`` (or ``welcome``) plus the lease (SPEC §5, step 2).
+        self._lease_until = 0.0
+        self._lease_timer: asyncio.TimerHandle | None = None
 
     # --- properties announced at HELLO ----------------------------------------------------------
 
@@ -137,11 +141,14 @@ class Session(Channel):
             await self.close()
             raise
         assert isinstance(env.msg, Welcome)
-        self.welcome = env.msg
+        self._welcomed(env.msg)
         self._heartbeat = asyncio.ensure_future(self._beat())
 
     async def close(self) -> None:
         """Unregister everything (GOODBYE, best effort), then close the socket."""
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
+            self._lease_timer = None
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(BaseException):
@@ -170,10 +177,9 @@ class Session(Channel):
                 continue
             await asyncio.sleep(interval)
             try:
-                env = await self.request(Heartbeat(), timeout=lease, expect=HeartbeatAck)
+                await self.heartbeat()
             except RequestTimeout:
-                self._lose(f"no heartbeat reply from {self.endpoint} within the {lease:g} s lease")
-                continue
+                continue  # the lease timer has lost the session by now
             except DaemonUnavailable as exc:  # the connection itself is gone (hmmd restarted)
                 self._lose(str(exc))
                 continue
@@ -181,9 +187,48 @@ class Session(Channel):
                 if self.fenced(exc):
                     continue
                 raise
-            assert isinstance(env.msg, HeartbeatAck)
-            if env.msg.epoch != self.epoch:
-                self._lose(f"hmmd restarted (epoch {self.epoch} -> {env.msg.epoch})")
+
+    async def heartbeat(self) -> None:
+        """One ``heartbeat`` round trip: its ack renews the lease; a new epoch loses the
+        session. Raises RequestTimeout (after a lease), DaemonUnavailable or RemoteError."""
+        assert self.welcome is not None
+        lease = self.welcome.lease_ms / 1000
+        env = await self.request(Heartbeat(), timeout=lease, expect=HeartbeatAck)
+        assert isinstance(env.msg, HeartbeatAck)
+        if env.msg.epoch != self.epoch:
+            self._lose(f"hmmd restarted (epoch {self.epoch} -> {env.msg.epoch})")
+        elif self.lost is None:
+            self._renew_lease()
+
+    def _welcomed(self, welcome: Welcome) -> None:
+        """A ``welcome``: the session's terms, and its lease from now."""
+        self.welcome = welcome
+        self._renew_lease()
+
+    def _renew_lease(self) -> None:
+        """hmmd held the session just now: it holds it for a lease more (SPEC §5, step 2)."""
+        assert self.welcome is not None
+        self._lease_until = self.loop.time() + self.welcome.lease_ms / 1000
+        if self._lease_timer is None:
+            self._lease_timer = self.loop.call_at(self._lease_until, self._lease_check)
+
+    def _lease_check(self) -> None:
+        """The lease timer: lose the session once a whole lease passed with no ack.
+
+        This is a timer, not a heartbeat's own timeout, so that a process that was
+        stopped (or whose loop stalled) past its lease finds the session lost before it
+        runs anything else: hmmd has evicted it by then, and the eviction notice may
+        never come (hmmd's side dropped the connection, its ZMTP heartbeats unanswered).
+        """
+        self._lease_timer = None
+        if self.lost is not None or self._closed:
+            return
+        if self.loop.time() >= self._lease_until:
+            assert self.welcome is not None
+            lease = self.welcome.lease_ms / 1000
+            self._lose(f"no heartbeat_ack from {self.endpoint} for the {lease:g} s lease")
+        else:
+            self._lease_timer = self.loop.call_at(self._lease_until, self._lease_check)
 
     def fenced(self, exc: RemoteError) -> bool:
         """If ``exc`` says hmmd ended this session (FENCED, NO_SESSION), drop every translation
@@ -209,7 +254,7 @@ class Session(Channel):
         except (RequestTimeout, RemoteError, DaemonUnavailable):
             return
         assert isinstance(env.msg, Welcome)
-        self.welcome = env.msg
+        self._welcomed(env.msg)
         self.mirrors = {}
         self._acks.clear()
         self._acked = 0
@@ -280,7 +325,7 @@ class Session(Channel):
                     Hello(agent=self.name[:64], pid=os.getpid()), expect=Welcome
                 )
                 assert isinstance(env.msg, Welcome)
-                self.welcome = env.msg
+                self._welcomed(env.msg)
 
         self._rehello_task = asyncio.ensure_future(again())
 

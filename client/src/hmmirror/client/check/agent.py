@@ -59,7 +59,7 @@ from hmmirror.client.mirror import Mirror
 from hmmirror.client.mlx5 import ADVISE_FLUSH, AccessFlags, Advice, AtomicOp, MemoryRegion, Nic
 from hmmirror.client.session import Session
 from hmmirror.proto.codec import encode
-from hmmirror.proto.messages import Heartbeat, HeartbeatAck, Invalidate
+from hmmirror.proto.messages import Heartbeat, Invalidate
 from hmmirror.transport.sockets import send_frames
 
 ACCESS = (
@@ -292,7 +292,7 @@ class Agent:
         """Catch up with hmmd (one round trip), then show the MTT."""
         s = self.session
         try:
-            await s.request(Heartbeat(), expect=HeartbeatAck, timeout=2.0)
+            await s.heartbeat()
         except RemoteError as exc:
             s.fenced(exc)  # fenced: no translation may survive
         except (RequestTimeout, DaemonUnavailable):
