@@ -238,14 +238,27 @@ class Witness:
         assert self.served >= 20, f"{what} was served only {self.served} times during the attack"
 
 
-async def attack(send_read: Callable[[int], None], rss: RssSampler) -> int:
-    """Send ATTACK_READS reads, ATTACK_GAP s apart; stop early past RSS_ABORT. How many sent."""
-    for i in range(ATTACK_READS):
-        send_read(i)
-        if rss.growth > RSS_ABORT:
-            return i + 1
-        await asyncio.sleep(ATTACK_GAP)
-    return ATTACK_READS
+async def attack(
+    pid: int, send_read: Callable[[int], None], witness_step: Callable[[], Any]
+) -> tuple[int, RssSampler, int, Witness]:
+    """Send ATTACK_READS reads, ATTACK_GAP s apart (stopping early past RSS_ABORT), while the
+    witness keeps going; (reads sent, the RSS of ``pid`` sampled, its RSS after, the witness)."""
+    stop = asyncio.Event()
+    witness = Witness()
+    witnessing = asyncio.ensure_future(witness.keep_going(witness_step, stop))
+    rss = RssSampler(pid)
+    sent = ATTACK_READS
+    try:
+        for i in range(ATTACK_READS):
+            send_read(i)
+            if rss.growth > RSS_ABORT:
+                sent = i + 1
+                break
+            await asyncio.sleep(ATTACK_GAP)
+    finally:
+        stop.set()
+        await witnessing
+    return sent, rss, rss.stop(), witness
 
 
 # --- hmmd -----------------------------------------------------------------------------------
@@ -287,16 +300,7 @@ async def test_a_peer_that_never_reads_cannot_grow_hmmd_and_is_evicted(
             start = addr + k * READ_BYTES
             peer.send(M.DmaRead(mirror=mirror_id, start=start, npages=READ_PAGES), [wire])
 
-        stop = asyncio.Event()
-        witness = Witness()
-        witnessing = asyncio.ensure_future(witness.keep_going(witness_step, stop))
-        rss = RssSampler(hmmd.proc.pid)
-        try:
-            sent = await attack(send_read, rss)
-        finally:
-            stop.set()
-            await witnessing
-        after = rss.stop()
+        sent, rss, after, witness = await attack(hmmd.proc.pid, send_read, witness_step)
         line = figures("hmmd", rss, after)
         print(f"\n{line}; {sent} reads of {READ_BYTES // MIB} MiB sent, never read")
         assert rss.growth < RSS_BOUND, f"{line}: a peer that never reads grew hmmd"
@@ -381,16 +385,7 @@ async def test_a_requester_that_never_reads_cannot_grow_hm_agent(hmmd: Any, pupp
             at = addr + (i % (REGION // READ_BYTES)) * READ_BYTES
             peer.send(M.RdmaRead(rkey=nic.rkey, addr=at, length=READ_BYTES))
 
-        stop = asyncio.Event()
-        witness = Witness()
-        witnessing = asyncio.ensure_future(witness.keep_going(witness_step, stop))
-        rss = RssSampler(nic.proc.pid)
-        try:
-            sent = await attack(send_read, rss)
-        finally:
-            stop.set()
-            await witnessing
-        after = rss.stop()
+        sent, rss, after, witness = await attack(nic.proc.pid, send_read, witness_step)
         line = figures("hm-agent", rss, after)
         print(f"\n{line}; {sent} RDMA READs of {READ_BYTES // MIB} MiB sent, never read")
         assert rss.growth < RSS_BOUND, f"{line}: a requester that never reads grew hm-agent"
