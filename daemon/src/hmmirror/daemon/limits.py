@@ -1,8 +1,9 @@
 """hmmd's descriptor budget: raise RLIMIT_NOFILE, then cap what peers can make it hold.
 
-Every connection holds two descriptors (the socket and the client's socket
-file, see ``hmmirror.transport.server``), every watched process up to five (a
-pidfd, maps, pagemap, two userfaultfds), every userfaultfd offer one. Peers
+Every connection holds three descriptors (the connection, its own ZeroMQ
+socket's mailbox and the client's socket file, see
+``hmmirror.transport.server``), every watched process up to five (a pidfd,
+maps, pagemap, two userfaultfds), every userfaultfd offer one. Peers
 decide how many of each exist, so each is capped with headroom below the limit:
 beyond a cap hmmd refuses the request politely; it never runs out of
 descriptors itself (where libzmq would abort rather than fail).
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 #: Descriptors kept for hmmd itself: libzmq's threads and mailboxes, logs, /proc reads.
 RESERVE = 256
 #: Descriptors one connection, one watched process and one offer hold at most.
-PER_CONNECTION, PER_MM, PER_OFFER = 2, 5, 1
+PER_CONNECTION, PER_MM, PER_OFFER = 3, 5, 1
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,32 @@
-"""The server end of hmmirror's connections (hmmd, hm-agent): one ROUTER, peers it can name.
+"""The server end of hmmirror's connections (hmmd, hm-agent): one socket per peer it can name.
 
-The ROUTER never binds. The public endpoint is a door (``door``); a client
-binds its own DEALER, knocks, and the ROUTER *connects* to it under a routing
-id this server draws (``ZMQ_CONNECT_ROUTING_ID``), with reconnection off. No
-peer can present a routing id or reach a libzmq listener of the server, and
-every connection is bound to what was proved about its peer:
+The server never binds a libzmq socket. The public endpoint is a door
+(``door``); a client binds its own DEALER, knocks, and the server *connects* a
+DEALER of its own to it, with reconnection off, under a connection id it draws
+itself. No peer can present an id or reach a libzmq listener of the server,
+and every connection is bound to what was proved about its peer:
 
 - ``ipc://PATH``: the client hands over an ``O_PATH`` descriptor of its socket
-  file, which must belong to its uid; the ROUTER connects through
+  file, which must belong to its uid; the server connects through
   ``/proc/self/fd/N``. The peer is the knock's SO_PEERCRED (uid, gid, pid).
 - ``tcp://HOST:PORT``: the client names the port it bound on the address it
-  knocked from, and the ROUTER connects there as the CURVE *server*: the
+  knocked from, and the server connects there as the CURVE *server*: the
   client's socket is a CURVE client that only completes the handshake with
   this server's key, and the ZAP handler (``zap``) only with allow-listed
   client keys. The peer is that key (read from the first message's
   ``User-Id``). With ``insecure``, plain TCP, and the peer is only an address.
 
+Why a socket per connection and not one ROUTER for all: libzmq's fair queue
+(``fq_t``, behind ROUTER and DEALER alike) loses its place when one of its
+pipes finishes terminating while it is between two frames of another pipe's
+message: the rest of that message is then read from a third peer's pipe
+(frames spliced across peers) or libzmq aborts (``Assertion failed: !_more
+(src/fq.cpp:80)``). A peer that closes its connection while others send
+multi-frame messages triggers it (``tests/security/test_frame_splice.py``).
+With one pipe per socket, no other peer's frames can be read in its place.
+
 Every message reaches ``on_message`` with the ``Connection`` it came on. Sends
-never block: ROUTER_MANDATORY turns an unroutable peer into EHOSTUNREACH and a
-full pipe into EAGAIN, both raised as ``Unreachable``.
+never block: a full (or closed) pipe is EAGAIN, raised as ``Unreachable``.
 """
 
 from __future__ import annotations
@@ -37,15 +45,7 @@ import zmq
 from hmmirror.transport.door import Door, Handler, split_tcp, tcp_endpoint
 from hmmirror.transport.keys import AllowDir, ServerKeys
 from hmmirror.transport.peer import Peer
-from hmmirror.transport.sockets import (
-    NOBLOCK,
-    SNDMORE,
-    ZERO_COPY_MIN,
-    Drained,
-    Unreachable,
-    tune,
-    zmq_send,
-)
+from hmmirror.transport.sockets import Drained, Unreachable, send_frames, tune
 from hmmirror.transport.zap import DOMAIN, ZapHandler
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,26 @@ class Connection:
     """Whether ``peer`` is final (a tcp CURVE peer's key is read from its first message)."""
     vouched: Any = None
     """What the server's ``vouch`` hook learnt of a local peer when it knocked."""
+    line: _Line | None = field(default=None, repr=False)
+    """The connection's own socket, drained on the loop."""
+
+
+class _Line(Drained):
+    """One connection's DEALER, drained on the loop into the server."""
+
+    def __init__(self, server: Server, conn: Connection, sock: zmq.Socket[Any]) -> None:
+        self.server = server
+        self.conn = conn
+        self._watch(sock)
+
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        self.server._on_frames_of(self.conn, frames)
+
+    def close(self) -> None:
+        """Stop draining and close the socket (linger 0)."""
+        with contextlib.suppress(AttributeError, RuntimeError, ValueError):
+            self._unwatch()
+        self.sock.close(linger=0)
 
 
 @dataclass(frozen=True)
@@ -87,8 +107,13 @@ class Limits:
     total: int = 4096
 
 
-class Server(Drained):
-    """A ROUTER serving ``endpoint``; ``start()`` on the running loop, ``close()`` at the end."""
+#: Sockets a context keeps beyond the connections: the clients', the ZAP handler's.
+SPARE_SOCKETS = 16
+
+
+class Server:
+    """Serves ``endpoint``, a socket per connection; ``start()`` on the running loop,
+    ``close()`` at the end."""
 
     def __init__(
         self,
@@ -130,28 +155,28 @@ class Server(Drained):
         self.vouch = vouch
         self.connections: dict[bytes, Connection] = {}
         self._by_endpoint: dict[str, bytes] = {}
+        #: Sockets of connections made before ``start`` (a door opened early).
+        self._pending: dict[bytes, zmq.Socket[Any]] = {}
         self.door: Door | None = None
         self.zap: ZapHandler | None = None
+        self.keys = keys
         self.curve = keys is not None
+        self.heartbeat_ms = heartbeat_ms
+        self._started = False
         self._owns_ctx = ctx is None
-        self.ctx = ctx if ctx is not None else zmq.Context()
-        sock = self.sock = self.ctx.socket(zmq.ROUTER)
+        if ctx is None:
+            ctx = zmq.Context()
+            # Before the first socket: the context's socket table is sized then.
+            ctx.set(zmq.MAX_SOCKETS, self.limits.total + SPARE_SOCKETS)
+        self.ctx = ctx
+        room = int(ctx.get(zmq.MAX_SOCKETS)) - SPARE_SOCKETS
+        if room < self.limits.total:
+            self.limits = replace(self.limits, total=max(1, room))
         try:
-            tune(sock)
-            sock.setsockopt(zmq.RCVHWM, INBOUND_HWM)
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            sock.setsockopt(zmq.RECONNECT_IVL, -1)  # a lost client knocks again itself
-            sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
-            # ZMTP heartbeats drop half-open TCP peers; app heartbeats carry the lease.
-            sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
             if keys is not None and allow is not None:
-                sock.setsockopt(zmq.ZAP_DOMAIN, DOMAIN)
-                sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
                 self.zap = ZapHandler(self.ctx, allow)
-                keys.apply(sock)
         except BaseException:
-            self._close_sockets()
+            self._close_context()
             raise
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -168,30 +193,27 @@ class Server(Drained):
             self.endpoint = tcp_endpoint(self.host, self.door.port)
 
     def start(self) -> None:
-        """Open the door (if ``open`` was not called) and begin draining, on the running loop."""
+        """Open the door (if ``open`` was not called) and begin serving, on the running loop."""
         self.open()
-        self._watch(self.sock)
+        self._started = True
+        for conn in self.connections.values():
+            if conn.line is None:
+                self._attach(conn)
 
     def close(self) -> None:
-        """Close the door, every connection and the socket (linger 0)."""
+        """Close the door and every connection (linger 0)."""
         if self.door is not None:
             self.door.close()
             self.door = None
-        with contextlib.suppress(AttributeError, RuntimeError, ValueError):
-            self._unwatch()
-        for conn in list(self.connections.values()):
-            if conn.opath >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(conn.opath)
-        self.connections.clear()
-        self._by_endpoint.clear()
-        self._close_sockets()
+        for rid in list(self.connections):
+            self.drop(rid)
+        self._close_context()
 
-    def _close_sockets(self) -> None:
-        """Close the ROUTER, the ZAP handler and (if ours) the context."""
-        self.sock.close(linger=0)
+    def _close_context(self) -> None:
+        """Close the ZAP handler and (if ours) the context."""
         if self.zap is not None:
             self.zap.close()
+            self.zap = None
         if self._owns_ctx:
             self.ctx.term()
 
@@ -226,19 +248,54 @@ class Server(Drained):
         return self._connect(peer, endpoint, -1, proven=not self.curve)
 
     def _connect(self, peer: Peer, endpoint: str, opath: int, proven: bool) -> str | None:
-        """Connect the ROUTER to ``endpoint`` under a fresh routing id; the refusal, or None."""
+        """Connect a socket of its own to ``endpoint`` under a fresh id; the refusal, or None."""
         why = self._over_limit(peer)
         if why is not None:
             return why
         rid = b"\x01" + secrets.token_bytes(15)
         try:
-            self.sock.setsockopt(zmq.CONNECT_ROUTING_ID, rid)
-            self.sock.connect(endpoint)
+            sock = self._socket()
         except zmq.ZMQError as exc:
+            return f"cannot open a socket for {endpoint}: {exc}; try again later"
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
             return f"cannot connect to {endpoint}: {exc}"
-        self.connections[rid] = Connection(rid, peer, endpoint, opath, proven=proven)
+        conn = Connection(rid, peer, endpoint, opath, proven=proven)
+        self.connections[rid] = conn
         self._by_endpoint[endpoint] = rid
+        if self._started:
+            self._attach(conn, sock)
+        else:  # served from ``start``: messages wait in the socket until then
+            self._pending[rid] = sock
         return None
+
+    def _socket(self) -> zmq.Socket[Any]:
+        """A DEALER with the options every connection has."""
+        sock = self.ctx.socket(zmq.DEALER)
+        try:
+            tune(sock)
+            sock.setsockopt(zmq.RCVHWM, INBOUND_HWM)
+            sock.setsockopt(zmq.RECONNECT_IVL, -1)  # a lost client knocks again itself
+            sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+            # ZMTP heartbeats drop half-open TCP peers; app heartbeats carry the lease.
+            sock.setsockopt(zmq.HEARTBEAT_IVL, self.heartbeat_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * self.heartbeat_ms)
+            if self.keys is not None and self.zap is not None:
+                sock.setsockopt(zmq.ZAP_DOMAIN, DOMAIN)
+                sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+                self.keys.apply(sock)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        return sock
+
+    def _attach(self, conn: Connection, sock: zmq.Socket[Any] | None = None) -> None:
+        """Start draining ``conn``'s socket on the running loop."""
+        if sock is None:
+            sock = self._pending.pop(conn.rid)
+        conn.line = _Line(self, conn, sock)
 
     def _over_limit(self, peer: Peer) -> str | None:
         """Why one more connection of ``peer`` is refused, or None."""
@@ -263,8 +320,12 @@ class Server(Drained):
             return
         if self._by_endpoint.get(conn.endpoint) == rid:
             del self._by_endpoint[conn.endpoint]
-        with contextlib.suppress(zmq.ZMQError):
-            self.sock.disconnect(conn.endpoint)
+        if conn.line is not None:
+            conn.line.close()
+            conn.line = None
+        pending = self._pending.pop(rid, None)
+        if pending is not None:
+            pending.close(linger=0)
         if conn.opath >= 0:
             with contextlib.suppress(OSError):
                 os.close(conn.opath)
@@ -275,43 +336,36 @@ class Server(Drained):
 
     # --- inbound ------------------------------------------------------------------------------
 
-    def _on_frames(self, frames: list[zmq.Frame]) -> None:
-        """One inbound message: find its connection, then hand it on."""
-        if len(frames) < 2:
-            return
-        conn = self.connections.get(frames[0].bytes)
-        if conn is None:
-            return  # a connection dropped a moment ago: nobody to answer
+    def _on_frames_of(self, conn: Connection, frames: list[zmq.Frame]) -> None:
+        """One inbound message on ``conn``: hand it on."""
+        if conn.line is None:
+            return  # dropped while its last messages were being drained: nobody to answer
         conn.last_seen = time.monotonic()
         if not conn.proven:
             # The CURVE key the ZAP handler admitted, once per connection.
             with contextlib.suppress(zmq.ZMQError, UnicodeDecodeError):
-                key = frames[1].get("User-Id")
+                key = frames[0].get("User-Id")
                 conn.peer = replace(conn.peer, curve_key=str(key) if key else None)
             conn.proven = True
         try:
-            self.on_message(conn, frames[1:])
+            self.on_message(conn, frames)
         except Exception:  # a handler bug must never take the loop down
-            log.exception("unhandled error while handling a message from %r", frames[0].bytes)
+            log.exception("unhandled error while handling a message from %s", conn.rid.hex())
 
     # --- outbound -----------------------------------------------------------------------------
 
     def send(self, rid: bytes, frames: Sequence[Any], *, copy: bool = True) -> None:
         """Queue ``frames`` to ``rid`` without blocking; raise ``Unreachable`` on failure."""
+        conn = self.connections.get(rid)
+        line = conn.line if conn is not None else None
+        if line is None:
+            raise Unreachable(f"peer {rid.hex()} is not connected")
         try:
-            sock = self.sock
-            # A ROUTER queues nothing until the last frame, so a failure leaves no partial message.
-            zmq_send(sock, rid, NOBLOCK | SNDMORE)
-            for frame in frames[:-1]:
-                # Small frames are cheaper copied than referenced: zero-copy is for bulk data.
-                zmq_send(sock, frame, NOBLOCK | SNDMORE, copy or len(frame) < ZERO_COPY_MIN)
-            last = frames[-1]
-            zmq_send(sock, last, NOBLOCK, copy or len(last) < ZERO_COPY_MIN)
+            # Small frames are cheaper copied than referenced: zero-copy is for bulk data. A
+            # DEALER's pipe takes a whole message or, full or closed, nothing (EAGAIN).
+            send_frames(line.sock, frames, copy)
         except zmq.Again as exc:
-            raise Unreachable(f"peer {rid.hex()}: send queue full") from exc
-        except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
-                raise Unreachable(f"peer {rid.hex()} is not connected") from exc
-            raise
+            why = "send queue full (or its connection closed)"
+            raise Unreachable(f"peer {rid.hex()}: {why}") from exc
         finally:
-            self._sent()
+            line._sent()

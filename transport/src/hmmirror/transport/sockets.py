@@ -104,7 +104,8 @@ class Drained(abc.ABC):
         self._draining = True
         try:
             sock = self.sock
-            while cast(int, sock.get(EVENTS)) & POLLIN:
+            # A handler may close the socket (a connection dropped by its own message).
+            while not sock.closed and cast(int, sock.get(EVENTS)) & POLLIN:
                 try:
                     # Frames carry their own "more" flag: no RCVMORE query (an enum
                     # conversion plus a getsockopt) per frame.
