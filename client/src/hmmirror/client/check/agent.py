@@ -11,8 +11,8 @@ obeys one command per stdin line and answers each with one JSON line:
   handled), then the MR's MTT as hex, for the translation oracle;
 - ``retarget PID START_TIME BASE SIZE LOG``: register on another process, logging anew;
 - ``arm-suicide``: on the next INVALIDATE, zap and then SIGKILL ourselves before the ACK;
-- ``flood N``: stop reading, send N heartbeats, then read again (hmmd's send queue
-  to us fills: its high-water mark is hit);
+- ``flood N``: stop reading, send up to N STATUS requests until hmmd evicts us,
+  then read again (hmmd's send queue to us fills: its high-water mark is hit);
 - ``exit``.
 
 Every READ is logged with its send and reply times (``stamps.DMA_LOG``), every
@@ -57,9 +57,9 @@ from hmmirror.client.errors import (
 )
 from hmmirror.client.mirror import Mirror
 from hmmirror.client.mlx5 import ADVISE_FLUSH, AccessFlags, Advice, AtomicOp, MemoryRegion, Nic
-from hmmirror.client.session import Session
+from hmmirror.client.session import Session, status
 from hmmirror.proto.codec import encode
-from hmmirror.proto.messages import Heartbeat, Invalidate
+from hmmirror.proto.messages import Invalidate, Status
 from hmmirror.transport.sockets import send_frames
 
 ACCESS = (
@@ -67,6 +67,8 @@ ACCESS = (
     | AccessFlags.REMOTE_ATOMIC | AccessFlags.ON_DEMAND
 )  # fmt: skip
 _ZERO_TAIL = bytes(PAGE - 16)
+#: STATUS requests a flood sends at a time, and the most it lets hmmd lag behind.
+FLOOD_BURST, FLOOD_AHEAD = 2000, 20000
 
 
 class CheckSession(Session):
@@ -326,31 +328,53 @@ class Agent:
         return {"ok": True, "mirror": _mirror(self.mr).id if self.mr else -1}  # type: ignore[union-attr]
 
     async def flood(self, count: int) -> dict[str, Any]:
-        """Send ``count`` heartbeats without reading any reply, then read again."""
+        """Stop reading and send STATUS requests (about a kilobyte of reply each) until hmmd
+        evicts this session, ``count`` are sent, or 20 s pass; then read again.
+
+        hmmd's ``evictions`` and ``messages`` counters are asked on a side connection after
+        each burst: this session's own queue (``--small-queue`` makes it deep) stays within
+        ``FLOOD_AHEAD`` of what hmmd took, so only hmmd's queue to it can fill. ``lost`` says
+        whether the session lost its connection meanwhile (then the flood proved nothing).
+        """
         s = self.session
+        before = await status(s.endpoint, 5.0)
+        sock = s.sock
         s._unwatch()
         sent = 0
+        evicted = False
         t0 = time.monotonic()
         try:
-            while sent < count and time.monotonic() - t0 < 10:
-                try:
-                    send_frames(s.sock, encode(Heartbeat(), s._next_id, 0, ()), True)
+            while sent < count and not evicted and time.monotonic() - t0 < 20:
+                now = await status(s.endpoint, 5.0)
+                evicted = int(now["evictions"]) > int(before["evictions"])
+                if sent - (int(now["messages"]) - int(before["messages"])) > FLOOD_AHEAD:
+                    await asyncio.sleep(0.002)
+                    continue
+                for _ in range(min(FLOOD_BURST, count - sent)):
+                    send_frames(sock, encode(Status(), s._next_id, 0, ()), True)
                     s._next_id += 1
                     sent += 1
-                except zmq.Again:
-                    await asyncio.sleep(0.005)
-            await asyncio.sleep(0.2)
         finally:
-            s.loop.add_reader(s._fd, s._drain)
-            s._drain()
-        return {"sent": sent, "seconds": round(time.monotonic() - t0, 3)}
+            lost = s.sock is not sock or sock.closed
+            if not lost:
+                s.loop.add_reader(s._fd, s._drain)
+                s._drain()
+        return {
+            "sent": sent, "evicted": evicted, "lost": lost,
+            "seconds": round(time.monotonic() - t0, 3),
+        }  # fmt: skip
 
 
 async def serve(args: argparse.Namespace) -> None:
     """Connect, register, then answer commands until ``exit`` or EOF."""
     loop = asyncio.get_running_loop()
-    # A tiny receive queue, so a flood fills hmmd's send queue quickly.
-    small = {int(zmq.RCVHWM): 10, int(zmq.RCVBUF): 4096} if args.small_queue else None
+    # A tiny receive queue, so a flood fills hmmd's send queue quickly, and a deep send
+    # queue, so the flood never finds its own queue full.
+    small = (
+        {int(zmq.RCVHWM): 10, int(zmq.RCVBUF): 4096, int(zmq.SNDHWM): 4 * FLOOD_AHEAD}
+        if args.small_queue
+        else None
+    )
     session = CheckSession(args.endpoint, f"check-{args.index}", 5.0, options=small)
     session.ack_delay = args.ack_delay
     session.broken_ack = args.broken_ack

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 import numpy as np
@@ -168,6 +168,8 @@ class Checker:
         from hmmirror.client.check.scenarios import SCENARIOS
 
         self.scenario = SCENARIOS[opts.scenario]
+        if opts.ack_deadline < self.scenario.min_ack_deadline:
+            self.opts = opts = replace(opts, ack_deadline=self.scenario.min_ack_deadline)
         if opts.agents < self.scenario.min_agents:
             raise ValueError(
                 f"scenario {opts.scenario} needs at least {self.scenario.min_agents} agents"
@@ -203,7 +205,8 @@ class Checker:
         try:
             self.hmmd = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "hmmirror.daemon", "run", "--endpoint", self.endpoint,
-                "--ack-deadline", f"{self.opts.ack_deadline}s", "--heartbeat", "200ms",
+                "--ack-deadline", f"{self.opts.ack_deadline}s",
+                "--heartbeat", f"{self.scenario.heartbeat_ms}ms",
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log,
             )  # fmt: skip
         finally:

@@ -40,6 +40,10 @@ class Scenario:
     """A deliberately broken run: violations are the expected outcome."""
     min_agents: int = 1
     """Agents the scenario needs (``slow-agent`` slows agent-0 and agent-1 differently)."""
+    heartbeat_ms: int = 200
+    """hmmd's heartbeat (the lease is three): ``hwm`` gives its flood a longer lease."""
+    min_ack_deadline: float = 0.0
+    """The least ack deadline the scenario runs with (``Options.ack_deadline`` if longer)."""
 
 
 def _latency_bound(checker: Checker, victims: set[int]) -> None:
@@ -114,7 +118,13 @@ async def _restart_during(checker: Checker, n: int) -> None:
 
 async def _hwm_during(checker: Checker, n: int) -> None:
     if n == 1:
-        checker.report.notes.append(f"flood: {await checker.agents[0].ask('flood 40000', 30)}")
+        flood = await checker.agents[0].ask("flood 400000", 45)
+        checker.report.notes.append(f"flood: {flood}")
+        if not flood.get("evicted") or flood.get("lost"):
+            checker.violation(
+                "scenario", f"the flood did not end in agent-0's eviction on its own connection: "
+                f"{flood}",
+            )  # fmt: skip
 
 
 async def _hwm_after(checker: Checker) -> None:
@@ -214,11 +224,15 @@ SCENARIOS: dict[str, Scenario] = {
         after=_pid_reuse_after,
     ),
     "hwm": Scenario(
-        "agent-0 stops reading and floods hmmd with heartbeats until hmmd's send queue to it "
+        "agent-0 stops reading and floods hmmd with STATUS requests until hmmd's send queue to it "
         "is full; hmmd must evict it, not block or drop INVALIDATEs silently",
         agent_args=_args(a0=["--small-queue"]),
         during=_hwm_during,
         after=_hwm_after,
+        # The flood must fill hmmd's queue before agent-0's lease, or its missing ACKs,
+        # end the session by another path: on a busy machine that can take seconds.
+        heartbeat_ms=1000,
+        min_ack_deadline=3.0,
     ),
     "slow-agent": Scenario(
         "agent-0 acks after 0.6x the ack deadline (kept), agent-1 after 1.5x (evicted, "
