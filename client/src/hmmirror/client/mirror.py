@@ -55,12 +55,11 @@ from hmmirror.proto.messages import (
     Registered,
     Unregister,
 )
+from hmmirror.proto.version import RETRY_BUDGET
 
 if TYPE_CHECKING:
     from hmmirror.client.session import Session
 
-#: HMM_RANGE_DEFAULT_TIMEOUT: how long a device access keeps retrying races.
-RETRY_BUDGET = 1.0
 _VALID = np.uint64(HMM_PFN_VALID)
 _VALID_WRITE = np.uint64(HMM_PFN_VALID | HMM_PFN_WRITE)
 _NOT_WRITE = ~np.uint64(HMM_PFN_WRITE)

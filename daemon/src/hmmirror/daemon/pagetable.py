@@ -35,11 +35,6 @@ _ERROR = np.uint64(HMM_PFN_ERROR)
 _PMD = np.uint64(PMD_ORDER << HMM_PFN_ORDER_SHIFT)
 
 
-def page_addrs(start: int, npages: int) -> npt.NDArray[np.uint64]:
-    """Virtual addresses of ``npages`` pages from ``start``."""
-    return np.uint64(start) + (np.arange(npages, dtype=np.uint64) << np.uint64(PAGE_SHIFT))
-
-
 def derive(
     raw: Raw,
     perms: Perms,

@@ -23,13 +23,14 @@ from hmmirror.proto.messages import (
     Event,
     FaultMode,
 )
-from hmmirror.proto.version import PROTOCOL_VERSION
+from hmmirror.proto.version import PROTOCOL_VERSION, RETRY_BUDGET
 
 __all__ = [
     "MAX_DMA_PAGES",
     "MAX_FAULT_PAGES",
     "MAX_FRAME",
     "PROTOCOL_VERSION",
+    "RETRY_BUDGET",
     "TYPES",
     "Access",
     "AuthError",

@@ -30,7 +30,7 @@ from hmmirror.proto.errors import (
 )
 from hmmirror.proto.messages import MAX_FRAME, TYPES, Message
 from hmmirror.proto.schema import REQUIRED, VALIDATORS, Spec, Validator
-from hmmirror.proto.version import PROTOCOL_VERSION
+from hmmirror.proto.version import PROTOCOL_VERSION, compatible
 
 #: Header and body are small maps; anything bigger is an attack or a bug.
 MAX_HEADER = 512
@@ -189,7 +189,7 @@ def decode_header(frames: Sequence[Buffer]) -> tuple[str, int, int, tuple[int, i
         raise DecodeError("header field 'id' must be a u64")
     if type(re) is not int or not 0 <= re < 1 << 64:
         raise DecodeError("header field 're' must be a u64")
-    if major != PROTOCOL_VERSION[0]:
+    if not compatible(ver):
         exc = VersionError(
             f"peer speaks protocol {ver[0]}.{ver[1]}, "
             f"we speak {PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}"

@@ -177,12 +177,3 @@ VALIDATORS: dict[Kind, Validator] = {
 def check(name: str, spec: Spec, value: Any) -> Any:
     """Validate one decoded value against ``spec``; return it in its Python form."""
     return VALIDATORS[spec.kind](name, spec, value)
-
-
-def to_plain(spec: Spec, value: Any) -> Any:
-    """Return ``value`` in the form msgpack should encode."""
-    if spec.kind in (Kind.INTERVALS, Kind.ITEMS):
-        return [list(v) for v in value]
-    if spec.kind is Kind.UINTS:
-        return list(value)
-    return value

@@ -7,6 +7,9 @@ newer minor version is accepted and its unknown fields are ignored.
 from __future__ import annotations
 
 PROTOCOL_VERSION: tuple[int, int] = (1, 0)
+#: Seconds a fault or device access keeps retrying invalidations that race it before it
+#: gives up with ``EBUSY`` (SPEC §3, the EBUSY row; the kernel's HMM_RANGE_DEFAULT_TIMEOUT).
+RETRY_BUDGET = 1.0
 
 
 def compatible(version: tuple[int, int]) -> bool:

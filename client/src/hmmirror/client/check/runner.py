@@ -43,7 +43,7 @@ from hmmirror.testing.puppet import proc_start_time
 
 #: Seconds one agent command may take (``pause`` waits for in-flight operations).
 COMMAND_DEADLINE = 15.0
-#: Mirrors' retry budget (``mirror.RETRY_BUDGET``) plus scheduling slack on a busy host.
+#: Mirrors' retry budget (``proto.RETRY_BUDGET``) plus scheduling slack on a busy host.
 LATENCY_SLACK = 2.5
 
 
@@ -264,10 +264,6 @@ class Checker:
             hello = json.loads(await agent.line(15))
             if not hello.get("ready"):
                 raise RuntimeError(f"{agent.name} said {hello!r}")
-
-    def live_agents(self) -> list[Child]:
-        """Agents still running."""
-        return [a for a in self.agents if a.alive]
 
     async def ask_all(self, text: str) -> dict[int, dict[str, Any]]:
         """Ask every live agent; an agent that died is noted, not waited for."""

@@ -34,9 +34,8 @@ from hmmirror.daemon.pagetable import derive, vma_perms
 from hmmirror.proto.entries import Entries
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import FaultMode
+from hmmirror.proto.version import RETRY_BUDGET
 
-#: HMM_RANGE_DEFAULT_TIMEOUT: the retry budget of a fault racing invalidations.
-RETRY_BUDGET = 1.0
 #: Bytes faulted in per copy job: each one must finish within the copy deadline.
 POPULATE_CHUNK = 64 << 20
 

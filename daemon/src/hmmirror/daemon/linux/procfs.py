@@ -63,19 +63,6 @@ class Vmas:
     """The maps lines, for diffing two reads (empty for ``maps_range``)."""
     """The whole maps line of each VMA: a change in it means the VMA changed."""
 
-    def locate(
-        self, addrs: npt.NDArray[np.uint64]
-    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
-        """Return, for each address, the index of the VMA covering it and whether one does."""
-        idx = np.searchsorted(self.starts, addrs, side="right").astype(np.intp) - 1
-        safe = np.maximum(idx, 0)
-        covered = (
-            (idx >= 0) & (addrs < self.ends[safe])
-            if len(self.starts)
-            else np.zeros(addrs.shape, dtype=np.bool_)
-        )
-        return safe, covered
-
 
 _SPECIAL_NAMES = (b"[vvar]", b"[vsyscall]", b"[vvar_vclock]")
 
