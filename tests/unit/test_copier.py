@@ -20,7 +20,7 @@ from hmmirror.daemon.dma import copier as copier_module
 from hmmirror.daemon.dma.copier import Copier, CopyJob
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.linux.procfs import ProcessView, start_time
-from hmmirror.daemon.mm import Mm
+from hmmirror.daemon.state import Mm
 from hmmirror.proto.errors import ErrorCode
 
 DEADLINE = 0.3

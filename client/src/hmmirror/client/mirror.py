@@ -21,9 +21,9 @@ import contextlib
 import errno
 import operator
 import types
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -52,13 +52,47 @@ from hmmirror.proto.messages import (
     FaultMode,
     FaultReadReply,
     FaultReply,
+    Message,
     Registered,
     Unregister,
 )
 from hmmirror.proto.version import RETRY_BUDGET
 
-if TYPE_CHECKING:
-    from hmmirror.client.session import Session
+
+class MirrorHost(Protocol):
+    """What a mirror needs of the session it belongs to (``Session`` is one): the session
+    module builds mirrors, so this module names it only through this interface."""
+
+    timeout: float
+    mirrors: dict[int, Mirror]
+
+    @property
+    def zero_pfn(self) -> int: ...
+
+    @property
+    def max_dma_pages(self) -> int: ...
+
+    @property
+    def max_fault_pages(self) -> int: ...
+
+    @property
+    def physical_frames(self) -> bool: ...
+
+    async def request(
+        self,
+        msg: Message,
+        bulk: Sequence[Any] = (),
+        *,
+        timeout: float | None = None,
+        expect: type[Message] | None = None,
+        copy: bool = True,
+    ) -> Envelope:
+        """Send ``msg`` and await its reply."""
+        ...
+
+    def dma_done(self) -> None:
+        """A DMA finished: acks held behind it may go out."""
+
 
 _VALID = np.uint64(HMM_PFN_VALID)
 _VALID_WRITE = np.uint64(HMM_PFN_VALID | HMM_PFN_WRITE)
@@ -109,7 +143,7 @@ class Mirror:
     """One agent's mirror of [start, end) of a target, with its device page table."""
 
     def __init__(
-        self, session: Session, reg: Registered, start: int, length: int, access: Access
+        self, session: MirrorHost, reg: Registered, start: int, length: int, access: Access
     ) -> None:
         self.session = session
         self.id = reg.mirror
@@ -417,7 +451,7 @@ class Mirror:
         finally:
             fence.set_result(None)
             self._inflight.remove((start, end, fence))
-            self.session._fence()
+            self.session.dma_done()
 
     def _forget(self, a: int, b: int, out_of_time: bool, what: str, why: _Stale) -> None:
         """hmmd judged the translations of table slots [a, b) stale: drop them, so the

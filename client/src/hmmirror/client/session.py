@@ -432,7 +432,7 @@ class Session(Channel):
         assert isinstance(env.msg, StatusReply)
         return dict(env.msg.stats)
 
-    def _fence(self) -> None:
+    def dma_done(self) -> None:
         """A DMA finished: acks waiting on it may go out now."""
         if self._acks:
             self._advance_acks()

@@ -43,9 +43,8 @@ from hmmirror.daemon.linux.procfs import (
 )
 from hmmirror.daemon.linux.uffd import unconfigured_uffds
 from hmmirror.daemon.metrics import MetricsServer
-from hmmirror.daemon.mm import Mirror, Mm
 from hmmirror.daemon.policy import Policy, PolicyError
-from hmmirror.daemon.session import Session
+from hmmirror.daemon.state import Mirror, Mm, Session, UffdWatcher
 from hmmirror.daemon.watch.proc import Change, detect
 from hmmirror.daemon.watch.uffd import UffdWatch
 from hmmirror.proto.codec import Buffer, Envelope, decode, encode
@@ -187,7 +186,7 @@ class Daemon:
             for task in list(self._tasks):
                 task.cancel()
             for mm in list(self.mms.values()):
-                self._drop_mm(mm)
+                self.drop_mm(mm)
             self.copier.close()
             self.metrics.close()
             if self.intake is not None:
@@ -249,7 +248,7 @@ class Daemon:
         them, in place of the ``reserved`` bytes a bulk reply set aside.
         """
         session = self.sessions.get(identity)
-        if session is not None and session.batch:
+        if session is not None and self.invalidator.has_queued(session):
             self.invalidator.flush(session)
         msg_id = session.take_id() if session is not None else 1
         frames = encode(msg, msg_id, re, bulk)
@@ -331,7 +330,7 @@ class Daemon:
         try:
             result = handler(self, identity, session, env)
         except Exception as exc:  # a typed refusal, or a handler bug: answer and keep serving
-            self._answer_failure(identity, env, exc)
+            self.answer_failure(identity, env, exc)
             return
         if result is not None:
             self.spawn(self._finish(identity, env, result))
@@ -343,9 +342,19 @@ class Daemon:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._answer_failure(identity, env, exc)
+            self.answer_failure(identity, env, exc)
 
-    def _answer_failure(self, identity: bytes, env: Envelope, exc: Exception) -> None:
+    def new_session_id(self) -> int:
+        """A session id never used in this epoch."""
+        self._next_session += 1
+        return self._next_session - 1
+
+    def new_mirror_id(self) -> int:
+        """A mirror id never used in this epoch."""
+        self._next_mirror += 1
+        return self._next_mirror - 1
+
+    def answer_failure(self, identity: bytes, env: Envelope, exc: Exception) -> None:
         """Answer a handler's failure: its typed error, or INTERNAL (logged) for a bug."""
         if isinstance(exc, RequestError):
             # Bad arguments are bad input, whether a cap or a range was violated; ESRCH,
@@ -369,18 +378,18 @@ class Daemon:
         log.warning("evicting session %d (%s): %s", session.id, session.name, reason)
         self.invalidator.forgive(session)
         for mirror in list(session.mirrors.values()):
-            self._drop_mirror(mirror)
+            self.drop_mirror(mirror)
         with contextlib.suppress(Unreachable):
             self.transport.send(
                 session.identity,
                 encode(Evicted(mirrors=ids[:4096], reason=reason[:256]), session.take_id()),
             )
 
-    def _close_session(self, session: Session) -> None:
+    def close_session(self, session: Session) -> None:
         """Forget ``session`` (GOODBYE or a new HELLO), forgiving acks, dropping mirrors."""
         self.invalidator.forgive(session)
         for mirror in list(session.mirrors.values()):
-            self._drop_mirror(mirror)
+            self.drop_mirror(mirror)
         self.sessions.pop(session.identity, None)
 
     async def _sweep_leases(self) -> None:
@@ -425,7 +434,7 @@ class Daemon:
 
     # --- mms and mirrors ---------------------------------------------------------------------
 
-    def _attach_mm(self, pid: int, wanted_start: int) -> Mm:
+    def attach_mm(self, pid: int, wanted_start: int) -> Mm:
         """The Mm of process ``pid`` (start time checked), reused or newly opened and watched."""
         try:
             pidfd = os.pidfd_open(pid)
@@ -596,7 +605,7 @@ class Daemon:
             interval = lo if changes else min(hi, interval * 1.5)
             interval = max(interval, cost * 20)
 
-    def strict_watch(self, mm: Mm) -> UffdWatch | None:
+    def strict_watch(self, mm: Mm) -> UffdWatcher | None:
         """``mm``'s strict-write watch, obtained now if the target offers a second uffd."""
         if mm.strict_uffd is not None and not mm.strict_uffd.closed:
             return mm.strict_uffd
@@ -705,7 +714,7 @@ class Daemon:
                 log.warning("userfaultfd of pid %d failed (%s): proc watcher only", mm.pid, exc)
                 watch.close()
 
-    def _drop_mirror(self, mirror: Mirror) -> None:
+    def drop_mirror(self, mirror: Mirror) -> None:
         """Forget ``mirror``; forget its mm too once nothing uses it."""
         mirror.dead = True
         mirror.session.mirrors.pop(mirror.id, None)
@@ -714,14 +723,14 @@ class Daemon:
         if mirror in mm.mirrors:
             mm.mirrors.remove(mirror)
         if not mm.mirrors and not mm.released and mm.active == 0:
-            self._drop_mm(mm)
+            self.drop_mm(mm)
 
     def _on_mm_idle(self, mm: Mm) -> None:
         """An mm's windows all closed: forget it if its last mirror went meanwhile."""
         if not mm.mirrors and not mm.released:
-            self._drop_mm(mm)
+            self.drop_mm(mm)
 
-    def _drop_mm(self, mm: Mm) -> None:
+    def drop_mm(self, mm: Mm) -> None:
         """Stop watching ``mm`` and close its pidfd and view, once."""
         if mm.closed:
             return  # never close a pidfd number twice: it may belong to someone else by now
@@ -756,8 +765,8 @@ class Daemon:
         self.counters["releases" if event == Event.RELEASE else "evictions"] += 1
         await self.invalidator.invalidate(mm, 0, 1 << 64, event)
         for mirror in list(mm.mirrors):
-            self._drop_mirror(mirror)
-        self._drop_mm(mm)
+            self.drop_mirror(mirror)
+        self.drop_mm(mm)
 
     def start_invalidations(self, mm: Mm, changes: list[Change]) -> None:
         """Begin an invalidation per change now; their completion is awaited in the background."""

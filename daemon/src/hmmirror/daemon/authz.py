@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
+from hmmirror.daemon.config import Config
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.linux.creds import (
     Creds,
@@ -25,17 +26,31 @@ from hmmirror.daemon.linux.creds import (
     yama_scope,
 )
 from hmmirror.daemon.linux.procfs import start_time
-from hmmirror.daemon.policy import Agent, Host, own_process, refusal
+from hmmirror.daemon.policy import Agent, Host, Policy, own_process, refusal
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import FRAMES_PHYSICAL, Access
 from hmmirror.transport.peer import Peer
 
 if TYPE_CHECKING:
-    from hmmirror.daemon.app import Daemon
-    from hmmirror.daemon.mm import Mm
-    from hmmirror.daemon.session import Session
+    from hmmirror.daemon.state import Mm, Session
 
 log = logging.getLogger(__name__)
+
+
+class DaemonView(Protocol):
+    """What authorization reads of hmmd (``app.Daemon`` is it): the policy and config in
+    force, the counters refusals go to, the credentials of the connection asking now, and
+    the status figures to filter."""
+
+    policy: Policy | None
+    config: Config
+    counters: dict[str, int]
+    asking_vouched: Creds | None
+
+    def status(self) -> dict[str, int | float | str]:
+        """Every status figure."""
+        ...
+
 
 #: ``status`` keys everyone sees: counters and figures, nothing naming a process, a path
 #: or an address (``Daemon.counters`` are added to these). Root and inspectors see all.
@@ -89,7 +104,7 @@ def host() -> Host:
     return Host(hmmd_pid=os.getpid(), userns=own_userns(), yama=int(_yama[1]))
 
 
-def may_inspect(d: Daemon, peer: Peer) -> bool:
+def may_inspect(d: DaemonView, peer: Peer) -> bool:
     """Root over ipc, or an agent with an ``inspect`` grant, sees every session."""
     return peer.root or (d.policy is not None and d.policy.inspector(peer.identity))
 
@@ -102,7 +117,7 @@ def vouch(peer: Peer, pidfd: int) -> Creds | None:
     return None
 
 
-def open_session(d: Daemon, session: Session) -> None:
+def open_session(d: DaemonView, session: Session) -> None:
     """At HELLO: the agent's credentials (read when it connected); the session's rights."""
     peer = session.peer
     session.credentials = d.asking_vouched
@@ -114,7 +129,7 @@ def open_session(d: Daemon, session: Session) -> None:
     )
 
 
-def refuse(d: Daemon, who: str, what: str, why: str) -> NoReturn:
+def refuse(d: DaemonView, who: str, what: str, why: str) -> NoReturn:
     """Count, log (rate-limited) and raise PERMISSION_DENIED with the one-line reason."""
     d.counters["refusals"] = d.counters.get("refusals", 0) + 1
     _refusals.warning(f"refused {what} by {who}: {why}")
@@ -126,7 +141,7 @@ def _who(session: Session) -> str:
     return f"session {session.id} ({session.name}, {session.peer.identity})"
 
 
-def authorize(d: Daemon, session: Session, pid: int, access: Access, what: str) -> Creds:
+def authorize(d: DaemonView, session: Session, pid: int, access: Access, what: str) -> Creds:
     """The target's credentials if ``session`` may have ``access`` to ``pid``; else
     PERMISSION_DENIED (ESRCH for a process that does not exist)."""
     agent, now = Agent(session.peer, session.credentials), host()
@@ -147,7 +162,7 @@ def authorize(d: Daemon, session: Session, pid: int, access: Access, what: str) 
     return target
 
 
-def authorize_sync_range(d: Daemon, session: Session, pid: int, watched: bool) -> None:
+def authorize_sync_range(d: DaemonView, session: Session, pid: int, watched: bool) -> None:
     """``sync_range`` needs write access to ``pid``. Its hot callers are answered without
     reading the target's credentials: a target announcing its own change, from its start time
     alone (the kernel's same-thread-group rule), and a privileged agent (root, or
@@ -165,7 +180,7 @@ def authorize_sync_range(d: Daemon, session: Session, pid: int, watched: bool) -
 
 
 def authorize_attached(
-    d: Daemon, session: Session, mm: Mm, checked: Creds, access: Access, what: str
+    d: DaemonView, session: Session, mm: Mm, checked: Creds, access: Access, what: str
 ) -> None:
     """Once ``mm`` is open: it must be the process ``checked`` was, and still allowed.
 
@@ -180,7 +195,7 @@ def authorize_attached(
         raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} was replaced (pid reused)")
 
 
-def visible_status(d: Daemon, peer: Peer) -> dict[str, int | float | str]:
+def visible_status(d: DaemonView, peer: Peer) -> dict[str, int | float | str]:
     """``status`` for ``peer``: everything for root and inspectors, else counters only."""
     stats = d.status()
     if may_inspect(d, peer):

@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import numpy as np
 from hmmirror.daemon import authz
 from hmmirror.daemon.budget import fault_reply_bytes
+from hmmirror.daemon.dma.copier import Copier
+from hmmirror.daemon.dma.service import DmaService
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.fault.service import Pending, attempt, resolve
+from hmmirror.daemon.frames import FrameTokens
+from hmmirror.daemon.invalidation import Invalidator
 from hmmirror.daemon.linux.procfs import (
     PAGE_SHIFT,
     PAGE_SIZE,
     Raw,
     start_time,
 )
-from hmmirror.daemon.mm import Mirror, Span
-from hmmirror.daemon.session import Session
+from hmmirror.daemon.state import Mirror, Mm, Session, Span, UffdWatcher
 from hmmirror.proto.codec import Envelope
 from hmmirror.proto.entries import Entries, from_wire
 from hmmirror.proto.errors import ErrorCode
@@ -65,13 +69,92 @@ from hmmirror.proto.messages import (
     Unregister,
     Welcome,
 )
-
-if TYPE_CHECKING:
-    from hmmirror.daemon.app import Daemon
+from hmmirror.transport.budget import ReplyBudget
+from hmmirror.transport.peer import Peer
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[["Daemon", bytes, "Session | None", Envelope], "Awaitable[None] | None"]
+
+class Daemon(authz.DaemonView, Protocol):
+    """What the handlers use of hmmd (``app.Daemon`` is it): its registry, its services,
+    and the calls that answer, reserve reply room and attach or drop mms and mirrors."""
+
+    epoch: str
+    zero_pfn: int
+    asking: Peer
+    sessions: dict[bytes, Session]
+    mms: dict[tuple[int, int], Mm]
+    mirrors: dict[int, Mirror]
+    budget: ReplyBudget
+    copier: Copier
+    dma: DmaService
+    frames: FrameTokens
+    invalidator: Invalidator
+
+    def send(
+        self,
+        identity: bytes,
+        msg: Message,
+        re: int = 0,
+        bulk: Sequence[Any] = (),
+        copy: bool = True,
+        reserved: int = 0,
+    ) -> None:
+        """Queue a reply or message to ``identity``."""
+
+    def reserve(self, identity: bytes, nbytes: int, what: str) -> int:
+        """Set aside reply room for a bulk reply; EBUSY past the cap."""
+        ...
+
+    def reject(
+        self, identity: bytes, code: ErrorCode, message: str, re: int, mtype: str, bad: bool
+    ) -> None:
+        """Answer a request with an error."""
+
+    def answer_failure(self, identity: bytes, env: Envelope, exc: Exception) -> None:
+        """Answer a handler's failure."""
+
+    def new_session_id(self) -> int:
+        """A fresh session id."""
+        ...
+
+    def new_mirror_id(self) -> int:
+        """A fresh mirror id."""
+        ...
+
+    def close_session(self, session: Session) -> None:
+        """Forget ``session``."""
+
+    def attach_mm(self, pid: int, wanted_start: int) -> Mm:
+        """The watched Mm of ``pid``."""
+        ...
+
+    def drop_mm(self, mm: Mm) -> None:
+        """Stop watching ``mm``."""
+
+    def drop_mirror(self, mirror: Mirror) -> None:
+        """Forget ``mirror``."""
+
+    def mirror_of(self, session: Session, mirror_id: int) -> Mirror:
+        """The live mirror of ``session``, or NO_MIRROR."""
+        ...
+
+    def cover_with_uffd(self, mm: Mm) -> None:
+        """Register ``mm``'s mirrored VMAs with its uffd."""
+
+    def track_writes(self, mm: Mm) -> None:
+        """Arm written-page tracking for ``mm``."""
+
+    def strict_watch(self, mm: Mm) -> UffdWatcher | None:
+        """``mm``'s strict-write watch, if it can have one."""
+        ...
+
+    def device_write(self, mm: Mm, start: int, end: int) -> AbstractContextManager[None]:
+        """Around hmmd's own write into the target."""
+        ...
+
+
+Handler = Callable[[Daemon, bytes, "Session | None", Envelope], "Awaitable[None] | None"]
 
 
 def _aligned_range(start: int, npages: int, what: str) -> int:
@@ -94,10 +177,9 @@ def on_hello(d: Daemon, identity: bytes, session: Session | None, env: Envelope)
     msg = env.msg
     assert isinstance(msg, Hello)
     if session is not None:
-        d._close_session(session)
-    new = Session(d._next_session, identity, msg.agent, time.monotonic(), peer=d.asking)
+        d.close_session(session)
+    new = Session(d.new_session_id(), identity, msg.agent, time.monotonic(), peer=d.asking)
     authz.open_session(d, new)
-    d._next_session += 1
     d.sessions[identity] = new
     log.info("session %d opened by %s (pid %d, %s)", new.id, msg.agent, msg.pid, new.peer.identity)
     d.send(
@@ -125,7 +207,7 @@ def on_heartbeat(d: Daemon, identity: bytes, session: Session | None, env: Envel
 def on_goodbye(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -> None:
     """Close the session and drop its mirrors."""
     assert session is not None
-    d._close_session(session)
+    d.close_session(session)
     d.send(identity, Ok(), re=env.id)
 
 
@@ -211,19 +293,19 @@ def on_register(d: Daemon, identity: bytes, session: Session | None, env: Envelo
         raise RequestError(
             ErrorCode.ESRCH, f"process {msg.pid} started at {checked.start}, not {msg.start_time}"
         )
-    mm = d._attach_mm(msg.pid, checked.start)
+    mm = d.attach_mm(msg.pid, checked.start)
     try:
         authz.authorize_attached(d, session, mm, checked, access, "register")
     except RequestError:
         if not mm.mirrors:
-            d._drop_mm(mm)
+            d.drop_mm(mm)
         raise
     mirror = Mirror(
-        d._next_mirror, session, mm, [Span(lo, hi) for lo, hi in spans], Access(msg.access)
+        d.new_mirror_id(), session, mm, [Span(lo, hi) for lo, hi in spans], Access(msg.access)
     )
     if msg.strict_writes and d.strict_watch(mm) is None:
         if not mm.mirrors:
-            d._drop_mm(mm)
+            d.drop_mm(mm)
         raise RequestError(
             ErrorCode.EINVAL,
             f"strict_writes needs a second userfaultfd of process {msg.pid} (the target calls "
@@ -231,7 +313,7 @@ def on_register(d: Daemon, identity: bytes, session: Session | None, env: Envelo
         )
     if msg.watch_writes and not msg.strict_writes and (mm.uffd is None or mm.uffd.closed):
         if not mm.mirrors:
-            d._drop_mm(mm)
+            d.drop_mm(mm)
         raise RequestError(
             ErrorCode.EINVAL,
             f"watch_writes needs process {msg.pid}'s userfaultfd (the target calls "
@@ -239,7 +321,6 @@ def on_register(d: Daemon, identity: bytes, session: Session | None, env: Envelo
         )
     mirror.watch_writes = msg.watch_writes or msg.strict_writes
     mirror.strict = msg.strict_writes
-    d._next_mirror += 1
     mm.mirrors.append(mirror)
     session.mirrors[mirror.id] = mirror
     d.mirrors[mirror.id] = mirror
@@ -261,7 +342,7 @@ def on_unregister(d: Daemon, identity: bytes, session: Session | None, env: Enve
     mirror = session.mirrors.get(msg.mirror)
     if mirror is None:
         raise RequestError(ErrorCode.NO_MIRROR, f"session {session.id} has no mirror {msg.mirror}")
-    d._drop_mirror(mirror)
+    d.drop_mirror(mirror)
     d.send(identity, Ok(), re=env.id)
 
 
@@ -269,7 +350,7 @@ def on_ack(d: Daemon, identity: bytes, session: Session | None, env: Envelope) -
     """Apply a cumulative ACK."""
     msg = env.msg
     assert isinstance(msg, Ack) and session is not None
-    if msg.n >= session.next_n:
+    if msg.n > d.invalidator.sent(session):
         raise RequestError(ErrorCode.EINVAL, f"ACK({msg.n}) for an INVALIDATE never sent")
     d.invalidator.on_ack(session, msg.n)
 
@@ -396,7 +477,7 @@ def _send_fault_reply(
     assert isinstance(msg, Fault)
     if mirror.dead:
         d.budget.unreserve(identity, reserved)
-        d._answer_failure(
+        d.answer_failure(
             identity,
             env,
             RequestError(ErrorCode.NO_MIRROR, f"mirror {mirror.id} was dropped during the fault"),
@@ -421,7 +502,7 @@ def _failer(
 
     def fail(exc: Exception) -> None:
         d.budget.unreserve(identity, reserved)
-        d._answer_failure(identity, env, exc)
+        d.answer_failure(identity, env, exc)
 
     return fail
 

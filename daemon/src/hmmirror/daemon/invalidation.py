@@ -14,19 +14,59 @@ import asyncio
 import logging
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain
 
 import msgpack
 import numpy as np
-from hmmirror.daemon.mm import Mirror, Mm
-from hmmirror.daemon.session import Chunk, Items, Session
+from hmmirror.daemon.state import Mirror, Mm, Session
 from hmmirror.proto.codec import encode_invalidate
 from hmmirror.proto.messages import MAX_ITEMS, Event
 from hmmirror.transport import Server, Unreachable
 
 log = logging.getLogger(__name__)
+
+
+class Items:
+    """Wire items ``[seq, start, end, event]`` of one invalidation, shared by every mirror
+    they apply to unchanged, and packed for the wire at most once."""
+
+    __slots__ = ("_packed", "items")
+
+    def __init__(self, items: list[tuple[int, int, int, int]]) -> None:
+        self.items = items
+        self._packed: bytes | None = None
+
+    def packed(self) -> bytes:
+        """``msgpack.packb(items)``, computed once."""
+        if self._packed is None:
+            self._packed = msgpack.packb(self.items)
+        return self._packed
+
+
+#: What a session queues: items for one mirror from one invalidation, with both.
+Chunk = tuple[Items, "Invalidation", Mirror]
+
+
+@dataclass(eq=False)
+class Outbox:
+    """One session's INVALIDATEs: queued (``batch``), and sent but not acked (``unacked``,
+    by number ``n``, each with its chunks and the items it carries per invalidation). Only
+    the Invalidator writes INVALIDATEs, and only through a session's outbox."""
+
+    next_n: int = 1
+    batch: list[Chunk] = field(default_factory=list)
+    unacked: deque[tuple[int, list[Chunk], dict[Invalidation, int]]] = field(default_factory=deque)
+
+    def pending_overlap(self, mirror: Mirror, start: int, end: int) -> bool:
+        """Whether an INVALIDATE of [start, end) for ``mirror`` is queued or unacked."""
+        for chunks in (self.batch, *(chunks for _, chunks, _ in self.unacked)):
+            for part, _, m in chunks:
+                if m is mirror and any(lo < end and start < hi for _, lo, hi, _ in part.items):
+                    return True
+        return False
 
 
 @dataclass(eq=False)
@@ -133,6 +173,24 @@ class Invalidator:
         #: CLOCK_MONOTONIC when the last invalidation had all its acks (0: none yet).
         self.last_acked = 0.0
         self._flush_pending: set[Session] = set()
+        self.outboxes: dict[Session, Outbox] = {}
+
+    def outbox(self, session: Session) -> Outbox:
+        """``session``'s outbox (made on its first INVALIDATE)."""
+        box = self.outboxes.get(session)
+        if box is None:
+            box = self.outboxes[session] = Outbox()
+        return box
+
+    def has_queued(self, session: Session) -> bool:
+        """Whether INVALIDATEs wait in ``session``'s batch (a reply must not overtake them)."""
+        box = self.outboxes.get(session)
+        return box is not None and bool(box.batch)
+
+    def sent(self, session: Session) -> int:
+        """How many INVALIDATEs ``session`` was sent (the highest ``n`` it may ack)."""
+        box = self.outboxes.get(session)
+        return box.next_n - 1 if box is not None else 0
 
     def begin(self, mm: Mm, ranges: list[tuple[int, int]], event: Event) -> Invalidation:
         """Open the seq window over ``ranges`` and queue the items now, synchronously.
@@ -220,7 +278,8 @@ class Invalidator:
         inv.acked_at = 0.0  # evictions, not acks, ended this one: keep it out of the latency log
         try:
             for session in list(inv.waiting):
-                n = session.unacked[0][0] if session.unacked else session.next_n
+                box = self.outbox(session)
+                n = box.unacked[0][0] if box.unacked else box.next_n
                 self.evict(
                     session,
                     f"no ACK for INVALIDATE n={n} (seq {inv.seq}, {inv.event.name} "
@@ -247,8 +306,9 @@ class Invalidator:
             if inv.forgiven(session, len(part.items)):
                 self._complete(inv)
             return
-        session.batch.append(chunk)
-        if not session.unacked and session not in self._flush_pending:
+        box = self.outbox(session)
+        box.batch.append(chunk)
+        if not box.unacked and session not in self._flush_pending:
             self.flush(session)  # nothing in flight: send at once, no batching delay
         elif session not in self._flush_pending:
             self._flush_pending.add(session)
@@ -261,22 +321,23 @@ class Invalidator:
 
     def flush(self, session: Session) -> None:
         """Send ``session``'s queued chunks now: one INVALIDATE per run of chunks of one mirror."""
-        while session.batch and not session.fenced:
-            first = session.batch[0]
+        box = self.outbox(session)
+        while box.batch and not session.fenced:
+            first = box.batch[0]
             take, total = 0, 0
-            for chunk in session.batch:
+            for chunk in box.batch:
                 if take and (chunk[2] is not first[2] or total + len(chunk[0].items) > MAX_ITEMS):
                     break
                 take += 1
                 total += len(chunk[0].items)
-            chunks, session.batch = session.batch[:take], session.batch[take:]
-            n = session.next_n
-            session.next_n += 1
+            chunks, box.batch = box.batch[:take], box.batch[take:]
+            n = box.next_n
+            box.next_n += 1
             # Credit acks per invalidation, not per item: one ACK may cover thousands.
             counts: dict[Invalidation, int] = {}
             for part, inv, _ in chunks:
                 counts[inv] = counts.get(inv, 0) + len(part.items)
-            session.unacked.append((n, chunks, counts))
+            box.unacked.append((n, chunks, counts))
             if take == 1:
                 packed = first[0].packed()
             else:
@@ -290,23 +351,26 @@ class Invalidator:
 
     def on_ack(self, session: Session, n: int) -> None:
         """Apply a cumulative ``ACK(n)`` from ``session``."""
-        while session.unacked and session.unacked[0][0] <= n:
-            _, _, counts = session.unacked.popleft()
+        box = self.outbox(session)
+        while box.unacked and box.unacked[0][0] <= n:
+            _, _, counts = box.unacked.popleft()
             for inv, count in counts.items():
                 if inv.acked(session, count):
                     self._complete(inv)
 
     def forgive(self, session: Session) -> None:
         """Drop ``session``'s outstanding items (it was evicted or left): nobody waits on it."""
-        chunks = list(session.batch)
-        for _, unacked, _ in session.unacked:
+        box = self.outboxes.pop(session, None)
+        if box is None:
+            return
+        chunks = list(box.batch)
+        for _, unacked, _ in box.unacked:
             chunks.extend(unacked)
-        session.batch.clear()
-        session.unacked.clear()
         for part, inv, _ in chunks:
             if inv.forgiven(session, len(part.items)):
                 self._complete(inv)
 
     def pending_for(self, mirror: Mirror, start: int, end: int) -> bool:
         """Whether ``mirror`` has an INVALIDATE of the range queued or unacked."""
-        return mirror.session.pending_overlap(mirror, start, end)
+        box = self.outboxes.get(mirror.session)
+        return box is not None and box.pending_overlap(mirror, start, end)

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
@@ -103,6 +104,35 @@ class Child:
             return await asyncio.wait_for(self.proc.wait(), 5.0)
 
 
+async def _nothing(checker: Checker, *_: int) -> None:
+    """No injection."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A fault injected into the run, and what must hold afterwards."""
+
+    help: str
+    agent_args: Callable[[int, float], list[str]] = lambda i, deadline: []
+    during: Callable[[Checker, int], Coroutine[Any, Any, None]] = _nothing
+    """Run alongside round ``n`` (the target's batch); may signal processes."""
+    after: Callable[[Checker], Coroutine[Any, Any, None]] = _nothing
+    """Run once the target exited, before the data oracle; may add phases and violations."""
+    self_test: bool = False
+    """A deliberately broken run: violations are the expected outcome."""
+    min_agents: int = 1
+    """Agents the scenario needs (``slow-agent`` slows agent-0 and agent-1 differently)."""
+    heartbeat_ms: int = 200
+    """hmmd's heartbeat (the lease is three): ``hwm`` gives its flood a longer lease."""
+    min_ack_deadline: float = 0.0
+    """The least ack deadline the scenario runs with (``Options.ack_deadline`` if longer)."""
+
+
+#: The scenarios by name: ``check.scenarios`` registers them (it drives a Checker, so the
+#: runner, below it, cannot import it).
+SCENARIOS: dict[str, Scenario] = {}
+
+
 @dataclass
 class Options:
     """What to run."""
@@ -164,9 +194,6 @@ class Checker:
     def __init__(self, opts: Options, out: IO[str] | None = None) -> None:
         self.opts = opts
         self.out = out
-        # The scenarios drive a Checker, so they import this module: look them up late.
-        from hmmirror.client.check.scenarios import SCENARIOS
-
         self.scenario = SCENARIOS[opts.scenario]
         if opts.ack_deadline < self.scenario.min_ack_deadline:
             self.opts = opts = replace(opts, ack_deadline=self.scenario.min_ack_deadline)

@@ -6,6 +6,9 @@ target's operations and may signal processes (SIGKILL, SIGSTOP, hmmd's
 restart); ``after`` runs once the target exited and adds its own assertions,
 whose failures count as violations. ``self_test`` scenarios are deliberately
 broken runs that must end with violations: they prove the oracles can fail.
+
+They register in ``runner.SCENARIOS`` when this module is imported (the
+``hmmirror.client.check`` package does), so the runner never imports them.
 """
 
 from __future__ import annotations
@@ -13,37 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
-from hmmirror.client.check.runner import LATENCY_SLACK, Checker
+from hmmirror.client.check.runner import LATENCY_SLACK, SCENARIOS, Checker, Scenario
 from hmmirror.client.errors import AgentError
 from hmmirror.client.session import inventory, status
 
-
-async def _nothing(checker: Checker, *_: int) -> None:
-    """No injection."""
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """A fault injected into the run, and what must hold afterwards."""
-
-    help: str
-    agent_args: Callable[[int, float], list[str]] = lambda i, deadline: []
-    during: Callable[[Checker, int], Coroutine[Any, Any, None]] = _nothing
-    """Run alongside round ``n`` (the target's batch); may signal processes."""
-    after: Callable[[Checker], Coroutine[Any, Any, None]] = _nothing
-    """Run once the target exited, before the data oracle; may add phases and violations."""
-    self_test: bool = False
-    """A deliberately broken run: violations are the expected outcome."""
-    min_agents: int = 1
-    """Agents the scenario needs (``slow-agent`` slows agent-0 and agent-1 differently)."""
-    heartbeat_ms: int = 200
-    """hmmd's heartbeat (the lease is three): ``hwm`` gives its flood a longer lease."""
-    min_ack_deadline: float = 0.0
-    """The least ack deadline the scenario runs with (``Options.ack_deadline`` if longer)."""
+__all__ = ["SCENARIOS"]  # the runner's registry, filled here
 
 
 def _latency_bound(checker: Checker, victims: set[int]) -> None:
@@ -193,65 +172,68 @@ def _args(**per_agent: list[str]) -> Callable[[int, float], list[str]]:
     return lambda i, deadline: per_agent.get(f"a{i}", [])
 
 
-SCENARIOS: dict[str, Scenario] = {
-    "none": Scenario("no fault injected: the plain coherence check"),
-    "agent-kill": Scenario(
-        "agent-0 zaps an INVALIDATE and is SIGKILLed before its ACK; the others must not wait "
-        "longer than the ack deadline",
-        during=_kill_during,
-        after=_kill_after,
-    ),
-    "agent-stop": Scenario(
-        "agent-0 is SIGSTOPped for twice the ack deadline, then resumed: it is evicted, "
-        "registers again, and nobody else waits past the deadline",
-        during=_stop_during,
-        after=_stop_after,
-    ),
-    "hmmd-restart": Scenario(
-        "hmmd is SIGKILLed while an invalidation is in flight (agent-0 acks slowly) and "
-        "restarted; agents register again and no translation survives",
-        agent_args=_args(a0=["--ack-delay", "0.3"]),
-        during=_restart_during,
-    ),
-    "target-exit": Scenario(
-        "the target exits while faults (held by agent-0's slow acks) and DMAs are in flight",
-        agent_args=_args(a0=["--ack-delay", "0.2"]),
-        after=_exit_after,
-    ),
-    "pid-reuse": Scenario(
-        "after the target exits a new process gets its pid: the old (pid, start time) must "
-        "not reach it; a fresh registration is checked like the first",
-        after=_pid_reuse_after,
-    ),
-    "hwm": Scenario(
-        "agent-0 stops reading and floods hmmd with STATUS requests until hmmd's send queue to it "
-        "is full; hmmd must evict it, not block or drop INVALIDATEs silently",
-        agent_args=_args(a0=["--small-queue"]),
-        during=_hwm_during,
-        after=_hwm_after,
-        # The flood must fill hmmd's queue before agent-0's lease, or its missing ACKs,
-        # end the session by another path: on a busy machine that can take seconds.
-        heartbeat_ms=1000,
-        min_ack_deadline=3.0,
-    ),
-    "slow-agent": Scenario(
-        "agent-0 acks after 0.6x the ack deadline (kept), agent-1 after 1.5x (evicted, "
-        "registers again)",
-        agent_args=lambda i, d: {
-            0: ["--ack-delay", f"{0.6 * d:.3f}"],
-            1: ["--ack-delay", f"{1.5 * d:.3f}"],
-        }.get(i, []),
-        after=_slow_after,
-        min_agents=2,
-    ),
-    "broken-ack": Scenario(
-        "SELF-TEST: agent-0 acks INVALIDATE before zapping; the translation oracle must flag it",
-        agent_args=_args(a0=["--broken-ack"]),
-        self_test=True,
-    ),
-    "corrupt-read": Scenario(
-        "SELF-TEST: agent-0 logs wrong data for some READs; the data oracle must flag it",
-        agent_args=_args(a0=["--corrupt-reads"]),
-        self_test=True,
-    ),
-}
+SCENARIOS.update(
+    {
+        "none": Scenario("no fault injected: the plain coherence check"),
+        "agent-kill": Scenario(
+            "agent-0 zaps an INVALIDATE and is SIGKILLed before its ACK; the others must not wait "
+            "longer than the ack deadline",
+            during=_kill_during,
+            after=_kill_after,
+        ),
+        "agent-stop": Scenario(
+            "agent-0 is SIGSTOPped for twice the ack deadline, then resumed: it is evicted, "
+            "registers again, and nobody else waits past the deadline",
+            during=_stop_during,
+            after=_stop_after,
+        ),
+        "hmmd-restart": Scenario(
+            "hmmd is SIGKILLed while an invalidation is in flight (agent-0 acks slowly) and "
+            "restarted; agents register again and no translation survives",
+            agent_args=_args(a0=["--ack-delay", "0.3"]),
+            during=_restart_during,
+        ),
+        "target-exit": Scenario(
+            "the target exits while faults (held by agent-0's slow acks) and DMAs are in flight",
+            agent_args=_args(a0=["--ack-delay", "0.2"]),
+            after=_exit_after,
+        ),
+        "pid-reuse": Scenario(
+            "after the target exits a new process gets its pid: the old (pid, start time) must "
+            "not reach it; a fresh registration is checked like the first",
+            after=_pid_reuse_after,
+        ),
+        "hwm": Scenario(
+            "agent-0 stops reading and floods hmmd with STATUS requests until hmmd's send "
+            "queue to it is full; hmmd must evict it, not block or drop INVALIDATEs silently",
+            agent_args=_args(a0=["--small-queue"]),
+            during=_hwm_during,
+            after=_hwm_after,
+            # The flood must fill hmmd's queue before agent-0's lease, or its missing ACKs,
+            # end the session by another path: on a busy machine that can take seconds.
+            heartbeat_ms=1000,
+            min_ack_deadline=3.0,
+        ),
+        "slow-agent": Scenario(
+            "agent-0 acks after 0.6x the ack deadline (kept), agent-1 after 1.5x (evicted, "
+            "registers again)",
+            agent_args=lambda i, d: {
+                0: ["--ack-delay", f"{0.6 * d:.3f}"],
+                1: ["--ack-delay", f"{1.5 * d:.3f}"],
+            }.get(i, []),
+            after=_slow_after,
+            min_agents=2,
+        ),
+        "broken-ack": Scenario(
+            "SELF-TEST: agent-0 acks INVALIDATE before zapping; the translation oracle must "
+            "flag it",
+            agent_args=_args(a0=["--broken-ack"]),
+            self_test=True,
+        ),
+        "corrupt-read": Scenario(
+            "SELF-TEST: agent-0 logs wrong data for some READs; the data oracle must flag it",
+            agent_args=_args(a0=["--corrupt-reads"]),
+            self_test=True,
+        ),
+    }
+)

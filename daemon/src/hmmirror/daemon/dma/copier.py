@@ -43,7 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hmmirror.daemon.errors import RequestError
-from hmmirror.daemon.mm import Mm
+from hmmirror.daemon.state import Mm
 from hmmirror.proto.errors import ErrorCode
 
 log = logging.getLogger(__name__)

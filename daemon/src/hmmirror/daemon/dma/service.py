@@ -30,8 +30,8 @@ from hmmirror.daemon.dma.copier import Copier, CopyJob
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.linux import vm
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PFN_MASK, PM_PRESENT, Raw
-from hmmirror.daemon.mm import Mm
 from hmmirror.daemon.pagetable import vma_perms
+from hmmirror.daemon.state import Mm
 from hmmirror.daemon.watch.proc import Change, detect
 from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID, HMM_PFN_WRITE, Entries
 from hmmirror.proto.errors import ErrorCode

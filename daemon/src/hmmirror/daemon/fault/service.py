@@ -29,8 +29,8 @@ from hmmirror.daemon.dma.copier import Copier, CopyJob
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.linux import scan, vm
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PRESENT, Raw
-from hmmirror.daemon.mm import Mm
 from hmmirror.daemon.pagetable import derive, vma_perms
+from hmmirror.daemon.state import Mm
 from hmmirror.proto.entries import Entries
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import FaultMode

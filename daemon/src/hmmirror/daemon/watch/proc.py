@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, Vmas
-from hmmirror.daemon.mm import Mm
 from hmmirror.daemon.pagetable import classify, runs, vma_perms
+from hmmirror.daemon.state import Mm
 from hmmirror.proto.messages import Event
 
 Change = tuple[int, int, Event]

@@ -27,7 +27,7 @@ import os
 from collections.abc import Callable
 
 from hmmirror.daemon.linux import scan, uffd
-from hmmirror.daemon.mm import Mm
+from hmmirror.daemon.state import Mm
 from hmmirror.daemon.watch.proc import Change, detect, merge
 from hmmirror.proto.messages import Event
 

@@ -1,29 +1,94 @@
-"""Per-process state: the watched mm, its sequence number, and the mirrors of it.
+"""hmmd's state: agent sessions, the watched mms with their sequence numbers, and the
+mirrors that tie them together.
 
-An ``Mm`` is the userspace twin of ``struct mmu_notifier_subscriptions``: it
-keeps ``seq`` (even when idle, odd while any invalidation is active) and
-``active`` (how many are). Each ``Mirror`` keeps, per interval, a *shadow*:
-the entries the daemon handed to the agent and the raw pagemap entries they
-came from. The shadow is what the watcher compares the live page table
-against, so a change is detected for exactly the translations a device may hold.
+A ``Session`` is one agent connection, from HELLO to GOODBYE, lease expiry or
+eviction; its INVALIDATE numbering and ack accounting are the fan-out's
+(``invalidation.Outbox``). An ``Mm`` is the userspace twin of ``struct
+mmu_notifier_subscriptions``: it keeps ``seq`` (even when idle, odd while any
+invalidation is active) and ``active`` (how many are). Each ``Mirror`` keeps,
+per interval, a *shadow*: the entries the daemon handed to the agent and the
+raw pagemap entries they came from. The shadow is what the watcher compares
+the live page table against, so a change is detected for exactly the
+translations a device may hold. A userfaultfd watcher sits above this module
+and works on the ``Mm`` it watches; the ``Mm`` keeps it as a ``UffdWatcher``.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
+from hmmirror.daemon.linux.creds import Creds
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, ProcessView, Raw
 from hmmirror.proto.entries import Entries
-from hmmirror.proto.messages import Access
+from hmmirror.proto.messages import Access, Event
+from hmmirror.transport.peer import Peer
 
 _VALID = np.uint64(1 << 63)
 
-if TYPE_CHECKING:
-    from hmmirror.daemon.session import Session
-    from hmmirror.daemon.watch.uffd import UffdWatch
+
+@dataclass(eq=False)
+class Session:
+    """One agent connection, from HELLO to GOODBYE, lease expiry or eviction."""
+
+    id: int
+    identity: bytes
+    name: str
+    last_seen: float
+    peer: Peer = field(default_factory=Peer)
+    """Who the agent is, as the transport proved it (policy, logs)."""
+    credentials: Creds | None = None
+    """The agent process's own credentials, read at HELLO (``ipc://`` only; None when they
+    could not be proven): the kernel's ptrace rule compares them with a target's."""
+    physical_frames: bool = False
+    """Entries carry real PFNs (a root agent over ipc, or a ``frames = "physical"`` grant);
+    otherwise opaque frame tokens."""
+    inspector: bool = False
+    """May see every session's mirrors in ``inventory`` and the full ``status``."""
+    mirrors: dict[int, Mirror] = field(default_factory=dict)
+    fenced: bool = False
+    next_id: int = 1
+
+    def take_id(self) -> int:
+        """A fresh header id for a daemon-originated message."""
+        self.next_id += 1
+        return self.next_id
+
+
+class UffdWatcher(Protocol):
+    """What an ``Mm`` keeps of a userfaultfd watcher (``watch.uffd.UffdWatch``, which sits
+    above this module and works on the ``Mm`` it watches)."""
+
+    mm: Mm
+    closed: bool
+    events: dict[str, int]
+    written_runs: int
+
+    def close(self) -> None:
+        """Stop watching and close the userfaultfd."""
+
+    def cover(self) -> int:
+        """Register the VMAs under the mm's mirrors; how many are registered."""
+        ...
+
+    def cover_range(self, start: int, end: int) -> int:
+        """Register the VMAs over [start, end); how many are registered."""
+        ...
+
+    def release(self, lo: int, hi: int) -> None:
+        """Unregister [lo, hi) (another watcher takes it)."""
+
+    def protect(self, start: int, end: int) -> None:
+        """Write-protect [start, end)."""
+
+    def unprotect(self, start: int, end: int, wake: bool = True) -> None:
+        """Lift write protection from [start, end)."""
+
+    def scan_written(self) -> list[tuple[int, int, Event]]:
+        """The runs written since the last scan, as WRITTEN changes."""
+        ...
 
 
 @dataclass
@@ -140,9 +205,9 @@ class Mm:
     released: bool = False
     closed: bool = False
     watcher: asyncio.Task[None] | None = None
-    uffd: UffdWatch | None = None
+    uffd: UffdWatcher | None = None
     """The target's userfaultfd watcher, when hmmd has one (see ``watch.uffd``)."""
-    strict_uffd: UffdWatch | None = None
+    strict_uffd: UffdWatcher | None = None
     """The strict-write watch (a second uffd without WP_ASYNC), when a mirror needs one."""
     written: asyncio.Task[None] | None = None
     """The written-page scan loop, while a mirror subscribes to writes."""
