@@ -493,3 +493,38 @@ async def test_execve_releases_the_old_image_and_the_new_one_can_be_mirrored(hmm
     finally:
         proc.kill()
         await proc.wait()
+
+
+async def test_the_new_image_can_be_mirrored_while_the_old_ones_release_waits(hmmd, agent):
+    """A mirror that never acks keeps the replaced image's RELEASE open (up to the ack
+    deadline): registering the new image meanwhile must mirror it, not answer ESRCH
+    "process has exited" (which it did while the old Mm held the (pid, start) key)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", EXEC_TARGET, "a", EXEC_TARGET,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    silent = RawAgent(hmmd.endpoint)
+    try:
+        old_addr = int(await asyncio.wait_for(proc.stdout.readline(), 10))
+        assert isinstance((await silent.request(Hello(agent="silent"))).msg, Welcome)
+        silent.start_heartbeats()
+        reg = await silent.request(
+            Register(pid=proc.pid, start_time=0, intervals=((old_addr, old_addr + PAGE),), access=1)
+        )
+        assert isinstance(reg.msg, Registered)
+        async with agent() as s:
+            old = await s.mirror(proc.pid, old_addr, PAGE, Access.READ)
+            proc.stdin.write(b"exec\n")
+            new_addr = int(await asyncio.wait_for(proc.stdout.readline(), 10))
+            deadline = time.monotonic() + 5
+            while not old.released and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert old.released, f"no RELEASE for the replaced image: {old.events}"
+            new = await s.mirror(proc.pid, new_addr, PAGE, Access.READ)
+            result = await new.read(new_addr, 1)
+            assert result.faults == 1 and result.data == b"b" * PAGE
+    finally:
+        silent.close()
+        proc.kill()
+        await proc.wait()

@@ -452,9 +452,13 @@ class Daemon:
             mm = self.mms.get((pid, st))
             if mm is not None and not mm.released and mm.view.replaced():
                 self._on_exit(mm)  # execve gave the process a new mm: RELEASE the old one
-                mm = None
             if mm is not None and mm.released:
-                raise RequestError(ErrorCode.ESRCH, f"process {pid} has exited")
+                # Its RELEASE is still out (waiting for acks): the process, alive since
+                # pidfd_open found it, runs a new image (execve keeps pid and start time).
+                # The old Mm finishes on its own; the new one takes the key (drop_mm only
+                # removes its own entry). A process really gone fails the checks below.
+                del self.mms[mm.key]
+                mm = None
             if mm is not None:
                 os.close(pidfd)
                 return mm
