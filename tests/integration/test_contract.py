@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -469,6 +470,19 @@ sys.stdin.readline()
 """
 
 
+async def _exec_and_mirror_the_new_image(proc: Any, s: Any, old: Any) -> None:
+    """Make the EXEC_TARGET exec, wait for ``old``'s RELEASE, mirror and read the new image."""
+    proc.stdin.write(b"exec\n")
+    new_addr = int(await asyncio.wait_for(proc.stdout.readline(), 10))
+    deadline = time.monotonic() + 5
+    while not old.released and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert old.released, f"no RELEASE for the replaced image: {old.events}"
+    new = await s.mirror(proc.pid, new_addr, PAGE, Access.READ)
+    result = await new.read(new_addr, 1)
+    assert result.faults == 1 and result.data == b"b" * PAGE
+
+
 async def test_execve_releases_the_old_image_and_the_new_one_can_be_mirrored(hmmd, agent):
     """execve keeps pid and start time but replaces the mm: RELEASE the old, mirror the new."""
     proc = await asyncio.create_subprocess_exec(
@@ -481,15 +495,7 @@ async def test_execve_releases_the_old_image_and_the_new_one_can_be_mirrored(hmm
         async with agent() as s:
             old = await s.mirror(proc.pid, old_addr, PAGE, Access.READ)
             assert (await old.read(old_addr, 1)).data == b"a" * PAGE
-            proc.stdin.write(b"exec\n")
-            new_addr = int(await asyncio.wait_for(proc.stdout.readline(), 10))
-            deadline = time.monotonic() + 5
-            while not old.released and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            assert old.released, f"no RELEASE for the replaced image: {old.events}"
-            new = await s.mirror(proc.pid, new_addr, PAGE, Access.READ)
-            result = await new.read(new_addr, 1)
-            assert result.faults == 1 and result.data == b"b" * PAGE
+            await _exec_and_mirror_the_new_image(proc, s, old)
     finally:
         proc.kill()
         await proc.wait()
@@ -515,15 +521,7 @@ async def test_the_new_image_can_be_mirrored_while_the_old_ones_release_waits(hm
         assert isinstance(reg.msg, Registered)
         async with agent() as s:
             old = await s.mirror(proc.pid, old_addr, PAGE, Access.READ)
-            proc.stdin.write(b"exec\n")
-            new_addr = int(await asyncio.wait_for(proc.stdout.readline(), 10))
-            deadline = time.monotonic() + 5
-            while not old.released and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            assert old.released, f"no RELEASE for the replaced image: {old.events}"
-            new = await s.mirror(proc.pid, new_addr, PAGE, Access.READ)
-            result = await new.read(new_addr, 1)
-            assert result.faults == 1 and result.data == b"b" * PAGE
+            await _exec_and_mirror_the_new_image(proc, s, old)
     finally:
         silent.close()
         proc.kill()

@@ -36,6 +36,18 @@ def _message(tag: bytes, seq: int, frames: int) -> list[bytes]:
     return [b"%s:%d:%d" % (tag, seq, frames)] * frames
 
 
+def _burst(sock: zmq.Socket[Any], tag: bytes, seq: int, count: int, sent: dict[str, Any]) -> int:
+    """Send up to ``count`` 2- to 4-frame messages without blocking; return the last seq."""
+    try:
+        for _ in range(count):
+            seq += 1
+            sock.send_multipart(_message(tag, seq, 2 + seq % 3), zmq.NOBLOCK)
+            sent["messages"] += 1
+    except zmq.Again:
+        pass
+    return seq
+
+
 def attack(endpoint: str, seconds: float) -> dict[str, Any]:
     """Three peers flood 2- to 4-frame messages; meanwhile others connect, send a burst
     of them and close, again and again. Returns what was sent (and why it stopped early,
@@ -50,23 +62,12 @@ def attack(endpoint: str, seconds: float) -> dict[str, Any]:
             churner = dial(ctx, endpoint)
             tag = secrets.token_hex(4).encode()
             try:
-                for _ in range(40):
-                    seq += 1
-                    churner.send_multipart(_message(tag, seq, 2 + seq % 3), zmq.NOBLOCK)
-                    sent["messages"] += 1
-            except zmq.Again:
-                pass
+                seq = _burst(churner, tag, seq, 40, sent)
             finally:
                 churner.close(linger=0)
             sent["churned"] += 1
             for sock, tag in flooders:
-                try:
-                    for _ in range(60):
-                        seq += 1
-                        sock.send_multipart(_message(tag, seq, 2 + seq % 3), zmq.NOBLOCK)
-                        sent["messages"] += 1
-                except zmq.Again:
-                    pass
+                seq = _burst(sock, tag, seq, 60, sent)
     except (DoorError, OSError) as exc:
         sent["stopped"] = str(exc)
     finally:
