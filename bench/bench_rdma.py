@@ -247,7 +247,7 @@ def bench_rdma(window: int, seconds: float, rounds: int, fault_count: int, loop:
         agent = procs.spawn(
             # Plain TCP, like the raw pyzmq peer it is compared with: the figures are the
             # data path's, not CURVE's (a deployment's tcp:// listener encrypts).
-            [PY, "-m", "hmmirror.client.agentapp", "--daemon", dmn.endpoint,
+            [PY, "-m", "hmmirror.tools.agentapp", "--daemon", dmn.endpoint,
              "--listen", "tcp://127.0.0.1:0", "--insecure", "--grant", "any:*:rwa",
              "--log-level", "warning", "--mr", f"{target.pid}:{target.addr:#x}:{REGION}:rwa"],
         )  # fmt: skip

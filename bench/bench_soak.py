@@ -18,7 +18,7 @@
   target is stopped (SIGSTOP, every thread seen stopped), hmmd is waited on until no invalidation
   is active (Inventory: every mm's seq even, ``active`` 0) and its ``invalidations`` counter has
   not moved for 0.5 s (ten proc-watcher polls at the slowest rate), and then every agent runs the
-  translation oracle (``hmmirror.client.oracle.check``: its VALID entries against the target's
+  translation oracle (``hmmirror.tools.oracle.check``: its VALID entries against the target's
   /proc pagemap and maps, read by the agent itself). The target is resumed (SIGCONT). The time
   paused is not part of any throughput window.
 * **Reported**: hmmd's ``invalidations`` per 5 s window against the asked rate (min and median,
@@ -62,7 +62,7 @@ from common import (
     start_daemon,
     tmpdir,
 )
-from hmmirror.client.syscalls import (
+from hmmirror.tools.syscalls import (
     MADV_DONTNEED,
     MADV_NOHUGEPAGE,
     MAP_ANONYMOUS,
@@ -234,9 +234,9 @@ async def _agent(
     import numpy as np
     from hmmirror.client import Access, connect
     from hmmirror.client.errors import AgentError
-    from hmmirror.client.oracle import check
     from hmmirror.proto.entries import HMM_PFN_VALID
     from hmmirror.proto.messages import FaultMode
+    from hmmirror.tools.oracle import check
 
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()

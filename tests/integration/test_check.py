@@ -17,8 +17,9 @@ import sys
 import numpy as np
 import pytest
 from hmmirror.client import Access, DeviceError
-from hmmirror.client.check import Checker, Options
-from hmmirror.client.check.stamps import (
+from hmmirror.proto.entries import HMM_PFN_VALID, HMM_PFN_WRITE
+from hmmirror.tools.check import Checker, Options
+from hmmirror.tools.check.stamps import (
     READ,
     RECORD,
     SET,
@@ -31,8 +32,7 @@ from hmmirror.client.check.stamps import (
     DataOracle,
     stamp,
 )
-from hmmirror.client.oracle import check, check_table
-from hmmirror.proto.entries import HMM_PFN_VALID, HMM_PFN_WRITE
+from hmmirror.tools.oracle import check, check_table
 
 PAGE = 4096
 
@@ -157,19 +157,19 @@ async def test_discarded_fault_reply_leaves_no_entry_hmmd_no_longer_tracks(hmmd,
 def test_hmmctl_check_cli_reports_seed_and_fails_on_violations() -> None:
     """``hmmctl check`` prints the report table and exits 1 when a self-test breaks an agent."""
     ok = subprocess.run(
-        [sys.executable, "-m", "hmmirror.client.ctlapp", "check", "--seed", "13",
+        [sys.executable, "-m", "hmmirror.tools.ctlapp", "check", "--seed", "13",
          "--duration", "2", "--agents", "3", "-q"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "seed" in ok.stdout and "READs judged" in ok.stdout
     listed = subprocess.run(
-        [sys.executable, "-m", "hmmirror.client.ctlapp", "check", "--scenario", "list"],
+        [sys.executable, "-m", "hmmirror.tools.ctlapp", "check", "--scenario", "list"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert "hmmd-restart" in listed.stdout
     broken = subprocess.run(
-        [sys.executable, "-m", "hmmirror.client.ctlapp", "check", "--seed", "13",
+        [sys.executable, "-m", "hmmirror.tools.ctlapp", "check", "--seed", "13",
          "--duration", "2", "--agents", "3", "--scenario", "broken-ack", "-q"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -205,7 +205,7 @@ def test_a_scenario_refuses_too_few_agents() -> None:
     with pytest.raises(ValueError, match="at least 2 agents"):
         Checker(Options(agents=1, scenario="slow-agent"))
     out = subprocess.run(
-        [sys.executable, "-m", "hmmirror.client.ctlapp", "check", "--scenario", "slow-agent",
+        [sys.executable, "-m", "hmmirror.tools.ctlapp", "check", "--scenario", "slow-agent",
          "--agents", "1"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -112,7 +112,7 @@ def _check_running_daemon(proc: subprocess.Popen[str], directory: str, endpoint:
         assert line.strip() == f"hmmd ready {endpoint}"
         mode = stat.S_IMODE(os.stat(f"{directory}/hmmd.sock").st_mode)
         assert mode == 0o660, oct(mode)
-        status = run("hmmirror.client.ctlapp", "--endpoint", endpoint, "status")
+        status = run("hmmirror.tools.ctlapp", "--endpoint", endpoint, "status")
         assert status.returncode == 0, status.stderr
         assert "epoch" in status.stdout and "invalidations" in status.stdout
         proc.send_signal(signal.SIGTERM)
@@ -126,7 +126,7 @@ def _check_running_daemon(proc: subprocess.Popen[str], directory: str, endpoint:
 def test_hmmctl_status_without_a_daemon_fails_fast_and_says_where():
     t0 = time.monotonic()
     out = run(
-        "hmmirror.client.ctlapp",
+        "hmmirror.tools.ctlapp",
         "--endpoint",
         "ipc:///tmp/hmm-nobody-here.sock",
         "--timeout",
@@ -175,7 +175,7 @@ def _abandon_a_session(daemon: subprocess.Popen[str], endpoint: str) -> None:
 
 def test_demo_runs_and_reports_zero_violations():
     out = run(
-        "hmmirror.client.ctlapp", "demo", "--duration", "3", "--seed", "7",
+        "hmmirror.tools.ctlapp", "demo", "--duration", "3", "--seed", "7",
         "--check-duration", "3", timeout=90,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr

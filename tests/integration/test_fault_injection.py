@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from hmmirror.client.check import Checker, Options
+from hmmirror.tools.check import Checker, Options
 
 SCENARIOS = ["agent-kill", "agent-stop", "hmmd-restart", "target-exit", "pid-reuse", "hwm",
              "slow-agent"]  # fmt: skip

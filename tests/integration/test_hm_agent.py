@@ -25,7 +25,7 @@ from hmmirror.testing.rdma import DEADLINE, HM_AGENT, hm_agent
 
 __all__ = ["hm_agent"]  # test_fuzz_socket.py takes it from here
 PAGE = 4096
-HMMCTL = [sys.executable, "-m", "hmmirror.client.ctlapp"]
+HMMCTL = [sys.executable, "-m", "hmmirror.tools.ctlapp"]
 
 
 async def test_remote_read_write_and_atomics_through_hm_agent(hmmd, puppet):

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from hmmirror.client import Access
 
-HMMCTL = [sys.executable, "-m", "hmmirror.client.ctlapp"]
+HMMCTL = [sys.executable, "-m", "hmmirror.tools.ctlapp"]
 PAGE = 4096
 
 

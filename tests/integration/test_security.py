@@ -15,7 +15,7 @@ from hmmirror.client import DaemonUnavailable, connect
 from hmmirror.client.curve import CurveKeys
 
 HMMD = [sys.executable, "-m", "hmmirror.daemon", "run", "--endpoint", "tcp://127.0.0.1:0"]
-HMMCTL = [sys.executable, "-m", "hmmirror.client.ctlapp"]
+HMMCTL = [sys.executable, "-m", "hmmirror.tools.ctlapp"]
 
 
 def keys(directory, name: str) -> tuple[str, str]:

@@ -63,7 +63,7 @@ RSS_ABORT = 400 * MIB
 #: How long any one request of the witness may take, under the attack, on a loaded host.
 WITNESS_DEADLINE = 5.0
 REPLY_TIMEOUT = 5.0
-HM_AGENT = [sys.executable, "-m", "hmmirror.client.agentapp"]
+HM_AGENT = [sys.executable, "-m", "hmmirror.tools.agentapp"]
 
 # A lease of 3 s (heartbeat 1 s): the raw attacker sends no heartbeats, only requests; the
 # conftest's ack deadline of 1 s is the time a peer may stay at its cap without reading.

@@ -85,7 +85,7 @@ async def test_an_inspect_grant_sees_every_session(users, hmmd_extra_args, hmmd,
 def test_hmmctl_as_a_user_without_rights(users, hmmd_extra_args, hmmd):
     """``hmmctl status`` works for anyone (counters only); ``hmmctl mms`` is one line, exit 1."""
     _, reader, _ = users
-    ctl = [sys.executable, "-m", "hmmirror.client.ctlapp", "--endpoint", hmmd.endpoint]
+    ctl = [sys.executable, "-m", "hmmirror.tools.ctlapp", "--endpoint", hmmd.endpoint]
     status = reader.run([*ctl, "status"])
     assert status.returncode == 0, status.stderr
     assert "invalidations" in status.stdout and "endpoint" not in status.stdout

@@ -35,7 +35,7 @@ from hmmirror.proto.errors import ErrorCode
 from hmmirror.testing.rdma import HM_AGENT, agent_keys, hm_agent, read_ready
 
 PAGE = 4096
-HMMCTL = [sys.executable, "-m", "hmmirror.client.ctlapp"]
+HMMCTL = [sys.executable, "-m", "hmmirror.tools.ctlapp"]
 SECRET = (b"root's secret page " * 500)[: 2 * 4096]
 #: How long an attacker keeps trying before it reports what it got.
 ATTACK_SECONDS = 3.0

@@ -27,7 +27,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_docstring_coverage() -> None:
-    """interrogate meets the root config's ``fail-under`` on the four packages."""
+    """interrogate meets the root config's ``fail-under`` on the five packages."""
     # -c: without it interrogate picks the pyproject.toml nearest the paths (client's).
     result = _run(
         "interrogate",
@@ -37,11 +37,12 @@ def test_docstring_coverage() -> None:
         "transport/src",
         "daemon/src",
         "client/src",
+        "tools/src",
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ruff_clean() -> None:
     """ruff finds nothing to report in the packages and the tests."""
-    result = _run("ruff", "check", "proto", "transport", "daemon", "client", "tests")
+    result = _run("ruff", "check", "proto", "transport", "daemon", "client", "tools", "tests")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -103,8 +103,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``hmmctl check``: the coherence checker (see ``hmmirror.client.check``)."""
-    from hmmirror.client.check.scenarios import SCENARIOS
+    """``hmmctl check``: the coherence checker (see ``hmmirror.tools.check``)."""
+    from hmmirror.tools.check.scenarios import SCENARIOS
 
     names = "\n".join(f"  {name:<13} {s.help}" for name, s in SCENARIOS.items())
     check = sub.add_parser(
@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from hmmirror.client.demo import main as demo_main
+        from hmmirror.tools.demo import main as demo_main
 
         return demo_main(args.duration, args.seed, args.check_duration)
     if args.command == "check":
@@ -185,9 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     """``hmmctl check``."""
-    from hmmirror.client.check.report import main as check_main
-    from hmmirror.client.check.runner import Options
-    from hmmirror.client.check.scenarios import SCENARIOS
+    from hmmirror.tools.check.report import main as check_main
+    from hmmirror.tools.check.runner import Options
+    from hmmirror.tools.check.scenarios import SCENARIOS
 
     if args.scenario == "list":
         for name, scenario in SCENARIOS.items():

@@ -321,8 +321,8 @@ async def serve(conf: dict[str, Any], args: argparse.Namespace | None = None) ->
     """Connect, bind, register, serve until a signal; return the exit code."""
     from hmmirror.client.mlx5.nic import Nic
     from hmmirror.client.mlx5.service import RdmaService
-    from hmmirror.client.sdnotify import notify
     from hmmirror.client.session import connect
+    from hmmirror.daemon.sdnotify import notify
 
     log = logging.getLogger("hmmirror.agent")
     stop = asyncio.Event()

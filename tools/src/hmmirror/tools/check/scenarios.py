@@ -8,7 +8,7 @@ whose failures count as violations. ``self_test`` scenarios are deliberately
 broken runs that must end with violations: they prove the oracles can fail.
 
 They register in ``runner.SCENARIOS`` when this module is imported (the
-``hmmirror.client.check`` package does), so the runner never imports them.
+``hmmirror.tools.check`` package does), so the runner never imports them.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import contextlib
 import signal
 from collections.abc import Callable
 
-from hmmirror.client.check.runner import LATENCY_SLACK, SCENARIOS, Checker, Scenario
 from hmmirror.client.errors import AgentError
 from hmmirror.client.session import inventory, status
+from hmmirror.tools.check.runner import LATENCY_SLACK, SCENARIOS, Checker, Scenario
 
 __all__ = ["SCENARIOS"]  # the runner's registry, filled here
 

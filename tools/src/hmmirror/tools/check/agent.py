@@ -1,6 +1,6 @@
 """A checker agent: one process, one session, one ODP MR over the target's arena.
 
-``python -m hmmirror.client.check.agent ENDPOINT INDEX SEED PID START_TIME BASE SIZE LOG``
+``python -m hmmirror.tools.check.agent ENDPOINT INDEX SEED PID START_TIME BASE SIZE LOG``
 registers an MR (an mlx5-model ``Nic``) and prints ``{"ready": ...}``. It then
 obeys one command per stdin line and answers each with one JSON line:
 
@@ -37,16 +37,6 @@ import time
 from typing import Any
 
 import zmq
-from hmmirror.client.check.stamps import (
-    GARBAGE,
-    PAGE,
-    READ,
-    WRITE,
-    WRITE_INTENT,
-    WRITER_AGENT,
-    record,
-    stamp,
-)
 from hmmirror.client.errors import (
     AgentError,
     DaemonUnavailable,
@@ -60,6 +50,16 @@ from hmmirror.client.mlx5 import ADVISE_FLUSH, AccessFlags, Advice, AtomicOp, Me
 from hmmirror.client.session import Session, status
 from hmmirror.proto.codec import encode
 from hmmirror.proto.messages import Invalidate, Status
+from hmmirror.tools.check.stamps import (
+    GARBAGE,
+    PAGE,
+    READ,
+    WRITE,
+    WRITE_INTENT,
+    WRITER_AGENT,
+    record,
+    stamp,
+)
 from hmmirror.transport.sockets import send_frames
 
 ACCESS = (
@@ -422,7 +422,7 @@ def say(**fields: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments and serve."""
-    p = argparse.ArgumentParser(prog="python -m hmmirror.client.check.agent")
+    p = argparse.ArgumentParser(prog="python -m hmmirror.tools.check.agent")
     p.add_argument("endpoint")
     p.add_argument("index", type=int)
     p.add_argument("seed", type=int)

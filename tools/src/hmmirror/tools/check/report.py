@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import IO
 
-from hmmirror.client.check.runner import Checker, Options, Report
-from hmmirror.client.check.scenarios import SCENARIOS
+from hmmirror.tools.check.runner import Checker, Options, Report
+from hmmirror.tools.check.scenarios import SCENARIOS
 
 
 def print_report(report: Report, out: IO[str]) -> None:

@@ -28,9 +28,9 @@ from typing import IO
 
 from hmmirror.client.errors import DeviceError
 from hmmirror.client.mirror import Mirror
-from hmmirror.client.oracle import Violation, check
 from hmmirror.client.session import Session, connect
 from hmmirror.proto.messages import Access
+from hmmirror.tools.oracle import Violation, check
 
 PAGE = 4096
 #: Seconds of the checker's rounds after the demo's own (``--check-duration``).
@@ -156,7 +156,7 @@ async def run_demo(duration: float, seed: int, out: IO[str]) -> Report:
         endpoint = f"ipc://{tmp}/hmmd.sock"
         daemon = await _start_daemon(endpoint, log)
         target = subprocess.Popen(
-            [sys.executable, "-m", "hmmirror.client.churn", str(seed)], stdout=subprocess.PIPE
+            [sys.executable, "-m", "hmmirror.tools.churn", str(seed)], stdout=subprocess.PIPE
         )
         try:
             assert target.stdout is not None
@@ -241,8 +241,8 @@ def print_report(report: Report, seed: int, out: IO[str]) -> None:
 def main(duration: float, seed: int, check_duration: float = CHECK_SECONDS) -> int:
     """Run the demo, then the checker; print both reports; 0 if coherent, 1 if any violation."""
     import uvloop
-    from hmmirror.client.check import Checker, Options
-    from hmmirror.client.check import print_report as print_check
+    from hmmirror.tools.check import Checker, Options
+    from hmmirror.tools.check import print_report as print_check
 
     start = time.monotonic()
     report = uvloop.run(run_demo(duration, seed, sys.stdout))

@@ -36,11 +36,11 @@ from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 import numpy as np
-from hmmirror.client.check.stamps import DataOracle, describe, load
 from hmmirror.client.errors import AgentError
-from hmmirror.client.oracle import check_table
 from hmmirror.client.session import inventory, status
 from hmmirror.testing.puppet import proc_start_time
+from hmmirror.tools.check.stamps import DataOracle, describe, load
+from hmmirror.tools.oracle import check_table
 
 #: Seconds one agent command may take (``pause`` waits for in-flight operations).
 COMMAND_DEADLINE = 15.0
@@ -249,7 +249,7 @@ class Checker:
         log = os.path.join(self.dir, f"target-{n}.log")
         t_start = time.monotonic_ns()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hmmirror.client.check.target", str(seed), log,
+            sys.executable, "-m", "hmmirror.tools.check.target", str(seed), log,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         child = Child(f"target-{n}", proc)
@@ -273,7 +273,7 @@ class Checker:
         """Start the agents on ``phase``'s target."""
         for i in range(self.opts.agents):
             argv = [
-                sys.executable, "-m", "hmmirror.client.check.agent", self.endpoint, str(i),
+                sys.executable, "-m", "hmmirror.tools.check.agent", self.endpoint, str(i),
                 str(self.opts.seed), str(phase.pid), str(phase.start_time), hex(phase.base),
                 str(phase.size), phase.dma_logs[i],
                 *self.scenario.agent_args(i, self.opts.ack_deadline),

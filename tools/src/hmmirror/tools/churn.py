@@ -12,7 +12,7 @@ import random
 import sys
 import time
 
-from hmmirror.client.syscalls import (
+from hmmirror.tools.syscalls import (
     MADV_DONTNEED,
     MADV_FREE,
     MAP_ANONYMOUS,

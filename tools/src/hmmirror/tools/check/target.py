@@ -1,6 +1,6 @@
 """The checked target: a seeded random workload on a stamped arena, logging every change.
 
-``python -m hmmirror.client.check.target SEED LOG`` reserves an arena of
+``python -m hmmirror.tools.check.target SEED LOG`` reserves an arena of
 ``SLOTS`` slots of ``SLOT_PAGES`` pages (PROT_NONE), prints ``ready BASE SIZE``
 and then obeys one command per line on stdin:
 
@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 
-from hmmirror.client.check.stamps import (
+from hmmirror.tools.check.stamps import (
     FREE,
     MOVE,
     PAGE,
@@ -39,7 +39,7 @@ from hmmirror.client.check.stamps import (
     record,
     stamp,
 )
-from hmmirror.client.syscalls import (
+from hmmirror.tools.syscalls import (
     MADV_DONTNEED,
     MADV_FREE,
     MAP_ANONYMOUS,

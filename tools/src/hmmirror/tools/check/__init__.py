@@ -9,8 +9,8 @@ the run, ``check.scenarios`` the fault-injection ``SCENARIOS`` and ``check.repor
 the report and the entry point.
 """
 
-from hmmirror.client.check.report import print_report
-from hmmirror.client.check.runner import Checker, Options, Report
-from hmmirror.client.check.scenarios import SCENARIOS
+from hmmirror.tools.check.report import print_report
+from hmmirror.tools.check.runner import Checker, Options, Report
+from hmmirror.tools.check.scenarios import SCENARIOS
 
 __all__ = ["SCENARIOS", "Checker", "Options", "Report", "print_report"]

@@ -1,6 +1,6 @@
 """hmmirror's pytest plugin: multi-node rigs as fixtures, for anyone's integration tests.
 
-Installed with hmmirror-client and registered through the ``pytest11`` entry
+Installed with hmmirror-tools and registered through the ``pytest11`` entry
 point, so a test file anywhere can simply ask for:
 
 - ``hmmirror_network(hosts=3)``: hosts as network namespaces on a bridge

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from hmmirror.client.curve import CurveKeys, generate
 
 #: ``hm-agent`` as the test's interpreter runs it.
-HM_AGENT = [sys.executable, "-m", "hmmirror.client.agentapp"]
+HM_AGENT = [sys.executable, "-m", "hmmirror.tools.agentapp"]
 #: How long the agent gets to print its ready line, and to exit after SIGTERM.
 DEADLINE = 10.0
 #: In ``grants``: the default requester's public certificate.
