@@ -8,6 +8,7 @@ end, by ``tests/security/test_policy_attacks.py``.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 from dataclasses import replace
@@ -308,3 +309,27 @@ def test_read_agent_creds_checks_the_peer_credentials() -> None:
     assert read_agent_creds(os.getpid(), uid, gid) is not None
     assert read_agent_creds(os.getpid(), uid + 1, gid) is None
     assert read_agent_creds(2**22 + 12345, uid, gid) is None  # no such process
+
+
+def test_read_agent_creds_works_when_the_pidfd_is_numbered_above_1023() -> None:
+    """hmmd raises its descriptor limit and holds thousands: select(2) would raise ValueError."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is too low to hold 1100 descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = []
+    try:
+        while len(held) < 1100:  # push the next free descriptor number past 1023
+            held.append(os.open("/dev/null", os.O_RDONLY))
+        uid, gid = os.geteuid(), os.getegid()
+        assert read_agent_creds(os.getpid(), uid, gid) is not None
+        pidfd = os.pidfd_open(os.getpid())
+        try:
+            assert pidfd > 1023
+            assert read_agent_creds(os.getpid(), uid, gid, pidfd) is not None
+        finally:
+            os.close(pidfd)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

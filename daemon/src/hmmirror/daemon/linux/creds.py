@@ -187,6 +187,13 @@ def read_creds(pid: int, *, ancestry: bool = False) -> Creds:
     return Creds(tgid, before, uids, gids, prm, eff, dumpable, userns, exe, cgroup, parents)
 
 
+def _readable(fd: int) -> bool:
+    """Whether ``fd`` polls readable now: poll(2), since select(2) refuses fds above 1023."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def read_agent_creds(pid: int, uid: int, gid: int, pidfd: int | None = None) -> Creds | None:
     """The credentials of an ``ipc://`` agent's process, read at HELLO; None if unproven.
 
@@ -205,7 +212,7 @@ def read_agent_creds(pid: int, uid: int, gid: int, pidfd: int | None = None) -> 
         return None
     try:
         creds = read_creds(pid)
-        alive = not select.select([pidfd], [], [], 0)[0]  # readable once the process exited
+        alive = not _readable(pidfd)  # a pidfd is readable once its process exited
     except OSError:
         return None
     finally:
