@@ -1,6 +1,6 @@
 """Baseline: the raw pyzmq fan-out the daemon is measured against.
 
-A re-implementation of the recommended ``uvraw-coal`` pattern (reference/patterns/fast_fanout.py):
+A re-implementation of the recommended ``uvraw-coal`` pattern (docs/ARCHITECTURE.md §B):
 
 * ``Fanout`` owns one plain (not zmq.asyncio) ROUTER socket. Its FD is registered with
   ``loop.add_reader``; because the FD is edge-triggered the reader drains with NOBLOCK while

@@ -1,56 +1,48 @@
 """Benchmark 6: soak and load. A real hmmd, N agent processes, a churning target, minutes long.
 
-* **Target** (``target`` mode of this file): one anonymous arena (``--soak-pages``, default 4096
-  pages = 16 MiB, THP off for it) cut into slots of 64 pages. It hands hmmd its userfaultfd
-  (``hmmirror.client.expose``), so munmap and madvise(DONTNEED) reach hmmd as uffd events
-  (UNMAP, REMOVE) while the target waits in the syscall. ``--soak-threads`` threads (each owning
-  its own slots) pace *invalidating* operations to ``--soak-rate`` per second in all: 96%
+* **Target** (``target`` mode of ``soak_procs.py``): one anonymous arena (``--soak-pages``,
+  default 4096 pages = 16 MiB, THP off for it) cut into slots of 64 pages. It hands hmmd its
+  userfaultfd (``hmmirror.client.expose``), so munmap and madvise(DONTNEED) reach hmmd as uffd
+  events (UNMAP, REMOVE) while the target waits in the syscall. ``--soak-threads`` threads (each
+  owning its own slots) pace *invalidating* operations to ``--soak-rate`` per second in all: 96%
   madvise(DONTNEED) of 1-4 pages, 4% munmap of a whole slot (mapped again at once). Around them,
   unpaced: writes that bring pages back (two per operation), and an mprotect read-only / back
-  read-write of a slot every 50 operations (seen by hmmd's proc watcher, which also registers
-  the re-mapped slots with the uffd). A thread that falls more than 50 ms behind its schedule
-  skips ahead rather than bursting, and counts what it skipped.
-* **Agents** (``agent`` mode): real client-library sessions, each mirroring the whole arena
-  READ|WRITE, faulting all of it in (PRESENT mode: what is present, nothing faulted in) at the
-  start and then ``--soak-fault-hz`` times a second a random run of 64 pages, so the tables keep
-  holding VALID translations while they are being invalidated.
-* **Quiescent checks**: every ``--soak-check-every`` seconds of running and at the end, the
-  target is stopped (SIGSTOP, every thread seen stopped), hmmd is waited on until no invalidation
-  is active (Inventory: every mm's seq even, ``active`` 0) and its ``invalidations`` counter has
-  not moved for 0.5 s (ten proc-watcher polls at the slowest rate), and then every agent runs the
+  read-write of a slot every 50 operations (seen by hmmd's proc watcher, which also registers the
+  re-mapped slots with the uffd). A thread that falls more than 50 ms behind its schedule skips
+  ahead rather than bursting, and counts what it skipped.
+* **Agents** (``agent`` mode of ``soak_procs.py``): real client-library sessions, each mirroring
+  the whole arena READ|WRITE, faulting all of it in (PRESENT mode: what is present, nothing
+  faulted in) at the start and then ``--soak-fault-hz`` times a second a random run of 64 pages,
+  so the tables keep holding VALID translations while they are being invalidated.
+* **Quiescent checks**: every ``--soak-check-every`` seconds of running and at the end, the target
+  is stopped (SIGSTOP, every thread seen stopped), hmmd is waited on until no invalidation is
+  active (Inventory: every mm's seq even, ``active`` 0) and its ``invalidations`` counter has not
+  moved for 0.5 s (ten proc-watcher polls at the slowest rate), and then every agent runs the
   translation oracle (``hmmirror.tools.oracle.check``: its VALID entries against the target's
   /proc pagemap and maps, read by the agent itself). The target is resumed (SIGCONT). The time
   paused is not part of any throughput window.
 * **Reported**: hmmd's ``invalidations`` per 5 s window against the asked rate (min and median,
   and an ASCII plot); hmmd's own ack round trip (INVALIDATE sent -> last ACK) p50/p99/p99.9 from
   Status, whose ring holds the last 65,536 round trips, read at the end of each window; hmmd's
-  VmRSS after the warm-up and at the end; coherence violations and VALID entries checked; CPU
-  time per process group per window, and the load average.
+  VmRSS after the warm-up and at the end; coherence violations and VALID entries checked; CPU time
+  per process group per window, and the load average.
 
 Run: ``uv run python -m bench --only soak [--soak-seconds 60 --soak-agents 8 --soak-rate 10000]``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import ctypes
 import json
 import os
-import random
-import select
 import signal
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (
-    HELPER_MAX_S,
-    PAGE,
     PY,
     Procs,
     Row,
@@ -62,288 +54,13 @@ from common import (
     start_daemon,
     tmpdir,
 )
-from hmmirror.tools.syscalls import (
-    MADV_DONTNEED,
-    MADV_NOHUGEPAGE,
-    MAP_ANONYMOUS,
-    MAP_FIXED_NOREPLACE,
-    MAP_PRIVATE,
-    PROT_READ,
-    PROT_WRITE,
-    libc,
-)
 
-HERE = os.path.abspath(__file__)
-SLOT_PAGES = 64
+#: The target and agent processes.
+PROCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "soak_procs.py")
 WINDOW_S = 5.0
 #: hmmd's proc watcher polls at most 50 ms apart: 0.5 s without a new invalidation is ten polls.
 QUIET_S = 0.5
 QUIESCE_LIMIT_S = 20.0
-FAULT_RUN_PAGES = 64
-
-# --------------------------------------------------------------------------- target process
-
-
-def _churn(
-    libc: Any,
-    base: int,
-    slots: list[int],
-    rate: float,
-    seed: int,
-    stop: threading.Event,
-    counts: dict[str, int],
-) -> None:
-    """One target thread: paced invalidating operations on its own ``slots``."""
-    rng = random.Random(seed)
-    state = dict.fromkeys(slots, "rw")
-    slot_len = SLOT_PAGES * PAGE
-    stamp = ctypes.c_uint64(0)
-    pc = time.monotonic
-    t0 = pc()
-    done = 0  # operations the schedule has consumed (done or skipped)
-    lag = 0.05 * rate  # more than 50 ms behind: skip ahead instead of bursting
-
-    def write(slot: int, npages: int) -> None:
-        addr = base + slot * slot_len
-        for _ in range(npages):
-            stamp.value += 1
-            ctypes.memmove(addr + rng.randrange(SLOT_PAGES) * PAGE, ctypes.byref(stamp), 8)
-        counts["writes"] += npages
-
-    while not stop.is_set():
-        due = (pc() - t0) * rate - done
-        if due < 1:
-            time.sleep(min(0.01, (1 - due) / rate))
-            continue
-        if due > lag:
-            skip = int(due - 1)
-            done += skip
-            counts["skipped"] += skip
-        slot = rng.choice(slots)
-        addr = base + slot * slot_len
-        done += 1
-        if rng.random() < 0.04:
-            libc.munmap(addr, slot_len)
-            got = libc.mmap(
-                addr,
-                slot_len,
-                PROT_READ | PROT_WRITE,
-                MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
-                -1,
-                0,
-            )
-            if got != addr:
-                raise OSError(ctypes.get_errno(), f"mmap of slot {slot} at {addr:#x} got {got}")
-            libc.madvise(addr, slot_len, MADV_NOHUGEPAGE)
-            state[slot] = "rw"
-            counts["munmap"] += 1
-            write(slot, SLOT_PAGES // 2)
-        else:
-            first = rng.randrange(SLOT_PAGES)
-            n = min(rng.randint(1, 4), SLOT_PAGES - first)
-            libc.madvise(addr + first * PAGE, n * PAGE, MADV_DONTNEED)
-            counts["dontneed"] += 1
-        rw = [s for s in (rng.choice(slots), rng.choice(slots)) if state[s] == "rw"]
-        for s in rw:
-            write(s, 1)
-        if done % 50 == 0:  # flip one slot's protection (the proc watcher's business)
-            s = rng.choice(slots)
-            prot = PROT_READ if state[s] == "rw" else PROT_READ | PROT_WRITE
-            libc.mprotect(base + s * slot_len, slot_len, prot)
-            state[s] = "ro" if prot == PROT_READ else "rw"
-            counts["mprotect"] += 1
-        counts["ops"] += 1
-
-
-def target_main(argv: list[str]) -> int:
-    """``target ENDPOINT PAGES THREADS SEED``, then ``go RATE MAX_SECONDS`` and ``stop`` lines."""
-    endpoint, pages, threads, seed = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
-    from hmmirror.client.target import expose
-
-    length = pages * PAGE
-    base = libc.mmap(
-        None, length + SLOT_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0
-    )
-    if base in (None, ctypes.c_void_p(-1).value):
-        raise OSError(ctypes.get_errno(), "mmap arena")
-    # Slot-aligned, so a slot never straddles something else; the spare tail goes back.
-    aligned = (base + SLOT_PAGES * PAGE - 1) & ~(SLOT_PAGES * PAGE - 1)
-    if aligned > base:
-        libc.munmap(base, aligned - base)
-    tail = aligned + length
-    if base + length + SLOT_PAGES * PAGE > tail:
-        libc.munmap(tail, base + length + SLOT_PAGES * PAGE - tail)
-    base = aligned
-    libc.madvise(base, length, MADV_NOHUGEPAGE)  # 4 KiB pages: DONTNEED of one page is one page
-    ctypes.memset(base, 1, length)
-    expose(endpoint)
-    print(f"target ready {base:#x} {length}", flush=True)
-    cmd = sys.stdin.readline().split()
-    if not cmd or cmd[0] != "go":
-        return 0
-    rate, max_s = float(cmd[1]), float(cmd[2])
-    nslots = pages // SLOT_PAGES
-    stop = threading.Event()
-    counts = [
-        dict.fromkeys(("ops", "dontneed", "munmap", "mprotect", "writes", "skipped"), 0)
-        for _ in range(threads)
-    ]
-    workers = [
-        threading.Thread(
-            target=_churn,
-            args=(
-                libc,
-                base,
-                list(range(i, nslots, threads)),
-                rate / threads,
-                seed + i,
-                stop,
-                counts[i],
-            ),
-            daemon=True,
-        )
-        for i in range(threads)
-    ]
-    for w in workers:
-        w.start()
-    deadline = time.monotonic() + min(max_s, HELPER_MAX_S)
-    while time.monotonic() < deadline and all(w.is_alive() for w in workers):
-        r, _, _ = select.select([0], [], [], 0.2)
-        if r:
-            line = os.read(0, 4096)
-            if not line or b"stop" in line:
-                break
-        if os.getppid() == 1:
-            break
-    stop.set()
-    for w in workers:
-        w.join(5.0)
-    total = {k: sum(c[k] for c in counts) for k in counts[0]}
-    print("target done " + json.dumps(total), flush=True)
-    with contextlib.suppress(OSError):
-        select.select([0], [], [], 10.0)
-    return 0
-
-
-# --------------------------------------------------------------------------- agent process
-
-
-async def _agent(
-    endpoint: str, name: str, pid: int, start: int, length: int, fault_hz: float, seed: int
-) -> None:
-    import numpy as np
-    from hmmirror.client import Access, connect
-    from hmmirror.client.errors import AgentError
-    from hmmirror.proto.entries import HMM_PFN_VALID
-    from hmmirror.proto.messages import FaultMode
-    from hmmirror.tools.oracle import check
-
-    rng = random.Random(seed)
-    loop = asyncio.get_running_loop()
-    async with connect(endpoint, name=name, timeout=10.0) as session:
-        mirror = await session.mirror(pid, start, length, Access.READ | Access.WRITE)
-        got = await mirror.populate(start, mirror.npages, False, FaultMode.PRESENT)
-        print(f"agent ready {name} mirror={mirror.id} valid={got}", flush=True)
-        faults = errors = 0
-        last_error = ""
-        paused = asyncio.Event()
-        idle = asyncio.Event()
-        idle.set()
-        closed = asyncio.Event()
-
-        async def fault_loop() -> None:
-            nonlocal faults, errors, last_error
-            period = 1.0 / fault_hz if fault_hz > 0 else 0.0
-            next_t = loop.time()
-            while period and not closed.is_set():
-                next_t += period
-                await asyncio.sleep(max(0.0, next_t - loop.time()))
-                if loop.time() - next_t > 1.0:
-                    next_t = loop.time()  # stopped or starved: do not burst
-                if paused.is_set():
-                    continue
-                first = rng.randrange(0, mirror.npages - FAULT_RUN_PAGES + 1)
-                idle.clear()
-                try:
-                    await mirror.populate(
-                        start + first * PAGE, FAULT_RUN_PAGES, False, FaultMode.PRESENT
-                    )
-                    faults += 1
-                except AgentError as exc:  # EBUSY under heavy churn is allowed; count it
-                    errors += 1
-                    last_error = repr(exc)[:160]
-                finally:
-                    idle.set()
-
-        buf = b""
-        lines: asyncio.Queue[str] = asyncio.Queue()
-
-        def on_stdin() -> None:
-            nonlocal buf
-            try:
-                data = os.read(0, 4096)
-            except OSError:
-                data = b""
-            if not data:
-                loop.remove_reader(0)
-                closed.set()
-                lines.put_nowait("")
-                return
-            buf += data
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                lines.put_nowait(line.decode())
-
-        loop.add_reader(0, on_stdin)
-        task = asyncio.ensure_future(fault_loop())
-        deadline = loop.time() + HELPER_MAX_S
-        try:
-            while loop.time() < deadline:
-                try:
-                    line = await asyncio.wait_for(lines.get(), deadline - loop.time())
-                except TimeoutError:
-                    break
-                if line == "":
-                    break
-                if line == "check":
-                    paused.set()
-                    await idle.wait()  # a fault in flight finishes first
-                    t0 = time.perf_counter()
-                    held = int(np.count_nonzero(mirror.table & np.uint64(HMM_PFN_VALID)))
-                    found = check(mirror)
-                    ms = (time.perf_counter() - t0) * 1e3
-                    first_v = repr(found[0])[:200] if found else ""
-                    print(f"checked {held} {len(found)} {ms:.1f} {first_v}", flush=True)
-                    paused.clear()
-        finally:
-            closed.set()
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        stats = {
-            "counters": dict(mirror.counters),
-            "retries": mirror.retries,
-            "invalidate_msgs": session.invalidations_received,
-            "faults": faults,
-            "fault_errors": errors,
-            "last_error": last_error,
-            "dropped": mirror.dropped,
-        }
-        print("agent stats " + json.dumps(stats), flush=True)
-        await mirror.close()
-
-
-def agent_main(argv: list[str]) -> int:
-    """``agent ENDPOINT NAME PID START LENGTH FAULT_HZ SEED``."""
-    import baseline_fanout
-
-    endpoint, name, pid = argv[0], argv[1], int(argv[2])
-    start, length, fault_hz, seed = int(argv[3], 0), int(argv[4]), float(argv[5]), int(argv[6])
-    baseline_fanout.pick_runner("uvloop")(
-        _agent(endpoint, name, pid, start, length, fault_hz, seed)
-    )
-    return 0
-
 
 # --------------------------------------------------------------------------- bench side
 
@@ -508,7 +225,7 @@ class Soak:
         log = self.log
         hmmd = self.daemon.proc.pid
         self.target = procs.spawn(
-            [PY, HERE, "target", self.endpoint, str(a["pages"]), str(a["threads"]), "1"]
+            [PY, PROCS, "target", self.endpoint, str(a["pages"]), str(a["threads"]), "1"]
         )
         _, _, addr_s, len_s = read_line(self.target, "target ready", 60.0).split()
         addr, length = int(addr_s, 16), int(len_s)
@@ -516,7 +233,7 @@ class Soak:
             procs.spawn(
                 [
                     PY,
-                    HERE,
+                    PROCS,
                     "agent",
                     self.endpoint,
                     f"soak-agent-{i}",
@@ -737,12 +454,3 @@ def bench_soak(a: dict[str, Any], daemon_args: list[str], log: Any = print) -> l
         ),
     ]
     return rows
-
-
-if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "target":
-        sys.exit(target_main(sys.argv[2:]))
-    if len(sys.argv) >= 2 and sys.argv[1] == "agent":
-        sys.exit(agent_main(sys.argv[2:]))
-    print("usage: python -m bench --only soak", file=sys.stderr)
-    sys.exit(2)

@@ -135,7 +135,8 @@ def _munmap_mode(uffd_on: bool, count: int, loop: str, log: Any) -> dict[str, An
 
 def _written_cost(log: Any) -> dict[str, float]:
     """ms per GiB of hmmd's get-and-clear scan at 0% and at 1% written."""
-    from hmmirror.daemon.linux import scan, uffd
+    from hmmirror.daemon.linux import scan
+    from hmmirror.daemon.linux import userfaultfd as uffd
 
     n = (1 << 30) // PAGE
     with Procs() as procs:

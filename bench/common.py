@@ -4,7 +4,7 @@
 * ``spawn_target`` / ``target_main``: a tiny target process that mmaps an anonymous
   region, optionally writes every page, prints ``target ready <addr> <len>`` and sleeps
   until its stdin closes (or a hard time limit).
-* ``start_daemon``: run ``hmmd`` and wait for ``hmmd ready``.
+* ``start_daemon``: run ``hmmd`` and wait for ``hmmd ready`` (``hmmirror.testing.hmmd``).
 * ``daemon_request`` / ``daemon_status``: one raw request that needs no session (Status, Inventory).
 * ``machine_info``, ``Row`` and ``print_table`` for the report.
 
@@ -28,6 +28,8 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from hmmirror.testing.hmmd import HmmdProcess, start_hmmd
 
 PY = sys.executable
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -156,14 +158,16 @@ def tmpdir() -> Iterator[str]:
 
 
 @dataclass
-class Target:
+class BenchTarget:
+    """A target process started by :func:`spawn_target` and the arena it mapped."""
+
     proc: subprocess.Popen[bytes]
     pid: int
     addr: int
     length: int
 
 
-def spawn_target(procs: Procs, nbytes: int, populate: bool, timeout: float = 60.0) -> Target:
+def spawn_target(procs: Procs, nbytes: int, populate: bool, timeout: float = 60.0) -> BenchTarget:
     """Start the target: mmap ``nbytes`` anonymous, write every page if ``populate``."""
     argv = [PY, os.path.join(HERE, "common.py"), "target", str(nbytes)]
     if populate:
@@ -171,7 +175,7 @@ def spawn_target(procs: Procs, nbytes: int, populate: bool, timeout: float = 60.
     p = procs.spawn(argv)
     line = read_line(p, "target ready", timeout)
     _, _, addr, length = line.split()
-    return Target(p, p.pid, int(addr, 16), int(length))
+    return BenchTarget(p, p.pid, int(addr, 16), int(length))
 
 
 def target_main(argv: list[str]) -> int:
@@ -206,35 +210,6 @@ def target_main(argv: list[str]) -> int:
 # --------------------------------------------------------------------------- daemon
 
 
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[bytes]
-    endpoint: str
-    stderr_path: str
-
-    def problems(self) -> str:
-        """A one-line summary of WARNING/ERROR/Traceback lines in hmmd's stderr ('' if none)."""
-        try:
-            with open(self.stderr_path, errors="replace") as f:
-                bad = [
-                    ln.strip()
-                    for ln in f
-                    if ln.startswith(("WARNING", "ERROR", "CRITICAL", "Traceback"))
-                ]
-        except OSError:
-            return ""
-        if not bad:
-            return ""
-        return f"hmmd logged {len(bad)} warning/error lines, first: {bad[0][:200]!r}"
-
-    def stderr_tail(self, n: int = 30) -> str:
-        try:
-            with open(self.stderr_path, errors="replace") as f:
-                return "".join(f.readlines()[-n:])
-        except OSError:
-            return ""
-
-
 #: If set, every hmmd runs under cProfile and writes ``hmmd-<n>.prof`` here (diagnostics only).
 PROFILE_DIR: str | None = None
 _profiles = iter(range(1, 1 << 30))
@@ -248,32 +223,24 @@ def start_daemon(
     timeout: float = 20.0,
     env: dict[str, str] | None = None,
     name: str = "hmmd",
-) -> Daemon:
-    """Start hmmd on ``endpoint``, wait for ``hmmd ready``; its stderr goes to
-    ``workdir/NAME.stderr``; ``env`` adds environment variables (HMMIRROR_* settings)."""
-    errpath = os.path.join(workdir, f"{name}.stderr")
-    err = open(errpath, "wb")  # noqa: SIM115 - closed right after spawn; the child keeps its copy
-    try:
-        pre: list[str] = []
-        if PROFILE_DIR:
-            prof = os.path.join(PROFILE_DIR, f"hmmd-{next(_profiles)}.prof")
-            pre = ["-m", "cProfile", "-o", prof]
-        p = procs.spawn(
-            [PY, *pre, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint, *extra],
-            stderr=err,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **env} if env else None,
-        )
-    finally:
-        err.close()
-    d = Daemon(p, endpoint, errpath)
-    try:
-        read_line(p, "hmmd ready", timeout)
-    except Exception as exc:
-        raise RuntimeError(
-            f"hmmd did not start: {exc}\n--- hmmd stderr ---\n{d.stderr_tail()}"
-        ) from exc
-    return d
+) -> HmmdProcess:
+    """Start hmmd on ``endpoint`` with the one launcher, wait for ``hmmd ready``; its stderr
+    goes to ``workdir/NAME.stderr``; ``env`` adds environment variables (HMMIRROR_* settings).
+
+    ``procs`` starts it (and stops it with the other helpers): it dies with the bench."""
+    pre: list[str] = []
+    if PROFILE_DIR:
+        prof = os.path.join(PROFILE_DIR, f"hmmd-{next(_profiles)}.prof")
+        pre = ["-m", "cProfile", "-o", prof]
+    return start_hmmd(
+        endpoint,
+        extra,
+        log_path=os.path.join(workdir, f"{name}.stderr"),
+        deadline=timeout,
+        env={**os.environ, **env} if env else None,
+        spawn=procs.spawn,
+        python=pre,
+    )  # HmmdStartError, a RuntimeError, says why with hmmd's log
 
 
 def daemon_request(endpoint: str, msg: Any, reply: str, timeout: float = 5.0) -> Any:

@@ -157,7 +157,7 @@ def write_seeds(corpus: Path, dict_path: Path) -> int:
 # --- the target -----------------------------------------------------------------------------
 
 
-class Target:
+class FuzzTarget:
     """The checks run on every input; ``tally`` counts outcomes by class name."""
 
     def __init__(self, plant_bug: bool = False) -> None:
@@ -243,7 +243,7 @@ def worker(args: argparse.Namespace, libfuzzer_args: list[str]) -> None:
     with atheris.instrument_imports(include=["hmmirror.proto"]):
         import hmmirror.proto.codec
         import hmmirror.proto.schema  # noqa: F401
-    target = Target(plant_bug=args.plant_bug)
+    target = FuzzTarget(plant_bug=args.plant_bug)
     tally_path = args.tally
     every = 20_000
     count = [0]
@@ -397,7 +397,7 @@ def reproduce(path: str, plant_bug: bool = False) -> int:
     data = Path(path).read_bytes()
     frames = split_frames(data)
     print(f"{path}: {len(data)} bytes, {len(frames)} frames: {[f[:40] for f in frames]}")
-    Target(plant_bug=plant_bug)(data)
+    FuzzTarget(plant_bug=plant_bug)(data)
     print("no failure: the checks pass on this input (was the bug fixed?)")
     return 0
 

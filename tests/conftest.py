@@ -1,7 +1,8 @@
 """Shared fixtures: a real hmmd process, puppet targets, agent sessions, hugetlb pages.
 
 hmmd under test is a real process (``python -m hmmirror.daemon run``) on a short
-``ipc://`` path; readiness is its ``hmmd ready <endpoint>`` line, never a sleep.
+``ipc://`` path, started by the one launcher (:mod:`hmmirror.testing.hmmd`);
+readiness is its ``hmmd ready <endpoint>`` line, never a sleep.
 Every fixture wait has a deadline (:data:`FIXTURE_DEADLINE`), checked to stay
 below the pytest-timeout of the test so a hang fails in the fixture, with the
 daemon's stderr, rather than in the timeout thread.
@@ -9,22 +10,19 @@ daemon's stderr, rather than in the timeout thread.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
-import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from hmmirror.testing.hmmd import HmmdProcess, HmmdStartError, launch_hmmd
 from hmmirror.testing.puppet import Puppet
 
 #: Deadline of every fixture wait (daemon start, puppet start), in seconds.
@@ -78,15 +76,32 @@ def _check_deadlines(request: pytest.FixtureRequest) -> None:
 
 @dataclass
 class Hmmd:
-    """A running hmmd: its bound endpoint, its process and where its stderr goes."""
+    """A running hmmd (started by :func:`hmmirror.testing.hmmd.start_hmmd`) and its directory."""
 
-    endpoint: str
-    proc: subprocess.Popen[bytes]
+    launched: HmmdProcess
     directory: str
-    stderr_path: str
-    stdout_lines: list[str] = field(default_factory=list)
     killed_by_test: bool = False
     """Set by a test that kills hmmd on purpose: its exit status is then not a failure."""
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint hmmd bound (from its ready line)."""
+        return self.launched.endpoint
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        """hmmd's process."""
+        return self.launched.proc
+
+    @property
+    def stderr_path(self) -> str:
+        """Where hmmd's stderr goes."""
+        return self.launched.log_path
+
+    @property
+    def stdout_lines(self) -> list[str]:
+        """Everything hmmd printed on stdout, the ready line first."""
+        return self.launched.stdout_lines
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal hmmd as a fault-injection test does (SIGKILL marks the death expected)."""
@@ -96,51 +111,7 @@ class Hmmd:
 
     def stderr(self) -> str:
         """Everything hmmd logged so far."""
-        try:
-            with open(self.stderr_path, errors="replace") as f:
-                return f.read()
-        except OSError as e:
-            return f"<cannot read {self.stderr_path}: {e}>"
-
-
-def _read_ready_line(proc: subprocess.Popen[bytes], deadline: float) -> str:
-    """Read hmmd's stdout until the ``hmmd ready`` line, the process's death, or the deadline."""
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    buf = b""
-    try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"hmmd printed no 'hmmd ready' line in {FIXTURE_DEADLINE} s")
-            if not sel.select(remaining):
-                continue
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                rc = proc.wait(timeout=FIXTURE_DEADLINE)
-                raise RuntimeError(f"hmmd exited with {rc} before it was ready; stdout: {buf!r}")
-            buf += chunk
-            for line in buf.decode(errors="replace").splitlines():
-                if line.startswith("hmmd ready "):
-                    return line
-    finally:
-        sel.close()
-
-
-def _die_with_parent() -> None:
-    """In the daemon child: get SIGTERM if pytest dies, so no hmmd outlives a killed run."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def _drain(proc: subprocess.Popen[bytes], sink: list[str]) -> None:
-    """Keep reading hmmd's stdout so a chatty daemon never blocks on a full pipe."""
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        sink.append(raw.decode(errors="replace").rstrip("\n"))
+        return self.launched.log()
 
 
 @pytest.fixture
@@ -150,59 +121,32 @@ def hmmd(request: pytest.FixtureRequest) -> Iterator[Hmmd]:
     # A short directory under /tmp: sun_path holds only 107 bytes.
     directory = tempfile.mkdtemp(prefix="hmmt-", dir="/tmp")
     endpoint = f"ipc://{directory}/hmmd.sock"
-    stderr_path = os.path.join(directory, "hmmd.stderr")
-    argv = [
-        sys.executable,
-        "-m",
-        "hmmirror.daemon",
-        "run",
-        "--endpoint",
-        endpoint,
-        "--ack-deadline",
-        "1s",
-        "--heartbeat",
-        "200ms",
-    ]
+    args = ["--ack-deadline", "1s", "--heartbeat", "200ms"]
     marker = request.node.get_closest_marker("hmmd_args")
     if marker is not None:
-        argv.extend(str(a) for a in marker.args)
+        args.extend(str(a) for a in marker.args)
     if "hmmd_extra_args" in request.fixturenames:  # arguments a test computes (file paths)
-        argv.extend(str(a) for a in request.getfixturevalue("hmmd_extra_args"))
+        args.extend(str(a) for a in request.getfixturevalue("hmmd_extra_args"))
     if "hmmd_group" in request.fixturenames:  # other users reach the socket through a group
         os.chmod(directory, 0o755)
-        argv.extend(["--socket-group", request.getfixturevalue("hmmd_group")])
-    with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            preexec_fn=_die_with_parent,
-        )
-    daemon = Hmmd(endpoint, proc, directory, stderr_path)
-    drainer: threading.Thread | None = None
+        args.extend(["--socket-group", request.getfixturevalue("hmmd_group")])
+    # pdeathsig: no hmmd outlives a killed pytest (started from the main thread).
+    launched = launch_hmmd(
+        endpoint, args, log_path=os.path.join(directory, "hmmd.stderr"), pdeathsig=True
+    )
+    daemon = Hmmd(launched, directory)
     try:
         try:
-            line = _read_ready_line(proc, time.monotonic() + FIXTURE_DEADLINE)
-        except (TimeoutError, RuntimeError) as e:
-            pytest.fail(f"{e}\n--- hmmd stderr ---\n{daemon.stderr()}", pytrace=False)
-        daemon.stdout_lines.append(line)
-        daemon.endpoint = line.split(maxsplit=2)[2].strip()
-        drainer = threading.Thread(
-            target=_drain, args=(proc, daemon.stdout_lines), name="hmmd-stdout", daemon=True
-        )
-        drainer.start()
+            launched.wait_ready(FIXTURE_DEADLINE)
+        except HmmdStartError as e:
+            pytest.fail(str(e), pytrace=False)
         yield daemon
     finally:
-        rc, killed = _stop(proc)
-        if drainer is not None:
-            drainer.join(TERM_GRACE)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        rc, killed = launched.stop(TERM_GRACE)
         failed = _test_failed(request)
         if failed or killed or rc != 0:
             sys.stderr.write(
-                f"\n--- hmmd stderr ({' '.join(argv)}; exit {rc}"
+                f"\n--- hmmd stderr ({' '.join(launched.argv)}; exit {rc}"
                 f"{', SIGKILLed after SIGTERM timeout' if killed else ''}) ---\n"
                 f"{daemon.stderr()}--- end hmmd stderr ---\n"
             )
@@ -213,19 +157,6 @@ def hmmd(request: pytest.FixtureRequest) -> Iterator[Hmmd]:
         pytest.fail(f"hmmd ignored SIGTERM for {TERM_GRACE} s and was killed", pytrace=False)
     if rc != 0:
         pytest.fail(f"hmmd exited with {rc} on SIGTERM (expected a clean 0)", pytrace=False)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> tuple[int, bool]:
-    """SIGTERM, wait up to TERM_GRACE, then SIGKILL; return (returncode, killed)."""
-    if proc.poll() is not None:
-        return proc.returncode, False
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=TERM_GRACE), False
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait(timeout=FIXTURE_DEADLINE), True
 
 
 @pytest.fixture

@@ -16,21 +16,19 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import mmap
 import os
-import queue
 import random
 import resource
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +40,7 @@ from hmmirror.proto import messages as M
 from hmmirror.proto.codec import Envelope
 from hmmirror.proto.entries import HMM_PFN_ERROR, HMM_PFN_VALID, PAGE_SIZE, from_wire, to_wire
 from hmmirror.proto.schema import U64_MAX, Kind
+from hmmirror.testing.hmmd import HmmdProcess, HmmdStartError, launch_hmmd
 from hmmirror.transport import dial
 
 pytestmark = pytest.mark.timeout(60)
@@ -62,12 +61,24 @@ PID_MAX_EVER = 1 << 22  # kernel PID_MAX_LIMIT: no process can have a larger pid
 
 @dataclass
 class Hmmd:
-    """A running daemon: its endpoint, its process and where its stderr goes."""
+    """A running daemon (started by the one launcher) and its output for failure messages."""
 
-    endpoint: str
-    proc: subprocess.Popen[bytes]
-    stderr_path: Path
-    stdout_lines: list[str] = field(default_factory=list)
+    launched: HmmdProcess
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint hmmd bound."""
+        return self.launched.endpoint
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        """hmmd's process."""
+        return self.launched.proc
+
+    @property
+    def stderr_path(self) -> Path:
+        """Where hmmd's stderr goes."""
+        return Path(self.launched.log_path)
 
     def output(self, tail: int = 60) -> str:
         """stdout, then the last ``tail`` stderr lines that are not INFO chatter."""
@@ -76,7 +87,7 @@ class Hmmd:
         return "\n".join(
             [
                 "--- hmmd stdout ---",
-                *self.stdout_lines,
+                *self.launched.stdout_lines,
                 f"--- hmmd stderr: {len(err)} lines, last {tail} non-INFO ---",
                 *loud[-tail:],
             ]
@@ -93,61 +104,23 @@ def bad_input_hmmd() -> Iterator[Hmmd]:
     tmp = Path(tempfile.mkdtemp(prefix="hmmbi-", dir="/tmp"))
     endpoint = f"ipc://{tmp}/hmmd.sock"
     assert len(endpoint) - len("ipc://") < 100, "sun_path limit"
-    stderr_path = tmp / "hmmd.stderr"
-    cmd = [sys.executable, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint]
-    with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_limit_address_space,
-        )
-    daemon = Hmmd(endpoint, proc, stderr_path)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:  # keep stdout drained for the daemon's whole life
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
-            daemon.stdout_lines.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    pumper = threading.Thread(target=pump, name="hmmd-stdout", daemon=True)
-    pumper.start()
+    launched = launch_hmmd(
+        endpoint,
+        log_path=str(tmp / "hmmd.stderr"),
+        spawn=functools.partial(subprocess.Popen, preexec_fn=_limit_address_space),
+    )
+    daemon = Hmmd(launched)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"hmmd not ready within {READY_TIMEOUT} s\n{daemon.output()}")
-            try:
-                line = lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                pytest.fail(f"hmmd exited ({proc.wait()}) before READY\n{daemon.output()}")
-            if line.startswith("hmmd ready "):
-                daemon.endpoint = line.split(" ", 2)[2].strip()
-                break
+        try:
+            launched.wait_ready(READY_TIMEOUT)
+        except HmmdStartError as e:
+            pytest.fail(f"{e}\n{daemon.output()}")
         yield daemon
     finally:
-        rc = proc.poll()
-        if rc is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                rc = proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-                rc = None
-        pumper.join(timeout=5)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        rc, killed = launched.stop(10)
         print(daemon.output())  # shown by pytest when the test failed
         shutil.rmtree(tmp, ignore_errors=True)
-    assert rc == 0, f"hmmd did not exit cleanly on SIGTERM (returncode {rc})"
+    assert rc == 0 and not killed, f"hmmd did not exit cleanly on SIGTERM (returncode {rc})"
 
 
 # --- a small synchronous peer ---------------------------------------------------------------

@@ -14,8 +14,10 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from hmmirror.testing.hmmd import HmmdProcess, start_hmmd
 
 PY = sys.executable
 
@@ -94,33 +96,26 @@ def test_good_configuration_checks_out(tmp_path):
     assert out.returncode == 0 and "OK" in out.stdout
 
 
-def test_run_binds_a_0660_socket_and_stops_cleanly_on_sigterm(directory: str) -> None:
+def test_run_binds_a_0660_socket_and_stops_cleanly_on_sigterm(
+    directory: str, tmp_path: Path
+) -> None:
     endpoint = f"ipc://{directory}/hmmd.sock"
-    with subprocess.Popen(
-        [PY, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    ) as proc:
-        _check_running_daemon(proc, directory, endpoint)
+    hmmd = start_hmmd(endpoint, log_path=str(tmp_path / "hmmd.stderr"))
+    _check_running_daemon(hmmd, directory, endpoint)
 
 
-def _check_running_daemon(proc: subprocess.Popen[str], directory: str, endpoint: str) -> None:
+def _check_running_daemon(hmmd: HmmdProcess, directory: str, endpoint: str) -> None:
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.strip() == f"hmmd ready {endpoint}"
+        assert hmmd.stdout_lines[0] == f"hmmd ready {endpoint}"
         mode = stat.S_IMODE(os.stat(f"{directory}/hmmd.sock").st_mode)
         assert mode == 0o660, oct(mode)
         status = run("hmmirror.tools.ctlapp", "--endpoint", endpoint, "status")
         assert status.returncode == 0, status.stderr
         assert "epoch" in status.stdout and "invalidations" in status.stdout
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        hmmd.kill(signal.SIGTERM)
+        assert hmmd.wait(timeout=10) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        hmmd.stop()
 
 
 def test_hmmctl_status_without_a_daemon_fails_fast_and_says_where():
@@ -138,20 +133,17 @@ def test_hmmctl_status_without_a_daemon_fails_fast_and_says_where():
     assert time.monotonic() - t0 < 10
 
 
-def test_a_client_that_abandons_its_session_still_exits_promptly(directory: str) -> None:
+def test_a_client_that_abandons_its_session_still_exits_promptly(
+    directory: str, tmp_path: Path
+) -> None:
     """Sockets, context and loop left open at exit must not hang the process (linger 0)."""
     endpoint = f"ipc://{directory}/hmmd.sock"
-    with subprocess.Popen(
-        [PY, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint],
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as daemon:
-        _abandon_a_session(daemon, endpoint)
+    daemon = start_hmmd(endpoint, log_path=str(tmp_path / "hmmd.stderr"))
+    _abandon_a_session(daemon, endpoint)
 
 
-def _abandon_a_session(daemon: subprocess.Popen[str], endpoint: str) -> None:
+def _abandon_a_session(daemon: HmmdProcess, endpoint: str) -> None:
     try:
-        assert daemon.stdout is not None and daemon.stdout.readline().startswith("hmmd ready")
         script = textwrap.dedent(
             f"""
             import asyncio, os, sys
@@ -169,8 +161,7 @@ def _abandon_a_session(daemon: subprocess.Popen[str], endpoint: str) -> None:
         assert child.returncode == 0, child.stderr
         assert time.monotonic() - t0 < 10
     finally:
-        daemon.terminate()
-        daemon.wait(10)
+        daemon.stop(10)
 
 
 def test_demo_runs_and_reports_zero_violations():
@@ -211,38 +202,62 @@ def test_the_shipped_sample_configuration_is_valid_and_matches_the_defaults():
     assert with_sample.stdout == defaults.stdout, "the sample no longer shows the defaults"
 
 
-def test_sockets_belong_to_the_socket_group(directory: str) -> None:
+def test_sockets_belong_to_the_socket_group(directory: str, tmp_path: Path) -> None:
     import grp
 
     group = "daemon" if "daemon" in {g.gr_name for g in grp.getgrall()} else "nogroup"
     gid = grp.getgrnam(group).gr_gid
     endpoint = f"ipc://{directory}/hmmd.sock"
-    with subprocess.Popen(
-        [PY, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint, "--socket-group", group],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    ) as proc:  # fmt: skip
-        try:
-            assert proc.stdout is not None and proc.stdout.readline().startswith("hmmd ready")
-            # One socket: the door, where agents and targets (their userfaultfds) knock.
-            assert sorted(os.listdir(directory)) == ["hmmd.sock"]
-            st = os.stat(f"{directory}/hmmd.sock")
-            assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=10) == 0
+    hmmd = start_hmmd(endpoint, ["--socket-group", group], log_path=str(tmp_path / "hmmd.stderr"))
+    try:
+        # One socket: the door, where agents and targets (their userfaultfds) knock.
+        assert sorted(os.listdir(directory)) == ["hmmd.sock"]
+        st = os.stat(f"{directory}/hmmd.sock")
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid)
+    finally:
+        assert hmmd.stop(10) == (0, False)
 
 
-def test_json_logs_are_one_object_per_line(directory: str) -> None:
+def test_json_logs_are_one_object_per_line(directory: str, tmp_path: Path) -> None:
     import json
 
     endpoint = f"ipc://{directory}/hmmd.sock"
-    with subprocess.Popen(
-        [PY, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint, "--log-format", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    ) as proc:  # fmt: skip
-        assert proc.stdout is not None and proc.stdout.readline().startswith("hmmd ready")
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=10)
+    hmmd = start_hmmd(endpoint, ["--log-format", "json"], log_path=str(tmp_path / "hmmd.stderr"))
+    hmmd.stop(10)
+    err = hmmd.log()
     records = [json.loads(line) for line in err.splitlines()]
     assert records and all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
     assert any("hmmd ready on" in r["msg"] and r["level"] == "info" for r in records)
+
+
+@pytest.mark.parametrize("module, prog", [
+    ("hmmirror.daemon", "hmmd"),
+    ("hmmirror.tools.ctlapp", "hmmctl"),
+    ("hmmirror.tools.agentapp", "hm-agent"),
+])  # fmt: skip
+def test_every_program_prints_its_version_and_the_protocol_in_one_line(module, prog):
+    from hmmirror.proto.version import PROTOCOL_VERSION
+
+    out = run(module, "--version")
+    assert out.returncode == 0, out.stderr
+    protocol = f"{PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}"
+    assert re.fullmatch(rf"{re.escape(prog)} \d+\.\d+\.\d+\S*, protocol {protocol}\n", out.stdout)
+    assert run(module, "version").stdout == out.stdout  # the subcommand says the same
+
+
+def test_hm_agent_and_hmmd_refuse_a_bad_config_value_alike(tmp_path):
+    """One configuration layer: the same one-line error, naming file and key, and exit 2."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("insecure = 'perhaps'\n")
+    for module, prog in (("hmmirror.daemon", "hmmd"), ("hmmirror.tools.agentapp", "hm-agent")):
+        out = run(module, "--config", str(bad), "check-config")
+        assert out.returncode == 2, out.stderr
+        assert out.stderr == (
+            f"{prog}: configuration error: {bad}: insecure must be true or false, got 'perhaps'\n"
+        )
+        typo = tmp_path / "typo.toml"
+        typo.write_text("insecur = true\n")
+        out = run(module, "--config", str(typo), "check-config")
+        assert (out.returncode, out.stderr) == (
+            2, f"{prog}: configuration error: {typo}: unknown key 'insecur'\n"
+        )  # fmt: skip

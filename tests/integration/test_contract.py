@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
-from hmmirror.client import Access, AgentError, DeviceError, Event, RemoteError
-from hmmirror.client import Evicted as MirrorEvicted
+from hmmirror.client import Access, AgentError, DeviceError, Event, MirrorEvicted, RemoteError
 from hmmirror.proto import ErrorCode, decode, encode
 from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID
 from hmmirror.proto.messages import (

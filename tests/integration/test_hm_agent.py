@@ -232,3 +232,31 @@ def test_hmmctl_stat_mr_key_errors_are_one_line_exit_2(tmp_path):
         )  # fmt: skip
         assert out.returncode == 2, (bad, out.stderr)
         assert out.stderr.count("\n") == 1 and says in out.stderr, (bad, out.stderr)
+
+
+def test_hm_agent_config_layers_file_then_environment_then_flags(tmp_path):
+    """The file is beaten by HMMIRROR_AGENT_LISTEN (an empty one is unset), which --listen
+    beats; --grant adds to the file's grants; check-config exits 0 only when all is good."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        'listen = "udp://127.0.0.1:1"\nmr = ["buf=1:0x1000:4K:rw"]\n'
+        '[[grant]]\nrequesters = ["any"]\nmrs = ["buf"]\nrights = "r"\n'
+    )
+    ipc = {"HMMIRROR_AGENT_LISTEN": f"ipc://{tmp_path}/agent.sock"}
+
+    def check(*flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*HM_AGENT, "--config", str(cfg), *flags, "check-config"],
+            capture_output=True, text=True, timeout=DEADLINE, env={**os.environ, **(env or {})},
+        )  # fmt: skip
+
+    out = check()
+    assert out.returncode == 2 and "only tcp:// and ipc://" in out.stderr, out.stderr
+    assert check(env={"HMMIRROR_AGENT_LISTEN": ""}).returncode == 2
+    out = check(env=ipc)
+    assert (out.returncode, out.stdout) == (0, "configuration OK\n"), out.stderr
+    out = check("--listen", "udp://127.0.0.1:2", env=ipc)
+    assert out.returncode == 2 and "udp://127.0.0.1:2" in out.stderr, out.stderr
+    out = check("--grant", "uid:0:nope:r", env=ipc)
+    assert out.returncode == 2 and "names MR 'nope'" in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1

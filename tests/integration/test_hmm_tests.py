@@ -5,7 +5,7 @@ Each test keeps the name and the assertions of its original: ``cpages``,
 a real hmmd; ``hmm_dmirror_cmd(fd, HMM_DMIRROR_READ/WRITE/SNAPSHOT, ...)`` becomes
 ``mirror.read/write/snapshot``; the test process's own memory becomes a puppet,
 a real process that mmaps, writes and forks on command. ``hmm2`` (two devices)
-is two sessions. Only the rows rated Y or P in kernel-contract.md §3 are here;
+is two sessions. Only the cases rated Y or P (docs/ARCHITECTURE.md §A.5) are here;
 migration to device memory (rated E) is not.
 
 dmirror's notifier covers the whole address space from ``open()``; a mirror

@@ -13,8 +13,9 @@ import sys
 import pytest
 from hmmirror.client import DaemonUnavailable, connect
 from hmmirror.client.curve import CurveKeys
+from hmmirror.testing.hmmd import HmmdProcess, HmmdStartError, hmmd_argv, start_hmmd
 
-HMMD = [sys.executable, "-m", "hmmirror.daemon", "run", "--endpoint", "tcp://127.0.0.1:0"]
+HMMD = hmmd_argv("tcp://127.0.0.1:0")
 HMMCTL = [sys.executable, "-m", "hmmirror.tools.ctlapp"]
 
 
@@ -29,24 +30,23 @@ def keys(directory, name: str) -> tuple[str, str]:
     return public, secret
 
 
-def start(tmp_path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+def start(tmp_path, *args: str) -> tuple[HmmdProcess, str]:
     # The uffd intake of a tcp:// hmmd would live in /run/hmmirror: keep it in the test's dir.
     env = dict(os.environ, HMMIRROR_EXPOSE_SOCKET=str(tmp_path / "uffd.sock"))
-    proc = subprocess.Popen([*HMMD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode()
-    if not line.startswith("hmmd ready"):
-        proc.kill()
-        _, err = proc.communicate(timeout=10)
-        raise AssertionError(f"hmmd did not start: {line!r} {err.decode()}")
-    return proc, line.split()[-1]
+    try:
+        proc = start_hmmd(
+            "tcp://127.0.0.1:0", args, log_path=str(tmp_path / "hmmd.stderr"), env=env
+        )
+    except HmmdStartError as e:
+        raise AssertionError(str(e)) from None
+    return proc, proc.endpoint
 
 
-def stop(proc: subprocess.Popen[bytes]) -> str:
-    proc.terminate()
-    _, err = proc.communicate(timeout=10)
-    assert proc.returncode == 0, err.decode()
-    return err.decode()
+def stop(proc: HmmdProcess) -> str:
+    rc, _ = proc.stop(10)
+    err = proc.log()
+    assert rc == 0, err
+    return err
 
 
 def test_plain_tcp_needs_insecure_true():

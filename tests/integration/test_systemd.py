@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hmmirror.testing.hmmd import launch_hmmd
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -30,14 +31,11 @@ def test_sd_notify_ready_watchdog_and_stopping(tmp_path):
     sink.bind(path)
     sink.settimeout(10)
     env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="200000")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hmmirror.daemon", "run", "--endpoint", f"ipc://{tmp_path}/h.sock"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    hmmd = launch_hmmd(f"ipc://{tmp_path}/h.sock", log_path=str(tmp_path / "hmmd.stderr"), env=env)
     try:
         first = sink.recv(4096).decode()
         assert first.startswith("READY=1\n") and "STATUS=serving on ipc://" in first, first
-        assert proc.stdout is not None and proc.stdout.readline().startswith(b"hmmd ready")
+        hmmd.wait_ready(10)
         pings = []
         t0 = time.monotonic()
         while len(pings) < 3:
@@ -45,17 +43,13 @@ def test_sd_notify_ready_watchdog_and_stopping(tmp_path):
             if message == "WATCHDOG=1":
                 pings.append(time.monotonic())
         assert pings[-1] - t0 < 2.0, "WATCHDOG=1 every half of WATCHDOG_USEC (100 ms)"
-        proc.send_signal(signal.SIGTERM)
+        hmmd.kill(signal.SIGTERM)
         while (message := sink.recv(4096).decode()) == "WATCHDOG=1":
             pass
         assert message == "STOPPING=1"
-        assert proc.wait(10) == 0
+        assert hmmd.wait(10) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
+        hmmd.stop()
         sink.close()
 
 

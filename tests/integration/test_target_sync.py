@@ -1,7 +1,7 @@
 """The target's own sync call: it returns only after every ack, and fails (no hang) on eviction.
 
 Targets are real processes: a separate Python process using the blocking twin
-(``BlockingTarget``), and this test process itself using the asyncio form. An
+(``BlockingAnnouncer``), and this test process itself using the asyncio form. An
 agent session mirrors the target; holding one of its DMAs in flight holds its
 ACK, which is how a test makes an ack late or never come.
 """
@@ -27,14 +27,14 @@ PAGE = 4096
 TARGET = textwrap.dedent(
     """
     import ctypes, mmap, sys, time
-    from hmmirror.client.target import BlockingTarget
+    from hmmirror.client.target import BlockingAnnouncer
     from hmmirror.client import Event, SyncIncomplete
     m = mmap.mmap(-1, 4096)
     m[:5] = b"hello"
     addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
     print("ready", addr, flush=True)
     sys.stdin.readline()
-    me = BlockingTarget(sys.argv[1], timeout=10)
+    me = BlockingAnnouncer(sys.argv[1], timeout=10)
     t0 = time.monotonic()
     try:
         with me.invalidating(addr, addr + 4096, Event.UNMAP):

@@ -18,17 +18,16 @@ import grp
 import json
 import mmap
 import os
-import selectors
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hmmirror.testing.hmmd import HmmdProcess, HmmdStartError, launch_hmmd
 
 from .conftest import USER_DEADLINE, User
 
@@ -95,29 +94,10 @@ def setpriv_caps(names: list[str]) -> str:
     return ",".join(["-all", *(f"+{c}" for c in caps)])
 
 
-def read_ready_line(proc: subprocess.Popen[str], deadline: float) -> str:
-    """hmmd's ``hmmd ready`` line, or an AssertionError at its death or the deadline."""
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    try:
-        while time.monotonic() < deadline:
-            if not sel.select(max(0.0, deadline - time.monotonic())):
-                continue
-            line = proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"hmmd exited with {proc.wait(10)} before it was ready")
-            if line.startswith("hmmd ready "):
-                return line.strip()
-        raise AssertionError("hmmd printed no 'hmmd ready' line in time")
-    finally:
-        sel.close()
-
-
 @pytest.fixture
 def deployed_hmmd(
     make_user: Callable[..., User], hmmd_group: str
-) -> Iterator[tuple[str, Callable[[], subprocess.Popen[str]], list[str]]]:
+) -> Iterator[tuple[str, Callable[[], subprocess.Popen[bytes]], list[str]]]:
     """hmmd as the unit runs it: (endpoint, ``start()`` that starts it and returns its
     process, the policy's grants that ``start`` writes first)."""
     settings = unit_service_settings(UNIT)
@@ -132,41 +112,37 @@ def deployed_hmmd(
     endpoint = f"ipc://{directory}/hmmd.sock"
     ambient = setpriv_caps(settings["AmbientCapabilities"])
     bounding = setpriv_caps(settings["CapabilityBoundingSet"])
-    argv = [
+    setpriv = [
         "setpriv", f"--reuid={daemon_user.uid}", f"--regid={daemon_user.gid}", "--init-groups",
-        f"--inh-caps={ambient}", f"--ambient-caps={ambient}", f"--bounding-set={bounding}",
-        "--", sys.executable, "-m", "hmmirror.daemon", "run", "--endpoint", endpoint,
-        "--socket-group", hmmd_group, "--policy", policy,
+        f"--inh-caps={ambient}", f"--ambient-caps={ambient}", f"--bounding-set={bounding}", "--",
     ]  # fmt: skip
-    state: dict[str, Any] = {}
+    state: dict[str, HmmdProcess] = {}
 
-    def start() -> subprocess.Popen[str]:
+    def as_the_unit(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([*setpriv, *argv], **kwargs)
+
+    def start() -> subprocess.Popen[bytes]:
         with open(policy, "w") as f:
             f.write("\n".join(grants) + "\n")
         os.chmod(policy, 0o644)
-        with open(os.path.join(directory, "hmmd.stderr"), "w") as err:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True
-            )
-        state["proc"] = proc
-        read_ready_line(proc, time.monotonic() + USER_DEADLINE)
-        return proc
+        launched = launch_hmmd(
+            endpoint, ["--socket-group", hmmd_group, "--policy", policy],
+            log_path=os.path.join(directory, "hmmd.stderr"), spawn=as_the_unit,
+        )  # fmt: skip
+        state["hmmd"] = launched
+        try:
+            launched.wait_ready(USER_DEADLINE)
+        except HmmdStartError as e:
+            raise AssertionError(str(e)) from None
+        return launched.proc
 
     try:
         yield endpoint, start, grants
     finally:
-        proc = state.get("proc")
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-            if proc.stdout is not None:
-                proc.stdout.close()
-            with open(os.path.join(directory, "hmmd.stderr")) as f:
-                sys.stderr.write(f"--- hmmd stderr ---\n{f.read()}--- end ---\n")
+        launched = state.get("hmmd")
+        if launched is not None:
+            launched.stop(10)
+            sys.stderr.write(f"--- hmmd stderr ---\n{launched.log()}--- end ---\n")
         shutil.rmtree(directory, ignore_errors=True)
 
 

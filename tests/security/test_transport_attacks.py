@@ -40,6 +40,8 @@ from hmmirror.client import Access, RemoteError, connect
 from hmmirror.client.session import status
 from hmmirror.proto import ErrorCode, decode, encode
 from hmmirror.proto import messages as M
+from hmmirror.testing import hmmd as launcher
+from hmmirror.testing.hmmd import HmmdProcess
 
 PAGE = 4096
 HMMD = [sys.executable, "-m", "hmmirror.daemon", "run"]
@@ -216,32 +218,27 @@ async def test_row5_a_new_connection_presenting_a_gone_peers_id_gets_no_session(
 # --- row 7: descriptors ---------------------------------------------------------------------------
 
 
-def start_hmmd(directory: str, nofile: int, *args: str) -> tuple[subprocess.Popen[str], str]:
+def start_hmmd(directory: str, nofile: int, *args: str) -> tuple[HmmdProcess, str]:
     """An hmmd under ``prlimit --nofile=N:N`` (it cannot raise the limit), and its endpoint."""
     endpoint = f"ipc://{directory}/hmmd.sock"
-    proc = subprocess.Popen(
-        ["prlimit", f"--nofile={nofile}:{nofile}", *HMMD, "--endpoint", endpoint,
-         "--heartbeat", "200ms", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("hmmd ready"):
-        proc.kill()
-        raise AssertionError(f"hmmd did not start: {line!r} {proc.communicate(timeout=10)}")
+
+    def under_prlimit(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(["prlimit", f"--nofile={nofile}:{nofile}", *argv], **kwargs)
+
+    try:
+        proc = launcher.start_hmmd(
+            endpoint, ["--heartbeat", "200ms", *args], log_path=f"{directory}/hmmd.stderr",
+            spawn=under_prlimit,
+        )  # fmt: skip
+    except launcher.HmmdStartError as e:
+        raise AssertionError(str(e)) from None
     return proc, endpoint
 
 
-def stop_hmmd(proc: subprocess.Popen[str]) -> str:
+def stop_hmmd(proc: HmmdProcess) -> str:
     """SIGTERM hmmd (SIGKILL after 10 s); its stderr."""
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        _, err = proc.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate(timeout=10)
-    return err
+    proc.stop(10)
+    return proc.log()
 
 
 #: As another user: open N channels the way clients do and N raw connections to the
@@ -291,7 +288,7 @@ async def test_row7_a_connection_flood_under_a_1024_descriptor_limit_never_abort
         got = await asyncio.wait_for(asyncio.to_thread(flood.stdout.readline), 120)
         assert got, f"the flood failed: {flood.stderr.read() if flood.stderr else ''}"
         peak = fd_count(proc.pid)
-        assert proc.poll() is None, f"hmmd died under the flood: {stop_hmmd(proc)[-2000:]}"
+        assert proc.returncode is None, f"hmmd died under the flood: {stop_hmmd(proc)[-2000:]}"
         # A witness (root) is still served while the attacker holds everything it got.
         async with connect(endpoint, name="witness") as s:
             assert (await s.status())["sessions"] >= 1
@@ -348,7 +345,7 @@ async def test_row8_offers_of_short_lived_processes_do_not_pin_hmmds_descriptors
         addr = await puppet.mmap(PAGE)
         async with connect(endpoint, name="witness") as s:
             await s.mirror(puppet.pid, addr, PAGE, Access.READ)  # REGISTER still works
-        assert proc.poll() is None
+        assert proc.returncode is None
     finally:
         stop_hmmd(proc)
 
@@ -371,9 +368,9 @@ def test_row12_a_second_hmmd_on_a_live_endpoint_exits_2_and_sighup_reloads(tmp_p
         assert os.stat(path).st_ino == inode, "the live daemon's socket was replaced"
         assert asyncio.run(status(endpoint))["sessions"] == 0  # the first one still serves
         policy.write_text('[[grant]]\nagents = ["uid:0"]\naccess = ["read", "write"]\n')
-        proc.send_signal(signal.SIGHUP)
+        proc.kill(signal.SIGHUP)
         time.sleep(0.5)
-        assert proc.poll() is None, "SIGHUP killed hmmd"
+        assert proc.returncode is None, "SIGHUP killed hmmd"
         assert asyncio.run(status(endpoint))["sessions"] == 0
     finally:
         err = stop_hmmd(proc)
@@ -393,7 +390,7 @@ async def test_row7_watched_processes_are_capped_below_the_descriptor_limit(shar
             with pytest.raises(RemoteError) as info:
                 await s.mirror(sleepers[8].pid, 0x10000, PAGE, Access.READ)
             assert info.value.code == ErrorCode.EBUSY and "descriptor limit" in info.value.message
-        assert proc.poll() is None
+        assert proc.returncode is None
     finally:
         for sleeper in sleepers:
             sleeper.kill()

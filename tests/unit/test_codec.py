@@ -2,12 +2,16 @@
 
 Strategies are built from the wire specs the messages declare
 (``dataclasses.fields(cls)[i].metadata["wire"]``), so a new message type or a
-changed bound is covered without touching this file.
+changed bound is covered without touching this file. The last section covers
+the uffd intake's line, the one exchange that is not a codec message.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import errno
+import os
 import random
 from typing import Any
 
@@ -25,11 +29,16 @@ from hmmirror.proto import (
     VersionError,
     decode,
     encode,
+    intake,
 )
 from hmmirror.proto import entries as E
 from hmmirror.proto import messages as M
 from hmmirror.proto.codec import MAX_BODY, MAX_HEADER
+from hmmirror.proto.errors import CODE_OF_ERRNO, ERRNO_OF_CODE
 from hmmirror.proto.schema import REQUIRED, U64_MAX, Kind, Spec
+from hmmirror.transport import DoorError, Peer
+from hmmirror.transport.door import Door
+from hmmirror.transport.intake import intake_path, offer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -776,3 +785,62 @@ def test_every_pid_field_is_a_u32() -> None:
         body = {**_valid_body(cls), "pid": 1 << 32}
         with pytest.raises(DecodeError):
             decode(_frames_with_body(cls, body))
+
+
+# --- the uffd intake's line (SPEC.md §1.6) -----------------------------------------------------
+
+
+def test_intake_line_round_trip_and_refusals() -> None:
+    """What a target sends parses back to what it meant; any other option is refused."""
+    for strict in (False, True):
+        word, _, arg = intake.encode_line(strict).decode().partition(" ")
+        assert word == intake.WORD
+        assert intake.parse_option(arg) is strict
+    with pytest.raises(ValueError, match=r"unknown option 'loose' of 'uffd' \(only 'strict'\)"):
+        intake.parse_option("loose")
+
+
+async def test_intake_both_ends_over_a_real_door(tmp_path: Any) -> None:
+    """``offer`` (the target's end) through a Unix door to a handler of the ``uffd`` word
+    that parses with ``parse_option``, as hmmd's does: the option arrives as ``strict``, the
+    sender as its SO_PEERCRED, and a refusal comes back as the DoorError's reason."""
+    taken: list[tuple[int | None, bool]] = []
+
+    def on_line(peer: Peer, arg: str, fd: int, pidfd: int) -> str | None:
+        try:
+            strict = intake.parse_option(arg)
+        except ValueError as exc:
+            return str(exc)
+        if strict:
+            return "no strict offers today"
+        taken.append((peer.pid, strict))
+        os.close(fd)  # ours now: the test has no use for it
+        return None
+
+    path = str(tmp_path / "intake.sock")
+    assert intake_path(f"ipc://{path}") == path
+    door = Door.unix(path, {intake.WORD: on_line})
+    read, write = os.pipe()
+    try:
+        await asyncio.to_thread(offer, path, read, strict=False, timeout=5.0)
+        assert taken == [(os.getpid(), False)]
+        with pytest.raises(DoorError, match="no strict offers today"):
+            await asyncio.to_thread(offer, path, read, strict=True, timeout=5.0)
+    finally:
+        door.close()
+        os.close(read)
+        os.close(write)
+
+
+def test_the_one_errno_map() -> None:
+    """Codes valued as errnos stand for themselves both ways; TOO_LARGE and REMOTE_ACCESS
+    stand for EINVAL and EACCES one way only (an EINVAL travels as EINVAL)."""
+    for code in ErrorCode:
+        if code < 100:
+            assert ERRNO_OF_CODE[code] == int(code)
+            assert CODE_OF_ERRNO[int(code)] is code
+    assert ERRNO_OF_CODE[ErrorCode.TOO_LARGE] == errno.EINVAL
+    assert ERRNO_OF_CODE[ErrorCode.REMOTE_ACCESS] == errno.EACCES
+    assert CODE_OF_ERRNO[errno.EINVAL] is ErrorCode.EINVAL
+    assert errno.EACCES not in CODE_OF_ERRNO
+    assert ErrorCode.STALE not in ERRNO_OF_CODE

@@ -79,7 +79,7 @@ def test_seeds_cover_every_message_type_and_decode() -> None:
     seeds = fuzz.seed_messages()
     seen = {decode(fuzz.split_frames(fuzz.join_frames(s))).type for s in seeds}
     assert seen == set(M.TYPES)
-    target = fuzz.Target()
+    target = fuzz.FuzzTarget()
     for s in seeds:
         target(fuzz.join_frames(s))
     assert target.tally == {"accepted": len(seeds)}

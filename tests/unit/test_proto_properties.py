@@ -61,15 +61,17 @@ TEXT = st.characters(blacklist_categories=("Cs",))  # lone surrogates cannot be 
 
 
 def discovered_messages() -> list[type[M.Message]]:
-    """Every concrete ``Message`` subclass defined in ``hmmirror.proto.messages``."""
-    found = [
-        obj
-        for obj in vars(M).values()
-        if inspect.isclass(obj)
-        and issubclass(obj, M.Message)
-        and obj is not M.Message
-        and obj.__module__ == M.__name__
-    ]
+    """Every concrete ``Message`` subclass defined in ``hmmirror.proto.messages`` or one of
+    its modules, whether or not the package re-exports it."""
+    found: set[type[M.Message]] = set()
+    todo = [M.Message]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub.__module__.startswith(M.__name__) and sub not in found:
+                found.add(sub)
+                todo.append(sub)
+    exported = {obj for obj in vars(M).values() if inspect.isclass(obj)}
+    assert found <= exported, f"not re-exported: {sorted(c.__name__ for c in found - exported)}"
     return sorted(found, key=lambda cls: cls.__name__)
 
 
@@ -174,7 +176,7 @@ def as_bytes(frame: Any) -> bytes:
 
 
 def test_every_message_class_has_a_strategy() -> None:
-    """A message class defined in messages.py but missing anywhere below fails here."""
+    """A message class defined in the messages package but missing anywhere below fails here."""
     assert MESSAGES, "no Message subclass found in hmmirror.proto.messages"
     missing = [cls.__name__ for cls in MESSAGES if cls not in STRATEGIES]
     assert not missing, f"message classes without a strategy (not in ALL_MESSAGES?): {missing}"

@@ -5,17 +5,20 @@
 ...     result = await mirror.read(start, 4)
 """
 
+from hmmirror.client._lifecycle import State
+from hmmirror.client._oneshot import status
 from hmmirror.client.errors import (
     AgentError,
     DaemonUnavailable,
     DeviceError,
-    Evicted,
+    MirrorEvicted,
     RemoteError,
     RequestTimeout,
     SyncIncomplete,
+    UnexpectedReply,
 )
 from hmmirror.client.mirror import Mirror, ReadResult, WriteResult
-from hmmirror.client.session import Session, connect, status
+from hmmirror.client.session import Session, connect
 from hmmirror.client.target import expose
 from hmmirror.proto.messages import Access, Event
 
@@ -25,13 +28,15 @@ __all__ = [
     "DaemonUnavailable",
     "DeviceError",
     "Event",
-    "Evicted",
     "Mirror",
+    "MirrorEvicted",
     "ReadResult",
     "RemoteError",
     "RequestTimeout",
     "Session",
+    "State",
     "SyncIncomplete",
+    "UnexpectedReply",
     "WriteResult",
     "connect",
     "expose",

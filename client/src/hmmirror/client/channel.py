@@ -6,6 +6,10 @@ from ``hmmirror.transport.Dialer`` (an ``ipc://`` server is reached through its
 side door, once, before the first request) and is drained on the event loop
 (``hmmirror.transport.Drained``). A reply settles the request it names;
 anything else goes to ``_on_push``, which subclasses define.
+
+``call`` and ``exchange`` are the typed requests: the caller names the reply's
+type and gets that type back (``UnexpectedReply`` if the peer sent another).
+``request`` is the untyped form underneath, for callers that take any reply.
 """
 
 from __future__ import annotations
@@ -13,17 +17,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
-from hmmirror.client.errors import DaemonUnavailable, RemoteError, RequestTimeout
+from hmmirror.client.errors import (
+    DaemonUnavailable,
+    RemoteError,
+    RequestTimeout,
+    UnexpectedReply,
+)
 from hmmirror.proto.codec import Envelope, decode, encode
-from hmmirror.proto.errors import ErrorCode, ProtocolError
+from hmmirror.proto.errors import ProtocolError
 from hmmirror.proto.messages import Error, Hello, Message
 from hmmirror.transport import CurveKeys, Dialer, DoorError, Drained
+from hmmirror.transport.errors import unreachable
 from hmmirror.transport.sockets import send_frames
 
 log = logging.getLogger(__name__)
+
+#: A reply's message type, as the caller of a typed request names it.
+R = TypeVar("R", bound=Message)
 
 
 def _expire(fut: asyncio.Future[Envelope]) -> None:
@@ -112,7 +125,8 @@ class Channel(Drained):
         try:
             send_frames(self.sock, frames, copy)
         except zmq.Again as exc:
-            raise DaemonUnavailable(f"send queue to {self.endpoint} is full") from exc
+            where = f"{self.what} at {self.endpoint}"
+            raise DaemonUnavailable(str(unreachable(exc, where))) from exc
         finally:
             self._sent()
 
@@ -154,8 +168,30 @@ class Channel(Drained):
         if isinstance(env.msg, Error):
             raise RemoteError(env.msg.code, env.msg.message)
         if expect is not None and not isinstance(env.msg, expect):
-            raise RemoteError(ErrorCode.BAD_MESSAGE, f"expected {expect.TYPE}, got {env.type}")
+            raise UnexpectedReply(expect.TYPE, env.type)
         return env
+
+    async def exchange(
+        self,
+        msg: Message,
+        expect: type[R] | tuple[type[R], ...],
+        bulk: Sequence[Any] = (),
+        *,
+        timeout: float | None = None,
+        copy: bool = True,
+    ) -> tuple[R, tuple[memoryview, ...]]:
+        """Send ``msg``; return its reply, of type ``expect`` (or one of them), and the
+        reply's bulk frames. UnexpectedReply if it is of another type; otherwise raises
+        as ``request`` does."""
+        env = await self.request(msg, bulk, timeout=timeout, copy=copy)
+        if not isinstance(env.msg, expect):
+            kinds = expect if isinstance(expect, tuple) else (expect,)
+            raise UnexpectedReply(" or ".join(k.TYPE for k in kinds), env.type)
+        return env.msg, env.bulk
+
+    async def call(self, msg: Message, expect: type[R], *, timeout: float | None = None) -> R:
+        """Send ``msg``; return its reply, of type ``expect`` (UnexpectedReply otherwise)."""
+        return (await self.exchange(msg, expect, timeout=timeout))[0]
 
     # --- inbound --------------------------------------------------------------------------------
 

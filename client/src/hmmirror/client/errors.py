@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno as _errno
 import os
 
-from hmmirror.proto.errors import ErrorCode
+from hmmirror.proto.errors import ERRNO_OF_CODE, ErrorCode
 
 
 class AgentError(Exception):
@@ -42,8 +42,20 @@ class SyncIncomplete(AgentError):
     acking. The range is invalidated all the same: those mirrors hold nothing usable."""
 
 
-class Evicted(AgentError):
-    """The daemon evicted this mirror (missed ack deadline or lease); register again."""
+class UnexpectedReply(RemoteError):
+    """The peer answered a request with a message of another type than the request's reply
+    (code BAD_MESSAGE): a protocol bug on one side, never a refusal."""
+
+    def __init__(self, expected: str, got: str) -> None:
+        super().__init__(ErrorCode.BAD_MESSAGE, f"expected {expected}, got {got}")
+        self.expected = expected
+        self.got = got
+
+
+class MirrorEvicted(AgentError):
+    """The daemon evicted this mirror (missed ack deadline or lease); register again.
+
+    Not the wire message ``hmmirror.proto.messages.Evicted``, which announces it."""
 
 
 class DeviceError(AgentError, OSError):
@@ -61,19 +73,6 @@ class RemoteAccessError(DeviceError):
         super().__init__(_errno.EACCES, message)
 
 
-#: Wire codes that a device operation reports as an errno.
-ERRNO_CODES = {
-    ErrorCode.EFAULT: _errno.EFAULT,
-    ErrorCode.EPERM: _errno.EPERM,
-    ErrorCode.EAGAIN: _errno.EAGAIN,
-    ErrorCode.EBUSY: _errno.EBUSY,
-    ErrorCode.EINVAL: _errno.EINVAL,
-    ErrorCode.ESRCH: _errno.ESRCH,
-    ErrorCode.TOO_LARGE: _errno.EINVAL,
-    ErrorCode.REMOTE_ACCESS: _errno.EACCES,
-}
-
-
 def device_error(exc: RemoteError) -> AgentError:
     """The device-level failure a peer's error reply stands for.
 
@@ -82,7 +81,7 @@ def device_error(exc: RemoteError) -> AgentError:
     """
     if exc.code == ErrorCode.REMOTE_ACCESS:
         return RemoteAccessError(exc.message)
-    mapped = ERRNO_CODES.get(exc.code) if isinstance(exc.code, ErrorCode) else None
+    mapped = ERRNO_OF_CODE.get(exc.code) if isinstance(exc.code, ErrorCode) else None
     if mapped is not None:
         return DeviceError(mapped, exc.message)
     return exc

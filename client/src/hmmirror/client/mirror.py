@@ -12,6 +12,7 @@ Everything runs on one event loop, so code between two awaits is the
 interleave with the check-and-install. Device reads and writes go through
 hmmd (process_vm_readv/writev), naming the entries they translated with; each
 in-flight DMA is a fence that holds the ACK of an invalidation overlapping it.
+The table itself, and what an INVALIDATE does to it, is ``MirrorTable`` (``_table.py``).
 """
 
 from __future__ import annotations
@@ -19,16 +20,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import operator
-import types
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol
+from typing import Any, NamedTuple, NoReturn, Protocol
 
 import numpy as np
 import numpy.typing as npt
-from hmmirror.client.errors import DeviceError, Evicted, RemoteError, device_error
-from hmmirror.proto.codec import Envelope
+from hmmirror.client._table import VALID, MirrorTable
+from hmmirror.client.channel import R
+from hmmirror.client.errors import DeviceError, MirrorEvicted, RemoteError, device_error
 from hmmirror.proto.entries import (
     HMM_PFN_VALID,
     HMM_PFN_WRITE,
@@ -46,13 +46,14 @@ from hmmirror.proto.messages import (
     AtomicReply,
     DmaAtomic,
     DmaRead,
+    DmaReadReply,
     DmaWrite,
-    Event,
     Fault,
     FaultMode,
     FaultReadReply,
     FaultReply,
     Message,
+    Ok,
     Registered,
     Unregister,
 )
@@ -78,44 +79,36 @@ class MirrorHost(Protocol):
     @property
     def physical_frames(self) -> bool: ...
 
-    async def request(
+    async def exchange(
         self,
         msg: Message,
+        expect: type[R] | tuple[type[R], ...],
         bulk: Sequence[Any] = (),
         *,
         timeout: float | None = None,
-        expect: type[Message] | None = None,
         copy: bool = True,
-    ) -> Envelope:
-        """Send ``msg`` and await its reply."""
+    ) -> tuple[R, tuple[memoryview, ...]]:
+        """Send ``msg`` and await its reply, of type ``expect``, and the reply's bulk."""
         ...
 
     def dma_done(self) -> None:
         """A DMA finished: acks held behind it may go out."""
 
 
-_VALID = np.uint64(HMM_PFN_VALID)
 _VALID_WRITE = np.uint64(HMM_PFN_VALID | HMM_PFN_WRITE)
-_NOT_WRITE = ~np.uint64(HMM_PFN_WRITE)
 _PAGE_MASK = PAGE_SIZE - 1
-#: Faults the pages [addr, +npages) in, however the caller's device model wants it. It may
-#: return those pages' data, read in the same trip, which then serves a read access.
-FaultFn = Callable[[int, int], Awaitable[object]]
-#: How many invalidations a mirror remembers in ``events`` (for tests and diagnostics).
-MAX_EVENTS_KEPT = 4096
-#: Events that end the whole mirror: they always take the careful path.
-_WHOLE_MIRROR = frozenset((int(Event.RELEASE), int(Event.EVICT)))
-_EVENT_FIELD = operator.itemgetter(3)
-#: Event by wire value, without an Enum call per item.
-_EVENT_OF = tuple(Event)
-COUNTER_NAMES = (
-    "page_faults",
-    "page_faults_handled",
-    "page_invalidations",
-    "page_invalidations_handled",
-)
-#: ``rdma stat mr``'s counters, in its order; mirrors keep the first four.
-MR_COUNTER_NAMES = (*COUNTER_NAMES, "page_prefetch")
+
+
+class Faulted(NamedTuple):
+    """What a device fault did: the pages it installed, and their data when the fault
+    read them in the same trip (None otherwise), which then serves a read access."""
+
+    installed: int
+    data: memoryview | None = None
+
+
+#: Faults the pages [addr, +npages) in, however the caller's device model wants it.
+FaultFn = Callable[[int, int], Awaitable[Faulted]]
 
 
 @dataclass(frozen=True)
@@ -139,137 +132,34 @@ class _Stale(Exception):
     """hmmd refused a DMA as STALE: fault again."""
 
 
-class Mirror:
+class Mirror(MirrorTable):
     """One agent's mirror of [start, end) of a target, with its device page table."""
 
     def __init__(
         self, session: MirrorHost, reg: Registered, start: int, length: int, access: Access
     ) -> None:
+        super().__init__(reg.mirror, reg.pid, start, length, access)
         self.session = session
-        self.id = reg.mirror
-        self.pid = reg.pid
         self.start_time = reg.start_time
-        self.start = start
-        self.end = start + length
-        self.npages = length >> PAGE_SHIFT
-        self.access = access
-        #: The device page table: one hmm_pfn u64 per page. Read it; change it only
-        #: through the mirror's methods, which keep ``_held`` exact.
-        self.table: Entries = np.zeros(self.npages, dtype=np.uint64)
-        #: How many entries of ``table`` are VALID: zapping an empty table costs nothing.
-        self._held = 0
         self.seq = reg.seq
-        self._gen = 0
-        self._counters = dict.fromkeys(COUNTER_NAMES, 0)
-        self.counters: Mapping[str, int] = types.MappingProxyType(self._counters)
         #: Fault replies thrown away because an invalidation raced them (read_retry).
         self.retries = 0
-        #: True once the target exited (RELEASE).
-        self.released = False
-        self.dropped: str | None = None
-        self._evicted = False
-        self._inflight: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._events: list[tuple[int, int, int, int]] = []
         #: Testing hook: awaited between a FAULT reply and the read_retry check.
         self.fault_hook: Callable[[], Awaitable[None]] | None = None
         #: Testing hook: awaited while a DMA is still in flight, after hmmd answered it (a
         #: device still moving the data): an overlapping invalidation's ACK must wait.
         self.dma_hook: Callable[[], Awaitable[None]] | None = None
-        #: Called when an invalidation zapped this mirror's last VALID entry.
-        self.on_empty: Callable[[Mirror], None] | None = None
 
-    # --- called by the session's drain loop (the invalidate callback) ---------------------------
+    # --- requests -------------------------------------------------------------------------------
 
-    def _invalidate(
-        self, seq: int, start: int, end: int, event: Event
-    ) -> list[asyncio.Future[None]]:
-        """mmu_interval_set_seq, zap, and return the in-flight DMAs the ACK must wait for."""
-        self.seq = seq
-        self._gen += 1
-        if len(self._events) < MAX_EVENTS_KEPT:
-            self._events.append((seq, start, end, int(event)))
-        lo, hi = max(start, self.start), min(end, self.end)
-        if self._held and lo < hi:
-            a, b = (lo - self.start) >> PAGE_SHIFT, (hi - self.start) >> PAGE_SHIFT
-            zapped = int(np.count_nonzero(self.table[a:b] >= _VALID))
-            if zapped:
-                self.table[a:b] = 0
-                self._held -= zapped
-                self._counters["page_invalidations"] += zapped
-                self._counters["page_invalidations_handled"] += 1
-                if self._held == 0 and self.on_empty is not None:
-                    self.on_empty(self)
-        if event == Event.RELEASE:
-            self.released = True
-            self.table[:] = 0
-            self._held = 0
-        elif event == Event.EVICT:  # hmmd removed the mirror (its watcher could not go on)
-            self._drop("evicted by hmmd", evicted=True)
-        return [f for s, e, f in self._inflight if s < end and start < e and not f.done()]
-
-    def _invalidate_items(
-        self, items: tuple[tuple[int, int, int, int], ...]
-    ) -> list[asyncio.Future[None]]:
-        """Apply one INVALIDATE's items ``[seq, start, end, event]``; return the DMAs to wait for.
-
-        The common case, a table with nothing to zap and no DMA in flight, costs
-        one pass over the items whatever their number.
-        """
-        if self._held or self._inflight or not _WHOLE_MIRROR.isdisjoint(map(_EVENT_FIELD, items)):
-            fences: list[asyncio.Future[None]] = []
-            for seq, start, end, event in items:
-                kind = _EVENT_OF[event] if event < len(_EVENT_OF) else Event.CLEAR
-                fences.extend(self._invalidate(seq, start, end, kind))
-            return fences
-        if items:
-            self.seq = items[-1][0]
-        self._gen += 1
-        room = MAX_EVENTS_KEPT - len(self._events)
-        if room > 0:
-            self._events.extend(items[:room])
-        return []
-
-    @property
-    def events(self) -> list[tuple[int, int, Event]]:
-        """The first invalidations this mirror received: (start, end, event)."""
-        return [
-            (start, end, _EVENT_OF[ev] if ev < len(_EVENT_OF) else Event.CLEAR)
-            for _, start, end, ev in self._events
-        ]
-
-    def _drop(self, reason: str, evicted: bool = False) -> None:
-        """The mirror is gone (session lost, evicted, closed): no translation survives."""
-        self.table[:] = 0
-        self._held = 0
-        self._gen += 1
-        self.dropped = reason
-        self._evicted = self._evicted or evicted
-
-    # --- helpers --------------------------------------------------------------------------------
-
-    def _check_live(self) -> None:
-        """Raise if the mirror is unusable: its target exited, or it was evicted or dropped."""
-        if self.released:
-            raise DeviceError(errno.ESRCH, f"process {self.pid} of mirror {self.id} exited")
-        if self._evicted:
-            raise Evicted(f"mirror {self.id}: {self.dropped}")
-        if self.dropped is not None:
-            raise DeviceError(errno.ENODEV, f"mirror {self.id}: {self.dropped}")
-
-    def _range(self, addr: int, npages: int) -> tuple[int, int]:
-        """Check [addr, +npages) is page-aligned and inside the mirror; return its table slice."""
-        if addr % PAGE_SIZE or npages <= 0:
-            raise DeviceError(errno.EINVAL, f"bad range {addr:#x} + {npages} pages")
-        end = addr + (npages << PAGE_SHIFT)
-        if addr < self.start or end > self.end:
-            raise DeviceError(
-                errno.EINVAL,
-                f"[{addr:#x}, {end:#x}) is outside mirror [{self.start:#x}, {self.end:#x})",
-            )
-        return (addr - self.start) >> PAGE_SHIFT, ((addr - self.start) >> PAGE_SHIFT) + npages
-
-    async def _call(self, *args: object, **kw: object) -> Envelope:
-        """A session request, hmmd's refusals turned into _Stale, Evicted or DeviceError.
+    async def _call(
+        self,
+        msg: Message,
+        expect: type[R] | tuple[type[R], ...],
+        bulk: Sequence[Any] = (),
+        copy: bool = True,
+    ) -> tuple[R, tuple[memoryview, ...]]:
+        """A session request, hmmd's refusals turned into _Stale, MirrorEvicted or DeviceError.
 
         A read or fault refused at once with EAGAIN is asked again for up to the
         session's request timeout: hmmd refuses them while its unread replies to
@@ -283,11 +173,11 @@ class Mirror:
         pause = 0.001
         while True:
             try:
-                return await self.session.request(*args, **kw)  # type: ignore[arg-type]
+                return await self.session.exchange(msg, expect, bulk, copy=copy)
             except RemoteError as exc:
                 if not (
                     exc.code == ErrorCode.EAGAIN
-                    and isinstance(args[0], Fault | DmaRead)  # nothing was done: ask again
+                    and isinstance(msg, Fault | DmaRead)  # nothing was done: ask again
                     and loop.time() + pause < deadline
                 ):
                     self._refused(exc)
@@ -295,12 +185,12 @@ class Mirror:
             pause = min(pause * 2, 0.05)
 
     def _refused(self, exc: RemoteError) -> NoReturn:
-        """Raise hmmd's refusal as _Stale, Evicted or DeviceError."""
+        """Raise hmmd's refusal as _Stale, MirrorEvicted or DeviceError."""
         if exc.code == ErrorCode.STALE:
             raise _Stale(exc.message) from exc
         if exc.code in (ErrorCode.NO_MIRROR, ErrorCode.FENCED, ErrorCode.NO_SESSION):
             self._check_live()
-            raise Evicted(f"mirror {self.id}: {exc.message}") from exc
+            raise MirrorEvicted(f"mirror {self.id}: {exc.message}") from exc
         raise device_error(exc) from exc
 
     # --- the fault loop ---------------------------------------------------------------------
@@ -321,14 +211,12 @@ class Mirror:
         while True:
             self._check_live()
             gen = self._gen  # mmu_interval_read_begin
-            env = await self._call(msg)
-            if not isinstance(env.msg, FaultReply | FaultReadReply):
-                raise RemoteError(ErrorCode.BAD_MESSAGE, f"expected fault_reply, got {env.type}")
-            entries = from_wire(env.bulk[0], npages)
+            _, bulk = await self._call(msg, (FaultReply, FaultReadReply))
+            entries = from_wire(bulk[0], npages)
             if self.fault_hook is not None:
                 await self.fault_hook()
             if self._gen == gen:  # not mmu_interval_read_retry: install with no await in between
-                return entries, env.bulk[1] if len(env.bulk) > 1 else None
+                return entries, bulk[1] if len(bulk) > 1 else None
             self.retries += 1
             # hmmd recorded the discarded reply as what this mirror holds for the range,
             # and judges later changes against it: an older entry kept here could go
@@ -336,33 +224,6 @@ class Mirror:
             self._zap_slots(addr, npages)
             if loop.time() > deadline:
                 raise DeviceError(errno.EBUSY, f"fault at {addr:#x} kept racing invalidations")
-
-    def _zap_slots(self, addr: int, npages: int) -> None:
-        """Drop this mirror's own entries for [addr, +npages) (no INVALIDATE involved)."""
-        a = (addr - self.start) >> PAGE_SHIFT
-        dst = self.table[a : a + npages]
-        zapped = int(np.count_nonzero(dst >= _VALID)) if self._held else 0
-        if zapped:
-            dst[:] = 0
-            self._held -= zapped
-
-    def _install(self, a: int, entries: Entries, downgrade: bool) -> int:
-        """Install ``entries`` at table slot ``a`` (others there dropped); return how many."""
-        if downgrade:
-            entries &= _NOT_WRITE
-        n = len(entries)
-        dst = self.table[a : a + n]
-        before = int(np.count_nonzero(dst >= _VALID)) if self._held else 0
-        if entries.min() >= _VALID:  # every entry VALID: the usual populate result
-            dst[:] = entries
-            self._held += n - before
-            return n
-        valid = entries >= _VALID
-        # Not VALID now means not held: hmmd's record of this mirror says so too (it
-        # keeps only VALID entries), so an older entry kept here would never be invalidated.
-        dst[:] = np.where(valid, entries, np.uint64(0))
-        self._held += int(np.count_nonzero(valid)) - before
-        return int(np.count_nonzero(valid))
 
     async def populate(
         self,
@@ -388,9 +249,7 @@ class Mirror:
             installed += self._install(a + off, entries, downgrade)
         return installed
 
-    async def populate_read(
-        self, addr: int, npages: int, write: bool
-    ) -> tuple[int, memoryview | None]:
+    async def populate_read(self, addr: int, npages: int, write: bool) -> Faulted:
         """``populate`` of at most ``max_dma_pages`` that also reads the pages in the same trip.
 
         Returns the pages installed and their data (None if hmmd could not read
@@ -401,7 +260,7 @@ class Mirror:
             raise DeviceError(errno.EPERM, f"mirror {self.id} has no WRITE access")
         read = npages <= self.session.max_dma_pages
         entries, data = await self._fault_range(addr, npages, write, FaultMode.POPULATE, read)
-        return self._install(a, entries, False), data
+        return Faulted(self._install(a, entries, False), data)
 
     async def fault(self, addr: int, npages: int, write: bool = False) -> int:
         """Fault [addr, +npages) into the table (one fault event); return the pages installed."""
@@ -425,43 +284,29 @@ class Mirror:
 
     # --- device accesses ----------------------------------------------------------------------
 
-    def _first_missing(self, a: int, b: int, need: np.uint64) -> int | None:
-        """Offset from ``a`` of the first entry in [a, b) lacking ``need``, or None."""
-        bad = np.flatnonzero((self.table[a:b] & need) != need)
-        return int(bad[0]) if len(bad) else None
-
     async def _dma(
         self,
         msg: DmaRead | DmaWrite | DmaAtomic,
+        expect: type[R],
         start: int,
         npages: int,
         entries: Entries,
         data: memoryview | None,
-    ) -> Envelope:
+    ) -> tuple[R, tuple[memoryview, ...]]:
         """Send a DMA request as an in-flight fence that overlapping ACKs wait for."""
         end = start + (npages << PAGE_SHIFT)
         fence: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight.append((start, end, fence))
         try:
             bulk: list[object] = [to_wire(entries)] if data is None else [to_wire(entries), data]
-            env = await self._call(msg, bulk, copy=False)
+            reply = await self._call(msg, expect, bulk, copy=False)
             if self.dma_hook is not None:
                 await self.dma_hook()
-            return env
+            return reply
         finally:
             fence.set_result(None)
             self._inflight.remove((start, end, fence))
             self.session.dma_done()
-
-    def _forget(self, a: int, b: int, out_of_time: bool, what: str, why: _Stale) -> None:
-        """hmmd judged the translations of table slots [a, b) stale: drop them, so the
-        retry re-faults instead of presenting them again (SPEC: zap the named entries);
-        EBUSY once the retry budget is spent."""
-        zapped = int(np.count_nonzero(self.table[a:b] >= _VALID))
-        self.table[a:b] = 0
-        self._held -= zapped
-        if out_of_time:
-            raise DeviceError(errno.EBUSY, f"{what} kept going stale: {why}") from why
 
     async def transfer(
         self, addr: int, length: int, payload: memoryview | None, fault: FaultFn
@@ -474,7 +319,7 @@ class Mirror:
         read, as views of the DMA replies in address order, and the fault calls made.
         """
         write = payload is not None
-        need = _VALID_WRITE if write else _VALID
+        need = _VALID_WRITE if write else VALID
         first = addr & ~_PAGE_MASK
         end = addr + length
         npages = (end - first + _PAGE_MASK) >> PAGE_SHIFT
@@ -489,13 +334,13 @@ class Mirror:
             if missing is not None:
                 if faults and loop.time() > deadline:
                     raise DeviceError(errno.EBUSY, f"access at {addr:#x} kept faulting")
-                data = await fault(first + (missing << PAGE_SHIFT), npages - missing)
+                data = (await fault(first + (missing << PAGE_SHIFT), npages - missing)).data
                 faults += 1
                 if (
                     payload is None
                     and missing == 0
-                    and isinstance(data, memoryview)
-                    and len(data) == npages << PAGE_SHIFT
+                    and data is not None
+                    and (len(data) == npages << PAGE_SHIFT)
                 ):
                     # The fault read the pages in its own trip, through the entries just
                     # installed (no INVALIDATE came between): that was the device's access.
@@ -512,15 +357,16 @@ class Mirror:
                     lo, hi = max(addr, start), min(end, start + (n << PAGE_SHIFT))
                     if payload is None:
                         read = DmaRead(mirror=self.id, start=start, npages=n)
-                        env = await self._dma(read, start, n, entries, None)
-                        pieces.append(env.bulk[0][lo - start : hi - start])
+                        _, got = await self._dma(read, DmaReadReply, start, n, entries, None)
+                        pieces.append(got[0][lo - start : hi - start])
                     else:
                         whole = hi - lo == n << PAGE_SHIFT
                         msg = DmaWrite(
                             mirror=self.id, start=start, npages=n, offset=lo - start,
                             length=0 if whole else hi - lo,
                         )  # fmt: skip
-                        await self._dma(msg, start, n, entries, payload[lo - addr : hi - addr])
+                        view = payload[lo - addr : hi - addr]
+                        await self._dma(msg, Ok, start, n, entries, view)
             except _Stale as exc:
                 self._forget(a, b, loop.time() > deadline, f"access at {addr:#x}", exc)
                 continue
@@ -548,16 +394,20 @@ class Mirror:
                 compare_add=compare_add, swap=swap,
             )  # fmt: skip
             try:
-                env = await self._dma(msg, page, 1, self.table[a:b].copy(), None)
+                reply, _ = await self._dma(msg, AtomicReply, page, 1, self.table[a:b].copy(), None)
             except _Stale as exc:
                 self._forget(a, b, loop.time() > deadline, f"atomic at {addr:#x}", exc)
                 continue
-            assert isinstance(env.msg, AtomicReply)
-            return env.msg.old
+            return reply.old
 
     def _dmirror_fault(self, write: bool) -> FaultFn:
         """dmirror's fault: populate the missing pages, for write if the access writes."""
-        return lambda addr, npages: self.fault(addr, npages, write)
+
+        async def fault(addr: int, npages: int) -> Faulted:
+            """One fault event over the missing pages."""
+            return Faulted(await self.fault(addr, npages, write))
+
+        return fault
 
     async def read(self, addr: int, npages: int) -> ReadResult:
         """HMM_DMIRROR_READ: read ``npages`` at ``addr`` through the mirror, faulting as needed."""
@@ -583,6 +433,6 @@ class Mirror:
         """UNREGISTER the mirror and drop its table."""
         if self.dropped is None and not self.released:
             with contextlib.suppress(RemoteError):
-                await self.session.request(Unregister(mirror=self.id))
+                await self.session.exchange(Unregister(mirror=self.id), Ok)
         self._drop("closed")
         self.session.mirrors.pop(self.id, None)

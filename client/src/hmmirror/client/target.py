@@ -10,7 +10,7 @@ process can restore the kernel's order by announcing the change first:
 
 and, without asyncio:
 
->>> me = BlockingTarget(endpoint)
+>>> me = BlockingAnnouncer(endpoint)
 >>> with me.invalidating(addr, addr + length, Event.CLEAR):
 ...     libc.madvise(addr, length, MADV_DONTNEED)
 
@@ -49,14 +49,17 @@ from hmmirror.proto.codec import decode, encode
 from hmmirror.proto.errors import ErrorCode, ProtocolError
 from hmmirror.proto.messages import Error, Event, Hello, Message, SyncRange, Welcome
 from hmmirror.transport import DoorError, dial
-from hmmirror.transport.door import knock
+from hmmirror.transport.intake import intake_path, offer
 
 #: How long a blocking call waits for hmmd: longer than any ack deadline hmmd would use.
 DEFAULT_TIMEOUT = 15.0
 
 
-class Target:
-    """This process, as a target that announces its own changes (asyncio)."""
+class Announcer:
+    """This process announcing its own changes to the mirrors before it makes them (asyncio).
+
+    Not a target someone else watches: the announcer *is* the target, speaking for itself.
+    """
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -75,14 +78,14 @@ class Target:
 
 
 @asynccontextmanager
-async def connect(endpoint: str, *, timeout: float = DEFAULT_TIMEOUT) -> AsyncIterator[Target]:
+async def connect(endpoint: str, *, timeout: float = DEFAULT_TIMEOUT) -> AsyncIterator[Announcer]:
     """A session with hmmd for this process's own announcements."""
     async with _connect(endpoint, name=f"target-{os.getpid()}", timeout=timeout) as session:
-        yield Target(session)
+        yield Announcer(session)
 
 
-class BlockingTarget:
-    """The blocking twin of ``Target``: a plain socket, no event loop, no heartbeats.
+class BlockingAnnouncer:
+    """The blocking twin of ``Announcer``: a plain socket, no event loop, no heartbeats.
 
     The session is opened on first use and again whenever hmmd has dropped it
     (a lease that lapsed between calls, or a daemon restart).
@@ -106,7 +109,7 @@ class BlockingTarget:
         self._sock.close(linger=0)
         self._ctx.term()
 
-    def __enter__(self) -> BlockingTarget:
+    def __enter__(self) -> BlockingAnnouncer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -177,24 +180,22 @@ _UFFD_USER_MODE_ONLY = 1
 
 
 def expose_path(endpoint: str | None = None) -> str:
-    """Where hmmd takes userfaultfds: ``$HMMIRROR_EXPOSE_SOCKET``, else the side door of an
-    ``ipc://`` endpoint itself (for ``tcp://``, hmmd.uffd.sock in the runtime directory)."""
+    """Where hmmd takes userfaultfds: ``$HMMIRROR_EXPOSE_SOCKET``, else the intake of hmmd at
+    ``endpoint`` (or ``$HMMIRROR_ENDPOINT``): an ``ipc://`` endpoint's own socket, for
+    ``tcp://`` hmmd.uffd.sock in the runtime directory (``transport.intake.intake_path``)."""
     explicit = os.environ.get("HMMIRROR_EXPOSE_SOCKET")
     if explicit:
         return explicit
     endpoint = endpoint or os.environ.get("HMMIRROR_ENDPOINT", "ipc:///run/hmmirror/hmmd.sock")
-    if endpoint.startswith("ipc://"):
-        return endpoint[len("ipc://") :]
-    runtime = os.environ.get("RUNTIME_DIRECTORY", "/run/hmmirror").split(":")[0]
-    return os.path.join(runtime, "hmmd.uffd.sock")
+    return intake_path(endpoint)
 
 
 def expose(endpoint: str | None = None, *, strict: bool = False, timeout: float = 5.0) -> None:
     """Give hmmd a userfaultfd of this process, so its changes are seen as they happen.
 
-    Creates the fd (user-mode-only where unprivileged userfaultfd is off), sends
-    it over hmmd's intake socket with SCM_RIGHTS, and closes this process's copy:
-    hmmd configures and owns it. ``endpoint`` is hmmd's ``ipc://`` endpoint (or
+    Creates the fd (user-mode-only where unprivileged userfaultfd is off), offers
+    it at hmmd's uffd intake (SPEC.md §1.6), and closes this process's copy: hmmd
+    configures and owns it. ``endpoint`` is hmmd's ``ipc://`` endpoint (or
     ``$HMMIRROR_ENDPOINT``); ``$HMMIRROR_EXPOSE_SOCKET`` names the intake directly.
     Call it again with ``strict=True`` to allow strict-write mirrors, which need a
     second userfaultfd (synchronous write-protection). Raises OSError (or
@@ -213,7 +214,7 @@ def expose(endpoint: str | None = None, *, strict: bool = False, timeout: float 
         err = ctypes.get_errno()
         raise OSError(err, f"userfaultfd: {os.strerror(err)}")
     try:
-        knock(expose_path(endpoint), b"uffd strict" if strict else b"uffd", fd, timeout)
+        offer(expose_path(endpoint), fd, strict=strict, timeout=timeout)
     except DoorError as exc:
         raise DaemonUnavailable(f"hmmd did not take this process's userfaultfd: {exc}") from exc
     finally:

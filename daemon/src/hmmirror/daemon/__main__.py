@@ -12,14 +12,36 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from hmmirror.daemon import __version__, logfmt, sdnotify
-from hmmirror.daemon.config import DEFAULT_CONFIG_FILE, ConfigError, load
+from hmmirror.daemon.config import DEFAULT_CONFIG_FILE, Config, ConfigError, load
 from hmmirror.daemon.policy import Policy, PolicyError
-from hmmirror.proto.version import PROTOCOL_VERSION
+from hmmirror.transport.settings import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, refuse, version_line
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+#: The settings the ``run`` flags may set (a flag not given is None: the layer below decides).
+_FLAGS = (
+    "endpoint",
+    "heartbeat",
+    "ack_deadline",
+    "copy_deadline",
+    "poll_min",
+    "poll_max",
+    "uffd",
+    "uffd_fork",
+    "insecure",
+    "metrics",
+    "policy",
+    "socket_group",
+    "log_format",
+    "expose_socket",
+    "curve_key",
+    "curve_allow",
+    "reply_cap",
+    "max_connections",
+    "max_connections_per_peer",
+    "log_level",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--print-config", action="store_true", help="print the effective configuration and exit"
     )
+    parser.add_argument("--version", action="version", version=version_line("hmmd", __version__))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--endpoint", help="ipc://PATH (default) or tcp://HOST:PORT to bind")
@@ -160,70 +183,68 @@ async def _run(config_flags: dict[str, object], args: argparse.Namespace) -> int
     return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hmmd`` console script."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    flags: dict[str, object] = {
-        key: getattr(args, key, None)
-        for key in (
-            "endpoint",
-            "heartbeat",
-            "ack_deadline",
-            "copy_deadline",
-            "poll_min",
-            "poll_max",
-            "uffd",
-            "uffd_fork",
-            "insecure",
-            "metrics",
-            "policy",
-            "socket_group",
-            "log_format",
-            "expose_socket",
-            "curve_key",
-            "curve_allow",
-            "reply_cap",
-            "max_connections",
-            "max_connections_per_peer",
-            "log_level",
-        )
-    }
-    try:
-        config = load(args.config, flags=flags)
-        if config.policy:
-            Policy.load(config.policy)
-    except (ConfigError, PolicyError) as exc:
-        print(f"hmmd: configuration error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    logfmt.configure(config.log_level, config.log_format)
-    if args.print_config:
-        sys.stdout.write(config.as_toml())
-        return EXIT_OK
-    if args.command == "check-config":
-        print("configuration OK")
-        return EXIT_OK
-    if args.command == "version":
-        print(f"hmmd {__version__}, protocol {PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}")
-        return EXIT_OK
-    if args.command != "run":
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
+def _serve(config: Config, args: argparse.Namespace) -> int:
+    """``hmmd run``: serve until SIGTERM or SIGINT; return the exit code."""
     from hmmirror.transport import AddressInUse
 
     try:
         import uvloop
 
-        return uvloop.run(_run(flags, args))
+        return uvloop.run(_run(_flags(args), args))
     except AddressInUse as exc:  # one hmmd per endpoint: the live one keeps serving
         print(f"hmmd: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ValueError as exc:  # an endpoint the transport cannot serve
-        print(f"hmmd: configuration error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return refuse("hmmd", exc)
     except OSError as exc:
         print(f"hmmd: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _check_config(config: Config, args: argparse.Namespace) -> int:
+    """``hmmd check-config``: the configuration loaded and passed every check."""
+    print("configuration OK")
+    return EXIT_OK
+
+
+def _version(config: Config, args: argparse.Namespace) -> int:
+    """``hmmd version``: what ``hmmd --version`` prints."""
+    print(version_line("hmmd", __version__))
+    return EXIT_OK
+
+
+#: The subcommands, by name; each gets the loaded, checked configuration.
+COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
+    "run": _serve,
+    "check-config": _check_config,
+    "version": _version,
+}
+
+
+def _flags(args: argparse.Namespace) -> dict[str, object]:
+    """The settings the flags give (None where a flag is not given, or not ``run``'s)."""
+    return {key: getattr(args, key, None) for key in _FLAGS}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hmmd`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.config, flags=_flags(args))
+        if config.policy:
+            Policy.load(config.policy)
+    except (ConfigError, PolicyError) as exc:
+        return refuse("hmmd", exc)
+    logfmt.configure(config.log_level, config.log_format)
+    if args.print_config:
+        sys.stdout.write(config.as_toml())
+        return EXIT_OK
+    command = COMMANDS.get(args.command)
+    if command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    return command(config, args)
 
 
 if __name__ == "__main__":

@@ -38,14 +38,12 @@ log = logging.getLogger(__name__)
 
 
 class DaemonView(Protocol):
-    """What authorization reads of hmmd (``app.Daemon`` is it): the policy and config in
-    force, the counters refusals go to, the credentials of the connection asking now, and
-    the status figures to filter."""
+    """What authorization reads of hmmd (``dispatch.Dispatcher`` is it): the policy and
+    config in force, the counters refusals go to, and the status figures to filter."""
 
     policy: Policy | None
     config: Config
     counters: dict[str, int]
-    asking_vouched: Creds | None
 
     def status(self) -> dict[str, int | float | str]:
         """Every status figure."""
@@ -53,7 +51,7 @@ class DaemonView(Protocol):
 
 
 #: ``status`` keys everyone sees: counters and figures, nothing naming a process, a path
-#: or an address (``Daemon.counters`` are added to these). Root and inspectors see all.
+#: or an address (the daemon's counters are added to these). Root and inspectors see all.
 PUBLIC_STATUS = frozenset(
     {
         "epoch", "uptime_s", "sessions", "mms", "mirrors", "invalidations", "stale",
@@ -117,10 +115,11 @@ def vouch(peer: Peer, pidfd: int) -> Creds | None:
     return None
 
 
-def open_session(d: DaemonView, session: Session) -> None:
-    """At HELLO: the agent's credentials (read when it connected); the session's rights."""
+def open_session(d: DaemonView, session: Session, vouched: Creds | None) -> None:
+    """At HELLO: the agent's credentials (``vouched``, read when it connected); the
+    session's rights."""
     peer = session.peer
-    session.credentials = d.asking_vouched
+    session.credentials = vouched
     session.inspector = may_inspect(d, peer)
     # Root over ipc could read the PFNs from pagemap itself (unless root_frames says
     # tokens for everyone); anyone else needs a frames = "physical" grant.

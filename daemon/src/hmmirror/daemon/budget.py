@@ -1,7 +1,7 @@
 """hmmd's use of the reply budget (``hmmirror.transport.budget``): what a bulk reply reserves,
 how a send is tracked, and the EAGAIN refusal.
 
-Every reply goes through ``Daemon.send``, which counts its bytes against the
+Every reply goes through ``outbox.Courier.reply``, which counts its bytes against the
 connection's cap and sends it tracked when the budget asks; a request whose
 reply would take the connection past ``reply_cap`` is refused with EAGAIN
 before anything is copied. The budget is keyed by routing id, not by session,

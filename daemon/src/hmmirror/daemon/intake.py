@@ -1,13 +1,15 @@
 """Userfaultfds that targets hand hmmd, kept until something mirrors their process.
 
 A cooperating target (``hmmirror.client.expose()``) creates a userfaultfd and
-sends it through hmmd's door (``hmmirror.transport.door``) with the
-line ``uffd``, or ``uffd strict`` for the second one strict-write mirrors
-need. The sender is known by SO_PEERCRED, never by what it says, and may only
-offer its own descriptor for itself. Every offer holds a descriptor of hmmd's,
-so the book is bounded: an offer lasts ``OFFER_TTL`` at most, is dropped as soon
-as its process is gone, and there are at most ``per_uid`` offers per uid and
-``total`` in all; beyond that the offer is refused, never the daemon.
+sends it through the uffd intake (SPEC.md §1.6: the words and bounds are
+``hmmirror.proto.intake``'s, the path and the knock ``hmmirror.transport.intake``'s)
+with the line ``uffd``, or ``uffd strict`` for the second one strict-write
+mirrors need. The sender is known by SO_PEERCRED,
+never by what it says, and may only offer its own descriptor for itself. Every
+offer holds a descriptor of hmmd's, so the book is bounded: an offer lasts
+``OFFER_TTL`` at most, is dropped as soon as its process is gone, and there are
+at most ``per_uid`` offers per uid and ``total`` in all; beyond that the offer
+is refused, never the daemon.
 """
 
 from __future__ import annotations
@@ -19,11 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hmmirror.daemon.linux.procfs import start_time
-
-#: How long an offer for a process nothing mirrors is kept.
-OFFER_TTL = 30.0
-#: Offers kept per uid (a process may have a plain and a strict one).
-OFFERS_PER_UID = 16
+from hmmirror.proto.intake import OFFER_TTL, OFFERS_PER_UID
+from hmmirror.transport.intake import intake_path
 
 
 @dataclass
@@ -123,9 +122,6 @@ class OfferBook:
 
 
 def default_path(endpoint: str) -> str:
-    """Where targets send their userfaultfd: the side door of an ``ipc://`` endpoint itself;
-    for a ``tcp://`` one, a side door in the runtime directory."""
-    if endpoint.startswith("ipc://"):
-        return endpoint[len("ipc://") :]
-    runtime = os.environ.get("RUNTIME_DIRECTORY", "/run/hmmirror").split(":")[0]
-    return os.path.join(runtime, "hmmd.uffd.sock")
+    """Where targets send their userfaultfd unless ``expose_socket`` says otherwise: the
+    intake's own rule (``hmmirror.transport.intake.intake_path``)."""
+    return intake_path(endpoint)

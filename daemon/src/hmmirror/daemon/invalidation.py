@@ -3,9 +3,10 @@
 ``Invalidator.invalidate`` is ``mmu_notifier_invalidate_range_start`` plus
 ``_end``: it opens a seq window on the mm, queues one item per overlapping
 mirror, and returns once every session has acked (cumulatively) or been
-evicted for missing its deadline. Items issued while a session still has an
-INVALIDATE in flight are coalesced into one batch per loop tick; a lone
-invalidation goes out at once, so it pays no batching delay.
+evicted for missing its deadline. The items go out through each session's
+outbox (``outbox.Courier``, the only writer of a session's messages, which
+numbers and batches them); this module does the ack accounting over what the
+outbox says it sent.
 """
 
 from __future__ import annotations
@@ -14,59 +15,15 @@ import asyncio
 import logging
 import time
 from array import array
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import chain
 
-import msgpack
 import numpy as np
+from hmmirror.daemon.outbox import Courier, Items, Outbox
 from hmmirror.daemon.state import Mirror, Mm, Session
-from hmmirror.proto.codec import encode_invalidate
 from hmmirror.proto.messages import MAX_ITEMS, Event
-from hmmirror.transport import Server, Unreachable
 
 log = logging.getLogger(__name__)
-
-
-class Items:
-    """Wire items ``[seq, start, end, event]`` of one invalidation, shared by every mirror
-    they apply to unchanged, and packed for the wire at most once."""
-
-    __slots__ = ("_packed", "items")
-
-    def __init__(self, items: list[tuple[int, int, int, int]]) -> None:
-        self.items = items
-        self._packed: bytes | None = None
-
-    def packed(self) -> bytes:
-        """``msgpack.packb(items)``, computed once."""
-        if self._packed is None:
-            self._packed = msgpack.packb(self.items)
-        return self._packed
-
-
-#: What a session queues: items for one mirror from one invalidation, with both.
-Chunk = tuple[Items, "Invalidation", Mirror]
-
-
-@dataclass(eq=False)
-class Outbox:
-    """One session's INVALIDATEs: queued (``batch``), and sent but not acked (``unacked``,
-    by number ``n``, each with its chunks and the items it carries per invalidation). Only
-    the Invalidator writes INVALIDATEs, and only through a session's outbox."""
-
-    next_n: int = 1
-    batch: list[Chunk] = field(default_factory=list)
-    unacked: deque[tuple[int, list[Chunk], dict[Invalidation, int]]] = field(default_factory=deque)
-
-    def pending_overlap(self, mirror: Mirror, start: int, end: int) -> bool:
-        """Whether an INVALIDATE of [start, end) for ``mirror`` is queued or unacked."""
-        for chunks in (self.batch, *(chunks for _, chunks, _ in self.unacked)):
-            for part, _, m in chunks:
-                if m is mirror and any(lo < end and start < hi for _, lo, hi, _ in part.items):
-                    return True
-        return False
 
 
 @dataclass(eq=False)
@@ -153,44 +110,41 @@ class LatencyLog:
         self._count = 0
 
 
+#: What a session's outbox queues: items for one mirror from one invalidation, with both.
+Chunk = tuple[Items, Invalidation, Mirror]
+
+
 class Invalidator:
-    """Owns the fan-out: queues, batches, ack accounting and deadline eviction."""
+    """Owns the fan-out: what each mirror is sent, ack accounting and deadline eviction."""
 
     def __init__(
         self,
-        transport: Server,
+        courier: Courier[Invalidation],
         ack_deadline: float,
         evict: Callable[[Session, str], None],
         idle: Callable[[Mm], None],
     ) -> None:
-        self.transport = transport
+        self.courier = courier
         self.ack_deadline = ack_deadline
         self.evict = evict
+        """Fences a session that missed its deadline (``sessions.Sessions.evict``), which
+        must ``forgive`` it."""
         self.idle = idle
         """Called when an mm's last open window closes (it may have lost its mirrors meanwhile)."""
         self.latency = LatencyLog()
         self.count = 0
         #: CLOCK_MONOTONIC when the last invalidation had all its acks (0: none yet).
         self.last_acked = 0.0
-        self._flush_pending: set[Session] = set()
-        self.outboxes: dict[Session, Outbox] = {}
+        #: ACKs that acked nothing new: late, repeated, or for items already forgiven.
+        self.stray_acks = 0
 
-    def outbox(self, session: Session) -> Outbox:
-        """``session``'s outbox (made on its first INVALIDATE)."""
-        box = self.outboxes.get(session)
-        if box is None:
-            box = self.outboxes[session] = Outbox()
-        return box
-
-    def has_queued(self, session: Session) -> bool:
-        """Whether INVALIDATEs wait in ``session``'s batch (a reply must not overtake them)."""
-        box = self.outboxes.get(session)
-        return box is not None and bool(box.batch)
+    def outbox(self, session: Session) -> Outbox[Invalidation]:
+        """``session``'s outbox (made on first use)."""
+        return self.courier.outbox(session)
 
     def sent(self, session: Session) -> int:
         """How many INVALIDATEs ``session`` was sent (the highest ``n`` it may ack)."""
-        box = self.outboxes.get(session)
-        return box.next_n - 1 if box is not None else 0
+        return self.courier.sent(session)
 
     def begin(self, mm: Mm, ranges: list[tuple[int, int]], event: Event) -> Invalidation:
         """Open the seq window over ``ranges`` and queue the items now, synchronously.
@@ -293,6 +247,32 @@ class Invalidator:
             inv.acked_at = 0.0
             self._complete(inv)
 
+    def announce(
+        self, mm: Mm, changes: list[tuple[int, int, Event]], then: Callable[[], None] | None = None
+    ) -> None:
+        """Begin an invalidation per event among ``changes`` now (``watch.proc.Announcer``);
+        ``then`` is called once every one of them completed."""
+        by_event: dict[Event, list[tuple[int, int]]] = {}
+        for start, end, event in changes:
+            by_event.setdefault(event, []).append((start, end))
+        started = [self.begin(mm, ranges, event) for event, ranges in by_event.items()]
+        if then is None:
+            return
+        pending = [inv for inv in started if not inv.finished]
+        if not pending:
+            then()
+            return
+        left = [len(pending)]
+
+        def one_done() -> None:
+            """One invalidation completed: ``then`` once all of them have."""
+            left[0] -= 1
+            if left[0] == 0:
+                then()
+
+        for inv in pending:
+            inv.on_done.append(one_done)
+
     async def invalidate(self, mm: Mm, start: int, end: int, event: Event) -> Invalidation:
         """Invalidate [start, end) of ``mm`` and wait until every overlapping mirror acked."""
         inv = self.begin(mm, [(start, end)], event)
@@ -300,58 +280,21 @@ class Invalidator:
         return inv
 
     def _queue(self, session: Session, chunk: Chunk) -> None:
-        """Queue ``chunk``: send now if nothing is unacked, else flush later this tick."""
+        """Hand ``chunk`` to the session's outbox, or forgive it if nobody will ack it."""
         if session.fenced:  # evicted earlier in this fan-out: nobody will ack it
             part, inv, _ = chunk
             if inv.forgiven(session, len(part.items)):
                 self._complete(inv)
             return
-        box = self.outbox(session)
-        box.batch.append(chunk)
-        if not box.unacked and session not in self._flush_pending:
-            self.flush(session)  # nothing in flight: send at once, no batching delay
-        elif session not in self._flush_pending:
-            self._flush_pending.add(session)
-            asyncio.get_running_loop().call_soon(self._scheduled_flush, session)
-
-    def _scheduled_flush(self, session: Session) -> None:
-        """The deferred flush ``_queue`` scheduled for ``session``."""
-        self._flush_pending.discard(session)
-        self.flush(session)
-
-    def flush(self, session: Session) -> None:
-        """Send ``session``'s queued chunks now: one INVALIDATE per run of chunks of one mirror."""
-        box = self.outbox(session)
-        while box.batch and not session.fenced:
-            first = box.batch[0]
-            take, total = 0, 0
-            for chunk in box.batch:
-                if take and (chunk[2] is not first[2] or total + len(chunk[0].items) > MAX_ITEMS):
-                    break
-                take += 1
-                total += len(chunk[0].items)
-            chunks, box.batch = box.batch[:take], box.batch[take:]
-            n = box.next_n
-            box.next_n += 1
-            # Credit acks per invalidation, not per item: one ACK may cover thousands.
-            counts: dict[Invalidation, int] = {}
-            for part, inv, _ in chunks:
-                counts[inv] = counts.get(inv, 0) + len(part.items)
-            box.unacked.append((n, chunks, counts))
-            if take == 1:
-                packed = first[0].packed()
-            else:
-                packed = msgpack.packb(list(chain.from_iterable(c[0].items for c in chunks)))
-            frames = encode_invalidate(n, first[2].id, packed, session.take_id())
-            try:
-                self.transport.send(session.identity, frames)
-            except Unreachable as exc:
-                self.evict(session, f"INVALIDATE n={n} could not be delivered: {exc}")
-                return
+        self.courier.queue(session, chunk)
 
     def on_ack(self, session: Session, n: int) -> None:
-        """Apply a cumulative ``ACK(n)`` from ``session``."""
-        box = self.outbox(session)
+        """Apply a cumulative ``ACK(n)`` from ``session``. One that acks nothing new (late,
+        repeated, or after the session's items were forgiven) is only counted."""
+        box = self.courier.boxes.get(session)
+        if box is None or not box.unacked or box.unacked[0][0] > n:
+            self.stray_acks += 1
+            return
         while box.unacked and box.unacked[0][0] <= n:
             _, _, counts = box.unacked.popleft()
             for inv, count in counts.items():
@@ -360,7 +303,7 @@ class Invalidator:
 
     def forgive(self, session: Session) -> None:
         """Drop ``session``'s outstanding items (it was evicted or left): nobody waits on it."""
-        box = self.outboxes.pop(session, None)
+        box = self.courier.forget(session)
         if box is None:
             return
         chunks = list(box.batch)
@@ -372,5 +315,5 @@ class Invalidator:
 
     def pending_for(self, mirror: Mirror, start: int, end: int) -> bool:
         """Whether ``mirror`` has an INVALIDATE of the range queued or unacked."""
-        box = self.outboxes.get(mirror.session)
+        box = self.courier.boxes.get(mirror.session)
         return box is not None and box.pending_overlap(mirror, start, end)

@@ -3,7 +3,7 @@ mirrors that tie them together.
 
 A ``Session`` is one agent connection, from HELLO to GOODBYE, lease expiry or
 eviction; its INVALIDATE numbering and ack accounting are the fan-out's
-(``invalidation.Outbox``). An ``Mm`` is the userspace twin of ``struct
+(``outbox.Outbox``, ``invalidation``). An ``Mm`` is the userspace twin of ``struct
 mmu_notifier_subscriptions``: it keeps ``seq`` (even when idle, odd while any
 invalidation is active) and ``active`` (how many are). Each ``Mirror`` keeps,
 per interval, a *shadow*: the entries the daemon handed to the agent and the
@@ -89,6 +89,9 @@ class UffdWatcher(Protocol):
     def scan_written(self) -> list[tuple[int, int, Event]]:
         """The runs written since the last scan, as WRITTEN changes."""
         ...
+
+    def track_writes(self) -> None:
+        """Arm written-page tracking for the subscribed mirrors; start the scan loop."""
 
 
 @dataclass

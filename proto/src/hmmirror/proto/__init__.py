@@ -1,5 +1,8 @@
 """hmmirror's wire protocol: messages, codec, errors and page-entry encoding.
 
+Also the uffd intake's words and bounds (``intake``), the one exchange that is a
+door line rather than a message.
+
 Pure: no sockets, no I/O, no event loop. The daemon and the client import it;
 it imports neither.
 """

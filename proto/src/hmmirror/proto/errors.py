@@ -55,6 +55,22 @@ class ErrorCode(IntEnum):
     """The receiver failed; the request may or may not have taken effect."""
 
 
+#: The one errno map: the errno each wire code stands for where a device operation fails
+#: like a dmirror ioctl. The errno-valued codes stand for themselves; TOO_LARGE is EINVAL
+#: (the ioctl's answer to an oversize range) and REMOTE_ACCESS is EACCES (a work completion's
+#: ``IBV_WC_REM_ACCESS_ERR``).
+ERRNO_OF_CODE: dict[ErrorCode, int] = {
+    **{code: int(code) for code in ErrorCode if code < 100},
+    ErrorCode.TOO_LARGE: errno.EINVAL,
+    ErrorCode.REMOTE_ACCESS: errno.EACCES,
+}
+#: The other way round, for the errnos that travel as themselves (an ``OSError`` a service
+#: answers with): EPERM, ESRCH, EFAULT, EAGAIN, EBUSY and EINVAL.
+CODE_OF_ERRNO: dict[int, ErrorCode] = {
+    number: code for code, number in ERRNO_OF_CODE.items() if int(code) == number
+}
+
+
 class ProtocolError(Exception):
     """Root of every wire-layer failure: the bytes could not become a message.
 

@@ -1,12 +1,17 @@
-"""Test helpers for hmmirror users: a real target process driven from asyncio.
+"""Test helpers for hmmirror users: real processes driven from Python, and hmmd itself.
 
-:class:`~hmmirror.testing.puppet.Puppet` starts ``python -m hmmirror.testing.puppet``,
-a process that really mmaps, writes, forks and exits on command, so that a daemon
-watching it sees genuine kernel state (``/proc/PID/maps``, pagemap, userfaultfd).
+- :class:`~hmmirror.testing.puppet.Puppet` starts ``python -m
+  hmmirror.testing.puppet_target``, a process that really mmaps, writes, forks and
+  exits on command, so that a daemon watching it sees genuine kernel state
+  (``/proc/PID/maps``, pagemap, userfaultfd);
+- :mod:`hmmirror.testing.hmmd` is the one way to start hmmd and wait for it to be
+  ready, and :mod:`hmmirror.testing.quiesce` the one wait until it has nothing in
+  flight;
+- :mod:`hmmirror.testing.plugin` is the pytest plugin (multi-node rigs).
 
-The names are imported lazily: ``python -m hmmirror.testing.puppet`` imports this
-package first, and an eager import of the submodule it is about to run would make
-``runpy`` warn about a module found in ``sys.modules`` before execution.
+The names are imported lazily: ``python -m hmmirror.testing.puppet_target`` imports
+this package first, and the puppet target should not pay for the controller's
+imports (asyncio, the daemon's procfs, numpy) it never uses.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``Network(n, workdir)`` builds ``n`` hosts (``netns.Cluster``), makes CURVE keys,
 and starts hmmd in host 1 on ``tcp://10.231.0.1``; ``net.agent(host, ...)``
-starts a ``remote_agent`` in any host; ``Target`` is a process whose memory the
+starts a ``remote_agent`` in any host; ``RigTarget`` is a process whose memory the
 agents mirror, changed on command. Everything has a deadline and everything
 is removed on exit. The pytest plugin (``hmmirror.testing.plugin``) hands these
 out as fixtures; hmmirror's own multi-node tests use them that way.
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hmmirror.client.curve import generate
+from hmmirror.testing.hmmd import HmmdProcess, start_hmmd
 from hmmirror.testing.netns import Cluster, Host
 
 PAGE = 4096
@@ -96,7 +97,7 @@ _TARGET = textwrap.dedent(
 )
 
 
-class Target:
+class RigTarget:
     """A process with ``npages`` of anonymous memory filled with ``fill``, changed on command."""
 
     def __init__(self, npages: int, fill: bytes = b"A", host: Host | None = None) -> None:
@@ -145,8 +146,8 @@ class Network:
         self.allow.mkdir(exist_ok=True)
         self.hosts: list[Host] = []
         self.endpoint = ""
-        self.daemon: subprocess.Popen[bytes] | None = None
-        self.targets: list[Target] = []
+        self.daemon: HmmdProcess | None = None
+        self.targets: list[RigTarget] = []
 
     def __enter__(self) -> Network:
         self.hosts = self.cluster.__enter__()
@@ -159,6 +160,8 @@ class Network:
 
     def __exit__(self, *exc: object) -> None:
         self.cluster.__exit__()  # kills every process started in a host, targets included
+        if self.daemon is not None:
+            self.daemon.stop(DEADLINE)  # reaped already; joins its stdout thread, closes the pipe
         for target in self.targets:
             for pipe in (target.proc.stdin, target.proc.stdout):
                 if pipe is not None:
@@ -174,30 +177,23 @@ class Network:
             '[[grant]]\nagents = ["any"]\nuids = [0]\ngids = [0]\nprivileged = true\n'
             'access = ["read", "write"]\n'
         )
-        with open(self.workdir / "hmmd.stderr", "ab") as err:
-            proc = host.spawn(
-                [sys.executable, "-m", "hmmirror.daemon", "run",
-                 "--endpoint", f"tcp://{host.addr}:{port}", "--curve-key", self.server_secret,
-                 "--curve-allow", str(self.allow), "--policy", str(policy),
-                 "--ack-deadline", self.ack_deadline, "--heartbeat", "200ms"],
-                stdout=subprocess.PIPE, stderr=err,
-                env={"HMMIRROR_EXPOSE_SOCKET": str(self.workdir / "uffd.sock"),
-                     "PATH": "/usr/bin:/bin"},
-            )  # fmt: skip
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], DEADLINE)
-        line = proc.stdout.readline().decode() if ready else ""
-        if not line.startswith("hmmd ready tcp://"):
-            raise RuntimeError(f"hmmd did not start: {self.daemon_log()}")
-        self.daemon = proc
-        self.endpoint = line.split()[-1]
+        self.daemon = start_hmmd(
+            f"tcp://{host.addr}:{port}",
+            ["--curve-key", self.server_secret, "--curve-allow", str(self.allow),
+             "--policy", str(policy), "--ack-deadline", self.ack_deadline, "--heartbeat", "200ms"],
+            log_path=str(self.workdir / "hmmd.stderr"), append=True, deadline=DEADLINE,
+            env={"HMMIRROR_EXPOSE_SOCKET": str(self.workdir / "uffd.sock"),
+                 "PATH": "/usr/bin:/bin"},
+            spawn=host.spawn,
+        )  # fmt: skip
+        self.endpoint = self.daemon.endpoint
 
     def kill_daemon(self, sig: int = signal.SIGKILL) -> None:
         """Signal hmmd; with SIGKILL, also wait until it is gone."""
         assert self.daemon is not None
-        self.hosts[0].kill(self.daemon, sig)
+        self.hosts[0].kill(self.daemon.proc, sig)
         if sig == signal.SIGKILL:
-            self.daemon.wait(DEADLINE)
+            self.daemon.stop(DEADLINE)  # reaped; its stdout pipe closed
 
     def restart_daemon(self) -> None:
         """Kill hmmd and start a new one on the same endpoint."""
@@ -207,12 +203,11 @@ class Network:
 
     def daemon_log(self) -> str:
         """What hmmd wrote to stderr so far."""
-        path = self.workdir / "hmmd.stderr"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return self.daemon.log() if self.daemon is not None else ""
 
-    def target(self, npages: int = 1, fill: bytes = b"A") -> Target:
+    def target(self, npages: int = 1, fill: bytes = b"A") -> RigTarget:
         """A target process in host 1, next to hmmd (ended with the network)."""
-        target = Target(npages, fill, self.hosts[0])
+        target = RigTarget(npages, fill, self.hosts[0])
         self.targets.append(target)
         return target
 

@@ -21,7 +21,7 @@ import shutil
 from collections.abc import Callable, Iterator
 
 import pytest
-from hmmirror.testing.multinode import Network, Target
+from hmmirror.testing.multinode import Network, RigTarget
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -53,13 +53,13 @@ def hmmirror_network(
 
 
 @pytest.fixture
-def hmmirror_target() -> Iterator[Callable[..., Target]]:
-    """A factory of ``Target`` processes; every one made is ended after the test."""
-    made: list[Target] = []
+def hmmirror_target() -> Iterator[Callable[..., RigTarget]]:
+    """A factory of ``RigTarget`` processes; every one made is ended after the test."""
+    made: list[RigTarget] = []
 
-    def make(npages: int = 1, fill: bytes = b"A") -> Target:
+    def make(npages: int = 1, fill: bytes = b"A") -> RigTarget:
         """A process with ``npages`` of anonymous memory filled with ``fill``."""
-        target = Target(npages, fill)
+        target = RigTarget(npages, fill)
         made.append(target)
         return target
 

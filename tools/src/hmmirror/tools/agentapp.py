@@ -22,104 +22,35 @@ import asyncio
 import contextlib
 import ctypes
 import logging
-import os
-import re
 import signal
 import sys
-import tomllib
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from importlib.metadata import version
 
-import zmq.auth
 from hmmirror.client.errors import AgentError
-from hmmirror.client.mlx5.grants import MR_NAME, Grant, GrantError, Grants, grant_from_table
-from hmmirror.client.mlx5.verbs import WHOLE_ADDRESS_SPACE, AccessFlags
+from hmmirror.client.mlx5.grants import Grants
+from hmmirror.tools.agentconfig import (
+    DEFAULT_DAEMON,
+    DEFAULT_LISTEN,
+    AgentConfig,
+    load,
+    reload_grants,
+    rights,
+)
+from hmmirror.transport.settings import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConfigError,
+    refuse,
+    version_line,
+)
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 #: mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-DEFAULT_DAEMON = "ipc:///run/hmmirror/hmmd.sock"
-#: The port perftest's RDMA tools have always used.
-DEFAULT_LISTEN = "tcp://127.0.0.1:18515"
-_SIZE = re.compile(r"^(0x[0-9a-fA-F]+|\d+)([KMG]?)$")
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-_RIGHTS = {
-    "r": AccessFlags.REMOTE_READ,
-    "w": AccessFlags.REMOTE_WRITE | AccessFlags.LOCAL_WRITE,
-    "a": AccessFlags.REMOTE_ATOMIC | AccessFlags.LOCAL_WRITE,
-}
-
-
-class UsageError(Exception):
-    """A bad flag, environment variable or config file value."""
-
-
-@dataclass(frozen=True)
-class MrSpec:
-    """One ``--mr`` registration: process, range (None: implicit) and access, and its name."""
-
-    pid: int
-    addr: int
-    length: int
-    access: AccessFlags
-    name: str = ""
-
-    @property
-    def implicit(self) -> bool:
-        """Whether this is a whole-address-space MR."""
-        return self.length == WHOLE_ADDRESS_SPACE
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``0x1000``, ``64K``, ``2M`` or ``1G`` as bytes."""
-    m = _SIZE.match(text.strip())
-    if m is None:
-        raise UsageError(f"{text!r} is not a size (like 4096, 0x1000, 64K, 2M, 1G)")
-    return int(m.group(1), 0) * _UNITS[m.group(2)]
-
-
-def parse_mr(text: str, default_name: str = "") -> MrSpec:
-    """``[NAME=]PID:ADDR:LENGTH[:RIGHTS]`` or ``[NAME=]PID:all[:RIGHTS]``; RIGHTS r, w, a."""
-    name, _, rest_text = text.rpartition("=")
-    parts = rest_text.split(":")
-    try:
-        if name and not MR_NAME.match(name):
-            raise ValueError(f"name {name!r} is not letters, digits, _ . - (at most 64)")
-        pid = int(parts[0])
-        if len(parts) >= 2 and parts[1] == "all":
-            addr, length, rest = 0, WHOLE_ADDRESS_SPACE, parts[2:]
-        elif len(parts) >= 3:
-            addr, length, rest = int(parts[1], 0), parse_size(parts[2]), parts[3:]
-        else:
-            raise ValueError("too few fields")
-        if len(rest) > 1:
-            raise ValueError("too many fields")
-        letters = rest[0] if rest else "r"
-        if not letters or set(letters) - set(_RIGHTS):
-            raise ValueError(f"rights {letters!r} are not a combination of r, w, a")
-    except (ValueError, UsageError) as exc:
-        raise UsageError(
-            f"--mr {text!r}: {exc}; expected [NAME=]PID:ADDR:LENGTH[:RIGHTS] or "
-            "[NAME=]PID:all[:RIGHTS]"
-        ) from exc
-    access = AccessFlags.ON_DEMAND
-    for letter in letters:
-        access |= _RIGHTS[letter]
-    return MrSpec(pid, addr, length, access, name or default_name)
-
-
-def rights(access: AccessFlags) -> str:
-    """The RIGHTS letters of ``access``."""
-    return "".join(
-        letter
-        for letter, flag in (
-            ("r", AccessFlags.REMOTE_READ),
-            ("w", AccessFlags.REMOTE_WRITE),
-            ("a", AccessFlags.REMOTE_ATOMIC),
-        )
-        if access & flag
-    )
+#: The settings the flags may set (a flag not given is None and leaves the layer below).
+_FLAGS = ("daemon", "listen", "name", "mr", "grant", "log_level", "server_key", "client_key",
+          "listen_key", "listen_allow", "insecure")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -130,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
         "live processes and serve remote READ, WRITE and atomics on them by rkey.",
         epilog="Settings come from defaults < --config FILE < HMMIRROR_ENDPOINT, "
         "HMMIRROR_AGENT_LISTEN, HMMIRROR_AGENT_LISTEN_KEY, HMMIRROR_AGENT_LISTEN_ALLOW, "
-        "HMMIRROR_AGENT_NAME < flags; --grant adds to the config file's grants. Example: "
+        "HMMIRROR_AGENT_NAME, HMMIRROR_SERVER_KEY, HMMIRROR_CLIENT_KEY (empty: unset) < flags; "
+        "--mr replaces the file's mr list, --grant adds to its grants. Example: "
         "hm-agent --listen-key agent.key_secret --listen-allow allow/ "
         "--mr buf=1234:0x7f0000000000:2M:rwa --grant allow/host-b.key:buf:rw",
     )
@@ -180,144 +112,15 @@ def _parser() -> argparse.ArgumentParser:
         "--client-key", metavar="FILE", help="this agent's secret CURVE certificate"
     )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="[COMMAND]")
+    sub.add_parser("run", help="serve RDMA until SIGTERM or SIGINT (the default)")
+    sub.add_parser("check-config", help="check the settings and exit 0 if they are good")
+    sub.add_parser("version", help="print versions and exit")
     return parser
 
 
-def settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Defaults < config file < environment < flags."""
-    out: dict[str, Any] = {
-        "daemon": DEFAULT_DAEMON,
-        "listen": DEFAULT_LISTEN,
-        "name": "mlx5_0",
-        "mr": [],
-        "log_level": "info",
-        "server_key": "",
-        "client_key": "",
-        "listen_key": "",
-        "listen_allow": "",
-        "insecure": False,
-        "grant": [],
-    }
-    if args.config:
-        try:
-            with open(args.config, "rb") as f:
-                data = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise UsageError(f"cannot read {args.config}: {exc}") from exc
-        unknown = set(data) - set(out)
-        if unknown:
-            raise UsageError(f"{args.config}: unknown keys {sorted(unknown)}")
-        out.update(data)
-    for key, env in (
-        ("daemon", "HMMIRROR_ENDPOINT"),
-        ("listen", "HMMIRROR_AGENT_LISTEN"),
-        ("listen_key", "HMMIRROR_AGENT_LISTEN_KEY"),
-        ("listen_allow", "HMMIRROR_AGENT_LISTEN_ALLOW"),
-        ("name", "HMMIRROR_AGENT_NAME"),
-        ("server_key", "HMMIRROR_SERVER_KEY"),
-        ("client_key", "HMMIRROR_CLIENT_KEY"),
-    ):
-        if os.environ.get(env):
-            out[key] = os.environ[env]
-    for key in ("daemon", "listen", "name", "log_level", "server_key", "client_key",
-                "listen_key", "listen_allow", "insecure"):  # fmt: skip
-        if getattr(args, key) is not None:
-            out[key] = getattr(args, key)
-    if args.mr:
-        out["mr"] = list(args.mr)
-    if not isinstance(out["mr"], list):
-        raise UsageError("mr must be a list of SPEC strings")
-    out["mr"] = [parse_mr(str(spec), f"mr{i}") for i, spec in enumerate(out["mr"], 1)]
-    names = [spec.name for spec in out["mr"]]
-    if len(set(names)) != len(names):
-        raise UsageError(f"MR names must differ: {names}")
-    for key in ("daemon", "listen", "name"):
-        if not isinstance(out[key], str) or not out[key]:
-            raise UsageError(f"{key} must be a non-empty string")
-    if not isinstance(out["insecure"], bool):
-        raise UsageError("insecure must be true or false")
-    out["grant"] = read_grants(out["grant"], args.config or "config", out["mr"])
-    out["grant"] += read_grants(args.grant or [], "--grant", out["mr"])
-    check_listen(out)
-    return out
-
-
-def read_grants(entries: Any, where: str, mrs: Sequence[MrSpec]) -> list[Grant]:
-    """``grant`` entries (``[[grant]]`` tables or ``--grant`` strings), checked against ``mrs``."""
-    if not isinstance(entries, list):
-        raise UsageError(f"{where}: grant must be a list of [[grant]] tables or strings")
-    try:
-        grants = [g for i, e in enumerate(entries) for g in grant_from_table(e, f"{where}: "
-                  f"grant {i + 1}")]  # fmt: skip
-        Grants(grants, {spec.name: i for i, spec in enumerate(mrs, 1)})  # names exist
-    except GrantError as exc:
-        raise UsageError(str(exc)) from exc
-    return grants
-
-
-def check_listen(conf: dict[str, Any]) -> None:
-    """The listen endpoint's scheme and security settings make sense (before anything starts)."""
-    listen = conf["listen"]
-    for key in ("listen_key", "listen_allow"):
-        if not isinstance(conf[key], str):
-            raise UsageError(f"{key} must be a string")
-    if listen.startswith("ipc://"):
-        if conf["listen_key"] or conf["listen_allow"] or conf["insecure"]:
-            raise UsageError(
-                f"{listen} is ipc://: requesters are known by uid; listen_key, listen_allow "
-                "and insecure are for tcp:// only"
-            )
-        return
-    if not listen.startswith("tcp://"):
-        raise UsageError(f"cannot listen on {listen!r}: only tcp:// and ipc:// are served")
-    if conf["insecure"]:
-        if conf["listen_key"] or conf["listen_allow"]:
-            raise UsageError("insecure and listen_key/listen_allow exclude each other")
-        return
-    if not (conf["listen_key"] and conf["listen_allow"]):
-        raise UsageError(
-            f"{listen} is a tcp:// endpoint: set listen_key (this agent's .key_secret) and "
-            "listen_allow (a directory of allowed requesters' .key files), or insecure = true "
-            "for plain TCP"
-        )
-    try:
-        mode = os.stat(conf["listen_key"]).st_mode
-    except OSError as exc:
-        raise UsageError(f"listen_key: cannot read {conf['listen_key']}: {exc.strerror}") from exc
-    if mode & 0o077:
-        raise UsageError(
-            f"listen_key: {conf['listen_key']} is readable by others (mode {mode & 0o777:o}); "
-            "chmod 600 it"
-        )
-    try:
-        _, secret = zmq.auth.load_certificate(conf["listen_key"])
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"listen_key: {exc}") from exc
-    if secret is None:
-        raise UsageError(f"listen_key: {conf['listen_key']} holds no secret key (.key_secret)")
-    if not os.path.isdir(conf["listen_allow"]):
-        raise UsageError(f"listen_allow: {conf['listen_allow']} is not a directory")
-
-
-def reload_grants(config: str | None, flag_grants: Sequence[str], mrs: Sequence[MrSpec],
-                  names: dict[str, int]) -> Grants:  # fmt: skip
-    """The grants of the config file as it is now, plus the ``--grant`` flags (SIGHUP)."""
-    entries: Any = []
-    if config:
-        try:
-            with open(config, "rb") as f:
-                entries = tomllib.load(f).get("grant", [])
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise UsageError(f"cannot read {config}: {exc}") from exc
-    grants = read_grants(entries, config or "config", mrs)
-    grants += read_grants(list(flag_grants), "--grant", mrs)
-    try:
-        return Grants(grants, names)
-    except GrantError as exc:
-        raise UsageError(str(exc)) from exc
-
-
-async def serve(conf: dict[str, Any], args: argparse.Namespace | None = None) -> int:
+async def serve(conf: AgentConfig, args: argparse.Namespace | None = None) -> int:
     """Connect, bind, register, serve until a signal; return the exit code."""
     from hmmirror.client.mlx5.nic import Nic
     from hmmirror.client.mlx5.service import RdmaService
@@ -334,22 +137,22 @@ async def serve(conf: dict[str, Any], args: argparse.Namespace | None = None) ->
     config = args.config if args is not None else None
     flag_grants = (args.grant or []) if args is not None else []
     curve = None
-    if conf["server_key"] or conf["client_key"]:
+    if conf.server_key or conf.client_key:
         from hmmirror.client.curve import CurveKeys
 
         try:
-            curve = CurveKeys.load(conf["server_key"], conf["client_key"])
+            curve = CurveKeys.load(conf.server_key, conf.client_key)
         except (OSError, ValueError) as exc:
-            raise UsageError(f"server_key/client_key: {exc}") from exc
-    async with connect(conf["daemon"], name=conf["name"][:64], curve=curve) as session:
-        nic = Nic(session, conf["name"])
+            raise ConfigError(f"server_key/client_key: {exc}") from exc
+    async with connect(conf.daemon, name=conf.name[:64], curve=curve) as session:
+        nic = Nic(session, conf.name)
         service = RdmaService(
-            nic, conf["listen"], key_file=conf["listen_key"], allow_dir=conf["listen_allow"],
-            insecure=conf["insecure"],
+            nic, conf.listen, key_file=conf.listen_key, allow_dir=conf.listen_allow,
+            insecure=conf.insecure,
         )  # fmt: skip
         names: dict[str, int] = {}
         try:
-            for spec in conf["mr"]:
+            for spec in conf.mr:
                 mr = await nic.reg_mr(spec.pid, spec.addr, spec.length, spec.access)
                 names[spec.name] = mr.mrn
                 where = "all" if mr.implicit else f"{mr.addr:#x} length={mr.length}"
@@ -358,7 +161,7 @@ async def serve(conf: dict[str, Any], args: argparse.Namespace | None = None) ->
                     f"addr={where} rights={rights(mr.access)}",
                     flush=True,
                 )
-            service.grants = Grants(conf["grant"], names)
+            service.grants = Grants(conf.grant, names)
             service.start()
         except BaseException:
             await service.close()
@@ -370,8 +173,8 @@ async def serve(conf: dict[str, Any], args: argparse.Namespace | None = None) ->
             and the allow-list directory read again."""
             service.reload()
             try:
-                service.grants = reload_grants(config, flag_grants, conf["mr"], names)
-            except UsageError as exc:
+                service.grants = reload_grants(config, flag_grants, names)
+            except ConfigError as exc:
                 log.error("SIGHUP: grants unchanged: %s", exc)
                 return
             log.info("SIGHUP: %d requester(s) hold grants now", len(service.grants))
@@ -379,7 +182,7 @@ async def serve(conf: dict[str, Any], args: argparse.Namespace | None = None) ->
         loop.add_signal_handler(signal.SIGHUP, reload)
         print(f"hm-agent ready {service.endpoint}", flush=True)
         notify(f"READY=1\nSTATUS=serving {len(nic.mrs)} MR(s) on {service.endpoint}")
-        if conf["insecure"]:
+        if conf.insecure:
             log.warning(
                 "%s is plain TCP (insecure = true): anyone who reaches it gets what the grants "
                 "to 'any' give, unauthenticated", service.endpoint,
@@ -388,7 +191,7 @@ async def serve(conf: dict[str, Any], args: argparse.Namespace | None = None) ->
             log.warning("no requester holds a grant: every RDMA access will be refused")
         log.info(
             "hm-agent %s serving %d MR(s) on %s (hmmd %s, epoch %s)",
-            nic.name, len(nic.mrs), service.endpoint, conf["daemon"], session.epoch,
+            nic.name, len(nic.mrs), service.endpoint, conf.daemon, session.epoch,
         )  # fmt: skip
         try:
             await stop.wait()
@@ -413,17 +216,17 @@ def keep_freed_memory() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hm-agent`` console script."""
-    args = _parser().parse_args(argv)
-    try:
-        conf = settings(args)
-    except UsageError as exc:
-        print(f"hm-agent: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+def settings(args: argparse.Namespace) -> AgentConfig:
+    """The checked settings: defaults < ``--config`` file < environment < flags."""
+    return load(args.config, {key: getattr(args, key) for key in _FLAGS})
+
+
+def run(args: argparse.Namespace) -> int:
+    """``hm-agent [run]``: serve until SIGTERM or SIGINT; return the exit code."""
+    conf = settings(args)
     keep_freed_memory()
     logging.basicConfig(
-        level=str(conf["log_level"]).upper(),
+        level=conf.log_level.upper(),
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
@@ -433,7 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         import uvloop
 
         return uvloop.run(serve(conf, args))
-    except (ListenError, UsageError) as exc:
+    except ConfigError as exc:
+        return refuse("hm-agent", exc)
+    except ListenError as exc:
         print(f"hm-agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (AgentError, OSError) as exc:
@@ -442,6 +247,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # zmq errors binding the endpoint, and the like
         print(f"hm-agent: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def check_config(args: argparse.Namespace) -> int:
+    """``hm-agent check-config``: exit 0 if the settings load and pass every check."""
+    settings(args)
+    print("configuration OK")
+    return EXIT_OK
+
+
+def show_version(args: argparse.Namespace) -> int:
+    """``hm-agent version`` (which, unlike ``run``, needs no settings)."""
+    print(_version())
+    return EXIT_OK
+
+
+def _version() -> str:
+    """What ``hm-agent --version`` prints."""
+    return version_line("hm-agent", version("hmmirror-tools"))
+
+
+#: The subcommands; none given is ``run``. A ConfigError from any is a configuration error.
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": run,
+    "check-config": check_config,
+    "version": show_version,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hm-agent`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command or "run"](args)
+    except ConfigError as exc:
+        return refuse("hm-agent", exc)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib.metadata import version
 
 from hmmirror.client.errors import AgentError
+from hmmirror.transport.settings import version_line
 
 DEFAULT_ENDPOINT = "ipc:///run/hmmirror/hmmd.sock"
 DEFAULT_AGENT = "tcp://127.0.0.1:18515"
@@ -45,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=2.0, help="seconds to wait for hmmd (default 2)"
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("status", help="show the daemon's state and figures")
     sub.add_parser("mms", help="list the processes hmmd watches, and how")
@@ -99,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds of the coherence checker's rounds after the demo (default 8; 0 skips it)",
     )
     _check_parser(sub)
+    sub.add_parser("version", help="print versions and exit")
     return parser
 
 
@@ -138,49 +142,69 @@ def _check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     check.add_argument("-q", "--quiet", action="store_true", help="only the report")
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """``hmmctl demo``."""
+    from hmmirror.tools.demo import main as demo_main
+
+    return demo_main(args.duration, args.seed, args.check_duration)
+
+
+def _status(args: argparse.Namespace) -> int:
+    """``hmmctl status``: the daemon's figures, one per line."""
+    from hmmirror.client.session import status
+
+    try:
+        stats = asyncio.run(status(args.endpoint, args.timeout))
+    except AgentError as exc:
+        print(f"hmmctl: {exc}", file=sys.stderr)
+        return 1
+    width = max(len(k) for k in stats)
+    for key, value in stats.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _top_until_interrupted(args: argparse.Namespace) -> int:
+    """``hmmctl top``, which Ctrl-C ends normally."""
+    try:
+        return asyncio.run(_top(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """``hmmctl keys generate DIR NAME``."""
+    from hmmirror.client.curve import generate
+
+    try:
+        public, secret = generate(args.directory, args.name)
+    except OSError as exc:
+        print(f"hmmctl: {exc}", file=sys.stderr)
+        return 1
+    print(f"public {public}\nsecret {secret}")
+    return 0
+
+
+def _version() -> str:
+    """What ``hmmctl --version`` prints."""
+    return version_line("hmmctl", version("hmmirror-tools"))
+
+
+def _print_version(args: argparse.Namespace) -> int:
+    """``hmmctl version``."""
+    print(_version())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hmmctl`` console script."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from hmmirror.tools.demo import main as demo_main
-
-        return demo_main(args.duration, args.seed, args.check_duration)
-    if args.command == "check":
-        return _check(args)
-    if args.command == "status":
-        from hmmirror.client.session import status
-
-        try:
-            stats = asyncio.run(status(args.endpoint, args.timeout))
-        except AgentError as exc:
-            print(f"hmmctl: {exc}", file=sys.stderr)
-            return 1
-        width = max(len(k) for k in stats)
-        for key, value in stats.items():
-            print(f"{key:<{width}}  {value}")
-        return 0
-    if args.command == "stat":
-        return _stat_mr(args)
-    if args.command in ("mms", "mirrors"):
-        return _inventory(args)
-    if args.command == "top":
-        try:
-            return asyncio.run(_top(args))
-        except KeyboardInterrupt:
-            return 0
-    if args.command == "keys":
-        from hmmirror.client.curve import generate
-
-        try:
-            public, secret = generate(args.directory, args.name)
-        except OSError as exc:
-            print(f"hmmctl: {exc}", file=sys.stderr)
-            return 1
-        print(f"public {public}\nsecret {secret}")
-        return 0
-    parser.print_help(sys.stderr)
-    return 2
+    command = COMMANDS.get(args.command)
+    if command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return command(args)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -325,6 +349,20 @@ def _stat_mr(args: argparse.Namespace) -> int:
         fields += [f"{name} {row[name]}" for name in MR_COUNTERS]
         print(" ".join(fields))
     return 0
+
+
+#: The subcommands, by name; none given prints the help (exit 2).
+COMMANDS: dict[str | None, Callable[[argparse.Namespace], int]] = {
+    "status": _status,
+    "mms": _inventory,
+    "mirrors": _inventory,
+    "top": _top_until_interrupted,
+    "keys": _keys,
+    "stat": _stat_mr,
+    "demo": _demo,
+    "check": _check,
+    "version": _print_version,
+}
 
 
 if __name__ == "__main__":

@@ -43,9 +43,10 @@ from typing import Any
 
 import zmq
 from hmmirror.transport.door import Door, Handler, split_tcp, tcp_endpoint
+from hmmirror.transport.errors import Unreachable, reason, unreachable
 from hmmirror.transport.keys import AllowDir, ServerKeys
 from hmmirror.transport.peer import Peer
-from hmmirror.transport.sockets import Drained, Unreachable, send_frames, tune
+from hmmirror.transport.sockets import Drained, send_frames, tune
 from hmmirror.transport.zap import DOMAIN, ZapHandler
 
 log = logging.getLogger(__name__)
@@ -256,12 +257,12 @@ class Server:
         try:
             sock = self._socket()
         except zmq.ZMQError as exc:
-            return f"cannot open a socket for {endpoint}: {exc}; try again later"
+            return f"cannot open a socket for {endpoint}: {reason(exc)}; try again later"
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
-            return f"cannot connect to {endpoint}: {exc}"
+            return f"cannot connect to {endpoint}: {reason(exc)}"
         conn = Connection(rid, peer, endpoint, opath, proven=proven)
         self.connections[rid] = conn
         self._by_endpoint[endpoint] = rid
@@ -365,7 +366,6 @@ class Server:
             # DEALER's pipe takes a whole message or, full or closed, nothing (EAGAIN).
             send_frames(line.sock, frames, copy)
         except zmq.Again as exc:
-            why = "send queue full (or its connection closed)"
-            raise Unreachable(f"peer {rid.hex()}: {why}") from exc
+            raise unreachable(exc, f"peer {rid.hex()}") from exc
         finally:
             line._sent()

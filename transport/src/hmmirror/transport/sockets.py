@@ -4,7 +4,7 @@ A plain (not ``zmq.asyncio``) socket is registered with ``loop.add_reader`` on
 its edge-triggered FD; the reader drains until ``EVENTS`` shows no POLLIN, and
 a send may consume the edge (pyzmq #1177), so sends make the loop look again
 once per tick. This is the measured-fastest pattern on these machines
-(reference/zeromq-python.md §2, §7).
+(docs/ARCHITECTURE.md §B).
 """
 
 from __future__ import annotations
@@ -37,10 +37,6 @@ SOCKET_BUFFER = 4 << 20
 HWM = 10000
 
 
-class Unreachable(Exception):
-    """A message could not be queued to a peer (gone, or its pipe is full)."""
-
-
 def tune(sock: zmq.Socket[Any]) -> None:
     """The options every hmmirror socket uses: no linger, size caps, buffers, HWMs."""
     sock.setsockopt(zmq.LINGER, 0)
@@ -54,8 +50,9 @@ def tune(sock: zmq.Socket[Any]) -> None:
 def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], copy: bool) -> None:
     """Send one message without blocking; only large frames go zero-copy (with ``copy`` off).
 
-    Raises ``zmq.Again`` when the peer's pipe is full and ``zmq.ZMQError`` otherwise. A
-    socket queues nothing until the last frame, so a failure leaves no partial message.
+    Raises ``zmq.Again`` when the peer's pipe is full and ``zmq.ZMQError`` otherwise (the
+    caller translates them with ``errors.unreachable``). A socket queues nothing until the
+    last frame, so a failure leaves no partial message.
     """
     last = len(frames) - 1
     for i, frame in enumerate(frames):

@@ -30,8 +30,9 @@ from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from hmmirror.client.errors import DeviceError, Evicted, RemoteError, device_error
-from hmmirror.client.mirror import FaultFn, Mirror
+from hmmirror.client._reaper import reap
+from hmmirror.client.errors import DeviceError, MirrorEvicted, RemoteError, device_error
+from hmmirror.client.mirror import Faulted, FaultFn, Mirror
 from hmmirror.client.mlx5.verbs import (
     IMPLICIT_CHILD_SIZE,
     IMPLICIT_END,
@@ -201,8 +202,7 @@ class MemoryRegion:
         self.dead = True
         await self._idle.wait()
         for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
+            await reap(task)
         for seg in list(self._segments.values()):
             self._retire(seg)
             with contextlib.suppress(Exception):
@@ -249,30 +249,30 @@ class MemoryRegion:
 
     async def _fault(
         self, seg: _Segment, addr: int, npages: int, need_write: bool, read: bool = False
-    ) -> tuple[int, memoryview | None]:
+    ) -> Faulted:
         """Resolve a device page fault on [addr, +npages) of ``seg``; count it.
 
         With ``read`` (a read access that missed) hmmd also reads the pages in the
-        fault's trip, when it can: returns (pages mapped, their data or None).
+        fault's trip, when it can: the result then carries their data.
         """
         write = self.writable
         mirror = seg.mirror
         try:
             if read:
-                installed, data = await mirror.populate_read(addr, npages, write)
+                done = await mirror.populate_read(addr, npages, write)
             else:
-                installed, data = await mirror.populate(addr, npages, write), None
+                done = Faulted(await mirror.populate(addr, npages, write))
         except DeviceError as exc:
             if exc.errno != errno.EPERM or need_write or not write:
                 raise
             # A page the process maps read-only: map it read-only.
             if read:
-                installed, data = await mirror.populate_read(addr, npages, False)
+                done = await mirror.populate_read(addr, npages, False)
             else:
-                installed, data = await mirror.populate(addr, npages, False), None
-        self._counters["page_faults"] += installed
+                done = Faulted(await mirror.populate(addr, npages, False))
+        self._counters["page_faults"] += done.installed
         self._counters["page_faults_handled"] += 1
-        return installed, data
+        return done
 
     async def page_fault(self, addr: int, length: int = 0) -> int:
         """A device page fault at ``addr`` (the RDMA subtype); return the pages mapped.
@@ -293,7 +293,7 @@ class MemoryRegion:
             with self._use(seg):
                 first = lo & ~_PAGE_MASK
                 npages = (hi - first + _PAGE_MASK) >> PAGE_SHIFT
-                mapped += (await self._fault(seg, first, npages, False))[0]
+                mapped += (await self._fault(seg, first, npages, False)).installed
         if unknown:
             after = (addr & ~_PAGE_MASK) + PAGE_SIZE
             more = min(MAX_PREFETCH_LEN, self.end - after)
@@ -383,7 +383,7 @@ class MemoryRegion:
                 try:
                     pieces, _ = await seg.mirror.transfer(lo, hi - lo, payload, fault)
                     return pieces
-                except Evicted:
+                except MirrorEvicted:
                     if attempt == 2:
                         raise
         raise AssertionError("unreachable")
@@ -398,7 +398,7 @@ class MemoryRegion:
                     fault = self._fault_fn(seg, True)
                     try:
                         return await seg.mirror.atomic(addr, op, compare_add, swap, fault)
-                    except Evicted:
+                    except MirrorEvicted:
                         if attempt == 2:
                             raise
         raise AssertionError("unreachable")
@@ -406,9 +406,9 @@ class MemoryRegion:
     def _fault_fn(self, seg: _Segment, need_write: bool) -> FaultFn:
         """The mirror's fault callback for an access through ``seg``."""
 
-        async def fault(addr: int, npages: int) -> memoryview | None:
+        async def fault(addr: int, npages: int) -> Faulted:
             """Fault the pages in for this access (a read's fault also brings the data)."""
-            return (await self._fault(seg, addr, npages, need_write, read=not need_write))[1]
+            return await self._fault(seg, addr, npages, need_write, read=not need_write)
 
         return fault
 

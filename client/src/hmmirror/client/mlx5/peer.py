@@ -22,10 +22,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import zmq
-from hmmirror.client.channel import Channel
+from hmmirror.client.channel import Channel, R
 from hmmirror.client.curve import CurveKeys
 from hmmirror.client.errors import DaemonUnavailable, RemoteError, RequestTimeout, device_error
-from hmmirror.proto.codec import Envelope
 from hmmirror.proto.messages import (
     STAT_MR_COLUMNS,
     AtomicOp,
@@ -93,11 +92,12 @@ class RdmaPeer(Channel):
         return self._refused
 
     async def _ask(
-        self, msg: Message, expect: type[Message], bulk: Any = (), copy: bool = True
-    ) -> Envelope:
-        """One request, with the agent's error replies raised as the model's errors."""
+        self, msg: Message, expect: type[R], bulk: Any = (), copy: bool = True
+    ) -> tuple[R, tuple[memoryview, ...]]:
+        """One request and its reply (of type ``expect``) and bulk, with the agent's error
+        replies raised as the model's errors."""
         try:
-            return await self.request(msg, bulk, expect=expect, copy=copy)
+            return await self.exchange(msg, expect, bulk, copy=copy)
         except RemoteError as exc:
             raise device_error(exc) from exc
         except RequestTimeout as exc:
@@ -110,8 +110,8 @@ class RdmaPeer(Channel):
 
     async def read(self, rkey: int, addr: int, length: int) -> memoryview:
         """RDMA READ: ``length`` bytes at ``addr`` of ``rkey`` (a view of the received frame)."""
-        env = await self._ask(RdmaRead(rkey=rkey, addr=addr, length=length), RdmaReadReply)
-        return env.bulk[0]
+        _, bulk = await self._ask(RdmaRead(rkey=rkey, addr=addr, length=length), RdmaReadReply)
+        return bulk[0]
 
     async def write(self, rkey: int, addr: int, data: bytes | bytearray | memoryview) -> None:
         """RDMA WRITE: ``data`` at ``addr`` of ``rkey``."""
@@ -124,24 +124,19 @@ class RdmaPeer(Channel):
         msg = RdmaAtomic(
             rkey=rkey, addr=addr, op=int(AtomicOp.CMP_SWAP), compare_add=compare, swap=swap
         )
-        env = await self._ask(msg, AtomicReply)
-        assert isinstance(env.msg, AtomicReply)
-        return env.msg.old
+        return (await self._ask(msg, AtomicReply))[0].old
 
     async def fetch_add(self, rkey: int, addr: int, add: int) -> int:
         """ATOMIC fetch-and-add on the u64 at ``addr`` (modulo 2^64); return the value found."""
         msg = RdmaAtomic(rkey=rkey, addr=addr, op=int(AtomicOp.FETCH_ADD), compare_add=add)
-        env = await self._ask(msg, AtomicReply)
-        assert isinstance(env.msg, AtomicReply)
-        return env.msg.old
+        return (await self._ask(msg, AtomicReply))[0].old
 
     async def stat_mr(self) -> tuple[str, list[dict[str, int]]]:
         """The agent's device name and one row per MR granted to us (``STAT_MR_COLUMNS``)."""
-        env = await self._ask(StatMr(), StatMrReply)
-        assert isinstance(env.msg, StatMrReply)
+        reply, _ = await self._ask(StatMr(), StatMrReply)
         width = len(STAT_MR_COLUMNS)
-        rows = env.msg.rows
-        return env.msg.device, [
+        rows = reply.rows
+        return reply.device, [
             dict(zip(STAT_MR_COLUMNS, rows[i : i + width], strict=True))
             for i in range(0, len(rows) - width + 1, width)
         ]

@@ -28,7 +28,7 @@ from hmmirror.client.mlx5.grants import Grants
 from hmmirror.client.mlx5.nic import Nic
 from hmmirror.client.mlx5.verbs import AccessFlags
 from hmmirror.proto.codec import Envelope, decode, encode
-from hmmirror.proto.errors import ErrorCode, ProtocolError
+from hmmirror.proto.errors import CODE_OF_ERRNO, ErrorCode, ProtocolError
 from hmmirror.proto.messages import (
     STAT_MR_COLUMNS,
     AtomicOp,
@@ -67,7 +67,6 @@ REPLY_CAP = 32 << 20
 REPLY_STALL = 2.0
 #: Requests between two sweeps of the reply budget (which forgets idle requesters).
 SWEEP_EVERY = 1024
-_ERRNO_CODES = {int(c): c for c in ErrorCode if c < 100}
 _NEEDS = {
     RdmaRead: AccessFlags.REMOTE_READ,
     RdmaWrite: AccessFlags.REMOTE_WRITE,
@@ -91,8 +90,8 @@ def error_code(exc: BaseException) -> ErrorCode:
     """The wire code for a failed request."""
     if isinstance(exc, RemoteAccessError):
         return ErrorCode.REMOTE_ACCESS
-    if isinstance(exc, OSError) and exc.errno in _ERRNO_CODES:
-        return _ERRNO_CODES[exc.errno]
+    if isinstance(exc, OSError) and exc.errno in CODE_OF_ERRNO:
+        return CODE_OF_ERRNO[exc.errno]
     if isinstance(exc, RemoteError) and isinstance(exc.code, ErrorCode):
         return exc.code
     if isinstance(exc, TimeoutError):

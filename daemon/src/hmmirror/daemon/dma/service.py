@@ -32,7 +32,7 @@ from hmmirror.daemon.linux import vm
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PFN_MASK, PM_PRESENT, Raw
 from hmmirror.daemon.pagetable import vma_perms
 from hmmirror.daemon.state import Mm
-from hmmirror.daemon.watch.proc import Change, detect
+from hmmirror.daemon.watch.proc import Announcer, detect
 from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID, HMM_PFN_WRITE, Entries
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import MAX_DMA_PAGES, AtomicOp
@@ -61,11 +61,12 @@ class DmaService:
     def __init__(
         self,
         zero_pfn: int,
-        start_invalidations: Callable[[Mm, list[Change]], None],
+        announcer: Announcer,
         copier: Copier,
     ) -> None:
         self.zero_pfn = zero_pfn
-        self.start_invalidations = start_invalidations
+        #: Where a STALE refusal announces the change it found (the fan-out).
+        self.announcer = announcer
         self.copier = copier
         #: Per mm: device writes in flight inside a guard, and the guards of those done.
         self._guarded_copies: dict[Mm, int] = {}
@@ -81,7 +82,7 @@ class DmaService:
         except ProcessLookupError:
             changes = []
         if changes:
-            self.start_invalidations(mm, changes)
+            self.announcer.announce(mm, changes)
         return RequestError(ErrorCode.STALE, why)
 
     def _precheck(
@@ -136,7 +137,7 @@ class DmaService:
         except ProcessLookupError:
             return RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited")
         if changes:
-            self.start_invalidations(mm, changes)
+            self.announcer.announce(mm, changes)
         if not readable.all():
             return RequestError(
                 ErrorCode.EFAULT, f"no readable VMA in [{start:#x}, {end:#x}) of pid {mm.pid}"
@@ -368,4 +369,4 @@ class DmaService:
         except ProcessLookupError:
             return  # the target exited after the copy: its RELEASE follows
         if changes:
-            self.start_invalidations(mm, changes)
+            self.announcer.announce(mm, changes)

@@ -1,6 +1,6 @@
 """Non-cooperative attach: create a userfaultfd inside an unmodified target with ptrace.
 
-The recipe of linux-mechanisms.md §8, x86-64 only: seize and interrupt the
+The recipe of docs/ARCHITECTURE.md §A.3, x86-64 only: seize and interrupt the
 target's main thread, check it is stopped on a ``syscall`` instruction, run
 ``userfaultfd()`` there, take the new fd with pidfd_getfd, run ``close()`` on
 the target's copy, restore every register and detach. The target's interrupted
@@ -17,7 +17,7 @@ import os
 import platform
 import time
 
-from hmmirror.daemon.linux import uffd
+from hmmirror.daemon.linux import userfaultfd
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ptrace.restype = ctypes.c_long
@@ -146,13 +146,15 @@ def inject_userfaultfd(pid: int, pidfd: int) -> int:
         saved = _stop_in_syscall(pid)
         try:
             flags = os.O_CLOEXEC | os.O_NONBLOCK
-            fd = _call(pid, saved, uffd.SYS_USERFAULTFD, flags)
+            fd = _call(pid, saved, userfaultfd.SYS_USERFAULTFD, flags)
             if fd == -1:  # EPERM: unprivileged userfaultfd is off; user-mode faults suffice
-                fd = _call(pid, saved, uffd.SYS_USERFAULTFD, flags | uffd.UFFD_USER_MODE_ONLY)
+                fd = _call(
+                    pid, saved, userfaultfd.SYS_USERFAULTFD, flags | userfaultfd.UFFD_USER_MODE_ONLY
+                )
             if fd < 0:
                 raise InjectError(f"userfaultfd() in process {pid} failed: {os.strerror(-fd)}")
             try:
-                return uffd.getfd(pidfd, fd)
+                return userfaultfd.getfd(pidfd, fd)
             finally:
                 _call(pid, saved, SYS_CLOSE, fd)
         finally:

@@ -5,9 +5,20 @@ follows the mirrored working set, not the process size. A maps diff alone
 misses MAP_FIXED over a whole VMA and MADV_DONTNEED; the pagemap PFN and
 present-bit comparison catches both. Changes are seen up to one poll interval
 after they happen: this is observation mode, and the docs say so.
+
+``ProcWatch`` is the poll loop, adaptive and bounded by its own cost. What it
+finds goes to an ``Announcer`` (the fan-out); what it cannot handle itself (the
+mm gone, new VMAs to register with a uffd, its own failure) to a ``Keeper``
+(``watch.supervisor``). Both are declared here, so this module imports neither.
 """
 
 from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, Vmas
@@ -15,7 +26,31 @@ from hmmirror.daemon.pagetable import classify, runs, vma_perms
 from hmmirror.daemon.state import Mm
 from hmmirror.proto.messages import Event
 
+log = logging.getLogger(__name__)
+
 Change = tuple[int, int, Event]
+
+
+class Announcer(Protocol):
+    """Where watchers report changes: the fan-out (``invalidation.Invalidator``)."""
+
+    def announce(
+        self, mm: Mm, changes: list[Change], then: Callable[[], None] | None = None
+    ) -> None:
+        """Begin an invalidation per event among ``changes`` now; ``then`` once all completed."""
+
+
+class Keeper(Protocol):
+    """What the proc watcher hands up about its mm (``watch.supervisor.Supervisor``)."""
+
+    def cover(self, mm: Mm) -> None:
+        """Register the VMAs under ``mm``'s mirrors with its userfaultfds."""
+
+    def exited(self, mm: Mm) -> None:
+        """``mm`` is gone (exit or execve): RELEASE it, once."""
+
+    def failed(self, mm: Mm) -> None:
+        """The watcher of ``mm`` failed: EVICT the mirrors it can no longer protect."""
 
 
 def detect(
@@ -61,3 +96,58 @@ def merge(changes: list[Change]) -> list[Change]:
         else:
             out.append((start, end, event))
     return out
+
+
+class ProcWatch:
+    """The proc watcher's poll loop over one mm: fast after a change, backing off while
+    quiet, never spending more than 5% of a core."""
+
+    def __init__(
+        self,
+        mm: Mm,
+        zero_pfn: int,
+        bounds: tuple[float, float],
+        announcer: Announcer,
+        keeper: Keeper,
+    ) -> None:
+        self.mm = mm
+        self.zero_pfn = zero_pfn
+        self.bounds = bounds
+        self.announcer = announcer
+        self.keeper = keeper
+
+    async def run(self) -> None:
+        """Poll until the mm is released; if polling fails, EVICT its mirrors."""
+        try:
+            await self._poll()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("watcher of pid %d failed; evicting its mirrors", self.mm.pid)
+            self.keeper.failed(self.mm)
+
+    async def _poll(self) -> None:
+        """The loop itself."""
+        mm = self.mm
+        lo, hi = self.bounds
+        interval = lo
+        while not mm.released:
+            await asyncio.sleep(interval)
+            t0 = time.perf_counter()
+            try:
+                changes = detect(mm, self.zero_pfn)
+            except ProcessLookupError:
+                # Death is the pidfd's to report; an execve leaves no pidfd event behind.
+                if mm.view.replaced():
+                    self.keeper.exited(mm)
+                return
+            if changes:
+                self.announcer.announce(mm, changes)
+            self.keeper.cover(mm)  # new VMAs under a mirror raise no event: register them
+            if mm.view.replaced():
+                self.keeper.exited(mm)  # execve (or death): the mm we watch is gone, RELEASE it
+                return
+            cost = time.perf_counter() - t0
+            # Poll fast after a change, back off while quiet, never spend >5% of a core.
+            interval = lo if changes else min(hi, interval * 1.5)
+            interval = max(interval, cost * 20)

@@ -4,7 +4,7 @@ The kernel blocks the target thread in munmap, madvise(DONTNEED/FREE), mremap
 and fork until the monitor has read the event, so these are seen within one
 event-loop turn, not one poll interval later. REMOVE (DONTNEED, FREE) is read
 before the pages are zapped; UNMAP and REMAP describe mappings already gone
-(kernel-contract.md §5.4). mprotect, new VMAs and file-backed mappings raise no
+(docs/ARCHITECTURE.md §A.1). mprotect, new VMAs and file-backed mappings raise no
 event: the proc watcher keeps covering them, and each of its polls registers
 the anonymous and shmem VMAs that appeared under a mirror, as does every fault
 for the VMAs it hands out translations from.
@@ -12,9 +12,15 @@ for the VMAs it hands out translations from.
 A *strict* watch is a second uffd, without WP_ASYNC, over the VMAs of
 strict-write mirrors: the pages such a mirror holds are write-protected, a
 write to one blocks the writing thread and arrives as a fault, and hmmd lifts
-the protection only once every subscribed mirror has acked the invalidation.
+the protection only once every subscribed mirror has acked the invalidation
+(``device_write`` lifts it around hmmd's own writes).
 
-The reader never blocks: every unread event stalls a target thread.
+With a mirror subscribed to writes, the watch also scans the pages written
+since its last scan (PAGEMAP_SCAN's written bits, armed per registered VMA)
+and announces them as WRITTEN, adapting its rate to the target's.
+
+The reader never blocks: every unread event stalls a target thread. The
+syscalls are ``linux.userfaultfd``'s; changes go to an ``Announcer``.
 """
 
 from __future__ import annotations
@@ -24,14 +30,23 @@ import contextlib
 import errno
 import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
 
-from hmmirror.daemon.linux import scan, uffd
+from hmmirror.daemon.linux import scan, userfaultfd
+from hmmirror.daemon.linux.procfs import PAGE_SIZE
 from hmmirror.daemon.state import Mm
-from hmmirror.daemon.watch.proc import Change, detect, merge
+from hmmirror.daemon.watch.proc import Announcer, Change, detect, merge
 from hmmirror.proto.messages import Event
 
 log = logging.getLogger(__name__)
+
+#: Written-page scan interval bounds, in seconds: fastest while the target writes.
+WRITTEN_SCAN_MIN, WRITTEN_SCAN_MAX = 0.002, 0.1
+
+#: Runs a coroutine as a task the daemon owns (and cancels at shutdown).
+Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 
 class UffdWatch:
@@ -42,23 +57,25 @@ class UffdWatch:
         mm: Mm,
         fd: int,
         zero_pfn: int,
-        on_changes: Callable[[Mm, list[Change]], None],
+        announcer: Announcer,
+        spawn: Spawn,
         *,
         configured: bool = False,
-        on_write_fault: Callable[[UffdWatch, int], None] | None = None,
+        strict: bool = False,
         on_fork: Callable[[UffdWatch, int], bool] | None = None,
     ) -> None:
         self.mm = mm
         self.fd = fd
         self.zero_pfn = zero_pfn
-        self.on_changes = on_changes
-        #: Strict mode: write faults on protected pages go to this (with the page address).
-        self.on_write_fault = on_write_fault
-        self.strict = on_write_fault is not None
+        self.announcer = announcer
+        self.spawn = spawn
+        #: Strict mode: a write to a protected page waits for every subscriber's ack.
+        self.strict = strict
         #: Offered each FORK's child uffd; returns True if it kept it (policy "adopt").
         self.on_fork = on_fork
+        features = userfaultfd.STRICT_FEATURES if strict else userfaultfd.WATCH_FEATURES
         if not configured:
-            uffd.ensure_api(fd, uffd.STRICT_FEATURES if self.strict else uffd.WATCH_FEATURES)
+            userfaultfd.ensure_api(fd, features)
         os.set_blocking(fd, False)
         self._registered: set[tuple[int, int]] = set()
         self._refused: set[tuple[int, int]] = set()
@@ -100,7 +117,7 @@ class UffdWatch:
         """Unregister the VMA [lo, hi) from this uffd, so the strict one can take it."""
         if (lo, hi) in self._registered:
             with contextlib.suppress(OSError):
-                uffd.unregister(self.fd, lo, hi - lo)
+                userfaultfd.unregister(self.fd, lo, hi - lo)
             self._forget(lo, hi)
         self._refused.discard((lo, hi))
 
@@ -109,7 +126,7 @@ class UffdWatch:
         for lo, hi in self._registered:
             a, b = max(lo, start), min(hi, end)
             if a < b:
-                uffd.writeprotect(self.fd, a, b - a, True)
+                userfaultfd.writeprotect(self.fd, a, b - a, True)
 
     def unprotect(self, start: int, end: int, wake: bool = True) -> None:
         """Lift the protection of [start, end), waking the writers blocked there."""
@@ -117,7 +134,7 @@ class UffdWatch:
             a, b = max(lo, start), min(hi, end)
             if a < b:
                 with contextlib.suppress(OSError):  # the VMA went meanwhile: nobody waits
-                    uffd.writeprotect(self.fd, a, b - a, False, wake)
+                    userfaultfd.writeprotect(self.fd, a, b - a, False, wake)
 
     def cover_range(self, start: int, end: int) -> int:
         """``cover`` for the VMAs of [start, end) only (a fault registers what it hands out)."""
@@ -135,7 +152,7 @@ class UffdWatch:
             if self.strict and self.mm.uffd is not None and self.mm.uffd is not self:
                 self.mm.uffd.release(lo, hi)  # a VMA has one uffd: strict mode takes it
             try:
-                uffd.register(self.fd, lo, hi - lo)
+                userfaultfd.register(self.fd, lo, hi - lo)
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.EBUSY, errno.ENOMEM):
                     raise
@@ -201,12 +218,46 @@ class UffdWatch:
                         changes.append((max(a, s), min(b, e), Event.WRITTEN))
         return merge(changes)
 
-    # --- events -----------------------------------------------------------------------------
+    def track_writes(self) -> None:
+        """Arm written-page tracking for the mm's subscribed mirrors; start its scan loop."""
+        mm = self.mm
+        try:
+            changes = self.scan_written()  # arms what is new; reports what others armed
+        except ProcessLookupError:
+            return
+        if changes:
+            self.announcer.announce(mm, changes)
+        if mm.written is None or mm.written.done():
+            mm.written = self.spawn(self._scan_loop())
+
+    async def _scan_loop(self) -> None:
+        """Get-and-clear written pages of subscribed mirrors, adapting to the write rate."""
+        mm = self.mm
+        lo, hi = WRITTEN_SCAN_MIN, WRITTEN_SCAN_MAX
+        interval = lo
+        while not mm.released and not mm.closed:
+            watch = mm.uffd  # the mm's current watch: a new one may have replaced this one
+            if watch is None or watch.closed or not any(m.watch_writes for m in mm.mirrors):
+                return
+            await asyncio.sleep(interval)
+            t0 = time.perf_counter()
+            try:
+                changes = watch.scan_written()
+            except ProcessLookupError:
+                return  # the pidfd reports the exit
+            if changes:
+                self.announcer.announce(mm, changes)
+            cost = time.perf_counter() - t0
+            # Scan fast while the target writes, back off while it does not, <5% of a core.
+            interval = lo if changes else min(hi, interval * 1.5)
+            interval = max(interval, cost * 20)
+
+    # --- events, and strict write faults -----------------------------------------------------
 
     def _drain(self) -> None:
         """Read every queued event (releasing the target), then start the invalidations."""
         try:
-            events = uffd.read_events(self.fd)
+            events = userfaultfd.read_events(self.fd)
         except OSError as exc:
             log.warning("userfaultfd of pid %d failed: %s; proc watcher only", self.mm.pid, exc)
             self.close()
@@ -214,24 +265,24 @@ class UffdWatch:
         changes: list[Change] = []
         forked = False
         for kind, a0, a1, a2 in events:
-            if kind == uffd.EVENT_PAGEFAULT:
-                if self.on_write_fault is not None and a0 & uffd.PAGEFAULT_FLAG_WP:
+            if kind == userfaultfd.EVENT_PAGEFAULT:
+                if self.strict and a0 & userfaultfd.PAGEFAULT_FLAG_WP:
                     self.events["write_fault"] += 1
-                    self.on_write_fault(self, a1 & ~0xFFF)
+                    self._write_fault(a1 & ~0xFFF)
                 else:  # not ours to hold: let it go (a fault hmmd cannot resolve otherwise)
                     self.unprotect(a1 & ~0xFFF, (a1 & ~0xFFF) + 0x1000)
-            elif kind == uffd.EVENT_UNMAP:
+            elif kind == userfaultfd.EVENT_UNMAP:
                 self.events["unmap"] += 1
                 changes.append((a0, a1, Event.UNMAP))
                 self._forget(a0, a1)
-            elif kind == uffd.EVENT_REMOVE:
+            elif kind == userfaultfd.EVENT_REMOVE:
                 self.events["remove"] += 1
                 changes.append((a0, a1, Event.CLEAR))
-            elif kind == uffd.EVENT_REMAP:
+            elif kind == userfaultfd.EVENT_REMAP:
                 self.events["remap"] += 1
                 changes.append((a0, a0 + a2, Event.UNMAP))  # the source moved away
                 self._forget(a0, a0 + a2)
-            elif kind == uffd.EVENT_FORK:
+            elif kind == userfaultfd.EVENT_FORK:
                 self.events["fork"] += 1
                 forked = True
                 # The child's uffd, installed in our fd table. Policy "close" drops it (the
@@ -246,4 +297,69 @@ class UffdWatch:
             with contextlib.suppress(ProcessLookupError):
                 changes.extend(detect(self.mm, self.zero_pfn))
         if changes and not self.mm.released:
-            self.on_changes(self.mm, changes)
+            self.announcer.announce(self.mm, changes)
+
+    def _write_fault(self, page: int) -> None:
+        """A write to a strictly protected page: it proceeds once every subscriber acked."""
+        end = page + PAGE_SIZE
+        self.announcer.announce(
+            self.mm, [(page, end, Event.WRITTEN)], then=lambda: self.unprotect(page, end)
+        )
+
+
+def cover(mm: Mm) -> None:
+    """Register the VMAs under ``mm``'s mirrors with its uffds, if it has any."""
+    for watch in (mm.strict_uffd, mm.uffd):  # strict first: it takes the VMAs it needs
+        if watch is None or watch.closed:
+            continue
+        try:
+            watch.cover()
+        except OSError as exc:
+            log.warning("userfaultfd of pid %d failed (%s): proc watcher only", mm.pid, exc)
+            watch.close()
+
+
+def guard_handed_out(mm: Mm, start: int, end: int, strict: bool) -> None:
+    """[start, end) was just handed to a mirror (``strict``: a strict-write one): register
+    its VMAs with ``mm``'s uffds and, for a strict mirror, write-protect it. A uffd that
+    fails is closed (the proc watcher still covers its mm)."""
+    watch = mm.strict_uffd if strict else None
+    if watch is not None and not watch.closed:
+        # The mirror may now hold these pages: the next write to them waits for its ack.
+        try:
+            watch.cover_range(start, end)
+            watch.protect(start, end)
+        except OSError as exc:
+            log.warning("strict userfaultfd of pid %d failed: %s", mm.pid, exc)
+            watch.close()
+    watch = mm.uffd
+    if watch is not None and not watch.closed:
+        # A VMA mapped since the last poll raises no event until registered: register
+        # it before the agent can hold a translation from it.
+        try:
+            watch.cover_range(start, end)
+        except OSError as exc:
+            log.warning("userfaultfd of pid %d failed (%s): proc only", mm.pid, exc)
+            watch.close()
+
+
+@contextlib.contextmanager
+def device_write(mm: Mm, start: int, end: int) -> Iterator[None]:
+    """Around hmmd's own write into the target: lift strict protection, then restore it.
+
+    hmmd's process_vm_writev would otherwise fault on a protected page and wait
+    for hmmd itself. A device write is not announced to strict mirrors first.
+    """
+    watch = mm.strict_uffd
+    if watch is None or watch.closed:
+        yield
+        return
+    watch.unprotect(start, end, wake=False)
+    try:
+        yield
+    finally:
+        if not watch.closed and any(
+            m.strict and not m.dead and m.overlaps(start, end) for m in mm.mirrors
+        ):
+            with contextlib.suppress(OSError):
+                watch.protect(start, end)

@@ -41,7 +41,7 @@ from hmmirror.client.errors import (
     AgentError,
     DaemonUnavailable,
     DeviceError,
-    Evicted,
+    MirrorEvicted,
     RemoteError,
     RequestTimeout,
 )
@@ -103,11 +103,11 @@ class CheckSession(Session):
         late.set_result(None)
         self._advance_acks()
 
-    def _rehello(self) -> None:
+    def _fence(self) -> None:
         """Count evictions (every path that learns of one comes here)."""
-        if self._rehello_task is None or self._rehello_task.done():
+        if self._hello_task is None or self._hello_task.done():
             self.evictions += 1
-        super()._rehello()
+        super()._fence()
 
     def _lose(self, reason: str) -> None:
         """Count a lost connection as an eviction too: hmmd drops the connection of an
@@ -168,13 +168,13 @@ class Agent:
         if self.session.lost is not None:
             await asyncio.sleep(0.05)
             return
-        if self.session._rehello_task is not None and not self.session._rehello_task.done():
-            await asyncio.shield(self.session._rehello_task)
+        if self.session._hello_task is not None and not self.session._hello_task.done():
+            await asyncio.shield(self.session._hello_task)
         try:
             await self.register()
             self.stats["reregistered"] += 1
         except RemoteError as exc:
-            self.session.fenced(exc)
+            self.session.rehello_if_fenced(exc)
             await asyncio.sleep(0.05)
         except (AgentError, OSError):
             await asyncio.sleep(0.05)
@@ -240,7 +240,7 @@ class Agent:
                 length = min(rng.randint(1, 16), npages - page) * PAGE
                 await self.nic.advise_mr(advice, ADVISE_FLUSH, [(mr.lkey, addr, length)])
                 self.stats["prefetches"] += 1
-        except Evicted:
+        except MirrorEvicted:
             # Counted by the session; the worker's next turn finds the MR unusable and
             # _recover registers it again.
             pass
@@ -296,7 +296,7 @@ class Agent:
         try:
             await s.heartbeat()
         except RemoteError as exc:
-            s.fenced(exc)  # fenced: no translation may survive
+            s.rehello_if_fenced(exc)  # fenced: no translation may survive
         except (RequestTimeout, DaemonUnavailable):
             pass  # hmmd is gone: the session drops everything once its lease runs out
         mirror = _mirror(self.mr)

@@ -37,71 +37,16 @@ from typing import IO, Any
 
 import numpy as np
 from hmmirror.client.errors import AgentError
-from hmmirror.client.session import inventory, status
-from hmmirror.testing.puppet import proc_start_time
+from hmmirror.client.session import status
+from hmmirror.daemon.linux.procfs import start_time
+from hmmirror.testing.hmmd import HmmdProcess, start_hmmd_async
+from hmmirror.testing.quiesce import quiesce
+from hmmirror.tools.check.child import Child, ChildDied
 from hmmirror.tools.check.stamps import DataOracle, describe, load
 from hmmirror.tools.oracle import check_table
 
-#: Seconds one agent command may take (``pause`` waits for in-flight operations).
-COMMAND_DEADLINE = 15.0
 #: Mirrors' retry budget (``proto.RETRY_BUDGET``) plus scheduling slack on a busy host.
 LATENCY_SLACK = 2.5
-
-
-class ChildDied(Exception):
-    """A child process closed its stdout (exited, or was killed)."""
-
-
-class Child:
-    """A child process that answers one line per command."""
-
-    def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
-        self.name = name
-        self.proc = proc
-
-    @property
-    def pid(self) -> int:
-        """The child's pid."""
-        return self.proc.pid
-
-    @property
-    def alive(self) -> bool:
-        """Still running."""
-        return self.proc.returncode is None
-
-    async def line(self, timeout: float = COMMAND_DEADLINE) -> str:
-        """The next stdout line; ChildDied on EOF, TimeoutError past ``timeout``."""
-        assert self.proc.stdout is not None
-        raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not raw:
-            raise ChildDied(f"{self.name} (pid {self.pid}) exited")
-        return raw.decode().rstrip("\n")
-
-    def send(self, text: str) -> None:
-        """Write one command line."""
-        assert self.proc.stdin is not None
-        if self.proc.stdin.is_closing():
-            raise ChildDied(f"{self.name} (pid {self.pid}) exited")
-        self.proc.stdin.write(text.encode() + b"\n")
-
-    async def ask(self, text: str, timeout: float = COMMAND_DEADLINE) -> dict[str, Any]:
-        """Send a command and return its JSON answer."""
-        self.send(text)
-        return dict(json.loads(await self.line(timeout)))
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal the child if it still runs."""
-        if self.alive:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
-
-    async def reap(self, timeout: float = 5.0) -> int | None:
-        """Wait for the child to exit (SIGKILL after ``timeout``); its return code."""
-        try:
-            return await asyncio.wait_for(self.proc.wait(), timeout)
-        except TimeoutError:
-            self.kill()
-            return await asyncio.wait_for(self.proc.wait(), 5.0)
 
 
 async def _nothing(checker: Checker, *_: int) -> None:
@@ -204,7 +149,7 @@ class Checker:
         self.report = Report(opts.seed, opts.scenario)
         self.dir = tempfile.mkdtemp(prefix="hmmchk-", dir="/tmp")
         self.endpoint = f"ipc://{self.dir}/hmmd.sock"
-        self.hmmd: asyncio.subprocess.Process | None = None
+        self.hmmd: HmmdProcess | None = None
         self.hmmd_log = os.path.join(self.dir, "hmmd.log")
         self.agents: list[Child] = []
         self.figures: dict[int, dict[str, Any]] = {}
@@ -227,21 +172,13 @@ class Checker:
     # --- processes -----------------------------------------------------------------------------
 
     async def start_hmmd(self) -> None:
-        """Start (or restart) hmmd on the run's endpoint; return once it is ready."""
-        log = open(self.hmmd_log, "ab")  # noqa: SIM115 - handed to the child, closed below
-        try:
-            self.hmmd = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "hmmirror.daemon", "run", "--endpoint", self.endpoint,
-                "--ack-deadline", f"{self.opts.ack_deadline}s",
-                "--heartbeat", f"{self.scenario.heartbeat_ms}ms",
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log,
-            )  # fmt: skip
-        finally:
-            log.close()
-        assert self.hmmd.stdout is not None
-        line = await asyncio.wait_for(self.hmmd.stdout.readline(), 15)
-        if not line.startswith(b"hmmd ready"):
-            raise RuntimeError(f"hmmd did not start (said {line!r}); see {self.hmmd_log}")
+        """Start (or restart: the log is appended to) hmmd on the run's endpoint; once ready."""
+        self.hmmd = await start_hmmd_async(
+            self.endpoint,
+            ["--ack-deadline", f"{self.opts.ack_deadline}s",
+             "--heartbeat", f"{self.scenario.heartbeat_ms}ms"],
+            log_path=self.hmmd_log, append=True, deadline=15,
+        )  # fmt: skip
 
     async def start_target(self, seed: int) -> Phase:
         """Start a target; return its phase record."""
@@ -258,7 +195,7 @@ class Checker:
             if words[:1] != ["ready"]:
                 raise RuntimeError(f"the target said {words!r}")
             phase = Phase(
-                child, proc.pid, proc_start_time(proc.pid), int(words[1], 16), int(words[2]), log,
+                child, proc.pid, start_time(proc.pid), int(words[1], 16), int(words[2]), log,
                 [os.path.join(self.dir, f"agent-{i}.{n}.dma") for i in range(self.opts.agents)],
                 t_start,
             )  # fmt: skip
@@ -305,27 +242,10 @@ class Checker:
     # --- the run ---------------------------------------------------------------------------------
 
     async def quiesce(self) -> None:
-        """Wait until hmmd's counters are still for two looks in a row and nothing is active."""
-        last: tuple[object, ...] | None = None
-        stable = 0
-        loop = asyncio.get_running_loop()
+        """Wait until hmmd settled (:func:`hmmirror.testing.quiesce.quiesce`); else a violation."""
         limit = 10 + 2 * self.opts.ack_deadline
-        deadline = loop.time() + limit
-        while loop.time() < deadline:
-            await asyncio.sleep(0.1)  # two of these exceed the slowest watcher poll (50 ms)
-            try:
-                st = await status(self.endpoint, 2.0)
-                mms, _ = await inventory(self.endpoint, 2.0)
-            except AgentError:
-                stable, last = 0, None
-                continue
-            busy = any(int(m["active"]) or int(m["seq"]) % 2 for m in mms)
-            now = (st["invalidations"], st.get("faults"), st.get("evictions"))
-            stable = stable + 1 if now == last and not busy else 0
-            last = now
-            if stable >= 2:
-                return
-        self.violation("not quiescent", f"hmmd never settled in {limit:.0f} s")
+        if not await quiesce(self.endpoint, limit):
+            self.violation("not quiescent", f"hmmd never settled in {limit:.0f} s")
 
     async def check_translations(self, phase: Phase) -> None:
         """The translation oracle, at a quiescent point (target between commands, agents paused)."""
@@ -488,10 +408,5 @@ class Checker:
             phase.target.kill()
             with contextlib.suppress(TimeoutError):
                 await phase.target.reap(5)
-        if self.hmmd is not None and self.hmmd.returncode is None:
-            self.hmmd.terminate()
-            try:
-                await asyncio.wait_for(self.hmmd.wait(), 5)
-            except TimeoutError:
-                self.hmmd.kill()
-                await self.hmmd.wait()
+        if self.hmmd is not None:
+            await self.hmmd.stop_async(5)

@@ -77,7 +77,7 @@ async def _restart_during(checker: Checker, n: int) -> None:
     old = await status(checker.endpoint, 2.0)
     assert checker.hmmd is not None
     checker.hmmd.kill()
-    await checker.hmmd.wait()
+    await checker.hmmd.stop_async(5)  # reaps it and closes its pipe
     checker.report.notes.append(
         f"hmmd SIGKILLed {'mid-invalidation' if active else 'with no invalidation seen active'}"
     )

@@ -62,7 +62,7 @@ SLOT = SLOT_PAGES * PAGE
 ARENA = SLOTS * SLOT
 
 
-class Target:
+class CheckTarget:
     """The arena, each slot's state, and the change log being built."""
 
     def __init__(self, seed: int, log_path: str) -> None:
@@ -256,7 +256,7 @@ class Target:
 def main(argv: list[str]) -> int:
     """Serve ``run K`` / ``exit`` commands on stdin."""
     seed, log_path = int(argv[0]), argv[1]
-    target = Target(seed, log_path)
+    target = CheckTarget(seed, log_path)
 
     def leave(signum: int, frame: object) -> None:
         target.leaving = True

@@ -2,7 +2,7 @@
 
 Every ioctl here acts on the uffd's own mm, not the caller's, so hmmd can do
 ``UFFDIO_API`` and ``UFFDIO_REGISTER`` for a target whose fd it holds
-(reference: linux-mechanisms.md §4). Debian's headers predate several of these
+(docs/ARCHITECTURE.md §A.1). Debian's headers predate several of these
 values, so they are defined here from include/uapi/linux/userfaultfd.h.
 """
 

@@ -1,0 +1,221 @@
+"""The hmmirror side of benchmarks 1 and 2: hmmd, a target, N agents and the drivers.
+
+``Ours`` brings up hmmd (the one launcher, ``hmmirror.testing.hmmd``), a populated target and N
+agent processes (``invalidate_agents.py``) mirroring it, and tears all down on exit.
+``drive_w1`` and ``drive_pipelined`` run one measurement against ``Ours`` and the baseline's
+``Fanout`` in one event loop, alternating between them so both see the same machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import baseline_fanout
+from common import (
+    PAGE,
+    PY,
+    Procs,
+    percentile,
+    read_line,
+    spawn_target,
+    start_daemon,
+    tmpdir,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TARGET_PAGES = 256  # the mirrored range: 1 MiB, populated
+
+
+# --------------------------------------------------------------------------- hmmirror side
+
+
+class Ours:
+    """Daemon + target + N hmmirror agents, all torn down on exit."""
+
+    def __init__(self, n: int, daemon_args: list[str], agent_kind: str = "agent") -> None:
+        self.n = n
+        self.daemon_args = daemon_args
+        self.agent_kind = agent_kind  # "agent" (hmmirror.client) or "rawagent" (diagnostic)
+
+    def __enter__(self) -> Ours:
+        self._tmp = tmpdir()
+        d = self._tmp.__enter__()
+        self.procs = Procs().__enter__()
+        try:
+            self.endpoint = f"ipc://{d}/hmmd.sock"
+            self.daemon = start_daemon(self.procs, self.endpoint, d, self.daemon_args)
+            self.target = spawn_target(self.procs, TARGET_PAGES * PAGE, populate=True)
+            self.agents = []
+            for i in range(self.n):
+                self.agents.append(
+                    self.procs.spawn(
+                        [
+                            PY,
+                            os.path.join(HERE, "invalidate_agents.py"),
+                            self.agent_kind,
+                            self.endpoint,
+                            f"bench-agent-{i}",
+                            str(self.target.pid),
+                            hex(self.target.addr),
+                            str(TARGET_PAGES * PAGE),
+                        ]
+                    )
+                )
+            for a in self.agents:
+                read_line(a, "agent ready", 30.0)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def agent_stats(self) -> list[dict[str, Any]]:
+        out = []
+        for a in self.agents:
+            try:
+                if a.stdin:
+                    a.stdin.close()
+                out.append(json.loads(read_line(a, "agent stats", 5.0).split(" ", 2)[2]))
+                a.wait(5.0)  # let it unregister and say goodbye before the target goes away
+            except Exception as exc:
+                out.append({"error": str(exc)[:200]})
+        return out
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.procs.__exit__(*exc)
+            bad = self.daemon.problems() if hasattr(self, "daemon") else ""
+            if bad:
+                print(f"[hmmd log] {bad}", flush=True)
+        finally:
+            self._tmp.__exit__(*exc)
+
+
+async def drive_w1(
+    o: Ours, fan: baseline_fanout.Fanout, count: int, warmup: int, block: int
+) -> dict[str, Any]:
+    """W=1 on both sides in one event loop, alternating blocks of ``block`` invalidations
+    (baseline block, then ours), so both see the same machine conditions."""
+    from hmmirror.client import connect
+
+    t = o.target
+    lat: list[float] = []
+    blat: list[float] = []
+    pc = time.perf_counter
+    fan.start()
+    try:
+        async with connect(o.endpoint, name="bench-driver") as s:
+            st0 = await s.status()
+            i = 0
+
+            async def ours(k: int, keep: bool) -> None:
+                nonlocal i
+                for _ in range(k):
+                    a = t.addr + (i % TARGET_PAGES) * PAGE
+                    i += 1
+                    t0 = pc()
+                    await s.sync_range(t.pid, a, a + PAGE)
+                    if keep:
+                        lat.append((pc() - t0) * 1e6)
+
+            async def base(k: int, keep: bool) -> None:
+                nonlocal i
+                for _ in range(k):
+                    a = (i % TARGET_PAGES) * PAGE
+                    i += 1
+                    t0 = pc()
+                    await fan.invalidate(1, a, a + PAGE)
+                    if keep:
+                        blat.append((pc() - t0) * 1e6)
+
+            await base(warmup, False)
+            await ours(warmup, False)
+            while len(lat) < count:
+                k = min(block, count - len(lat))
+                await base(k, True)
+                await ours(k, True)
+            st1 = await s.status()
+    finally:
+        fan.close()
+    return {
+        "st0": st0,
+        "st1": st1,
+        "p50_us": percentile(lat, 50),
+        "p99_us": percentile(lat, 99),
+        "n": len(lat),
+        "base": {"p50_us": percentile(blat, 50), "p99_us": percentile(blat, 99), "n": len(blat)},
+    }
+
+
+async def drive_pipelined(
+    o: Ours, window: int, warmup_s: float, duration_s: float
+) -> dict[str, Any]:
+    from hmmirror.client import connect
+
+    t = o.target
+    res: dict[str, Any] = {}
+    async with connect(o.endpoint, name="bench-driver") as s:
+        pc = time.perf_counter
+        t_begin = pc()
+        t_meas = t_begin + warmup_s
+        t_end = t_meas + duration_s
+        done = 0
+        errors: list[str] = []
+        lat: list[float] = []
+
+        async def worker(w: int) -> None:
+            nonlocal done
+            k = w
+            while True:
+                t0 = pc()
+                if t0 >= t_end:
+                    return
+                a = t.addr + (k % TARGET_PAGES) * PAGE
+                try:
+                    await s.sync_range(t.pid, a, a + PAGE)
+                except Exception as exc:  # record, keep the load going
+                    if len(errors) < 5:
+                        errors.append(repr(exc)[:200])
+                    await asyncio.sleep(0.001)
+                    continue
+                t1 = pc()
+                k += window
+                if t_meas <= t1 <= t_end:
+                    done += 1
+                    lat.append((t1 - t0) * 1e3)
+
+        async def sampler() -> None:
+            await asyncio.sleep(max(0.0, t_meas - pc()))
+            res["st0"], res["ts0"] = await s.status(), pc()
+            await asyncio.sleep(max(0.0, t_end - pc()))
+            res["st1"], res["ts1"] = await s.status(), pc()
+
+        await asyncio.wait_for(
+            asyncio.gather(sampler(), *(worker(w) for w in range(window))),
+            warmup_s + duration_s + 30.0,
+        )
+        res.update(
+            driver_rate=done / duration_s,
+            completed=done,
+            lat_p50_ms=percentile(lat, 50),
+            lat_p99_ms=percentile(lat, 99),
+            errors=errors,
+        )
+    return res
+
+
+def pinv(stats: list[dict[str, Any]]) -> list[Any]:
+    """Each agent's page_invalidations counter (or its error)."""
+    return [a.get("counters", {}).get("page_invalidations", a.get("error")) for a in stats]
+
+
+def delta(st0: dict[str, Any], st1: dict[str, Any], key: str) -> Any:
+    try:
+        return st1[key] - st0[key]
+    except Exception:
+        return "?"

@@ -1,0 +1,144 @@
+"""The DMA path's handlers: device reads, writes and atomics through an agent's translations.
+
+Each request names the mirror, the range and the entries the agent translated
+with; the handler checks the mirror covers the range (and has WRITE access for
+a write), reserves the reply's room, and hands the access to
+``dma.service.DmaService``, which checks the entries against the live page
+table (STALE on a mismatch or a pending INVALIDATE) and answers through the
+callbacks given here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from hmmirror.daemon.errors import RequestError
+from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PAGE_SIZE
+from hmmirror.daemon.request import Request, Services, aligned_range
+from hmmirror.daemon.state import Mirror, Session
+from hmmirror.proto.codec import Envelope
+from hmmirror.proto.entries import Entries, from_wire
+from hmmirror.proto.errors import ErrorCode
+from hmmirror.proto.messages import (
+    Access,
+    AtomicOp,
+    AtomicReply,
+    DmaAtomic,
+    DmaRead,
+    DmaReadReply,
+    DmaWrite,
+    Ok,
+)
+
+
+def _failer(
+    svc: Services, identity: bytes, env: Envelope, reserved: int = 0
+) -> Callable[[Exception], None]:
+    """What answers a request whose copy failed: its typed error reply (and the reply bytes
+    it had set aside given back)."""
+
+    def fail(exc: Exception) -> None:
+        svc.budget.unreserve(identity, reserved)
+        svc.answer_failure(identity, env, exc)
+
+    return fail
+
+
+def _from_agent(svc: Services, session: Session, frame: bytes | memoryview, npages: int) -> Entries:
+    """The entries a DMA request names, with the PFNs hmmd compares against the pagemap:
+    a session without physical frames names pages by their tokens."""
+    entries = from_wire(frame, npages)
+    return entries if session.physical_frames else svc.frames.physical(entries)
+
+
+def _dma_target(svc: Services, session: Session, mirror_id: int, start: int, npages: int) -> Mirror:
+    """The live mirror a DMA names, checked to cover the page-aligned range."""
+    mirror = svc.registry.mirror_of(session, mirror_id)
+    end = aligned_range(start, npages, "DMA")
+    if mirror.span_for(start, end) is None:
+        raise RequestError(
+            ErrorCode.EINVAL, f"DMA [{start:#x}, {end:#x}) is outside mirror {mirror.id}"
+        )
+    return mirror
+
+
+def _writable_dma_target(
+    svc: Services, session: Session, mirror_id: int, start: int, npages: int
+) -> Mirror:
+    """Like ``_dma_target``, and the mirror must have been registered with WRITE access."""
+    mirror = _dma_target(svc, session, mirror_id, start, npages)
+    if not mirror.access & Access.WRITE:
+        raise RequestError(
+            ErrorCode.EPERM, f"mirror {mirror.id} was registered without WRITE access"
+        )
+    return mirror
+
+
+def on_dma_read(svc: Services, r: Request) -> None:
+    """A device read through the agent's translations."""
+    identity, session, env = r.identity, r.session, r.env
+    msg = env.msg
+    assert isinstance(msg, DmaRead) and session is not None
+    mirror = _dma_target(svc, session, msg.mirror, msg.start, msg.npages)
+    # Room for the data first: a peer that does not read gets EBUSY, and no buffer.
+    reserved = svc.reserve(identity, msg.npages << PAGE_SHIFT, "dma_read")
+    svc.counters["dma_reads"] += 1
+    entries = _from_agent(svc, session, env.bulk[0], msg.npages)
+    end = msg.start + (msg.npages << PAGE_SHIFT)
+    pending = svc.invalidator.pending_for(mirror, msg.start, end)
+
+    def reply(data: object) -> None:
+        answer = DmaReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages)
+        svc.send(identity, answer, re=env.id, bulk=[data], copy=False, reserved=reserved)
+
+    try:
+        svc.dma.read(
+            mirror.mm, msg.start, msg.npages, entries, pending, reply,
+            _failer(svc, identity, env, reserved),
+        )  # fmt: skip
+    except BaseException:
+        svc.budget.unreserve(identity, reserved)
+        raise
+
+
+def on_dma_write(svc: Services, r: Request) -> None:
+    """A device write through the agent's translations."""
+    identity, session, env = r.identity, r.session, r.env
+    msg = env.msg
+    assert isinstance(msg, DmaWrite) and session is not None
+    mirror = _writable_dma_target(svc, session, msg.mirror, msg.start, msg.npages)
+    length = msg.length or msg.npages << PAGE_SHIFT
+    if not (msg.npages - 1) << PAGE_SHIFT < msg.offset + length <= msg.npages << PAGE_SHIFT:
+        raise RequestError(
+            ErrorCode.EINVAL,
+            f"DMA write of {length} bytes at offset {msg.offset} does not span exactly "
+            f"{msg.npages} pages",
+        )
+    svc.counters["dma_writes"] += 1
+    entries = _from_agent(svc, session, env.bulk[0], msg.npages)
+    end = msg.start + (msg.npages << PAGE_SHIFT)
+    pending = svc.invalidator.pending_for(mirror, msg.start, end)
+    svc.dma.write(
+        mirror.mm, msg.start, msg.npages, entries, env.bulk[1], pending, msg.offset,
+        svc.device_write(mirror.mm, msg.start, end),
+        lambda: svc.send(identity, Ok(), re=env.id), _failer(svc, identity, env),
+    )  # fmt: skip
+
+
+def on_dma_atomic(svc: Services, r: Request) -> None:
+    """An 8-byte device atomic: read, compute and write as one job of the target's worker."""
+    identity, session, env = r.identity, r.session, r.env
+    msg = env.msg
+    assert isinstance(msg, DmaAtomic) and session is not None
+    mirror = _writable_dma_target(svc, session, msg.mirror, msg.start, 1)
+    if msg.offset % 8:
+        raise RequestError(ErrorCode.EINVAL, f"atomic at offset {msg.offset} is not 8-aligned")
+    svc.counters["dma_atomics"] += 1
+    entries = _from_agent(svc, session, env.bulk[0], 1)
+    pending = svc.invalidator.pending_for(mirror, msg.start, msg.start + (1 << PAGE_SHIFT))
+    svc.dma.atomic(
+        mirror.mm, msg.start + msg.offset, entries, AtomicOp(msg.op), (msg.compare_add, msg.swap),
+        pending, svc.device_write(mirror.mm, msg.start, msg.start + PAGE_SIZE),
+        lambda old: svc.send(identity, AtomicReply(old=old), re=env.id),
+        _failer(svc, identity, env),
+    )  # fmt: skip

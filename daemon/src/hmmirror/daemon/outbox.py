@@ -1,0 +1,207 @@
+"""The outbox: the one writer of everything hmmd sends an agent connection.
+
+Three kinds of message go to an agent over one socket: the replies (and error
+replies) to its requests, the fan-out's INVALIDATEs, and EVICTED. SPEC.md's
+ordering guarantee needs an INVALIDATE queued for a session to reach it before
+any later reply: a FAULT_REPLY that overtook the INVALIDATE of its pages would
+install a stale translation. ``Courier`` writes all three, and enforces that rule
+here and only here: a reply first sends the session's queued INVALIDATEs.
+
+Each session's ``Outbox`` holds its INVALIDATEs, queued for this loop tick
+(``batch``) and sent but not acked (``unacked``, by number ``n``). The fan-out
+(``invalidation``) decides what to queue and does the ack accounting; the
+outbox numbers, batches and writes. Items issued while a session still has an
+INVALIDATE in flight are coalesced into one batch per loop tick; a lone one
+goes out at once, so it pays no batching delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, Generic, Protocol, TypeVar
+
+import msgpack
+from hmmirror.daemon.budget import track_last
+from hmmirror.daemon.state import Mirror, Session
+from hmmirror.proto.codec import encode, encode_invalidate
+from hmmirror.proto.messages import MAX_ITEMS, Evicted, Message
+from hmmirror.transport import Unreachable
+from hmmirror.transport.budget import ReplyBudget, frame_bytes
+
+log = logging.getLogger(__name__)
+
+#: What the fan-out tracks per queued chunk (``invalidation.Invalidation``).
+T = TypeVar("T")
+
+
+class Sender(Protocol):
+    """The socket side the courier writes through (``transport.Server`` is it)."""
+
+    def send(self, rid: bytes, frames: Sequence[Any], *, copy: bool = True) -> None:
+        """Queue ``frames`` to ``rid`` without blocking; raise ``Unreachable`` on failure."""
+
+
+class Items:
+    """Wire items ``[seq, start, end, event]`` of one invalidation, shared by every mirror
+    they apply to unchanged, and packed for the wire at most once."""
+
+    __slots__ = ("_packed", "items")
+
+    def __init__(self, items: list[tuple[int, int, int, int]]) -> None:
+        self.items = items
+        self._packed: bytes | None = None
+
+    def packed(self) -> bytes:
+        """``msgpack.packb(items)``, computed once."""
+        if self._packed is None:
+            self._packed = msgpack.packb(self.items)
+        return self._packed
+
+
+@dataclass(eq=False)
+class Outbox(Generic[T]):
+    """One session's INVALIDATEs: queued chunks (``batch``: items for one mirror, tagged with
+    what the fan-out tracks them by), and those sent but not acked (``unacked``: number ``n``,
+    its chunks, and how many items it carries per tag)."""
+
+    next_n: int = 1
+    batch: list[tuple[Items, T, Mirror]] = field(default_factory=list)
+    unacked: deque[tuple[int, list[tuple[Items, T, Mirror]], dict[T, int]]] = field(
+        default_factory=deque
+    )
+
+    def pending_overlap(self, mirror: Mirror, start: int, end: int) -> bool:
+        """Whether an INVALIDATE of [start, end) for ``mirror`` is queued or unacked."""
+        for chunks in (self.batch, *(chunks for _, chunks, _ in self.unacked)):
+            for part, _, m in chunks:
+                if m is mirror and any(lo < end and start < hi for _, lo, hi, _ in part.items):
+                    return True
+        return False
+
+
+class Courier(Generic[T]):
+    """Writes every message hmmd sends an agent, through each session's outbox, in order."""
+
+    def __init__(
+        self, sender: Sender, budget: ReplyBudget, lost: Callable[[Session, str], None]
+    ) -> None:
+        self.sender = sender
+        #: Reply bytes queued or being prepared, per connection, against ``reply_cap``.
+        self.budget = budget
+        #: Called when a session's connection cannot take a message (it is evicted).
+        self.lost = lost
+        self.boxes: dict[Session, Outbox[T]] = {}
+        self._flush_pending: set[Session] = set()
+
+    def outbox(self, session: Session) -> Outbox[T]:
+        """``session``'s outbox (made on first use)."""
+        box = self.boxes.get(session)
+        if box is None:
+            box = self.boxes[session] = Outbox()
+        return box
+
+    def forget(self, session: Session) -> Outbox[T] | None:
+        """Drop ``session``'s outbox (it was evicted or left); what it held is returned."""
+        return self.boxes.pop(session, None)
+
+    def sent(self, session: Session) -> int:
+        """How many INVALIDATEs ``session`` was sent (the highest ``n`` it may ack)."""
+        box = self.boxes.get(session)
+        return box.next_n - 1 if box is not None else 0
+
+    # --- INVALIDATE ---------------------------------------------------------------------------
+
+    def queue(self, session: Session, chunk: tuple[Items, T, Mirror]) -> None:
+        """Queue ``chunk``: send now if nothing is unacked, else flush later this tick."""
+        box = self.outbox(session)
+        box.batch.append(chunk)
+        if not box.unacked and session not in self._flush_pending:
+            self.flush(session)  # nothing in flight: send at once, no batching delay
+        elif session not in self._flush_pending:
+            self._flush_pending.add(session)
+            asyncio.get_running_loop().call_soon(self._scheduled_flush, session)
+
+    def _scheduled_flush(self, session: Session) -> None:
+        """The deferred flush ``queue`` scheduled for ``session``."""
+        self._flush_pending.discard(session)
+        self.flush(session)
+
+    def flush(self, session: Session) -> None:
+        """Send ``session``'s queued chunks now: one INVALIDATE per run of chunks of one mirror."""
+        box = self.outbox(session)
+        while box.batch and not session.fenced:
+            first = box.batch[0]
+            take, total = 0, 0
+            for chunk in box.batch:
+                if take and (chunk[2] is not first[2] or total + len(chunk[0].items) > MAX_ITEMS):
+                    break
+                take += 1
+                total += len(chunk[0].items)
+            chunks, box.batch = box.batch[:take], box.batch[take:]
+            n = box.next_n
+            box.next_n += 1
+            # Credit acks per invalidation, not per item: one ACK may cover thousands.
+            counts: dict[T, int] = {}
+            for part, tag, _ in chunks:
+                counts[tag] = counts.get(tag, 0) + len(part.items)
+            box.unacked.append((n, chunks, counts))
+            if take == 1:
+                packed = first[0].packed()
+            else:
+                packed = msgpack.packb(list(chain.from_iterable(c[0].items for c in chunks)))
+            frames = encode_invalidate(n, first[2].id, packed, session.take_id())
+            try:
+                self.sender.send(session.identity, frames)
+            except Unreachable as exc:
+                self.lost(session, f"INVALIDATE n={n} could not be delivered: {exc}")
+                return
+
+    # --- replies and EVICTED ------------------------------------------------------------------
+
+    def reply(
+        self,
+        identity: bytes,
+        session: Session | None,
+        msg: Message,
+        re: int = 0,
+        bulk: Sequence[Any] = (),
+        copy: bool = True,
+        reserved: int = 0,
+    ) -> None:
+        """Send ``msg`` to ``identity`` (whose session is ``session``), after any INVALIDATE
+        queued for it: the ordering rule.
+
+        Its bytes count against the connection's reply cap until libzmq lets go of
+        them, in place of the ``reserved`` bytes a bulk reply set aside.
+        """
+        if session is not None:
+            box = self.boxes.get(session)
+            if box is not None and box.batch:
+                self.flush(session)
+        msg_id = session.take_id() if session is not None else 1
+        frames = encode(msg, msg_id, re, bulk)
+        budget = self.budget
+        nbytes = frame_bytes(frames)
+        tracker = track_last(frames) if budget.wants_tracker(identity, nbytes) else None
+        try:
+            self.sender.send(identity, frames, copy=copy)
+        except Unreachable as exc:
+            budget.unreserve(identity, reserved)
+            log.info("reply %s to %r dropped: %s", msg.TYPE, identity, exc)
+            if session is not None:
+                self.lost(session, f"peer unreachable: {exc}")
+            return
+        budget.sent(identity, nbytes, tracker, reserved)
+
+    def evicted(self, session: Session, mirrors: tuple[int, ...], reason: str) -> None:
+        """Tell ``session`` it was evicted, best effort (its queued INVALIDATEs are forgiven
+        first, so they never follow)."""
+        msg = Evicted(mirrors=mirrors[:4096], reason=reason[:256])
+        with contextlib.suppress(Unreachable):
+            self.sender.send(session.identity, encode(msg, session.take_id()))

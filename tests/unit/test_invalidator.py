@@ -1,0 +1,214 @@
+"""The fan-out's ack accounting (``invalidation.Invalidator``), with no socket and no process.
+
+The Invalidator writes through a real ``outbox.Courier``; what the courier would
+put on the wire goes to a recording ``Sender`` (the interface the outbox declares),
+and is decoded with the proto codec to see what each agent would get. Sessions,
+mms and mirrors are the daemon's own state objects; the mm's process is never
+read (the fan-out does not look at it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, cast
+
+from hmmirror.daemon.invalidation import Invalidation, Invalidator
+from hmmirror.daemon.linux.procfs import PAGE_SIZE, ProcessView
+from hmmirror.daemon.outbox import Courier
+from hmmirror.daemon.state import Mirror, Mm, Session, Span
+from hmmirror.proto.codec import decode
+from hmmirror.proto.messages import Access, Event, Invalidate, Ok
+from hmmirror.transport import Unreachable
+from hmmirror.transport.budget import ReplyBudget
+
+LO, HI = 0x10000, 0x10000 + 16 * PAGE_SIZE
+
+
+class RecordingSender:
+    """Keeps what would have been sent, per routing id; ``unreachable`` ones fail."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Any]] = []
+        self.unreachable: set[bytes] = set()
+
+    def send(self, rid: bytes, frames: Sequence[Any], *, copy: bool = True) -> None:
+        """Record the decoded message, or raise Unreachable for an unreachable peer."""
+        if rid in self.unreachable:
+            raise Unreachable(f"peer {rid.hex()} is not connected")
+        self.sent.append((rid, decode([bytes(f) for f in frames]).msg))
+
+    def to(self, session: Session) -> list[Any]:
+        """The messages ``session`` would have received, in order."""
+        return [msg for rid, msg in self.sent if rid == session.identity]
+
+
+class Fanout:
+    """An Invalidator wired as hmmd wires it, with eviction as ``sessions.Sessions`` does it."""
+
+    def __init__(self, ack_deadline: float = 5.0) -> None:
+        self.sender = RecordingSender()
+        self.evicted: list[tuple[Session, str]] = []
+        self.idle: list[Mm] = []
+        self.courier: Courier[Invalidation] = Courier(
+            self.sender, ReplyBudget(1 << 20, ack_deadline), self.evict
+        )
+        self.inv = Invalidator(self.courier, ack_deadline, self.evict, self.idle.append)
+        self.mm = Mm(pid=1, start_time=1, view=cast(ProcessView, None), pidfd=-1)
+        self._ids = 0
+
+    def evict(self, session: Session, reason: str) -> None:
+        """Fence and forgive, as ``Sessions.evict`` does (less the mirrors it drops)."""
+        if session.fenced:
+            return
+        session.fenced = True
+        self.evicted.append((session, reason))
+        self.inv.forgive(session)
+
+    def session(self, name: str) -> Session:
+        """A new session with one mirror over [LO, HI) of the mm."""
+        self._ids += 1
+        session = Session(self._ids, name.encode(), name, 0.0)
+        mirror = Mirror(self._ids, session, self.mm, [Span(LO, HI)], Access.READ)
+        self.mm.mirrors.append(mirror)
+        session.mirrors[mirror.id] = mirror
+        return session
+
+
+def page(i: int) -> list[tuple[int, int]]:
+    """The range of the mirror's page ``i``."""
+    return [(LO + i * PAGE_SIZE, LO + (i + 1) * PAGE_SIZE)]
+
+
+async def test_an_invalidation_completes_only_once_every_mirror_acked() -> None:
+    f = Fanout()
+    a, b = f.session("a"), f.session("b")
+    inv = f.inv.begin(f.mm, page(0), Event.CLEAR)
+    assert f.mm.seq % 2 == 1 and not inv.finished
+    for s in (a, b):
+        (msg,) = f.sender.to(s)
+        assert isinstance(msg, Invalidate) and msg.n == 1 and msg.mirror == s.id
+        assert msg.items == ((inv.seq, *page(0)[0], int(Event.CLEAR)),)
+    f.inv.on_ack(a, 1)
+    assert not inv.finished and f.mm.seq % 2 == 1
+    f.inv.on_ack(b, 1)
+    assert inv.finished and inv.done.done() and f.mm.seq % 2 == 0
+    assert inv.not_acked == [] and f.inv.latency.recorded == 1
+    assert f.idle == [f.mm]  # the mm's last window closed
+
+
+async def test_a_cumulative_ack_covers_every_invalidate_up_to_n() -> None:
+    f = Fanout()
+    a = f.session("a")
+    first = f.inv.begin(f.mm, page(0), Event.CLEAR)
+    # One INVALIDATE is in flight: the next two wait for the end of this tick, together.
+    second = f.inv.begin(f.mm, page(1), Event.UNMAP)
+    third = f.inv.begin(f.mm, page(2), Event.CLEAR)
+    assert [m.n for m in f.sender.to(a)] == [1]
+    await asyncio.sleep(0)
+    sent = f.sender.to(a)
+    assert [m.n for m in sent] == [1, 2] and len(sent[1].items) == 2
+    f.inv.on_ack(a, 2)
+    assert first.finished and second.finished and third.finished
+    assert f.inv.stray_acks == 0
+
+
+async def test_a_late_repeated_or_unknown_ack_is_counted_and_ignored() -> None:
+    f = Fanout()
+    a, b = f.session("a"), f.session("b")
+    inv = f.inv.begin(f.mm, page(0), Event.CLEAR)
+    f.inv.on_ack(a, 1)
+    f.inv.on_ack(a, 1)  # repeated
+    assert f.inv.stray_acks == 1 and not inv.finished
+    stranger = Session(99, b"x", "x", 0.0)
+    f.inv.on_ack(stranger, 1)  # sent nothing
+    assert f.inv.stray_acks == 2 and not inv.finished
+    f.inv.on_ack(b, 1)
+    assert inv.finished
+    f.evict(b, "gone")
+    f.inv.on_ack(b, 1)  # late: after its items were forgiven
+    assert f.inv.stray_acks == 3
+
+
+async def test_an_eviction_completes_the_invalidations_waiting_on_that_session() -> None:
+    f = Fanout()
+    a, b = f.session("a"), f.session("b")
+    inv = f.inv.begin(f.mm, page(0), Event.CLEAR)
+    f.inv.on_ack(a, 1)
+    f.evict(b, "lease expired")
+    assert inv.finished and inv.not_acked == ["b (session 2)"]
+    assert f.mm.seq % 2 == 0
+    assert f.inv.latency.recorded == 1  # a's ack still ended it: its round trip counts
+
+
+async def test_a_session_fenced_before_the_fan_out_is_forgiven_at_once() -> None:
+    f = Fanout()
+    a = f.session("a")
+    a.fenced = True
+    inv = f.inv.begin(f.mm, page(0), Event.CLEAR)
+    assert inv.finished and inv.not_acked == ["a (session 1)"] and f.sender.sent == []
+
+
+async def test_an_undeliverable_invalidate_evicts_its_session() -> None:
+    f = Fanout()
+    a, b = f.session("a"), f.session("b")
+    f.sender.unreachable.add(b.identity)
+    inv = f.inv.begin(f.mm, page(0), Event.CLEAR)
+    assert [s for s, _ in f.evicted] == [b]
+    assert "INVALIDATE n=1 could not be delivered" in f.evicted[0][1]
+    assert not inv.finished  # a still has to ack
+    f.inv.on_ack(a, 1)
+    assert inv.finished and inv.not_acked == ["b (session 2)"]
+
+
+async def test_the_deadline_evicts_who_did_not_ack_then_completes() -> None:
+    f = Fanout(ack_deadline=0.02)
+    a, b = f.session("a"), f.session("b")
+    inv = f.inv.begin(f.mm, page(0), Event.CLEAR)
+    f.inv.on_ack(a, 1)
+    await asyncio.wait_for(asyncio.shield(inv.done), 1.0)
+    assert [s for s, _ in f.evicted] == [b]
+    assert "no ACK for INVALIDATE n=1" in f.evicted[0][1]
+    assert "it may have been applied" in f.evicted[0][1]
+    assert inv.finished and f.mm.seq % 2 == 0 and inv.not_acked == ["b (session 2)"]
+
+
+async def test_acks_in_time_cancel_the_deadline() -> None:
+    f = Fanout(ack_deadline=0.02)
+    a = f.session("a")
+    inv = f.inv.begin(f.mm, page(0), Event.CLEAR)
+    f.inv.on_ack(a, 1)
+    await asyncio.sleep(0.05)
+    assert inv.finished and f.evicted == []
+
+
+async def test_a_reply_never_overtakes_a_queued_invalidate() -> None:
+    f = Fanout()
+    a = f.session("a")
+    f.inv.begin(f.mm, page(0), Event.CLEAR)
+    f.inv.begin(f.mm, page(1), Event.CLEAR)  # queued behind n=1 until the end of the tick
+    assert f.inv.pending_for(a.mirrors[1], *page(1)[0])
+    f.courier.reply(a.identity, a, Ok(), re=7)
+    assert [type(m).__name__ for m in f.sender.to(a)] == ["Invalidate", "Invalidate", "Ok"]
+
+
+async def test_announce_calls_then_once_every_event_completed() -> None:
+    f = Fanout()
+    a = f.session("a")
+    done: list[bool] = []
+    changes = [(*page(0)[0], Event.CLEAR), (*page(1)[0], Event.UNMAP)]
+    f.inv.announce(f.mm, changes, then=lambda: done.append(True))
+    await asyncio.sleep(0)
+    assert done == [] and f.mm.active == 2
+    f.inv.on_ack(a, f.inv.sent(a))
+    assert done == [True] and f.mm.active == 0
+
+
+async def test_written_goes_only_to_mirrors_watching_writes() -> None:
+    f = Fanout()
+    a, b = f.session("a"), f.session("b")
+    b.mirrors[2].watch_writes = True
+    inv = f.inv.begin(f.mm, page(0), Event.WRITTEN)
+    assert f.sender.to(a) == [] and len(f.sender.to(b)) == 1
+    f.inv.on_ack(b, 1)
+    assert inv.finished

@@ -1,0 +1,75 @@
+"""A child process of the checker (the target, an agent) that answers one line per command.
+
+The checker drives its children over their stdin and stdout: one command line
+in, one answer line out (JSON for the agents). Every read has a deadline; a
+child that closed its stdout is :class:`ChildDied`, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from typing import Any
+
+__all__ = ["COMMAND_DEADLINE", "Child", "ChildDied"]
+
+#: Seconds one agent command may take (``pause`` waits for in-flight operations).
+COMMAND_DEADLINE = 15.0
+
+
+class ChildDied(Exception):
+    """A child process closed its stdout (exited, or was killed)."""
+
+
+class Child:
+    """A child process that answers one line per command."""
+
+    def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.proc = proc
+
+    @property
+    def pid(self) -> int:
+        """The child's pid."""
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        """Still running."""
+        return self.proc.returncode is None
+
+    async def line(self, timeout: float = COMMAND_DEADLINE) -> str:
+        """The next stdout line; ChildDied on EOF, TimeoutError past ``timeout``."""
+        assert self.proc.stdout is not None
+        raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not raw:
+            raise ChildDied(f"{self.name} (pid {self.pid}) exited")
+        return raw.decode().rstrip("\n")
+
+    def send(self, text: str) -> None:
+        """Write one command line."""
+        assert self.proc.stdin is not None
+        if self.proc.stdin.is_closing():
+            raise ChildDied(f"{self.name} (pid {self.pid}) exited")
+        self.proc.stdin.write(text.encode() + b"\n")
+
+    async def ask(self, text: str, timeout: float = COMMAND_DEADLINE) -> dict[str, Any]:
+        """Send a command and return its JSON answer."""
+        self.send(text)
+        return dict(json.loads(await self.line(timeout)))
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the child if it still runs."""
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    async def reap(self, timeout: float = 5.0) -> int | None:
+        """Wait for the child to exit (SIGKILL after ``timeout``); its return code."""
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.kill()
+            return await asyncio.wait_for(self.proc.wait(), 5.0)
