@@ -250,7 +250,7 @@ class Invalidator:
     def announce(
         self, mm: Mm, changes: list[tuple[int, int, Event]], then: Callable[[], None] | None = None
     ) -> None:
-        """Begin an invalidation per event among ``changes`` now (``watch.proc.Announcer``);
+        """Begin an invalidation per event among ``changes`` now (``watch.proc.FanOut``);
         ``then`` is called once every one of them completed."""
         by_event: dict[Event, list[tuple[int, int]]] = {}
         for start, end, event in changes:

@@ -32,7 +32,7 @@ from hmmirror.daemon.linux import vm
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PFN_MASK, PM_PRESENT, Raw
 from hmmirror.daemon.pagetable import vma_perms
 from hmmirror.daemon.state import Mm
-from hmmirror.daemon.watch.proc import Announcer, detect
+from hmmirror.daemon.watch.proc import FanOut, detect
 from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID, HMM_PFN_WRITE, Entries
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import MAX_DMA_PAGES, AtomicOp
@@ -61,7 +61,7 @@ class DmaService:
     def __init__(
         self,
         zero_pfn: int,
-        announcer: Announcer,
+        announcer: FanOut,
         copier: Copier,
     ) -> None:
         self.zero_pfn = zero_pfn

@@ -24,7 +24,7 @@ from hmmirror.daemon.linux.inject import InjectError, inject_userfaultfd
 from hmmirror.daemon.linux.procfs import start_time
 from hmmirror.daemon.registry import Registry
 from hmmirror.daemon.state import Mm, UffdWatcher
-from hmmirror.daemon.watch.proc import Announcer
+from hmmirror.daemon.watch.proc import FanOut
 from hmmirror.daemon.watch.uffd import Spawn, UffdWatch, cover
 from hmmirror.proto.intake import parse_option
 from hmmirror.transport import Door, Peer
@@ -41,7 +41,7 @@ class Acquirer:
     def __init__(
         self,
         registry: Registry,
-        announcer: Announcer,
+        announcer: FanOut,
         spawn: Spawn,
         zero_pfn: int,
         mode: str,

@@ -7,7 +7,7 @@ present-bit comparison catches both. Changes are seen up to one poll interval
 after they happen: this is observation mode, and the docs say so.
 
 ``ProcWatch`` is the poll loop, adaptive and bounded by its own cost. What it
-finds goes to an ``Announcer`` (the fan-out); what it cannot handle itself (the
+finds goes to an ``FanOut`` (the fan-out); what it cannot handle itself (the
 mm gone, new VMAs to register with a uffd, its own failure) to a ``Keeper``
 (``watch.supervisor``). Both are declared here, so this module imports neither.
 """
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 Change = tuple[int, int, Event]
 
 
-class Announcer(Protocol):
+class FanOut(Protocol):
     """Where watchers report changes: the fan-out (``invalidation.Invalidator``)."""
 
     def announce(
@@ -107,7 +107,7 @@ class ProcWatch:
         mm: Mm,
         zero_pfn: int,
         bounds: tuple[float, float],
-        announcer: Announcer,
+        announcer: FanOut,
         keeper: Keeper,
     ) -> None:
         self.mm = mm

@@ -20,7 +20,7 @@ since its last scan (PAGEMAP_SCAN's written bits, armed per registered VMA)
 and announces them as WRITTEN, adapting its rate to the target's.
 
 The reader never blocks: every unread event stalls a target thread. The
-syscalls are ``linux.userfaultfd``'s; changes go to an ``Announcer``.
+syscalls are ``linux.userfaultfd``'s; changes go to an ``FanOut``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 from hmmirror.daemon.linux import scan, userfaultfd
 from hmmirror.daemon.linux.procfs import PAGE_SIZE
 from hmmirror.daemon.state import Mm
-from hmmirror.daemon.watch.proc import Announcer, Change, detect, merge
+from hmmirror.daemon.watch.proc import Change, FanOut, detect, merge
 from hmmirror.proto.messages import Event
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class UffdWatch:
         mm: Mm,
         fd: int,
         zero_pfn: int,
-        announcer: Announcer,
+        announcer: FanOut,
         spawn: Spawn,
         *,
         configured: bool = False,
