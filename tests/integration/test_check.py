@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from hmmirror.client import Access, DeviceError
 from hmmirror.proto.entries import HMM_PFN_VALID, HMM_PFN_WRITE
+from hmmirror.testing.quiesce import quiesce
 from hmmirror.tools.check import Checker, Options
 from hmmirror.tools.check.stamps import (
     READ,
@@ -150,6 +151,35 @@ async def test_discarded_fault_reply_leaves_no_entry_hmmd_no_longer_tracks(hmmd,
         assert not int(mirror.table[0]) & HMM_PFN_VALID
         await puppet.mprotect(addr, 2 * PAGE, "r")
         await asyncio.sleep(0.3)  # several watcher polls
+        assert check(mirror) == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.hmmd_args("--poll-interval", "2s", "--poll-max", "2s")
+async def test_quiescence_waits_for_the_watcher_poll_that_sees_an_mprotect(hmmd, puppet, agent):
+    """quiesce may call hmmd caught up only after its polls could have seen the last change.
+
+    An mprotect raises no userfaultfd event: only the maps poll sees it
+    (docs/ARCHITECTURE.md §A.4). The wait used to end after two fixed looks
+    (about 0.2 s), while a poll interval stretched by load (20 times its cost)
+    can be longer: the demo then reported the WRITE entry as stale. Here the
+    poll interval is 2 s, and the mprotect lands just after a poll.
+    """
+    addr = await puppet.mmap(2 * PAGE)
+    async with agent() as s:
+        mirror = await s.mirror(puppet.pid, addr, 2 * PAGE, Access.READ | Access.WRITE)
+        await mirror.populate(addr, 2, write=True)
+        assert int(mirror.table[1]) & HMM_PFN_WRITE
+        before = int((await s.status())["invalidations"])
+        await puppet.mprotect(addr, PAGE, "r")  # the next poll invalidates page 0...
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while int((await s.status())["invalidations"]) == before:
+            assert loop.time() < deadline, "no poll saw the first mprotect in 10 s"
+            await asyncio.sleep(0.01)
+        await puppet.mprotect(addr + PAGE, PAGE, "r")  # ...and this one waits a whole interval
+        assert float((await s.status())["watch_lag_s"]) >= 2.0
+        assert await quiesce(hmmd.endpoint, 20)
         assert check(mirror) == []
 
 

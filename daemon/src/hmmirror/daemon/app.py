@@ -233,6 +233,7 @@ class Daemon:
             ),
             "written_runs": sum(mm.uffd.written_runs for mm in mms if mm.uffd),
             "uffd_refusals": self.acquirer.refusals,
+            "watch_lag_s": round(max((v for mm in mms for v in mm.lag.values()), default=0.0), 4),
             "reply_bytes": budget.total(),
             "reply_refusals": budget.refusals,
             "metrics": self.metrics.url,

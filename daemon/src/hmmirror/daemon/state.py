@@ -214,6 +214,11 @@ class Mm:
     """The strict-write watch (a second uffd without WP_ASYNC), when a mirror needs one."""
     written: asyncio.Task[None] | None = None
     """The written-page scan loop, while a mirror subscribes to writes."""
+    lag: dict[str, float] = field(default_factory=dict)
+    """Per poll loop (``maps``, ``written``): the longest a change it alone sees can now go
+    unseen, in seconds (its next sleep plus its last cost). ``status`` reports the largest
+    as ``watch_lag_s``, so that a quiescence wait knows how long to look (docs/ARCHITECTURE.md
+    §A.4: mprotect and page writes raise no event)."""
 
     def __post_init__(self) -> None:
         self.idle.set()

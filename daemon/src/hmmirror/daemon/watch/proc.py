@@ -131,6 +131,7 @@ class ProcWatch:
         mm = self.mm
         lo, hi = self.bounds
         interval = lo
+        mm.lag["maps"] = interval
         while not mm.released:
             await asyncio.sleep(interval)
             t0 = time.perf_counter()
@@ -151,3 +152,4 @@ class ProcWatch:
             # Poll fast after a change, back off while quiet, never spend >5% of a core.
             interval = lo if changes else min(hi, interval * 1.5)
             interval = max(interval, cost * 20)
+            mm.lag["maps"] = interval + cost

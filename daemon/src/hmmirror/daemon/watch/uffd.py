@@ -235,22 +235,27 @@ class UffdWatch:
         mm = self.mm
         lo, hi = WRITTEN_SCAN_MIN, WRITTEN_SCAN_MAX
         interval = lo
-        while not mm.released and not mm.closed:
-            watch = mm.uffd  # the mm's current watch: a new one may have replaced this one
-            if watch is None or watch.closed or not any(m.watch_writes for m in mm.mirrors):
-                return
-            await asyncio.sleep(interval)
-            t0 = time.perf_counter()
-            try:
-                changes = watch.scan_written()
-            except ProcessLookupError:
-                return  # the pidfd reports the exit
-            if changes:
-                self.announcer.announce(mm, changes)
-            cost = time.perf_counter() - t0
-            # Scan fast while the target writes, back off while it does not, <5% of a core.
-            interval = lo if changes else min(hi, interval * 1.5)
-            interval = max(interval, cost * 20)
+        try:
+            while not mm.released and not mm.closed:
+                watch = mm.uffd  # the mm's current watch: a new one may have replaced this one
+                if watch is None or watch.closed or not any(m.watch_writes for m in mm.mirrors):
+                    return
+                mm.lag["written"] = interval
+                await asyncio.sleep(interval)
+                t0 = time.perf_counter()
+                try:
+                    changes = watch.scan_written()
+                except ProcessLookupError:
+                    return  # the pidfd reports the exit
+                if changes:
+                    self.announcer.announce(mm, changes)
+                cost = time.perf_counter() - t0
+                # Scan fast while the target writes, back off while it does not, <5% of a core.
+                interval = lo if changes else min(hi, interval * 1.5)
+                interval = max(interval, cost * 20)
+                mm.lag["written"] = interval + cost
+        finally:
+            mm.lag.pop("written", None)
 
     # --- events, and strict write faults -----------------------------------------------------
 
