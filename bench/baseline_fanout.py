@@ -11,7 +11,8 @@ A re-implementation of the recommended ``uvraw-coal`` pattern (docs/ARCHITECTURE
   with one cumulative ack carrying the highest sequence number they have seen. ROUTER/DEALER keeps
   per-peer FIFO order, so "ack S" covers every seq <= S.
 
-``run_w1`` and ``run_pipelined`` drive it the same way the hmmirror half is driven.
+``run_w1`` and ``run_pipelined`` drive it the same way the hmmirror half is driven
+(``windowed``, the pipelined callers, serves both halves).
 Run as a script, this file is the agent: ``python bench/baseline_fanout.py agent EP ID``.
 """
 
@@ -21,8 +22,8 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from typing import Any, TypeVar
 
 import msgpack
 import zmq
@@ -33,6 +34,8 @@ from common import HELPER_MAX_S, PY, Procs, percentile
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: Upper bound on any one benchmark phase, seconds.
 LIMIT_S = 300.0
+
+T = TypeVar("T")
 
 
 class Fanout:
@@ -166,6 +169,15 @@ class Fanout:
 # --------------------------------------------------------------------------- agent process
 
 
+def drain(recv: Callable[[int], T]) -> Iterator[T]:
+    """Every message queued on a socket now: ``recv(zmq.NOBLOCK)`` until ``zmq.Again``."""
+    while True:
+        try:
+            yield recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+
+
 def agent_main(endpoint: str, name: str) -> int:
     """Blocking DEALER: drain everything queued, then one cumulative ack with the highest seq."""
     ctx = zmq.Context()
@@ -186,11 +198,7 @@ def agent_main(endpoint: str, name: str) -> int:
                     break
                 continue
             last = 0
-            while True:
-                try:
-                    payload = sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            for payload in drain(sock.recv):
                 m = unpackb(payload)
                 if m["last"] > last:
                     last = m["last"]
@@ -220,6 +228,50 @@ def run_bounded(loop: str, coro: Coroutine[Any, Any, Any], limit: float) -> Any:
         return await asyncio.wait_for(coro, limit)
 
     return pick_runner(loop)(bounded())
+
+
+async def windowed(
+    op: Callable[[int], Awaitable[object]],
+    window: int,
+    t_meas: float,
+    t_end: float,
+    errors: list[str] | None = None,
+) -> tuple[int, list[float]]:
+    """``window`` concurrent callers: caller ``w`` awaits ``op(k)`` for k = w, w + window, ...
+    until ``t_end`` (``time.perf_counter``). Returns how many calls completed inside
+    [``t_meas``, ``t_end``] and their latencies in ms.
+
+    A failed call propagates, unless ``errors`` is given: then the first five are recorded
+    there and the call is retried after 1 ms, so that the load keeps going.
+    """
+    pc = time.perf_counter
+    done = 0
+    lat: list[float] = []
+
+    async def caller(w: int) -> None:
+        nonlocal done
+        k = w
+        while True:
+            t0 = pc()
+            if t0 >= t_end:
+                return
+            try:
+                await op(k)
+            except Exception as exc:
+                if errors is None:
+                    raise
+                if len(errors) < 5:
+                    errors.append(repr(exc)[:200])
+                await asyncio.sleep(0.001)
+                continue
+            t1 = pc()
+            k += window
+            if t_meas <= t1 <= t_end:
+                done += 1
+                lat.append((t1 - t0) * 1e3)
+
+    await asyncio.gather(*(caller(w) for w in range(window)))
+    return done, lat
 
 
 def setup(procs: Procs, endpoint: str, n: int, ctx: zmq.Context) -> Fanout:
@@ -276,28 +328,14 @@ def run_pipelined(
 
     async def main(fan: Fanout) -> None:
         fan.start()
-        pc = time.perf_counter
-        t_begin = pc()
-        t_meas = t_begin + warmup_s
+        t_meas = time.perf_counter() + warmup_s
         t_end = t_meas + duration_s
-        done = 0
-        lat: list[float] = []
-
-        async def worker(w: int) -> None:
-            nonlocal done
-            k = w
-            while True:
-                t0 = pc()
-                if t0 >= t_end:
-                    return
-                await fan.invalidate(1, (k % 256) * 4096, (k % 256 + 1) * 4096)
-                t1 = pc()
-                k += window
-                if t_meas <= t1 <= t_end:
-                    done += 1
-                    lat.append((t1 - t0) * 1e3)
-
-        await asyncio.gather(*(worker(w) for w in range(window)))
+        done, lat = await windowed(
+            lambda k: fan.invalidate(1, (k % 256) * 4096, (k % 256 + 1) * 4096),
+            window,
+            t_meas,
+            t_end,
+        )
         res.update(
             rate=done / duration_s,
             completed=done,

@@ -6,6 +6,8 @@
   until its stdin closes (or a hard time limit).
 * ``start_daemon``: run ``hmmd`` and wait for ``hmmd ready`` (``hmmirror.testing.hmmd``).
 * ``daemon_request`` / ``daemon_status``: one raw request that needs no session (Status, Inventory).
+* ``agent_args`` / ``run_modes``: the command lines of the helper scripts (agents, targets).
+* ``StdinLines``: a helper process's commands on stdin, read on its event loop.
 * ``machine_info``, ``Row`` and ``print_table`` for the report.
 
 Run as a script, this file is the target: ``python bench/common.py target NBYTES [--populate]``.
@@ -13,6 +15,7 @@ Run as a script, this file is the target: ``python bench/common.py target NBYTES
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import mmap
@@ -25,9 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from hmmirror.testing.hmmd import HmmdProcess, start_hmmd
 
@@ -142,6 +145,51 @@ def read_until(p: subprocess.Popen[bytes], prefix: str, timeout: float) -> list[
                 f"process {p.args!r} exited rc={p.returncode} before {prefix!r}; saw {seen!r}"
             )
     raise TimeoutError(f"no {prefix!r} from {p.args!r} within {timeout}s; saw {seen!r}")
+
+
+def agent_args(argv: Sequence[str]) -> tuple[str, str, int, int, int]:
+    """An agent script's ``ENDPOINT NAME PID START LENGTH`` (START in hex, as the rigs pass it)."""
+    return argv[0], argv[1], int(argv[2]), int(argv[3], 0), int(argv[4])
+
+
+def run_modes(modes: Mapping[str, Callable[[list[str]], int]], usage: str) -> NoReturn:
+    """A helper script's ``__main__``: ``python FILE MODE ARGS...`` exits with what
+    ``modes[MODE](ARGS)`` returns; any other command line prints ``usage`` and exits 2."""
+    if len(sys.argv) >= 2 and sys.argv[1] in modes:
+        sys.exit(modes[sys.argv[1]](sys.argv[2:]))
+    print(f"usage: {usage}", file=sys.stderr)
+    sys.exit(2)
+
+
+class StdinLines:
+    """This process's stdin, read on the event loop: the lines it brings, and when it closes.
+
+    A helper process takes its commands one a line, and stops when the bench closes its stdin.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        #: Set once stdin closed (or could not be read).
+        self.closed = asyncio.Event()
+        #: Each line as it comes, without its newline; then "" once stdin closed.
+        self.lines: asyncio.Queue[str] = asyncio.Queue()
+        self._buf = b""
+        loop.add_reader(0, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(0, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            self.loop.remove_reader(0)
+            self.closed.set()
+            self.lines.put_nowait("")
+            return
+        self._buf += data
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            self.lines.put_nowait(line.decode())
 
 
 @contextlib.contextmanager

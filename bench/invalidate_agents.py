@@ -19,9 +19,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baseline_fanout
-from common import (
-    HELPER_MAX_S,
-)
+from common import HELPER_MAX_S, StdinLines, agent_args, run_modes
 
 # --------------------------------------------------------------------------- agent process
 
@@ -33,21 +31,9 @@ async def _agent(endpoint: str, name: str, pid: int, start: int, length: int) ->
         mirror = await session.mirror(pid, start, length, Access.READ | Access.WRITE)
         got = await mirror.fault(start, mirror.npages)
         print(f"agent ready {name} mirror={mirror.id} faulted={got}", flush=True)
-        loop = asyncio.get_running_loop()
-        closed = asyncio.Event()
-
-        def on_stdin() -> None:
-            try:
-                data = os.read(0, 4096)
-            except OSError:
-                data = b""
-            if not data:
-                loop.remove_reader(0)
-                closed.set()
-
-        loop.add_reader(0, on_stdin)
+        stdin = StdinLines(asyncio.get_running_loop())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(closed.wait(), HELPER_MAX_S)
+            await asyncio.wait_for(stdin.closed.wait(), HELPER_MAX_S)
         stats = {
             "counters": dict(mirror.counters),
             "retries": mirror.retries,
@@ -58,14 +44,8 @@ async def _agent(endpoint: str, name: str, pid: int, start: int, length: int) ->
 
 
 def agent_main(argv: list[str]) -> int:
-    endpoint, name, pid, start, length = (
-        argv[0],
-        argv[1],
-        int(argv[2]),
-        int(argv[3], 0),
-        int(argv[4]),
-    )
-    baseline_fanout.pick_runner("uvloop")(_agent(endpoint, name, pid, start, length))
+    """``agent ENDPOINT NAME PID START LENGTH``."""
+    baseline_fanout.pick_runner("uvloop")(_agent(*agent_args(argv)))
     return 0
 
 
@@ -76,13 +56,7 @@ def rawagent_main(argv: list[str]) -> int:
     from hmmirror.proto.messages import Ack, Goodbye, Heartbeat, Hello, Register
     from hmmirror.transport import dial
 
-    endpoint, name, pid, start, length = (
-        argv[0],
-        argv[1],
-        int(argv[2]),
-        int(argv[3], 0),
-        int(argv[4]),
-    )
+    endpoint, name, pid, start, length = agent_args(argv)
     ctx = zmq.Context()
     sock = dial(ctx, endpoint)
     ids = iter(range(1, 1 << 62))
@@ -112,11 +86,7 @@ def rawagent_main(argv: list[str]) -> int:
             if 0 in ready and not os.read(0, 4096):
                 break
             upto = acked
-            while True:
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            for frames in baseline_fanout.drain(sock.recv_multipart):
                 env = decode(frames)
                 if env.type == "invalidate":
                     invalidates += 1
@@ -141,9 +111,7 @@ def rawagent_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "agent":
-        sys.exit(agent_main(sys.argv[2:]))
-    if len(sys.argv) >= 2 and sys.argv[1] == "rawagent":
-        sys.exit(rawagent_main(sys.argv[2:]))
-    print("usage: python -m bench --only invalidate|pipelined", file=sys.stderr)
-    sys.exit(2)
+    run_modes(
+        {"agent": agent_main, "rawagent": rawagent_main},
+        "python -m bench --only invalidate|pipelined",
+    )

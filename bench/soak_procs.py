@@ -22,10 +22,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (
-    HELPER_MAX_S,
-    PAGE,
-)
+from common import HELPER_MAX_S, PAGE, StdinLines, agent_args, run_modes
 from hmmirror.tools.syscalls import (
     MADV_DONTNEED,
     MADV_NOHUGEPAGE,
@@ -208,13 +205,13 @@ async def _agent(
         paused = asyncio.Event()
         idle = asyncio.Event()
         idle.set()
-        closed = asyncio.Event()
+        stdin = StdinLines(loop)  # "check" lines; closed when the bench is done
 
         async def fault_loop() -> None:
             nonlocal faults, errors, last_error
             period = 1.0 / fault_hz if fault_hz > 0 else 0.0
             next_t = loop.time()
-            while period and not closed.is_set():
+            while period and not stdin.closed.is_set():
                 next_t += period
                 await asyncio.sleep(max(0.0, next_t - loop.time()))
                 if loop.time() - next_t > 1.0:
@@ -234,32 +231,12 @@ async def _agent(
                 finally:
                     idle.set()
 
-        buf = b""
-        lines: asyncio.Queue[str] = asyncio.Queue()
-
-        def on_stdin() -> None:
-            nonlocal buf
-            try:
-                data = os.read(0, 4096)
-            except OSError:
-                data = b""
-            if not data:
-                loop.remove_reader(0)
-                closed.set()
-                lines.put_nowait("")
-                return
-            buf += data
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                lines.put_nowait(line.decode())
-
-        loop.add_reader(0, on_stdin)
         task = asyncio.ensure_future(fault_loop())
         deadline = loop.time() + HELPER_MAX_S
         try:
             while loop.time() < deadline:
                 try:
-                    line = await asyncio.wait_for(lines.get(), deadline - loop.time())
+                    line = await asyncio.wait_for(stdin.lines.get(), deadline - loop.time())
                 except TimeoutError:
                     break
                 if line == "":
@@ -275,7 +252,7 @@ async def _agent(
                     print(f"checked {held} {len(found)} {ms:.1f} {first_v}", flush=True)
                     paused.clear()
         finally:
-            closed.set()
+            stdin.closed.set()
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
@@ -296,8 +273,8 @@ def agent_main(argv: list[str]) -> int:
     """``agent ENDPOINT NAME PID START LENGTH FAULT_HZ SEED``."""
     import baseline_fanout
 
-    endpoint, name, pid = argv[0], argv[1], int(argv[2])
-    start, length, fault_hz, seed = int(argv[3], 0), int(argv[4]), float(argv[5]), int(argv[6])
+    endpoint, name, pid, start, length = agent_args(argv)
+    fault_hz, seed = float(argv[5]), int(argv[6])
     baseline_fanout.pick_runner("uvloop")(
         _agent(endpoint, name, pid, start, length, fault_hz, seed)
     )
@@ -305,9 +282,4 @@ def agent_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "target":
-        sys.exit(target_main(sys.argv[2:]))
-    if len(sys.argv) >= 2 and sys.argv[1] == "agent":
-        sys.exit(agent_main(sys.argv[2:]))
-    print("usage: python -m bench --only soak", file=sys.stderr)
-    sys.exit(2)
+    run_modes({"target": target_main, "agent": agent_main}, "python -m bench --only soak")

@@ -28,7 +28,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,39 +58,18 @@ PID_MAX_EVER = 1 << 22  # kernel PID_MAX_LIMIT: no process can have a larger pid
 # --- the daemon under test ------------------------------------------------------------------
 
 
-@dataclass
-class Hmmd:
-    """A running daemon (started by the one launcher) and its output for failure messages."""
-
-    launched: HmmdProcess
-
-    @property
-    def endpoint(self) -> str:
-        """The endpoint hmmd bound."""
-        return self.launched.endpoint
-
-    @property
-    def proc(self) -> subprocess.Popen[bytes]:
-        """hmmd's process."""
-        return self.launched.proc
-
-    @property
-    def stderr_path(self) -> Path:
-        """Where hmmd's stderr goes."""
-        return Path(self.launched.log_path)
-
-    def output(self, tail: int = 60) -> str:
-        """stdout, then the last ``tail`` stderr lines that are not INFO chatter."""
-        err = self.stderr_path.read_text(errors="replace").splitlines()
-        loud = [line for line in err if not line.startswith("INFO ")]
-        return "\n".join(
-            [
-                "--- hmmd stdout ---",
-                *self.launched.stdout_lines,
-                f"--- hmmd stderr: {len(err)} lines, last {tail} non-INFO ---",
-                *loud[-tail:],
-            ]
-        )
+def output(daemon: HmmdProcess, tail: int = 60) -> str:
+    """hmmd's stdout, then the last ``tail`` lines of its log that are not INFO chatter."""
+    err = daemon.log().splitlines()
+    loud = [line for line in err if not line.startswith("INFO ")]
+    return "\n".join(
+        [
+            "--- hmmd stdout ---",
+            *daemon.stdout_lines,
+            f"--- hmmd stderr: {len(err)} lines, last {tail} non-INFO ---",
+            *loud[-tail:],
+        ]
+    )
 
 
 def _limit_address_space() -> None:
@@ -99,26 +77,25 @@ def _limit_address_space() -> None:
 
 
 @pytest.fixture
-def bad_input_hmmd() -> Iterator[Hmmd]:
+def bad_input_hmmd() -> Iterator[HmmdProcess]:
     """Start hmmd on a short ipc path, wait for its READY line (10 s), SIGTERM then SIGKILL."""
     tmp = Path(tempfile.mkdtemp(prefix="hmmbi-", dir="/tmp"))
     endpoint = f"ipc://{tmp}/hmmd.sock"
     assert len(endpoint) - len("ipc://") < 100, "sun_path limit"
-    launched = launch_hmmd(
+    daemon = launch_hmmd(
         endpoint,
         log_path=str(tmp / "hmmd.stderr"),
         spawn=functools.partial(subprocess.Popen, preexec_fn=_limit_address_space),
     )
-    daemon = Hmmd(launched)
     try:
         try:
-            launched.wait_ready(READY_TIMEOUT)
+            daemon.wait_ready(READY_TIMEOUT)
         except HmmdStartError as e:
-            pytest.fail(f"{e}\n{daemon.output()}")
+            pytest.fail(f"{e}\n{output(daemon)}")
         yield daemon
     finally:
-        rc, killed = launched.stop(10)
-        print(daemon.output())  # shown by pytest when the test failed
+        rc, killed = daemon.stop(10)
+        print(output(daemon))  # shown by pytest when the test failed
         shutil.rmtree(tmp, ignore_errors=True)
     assert rc == 0 and not killed, f"hmmd did not exit cleanly on SIGTERM (returncode {rc})"
 
@@ -585,7 +562,9 @@ async def _client_read(endpoint: str, addr: int, pattern: bytes) -> None:
         await mirror.close()
 
 
-def test_hostile_frames_do_not_hurt_hmmd(bad_input_hmmd: Hmmd, zmq_ctx: zmq.Context[Any]) -> None:
+def test_hostile_frames_do_not_hurt_hmmd(
+    bad_input_hmmd: HmmdProcess, zmq_ctx: zmq.Context[Any]
+) -> None:
     daemon = bad_input_hmmd
     rng = random.Random(SEED)
     fuzz = Fuzzer(rng, daemon.proc.pid)
@@ -621,7 +600,7 @@ def test_hostile_frames_do_not_hurt_hmmd(bad_input_hmmd: Hmmd, zmq_ctx: zmq.Cont
         assert sum(sent.values()) >= N_FRAMES * 0.99
         assert must_reject >= N_FRAMES // 4, "the fuzzer should produce plenty of garbage"
 
-        assert daemon.proc.poll() is None, f"hmmd died under fuzzing\n{daemon.output()}"
+        assert daemon.proc.poll() is None, f"hmmd died under fuzzing\n{output(daemon)}"
         # Same connection: the daemon handles one peer's messages in order, so this
         # reply counts every frame sent before it.
         after = fuzzer.request(M.Status(), timeout=20).msg
@@ -656,7 +635,7 @@ def test_hostile_frames_do_not_hurt_hmmd(bad_input_hmmd: Hmmd, zmq_ctx: zmq.Cont
         time.sleep(0.2)
     finally:
         big.close()
-    assert daemon.proc.poll() is None, f"hmmd died on an oversize frame\n{daemon.output()}"
+    assert daemon.proc.poll() is None, f"hmmd died on an oversize frame\n{output(daemon)}"
 
     # A valid session is served correctly afterwards.
     peer = Peer(zmq_ctx, daemon.endpoint)
@@ -731,7 +710,7 @@ def test_hostile_frames_do_not_hurt_hmmd(bad_input_hmmd: Hmmd, zmq_ctx: zmq.Cont
             env = peer.request(huge)
         except TimeoutError:
             pytest.fail(
-                f"hmmd never answered REGISTER of [0, 2^47) for a missing pid\n{daemon.output()}"
+                f"hmmd never answered REGISTER of [0, 2^47) for a missing pid\n{output(daemon)}"
             )
         assert isinstance(env.msg, M.Error), env
         assert env.msg.code in (
@@ -744,9 +723,9 @@ def test_hostile_frames_do_not_hurt_hmmd(bad_input_hmmd: Hmmd, zmq_ctx: zmq.Cont
         peer.close()
         with contextlib.suppress(BufferError):
             page.close()
-    assert daemon.proc.poll() is None, f"hmmd died\n{daemon.output()}"
+    assert daemon.proc.poll() is None, f"hmmd died\n{output(daemon)}"
     # Every hostile message was handled by a handler, not by the drain loop's last resort.
-    log = daemon.stderr_path.read_text(errors="replace")
+    log = daemon.log()
     crashes = log.count("unhandled error while handling a message")
     assert crashes == 0, f"{crashes} messages crashed their handler (no reply sent)\n" + "\n".join(
         line for line in log.splitlines() if "Error" in line or "unhandled" in line

@@ -12,8 +12,9 @@ HELLO, the lease and recovery are ``Lifecycle``'s (``_lifecycle.py``);
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from hmmirror.client._lifecycle import Lifecycle, State
@@ -42,19 +43,19 @@ log = logging.getLogger(__name__)
 
 
 class Session(Lifecycle):
-    """A live session. Create it with ``connect``; it owns its socket and its mirrors."""
+    """A live session. Create it with ``connect``; it owns its socket and its mirrors.
 
-    def __init__(
-        self,
-        endpoint: str,
-        name: str,
-        timeout: float,
-        curve: CurveKeys | None = None,
-        options: Mapping[int, int] | None = None,
-    ) -> None:
-        super().__init__(endpoint, name, timeout, curve, options)
-        self._syncs = SyncBatcher(self)
-        self.invalidations_received = 0
+    It is built as a ``Lifecycle`` is (``Lifecycle.__init__``): what it adds starts
+    empty, so it needs no constructor of its own.
+    """
+
+    #: INVALIDATE messages received (this class's 0 until the first).
+    invalidations_received = 0
+
+    @functools.cached_property
+    def _syncs(self) -> SyncBatcher:
+        """The ``sync_range`` batcher, made on first use."""
+        return SyncBatcher(self)
 
     # --- inbound --------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import TypedDict, Unpack
 
 __all__ = [
     "READY_PREFIX",
@@ -33,6 +34,7 @@ __all__ = [
     "STOP_GRACE",
     "HmmdProcess",
     "HmmdStartError",
+    "LaunchOptions",
     "hmmd_argv",
     "launch_hmmd",
     "start_hmmd",
@@ -230,28 +232,38 @@ class HmmdProcess:
         return f"hmmd logged {len(bad)} warning/error lines, first: {bad[0][:200]!r}"
 
 
+class LaunchOptions(TypedDict, total=False):
+    """How hmmd is started, past its endpoint, arguments and log: the keyword arguments
+    :func:`launch_hmmd`, :func:`start_hmmd` and :func:`start_hmmd_async` share, all optional."""
+
+    append: bool
+    """Keep what the log holds (a restart) rather than truncate it; False by default."""
+    env: Mapping[str, str] | None
+    """The whole environment of hmmd; None (the default) inherits this one."""
+    spawn: Spawn | None
+    """A Popen-like starter (a network namespace's, the bench's reaper's); None: Popen."""
+    python: Sequence[str]
+    """Interpreter options before ``-m`` (``-m cProfile -o FILE``); none by default."""
+    pdeathsig: bool
+    """SIGTERM hmmd when the thread that started it dies (the default starter only)."""
+
+
 def launch_hmmd(
-    endpoint: str,
-    args: Sequence[str] = (),
-    *,
-    log_path: str,
-    append: bool = False,
-    env: Mapping[str, str] | None = None,
-    spawn: Spawn | None = None,
-    python: Sequence[str] = (),
-    pdeathsig: bool = False,
+    endpoint: str, args: Sequence[str] = (), *, log_path: str, **opts: Unpack[LaunchOptions]
 ) -> HmmdProcess:
     """Start hmmd without waiting for it (see :func:`start_hmmd` for the arguments)."""
-    argv = hmmd_argv(endpoint, args, python)
-    with open(log_path, "ab" if append else "wb") as log:  # the child keeps its own copy
+    argv = hmmd_argv(endpoint, args, opts.get("python", ()))
+    given_env, spawn = opts.get("env"), opts.get("spawn")
+    env = None if given_env is None else dict(given_env)
+    mode = "ab" if opts.get("append", False) else "wb"
+    with open(log_path, mode) as log:  # the child keeps its own copy
         if spawn is not None:
             proc = spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                         env=None if env is None else dict(env))  # fmt: skip
+                         env=env)  # fmt: skip
         else:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                env=None if env is None else dict(env),
-                preexec_fn=die_with_parent if pdeathsig else None,
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=env,
+                preexec_fn=die_with_parent if opts.get("pdeathsig", False) else None,
             )  # fmt: skip
     return HmmdProcess(proc, argv, endpoint, log_path)
 
@@ -262,11 +274,7 @@ def start_hmmd(
     *,
     log_path: str,
     deadline: float = START_DEADLINE,
-    append: bool = False,
-    env: Mapping[str, str] | None = None,
-    spawn: Spawn | None = None,
-    python: Sequence[str] = (),
-    pdeathsig: bool = False,
+    **opts: Unpack[LaunchOptions],
 ) -> HmmdProcess:
     """Start hmmd on ``endpoint`` and return it once its ready line came.
 
@@ -275,22 +283,14 @@ def start_hmmd(
     endpoint, args
         ``--endpoint`` and the further ``hmmd run`` arguments.
     log_path
-        Where hmmd's stderr goes; ``append=True`` keeps what is there (a restart).
+        Where hmmd's stderr goes.
     deadline
         Seconds allowed for the ready line; :class:`HmmdStartError` after them.
-    env
-        The whole environment of hmmd, or None to inherit this one.
-    spawn
-        A Popen-like starter (a network namespace's, the bench's reaper's).
-    python
-        Interpreter options before ``-m`` (``-m cProfile -o FILE``).
-    pdeathsig
-        SIGTERM hmmd when the thread that started it dies (default spawner only).
+    **opts
+        How it is started: :class:`LaunchOptions` (``append``, ``env``, ``spawn``,
+        ``python``, ``pdeathsig``).
     """
-    hmmd = launch_hmmd(
-        endpoint, args, log_path=log_path, append=append, env=env, spawn=spawn, python=python,
-        pdeathsig=pdeathsig,
-    )  # fmt: skip
+    hmmd = launch_hmmd(endpoint, args, log_path=log_path, **opts)
     hmmd.wait_ready(deadline)
     return hmmd
 
@@ -301,11 +301,10 @@ async def start_hmmd_async(
     *,
     log_path: str,
     deadline: float = START_DEADLINE,
-    append: bool = False,
-    env: Mapping[str, str] | None = None,
+    **opts: Unpack[LaunchOptions],
 ) -> HmmdProcess:
     """:func:`start_hmmd` for coroutines: the wait for the ready line runs in a thread."""
-    hmmd = launch_hmmd(endpoint, args, log_path=log_path, append=append, env=env)
+    hmmd = launch_hmmd(endpoint, args, log_path=log_path, **opts)
     try:
         await asyncio.to_thread(hmmd.wait_ready, deadline)
     except BaseException:

@@ -37,17 +37,18 @@ import time
 from typing import Any
 
 import zmq
-from hmmirror.client.errors import (
+from hmmirror.client import (
     AgentError,
     DaemonUnavailable,
     DeviceError,
+    Mirror,
     MirrorEvicted,
     RemoteError,
     RequestTimeout,
+    Session,
+    status,
 )
-from hmmirror.client.mirror import Mirror
 from hmmirror.client.mlx5 import ADVISE_FLUSH, AccessFlags, Advice, AtomicOp, MemoryRegion, Nic
-from hmmirror.client.session import Session, status
 from hmmirror.proto.codec import encode
 from hmmirror.proto.messages import Invalidate, Status
 from hmmirror.tools.check.stamps import (
