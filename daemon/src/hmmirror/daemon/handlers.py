@@ -195,19 +195,11 @@ def on_register(svc: Services, r: Request) -> None:
     if msg.strict_writes and svc.strict_watch(mm) is None:
         if not mm.mirrors:
             svc.registry.drop_mm(mm)
-        raise RequestError(
-            ErrorCode.EINVAL,
-            f"strict_writes needs a second userfaultfd of process {msg.pid} (the target calls "
-            "hmmirror.client.expose(strict=True), or hmmd runs with uffd = inject)",
-        )
+        raise RequestError(ErrorCode.EINVAL, _no_uffd(svc, msg.pid, "strict_writes"))
     if msg.watch_writes and not msg.strict_writes and (mm.uffd is None or mm.uffd.closed):
         if not mm.mirrors:
             svc.registry.drop_mm(mm)
-        raise RequestError(
-            ErrorCode.EINVAL,
-            f"watch_writes needs process {msg.pid}'s userfaultfd (the target calls "
-            "hmmirror.client.expose(), or hmmd runs with uffd = off)",
-        )
+        raise RequestError(ErrorCode.EINVAL, _no_uffd(svc, msg.pid, "watch_writes"))
     mirror.watch_writes = msg.watch_writes or msg.strict_writes
     mirror.strict = msg.strict_writes
     svc.registry.add_mirror(mirror)
@@ -222,14 +214,40 @@ def on_register(svc: Services, r: Request) -> None:
     )
 
 
+def _no_uffd(svc: Services, pid: int, flag: str) -> str:
+    """Why ``register`` with ``flag`` (watch_writes or strict_writes) is refused: the
+    userfaultfd it needs is missing, and what would provide one under this daemon's config."""
+    strict = flag == "strict_writes"
+    need = (
+        f"a second, strict userfaultfd of process {pid}"
+        if strict
+        else f"a userfaultfd of process {pid}"
+    )
+    if svc.config.uffd == "off":
+        return f"{flag} needs {need}, and this hmmd runs with uffd = off, which takes none"
+    expose = "hmmirror.client.expose(strict=True)" if strict else "hmmirror.client.expose()"
+    how = f"the target calls {expose} first"
+    if svc.config.uffd != "inject":
+        how += ", or hmmd runs with uffd = inject"
+    return f"{flag} needs {need}, and hmmd holds none ({how})"
+
+
 def on_unregister(svc: Services, r: Request) -> None:
-    """Drop a mirror."""
+    """Drop a mirror. One that RELEASE or EVICT ended is already dead (SPEC §6.5): the daemon
+    drops it itself once that invalidation completes, so it is NO_MIRROR from the moment the
+    item is sent, not only once the last mirror of the process has acked."""
     identity, session, env = r.identity, r.session, r.env
     msg = env.msg
     assert isinstance(msg, Unregister) and session is not None
     mirror = session.mirrors.get(msg.mirror)
-    if mirror is None:
+    if mirror is None or mirror.dead:
         raise RequestError(ErrorCode.NO_MIRROR, f"session {session.id} has no mirror {msg.mirror}")
+    if mirror.mm.released:
+        raise RequestError(
+            ErrorCode.NO_MIRROR,
+            f"mirror {msg.mirror} of session {session.id} was ended by hmmd (its process "
+            f"{mirror.mm.pid} exited, or could no longer be watched); nothing to unregister",
+        )
     svc.registry.drop_mirror(mirror)
     svc.send(identity, Ok(), re=env.id)
 

@@ -32,10 +32,10 @@ from hmmirror.daemon.linux import vm
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PFN_MASK, PM_PRESENT, Raw
 from hmmirror.daemon.pagetable import vma_perms
 from hmmirror.daemon.state import Mm
-from hmmirror.daemon.watch.proc import FanOut, detect
+from hmmirror.daemon.watch.proc import FanOut, detect, merge
 from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID, HMM_PFN_WRITE, Entries
 from hmmirror.proto.errors import ErrorCode
-from hmmirror.proto.messages import MAX_DMA_PAGES, AtomicOp
+from hmmirror.proto.messages import MAX_DMA_PAGES, AtomicOp, Event
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +358,10 @@ class DmaService:
         self._guarded(mm, copy, done, guard)
 
     def _after_write(self, mm: Mm, start: int, npages: int, entries: Entries) -> None:
-        """Writing may have broken COW (zero page, fork): a new PFN invalidates old translations."""
+        """Writing may have broken COW (the zero page, a huge zero page, a page shared since
+        fork): the new page invalidates old translations, as CLEAR (SPEC §7.2, §8). The
+        proc watcher would call a PFN change MIGRATE, but here hmmd's own write replaced the
+        page; other events found in the range (UNMAP, PROTECTION_*) keep their names."""
         try:
             post = mm.view.pagemap(start, npages)
             changes = (
@@ -369,4 +372,8 @@ class DmaService:
         except ProcessLookupError:
             return  # the target exited after the copy: its RELEASE follows
         if changes:
-            self.announcer.announce(mm, changes)
+            cleared: list[tuple[int, int, Event]] = [
+                (lo, hi, Event.CLEAR if event == Event.MIGRATE else event)
+                for lo, hi, event in changes
+            ]
+            self.announcer.announce(mm, merge(cleared))
