@@ -136,3 +136,37 @@ async def test_the_readme_agent_example_runs_from_the_library_alone(
     assert seen["valid"] == 0, "sync_range returned with a valid entry left in the page table"
     assert seen["counters"]["page_invalidations"] >= 1, seen
     assert seen["counters"]["page_faults"] >= 1, seen
+
+
+def test_the_installed_library_is_typed_licensed_and_of_the_one_version(
+    library_only_python: str,
+) -> None:
+    """Built wheels (not the workspace's editable installs) carry ``py.typed``, the LICENSE,
+    the version of the repository's VERSION file, and pin each other to it."""
+    probe = (
+        "import importlib.metadata as m, importlib.util as u, json, os;"
+        "names = ('proto', 'transport', 'client');"
+        "print(json.dumps({n: {"
+        " 'version': m.version(f'hmmirror-{n}'),"
+        " 'license': m.metadata(f'hmmirror-{n}')['License-Expression'],"
+        " 'license_file': any(str(f).endswith('LICENSE') for f in m.files(f'hmmirror-{n}')),"
+        " 'requires': sorted(r for r in (m.requires(f'hmmirror-{n}') or [])"
+        "                    if r.startswith('hmmirror-')),"
+        " 'typed': os.path.isfile(os.path.join("
+        "     os.path.dirname(u.find_spec(f'hmmirror.{n}').origin), 'py.typed')),"
+        "} for n in names}))"
+    )
+    out = subprocess.run(
+        [library_only_python, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    version = (ROOT / "VERSION").read_text().strip()
+    pin = f"=={version}"
+    assert json.loads(out.stdout) == {
+        "proto": {"version": version, "license": "MIT", "license_file": True, "requires": [],
+                  "typed": True},
+        "transport": {"version": version, "license": "MIT", "license_file": True,
+                      "requires": [f"hmmirror-proto{pin}"], "typed": True},
+        "client": {"version": version, "license": "MIT", "license_file": True,
+                   "requires": [f"hmmirror-proto{pin}", f"hmmirror-transport{pin}"],
+                   "typed": True},
+    }  # fmt: skip

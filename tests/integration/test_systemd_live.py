@@ -59,6 +59,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_DEADLINE + BOOT_DEADLI
 #: checks.py's checks, in its order.
 CHECKS = [
     "hmmd_ready",
+    "install_layout",
     "hmmd_credentials",
     "hmmd_nofile",
     "hmmd_tcp_endpoint",
@@ -183,6 +184,7 @@ def _stage(uv: str, stage: Path, log: Path) -> None:
         log,
     )
     shutil.copytree(REPO / "deploy", stage / "deploy")
+    shutil.copy(REPO / "README.md", stage / "README.md")
     for f in HERE.iterdir():
         if f.is_file() and f.suffix in (".py", ".sh", ".service"):
             shutil.copy(f, stage / f.name)

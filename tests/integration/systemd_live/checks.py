@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import json
 import os
 import pwd
@@ -250,6 +251,39 @@ class Live:
             and d["NRestarts"] == "0"
         )
         return ok, d
+
+    async def install_layout(self) -> tuple[bool, Detail]:
+        """deploy/'s sysusers.d and tmpfiles.d files made the users and /etc/hmmirror: system
+        users, hmmirror-agent in group hmmirror, the directory root's and group-readable; and
+        every unit's Documentation= file exists."""
+        daemon, agent = pwd.getpwnam("hmmirror"), pwd.getpwnam("hmmirror-agent")
+        group = grp.getgrnam("hmmirror")
+        etc = os.stat("/etc/hmmirror")
+        docs = [
+            url.removeprefix("file:")
+            for unit in ("hmmd.service", "hm-agent@.service")
+            for url in unit_setting(f"/etc/systemd/system/{unit}", "Documentation").split()
+        ]
+        missing = [d for d in docs if not Path(d).is_file()]
+        detail: Detail = {
+            "uids": [daemon.pw_uid, agent.pw_uid],
+            "hmmirror_members": group.gr_mem,
+            "etc_mode": oct(etc.st_mode & 0o7777),
+            "etc_owner": [etc.st_uid, etc.st_gid],
+            "docs": docs,
+            "missing_docs": missing,
+        }
+        ok = (
+            daemon.pw_uid < 1000
+            and agent.pw_uid < 1000
+            and daemon.pw_gid == group.gr_gid
+            and "hmmirror-agent" in group.gr_mem
+            and etc.st_mode & 0o7777 == 0o750
+            and (etc.st_uid, etc.st_gid) == (0, group.gr_gid)
+            and bool(docs)
+            and not missing
+        )
+        return ok, detail
 
     async def hmmd_credentials(self) -> tuple[bool, Detail]:
         """hmmd runs as hmmirror with exactly the unit's capabilities, NoNewPrivs, seccomp."""
@@ -556,6 +590,7 @@ async def main() -> int:
     try:
         async with asyncio.timeout(RUN_DEADLINE):
             await results.run("hmmd_ready", live.hmmd_ready)
+            await results.run("install_layout", live.install_layout)
             await results.run("hmmd_credentials", live.hmmd_credentials)
             await results.run("hmmd_nofile", live.hmmd_nofile)
             await results.run("hmmd_tcp_endpoint", live.hmmd_tcp_endpoint)

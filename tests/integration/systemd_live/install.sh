@@ -16,10 +16,11 @@ rm -rf /opt/hmmirror/lib/python3.11/site-packages/bin
 ln -s /opt/hmmirror/bin/hmmd /opt/hmmirror/bin/hmmctl /opt/hmmirror/bin/hm-agent /usr/local/bin/
 
 # deploy/README.md's install.
-groupadd --system hmmirror
-useradd --system --gid hmmirror --no-create-home --shell /usr/sbin/nologin hmmirror
-useradd --system --user-group --groups hmmirror --no-create-home --shell /usr/sbin/nologin hmmirror-agent
-install -D -m 0644 "$S"/deploy/hmmd.toml /etc/hmmirror/hmmd.toml
+install -D -m 0644 "$S"/deploy/hmmirror.sysusers /usr/lib/sysusers.d/hmmirror.conf
+install -D -m 0644 "$S"/deploy/hmmirror.tmpfiles /usr/lib/tmpfiles.d/hmmirror.conf
+systemd-sysusers hmmirror.conf && systemd-tmpfiles --create hmmirror.conf
+install -m 0640 -g hmmirror "$S"/deploy/hmmd.toml /etc/hmmirror/hmmd.toml
+install -D -m 0644 "$S"/README.md /usr/share/doc/hmmirror/README.md
 install -m 0644 "$S"/deploy/hmmd.service "$S"/deploy/hm-agent@.service /etc/systemd/system/
 systemctl enable hmmd.service
 

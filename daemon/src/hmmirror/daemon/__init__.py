@@ -5,5 +5,8 @@ mirroring agents, and sends them synchronous, sequence-numbered invalidations.
 Run it with ``hmmd run`` (see ``hmmd --help``).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+#: The installed distribution's version: the repository's VERSION file is its one source.
+__version__ = version("hmmirror-daemon")
 __all__ = ["__version__"]
