@@ -61,7 +61,7 @@ PID_MAX_EVER = 1 << 22  # kernel PID_MAX_LIMIT: no process can have a larger pid
 def output(daemon: HmmdProcess, tail: int = 60) -> str:
     """hmmd's stdout, then the last ``tail`` lines of its log that are not INFO chatter."""
     err = daemon.log().splitlines()
-    loud = [line for line in err if not line.startswith("INFO ")]
+    loud = [line for line in err if line.split(" ", 2)[1:2] != ["info"]]  # TIMESTAMP level ...
     return "\n".join(
         [
             "--- hmmd stdout ---",

@@ -74,6 +74,7 @@ CHECKS = [
     "hm_agent_bad_listen_busy",
     "hm_agent_bad_listen_scheme",
     "hmmd_watchdog",
+    "journal_priorities",
 ]
 
 #: Checks of behaviour other branches of issue 11 bring; strict: each fails the run once that

@@ -285,6 +285,25 @@ class Live:
         )
         return ok, detail
 
+    async def journal_priorities(self) -> tuple[bool, Detail]:
+        """hmmd's lines reach the journal with their level as the entry's PRIORITY (the
+        sd-daemon ``<N>`` prefix, stripped by journald) and without a timestamp of their own."""
+        out = sh("journalctl", "--no-pager", "-b", "-u", "hmmd.service", "-o", "json").stdout
+        want = {"debug": "7", "info": "6", "warning": "4", "error": "3", "critical": "2"}
+        seen: dict[str, int] = {}
+        wrong = []
+        for line in out.splitlines():
+            entry = json.loads(line)
+            if entry.get("_PID") != str(self.main_pid) or not isinstance(entry["MESSAGE"], str):
+                continue
+            level = entry["MESSAGE"].split(" ", 1)[0]
+            if level not in want:
+                continue  # a traceback's continuation line
+            seen[level] = seen.get(level, 0) + 1
+            if entry.get("PRIORITY") != want[level] or entry["MESSAGE"][:1].isdigit():
+                wrong.append({"MESSAGE": entry["MESSAGE"][:200], "PRIORITY": entry.get("PRIORITY")})
+        return bool(seen.get("info")) and not wrong, {"levels": seen, "wrong": wrong[:5]}
+
     async def hmmd_credentials(self) -> tuple[bool, Detail]:
         """hmmd runs as hmmirror with exactly the unit's capabilities, NoNewPrivs, seccomp."""
         unit = "/etc/systemd/system/hmmd.service"
@@ -611,6 +630,7 @@ async def main() -> int:
                 lambda: live.hm_agent_bad_listen("scheme", "udp://127.0.0.1:9"),
             )
             await results.run("hmmd_watchdog", live.hmmd_watchdog)
+            await results.run("journal_priorities", live.journal_priorities)
     except TimeoutError:
         results.doc["timeout"] = f"the checks ran past {RUN_DEADLINE} s"
     finally:

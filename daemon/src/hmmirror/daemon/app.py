@@ -28,6 +28,7 @@ from hmmirror.daemon.config import Config
 from hmmirror.daemon.dispatch import Dispatcher
 from hmmirror.daemon.dma.copier import Copier
 from hmmirror.daemon.dma.service import DmaService
+from hmmirror.daemon.fault.heap import keep_freed_memory
 from hmmirror.daemon.invalidation import Invalidation, Invalidator
 from hmmirror.daemon.limits import FdBudget
 from hmmirror.daemon.linux.procfs import zero_pfn
@@ -60,6 +61,7 @@ class Daemon:
         self.epoch = secrets.token_hex(8)
         self.started = time.monotonic()
         self.zero_pfn = zero_pfn()
+        keep_freed_memory()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.fds = FdBudget.raise_limit(config)
@@ -155,6 +157,7 @@ class Daemon:
             )
             sweeper = self.spawn(sweep)
             await self.stopping.wait()
+            log.info("shutting down: %d mirrored processes", len(self.registry.mms))
         finally:
             if sweeper is not None:
                 sweeper.cancel()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
-from hmmirror.daemon import authz
+from hmmirror.daemon import authz, logfmt
 from hmmirror.daemon.dma.handlers import on_dma_atomic, on_dma_read, on_dma_write
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.fault.handlers import on_fault
@@ -66,7 +66,10 @@ def on_hello(svc: Services, r: Request) -> None:
     new = Session(svc.registry.new_session_id(), identity, msg.agent, time.monotonic(), peer=r.peer)
     authz.open_session(svc, new, r.vouched)
     svc.registry.add_session(new)
-    log.info("session %d opened by %s (pid %d, %s)", new.id, msg.agent, msg.pid, new.peer.identity)
+    log.info(
+        "session %d opened by %s (pid %d, %s)", new.id, msg.agent, msg.pid, new.peer.identity,
+        extra=logfmt.fields(session=new.id, agent=msg.agent, pid=msg.pid, peer=new.peer.identity),
+    )  # fmt: skip
     svc.send(
         identity,
         Welcome(
@@ -94,7 +97,13 @@ def on_goodbye(svc: Services, r: Request) -> None:
     """Close the session and drop its mirrors."""
     identity, session, env = r.identity, r.session, r.env
     assert session is not None
+    mirrors = len(session.mirrors)
     svc.close_session(session)
+    log.info(
+        "session %d of %s closed by its agent (goodbye); %d mirrors dropped",
+        session.id, session.name, mirrors,
+        extra=logfmt.fields(session=session.id, agent=session.name),
+    )  # fmt: skip
     svc.send(identity, Ok(), re=env.id)
 
 

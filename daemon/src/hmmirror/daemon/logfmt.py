@@ -1,16 +1,82 @@
-"""hmmd's log lines on stderr: readable text, or one JSON object per line for collectors.
+"""Log lines on stderr for hmmd and hm-agent: text, journald's own format, or JSON.
 
-``log_format = "json"`` gives ``{"ts": ..., "level": ..., "logger": ..., "msg": ...}``
-per record (plus ``exc`` with a traceback), which journald keeps as the message
-and log shippers parse without regular expressions. Payloads never appear in
-logs; only what failed, for whom and why.
+- ``text``: ``2026-12-05T08:47:43.123Z warning hmmirror.daemon.app: message [session=3]``,
+  UTC timestamps, the structured fields in brackets at the end.
+- Under systemd, when stderr is the journal (``$JOURNAL_STREAM`` names stderr's device
+  and inode, systemd.exec(5)), text lines drop the timestamp (journald stamps each
+  line itself) and start with the ``<N>`` priority prefix of sd-daemon(3), so that
+  ``journalctl -p warning`` selects them.
+- ``json``: one object per line, ``{"ts", "level", "logger", "msg"}`` plus the
+  structured fields (``session``, ``agent``, ``pid``, ``mirror``, ``peer``) and
+  ``exc`` with a traceback, which log shippers parse without regular expressions.
+
+Fields come from ``extra=fields(session=..., pid=...)`` at the call site. Payloads
+never appear in logs; only what failed, for whom and why.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import time
+from typing import Any, TextIO
+
+#: The structured fields a record may carry, in the order text lines show them.
+FIELDS = ("session", "agent", "pid", "mirror", "peer")
+#: sd-daemon(3) priorities (syslog's) by logging level.
+_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+def fields(**values: object) -> dict[str, object]:
+    """``extra=`` for a log call: the given structured fields (see :data:`FIELDS`)."""
+    unknown = set(values) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"unknown log fields: {sorted(unknown)}")
+    return values
+
+
+def _present(record: logging.LogRecord) -> dict[str, Any]:
+    """The structured fields ``record`` carries."""
+    return {k: getattr(record, k) for k in FIELDS if getattr(record, k, None) is not None}
+
+
+def _priority(levelno: int) -> int:
+    """The syslog priority of a logging level (a custom level takes the next one down)."""
+    for level in sorted(_PRIORITY, reverse=True):
+        if levelno >= level:
+            return _PRIORITY[level]
+    return 7
+
+
+class TextFormatter(logging.Formatter):
+    """``TIMESTAMP level logger: message [field=value ...]``; under journald, ``<N>`` first
+    and no timestamp, on every line of a multi-line record."""
+
+    def __init__(self, journal: bool = False) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one line (more when it carries a traceback)."""
+        text = f"{record.levelname.lower()} {record.name}: {record.getMessage()}"
+        extra = _present(record)
+        if extra:
+            text += " [" + " ".join(f"{k}={v}" for k, v in extra.items()) + "]"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        if self.journal:
+            prefix = f"<{_priority(record.levelno)}>"
+            return "\n".join(prefix + line for line in text.splitlines())
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z {text}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -18,22 +84,37 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as a JSON line."""
-        entry = {
+        entry: dict[str, Any] = {
             "ts": round(record.created, 6),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        entry.update(_present(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps(entry, default=str)
 
 
-def configure(level: str, fmt: str) -> None:
-    """Send logs to stderr at ``level``, as ``fmt`` ("text" or "json")."""
-    handler = logging.StreamHandler(sys.stderr)
+def journal_is(stream: TextIO) -> bool:
+    """Whether ``stream`` is connected to the journal (systemd sets ``$JOURNAL_STREAM`` to
+    ``DEVICE:INODE`` of the stream it connected; a redirected stream no longer matches)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(device), int(inode))
+
+
+def configure(level: str, fmt: str, stream: TextIO | None = None) -> None:
+    """Send logs to ``stream`` (stderr) at ``level``, as ``fmt`` ("text" or "json")."""
+    out = stream if stream is not None else sys.stderr
+    handler = logging.StreamHandler(out)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
+        handler.setFormatter(TextFormatter(journal=journal_is(out)))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 
+from hmmirror.daemon import logfmt
 from hmmirror.daemon.config import Config
 from hmmirror.daemon.intake import OfferBook, default_path, is_userfaultfd
 from hmmirror.daemon.linux import userfaultfd
@@ -157,7 +158,10 @@ class Acquirer:
             try:
                 return userfaultfd.getfd(mm.pidfd, target_fd)
             except OSError as exc:
-                log.info("pidfd_getfd of pid %d fd %d: %s", mm.pid, target_fd, exc)
+                log.info(
+                    "pidfd_getfd of pid %d fd %d: %s", mm.pid, target_fd, exc,
+                    extra=logfmt.fields(pid=mm.pid),
+                )  # fmt: skip
         if self.mode != "inject":
             return None
         try:
@@ -176,11 +180,14 @@ class Acquirer:
                 on_fork=self._adopt_child if self.fork_policy == "adopt" else None,
             )  # fmt: skip
         except OSError as exc:
-            log.warning("userfaultfd of pid %d unusable (%s): proc watcher only", mm.pid, exc)
+            log.warning(
+                "userfaultfd of pid %d unusable (%s): proc watcher only", mm.pid, exc,
+                extra=logfmt.fields(pid=mm.pid),
+            )  # fmt: skip
             with contextlib.suppress(OSError):
                 os.close(fd)
             return
-        log.info("watching pid %d through its userfaultfd", mm.pid)
+        log.info("watching pid %d through its userfaultfd", mm.pid, extra=logfmt.fields(pid=mm.pid))
         cover(mm)
 
     def _watch_strict_with(self, mm: Mm, fd: int) -> None:
@@ -190,7 +197,10 @@ class Acquirer:
                 mm, fd, self.zero_pfn, self.announcer, self.spawn, strict=True
             )
         except OSError as exc:
-            log.warning("strict userfaultfd of pid %d unusable: %s", mm.pid, exc)
+            log.warning(
+                "strict userfaultfd of pid %d unusable: %s", mm.pid, exc,
+                extra=logfmt.fields(pid=mm.pid),
+            )  # fmt: skip
             with contextlib.suppress(OSError):
                 os.close(fd)
             return
