@@ -254,8 +254,8 @@ async def _agent(
         finally:
             stdin.closed.set()
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            # Not suppress(BaseException): that would swallow a cancellation of this agent too.
+            await asyncio.wait((task,))
         stats = {
             "counters": dict(mirror.counters),
             "retries": mirror.retries,
