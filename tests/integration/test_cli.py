@@ -62,13 +62,13 @@ def test_config_layers_file_then_environment_then_flags(tmp_path):
     lines = dict(line.split(" = ", 1) for line in out.stdout.splitlines())
     assert lines["ack_deadline"] == '"5s"'  # from the file
     assert lines["heartbeat"] == '"2s"'  # the environment beats the file
-    assert lines["poll_max"] == '"0.08s"'
+    assert lines["poll_max"] == '"80ms"'
     flagged = run(
         "hmmirror.daemon", "--config", str(cfg), "run", "--ack-deadline", "750ms", "--print-config",
         env={"HMMIRROR_HEARTBEAT": "2s"},
     )  # fmt: skip
     assert flagged.returncode == 0, flagged.stderr
-    assert 'ack_deadline = "0.75s"' in flagged.stdout  # flags beat everything
+    assert 'ack_deadline = "750ms"' in flagged.stdout  # flags beat everything
 
 
 @pytest.mark.parametrize(

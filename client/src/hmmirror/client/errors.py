@@ -1,7 +1,11 @@
 """The client's typed failures: one root, families below (httpx-style).
 
 Device operations fail like dmirror's ioctls: ``DeviceError`` is an
-``OSError`` whose ``errno`` is EFAULT, EPERM, EBUSY, EINVAL or ESRCH.
+``OSError`` whose ``errno`` is EFAULT, EPERM, EBUSY, EINVAL or ESRCH. A refusal
+whose code stands for an errno (``ERRNO_OF_CODE``: ESRCH, EINVAL, TOO_LARGE,
+...) is a ``RemoteDeviceError``, both the ``RemoteError`` it is and that
+``DeviceError``, the way ``OSError(errno.ENOENT, ...)`` is a
+``FileNotFoundError`` (PEP 3151): whoever made it, it carries its errno.
 """
 
 from __future__ import annotations
@@ -25,7 +29,13 @@ class RequestTimeout(AgentError, TimeoutError):
 
 
 class RemoteError(AgentError):
-    """hmmd answered with an error."""
+    """hmmd answered with an error (a ``RemoteDeviceError`` where the code is an errno's)."""
+
+    def __new__(cls, code: int, message: str, *args: object) -> RemoteError:
+        """The class the code calls for: RemoteDeviceError for an errno-valued code."""
+        if cls is RemoteError and _errno_of(code) is not None:
+            return RemoteDeviceError.__new__(RemoteDeviceError, code, message)
+        return super().__new__(cls, code, message, *args)
 
     def __init__(self, code: int, message: str) -> None:
         try:
@@ -33,7 +43,8 @@ class RemoteError(AgentError):
         except ValueError:
             self.code = code
         name = self.code.name if isinstance(self.code, ErrorCode) else str(code)
-        super().__init__(f"{name}: {message}")
+        # Not super(): in a RemoteDeviceError the next class is DeviceError, which sets its own.
+        AgentError.__init__(self, f"{name}: {message}")
         self.message = message
 
 
@@ -59,10 +70,60 @@ class MirrorEvicted(AgentError):
 
 
 class DeviceError(AgentError, OSError):
-    """A device operation failed with the errno dmirror would return."""
+    """A device operation failed with the errno dmirror would return.
+
+    ``str()`` is ``[Errno N] strerror: message``; ``message`` is what was said after it.
+    A message that already starts with this errno's ``[Errno N] strerror: `` (a peer
+    that sent ``str()`` of its own DeviceError) is not prefixed twice.
+    """
 
     def __init__(self, errno: int, message: str) -> None:
+        message = _unprefixed(errno, message)
         OSError.__init__(self, errno, f"{os.strerror(errno)}: {message}")
+        self.message = message
+
+
+class RemoteDeviceError(RemoteError, DeviceError):
+    """A refusal whose code stands for an errno: ``code`` and ``message`` as a
+    RemoteError, ``errno`` as a DeviceError (``RemoteError(code, ...)`` makes one)."""
+
+    def __new__(cls, code: int, message: str, *args: object) -> RemoteDeviceError:
+        """An OSError with the errno of ``code`` (OSError sets it here, in __new__)."""
+        errno = _errno_of(code)
+        if errno is None:
+            raise ValueError(f"error code {code} stands for no errno")
+        return OSError.__new__(cls, errno, _strerror(code, errno, message))
+
+    def __init__(self, code: int, message: str) -> None:
+        errno = self.errno
+        assert errno is not None  # __new__ set it
+        RemoteError.__init__(self, code, _unprefixed(errno, message))
+        self.args = (errno, _strerror(code, errno, message))
+
+
+def _strerror(code: int, errno: int, message: str) -> str:
+    """``strerror: message``, naming the wire code where it is not the errno's own name
+    (``Invalid argument: TOO_LARGE: ...``)."""
+    name = ErrorCode(code).name
+    label = "" if name == _errno.errorcode.get(errno) else f"{name}: "
+    return f"{os.strerror(errno)}: {label}{_unprefixed(errno, message)}"
+
+
+def _unprefixed(errno: int, message: str) -> str:
+    """``message`` without the ``[Errno N] strerror: `` of ``errno`` that a peer which sent
+    ``str()`` of its own DeviceError put in front of it."""
+    prefix = f"[Errno {errno}] {os.strerror(errno)}: "
+    while message.startswith(prefix):
+        message = message[len(prefix) :]
+    return message
+
+
+def _errno_of(code: int) -> int | None:
+    """The errno the wire code ``code`` stands for, if any."""
+    try:
+        return ERRNO_OF_CODE.get(ErrorCode(code))
+    except ValueError:
+        return None
 
 
 class RemoteAccessError(DeviceError):
@@ -81,7 +142,9 @@ def device_error(exc: RemoteError) -> AgentError:
     """
     if exc.code == ErrorCode.REMOTE_ACCESS:
         return RemoteAccessError(exc.message)
-    mapped = ERRNO_OF_CODE.get(exc.code) if isinstance(exc.code, ErrorCode) else None
+    if isinstance(exc, DeviceError):
+        return exc
+    mapped = _errno_of(exc.code)
     if mapped is not None:
         return DeviceError(mapped, exc.message)
     return exc

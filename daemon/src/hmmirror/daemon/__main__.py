@@ -17,7 +17,14 @@ from collections.abc import Callable, Sequence
 from hmmirror.daemon import __version__, logfmt, sdnotify
 from hmmirror.daemon.config import DEFAULT_CONFIG_FILE, Config, ConfigError, load
 from hmmirror.daemon.policy import Policy, PolicyError
-from hmmirror.transport.settings import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, refuse, version_line
+from hmmirror.transport.settings import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    Parser,
+    refuse,
+    version_line,
+)
 
 #: The settings the ``run`` flags may set (a flag not given is None: the layer below decides).
 _FLAGS = (
@@ -46,7 +53,7 @@ _FLAGS = (
 
 def _parser() -> argparse.ArgumentParser:
     """Build the ``hmmd`` argument parser and its subcommands."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="hmmd",
         description="hmmirror host daemon: watches live processes' memory and sends synchronous, "
         "sequence-numbered invalidations to mirroring agents over ZeroMQ.",
@@ -144,11 +151,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run(config_flags: dict[str, object], args: argparse.Namespace) -> int:
+async def _run(config: Config) -> int:
     """Serve until SIGTERM or SIGINT, announcing readiness on stdout; return the exit code."""
     from hmmirror.daemon.app import Daemon
 
-    config = load(args.config, flags=config_flags)
     daemon = Daemon(config)
     loop = asyncio.get_running_loop()
 
@@ -190,19 +196,20 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     try:
         import uvloop
 
-        return uvloop.run(_run(_flags(args), args))
+        return uvloop.run(_run(config))
     except AddressInUse as exc:  # one hmmd per endpoint: the live one keeps serving
         print(f"hmmd: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except ValueError as exc:  # an endpoint the transport cannot serve
+    except ValueError as exc:  # the config layer let through what the transport refuses: a bug
         return refuse("hmmd", exc)
-    except OSError as exc:
-        print(f"hmmd: {exc}", file=sys.stderr)
+    except OSError as exc:  # the bind itself failed: a missing directory, no permission
+        print(f"hmmd: cannot serve {config.endpoint}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
 
 
 def _check_config(config: Config, args: argparse.Namespace) -> int:
-    """``hmmd check-config``: the configuration loaded and passed every check."""
+    """``hmmd check-config``: the configuration loaded and passed every check, which are all
+    that ``run`` makes before it binds (``config.load``)."""
     print("configuration OK")
     return EXIT_OK
 

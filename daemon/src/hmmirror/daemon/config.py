@@ -15,9 +15,12 @@ from typing import Any
 
 from hmmirror.transport.keys import CertificateError, ServerKeys
 from hmmirror.transport.settings import (
+    BIND_ENDPOINT,
     BOOL,
     DURATION,
+    HOSTPORT,
     LOG_LEVEL,
+    MAX_IPC_PATH,
     STRING,
     WHOLE,
     ConfigError,
@@ -45,11 +48,11 @@ def default_endpoint() -> str:
     return f"ipc://{runtime}/hmmd.sock"
 
 
-def _endpoint(value: Any, label: str) -> str:
-    """An ipc:// or tcp:// endpoint."""
+def _socket_path(value: Any, label: str) -> str:
+    """A Unix socket's path (empty: the default), short enough for ``sun_path``."""
     text = parse_string(value, label)
-    if not text.startswith(("ipc://", "tcp://")):
-        raise ConfigError(f"{label} must start with ipc:// or tcp://, got {value!r}")
+    if len(text.encode()) > MAX_IPC_PATH:
+        raise ConfigError(f"{label}: {text!r} is longer than {MAX_IPC_PATH} bytes")
     return text
 
 
@@ -57,7 +60,7 @@ def _endpoint(value: Any, label: str) -> str:
 class Config:
     """Everything hmmd can be told. Durations are in seconds."""
 
-    endpoint: str = setting(kind=Kind(_endpoint), factory=default_endpoint)
+    endpoint: str = setting(kind=BIND_ENDPOINT, factory=default_endpoint)
     heartbeat: float = setting(1.0, DURATION)
     """How often agents must send a heartbeat (announced at HELLO)."""
     lease_factor: float = setting(3.0, number(minimum=1))
@@ -86,7 +89,7 @@ class Config:
     it, so the child is watched through it as soon as an agent mirrors the child."""
     policy: str = setting("", STRING)
     """A policy file of grants (see ``policy``); empty: allow whatever the socket lets in."""
-    metrics: str = setting("", STRING)
+    metrics: str = setting("", HOSTPORT)
     """``HOST:PORT`` for a Prometheus ``/metrics`` endpoint; empty (the default) for none."""
     insecure: bool = setting(False, BOOL)
     """Allow a tcp:// endpoint without CURVE (logged as a warning). Never needed for ipc://."""
@@ -94,7 +97,7 @@ class Config:
     """The daemon's secret CURVE certificate (``hmmctl keys generate``); mode 0600 or stricter."""
     curve_allow: str = setting("", STRING)
     """A directory of the public certificates (``*.key``) of the agents allowed to connect."""
-    expose_socket: str = setting("", STRING)
+    expose_socket: str = setting("", Kind(_socket_path))
     """Where targets send their userfaultfd (empty: the ipc:// endpoint's side door itself;
     for a tcp:// endpoint, hmmd.uffd.sock in the runtime directory)."""
     max_connections: int = setting(0, WHOLE)

@@ -12,7 +12,7 @@ exits 0.
 
 Exit codes: 0 success, 1 runtime failure (hmmd unreachable, a registration
 refused), 2 usage or configuration error (a listen endpoint that cannot be
-bound included).
+bound included). Every error is one line on stderr, ``hm-agent: ...``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
 
-from hmmirror.client.errors import AgentError
+from hmmirror.client.errors import AgentError, DaemonUnavailable
 from hmmirror.client.mlx5.grants import Grants
 from hmmirror.tools.agentconfig import (
     DEFAULT_DAEMON,
@@ -42,6 +42,7 @@ from hmmirror.transport.settings import (
     EXIT_OK,
     EXIT_USAGE,
     ConfigError,
+    Parser,
     refuse,
     version_line,
 )
@@ -55,7 +56,7 @@ _FLAGS = ("daemon", "listen", "name", "mr", "grant", "log_level", "server_key", 
 
 def _parser() -> argparse.ArgumentParser:
     """Build the ``hm-agent`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="hm-agent",
         description="Run an mlx5-model RDMA NIC with On-Demand Paging over hmmd: register MRs on "
         "live processes and serve remote READ, WRITE and atomics on them by rkey.",
@@ -242,7 +243,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"hm-agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (AgentError, OSError) as exc:
-        print(f"hm-agent: {exc}", file=sys.stderr)
+        hint = ""
+        keyless = conf.daemon.startswith("tcp://") and not conf.server_key
+        if isinstance(exc, DaemonUnavailable) and keyless:  # hmmd only logs why it ignored us
+            hint = " (no server_key/client_key: a tcp:// hmmd that is not insecure needs them)"
+        print(f"hm-agent: {exc}{hint}", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as exc:  # zmq errors binding the endpoint, and the like
         print(f"hm-agent: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -6,8 +6,10 @@ environment variables are ``HMMIRROR_ENDPOINT`` (hmmd, as for every client),
 ``HMMIRROR_AGENT_LISTEN``, ``_LISTEN_KEY``, ``_LISTEN_ALLOW``, ``_NAME``,
 ``HMMIRROR_SERVER_KEY`` and ``HMMIRROR_CLIENT_KEY``; an empty one counts as unset.
 ``--mr`` flags replace the file's ``mr`` list; ``--grant`` flags add to its
-``[[grant]]`` tables. Everything is checked before anything starts: the MR
-specs, that grants name MRs that exist, and the listener's keys.
+``[[grant]]`` tables. Everything is checked before anything starts, so
+``check-config`` refuses all that ``run`` would: the MR specs, the endpoints'
+form (and that the listener's host resolves), that grants name MRs that exist,
+the listener's keys and the keys towards hmmd.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import zmq.auth
 from hmmirror.client.mlx5.grants import MR_NAME, Grant, GrantError, Grants, grant_from_table
 from hmmirror.client.mlx5.verbs import WHOLE_ADDRESS_SPACE, AccessFlags
+from hmmirror.transport.keys import CertificateError, CurveKeys
 from hmmirror.transport.settings import (
     BOOL,
     LOG_LEVEL,
@@ -29,6 +32,8 @@ from hmmirror.transport.settings import (
     ConfigError,
     Kind,
     build,
+    parse_bind_endpoint,
+    parse_endpoint,
     read_file,
     setting,
 )
@@ -175,6 +180,9 @@ def load(
     env = os.environ if env is None else env
     # hm-agent has always let an empty variable stand for unset (Environment=X= in a unit).
     conf = build(AgentConfig, file, path or "config", env, flags, blank_env_unsets=True)
+    # The endpoints are checked once the layers are merged: an environment variable or a
+    # flag may stand in for a file's endpoint that this host cannot use.
+    parse_endpoint(conf.daemon, "daemon")
     names = [spec.name for spec in conf.mr]
     if len(set(names)) != len(names):
         raise ConfigError(f"MR names must differ: {names}")
@@ -183,12 +191,25 @@ def load(
     except GrantError as exc:
         raise ConfigError(str(exc)) from exc
     check_listen(conf)
+    check_daemon_keys(conf)
     return conf
+
+
+def check_daemon_keys(conf: AgentConfig) -> None:
+    """server_key and client_key: both or neither, and loadable (``serve`` uses them)."""
+    if not (conf.server_key or conf.client_key):
+        return
+    if not (conf.server_key and conf.client_key):
+        raise ConfigError("server_key and client_key go together: set both, or neither")
+    try:
+        CurveKeys.load(conf.server_key, conf.client_key)
+    except CertificateError as exc:
+        raise ConfigError(f"server_key/client_key: {exc}") from exc
 
 
 def check_listen(conf: AgentConfig) -> None:
     """The listen endpoint's scheme and security settings make sense (before anything starts)."""
-    listen = conf.listen
+    listen = parse_bind_endpoint(conf.listen, "listen")
     if listen.startswith("ipc://"):
         if conf.listen_key or conf.listen_allow or conf.insecure:
             raise ConfigError(
@@ -196,8 +217,6 @@ def check_listen(conf: AgentConfig) -> None:
                 "and insecure are for tcp:// only"
             )
         return
-    if not listen.startswith("tcp://"):
-        raise ConfigError(f"cannot listen on {listen!r}: only tcp:// and ipc:// are served")
     if conf.insecure:
         if conf.listen_key or conf.listen_allow:
             raise ConfigError("insecure and listen_key/listen_allow exclude each other")

@@ -2,24 +2,43 @@
 or the coherence checker (``hmmctl check``).
 
 Exit codes: 0 success, 1 failure (daemon or agent unreachable, violations
-found), 2 usage error. ``HMMIRROR_ENDPOINT`` sets the default hmmd endpoint,
-``HMMIRROR_AGENT`` the default hm-agent endpoint, ``HMMIRROR_AGENT_KEY`` and
-``HMMIRROR_CLIENT_KEY`` the CURVE certificates ``stat mr`` uses.
+found, keys that exist already, the daemon's distribution missing for ``demo``
+and ``check``), 2 usage error (a malformed endpoint, duration or count, an
+unusable key file). Every error is one line on stderr, ``hmmctl: ...``.
+``HMMIRROR_ENDPOINT`` sets the default hmmd endpoint, ``HMMIRROR_AGENT`` the
+default hm-agent endpoint, ``HMMIRROR_SERVER_KEY`` and ``HMMIRROR_CLIENT_KEY`` the
+CURVE certificates for a ``tcp://`` hmmd, ``HMMIRROR_AGENT_KEY`` and
+``HMMIRROR_CLIENT_KEY`` those ``stat mr`` uses.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from importlib.metadata import version
+from typing import Any, TypeVar
 
+from hmmirror.client.curve import CLIENT_KEY_ENV, SERVER_KEY_ENV, CertificateError, CurveKeys
 from hmmirror.client.errors import AgentError
-from hmmirror.transport.settings import version_line
+from hmmirror.transport.settings import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    Parser,
+    flag,
+    parse_duration,
+    parse_endpoint,
+    version_line,
+    whole_number,
+)
+
+T = TypeVar("T")
 
 DEFAULT_ENDPOINT = "ipc:///run/hmmirror/hmmd.sock"
 DEFAULT_AGENT = "tcp://127.0.0.1:18515"
@@ -33,19 +52,30 @@ MR_COUNTERS = (
 )
 
 
+def _duration(name: str, minimum: float = 0.001) -> Callable[[str], float]:
+    """A flag's duration in seconds (``2``, ``2s``, ``250ms``), at least ``minimum``."""
+    return flag(lambda text, label: parse_duration(text, label, minimum), name)
+
+
 def _parser() -> argparse.ArgumentParser:
     """Build the ``hmmctl`` argument parser and its subcommands."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="hmmctl",
         description="Inspect hmmirror's daemon, or run the self-contained demo.",
     )
     parser.add_argument(
         "--endpoint",
+        type=flag(parse_endpoint, "--endpoint"),
         default=os.environ.get("HMMIRROR_ENDPOINT", DEFAULT_ENDPOINT),
-        help="hmmd endpoint (default $HMMIRROR_ENDPOINT or %(default)s)",
+        help="hmmd endpoint, ipc://PATH or tcp://HOST:PORT (default $HMMIRROR_ENDPOINT or "
+        "%(default)s)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=2.0, help="seconds to wait for hmmd (default 2)"
+        "--timeout",
+        type=_duration("--timeout"),
+        default=2.0,
+        metavar="DURATION",
+        help="how long to wait for hmmd: seconds, or 500ms, 2s (default 2)",
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -55,20 +85,29 @@ def _parser() -> argparse.ArgumentParser:
     top = sub.add_parser(
         "top", help="a live line per interval: rates, ack latency, evictions (Ctrl-C stops)"
     )
-    top.add_argument("--interval", type=float, default=1.0, help="seconds between lines (1)")
-    top.add_argument("--count", type=int, default=0, help="lines to print (0: until Ctrl-C)")
+    top.add_argument(
+        "--interval", type=_duration("--interval"), default=1.0, help="seconds between lines (1)"
+    )
+    top.add_argument(
+        "--count", type=flag(whole_number(0), "--count"), default=0,
+        help="lines to print (0: until Ctrl-C)",
+    )  # fmt: skip
     keys = sub.add_parser("keys", help="CURVE keys for TCP connections to hmmd")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     gen = keys_sub.add_parser(
         "generate", help="write NAME.key (public) and NAME.key_secret (mode 0600) into DIR"
     )
     gen.add_argument("directory", metavar="DIR")
-    gen.add_argument("name", metavar="NAME")
+    gen.add_argument("name", metavar="NAME", help="a file name: letters, digits, _ . -")
+    gen.add_argument(
+        "--force", action="store_true", help="replace NAME's keys if they exist (default: refuse)"
+    )
     stat = sub.add_parser("stat", help="device statistics of an hm-agent, as `rdma stat` shows")
     stat_sub = stat.add_subparsers(dest="object", metavar="OBJECT", required=True)
     stat_mr = stat_sub.add_parser("mr", help="per-MR ODP counters, in the shape of `rdma stat mr`")
     stat_mr.add_argument(
         "--agent",
+        type=flag(parse_endpoint, "--agent"),
         default=os.environ.get("HMMIRROR_AGENT", DEFAULT_AGENT),
         help="hm-agent endpoint (default $HMMIRROR_AGENT or %(default)s)",
     )
@@ -93,11 +132,14 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="start hmmd, a churning target and two agents; show live counters and a report",
     )
-    demo.add_argument("--duration", type=float, default=20.0, help="seconds of churn (default 20)")
+    demo.add_argument(
+        "--duration", type=_duration("--duration"), default=20.0,
+        help="seconds of churn (default 20)",
+    )  # fmt: skip
     demo.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     demo.add_argument(
         "--check-duration",
-        type=float,
+        type=_duration("--check-duration", minimum=0),
         default=8.0,
         help="seconds of the coherence checker's rounds after the demo (default 8; 0 skips it)",
     )
@@ -106,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _check_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     """``hmmctl check``: the coherence checker (see ``hmmirror.tools.check``)."""
     from hmmirror.tools.check.scenarios import SCENARIOS
 
@@ -127,37 +169,109 @@ def _check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     check.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     check.add_argument(
-        "--duration", type=float, default=20.0, help="seconds of rounds, after start-up (20)"
-    )
-    check.add_argument("--ops", type=int, default=5000, help="most target operations (5000)")
-    check.add_argument("--agents", type=int, default=3, help="agent processes (default 3)")
+        "--duration", type=_duration("--duration"), default=20.0,
+        help="seconds of rounds, after start-up (20)",
+    )  # fmt: skip
+    check.add_argument(
+        "--ops", type=flag(whole_number(1), "--ops"), default=5000,
+        help="most target operations (5000)",
+    )  # fmt: skip
+    check.add_argument(
+        "--agents", type=flag(whole_number(1), "--agents"), default=3,
+        help="agent processes (default 3)",
+    )  # fmt: skip
     check.add_argument(
         "--scenario", default="none", metavar="NAME",
         help="fault to inject (default none; 'list' lists them)",
     )  # fmt: skip
     check.add_argument(
-        "--ack-deadline", type=float, default=1.0, help="hmmd's ack deadline, seconds (1)"
-    )
+        "--ack-deadline", type=_duration("--ack-deadline"), default=1.0,
+        help="hmmd's ack deadline, seconds (1)",
+    )  # fmt: skip
     check.add_argument("--keep", action="store_true", help="keep the run's logs and say where")
     check.add_argument("-q", "--quiet", action="store_true", help="only the report")
 
 
+def _fail(message: str, code: int = EXIT_FAILURE) -> int:
+    """Say what went wrong, in one line on stderr; return the exit status."""
+    print(f"hmmctl: {message}", file=sys.stderr)
+    return code
+
+
+def _missing_daemon(command: str) -> int | None:
+    """EXIT_FAILURE, said, when ``command`` cannot run for want of hmmd here; else None.
+
+    The demo and the checker start an hmmd of their own (``python -m hmmirror.daemon``);
+    an install of the tools beside the client only has none to start.
+    """
+    if importlib.util.find_spec("hmmirror.daemon") is not None:
+        return None
+    return _fail(
+        f"{command} starts an hmmd of its own, and hmmd (the hmmirror-daemon distribution) "
+        f"is not installed for {sys.executable}; install it, or run {command} where it is"
+    )
+
+
 def _demo(args: argparse.Namespace) -> int:
     """``hmmctl demo``."""
+    missing = _missing_daemon("demo")
+    if missing is not None:
+        return missing
+    from hmmirror.testing.hmmd import HmmdStartError
     from hmmirror.tools.demo import main as demo_main
 
-    return demo_main(args.duration, args.seed, args.check_duration)
+    try:
+        return demo_main(args.duration, args.seed, args.check_duration)
+    except HmmdStartError as exc:  # its log's last line says why
+        last = (str(exc).strip().splitlines() or ["?"])[-1]
+        return _fail(f"demo: cannot start hmmd: {last}")
+
+
+class _Refused(Exception):
+    """A command's failure, which ``main`` prints: the line and the exit status."""
+
+    def __init__(self, line: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(line)
+        self.code = code
+
+
+def _curve(args: argparse.Namespace) -> CurveKeys | None:
+    """The CURVE keys the environment names for a ``tcp://`` hmmd (None: none, or ipc://)."""
+    if not args.endpoint.startswith("tcp://"):
+        return None
+    try:
+        return CurveKeys.from_env()
+    except CertificateError as exc:
+        raise _Refused(f"{SERVER_KEY_ENV}/{CLIENT_KEY_ENV}: {exc}", EXIT_USAGE) from exc
+
+
+def _unreachable(args: argparse.Namespace, curve: CurveKeys | None, exc: AgentError) -> str:
+    """What to say when hmmd did not answer: the error, and what to check when no keys
+    were given for a tcp:// hmmd (which ignores such a client, and only logs why)."""
+    if curve is not None or not args.endpoint.startswith("tcp://"):
+        return str(exc)
+    return (
+        f"{exc} (no CURVE keys given: a tcp:// hmmd that is not insecure ignores such a "
+        f"client; set {SERVER_KEY_ENV} to its .key and {CLIENT_KEY_ENV} to your .key_secret)"
+    )
+
+
+def _ask_hmmd(
+    args: argparse.Namespace, ask: Callable[[CurveKeys | None], Coroutine[Any, Any, T]]
+) -> T:
+    """One question to hmmd, with the keys the environment names; _Refused if it fails."""
+    curve = _curve(args)
+    try:
+        return asyncio.run(ask(curve))
+    except AgentError as exc:
+        raise _Refused(_unreachable(args, curve, exc)) from exc
 
 
 def _status(args: argparse.Namespace) -> int:
     """``hmmctl status``: the daemon's figures, one per line."""
     from hmmirror.client.session import status
 
-    try:
-        stats = asyncio.run(status(args.endpoint, args.timeout))
-    except AgentError as exc:
-        print(f"hmmctl: {exc}", file=sys.stderr)
-        return 1
+    stats = _ask_hmmd(args, lambda curve: status(args.endpoint, args.timeout, curve))
     width = max(len(k) for k in stats)
     for key, value in stats.items():
         print(f"{key:<{width}}  {value}")
@@ -177,10 +291,11 @@ def _keys(args: argparse.Namespace) -> int:
     from hmmirror.client.curve import generate
 
     try:
-        public, secret = generate(args.directory, args.name)
-    except OSError as exc:
-        print(f"hmmctl: {exc}", file=sys.stderr)
-        return 1
+        public, secret = generate(args.directory, args.name, force=args.force)
+    except ValueError as exc:  # a NAME that is not a plain file name
+        return _fail(f"keys generate: {exc}", EXIT_USAGE)
+    except OSError as exc:  # the keys exist already, or the directory cannot be written
+        return _fail(f"keys generate: {exc}")
     print(f"public {public}\nsecret {secret}")
     return 0
 
@@ -203,8 +318,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = COMMANDS.get(args.command)
     if command is None:
         parser.print_help(sys.stderr)
-        return 2
-    return command(args)
+        return EXIT_USAGE
+    try:
+        return command(args)
+    except _Refused as exc:
+        return _fail(str(exc), exc.code)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -216,11 +334,15 @@ def _check(args: argparse.Namespace) -> int:
     if args.scenario == "list":
         for name, scenario in SCENARIOS.items():
             print(f"{name:<13} {scenario.help}")
-        return 0
-    needed = SCENARIOS[args.scenario].min_agents if args.scenario in SCENARIOS else 1
+        return EXIT_OK
+    if args.scenario not in SCENARIOS:
+        return _fail(f"check: no scenario {args.scenario!r}; try --scenario list", EXIT_USAGE)
+    needed = SCENARIOS[args.scenario].min_agents
     if args.agents < needed:
-        print(f"hmmctl check: --agents must be at least {needed} here", file=sys.stderr)
-        return 2
+        return _fail(f"check: --agents must be at least {needed} here", EXIT_USAGE)
+    missing = _missing_daemon("check")
+    if missing is not None:
+        return missing
     opts = Options(
         seed=args.seed, duration=args.duration, ops=args.ops, agents=args.agents,
         scenario=args.scenario, ack_deadline=args.ack_deadline, keep=args.keep,
@@ -246,11 +368,7 @@ def _inventory(args: argparse.Namespace) -> int:
     """``hmmctl mms`` and ``hmmctl mirrors``."""
     from hmmirror.client.session import inventory
 
-    try:
-        mms, mirrors = asyncio.run(inventory(args.endpoint, args.timeout))
-    except AgentError as exc:
-        print(f"hmmctl: {exc}", file=sys.stderr)
-        return 1
+    mms, mirrors = _ask_hmmd(args, lambda curve: inventory(args.endpoint, args.timeout, curve))
     if args.command == "mms":
         print(_table(
             ("PID", "START", "SEQ", "ACTIVE", "MIRRORS", "WATCHED BY"),
@@ -279,6 +397,7 @@ async def _top(args: argparse.Namespace) -> int:
     """``hmmctl top``: one line per interval, with rates from successive status figures."""
     from hmmirror.client.session import status
 
+    curve = _curve(args)
     heads = ("TIME", "SESS", "MMS", "MIRRORS", "INVAL/S", "FAULT/S", "DMA/S", "ACK P50 US",
              "ACK P99 US", "EVICT", "STALE")  # fmt: skip
     print("  ".join(heads), flush=True)
@@ -286,10 +405,9 @@ async def _top(args: argparse.Namespace) -> int:
     shown = 0
     while args.count == 0 or shown < args.count:
         try:
-            now = await status(args.endpoint, args.timeout)
+            now = await status(args.endpoint, args.timeout, curve)
         except AgentError as exc:
-            print(f"hmmctl: {exc}", file=sys.stderr)
-            return 1
+            return _fail(_unreachable(args, curve, exc))
         if prev is not None:
             line = (
                 time.strftime("%H:%M:%S"), now["sessions"], now["mms"], now["mirrors"],
@@ -306,19 +424,16 @@ async def _top(args: argparse.Namespace) -> int:
 
 def _stat_mr(args: argparse.Namespace) -> int:
     """``hmmctl stat mr``: one line per MR granted to us, as ``rdma stat mr`` prints them."""
-    from hmmirror.client.curve import CurveKeys
     from hmmirror.client.mlx5.peer import RdmaPeer
 
     curve = None
     if args.agent_key or args.client_key:
         if not (args.agent_key and args.client_key):
-            print("hmmctl: stat mr needs both --agent-key and --client-key", file=sys.stderr)
-            return 2
+            return _fail("stat mr needs both --agent-key and --client-key", EXIT_USAGE)
         try:
             curve = CurveKeys.load(args.agent_key, args.client_key)
         except (OSError, ValueError) as exc:
-            print(f"hmmctl: cannot load the CURVE keys: {exc}", file=sys.stderr)
-            return 2
+            return _fail(f"stat mr: cannot load the CURVE keys: {exc}", EXIT_USAGE)
 
     async def fetch() -> tuple[str, list[dict[str, int]]]:
         """Ask the agent for its MR table."""
@@ -328,8 +443,7 @@ def _stat_mr(args: argparse.Namespace) -> int:
     try:
         device, rows = asyncio.run(fetch())
     except AgentError as exc:
-        print(f"hmmctl: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc))
     if args.json:
         out = []
         for row in rows:

@@ -4,24 +4,32 @@ Keys are ZeroMQ certificate files (``zmq.auth``): ``NAME.key`` holds the public
 key and may be shared; ``NAME.key_secret`` holds both keys and is written with
 mode 0600. A server (hmmd, hm-agent) admits a client whose ``NAME.key`` sits in
 its allow-list directory; the client needs the server's public ``.key`` and its
-own ``.key_secret``.
+own ``.key_secret``. A certificate whose keys are not 32-byte Z85 keys is refused
+when it is loaded, before any socket takes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import zmq.auth
+from zmq.utils import z85
 
 log = logging.getLogger(__name__)
 
 #: Environment variables naming the certificate files a client uses by default.
 SERVER_KEY_ENV = "HMMIRROR_SERVER_KEY"
 CLIENT_KEY_ENV = "HMMIRROR_CLIENT_KEY"
+#: A key pair's name: it becomes NAME.key and NAME.key_secret, in the directory and only there.
+KEY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
 class CertificateError(ValueError):
@@ -84,11 +92,27 @@ class ServerKeys:
 
 
 def _load(path: str) -> tuple[bytes, bytes | None]:
-    """``zmq.auth.load_certificate`` with one-line errors."""
+    """``zmq.auth.load_certificate`` with one-line errors, its keys checked."""
     try:
-        return zmq.auth.load_certificate(path)
+        public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise CertificateError(f"cannot load CURVE certificate {path}: {exc}") from exc
+    for which, key in (("public", public), ("secret", secret)):
+        if key is not None and not _is_key(key):
+            raise CertificateError(
+                f"CURVE certificate {path}: its {which} key is not a 40-character Z85 key"
+            )
+    return public, secret
+
+
+def _is_key(key: bytes) -> bool:
+    """Whether ``key`` is a CURVE key in Z85 (40 characters, 32 bytes)."""
+    if len(key) != 40:
+        return False
+    try:
+        return len(z85.decode(key)) == 32
+    except (ValueError, KeyError, TypeError):  # a character outside Z85's alphabet
+        return False
 
 
 def check_secret_file(path: str) -> None:
@@ -103,16 +127,51 @@ def check_secret_file(path: str) -> None:
         )
 
 
-def generate(directory: str, name: str) -> tuple[str, str]:
-    """Write ``NAME.key`` (public) and ``NAME.key_secret`` (mode 0600); return both paths."""
+def generate(directory: str, name: str, *, force: bool = False) -> tuple[str, str]:
+    """Write ``NAME.key`` (public) and ``NAME.key_secret`` (mode 0600); return both paths.
+
+    ``name`` is a plain file name (letters, digits, ``_ . -``; ValueError otherwise), so
+    nothing is written outside ``directory``. Existing keys are kept (FileExistsError,
+    nothing written) unless ``force`` replaces them.
+    """
+    if not KEY_NAME.match(name):
+        raise ValueError(
+            f"key name {name!r} is not letters, digits, _ . - (at most 64, no leading . or -)"
+        )
+    public = os.path.join(directory, f"{name}.key")
+    secret = os.path.join(directory, f"{name}.key_secret")
     os.makedirs(directory, exist_ok=True)
-    old = os.umask(0o077)  # the secret file is never readable by others, not even briefly
+    if not force:
+        for path in (public, secret):
+            if os.path.lexists(path):
+                raise FileExistsError(
+                    f"{path} exists; keep it, or replace both keys of {name!r} (--force)"
+                )
+    # Made aside, then moved in: the pair appears whole, and link() never replaces a key
+    # that another run created meanwhile.
+    staging = tempfile.mkdtemp(prefix=f".{name}.", dir=directory)
+    linked: list[str] = []
     try:
-        public, secret = zmq.auth.create_certificates(directory, name)
+        old = os.umask(0o077)  # the secret file is never readable by others, not even briefly
+        try:
+            made_public, made_secret = zmq.auth.create_certificates(staging, name)
+        finally:
+            os.umask(old)
+        os.chmod(made_secret, 0o600)
+        os.chmod(made_public, 0o644)
+        for made, path in ((made_secret, secret), (made_public, public)):
+            if force:
+                os.replace(made, path)
+            else:
+                os.link(made, path)  # FileExistsError: another run made it meanwhile
+                linked.append(path)
+    except BaseException:
+        for path in linked:  # half a pair is worse than none
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
     finally:
-        os.umask(old)
-    os.chmod(secret, 0o600)
-    os.chmod(public, 0o644)
+        shutil.rmtree(staging, ignore_errors=True)
     return public, secret
 
 

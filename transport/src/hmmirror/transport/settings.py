@@ -10,19 +10,26 @@ from the layers, each beating the one before::
 Unknown keys in the file are an error, so a typo never silently becomes a default;
 every error is a ``ConfigError`` whose one-line message names the source (the file,
 the variable or the flag) and the key. ``refuse`` prints it the way every program
-does, ``<prog>: configuration error: ...``, and returns ``EXIT_USAGE``.
-Durations are strings such as ``"2s"``, ``"250ms"`` or ``"1m"``; sizes ``"32MiB"``.
+does, ``<prog>: configuration error: ...``, and returns ``EXIT_USAGE``; ``Parser``
+makes argparse's usage errors one line too, with the same exit status, and ``flag``
+turns a kind's parser into an argparse ``type``. Everything ``run`` would refuse
+is refused here, so ``check-config`` is the whole check.
+Durations are strings such as ``"2s"``, ``"250ms"`` or ``"1m"`` (1 ms at least);
+sizes ``"32MiB"``; endpoints ``ipc://PATH`` or ``tcp://HOST:PORT``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import re
+import socket
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from hmmirror.proto.version import PROTOCOL_VERSION
 
@@ -38,6 +45,11 @@ ENV_PREFIX = "HMMIRROR_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)?\s*$")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+#: The shortest duration any setting takes: below it a timer or a poll only burns CPU, and
+#: the wire carries milliseconds (a heartbeat of 0.0001ms used to become 1e-07s).
+MIN_DURATION = 0.001
+#: The longest ipc:// socket path: ``sun_path`` holds 108 bytes with the terminating NUL.
+MAX_IPC_PATH = 107
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|K|M|G)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _KIND, _ENV = "hmmirror.kind", "hmmirror.env"
@@ -62,8 +74,11 @@ def version_line(prog: str, version: str) -> str:
 # --- values -------------------------------------------------------------------------------
 
 
-def parse_duration(text: str | float | int, key: str = "duration") -> float:
-    """Parse ``"2s"``, ``"250ms"``, ``"1.5m"`` (or a number of seconds) into seconds."""
+def parse_duration(
+    text: str | float | int, key: str = "duration", minimum: float = MIN_DURATION
+) -> float:
+    """Parse ``"2s"``, ``"250ms"``, ``"1.5m"`` (or a number of seconds) into seconds, at
+    least ``minimum`` (1 ms unless told; 0 allows zero)."""
     if isinstance(text, int | float) and not isinstance(text, bool):
         value = float(text)
     else:
@@ -71,9 +86,18 @@ def parse_duration(text: str | float | int, key: str = "duration") -> float:
         if match is None:
             raise ConfigError(f"{key}: {text!r} is not a duration like '2s' or '250ms'")
         value = float(match.group(1)) * _UNITS[match.group(2)]
-    if value <= 0:
-        raise ConfigError(f"{key}: {text!r} must be positive")
+    if not math.isfinite(value) or value < 0 or (value == 0 and minimum > 0):
+        raise ConfigError(f"{key}: {text!r} must be a positive duration")
+    if value < minimum:
+        raise ConfigError(f"{key}: {text!r} is shorter than {format_duration(minimum)}")
     return value
+
+
+def format_duration(seconds: float) -> str:
+    """A duration the way people write it: ``"2ms"`` below a second, else ``"2s"``."""
+    if 0 < seconds < 1:
+        return f"{round(seconds * 1000, 6):g}ms"
+    return f"{round(seconds, 9):g}s"
 
 
 def parse_size(text: str | int, key: str = "size") -> int:
@@ -159,7 +183,71 @@ STRING = Kind(parse_string)
 NONEMPTY = Kind(_nonempty)
 BOOL = Kind(_boolean)
 WHOLE = Kind(_whole)
-DURATION = Kind(parse_duration, lambda seconds: show_value(f"{seconds:g}s"))
+DURATION = Kind(parse_duration, lambda seconds: show_value(format_duration(seconds)))
+
+
+def parse_endpoint(value: Any, label: str) -> str:
+    """``ipc://PATH`` (at most 107 bytes) or ``tcp://HOST:PORT`` (``[v6]`` allowed, PORT
+    0 to 65535): the endpoints a client dials, checked by form only."""
+    text = parse_string(value, label)
+    if text.startswith("ipc://"):
+        path = text[len("ipc://") :]
+        if not path:
+            raise ConfigError(f"{label}: {text!r} names no socket path (ipc://PATH)")
+        if len(path.encode()) > MAX_IPC_PATH:
+            raise ConfigError(
+                f"{label}: the socket path of {text!r} is longer than {MAX_IPC_PATH} bytes"
+            )
+        return text
+    if not text.startswith("tcp://"):
+        raise ConfigError(
+            f"{label} must start with ipc:// or tcp://, got {value!r}: only tcp:// and ipc:// "
+            "are served"
+        )
+    _host_port(text[len("tcp://") :], text, label)
+    return text
+
+
+def parse_bind_endpoint(value: Any, label: str) -> str:
+    """An endpoint to bind: ``parse_endpoint``'s form, and a tcp:// HOST that resolves
+    (``*`` is every address), since the bind would fail on it."""
+    text = parse_endpoint(value, label)
+    if text.startswith("tcp://"):
+        _resolvable(*_host_port(text[len("tcp://") :], text, label), text, label)
+    return text
+
+
+def parse_hostport(value: Any, label: str) -> str:
+    """``HOST:PORT`` to listen on (an empty string for none), HOST resolvable."""
+    text = parse_string(value, label)
+    if text:
+        _resolvable(*_host_port(text, text, label), text, label)
+    return text
+
+
+def _host_port(rest: str, text: str, label: str) -> tuple[str, int]:
+    """``HOST:PORT`` of ``rest`` (``[v6]`` allowed, PORT 0 to 65535), or ConfigError."""
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{label}: {text!r} is not HOST:PORT with a port of 0 to 65535")
+    return host.strip("[]"), int(port)
+
+
+def _resolvable(host: str, port: int, text: str, label: str) -> None:
+    """Refuse a HOST that names no address (as the bind would)."""
+    if host == "*":
+        return
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as the bind picks it
+        socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{label}: cannot resolve the host of {text!r}: {reason}") from exc
+
+
+ENDPOINT = Kind(parse_endpoint)
+BIND_ENDPOINT = Kind(parse_bind_endpoint)
+HOSTPORT = Kind(parse_hostport)
 
 
 def size(minimum: int = 0) -> Kind:
@@ -305,3 +393,45 @@ def as_toml(settings: DataclassInstance) -> str:
         f"{f.name} = {_kind(f).show(getattr(settings, f.name))}\n"
         for f in dataclasses.fields(settings)
     )
+
+
+# --- command lines ------------------------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (``hmmctl: top: argument --count: ...``,
+    pointing at ``--help``) and exit status 2, as a configuration error is."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``message`` as every hmmirror program prints a usage error; exit 2."""
+        prog, _, command = self.prog.partition(" ")
+        where = f"{prog}: {command}: " if command else f"{prog}: "
+        self.exit(EXIT_USAGE, f"{where}{message} (see {self.prog} --help)\n")
+
+
+def flag(parse: Callable[[Any, str], Any], name: str) -> Callable[[str], Any]:
+    """An argparse ``type`` for the flag ``name`` from a kind's parser (``parse_duration``,
+    ``parse_endpoint``, ...): its ConfigError becomes argparse's one-line usage error."""
+
+    def convert(text: str) -> Any:
+        """The flag's value, checked."""
+        try:
+            return parse(text, name)
+        except ConfigError as exc:  # argparse itself says "argument NAME: "
+            why = str(exc).removeprefix(f"{name}: ").removeprefix(f"{name} ")
+            raise argparse.ArgumentTypeError(why) from exc
+
+    return convert
+
+
+def whole_number(minimum: int = 0) -> Callable[[Any, str], int]:
+    """A parser of whole numbers of at least ``minimum``, for ``flag``."""
+
+    def parse(value: Any, label: str) -> int:
+        """The number, checked."""
+        number = _whole(value, label)
+        if number < minimum:
+            raise ConfigError(f"{label} must be at least {minimum}, got {value!r}")
+        return number
+
+    return parse

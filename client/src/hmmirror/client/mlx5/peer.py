@@ -39,6 +39,9 @@ from hmmirror.proto.messages import (
     StatMrReply,
 )
 
+#: The requests that change nothing at the agent: a timeout of one has no effect to fear.
+_READ_ONLY = (RdmaRead, StatMr)
+
 
 class RdmaPeer(Channel):
     """A connection to one ``hm-agent``'s RDMA service."""
@@ -105,6 +108,12 @@ class RdmaPeer(Channel):
             if why:
                 raise DaemonUnavailable(
                     f"{self.what} at {self.endpoint} refused the connection: {why}"
+                ) from exc
+            if isinstance(msg, _READ_ONLY):  # "it may have taken effect" would mislead
+                raise RequestTimeout(
+                    f"no reply to {msg.TYPE} from {self.what} at {self.endpoint} in "
+                    f"{self.timeout:g} s (a read: nothing was changed); is the agent running, "
+                    "and its endpoint, and our key in its allow-list, right?"
                 ) from exc
             raise
 

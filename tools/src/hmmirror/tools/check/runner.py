@@ -38,7 +38,6 @@ from typing import IO, Any
 import numpy as np
 from hmmirror.client.errors import AgentError
 from hmmirror.client.session import status
-from hmmirror.daemon.linux.procfs import start_time
 from hmmirror.testing.hmmd import HmmdProcess, start_hmmd_async
 from hmmirror.testing.quiesce import quiesce
 from hmmirror.tools.check.child import Child, ChildDied
@@ -182,6 +181,10 @@ class Checker:
 
     async def start_target(self, seed: int) -> Phase:
         """Start a target; return its phase record."""
+        # Here, not at the top: hmmctl (which imports this module for its --help) must
+        # start where the daemon's distribution is not installed, and say what is missing.
+        from hmmirror.daemon.linux.procfs import start_time
+
         n = len(self.phases)
         log = os.path.join(self.dir, f"target-{n}.log")
         t_start = time.monotonic_ns()
