@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from hmmirror.client import DeviceError
@@ -25,6 +27,7 @@ from hmmirror.client.mlx5 import (
     MemoryRegion,
     Nic,
     RemoteAccessError,
+    Sge,
 )
 
 PAGE = 4096
@@ -185,7 +188,7 @@ async def test_prefetch_modes_set_the_write_bit_and_counters(hmmd, puppet, agent
         ro = await nic.reg_mr(puppet.pid, addr, n * PAGE, RO)
 
         # PREFETCH: faults for read, no WRITE bit even though the MR is writable.
-        got = await nic.advise_mr(Advice.PREFETCH, ADVISE_FLUSH, [(mr.lkey, addr, 2 * PAGE)])
+        got = await nic.advise_mr(Advice.PREFETCH, ADVISE_FLUSH, [Sge(addr, 2 * PAGE, mr.lkey)])
         assert got == 2
         assert [mr.mapped(addr + i * PAGE) for i in range(2)] == [True, True]
         assert not mr.writable_at(addr) and not mr.writable_at(addr + PAGE)
@@ -193,20 +196,20 @@ async def test_prefetch_modes_set_the_write_bit_and_counters(hmmd, puppet, agent
 
         # PREFETCH_WRITE: the WRITE bit; EPERM on an MR that is not writable.
         got = await nic.advise_mr(
-            Advice.PREFETCH_WRITE, ADVISE_FLUSH, [(mr.lkey, addr + 2 * PAGE, 2 * PAGE)]
+            Advice.PREFETCH_WRITE, ADVISE_FLUSH, [Sge(addr + 2 * PAGE, 2 * PAGE, mr.lkey)]
         )
         assert got == 2
         assert mr.writable_at(addr + 2 * PAGE) and mr.writable_at(addr + 3 * PAGE)
         assert mr.counters["page_prefetch"] == 4
         with pytest.raises(DeviceError) as info:
-            await nic.advise_mr(Advice.PREFETCH_WRITE, ADVISE_FLUSH, [(ro.lkey, addr, PAGE)])
+            await nic.advise_mr(Advice.PREFETCH_WRITE, ADVISE_FLUSH, [Sge(addr, PAGE, ro.lkey)])
         assert info.value.errno == errno.EPERM
 
         # PREFETCH_NO_FAULT maps only what is present: the target touches pages 4 and 6.
         await puppet.write(addr + 4 * PAGE, b"p")
         await puppet.write(addr + 6 * PAGE, b"q")
         got = await nic.advise_mr(
-            Advice.PREFETCH_NO_FAULT, ADVISE_FLUSH, [(mr.lkey, addr + 4 * PAGE, 4 * PAGE)]
+            Advice.PREFETCH_NO_FAULT, ADVISE_FLUSH, [Sge(addr + 4 * PAGE, 4 * PAGE, mr.lkey)]
         )
         assert got == 2
         assert [mr.mapped(addr + i * PAGE) for i in range(4, 8)] == [True, False, True, False]
@@ -215,12 +218,12 @@ async def test_prefetch_modes_set_the_write_bit_and_counters(hmmd, puppet, agent
         assert mr.counters["page_faults"] == 0
 
         # Without FLUSH the prefetch is asynchronous: it returns at once and lands later.
-        assert await nic.advise_mr(Advice.PREFETCH, 0, [(ro.lkey, addr, 3 * PAGE)]) == 0
+        assert await nic.advise_mr(Advice.PREFETCH, 0, [Sge(addr, 3 * PAGE, ro.lkey)]) == 0
         await until(lambda: ro.counters["page_prefetch"] == 3, "the asynchronous prefetch")
         assert all(ro.mapped(addr + i * PAGE) for i in range(3))
 
         with pytest.raises(DeviceError) as info:
-            await nic.advise_mr(Advice.PREFETCH, ADVISE_FLUSH, [(0xDEAD00, addr, PAGE)])
+            await nic.advise_mr(Advice.PREFETCH, ADVISE_FLUSH, [Sge(addr, PAGE, 0xDEAD00)])
         assert info.value.errno == errno.EINVAL
 
 
@@ -452,3 +455,25 @@ async def test_an_evicted_mr_comes_back_on_a_fresh_session_without_old_translati
         (fresh,) = mr._segments.values()
         assert fresh.mirror is not old_mirror and fresh.mirror.id != old_mirror.id
         assert (await s.status())["evictions"] >= 1
+
+
+def _readme_mlx5_example() -> str:
+    """The README's mlx5 example, as written there."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    found = [b for b in blocks if "nic = Nic(session)" in b]
+    assert len(found) == 1, "README.md no longer has exactly one mlx5 example"
+    return found[0]
+
+
+async def test_the_readme_mlx5_example_runs_as_written(hmmd, puppet, agent):
+    """Every line of README's mlx5 example runs against a real target (it once registered
+    its MR without REMOTE_ATOMIC, then called nic.atomic)."""
+    length = 2 << 20
+    addr = await puppet.mmap(length)
+    body = "".join(f"    {line}\n" for line in _readme_mlx5_example().splitlines())
+    scope: dict[str, object] = {}
+    exec(f"async def example(session, pid, addr, length):\n{body}    return mr, old", scope)
+    async with agent() as s:
+        mr, old = await scope["example"](s, puppet.pid, addr, length)  # type: ignore[operator]
+        assert old == 0 and mr.counters["page_prefetch"] >= 1

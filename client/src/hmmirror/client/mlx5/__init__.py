@@ -23,6 +23,7 @@ from hmmirror.client.mlx5.verbs import (
     AccessFlags,
     Advice,
     AtomicOp,
+    Sge,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "RdmaPeer",
     "RdmaService",
     "RemoteAccessError",
+    "Sge",
 ]

@@ -23,6 +23,7 @@ from hmmirror.client.mlx5.verbs import (
     WHOLE_ADDRESS_SPACE,
     AccessFlags,
     Advice,
+    Sge,
 )
 from hmmirror.proto.messages import MAX_MIRROR_PAGES, USER_ADDR_END, AtomicOp
 
@@ -146,9 +147,10 @@ class Nic:
     # --- prefetch -------------------------------------------------------------------------------
 
     async def advise_mr(
-        self, advice: Advice, flags: int, sg_list: Sequence[tuple[int, int, int]]
+        self, advice: Advice, flags: int, sg_list: Sequence[Sge | tuple[int, int, int]]
     ) -> int:
-        """``ibv_advise_mr`` over ``(lkey, addr, length)`` entries; return pages mapped.
+        """``ibv_advise_mr`` over ``Sge(addr, length, lkey)`` entries, in ``struct ibv_sge``'s
+        order (plain tuples in that order too); return pages mapped.
 
         With ``ADVISE_FLUSH`` the prefetch runs now and its errors are raised;
         otherwise it runs in the background (holding each MR's usecount) and
@@ -157,7 +159,7 @@ class Nic:
         """
         advice = Advice(advice)
         work: list[tuple[MemoryRegion, int, int]] = []
-        for lkey, addr, length in sg_list:
+        for addr, length, lkey in sg_list:
             mr = self._mrs.get(lkey)
             if mr is None:
                 raise DeviceError(errno.EINVAL, f"no MR with lkey {lkey:#x}")

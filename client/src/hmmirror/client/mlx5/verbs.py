@@ -7,6 +7,7 @@ written against verbs reads the same here.
 from __future__ import annotations
 
 from enum import IntEnum, IntFlag
+from typing import NamedTuple
 
 from hmmirror.proto.messages import USER_ADDR_END, AtomicOp
 
@@ -49,6 +50,15 @@ WHOLE_ADDRESS_SPACE = (1 << 64) - 1
 #: Where an implicit MR's address space ends (user space on x86-64, 4-level paging).
 IMPLICIT_END = USER_ADDR_END
 
+
+class Sge(NamedTuple):
+    """One scatter/gather entry in ``struct ibv_sge``'s order: address, length, lkey."""
+
+    addr: int
+    length: int
+    lkey: int
+
+
 __all__ = [
     "ADVISE_FLUSH",
     "IMPLICIT_CHILD_SHIFT",
@@ -60,4 +70,5 @@ __all__ = [
     "AccessFlags",
     "Advice",
     "AtomicOp",
+    "Sge",
 ]

@@ -48,7 +48,7 @@ from hmmirror.client import (
     Session,
     status,
 )
-from hmmirror.client.mlx5 import ADVISE_FLUSH, AccessFlags, Advice, AtomicOp, MemoryRegion, Nic
+from hmmirror.client.mlx5 import ADVISE_FLUSH, AccessFlags, Advice, AtomicOp, MemoryRegion, Nic, Sge
 from hmmirror.proto.codec import encode
 from hmmirror.proto.messages import Invalidate, Status
 from hmmirror.tools.check.stamps import (
@@ -239,7 +239,7 @@ class Agent:
             else:
                 advice = rng.choice((Advice.PREFETCH, Advice.PREFETCH_WRITE))
                 length = min(rng.randint(1, 16), npages - page) * PAGE
-                await self.nic.advise_mr(advice, ADVISE_FLUSH, [(mr.lkey, addr, length)])
+                await self.nic.advise_mr(advice, ADVISE_FLUSH, [Sge(addr, length, mr.lkey)])
                 self.stats["prefetches"] += 1
         except MirrorEvicted:
             # Counted by the session; the worker's next turn finds the MR unusable and
