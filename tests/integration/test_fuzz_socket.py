@@ -513,8 +513,8 @@ async def test_each_hostile_input_gets_a_typed_error_and_is_counted(
     assert not failures, f"{len(failures)} cases went wrong:\n  " + "\n  ".join(failures)
     assert end["bad_messages"] - start["bad_messages"] == counted
     # Nothing bad was sent between the last status and the scrape.
-    assert metrics["hmmirror_bad_messages"] == end["bad_messages"], metrics
-    assert metrics["hmmirror_messages"] >= end["messages"]
+    assert metrics["hmmirror_bad_messages_total"] == end["bad_messages"], metrics
+    assert metrics["hmmirror_messages_total"] >= end["messages"]
     assert w.rounds >= 60, "the witness checked an invalidation after every case"
     log = hmmd.stderr()
     assert "unhandled error" not in log and "Traceback" not in log, log[-4000:]

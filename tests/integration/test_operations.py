@@ -77,9 +77,9 @@ async def test_metrics_endpoint_serves_the_status_figures(hmmd, puppet, agent):
         assert url.startswith("http://127.0.0.1:")
         text = await asyncio.to_thread(fetch, url)
     body = text.decode()
-    assert "# TYPE hmmirror_invalidations counter" in body
-    assert re.search(r"^hmmirror_mirrors 1$", body, re.M)
-    assert re.search(r"^hmmirror_sessions 1$", body, re.M)
+    assert "# TYPE hmmirror_invalidations_total counter" in body
+    assert re.search(r"^hmmirror_mirrors 1\.0$", body, re.M)
+    assert re.search(r"^hmmirror_sessions 1\.0$", body, re.M)
     with pytest.raises(urllib.error.HTTPError) as info:
         await asyncio.to_thread(fetch, url[: -len("metrics")])
     assert info.value.code == 404

@@ -120,7 +120,7 @@ class Daemon:
             self.copier, self.status, self.spawn,
         )  # fmt: skip
         self.stopping = asyncio.Event()
-        self.metrics = MetricsServer(self.status)
+        self.metrics = MetricsServer(self.status, self.invalidator.latency)
 
     def _on_message(self, conn: Connection, frames: Sequence[Buffer]) -> None:
         """The transport's delivery of one inbound message."""

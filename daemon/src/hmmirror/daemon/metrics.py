@@ -1,56 +1,62 @@
-"""A Prometheus text endpoint (off by default) with the figures ``hmmctl status`` shows.
+"""A Prometheus endpoint (off by default): ``GET /metrics`` on hmmd's own event loop.
 
-``metrics = "127.0.0.1:9464"`` in the config serves ``GET /metrics`` in the
-text exposition format (version 0.0.4); every numeric status figure becomes
-``hmmirror_<name>``, typed counter or gauge. Requests are read with a deadline
-and a size cap, like everything else hmmd takes from the network.
+``metrics = "127.0.0.1:9464"`` in the config serves what ``exposition``
+collects, in the Prometheus text format (0.0.4) or, when the scraper's
+``Accept`` asks for it, OpenMetrics; prometheus_client chooses and writes
+the format. The HTTP side is hmmd's own and small, because a scraper is a
+peer like any other: each request is read and answered within a deadline,
+its head is capped in size, and only so many are served at once, so a slow
+or hostile client holds neither the loop nor more than a few sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 
-#: Status figures that only ever grow.
-COUNTERS = frozenset(
-    {
-        "messages", "bad_messages", "faults", "dma_reads", "dma_writes", "dma_atomics",
-        "evictions", "releases", "registrations", "invalidations", "stale", "uffd_events",
-        "written_runs", "strict_write_faults", "uffd_refusals",
-    }
-)  # fmt: skip
+from hmmirror.daemon.exposition import Figures, registry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import CollectorRegistry
+
+#: Seconds a client has to send its request and take the answer.
 REQUEST_DEADLINE = 2.0
+#: Bytes a request head may take (request line and headers).
 MAX_REQUEST = 8192
+#: Requests served at once; more are closed unanswered.
+MAX_CONNECTIONS = 16
 
-Figures = Callable[[], dict[str, int | float | str]]
 
-
-def render(figures: dict[str, int | float | str]) -> str:
-    """The exposition text for ``figures`` (strings are left out, booleans never occur)."""
-    lines = []
-    for name, value in sorted(figures.items()):
-        if isinstance(value, str):
-            continue
-        metric = f"hmmirror_{name}"
-        kind = "counter" if name in COUNTERS else "gauge"
-        lines.append(f"# TYPE {metric} {kind}")
-        lines.append(f"{metric} {value}")
-    return "\n".join(lines) + "\n"
+def accept_of(head: bytes) -> str:
+    """The ``Accept`` header of a request head ("" when absent)."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"accept":
+            return value.strip().decode("latin-1")
+    return ""
 
 
 class MetricsServer:
-    """Serves ``render(figures())`` on ``address`` (``HOST:PORT``; port 0 picks one)."""
+    """Serves ``GET /metrics`` on ``address`` (``HOST:PORT``; port 0 picks one).
 
-    def __init__(self, figures: Figures) -> None:
+    ``figures`` is ``Daemon.status``; ``latency`` the invalidator's ``LatencyLog``,
+    whose round trips become ``hmmirror_ack_round_trip_seconds``.
+    """
+
+    def __init__(self, figures: Figures, latency: object | None = None) -> None:
         self.figures = figures
+        self.latency = latency
+        self.registry: CollectorRegistry | None = None
         self.server: asyncio.Server | None = None
         self.url = ""
+        self.open = 0
 
     async def start(self, address: str) -> None:
         """Bind and serve; ``url`` then says where."""
         host, _, port = address.rpartition(":")
-        self.server = await asyncio.start_server(self._serve, host or "127.0.0.1", int(port))
+        self.registry = registry(self.figures, self.latency)
+        self.server = await asyncio.start_server(
+            self._serve, host or "127.0.0.1", int(port), limit=MAX_REQUEST
+        )
         bound = self.server.sockets[0].getsockname()
         self.url = f"http://{bound[0]}:{bound[1]}/metrics"
 
@@ -59,26 +65,39 @@ class MetricsServer:
         if self.server is not None:
             self.server.close()
 
+    def answer(self, head: bytes) -> tuple[str, str, bytes]:
+        """Status line, content type and body for a request ``head``."""
+        if not head.startswith((b"GET /metrics ", b"GET /metrics?")):
+            return "404 Not Found", "text/plain", b"only GET /metrics is served here\n"
+        assert self.registry is not None  # start() made it before serving
+        encoder, content_type = choose_encoder(accept_of(head))
+        return "200 OK", content_type, encoder(self.registry)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One request: GET /metrics gets the figures, anything else a 404 or 400."""
+        """One request, within the deadline; the connection is closed afterwards."""
+        self.open += 1
         try:
-            async with asyncio.timeout(REQUEST_DEADLINE):
-                head = await reader.readuntil(b"\r\n\r\n")
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            if self.open <= MAX_CONNECTIONS:
+                async with asyncio.timeout(REQUEST_DEADLINE):
+                    await self._exchange(reader, writer)
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.open -= 1
             writer.close()
-            return
-        if len(head) > MAX_REQUEST:
-            status, body = "400 Bad Request", "request too large\n"
-        elif head.startswith((b"GET /metrics ", b"GET /metrics?")):
-            status, body = "200 OK", render(self.figures())
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read the head (at most ``MAX_REQUEST`` bytes), write the answer."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:  # no end of head within MAX_REQUEST bytes
+            status, content_type, body = "400 Bad Request", "text/plain", b"request too large\n"
         else:
-            status, body = "404 Not Found", "only GET /metrics is served here\n"
-        data = body.encode()
+            status, content_type, body = self.answer(head)
         writer.write(
-            f"HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"
-            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
-            + data
+            f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
         )
         with contextlib.suppress(ConnectionError):
             await writer.drain()
-        writer.close()

@@ -1,0 +1,112 @@
+"""The ack round trip as cumulative histogram buckets, for ``/metrics``.
+
+``LatencyLog`` (``invalidation``) keeps a ring of the last round trips for the
+percentiles ``hmmctl status`` shows; a ring cannot give Prometheus what it
+needs (counts since the start, which ``rate()`` and ``histogram_quantile()``
+turn into any window's quantiles). ``AckHistogram.observe`` costs one bisect
+and two additions per ack, so the hot path may call it.
+
+``RingFollower`` builds the same histogram from the ring alone, scrape by
+scrape, for an hmmd whose ``LatencyLog`` does not feed one.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from bisect import bisect_left
+from collections.abc import Sequence
+
+import numpy as np
+
+#: Upper bounds (``le``) in seconds: 25 µs (an agent on the same host acking at once)
+#: to 10 s (past any ack deadline), about three per decade.
+BOUNDS_S = (
+    25e-6, 50e-6, 100e-6, 250e-6, 500e-6,
+    1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3,
+    1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class AckHistogram:
+    """Counts of round trips per bucket, and their sum, since hmmd started."""
+
+    def __init__(self, bounds_s: Sequence[float] = BOUNDS_S) -> None:
+        self.bounds_s = tuple(float(b) for b in bounds_s)
+        if list(self.bounds_s) != sorted(set(self.bounds_s)) or not self.bounds_s:
+            raise ValueError("histogram bounds must be distinct and ascending")
+        # The bounds in µs (what ``observe`` is given), rounded so that 25 µs lands in
+        # le="2.5e-05" despite 25e-6 * 1e6 being 24.999999999999996.
+        self._bounds_us = [round(b * 1e6, 6) for b in self.bounds_s]
+        self._counts = [0] * (len(self.bounds_s) + 1)  # the last: above every bound
+        self._sum_us = 0.0
+
+    def observe(self, us: float) -> None:
+        """Count one round trip of ``us`` microseconds."""
+        self._counts[bisect_left(self._bounds_us, us)] += 1
+        self._sum_us += us
+
+    def observe_all(self, values_us: Sequence[float]) -> None:
+        """Count each of ``values_us`` (up to a ring's 65,536 at once: vectorised)."""
+        values = np.asarray(values_us, dtype=np.float64)
+        if not values.size:
+            return
+        where = np.searchsorted(self._bounds_us, values, side="left")  # bisect_left's rule
+        for i, n in enumerate(np.bincount(where, minlength=len(self._counts)).tolist()):
+            self._counts[i] += n
+        self._sum_us += float(values.sum())
+
+    @property
+    def count(self) -> int:
+        """How many round trips were counted."""
+        return sum(self._counts)
+
+    @property
+    def sum_seconds(self) -> float:
+        """Their total, in seconds."""
+        return self._sum_us / 1e6
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(le, count of round trips ≤ le)`` per bound, ending with ``(inf, count)``."""
+        out, running = [], 0
+        for bound, n in zip((*self.bounds_s, math.inf), self._counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
+
+
+class RingFollower:
+    """An ``AckHistogram`` fed, at each scrape, with the samples a ring gained since the
+    last one.
+
+    ``ring`` is the ring's storage (an ``array('d')`` written at ``count % len``) and
+    ``recorded()`` how many were ever written. Samples overwritten between two scrapes
+    (more than the ring's size of acks in one scrape interval) are not counted, so
+    the histogram may count fewer acks than hmmd saw; the hook in ``LatencyLog`` that
+    calls ``observe`` directly has no such gap.
+    """
+
+    def __init__(self, ring: array[float], histogram: AckHistogram | None = None) -> None:
+        self.ring = ring
+        self.histogram = histogram or AckHistogram()
+        self.seen = 0
+        #: Round trips the ring had overwritten before a scrape could read them.
+        self.missed = 0
+
+    def catch_up(self, recorded: int) -> AckHistogram:
+        """Count the samples written since the last call; return the histogram."""
+        if recorded < self.seen:  # the log was reset: start following it again
+            self.seen = 0
+        size = len(self.ring)
+        new = recorded - self.seen
+        if new > size:
+            self.missed += new - size
+            new = size
+        start = (recorded - new) % size
+        if start + new <= size:
+            self.histogram.observe_all(self.ring[start : start + new])
+        else:
+            self.histogram.observe_all(self.ring[start:])
+            self.histogram.observe_all(self.ring[: start + new - size])
+        self.seen = recorded
+        return self.histogram
