@@ -29,6 +29,7 @@ from hmmirror.client.mlx5 import (
     RemoteAccessError,
     Sge,
 )
+from hmmirror.proto.messages import Goodbye, Ok
 
 PAGE = 4096
 A = AccessFlags
@@ -273,6 +274,31 @@ async def test_implicit_access_spanning_two_children(hmmd, puppet, agent):
         assert mr.children == [boundary - IMPLICIT_CHILD_SIZE, boundary]
         await nic.write(mr.rkey, boundary - 4, b"abcdefgh")
         assert await puppet.read(boundary - 4, 8) == b"abcdefgh"
+
+
+async def test_a_child_registered_after_hmmd_forgot_the_session_leaves_no_older_child_mapped(
+    hmmd, puppet, agent
+):
+    """A REGISTER refused with NO_SESSION (hmmd ended the session and its EVICTED notice
+    never arrived) means every mirror of the session is gone at hmmd: the MR's other
+    children must not keep translations no session there tracks (they did: the MR said
+    HELLO again and registered the new child only)."""
+    span = 2 * IMPLICIT_CHILD_SIZE + 2 * PAGE
+    base = await puppet.mmap(span, "none", noreserve=True)
+    boundary = (base + IMPLICIT_CHILD_SIZE) & ~(IMPLICIT_CHILD_SIZE - 1)
+    first, second = boundary - PAGE, boundary
+    await puppet.mprotect(first, 2 * PAGE, "rw")
+    await puppet.write(first, pattern(7, 2))
+    async with agent() as s:
+        nic = Nic(s)
+        mr = await nic.reg_mr(puppet.pid, 0, WHOLE_ADDRESS_SPACE, RW)
+        assert await read_all(nic, mr, first, PAGE) == pattern(7, 2)[:PAGE]
+        assert mr.mapped(first)
+        # hmmd forgets the session behind the library's back: a GOODBYE on its connection.
+        await s.call(Goodbye(), Ok)
+        assert await read_all(nic, mr, second, PAGE) == pattern(7, 2)[PAGE:]
+        assert not mr.mapped(first), "a child of the forgotten session kept its translation"
+        assert await read_all(nic, mr, first, PAGE) == pattern(7, 2)[:PAGE]
 
 
 # --- fences ---------------------------------------------------------------------------------

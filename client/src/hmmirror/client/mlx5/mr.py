@@ -43,7 +43,6 @@ from hmmirror.client.mlx5.verbs import (
     Advice,
 )
 from hmmirror.proto.entries import HMM_PFN_VALID, HMM_PFN_WRITE, PAGE_SHIFT, PAGE_SIZE
-from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import Access, AtomicOp, FaultMode
 
 if TYPE_CHECKING:
@@ -131,9 +130,12 @@ class MemoryRegion:
                 self.pid, base, size, access, start_time=self.start_time
             )
         except RemoteError as exc:
-            if exc.code not in (ErrorCode.FENCED, ErrorCode.NO_SESSION):
+            # hmmd ended the session (its EVICTED notice may never have come): every
+            # mirror of it is gone there, so every translation goes here too, this MR's
+            # other children included; then a fresh session, and register again.
+            if not self.session.rehello_if_fenced(exc):
                 raise device_error(exc) from exc
-            await self.session.rehello()  # evicted: a fresh session, then register again
+            await self.session.rehello()  # joins the HELLO that rehello_if_fenced began
             mirror = await self.session.mirror(
                 self.pid, base, size, access, start_time=self.start_time
             )
