@@ -137,7 +137,7 @@ async def test_hmmctl_stat_mr_prints_rdma_stat_mr_lines(hmmd, puppet):
         assert [int(r.group(3)) for r in rows if r] == [1, 1]  # one fault event each
         as_json = json.loads(await asyncio.to_thread(hmmctl, "--json", "--details"))
         assert [e["page_faults"] for e in as_json] == [8, 1]
-        assert as_json[0]["rkey"] == rkey and as_json[1]["length"] == 0
+        assert int(as_json[0]["rkey"], 16) == rkey and as_json[1]["mrlen"] == 2**64 - 1
 
 
 def test_hm_agent_usage_errors_exit_2():

@@ -6,7 +6,8 @@ requesters its grants name (``RdmaPeer``). A ``tcp://`` listener is a CURVE
 server admitting the keys in ``listen_allow`` (or plain TCP with ``insecure``);
 an ``ipc://`` one knows its requesters' uids. It prints one ``mr ...`` line per
 MR, then ``hm-agent ready <endpoint>``, to stdout, and tells systemd
-``READY=1``; logs go to stderr. SIGHUP rereads the config file's grants.
+``READY=1``; logs go to stderr, as hmmd's do (``--log-format text`` with timestamps,
+or ``json``: ``hmmirror.daemon.logfmt``). SIGHUP rereads the config file's grants.
 SIGTERM or SIGINT deregisters every MR (waiting for operations in flight) and
 exits 0.
 
@@ -50,8 +51,8 @@ from hmmirror.transport.settings import (
 #: mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 #: The settings the flags may set (a flag not given is None and leaves the layer below).
-_FLAGS = ("daemon", "listen", "name", "mr", "grant", "log_level", "server_key", "client_key",
-          "listen_key", "listen_allow", "insecure")  # fmt: skip
+_FLAGS = ("daemon", "listen", "name", "mr", "grant", "log_level", "log_format", "server_key",
+          "client_key", "listen_key", "listen_allow", "insecure")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,6 +114,10 @@ def _parser() -> argparse.ArgumentParser:
         "--client-key", metavar="FILE", help="this agent's secret CURVE certificate"
     )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format", choices=["text", "json"],
+        help="stderr lines: text (timestamped) or one JSON object per line, as hmmd's (text)",
+    )  # fmt: skip
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="[COMMAND]")
     sub.add_parser("run", help="serve RDMA until SIGTERM or SIGINT (the default)")
@@ -226,11 +231,9 @@ def run(args: argparse.Namespace) -> int:
     """``hm-agent [run]``: serve until SIGTERM or SIGINT; return the exit code."""
     conf = settings(args)
     keep_freed_memory()
-    logging.basicConfig(
-        level=conf.log_level.upper(),
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    from hmmirror.daemon import logfmt  # hmmd's formats: one look for both programs' logs
+
+    logfmt.configure(conf.log_level, conf.log_format)
     from hmmirror.client.mlx5.service import ListenError
 
     try:

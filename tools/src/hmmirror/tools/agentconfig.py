@@ -32,6 +32,7 @@ from hmmirror.transport.settings import (
     ConfigError,
     Kind,
     build,
+    choice,
     parse_bind_endpoint,
     parse_endpoint,
     read_file,
@@ -153,6 +154,9 @@ class AgentConfig:
     mr: tuple[MrSpec, ...] = setting((), MRS, env=None)
     """The MRs to register, in order."""
     log_level: str = setting("info", LOG_LEVEL, env=None)
+    log_format: str = setting("text", choice("text", "json"), env=None)
+    """stderr's log lines: text (timestamped; journald's priorities under systemd) or JSON,
+    as hmmd writes them (``hmmirror.daemon.logfmt``)."""
     server_key: str = setting("", STRING)
     """hmmd's public CURVE certificate (a tcp:// hmmd)."""
     client_key: str = setting("", STRING)

@@ -8,7 +8,9 @@ catch up, and the oracle compares every VALID agent entry with the live
 pagemap. Then the coherence checker (``hmmctl check``) runs with the same
 seed: three mlx5-model agents fault, prefetch, READ, WRITE and run atomics
 while the target also forks and mremaps, judged by both of its oracles.
-Exit status 1 if either part found a violation.
+Exit status 1 if either part found a violation. With ``as_json`` (``hmmctl demo -j``)
+the live figures go to stderr and the final report is one JSON object on stdout
+(``as_dict``; its keys are documented in ``hmmctl demo --help``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import os
 import random
 import signal
@@ -24,7 +27,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from hmmirror.client.errors import DeviceError
 from hmmirror.client.mirror import Mirror
@@ -213,20 +216,59 @@ def print_report(report: Report, seed: int, out: IO[str]) -> None:
     out.flush()
 
 
-def main(duration: float, seed: int, check_duration: float = CHECK_SECONDS) -> int:
-    """Run the demo, then the checker; print both reports; 0 if coherent, 1 if any violation."""
+def as_dict(report: Report, seed: int) -> dict[str, Any]:
+    """The demo's report as ``hmmctl demo -j`` prints it (without ``check``, ``elapsed_s``)."""
+    s = report.stats
+    return {
+        "seed": seed,
+        "rounds": report.rounds,
+        "rounds_skipped": report.unsettled,
+        "invalidations": s.get("invalidations", 0),
+        "ack_p50_us": s.get("ack_p50_us", 0),
+        "ack_p99_us": s.get("ack_p99_us", 0),
+        "faults": sum(m.counters["page_faults_handled"] for m in report.mirrors),
+        "pages_zapped": sum(m.counters["page_invalidations"] for m in report.mirrors),
+        "reads": sum(a.reads for a in report.agents),
+        "writes": sum(a.writes for a in report.agents),
+        "refused": sum(a.refused for a in report.agents),
+        "stale": s.get("stale", 0),
+        "evictions": s.get("evictions", 0),
+        "violations": [
+            {"mirror": v.mirror, "addr": v.addr, "kind": v.kind, "entry": v.entry, "live": v.live}
+            for v in report.violations
+        ],
+    }
+
+
+def main(
+    duration: float, seed: int, check_duration: float = CHECK_SECONDS, as_json: bool = False
+) -> int:
+    """Run the demo, then the checker; print both reports (as one JSON object under
+    ``as_json``, the live figures then on stderr); 0 if coherent, 1 if any violation."""
     import uvloop
     from hmmirror.tools.check import Checker, Options
     from hmmirror.tools.check import print_report as print_check
+    from hmmirror.tools.check.report import as_dict as check_dict
 
     start = time.monotonic()
-    report = uvloop.run(run_demo(duration, seed, sys.stdout))
-    print_report(report, seed, sys.stdout)
+    live = sys.stderr if as_json else sys.stdout
+    report = uvloop.run(run_demo(duration, seed, live))
+    if not as_json:
+        print_report(report, seed, sys.stdout)
     checked = None
     if check_duration > 0:
-        sys.stdout.write(f"\nchecker: seed {seed}, 3 mlx5-model agents, {check_duration:g} s\n")
+        live.write(f"\nchecker: seed {seed}, 3 mlx5-model agents, {check_duration:g} s\n")
         opts = Options(seed=seed, duration=check_duration, agents=3)
-        checked = uvloop.run(Checker(opts, sys.stdout).run())
-        print_check(checked, sys.stdout)
-    sys.stdout.write(f"finished in {time.monotonic() - start:.1f} s\n")
+        checked = uvloop.run(Checker(opts, live).run())
+        if not as_json:
+            print_check(checked, sys.stdout)
+    elapsed = time.monotonic() - start
+    if as_json:
+        entry = as_dict(report, seed)
+        entry["elapsed_s"] = round(elapsed, 3)
+        entry["check"] = check_dict(checked) if checked is not None else None
+        sys.stdout.write(json.dumps(entry) + "\n")
+        sys.stdout.flush()
+    else:
+        sys.stdout.write(f"finished in {elapsed:.1f} s\n")
     return 1 if report.violations or (checked is not None and checked.violations) else 0

@@ -36,9 +36,10 @@ def _hmmd() -> argparse.ArgumentParser:
 
 
 def _hmmctl() -> argparse.ArgumentParser:
-    from hmmirror.tools.ctlapp import _parser
+    # ctlparse, not ctlapp: ``hmmctl completion`` (ctlapp's) calls bash_completion here.
+    from hmmirror.tools.ctlparse import build
 
-    return _parser()
+    return build()
 
 
 def _hm_agent() -> argparse.ArgumentParser:

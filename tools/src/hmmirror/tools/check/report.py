@@ -1,8 +1,11 @@
-"""The checker's report and its entry point: run a check, print what ran and what was found."""
+"""The checker's report and its entry point: run a check, print what ran and what was found,
+as a table or (``hmmctl check -j``) as one JSON object whose keys ``as_dict`` fixes."""
 
 from __future__ import annotations
 
-from typing import IO
+import json
+import sys
+from typing import IO, Any
 
 from hmmirror.tools.check.runner import Checker, Options, Report
 from hmmirror.tools.check.scenarios import SCENARIOS
@@ -57,13 +60,58 @@ def print_report(report: Report, out: IO[str]) -> None:
     out.flush()
 
 
-def main(opts: Options, out: IO[str], progress: bool = True) -> int:
-    """Run the check and print the report (progress lines too); 0 if no violation, else 1."""
+def as_dict(report: Report) -> dict[str, Any]:
+    """The report as ``hmmctl check -j`` prints it (keys documented in its ``--help``)."""
+    agents = report.agents
+
+    def total(key: str) -> int:
+        return sum(int(a.get(key, 0)) for a in agents)
+
+    replay = f"hmmctl check --seed {report.seed} --scenario {report.scenario}"
+    return {
+        "scenario": report.scenario,
+        "seed": report.seed,
+        "elapsed_s": round(report.elapsed, 3),
+        "rounds": report.rounds,
+        "target_ops": dict(sorted(report.target_ops.items())),
+        "agents": len(agents),
+        "reads": total("reads"),
+        "writes": total("writes"),
+        "atomics": total("atomics"),
+        "page_fault_calls": total("page_faults_handled"),
+        "page_faults": total("page_faults"),
+        "prefetch_calls": total("prefetches"),
+        "page_prefetch": total("page_prefetch"),
+        "invalidations": report.hmmd.get("invalidations"),
+        "pages_invalidated": total("page_invalidations_handled"),
+        "stale": report.hmmd.get("stale"),
+        "evictions": report.hmmd.get("evictions"),
+        "refused": total("refused"),
+        "busy": total("busy"),
+        "slowest_op_s": max((float(a.get("max_op_s", 0)) for a in agents), default=0.0),
+        "translations_checked": report.translations_checked,
+        "reads_judged": report.reads_judged,
+        "violations": [{"kind": kind, "detail": detail} for kind, detail in report.violations],
+        "violations_by_kind": dict(sorted(report.by_kind().items())),
+        "notes": list(report.notes),
+        "logs": report.logs,
+        "replay": replay if report.violations else None,
+    }
+
+
+def main(opts: Options, out: IO[str], progress: bool = True, as_json: bool = False) -> int:
+    """Run the check and print the report (progress lines too, on stderr under
+    ``as_json``); 0 if no violation, else 1."""
     import uvloop
 
     if opts.scenario not in SCENARIOS:
         out.write(f"hmmctl check: no scenario {opts.scenario!r}; try --scenario list\n")
         return 2
-    report = uvloop.run(Checker(opts, out if progress else None).run())
-    print_report(report, out)
+    said = (sys.stderr if as_json else out) if progress else None
+    report = uvloop.run(Checker(opts, said).run())
+    if as_json:
+        out.write(json.dumps(as_dict(report)) + "\n")
+        out.flush()
+    else:
+        print_report(report, out)
     return 1 if report.violations else 0

@@ -1,0 +1,211 @@
+"""``hmmctl status``, ``mms``, ``mirrors`` and ``top``: questions to a running hmmd, as
+aligned text or (``-j``) JSON; and what every hmmctl command shares: ``Refused``, ``fail``
+and one-line JSON output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+from hmmirror.client.curve import CLIENT_KEY_ENV, SERVER_KEY_ENV, CertificateError, CurveKeys
+from hmmirror.client.errors import AgentError
+from hmmirror.transport.settings import EXIT_FAILURE, EXIT_USAGE
+
+T = TypeVar("T")
+_WATCHED = {0: "proc", 1: "proc+uffd", 2: "proc+uffd+strict"}
+_WRITES = {0: "-", 1: "watch", 2: "strict", 3: "strict"}
+
+
+class Refused(Exception):
+    """A command's failure, which ``main`` prints: the line and the exit status."""
+
+    def __init__(self, line: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(line)
+        self.code = code
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> int:
+    """Say what went wrong, in one line on stderr; return the exit status."""
+    print(f"hmmctl: {message}", file=sys.stderr)
+    return code
+
+
+def emit(value: object) -> None:
+    """``value`` as one line of JSON on stdout, flushed (``top`` streams them)."""
+    print(json.dumps(value, separators=(", ", ": ")), flush=True)
+
+
+def load_keys(server_key: str, client_key: str, server_flag: str) -> CurveKeys | None:
+    """CURVE keys from a server certificate and our secret one: None when neither is
+    given, both when one is, loadable; Refused (exit 2) otherwise."""
+    if not (server_key or client_key):
+        return None
+    if not (server_key and client_key):
+        raise Refused(
+            f"{server_flag} and --client-key go together: give both, or neither", EXIT_USAGE
+        )
+    try:
+        return CurveKeys.load(server_key, client_key)
+    except (CertificateError, OSError, ValueError) as exc:
+        raise Refused(f"{server_flag}/--client-key: {exc}", EXIT_USAGE) from exc
+
+
+def _curve(args: argparse.Namespace) -> CurveKeys | None:
+    """The CURVE keys for a ``tcp://`` hmmd (None: none given, or an ipc:// hmmd)."""
+    if not args.endpoint.startswith("tcp://"):
+        return None
+    return load_keys(args.server_key, args.client_key, "--server-key")
+
+
+def _unreachable(args: argparse.Namespace, curve: CurveKeys | None, exc: AgentError) -> str:
+    """What to say when hmmd did not answer: the error, and what to check when no keys
+    were given for a tcp:// hmmd (which ignores such a client, and only logs why)."""
+    if curve is not None or not args.endpoint.startswith("tcp://"):
+        return str(exc)
+    return (
+        f"{exc} (no CURVE keys given: a tcp:// hmmd that is not insecure ignores such a "
+        f"client; give --server-key (its .key) and --client-key (your .key_secret), or set "
+        f"{SERVER_KEY_ENV} and {CLIENT_KEY_ENV})"
+    )
+
+
+def _ask_hmmd(
+    args: argparse.Namespace, ask: Callable[[CurveKeys | None], Coroutine[Any, Any, T]]
+) -> T:
+    """One question to hmmd, with the keys given; Refused if it fails."""
+    curve = _curve(args)
+    try:
+        return asyncio.run(ask(curve))
+    except AgentError as exc:
+        raise Refused(_unreachable(args, curve, exc)) from exc
+
+
+def status(args: argparse.Namespace) -> int:
+    """``hmmctl status``: the daemon's figures, one per line (``-j``: one object)."""
+    from hmmirror.client.session import status as ask_status
+
+    stats = _ask_hmmd(args, lambda curve: ask_status(args.endpoint, args.timeout, curve))
+    if args.json:
+        emit(stats)
+        return 0
+    width = max(len(k) for k in stats)
+    for key, value in stats.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def table(heads: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns aligned under their heads."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(heads)]  # fmt: skip
+    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def inventory(args: argparse.Namespace) -> int:
+    """``hmmctl mms`` and ``hmmctl mirrors``: a table, or (``-j``) one object per row."""
+    from hmmirror.client.session import inventory as ask_inventory
+
+    mms, mirrors = _ask_hmmd(args, lambda curve: ask_inventory(args.endpoint, args.timeout, curve))
+    if args.command == "mms":
+        rows: list[dict[str, object]] = [
+            {"pid": m["pid"], "start_time": m["start_time"], "seq": m["seq"],
+             "active": m["active"], "mirrors": m["mirrors"],
+             "watched": _WATCHED.get(m["uffd"], "?")} for m in mms
+        ]  # fmt: skip
+        heads: tuple[str, ...] = ("PID", "START", "SEQ", "ACTIVE", "MIRRORS", "WATCHED BY")
+    else:
+        rows = [
+            {"mirror": m["mirror"], "agent": m["agent"], "session": m["session"],
+             "pid": m["pid"], "lo": int(m["lo"]), "hi": int(m["hi"]),
+             "held_pages": m["held_pages"], "access": "rw" if int(m["access"]) & 2 else "r",
+             "writes": _WRITES.get(int(m["flags"]), "?")} for m in mirrors
+        ]  # fmt: skip
+        heads = ("MIRROR", "AGENT", "SESSION", "PID", "RANGE", "PAGES HELD", "ACCESS", "WRITES")
+    if args.json:
+        for row in rows:
+            emit(row)
+        return 0
+    if args.command == "mirrors":
+        cells = [[r["mirror"], r["agent"], r["session"], r["pid"],
+                  f"{r['lo']:#x}-{r['hi']:#x}", r["held_pages"], r["access"], r["writes"]]
+                 for r in rows]  # fmt: skip
+    else:
+        cells = [list(r.values()) for r in rows]
+    print(table(heads, cells))
+    return 0
+
+
+def _rate(prev: dict[str, int | float | str], now: dict[str, int | float | str],
+          *keys: str) -> float | None:  # fmt: skip
+    """Per-second rate of the summed counters ``keys`` between two status readings."""
+    dt = float(now["uptime_s"]) - float(prev["uptime_s"])
+    delta = sum(float(now.get(k, 0)) - float(prev.get(k, 0)) for k in keys)
+    return round(delta / dt, 1) if dt > 0 else None
+
+
+def top_until_interrupted(args: argparse.Namespace) -> int:
+    """``hmmctl top``, which Ctrl-C ends normally."""
+    try:
+        return asyncio.run(_top(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+_TOP_HEADS = ("TIME", "SESS", "MMS", "MIRRORS", "INVAL/S", "FAULT/S", "DMA/S", "ACK P50 US",
+              "ACK P99 US", "EVICT", "STALE")  # fmt: skip
+
+
+async def _top(args: argparse.Namespace) -> int:
+    """``hmmctl top``: one line per interval, with rates from successive status figures."""
+    from hmmirror.client.session import status as ask_status
+
+    curve = _curve(args)
+    if not args.json:
+        print("  ".join(_TOP_HEADS), flush=True)
+    prev: dict[str, int | float | str] | None = None
+    shown = 0
+    while args.count == 0 or shown < args.count:
+        try:
+            now = await ask_status(args.endpoint, args.timeout, curve)
+        except AgentError as exc:
+            return fail(_unreachable(args, curve, exc))
+        if prev is not None:
+            row: dict[str, Any] = {
+                "ts": round(time.time(), 3), "sessions": now["sessions"], "mms": now["mms"],
+                "mirrors": now["mirrors"],
+                "invalidations_per_s": _rate(prev, now, "invalidations"),
+                "faults_per_s": _rate(prev, now, "faults"),
+                "dma_per_s": _rate(prev, now, "dma_reads", "dma_writes"),
+                "ack_p50_us": now.get("ack_p50_us"), "ack_p99_us": now.get("ack_p99_us"),
+                "evictions": now.get("evictions"), "stale": now.get("stale"),
+            }  # fmt: skip
+            if args.json:
+                emit(row)
+            else:
+                print(_top_line(row), flush=True)
+            shown += 1
+        prev = now
+        await asyncio.sleep(args.interval)
+    return 0
+
+
+def _top_line(row: dict[str, Any]) -> str:
+    """One ``top`` row as text under ``_TOP_HEADS``: the clock, then whole rates."""
+    cells = [time.strftime("%H:%M:%S", time.localtime(row["ts"]))]
+    for key, value in list(row.items())[1:]:
+        if value is None:
+            cells.append("-")
+        elif key.endswith("_per_s"):
+            cells.append(f"{value:.0f}")
+        else:
+            cells.append(str(value))
+    return "  ".join(cells)
