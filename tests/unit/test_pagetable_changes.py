@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from pagetable_inputs import (
     BASE,
     EXCL,
+    KINDS,
     MAX_PAGES,
     PFN_MASK,
     PRESENT,
@@ -58,7 +59,11 @@ def ref_classify(
         return Event.CLEAR
     old_pfn, new_pfn = old & PFN_MASK, new & PFN_MASK
     if old_pfn != new_pfn:
-        return Event.CLEAR if zero_pfn and old_pfn == zero_pfn else Event.MIGRATE
+        if zero_pfn and old_pfn == zero_pfn:
+            return Event.CLEAR  # the zero page replaced
+        if not old & EXCL and new & EXCL:
+            return Event.CLEAR  # a COW break: a shared page replaced by an exclusive one
+        return Event.MIGRATE
     if had_write and old & EXCL and not new & EXCL:
         return Event.PROTECTION_PAGE
     return -1
@@ -115,6 +120,30 @@ def test_classify_matches_the_reference_model(
     handed, old, new, kinds, zero_pfn = c
     got = classify(u64(handed), u64(old), u64(new), perms_of(kinds), zero_pfn)
     assert got.dtype == np.int16
+    want = [
+        ref_classify(h, o, n, k, zero_pfn)
+        for h, o, n, k in zip(handed, old, new, kinds, strict=True)
+    ]
+    assert [int(e) for e in got] == want
+
+
+@fast
+@given(changes(), st.sampled_from(["rw_private", "rw_shared", "r_private"]))
+def test_classify_judges_a_few_changes_among_many_held_pages(
+    c: tuple[list[int], list[int], list[int], list[Kind], int], quiet_kind: str
+) -> None:
+    """A poll's usual table: the drawn pages among many more, held and unchanged in a VMA
+    where nothing is wrong. Only the few are judged one by one (``classify`` gathers its
+    suspects), and every verdict is still the model's; the quiet pages report nothing."""
+    handed, old, new, kinds, zero_pfn = c
+    pad = 4 * len(handed) + 8
+    quiet = KINDS[quiet_kind]
+    handed = [HMM_PFN_VALID | 7] * pad + handed + [HMM_PFN_VALID | HMM_PFN_WRITE | 9] * pad
+    quiet_raw = [PRESENT | EXCL | 7] * pad, [PRESENT | 9] * pad
+    old = quiet_raw[0] + old + quiet_raw[1]
+    new = quiet_raw[0] + new + quiet_raw[1]
+    kinds = [quiet] * pad + kinds + [quiet] * pad
+    got = classify(u64(handed), u64(old), u64(new), perms_of(kinds), zero_pfn)
     want = [
         ref_classify(h, o, n, k, zero_pfn)
         for h, o, n, k in zip(handed, old, new, kinds, strict=True)

@@ -94,6 +94,17 @@ class UffdWatcher(Protocol):
         """Arm written-page tracking for the subscribed mirrors; start the scan loop."""
 
 
+def _own(array: Entries | Raw, n: int) -> bool:
+    """Whether ``array`` is ``n`` u64s of its own memory, that a span may keep."""
+    return (
+        len(array) == n
+        and array.dtype == np.uint64
+        and array.flags.owndata
+        and array.flags.writeable
+        and array.flags.c_contiguous
+    )
+
+
 @dataclass
 class Span:
     """One mirrored interval [start, end) and its shadow arrays (one u64 per page)."""
@@ -111,20 +122,33 @@ class Span:
         self.raw = np.zeros(npages, dtype=np.uint64)
 
     def hand_out(self, start: int, entries: Entries, raw: Raw) -> None:
-        """Record that the agent was given ``entries`` (VALID ones only) from ``start``."""
+        """Record that the agent was given ``entries`` (VALID ones only) from ``start``.
+
+        Both arrays are given up by the caller, who sends a copy of the entries
+        (``fault.service.Walked``): a hand-out of the whole span keeps them as the
+        shadow, their pages that are not VALID zeroed, rather than copy them.
+        """
         a = (start - self.start) >> PAGE_SHIFT
-        b = a + len(entries)
+        n = len(entries)
+        b = a + n
         if self.held:
             self.held -= int(np.count_nonzero(self.handed[a:b]))
-        if entries.min() >= _VALID:  # the usual populate result: every entry VALID
+        all_valid = bool(entries.min() >= _VALID)  # the usual populate result
+        if a == 0 and n == len(self.handed) and _own(entries, n) and _own(raw, n):
+            if not all_valid:
+                invalid = entries < _VALID
+                entries[invalid] = 0
+                raw[invalid] = 0
+            # Arrays just made, not the span's old ones: no page of them to fault in afresh.
+            self.handed, self.raw = entries, raw
+        elif all_valid:
             self.handed[a:b] = entries
             self.raw[a:b] = raw
-            self.held += len(entries)
-            return
-        valid = entries >= _VALID
-        self.handed[a:b] = np.where(valid, entries, np.uint64(0))
-        self.raw[a:b] = np.where(valid, raw, np.uint64(0))
-        self.held += int(np.count_nonzero(valid))
+        else:
+            valid = entries >= _VALID
+            self.handed[a:b] = np.where(valid, entries, np.uint64(0))
+            self.raw[a:b] = np.where(valid, raw, np.uint64(0))
+        self.held += n if all_valid else int(np.count_nonzero(self.handed[a:b]))
 
     def contains(self, start: int, end: int) -> bool:
         """Whether [start, end) lies inside this span."""

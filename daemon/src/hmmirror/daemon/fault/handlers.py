@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
-import numpy as np
 from hmmirror.daemon.budget import fault_reply_bytes
 from hmmirror.daemon.errors import RequestError
-from hmmirror.daemon.fault.service import Pending, attempt, resolve
-from hmmirror.daemon.linux.procfs import PAGE_SHIFT, Raw
+from hmmirror.daemon.fault.service import Pending, Walked, WalkOptions, attempt, resolve
+from hmmirror.daemon.linux.procfs import PAGE_SHIFT
 from hmmirror.daemon.request import Request, Services, aligned_range
 from hmmirror.daemon.state import Mirror, Session, Span
 from hmmirror.daemon.watch.uffd import guard_handed_out
@@ -61,38 +60,51 @@ def on_fault(svc: Services, r: Request) -> Awaitable[None] | None:
     # gets EBUSY here, before anything is populated or copied for it.
     reserved = svc.reserve(identity, fault_reply_bytes(msg), "fault")
     svc.counters["faults"] += 1
+    options = _walk_options(svc, mirror, msg, mode)
     try:
-        step = attempt(mirror.mm, msg.start, msg.npages, msg.write, mode, svc.zero_pfn)
+        step = attempt(mirror.mm, msg.start, msg.npages, msg.write, mode, svc.zero_pfn, options)
         if isinstance(step, Pending):
-            return _fault_later(svc, identity, env, mirror, span, step, reserved)
-        _fault_reply(svc, identity, env, mirror, span, *step, reserved)
+            return _fault_later(svc, identity, env, mirror, span, step, reserved, options)
+        _fault_reply(svc, identity, env, mirror, span, step, options, reserved)
     except BaseException:
         svc.budget.unreserve(identity, reserved)
         raise
     return None
 
 
+def _walk_options(svc: Services, mirror: Mirror, msg: Fault, mode: FaultMode) -> WalkOptions:
+    """How the walk makes the entries for this mirror: WRITE only with WRITE access (a
+    SNAPSHOT shows the CPU's view whatever the access), frame tokens for a session without
+    physical frames, put in as the walk goes unless the fault also reads the pages in its
+    trip (the DMA check compares the entries with the pagemap: they stay PFNs until sent)."""
+    may_write = mode == FaultMode.SNAPSHOT or bool(mirror.access & Access.WRITE)
+    reads = msg.read and mode == FaultMode.POPULATE and msg.npages <= MAX_DMA_PAGES
+    physical = mirror.session.physical_frames or reads
+    return WalkOptions(may_write, None if physical else svc.frames)
+
+
 async def _fault_later(
     svc: Services, identity: bytes, env: Envelope, mirror: Mirror, span: Span, first: Pending,
-    reserved: int,
+    reserved: int, options: WalkOptions,
 ) -> None:  # fmt: skip
     """The fault's slow path: wait out invalidations, fault pages in, then reply."""
     msg = env.msg
     assert isinstance(msg, Fault)
     mode = _FAULT_MODES[msg.mode]
     try:
-        entries, raw = await resolve(
-            mirror.mm, msg.start, msg.npages, msg.write, mode, svc.zero_pfn, svc.copier, first
-        )
-        _fault_reply(svc, identity, env, mirror, span, entries, raw, reserved)
+        walked = await resolve(
+            mirror.mm, msg.start, msg.npages, msg.write, mode, svc.zero_pfn, svc.copier, first,
+            options,
+        )  # fmt: skip
+        _fault_reply(svc, identity, env, mirror, span, walked, options, reserved)
     except BaseException:
         svc.budget.unreserve(identity, reserved)
         raise
 
 
 def _fault_reply(
-    svc: Services, identity: bytes, env: Envelope, mirror: Mirror, span: Span, entries: Entries,
-    raw: Raw, reserved: int,
+    svc: Services, identity: bytes, env: Envelope, mirror: Mirror, span: Span, walked: Walked,
+    options: WalkOptions, reserved: int,
 ) -> None:  # fmt: skip
     """Record what is handed out and send it (in place of the ``reserved`` bytes); no await
     from the pagemap read to the hand-out, so a later invalidation is always sent after this
@@ -101,40 +113,41 @@ def _fault_reply(
     assert isinstance(msg, Fault)
     if mirror.dead:
         raise RequestError(ErrorCode.NO_MIRROR, f"mirror {mirror.id} was dropped during the fault")
+    entries, tokenized = walked.entries, options.tokens is not None
     if msg.mode != FaultMode.SNAPSHOT:  # POPULATE and PRESENT entries may be installed
-        if not mirror.access & Access.WRITE:
-            entries &= ~np.uint64(1 << 62)
-        span.hand_out(msg.start, entries, raw)
+        span.hand_out(msg.start, walked.shadow, walked.raw)  # both the span's now
         # Before the agent can hold these translations: their VMAs registered with the
         # uffds, and (strict mirror) their pages write-protected.
         guard_handed_out(
             mirror.mm, msg.start, msg.start + (msg.npages << PAGE_SHIFT), mirror.strict
         )
     if msg.read and msg.mode == FaultMode.POPULATE and msg.npages <= MAX_DMA_PAGES:
-        # The device's access, done in the fault's own trip and checked like any DMA read.
-        # Its copy runs on the target's worker: an invalidation that starts meanwhile goes
-        # out before this reply, so the agent discards the reply and faults again.
+        # The device's access, done in the fault's own trip and checked like any DMA read
+        # (through entries still holding PFNs: see _walk_options). Its copy runs on the
+        # target's worker: an invalidation that starts meanwhile goes out before this reply,
+        # so the agent discards the reply and faults again.
         def with_data(data: object) -> None:
             svc.counters["dma_reads"] += 1
-            _send_fault_reply(svc, identity, env, mirror, entries, data, reserved)
+            _send_fault_reply(svc, identity, env, mirror, entries, tokenized, data, reserved)
 
         def without(_: Exception) -> None:  # the agent reads, and sees why, itself
-            _send_fault_reply(svc, identity, env, mirror, entries, None, reserved)
+            _send_fault_reply(svc, identity, env, mirror, entries, tokenized, None, reserved)
 
         try:
             svc.dma.read(mirror.mm, msg.start, msg.npages, entries, False, with_data, without)
             return
         except RequestError:
             pass
-    _send_fault_reply(svc, identity, env, mirror, entries, None, reserved)
+    _send_fault_reply(svc, identity, env, mirror, entries, tokenized, None, reserved)
 
 
 def _send_fault_reply(
     svc: Services, identity: bytes, env: Envelope, mirror: Mirror, entries: Entries,
-    data: object | None, reserved: int,
+    tokenized: bool, data: object | None, reserved: int,
 ) -> None:  # fmt: skip
     """FAULT_READ_REPLY with the entries and ``data``, or FAULT_REPLY with the entries only,
-    in place of the ``reserved`` reply bytes."""
+    in place of the ``reserved`` reply bytes; ``tokenized``: the entries carry frame tokens
+    already."""
     msg = env.msg
     assert isinstance(msg, Fault)
     if mirror.dead:
@@ -146,13 +159,14 @@ def _send_fault_reply(
         )
         return
     seq = mirror.mm.seq
-    _to_agent(svc, mirror.session, entries)
+    if not tokenized:
+        _to_agent(svc, mirror.session, entries)
     if data is not None:
         both = FaultReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=seq)
         svc.send(identity, both, re=env.id, bulk=[entries, data], copy=False, reserved=reserved)
         return
     reply = FaultReply(mirror=mirror.id, start=msg.start, npages=msg.npages, seq=seq)
-    # entries is a fresh little-endian u64 array nobody mutates now: send its buffer as is.
+    # entries is the walk's wire array, which nobody changes now: send its buffer as is.
     svc.send(identity, reply, re=env.id, bulk=[entries], copy=False, reserved=reserved)
 
 

@@ -27,11 +27,12 @@ from typing import NamedTuple
 import numpy as np
 from hmmirror.daemon.dma.copier import Copier, CopyJob
 from hmmirror.daemon.errors import RequestError
+from hmmirror.daemon.frames import FrameTokens
 from hmmirror.daemon.linux import scan, vm
-from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PRESENT, Raw
-from hmmirror.daemon.pagetable import derive, vma_perms
+from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PFN_MASK, PM_PRESENT, Raw
+from hmmirror.daemon.pagetable import derive_into, first_lacking, mark_huge, vma_stretches
 from hmmirror.daemon.state import Mm
-from hmmirror.proto.entries import Entries
+from hmmirror.proto.entries import PMD_ORDER, Entries
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import FaultMode
 from hmmirror.proto.version import RETRY_BUDGET
@@ -40,16 +41,21 @@ from hmmirror.proto.version import RETRY_BUDGET
 POPULATE_CHUNK = 64 << 20
 
 
-def page_runs(mask: np.ndarray, start: int) -> list[tuple[int, int]]:
-    """(address, length) runs of the pages where ``mask`` is true."""
+def index_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[lo, hi) runs of the indices where ``mask`` is true."""
     idx = np.flatnonzero(mask)
     if len(idx) == 0:
         return []
     breaks = np.flatnonzero(np.diff(idx) != 1) + 1
     return [
-        (start + (int(idx[lo]) << PAGE_SHIFT), (int(idx[hi - 1]) - int(idx[lo]) + 1) << PAGE_SHIFT)
+        (int(idx[lo]), int(idx[hi - 1]) + 1)
         for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(idx)], strict=True)
     ]
+
+
+def page_runs(mask: np.ndarray, start: int) -> list[tuple[int, int]]:
+    """(address, length) runs of the pages where ``mask`` is true."""
+    return [(start + (lo << PAGE_SHIFT), (hi - lo) << PAGE_SHIFT) for lo, hi in index_runs(mask)]
 
 
 def populate(pid: int, runs: list[tuple[int, int]]) -> int:
@@ -126,13 +132,48 @@ async def fault_in(copier: Copier, mm: Mm, runs: list[tuple[int, int]]) -> int:
     return done
 
 
-def huge_pages(mm: Mm, start: int, npages: int) -> np.ndarray:
-    """Per page: whether it is mapped by a huge (PMD) entry, per PAGEMAP_SCAN."""
-    out = np.zeros(npages, dtype=np.bool_)
-    for lo, hi in scan.regions(
-        mm.view.pagemap_fd, start, start + (npages << PAGE_SHIFT), scan.PAGE_IS_HUGE
-    ):
-        out[(lo - start) >> PAGE_SHIFT : (hi - start) >> PAGE_SHIFT] = True
+#: Pages per PMD: a huge mapping covers this many, from a PMD-aligned address.
+_PMD_PAGES = 1 << PMD_ORDER
+
+
+def huge_regions(mm: Mm, start: int, raw: Raw) -> list[tuple[int, int]]:
+    """The [lo, hi) page runs of the range mapped by a huge (PMD) entry, per PAGEMAP_SCAN.
+
+    Only where one can be: a PMD maps a naturally aligned 2 MiB frame at a 2 MiB
+    aligned address, so each of its pages has ``pfn % 512 == vpn % 512``
+    (fs/proc/task_mmu.c reports ``pmd_pfn + index``, hugetlb alike). The first
+    page in range of each 2 MiB block is tested in ``raw``; only blocks whose
+    first page is present and aligned so are asked about, which for a range of
+    4 KiB pages is a block or two in a thousand (none when nothing is huge).
+    Where PFNs are hidden (PFN 0, never a user page) every present block is asked about.
+    """
+    npages = len(raw)
+    if npages == 0:
+        return []
+    vpn = start >> PAGE_SHIFT
+    # Indices of each 2 MiB block's first page in the range.
+    firsts = np.arange((-vpn) % _PMD_PAGES, npages, _PMD_PAGES, dtype=np.int64)
+    if len(firsts) == 0 or firsts[0] != 0:
+        firsts = np.concatenate(([0], firsts))
+    sample = raw[firsts]
+    pfn = sample & PM_PFN_MASK
+    offset = pfn - (np.uint64(vpn) + firsts.astype(np.uint64))  # modulo 2**64: fine modulo 512
+    aligned = (offset & np.uint64(_PMD_PAGES - 1)) == 0
+    candidate = (sample >= PM_PRESENT) & (aligned | (pfn == 0))
+    if not candidate.any():
+        return []
+    ends = np.concatenate((firsts[1:], [npages]))
+    out: list[tuple[int, int]] = []
+    # Neighbouring candidate blocks are asked about in one ioctl.
+    for a, b in index_runs(candidate):
+        lo, hi = int(firsts[a]), int(ends[b - 1])
+        for r_lo, r_hi in scan.regions(
+            mm.view.pagemap_fd,
+            start + (lo << PAGE_SHIFT),
+            start + (hi << PAGE_SHIFT),
+            scan.PAGE_IS_HUGE,
+        ):
+            out.append(((r_lo - start) >> PAGE_SHIFT, (r_hi - start) >> PAGE_SHIFT))
     return out
 
 
@@ -143,13 +184,47 @@ class Pending(NamedTuple):
     runs: list[tuple[int, int]]
 
 
-def attempt(
-    mm: Mm, start: int, npages: int, write: bool, mode: FaultMode, zero_pfn: int
-) -> tuple[Entries, Raw] | Pending:
-    """One pass of ``hmm_range_fault`` without waiting: the (entries, raw pagemap), or Pending.
+class Walked(NamedTuple):
+    """A fault's walk of the range, three arrays of one u64 per page, all the caller's."""
 
-    Raises RequestError: ESRCH (the process is gone), EFAULT (no readable VMA, in
-    POPULATE mode), EPERM (a write the VMA forbids).
+    entries: Entries
+    """The entries for the wire: frame tokens in place of PFNs if the walk was given tokens."""
+    shadow: Entries
+    """The same entries with their PFNs: what the mirror's shadow records (``Span.hand_out``)."""
+    raw: Raw
+    """The raw pagemap entries they came from."""
+
+
+class WalkOptions(NamedTuple):
+    """What a walk does beyond ``hmm_range_fault``: for whom the entries are made."""
+
+    may_write: bool = True
+    """False: no entry gets WRITE (a mirror registered without WRITE access)."""
+    tokens: FrameTokens | None = None
+    """Frame tokens to put in the wire entries in place of PFNs, as the walk goes."""
+
+
+#: A walk for a mirror with WRITE access and physical frames.
+PLAIN = WalkOptions()
+
+
+def attempt(
+    mm: Mm,
+    start: int,
+    npages: int,
+    write: bool,
+    mode: FaultMode,
+    zero_pfn: int,
+    options: WalkOptions = PLAIN,
+) -> Walked | Pending:
+    """One pass of ``hmm_range_fault`` without waiting: the walk of the range, or Pending.
+
+    The pagemap is read in pieces, and each piece is walked as soon as it is in
+    (``ProcessView.pagemap_into``), while it is still in cache: its entries made,
+    copied for the shadow, and tokenized for the wire, with no array the size of
+    the range but the three the caller keeps. Raises RequestError: ESRCH (the
+    process is gone), EFAULT (no readable VMA, in POPULATE mode), EPERM (a write
+    the VMA forbids).
     """
     end = start + (npages << PAGE_SHIFT)
     if mm.released or mm.closed:
@@ -160,24 +235,44 @@ def attempt(
         vmas = mm.view.maps_range(start, end)
     except ProcessLookupError as exc:
         raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited") from exc
-    perms = vma_perms(vmas, start, npages)
-    readable, writable = perms.readable, perms.writable
-    if mode == FaultMode.POPULATE:
-        if not readable.all():
-            bad = start + (int(np.argmin(readable)) << PAGE_SHIFT)
+    stretches = vma_stretches(vmas, start, npages)
+    populate = mode == FaultMode.POPULATE
+    if populate:
+        bad_page = first_lacking(stretches, False)
+        if bad_page is not None:
+            bad = start + (bad_page << PAGE_SHIFT)
             raise RequestError(ErrorCode.EFAULT, f"no readable VMA at {bad:#x} in pid {mm.pid}")
-        if write and not writable.all():
-            bad = start + (int(np.argmin(writable)) << PAGE_SHIFT)
+        bad_page = first_lacking(stretches, True) if write else None
+        if bad_page is not None:
+            bad = start + (bad_page << PAGE_SHIFT)
             raise RequestError(ErrorCode.EPERM, f"VMA at {bad:#x} in pid {mm.pid} is not writable")
-    # Scratch: the handler copies what it keeps (hand_out) before any await.
+    raw = np.empty(npages, dtype=np.uint64)
+    shadow = np.empty(npages, dtype=np.uint64)
+    entries = np.empty(npages, dtype=np.uint64)
+    write_fault = write and populate
+    missing: list[int] = []  # pieces with a page not present (appended from two threads)
+
+    def walk(lo: int, hi: int) -> None:
+        if populate and raw[lo:hi].min() < PM_PRESENT:
+            missing.append(lo)
+            return  # a populate pass comes first: nothing to make yet
+        derive_into(shadow, raw, stretches, zero_pfn, write_fault, lo, hi, options.may_write)
+        # Two arrays, made while the piece is in cache: the shadow keeps one (Span.hand_out),
+        # the wire gets the other, which nobody changes while libzmq sends it.
+        np.copyto(entries[lo:hi], shadow[lo:hi])
+        if options.tokens is not None:
+            options.tokens.tokenize(entries[lo:hi])
+
     try:
-        raw = mm.view.pagemap(start, npages, scratch=True)
+        mm.view.pagemap_into(raw, start, walk, shared=True)
     except ProcessLookupError as exc:
         raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited") from exc
-    if mode == FaultMode.POPULATE and raw.min() < PM_PRESENT:  # one pass: any page missing?
+    if missing:
         return Pending(busy=False, runs=page_runs(raw < PM_PRESENT, start))
-    huge = huge_pages(mm, start, npages)
-    return derive(raw, perms, zero_pfn, write and mode == FaultMode.POPULATE, huge), raw
+    huge = huge_regions(mm, start, raw)
+    mark_huge(shadow, huge)
+    mark_huge(entries, huge)  # the order bits lie above the 32 that tokens change
+    return Walked(entries, shadow, raw)
 
 
 async def resolve(
@@ -189,8 +284,9 @@ async def resolve(
     zero_pfn: int,
     copier: Copier,
     first: Pending | None = None,
-) -> tuple[Entries, Raw]:
-    """Return (entries, raw pagemap) for the range, waiting and faulting in as needed.
+    options: WalkOptions = PLAIN,
+) -> Walked:
+    """Return the walk of the range (``attempt``), waiting and faulting in as needed.
 
     ``first`` is the outcome of an ``attempt`` the caller already made; pages are
     faulted in on ``copier``'s worker for ``mm``.
@@ -198,7 +294,9 @@ async def resolve(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + RETRY_BUDGET
     end = start + (npages << PAGE_SHIFT)
-    step = first if first is not None else attempt(mm, start, npages, write, mode, zero_pfn)
+    step: Walked | Pending = (
+        attempt(mm, start, npages, write, mode, zero_pfn, options) if first is None else first
+    )
     while isinstance(step, Pending):
         remaining = deadline - loop.time()
         if remaining <= 0:
@@ -217,5 +315,5 @@ async def resolve(
                 raise RequestError(
                     ErrorCode.EFAULT, f"cannot fault in pid {mm.pid} at {step.runs[0][0]:#x}"
                 )
-        step = attempt(mm, start, npages, write, mode, zero_pfn)
+        step = attempt(mm, start, npages, write, mode, zero_pfn, options)
     return step

@@ -15,6 +15,7 @@ import fcntl
 import mmap
 import os
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,9 +116,14 @@ def parse_maps(text: bytes) -> Vmas:
     )
 
 
-#: Reads of at least this many entries (256 MiB of VA) are split across two threads.
+#: Reads of at least this many entries (256 MiB of VA) are shared with a helper thread.
 SPLIT_PAGES = 1 << 16
+#: Entries per read once a read is shared: each thread takes the next piece as it comes free.
+PIECE_PAGES = 1 << 15
 _READER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagemap")
+
+#: Called with [lo, hi), in entries, once those entries of a read have landed.
+Landed = Callable[[int, int], None]
 
 
 def _read_fully(fd: int, view: memoryview, off: int) -> None:
@@ -131,6 +137,18 @@ def _read_fully(fd: int, view: memoryview, off: int) -> None:
         done += n
 
 
+def _read_pieces(
+    fd: int, view: memoryview, off: int, pieces: Iterator[int], npages: int, landed: Landed | None
+) -> None:
+    """Read the pieces ``pieces`` yields (shared with another thread: ``next`` on a range
+    iterator is atomic) and report each one."""
+    for lo in pieces:
+        hi = min(npages, lo + PIECE_PAGES)
+        _read_fully(fd, view[lo * 8 : hi * 8], off + lo * 8)
+        if landed is not None:
+            landed(lo, hi)
+
+
 class ProcessView:
     """Open handles on one process's maps and pagemap, kept for the process's lifetime.
 
@@ -140,7 +158,6 @@ class ProcessView:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self._scratch: Raw = np.empty(0, dtype=np.uint64)
         self._query = bytearray(_QUERY.size)
         self._name = ctypes.create_string_buffer(_NAME_MAX)
         self._can_query = True
@@ -252,38 +269,48 @@ class ProcessView:
             self._can_query = False
             return self.replaced()
 
-    def pagemap(self, start: int, npages: int, *, scratch: bool = False) -> Raw:
-        """Read ``npages`` raw pagemap entries from virtual address ``start``.
+    def pagemap(self, start: int, npages: int) -> Raw:
+        """Read ``npages`` raw pagemap entries from virtual address ``start``, on this thread
+        alone: the watchers' reads run beside faults and must leave them a CPU."""
+        # np.empty, not zeros: preadv overwrites it all.
+        out = np.empty(npages, dtype=np.uint64)
+        self.pagemap_into(out, start)
+        return out
 
-        With ``scratch`` the result lives in a buffer this view reuses, which
-        saves faulting in fresh memory for every large read; the caller must
-        be done with it before its next ``scratch`` read (no await in between).
+    def pagemap_into(
+        self, out: Raw, start: int, landed: Landed | None = None, *, shared: bool = False
+    ) -> None:
+        """Read ``len(out)`` raw pagemap entries from virtual address ``start`` into ``out``.
+
+        ``landed(lo, hi)`` is called once entries [lo, hi) are in, on the thread
+        that read them, so that the caller's work on one piece overlaps the read
+        of the next. With ``shared``, a large read is shared with a helper thread
+        (preadv and numpy both let go of the GIL), piece by piece as each thread
+        comes free: on a busy machine the caller does it all rather than wait
+        for a CPU. Raises ProcessLookupError when the pagemap cannot be read.
         """
-        if scratch:
-            if len(self._scratch) < npages:
-                self._scratch = np.empty(npages, dtype=np.uint64)
-            out = self._scratch[:npages]
-        else:
-            # np.empty, not zeros: preadv overwrites it all.
-            out = np.empty(npages, dtype=np.uint64)
+        npages = len(out)
         if npages == 0:
-            return out
+            return
         view = out.data.cast("B")
         off = (start >> PAGE_SHIFT) * 8
+        fd = self._pagemap_fd
         try:
-            if npages >= SPLIT_PAGES:
-                # preadv drops the GIL: read the first half on a helper thread meanwhile.
-                half = (npages // 2) * 8
-                other = _READER.submit(_read_fully, self._pagemap_fd, view[:half], off)
-                _read_fully(self._pagemap_fd, view[half:], off + half)
-                other.result()
-            else:
-                _read_fully(self._pagemap_fd, view, off)
+            if not shared or npages < SPLIT_PAGES:
+                _read_pieces(fd, view, off, iter(range(0, npages, PIECE_PAGES)), npages, landed)
+                return
+            pieces = iter(range(0, npages, PIECE_PAGES))
+            helper = _READER.submit(_read_pieces, fd, view, off, pieces, npages, landed)
+            try:
+                _read_pieces(fd, view, off, pieces, npages, landed)
+            finally:
+                # A helper that never got a CPU has nothing left to do: no wait for it.
+                if not helper.cancel():
+                    helper.result()
         except OSError as exc:
             raise ProcessLookupError(
                 self.pid, f"process {self.pid} pagemap unreadable: {exc}"
             ) from exc
-        return out
 
 
 def zero_pfn() -> int:
