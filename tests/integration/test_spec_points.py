@@ -204,7 +204,7 @@ async def test_after_the_lease_lapses_the_session_is_forgotten_and_requests_get_
 
 
 # The proc watcher polls once, at attach, and then not within the test: hmmd's own check
-# after the write finds the new page. (A poll that saw it first would say MIGRATE: SPEC §9.)
+# after the write finds the new page (a poll that saw it first says CLEAR too: next test).
 @pytest.mark.hmmd_args("--poll-interval", "30s", "--poll-max", "30s")
 async def test_a_dma_write_that_breaks_cow_invalidates_the_old_page_with_clear(hmmd, puppet):
     addr = await puppet.mmap(PAGE)
@@ -227,6 +227,26 @@ async def test_a_dma_write_that_breaks_cow_invalidates_the_old_page_with_clear(h
             assert isinstance((await a.reply(write)).msg, Ok)
             assert await puppet.read(addr, PAGE) == b"w" * PAGE
             assert await child.read(addr, PAGE) == b"p" * PAGE
+    finally:
+        await child.exit()
+
+
+async def test_a_cow_break_that_the_watcher_sees_is_clear_too(hmmd, puppet):
+    """The target's own write after a fork replaces the page it shared with the child: the
+    kernel notifies that COW break as CLEAR, and so does hmmd's poll, which sees a new,
+    now exclusive page (it said MIGRATE, as for a migration)."""
+    addr = await puppet.mmap(PAGE)
+    await puppet.write(addr, b"p" * PAGE)
+    child = await puppet.fork()
+    try:
+        async with raw(hmmd.endpoint) as a:
+            await a.hello()
+            mirror = await a.register(puppet.pid, addr, addr + PAGE)
+            await a.populate(mirror, addr, 1)  # the shared page, read-only
+            await puppet.write(addr, b"q" * PAGE)  # the target breaks COW itself
+            inv = await a.invalidate()
+            assert [tuple(item)[1:] for item in inv.items] == [(addr, addr + PAGE, Event.CLEAR)]
+            a.send(Ack(n=inv.n))
     finally:
         await child.exit()
 
