@@ -164,6 +164,8 @@ def test_derive_flag_invariants(w: Walk) -> None:
             continue
         assert not error, "a readable page is never ERROR"
         assert valid == bool(r & PRESENT), "VALID exactly where the page is present"
+        if not valid:
+            assert e == 0, "a page not present hands out nothing (no swap entry bits)"
         if write:
             assert valid, "WRITE without VALID"
             assert k.writable, "WRITE in a VMA that is not writable"
@@ -176,6 +178,15 @@ def test_derive_flag_invariants(w: Walk) -> None:
             assert not write, "the zero page is never writable on a read fault"
         if valid and not w.write_fault and not k.shared and r & UFFD_WP:
             assert not write, "a uffd-write-protected private page is never writable"
+
+
+def test_a_swapped_page_hands_out_nothing_of_its_swap_entry() -> None:
+    """pagemap gives a swapped-out page's swap type and offset where a PFN would be: they
+    describe the target's swap device, not the agent's business (found by review)."""
+    swapped = PM_SWAPPED | (3 << 0) | (0x12345 << 5)  # type 3, offset 0x12345
+    raw = np.array([swapped, 0, PRESENT | 77], dtype=np.uint64)
+    perms = Perms(*(np.ones(3, dtype=np.bool_),) * 3, np.zeros(3, dtype=np.bool_))
+    assert [int(e) for e in derive(raw, perms, 0, False)] == [0, 0, HMM_PFN_VALID | 77]
 
 
 @fast

@@ -42,6 +42,7 @@ _PMD = np.uint64(PMD_ORDER << HMM_PFN_ORDER_SHIFT)
 PIECE = 32768
 
 _PFN_VALID = np.uint64(int(PM_PFN_MASK) | HMM_PFN_VALID)  # PM_PRESENT is bit 63, as VALID is
+_NOTHING = np.uint64(0)
 _EXCL_TEST = np.uint64(int(PM_PRESENT | PM_EXCLUSIVE | PM_UFFD_WP))
 _EXCL_WANT = np.uint64(int(PM_PRESENT | PM_EXCLUSIVE))
 _NOT_WRITE = ~_WRITE
@@ -156,6 +157,9 @@ def derive_into(
             q = min(b, p + PIECE)
             r, o, t, f = raw[p:q], out[p:q], scratch[: q - p], flags[: q - p]
             np.bitwise_and(r, _PFN_VALID, out=o)  # VALID is the present bit, in place
+            if o.min() < _VALID:  # a page not present: its PFN bits are a swap entry
+                np.less(o, _VALID, out=f)
+                np.copyto(o, _NOTHING, where=f)  # the target's swap layout is not the agent's
             if not (s.writable and may_write):
                 continue
             if write_fault or s.shared:
