@@ -24,7 +24,7 @@ from common import (
     tmpdir,
     verdict,
 )
-from invalidate_rig import Ours, delta, drive_pipelined, drive_w1, pinv
+from invalidate_rig import Ours, cpu_per_invalidation, delta, drive_pipelined, drive_w1, pinv
 
 # --------------------------------------------------------------------------- benchmarks
 
@@ -59,7 +59,7 @@ def _w1_ours(
         f"daemon invalidations +{delta(st0, st1, 'invalidations')}, "
         f"evictions +{delta(st0, st1, 'evictions')}, "
         f"bad_messages +{delta(st0, st1, 'bad_messages')}; "
-        f"agent page_invalidations {pinv(r['agents'])}"
+        f"agent page_invalidations {pinv(r['agents'])}; {cpu_per_invalidation(r, r['n'])}"
     )
     return r
 
@@ -203,8 +203,8 @@ def _pipe_ours(
         f"ms, p99 {r['lat_p99_ms']:.2f} ms); daemon invalidations +{dinv} in {dt:.2f} s, "
         f"inbound messages +{delta(st0, st1, 'messages')} (sync_range+ack+heartbeat+status), "
         f"evictions +{delta(st0, st1, 'evictions')}, ack p50/p99 {st1.get('ack_p50_us')}/"
-        f"{st1.get('ack_p99_us')} us; agent page_invalidations {pinv(r['agents'])}"
-        + (f"; errors {r['errors']}" if r["errors"] else "")
+        f"{st1.get('ack_p99_us')} us; agent page_invalidations {pinv(r['agents'])}; "
+        f"{cpu_per_invalidation(r, dinv)}" + (f"; errors {r['errors']}" if r["errors"] else "")
     )
     return r
 

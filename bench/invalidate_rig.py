@@ -87,6 +87,13 @@ class Ours:
                 out.append({"error": str(exc)[:200]})
         return out
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds (user + system, every thread) that hmmd and the agents used so far."""
+        return {
+            "hmmd": cpu_seconds(self.daemon.pid),
+            "agents": sum(cpu_seconds(a.pid) for a in self.agents),
+        }
+
     def __exit__(self, *exc: Any) -> None:
         try:
             self.procs.__exit__(*exc)
@@ -95,6 +102,26 @@ class Ours:
                 print(f"[hmmd log] {bad}", flush=True)
         finally:
             self._tmp.__exit__(*exc)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds that process ``pid`` used, all its threads (0.0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_invalidation(r: dict[str, Any], n: int) -> str:
+    """Where the CPU went between ``cpu0`` and ``cpu1``, per invalidation of the ``n`` made
+    then: hmmd's and the agents' (a note; the baseline's agents are not counted)."""
+    if n <= 0:
+        return "cpu per invalidation: -"
+    c0, c1 = r["cpu0"], r["cpu1"]
+    per = {k: (c1[k] - c0[k]) / n * 1e6 for k in c0}
+    return f"cpu per invalidation: hmmd {per['hmmd']:.0f} us, agents {per['agents']:.0f} us"
 
 
 async def drive_w1(
@@ -136,16 +163,20 @@ async def drive_w1(
 
             await base(warmup, False)
             await ours(warmup, False)
+            cpu0 = o.cpu()
             while len(lat) < count:
                 k = min(block, count - len(lat))
                 await base(k, True)
                 await ours(k, True)
             st1 = await s.status()
+            cpu1 = o.cpu()
     finally:
         fan.close()
     return {
         "st0": st0,
         "st1": st1,
+        "cpu0": cpu0,
+        "cpu1": cpu1,
         "p50_us": percentile(lat, 50),
         "p99_us": percentile(lat, 99),
         "n": len(lat),
@@ -172,9 +203,9 @@ async def drive_pipelined(
 
         async def sampler() -> None:
             await asyncio.sleep(max(0.0, t_meas - pc()))
-            res["st0"], res["ts0"] = await s.status(), pc()
+            res["st0"], res["ts0"], res["cpu0"] = await s.status(), pc(), o.cpu()
             await asyncio.sleep(max(0.0, t_end - pc()))
-            res["st1"], res["ts1"] = await s.status(), pc()
+            res["st1"], res["ts1"], res["cpu1"] = await s.status(), pc(), o.cpu()
 
         _, (done, lat) = await asyncio.wait_for(
             asyncio.gather(

@@ -29,6 +29,10 @@ class AckQueue(deque[tuple[int, list[asyncio.Future[None]]]]):
         """Pop the INVALIDATEs whose fences have all drained; return the highest n that
         may be acked now (``acked`` when nothing new may be)."""
         upto = self.acked
-        while self and all(f.done() for f in self[0][1]):
+        while self:
+            fences = self[0][1]
+            # Usually none: no DMA of ours overlapped the zapped pages.
+            if fences and not all(f.done() for f in fences):
+                break
             upto = self.popleft()[0]
         return upto

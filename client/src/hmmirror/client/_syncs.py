@@ -36,8 +36,9 @@ class SyncBatcher:
         self._batches: dict[tuple[int, int, bool], tuple[list[tuple[int, int]], _Shared]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
 
-    async def sync_range(self, pid: int, start: int, end: int, event: Event, strict: bool) -> None:
-        """Invalidate [start, end) of ``pid``; return once hmmd answered the batch it joined."""
+    def join(self, pid: int, start: int, end: int, event: Event, strict: bool) -> _Shared:
+        """Add [start, end) of ``pid`` to this tick's batch; return the future its callers
+        await (a plain call, not a coroutine: one frame less for each of many callers)."""
         if not 0 <= start < end <= 1 << 64:
             raise ValueError(f"sync_range [{start:#x}, {end:#x}) is empty or out of range")
         key = (pid, int(event), strict)
@@ -47,7 +48,7 @@ class SyncBatcher:
             if len(self._batches) == 1:
                 self._channel.loop.call_soon(self._flush)
         batch[0].append((start, end))
-        await batch[1]
+        return batch[1]
 
     def _flush(self) -> None:
         """Send this tick's batched calls, one task per (pid, event, strict)."""
@@ -67,18 +68,23 @@ class SyncBatcher:
     ) -> None:
         """Send one batch's ranges as SYNC_RANGE requests; settle ``fut`` with the outcome."""
         try:
-            await asyncio.gather(
-                *(
-                    self._channel.call(
-                        SyncRange(
-                            pid=pid, ranges=tuple(ranges[i : i + MAX_ITEMS]), event=event,
-                            strict=strict,
-                        ),
-                        Ok,
-                    )
-                    for i in range(0, len(ranges), MAX_ITEMS)
+            if len(ranges) <= MAX_ITEMS:  # one request: no gather, no task per request
+                await self._channel.call(
+                    SyncRange(pid=pid, ranges=tuple(ranges), event=event, strict=strict), Ok
                 )
-            )  # fmt: skip
+            else:
+                await asyncio.gather(
+                    *(
+                        self._channel.call(
+                            SyncRange(
+                                pid=pid, ranges=tuple(ranges[i : i + MAX_ITEMS]), event=event,
+                                strict=strict,
+                            ),
+                            Ok,
+                        )
+                        for i in range(0, len(ranges), MAX_ITEMS)
+                    )
+                )  # fmt: skip
         except RemoteError as exc:
             if not fut.done():
                 failure = SyncIncomplete(exc.message) if exc.code == ErrorCode.INCOMPLETE else exc

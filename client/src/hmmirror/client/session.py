@@ -11,7 +11,6 @@ HELLO, the lease and recovery are ``Lifecycle``'s (``_lifecycle.py``);
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator
@@ -87,9 +86,11 @@ class Session(Lifecycle):
             # The id is taken like any request's, so the next request never reuses it.
             msg_id = self._next_id
             self._next_id += 1
-            with contextlib.suppress(DaemonUnavailable):
+            try:
                 self._send_frames(encode_ack(upto, msg_id))
-                self._acks.acked = upto  # only once sent: a later ack must still cover it
+            except DaemonUnavailable:
+                return  # not sent: a later ack must still cover it
+            self._acks.acked = upto
 
     def dma_done(self) -> None:
         """A DMA finished: acks waiting on it may go out now."""
@@ -141,7 +142,7 @@ class Session(Lifecycle):
         same loop tick for the same process, event and strictness travel as one
         ``sync_range`` message, and all of them return (or raise) when it is answered.
         """
-        await self._syncs.sync_range(pid, start, end, event, strict)
+        await self._syncs.join(pid, start, end, event, strict)
 
     async def status(self) -> dict[str, int | float | str]:
         """The daemon's figures (see ``StatusReply``)."""

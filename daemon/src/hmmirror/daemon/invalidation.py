@@ -114,6 +114,26 @@ class LatencyLog:
 Chunk = tuple[Items, Invalidation, Mirror]
 
 
+def _clip(
+    ranges: list[tuple[int, int]], mirror: Mirror, single: bool, seq: int, ev: int
+) -> tuple[list[Items], int]:
+    """``mirror``'s items for ``ranges`` (clipped to its bounds, in chunks of at most
+    ``MAX_ITEMS``) and how many there are."""
+    mlo, mhi = mirror.lo, mirror.hi
+    if len(ranges) == 1:  # the common case: one range, no list to build
+        s, e = ranges[0]
+        if not (s < mhi and mlo < e and (single or mirror.overlaps(s, e))):
+            return [], 0
+        return [Items([(seq, s if s > mlo else mlo, e if e < mhi else mhi, ev)])], 1
+    items = [
+        (seq, s if s > mlo else mlo, e if e < mhi else mhi, ev)
+        for s, e in ranges
+        if s < mhi and mlo < e and (single or mirror.overlaps(s, e))
+    ]
+    parts = [Items(items[i : i + MAX_ITEMS]) for i in range(0, len(items), MAX_ITEMS)]
+    return parts, len(items)
+
+
 class Invalidator:
     """Owns the fan-out: what each mirror is sent, ack accounting and deadline eviction."""
 
@@ -161,44 +181,44 @@ class Invalidator:
         seq = mm.invalidate_start(ranges)
         inv = Invalidation(mm, ranges, event, seq, loop.create_future())
         inv.t0 = time.perf_counter()
-        lo = min(start for start, _ in ranges)
-        hi = max(end for _, end in ranges)
+        if len(ranges) == 1:
+            lo, hi = ranges[0]
+        else:
+            lo = min(start for start, _ in ranges)
+            hi = max(end for _, end in ranges)
         ev = int(event)
         # Items carry no mirror id, so every mirror whose bounds clip the ranges the same
         # way shares one item list, and it is packed for the wire once (Items.packed).
-        shared_by_bounds: dict[tuple[int, int], list[Items]] = {}
+        shared_by_bounds: dict[tuple[int, int], tuple[list[Items], int]] = {}
         chunks: list[tuple[Session, Chunk]] = []
+        waiting = inv.waiting
         written = event == Event.WRITTEN
         for mirror in list(mm.mirrors):
             if mirror.dead or not mirror.overlaps(lo, hi):
                 continue
             if written and not mirror.watch_writes:
                 continue  # a write changes no translation: only data caches care
-            mlo, mhi = mirror.lo, mirror.hi
-            parts = shared_by_bounds.get((mlo, mhi)) if len(mirror.spans) == 1 else None
-            if parts is None:
-                clipped = [
-                    (max(s, mlo), min(e, mhi))
-                    for s, e in ranges
-                    if s < mhi and mlo < e and (len(mirror.spans) == 1 or mirror.overlaps(s, e))
-                ]
-                parts = [
-                    Items([(seq, s, e, ev) for s, e in clipped[i : i + MAX_ITEMS]])
-                    for i in range(0, len(clipped), MAX_ITEMS)
-                ]
-                if len(mirror.spans) == 1:
-                    shared_by_bounds[(mlo, mhi)] = parts
-            if not parts:
+            spans = mirror.spans
+            single = len(spans) == 1
+            bounds = (mirror.lo, mirror.hi)
+            shared = shared_by_bounds.get(bounds) if single else None
+            if shared is None:
+                shared = _clip(ranges, mirror, single, seq, ev)
+                if single:
+                    shared_by_bounds[bounds] = shared
+            parts, count = shared
+            if not count:
                 continue
-            if any(span.held for span in mirror.spans):
+            if spans[0].held if single else any(span.held for span in spans):
                 for part in parts:
                     for _, start, end, _ in part.items:
                         mirror.zap(start, end)
             session = mirror.session
-            inv.waiting[session] = inv.waiting.get(session, 0) + sum(len(p.items) for p in parts)
-            chunks.extend((session, (part, inv, mirror)) for part in parts)
-        inv.targets = len(inv.waiting)
-        if not inv.waiting:
+            waiting[session] = waiting.get(session, 0) + count
+            for part in parts:
+                chunks.append((session, (part, inv, mirror)))
+        inv.targets = len(waiting)
+        if not waiting:
             self._complete(inv)
             return inv
         self.count += len(ranges)

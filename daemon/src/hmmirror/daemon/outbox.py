@@ -119,13 +119,20 @@ class Courier(Generic[T]):
 
     def queue(self, session: Session, chunk: tuple[Items, T, Mirror]) -> None:
         """Queue ``chunk``: send now if nothing is unacked, else flush later this tick."""
-        box = self.outbox(session)
-        box.batch.append(chunk)
-        if not box.unacked and session not in self._flush_pending:
-            self.flush(session)  # nothing in flight: send at once, no batching delay
-        elif session not in self._flush_pending:
-            self._flush_pending.add(session)
-            asyncio.get_running_loop().call_soon(self._scheduled_flush, session)
+        box = self.boxes.get(session)
+        if box is None:
+            box = self.boxes[session] = Outbox()
+        if session in self._flush_pending:
+            box.batch.append(chunk)
+        elif not box.unacked and not box.batch:
+            self._send_one(session, box, chunk)  # nothing in flight: no batching delay
+        else:
+            box.batch.append(chunk)
+            if not box.unacked:
+                self.flush(session)
+            else:
+                self._flush_pending.add(session)
+                asyncio.get_running_loop().call_soon(self._scheduled_flush, session)
 
     def _scheduled_flush(self, session: Session) -> None:
         """The deferred flush ``queue`` scheduled for ``session``."""
@@ -161,6 +168,21 @@ class Courier(Generic[T]):
             except Unreachable as exc:
                 self.lost(session, f"INVALIDATE n={n} could not be delivered: {exc}")
                 return
+
+    def _send_one(self, session: Session, box: Outbox[T], chunk: tuple[Items, T, Mirror]) -> None:
+        """``flush`` for a session whose batch would hold ``chunk`` alone (the W=1 path)."""
+        if session.fenced:
+            box.batch.append(chunk)  # kept for ``forgive``, as ``flush`` would leave it
+            return
+        part, tag, mirror = chunk
+        n = box.next_n
+        box.next_n = n + 1
+        box.unacked.append((n, [chunk], {tag: len(part.items)}))
+        frames = encode_invalidate(n, mirror.id, part.packed(), session.take_id())
+        try:
+            self.sender.send(session.identity, frames)
+        except Unreachable as exc:
+            self.lost(session, f"INVALIDATE n={n} could not be delivered: {exc}")
 
     # --- replies and EVICTED ------------------------------------------------------------------
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from hmmirror.daemon import authz
 from hmmirror.daemon.dma.copier import Copier
@@ -31,9 +30,9 @@ from hmmirror.transport.budget import ReplyBudget
 from hmmirror.transport.peer import Peer
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One decoded request, with who sent it."""
+class Request(NamedTuple):
+    """One decoded request, with who sent it (a tuple: made once per inbound message, it
+    costs a third of a frozen dataclass)."""
 
     identity: bytes
     """The routing id of the connection it came on (where the reply goes)."""

@@ -28,8 +28,8 @@ from hmmirror.proto.errors import (
     UnknownMessage,
     VersionError,
 )
-from hmmirror.proto.messages import MAX_FRAME, TYPES, Message
-from hmmirror.proto.schema import REQUIRED, VALIDATORS, Spec, Validator
+from hmmirror.proto.messages import MAX_FRAME, TYPES, Ack, Invalidate, Message
+from hmmirror.proto.schema import REQUIRED, VALIDATORS, Spec, Validator, _check_items
 from hmmirror.proto.version import PROTOCOL_VERSION, compatible
 
 #: Header and body are small maps; anything bigger is an attack or a bug.
@@ -114,6 +114,10 @@ def _head(mtype: str) -> bytes:
 _NO_RE = b"\xa2re\x00"  # the key "re" and the value 0, packed
 _INVALIDATE_HEAD = _head("invalidate")
 _ACK_HEAD = _head("ack")
+#: Packs one integer, a third of ``msgpack.packb``'s cost (which builds a Packer per call).
+#: Shared safely: packing an int runs no Python code, so no other thread or finalizer can
+#: enter it midway (the GIL is held throughout), and ``autoreset`` empties it after each.
+_pack_int = msgpack.Packer().pack
 
 
 def encode_invalidate(n: int, mirror: int, packed_items: bytes, id: int) -> list[Any]:
@@ -124,25 +128,17 @@ def encode_invalidate(n: int, mirror: int, packed_items: bytes, id: int) -> list
     built per session. The bytes are identical to the general encoder's (the
     unit tests check it).
     """
-    header = b"".join((_INVALIDATE_HEAD, msgpack.packb(id), _NO_RE))
+    header = b"".join((_INVALIDATE_HEAD, _pack_int(id), _NO_RE))
     # A 3-entry map, keys in field order, the items value spliced in already packed.
     body = b"".join(
-        (
-            b"\x83\xa1n",
-            msgpack.packb(n),
-            b"\xa6mirror",
-            msgpack.packb(mirror),
-            b"\xa5items",
-            packed_items,
-        )
+        (b"\x83\xa1n", _pack_int(n), b"\xa6mirror", _pack_int(mirror), b"\xa5items", packed_items)
     )
     return [b"", header, body]
 
 
 def encode_ack(n: int, id: int) -> list[Any]:
     """``encode(Ack(n), id)`` for the agents' hot path; same bytes as the general encoder."""
-    header = b"".join((_ACK_HEAD, msgpack.packb(id), _NO_RE))
-    return [b"", header, msgpack.packb({"n": n})]
+    return [b"", b"".join((_ACK_HEAD, _pack_int(id), _NO_RE)), b"\x81\xa1n" + _pack_int(n)]
 
 
 def _unpack(frame: Buffer, limit: int, what: str) -> dict[str, Any]:
@@ -206,6 +202,10 @@ def decode(frames: Sequence[Buffer]) -> Envelope:
     message; the exception's ``code`` is the wire error code to answer with,
     and its ``id`` the header's ``id`` once the header was read whole.
     """
+    if len(frames) == 3:  # ACK and INVALIDATE, the round trip's messages, read directly
+        env = _decode_hot(frames)
+        if env is not None:
+            return env
     mtype, msg_id, re, ver = decode_header(frames)
     # A try block costs nothing in CPython 3.11 until it catches.
     try:
@@ -235,3 +235,61 @@ def decode(frames: Sequence[Buffer]) -> Envelope:
     except ProtocolError as exc:
         exc.id = msg_id
         raise
+
+
+# --- the fast path of the invalidation round trip --------------------------------------------
+#
+# ACK (one per agent per invalidation, SPEC §4) and INVALIDATE are the hottest messages. The
+# hot encoders (``encode_ack``, ``encode_invalidate``) write their headers as fixed bytes
+# around the id; a message whose header is exactly that is read here without the general
+# path's header walk, and its body without the per-field loop. Anything else, or anything odd
+# (a non-canonical integer, a field missing or of the wrong kind), returns None and takes the
+# general path, which then raises what it always raised. What comes back is what ``decode``
+# would give: the header is then the map {"v": [1, 0], "type": T, "id": ID, "re": 0}.
+
+_ACK_BODY = b"\x81\xa1n"
+_VERSION = (PROTOCOL_VERSION[0], PROTOCOL_VERSION[1])
+_ITEMS_SPEC = dict(_fields(Invalidate))["items"]
+
+
+def _u64(b: bytes) -> int:
+    """The u64 that ``b`` packs, exactly and alone; -1 if it is anything else."""
+    try:
+        value = msgpack.unpackb(b)
+    except Exception:  # extra bytes, a truncated or invalid one: not the hot form
+        return -1
+    if type(value) is not int or value < 0:
+        return -1
+    return value
+
+
+def _decode_hot(frames: Sequence[Buffer]) -> Envelope | None:
+    """``decode`` of an ACK or INVALIDATE in the hot encoders' form; None for anything else."""
+    if len(frames[0]) != 0 or len(frames[1]) > MAX_HEADER:
+        return None
+    head = bytes(frames[1])  # type: ignore[call-overload]
+    if not head.endswith(_NO_RE):
+        return None
+    if head.startswith(_ACK_HEAD):
+        if len(frames[2]) > 12:  # the longest {"n": u64}
+            return None
+        body = bytes(frames[2])  # type: ignore[call-overload]
+        msg_id = _u64(head[len(_ACK_HEAD) : -len(_NO_RE)])
+        n = _u64(body[len(_ACK_BODY) :]) if body.startswith(_ACK_BODY) else -1
+        if msg_id < 0 or n < 0:
+            return None
+        return Envelope("ack", msg_id, 0, _VERSION, Ack(n=n), ())
+    if head.startswith(_INVALIDATE_HEAD):
+        msg_id = _u64(head[len(_INVALIDATE_HEAD) : -len(_NO_RE)])
+        if msg_id < 0:
+            return None
+        try:
+            raw = _unpack(frames[2], MAX_BODY, "body")
+            n_, mirror = raw.get("n"), raw.get("mirror")
+            if type(n_) is not int or type(mirror) is not int or n_ < 0 or mirror < 0:
+                return None
+            items: Any = _check_items("items", _ITEMS_SPEC, raw.get("items"))
+        except ProtocolError:
+            return None
+        return Envelope("invalidate", msg_id, 0, _VERSION, Invalidate(n_, mirror, items), ())
+    return None

@@ -121,15 +121,22 @@ def _check_uints(name: str, spec: Spec, value: Any) -> tuple[int, ...]:
 
 def _check_intervals(name: str, spec: Spec, value: Any) -> tuple[tuple[int, int], ...]:
     """Validate an INTERVALS field: a bounded list of [start, end) u64 pairs, start < end."""
+    seq = _list(name, spec, value)
+    if type(seq) is tuple:
+        # The common case (msgpack gives tuples), checked without building anything: a
+        # tuple of valid pairs is its own result.
+        for pair in seq:
+            if type(pair) is tuple and len(pair) == 2:
+                start, end = pair
+                # msgpack cannot carry an integer above 2^64-1: only the lower bound can fail.
+                if type(start) is int and type(end) is int and 0 <= start < end:
+                    continue
+            break
+        else:
+            return seq
     out: list[tuple[int, int]] = []
     append = out.append
-    for pair in _list(name, spec, value):
-        if type(pair) is tuple and len(pair) == 2:  # the common case, inline
-            start, end = pair
-            # msgpack cannot carry an integer above 2^64-1: only the lower bound can fail.
-            if type(start) is int and type(end) is int and 0 <= start < end:
-                append(pair)
-                continue
+    for pair in seq:
         if type(pair) not in (list, tuple) or len(pair) != 2:
             raise DecodeError(f"field {name!r} must hold [start, end] pairs")
         start, end = _uint(name, pair[0], U64_MAX), _uint(name, pair[1], U64_MAX)
@@ -141,19 +148,25 @@ def _check_intervals(name: str, spec: Spec, value: Any) -> tuple[tuple[int, int]
 
 def _check_items(name: str, spec: Spec, value: Any) -> tuple[tuple[int, ...], ...]:
     """Validate an ITEMS field: a bounded list of 4-element u64 items."""
+    seq = _list(name, spec, value)
+    if type(seq) is tuple:
+        # Agents decode every item of every INVALIDATE: the common case (msgpack gives
+        # tuples) is checked inline, without building anything, and is its own result.
+        for item in seq:
+            if type(item) is tuple and len(item) == 4:
+                a, b, c, d = item
+                # msgpack cannot carry an integer above 2^64-1: only the lower bound can fail.
+                if (
+                    type(a) is int and type(b) is int and type(c) is int and type(d) is int
+                    and a >= 0 and b >= 0 and c >= 0 and d >= 0
+                ):  # fmt: skip
+                    continue
+            break
+        else:
+            return seq
     out: list[tuple[int, ...]] = []
     append = out.append
-    # Inline, no call per item: agents decode every item of every INVALIDATE.
-    for item in _list(name, spec, value):
-        if type(item) is tuple and len(item) == 4:
-            a, b, c, d = item
-            # msgpack cannot carry an integer above 2^64-1: only the lower bound can fail.
-            if (
-                type(a) is int and type(b) is int and type(c) is int and type(d) is int
-                and a >= 0 and b >= 0 and c >= 0 and d >= 0
-            ):  # fmt: skip
-                append(item)
-                continue
+    for item in seq:
         if type(item) not in (list, tuple) or len(item) != 4:
             raise DecodeError(f"field {name!r} must hold 4-element items")
         append(tuple(_uint(name, v, U64_MAX) for v in item))

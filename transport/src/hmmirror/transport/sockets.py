@@ -2,8 +2,8 @@
 
 A plain (not ``zmq.asyncio``) socket is registered with ``loop.add_reader`` on
 its edge-triggered FD; the reader drains until ``EVENTS`` shows no POLLIN, and
-a send may consume the edge (pyzmq #1177), so sends make the loop look again
-once per tick. This is the measured-fastest pattern on these machines
+a send may consume the edge (pyzmq #1177), so ``EVENTS`` is read after each
+send too. This is the measured-fastest pattern on these machines
 (docs/ARCHITECTURE.md §B).
 """
 
@@ -25,6 +25,7 @@ POLLIN = int(zmq.POLLIN)
 POLLOUT = int(zmq.POLLOUT)
 NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE = int(zmq.SNDMORE)
+_MORE = NOBLOCK | SNDMORE
 #: The Cython send itself: pyzmq's Python wrapper around it only handles DRAFT routing
 #: ids and groups, which hmmirror never uses, and costs a quarter of a small send.
 zmq_send = zmq.backend.Socket.send
@@ -55,20 +56,24 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], copy: bool) -> Non
     last frame, so a failure leaves no partial message.
     """
     last = len(frames) - 1
+    if last < 0:
+        return
+    if copy:  # every reply but bulk DMA data: no per-frame size test
+        for i in range(last):
+            zmq_send(sock, frames[i], _MORE, True)
+        zmq_send(sock, frames[last], NOBLOCK, True)
+        return
     for i, frame in enumerate(frames):
-        zmq_send(
-            sock, frame, NOBLOCK | (SNDMORE if i < last else 0),
-            copy or len(frame) < ZERO_COPY_MIN,
-        )  # fmt: skip
+        zmq_send(sock, frame, NOBLOCK | (SNDMORE if i < last else 0), len(frame) < ZERO_COPY_MIN)
 
 
 class Drained(abc.ABC):
     """A plain pyzmq socket on the event loop: ``loop.add_reader`` on its edge-triggered FD.
 
     ``_drain`` receives every queued message and hands its frames to
-    ``_on_frames``; a send may consume the FD's POLLIN edge, so ``_sent`` makes
-    the loop look again once per tick (never once per send), or right away when
-    called from inside the drain loop, whose own ``EVENTS`` check covers it.
+    ``_on_frames``; a send may consume the FD's POLLIN edge, so ``_sent`` reads
+    ``EVENTS`` right after a send made outside the drain loop (whose own read
+    covers it) and has the loop drain only if that shows input.
     """
 
     sock: zmq.Socket[Any]
@@ -95,14 +100,22 @@ class Drained(abc.ABC):
     def _drain(self) -> None:
         """Handle every queued message (the FD is edge-triggered: drain fully).
 
-        ``EVENTS`` is read after every message, so it also catches an edge that
-        a send made while handling (an ACK) may have consumed.
+        It runs when the FD fired or ``_after_sends`` saw POLLIN, so a message is
+        almost always there: the first look is the ``recv`` itself, whose EAGAIN
+        (a ``recv`` processes the socket's commands first, as an ``EVENTS`` read
+        does) says when none is. After each message ``EVENTS`` is read, which
+        re-arms the edge and also catches one that a send made while handling (an
+        ACK) may have consumed.
         """
         self._draining = True
         try:
             sock = self.sock
+            look = False
             # A handler may close the socket (a connection dropped by its own message).
-            while not sock.closed and cast(int, sock.get(EVENTS)) & POLLIN:
+            while not sock.closed:
+                if look and not cast(int, sock.get(EVENTS)) & POLLIN:
+                    break
+                look = True
                 try:
                     # Frames carry their own "more" flag: no RCVMORE query (an enum
                     # conversion plus a getsockopt) per frame.
@@ -118,8 +131,19 @@ class Drained(abc.ABC):
             self._draining = False
 
     def _sent(self) -> None:
-        """A send happened: make sure its consumed edge does not strand inbound messages."""
-        if not self._draining and not self._recheck:
+        """A send happened: make sure its consumed edge does not strand inbound messages.
+
+        ``EVENTS`` is read at once (it re-arms the edge, as the drain loop's own read
+        does): only when it shows input does the loop come back to drain it, so a send
+        costs no extra loop turn. Inside the drain loop its own read covers the send.
+        """
+        if self._draining or self._recheck or self.sock.closed:
+            return
+        try:
+            ready = cast(int, self.sock.get(EVENTS)) & POLLIN
+        except zmq.ZMQError:  # a context shutting down: the loop's look reports it, not the send
+            ready = True
+        if ready:
             self._recheck = True
             self.loop.call_soon(self._after_sends)
 

@@ -1,0 +1,94 @@
+"""``transport.Drained`` never strands a message behind an edge its own send consumed.
+
+``zmq.FD`` is edge-triggered, and a send may process the socket's commands, taking the
+"a message arrived" edge with it (pyzmq #1177). The drain loop's first look is the
+``recv`` itself, and ``_sent`` reads ``EVENTS`` right after a send made outside it:
+a message that arrived just before our send must still be handed on. Real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import zmq
+from hmmirror.transport import Drained
+from hmmirror.transport.sockets import send_frames
+
+
+class Collector(Drained):
+    """A DEALER on the loop that keeps what it receives."""
+
+    def __init__(self, sock: zmq.Socket[Any]) -> None:
+        self.got: list[bytes] = []
+        self.arrived = asyncio.Event()
+        self._watch(sock)
+
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        self.got.append(b"".join(f.bytes for f in frames))
+        self.arrived.set()
+
+    def send(self, frames: list[bytes]) -> None:
+        try:
+            send_frames(self.sock, frames, True)
+        finally:
+            self._sent()
+
+
+async def test_a_message_that_arrives_before_our_send_is_not_stranded(tmp_path: Any) -> None:
+    ctx = zmq.Context()
+    ours, peer = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    try:
+        ours.linger = peer.linger = 0
+        ours.bind(f"ipc://{tmp_path}/edge.sock")
+        peer.connect(f"ipc://{tmp_path}/edge.sock")
+        line = Collector(ours)
+        # The connection is up once a first round trip went through.
+        peer.send(b"hello")
+        await asyncio.wait_for(line.arrived.wait(), 5)
+        for i in range(200):
+            line.arrived.clear()
+            want = b"m%d" % i
+            # The peer's message is queued on our socket while the loop is not looking
+            # (no await between); then we send, which may take its edge.
+            peer.send_multipart([b"", want])
+            time.sleep(0.002 if i % 2 else 0)  # with and without the I/O thread done
+            line.send([b"", b"x%d" % i])
+            await asyncio.wait_for(line.arrived.wait(), 5)
+            assert line.got[-1] == want
+            assert peer.recv_multipart() == [b"", b"x%d" % i]
+        assert len(line.got) == 201
+    finally:
+        ours.close(0)
+        peer.close(0)
+        ctx.term()
+
+
+async def test_messages_queued_before_the_reader_and_in_bursts_are_all_drained(
+    tmp_path: Any,
+) -> None:
+    ctx = zmq.Context()
+    ours, peer = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    try:
+        ours.linger = peer.linger = 0
+        ours.bind(f"ipc://{tmp_path}/burst.sock")
+        peer.connect(f"ipc://{tmp_path}/burst.sock")
+        for i in range(50):  # before anyone watches the socket
+            peer.send_multipart([b"", b"early%d" % i])
+        time.sleep(0.05)
+        line = Collector(ours)
+        for burst in range(20):
+            for i in range(burst):
+                peer.send_multipart([b"", b"b%d.%d" % (burst, i)])
+            await asyncio.sleep(0)
+        deadline = time.monotonic() + 5
+        want = 50 + sum(range(20))
+        while len(line.got) < want and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert len(line.got) == want
+        assert line.got[:50] == [b"early%d" % i for i in range(50)]
+    finally:
+        ours.close(0)
+        peer.close(0)
+        ctx.term()
