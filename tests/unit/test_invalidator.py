@@ -212,3 +212,18 @@ async def test_written_goes_only_to_mirrors_watching_writes() -> None:
     assert f.sender.to(a) == [] and len(f.sender.to(b)) == 1
     f.inv.on_ack(b, 1)
     assert inv.finished
+
+
+async def test_a_session_forgiven_while_its_flush_is_pending_leaves_no_outbox_behind() -> None:
+    """An INVALIDATE batched behind an unacked one schedules a flush for the next turn; a
+    session that leaves (or is evicted) in between must not get a new outbox from that flush,
+    which would keep the session object alive for good (found by review)."""
+    f = Fanout()
+    s = f.session("a")
+    f.inv.begin(f.mm, page(0), Event.CLEAR)  # sent at once: n=1 unacked
+    f.inv.begin(f.mm, page(1), Event.CLEAR)  # batched: a flush is scheduled
+    f.inv.forgive(s)  # the session leaves in the same turn
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert s not in f.courier.boxes
+    assert [type(m) for m in f.sender.to(s)] == [Invalidate]

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from hmmirror.daemon.histogram import AckHistogram
 from hmmirror.daemon.outbox import Courier, Items, Outbox
 from hmmirror.daemon.state import Mirror, Mm, Session
 from hmmirror.proto.messages import MAX_ITEMS, Event
@@ -87,11 +88,15 @@ class LatencyLog:
         # over its first 65,536 invalidations (the soak benchmark saw it).
         self._ring = array("d", bytes(8 * size))
         self._count = 0
+        #: Every round trip since hmmd started, in buckets, for /metrics' Histogram: the
+        #: ring alone loses what a slow scraper did not see before it was overwritten.
+        self.histogram = AckHistogram()
 
     def add(self, micros: float) -> None:
         """Record one round trip."""
         self._ring[self._count % len(self._ring)] = micros
         self._count += 1
+        self.histogram.observe(micros)
 
     @property
     def recorded(self) -> int:

@@ -108,6 +108,7 @@ class Courier(Generic[T]):
 
     def forget(self, session: Session) -> Outbox[T] | None:
         """Drop ``session``'s outbox (it was evicted or left); what it held is returned."""
+        self._flush_pending.discard(session)
         return self.boxes.pop(session, None)
 
     def sent(self, session: Session) -> int:
@@ -137,7 +138,8 @@ class Courier(Generic[T]):
     def _scheduled_flush(self, session: Session) -> None:
         """The deferred flush ``queue`` scheduled for ``session``."""
         self._flush_pending.discard(session)
-        self.flush(session)
+        if session in self.boxes:  # not forgotten meanwhile: a flush must not make a new box
+            self.flush(session)
 
     def flush(self, session: Session) -> None:
         """Send ``session``'s queued chunks now: one INVALIDATE per run of chunks of one mirror."""
