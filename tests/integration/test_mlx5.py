@@ -301,6 +301,38 @@ async def test_a_child_registered_after_hmmd_forgot_the_session_leaves_no_older_
         assert await read_all(nic, mr, first, PAGE) == pattern(7, 2)[:PAGE]
 
 
+async def test_after_an_hmmd_restart_an_mr_registers_again_and_says_so(hmmd, puppet, agent, caplog):
+    """The lifecycle line an operator looks for: an MR whose mirror the restart ended
+    registers again on its next access, and logs that it did."""
+    import logging
+    import os
+    import signal
+
+    from hmmirror.testing.hmmd import start_hmmd_async
+
+    addr = await puppet.mmap(PAGE)
+    await puppet.write(addr, b"r" * PAGE)
+    async with agent() as s:
+        nic = Nic(s)
+        mr = await nic.reg_mr(puppet.pid, addr, PAGE, RW)
+        assert await read_all(nic, mr, addr, 8) == b"r" * 8
+        epoch = s.epoch
+        hmmd.kill(signal.SIGKILL)
+        hmmd.proc.wait(10)
+        log_path = os.path.join(hmmd.directory, "hmmd-again.stderr")
+        again = await start_hmmd_async(
+            hmmd.endpoint, ["--ack-deadline", "1s", "--heartbeat", "200ms"], log_path=log_path
+        )
+        try:
+            await until(lambda: s.epoch != epoch and s.lost is None, "the session to reopen")
+            with caplog.at_level(logging.INFO, logger="hmmirror.client.mlx5.mr"):
+                assert await read_all(nic, mr, addr, 8) == b"r" * 8
+            lines = [r.getMessage() for r in caplog.records if "registered again" in r.getMessage()]
+            assert len(lines) == 1 and f"pid {puppet.pid}" in lines[0], caplog.text
+        finally:
+            await again.stop_async()
+
+
 # --- fences ---------------------------------------------------------------------------------
 
 

@@ -153,9 +153,11 @@ class MemoryRegion:
         seg = self._segments.get(base)
         if seg is not None and seg.mirror.dropped is None:
             return seg
+        again = ""
         if seg is not None:
             if seg.mirror.released:
                 seg.mirror._check_live()  # raises ESRCH: the process exited
+            again = seg.mirror.dropped or ""
             self._retire(seg)
         creating = self._creating.get(base)
         if creating is not None:  # another fault is creating it: use that one (xa_cmpxchg)
@@ -165,6 +167,11 @@ class MemoryRegion:
         try:
             size = IMPLICIT_CHILD_SIZE if self.implicit else self._span_end() - self._base
             seg = await self._register(base, size)
+            if again:  # the lifecycle line an operator looks for after an hmmd restart
+                log.info(
+                    "mr %d: pid %d at %#x registered again (its mirror was %s)",
+                    self.mrn, self.pid, base, again,
+                )  # fmt: skip
             fut.set_result(seg)
             return seg
         except BaseException as exc:
