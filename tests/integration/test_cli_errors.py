@@ -214,6 +214,18 @@ def test_a_client_without_curve_keys_is_told_what_to_set(tmp_path):
             env=bare,
         )  # fmt: skip
         one_line(agent, HM_AGENT, 1, "server_key")
+        # The library itself says it too, for agents that are not hmmctl or hm-agent.
+        import zmq
+        from hmmirror.transport import Dialer, DoorError
+
+        ctx = zmq.Context()
+        dialer = Dialer(ctx, daemon.endpoint, None)
+        try:
+            with pytest.raises(DoorError, match="requires CURVE ignores a client without keys"):
+                dialer.dial_sync(1.0)
+        finally:
+            dialer.sock.close(linger=0)
+            ctx.destroy(linger=0)
         good = {"HMMIRROR_SERVER_KEY": str(keys / "hmmd.key"),
                 "HMMIRROR_CLIENT_KEY": str(keys / "me.key_secret")}  # fmt: skip
         out = run(HMMCTL, "--endpoint", daemon.endpoint, "status", env=good)
@@ -329,3 +341,23 @@ async def test_a_read_only_request_that_times_out_does_not_say_it_may_have_taken
                 assert "nothing was changed" in str(info.value)
         finally:
             rdma.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.hmmd_args("--heartbeat", "5s")  # the session outlives hmmd's pause
+async def test_a_session_request_that_times_out_says_whether_it_could_have_changed_anything(
+    hmmd, puppet, agent
+):
+    """A status that got no answer changed nothing; a sync_range may have taken effect."""
+    addr = await puppet.mmap(PAGE)
+    async with agent(timeout=0.5) as s:
+        await s.status()  # connected
+        hmmd.kill(signal.SIGSTOP)
+        try:
+            with pytest.raises(RequestTimeout) as read:
+                await s.status()
+            assert "it changed nothing" in str(read.value), str(read.value)
+            with pytest.raises(RequestTimeout) as write:
+                await s.sync_range(puppet.pid, addr, addr + PAGE)
+            assert "it may have taken effect" in str(write.value), str(write.value)
+        finally:
+            hmmd.kill(signal.SIGCONT)

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: A reply's message type, as the caller of a typed request names it.
 R = TypeVar("R", bound=Message)
+#: Requests that only read: one that times out changed nothing, whatever became of it.
+_READS = frozenset({"status", "inventory", "heartbeat", "stat_mr", "rdma_read", "dma_read"})
 
 
 def _expire(fut: asyncio.Future[Envelope]) -> None:
@@ -157,9 +159,12 @@ class Channel(Drained):
             try:
                 env = await fut
             except TimeoutError as exc:
+                effect = (
+                    "it changed nothing" if msg.TYPE in _READS else "it may have taken effect"
+                )
                 raise RequestTimeout(
                     f"no reply to {msg.TYPE} id={msg_id} from {self.what} at {self.endpoint} "
-                    f"in {wait:g} s; it may have taken effect"
+                    f"in {wait:g} s; {effect}"
                 ) from exc
             finally:
                 timer.cancel()

@@ -156,7 +156,15 @@ class Dialer:
                 "the server refused this client's CURVE key: it is not in its allow-list "
                 "(or the server's key is not the one this client expects)",
             )
-        hint = " (is this client's CURVE key in its allow-list?)" if self.curve else ""
+        if self.curve is not None:
+            hint = " (is this client's CURVE key in its allow-list?)"
+        elif not self.ipc:
+            hint = (
+                " (a tcp:// server that requires CURVE ignores a client without keys: "
+                "give this client the server's public key and a key pair of its own)"
+            )
+        else:
+            hint = ""
         return DoorError(errno.ETIMEDOUT, self.door, f"{why}{hint}")
 
     @contextlib.contextmanager
