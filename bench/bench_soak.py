@@ -25,7 +25,9 @@
   and an ASCII plot); hmmd's own ack round trip (INVALIDATE sent -> last ACK) p50/p99/p99.9 from
   Status, whose ring holds the last 65,536 round trips, read at the end of each window; hmmd's
   VmRSS after the warm-up and at the end; coherence violations and VALID entries checked; CPU time
-  per process group per window, and the load average.
+  per process group per window, and the load average. Two PNGs beside the text
+  (``plots.py``; ``bench/out/`` or ``--plots DIR``): the windows' rates against the asked
+  one, and the run's round trips from hmmd's histogram with the windows' percentiles.
 
 Run: ``uv run python -m bench --only soak [--soak-seconds 60 --soak-agents 8 --soak-rate 10000]``.
 """
@@ -350,6 +352,24 @@ def _plot(windows: list[Window], asked: float, width: int = 50) -> list[str]:
     return out
 
 
+def _write_plots(
+    a: dict[str, Any], ws: list[Window], st0: dict[str, Any], st1: dict[str, Any], log: Any
+) -> None:
+    """The soak's PNGs (``plots.soak``), where matplotlib is installed (the dev group)."""
+    try:
+        import plots
+
+        written = plots.soak(
+            a.get("plots"), f"soak: {a['agents']} agents, {a['rate']:.0f} invalidating ops/s asked",
+            [(w.t, w.dt, w.rate, w.p50, w.p99, w.p999) for w in ws], float(a["rate"]),
+            str(st0.get("ack_histogram", "")), str(st1.get("ack_histogram", "")),
+        )  # fmt: skip
+    except ImportError as exc:
+        log(f"[soak] no plots: {exc} (uv sync installs the dev group, with matplotlib)")
+        return
+    log(f"[soak] plots: {', '.join(written)}")
+
+
 def bench_soak(a: dict[str, Any], daemon_args: list[str], log: Any = print) -> list[Row]:
     soak = Soak(a, daemon_args, log)
     try:
@@ -363,6 +383,7 @@ def bench_soak(a: dict[str, Any], daemon_args: list[str], log: Any = print) -> l
     log("[soak] invalidations/s per window (after warm-up; quiescent pauses excluded):")
     for line in _plot(ws, asked):
         log(line)
+    _write_plots(a, ws, r["st0"], r["st1"], log)
     lo, med = min(rates), statistics.median(rates)
     st0, st1 = r["st0"], r["st1"]
     total_inv = int(st1["invalidations"]) - int(st0["invalidations"])

@@ -100,7 +100,7 @@ def seed_messages() -> list[list[Any]]:
             spec = f.metadata["wire"]
             kind = spec.kind
             if kind is Kind.UINT:
-                if f.name in ("npages", "length"):
+                if f.name in ("npages", "length", "count"):
                     out[f.name] = min(spec.max, 2)  # sizes the bulk frames: keep seeds small
                 else:
                     out[f.name] = spec.max if edge else min(spec.max, 4096)

@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         default=15.0,
         help="soak: seconds of running between quiescent oracle checks (15; one at the end too)",
     )
+    ap.add_argument("--plots", metavar="DIR", help="soak: where its PNGs go (bench/out)")
     ap.add_argument(
         "--loop",
         choices=["uvloop", "asyncio"],
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         soak = {
             "seconds": a.soak_seconds, "agents": a.soak_agents, "rate": a.soak_rate,
             "threads": a.soak_threads, "pages": a.soak_pages, "fault_hz": a.soak_fault_hz,
-            "warmup": a.soak_warmup, "check_every": a.soak_check_every,
+            "warmup": a.soak_warmup, "check_every": a.soak_check_every, "plots": a.plots,
         }  # fmt: skip
         rows += bench_soak(soak, daemon_args)
     print()

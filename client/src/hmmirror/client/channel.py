@@ -159,9 +159,7 @@ class Channel(Drained):
             try:
                 env = await fut
             except TimeoutError as exc:
-                effect = (
-                    "it changed nothing" if msg.TYPE in _READS else "it may have taken effect"
-                )
+                effect = "it changed nothing" if msg.TYPE in _READS else "it may have taken effect"
                 raise RequestTimeout(
                     f"no reply to {msg.TYPE} id={msg_id} from {self.what} at {self.endpoint} "
                     f"in {wait:g} s; {effect}"

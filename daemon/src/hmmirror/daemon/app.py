@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from hmmirror.daemon import authz
+from hmmirror.daemon import authz, histogram
 from hmmirror.daemon.config import Config
 from hmmirror.daemon.dispatch import Dispatcher
 from hmmirror.daemon.dma.copier import Copier
@@ -226,6 +226,7 @@ class Daemon:
             "ack_p99_us": round(p99, 1),
             "ack_p999_us": round(p999, 1),
             "ack_samples": inv.latency.recorded,
+            "ack_histogram": histogram.status_text(inv.latency),
             "last_acked_monotonic": round(inv.last_acked, 6),
             "uffd_watched": sum(1 for mm in mms if mm.uffd and not mm.uffd.closed),
             "uffd_events": sum(

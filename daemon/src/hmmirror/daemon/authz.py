@@ -55,7 +55,7 @@ class DaemonView(Protocol):
 PUBLIC_STATUS = frozenset(
     {
         "epoch", "uptime_s", "sessions", "mms", "mirrors", "invalidations", "stale",
-        "ack_p50_us", "ack_p99_us", "ack_p999_us", "ack_samples", "uffd_watched",
+        "ack_p50_us", "ack_p99_us", "ack_p999_us", "ack_samples", "ack_histogram", "uffd_watched",
         "uffd_events", "strict_write_faults", "written_runs", "uffd_refusals",
         "reply_bytes", "reply_refusals", "copy_threads", "copy_stuck", "copy_timeouts",
         "copy_refused", "watch_lag_s",

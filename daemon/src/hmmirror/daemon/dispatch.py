@@ -37,6 +37,7 @@ from hmmirror.daemon.registry import Registry
 from hmmirror.daemon.request import Request
 from hmmirror.daemon.sessions import Sessions
 from hmmirror.daemon.state import Mm, Session, UffdWatcher
+from hmmirror.daemon.trace import tracer
 from hmmirror.daemon.watch.acquire import Acquirer
 from hmmirror.daemon.watch.supervisor import Supervisor
 from hmmirror.daemon.watch.uffd import device_write
@@ -182,6 +183,9 @@ class Dispatcher:
 
     def answer_failure(self, identity: bytes, env: Envelope, exc: Exception) -> None:
         """Answer a handler's failure: its typed error, or INTERNAL (logged) for a bug."""
+        if tracer.on:
+            code = exc.code if isinstance(exc, RequestError) else ErrorCode.INTERNAL
+            tracer.error(self.registry.sessions.get(identity), env.msg, env.id, int(code))
         if isinstance(exc, RequestError):
             # Bad arguments are bad input, whether a cap or a range was violated; ESRCH,
             # NO_MIRROR or EPERM can follow from a race or a policy, not only from the peer.

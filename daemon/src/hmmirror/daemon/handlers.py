@@ -11,8 +11,10 @@ FAULT path's handler is ``fault.handlers``, the DMA path's ``dma.handlers``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 
 from hmmirror.daemon import authz, logfmt
 from hmmirror.daemon.dma.handlers import on_dma_atomic, on_dma_read, on_dma_write
@@ -21,6 +23,7 @@ from hmmirror.daemon.fault.handlers import on_fault
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PAGE_SIZE, start_time
 from hmmirror.daemon.request import Handler, Request, Services
 from hmmirror.daemon.state import Mirror, Session, Span
+from hmmirror.daemon.trace import tracer
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import (
     FRAMES_PHYSICAL,
@@ -49,6 +52,8 @@ from hmmirror.proto.messages import (
     Status,
     StatusReply,
     SyncRange,
+    Trace,
+    TraceReply,
     Unregister,
     Welcome,
 )
@@ -154,6 +159,41 @@ def on_inventory(svc: Services, r: Request) -> None:
     }
     reply = InventoryReply(mms=tuple(mms), mirrors=tuple(mirrors), sessions=names)
     svc.send(identity, reply, re=env.id)
+
+
+def on_trace(svc: Services, r: Request) -> Awaitable[None]:
+    """Record the timeline (``trace.tracer``) for ``duration_ms``, then answer with it.
+
+    Root and ``inspect`` grants only (it shows every session's faults and ranges), with or
+    without a session; one trace at a time.
+    """
+    identity, env = r.identity, r.env
+    msg = env.msg
+    assert isinstance(msg, Trace)
+    if not authz.may_inspect(svc, r.peer):
+        authz.refuse(
+            svc, r.peer.identity, "trace",
+            "trace shows every session's faults and invalidations: root or an inspect "
+            "grant only",
+        )  # fmt: skip
+    if tracer.on:
+        raise RequestError(ErrorCode.EBUSY, "a trace is running already: try again after it")
+    if msg.duration_ms == 0 or msg.max_events == 0:
+        raise RequestError(ErrorCode.EINVAL, "trace needs duration_ms and max_events above 0")
+    tracer.start(msg.max_events)
+    return _trace_for(svc, identity, env.id, msg.duration_ms / 1000)
+
+
+async def _trace_for(svc: Services, identity: bytes, re: int, seconds: float) -> None:
+    """Let the tracer record for ``seconds`` (stopped however this ends), then answer."""
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        kept = tracer.stop()
+    reply = TraceReply(
+        count=kept.count, dropped=kept.dropped, duration_ns=kept.duration_ns, names=kept.names
+    )
+    svc.send(identity, reply, re=re, bulk=[kept.events])
 
 
 def on_register(svc: Services, r: Request) -> None:
@@ -268,7 +308,18 @@ def on_ack(svc: Services, r: Request) -> None:
     assert isinstance(msg, Ack) and session is not None
     if msg.n > svc.invalidator.sent(session):
         raise RequestError(ErrorCode.EINVAL, f"ACK({msg.n}) for an INVALIDATE never sent")
+    if tracer.on:
+        _trace_ack(svc, session, msg.n)
     svc.invalidator.on_ack(session, msg.n)
+
+
+def _trace_ack(svc: Services, session: Session, n: int) -> None:
+    """Trace what ``ACK(n)`` acks: each unacked INVALIDATE up to ``n``, per mirror."""
+    box = svc.invalidator.courier.boxes.get(session)
+    for number, chunks, _ in box.unacked if box is not None else ():
+        if number > n:
+            break
+        tracer.acked(session, number, chunks)
 
 
 def on_sync_range(svc: Services, r: Request) -> None:
@@ -335,6 +386,7 @@ HANDLERS: dict[type[Message], tuple[Handler, bool]] = {
     Goodbye: (on_goodbye, True),
     Status: (on_status, False),
     Inventory: (on_inventory, False),
+    Trace: (on_trace, False),
     Register: (on_register, True),
     Unregister: (on_unregister, True),
     Ack: (on_ack, True),

@@ -8,11 +8,18 @@ and two additions per ack, so the hot path may call it.
 
 ``RingFollower`` builds the same histogram from the ring alone, scrape by
 scrape, for an hmmd whose ``LatencyLog`` does not feed one.
+
+``status_text`` is the histogram as ``status`` gives it (``ack_histogram``):
+one string, ``"25us:3 50us:10 2.5ms:1"``: the count in each bucket by its
+upper bound (not cumulative: what a text histogram draws; empty buckets left
+out, to stay within a status string's 256 characters), so that ``hmmctl
+status`` can draw it without a scrape of ``/metrics``.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from array import array
 from bisect import bisect_left
 from collections.abc import Sequence
@@ -26,6 +33,8 @@ BOUNDS_S = (
     1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3,
     1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+#: The longest string a ``status`` value may be (SPEC §4.5, ``proto.schema``).
+STATUS_TEXT_MAX = 256
 
 
 class AckHistogram:
@@ -110,3 +119,54 @@ class RingFollower:
             self.histogram.observe_all(self.ring[: start + new - size])
         self.seen = recorded
         return self.histogram
+
+
+def bound_label(bound_s: float) -> str:
+    """A bucket's upper bound as ``status_text`` names it: ``25us``, ``2.5ms``, ``1s``, ``+Inf``."""
+    if math.isinf(bound_s):
+        return "+Inf"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if bound_s >= scale or unit == "us":
+            return f"{round(bound_s / scale, 6):g}{unit}"
+    raise AssertionError("unreachable")
+
+
+def bucket_text(histogram: AckHistogram) -> str:
+    """``histogram``'s per-bucket counts as one string, empty buckets left out:
+    ``"25us:3 50us:10 2.5ms:1"`` ("" when nothing was counted).
+
+    A status string holds at most ``STATUS_TEXT_MAX`` characters (SPEC §4.5); should
+    exact counts not fit (millions in every bucket at once), counts of a million or
+    more are given to three significant digits (``1.23e+06``).
+    """
+    pairs, previous = [], 0
+    for bound, running in histogram.cumulative():
+        if running > previous:
+            pairs.append((bound_label(bound), running - previous))
+        previous = running
+    text = " ".join(f"{label}:{n}" for label, n in pairs)
+    if len(text) > STATUS_TEXT_MAX:
+        text = " ".join(f"{label}:{n if n < 10**6 else format(n, '.3g')}" for label, n in pairs)
+    return text
+
+
+#: The follower of each ``LatencyLog`` that feeds no histogram of its own, for ``status``
+#: (weak: a log that goes away takes its follower with it).
+_FOLLOWERS: weakref.WeakKeyDictionary[object, RingFollower] = weakref.WeakKeyDictionary()
+
+
+def status_text(latency: object) -> str:
+    """The ack round trip histogram of ``latency`` (an ``invalidation.LatencyLog``) as
+    ``bucket_text`` writes it: its own ``histogram`` when it feeds one, else its ring,
+    followed from one ``status`` to the next (``RingFollower``, as ``/metrics`` does)."""
+    hook = getattr(latency, "histogram", None)
+    if isinstance(hook, AckHistogram):
+        return bucket_text(hook)
+    ring = getattr(latency, "_ring", None)
+    recorded = getattr(latency, "recorded", None)
+    if not (isinstance(ring, array) and isinstance(recorded, int)):
+        return bucket_text(AckHistogram())
+    follower = _FOLLOWERS.get(latency)
+    if follower is None or follower.ring is not ring:
+        follower = _FOLLOWERS[latency] = RingFollower(ring)
+    return bucket_text(follower.catch_up(recorded))

@@ -22,6 +22,7 @@ import numpy as np
 from hmmirror.daemon.histogram import AckHistogram
 from hmmirror.daemon.outbox import Courier, Items, Outbox
 from hmmirror.daemon.state import Mirror, Mm, Session
+from hmmirror.daemon.trace import tracer
 from hmmirror.proto.messages import MAX_ITEMS, Event
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,8 @@ class Invalidator:
             for part in parts:
                 chunks.append((session, (part, inv, mirror)))
         inv.targets = len(waiting)
+        if tracer.on:
+            tracer.invalidation(seq, mm, ev, chunks)
         if not waiting:
             self._complete(inv)
             return inv
@@ -239,6 +242,10 @@ class Invalidator:
         if inv.finished:
             return
         inv.finished = True
+        if tracer.on:
+            tracer.invalidation_end(
+                inv.seq, inv.mm.pid, inv.start, inv.end, inv.targets, bool(inv.not_acked)
+            )
         if inv.timer is not None:
             inv.timer.cancel()
         inv.mm.invalidate_end(inv.ranges)

@@ -20,6 +20,7 @@ from hmmirror.daemon.invalidation import Invalidation, Invalidator
 from hmmirror.daemon.outbox import Courier
 from hmmirror.daemon.registry import Registry
 from hmmirror.daemon.state import Session
+from hmmirror.daemon.trace import tracer
 from hmmirror.transport import Connection
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class Sessions:
             return
         session.fenced = True
         self.counters["evictions"] += 1
+        if tracer.on:
+            tracer.evicted(session, reason)
         ids = tuple(session.mirrors)
         log.warning("evicting session %d (%s): %s", session.id, session.name, reason)
         self.invalidator.forgive(session)

@@ -22,7 +22,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from hmmirror.tools import ctlinspect, ctlrun, ctlstat
+from hmmirror.tools import ctlinspect, ctlrun, ctlstat, ctltrace
 from hmmirror.tools.ctlinspect import Refused, fail
 from hmmirror.tools.ctlparse import build as _parser
 from hmmirror.transport.settings import EXIT_USAGE
@@ -35,6 +35,7 @@ COMMANDS: dict[str | None, Callable[[argparse.Namespace], int]] = {
     "mms": ctlinspect.inventory,
     "mirrors": ctlinspect.inventory,
     "top": ctlinspect.top_until_interrupted,
+    "trace": ctltrace.trace,
     "keys": ctlstat.keys,
     "stat": ctlstat.stat_mr,
     "demo": ctlrun.demo,

@@ -1,20 +1,23 @@
 """``hmmctl status``, ``mms``, ``mirrors`` and ``top``: questions to a running hmmd, as
-aligned text or (``-j``) JSON; and what every hmmctl command shares: ``Refused``, ``fail``
-and one-line JSON output.
+aligned text (``top`` full screen on a terminal: ``liveview``) or (``-j``) JSON; and what
+every hmmctl command shares: ``Refused``, ``fail`` and one-line JSON output.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from hmmirror.client.curve import CLIENT_KEY_ENV, SERVER_KEY_ENV, CertificateError, CurveKeys
 from hmmirror.client.errors import AgentError
+from hmmirror.tools import ackhistogram
+from hmmirror.tools.liveview import Screen, rate, read_hmmd, table, top_screen
 from hmmirror.transport.settings import EXIT_FAILURE, EXIT_USAGE
 
 T = TypeVar("T")
@@ -91,23 +94,24 @@ def status(args: argparse.Namespace) -> int:
     from hmmirror.client.session import status as ask_status
 
     stats = _ask_hmmd(args, lambda curve: ask_status(args.endpoint, args.timeout, curve))
+    text = stats.get("ack_histogram")
+    buckets: ackhistogram.Buckets | None = None
+    if isinstance(text, str):
+        with contextlib.suppress(ValueError):  # another hmmd's format: shown as it came
+            buckets = ackhistogram.parse(text)
     if args.json:
-        emit(stats)
+        parsed = {"ack_histogram": ackhistogram.as_json(str(text))} if buckets is not None else {}
+        emit({**stats, **parsed})  # parsed in its place among the keys
         return 0
-    width = max(len(k) for k in stats)
-    for key, value in stats.items():
+    shown = {k: v for k, v in stats.items() if k != "ack_histogram" or buckets is None}
+    width = max(len(k) for k in shown)
+    for key, value in shown.items():
         print(f"{key:<{width}}  {value}")
+    if buckets is not None:
+        print(f"\nack round trip since hmmd started ({ackhistogram.summary(buckets)}):")
+        for line in ackhistogram.draw(buckets, 40, ackhistogram.block_for(sys.stdout.encoding)):
+            print(line)
     return 0
-
-
-def table(heads: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Columns aligned under their heads."""
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
-              for i, h in enumerate(heads)]  # fmt: skip
-    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def inventory(args: argparse.Namespace) -> int:
@@ -144,14 +148,6 @@ def inventory(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rate(prev: dict[str, int | float | str], now: dict[str, int | float | str],
-          *keys: str) -> float | None:  # fmt: skip
-    """Per-second rate of the summed counters ``keys`` between two status readings."""
-    dt = float(now["uptime_s"]) - float(prev["uptime_s"])
-    delta = sum(float(now.get(k, 0)) - float(prev.get(k, 0)) for k in keys)
-    return round(delta / dt, 1) if dt > 0 else None
-
-
 def top_until_interrupted(args: argparse.Namespace) -> int:
     """``hmmctl top``, which Ctrl-C ends normally."""
     try:
@@ -165,10 +161,21 @@ _TOP_HEADS = ("TIME", "SESS", "MMS", "MIRRORS", "INVAL/S", "FAULT/S", "DMA/S", "
 
 
 async def _top(args: argparse.Namespace) -> int:
-    """``hmmctl top``: one line per interval, with rates from successive status figures."""
+    """``hmmctl top``: full screen on a terminal (``liveview``); else, and with ``-j`` or
+    ``--count``, one line per interval, with rates from successive status figures."""
     from hmmirror.client.session import status as ask_status
 
     curve = _curve(args)
+    screen = Screen(sys.stdout)
+    if not args.json and args.count == 0 and screen.usable:
+        try:
+            await top_screen(
+                screen, lambda: read_hmmd(args.endpoint, args.timeout, curve), args.interval,
+                f"hmmctl top  {args.endpoint}",
+            )  # fmt: skip
+        except AgentError as exc:
+            return fail(_unreachable(args, curve, exc))
+        return 0
     if not args.json:
         print("  ".join(_TOP_HEADS), flush=True)
     prev: dict[str, int | float | str] | None = None
@@ -182,9 +189,9 @@ async def _top(args: argparse.Namespace) -> int:
             row: dict[str, Any] = {
                 "ts": round(time.time(), 3), "sessions": now["sessions"], "mms": now["mms"],
                 "mirrors": now["mirrors"],
-                "invalidations_per_s": _rate(prev, now, "invalidations"),
-                "faults_per_s": _rate(prev, now, "faults"),
-                "dma_per_s": _rate(prev, now, "dma_reads", "dma_writes"),
+                "invalidations_per_s": rate(prev, now, "invalidations"),
+                "faults_per_s": rate(prev, now, "faults"),
+                "dma_per_s": rate(prev, now, "dma_reads", "dma_writes"),
                 "ack_p50_us": now.get("ack_p50_us"), "ack_p99_us": now.get("ack_p99_us"),
                 "evictions": now.get("evictions"), "stale": now.get("stale"),
             }  # fmt: skip

@@ -37,7 +37,8 @@ GLOBALS_AFTER = (
 JSON_HELP = {
     "status": "one JSON object: hmmd's figures by the names the text shows (epoch, "
     "endpoint, pid, uptime_s, sessions, mms, mirrors, invalidations, stale, ack_p50_us, "
-    "ack_p99_us, evictions, ...); a caller who is not root gets the counters only",
+    "ack_p99_us, evictions, ...; ack_histogram parsed: [{le_s, count}], le_s null for the "
+    "bucket above 10 s); a caller who is not root gets the counters only",
     "mms": "one JSON object per line: pid, start_time, seq, active, mirrors, watched "
     "(proc, proc+uffd or proc+uffd+strict)",
     "mirrors": "one JSON object per line: mirror, agent, session, pid, lo, hi (the range, "
@@ -60,6 +61,8 @@ JSON_HELP = {
     "pages_zapped, reads, writes, refused, stale, evictions, violations ([{mirror, addr, "
     "kind, entry, live}]), check (the checker's report, as check -j, or null)",
     "version": "one JSON object: program, version, protocol",
+    "trace": "one JSON object: output, seconds, events, dropped, faults, invalidations, "
+    "acks, stale, evictions (the trace itself goes to --output)",
 }
 
 
@@ -92,7 +95,7 @@ def _global_options() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
         )),
         (("-j", "--json"), dict(
             action="store_true", default=False,
-            help="JSON output (status, mms, mirrors, top, stat mr, check, demo, keys, "
+            help="JSON output (status, mms, mirrors, top, trace, stat mr, check, demo, keys, "
             "version); each command's --help names its keys",
         )),
         (("-d", "--details"), dict(
@@ -152,15 +155,19 @@ def build() -> argparse.ArgumentParser:
     _command(sub, "mms", "list the processes hmmd watches, and how")
     _command(sub, "mirrors", "list every mirror: agent, process, range, pages held")
     top = _command(
-        sub, "top", "a live line per interval: rates, ack latency, evictions (Ctrl-C stops)"
-    )
+        sub, "top", "live figures: a full-screen table on a terminal (q quits), else a line "
+        "per interval: sessions, mirrors, in-flight invalidations, rates, ack latency and "
+        "its histogram, evictions",
+    )  # fmt: skip
     top.add_argument(
-        "--interval", type=duration("--interval"), default=1.0, help="seconds between lines (1)"
-    )
+        "--interval", type=duration("--interval"), default=1.0,
+        help="seconds between readings (1)",
+    )  # fmt: skip
     top.add_argument(
         "--count", type=flag(whole_number(0), "--count"), default=0,
-        help="lines to print (0: until Ctrl-C)",
+        help="lines to print, one per interval, even on a terminal (0: until q or Ctrl-C)",
     )  # fmt: skip
+    _trace_parser(sub)
     keys = _command(sub, "keys", "CURVE keys for TCP connections to hmmd", output=None)
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     gen = _command(
@@ -182,6 +189,27 @@ def build() -> argparse.ArgumentParser:
     )  # fmt: skip
     completion.add_argument("shell", choices=["bash"], help="the shell (bash)")
     return parser
+
+
+def _trace_parser(sub: argparse._SubParsersAction[Parser]) -> None:
+    """``hmmctl trace``: hmmd's timeline as a Chrome trace event file (``ctltrace``)."""
+    trace = _command(
+        sub, "trace", "record faults, invalidations, acks, STALE and evictions per mirror "
+        "into a trace Perfetto opens (root or an inspect grant)",
+    )  # fmt: skip
+    trace.add_argument(
+        "--seconds", type=duration("--seconds"), default=5.0, metavar="DURATION",
+        help="how long hmmd records (default 5; at most 600)",
+    )  # fmt: skip
+    trace.add_argument(
+        "-o", "--output", default="hmmirror-trace.json", metavar="FILE",
+        help="the Chrome trace event JSON to write (default %(default)s); open it in "
+        "https://ui.perfetto.dev or chrome://tracing",
+    )  # fmt: skip
+    trace.add_argument(
+        "--max-events", type=flag(whole_number(1), "--max-events"), default=32768,
+        metavar="N", help="keep at most the newest N events (default and most 32768)",
+    )  # fmt: skip
 
 
 def _stat_parser(sub: argparse._SubParsersAction[Parser]) -> None:
@@ -216,8 +244,10 @@ def _stat_parser(sub: argparse._SubParsersAction[Parser]) -> None:
 def _demo_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     """``hmmctl demo``."""
     demo = _command(
-        sub, "demo", "start hmmd, a churning target and two agents; show live counters and a report"
-    )
+        sub, "demo", "start hmmd, a churning target and two agents; show the live view (full "
+        "screen on a terminal, as top), a progress bar (on a terminal's stderr, not with -j) "
+        "and a report",
+    )  # fmt: skip
     demo.add_argument(
         "--duration", type=duration("--duration"), default=20.0,
         help="seconds of churn (default 20)",
@@ -274,7 +304,10 @@ def _check_parser(sub: argparse._SubParsersAction[Parser]) -> None:
         help="hmmd's ack deadline, seconds (1)",
     )  # fmt: skip
     check.add_argument("--keep", action="store_true", help="keep the run's logs and say where")
-    check.add_argument("-q", "--quiet", action="store_true", help="only the report")
+    check.add_argument(
+        "-q", "--quiet", action="store_true",
+        help="only the report (no progress lines, no progress bar)",
+    )  # fmt: skip
 
 
 def program_version() -> str:

@@ -29,13 +29,15 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from hmmirror.client.errors import DeviceError
+from hmmirror.client.errors import AgentError, DeviceError
 from hmmirror.client.mirror import Mirror
 from hmmirror.client.session import connect
 from hmmirror.proto.messages import Access
 from hmmirror.testing.hmmd import start_hmmd_async
 from hmmirror.testing.quiesce import quiesce
+from hmmirror.tools.liveview import Reading, Screen, frame, read_hmmd
 from hmmirror.tools.oracle import Violation, check
+from hmmirror.tools.progress import Progress, line
 
 PAGE = 4096
 #: Seconds of the checker's rounds after the demo's own (``--check-duration``).
@@ -88,13 +90,11 @@ async def _agent(mirror: Mirror, stats: AgentStats, rng: random.Random, until: f
         await asyncio.sleep(0)
 
 
-def _table(report: Report, elapsed: float, out: IO[str], tty: bool) -> None:
-    """Write the live figures: the whole table on a terminal, else the summary line."""
-    s = report.stats
+def _agent_rows(report: Report) -> list[str]:
+    """The demo's agents: what each did, and its mirror's counters."""
     rows = [
-        f"hmmirror demo  {elapsed:5.1f} s  round {report.rounds}",
         f"{'agent':<10}{'reads':>8}{'writes':>8}{'refused':>9}{'faults':>9}"
-        f"{'pages in':>10}{'invals':>8}{'zapped':>8}",
+        f"{'pages in':>10}{'invals':>8}{'zapped':>8}"
     ]
     for agent, mirror in zip(report.agents, report.mirrors, strict=True):
         c = mirror.counters
@@ -103,16 +103,60 @@ def _table(report: Report, elapsed: float, out: IO[str], tty: bool) -> None:
             f"{c['page_faults_handled']:>9}{c['page_faults']:>10}"
             f"{c['page_invalidations_handled']:>8}{c['page_invalidations']:>8}"
         )
-    rows.append(
+    return rows
+
+
+def _summary(report: Report) -> str:
+    """hmmd's figures in one line: what the demo writes per round where there is no screen."""
+    s = report.stats
+    return (
         f"hmmd: invalidations {s.get('invalidations', 0)}  ack p50 {s.get('ack_p50_us', 0)} us  "
         f"p99 {s.get('ack_p99_us', 0)} us  stale {s.get('stale', 0)}  "
         f"violations {len(report.violations)}"
     )
-    if tty:
-        out.write("\x1b[H\x1b[J" + "\n".join(rows) + "\n")
-    else:
-        out.write(rows[-1] + "\n")
-    out.flush()
+
+
+class LiveTable:
+    """The demo's live figures: ``hmmctl top``'s full screen (``liveview``) with the
+    agents' table and the progress bar in it, where ``out`` is a terminal that can show
+    one; else a summary line per round on ``out`` and the bar (``progress``) apart."""
+
+    def __init__(self, out: IO[str], progress: Progress, duration: float) -> None:
+        self.out, self.progress, self.duration = out, progress, duration
+        screen = Screen(out)
+        self.screen = screen if screen.usable else None
+        self.prev: Reading | None = None
+
+    def __enter__(self) -> LiveTable:
+        if self.screen is not None:
+            self.screen.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.screen is not None:
+            self.screen.__exit__(*exc)
+        self.progress.close()
+
+    async def show(self, report: Report, elapsed: float, endpoint: str) -> None:
+        """Draw the figures after a round."""
+        done = min(elapsed / self.duration, 1.0)
+        detail = f"round {report.rounds}, {elapsed:.0f}/{self.duration:.0f} s"
+        left = max(self.duration - elapsed, 0.0)
+        if self.screen is None:
+            with self.progress.aside():
+                self.out.write(_summary(report) + "\n")
+                self.out.flush()
+            self.progress.update(done, detail, left)
+            return
+        with contextlib.suppress(AgentError):
+            reading = await read_hmmd(endpoint, 2.0)
+            width, height = self.screen.size()
+            extra = [*_agent_rows(report), _summary(report)]
+            footer = line("demo", done, detail, left, width) if self.progress.wanted else ""
+            self.screen.draw(frame(reading, self.prev, title="hmmirror demo", width=width,
+                                   height=height, block=self.screen.block, extra=extra,
+                                   footer=footer))  # fmt: skip
+            self.prev = reading
 
 
 #: hmmd's ack deadline in the demo, in seconds.
@@ -121,10 +165,13 @@ ACK_DEADLINE = 2.0
 QUIESCE_LIMIT = 10 + 2 * ACK_DEADLINE
 
 
-async def run_demo(duration: float, seed: int, out: IO[str]) -> Report:
-    """Run the demo for about ``duration`` seconds; return the report."""
+async def run_demo(
+    duration: float, seed: int, out: IO[str], progress: Progress | None = None
+) -> Report:
+    """Run the demo for about ``duration`` seconds, its live figures on ``out`` and its
+    progress on ``progress``; return the report."""
     report = Report()
-    tty = out.isatty()
+    live = LiveTable(out, progress or Progress(None, "demo"), duration)
     with tempfile.TemporaryDirectory(prefix="hmmdemo-") as tmp:
         endpoint = f"ipc://{tmp}/hmmd.sock"
         daemon = await start_hmmd_async(
@@ -143,6 +190,7 @@ async def run_demo(duration: float, seed: int, out: IO[str]) -> Report:
             base, size = int(base_s, 16), int(size_s)
             async with (
                 connect(endpoint, name="agent-a") as sa,
+                contextlib.AsyncExitStack() as shown,
                 connect(endpoint, name="agent-b") as sb,
             ):
                 for session in (sa, sb):
@@ -151,6 +199,7 @@ async def run_demo(duration: float, seed: int, out: IO[str]) -> Report:
                     )
                     report.agents.append(AgentStats(session.name))
                 rng = random.Random(seed)
+                shown.enter_context(live)
                 loop = asyncio.get_running_loop()
                 t0 = loop.time()
                 while loop.time() - t0 < duration:
@@ -170,7 +219,7 @@ async def run_demo(duration: float, seed: int, out: IO[str]) -> Report:
                         report.violations.extend(check(mirror))
                     report.rounds += 1
                     report.stats = await sa.status()
-                    _table(report, loop.time() - t0, out, tty)
+                    await live.show(report, loop.time() - t0, endpoint)
                 report.stats = await sa.status()
         finally:
             with contextlib.suppress(ProcessLookupError):
@@ -252,14 +301,16 @@ def main(
 
     start = time.monotonic()
     live = sys.stderr if as_json else sys.stdout
-    report = uvloop.run(run_demo(duration, seed, live))
+    # The bars go to stderr, only where it is a terminal, and never under -j.
+    report = uvloop.run(run_demo(duration, seed, live, Progress(sys.stderr, "demo", not as_json)))
     if not as_json:
         print_report(report, seed, sys.stdout)
     checked = None
     if check_duration > 0:
         live.write(f"\nchecker: seed {seed}, 3 mlx5-model agents, {check_duration:g} s\n")
         opts = Options(seed=seed, duration=check_duration, agents=3)
-        checked = uvloop.run(Checker(opts, live).run())
+        bar = Progress(sys.stderr, "check", not as_json)
+        checked = uvloop.run(Checker(opts, live, bar).run())
         if not as_json:
             print_check(checked, sys.stdout)
     elapsed = time.monotonic() - start

@@ -32,6 +32,7 @@ from hmmirror.daemon.linux import vm
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PFN_MASK, PM_PRESENT, Raw
 from hmmirror.daemon.pagetable import vma_perms
 from hmmirror.daemon.state import Mm
+from hmmirror.daemon.trace import tracer
 from hmmirror.daemon.watch.proc import FanOut, detect, merge
 from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID, HMM_PFN_WRITE, Entries
 from hmmirror.proto.errors import ErrorCode
@@ -46,6 +47,9 @@ ZERO_COPY_MIN = 64 * 1024
 
 #: How a request is failed once its copy is over: the handler turns the error into a reply.
 Fail = Callable[[Exception], None]
+
+#: Why a DMA was refused STALE, as a trace records it (``TraceKind.STALE``'s ``arg``).
+PENDING, CHANGED, CHANGED_MID_COPY = 0, 1, 2
 
 
 def matches(entries: Entries, raw: Raw) -> bool:
@@ -74,9 +78,12 @@ class DmaService:
         self.stale = 0
         self.buffers = ReadBuffers(MAX_DMA_PAGES << PAGE_SHIFT)
 
-    def _refuse_stale(self, mm: Mm, start: int, end: int, why: str) -> RequestError:
-        """Count a STALE refusal, start the invalidations the range needs; return it."""
+    def _refuse_stale(self, mm: Mm, start: int, end: int, why: str, reason: int) -> RequestError:
+        """Count a STALE refusal (and trace it: ``reason``), start the invalidations the range
+        needs; return it."""
         self.stale += 1
+        if tracer.on:
+            tracer.stale(mm.pid, start, end, reason)
         try:
             changes = detect(mm, self.zero_pfn, start, end)
         except ProcessLookupError:
@@ -104,13 +111,15 @@ class DmaService:
                 start,
                 end,
                 f"an INVALIDATE of [{start:#x}, {end:#x}) is pending for this mirror",
+                PENDING,
             )
         self._refuse_unless_live(mm, start, npages, entries, "no longer matches")
 
     def _refuse_unless_live(
-        self, mm: Mm, start: int, npages: int, entries: Entries, what: str
+        self, mm: Mm, start: int, npages: int, entries: Entries, what: str, reason: int = CHANGED
     ) -> None:
-        """Read the live pagemap; refuse (ESRCH, or STALE saying ``what``) unless it matches."""
+        """Read the live pagemap; refuse (ESRCH, or STALE saying ``what``, traced as
+        ``reason``) unless it matches."""
         end = start + (npages << PAGE_SHIFT)
         try:
             live = mm.view.pagemap(start, npages)
@@ -118,8 +127,9 @@ class DmaService:
             raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited") from exc
         if not matches(entries, live):
             raise self._refuse_stale(
-                mm, start, end, f"translation of [{start:#x}, {end:#x}) of pid {mm.pid} {what}"
-            )
+                mm, start, end, f"translation of [{start:#x}, {end:#x}) of pid {mm.pid} {what}",
+                reason,
+            )  # fmt: skip
 
     def _fault_reason(
         self, mm: Mm, start: int, npages: int, write: bool, exc: OSError | None
@@ -148,6 +158,8 @@ class DmaService:
                 ErrorCode.EPERM, f"[{start:#x}, {end:#x}) of pid {mm.pid} is read-only"
             )
         self.stale += 1
+        if tracer.on:
+            tracer.stale(mm.pid, start, end, CHANGED_MID_COPY)
         return RequestError(
             ErrorCode.STALE,
             f"[{start:#x}, {end:#x}) of pid {mm.pid} changed during the copy ({exc})",
@@ -208,7 +220,9 @@ class DmaService:
                 return
             try:
                 self._copied(mm, start, npages, False, job, size)
-                self._refuse_unless_live(mm, start, npages, entries, "changed mid-copy")
+                self._refuse_unless_live(
+                    mm, start, npages, entries, "changed mid-copy", CHANGED_MID_COPY
+                )
             except Exception as exc:
                 if isinstance(buf, mmap.mmap):
                     buffers.give_back(buf)

@@ -18,6 +18,7 @@ from hmmirror.daemon.fault.service import Pending, Walked, WalkOptions, attempt,
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT
 from hmmirror.daemon.request import Request, Services, aligned_range
 from hmmirror.daemon.state import Mirror, Session, Span
+from hmmirror.daemon.trace import tracer
 from hmmirror.daemon.watch.uffd import guard_handed_out
 from hmmirror.proto.codec import Envelope
 from hmmirror.proto.entries import Entries
@@ -60,6 +61,8 @@ def on_fault(svc: Services, r: Request) -> Awaitable[None] | None:
     # gets EBUSY here, before anything is populated or copied for it.
     reserved = svc.reserve(identity, fault_reply_bytes(msg), "fault")
     svc.counters["faults"] += 1
+    if tracer.on:
+        tracer.fault(mirror, env.id, msg.start, end, msg.write)
     options = _walk_options(svc, mirror, msg, mode)
     try:
         step = attempt(mirror.mm, msg.start, msg.npages, msg.write, mode, svc.zero_pfn, options)
@@ -159,6 +162,8 @@ def _send_fault_reply(
         )
         return
     seq = mirror.mm.seq
+    if tracer.on:
+        tracer.fault_reply(mirror, env.id, msg.start, msg.start + (msg.npages << PAGE_SHIFT), seq)
     if not tokenized:
         _to_agent(svc, mirror.session, entries)
     if data is not None:

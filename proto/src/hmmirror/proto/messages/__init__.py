@@ -63,6 +63,14 @@ from hmmirror.proto.messages.session import (
     Ok,
     Welcome,
 )
+from hmmirror.proto.messages.trace import (
+    MAX_TRACE_EVENTS,
+    MAX_TRACE_MS,
+    TRACE_COLUMNS,
+    Trace,
+    TraceKind,
+    TraceReply,
+)
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Hello, Welcome, Heartbeat, HeartbeatAck, Goodbye, Ok, Error,
@@ -70,6 +78,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Invalidate, Ack, Evicted, SyncRange, DmaRead, DmaReadReply, DmaWrite,
     DmaAtomic, AtomicReply, Status, StatusReply, Inventory, InventoryReply,
     RdmaRead, RdmaReadReply, RdmaWrite, RdmaAtomic, StatMr, StatMrReply,
+    Trace, TraceReply,
 )  # fmt: skip
 
 #: The explicit type table: the only way a wire string becomes a class.
@@ -86,10 +95,13 @@ __all__ = [
     "MAX_ITEMS",
     "MAX_MIRROR_PAGES",
     "MAX_RDMA_BYTES",
+    "MAX_TRACE_EVENTS",
+    "MAX_TRACE_MS",
     "MIRROR_COLUMNS",
     "MM_COLUMNS",
     "NAME_MAX",
     "STAT_MR_COLUMNS",
+    "TRACE_COLUMNS",
     "TYPES",
     "U32_MAX",
     "USER_ADDR_END",
@@ -128,6 +140,9 @@ __all__ = [
     "Status",
     "StatusReply",
     "SyncRange",
+    "Trace",
+    "TraceKind",
+    "TraceReply",
     "Unregister",
     "Welcome",
 ]

@@ -9,6 +9,7 @@ from typing import IO, Any
 
 from hmmirror.tools.check.runner import Checker, Options, Report
 from hmmirror.tools.check.scenarios import SCENARIOS
+from hmmirror.tools.progress import Progress
 
 
 def print_report(report: Report, out: IO[str]) -> None:
@@ -101,6 +102,7 @@ def as_dict(report: Report) -> dict[str, Any]:
 
 def main(opts: Options, out: IO[str], progress: bool = True, as_json: bool = False) -> int:
     """Run the check and print the report (progress lines too, on stderr under
+    ``as_json``; and a progress bar on stderr where it is a terminal, but under
     ``as_json``); 0 if no violation, else 1."""
     import uvloop
 
@@ -108,7 +110,9 @@ def main(opts: Options, out: IO[str], progress: bool = True, as_json: bool = Fal
         out.write(f"hmmctl check: no scenario {opts.scenario!r}; try --scenario list\n")
         return 2
     said = (sys.stderr if as_json else out) if progress else None
-    report = uvloop.run(Checker(opts, said).run())
+    # The bar: on stderr where it is a terminal; never under -j (nor -q).
+    bar = Progress(sys.stderr, "check", progress and not as_json)
+    report = uvloop.run(Checker(opts, said, bar).run())
     if as_json:
         out.write(json.dumps(as_dict(report)) + "\n")
         out.flush()

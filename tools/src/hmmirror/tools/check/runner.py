@@ -43,6 +43,7 @@ from hmmirror.testing.quiesce import quiesce
 from hmmirror.tools.check.child import Child, ChildDied
 from hmmirror.tools.check.stamps import DataOracle, describe, load
 from hmmirror.tools.oracle import check_table
+from hmmirror.tools.progress import Progress
 
 #: Mirrors' retry budget (``proto.RETRY_BUDGET``) plus scheduling slack on a busy host.
 LATENCY_SLACK = 2.5
@@ -135,9 +136,14 @@ class Phase:
 class Checker:
     """One checker run; ``run()`` returns the report."""
 
-    def __init__(self, opts: Options, out: IO[str] | None = None) -> None:
+    def __init__(
+        self, opts: Options, out: IO[str] | None = None, progress: Progress | None = None
+    ) -> None:
         self.opts = opts
         self.out = out
+        self.progress = progress or Progress(None, "check")
+        self.phase = "starting hmmd, the target and the agents"
+        """What the run is doing now, for the progress bar."""
         self.scenario = SCENARIOS[opts.scenario]
         if opts.ack_deadline < self.scenario.min_ack_deadline:
             self.opts = opts = replace(opts, ack_deadline=self.scenario.min_ack_deadline)
@@ -165,8 +171,9 @@ class Checker:
     def say(self, text: str) -> None:
         """A progress line, if there is an output."""
         if self.out is not None:
-            self.out.write(text + "\n")
-            self.out.flush()
+            with self.progress.aside():
+                self.out.write(text + "\n")
+                self.out.flush()
 
     # --- processes -----------------------------------------------------------------------------
 
@@ -349,10 +356,42 @@ class Checker:
         for v in found[5:]:
             self.report.violations.append((f"data: {v.kind}", "(more)"))
 
+    def show_progress(self, running: float | None) -> None:
+        """Redraw the bar: rounds run against both bounds (``--duration``, ``--ops``),
+        whichever comes first; ``running`` is None before the rounds start."""
+        if running is None:
+            self.progress.update(0.0, self.phase)
+            return
+        o = self.opts
+        fraction = max(min(running / o.duration, 1.0), self.ops_done / o.ops)
+        left = max(o.duration - running, 0.0)
+        if self.ops_done:
+            left = min(left, running * (o.ops - self.ops_done) / self.ops_done)
+        if self.phase:
+            self.progress.update(1.0 if self.report.rounds >= o.min_rounds else fraction,
+                                 self.phase)  # fmt: skip
+            return
+        self.progress.update(
+            fraction,
+            f"round {self.report.rounds}, {self.ops_done}/{o.ops} ops, "
+            f"{running:.0f}/{o.duration:g} s",
+            left,
+        )
+
+    async def _tick(self, since: list[float | None]) -> None:
+        """Redraw the bar every quarter second (``since[0]``: when the rounds started)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            start = since[0]
+            self.show_progress(None if start is None else loop.time() - start)
+            await asyncio.sleep(0.25)
+
     async def run(self) -> Report:
         """The whole run, bounded by ``--duration`` and ``--ops``; children killed in the end."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
+        since: list[float | None] = [None]
+        ticker = asyncio.ensure_future(self._tick(since)) if self.progress.enabled else None
         bound = self.opts.duration + 120
         whole_run = asyncio.timeout(bound)
         finished = False
@@ -366,12 +405,14 @@ class Checker:
                     f"in {loop.time() - t0:.1f} s"
                 )
                 t0 = loop.time()
+                since[0], self.phase = t0, ""
                 n = 0
                 while n < self.opts.min_rounds or (
                     loop.time() - t0 < self.opts.duration and self.ops_done < self.opts.ops
                 ):
                     await self.round(phase, n)
                     n += 1
+                self.phase = "the target exits; judging every READ"
                 await self.exit_target(phase)
                 await self.scenario.after(self)
                 for p in self.phases:
@@ -389,6 +430,12 @@ class Checker:
             self.violation("checker error", f"{type(exc).__name__}: {exc}")
             finished = True
         finally:
+            if ticker is not None:
+                ticker.cancel()
+                # A bar that could not be drawn (the terminal went away) is no failure.
+                with contextlib.suppress(asyncio.CancelledError, OSError, ValueError):
+                    await ticker
+            self.progress.close()
             await self.stop_all()
             self.report.elapsed = loop.time() - t0
             self.report.agents = [self.figures.get(i, {}) for i in range(len(self.agents))]
