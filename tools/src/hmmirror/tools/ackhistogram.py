@@ -15,6 +15,8 @@ import math
 import re
 from collections.abc import Sequence
 
+from hmmirror.daemon.histogram import bound_label
+
 Buckets = list[tuple[float, int]]
 
 #: hmmd's bucket bounds in seconds (``hmmirror.daemon.histogram.BOUNDS_S``, which this
@@ -39,16 +41,6 @@ def bound_seconds(label: str) -> float:
     if found is None:
         raise ValueError(f"not a bucket bound: {label!r}")
     return float(found["num"] + _UNITS[found["unit"]])
-
-
-def label(bound_s: float) -> str:
-    """``bound_s`` as hmmd names a bucket: ``25us``, ``2.5ms``, ``1s``, ``+Inf``."""
-    if math.isinf(bound_s):
-        return "+Inf"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if bound_s >= scale or unit == "us":
-            return f"{round(bound_s / scale, 6):g}{unit}"
-    raise AssertionError("unreachable")
 
 
 def parse(text: str) -> Buckets:
@@ -97,7 +89,7 @@ def draw(buckets: Buckets, width: int = 40, block: str = "#") -> list[str]:
         return []
     top = max(n for _, n in rows)
     digits = len(str(top))
-    names = [label(LADDER_S[-2] if math.isinf(b) else b) for b, _ in rows]
+    names = [bound_label(LADDER_S[-2] if math.isinf(b) else b) for b, _ in rows]
     wide = max(len(n) for n in names)
     lines = []
     for name, (bound, n) in zip(names, rows, strict=True):
