@@ -18,6 +18,7 @@ import math
 import os
 from collections.abc import Sequence
 
+from hmmirror.proto.ackbuckets import bound_label
 from hmmirror.tools import ackhistogram
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,8 +85,8 @@ def round_trips(
     fig = _figure(11, 4)
     left, right = fig.subplots(1, 2, width_ratios=[3, 2])
     shown = ackhistogram.span(list(buckets)) or [(ackhistogram.LADDER_S[0], 0)]
-    names = [("> " + ackhistogram.label(ackhistogram.LADDER_S[-2])) if math.isinf(b)
-             else "\u2264 " + ackhistogram.label(b) for b, _ in shown]  # fmt: skip
+    names = [("> " + bound_label(ackhistogram.LADDER_S[-2])) if math.isinf(b)
+             else "\u2264 " + bound_label(b) for b, _ in shown]  # fmt: skip
     counts = [n for _, n in shown]
     total = max(sum(counts), 1)
     left.bar(range(len(shown)), counts, color="tab:blue")

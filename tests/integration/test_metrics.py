@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from hmmirror.client import Access
 from hmmirror.daemon.exposition import FIGURES, UNDESCRIBED
-from hmmirror.daemon.histogram import BOUNDS_S
 from hmmirror.daemon.metrics import MAX_CONNECTIONS, MAX_REQUEST, REQUEST_DEADLINE
+from hmmirror.proto.ackbuckets import BOUNDS_S
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )

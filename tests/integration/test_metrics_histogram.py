@@ -9,8 +9,9 @@ import math
 
 import pytest
 from hmmirror.daemon.exposition import StatusCollector, registry
-from hmmirror.daemon.histogram import BOUNDS_S, AckHistogram, RingFollower
+from hmmirror.daemon.histogram import AckHistogram, RingFollower
 from hmmirror.daemon.invalidation import LatencyLog
+from hmmirror.proto.ackbuckets import BOUNDS_S
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 

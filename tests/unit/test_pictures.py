@@ -8,15 +8,9 @@ import math
 import os
 from array import array
 
-from hmmirror.daemon.histogram import (
-    BOUNDS_S,
-    STATUS_TEXT_MAX,
-    AckHistogram,
-    bound_label,
-    bucket_text,
-    status_text,
-)
+from hmmirror.daemon.histogram import STATUS_TEXT_MAX, AckHistogram, bucket_text, status_text
 from hmmirror.daemon.invalidation import LatencyLog
+from hmmirror.proto.ackbuckets import BOUNDS_S, bound_label, bound_seconds
 from hmmirror.tools import ackhistogram
 from hmmirror.tools.liveview import Reading, frame
 from hmmirror.tools.progress import Progress, estimate_left, left_text, line
@@ -74,8 +68,9 @@ def test_a_full_histogram_stays_within_a_status_strings_length() -> None:
 def test_hmmctls_ladder_and_labels_are_hmmds() -> None:
     assert (*BOUNDS_S, math.inf) == ackhistogram.LADDER_S
     for bound in BOUNDS_S:
-        assert ackhistogram.label(bound) == bound_label(bound)
-        assert ackhistogram.bound_seconds(bound_label(bound)) == bound
+        assert bound_seconds(bound_label(bound)) == bound
+    named = [bound_label(b) for b in (25e-6, 2.5e-3, 1.0, math.inf)]
+    assert named == ["25us", "2.5ms", "1s", "+Inf"]
     assert ackhistogram.as_json("25us:3 +Inf:1") == [
         {"le_s": 2.5e-05, "count": 3},
         {"le_s": None, "count": 1},

@@ -25,14 +25,8 @@ from bisect import bisect_left
 from collections.abc import Sequence
 
 import numpy as np
+from hmmirror.proto.ackbuckets import BOUNDS_S, bound_label
 
-#: Upper bounds (``le``) in seconds: 25 µs (an agent on the same host acking at once)
-#: to 10 s (past any ack deadline), about three per decade.
-BOUNDS_S = (
-    25e-6, 50e-6, 100e-6, 250e-6, 500e-6,
-    1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3,
-    1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
 #: The longest string a ``status`` value may be (SPEC §4.5, ``proto.schema``).
 STATUS_TEXT_MAX = 256
 
@@ -119,16 +113,6 @@ class RingFollower:
             self.histogram.observe_all(self.ring[: start + new - size])
         self.seen = recorded
         return self.histogram
-
-
-def bound_label(bound_s: float) -> str:
-    """A bucket's upper bound as ``status_text`` names it: ``25us``, ``2.5ms``, ``1s``, ``+Inf``."""
-    if math.isinf(bound_s):
-        return "+Inf"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if bound_s >= scale or unit == "us":
-            return f"{round(bound_s / scale, 6):g}{unit}"
-    raise AssertionError("unreachable")
 
 
 def bucket_text(histogram: AckHistogram) -> str:

@@ -12,35 +12,15 @@ to the last, empty ones between included so that the shape is not squeezed.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
-from hmmirror.daemon.histogram import bound_label
+from hmmirror.proto.ackbuckets import BOUNDS_S, bound_label, bound_seconds
 
 Buckets = list[tuple[float, int]]
 
-#: hmmd's bucket bounds in seconds (``hmmirror.daemon.histogram.BOUNDS_S``, which this
-#: package may not import: a client-only install has no daemon); a test keeps them equal.
-#: They fill the empty buckets that the status string leaves out.
-LADDER_S = (
-    25e-6, 50e-6, 100e-6, 250e-6, 500e-6,
-    1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3,
-    1.0, 2.5, 5.0, 10.0, math.inf,
-)  # fmt: skip
-#: Each unit as an exponent: ``float("25e-6")`` is the literal ``25e-6`` of the ladder,
-#: where ``25 * 1e-6`` is not.
-_UNITS = {"us": "e-6", "ms": "e-3", "s": ""}
-_BUCKET = re.compile(r"^(?P<num>[0-9.]+)(?P<unit>us|ms|s)$")
-
-
-def bound_seconds(label: str) -> float:
-    """A bucket's label (``25us``, ``2.5ms``, ``1s``, ``+Inf``) in seconds."""
-    if label == "+Inf":
-        return math.inf
-    found = _BUCKET.match(label)
-    if found is None:
-        raise ValueError(f"not a bucket bound: {label!r}")
-    return float(found["num"] + _UNITS[found["unit"]])
+#: hmmd's bucket bounds in seconds, ``+Inf`` last; they fill the empty buckets that the
+#: status string leaves out.
+LADDER_S = (*BOUNDS_S, math.inf)
 
 
 def parse(text: str) -> Buckets:
