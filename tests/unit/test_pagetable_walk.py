@@ -27,6 +27,7 @@ from hmmirror.daemon.fault.service import (
     Walked,
     WalkOptions,
     attempt,
+    changed_under,
     huge_regions,
     index_runs,
 )
@@ -58,7 +59,7 @@ from hmmirror.proto.entries import (
     map_order,
     pfns,
 )
-from hmmirror.proto.messages import FaultMode
+from hmmirror.proto.messages import Event, FaultMode
 from hypothesis import given
 from hypothesis import strategies as st
 from pagetable_inputs import BASE, MAX_PAGES, Walk, fast, walks
@@ -281,7 +282,7 @@ def test_a_fault_walk_of_a_real_range_marks_huge_pages(
     zero = zero_pfn()
     got = attempt(own_mm, aligned, npages, False, FaultMode.POPULATE, zero)
     assert isinstance(got, Walked)
-    entries, shadow, raw = got
+    entries, shadow, raw = got.entries, got.shadow, got.raw
     assert entries is not shadow and np.array_equal(entries, shadow)
     assert (entries >= np.uint64(HMM_PFN_VALID | HMM_PFN_WRITE)).all()
     want = np.zeros(npages, dtype=np.uint64)
@@ -354,3 +355,53 @@ def test_a_whole_span_hand_out_keeps_the_arrays_it_is_given(all_valid: bool) -> 
     view = np.full(2 * n, HMM_PFN_VALID, dtype=np.uint64)[:n]
     span.hand_out(BASE, view, np.zeros(n, dtype=np.uint64))
     assert span.handed is not view and np.array_equal(span.handed, view)
+
+
+def test_a_hand_out_keeps_an_earlier_write_entry_for_the_same_frame() -> None:
+    """Replies may reach the agent in another order than their hand-outs: an earlier WRITE
+    entry for the same frame stays in the shadow under a later read-only one; an entry for
+    another frame does not keep it (its change is invalidated first: the next test)."""
+    span = Span(BASE, BASE + (4 << PAGE_SHIFT))
+    valid, write = np.uint64(HMM_PFN_VALID), np.uint64(HMM_PFN_WRITE)
+    raw = np.full(2, 77, dtype=np.uint64)
+    span.hand_out(BASE, np.array([5, 6], dtype=np.uint64) | valid | write, raw.copy())
+    span.hand_out(BASE, np.array([5, 9], dtype=np.uint64) | valid, raw.copy())
+    assert span.handed[0] == 5 | valid | write
+    assert span.handed[1] == 9 | valid
+    assert span.held == 2
+
+
+def test_a_walk_names_the_changes_under_entries_already_held(
+    own_mm: Mm, region: tuple[mmap.mmap, int]
+) -> None:
+    """What a fault's walk finds changed under held entries, by the watcher's rules: a
+    frame held that is another now (MIGRATE); a WRITE entry in a VMA that lost write."""
+    buf, aligned = region
+    buf[:] = b"\1" * len(buf)
+    zero = zero_pfn()
+    span = Span(aligned, aligned + (4 << PAGE_SHIFT))
+    first = attempt(own_mm, aligned, 4, True, FaultMode.POPULATE, zero)
+    assert isinstance(first, Walked)
+    assert changed_under(span, aligned, first, zero) == []  # nothing held yet
+    shadow, raw = first.shadow.copy(), first.raw.copy()
+    shadow[1] ^= np.uint64(1)  # as if page 1 had been handed out on another frame
+    raw[1] ^= np.uint64(1)
+    span.hand_out(aligned, shadow, raw)
+    again = attempt(own_mm, aligned, 4, False, FaultMode.POPULATE, zero)
+    assert isinstance(again, Walked)
+    page = 1 << PAGE_SHIFT
+    assert changed_under(span, aligned, again, zero) == [
+        (aligned + page, aligned + 2 * page, Event.MIGRATE)
+    ]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    assert libc.mprotect(aligned + 3 * page, page, mmap.PROT_READ) == 0
+    try:
+        walked = attempt(own_mm, aligned, 4, False, FaultMode.POPULATE, zero)
+        assert isinstance(walked, Walked)
+        assert changed_under(span, aligned, walked, zero) == [
+            (aligned + page, aligned + 2 * page, Event.MIGRATE),
+            (aligned + 3 * page, aligned + 4 * page, Event.PROTECTION_VMA),
+        ]
+    finally:
+        libc.mprotect(aligned + 3 * page, page, mmap.PROT_READ | mmap.PROT_WRITE)

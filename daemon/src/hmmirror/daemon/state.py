@@ -22,11 +22,13 @@ from typing import Protocol
 import numpy as np
 from hmmirror.daemon.linux.creds import Creds
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, ProcessView, Raw
-from hmmirror.proto.entries import Entries
+from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_WRITE, Entries
 from hmmirror.proto.messages import Access, Event
 from hmmirror.transport.peer import Peer
 
 _VALID = np.uint64(1 << 63)
+_WRITE = np.uint64(HMM_PFN_WRITE)
+_PFN = np.uint64(HMM_PFN_PFN_MASK)
 
 
 @dataclass(eq=False)
@@ -105,6 +107,16 @@ def _own(array: Entries | Raw, n: int) -> bool:
     )
 
 
+def _keep_write(handed: Entries, entries: Entries) -> None:
+    """Give ``entries`` the WRITE bit where ``handed`` holds a WRITE entry for the same frame."""
+    kept = (handed & _WRITE) != 0
+    if not kept.any():
+        return
+    kept &= ((handed ^ entries) & _PFN) == 0
+    kept &= entries >= _VALID
+    entries[kept] |= _WRITE
+
+
 @dataclass
 class Span:
     """One mirrored interval [start, end) and its shadow arrays (one u64 per page)."""
@@ -127,11 +139,19 @@ class Span:
         Both arrays are given up by the caller, who sends a copy of the entries
         (``fault.service.Walked``): a hand-out of the whole span keeps them as the
         shadow, their pages that are not VALID zeroed, rather than copy them.
+
+        The shadow is everything the agent may hold, which is not always the last
+        hand-out: replies may reach the agent in another order than their hand-outs
+        (a fault that reads its pages in the same trip is answered once its copy is
+        done, a later fault at once). So a WRITE entry recorded earlier for the same
+        frame stays recorded; an earlier entry whose page changed since was
+        invalidated before this hand-out (``fault.handlers``), and is no longer here.
         """
         a = (start - self.start) >> PAGE_SHIFT
         n = len(entries)
         b = a + n
         if self.held:
+            _keep_write(self.handed[a:b], entries)
             self.held -= int(np.count_nonzero(self.handed[a:b]))
         all_valid = bool(entries.min() >= _VALID)  # the usual populate result
         if a == 0 and n == len(self.handed) and _own(entries, n) and _own(raw, n):

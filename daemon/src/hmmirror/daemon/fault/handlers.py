@@ -14,7 +14,14 @@ from collections.abc import Awaitable
 
 from hmmirror.daemon.budget import fault_reply_bytes
 from hmmirror.daemon.errors import RequestError
-from hmmirror.daemon.fault.service import Pending, Walked, WalkOptions, attempt, resolve
+from hmmirror.daemon.fault.service import (
+    Pending,
+    Walked,
+    WalkOptions,
+    attempt,
+    changed_under,
+    resolve,
+)
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT
 from hmmirror.daemon.request import Request, Services, aligned_range
 from hmmirror.daemon.state import Mirror, Session, Span
@@ -118,6 +125,10 @@ def _fault_reply(
         raise RequestError(ErrorCode.NO_MIRROR, f"mirror {mirror.id} was dropped during the fault")
     entries, tokenized = walked.entries, options.tokens is not None
     if msg.mode != FaultMode.SNAPSHOT:  # POPULATE and PRESENT entries may be installed
+        if span.held:
+            stale = changed_under(span, msg.start, walked, svc.zero_pfn)
+            if stale:  # their INVALIDATE goes out before this reply (the outbox's rule)
+                svc.invalidator.announce(mirror.mm, stale)
         span.hand_out(msg.start, walked.shadow, walked.raw)  # both the span's now
         # Before the agent can hold these translations: their VMAs registered with the
         # uffds, and (strict mirror) their pages write-protected.

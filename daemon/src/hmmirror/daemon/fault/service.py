@@ -29,12 +29,20 @@ from hmmirror.daemon.dma.copier import Copier, CopyJob
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.frames import FrameTokens
 from hmmirror.daemon.linux import scan, vm
-from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PFN_MASK, PM_PRESENT, Raw
-from hmmirror.daemon.pagetable import derive_into, first_lacking, mark_huge, vma_stretches
-from hmmirror.daemon.state import Mm
+from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PFN_MASK, PM_PRESENT, Raw, Vmas
+from hmmirror.daemon.pagetable import (
+    classify,
+    derive_into,
+    first_lacking,
+    mark_huge,
+    runs,
+    vma_perms,
+    vma_stretches,
+)
+from hmmirror.daemon.state import Mm, Span
 from hmmirror.proto.entries import PMD_ORDER, Entries
 from hmmirror.proto.errors import ErrorCode
-from hmmirror.proto.messages import FaultMode
+from hmmirror.proto.messages import Event, FaultMode
 from hmmirror.proto.version import RETRY_BUDGET
 
 #: Bytes faulted in per copy job: each one must finish within the copy deadline.
@@ -193,6 +201,8 @@ class Walked(NamedTuple):
     """The same entries with their PFNs: what the mirror's shadow records (``Span.hand_out``)."""
     raw: Raw
     """The raw pagemap entries they came from."""
+    vmas: Vmas
+    """The VMAs over the range when it was walked."""
 
 
 class WalkOptions(NamedTuple):
@@ -272,7 +282,7 @@ def attempt(
     huge = huge_regions(mm, start, raw)
     mark_huge(shadow, huge)
     mark_huge(entries, huge)  # the order bits lie above the 32 that tokens change
-    return Walked(entries, shadow, raw)
+    return Walked(entries, shadow, raw, vmas)
 
 
 async def resolve(
@@ -317,3 +327,20 @@ async def resolve(
                 )
         step = attempt(mm, start, npages, write, mode, zero_pfn, options)
     return step
+
+
+def changed_under(
+    span: Span, start: int, walked: Walked, zero_pfn: int
+) -> list[tuple[int, int, Event]]:
+    """What the walk finds changed under entries the mirror already holds in its range, by
+    the watcher's own rules (``pagetable.classify``): changes to invalidate before the walk
+    is handed out over them, since the hand-out replaces the record that a poll would
+    judge them by, while the agent may yet install the older entries last (``Span.hand_out``).
+    """
+    a = (start - span.start) >> PAGE_SHIFT
+    n = len(walked.raw)
+    handed = span.handed[a : a + n]
+    if not handed.any():
+        return []
+    perms = vma_perms(walked.vmas, start, n)
+    return runs(classify(handed, span.raw[a : a + n], walked.raw, perms, zero_pfn), start)
