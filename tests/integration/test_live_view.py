@@ -175,7 +175,8 @@ def test_check_draws_its_bar_on_a_terminal_and_never_on_a_pipe_or_under_json():
         rc, drawn, out, _ = term.finish(120)
     finally:
         term.close()
-    assert rc == 0 and json.loads(out)["violations"] == []
+    assert rc == 0, (out.decode(errors="replace")[-3000:], drawn.decode(errors="replace")[-2000:])
+    assert json.loads(out)["violations"] == []
     assert b"\x1b[" not in drawn and b"check  [" not in drawn and b"round 0:" in drawn
 
 
@@ -200,6 +201,7 @@ def test_the_demo_shows_the_live_view_with_its_bar_and_then_its_report():
         rc, drawn, out, _ = quiet.finish(150)
     finally:
         quiet.close()
-    assert rc == 0 and json.loads(out)["violations"] == []
+    assert rc == 0, (out.decode(errors="replace")[-3000:], drawn.decode(errors="replace")[-2000:])
+    assert json.loads(out)["violations"] == []
     # -j: the live view still on the terminal (stderr), but no bar anywhere
     assert SMCUP in drawn and b"demo  [" not in drawn and b"check  [" not in drawn

@@ -54,7 +54,7 @@ JSON_HELP = {
     "seed, elapsed_s, rounds, target_ops (by kind), agents, reads, writes, atomics, "
     "page_fault_calls, page_faults, prefetch_calls, page_prefetch, invalidations, "
     "pages_invalidated, stale, evictions, refused, busy, slowest_op_s, "
-    "translations_checked, reads_judged, violations ([{kind, detail}]), "
+    "translations_checked, reads_judged, judged, checker_cpu_s, violations ([{kind, detail}]), "
     "violations_by_kind, notes, logs, replay",
     "demo": "the final report as one JSON object (the live figures go to stderr): seed, "
     "elapsed_s, rounds, rounds_skipped, invalidations, ack_p50_us, ack_p99_us, faults, "
@@ -284,12 +284,17 @@ def _check_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     )
     check.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     check.add_argument(
-        "--duration", type=duration("--duration"), default=20.0,
-        help="seconds of rounds, after start-up (20)",
+        "--duration", type=duration("--duration"), default=None,
+        help="seconds of rounds, after start-up (20; 3600 with --until-judged)",
     )  # fmt: skip
     check.add_argument(
-        "--ops", type=flag(whole_number(1), "--ops"), default=5000,
-        help="most target operations (5000)",
+        "--ops", type=flag(whole_number(1), "--ops"), default=None,
+        help="most target operations (5000; no limit with --until-judged)",
+    )  # fmt: skip
+    check.add_argument(
+        "--until-judged", type=flag(whole_number(1), "--until-judged"), default=0, metavar="N",
+        help="stop the rounds once N operations are judged or logged to be: translations "
+        "checked plus the READs and atomics the data oracle judges at the end",
     )  # fmt: skip
     check.add_argument(
         "--agents", type=flag(whole_number(1), "--agents"), default=3,

@@ -73,9 +73,13 @@ def check(args: argparse.Namespace) -> int:
     missing = _missing_daemon("check")
     if missing is not None:
         return missing
+    until = args.until_judged
+    default_duration, default_ops = (3600.0, 10**12) if until else (20.0, 5000)
     opts = Options(
-        seed=args.seed, duration=args.duration, ops=args.ops, agents=args.agents,
-        scenario=args.scenario, ack_deadline=args.ack_deadline, keep=args.keep,
+        seed=args.seed, scenario=args.scenario, agents=args.agents,
+        duration=default_duration if args.duration is None else args.duration,
+        ops=default_ops if args.ops is None else args.ops,
+        ack_deadline=args.ack_deadline, keep=args.keep, until_judged=until,
     )  # fmt: skip
     return check_main(opts, sys.stdout, progress=not args.quiet, as_json=args.json)
 

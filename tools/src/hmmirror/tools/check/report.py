@@ -46,6 +46,8 @@ def print_report(report: Report, out: IO[str]) -> None:
         ("slowest agent operation", f"{slowest:.3f} s"),
         ("translations checked", report.translations_checked),
         ("READs judged (data oracle)", report.reads_judged),
+        ("judged operations, per second", judged_rate(report)),
+        ("checker's own CPU", f"{report.checker_cpu_s:.1f} s"),
         ("violations", len(report.violations)),
     ]
     for kind, count in sorted(report.by_kind().items()):
@@ -59,6 +61,17 @@ def print_report(report: Report, out: IO[str]) -> None:
     if report.violations:
         out.write(f"replay: hmmctl check --seed {report.seed} --scenario {report.scenario}\n")
     out.flush()
+
+
+def judged(report: Report) -> int:
+    """Every operation the oracles judged: translations, READs (and atomics)."""
+    return report.translations_checked + report.reads_judged
+
+
+def judged_rate(report: Report) -> str:
+    """``judged`` and judged operations per second of the whole run."""
+    total = judged(report)
+    return f"{total}, {total / report.elapsed:.0f}/s" if report.elapsed > 0 else str(total)
 
 
 def as_dict(report: Report) -> dict[str, Any]:
@@ -92,6 +105,8 @@ def as_dict(report: Report) -> dict[str, Any]:
         "slowest_op_s": max((float(a.get("max_op_s", 0)) for a in agents), default=0.0),
         "translations_checked": report.translations_checked,
         "reads_judged": report.reads_judged,
+        "judged": judged(report),
+        "checker_cpu_s": round(report.checker_cpu_s, 3),
         "violations": [{"kind": kind, "detail": detail} for kind, detail in report.violations],
         "violations_by_kind": dict(sorted(report.by_kind().items())),
         "notes": list(report.notes),

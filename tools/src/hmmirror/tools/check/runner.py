@@ -42,6 +42,7 @@ from hmmirror.testing.hmmd import HmmdProcess, start_hmmd_async
 from hmmirror.testing.quiesce import quiesce
 from hmmirror.tools.check.child import Child, ChildDied
 from hmmirror.tools.check.stamps import DataOracle, describe, load
+from hmmirror.tools.check.tally import LogTally, cpu_seconds
 from hmmirror.tools.oracle import check_table
 from hmmirror.tools.progress import Progress
 
@@ -94,6 +95,9 @@ class Options:
     acks, can make the first round take it all)."""
     keep: bool = False
     """Keep the run's directory (logs, hmmd's stderr) and print where it is."""
+    until_judged: int = 0
+    """Stop the rounds once this many operations are judged or logged to be (translations
+    checked, plus READs and atomics in the agents' logs); 0: no such stop."""
 
 
 @dataclass
@@ -109,6 +113,10 @@ class Report:
     hmmd: dict[str, int | float | str] = field(default_factory=dict)
     reads_judged: int = 0
     translations_checked: int = 0
+    logged_to_judge: int = 0
+    """READs and atomics in the agents' logs when the rounds stopped (``tally.LogTally``)."""
+    checker_cpu_s: float = 0.0
+    """CPU seconds of the checker process itself (its oracles and its driving)."""
     violations: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     logs: str = ""
@@ -160,6 +168,7 @@ class Checker:
         self.figures: dict[int, dict[str, Any]] = {}
         self.phases: list[Phase] = []
         self.ops_done = 0
+        self.tally = LogTally()
 
     # --- reporting -----------------------------------------------------------------------------
 
@@ -310,9 +319,10 @@ class Checker:
         await self.quiesce()
         await self.check_translations(phase)
         self.report.rounds += 1
+        self.report.logged_to_judge = self.tally.update(phase.dma_logs)
         self.say(
-            f"round {n}: {self.ops_done} target ops, "
-            f"{len(self.report.violations)} violations so far"
+            f"round {n}: {self.ops_done} target ops, {self.judged()} operations judged or "
+            f"logged to judge, {len(self.report.violations)} violations so far"
         )
 
     async def exit_target(self, phase: Phase) -> None:
@@ -356,6 +366,14 @@ class Checker:
         for v in found[5:]:
             self.report.violations.append((f"data: {v.kind}", "(more)"))
 
+    def judged(self) -> int:
+        """Operations judged so far, or logged for the data oracle to judge at the end."""
+        return self.report.translations_checked + self.report.logged_to_judge
+
+    def judged_enough(self) -> bool:
+        """Whether ``--until-judged`` is reached."""
+        return 0 < self.opts.until_judged <= self.judged()
+
     def show_progress(self, running: float | None) -> None:
         """Redraw the bar: rounds run against both bounds (``--duration``, ``--ops``),
         whichever comes first; ``running`` is None before the rounds start."""
@@ -367,13 +385,18 @@ class Checker:
         left = max(o.duration - running, 0.0)
         if self.ops_done:
             left = min(left, running * (o.ops - self.ops_done) / self.ops_done)
+        judged = self.judged()
+        if o.until_judged and judged:
+            fraction = max(fraction, min(judged / o.until_judged, 1.0))
+            left = min(left, running * max(o.until_judged - judged, 0) / judged)
         if self.phase:
             self.progress.update(1.0 if self.report.rounds >= o.min_rounds else fraction,
                                  self.phase)  # fmt: skip
             return
+        judging = f", {judged}/{o.until_judged} judged" if o.until_judged else ""
         self.progress.update(
             fraction,
-            f"round {self.report.rounds}, {self.ops_done}/{o.ops} ops, "
+            f"round {self.report.rounds}, {self.ops_done}/{o.ops} ops{judging}, "
             f"{running:.0f}/{o.duration:g} s",
             left,
         )
@@ -392,7 +415,8 @@ class Checker:
         t0 = loop.time()
         since: list[float | None] = [None]
         ticker = asyncio.ensure_future(self._tick(since)) if self.progress.enabled else None
-        bound = self.opts.duration + 120
+        # The rounds, then the data oracle over every log: a long run has more to judge.
+        bound = self.opts.duration * 1.1 + 120
         whole_run = asyncio.timeout(bound)
         finished = False
         try:
@@ -408,7 +432,9 @@ class Checker:
                 since[0], self.phase = t0, ""
                 n = 0
                 while n < self.opts.min_rounds or (
-                    loop.time() - t0 < self.opts.duration and self.ops_done < self.opts.ops
+                    loop.time() - t0 < self.opts.duration
+                    and self.ops_done < self.opts.ops
+                    and not self.judged_enough()
                 ):
                     await self.round(phase, n)
                     n += 1
@@ -438,6 +464,7 @@ class Checker:
             self.progress.close()
             await self.stop_all()
             self.report.elapsed = loop.time() - t0
+            self.report.checker_cpu_s = cpu_seconds()
             self.report.agents = [self.figures.get(i, {}) for i in range(len(self.agents))]
             if self.opts.keep or self.report.violations or not finished:
                 self.report.notes.append(f"logs kept in {self.dir}")
