@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PFN_MASK, PM_SWAPPED, Vmas
+from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_FILE, PM_PFN_MASK, PM_SWAPPED, Vmas
 from hmmirror.daemon.pagetable import Perms, derive, vma_perms
 from hmmirror.proto.entries import (
     HMM_PFN_ERROR,
@@ -62,10 +62,11 @@ def ref_entry(raw: int, kind: Kind, zero_pfn: int, write_fault: bool, huge: bool
 
     Unreadable (or uncovered) page: exactly ERROR. Not present: not VALID, not WRITE
     (its low bits are not an entry and are not judged). Present: VALID and the PFN;
-    WRITE on a write fault where the VMA is writable, otherwise where ``pte_write``
-    would be set: a writable shared VMA, or a writable private VMA whose page is
-    exclusively mapped, not uffd-write-protected and not the zero page. A huge page
-    carries the PMD map order.
+    WRITE where ``pte_write`` would be set: a writable shared VMA, or a writable
+    private VMA whose page is exclusively mapped, anonymous (not PM_FILE), not the
+    zero page and (on a read fault) not uffd-write-protected. A page shared
+    copy-on-write gets no WRITE even on a write fault: hmmd breaks COW first. A huge
+    page carries the PMD map order.
     """
     if not kind.readable:
         return HMM_PFN_ERROR
@@ -74,10 +75,11 @@ def ref_entry(raw: int, kind: Kind, zero_pfn: int, write_fault: bool, huge: bool
         return pfn  # compared on its flag bits only; see same_entry
     out = pfn | HMM_PFN_VALID
     if kind.writable:
-        if write_fault or kind.shared:
+        if kind.shared:
             writes = True
         else:
-            exclusive = bool(raw & EXCL) and not raw & UFFD_WP
+            exclusive = bool(raw & EXCL) and not raw & int(PM_FILE)
+            exclusive = exclusive and (write_fault or not raw & UFFD_WP)
             writes = exclusive and not (zero_pfn and pfn == zero_pfn)
         if writes:
             out |= HMM_PFN_WRITE
@@ -112,14 +114,17 @@ def one_page(raw: int, kind: str, write_fault: bool = False, huge: bool = False)
 
 #: One page for each rule that decides a bit, so that each is checked on every run, however
 #: rarely the random draws combine into it: the exclusive zero page and a uffd-wp page in a
-#: writable private VMA (no WRITE on a read fault), a COW-shared page (no WRITE, but WRITE on a
-#: write fault), a shared VMA (WRITE without exclusivity), a read-only VMA under a write fault,
-#: a present page under PROT_NONE, a swapped page, and a huge page.
+#: writable private VMA (no WRITE on a read fault), a COW-shared page and a file's page in a
+#: private VMA (no WRITE, even on a write fault: hmmd breaks COW first), a uffd-wp page under
+#: a write fault (WRITE), a shared VMA (WRITE without exclusivity), a read-only VMA under a
+#: write fault, a present page under PROT_NONE, a swapped page, and a huge page.
 CORNERS = [
     one_page(PRESENT | EXCL | ZERO_PFN, "rw_private"),
     one_page(PRESENT | EXCL | UFFD_WP | 7, "rw_private"),
     one_page(PRESENT | 7, "rw_private"),
     one_page(PRESENT | 7, "rw_private", write_fault=True),
+    one_page(PRESENT | EXCL | int(PM_FILE) | 7, "rw_private", write_fault=True),
+    one_page(PRESENT | EXCL | UFFD_WP | 7, "rw_private", write_fault=True),
     one_page(PRESENT | 7, "rw_shared"),
     one_page(PRESENT | EXCL | 7, "r_private", write_fault=True),
     one_page(PRESENT | EXCL | 7, "prot_none"),

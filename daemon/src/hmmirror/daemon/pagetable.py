@@ -15,6 +15,7 @@ import numpy.typing as npt
 from hmmirror.daemon.linux.procfs import (
     PAGE_SHIFT,
     PM_EXCLUSIVE,
+    PM_FILE,
     PM_PFN_MASK,
     PM_PRESENT,
     PM_UFFD_WP,
@@ -43,7 +44,8 @@ PIECE = 32768
 
 _PFN_VALID = np.uint64(int(PM_PFN_MASK) | HMM_PFN_VALID)  # PM_PRESENT is bit 63, as VALID is
 _NOTHING = np.uint64(0)
-_EXCL_TEST = np.uint64(int(PM_PRESENT | PM_EXCLUSIVE | PM_UFFD_WP))
+_EXCL_TEST = np.uint64(int(PM_PRESENT | PM_EXCLUSIVE | PM_FILE | PM_UFFD_WP))
+_EXCL_TEST_WRITE = np.uint64(int(PM_PRESENT | PM_EXCLUSIVE | PM_FILE))  # a write fault's
 _EXCL_WANT = np.uint64(int(PM_PRESENT | PM_EXCLUSIVE))
 _NOT_WRITE = ~_WRITE
 _ONE = np.uint64(1)
@@ -131,10 +133,12 @@ def derive_into(
     Pages outside a readable VMA get ERROR. Present pages get VALID and their
     PFN. WRITE follows ``pte_write`` as closely as user space can see it: a
     writable shared VMA, or a writable private VMA whose page is exclusively
-    mapped, not the zero page and not uffd-write-protected. For a write fault it
-    follows the VMA alone, because the device's write goes through
-    process_vm_writev, which breaks COW itself (and the PFN change that causes is
-    then invalidated).
+    mapped (pagemap bit 56), anonymous (not a file's page cache, bit 61), not the
+    zero page and not uffd-write-protected. A write fault ignores only the last:
+    a page the target write-protected for its own userfaultfd is still its own.
+    A page shared copy-on-write never gets WRITE, fault or not: the write fault
+    breaks COW first (``fault.service``, as ``hmm_range_fault`` does), and a
+    present page left without WRITE tells it where.
 
     With ``may_write`` false no entry gets WRITE (a mirror without WRITE access).
 
@@ -162,16 +166,16 @@ def derive_into(
                 np.copyto(o, _NOTHING, where=f)  # the target's swap layout is not the agent's
             if not (s.writable and may_write):
                 continue
-            if write_fault or s.shared:
+            if s.shared:
                 np.right_shift(r, _ONE, out=t)  # present (63) -> WRITE (62)
                 np.bitwise_and(t, _WRITE, out=t)
             else:
-                # Present, exclusive and not uffd-wp, in one masked compare.
-                np.bitwise_and(r, _EXCL_TEST, out=t)
+                # Present, exclusive, anonymous (and not uffd-wp), in one masked compare.
+                np.bitwise_and(r, _EXCL_TEST_WRITE if write_fault else _EXCL_TEST, out=t)
                 np.equal(t, _EXCL_WANT, out=f)
                 np.multiply(f, _WRITE, out=t)
             np.bitwise_or(o, t, out=o)
-            if zero is not None and not (write_fault or s.shared):
+            if zero is not None and not s.shared:
                 # Exactly the zero page's entry with WRITE (no order bits yet): take it back.
                 np.equal(o, zero, out=f)
                 if f.any():

@@ -3,7 +3,12 @@
 The loop mirrors ``hmm_range_fault`` plus the caller's ``-EBUSY`` retry:
 an overlapping active invalidation makes the fault wait (``read_begin``), a
 populate pass is followed by a fresh look, and the whole thing gives up with
-EBUSY after the 1000 ms budget (``HMM_RANGE_DEFAULT_TIMEOUT``). The final read
+EBUSY after the 1000 ms budget (``HMM_RANGE_DEFAULT_TIMEOUT``). A write fault
+breaks copy-on-write first, as ``hmm_range_fault`` does: it hands out WRITE only
+on pages the target maps exclusively, and any other page of a private VMA (not
+present, the zero page, one still shared with a fork child, a file's page
+cache) is populated by the target's own write fault, ``madvise(MADV_POPULATE_WRITE)``
+injected with ptrace (``linux.inject``). The final read
 and the reply happen with no await in between, so an invalidation that starts
 later is always sent after the reply.
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -28,7 +34,7 @@ import numpy as np
 from hmmirror.daemon.dma.copier import Copier, CopyJob
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.frames import FrameTokens
-from hmmirror.daemon.linux import scan, vm
+from hmmirror.daemon.linux import inject, scan, vm
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PFN_MASK, PM_PRESENT, Raw, Vmas
 from hmmirror.daemon.pagetable import (
     classify,
@@ -40,13 +46,15 @@ from hmmirror.daemon.pagetable import (
     vma_stretches,
 )
 from hmmirror.daemon.state import Mm, Span
-from hmmirror.proto.entries import PMD_ORDER, Entries
+from hmmirror.proto.entries import HMM_PFN_VALID, HMM_PFN_WRITE, PMD_ORDER, Entries
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import Event, FaultMode
 from hmmirror.proto.version import RETRY_BUDGET
 
 #: Bytes faulted in per copy job: each one must finish within the copy deadline.
 POPULATE_CHUNK = 64 << 20
+#: The least entry with both VALID (bit 63) and WRITE (bit 62): one compare tests both.
+_VALID_WRITE = np.uint64(HMM_PFN_VALID | HMM_PFN_WRITE)
 
 
 def index_runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -140,6 +148,62 @@ async def fault_in(copier: Copier, mm: Mm, runs: list[tuple[int, int]]) -> int:
     return done
 
 
+def _populate_write_job(pid: int, runs: list[tuple[int, int]]) -> Callable[[CopyJob], None]:
+    """The worker's job that write-faults ``runs`` of ``pid`` in, in the target itself."""
+
+    def job(_: CopyJob) -> None:
+        inject.populate_write(pid, runs)
+
+    return job
+
+
+def _alive(mm: Mm) -> bool:
+    """Whether ``mm``'s process still runs (its pidfd says so, whatever became of its pid)."""
+    try:
+        signal.pidfd_send_signal(mm.pidfd, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # not ours to signal, say: it exists
+    return True
+
+
+async def fault_in_write(
+    copier: Copier, mm: Mm, runs: list[tuple[int, int]]
+) -> RequestError | None:
+    """Write-fault the runs in the target (``inject.populate_write``), chunk by chunk, on
+    ``mm``'s worker: afterwards each page is the target's own, COW broken.
+
+    Where the target cannot be made to (already traced, under seccomp, never stopped) the
+    fault is refused EFAULT, as ``hmm_range_fault`` refuses a write it cannot make: handing
+    out read-only entries instead would leave the agent faulting for WRITE until its
+    budget ends, and WRITE on a shared page would let the device write the fork child's
+    (or the zero page's) memory. Raises RequestError: EFAULT, ESRCH, EBUSY. A madvise
+    that ran and failed (the target unmapped or protected the range meanwhile) is
+    returned, not raised: a fresh walk says what the fault gets (``resolve``).
+    """
+    pid = mm.pid
+    for chunk in chunks(runs, POPULATE_CHUNK):
+        job = await copier.run(mm, _populate_write_job(pid, chunk))
+        error = job.error
+        if isinstance(error, ProcessLookupError):
+            raise RequestError(ErrorCode.ESRCH, f"process {pid} has exited") from error
+        if isinstance(error, inject.InjectError) and not _alive(mm):
+            raise RequestError(ErrorCode.ESRCH, f"process {pid} has exited") from error
+        if isinstance(error, inject.InjectError):
+            failure = RequestError(
+                ErrorCode.EFAULT,
+                f"write fault at {chunk[0][0]:#x} in pid {pid} cannot break copy-on-write: {error}",
+            )
+            failure.__cause__ = error
+            if isinstance(error, inject.CallFailed):
+                return failure
+            raise failure
+        if error is not None:
+            raise error
+    return None
+
+
 #: Pages per PMD: a huge mapping covers this many, from a PMD-aligned address.
 _PMD_PAGES = 1 << PMD_ORDER
 
@@ -186,10 +250,12 @@ def huge_regions(mm: Mm, start: int, raw: Raw) -> list[tuple[int, int]]:
 
 
 class Pending(NamedTuple):
-    """Why a fault cannot be answered yet: an overlapping invalidation, or pages to fault in."""
+    """Why a fault cannot be answered yet: an overlapping invalidation, or pages to fault in
+    (``write``: by a write fault in the target, which breaks copy-on-write)."""
 
     busy: bool
     runs: list[tuple[int, int]]
+    write: bool = False
 
 
 class Walked(NamedTuple):
@@ -259,14 +325,17 @@ def attempt(
     raw = np.empty(npages, dtype=np.uint64)
     shadow = np.empty(npages, dtype=np.uint64)
     entries = np.empty(npages, dtype=np.uint64)
-    write_fault = write and populate
-    missing: list[int] = []  # pieces with a page not present (appended from two threads)
+    write_fault = write and populate and options.may_write
+    missing: list[int] = []  # pieces with a page to populate (appended from two threads)
 
     def walk(lo: int, hi: int) -> None:
-        if populate and raw[lo:hi].min() < PM_PRESENT:
+        if populate and not write_fault and raw[lo:hi].min() < PM_PRESENT:
             missing.append(lo)
             return  # a populate pass comes first: nothing to make yet
         derive_into(shadow, raw, stretches, zero_pfn, write_fault, lo, hi, options.may_write)
+        if write_fault and shadow[lo:hi].min() < _VALID_WRITE:
+            missing.append(lo)  # every page is writable (else EPERM): one lacks its COW break
+            return
         # Two arrays, made while the piece is in cache: the shadow keeps one (Span.hand_out),
         # the wire gets the other, which nobody changes while libzmq sends it.
         np.copyto(entries[lo:hi], shadow[lo:hi])
@@ -277,6 +346,8 @@ def attempt(
         mm.view.pagemap_into(raw, start, walk, shared=True)
     except ProcessLookupError as exc:
         raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited") from exc
+    if missing and write_fault:
+        return Pending(busy=False, runs=page_runs(shadow < _VALID_WRITE, start), write=True)
     if missing:
         return Pending(busy=False, runs=page_runs(raw < PM_PRESENT, start))
     huge = huge_regions(mm, start, raw)
@@ -319,6 +390,13 @@ async def resolve(
             # Sleep until the overlapping window closes (or the budget ends).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(mm.idle.wait(), remaining)
+        elif step.write:
+            failed = await fault_in_write(copier, mm, step.runs)
+            if failed is not None:
+                step = attempt(mm, start, npages, write, mode, zero_pfn, options)
+                if isinstance(step, Pending) and step.write:
+                    raise failed  # not the range changing under it: the call cannot succeed
+                continue
         else:
             got = await fault_in(copier, mm, step.runs)
             if got == 0:

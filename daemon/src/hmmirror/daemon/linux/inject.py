@@ -7,15 +7,24 @@ the target's copy, restore every register and detach. The target's interrupted
 system call then restarts as if nothing happened, and its fd table is as
 before. It is refused, with the reason, when the target is already traced or
 runs under a seccomp filter (a forbidden syscall could kill it).
+
+``populate_write`` runs ``madvise(MADV_POPULATE_WRITE)`` in the target the same
+way: the write fault that breaks copy-on-write, which no other process can do
+for it without racing its stores (SPEC.md §8). A target caught in user code,
+not in a system call, runs it at a ``syscall`` instruction of its vDSO.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import platform
+import signal
+import threading
 import time
+from collections.abc import Sequence
 
 from hmmirror.daemon.linux import userfaultfd
 
@@ -33,6 +42,9 @@ PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 WALL = 0x40000000
 SYS_CLOSE = 3
+SYS_MADVISE = 28
+MADV_POPULATE_WRITE = 23
+PTRACE_EVENT_STOP = 128
 _SYSCALL_INSN = b"\x0f\x05"
 #: How long the target may take to stop at each step before the attempt is abandoned.
 STOP_DEADLINE = 1.0
@@ -40,10 +52,22 @@ STOP_DEADLINE = 1.0
 SYSCALL_ATTEMPTS = 50
 # struct user_regs_struct (x86-64) field indexes.
 _RAX, _RDI, _ORIG_RAX, _RIP = 10, 14, 15, 16
+_RSI, _RDX = 13, 12
+#: One injection at a time: a second PTRACE_SEIZE of a process hmmd already traces would fail.
+_seized = threading.Lock()
 
 
 class InjectError(Exception):
     """Injection was refused or failed; the message says why, and the target is untouched."""
+
+
+class CallFailed(InjectError):
+    """The injected system call ran and failed: ``errno`` says how (the range changed under
+    it, say); the target is as the call left it."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
 
 
 class _Regs(ctypes.Structure):
@@ -62,13 +86,19 @@ def _ptrace(request: int, pid: int, addr: int = 0, data: int | ctypes.c_void_p =
     return ret
 
 
-def _wait_stopped(pid: int) -> None:
-    """Wait (bounded) until the tracee reports a stop."""
+def _wait_stopped(pid: int, signals: list[int] | None = None) -> None:
+    """Wait (bounded) until the tracee reports a stop.
+
+    A signal-delivery-stop counts as one, and its signal is noted in ``signals``
+    (when given): resumed with none, the tracee would lose it.
+    """
     deadline = time.monotonic() + STOP_DEADLINE
     while True:
         got, status = os.waitpid(pid, os.WNOHANG | WALL)
         if got == pid:
             if os.WIFSTOPPED(status):
+                if signals is not None and _delivery_stop(status):
+                    signals.append(os.WSTOPSIG(status))
                 return
             raise InjectError(f"process {pid} exited during injection")
         if time.monotonic() > deadline:
@@ -93,24 +123,36 @@ def refusal(pid: int) -> str | None:
     return None
 
 
-def _call(pid: int, saved: _Regs, nr: int, arg0: int) -> int:
-    """Run one system call in the stopped tracee at its ``syscall`` instruction."""
+def _set_call(pid: int, saved: _Regs, at: int, nr: int, args: Sequence[int]) -> _Regs:
+    """Point the stopped tracee at the ``syscall`` instruction at ``at``, set up for ``nr``."""
     regs = _Regs()
     ctypes.memmove(ctypes.byref(regs), ctypes.byref(saved), ctypes.sizeof(regs))
     r = regs.r
-    r[_RIP] = saved.r[_RIP] - 2
+    r[_RIP] = at
     r[_RAX] = nr
-    r[_RDI] = arg0
+    for index, value in zip((_RDI, _RSI, _RDX), args, strict=False):
+        r[index] = value
     r[_ORIG_RAX] = (1 << 64) - 1  # -1: no syscall-restart fixup on the way back in
     _ptrace(PTRACE_SETREGS, pid, 0, ctypes.addressof(regs))
-    _ptrace(PTRACE_SINGLESTEP, pid)
-    _wait_stopped(pid)
-    _ptrace(PTRACE_GETREGS, pid, 0, ctypes.addressof(regs))
-    ret = int(r[_RAX])
+    return regs
+
+
+def _result(regs: _Regs) -> int:
+    """The system call's return value, signed."""
+    ret = int(regs.r[_RAX])
     return ret - (1 << 64) if ret >= 1 << 63 else ret
 
 
-def _stop_in_syscall(pid: int) -> _Regs:
+def _call(pid: int, saved: _Regs, nr: int, arg0: int) -> int:
+    """Run one system call in the stopped tracee at its ``syscall`` instruction."""
+    regs = _set_call(pid, saved, saved.r[_RIP] - 2, nr, (arg0,))
+    _ptrace(PTRACE_SINGLESTEP, pid)
+    _wait_stopped(pid)
+    _ptrace(PTRACE_GETREGS, pid, 0, ctypes.addressof(regs))
+    return _result(regs)
+
+
+def _stop_in_syscall(pid: int, signals: list[int] | None = None) -> _Regs:
     """Interrupt the seized tracee where it sits in a system call; return its registers.
 
     A thread caught running user code is let go for a moment and caught again;
@@ -118,7 +160,7 @@ def _stop_in_syscall(pid: int) -> _Regs:
     """
     for attempt in range(SYSCALL_ATTEMPTS):
         _ptrace(PTRACE_INTERRUPT, pid)
-        _wait_stopped(pid)
+        _wait_stopped(pid, signals)
         saved = _Regs()
         _ptrace(PTRACE_GETREGS, pid, 0, ctypes.addressof(saved))
         word = _ptrace(PTRACE_PEEKTEXT, pid, saved.r[_RIP] - 2) & 0xFFFF
@@ -135,6 +177,17 @@ def _stop_in_syscall(pid: int) -> _Regs:
 
 def inject_userfaultfd(pid: int, pidfd: int) -> int:
     """Create a userfaultfd in ``pid`` and return hmmd's copy of it; raise InjectError."""
+    # Called on the event loop: never wait long for a COW break running on a copy worker.
+    if not _seized.acquire(timeout=STOP_DEADLINE):
+        raise InjectError(f"another injection kept hmmd busy for {STOP_DEADLINE:g} s")
+    try:
+        return _inject_userfaultfd(pid, pidfd)
+    finally:
+        _seized.release()
+
+
+def _inject_userfaultfd(pid: int, pidfd: int) -> int:
+    """``inject_userfaultfd`` under the lock."""
     why = refusal(pid)
     if why is not None:
         raise InjectError(why)
@@ -179,3 +232,109 @@ def _detach(pid: int) -> None:
         _ptrace(PTRACE_INTERRUPT, pid)
         _wait_stopped(pid)
         _ptrace(PTRACE_DETACH, pid)
+
+
+def _vdso_syscall(pid: int) -> int | None:
+    """The address of a ``syscall`` instruction in ``pid``'s vDSO, or None (no vDSO).
+
+    Any two bytes 0f 05 in executable memory run as ``syscall``; the vDSO's
+    clock_gettime fallback has one on x86-64.
+    """
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            line = next((x for x in f if x.rstrip().endswith(b"[vdso]")), None)
+        if line is None:
+            return None
+        lo, hi = (int(x, 16) for x in line.split()[0].split(b"-"))
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+        try:
+            text = os.pread(fd, hi - lo, lo)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    at = text.find(_SYSCALL_INSN)
+    return None if at < 0 else lo + at
+
+
+def _delivery_stop(status: int) -> bool:
+    """A signal-delivery-stop: a signal on its way to the tracee, not a ptrace event or a trap."""
+    return status >> 16 == 0 and os.WSTOPSIG(status) != signal.SIGTRAP
+
+
+def _step_call(pid: int, at: int, regs: _Regs, signals: list[int]) -> int:
+    """Single-step the tracee set up by ``_set_call`` through its system call; its result.
+
+    Waits as long as the call takes, however long (a populate of a large range);
+    only the target's exit ends the wait early. A signal that stops the tracee
+    first is suppressed and noted in ``signals``, to be sent again once detached.
+    """
+    for _ in range(SYSCALL_ATTEMPTS):
+        _ptrace(PTRACE_SINGLESTEP, pid)
+        _, status = os.waitpid(pid, WALL)
+        if not os.WIFSTOPPED(status):
+            raise InjectError(f"process {pid} exited during injection")
+        if _delivery_stop(status):
+            signals.append(os.WSTOPSIG(status))  # sent again once detached
+        _ptrace(PTRACE_GETREGS, pid, 0, ctypes.addressof(regs))
+        if regs.r[_RIP] == at + 2:
+            return _result(regs)
+        if regs.r[_RIP] != at:
+            raise InjectError(f"process {pid} left the injected system call at {regs.r[_RIP]:#x}")
+    raise InjectError(f"process {pid} kept stopping before the injected system call")
+
+
+def populate_write(pid: int, runs: Sequence[tuple[int, int]]) -> None:
+    """``madvise(addr, length, MADV_POPULATE_WRITE)`` in ``pid`` for each (addr, length) run.
+
+    The target's own write fault on each page: a page shared copy-on-write (with
+    a fork child, the zero page, a file's page cache) is copied, and the target's
+    stores meanwhile are never lost, as a write of the data from outside would lose
+    them. Raises InjectError (refused), CallFailed (the madvise failed; the target's
+    registers are restored either way) or ProcessLookupError (the process is gone).
+    """
+    why = refusal(pid)
+    if why is not None:
+        raise InjectError(why)
+    with _seized:
+        try:
+            _ptrace(PTRACE_SEIZE, pid)
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                raise ProcessLookupError(exc.errno, f"process {pid} has exited") from exc
+            raise InjectError(f"cannot trace process {pid}: {exc.strerror}") from exc
+        signals: list[int] = []
+        try:
+            _populate_seized(pid, runs, signals)
+        except OSError as exc:
+            raise InjectError(f"madvise injection into process {pid} failed: {exc}") from exc
+        finally:
+            _detach(pid)
+            for sig in signals:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
+
+
+def _populate_seized(pid: int, runs: Sequence[tuple[int, int]], signals: list[int]) -> None:
+    """``populate_write``'s calls in the seized tracee, its registers restored after."""
+    at = _vdso_syscall(pid)
+    if at is None:
+        saved = _stop_in_syscall(pid, signals)
+        at = saved.r[_RIP] - 2
+    else:
+        _ptrace(PTRACE_INTERRUPT, pid)
+        _wait_stopped(pid, signals)
+        saved = _Regs()
+        _ptrace(PTRACE_GETREGS, pid, 0, ctypes.addressof(saved))
+    try:
+        for addr, length in runs:
+            regs = _set_call(pid, saved, at, SYS_MADVISE, (addr, length, MADV_POPULATE_WRITE))
+            ret = _step_call(pid, at, regs, signals)
+            if ret < 0:
+                raise CallFailed(
+                    -ret,
+                    f"madvise({addr:#x}, {length:#x}, MADV_POPULATE_WRITE) in process {pid} "
+                    f"failed: {os.strerror(-ret)}",
+                )
+    finally:
+        _ptrace(PTRACE_SETREGS, pid, 0, ctypes.addressof(saved))

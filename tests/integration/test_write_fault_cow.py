@@ -1,0 +1,232 @@
+"""A write fault breaks copy-on-write before it hands out WRITE, as ``hmm_range_fault`` does.
+
+Each test drives a real hmmd, a real puppet target (and its fork child) and a
+real agent session; what the target maps is read from /proc/PID/pagemap here,
+never through the daemon. Every page a write fault gives WRITE must be mapped
+exclusively by the target (pagemap bit 56) and be the page the entry names: a
+WRITE entry on the zero page or on a page still shared with a fork child would
+let a device write memory that is not the target's alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from hmmirror.client import Access, DeviceError
+from hmmirror.daemon.linux.inject import CallFailed, populate_write
+from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID, HMM_PFN_WRITE
+
+PAGE = 4096
+_PRESENT, _EXCLUSIVE, _PFN = 1 << 63, 1 << 56, (1 << 55) - 1
+_VALID_WRITE = HMM_PFN_VALID | HMM_PFN_WRITE
+
+
+def pagemap(pid: int, addr: int, npages: int) -> list[int]:
+    """The target's raw pagemap entries for the pages, read now."""
+    raw = np.zeros(npages, dtype=np.uint64)
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    try:
+        os.preadv(fd, [memoryview(raw).cast("B")], (addr // PAGE) * 8)
+    finally:
+        os.close(fd)
+    return [int(x) for x in raw]
+
+
+def assert_write_entries_exclusive(pid: int, addr: int, table: np.ndarray) -> None:
+    """Every entry has VALID and WRITE, on a page the target maps exclusively, by its PFN."""
+    live = pagemap(pid, addr, len(table))
+    for i, (entry, now) in enumerate(zip((int(e) for e in table), live, strict=True)):
+        where = f"page {i} at {addr + i * PAGE:#x}: entry {entry:#x}, pagemap {now:#x}"
+        assert entry & _VALID_WRITE == _VALID_WRITE, f"a write fault gave no WRITE ({where})"
+        assert now & _PRESENT and now & _EXCLUSIVE, f"WRITE on a page not exclusive ({where})"
+        assert entry & HMM_PFN_PFN_MASK == now & _PFN, f"the entry names another page ({where})"
+
+
+async def test_write_fault_over_the_zero_page_hands_out_an_exclusive_page(hmmd, puppet, agent):
+    n = 4
+    addr = await puppet.mmap(n * PAGE)
+    assert await puppet.read(addr, n * PAGE) == bytes(n * PAGE)  # maps the zero page
+    assert all(e & _PRESENT and not e & _EXCLUSIVE for e in pagemap(puppet.pid, addr, n))
+    async with agent() as s:
+        m = await s.mirror(puppet.pid, addr, n * PAGE, Access.READ | Access.WRITE)
+        await m.fault(addr, n, write=True)
+        assert_write_entries_exclusive(puppet.pid, addr, m.table.copy())
+        await m.write(addr, b"d" * (n * PAGE))
+        assert await puppet.read(addr, n * PAGE) == b"d" * (n * PAGE)
+
+
+async def test_write_fault_over_pages_shared_with_a_fork_child_breaks_cow(hmmd, puppet, agent):
+    n = 4
+    addr = await puppet.mmap(n * PAGE)
+    await puppet.write(addr, b"p" * (n * PAGE))
+    child = await puppet.fork()
+    try:
+        assert not any(e & _EXCLUSIVE for e in pagemap(puppet.pid, addr, n)), "fork shares them"
+        async with agent() as s:
+            m = await s.mirror(puppet.pid, addr, n * PAGE, Access.READ | Access.WRITE)
+            await m.fault(addr, n, write=True)
+            assert_write_entries_exclusive(puppet.pid, addr, m.table.copy())
+            await m.write(addr, b"w" * (n * PAGE))
+        assert await puppet.read(addr, n * PAGE) == b"w" * (n * PAGE)
+        assert await child.read(addr, n * PAGE) == b"p" * (n * PAGE), "the child kept its copy"
+    finally:
+        await child.exit()
+
+
+async def test_write_fault_mixes_absent_shared_and_exclusive_pages(hmmd, puppet, agent):
+    n = 6
+    addr = await puppet.mmap(n * PAGE)
+    await puppet.write(addr, b"a" * (2 * PAGE))  # pages 0-1 written before the fork
+    child = await puppet.fork()
+    try:
+        await puppet.write(addr + 2 * PAGE, b"b" * PAGE)  # page 2: the parent's own
+        await puppet.read(addr + 3 * PAGE, PAGE)  # page 3: the zero page; 4-5 absent
+        async with agent() as s:
+            m = await s.mirror(puppet.pid, addr, n * PAGE, Access.READ | Access.WRITE)
+            await m.fault(addr, n, write=True)
+            assert_write_entries_exclusive(puppet.pid, addr, m.table.copy())
+        assert await puppet.read(addr, 3 * PAGE) == b"a" * (2 * PAGE) + b"b" * PAGE
+        assert await child.read(addr, 3 * PAGE) == b"a" * (2 * PAGE) + bytes(PAGE)
+    finally:
+        await child.exit()
+
+
+#: Another tracer: seizes the pid it is given (PTRACE_SEIZE stops nothing), says so, and holds
+#: it until its stdin closes; its exit detaches it. A tracer of its own, not the test process,
+#: whose asyncio child watcher would take the puppet's ptrace stops for its exit.
+_TRACER = """
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+if libc.ptrace(0x4206, int(sys.argv[1]), None, None) != 0:
+    sys.exit(f"PTRACE_SEIZE: errno {ctypes.get_errno()}")
+print("seized", flush=True)
+sys.stdin.read()
+"""
+
+
+async def test_write_fault_on_shared_pages_of_a_traced_target_is_refused(hmmd, puppet, agent):
+    """Where hmmd cannot make the target break COW (here: another tracer holds it), the
+    write fault is refused EFAULT, never answered with WRITE on a shared page; a read
+    fault and a write fault over pages already exclusive still work."""
+    n = 2
+    addr = await puppet.mmap(2 * n * PAGE)
+    await puppet.write(addr, b"p" * (2 * n * PAGE))
+    child = await puppet.fork()
+    await puppet.write(addr + n * PAGE, b"q" * (n * PAGE))  # the second half: the parent's own
+    tracer = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _TRACER, str(puppet.pid),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert tracer.stdin is not None and tracer.stdout is not None
+    try:
+        assert await asyncio.wait_for(tracer.stdout.readline(), 10) == b"seized\n"
+        async with agent() as s:
+            m = await s.mirror(puppet.pid, addr, 2 * n * PAGE, Access.READ | Access.WRITE)
+            with pytest.raises(DeviceError) as err:
+                await m.fault(addr, n, write=True)
+            assert err.value.errno == errno.EFAULT
+            assert "copy-on-write" in str(err.value) and "traced" in str(err.value)
+            assert not (m.table & np.uint64(HMM_PFN_WRITE)).any()
+            await m.fault(addr, n, write=False)
+            await m.fault(addr + n * PAGE, n, write=True)
+            assert_write_entries_exclusive(puppet.pid, addr + n * PAGE, m.table[n:].copy())
+    finally:
+        tracer.stdin.close()
+        await asyncio.wait_for(tracer.wait(), 10)
+        await child.exit()
+
+
+#: A target that says where its 4 private pages are, then answers each SIGUSR1 with a line,
+#: between stretches of sleeping (caught in a system call) and spinning (caught in user code).
+_SIGNALLED = """
+import mmap, ctypes, os, signal, sys, time
+m = mmap.mmap(-1, 4 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+signal.signal(signal.SIGUSR1, lambda *_: os.write(1, b"usr1\\n"))
+print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
+while True:
+    time.sleep(0.001)
+    end = time.monotonic() + 0.001
+    while time.monotonic() < end:
+        pass
+"""
+
+
+def _line(fd: int, timeout: float) -> bytes:
+    """One line from the pipe ``fd`` (read a byte at a time), or what came before ``timeout``."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    while not out.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        out += byte
+    return out
+
+
+def test_a_signal_sent_during_a_cow_break_injection_reaches_the_target() -> None:
+    """A signal that stops the tracee while hmmd holds it (the checker's SIGUSR1 to its
+    target) is delivered once hmmd lets go, never swallowed by the injection's resume.
+
+    The target is started with Popen, which never waits for it in the background: an
+    asyncio child watcher would take its ptrace stops for itself."""
+    proc = subprocess.Popen([sys.executable, "-c", _SIGNALLED], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    try:
+        addr = int(_line(fd, 10))
+        rng = random.Random(15)
+        failed: list[BaseException] = []
+
+        def inject() -> None:
+            try:
+                populate_write(proc.pid, [(addr, 4 * PAGE)])
+            except BaseException as exc:  # reported below, in the test's thread
+                failed.append(exc)
+
+        for i in range(60):
+            worker = threading.Thread(target=inject)
+            worker.start()
+            time.sleep(rng.random() * 0.002)
+            os.kill(proc.pid, signal.SIGUSR1)
+            worker.join(10)
+            assert not failed, failed
+            assert _line(fd, 5) == b"usr1\n", f"signal {i} was lost"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_a_cow_break_over_a_range_the_target_unmapped_fails_and_leaves_it_running() -> None:
+    """The injected madvise fails as the target's own would (ENOMEM: nothing mapped there),
+    raised as CallFailed so the fault walks again; the target's registers are restored."""
+    proc = subprocess.Popen([sys.executable, "-c", _SIGNALLED], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    try:
+        addr = int(_line(fd, 10))
+        with pytest.raises(CallFailed) as err:
+            populate_write(proc.pid, [(addr, 4 * PAGE), (PAGE, PAGE)])  # page 1: never mapped
+        assert err.value.errno == errno.ENOMEM and "MADV_POPULATE_WRITE" in str(err.value)
+        assert all(e & _EXCLUSIVE for e in pagemap(proc.pid, addr, 4)), "the first run ran"
+        os.kill(proc.pid, signal.SIGUSR1)
+        assert _line(fd, 5) == b"usr1\n", "the target runs on after the failed call"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
