@@ -21,7 +21,7 @@ from hmmirror.client.session import inventory, status
 __all__ = ["LOOK_INTERVAL", "STILL_LOOKS", "quiesce"]
 
 #: Seconds between two looks.
-LOOK_INTERVAL = 0.1
+LOOK_INTERVAL = 0.05
 #: Looks in a row that must find the counters still and nothing in flight.
 STILL_LOOKS = 2
 

@@ -54,8 +54,8 @@ JSON_HELP = {
     "seed, elapsed_s, rounds, target_ops (by kind), agents, reads, writes, atomics, "
     "page_fault_calls, page_faults, prefetch_calls, page_prefetch, invalidations, "
     "pages_invalidated, stale, evictions, refused, busy, slowest_op_s, "
-    "translations_checked, reads_judged, judged, checker_cpu_s, violations ([{kind, detail}]), "
-    "violations_by_kind, notes, logs, replay",
+    "translations_checked, reads_judged, atomics_judged, judged, checker_cpu_s, "
+    "violations ([{kind, detail}]), violations_by_kind, notes, logs, replay",
     "demo": "the final report as one JSON object (the live figures go to stderr): seed, "
     "elapsed_s, rounds, rounds_skipped, invalidations, ack_p50_us, ack_p99_us, faults, "
     "pages_zapped, reads, writes, refused, stale, evictions, violations ([{mirror, addr, "

@@ -2,7 +2,11 @@
 
 At a quiescent point (target stopped, watcher caught up, no invalidation in
 flight) every VALID entry a mirror holds must name the page the target maps
-right now, and a WRITE entry must sit in a writable VMA. Anything else is a
+right now, and a WRITE entry must sit in a writable VMA, on a page the target
+maps exclusively: a private VMA's page with pagemap bit 56 (``PM_MMAP_EXCLUSIVE``)
+and not a file's page cache (bit 61), as ``hmm_range_fault`` hands out WRITE only
+on a page the write fault broke copy-on-write for. The zero page is never
+exclusive; a shared VMA's page may be WRITE without it. Anything else is a
 coherence violation. The oracle reads /proc itself, never through hmmd.
 """
 
@@ -17,6 +21,8 @@ from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID, HMM_PFN_WRIT
 
 _PRESENT = np.uint64(1 << 63)
 _PFN = np.uint64((1 << 55) - 1)
+_EXCLUSIVE = 1 << 56
+_FILE = 1 << 61
 
 
 @dataclass(frozen=True)
@@ -30,9 +36,11 @@ class Violation:
     kind: str
 
 
-def _writable_pages(pid: int, start: int, npages: int) -> np.ndarray:
-    """Per page from ``start``: whether a writable VMA of ``pid`` covers it."""
+def writable_pages(pid: int, start: int, npages: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per page from ``start``: whether a writable VMA of ``pid`` covers it, and whether
+    that VMA is private (the 4th perms character of /proc/PID/maps: 'p', not 's')."""
     out = np.zeros(npages, dtype=np.bool_)
+    private = np.zeros(npages, dtype=np.bool_)
     end = start + (npages << PAGE_SHIFT)
     with open(f"/proc/{pid}/maps", "rb") as f:
         for line in f:
@@ -42,7 +50,8 @@ def _writable_pages(pid: int, start: int, npages: int) -> np.ndarray:
                 continue
             a, b = (max(lo, start) - start) >> PAGE_SHIFT, (min(hi, end) - start) >> PAGE_SHIFT
             out[a:b] = True
-    return out
+            private[a:b] = perms[3:4] == b"p"
+    return out, private
 
 
 def check(mirror: Mirror) -> list[Violation]:
@@ -73,7 +82,7 @@ def check_table(
         os.preadv(fd, [live.data.cast("B")], (start >> PAGE_SHIFT) * 8)
     finally:
         os.close(fd)
-    writable = _writable_pages(pid, start, npages)
+    writable, private = writable_pages(pid, start, npages)
     found = []
     for i in held:
         entry, now = int(table[i]), int(live[i])
@@ -84,4 +93,8 @@ def check_table(
             found.append(Violation(mirror, addr, entry, now, "entry names a replaced page"))
         elif entry & HMM_PFN_WRITE and not writable[i]:
             found.append(Violation(mirror, addr, entry, now, "WRITE entry in a read-only VMA"))
+        elif entry & HMM_PFN_WRITE and private[i] and (now & (_EXCLUSIVE | _FILE)) != _EXCLUSIVE:
+            found.append(
+                Violation(mirror, addr, entry, now, "WRITE entry on a page shared copy-on-write")
+            )
     return found

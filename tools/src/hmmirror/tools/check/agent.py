@@ -16,10 +16,15 @@ obeys one command per stdin line and answers each with one JSON line:
 - ``exit``.
 
 Every READ is logged with its send and reply times (``stamps.DMA_LOG``), every
-WRITE with the stamp it wrote. Fault-injection flags make the agent slow
-(``--ack-delay``) or deliberately broken: ``--broken-ack`` acks an INVALIDATE
-before it zaps (the zap comes ``--broken-zap-delay`` later), ``--corrupt-reads``
-logs a wrong value for some READs. Those two exist to prove the oracles can fail.
+WRITE with the stamp it wrote (or WRITE_FAILED when hmmd refused it), every
+atomic with the old value it returned. Fault-injection flags make the agent
+slow (``--ack-delay``) or deliberately broken: ``--broken-ack`` acks an
+INVALIDATE before it zaps (the zap comes ``--broken-zap-delay`` later),
+``--corrupt-reads`` logs a wrong value for some READs, ``--lie-atomics`` a
+wrong old value for some FETCH_ADDs, ``--lie-writes`` a refused WRITE as
+landed, ``--write-shared`` puts WRITE into the zero-page entries hmmd hands it
+(a WRITE entry on a page shared copy-on-write). Those exist to prove the
+oracles can fail.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import zmq
 from hmmirror.client import (
     AgentError,
@@ -48,19 +55,13 @@ from hmmirror.client import (
     Session,
     status,
 )
-from hmmirror.client.mlx5 import ADVISE_FLUSH, AccessFlags, Advice, AtomicOp, MemoryRegion, Nic, Sge
-from hmmirror.proto.codec import encode
-from hmmirror.proto.messages import Invalidate, Status
-from hmmirror.tools.check.stamps import (
-    GARBAGE,
-    PAGE,
-    READ,
-    WRITE,
-    WRITE_INTENT,
-    WRITER_AGENT,
-    record,
-    stamp,
-)
+from hmmirror.client.mlx5 import ADVISE_FLUSH, AccessFlags, Advice, MemoryRegion, Nic, Sge
+from hmmirror.proto.codec import Envelope, encode
+from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID, HMM_PFN_WRITE
+from hmmirror.proto.messages import FaultReadReply, FaultReply, Invalidate, Message, Status
+from hmmirror.tools.check.logged import LoggedDma
+from hmmirror.tools.check.stamps import GARBAGE, PAGE, READ, record
+from hmmirror.tools.oracle import writable_pages
 from hmmirror.transport.sockets import send_frames
 
 ACCESS = (
@@ -80,6 +81,39 @@ class CheckSession(Session):
     broken_zap_delay = 3.0
     suicide = False
     evictions = 0
+    write_shared = False
+
+    async def request(
+        self,
+        msg: Message,
+        bulk: Sequence[Any] = (),
+        *,
+        timeout: float | None = None,
+        expect: type[Message] | None = None,
+        copy: bool = True,
+    ) -> Envelope:
+        """The reply, its fault entries changed first where a knob says so."""
+        env = await super().request(msg, bulk, timeout=timeout, expect=expect, copy=copy)
+        reply = env.msg
+        if self.write_shared and isinstance(reply, FaultReply | FaultReadReply) and env.bulk:
+            entries = self._write_zero_page(reply.mirror, reply.start, env.bulk[0])
+            env = env._replace(bulk=(entries.data.cast("B"), *env.bulk[1:]))
+        return env
+
+    def _write_zero_page(self, mirror_id: int, start: int, wire: memoryview) -> np.ndarray:
+        """The bug the checker must catch: WRITE on the zero page (never exclusive) in a
+        writable private VMA, as if the write fault had not broken copy-on-write."""
+        entries = np.frombuffer(wire, dtype="<u8").copy()
+        mirror = self.mirrors.get(mirror_id)
+        if mirror is None or not self.zero_pfn:
+            return entries
+        held = (entries & np.uint64(HMM_PFN_VALID)) != 0
+        zero = (entries & np.uint64(HMM_PFN_PFN_MASK)) == np.uint64(self.zero_pfn)
+        if (held & zero).any():
+            with contextlib.suppress(OSError):  # the target is gone: nothing to plant
+                writable, private = writable_pages(mirror.pid, start, len(entries))
+                entries[held & zero & writable & private] |= np.uint64(HMM_PFN_WRITE)
+        return entries
 
     def _on_invalidate(self, msg: Invalidate) -> None:
         """Zap and queue the ACK, unless a knob says to misbehave."""
@@ -127,7 +161,7 @@ def _mirror(mr: MemoryRegion | None) -> Mirror | None:
     return seg.mirror if seg is not None else None
 
 
-class Agent:
+class Agent(LoggedDma):
     """The workload, its figures and its DMA log."""
 
     def __init__(self, session: CheckSession, args: argparse.Namespace) -> None:
@@ -136,6 +170,11 @@ class Agent:
         self.index = args.index
         self.rng = random.Random(args.seed * 1000 + args.index)
         self.corrupt = args.corrupt_reads
+        self.lie_atomics = args.lie_atomics
+        self.lie_writes = args.lie_writes
+        self.atomic_seq = 0
+        #: Per page: the value its atomic word last showed us, plus our increment.
+        self.guess: dict[int, int] = {}
         self.pid, self.start_time = args.pid, args.start_time
         self.base, self.size = args.base, args.size
         self.log = open(args.log, "ab", buffering=0)  # noqa: SIM115 - closed in retarget/exit
@@ -146,7 +185,7 @@ class Agent:
         self.workers: list[asyncio.Task[None]] = []
         self.stats: dict[str, Any] = dict.fromkeys(
             ("reads", "writes", "atomics", "faults", "prefetches", "refused", "busy",
-             "reregistered", "corrupted"), 0,
+             "reregistered", "corrupted", "lies"), 0,
         )  # fmt: skip
         self.max_op_s = 0.0
 
@@ -201,7 +240,6 @@ class Agent:
         addr = self.base + page * PAGE
         choice = rng.random()
         t0 = time.monotonic_ns()
-        value = 0
         try:
             if choice < 0.45:
                 n = min(rng.randint(1, 4), npages - page)
@@ -218,19 +256,10 @@ class Agent:
                     flags = GARBAGE if chunk[16:] != _ZERO_TAIL else 0
                     self.buf += record(t0, t1, addr + i * PAGE, READ, word, flags)
             elif choice < 0.60:
-                self.version += 1
-                value = stamp(WRITER_AGENT + self.index, 0, page, self.version)
-                # Unbuffered, before the write leaves: a SIGKILL from here on loses the
-                # outcome, not the fact that this value may land.
-                self.log.write(record(t0, t0, addr, WRITE_INTENT, value))
-                # A timeout leaves the intent unresolved: hmmd may still perform the write
-                # later, so its value stays possible from t0 on, overriding nothing.
-                await self.nic.write(mr.rkey, addr, value.to_bytes(8, "little") + bytes(PAGE - 8))
-                self.buf += record(t0, time.monotonic_ns(), addr, WRITE, value)
-                self.stats["writes"] += 1
+                await self._write(mr, addr, page, t0)
             elif choice < 0.70:
-                await self.nic.atomic(mr.rkey, addr + 8, AtomicOp.FETCH_ADD, 1)
-                self.stats["atomics"] += 1
+                # On pages 0 and 8 of each slot only: more atomics meet on one counter.
+                await self._atomic(mr, addr - (page & 7) * PAGE, t0, choice < 0.67)
             elif choice < 0.85:
                 await mr.page_fault(
                     addr, rng.choice((0, PAGE, 4 * PAGE)) if page + 4 < npages else PAGE
@@ -380,6 +409,7 @@ async def serve(args: argparse.Namespace) -> None:
     session.ack_delay = args.ack_delay
     session.broken_ack = args.broken_ack
     session.broken_zap_delay = args.broken_zap_delay
+    session.write_shared = args.write_shared
     await session.open()
     agent = Agent(session, args)
     reader = asyncio.StreamReader()
@@ -437,6 +467,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broken-zap-delay", type=float, default=3.0)
     p.add_argument("--small-queue", action="store_true", help="a 10-message receive queue")
     p.add_argument("--corrupt-reads", action="store_true", help="log wrong READ data (test only)")
+    p.add_argument(
+        "--lie-atomics", action="store_true", help="log wrong FETCH_ADD results (test only)"
+    )
+    p.add_argument(
+        "--lie-writes", action="store_true", help="log refused WRITEs as landed (test only)"
+    )
+    p.add_argument("--write-shared", action="store_true", help="WRITE on the zero page (test only)")
     args = p.parse_args(argv)
     import uvloop
 

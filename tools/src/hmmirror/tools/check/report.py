@@ -46,6 +46,7 @@ def print_report(report: Report, out: IO[str]) -> None:
         ("slowest agent operation", f"{slowest:.3f} s"),
         ("translations checked", report.translations_checked),
         ("READs judged (data oracle)", report.reads_judged),
+        ("atomics judged (atomic oracle)", report.atomics_judged),
         ("judged operations, per second", judged_rate(report)),
         ("checker's own CPU", f"{report.checker_cpu_s:.1f} s"),
         ("violations", len(report.violations)),
@@ -64,8 +65,8 @@ def print_report(report: Report, out: IO[str]) -> None:
 
 
 def judged(report: Report) -> int:
-    """Every operation the oracles judged: translations, READs (and atomics)."""
-    return report.translations_checked + report.reads_judged
+    """Every operation the oracles judged: translations, READs and atomics."""
+    return report.translations_checked + report.reads_judged + report.atomics_judged
 
 
 def judged_rate(report: Report) -> str:
@@ -105,6 +106,7 @@ def as_dict(report: Report) -> dict[str, Any]:
         "slowest_op_s": max((float(a.get("max_op_s", 0)) for a in agents), default=0.0),
         "translations_checked": report.translations_checked,
         "reads_judged": report.reads_judged,
+        "atomics_judged": report.atomics_judged,
         "judged": judged(report),
         "checker_cpu_s": round(report.checker_cpu_s, 3),
         "violations": [{"kind": kind, "detail": detail} for kind, detail in report.violations],

@@ -40,8 +40,9 @@ from hmmirror.client.errors import AgentError
 from hmmirror.client.session import status
 from hmmirror.testing.hmmd import HmmdProcess, start_hmmd_async
 from hmmirror.testing.quiesce import quiesce
+from hmmirror.tools.check.atomics import AtomicOracle
 from hmmirror.tools.check.child import Child, ChildDied
-from hmmirror.tools.check.stamps import DataOracle, describe, load
+from hmmirror.tools.check.stamps import DataOracle, load
 from hmmirror.tools.check.tally import LogTally, cpu_seconds
 from hmmirror.tools.oracle import check_table
 from hmmirror.tools.progress import Progress
@@ -113,6 +114,8 @@ class Report:
     hmmd: dict[str, int | float | str] = field(default_factory=dict)
     reads_judged: int = 0
     translations_checked: int = 0
+    atomics_judged: int = 0
+    """FETCH_ADD and CAS results judged by the atomic oracle (``check.atomics``)."""
     logged_to_judge: int = 0
     """READs and atomics in the agents' logs when the rounds stopped (``tally.LogTally``)."""
     checker_cpu_s: float = 0.0
@@ -353,18 +356,21 @@ class Checker:
         """The data oracle over one phase's logs."""
         oracle = DataOracle(phase.base, phase.size // 4096, phase.t_start)
         dma = [load(p) for p in phase.dma_logs if os.path.exists(p)]
-        oracle.feed(load(phase.log), dma)
+        target = load(phase.log)
+        oracle.feed(target, dma)
         found = oracle.judge(dma)
         self.report.reads_judged += oracle.reads
         for v in found[:5]:
-            live = ", ".join(describe(x) for x in v.live) or "nothing"
-            self.violation(
-                f"data: {v.kind}",
-                f"READ at {v.addr:#x} over [{v.t0}, {v.t1}] ns got {describe(v.got)}; "
-                f"live then: {live}",
-            )
+            self.violation(f"data: {v.kind}", v.text())
         for v in found[5:]:
             self.report.violations.append((f"data: {v.kind}", "(more)"))
+        atomics = AtomicOracle(phase.base, phase.size // 4096, phase.t_start)
+        wrong = atomics.judge(target, dma)
+        self.report.atomics_judged += atomics.judged
+        for a in wrong[:5]:
+            self.violation(f"atomic: {a.kind}", a.detail)
+        for a in wrong[5:]:
+            self.report.violations.append((f"atomic: {a.kind}", "(more)"))
 
     def judged(self) -> int:
         """Operations judged so far, or logged for the data oracle to judge at the end."""

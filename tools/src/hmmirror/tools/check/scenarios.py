@@ -235,5 +235,24 @@ SCENARIOS.update(
             agent_args=_args(a0=["--corrupt-reads"]),
             self_test=True,
         ),
+        "lie-atomic": Scenario(
+            "SELF-TEST: agent-0 logs a neighbour's value (old + 1 or old - 1) for some "
+            "FETCH_ADDs; the atomic oracle must flag it",
+            agent_args=_args(a0=["--lie-atomics"]),
+            self_test=True,
+        ),
+        "lie-write": Scenario(
+            "SELF-TEST: agent-0 logs the WRITEs hmmd refused as landed; the data oracle must "
+            "flag them",
+            agent_args=_args(a0=["--lie-writes"]),
+            self_test=True,
+        ),
+        "write-shared": Scenario(
+            "SELF-TEST: agent-0 puts WRITE into the zero-page entries hmmd hands it in writable "
+            "private VMAs, a WRITE entry on a page shared copy-on-write; the translation oracle "
+            "must flag it",
+            agent_args=_args(a0=["--write-shared"]),
+            self_test=True,
+        ),
     }
 )

@@ -13,13 +13,39 @@ Logs are flat files of little-endian u64 records, stamped with
 CLOCK_MONOTONIC nanoseconds (one clock for every process on the host):
 
 ``TARGET_LOG``  t0, t1, addr, kind, value, src  (kind SET, FREE or MOVE)
-``DMA_LOG``     t0, t1, addr, kind, value, flags (kind READ, WRITE or WRITE_INTENT)
+``DMA_LOG``     t0, t1, addr, kind, value, flags (kind READ, WRITE, WRITE_INTENT,
+                WRITE_FAILED, or an atomic's record: see ``check.atomics``)
 
 The data oracle: a DMA READ of a page, sent at ``s`` and answered at ``r``,
 must return a value that was live at some moment in [s, r]. A change logged
 over [t0, t1] happened at one unknown instant inside it, so a value is ruled
 out only when a later change certainly began after it was written
-(``t0' > t1``) and certainly ended before the read began (``t1' < s``).
+(``t0' > t1``) and certainly ended before the read began (``t1' < s``). A
+WRITE that hmmd performed found the page mapped at some instant of its
+flight: one logged while the target's log says the page was certainly
+unmapped throughout is a lie (the agent logged a refused write as landed).
+
+What may change the atomic word (offset 8): only the agents' atomics (a
+FETCH_ADD of 1, or a COMPARE_SWAP of v for v + 1, so it stays a counter), and
+the target's mapping changes of its page: a new mapping (mmap, MAP_FIXED over
+it) or MADV_DONTNEED zero it; munmap, PROT_NONE and mremap's source leave no
+page; mremap moves it (the destination holds the source's counter); MADV_FREE
+may zero it at any instant until the page is next written. The target's
+stores and the agents' WRITEs touch offset 0 only (8 bytes), and a fork
+child writes its own copies. ``check.atomics`` judges the atomics.
+
+Refused writes. A WRITE_INTENT is logged before every WRITE is sent. If hmmd
+refused it before copying anything the agent logs WRITE_FAILED and the intent
+is closed: its value never landed. The agent's writes are 8 bytes inside one
+page, so a copy is all or nothing, and these refusals prove nothing landed:
+EPERM, EFAULT, EINVAL (a refusal at the fault or at hmmd's pre-copy checks, or
+a copy that moved nothing), ENOENT and EACCES (the client's own checks), and
+an EBUSY the client raised itself (every attempt was refused STALE, which for
+such a copy means it moved nothing). The intent stays open, its value possible
+from ``t0`` on for ever, where the write may have landed or may still land:
+hmmd's own EBUSY (a copy past its deadline is abandoned, not stopped), ESRCH
+(hmmd answers it when the mm closed after a finished copy), a timeout, a lost
+daemon or session, an eviction, or an agent killed in flight.
 """
 
 from __future__ import annotations
@@ -54,10 +80,27 @@ WRITE_INTENT = 3
 SIGKILL. An intent that no WRITE of the same value follows (the agent died with the write
 in flight, or gave up waiting for it, and hmmd may still perform it) may land at any time
 after ``t0``, and overrides nothing."""
+WRITE_FAILED = 4
+"""hmmd refused the WRITE of ``value`` before copying anything: its intent is closed."""
+# Atomic kinds (``check.atomics``): ``addr`` is the page's, ``extra`` the op's token.
+ATOMIC_INTENT = 5
+"""Written straight to the log before an atomic is sent (``value`` 0), like WRITE_INTENT."""
+FADD = 6
+"""A FETCH_ADD of 1 answered: ``value`` is the old value it returned."""
+CAS_OK = 7
+"""A COMPARE_SWAP of v for v + 1 that found v (``value``), and so incremented the word."""
+CAS_FAIL = 8
+"""A COMPARE_SWAP that found ``value`` (not what it expected), and wrote nothing."""
+ATOMIC_FAILED = 9
+"""hmmd refused the atomic before applying it (the rules of WRITE_FAILED): its intent is closed."""
 #: The end of time, for an intent whose write may land whenever hmmd gets to it.
 FOREVER = (1 << 64) - 1
 #: DMA_LOG flag: the page's bytes 16..4096 were not all zero.
 GARBAGE = 1
+
+_WRITE_KINDS = (WRITE, WRITE_INTENT, WRITE_FAILED)
+#: The mapped timeline's two values.
+_GONE, _THERE = frozenset((UNMAPPED,)), frozenset((ZERO,))
 
 RECORD = np.dtype(
     [("t0", "<u8"), ("t1", "<u8"), ("addr", "<u8"), ("kind", "<u8"), ("value", "<u8"),
@@ -103,7 +146,8 @@ def load(path: str) -> npt.NDArray[np.void]:
 
 @dataclass(frozen=True)
 class DataViolation:
-    """A DMA READ that returned a value no moment of its flight could have shown."""
+    """A DMA READ that returned a value no moment of its flight could have shown (or a
+    WRITE logged as landed on a page that was unmapped all through its flight)."""
 
     addr: int
     t0: int
@@ -111,6 +155,16 @@ class DataViolation:
     got: int
     live: tuple[int, ...]
     kind: str
+    op: str = "READ"
+
+    def text(self) -> str:
+        """The one-line detail of the violation report."""
+        live = ", ".join(describe(x) for x in self.live) or "nothing"
+        verb = "got" if self.op == "READ" else "wrote"
+        return (
+            f"{self.op} at {self.addr:#x} over [{self.t0}, {self.t1}] ns {verb} "
+            f"{describe(self.got)}; live then: {live}"
+        )
 
 
 class _Page:
@@ -157,8 +211,11 @@ class DataOracle:
         self.base = base
         self.npages = npages
         self.pages: dict[int, _Page] = defaultdict(_Page)
+        #: The target's changes alone, as mapped or not: whether a WRITE could have landed.
+        self.mapped: dict[int, _Page] = defaultdict(_Page)
         for i in range(npages):  # the arena starts reserved PROT_NONE
             self.pages[base + i * PAGE].add(0, t_start, frozenset((UNMAPPED,)))
+            self.mapped[base + i * PAGE].add(0, t_start, _GONE)
         self.reads = 0
 
     def feed(
@@ -169,7 +226,7 @@ class DataOracle:
         FREE and MOVE take the values the page (or its source) may have held
         while they ran, and an agent's write that landed just before counts.
         """
-        writes = [log[log["kind"] != READ] for log in dma_logs]
+        writes = [log[np.isin(log["kind"], _WRITE_KINDS)] for log in dma_logs]
         outcomes = {
             (int(rec["addr"]), int(rec["value"]))
             for log in writes
@@ -180,9 +237,11 @@ class DataOracle:
             for rec in log:
                 kind, addr, value = int(rec["kind"]), int(rec["addr"]), int(rec["value"])
                 t1 = int(rec["t1"])
+                if kind == WRITE_FAILED:
+                    continue  # refused: the value never landed (its intent is closed too)
                 if kind == WRITE_INTENT:
                     if (addr, value) in outcomes:
-                        continue  # its WRITE says when it landed
+                        continue  # its WRITE (or WRITE_FAILED) says what became of it
                     t1 = FOREVER
                 self.pages[addr].add(int(rec["t0"]), t1, frozenset((value,)), strong=kind == WRITE)
         for rec in target_log:
@@ -194,11 +253,23 @@ class DataOracle:
             else:
                 values = frozenset(self.pages[int(rec["extra"])].live(t0, t1)) - {UNMAPPED}
             self.pages[addr].add(t0, t1, values)
+            gone = kind == SET and int(rec["value"]) == UNMAPPED
+            self.mapped[addr].add(t0, t1, _GONE if gone else _THERE)
 
     def judge(self, dma_logs: Iterable[npt.NDArray[np.void]]) -> list[DataViolation]:
-        """Every READ whose value was never live during its flight, or whose page had garbage."""
+        """Every READ whose value was never live during its flight, or whose page had garbage;
+        every WRITE logged as landed while its page was certainly unmapped."""
         found = []
         for log in dma_logs:
+            for rec in log[log["kind"] == WRITE]:
+                addr, t0, t1 = int(rec["addr"]), int(rec["t0"]), int(rec["t1"])
+                if addr in self.mapped and self.mapped[addr].live(t0, t1) == _GONE:
+                    found.append(
+                        DataViolation(
+                            addr, t0, t1, int(rec["value"]), (UNMAPPED,),
+                            "write landed on an unmapped page", "WRITE",
+                        )
+                    )  # fmt: skip
             for rec in log[log["kind"] == READ]:
                 self.reads += 1
                 addr, s, r, got = (

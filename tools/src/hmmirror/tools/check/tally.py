@@ -1,7 +1,7 @@
 """Counting judged operations while a check runs, for ``hmmctl check --until-judged N``.
 
 The translation oracle judges at each quiescent point, so its count is known
-as the run goes; the data oracle judges every READ (and every atomic) only
+as the run goes; the data oracle judges every READ and every atomic only
 once the target has exited. What it will judge is already in the agents' DMA
 logs, flushed at each pause: ``LogTally`` reads only what each log gained
 since its last look and counts the records of the judged kinds, so that a run
@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from hmmirror.tools.check.stamps import READ, RECORD
+from hmmirror.tools.check.stamps import CAS_FAIL, CAS_OK, FADD, READ, RECORD
 
-#: The DMA log kinds the data oracle judges, one judged operation per record.
-JUDGED_KINDS = (READ,)
+#: The DMA log kinds the data oracles judge, one judged operation per record: READs and
+#: the atomics' outcomes.
+JUDGED_KINDS = (READ, FADD, CAS_OK, CAS_FAIL)
 
 
 class LogTally:
