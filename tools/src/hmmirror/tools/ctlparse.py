@@ -293,8 +293,8 @@ def _check_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     )  # fmt: skip
     check.add_argument(
         "--until-judged", type=flag(whole_number(1), "--until-judged"), default=0, metavar="N",
-        help="stop the rounds once N operations are judged or logged to be: translations "
-        "checked plus the READs and atomics the data oracle judges at the end",
+        help="stop the rounds once N operations are judged or sure to be: translations "
+        "checked plus the READs the data oracle judges at the end (atomics judged come on top)",
     )  # fmt: skip
     check.add_argument(
         "--agents", type=flag(whole_number(1), "--agents"), default=3,

@@ -97,8 +97,8 @@ class Options:
     keep: bool = False
     """Keep the run's directory (logs, hmmd's stderr) and print where it is."""
     until_judged: int = 0
-    """Stop the rounds once this many operations are judged or logged to be (translations
-    checked, plus READs and atomics in the agents' logs); 0: no such stop."""
+    """Stop the rounds once this many operations are judged or sure to be (translations
+    checked, plus the READs in the agents' logs); 0: no such stop. Atomics are judged on top."""
 
 
 @dataclass
@@ -117,7 +117,7 @@ class Report:
     atomics_judged: int = 0
     """FETCH_ADD and CAS results judged by the atomic oracle (``check.atomics``)."""
     logged_to_judge: int = 0
-    """READs and atomics in the agents' logs when the rounds stopped (``tally.LogTally``)."""
+    """READs in the agents' logs when the rounds stopped (``tally.LogTally``)."""
     checker_cpu_s: float = 0.0
     """CPU seconds of the checker process itself (its oracles and its driving)."""
     violations: list[tuple[str, str]] = field(default_factory=list)
@@ -373,7 +373,7 @@ class Checker:
             self.report.violations.append((f"atomic: {a.kind}", "(more)"))
 
     def judged(self) -> int:
-        """Operations judged so far, or logged for the data oracle to judge at the end."""
+        """Operations judged so far, or sure to be judged by the data oracle at the end."""
         return self.report.translations_checked + self.report.logged_to_judge
 
     def judged_enough(self) -> bool:
