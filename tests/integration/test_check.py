@@ -179,8 +179,18 @@ async def test_quiescence_waits_for_the_watcher_poll_that_sees_an_mprotect(hmmd,
             await asyncio.sleep(0.01)
         await puppet.mprotect(addr + PAGE, PAGE, "r")  # ...and this one waits a whole interval
         assert float((await s.status())["watch_lag_s"]) >= 2.0
+        early = await quiesce(hmmd.endpoint, 0.5)  # a wait that gives up says why
+        assert not early
+        assert "watcher lag" in early.why or "moving" in early.why, early.why
         assert await quiesce(hmmd.endpoint, 20)
         assert check(mirror) == []
+
+
+@pytest.mark.timeout(30)
+async def test_a_quiescence_wait_without_hmmd_says_hmmd_did_not_answer(tmp_path):
+    settled = await quiesce(f"ipc://{tmp_path}/nobody", 0.5)
+    assert not settled
+    assert "did not answer" in settled.why, settled.why
 
 
 @pytest.mark.timeout(150)

@@ -266,8 +266,9 @@ class Checker:
     async def quiesce(self) -> None:
         """Wait until hmmd settled (:func:`hmmirror.testing.quiesce.quiesce`); else a violation."""
         limit = 10 + 2 * self.opts.ack_deadline
-        if not await quiesce(self.endpoint, limit):
-            self.violation("not quiescent", f"hmmd never settled in {limit:.0f} s")
+        settled = await quiesce(self.endpoint, limit)
+        if not settled:
+            self.violation("not quiescent", f"hmmd never settled in {limit:.0f} s: {settled.why}")
 
     async def check_translations(self, phase: Phase) -> None:
         """The translation oracle, at a quiescent point (target between commands, agents paused)."""
