@@ -36,7 +36,7 @@ from hmmirror.proto.messages import (
     TraceReply,
     Unregister,
 )
-from hmmirror.testing.hmmd import start_hmmd
+from hmmirror.testing.curve import NO_KEY_ENV, curve_hmmd
 from hmmirror.testing.rawpeer import POPULATE, RawPeer, raw_peer
 from hmmirror.tools.ctltrace import chrome_trace
 
@@ -283,27 +283,14 @@ def test_hmmctl_trace_usage_errors_are_one_line(hmmd, tmp_path):
 
 def test_only_root_or_an_inspect_grant_may_trace(tmp_path: Path):
     """A tcp:// peer is never root: without an inspect grant, the trace is refused."""
-    keys, allow = tmp_path / "keys", tmp_path / "allow"
-    for name in ("hmmd", "me"):
-        made = subprocess.run([*HMMCTL, "keys", "generate", str(keys), name], capture_output=True)
-        assert made.returncode == 0, made.stderr
-    allow.mkdir()
-    (allow / "me.key").write_bytes((keys / "me.key").read_bytes())
-    daemon = start_hmmd(
-        "tcp://127.0.0.1:0",
-        ["--curve-key", str(keys / "hmmd.key_secret"), "--curve-allow", str(allow)],
-        log_path=str(tmp_path / "hmmd.log"),
-    )
-    try:
+    with curve_hmmd(tmp_path) as rig:
         out = subprocess.run(
             [*HMMCTL, "trace", "--seconds", "0.2", "-o", str(tmp_path / "t.json"),
-             "--endpoint", daemon.endpoint, "--server-key", str(keys / "hmmd.key"),
-             "--client-key", str(keys / "me.key_secret")],
+             "--endpoint", rig.endpoint, "--server-key", rig.server_key,
+             "--client-key", rig.client_key],
             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
-            env={**os.environ, "HMMIRROR_SERVER_KEY": "", "HMMIRROR_CLIENT_KEY": ""},
+            env={**os.environ, **NO_KEY_ENV},
         )  # fmt: skip
-    finally:
-        daemon.stop(10)
     assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
     assert "PERMISSION_DENIED" in out.stderr or "root or an inspect grant" in out.stderr
     assert not (tmp_path / "t.json").exists()
