@@ -36,6 +36,7 @@ from hmmirror.proto.messages import (
     Unregister,
     Welcome,
 )
+from hmmirror.testing.pagemap import pagemap
 from hmmirror.transport import dial
 
 PAGE = 4096
@@ -43,12 +44,7 @@ PAGE = 4096
 
 def live_pfns(pid: int, addr: int, npages: int) -> np.ndarray:
     """PFNs of the target's pages as pagemap shows them now (0 where absent)."""
-    raw = np.zeros(npages, dtype=np.uint64)
-    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
-    try:
-        os.preadv(fd, [memoryview(raw).cast("B")], (addr // PAGE) * 8)
-    finally:
-        os.close(fd)
+    raw = pagemap(pid, addr, npages)
     present = (raw >> np.uint64(63)) != 0
     return np.where(present, raw & np.uint64((1 << 55) - 1), np.uint64(0))
 
