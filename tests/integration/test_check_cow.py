@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import pytest
 from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID, HMM_PFN_WRITE
+from hmmirror.testing.pagemap import pagemap
 from hmmirror.tools.check import Checker, Options
 from hmmirror.tools.oracle import check_table
 
@@ -39,10 +40,7 @@ async def test_a_write_entry_kept_on_the_zero_page_is_caught() -> None:
 
 def _entries(pid: int, addr: int, npages: int, flags: int) -> np.ndarray:
     """Entries naming the pages the target maps now, with ``flags``."""
-    raw = np.zeros(npages, dtype=np.uint64)
-    with open(f"/proc/{pid}/pagemap", "rb") as f:
-        f.seek((addr // PAGE) * 8)
-        raw[:] = np.frombuffer(f.read(npages * 8), dtype=np.uint64)
+    raw = pagemap(pid, addr, npages)
     return (raw & np.uint64(HMM_PFN_PFN_MASK)) | np.uint64(flags)
 
 

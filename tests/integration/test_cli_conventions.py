@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from hmmirror.proto.messages import Access
-from hmmirror.testing.hmmd import start_hmmd
+from hmmirror.testing.curve import NO_KEY_ENV, curve_hmmd
 from hmmirror.testing.rdma import hm_agent
 
 PY = sys.executable
@@ -163,36 +163,23 @@ def test_keys_and_version_as_json(tmp_path):
 
 
 def test_server_key_and_client_key_flags_reach_a_curve_hmmd(tmp_path):
-    keys, allow = tmp_path / "keys", tmp_path / "allow"
-    for name in ("hmmd", "me"):
-        assert run(HMMCTL, "keys", "generate", str(keys), name).returncode == 0
-    allow.mkdir()
-    (allow / "me.key").write_bytes((keys / "me.key").read_bytes())
-    daemon = start_hmmd(
-        "tcp://127.0.0.1:0",
-        ["--curve-key", str(keys / "hmmd.key_secret"), "--curve-allow", str(allow)],
-        log_path=str(tmp_path / "hmmd.log"),
-    )
-    bare = {"HMMIRROR_SERVER_KEY": "", "HMMIRROR_CLIENT_KEY": ""}
-    server, client = str(keys / "hmmd.key"), str(keys / "me.key_secret")
-    try:
-        out = run(HMMCTL, "status", "-j", "--endpoint", daemon.endpoint,
-                  "--server-key", server, "--client-key", client, env=bare)  # fmt: skip
+    with curve_hmmd(tmp_path) as rig:
+        server, client = rig.server_key, rig.client_key
+        out = run(HMMCTL, "status", "-j", "--endpoint", rig.endpoint,
+                  "--server-key", server, "--client-key", client, env=NO_KEY_ENV)  # fmt: skip
         assert "epoch" in objects(out)[0]
         out = run(HMMCTL, "--server-key", server, "--client-key", client,
-                  "--endpoint", daemon.endpoint, "status", env=bare)  # fmt: skip
+                  "--endpoint", rig.endpoint, "status", env=NO_KEY_ENV)  # fmt: skip
         assert out.returncode == 0, out.stderr
         # A flag beats its environment variable.
-        wrong = {"HMMIRROR_SERVER_KEY": str(keys / "nope.key"), "HMMIRROR_CLIENT_KEY": client}
-        out = run(HMMCTL, "--endpoint", daemon.endpoint, "status", "--server-key", server,
+        wrong = {"HMMIRROR_SERVER_KEY": str(rig.keys / "nope.key"), "HMMIRROR_CLIENT_KEY": client}
+        out = run(HMMCTL, "--endpoint", rig.endpoint, "status", "--server-key", server,
                   env=wrong)  # fmt: skip
         assert out.returncode == 0, out.stderr
-        alone = run(HMMCTL, "--endpoint", daemon.endpoint, "status", "--server-key", server,
-                    env=bare)  # fmt: skip
+        alone = run(HMMCTL, "--endpoint", rig.endpoint, "status", "--server-key", server,
+                    env=NO_KEY_ENV)  # fmt: skip
         assert alone.returncode == 2 and "go together" in alone.stderr, alone.stderr
         assert alone.stderr.count("\n") == 1
-    finally:
-        daemon.stop(10)
     helped = run(HMMCTL, "--help")
     assert "--server-key FILE" in helped.stdout and "--client-key FILE" in helped.stdout
 

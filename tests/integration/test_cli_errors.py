@@ -20,7 +20,7 @@ from hmmirror.client import DeviceError, RemoteError, RequestTimeout
 from hmmirror.client.mlx5 import RemoteAccessError
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages.limits import MAX_MIRROR_PAGES
-from hmmirror.testing.hmmd import start_hmmd
+from hmmirror.testing.curve import NO_KEY_ENV, curve_hmmd
 from hmmirror.testing.rdma import hm_agent
 
 PY = sys.executable
@@ -191,27 +191,16 @@ def test_keys_generate_keeps_existing_keys_and_stays_in_its_directory(tmp_path):
 
 
 def test_a_client_without_curve_keys_is_told_what_to_set(tmp_path):
-    keys, allow = tmp_path / "keys", tmp_path / "allow"
-    for name in ("hmmd", "me"):
-        assert run(HMMCTL, "keys", "generate", str(keys), name).returncode == 0
-    allow.mkdir()
-    (allow / "me.key").write_bytes((keys / "me.key").read_bytes())
-    daemon = start_hmmd(
-        "tcp://127.0.0.1:0",
-        ["--curve-key", str(keys / "hmmd.key_secret"), "--curve-allow", str(allow)],
-        log_path=str(tmp_path / "hmmd.log"),
-    )
-    try:
-        bare = {"HMMIRROR_SERVER_KEY": "", "HMMIRROR_CLIENT_KEY": ""}
-        out = run(HMMCTL, "--endpoint", daemon.endpoint, "--timeout", "1", "status", env=bare)
+    with curve_hmmd(tmp_path) as rig:
+        out = run(HMMCTL, "--endpoint", rig.endpoint, "--timeout", "1", "status", env=NO_KEY_ENV)
         one_line(out, HMMCTL, 1, "HMMIRROR_SERVER_KEY", "HMMIRROR_CLIENT_KEY")
-        missing = {"HMMIRROR_SERVER_KEY": str(keys / "nope.key"),
-                   "HMMIRROR_CLIENT_KEY": str(keys / "me.key_secret")}  # fmt: skip
-        out = run(HMMCTL, "--endpoint", daemon.endpoint, "status", env=missing)
+        missing = {"HMMIRROR_SERVER_KEY": str(rig.keys / "nope.key"),
+                   "HMMIRROR_CLIENT_KEY": rig.client_key}  # fmt: skip
+        out = run(HMMCTL, "--endpoint", rig.endpoint, "status", env=missing)
         one_line(out, HMMCTL, 2, "nope.key")
         agent = run(
-            HM_AGENT, "--daemon", daemon.endpoint, "--listen", f"ipc://{tmp_path}/a.sock",
-            env=bare,
+            HM_AGENT, "--daemon", rig.endpoint, "--listen", f"ipc://{tmp_path}/a.sock",
+            env=NO_KEY_ENV,
         )  # fmt: skip
         one_line(agent, HM_AGENT, 1, "server_key")
         # The library itself says it too, for agents that are not hmmctl or hm-agent.
@@ -219,19 +208,17 @@ def test_a_client_without_curve_keys_is_told_what_to_set(tmp_path):
         from hmmirror.transport import Dialer, DoorError
 
         ctx = zmq.Context()
-        dialer = Dialer(ctx, daemon.endpoint, None)
+        dialer = Dialer(ctx, rig.endpoint, None)
         try:
             with pytest.raises(DoorError, match="requires CURVE ignores a client without keys"):
                 dialer.dial_sync(1.0)
         finally:
             dialer.sock.close(linger=0)
             ctx.destroy(linger=0)
-        good = {"HMMIRROR_SERVER_KEY": str(keys / "hmmd.key"),
-                "HMMIRROR_CLIENT_KEY": str(keys / "me.key_secret")}  # fmt: skip
-        out = run(HMMCTL, "--endpoint", daemon.endpoint, "status", env=good)
+        good = {"HMMIRROR_SERVER_KEY": rig.server_key,
+                "HMMIRROR_CLIENT_KEY": rig.client_key}  # fmt: skip
+        out = run(HMMCTL, "--endpoint", rig.endpoint, "status", env=good)
         assert out.returncode == 0 and "epoch" in out.stdout, out.stderr
-    finally:
-        daemon.stop(10)
 
 
 # --- tools installed without the daemon ------------------------------------------------------

@@ -17,38 +17,29 @@ from typing import Any
 
 import numpy as np
 import pytest
-import zmq
-import zmq.asyncio
 from hmmirror.client import Access, AgentError, DeviceError, Event, MirrorEvicted, RemoteError
-from hmmirror.proto import ErrorCode, decode, encode
+from hmmirror.proto import ErrorCode
 from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID
 from hmmirror.proto.messages import (
     Ack,
     Error,
     Evicted,
     Fault,
-    Heartbeat,
-    Hello,
     Invalidate,
     Ok,
     Register,
     Registered,
     Unregister,
-    Welcome,
 )
-from hmmirror.transport import dial
+from hmmirror.testing.pagemap import pagemap
+from hmmirror.testing.rawpeer import RawPeer
 
 PAGE = 4096
 
 
 def live_pfns(pid: int, addr: int, npages: int) -> np.ndarray:
     """PFNs of the target's pages as pagemap shows them now (0 where absent)."""
-    raw = np.zeros(npages, dtype=np.uint64)
-    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
-    try:
-        os.preadv(fd, [memoryview(raw).cast("B")], (addr // PAGE) * 8)
-    finally:
-        os.close(fd)
+    raw = pagemap(pid, addr, npages)
     present = (raw >> np.uint64(63)) != 0
     return np.where(present, raw & np.uint64((1 << 55) - 1), np.uint64(0))
 
@@ -81,63 +72,12 @@ async def test_fault_racing_invalidation_retries_and_never_installs_stale(hmmd, 
         assert result.faults == 0 and result.data == b"b" * 4 * PAGE
 
 
-class RawAgent:
-    """A hand-driven DEALER agent that heartbeats but never acks: the misbehaving device."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.ctx = zmq.asyncio.Context()
-        self.sock = dial(self.ctx, endpoint)
-        self.next_id = 1
-        self.replies: dict[int, asyncio.Future] = {}
-        self.unsolicited: asyncio.Queue = asyncio.Queue()
-        self.tasks = [asyncio.ensure_future(self._read())]
-
-    async def _read(self) -> None:
-        while True:
-            env = decode(await self.sock.recv_multipart())
-            fut = self.replies.pop(env.re, None)
-            if fut is not None:
-                fut.set_result(env)
-            else:
-                self.unsolicited.put_nowait(env)
-
-    async def _beat(self) -> None:
-        while True:
-            await asyncio.sleep(0.1)
-            self.next_id += 1
-            await self.sock.send_multipart(encode(Heartbeat(), self.next_id))
-
-    def start_heartbeats(self) -> None:
-        self.tasks.append(asyncio.ensure_future(self._beat()))
-
-    async def request(self, msg, timeout: float = 5.0):
-        self.next_id += 1
-        fut = asyncio.get_running_loop().create_future()
-        self.replies[self.next_id] = fut
-        await self.sock.send_multipart(encode(msg, self.next_id))
-        return await asyncio.wait_for(fut, timeout)
-
-    async def recv(self, timeout: float):
-        """The next message that is not a heartbeat reply."""
-        while True:
-            env = await asyncio.wait_for(self.unsolicited.get(), timeout)
-            if env.type != "heartbeat_ack":
-                return env
-
-    def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        self.sock.close(0)
-        self.ctx.term()
-
-
 async def test_agent_that_never_acks_is_evicted_and_others_complete(hmmd, puppet, agent):
     addr = await puppet.mmap(2 * PAGE)
     await puppet.write(addr, b"x" * 2 * PAGE)
-    silent = RawAgent(hmmd.endpoint)
+    silent = RawPeer(hmmd.endpoint)  # it heartbeats but never acks: the misbehaving device
     try:
-        assert isinstance((await silent.request(Hello(agent="silent"))).msg, Welcome)
-        silent.start_heartbeats()
+        await silent.hello("silent", heartbeat=True)
         reg = await silent.request(
             Register(pid=puppet.pid, start_time=0, intervals=((addr, addr + 2 * PAGE),), access=1)
         )
@@ -301,10 +241,9 @@ async def test_watcher_reports_fork_write_protect_and_cow_migration(hmmd, puppet
 async def test_mm_is_forgotten_when_its_last_mirror_goes_mid_invalidation(hmmd, puppet, agent):
     """An mm whose last mirror goes while an invalidation is open must still be forgotten."""
     addr = await puppet.mmap(PAGE)
-    silent = RawAgent(hmmd.endpoint)
+    silent = RawPeer(hmmd.endpoint)  # it heartbeats but never acks: the misbehaving device
     try:
-        assert isinstance((await silent.request(Hello(agent="silent"))).msg, Welcome)
-        silent.start_heartbeats()
+        await silent.hello("silent", heartbeat=True)
         reg = await silent.request(
             Register(pid=puppet.pid, start_time=0, intervals=((addr, addr + PAGE),), access=1)
         )
@@ -336,8 +275,8 @@ async def test_an_unreachable_first_agent_does_not_end_the_invalidation_for_the_
     """
     addr = await puppet.mmap(PAGE)
     await puppet.write(addr, b"d" * PAGE)
-    dead = RawAgent(hmmd.endpoint)
-    assert isinstance((await dead.request(Hello(agent="dead"))).msg, Welcome)
+    dead = RawPeer(hmmd.endpoint)
+    await dead.hello("dead")
     assert isinstance(
         (
             await dead.request(
@@ -348,10 +287,9 @@ async def test_an_unreachable_first_agent_does_not_end_the_invalidation_for_the_
     )
     dead.close()  # no GOODBYE: its session lives on until the lease runs out
     await asyncio.sleep(0.1)
-    slow = RawAgent(hmmd.endpoint)
+    slow = RawPeer(hmmd.endpoint)
     try:
-        assert isinstance((await slow.request(Hello(agent="slow"))).msg, Welcome)
-        slow.start_heartbeats()
+        await slow.hello("slow", heartbeat=True)
         reg = await slow.request(
             Register(pid=puppet.pid, start_time=0, intervals=((addr, addr + PAGE),), access=1)
         )
@@ -361,8 +299,7 @@ async def test_an_unreachable_first_agent_does_not_end_the_invalidation_for_the_
             inval = await slow.recv(5.0)
             assert isinstance(inval.msg, Invalidate)
             await asyncio.sleep(0.4)
-            slow.next_id += 1
-            await slow.sock.send_multipart(encode(Ack(n=inval.msg.n), slow.next_id))
+            slow.send(Ack(n=inval.msg.n))
 
         acker = asyncio.ensure_future(ack_late())
         async with agent() as announcer:
@@ -509,11 +446,10 @@ async def test_the_new_image_can_be_mirrored_while_the_old_ones_release_waits(hm
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdin is not None and proc.stdout is not None
-    silent = RawAgent(hmmd.endpoint)
+    silent = RawPeer(hmmd.endpoint)
     try:
         old_addr = int(await asyncio.wait_for(proc.stdout.readline(), 10))
-        assert isinstance((await silent.request(Hello(agent="silent"))).msg, Welcome)
-        silent.start_heartbeats()
+        await silent.hello("silent", heartbeat=True)
         reg = await silent.request(
             Register(pid=proc.pid, start_time=0, intervals=((old_addr, old_addr + PAGE),), access=1)
         )

@@ -23,21 +23,11 @@ from hmmirror.proto.entries import (
     map_order,
     pfns,
 )
+from hmmirror.testing.pagemap import pagemap
 
 PAGE = 4096
 TWO_MIB = 2 << 20
 RW = Access.READ | Access.WRITE
-
-
-def pagemap(pid: int, addr: int, npages: int) -> np.ndarray:
-    """The target's raw pagemap entries, read here."""
-    raw = np.zeros(npages, dtype=np.uint64)
-    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
-    try:
-        os.preadv(fd, [memoryview(raw).cast("B")], (addr // PAGE) * 8)
-    finally:
-        os.close(fd)
-    return raw
 
 
 def huge_pages(pid: int, addr: int, npages: int) -> np.ndarray:

@@ -12,16 +12,11 @@ stands between the wire and the assertion.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import msgpack
 import pytest
-import zmq
-import zmq.asyncio
-from hmmirror.proto import ErrorCode, decode, encode
+from hmmirror.proto import ErrorCode
 from hmmirror.proto.codec import Envelope
 from hmmirror.proto.entries import HMM_PFN_VALID, HMM_PFN_WRITE, from_wire
 from hmmirror.proto.messages import (
@@ -36,113 +31,19 @@ from hmmirror.proto.messages import (
     FaultReadReply,
     FaultReply,
     Heartbeat,
-    Hello,
-    Invalidate,
-    Message,
     Ok,
     Register,
     Registered,
-    Status,
-    StatusReply,
     SyncRange,
     Unregister,
     Welcome,
 )
-from hmmirror.transport import dial
+from hmmirror.testing.rawpeer import POPULATE, raw_peer
 
 pytestmark = pytest.mark.timeout(60)
 
 PAGE = 4096
-POPULATE = 1
 PID_MAX_EVER = 1 << 22  # the kernel's PID_MAX_LIMIT: no process has a larger pid
-
-
-class Raw:
-    """A hand-driven agent connection: replies by ``re``, everything else queued in order."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.ctx = zmq.asyncio.Context()
-        self.sock = dial(self.ctx, endpoint)
-        self.next_id = 0
-        self.replies: dict[int, asyncio.Future[Envelope]] = {}
-        self.unsolicited: asyncio.Queue[Envelope] = asyncio.Queue()
-        self.reader = asyncio.ensure_future(self._read())
-
-    async def _read(self) -> None:
-        while True:
-            env = decode(await self.sock.recv_multipart())
-            fut = self.replies.get(env.re) if env.re else None
-            if fut is not None and not fut.done():
-                fut.set_result(env)
-            else:
-                self.unsolicited.put_nowait(env)
-
-    def send(self, msg: Message, bulk: Sequence[Any] = (), id: int | None = None) -> int:
-        """Send ``msg`` under a fresh id (or ``id``) without waiting; return the id."""
-        if id is None:
-            self.next_id += 1
-            id = self.next_id
-        self.replies[id] = asyncio.get_running_loop().create_future()
-        self.sock.send_multipart(encode(msg, id, bulk=bulk), zmq.NOBLOCK)
-        return id
-
-    async def reply(self, id: int, timeout: float = 5.0) -> Envelope:
-        """The reply to request ``id``."""
-        env = await asyncio.wait_for(asyncio.shield(self.replies[id]), timeout)
-        del self.replies[id]
-        return env
-
-    async def request(
-        self, msg: Message, bulk: Sequence[Any] = (), timeout: float = 5.0
-    ) -> Envelope:
-        return await self.reply(self.send(msg, bulk), timeout)
-
-    async def raw(self, frames: list[bytes], timeout: float = 5.0) -> Envelope:
-        """Send hand-made frames; return the next unsolicited message (their answer)."""
-        self.sock.send_multipart(frames, zmq.NOBLOCK)
-        return await self.recv(timeout)
-
-    async def recv(self, timeout: float = 5.0) -> Envelope:
-        """The next unsolicited message (an invalidate, evicted, or an uncorrelated reply)."""
-        return await asyncio.wait_for(self.unsolicited.get(), timeout)
-
-    async def hello(self, name: str = "raw") -> Welcome:
-        env = await self.request(Hello(agent=name))
-        assert isinstance(env.msg, Welcome), env.msg
-        return env.msg
-
-    async def register(self, pid: int, lo: int, hi: int, access: int = 3) -> int:
-        env = await self.request(
-            Register(pid=pid, start_time=0, intervals=((lo, hi),), access=access)
-        )
-        assert isinstance(env.msg, Registered), env.msg
-        return env.msg.mirror
-
-    async def populate(self, mirror: int, start: int, npages: int, write: bool = False) -> bytes:
-        """A POPULATE fault; returns its entries frame."""
-        msg = Fault(mirror=mirror, start=start, npages=npages, write=write, mode=POPULATE)
-        env = await self.request(msg)
-        assert isinstance(env.msg, FaultReply), env.msg
-        return bytes(env.bulk[0])
-
-    async def invalidate(self, timeout: float = 5.0) -> Invalidate:
-        env = await self.recv(timeout)
-        assert isinstance(env.msg, Invalidate), env.msg
-        return env.msg
-
-    def close(self) -> None:
-        self.reader.cancel()
-        self.sock.close(0)
-        self.ctx.term()
-
-
-@contextlib.asynccontextmanager
-async def raw(endpoint: str) -> AsyncIterator[Raw]:
-    peer = Raw(endpoint)
-    try:
-        yield peer
-    finally:
-        peer.close()
 
 
 def refused(env: Envelope, code: ErrorCode) -> str:
@@ -152,26 +53,13 @@ def refused(env: Envelope, code: ErrorCode) -> str:
     return env.msg.message
 
 
-async def quiet(peer: Raw, seconds: float) -> None:
-    """Assert nothing unsolicited reaches ``peer`` for ``seconds``."""
-    with pytest.raises(asyncio.TimeoutError):
-        env = await peer.recv(seconds)
-        pytest.fail(f"unexpected {env.type}: {env.msg}")
-
-
-async def stats(peer: Raw) -> dict[str, Any]:
-    env = await peer.request(Status())
-    assert isinstance(env.msg, StatusReply)
-    return dict(env.msg.stats)
-
-
 # --- 1. invalidate.n is per session ------------------------------------------------------------
 
 
 async def test_invalidate_n_counts_per_session_from_1_again_after_a_second_hello(hmmd, puppet):
     addr = await puppet.mmap(PAGE)
     await puppet.write(addr, b"n" * PAGE)
-    async with raw(hmmd.endpoint) as a, raw(hmmd.endpoint) as target:
+    async with raw_peer(hmmd.endpoint) as a, raw_peer(hmmd.endpoint) as target:
         await target.hello("target")
         for session in range(2):
             await a.hello()  # the second one, on the same connection, opens a fresh session
@@ -191,7 +79,7 @@ async def test_invalidate_n_counts_per_session_from_1_again_after_a_second_hello
 
 
 async def test_after_the_lease_lapses_the_session_is_forgotten_and_requests_get_no_session(hmmd):
-    async with raw(hmmd.endpoint) as a:
+    async with raw_peer(hmmd.endpoint) as a:
         welcome = await a.hello()
         evicted = await a.recv(welcome.lease_ms / 1000 + 2.0)  # no heartbeat sent
         assert isinstance(evicted.msg, Evicted) and "lease" in evicted.msg.reason
@@ -211,7 +99,7 @@ async def test_a_dma_write_that_breaks_cow_invalidates_the_old_page_with_clear(h
     await puppet.write(addr, b"p" * PAGE)
     child = None
     try:
-        async with raw(hmmd.endpoint) as a:
+        async with raw_peer(hmmd.endpoint) as a:
             await a.hello()
             mirror = await a.register(puppet.pid, addr, addr + PAGE)
             entries = await a.populate(mirror, addr, 1, write=True)
@@ -242,7 +130,7 @@ async def test_a_cow_break_that_the_watcher_sees_is_clear_too(hmmd, puppet):
     await puppet.write(addr, b"p" * PAGE)
     child = await puppet.fork()
     try:
-        async with raw(hmmd.endpoint) as a:
+        async with raw_peer(hmmd.endpoint) as a:
             await a.hello()
             mirror = await a.register(puppet.pid, addr, addr + PAGE)
             await a.populate(mirror, addr, 1)  # the shared page, read-only
@@ -262,15 +150,15 @@ async def test_a_watched_change_goes_to_every_overlapping_mirror_only_if_one_hol
 ):
     addr = await puppet.mmap(2 * PAGE)
     await puppet.write(addr, b"h" * 2 * PAGE)
-    async with raw(hmmd.endpoint) as holder, raw(hmmd.endpoint) as bystander:
+    async with raw_peer(hmmd.endpoint) as holder, raw_peer(hmmd.endpoint) as bystander:
         await holder.hello("holder")
         await bystander.hello("bystander")
         held = await holder.register(puppet.pid, addr, addr + 2 * PAGE)
         other = await bystander.register(puppet.pid, addr, addr + 2 * PAGE)
         await holder.populate(held, addr, 1)  # only the first page is held, by one mirror
         await puppet.madvise(addr + PAGE, PAGE, "dontneed")  # a page nobody holds
-        await quiet(holder, 0.5)  # the proc watcher polls every 50 ms at the slowest
-        await quiet(bystander, 0.1)
+        await holder.quiet(0.5)  # the proc watcher polls every 50 ms at the slowest
+        await bystander.quiet(0.1)
         await puppet.madvise(addr, PAGE, "dontneed")
         for peer, mirror in ((holder, held), (bystander, other)):
             inv = await peer.invalidate()
@@ -284,7 +172,7 @@ async def test_a_watched_change_goes_to_every_overlapping_mirror_only_if_one_hol
 
 async def test_watch_writes_without_a_userfaultfd_says_how_to_get_one(hmmd, puppet):
     addr = await puppet.mmap(PAGE)
-    async with raw(hmmd.endpoint) as a:
+    async with raw_peer(hmmd.endpoint) as a:
         await a.hello()
         for flag in ("watch_writes", "strict_writes"):
             msg = Register(
@@ -298,13 +186,13 @@ async def test_watch_writes_without_a_userfaultfd_says_how_to_get_one(hmmd, pupp
 
 async def test_register_flags_are_msgpack_bools_and_an_integer_is_refused(hmmd, puppet):
     addr = await puppet.mmap(PAGE)
-    async with raw(hmmd.endpoint) as a:
+    async with raw_peer(hmmd.endpoint) as a:
         await a.hello()
         header = msgpack.packb({"v": [1, 0], "type": "register", "id": 41, "re": 0})
         body = {"pid": puppet.pid, "start_time": 0, "intervals": [[addr, addr + PAGE]], "access": 1}
-        ok = await a.raw([b"", header, msgpack.packb({**body, "watch_writes": False})])
+        ok = await a.send_frames([b"", header, msgpack.packb({**body, "watch_writes": False})])
         assert isinstance(ok.msg, Registered) and ok.re == 41
-        env = await a.raw([b"", header, msgpack.packb({**body, "watch_writes": 1})])
+        env = await a.send_frames([b"", header, msgpack.packb({**body, "watch_writes": 1})])
         assert env.re == 41
         refused(env, ErrorCode.BAD_MESSAGE)
 
@@ -313,18 +201,18 @@ async def test_register_flags_are_msgpack_bools_and_an_integer_is_refused(hmmd, 
 
 
 async def test_re_is_the_request_id_once_the_header_decoded_whole_else_0(hmmd):
-    async with raw(hmmd.endpoint) as a:
+    async with raw_peer(hmmd.endpoint) as a:
         good = {"v": [1, 0], "type": "status", "id": 9, "re": 0}
         body = msgpack.packb({})
         # The header decoded whole: re names the request, whatever is wrong after it.
-        env = await a.raw([b"", msgpack.packb(good), b"\xc1"])
+        env = await a.send_frames([b"", msgpack.packb(good), b"\xc1"])
         assert env.re == 9
         refused(env, ErrorCode.BAD_MESSAGE)
-        env = await a.raw([b"", msgpack.packb({**good, "v": [2, 0]}), body])
+        env = await a.send_frames([b"", msgpack.packb({**good, "v": [2, 0]}), body])
         assert env.re == 9
         refused(env, ErrorCode.VERSION_MISMATCH)
         for mtype in ("bogus", "ok"):  # unknown to the codec; known, but not served by hmmd
-            env = await a.raw([b"", msgpack.packb({**good, "type": mtype}), body])
+            env = await a.send_frames([b"", msgpack.packb({**good, "type": mtype}), body])
             assert env.re == 9
             refused(env, ErrorCode.UNKNOWN_MESSAGE)
         # The envelope failed before the header decoded whole: re is 0, readable id or not.
@@ -334,7 +222,7 @@ async def test_re_is_the_request_id_once_the_header_decoded_whole_else_0(hmmd):
             [b"", msgpack.packb({**good, "re": -1}), body],  # a bad re
             [b"", msgpack.packb({**good, "v": [1]}), body],  # a bad v
         ):
-            env = await a.raw(frames)
+            env = await a.send_frames(frames)
             assert env.re == 0, frames
             refused(env, ErrorCode.BAD_MESSAGE)
 
@@ -345,7 +233,7 @@ async def test_re_is_the_request_id_once_the_header_decoded_whole_else_0(hmmd):
 async def test_a_mirror_release_ended_is_no_mirror_to_unregister_even_before_the_ack(hmmd, puppet):
     addr = await puppet.mmap(PAGE)
     await puppet.write(addr, b"r" * PAGE)
-    async with raw(hmmd.endpoint) as a:
+    async with raw_peer(hmmd.endpoint) as a:
         await a.hello()
         mirror = await a.register(puppet.pid, addr, addr + PAGE)
         await a.populate(mirror, addr, 1)
@@ -358,7 +246,7 @@ async def test_a_mirror_release_ended_is_no_mirror_to_unregister_even_before_the
         refused(await a.request(fault), ErrorCode.ESRCH)
         a.send(Ack(n=inv.n))
         deadline = time.monotonic() + 5
-        while (await stats(a))["mirrors"] and time.monotonic() < deadline:
+        while (await a.stats())["mirrors"] and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         refused(await a.request(Unregister(mirror=mirror)), ErrorCode.NO_MIRROR)
         refused(await a.request(fault), ErrorCode.NO_MIRROR)
@@ -369,9 +257,9 @@ async def test_a_mirror_release_ended_is_no_mirror_to_unregister_even_before_the
 
 async def test_bad_messages_counts_undecodable_sessionless_einval_and_too_large_only(hmmd, puppet):
     addr = await puppet.mmap(PAGE)
-    async with raw(hmmd.endpoint) as a, raw(hmmd.endpoint) as stranger:
+    async with raw_peer(hmmd.endpoint) as a, raw_peer(hmmd.endpoint) as stranger:
         await a.hello()
-        before = (await stats(a))["bad_messages"]
+        before = (await a.stats())["bad_messages"]
         counted = [
             (a, Register(pid=0, start_time=0, intervals=((addr, addr + PAGE),), access=1),
              ErrorCode.EINVAL),
@@ -387,8 +275,8 @@ async def test_bad_messages_counts_undecodable_sessionless_einval_and_too_large_
         ]  # fmt: skip
         for peer, msg, code in counted + not_counted:
             refused(await peer.request(msg), code)
-        assert isinstance((await a.raw([b"", b"\xc1", b"\x80"])).msg, Error)  # undecodable
-        assert (await stats(a))["bad_messages"] == before + len(counted) + 1
+        assert isinstance((await a.send_frames([b"", b"\xc1", b"\x80"])).msg, Error)  # undecodable
+        assert (await a.stats())["bad_messages"] == before + len(counted) + 1
 
 
 # --- 9. ordering, the DMA fence, and a fault held by the agent's own unacked invalidate -------
@@ -397,7 +285,7 @@ async def test_bad_messages_counts_undecodable_sessionless_einval_and_too_large_
 async def test_one_connections_requests_take_effect_in_the_order_sent(hmmd, puppet):
     addr = await puppet.mmap(PAGE)
     await puppet.write(addr, b"0" * PAGE)
-    async with raw(hmmd.endpoint) as a:
+    async with raw_peer(hmmd.endpoint) as a:
         await a.hello()
         mirror = await a.register(puppet.pid, addr, addr + PAGE)
         entries = await a.populate(mirror, addr, 1, write=True)
@@ -415,7 +303,7 @@ async def test_one_connections_requests_take_effect_in_the_order_sent(hmmd, pupp
 async def test_a_fault_with_read_overlapping_an_unacked_invalidate_waits_for_the_ack(hmmd, puppet):
     addr = await puppet.mmap(PAGE)
     await puppet.write(addr, b"f" * PAGE)
-    async with raw(hmmd.endpoint) as a, raw(hmmd.endpoint) as target:
+    async with raw_peer(hmmd.endpoint) as a, raw_peer(hmmd.endpoint) as target:
         await a.hello()
         await target.hello("target")
         mirror = await a.register(puppet.pid, addr, addr + PAGE)
@@ -437,13 +325,13 @@ async def test_a_fault_with_read_overlapping_an_unacked_invalidate_waits_for_the
 
 
 async def test_session_ids_count_from_1_in_each_epoch_and_pids_stop_at_2_32_minus_1(hmmd):
-    async with raw(hmmd.endpoint) as a, raw(hmmd.endpoint) as b:
+    async with raw_peer(hmmd.endpoint) as a, raw_peer(hmmd.endpoint) as b:
         assert (await a.hello()).session == 1  # a fresh hmmd: a new epoch
         assert (await b.hello()).session == 2
         assert (await a.hello()).session == 3
         for pid in ((1 << 32) - 1, 1 << 32):
             header = msgpack.packb({"v": [1, 0], "type": "hello", "id": 50, "re": 0})
-            env = await b.raw([b"", header, msgpack.packb({"agent": "big", "pid": pid})])
+            env = await b.send_frames([b"", header, msgpack.packb({"agent": "big", "pid": pid})])
             assert env.re == 50
             if pid < 1 << 32:
                 assert isinstance(env.msg, Welcome)
@@ -452,7 +340,7 @@ async def test_session_ids_count_from_1_in_each_epoch_and_pids_stop_at_2_32_minu
 
 
 async def test_a_refused_ack_answers_the_acks_own_id(hmmd):
-    async with raw(hmmd.endpoint) as a:
+    async with raw_peer(hmmd.endpoint) as a:
         await a.hello()
         ack = a.send(Ack(n=3), id=77)
         env = await a.reply(ack)
@@ -461,11 +349,11 @@ async def test_a_refused_ack_answers_the_acks_own_id(hmmd):
 
 
 async def test_integers_must_be_msgpack_integers_not_floats(hmmd):
-    async with raw(hmmd.endpoint) as a:
+    async with raw_peer(hmmd.endpoint) as a:
         await a.hello()
         header = msgpack.packb({"v": [1, 0], "type": "unregister", "id": 60, "re": 0})
-        env = await a.raw([b"", header, msgpack.packb({"mirror": float(1 << 33)})])
+        env = await a.send_frames([b"", header, msgpack.packb({"mirror": float(1 << 33)})])
         assert env.re == 60
         refused(env, ErrorCode.BAD_MESSAGE)
-        env = await a.raw([b"", header, msgpack.packb({"mirror": 1 << 33})])
+        env = await a.send_frames([b"", header, msgpack.packb({"mirror": 1 << 33})])
         refused(env, ErrorCode.NO_MIRROR)

@@ -11,20 +11,16 @@ Who may trace, one trace at a time, and the bounds are checked on the wire.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import zmq
-import zmq.asyncio
-from hmmirror.proto.codec import Envelope, decode, encode
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import (
     TRACE_COLUMNS,
@@ -33,28 +29,20 @@ from hmmirror.proto.messages import (
     Error,
     Fault,
     FaultReply,
-    Heartbeat,
-    Hello,
-    Invalidate,
-    Message,
     Ok,
-    Register,
-    Registered,
     SyncRange,
     Trace,
     TraceKind,
     TraceReply,
     Unregister,
-    Welcome,
 )
-from hmmirror.testing.hmmd import start_hmmd
+from hmmirror.testing.curve import NO_KEY_ENV, curve_hmmd
+from hmmirror.testing.rawpeer import POPULATE, RawPeer, raw_peer
 from hmmirror.tools.ctltrace import chrome_trace
-from hmmirror.transport import dial
 
 pytestmark = pytest.mark.timeout(60)
 
 PAGE = 4096
-POPULATE = 1
 HMMCTL = [sys.executable, "-m", "hmmirror.tools.ctlapp"]
 
 
@@ -167,73 +155,7 @@ def test_an_empty_trace_is_a_valid_file():
 # --- a hand-driven agent ---------------------------------------------------------------------
 
 
-class Raw:
-    """One connection to hmmd driven message by message, with heartbeats in the background."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.ctx = zmq.asyncio.Context()
-        self.sock = dial(self.ctx, endpoint)
-        self.next_id = 0
-        self.replies: dict[int, asyncio.Future[Envelope]] = {}
-        self.pushed: asyncio.Queue[Envelope] = asyncio.Queue()
-        self.tasks = [asyncio.ensure_future(self._read())]
-
-    async def _read(self) -> None:
-        while True:
-            env = decode(await self.sock.recv_multipart())
-            fut = self.replies.pop(env.re, None) if env.re else None
-            if fut is not None:
-                fut.set_result(env)
-            else:
-                self.pushed.put_nowait(env)
-
-    async def _beat(self) -> None:
-        while True:
-            self.send(Heartbeat())
-            await asyncio.sleep(0.1)
-
-    def send(self, msg: Message, bulk: Sequence[Any] = (), id: int = 0) -> asyncio.Future[Envelope]:
-        self.next_id += 1
-        id = id or self.next_id
-        fut = self.replies[id] = asyncio.get_running_loop().create_future()
-        self.sock.send_multipart(encode(msg, id, bulk=bulk), zmq.NOBLOCK)
-        return fut
-
-    async def request(self, msg: Message, bulk: Sequence[Any] = ()) -> Envelope:
-        return await asyncio.wait_for(self.send(msg, bulk), 10)
-
-    async def hello(self, name: str) -> None:
-        assert isinstance((await self.request(Hello(agent=name))).msg, Welcome)
-        self.tasks.append(asyncio.ensure_future(self._beat()))
-
-    async def register(self, pid: int, lo: int, hi: int) -> int:
-        env = await self.request(Register(pid=pid, start_time=0, intervals=((lo, hi),), access=3))
-        assert isinstance(env.msg, Registered), env.msg
-        return env.msg.mirror
-
-    async def invalidate(self) -> Invalidate:
-        while True:
-            env = await asyncio.wait_for(self.pushed.get(), 10)
-            if isinstance(env.msg, Invalidate):
-                return env.msg
-
-    def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        self.sock.close(0)
-        self.ctx.term()
-
-
-@contextlib.asynccontextmanager
-async def raw(endpoint: str) -> AsyncIterator[Raw]:
-    peer = Raw(endpoint)
-    try:
-        yield peer
-    finally:
-        peer.close()
-
-
-async def tracing(peer: Raw) -> None:
+async def tracing(peer: RawPeer) -> None:
     """Wait until hmmd's tracer runs: a trace is then refused EBUSY (before its bounds are
     checked, so this probe, with a duration of 0, never starts one of its own)."""
     for _ in range(200):
@@ -259,12 +181,12 @@ async def test_hmmctl_trace_shows_a_fault_racing_an_invalidation(hmmd, puppet, t
         *HMMCTL, "trace", "--seconds", "4", "-o", str(out), "-j", "--endpoint", hmmd.endpoint,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    async with raw(hmmd.endpoint) as racer, raw(hmmd.endpoint) as sleeper, \
-            raw(hmmd.endpoint) as target:  # fmt: skip
+    async with raw_peer(hmmd.endpoint, 10) as racer, raw_peer(hmmd.endpoint, 10) as sleeper, \
+            raw_peer(hmmd.endpoint, 10) as target:  # fmt: skip
         await tracing(target)
-        await racer.hello("racer")
-        await sleeper.hello("sleeper")
-        await target.hello("target")
+        await racer.hello("racer", heartbeat=True)
+        await sleeper.hello("sleeper", heartbeat=True)
+        await target.hello("target", heartbeat=True)
         mirror = await racer.register(puppet.pid, addr, addr + 4 * PAGE)
         await sleeper.register(puppet.pid, addr, addr + 4 * PAGE)
         fault = Fault(mirror=mirror, start=addr, npages=2, write=False, mode=POPULATE)
@@ -272,14 +194,14 @@ async def test_hmmctl_trace_shows_a_fault_racing_an_invalidation(hmmd, puppet, t
         assert isinstance(first.msg, FaultReply)
         entries = bytes(first.bulk[0])
         sync = target.send(SyncRange(pid=puppet.pid, ranges=((addr, addr + 2 * PAGE),), event=1))
-        inv = await racer.invalidate()
+        inv = await racer.invalidate(skip=True)
         dma = await racer.request(DmaRead(mirror=mirror, start=addr, npages=2), [entries])
         assert isinstance(dma.msg, Error) and dma.msg.code == ErrorCode.STALE, dma.msg
         racing = [racer.send(fault), racer.send(fault)]  # they wait for the window to close
         racer.send(Ack(n=inv.n))
         # The sleeper never acks: evicted at the 1 s deadline, and the window closes.
-        assert isinstance((await asyncio.wait_for(sync, 10)).msg, Ok)
-        for reply in await asyncio.gather(*racing):
+        assert isinstance((await target.reply(sync)).msg, Ok)
+        for reply in await asyncio.gather(*(racer.reply(r) for r in racing)):
             assert isinstance(reply.msg, FaultReply), reply.msg
     stdout, stderr = await asyncio.wait_for(ctl.communicate(), 30)
     assert ctl.returncode == 0, stderr.decode()
@@ -317,21 +239,21 @@ async def test_hmmctl_trace_shows_a_fault_racing_an_invalidation(hmmd, puppet, t
 
 
 async def test_trace_bounds_and_one_at_a_time(hmmd):
-    async with raw(hmmd.endpoint) as peer:
+    async with raw_peer(hmmd.endpoint, 10) as peer:
         for bad in (Trace(duration_ms=0), Trace(duration_ms=10, max_events=0)):
             env = await peer.request(bad)
             assert isinstance(env.msg, Error) and env.msg.code == ErrorCode.EINVAL, env.msg
         env = await peer.request(Trace(duration_ms=600_001))
         assert isinstance(env.msg, Error) and env.msg.code == ErrorCode.TOO_LARGE, env.msg
-        await peer.hello("refused")
+        await peer.hello("refused", heartbeat=True)
         running = peer.send(Trace(duration_ms=300, max_events=2))
         await tracing(peer)
         for mirror in (7, 8, 9):  # three ERROR events; the ring keeps the newest two
             # Header ids may use all 64 bits: the last one's lands in the ``id`` column.
             sent = peer.send(Unregister(mirror=mirror), id=(1 << 64) - mirror)
-            env = await asyncio.wait_for(sent, 10)
+            env = await peer.reply(sent)
             assert isinstance(env.msg, Error) and env.msg.code == ErrorCode.NO_MIRROR
-        env = await asyncio.wait_for(running, 10)
+        env = await peer.reply(running)
         assert isinstance(env.msg, TraceReply), env.msg
         assert (env.msg.count, env.msg.dropped) == (2, 1), env.msg
         assert env.msg.duration_ns >= 250_000_000 and env.msg.names == {"session:1": "refused"}
@@ -361,27 +283,14 @@ def test_hmmctl_trace_usage_errors_are_one_line(hmmd, tmp_path):
 
 def test_only_root_or_an_inspect_grant_may_trace(tmp_path: Path):
     """A tcp:// peer is never root: without an inspect grant, the trace is refused."""
-    keys, allow = tmp_path / "keys", tmp_path / "allow"
-    for name in ("hmmd", "me"):
-        made = subprocess.run([*HMMCTL, "keys", "generate", str(keys), name], capture_output=True)
-        assert made.returncode == 0, made.stderr
-    allow.mkdir()
-    (allow / "me.key").write_bytes((keys / "me.key").read_bytes())
-    daemon = start_hmmd(
-        "tcp://127.0.0.1:0",
-        ["--curve-key", str(keys / "hmmd.key_secret"), "--curve-allow", str(allow)],
-        log_path=str(tmp_path / "hmmd.log"),
-    )
-    try:
+    with curve_hmmd(tmp_path) as rig:
         out = subprocess.run(
             [*HMMCTL, "trace", "--seconds", "0.2", "-o", str(tmp_path / "t.json"),
-             "--endpoint", daemon.endpoint, "--server-key", str(keys / "hmmd.key"),
-             "--client-key", str(keys / "me.key_secret")],
+             "--endpoint", rig.endpoint, "--server-key", rig.server_key,
+             "--client-key", rig.client_key],
             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
-            env={**os.environ, "HMMIRROR_SERVER_KEY": "", "HMMIRROR_CLIENT_KEY": ""},
+            env={**os.environ, **NO_KEY_ENV},
         )  # fmt: skip
-    finally:
-        daemon.stop(10)
     assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
     assert "PERMISSION_DENIED" in out.stderr or "root or an inspect grant" in out.stderr
     assert not (tmp_path / "t.json").exists()

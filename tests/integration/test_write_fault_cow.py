@@ -26,38 +26,28 @@ import pytest
 from hmmirror.client import Access, DeviceError
 from hmmirror.daemon.linux.inject import CallFailed, populate_write
 from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID, HMM_PFN_WRITE
+from hmmirror.testing.pagemap import PM_EXCLUSIVE, PM_PFN, PM_PRESENT, pagemap
 
 PAGE = 4096
-_PRESENT, _EXCLUSIVE, _PFN = 1 << 63, 1 << 56, (1 << 55) - 1
 _VALID_WRITE = HMM_PFN_VALID | HMM_PFN_WRITE
-
-
-def pagemap(pid: int, addr: int, npages: int) -> list[int]:
-    """The target's raw pagemap entries for the pages, read now."""
-    raw = np.zeros(npages, dtype=np.uint64)
-    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
-    try:
-        os.preadv(fd, [memoryview(raw).cast("B")], (addr // PAGE) * 8)
-    finally:
-        os.close(fd)
-    return [int(x) for x in raw]
 
 
 def assert_write_entries_exclusive(pid: int, addr: int, table: np.ndarray) -> None:
     """Every entry has VALID and WRITE, on a page the target maps exclusively, by its PFN."""
-    live = pagemap(pid, addr, len(table))
+    live = pagemap(pid, addr, len(table)).tolist()
     for i, (entry, now) in enumerate(zip((int(e) for e in table), live, strict=True)):
         where = f"page {i} at {addr + i * PAGE:#x}: entry {entry:#x}, pagemap {now:#x}"
         assert entry & _VALID_WRITE == _VALID_WRITE, f"a write fault gave no WRITE ({where})"
-        assert now & _PRESENT and now & _EXCLUSIVE, f"WRITE on a page not exclusive ({where})"
-        assert entry & HMM_PFN_PFN_MASK == now & _PFN, f"the entry names another page ({where})"
+        assert now & PM_PRESENT and now & PM_EXCLUSIVE, f"WRITE on a page not exclusive ({where})"
+        assert entry & HMM_PFN_PFN_MASK == now & PM_PFN, f"the entry names another page ({where})"
 
 
 async def test_write_fault_over_the_zero_page_hands_out_an_exclusive_page(hmmd, puppet, agent):
     n = 4
     addr = await puppet.mmap(n * PAGE)
     assert await puppet.read(addr, n * PAGE) == bytes(n * PAGE)  # maps the zero page
-    assert all(e & _PRESENT and not e & _EXCLUSIVE for e in pagemap(puppet.pid, addr, n))
+    zero = pagemap(puppet.pid, addr, n)
+    assert (zero & PM_PRESENT).all() and not (zero & PM_EXCLUSIVE).any()
     async with agent() as s:
         m = await s.mirror(puppet.pid, addr, n * PAGE, Access.READ | Access.WRITE)
         await m.fault(addr, n, write=True)
@@ -72,7 +62,7 @@ async def test_write_fault_over_pages_shared_with_a_fork_child_breaks_cow(hmmd, 
     await puppet.write(addr, b"p" * (n * PAGE))
     child = await puppet.fork()
     try:
-        assert not any(e & _EXCLUSIVE for e in pagemap(puppet.pid, addr, n)), "fork shares them"
+        assert not (pagemap(puppet.pid, addr, n) & PM_EXCLUSIVE).any(), "fork shares them"
         async with agent() as s:
             m = await s.mirror(puppet.pid, addr, n * PAGE, Access.READ | Access.WRITE)
             await m.fault(addr, n, write=True)
@@ -223,7 +213,7 @@ def test_a_cow_break_over_a_range_the_target_unmapped_fails_and_leaves_it_runnin
         with pytest.raises(CallFailed) as err:
             populate_write(proc.pid, [(addr, 4 * PAGE), (PAGE, PAGE)])  # page 1: never mapped
         assert err.value.errno == errno.ENOMEM and "MADV_POPULATE_WRITE" in str(err.value)
-        assert all(e & _EXCLUSIVE for e in pagemap(proc.pid, addr, 4)), "the first run ran"
+        assert (pagemap(proc.pid, addr, 4) & PM_EXCLUSIVE).all(), "the first run ran"
         os.kill(proc.pid, signal.SIGUSR1)
         assert _line(fd, 5) == b"usr1\n", "the target runs on after the failed call"
     finally:

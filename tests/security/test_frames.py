@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -22,12 +21,11 @@ from typing import Any
 import pytest
 from hmmirror.client import Access, connect
 from hmmirror.proto.entries import HMM_PFN_PFN_MASK, HMM_PFN_VALID
+from hmmirror.testing.pagemap import PM_PFN, PM_PRESENT, pagemap
 
 #: How long the user's target and agent get for each answer.
 USER_DEADLINE = 30.0
 PAGE = 4096
-PRESENT = 1 << 63
-PM_PFN = (1 << 55) - 1
 
 #: The target, run as the user: a memfd page mapped twice (MAP_SHARED), four private pages
 #: it writes, two private pages it never touches (a read fault maps the zero page there).
@@ -104,15 +102,9 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]))
 
 def real_pfns(pid: int, addr: int, npages: int) -> list[int]:
     """The PFNs pagemap shows root for [addr, +npages) of ``pid``; fails on an absent page."""
-    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
-    try:
-        raw = os.pread(fd, 8 * npages, (addr // PAGE) * 8)
-    finally:
-        os.close(fd)
     out = []
-    for i in range(npages):
-        word = int.from_bytes(raw[8 * i : 8 * i + 8], "little")
-        assert word & PRESENT, f"page {addr + i * PAGE:#x} of pid {pid} is not present"
+    for i, word in enumerate(pagemap(pid, addr, npages).tolist()):
+        assert word & PM_PRESENT, f"page {addr + i * PAGE:#x} of pid {pid} is not present"
         out.append(word & PM_PFN)
     assert all(out), "root reads PFN 0: this test needs CAP_SYS_ADMIN to see PFNs"
     return out

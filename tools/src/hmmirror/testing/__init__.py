@@ -7,6 +7,9 @@
 - :mod:`hmmirror.testing.hmmd` is the one way to start hmmd and wait for it to be
   ready, and :mod:`hmmirror.testing.quiesce` the one wait until it has nothing in
   flight;
+- :mod:`hmmirror.testing.rawpeer` is a raw protocol peer for tests of the wire itself,
+  :mod:`hmmirror.testing.curve` a CURVE hmmd with real keys and one allowed client,
+  :mod:`hmmirror.testing.pagemap` a target's ``/proc/PID/pagemap`` read by the test;
 - :mod:`hmmirror.testing.plugin` is the pytest plugin (multi-node rigs).
 
 The names are imported lazily: ``python -m hmmirror.testing.puppet_target`` imports
