@@ -18,6 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
 from common import Row, loadavg, machine_info, print_table
+from soak_rig import split
 
 
 def parse_size(s: str) -> int:
@@ -74,7 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--soak-rate", type=float, default=10000.0, help="soak: invalidating ops/s asked (10000)"
     )
-    ap.add_argument("--soak-threads", type=int, default=16, help="soak: target churn threads (16)")
+    ap.add_argument(
+        "--soak-threads", type=int, default=16, help="soak: target churn threads in all (16)"
+    )
+    ap.add_argument(
+        "--soak-target-procs",
+        type=int,
+        default=1,
+        help="soak: target processes (separate mms) sharing the arena, threads and rate (1)",
+    )
     ap.add_argument(
         "--soak-pages", type=int, default=4096, help="soak: target arena, in 4 KiB pages (4096)"
     )
@@ -152,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (1 <= a.soak_threads <= 32 and a.soak_pages % 64 == 0 and 64 * a.soak_threads
             <= a.soak_pages <= 1 << 20):  # fmt: skip
         ap.error("--soak-threads 1..32; --soak-pages a multiple of 64, 64 per thread, <= 1M")
+    if not 1 <= a.soak_target_procs <= 16:
+        ap.error("--soak-target-procs 1..16")
+    # Each target process owns whole slots, at least one per thread.
+    pages, threads = split(a.soak_pages, a.soak_threads, a.soak_target_procs)
+    if pages < 64 * threads:
+        ap.error(f"--soak-pages {a.soak_pages} is too small for {a.soak_target_procs} target "
+                 f"processes of {threads} threads (64 pages per thread and process)")  # fmt: skip
     if not (0 <= a.soak_fault_hz <= 1000 and 0 <= a.soak_warmup <= 600
             and 1 <= a.soak_check_every <= 3600):  # fmt: skip
         ap.error("--soak-fault-hz 0..1000, --soak-warmup 0..600 s, --soak-check-every 1..3600 s")
@@ -202,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": a.soak_seconds, "agents": a.soak_agents, "rate": a.soak_rate,
             "threads": a.soak_threads, "pages": a.soak_pages, "fault_hz": a.soak_fault_hz,
             "warmup": a.soak_warmup, "check_every": a.soak_check_every, "plots": a.plots,
+            "target_procs": a.soak_target_procs,
         }  # fmt: skip
         rows += bench_soak(soak, daemon_args)
     print()
