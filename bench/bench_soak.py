@@ -9,137 +9,49 @@
   unpaced: writes that bring pages back (two per operation), and an mprotect read-only / back
   read-write of a slot every 50 operations (seen by hmmd's proc watcher, which also registers the
   re-mapped slots with the uffd). A thread that falls more than 50 ms behind its schedule skips
-  ahead rather than bursting, and counts what it skipped.
+  ahead rather than bursting, and counts what it skipped. ``--soak-target-procs N`` (default 1)
+  spreads this over N target processes, each its own mm registered with hmmd with its own
+  userfaultfd and 1/N of the arena, of the threads and of the rate: one Python process is
+  GIL-bound, so on a many-core machine one target, not hmmd, would be the limit.
 * **Agents** (``agent`` mode of ``soak_procs.py``): real client-library sessions, each mirroring
-  the whole arena READ|WRITE, faulting all of it in (PRESENT mode: what is present, nothing
-  faulted in) at the start and then ``--soak-fault-hz`` times a second a random run of 64 pages,
-  so the tables keep holding VALID translations while they are being invalidated.
-* **Quiescent checks**: every ``--soak-check-every`` seconds of running and at the end, the target
-  is stopped (SIGSTOP, every thread seen stopped), hmmd is waited on until no invalidation is
+  the whole arena of every target READ|WRITE (one mirror per target), faulting all of it in
+  (PRESENT mode: what is present, nothing faulted in) at the start and then ``--soak-fault-hz``
+  times a second a random run of 64 pages (of a random mirror), so the tables keep holding VALID
+  translations while they are being invalidated.
+* **Quiescent checks**: every ``--soak-check-every`` seconds of running and at the end, the targets
+  are stopped (SIGSTOP, every thread seen stopped), hmmd is waited on until no invalidation is
   active (Inventory: every mm's seq even, ``active`` 0) and its ``invalidations`` counter has not
   moved for 0.5 s (ten proc-watcher polls at the slowest rate), and then every agent runs the
   translation oracle (``hmmirror.tools.oracle.check``: its VALID entries against the target's
-  /proc pagemap and maps, read by the agent itself). The target is resumed (SIGCONT). The time
+  /proc pagemap and maps, read by the agent itself). The targets are resumed (SIGCONT). The time
   paused is not part of any throughput window.
 * **Reported**: hmmd's ``invalidations`` per 5 s window against the asked rate (min and median,
   and an ASCII plot); hmmd's own ack round trip (INVALIDATE sent -> last ACK) p50/p99/p99.9 from
   Status, whose ring holds the last 65,536 round trips, read at the end of each window; hmmd's
   VmRSS after the warm-up and at the end; coherence violations and VALID entries checked; CPU time
-  per process group per window, and the load average. Two PNGs beside the text
-  (``plots.py``; ``bench/out/`` or ``--plots DIR``): the windows' rates against the asked
-  one, and the run's round trips from hmmd's histogram with the windows' percentiles.
+  per process group per window (each target's too, if several), and the load average. Two PNGs
+  beside the text (``plots.py``; ``bench/out/`` or ``--plots DIR``): the windows' rates against
+  the asked one, and the run's round trips from hmmd's histogram with the windows' percentiles.
 
-Run: ``uv run python -m bench --only soak [--soak-seconds 60 --soak-agents 8 --soak-rate 10000]``.
+The processes and the measuring are ``soak_rig.Rig``'s, which benchmark 7 (``bench_scaling``)
+shares. Run: ``uv run python -m bench --only soak [--soak-seconds 60 --soak-agents 8
+--soak-rate 10000 --soak-target-procs 1]``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import statistics
 import sys
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (
-    PY,
-    Procs,
-    Row,
-    daemon_request,
-    daemon_status,
-    loadavg,
-    read_line,
-    settle,
-    start_daemon,
-    tmpdir,
-)
-
-#: The target and agent processes.
-PROCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "soak_procs.py")
-WINDOW_S = 5.0
-#: hmmd's proc watcher polls at most 50 ms apart: 0.5 s without a new invalidation is ten polls.
-QUIET_S = 0.5
-QUIESCE_LIMIT_S = 20.0
-
-# --------------------------------------------------------------------------- bench side
-
-
-def vm_rss_kib(pid: int) -> int:
-    """VmRSS of ``pid`` in KiB, from /proc/PID/status."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (all its threads), in seconds; 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def all_stopped(pid: int) -> bool:
-    """Whether every thread of ``pid`` is in stopped state (T or t)."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return True
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                st = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if st not in ("T", "t"):
-            return False
-    return True
-
-
-def daemon_mms(endpoint: str, timeout: float = 5.0) -> list[dict[str, int]]:
-    """Raw Inventory request -> one dict per mm (``MM_COLUMNS``)."""
-    from hmmirror.proto.messages import MM_COLUMNS, Inventory
-
-    flat = daemon_request(endpoint, Inventory(), "inventory_reply", timeout).mms
-    w = len(MM_COLUMNS)
-    return [dict(zip(MM_COLUMNS, flat[i : i + w], strict=True)) for i in range(0, len(flat), w)]
-
-
-@dataclass
-class Window:
-    t: float  # running seconds at the window's end
-    dt: float
-    rate: float
-    p50: float
-    p99: float
-    p999: float
-    rss_kib: int
-    cpu: dict[str, float]
-    load: str
-
-
-@dataclass
-class Check:
-    held: int
-    violations: int
-    pause_s: float
-    quiesce_s: float
-    first: str = ""
-    per_agent: list[int] = field(default_factory=list)
+from common import Procs, Row, loadavg, settle, start_daemon, tmpdir
+from soak_rig import Check, Measured, Rig, Window, describe_cores
 
 
 class Soak:
-    """hmmd + target + agents, and the measurement loop."""
+    """hmmd + target(s) + agents (``soak_rig.Rig``), and the run's measurements."""
 
     def __init__(self, a: dict[str, Any], daemon_args: list[str], log: Any) -> None:
         self.a = a
@@ -148,194 +60,30 @@ class Soak:
         self.windows: list[Window] = []
         self.checks: list[Check] = []
 
-    # --- the quiescent check ----------------------------------------------------------------
-
-    def quiesce(self) -> float:
-        """SIGSTOP the target and wait until hmmd has nothing in flight and nothing new."""
-        t0 = time.monotonic()
-        os.kill(self.target.pid, signal.SIGSTOP)
-        deadline = t0 + QUIESCE_LIMIT_S
-        last_inv, last_change = -1, time.monotonic()
-        while time.monotonic() < deadline:
-            st = daemon_status(self.endpoint)
-            mms = daemon_mms(self.endpoint)
-            now = time.monotonic()
-            if st["invalidations"] != last_inv:
-                last_inv, last_change = int(st["invalidations"]), now
-            idle = all(m["active"] == 0 and m["seq"] % 2 == 0 for m in mms)
-            if idle and all_stopped(self.target.pid) and now - last_change >= QUIET_S:
-                return now - t0
-            time.sleep(0.05)
-        raise RuntimeError(f"hmmd did not quiesce within {QUIESCE_LIMIT_S} s (target stopped)")
-
-    def check(self) -> Check:
-        t0 = time.monotonic()
-        try:
-            q = self.quiesce()
-            for ag in self.agents:
-                assert ag.stdin is not None
-                ag.stdin.write(b"check\n")
-                ag.stdin.flush()
-            held = viol = 0
-            first = ""
-            per = []
-            for ag in self.agents:
-                parts = read_line(ag, "checked", 60.0).split(" ", 4)
-                h, v = int(parts[1]), int(parts[2])
-                held += h
-                viol += v
-                per.append(h)
-                if v and not first:
-                    first = parts[4] if len(parts) > 4 else ""
-        finally:
-            os.kill(self.target.pid, signal.SIGCONT)
-        c = Check(held, viol, time.monotonic() - t0, q, first, per)
-        self.checks.append(c)
-        self.log(
-            f"[soak] oracle check {len(self.checks)}: target stopped, quiet after {q:.2f} s; "
-            f"{held} VALID entries checked ({min(per)}-{max(per)} per agent), "
-            f"{viol} violations{' first: ' + first if first else ''}; paused {c.pause_s:.2f} s"
-        )
-        return c
-
-    # --- the run ----------------------------------------------------------------------------
-
-    def cpu(self) -> dict[str, float]:
-        return {
-            "hmmd": cpu_seconds(self.daemon.proc.pid),
-            "agents": sum(cpu_seconds(p.pid) for p in self.agents),
-            "target": cpu_seconds(self.target.pid),
-            "bench": cpu_seconds(os.getpid()),
-        }
-
     def run(self) -> dict[str, Any]:
-        log = self.log
+        a, log = self.a, self.log
         with tmpdir() as d, Procs() as procs:
-            self.endpoint = f"ipc://{d}/hmmd.sock"
+            endpoint = f"ipc://{d}/hmmd.sock"
             busy = settle(log)
             log(f"[soak] before start: {busy:.2f} cores busy with other work, load {loadavg()}")
-            self.daemon = start_daemon(procs, self.endpoint, d, self.daemon_args)
+            daemon = start_daemon(procs, endpoint, d, self.daemon_args)
             try:
-                return self._run(procs)
+                rig = Rig(procs, endpoint, daemon.proc.pid, targets=a.get("target_procs", 1),
+                          pages=a["pages"], threads=a["threads"], agents=a["agents"],
+                          fault_hz=a["fault_hz"], log=log)  # fmt: skip
+                rig.start()
+                m: Measured = rig.measure(a["rate"], a["warmup"], a["seconds"], a["check_every"])
+                self.windows, self.checks = m.windows, m.checks
+                tstats, each, agents = rig.finish()
+                return {
+                    "rss0": m.rss0, "rss1": m.rss1, "st0": m.st0, "st1": m.st1,
+                    "target": tstats, "targets": each, "agents": agents, "mode": rig.mode,
+                    "valid0": rig.valid0, "split": (rig.pages, rig.threads),
+                }  # fmt: skip
             finally:
-                bad = self.daemon.problems()
+                bad = daemon.problems()
                 if bad:
                     log(f"[hmmd log] {bad}")
-
-    def _run(self, procs: Procs) -> dict[str, Any]:
-        a = self.a
-        log = self.log
-        hmmd = self.daemon.proc.pid
-        self.target = procs.spawn(
-            [PY, PROCS, "target", self.endpoint, str(a["pages"]), str(a["threads"]), "1"]
-        )
-        _, _, addr_s, len_s = read_line(self.target, "target ready", 60.0).split()
-        addr, length = int(addr_s, 16), int(len_s)
-        self.agents = [
-            procs.spawn(
-                [
-                    PY,
-                    PROCS,
-                    "agent",
-                    self.endpoint,
-                    f"soak-agent-{i}",
-                    str(self.target.pid),
-                    hex(addr),
-                    str(length),
-                    str(a["fault_hz"]),
-                    str(100 + i),
-                ]
-            )
-            for i in range(a["agents"])
-        ]
-        valid0 = [int(read_line(p, "agent ready", 60.0).rsplit("=", 1)[1]) for p in self.agents]
-        st = daemon_status(self.endpoint)
-        watched = int(st.get("uffd_watched", 0))
-        mode = "uffd (target exposed its userfaultfd) + proc watcher" if watched else "proc only"
-        log(
-            f"[soak] hmmd pid {hmmd}, target pid {self.target.pid} arena {length >> 20} MiB at "
-            f"{addr:#x}, {a['threads']} churn threads; {len(self.agents)} agents ready, "
-            f"{sum(valid0)} VALID entries after the first fault; watching: {mode}"
-        )
-        total_s = a["warmup"] + a["seconds"] + 300.0
-        assert self.target.stdin is not None
-        self.target.stdin.write(f"go {a['rate']} {total_s}\n".encode())
-        self.target.stdin.flush()
-        log(
-            f"[soak] churn started: asked {a['rate']:.0f} invalidating ops/s; "
-            f"warm-up {a['warmup']:.0f} s"
-        )
-        time.sleep(a["warmup"])
-        # hmmd's first Status with round trips in its ring runs numpy's percentile for the
-        # first time, which costs it ~8 MB once (numpy's lazy set-up): ask before measuring.
-        daemon_status(self.endpoint)
-        rss0 = vm_rss_kib(hmmd)
-        st0 = daemon_status(self.endpoint)
-        log(
-            f"[soak] warm-up done: hmmd VmRSS {rss0} KiB, invalidations so far "
-            f"{st0['invalidations']}, load {loadavg()}"
-        )
-        running = 0.0
-        next_check = a["check_every"]
-        wall_deadline = time.monotonic() + a["seconds"] * 3 + 120.0
-        prev_st, prev_t, prev_cpu = st0, time.monotonic(), self.cpu()
-        while running < a["seconds"] - 1e-6 and time.monotonic() < wall_deadline:
-            time.sleep(max(0.0, min(WINDOW_S, a["seconds"] - running) - 0.0))
-            now = time.monotonic()
-            st = daemon_status(self.endpoint)
-            cpu = self.cpu()
-            dt = now - prev_t
-            running += dt
-            w = Window(
-                t=running,
-                dt=dt,
-                rate=(int(st["invalidations"]) - int(prev_st["invalidations"])) / dt,
-                p50=float(st["ack_p50_us"]),
-                p99=float(st["ack_p99_us"]),
-                p999=float(st.get("ack_p999_us", float("nan"))),
-                rss_kib=vm_rss_kib(hmmd),
-                cpu={k: (cpu[k] - prev_cpu[k]) / dt for k in cpu},
-                load=loadavg(),
-            )
-            self.windows.append(w)
-            log(
-                f"[soak] t={w.t:5.1f}s  {w.rate:7.0f} inval/s ({w.rate / a['rate']:4.0%} of "
-                f"asked)  ack p50/p99/p99.9 {w.p50:.0f}/{w.p99:.0f}/{w.p999:.0f} us  hmmd RSS "
-                f"{w.rss_kib} KiB  cores: hmmd {w.cpu['hmmd']:.2f} agents {w.cpu['agents']:.2f} "
-                f"target {w.cpu['target']:.2f}  evictions {st['evictions']}  load {w.load}"
-            )
-            last = running >= a["seconds"] - 1e-6
-            if last:
-                rss1 = vm_rss_kib(hmmd)
-                st1 = st
-            if running >= next_check or last:
-                next_check = running + a["check_every"]
-                self.check()
-            prev_st, prev_t, prev_cpu = daemon_status(self.endpoint), time.monotonic(), self.cpu()
-        if not self.windows or running < a["seconds"] - 1e-6:
-            raise RuntimeError(f"soak ran {running:.1f} of {a['seconds']} s before its deadline")
-        self.target.stdin.write(b"stop\n")
-        self.target.stdin.flush()
-        tstats = json.loads(read_line(self.target, "target done", 30.0).split(" ", 2)[2])
-        agents = []
-        for p in self.agents:
-            try:
-                assert p.stdin is not None
-                p.stdin.close()
-                agents.append(json.loads(read_line(p, "agent stats", 10.0).split(" ", 2)[2]))
-                p.wait(5.0)
-            except Exception as exc:
-                agents.append({"error": repr(exc)[:200]})
-        return {
-            "rss0": rss0,
-            "rss1": rss1,
-            "st0": st0,
-            "st1": st1,
-            "target": tstats,
-            "agents": agents,
-            "mode": mode,
-            "valid0": sum(valid0),
-        }
 
 
 def _plot(windows: list[Window], asked: float, width: int = 50) -> list[str]:
@@ -398,25 +146,32 @@ def bench_soak(a: dict[str, Any], daemon_args: list[str], log: Any = print) -> l
     cores = {k: statistics.mean(w.cpu[k] for w in ws) for k in ws[0].cpu}
     loads = f"{ws[0].load} .. {ws[-1].load}"
     t = r["target"]
+    ntargets = len(r["targets"])
+    pages, threads = r["split"]
     pinv = [ag.get("counters", {}).get("page_invalidations", ag.get("error")) for ag in r["agents"]]
     ferr = [ag.get("fault_errors") for ag in r["agents"]]
     lasterr = next((ag["last_error"] for ag in r["agents"] if ag.get("last_error")), "")
-    where = (
-        f"cores busy (mean of windows): hmmd {cores['hmmd']:.2f}, agents {cores['agents']:.2f}, "
-        f"target {cores['target']:.2f}, bench {cores['bench']:.2f}; loadavg {loads}"
-    )
+    where = f"cores busy (mean of windows): {describe_cores(cores)}; loadavg {loads}"
     log(f"[soak] {where}")
-    log(f"[soak] target: {t}")
+    log(f"[soak] target: {t}" + (f"; ops per target {[c['ops'] for c in r['targets']]}"
+                                  if ntargets > 1 else ""))  # fmt: skip
+    procs = (
+        f"{ntargets} target processes ({pages} pages, {threads} threads each)"
+        if ntargets > 1
+        else "1 target process"
+    )
     rows = [
         Row(
-            f"soak {a['agents']} agents: inval/s held, min 5 s window",
+            f"soak {a['agents']} agents"
+            + (f", {ntargets} targets" if ntargets > 1 else "")
+            + ": inval/s held, min 5 s window",
             f"{lo:.0f}/s",
             f"{asked:.0f}/s asked",
             lo / asked,
             ">= 0.9",
             "PASS" if lo / asked >= 0.9 else "FAIL",
             f"{len(ws)} windows over {a['seconds']:.0f} s, median {med:.0f}/s, max "
-            f"{max(rates):.0f}/s; {total_inv} invalidations; watching: {r['mode']}; target ops "
+            f"{max(rates):.0f}/s; {total_inv} invalidations; watching: {r['mode']}; {procs}, ops "
             f"{t.get('ops')} (dontneed {t.get('dontneed')}, munmap {t.get('munmap')}, mprotect "
             f"{t.get('mprotect')}, writes {t.get('writes')}, skipped behind schedule "
             f"{t.get('skipped')}); {where}",

@@ -1,7 +1,7 @@
 """Run the hmmirror benchmarks.
 
 ``uv run python -m bench`` or
-``uv run python bench/run.py [--only invalidate|pipelined|fault|rdma|uffd|soak]``.
+``uv run python bench/run.py [--only invalidate|pipelined|fault|rdma|uffd|soak|scaling]``.
 
 Every result is a ratio to a baseline measured in the same run; see bench/README.md.
 """
@@ -18,6 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
 from common import Row, loadavg, machine_info, print_table
+from soak_rig import split
 
 
 def parse_size(s: str) -> int:
@@ -32,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument(
         "--only",
-        choices=["invalidate", "pipelined", "fault", "rdma", "uffd", "soak"],
+        choices=["invalidate", "pipelined", "fault", "rdma", "uffd", "soak", "scaling"],
         action="append",
-        help="run only this benchmark (repeatable); default: the first five (soak only "
-        "when asked: it takes minutes)",
+        help="run only this benchmark (repeatable); default: the first five (soak and "
+        "scaling only when asked: they take minutes)",
     )
     ap.add_argument(
         "--agents", default="1,8", help="agent counts for the W=1 benchmark (default 1,8)"
@@ -74,7 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--soak-rate", type=float, default=10000.0, help="soak: invalidating ops/s asked (10000)"
     )
-    ap.add_argument("--soak-threads", type=int, default=16, help="soak: target churn threads (16)")
+    ap.add_argument(
+        "--soak-threads", type=int, default=16, help="soak: target churn threads in all (16)"
+    )
+    ap.add_argument(
+        "--soak-target-procs",
+        type=int,
+        default=1,
+        help="soak: target processes (separate mms) sharing the arena, threads and rate (1)",
+    )
     ap.add_argument(
         "--soak-pages", type=int, default=4096, help="soak: target arena, in 4 KiB pages (4096)"
     )
@@ -92,6 +101,19 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=15.0,
         help="soak: seconds of running between quiescent oracle checks (15; one at the end too)",
+    )
+    ap.add_argument(
+        "--scaling-targets",
+        type=int,
+        default=8,
+        help="scaling: target processes of the many-target case (8); the soak-* flags set the "
+        "rest (agents, total threads and pages, seconds, warm-up)",
+    )
+    ap.add_argument(
+        "--scaling-rate",
+        type=float,
+        default=80000.0,
+        help="scaling: invalidating ops/s asked in all, in both cases (80000)",
     )
     ap.add_argument("--plots", metavar="DIR", help="soak: where its PNGs go (bench/out)")
     ap.add_argument(
@@ -152,6 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     if not (1 <= a.soak_threads <= 32 and a.soak_pages % 64 == 0 and 64 * a.soak_threads
             <= a.soak_pages <= 1 << 20):  # fmt: skip
         ap.error("--soak-threads 1..32; --soak-pages a multiple of 64, 64 per thread, <= 1M")
+    if not 1 <= a.soak_target_procs <= 16:
+        ap.error("--soak-target-procs 1..16")
+    if not (2 <= a.scaling_targets <= 16 and 1 <= a.scaling_rate <= 1e6):
+        ap.error("--scaling-targets 2..16, --scaling-rate 1..1000000")
+    # Each target process owns whole slots, at least one per thread (scaling's too, if run).
+    for n in {a.soak_target_procs, a.scaling_targets if "scaling" in (a.only or []) else 1}:
+        pages, threads = split(a.soak_pages, a.soak_threads, n)
+        if pages < 64 * threads:
+            ap.error(f"--soak-pages {a.soak_pages} is too small for {n} target processes of "
+                     f"{threads} threads (64 pages per thread and process)")  # fmt: skip
     if not (0 <= a.soak_fault_hz <= 1000 and 0 <= a.soak_warmup <= 600
             and 1 <= a.soak_check_every <= 3600):  # fmt: skip
         ap.error("--soak-fault-hz 0..1000, --soak-warmup 0..600 s, --soak-check-every 1..3600 s")
@@ -202,8 +234,18 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": a.soak_seconds, "agents": a.soak_agents, "rate": a.soak_rate,
             "threads": a.soak_threads, "pages": a.soak_pages, "fault_hz": a.soak_fault_hz,
             "warmup": a.soak_warmup, "check_every": a.soak_check_every, "plots": a.plots,
+            "target_procs": a.soak_target_procs,
         }  # fmt: skip
         rows += bench_soak(soak, daemon_args)
+    if "scaling" in (a.only or []):
+        from bench_scaling import bench_scaling
+
+        scaling = {
+            "seconds": a.soak_seconds, "agents": a.soak_agents, "rate": a.scaling_rate,
+            "threads": a.soak_threads, "pages": a.soak_pages, "fault_hz": a.soak_fault_hz,
+            "warmup": a.soak_warmup, "targets": a.scaling_targets,
+        }  # fmt: skip
+        rows += bench_scaling(scaling, daemon_args)
     print()
     print(f"machine (end): loadavg={loadavg()}  elapsed {time.monotonic() - t0:.0f} s")
     print()

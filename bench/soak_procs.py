@@ -1,10 +1,12 @@
-"""The processes of benchmark 6 (``bench_soak``): the churning target and the agents.
+"""The processes of benchmarks 6 and 7 (``bench_soak``, ``bench_scaling``): the churning target
+and the agents.
 
-``python bench/soak_procs.py target ENDPOINT PAGES THREADS EXPOSE`` is the target: one
+``python bench/soak_procs.py target ENDPOINT PAGES THREADS SEED`` is a target: one
 anonymous arena cut into slots, its userfaultfd handed to hmmd, paced invalidating operations
 on ``THREADS`` threads (see ``bench_soak``'s docstring for the mix). ``python
-bench/soak_procs.py agent ...`` is one client-library agent mirroring the whole arena, faulting
-runs of it and running the translation oracle when asked (``check`` on stdin).
+bench/soak_procs.py agent ...`` is one client-library agent mirroring the whole arena of every
+target it is given (one mirror each), faulting runs of them and running the translation oracle
+over every mirror when asked (``check`` on stdin). ``soak_rig.Rig`` starts both kinds.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from hmmirror.tools.syscalls import (
     PROT_WRITE,
     libc,
 )
+from soak_rig import SLOT_PAGES
 
-SLOT_PAGES = 64
 FAULT_RUN_PAGES = 64
 
 # --------------------------------------------------------------------------- target process
@@ -185,7 +187,7 @@ def target_main(argv: list[str]) -> int:
 
 
 async def _agent(
-    endpoint: str, name: str, pid: int, start: int, length: int, fault_hz: float, seed: int
+    endpoint: str, name: str, ranges: list[tuple[int, int, int]], fault_hz: float, seed: int
 ) -> None:
     import numpy as np
     from hmmirror.client import Access, connect
@@ -197,9 +199,14 @@ async def _agent(
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
     async with connect(endpoint, name=name, timeout=10.0) as session:
-        mirror = await session.mirror(pid, start, length, Access.READ | Access.WRITE)
-        got = await mirror.populate(start, mirror.npages, False, FaultMode.PRESENT)
-        print(f"agent ready {name} mirror={mirror.id} valid={got}", flush=True)
+        mirrors = []
+        got = 0
+        for pid, start, length in ranges:  # one mirror per target: a device mirroring many mms
+            mirror = await session.mirror(pid, start, length, Access.READ | Access.WRITE)
+            got += await mirror.populate(start, mirror.npages, False, FaultMode.PRESENT)
+            mirrors.append(mirror)
+        ids = ",".join(str(m.id) for m in mirrors)
+        print(f"agent ready {name} mirrors={ids} valid={got}", flush=True)
         faults = errors = 0
         last_error = ""
         paused = asyncio.Event()
@@ -218,11 +225,12 @@ async def _agent(
                     next_t = loop.time()  # stopped or starved: do not burst
                 if paused.is_set():
                     continue
+                mirror = rng.choice(mirrors)  # the same fault load however many targets
                 first = rng.randrange(0, mirror.npages - FAULT_RUN_PAGES + 1)
                 idle.clear()
                 try:
                     await mirror.populate(
-                        start + first * PAGE, FAULT_RUN_PAGES, False, FaultMode.PRESENT
+                        mirror.start + first * PAGE, FAULT_RUN_PAGES, False, FaultMode.PRESENT
                     )
                     faults += 1
                 except AgentError as exc:  # EBUSY under heavy churn is allowed; count it
@@ -245,8 +253,10 @@ async def _agent(
                     paused.set()
                     await idle.wait()  # a fault in flight finishes first
                     t0 = time.perf_counter()
-                    held = int(np.count_nonzero(mirror.table & np.uint64(HMM_PFN_VALID)))
-                    found = check(mirror)
+                    held = sum(
+                        int(np.count_nonzero(m.table & np.uint64(HMM_PFN_VALID))) for m in mirrors
+                    )
+                    found = [v for m in mirrors for v in check(m)]
                     ms = (time.perf_counter() - t0) * 1e3
                     first_v = repr(found[0])[:200] if found else ""
                     print(f"checked {held} {len(found)} {ms:.1f} {first_v}", flush=True)
@@ -257,27 +267,33 @@ async def _agent(
             # Not suppress(BaseException): that would swallow a cancellation of this agent too.
             await asyncio.wait((task,))
         stats = {
-            "counters": dict(mirror.counters),
-            "retries": mirror.retries,
+            "counters": {k: sum(m.counters[k] for m in mirrors) for k in mirrors[0].counters},
+            "retries": sum(m.retries for m in mirrors),
             "invalidate_msgs": session.invalidations_received,
             "faults": faults,
             "fault_errors": errors,
             "last_error": last_error,
-            "dropped": mirror.dropped,
+            "dropped": next((m.dropped for m in mirrors if m.dropped is not None), None),
         }
         print("agent stats " + json.dumps(stats), flush=True)
-        await mirror.close()
+        for m in mirrors:
+            await m.close()
 
 
 def agent_main(argv: list[str]) -> int:
-    """``agent ENDPOINT NAME PID START LENGTH FAULT_HZ SEED``."""
+    """``agent ENDPOINT NAME PID START LENGTH FAULT_HZ SEED [PID START LENGTH]...``: the first
+    target's range, then those of the other targets this agent mirrors too."""
     import baseline_fanout
 
     endpoint, name, pid, start, length = agent_args(argv)
     fault_hz, seed = float(argv[5]), int(argv[6])
-    baseline_fanout.pick_runner("uvloop")(
-        _agent(endpoint, name, pid, start, length, fault_hz, seed)
-    )
+    more = argv[7:]
+    if len(more) % 3:
+        raise SystemExit(f"agent: extra targets come as PID START LENGTH triples, got {more}")
+    ranges = [(pid, start, length)] + [
+        (int(more[i]), int(more[i + 1], 0), int(more[i + 2])) for i in range(0, len(more), 3)
+    ]
+    baseline_fanout.pick_runner("uvloop")(_agent(endpoint, name, ranges, fault_hz, seed))
     return 0
 
 
