@@ -456,3 +456,16 @@ if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "target":
         sys.exit(target_main(sys.argv[2:]))
     print(machine_info())
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (all its threads), in seconds; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK

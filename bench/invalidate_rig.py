@@ -22,6 +22,7 @@ from common import (
     PAGE,
     PY,
     Procs,
+    cpu_seconds,
     percentile,
     read_line,
     spawn_target,
@@ -102,16 +103,6 @@ class Ours:
                 print(f"[hmmd log] {bad}", flush=True)
         finally:
             self._tmp.__exit__(*exc)
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU seconds that process ``pid`` used, all its threads (0.0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_per_invalidation(r: dict[str, Any], n: int) -> str:

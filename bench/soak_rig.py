@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PY, Procs, daemon_request, daemon_status, loadavg, read_line
+from common import PY, Procs, cpu_seconds, daemon_request, daemon_status, loadavg, read_line
 
 #: The target and agent processes.
 PROCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "soak_procs.py")
@@ -43,19 +43,6 @@ def vm_rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (all its threads), in seconds; 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def all_stopped(pid: int) -> bool:
