@@ -8,7 +8,9 @@ while others connect, send and close made hmmd abort (``Assertion failed:
 !_more (src/fq.cpp:80)``) or splice frames of different peers into one
 message. Here peers do exactly that, against a real server process
 (``splice_server.py``) that checks every message it gets, and then against a
-real hmmd, which must still answer.
+real hmmd, which must still answer. A peer that closes with multi-frame
+messages still queued made each connection's own socket abort too, while
+libzmq's reconnection was off (``closing_peer.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from hmmirror.transport import dial
 from hmmirror.transport.door import DoorError
 
 SERVER = os.path.join(os.path.dirname(__file__), "splice_server.py")
+CLOSING_PEER = os.path.join(os.path.dirname(__file__), "closing_peer.py")
 #: How long the peers churn and flood (the old transport failed within about a second).
 ATTACK_SECONDS = 6.0
 
@@ -97,6 +100,22 @@ def test_no_frame_is_spliced_across_peers(tmp_path: Any) -> None:
     print(f"sent {sent}, server got {got}")
     assert got["messages"] > 10_000, f"too little traffic to prove anything: {got}"
     assert got["spliced"] == 0, f"messages with frames of other messages: {got['examples']}"
+
+
+def test_a_peer_that_closes_with_messages_queued_never_aborts_the_server(tmp_path: Any) -> None:
+    """A peer queues multi-frame messages and closes: the server's connection socket reads
+    what arrived, whole, and libzmq does not abort.
+
+    With reconnection off (-1) libzmq ended the connection between two frames of a queued
+    message and aborted on the next ``recv``, within a few of these trials."""
+    run = subprocess.run(
+        [sys.executable, CLOSING_PEER, "100", str(tmp_path)],
+        capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, f"the server socket died ({run.returncode}): {run.stderr[-300:]!r}"
+    seen = json.loads(run.stdout.decode().splitlines()[-1])
+    assert seen["whole"] > 100, f"too little traffic to prove anything: {seen}"
+    assert seen["cut"] == 0, f"messages cut short: {seen}"
 
 
 async def test_hmmd_survives_churn_with_multiframe_floods(hmmd: Any) -> None:

@@ -25,6 +25,23 @@ message: the rest of that message is then read from a third peer's pipe
 multi-frame messages triggers it (``tests/security/test_frame_splice.py``).
 With one pipe per socket, no other peer's frames can be read in its place.
 
+Why reconnection is "never" and not off: with ``RECONNECT_IVL`` -1, libzmq
+ends the endpoint itself when the peer's connection drops, and the socket's
+pipe stops reading at once, even between two frames of a message still
+queued in it. The next ``recv`` then aborts on the same assertion (libzmq
+4.3.5 reads its commands every 100th ``recv``, so a peer that queues
+multi-frame messages and closes lands there in a few tries). With an
+interval no connection outlives, the pipe lives until the server closes the
+socket, between two messages; a peer that is gone is found by its silence
+(the idle sweep) and by its missed deadlines, not by libzmq.
+
+Why no ZMTP heartbeats: when a peer floods past the inbound HWM and then
+closes, libzmq 4.3.5 marks the stopped connection as failed and leaves its
+heartbeat timer armed; the timer's next send then aborts (``Assertion failed:
+!_io_error (src/stream_engine_base.cpp:310)``). Half-open TCP peers are
+dropped by the kernel's TCP keepalive instead. Both aborts are reproduced, one
+connection socket at a time, by ``tests/security/closing_peer.py``.
+
 Every message reaches ``on_message`` with the ``Connection`` it came on. Sends
 never block: a full (or closed) pipe is EAGAIN, raised as ``Unreachable``.
 """
@@ -53,6 +70,9 @@ log = logging.getLogger(__name__)
 
 #: How long a connection's handshake may take before libzmq gives it up.
 HANDSHAKE_MS = 5000
+#: libzmq's reconnect interval for a connection's socket: never in practice (24.8 days, the
+#: largest it takes), but not -1, which aborts on a half-read message (see above).
+RECONNECT_NEVER_MS = 2**31 - 1
 #: Inbound messages queued per connection before libzmq stops reading its socket (the
 #: kernel buffer then fills and the peer waits). The drain loop empties the queue at once, so
 #: it fills only while the event loop is busy elsewhere: then 64 dma_writes of 4 MiB, 256 MiB,
@@ -278,11 +298,17 @@ class Server:
         try:
             tune(sock)
             sock.setsockopt(zmq.RCVHWM, INBOUND_HWM)
-            sock.setsockopt(zmq.RECONNECT_IVL, -1)  # a lost client knocks again itself
+            # A lost client knocks again itself; the server only ever closes the socket.
+            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_NEVER_MS)
             sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
-            # ZMTP heartbeats drop half-open TCP peers; app heartbeats carry the lease.
-            sock.setsockopt(zmq.HEARTBEAT_IVL, self.heartbeat_ms)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * self.heartbeat_ms)
+            # The kernel's TCP keepalive drops half-open TCP peers; app heartbeats carry the
+            # lease. Not ZMTP heartbeats: their timer aborts libzmq 4.3.5 (see above).
+            if not self.ipc:
+                every_s = max(1, -(-self.heartbeat_ms // 1000))
+                sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+                sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, every_s)
+                sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, every_s)
+                sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
             if self.keys is not None and self.zap is not None:
                 sock.setsockopt(zmq.ZAP_DOMAIN, DOMAIN)
                 sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
