@@ -33,7 +33,7 @@ from hmmirror.client.errors import AgentError, DeviceError
 from hmmirror.client.mirror import Mirror
 from hmmirror.client.session import connect
 from hmmirror.proto.messages import Access
-from hmmirror.testing.hmmd import start_hmmd_async
+from hmmirror.testing.hmmd import die_with_parent, start_hmmd_async
 from hmmirror.testing.quiesce import quiesce
 from hmmirror.tools.liveview import Reading, Screen, frame, read_hmmd
 from hmmirror.tools.oracle import Violation, check
@@ -179,10 +179,12 @@ async def run_demo(
             ["--ack-deadline", f"{ACK_DEADLINE}s"],
             log_path=os.path.join(tmp, "hmmd.log"),
             deadline=15,
+            pdeathsig=True,  # a demo killed outright leaves no hmmd behind
         )
         target = subprocess.Popen(
-            [sys.executable, "-m", "hmmirror.tools.churn", str(seed)], stdout=subprocess.PIPE
-        )
+            [sys.executable, "-m", "hmmirror.tools.churn", str(seed)], stdout=subprocess.PIPE,
+            preexec_fn=die_with_parent,
+        )  # fmt: skip
         try:
             assert target.stdout is not None
             line = await asyncio.wait_for(asyncio.to_thread(target.stdout.readline), 10)

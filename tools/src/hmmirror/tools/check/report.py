@@ -3,7 +3,9 @@ as a table or (``hmmctl check -j``) as one JSON object whose keys ``as_dict`` fi
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import sys
 from typing import IO, Any
 
@@ -117,6 +119,14 @@ def as_dict(report: Report) -> dict[str, Any]:
     }
 
 
+def stopped(checker: Checker, name: str) -> int:
+    """Say on stderr that a signal ended the run (its children are stopped by then), where
+    its logs are, and return the shell's code for that signal (130, 143)."""
+    where = f"; logs kept in {checker.report.logs}" if checker.report.logs else ""
+    sys.stderr.write(f"hmmctl check: stopped by {name}, its hmmd, target and agents too{where}\n")
+    return 128 + int(signal.Signals[name])
+
+
 def main(opts: Options, out: IO[str], progress: bool = True, as_json: bool = False) -> int:
     """Run the check and print the report (progress lines too, on stderr under
     ``as_json``; and a progress bar on stderr where it is a terminal, but under
@@ -129,7 +139,11 @@ def main(opts: Options, out: IO[str], progress: bool = True, as_json: bool = Fal
     said = (sys.stderr if as_json else out) if progress else None
     # The bar: on stderr where it is a terminal; never under -j (nor -q).
     bar = Progress(sys.stderr, "check", progress and not as_json)
-    report = uvloop.run(Checker(opts, said, bar).run())
+    checker = Checker(opts, said, bar)
+    try:
+        report = uvloop.run(checker.run())
+    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+        return stopped(checker, "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM")
     if as_json:
         out.write(json.dumps(as_dict(report)) + "\n")
         out.flush()

@@ -38,7 +38,7 @@ from typing import IO, Any
 import numpy as np
 from hmmirror.client.errors import AgentError
 from hmmirror.client.session import status
-from hmmirror.testing.hmmd import HmmdProcess, start_hmmd_async
+from hmmirror.testing.hmmd import HmmdProcess, die_with_parent, start_hmmd_async
 from hmmirror.testing.quiesce import quiesce
 from hmmirror.tools.check.atomics import AtomicOracle
 from hmmirror.tools.check.child import Child, ChildDied
@@ -195,7 +195,7 @@ class Checker:
             self.endpoint,
             ["--ack-deadline", f"{self.opts.ack_deadline}s",
              "--heartbeat", f"{self.scenario.heartbeat_ms}ms"],
-            log_path=self.hmmd_log, append=True, deadline=15,
+            log_path=self.hmmd_log, append=True, deadline=15, pdeathsig=True,
         )  # fmt: skip
 
     async def start_target(self, seed: int) -> Phase:
@@ -210,6 +210,7 @@ class Checker:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "hmmirror.tools.check.target", str(seed), log,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            preexec_fn=die_with_parent,
         )  # fmt: skip
         child = Child(f"target-{n}", proc)
         try:
@@ -241,7 +242,7 @@ class Checker:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                    stderr=err,
+                    stderr=err, preexec_fn=die_with_parent,
                 )  # fmt: skip
             finally:
                 err.close()
@@ -426,6 +427,11 @@ class Checker:
         bound = self.opts.duration * 1.1 + 120
         whole_run = asyncio.timeout(bound)
         finished = False
+        # SIGTERM ends the run as Ctrl-C does: the children are stopped and reaped below.
+        # (SIGKILL cannot be caught: they are started with PR_SET_PDEATHSIG for that.)
+        me = asyncio.current_task()
+        if me is not None:
+            loop.add_signal_handler(signal.SIGTERM, me.cancel)
         try:
             async with whole_run:
                 await self.start_hmmd()
@@ -463,6 +469,8 @@ class Checker:
             self.violation("checker error", f"{type(exc).__name__}: {exc}")
             finished = True
         finally:
+            if me is not None:
+                loop.remove_signal_handler(signal.SIGTERM)
             if ticker is not None:
                 ticker.cancel()
                 # A bar that could not be drawn (the terminal went away) is no failure.

@@ -1,0 +1,109 @@
+"""A checker that is stopped (SIGTERM) or killed (SIGKILL) leaves none of its processes behind.
+
+``hmmctl check`` starts hmmd, a target and agents. SIGTERM stops the run as Ctrl-C does
+(children stopped and reaped, exit 143, one line on stderr); SIGKILL cannot be caught, so
+every child is started with PR_SET_PDEATHSIG. Before both, a killed check left its hmmd
+(and its target and agents) running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+HMMCTL = [sys.executable, "-m", "hmmirror.tools.ctlapp"]
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """Every live descendant of ``pid``: pid -> start time (field 22 of its stat)."""
+    found: dict[int, str] = {}
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except FileNotFoundError:
+                continue
+            for kid in kids:
+                if kid not in found:
+                    found[kid] = _start_time(kid) or ""
+                    todo.append(kid)
+    return found
+
+
+def _start_time(pid: int) -> str | None:
+    """``pid``'s start time, or None once it is gone (or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _left(children: dict[int, str], within: float) -> list[int]:
+    """The children still running after ``within`` seconds (the same process, by start time)."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = [pid for pid, start in children.items() if _start_time(pid) == start]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def _started_check() -> tuple[subprocess.Popen[str], dict[int, str]]:
+    """A check running its rounds, and its processes (hmmd, the target, two agents)."""
+    proc = subprocess.Popen(
+        [*HMMCTL, "check", "--seed", "11", "--agents", "2", "--duration", "300", "--ops",
+         "10000000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("started hmmd"):
+            break
+    else:
+        with proc:
+            _, err = proc.communicate(timeout=10)
+        pytest.fail(f"the check never started: {err[-1500:]}")
+    children = _descendants(proc.pid)
+    assert len(children) >= 4, f"hmmd, a target and two agents, found {children}"
+    return proc, children
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_the_check_and_every_process_it_started() -> None:
+    proc, children = _started_check()
+    with proc:  # its pipes are closed in the end
+        time.sleep(1.0)  # inside the rounds
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err[-1500:])
+    assert "stopped by SIGTERM" in err, err[-1500:]
+    assert "Traceback" not in err, err[-1500:]
+    assert _left(children, 1.0) == [], "the check exited and left these running"
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_takes_every_process_the_check_started_with_it() -> None:
+    proc, children = _started_check()
+    with proc:
+        proc.kill()
+    left = _left(children, 15.0)
+    for pid in left:  # clean up before failing
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "a killed check left these running"
