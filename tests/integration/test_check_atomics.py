@@ -14,6 +14,7 @@ from hmmirror.tools.check.stamps import (
     ATOMIC_FAILED,
     ATOMIC_INTENT,
     CAS_FAIL,
+    CAS_OK,
     FADD,
     FREE,
     MOVE,
@@ -118,6 +119,19 @@ def test_atomic_oracle_judges_nothing_across_a_possible_reset() -> None:
     assert oracle.judged == 4  # all but the straddling and the lazily freed ones
 
 
+def test_an_increment_straddling_a_reset_may_carry_its_value_across_it_and_no_further() -> None:
+    """hmmd reads the word, then writes the result: a DONTNEED in between leaves old + 1 on
+    the new page (as in seed 1's million-operation run). The next increment may return it;
+    one more than that is still too high."""
+    target = _log((10, 20, BASE, SET, ZERO, 0), (100, 110, BASE, SET, ZERO, 0))
+    before = _fadd(30, 40, 0, 1) + _fadd(50, 60, 1, 2)  # the old page's counter: 2
+    straddling = [(90, 90, BASE, ATOMIC_INTENT, 0, 3), (90, 120, BASE, CAS_OK, 2, 3)]
+    assert _judge(target, _log(*before, *straddling, *_fadd(130, 140, 3, 4))) == []
+    assert _judge(target, _log(*before, *straddling, *_fadd(130, 140, 4, 4))) == ["too high"]
+    # Without the straddling increment nothing can carry: 0 only.
+    assert _judge(target, _log(*before, *_fadd(130, 140, 3, 4))) == ["too high"]
+
+
 def test_refused_write_closes_its_intent_and_a_landed_write_needs_a_mapped_page() -> None:
     """WRITE_FAILED closes its intent (the value never shows); a WRITE logged while the page
     was certainly unmapped could not have landed."""
@@ -150,7 +164,7 @@ async def test_an_agent_lying_about_atomics_is_caught_by_the_atomic_oracle() -> 
     """agent-0 logs a neighbour's value for some FETCH_ADDs: the atomic oracle flags it, and
     every atomic violation names one of agent-0's results (an honest op is flagged only
     beside the lie it contradicts: the honest agents alone raise nothing)."""
-    report = await Checker(Options(seed=6, duration=5.0, agents=3, scenario="lie-atomic")).run()
+    report = await Checker(Options(seed=6, duration=8.0, agents=3, scenario="lie-atomic")).run()
     atomic = [(k, d) for k, d in report.violations if k.startswith("atomic:")]
     assert atomic, _summary(report)
     assert report.atomics_judged > 20
