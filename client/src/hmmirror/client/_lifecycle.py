@@ -282,7 +282,7 @@ class Lifecycle(Channel):
         This is a timer, not a heartbeat's own timeout, so that a process that was
         stopped (or whose loop stalled) past its lease finds the session lost before it
         runs anything else: hmmd has evicted it by then, and the eviction notice may
-        never come (hmmd's side dropped the connection, its ZMTP heartbeats unanswered).
+        never come (hmmd's side dropped the connection, silent past its idle sweep).
         """
         self._lease_timer = None
         if self.lost is not None or self._closed:

@@ -146,7 +146,7 @@ class CheckSession(Session):
 
     def _lose(self, reason: str) -> None:
         """Count a lost connection as an eviction too: hmmd drops the connection of an
-        agent that stopped answering (its ZMTP heartbeats lapse), which that agent learns
+        agent that stopped answering (silent past the idle sweep), which that agent learns
         when it wakes as a send that finds no connection, not as an EVICTED notice."""
         if self.lost is None:
             self.evictions += 1
