@@ -15,54 +15,22 @@ import sys
 import time
 
 import pytest
+from hmmirror.testing.proctree import Ident, descendants, still_running
 
 HMMCTL = [sys.executable, "-m", "hmmirror.tools.ctlapp"]
 
 
-def _descendants(pid: int) -> dict[int, str]:
-    """Every live descendant of ``pid``: pid -> start time (field 22 of its stat)."""
-    found: dict[int, str] = {}
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tids = os.listdir(f"/proc/{parent}/task")
-        except FileNotFoundError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{parent}/task/{tid}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-            except FileNotFoundError:
-                continue
-            for kid in kids:
-                if kid not in found:
-                    found[kid] = _start_time(kid) or ""
-                    todo.append(kid)
-    return found
-
-
-def _start_time(pid: int) -> str | None:
-    """``pid``'s start time, or None once it is gone (or a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None if fields[0] == "Z" else fields[19]
-
-
-def _left(children: dict[int, str], within: float) -> list[int]:
-    """The children still running after ``within`` seconds (the same process, by start time)."""
+def _left(children: list[Ident], within: float) -> list[int]:
+    """The children still running after ``within`` seconds."""
     deadline = time.monotonic() + within
     while True:
-        alive = [pid for pid, start in children.items() if _start_time(pid) == start]
+        alive = still_running(children)
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.1)
 
 
-def _started_check() -> tuple[subprocess.Popen[str], dict[int, str]]:
+def _started_check() -> tuple[subprocess.Popen[str], list[Ident]]:
     """A check running its rounds, and its processes (hmmd, the target, two agents)."""
     proc = subprocess.Popen(
         [*HMMCTL, "check", "--seed", "11", "--agents", "2", "--duration", "300", "--ops",
@@ -77,7 +45,7 @@ def _started_check() -> tuple[subprocess.Popen[str], dict[int, str]]:
         with proc:
             _, err = proc.communicate(timeout=10)
         pytest.fail(f"the check never started: {err[-1500:]}")
-    children = _descendants(proc.pid)
+    children = descendants(proc.pid)
     assert len(children) >= 4, f"hmmd, a target and two agents, found {children}"
     return proc, children
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hmmirror.testing.proctree import descendants, identity, still_running
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent / "systemd_live"
@@ -215,35 +216,6 @@ def _build_root(root: Path, stage: Path, log: Path) -> None:
     )
 
 
-def _identity(pid: int) -> tuple[int, str] | None:
-    """(pid, start time) of a live process, or None."""
-    try:
-        return pid, Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _descendants(pid: int) -> list[tuple[int, str]]:
-    """Every live descendant of ``pid``, parents first, with its start time."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out: list[tuple[int, str]] = []
-    todo = list(children.get(pid, []))
-    while todo:
-        p = todo.pop(0)
-        ident = _identity(p)
-        if ident is not None:
-            out.append(ident)
-        todo.extend(children.get(p, []))
-    return out
-
-
 def _kill_container(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM nspawn (it powers the container off), then SIGKILL it and what it started."""
     proc.send_signal(signal.SIGTERM)
@@ -253,10 +225,9 @@ def _kill_container(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         pass
     # The container's init first: the kernel then kills its whole pid namespace.
-    for pid, started in [*_descendants(proc.pid), (proc.pid, "")]:
-        ident = _identity(pid)
-        if ident is not None and (not started or ident[1] == started):
-            os.kill(pid, signal.SIGKILL)
+    nspawn = identity(proc.pid)
+    for pid in still_running([*descendants(proc.pid), *([nspawn] if nspawn else [])]):
+        os.kill(pid, signal.SIGKILL)
     proc.wait(STOP_GRACE)
 
 

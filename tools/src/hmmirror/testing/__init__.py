@@ -9,7 +9,8 @@
   flight;
 - :mod:`hmmirror.testing.rawpeer` is a raw protocol peer for tests of the wire itself,
   :mod:`hmmirror.testing.curve` a CURVE hmmd with real keys and one allowed client,
-  :mod:`hmmirror.testing.pagemap` a target's ``/proc/PID/pagemap`` read by the test;
+  :mod:`hmmirror.testing.pagemap` a target's ``/proc/PID/pagemap`` read by the test,
+  :mod:`hmmirror.testing.proctree` the processes a test started, followed through ``/proc``;
 - :mod:`hmmirror.testing.plugin` is the pytest plugin (multi-node rigs).
 
 The names are imported lazily: ``python -m hmmirror.testing.puppet_target`` imports
