@@ -300,6 +300,7 @@ def main(
     from hmmirror.tools.check import Checker, Options
     from hmmirror.tools.check import print_report as print_check
     from hmmirror.tools.check.report import as_dict as check_dict
+    from hmmirror.tools.check.report import run_or_stopped
 
     start = time.monotonic()
     live = sys.stderr if as_json else sys.stdout
@@ -312,7 +313,10 @@ def main(
         live.write(f"\nchecker: seed {seed}, 3 mlx5-model agents, {check_duration:g} s\n")
         opts = Options(seed=seed, duration=check_duration, agents=3)
         bar = Progress(sys.stderr, "check", not as_json)
-        checked = uvloop.run(Checker(opts, live, bar).run())
+        outcome = run_or_stopped(Checker(opts, live, bar), "demo")
+        if isinstance(outcome, int):
+            return outcome
+        checked = outcome
         if not as_json:
             print_check(checked, sys.stdout)
     elapsed = time.monotonic() - start

@@ -119,31 +119,35 @@ def as_dict(report: Report) -> dict[str, Any]:
     }
 
 
-def stopped(checker: Checker, name: str) -> int:
-    """Say on stderr that a signal ended the run (its children are stopped by then), where
-    its logs are, and return the shell's code for that signal (130, 143)."""
+def run_or_stopped(checker: Checker, command: str = "check") -> Report | int:
+    """Run ``checker`` on uvloop; its report, or, when SIGINT or SIGTERM ended the run (its
+    children are stopped by then), the shell's code for that signal (130, 143), once
+    stderr says so and where the logs are."""
+    import uvloop
+
+    try:
+        return uvloop.run(checker.run())
+    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+        name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
     where = f"; logs kept in {checker.report.logs}" if checker.report.logs else ""
-    sys.stderr.write(f"hmmctl check: stopped by {name}, its hmmd, target and agents too{where}\n")
+    said = f"stopped by {name}, its hmmd, target and agents too{where}"
+    sys.stderr.write(f"hmmctl {command}: {said}\n")
     return 128 + int(signal.Signals[name])
 
 
 def main(opts: Options, out: IO[str], progress: bool = True, as_json: bool = False) -> int:
     """Run the check and print the report (progress lines too, on stderr under
     ``as_json``; and a progress bar on stderr where it is a terminal, but under
-    ``as_json``); 0 if no violation, else 1."""
-    import uvloop
-
+    ``as_json``); 0 if no violation, else 1 (130, 143 if a signal stopped it)."""
     if opts.scenario not in SCENARIOS:
         out.write(f"hmmctl check: no scenario {opts.scenario!r}; try --scenario list\n")
         return 2
     said = (sys.stderr if as_json else out) if progress else None
     # The bar: on stderr where it is a terminal; never under -j (nor -q).
     bar = Progress(sys.stderr, "check", progress and not as_json)
-    checker = Checker(opts, said, bar)
-    try:
-        report = uvloop.run(checker.run())
-    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
-        return stopped(checker, "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM")
+    report = run_or_stopped(Checker(opts, said, bar))
+    if isinstance(report, int):
+        return report
     if as_json:
         out.write(json.dumps(as_dict(report)) + "\n")
         out.flush()
