@@ -75,3 +75,26 @@ def test_sigkill_takes_every_process_the_check_started_with_it() -> None:
     for pid in left:  # clean up before failing
         os.kill(pid, signal.SIGKILL)
     assert left == [], "a killed check left these running"
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_during_the_demos_check_says_so_in_one_line() -> None:
+    """The demo runs the checker last: SIGTERM there ends it as it ends ``hmmctl check``
+    (it printed a CancelledError traceback when SIGTERM began to cancel the run)."""
+    with subprocess.Popen(
+        [*HMMCTL, "demo", "--duration", "2", "--check-duration", "300"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as proc:  # fmt: skip
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("started hmmd"):  # the checker's own hmmd
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err[-1500:])
+    assert "hmmctl demo: stopped by SIGTERM" in err, err[-1500:]
+    assert "Traceback" not in err, err[-1500:]
