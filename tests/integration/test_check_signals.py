@@ -9,15 +9,44 @@ every child is started with PR_SET_PDEATHSIG. Before both, a killed check left i
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 from hmmirror.testing.proctree import Ident, descendants, still_running
 
 HMMCTL = [sys.executable, "-m", "hmmirror.tools.ctlapp"]
+
+
+def _log_dir(children: list[Ident]) -> str | None:
+    """The log directory of the check these processes belong to (named in its hmmd's
+    ``--endpoint ipc://DIR/hmmd.sock``): a stopped or killed check keeps it, and these
+    tests remove it so as to leave nothing in /tmp."""
+    for pid, _ in children:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        found = re.search(r"ipc://(/tmp/hmmchk-[^/\x00]+)/", argv)
+        if found:
+            return found.group(1)
+    return None
+
+
+@pytest.fixture
+def logs_removed() -> Iterator[list[str | None]]:
+    """Log directories (``_log_dir``) to remove once the test is over."""
+    dirs: list[str | None] = []
+    yield dirs
+    for d in dirs:
+        if d is not None:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _left(children: list[Ident], within: float) -> list[int]:
@@ -51,8 +80,11 @@ def _started_check() -> tuple[subprocess.Popen[str], list[Ident]]:
 
 
 @pytest.mark.timeout(120)
-def test_sigterm_stops_the_check_and_every_process_it_started() -> None:
+def test_sigterm_stops_the_check_and_every_process_it_started(
+    logs_removed: list[str | None],
+) -> None:
     proc, children = _started_check()
+    logs_removed.append(_log_dir(children))
     with proc:  # its pipes are closed in the end
         time.sleep(1.0)  # inside the rounds
         proc.send_signal(signal.SIGTERM)
@@ -67,8 +99,11 @@ def test_sigterm_stops_the_check_and_every_process_it_started() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_sigkill_takes_every_process_the_check_started_with_it() -> None:
+def test_sigkill_takes_every_process_the_check_started_with_it(
+    logs_removed: list[str | None],
+) -> None:
     proc, children = _started_check()
+    logs_removed.append(_log_dir(children))
     with proc:
         proc.kill()
     left = _left(children, 15.0)
@@ -78,7 +113,9 @@ def test_sigkill_takes_every_process_the_check_started_with_it() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_sigterm_during_the_demos_check_says_so_in_one_line() -> None:
+def test_sigterm_during_the_demos_check_says_so_in_one_line(
+    logs_removed: list[str | None],
+) -> None:
     """The demo runs the checker last: SIGTERM there ends it as it ends ``hmmctl check``
     (it printed a CancelledError traceback when SIGTERM began to cancel the run)."""
     with subprocess.Popen(
@@ -89,6 +126,7 @@ def test_sigterm_during_the_demos_check_says_so_in_one_line() -> None:
         for line in proc.stdout:
             if line.startswith("started hmmd"):  # the checker's own hmmd
                 break
+        logs_removed.append(_log_dir(descendants(proc.pid)))
         time.sleep(1.0)
         proc.send_signal(signal.SIGTERM)
         try:
