@@ -7,7 +7,8 @@ before the pages are zapped; UNMAP and REMAP describe mappings already gone
 (docs/ARCHITECTURE.md §A.1). mprotect, new VMAs and file-backed mappings raise no
 event: the proc watcher keeps covering them, and each of its polls registers
 the anonymous and shmem VMAs that appeared under a mirror, as does every fault
-for the VMAs it hands out translations from.
+for the VMAs it hands out translations from, and, after an UNMAP, a few looks
+within 64 ms at the range that went (a target that maps it again at once).
 
 A *strict* watch is a second uffd, without WP_ASYNC, over the VMAs of
 strict-write mirrors: the pages such a mirror holds are write-protected, a
