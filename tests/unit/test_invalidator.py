@@ -300,3 +300,34 @@ async def test_a_session_forgiven_after_the_ack_that_released_its_items_keeps_no
     f.inv.forgive(s)  # the session leaves in the same turn
     await asyncio.sleep(0)
     assert s not in f.courier.boxes and len(f.sender.to(s)) == 1
+
+
+async def test_held_items_go_after_hold_max_without_an_ack() -> None:
+    """An agent whose ACK waits on a long DMA fence still gets later INVALIDATEs: held items
+    wait at most ``hold_max`` for the ACK, then go anyway."""
+    f = Fanout()
+    f.courier.hold_max = 0.02
+    a = f.session("a")
+    f.inv.begin(f.mm, page(0), Event.CLEAR)
+    later = f.inv.begin(f.mm, page(1), Event.CLEAR)  # held behind n=1
+    await asyncio.sleep(0.005)
+    assert [m.n for m in f.sender.to(a)] == [1]
+    await asyncio.sleep(0.05)
+    assert [m.n for m in f.sender.to(a)] == [1, 2]
+    f.inv.on_ack(a, 2)
+    assert later.finished and f.mm.seq % 2 == 0
+    assert not f.courier._held
+
+
+async def test_an_ack_in_time_cancels_the_hold_timer() -> None:
+    f = Fanout()
+    a = f.session("a")
+    f.inv.begin(f.mm, page(0), Event.CLEAR)
+    f.inv.begin(f.mm, page(1), Event.CLEAR)
+    assert a in f.courier._held
+    f.inv.on_ack(a, 1)
+    await asyncio.sleep(0)
+    assert not f.courier._held and [m.n for m in f.sender.to(a)] == [1, 2]
+    f.inv.begin(f.mm, page(2), Event.CLEAR)  # held again: a new timer
+    f.inv.forgive(a)  # the session leaves: its timer goes with it
+    assert not f.courier._held
