@@ -16,7 +16,8 @@ wait for its next ACK, and go out together at the end of the loop tick that ACK
 arrived in (a session with fewer in flight gets this tick's items at the end of
 the tick): under load the batch grows with the agent's round trip, so the
 number of messages (and of wake-ups on both ends) stays near one per round trip
-per session instead of one per loop tick, as TCP's Nagle algorithm does.
+per session instead of one per loop tick, as TCP's Nagle algorithm does. Held
+items wait at most ``HOLD_MAX`` for that ACK.
 """
 
 from __future__ import annotations
