@@ -141,6 +141,25 @@ async def test_mprotect_and_new_vmas_are_still_caught(hmmd, watched, agent):
         assert events[1] == Event.PROTECTION_VMA
 
 
+async def test_a_range_mapped_again_at_once_is_watched_at_once(hmmd, watched, agent):
+    """MAP_FIXED over mirrored pages (an UNMAP) leaves a new VMA there that no uffd covers:
+    hmmd looks for it right after the UNMAP, so a DONTNEED of it is an event at once, not
+    after the next proc-watcher poll (4 s here). Before, nothing came within the second."""
+    puppet = watched
+    async with agent() as s:
+        addr, mirror = await mirrored(s, puppet, 4)
+        again = await puppet.mmap(2 * PAGE, fixed=addr + PAGE)
+        assert again == addr + PAGE
+        assert (await events_within(mirror, 1))[0] == Event.UNMAP
+        await asyncio.sleep(0.1)  # hmmd's first look is 1 ms after the UNMAP, its last 85 ms
+        await puppet.write(again, b"w" * 2 * PAGE)
+        await puppet.madvise(again, 2 * PAGE, "dontneed")
+        events = await events_within(mirror, 2)
+        assert events[1] == Event.CLEAR
+        start, end, _ = mirror.events[1]
+        assert start <= again and again + 2 * PAGE <= end
+
+
 async def test_a_target_with_a_uffd_exits(hmmd, watched, agent):
     puppet = watched
     async with agent() as s:

@@ -100,6 +100,7 @@ async def test_an_invalidation_completes_only_once_every_mirror_acked() -> None:
 async def test_a_cumulative_ack_covers_every_invalidate_up_to_n() -> None:
     f = Fanout()
     a = f.session("a")
+    f.courier.window = 2  # the next INVALIDATE may go before the first is acked
     first = f.inv.begin(f.mm, page(0), Event.CLEAR)
     # One INVALIDATE is in flight: the next two wait for the end of this tick, together.
     second = f.inv.begin(f.mm, page(1), Event.UNMAP)
@@ -201,6 +202,9 @@ async def test_announce_calls_then_once_every_event_completed() -> None:
     await asyncio.sleep(0)
     assert done == [] and f.mm.active == 2
     f.inv.on_ack(a, f.inv.sent(a))
+    assert done == [] and f.mm.active == 1  # the second waited for that ACK: sent now
+    await asyncio.sleep(0)
+    f.inv.on_ack(a, f.inv.sent(a))
     assert done == [True] and f.mm.active == 0
 
 
@@ -219,6 +223,7 @@ async def test_a_session_forgiven_while_its_flush_is_pending_leaves_no_outbox_be
     session that leaves (or is evicted) in between must not get a new outbox from that flush,
     which would keep the session object alive for good (found by review)."""
     f = Fanout()
+    f.courier.window = 2
     s = f.session("a")
     f.inv.begin(f.mm, page(0), Event.CLEAR)  # sent at once: n=1 unacked
     f.inv.begin(f.mm, page(1), Event.CLEAR)  # batched: a flush is scheduled
@@ -227,3 +232,102 @@ async def test_a_session_forgiven_while_its_flush_is_pending_leaves_no_outbox_be
     await asyncio.sleep(0)
     assert s not in f.courier.boxes
     assert [type(m) for m in f.sender.to(s)] == [Invalidate]
+
+
+async def test_items_wait_for_the_ack_while_the_window_is_full_then_go_as_one() -> None:
+    f = Fanout()  # the default window: one INVALIDATE in flight per session
+    a, b = f.session("a"), f.session("b")
+    first = f.inv.begin(f.mm, page(0), Event.CLEAR)
+    later = [f.inv.begin(f.mm, page(i), Event.CLEAR) for i in (1, 2, 3)]
+    await asyncio.sleep(0)
+    assert [m.n for m in f.sender.to(a)] == [1]  # held: the window is full
+    # Held items are queued, so a DMA of their pages is still refused as pending.
+    assert f.inv.pending_for(next(iter(a.mirrors.values())), *page(2)[0])
+    f.inv.on_ack(a, 1)
+    assert first.finished is False  # b has not acked
+    assert [m.n for m in f.sender.to(a)] == [1]  # sent at the end of the ACK's tick
+    await asyncio.sleep(0)
+    sent = f.sender.to(a)
+    assert [m.n for m in sent] == [1, 2] and len(sent[1].items) == 3
+    assert [m.n for m in f.sender.to(b)] == [1]  # b's items still wait for b's ACK
+    f.inv.on_ack(b, 1)
+    await asyncio.sleep(0)
+    f.inv.on_ack(a, 2)
+    f.inv.on_ack(b, 2)
+    assert first.finished and all(inv.finished for inv in later)
+    assert f.mm.seq % 2 == 0 and f.inv.stray_acks == 0
+
+
+async def test_a_reply_sends_held_items_first_whatever_the_window() -> None:
+    f = Fanout()
+    a = f.session("a")
+    f.inv.begin(f.mm, page(0), Event.CLEAR)
+    f.inv.begin(f.mm, page(1), Event.CLEAR)  # held behind n=1
+    f.courier.reply(a.identity, a, Ok(), re=7)
+    kinds = [type(m).__name__ for m in f.sender.to(a)]
+    assert kinds == ["Invalidate", "Invalidate", "Ok"]
+
+
+async def test_a_batch_over_several_mirrors_is_one_invalidate_per_mirror() -> None:
+    f = Fanout()
+    a = f.session("a")
+    # A second mirror of the same session over another mm (another target process).
+    mm2 = Mm(pid=2, start_time=1, view=cast(ProcessView, None), pidfd=-1)
+    m2 = Mirror(50, a, mm2, [Span(LO, HI)], Access.READ)
+    mm2.mirrors.append(m2)
+    a.mirrors[m2.id] = m2
+    f.inv.begin(f.mm, page(0), Event.CLEAR)  # in flight: what follows is held
+    for i in (1, 2, 3):
+        f.inv.begin(f.mm, page(i), Event.CLEAR)
+        f.inv.begin(mm2, page(i), Event.CLEAR)
+    f.inv.on_ack(a, 1)
+    await asyncio.sleep(0)
+    sent = f.sender.to(a)[1:]
+    assert [(m.mirror, len(m.items)) for m in sent] == [(a.id, 3), (m2.id, 3)]
+    # Each mirror's items keep their order (seq rises within a mirror).
+    for m in sent:
+        assert [it[1] for it in m.items] == sorted(it[1] for it in m.items)
+    f.inv.on_ack(a, 3)
+    assert f.mm.seq % 2 == 0 and mm2.seq % 2 == 0
+
+
+async def test_a_session_forgiven_after_the_ack_that_released_its_items_keeps_no_outbox() -> None:
+    f = Fanout()
+    s = f.session("a")
+    f.inv.begin(f.mm, page(0), Event.CLEAR)
+    f.inv.begin(f.mm, page(1), Event.CLEAR)  # held behind n=1
+    f.inv.on_ack(s, 1)  # schedules the held item's flush for the end of the tick
+    f.inv.forgive(s)  # the session leaves in the same turn
+    await asyncio.sleep(0)
+    assert s not in f.courier.boxes and len(f.sender.to(s)) == 1
+
+
+async def test_held_items_go_after_hold_max_without_an_ack() -> None:
+    """An agent whose ACK waits on a long DMA fence still gets later INVALIDATEs: held items
+    wait at most ``hold_max`` for the ACK, then go anyway."""
+    f = Fanout()
+    f.courier.hold_max = 0.02
+    a = f.session("a")
+    f.inv.begin(f.mm, page(0), Event.CLEAR)
+    later = f.inv.begin(f.mm, page(1), Event.CLEAR)  # held behind n=1
+    await asyncio.sleep(0.005)
+    assert [m.n for m in f.sender.to(a)] == [1]
+    await asyncio.sleep(0.05)
+    assert [m.n for m in f.sender.to(a)] == [1, 2]
+    f.inv.on_ack(a, 2)
+    assert later.finished and f.mm.seq % 2 == 0
+    assert not f.courier._held
+
+
+async def test_an_ack_in_time_cancels_the_hold_timer() -> None:
+    f = Fanout()
+    a = f.session("a")
+    f.inv.begin(f.mm, page(0), Event.CLEAR)
+    f.inv.begin(f.mm, page(1), Event.CLEAR)
+    assert a in f.courier._held
+    f.inv.on_ack(a, 1)
+    await asyncio.sleep(0)
+    assert not f.courier._held and [m.n for m in f.sender.to(a)] == [1, 2]
+    f.inv.begin(f.mm, page(2), Event.CLEAR)  # held again: a new timer
+    f.inv.forgive(a)  # the session leaves: its timer goes with it
+    assert not f.courier._held

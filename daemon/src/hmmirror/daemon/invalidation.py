@@ -332,6 +332,8 @@ class Invalidator:
             for inv, count in counts.items():
                 if inv.acked(session, count):
                     self._complete(inv)
+        if box.batch:
+            self.courier.acked(session)  # items waited for this ACK: they go out this tick
 
     def forgive(self, session: Session) -> None:
         """Drop ``session``'s outstanding items (it was evicted or left): nobody waits on it."""

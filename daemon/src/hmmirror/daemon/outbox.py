@@ -10,9 +10,14 @@ here and only here: a reply first sends the session's queued INVALIDATEs.
 Each session's ``Outbox`` holds its INVALIDATEs, queued for this loop tick
 (``batch``) and sent but not acked (``unacked``, by number ``n``). The fan-out
 (``invalidation``) decides what to queue and does the ack accounting; the
-outbox numbers, batches and writes. Items issued while a session still has an
-INVALIDATE in flight are coalesced into one batch per loop tick; a lone one
-goes out at once, so it pays no batching delay.
+outbox numbers, batches and writes. A lone item goes out at once, so it pays no
+batching delay. Items issued while a session has ``WINDOW`` INVALIDATEs in flight
+wait for its next ACK, and go out together at the end of the loop tick that ACK
+arrived in (a session with fewer in flight gets this tick's items at the end of
+the tick): under load the batch grows with the agent's round trip, so the
+number of messages (and of wake-ups on both ends) stays near one per round trip
+per session instead of one per loop tick, as TCP's Nagle algorithm does. Held
+items wait at most ``HOLD_MAX`` for that ACK.
 """
 
 from __future__ import annotations
@@ -35,6 +40,16 @@ from hmmirror.transport import Unreachable
 from hmmirror.transport.budget import ReplyBudget, frame_bytes
 
 log = logging.getLogger(__name__)
+
+#: INVALIDATEs a session may have sent and not acked before later items wait for its ACK.
+#: 1 measured best on 2 vCPUs (bench/README.md, soak): each message costs both ends a
+#: wake-up and a few syscalls, so a batch that grows while the agent works pays.
+WINDOW = 1
+#: The longest items wait for an ACK (seconds) before they go anyway: an agent whose ACK waits
+#: on a long DMA fence (SPEC §6.2) still hears of later invalidations at once, and a held item
+#: never spends more than this of its ack deadline waiting. Above the soak's ack p50 (~2 ms
+#: on 2 vCPUs), so batching holds under load.
+HOLD_MAX = 0.005
 
 #: What the fan-out tracks per queued chunk (``invalidation.Invalidation``).
 T = TypeVar("T")
@@ -98,6 +113,11 @@ class Courier(Generic[T]):
         self.lost = lost
         self.boxes: dict[Session, Outbox[T]] = {}
         self._flush_pending: set[Session] = set()
+        #: INVALIDATEs in flight per session before later items wait for an ACK.
+        self.window = WINDOW
+        #: How long items may wait for an ACK; the timer of each session holding some.
+        self.hold_max = HOLD_MAX
+        self._held: dict[Session, asyncio.TimerHandle] = {}
 
     def outbox(self, session: Session) -> Outbox[T]:
         """``session``'s outbox (made on first use)."""
@@ -109,6 +129,9 @@ class Courier(Generic[T]):
     def forget(self, session: Session) -> Outbox[T] | None:
         """Drop ``session``'s outbox (it was evicted or left); what it held is returned."""
         self._flush_pending.discard(session)
+        timer = self._held.pop(session, None)
+        if timer is not None:
+            timer.cancel()
         return self.boxes.pop(session, None)
 
     def sent(self, session: Session) -> int:
@@ -131,9 +154,33 @@ class Courier(Generic[T]):
             box.batch.append(chunk)
             if not box.unacked:
                 self.flush(session)
-            else:
+            elif len(box.unacked) < self.window:
                 self._flush_pending.add(session)
                 asyncio.get_running_loop().call_soon(self._scheduled_flush, session)
+            elif session not in self._held:  # held until an ACK makes room (``acked``)
+                self._held[session] = asyncio.get_running_loop().call_later(
+                    self.hold_max, self._hold_expired, session
+                )
+
+    def _hold_expired(self, session: Session) -> None:
+        """Items waited ``hold_max`` for an ACK: send them anyway."""
+        del self._held[session]
+        box = self.boxes.get(session)
+        if box is not None and box.batch and session not in self._flush_pending:
+            self.flush(session)
+
+    def acked(self, session: Session) -> None:
+        """``session``'s ACK made room in its window: send what waited, at the end of this
+        tick (with whatever else this tick queues for it)."""
+        box = self.boxes.get(session)
+        if (
+            box is not None
+            and box.batch
+            and session not in self._flush_pending
+            and len(box.unacked) < self.window
+        ):
+            self._flush_pending.add(session)
+            asyncio.get_running_loop().call_soon(self._scheduled_flush, session)
 
     def _scheduled_flush(self, session: Session) -> None:
         """The deferred flush ``queue`` scheduled for ``session``."""
@@ -142,8 +189,25 @@ class Courier(Generic[T]):
             self.flush(session)
 
     def flush(self, session: Session) -> None:
-        """Send ``session``'s queued chunks now: one INVALIDATE per run of chunks of one mirror."""
+        """Send ``session``'s queued chunks now: one INVALIDATE per mirror (per ``MAX_ITEMS``).
+
+        Chunks are grouped by mirror, each mirror's in the order they were queued: the
+        order between two mirrors' items carries nothing (each zaps its own table, and
+        one cumulative ACK covers both), so a batch over several targets costs one
+        message per mirror, not one per run.
+        """
         box = self.outbox(session)
+        timer = self._held.pop(session, None)
+        if timer is not None:
+            timer.cancel()
+        batch = box.batch
+        if len(batch) > 2:
+            m0 = batch[0][2]
+            if any(chunk[2] is not m0 for chunk in batch):
+                groups: dict[Mirror, list[tuple[Items, T, Mirror]]] = {}
+                for chunk in batch:
+                    groups.setdefault(chunk[2], []).append(chunk)
+                box.batch = list(chain.from_iterable(groups.values()))
         while box.batch and not session.fenced:
             first = box.batch[0]
             take, total = 0, 0

@@ -7,7 +7,8 @@ before the pages are zapped; UNMAP and REMAP describe mappings already gone
 (docs/ARCHITECTURE.md §A.1). mprotect, new VMAs and file-backed mappings raise no
 event: the proc watcher keeps covering them, and each of its polls registers
 the anonymous and shmem VMAs that appeared under a mirror, as does every fault
-for the VMAs it hands out translations from.
+for the VMAs it hands out translations from, and, after an UNMAP, a few looks
+within 64 ms at the range that went (a target that maps it again at once).
 
 A *strict* watch is a second uffd, without WP_ASYNC, over the VMAs of
 strict-write mirrors: the pages such a mirror holds are write-protected, a
@@ -44,6 +45,12 @@ log = logging.getLogger(__name__)
 
 #: Written-page scan interval bounds, in seconds: fastest while the target writes.
 WRITTEN_SCAN_MIN, WRITTEN_SCAN_MAX = 0.002, 0.1
+#: After an UNMAP (or REMAP) under a mirror, look for a new mapping there this long after
+#: (each delay once, until one is registered): a target that maps the range again at once
+#: (a munmap and mmap to recycle a slot, an allocator's) has its new VMA registered within
+#: a millisecond or so, not one proc-watcher poll later (up to 50 ms, and 20 times the
+#: poll's cost), in which its DONTNEEDs and munmaps would raise no event at all.
+RECOVER_DELAYS = (0.001, 0.004, 0.016, 0.064)
 
 #: Runs a coroutine as a task the daemon owns (and cancels at shutdown).
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
@@ -303,6 +310,31 @@ class UffdWatch:
                 changes.extend(detect(self.mm, self.zero_pfn))
         if changes and not self.mm.released:
             self.announcer.announce(self.mm, changes)
+            gone = [(lo, hi) for lo, hi, ev in changes if ev == Event.UNMAP]
+            if gone:
+                self._recover(gone, 0)
+
+    def _recover(self, ranges: list[tuple[int, int]], attempt: int) -> None:
+        """Register the new mappings under mirrors in ``ranges`` (unmapped a moment ago);
+        look again later, up to ``len(RECOVER_DELAYS)`` times, while none is found."""
+        if attempt:
+            if self.closed or self.mm.released:
+                return
+            added = 0
+            for mirror in list(self.mm.mirrors):
+                if self.strict and not mirror.strict:
+                    continue
+                for span in mirror.spans:
+                    for lo, hi in ranges:
+                        a, b = max(lo, span.start), min(hi, span.end)
+                        if a < b:
+                            added += self.cover_range(a, b)
+            if added:
+                return
+        if attempt < len(RECOVER_DELAYS):
+            asyncio.get_running_loop().call_later(
+                RECOVER_DELAYS[attempt], self._recover, ranges, attempt + 1
+            )
 
     def _write_fault(self, page: int) -> None:
         """A write to a strictly protected page: it proceeds once every subscriber acked."""
