@@ -1,0 +1,212 @@
+"""The shared-memory DMA window (SPEC §4.9) through ``hm-agent``, and agents that do without.
+
+A real hmmd (ipc), a real puppet target and a real ``hm-agent`` process, whose
+READs and WRITEs of 64 KiB and more go through a memfd it shares with hmmd
+(``--dma-window``, on by default); hmmd's ``status`` says how many DMAs took
+that path (``window_reads``, ``window_writes``). The requester is an
+``RdmaPeer`` on tcp loopback (``hmmirror.testing.rdma``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from typing import Any
+
+import msgpack
+import pytest
+from hmmirror.client import DeviceError
+from hmmirror.client.session import status
+from hmmirror.proto import ErrorCode
+from hmmirror.proto.codec import encode
+from hmmirror.proto.messages import (
+    Access,
+    DmaRead,
+    DmaReadReply,
+    Error,
+    Hello,
+    Message,
+    Register,
+    Registered,
+    Welcome,
+    WindowOpen,
+)
+from hmmirror.testing.rawpeer import RawPeer, raw_peer
+from hmmirror.testing.rdma import hm_agent
+
+PAGE = 4096
+
+
+async def figures(hmmd: Any) -> dict[str, Any]:
+    """hmmd's status figures."""
+    return dict(await status(hmmd.endpoint))
+
+
+def delta(after: dict[str, Any], before: dict[str, Any], key: str) -> int:
+    """How much figure ``key`` grew."""
+    return int(after[key]) - int(before[key])
+
+
+async def test_hm_agent_reads_and_writes_through_its_window(hmmd, puppet):
+    size = 1 << 20
+    addr = await puppet.mmap(size)
+    data = os.urandom(size)
+    await puppet.write(addr, data)
+    before = await figures(hmmd)
+    async with (
+        hm_agent(hmmd, f"{puppet.pid}:{addr:#x}:{size}:rw") as agent,
+        agent.peer() as peer,
+    ):
+        (rkey,) = agent.rkeys
+        assert bytes(await peer.read(rkey, addr, size)) == data
+        assert bytes(await peer.read(rkey, addr + 100, 300_000)) == data[100:300_100]
+        # Many at once: each takes its own slot, and none overwrites another's data.
+        reads = [peer.read(rkey, addr + i * 65536, 200_000) for i in range(10)]
+        for i, got in enumerate(await asyncio.gather(*reads)):
+            assert bytes(got) == data[i * 65536 : i * 65536 + 200_000], i
+        new = os.urandom(500_000)
+        await peer.write(rkey, addr + 4093, new)  # unaligned, across pages
+        assert await puppet.read(addr + 4093, len(new)) == new
+        writes = [os.urandom(70_000) for _ in range(6)]
+        await asyncio.gather(
+            *(peer.write(rkey, addr + i * 80_000 + 7, w) for i, w in enumerate(writes))
+        )
+        for i, w in enumerate(writes):
+            assert await puppet.read(addr + i * 80_000 + 7, len(w)) == w
+        during = await figures(hmmd)
+    after = await figures(hmmd)
+    assert during["windows"] == before["windows"] + 1, "the agent attached one window"
+    assert delta(during, before, "window_reads") >= 12
+    assert delta(during, before, "window_writes") >= 7
+    assert after["windows"] == before["windows"], "the window ended with the session"
+
+
+async def test_no_stale_data_after_an_invalidation(hmmd, puppet):
+    npages = 256
+    addr = await puppet.mmap(npages * PAGE)
+    data = os.urandom(npages * PAGE)
+    await puppet.write(addr, data)
+    async with (
+        hm_agent(hmmd, f"{puppet.pid}:{addr:#x}:{npages * PAGE}:rw") as agent,
+        agent.peer() as peer,
+    ):
+        (rkey,) = agent.rkeys
+        before = await figures(hmmd)
+        assert bytes(await peer.read(rkey, addr, npages * PAGE)) == data  # translations held
+        # The target drops half of the pages: the window's slots still hold the old bytes,
+        # and the agent's translations are zapped; what it serves must be the zeros.
+        await puppet.madvise(addr, 64 * PAGE, "dontneed")
+        got = bytes(await peer.read(rkey, addr, 128 * PAGE))
+        assert got[: 64 * PAGE] == bytes(64 * PAGE)
+        assert got[64 * PAGE :] == data[64 * PAGE : 128 * PAGE]
+        # The CPU writes new data over the zero pages (new frames): served fresh, not stale.
+        fresh = os.urandom(128 * PAGE)
+        await puppet.write(addr, fresh)
+        assert bytes(await peer.read(rkey, addr, 128 * PAGE)) == fresh
+        await puppet.munmap(addr + 128 * PAGE, 64 * PAGE)
+        for op in (
+            peer.read(rkey, addr + 100 * PAGE, 64 * PAGE),
+            peer.write(rkey, addr + 100 * PAGE, bytes(64 * PAGE)),
+        ):
+            with pytest.raises(DeviceError) as info:
+                await op
+            assert info.value.errno == errno.EFAULT
+        # The agent is healthy after the failures, and its slots came back.
+        assert bytes(await peer.read(rkey, addr + 192 * PAGE, 64 * PAGE)) == data[192 * PAGE :]
+        after = await figures(hmmd)
+    assert delta(after, before, "window_reads") >= 4
+
+
+async def test_window_off_takes_the_plain_path(hmmd, puppet):
+    size = 512 * 1024
+    addr = await puppet.mmap(size)
+    data = os.urandom(size)
+    await puppet.write(addr, data)
+    before = await figures(hmmd)
+    async with (
+        hm_agent(hmmd, f"{puppet.pid}:{addr:#x}:{size}:rw", extra=["--dma-window", "off"]) as a,
+        a.peer() as peer,
+    ):
+        (rkey,) = a.rkeys
+        assert bytes(await peer.read(rkey, addr, size)) == data
+        new = os.urandom(size - 5)
+        await peer.write(rkey, addr + 5, new)
+        assert await puppet.read(addr + 5, size - 5) == new
+        during = await figures(hmmd)
+    assert during["windows"] == before["windows"]
+    assert delta(during, before, "window_reads") == delta(during, before, "window_writes") == 0
+    assert delta(during, before, "dma_reads") >= 1 and delta(during, before, "dma_writes") >= 1
+
+
+async def test_a_full_window_falls_back_to_the_plain_path(hmmd, puppet):
+    size = 1 << 20
+    addr = await puppet.mmap(size)
+    data = os.urandom(size)
+    await puppet.write(addr, data)
+    before = await figures(hmmd)
+    # 128 KiB: one 100 KiB access at a time fits; the others in flight find no slot.
+    async with (
+        hm_agent(hmmd, f"{puppet.pid}:{addr:#x}:{size}:rw", extra=["--dma-window", "128K"]) as a,
+        a.peer() as peer,
+    ):
+        (rkey,) = a.rkeys
+        await peer.read(rkey, addr, size)  # every page translated: the rest is DMA only
+        for _ in range(3):
+            reads = [peer.read(rkey, addr + i * 100_000, 100_000) for i in range(10)]
+            for i, got in enumerate(await asyncio.gather(*reads)):
+                assert bytes(got) == data[i * 100_000 : (i + 1) * 100_000], i
+        writes = [os.urandom(100_000) for _ in range(10)]
+        await asyncio.gather(
+            *(peer.write(rkey, addr + i * 100_000, w) for i, w in enumerate(writes))
+        )
+        for i, w in enumerate(writes):
+            assert await puppet.read(addr + i * 100_000, 100_000) == w
+        during = await figures(hmmd)
+    window = delta(during, before, "window_reads")
+    assert window >= 1, "some reads found a slot"
+    assert delta(during, before, "dma_reads") > window, "the others took the plain path"
+    assert 1 <= delta(during, before, "window_writes") < delta(during, before, "dma_writes")
+
+
+def as_version(frames: list[Any], version: tuple[int, int]) -> list[Any]:
+    """``frames`` with the header's ``v`` replaced: a message of an older agent."""
+    header = msgpack.unpackb(bytes(frames[1]), raw=False)
+    header["v"] = list(version)
+    return [frames[0], msgpack.packb(header), *frames[2:]]
+
+
+async def old_request(peer: RawPeer, msg: Message, bulk: list[Any] | None = None) -> Any:
+    """Send ``msg`` as a 1.0 agent would (header ``v`` [1, 0]); its reply."""
+    peer.next_id += 1
+    msg_id = peer.next_id
+    peer.replies[msg_id] = asyncio.get_running_loop().create_future()
+    peer.sock.send_multipart(as_version(encode(msg, msg_id, bulk=bulk or []), (1, 0)))
+    return await peer.reply(msg_id)
+
+
+async def test_a_protocol_1_0_agent_works_unchanged_and_gets_no_window(hmmd, puppet):
+    addr = await puppet.mmap(16 * PAGE)
+    data = os.urandom(16 * PAGE)
+    await puppet.write(addr, data)
+    async with raw_peer(hmmd.endpoint) as peer:
+        welcome = (await old_request(peer, Hello(agent="one-oh"))).msg
+        assert isinstance(welcome, Welcome) and welcome.window_max == 0
+        reg = (
+            await old_request(
+                peer,
+                Register(
+                    pid=puppet.pid,
+                    start_time=0,
+                    intervals=((addr, addr + 16 * PAGE),),
+                    access=int(Access.READ),
+                ),
+            )
+        ).msg
+        assert isinstance(reg, Registered)
+        entries = await peer.populate(reg.mirror, addr, 16)
+        env = await old_request(peer, DmaRead(mirror=reg.mirror, start=addr, npages=16), [entries])
+        assert isinstance(env.msg, DmaReadReply) and bytes(env.bulk[0]) == data
+        env = await old_request(peer, WindowOpen(size=16 * PAGE))
+        assert isinstance(env.msg, Error) and env.msg.code == ErrorCode.UNKNOWN_MESSAGE
+        assert "1.1" in env.msg.message
