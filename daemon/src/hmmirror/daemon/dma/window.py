@@ -12,10 +12,11 @@ Everything the peer hands in is hostile, so the default is to refuse:
   live session; the door's SO_PEERCRED must be that session's own process (pid,
   uid and start time, and the door's pidfd, where the kernel gives one, must
   still name that pid);
-- the descriptor must be a memfd (a regular file whose ``/proc/self/fd`` link
-  reads ``/memfd:``, and that has seals) with F_SEAL_SHRINK, F_SEAL_GROW and
-  F_SEAL_SEAL set, of exactly the size the ticket was asked for: it can never
-  shrink under hmmd's mapping (no SIGBUS) nor be resized;
+- the descriptor must be a memfd (a regular file with seals: only shmem and
+  hugetlbfs files have them, and only a memfd can be sealed against shrinking)
+  with F_SEAL_SHRINK, F_SEAL_GROW and F_SEAL_SEAL set, of exactly the size the
+  ticket was asked for: it can never shrink under hmmd's mapping (no SIGBUS) nor
+  be resized;
 - sizes are bounded: ``MAX_WINDOW`` per session, ``MAX_WINDOWS`` and
   ``TOTAL_BYTES`` in all, ``BYTES_PER_UID`` per user; one window per session
   (a second ``window_open`` is refused with EBUSY until the session ends);
@@ -115,12 +116,6 @@ def is_memfd(fd: int) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         return "the descriptor is not a memfd (not a regular file)"
     try:
-        link = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        link = ""
-    if not link.startswith("/memfd:"):
-        return "the descriptor is not a memfd"
-    try:
         seals = fcntl.fcntl(fd, _F_GET_SEALS)
     except OSError:
         return "the descriptor is not a memfd (it has no seals)"
@@ -139,6 +134,19 @@ def _pidfd_names(pidfd: int, pid: int) -> bool:
     except (OSError, ValueError, IndexError):
         return False
     return False
+
+
+def _is_process(peer: Peer, pidfd: int, ticket: _Ticket) -> bool:
+    """Whether the door's sender is the ticket's process: its pid, uid and start time, and,
+    where the door has a pidfd of it, a pidfd that still names that pid (not a reused one)."""
+    if peer.pid != ticket.pid or peer.uid != ticket.uid:
+        return False
+    try:
+        if start_time(peer.pid) != ticket.start:
+            return False
+    except ProcessLookupError:
+        return False
+    return pidfd < 0 or _pidfd_names(pidfd, peer.pid)
 
 
 class Windows:
@@ -255,13 +263,7 @@ class Windows:
         session = ticket.session
         if session.fenced or session.id in self._windows:
             return f"session {session.id} has ended or has a window already"
-        if (peer.pid, peer.uid) != (ticket.pid, ticket.uid):
-            return "the ticket belongs to another process's session"
-        try:
-            alive = start_time(peer.pid) == ticket.start
-        except ProcessLookupError:
-            alive = False
-        if not alive or (pidfd >= 0 and not _pidfd_names(pidfd, peer.pid)):
+        if not _is_process(peer, pidfd, ticket):
             return "the ticket belongs to another process's session"
         why = is_memfd(fd)
         if why is not None:
