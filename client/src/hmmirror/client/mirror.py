@@ -365,6 +365,9 @@ class Mirror(MirrorTable):
             else:
                 window.give_back(slot)
             raise
+        except MirrorEvicted:
+            window.give_back(slot)  # refused before any copy (NO_MIRROR, FENCED)
+            raise
         except BaseException:
             # No answer (a timeout, a cancel, a lost connection): hmmd may still copy into
             # or out of the slot, through this session's mapping or an earlier one.

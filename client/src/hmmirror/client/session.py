@@ -34,6 +34,7 @@ from hmmirror.proto.messages import (
     Registered,
     Status,
     StatusReply,
+    Welcome,
     WindowOpen,
     WindowTicket,
 )
@@ -57,7 +58,9 @@ class Session(Lifecycle):
     invalidations_received = 0
     #: The shared-memory DMA window (``use_window``), and the session hmmd attached it for.
     _window: DmaWindow | None = None
-    _window_for = 0
+    #: The WELCOME of the session hmmd attached the window to (a session id alone could name
+    #: another session of a restarted hmmd).
+    _window_for: Welcome | None = None
     _window_task: asyncio.Task[bool] | None = None
 
     @functools.cached_property
@@ -112,7 +115,7 @@ class Session(Lifecycle):
     def dma_window(self) -> DmaWindow | None:
         """The window hmmd holds for this very session, or None: take the plain path."""
         window, welcome = self._window, self.welcome
-        if window is None or welcome is None or self._window_for != welcome.session:
+        if window is None or welcome is None or self._window_for is not welcome:
             return None
         return window if self.state is State.LIVE else None
 
@@ -145,7 +148,7 @@ class Session(Lifecycle):
             return False
         if self.welcome is not welcome:
             return await self._attach_window()  # a new session meanwhile: attach to it
-        self._window_for = welcome.session
+        self._window_for = welcome
         return True
 
     def _welcomed(self) -> None:
