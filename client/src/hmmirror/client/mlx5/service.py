@@ -269,7 +269,13 @@ class RdmaService:
                 slot.window.give_back(slot)
             hold = []
         reply = RdmaReadReply(length=msg.length)
-        tracker = self._reply(identity, reply, re, [data], reserved=msg.length, track=bool(hold))
+        # A reply from the window holds no memory of ours but the window's, which bounds it:
+        # it is not counted against the requester's cap (its tracker, set by pyzmq's gc
+        # thread, may lag behind a busy loop). A requester that does not read fills the
+        # window, and then the plain path's replies, which are counted, as before.
+        tracker = self._reply(
+            identity, reply, re, [data], reserved=msg.length, track=bool(hold), counted=not hold
+        )
         if hold:
             assert tracker is not None  # track=True always gives one
             hold[0].window.lend(hold, tracker)
@@ -328,13 +334,15 @@ class RdmaService:
         bulk: Sequence[Any] = (),
         reserved: int = 0,
         track: bool = False,
+        counted: bool = True,
     ) -> zmq.MessageTracker | None:
         """Send ``msg`` to ``identity``; a requester that left is counted, not an error.
 
         Its bytes count against the requester's reply cap (in place of ``reserved``)
         until libzmq lets go of them: the last frame is then sent tracked, as it is
         with ``track``. Returns that frame's tracker (None if untracked): done once
-        libzmq no longer reads the frame's memory, sent or dropped.
+        libzmq no longer reads the frame's memory, sent or dropped. A reply not
+        ``counted`` only gives back its reservation.
         """
         frames = encode(msg, 0, re, bulk)
         nbytes = frame_bytes(frames)
@@ -349,5 +357,8 @@ class RdmaService:
             self.budget.unreserve(identity, reserved)
             log.debug("reply to a requester dropped: %s", exc)
         else:
-            self.budget.sent(identity, nbytes, tracker, reserved)
+            if counted:
+                self.budget.sent(identity, nbytes, tracker, reserved)
+            else:
+                self.budget.sent(identity, 0, None, reserved)
         return tracker
