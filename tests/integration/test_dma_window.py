@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import subprocess
 from typing import Any
 
 import msgpack
 import pytest
-from hmmirror.client import DeviceError
+from hmmirror.client import DeviceError, connect
 from hmmirror.client.session import status
 from hmmirror.proto import ErrorCode
 from hmmirror.proto.codec import encode
@@ -33,7 +34,7 @@ from hmmirror.proto.messages import (
     WindowOpen,
 )
 from hmmirror.testing.rawpeer import RawPeer, raw_peer
-from hmmirror.testing.rdma import hm_agent
+from hmmirror.testing.rdma import DEADLINE, HM_AGENT, hm_agent
 
 PAGE = 4096
 
@@ -210,3 +211,57 @@ async def test_a_protocol_1_0_agent_works_unchanged_and_gets_no_window(hmmd, pup
         env = await old_request(peer, WindowOpen(size=16 * PAGE))
         assert isinstance(env.msg, Error) and env.msg.code == ErrorCode.UNKNOWN_MESSAGE
         assert "1.1" in env.msg.message
+
+
+def test_dma_window_setting_layers_and_bounds(tmp_path):
+    """``dma_window`` comes from the file, HMMIRROR_AGENT_DMA_WINDOW or ``--dma-window``;
+    off or 0 for none; a size in no layer may be other than whole pages up to 64 MiB (one
+    line, exit 2)."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('listen = "ipc:///tmp/x.sock"\ndma_window = "16MiB"\n')
+
+    def check(*flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*HM_AGENT, "--config", str(cfg), *flags, "check-config"],
+            capture_output=True, text=True, timeout=DEADLINE, env={**os.environ, **(env or {})},
+        )  # fmt: skip
+
+    assert check().returncode == 0
+    for flags, env in (
+        (("--dma-window", "off"), None),
+        (("--dma-window", "0"), None),
+        ((), {"HMMIRROR_AGENT_DMA_WINDOW": "64MiB"}),
+        (("--dma-window", "4096"), {"HMMIRROR_AGENT_DMA_WINDOW": "off"}),
+    ):
+        out = check(*flags, env=env)
+        assert (out.returncode, out.stdout) == (0, "configuration OK\n"), (flags, out.stderr)
+    for flags, env in (
+        (("--dma-window", "65MiB"), None),
+        (("--dma-window", "5000"), None),
+        ((), {"HMMIRROR_AGENT_DMA_WINDOW": "lots"}),
+        (("--dma-window", "4096"), {"HMMIRROR_AGENT_DMA_WINDOW": "65MiB"}),
+    ):
+        out = check(*flags, env=env)
+        assert out.returncode == 2 and "dma" in out.stderr.lower(), (flags, out.stderr)
+        assert out.stderr.count("\n") == 1, out.stderr
+
+
+async def test_the_window_is_attached_again_after_a_new_hello(hmmd, puppet):
+    addr = await puppet.mmap(64 * PAGE)
+    async with connect(hmmd.endpoint, name="rehello") as session:
+        assert await session.use_window(1 << 20)
+        first = session.dma_window
+        assert first is not None
+        await session.rehello()  # a new session: hmmd unmapped the old one's window
+        async with asyncio.timeout(5):
+            while session.dma_window is None:
+                await asyncio.sleep(0.01)
+        assert session.dma_window is first, "the same memfd, handed to the new session"
+        stats = await session.status()
+        assert (stats["windows"], stats["windows_attached"]) == (1, 2)
+        mirror = await session.mirror(puppet.pid, addr, 64 * PAGE, Access.READ | Access.WRITE)
+        data = os.urandom(64 * PAGE)
+        await mirror.write(addr, data)
+        assert await puppet.read(addr, 64 * PAGE) == data
+        assert (await session.status())["window_writes"] == 1
+    assert (await figures(hmmd))["windows"] == 0
