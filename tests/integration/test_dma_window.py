@@ -265,3 +265,35 @@ async def test_the_window_is_attached_again_after_a_new_hello(hmmd, puppet):
         assert await puppet.read(addr, 64 * PAGE) == data
         assert (await session.status())["window_writes"] == 1
     assert (await figures(hmmd))["windows"] == 0
+
+
+async def test_a_slot_whose_request_got_no_answer_is_never_reused(hmmd, puppet):
+    """A window DMA cancelled in flight (or timed out, or answered EBUSY) may still be
+    copied by hmmd later: its slot is quarantined for the window's life, never lent again."""
+    addr = await puppet.mmap(64 * PAGE)
+    data = os.urandom(64 * PAGE)
+    await puppet.write(addr, data)
+    async with connect(hmmd.endpoint, name="quarantine") as session:
+        assert await session.use_window(64 * PAGE)
+        window = session.dma_window
+        assert window is not None
+        mirror = await session.mirror(puppet.pid, addr, 64 * PAGE, Access.READ)
+        assert (await mirror.read(addr, 64)).data == data  # every page translated
+        hold: list[Any] = []
+        fault = mirror._dmirror_fault(False)
+        task = asyncio.ensure_future(mirror.transfer(addr, 32 * PAGE, None, fault, hold))
+        await asyncio.sleep(0)  # sent; its answer not read yet
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert window.quarantined == 32 and not hold
+        # The other half is still lent and given back; the quarantined half never again.
+        pieces, _ = await mirror.transfer(addr + 32 * PAGE, 32 * PAGE, None, fault, hold)
+        assert bytes(pieces[0]) == data[32 * PAGE :] and len(hold) == 1
+        assert hold[0].offset == 32 * PAGE
+        window.give_back(hold.pop())
+        for _ in range(3):
+            slot = window.take(32 * PAGE)
+            assert slot is not None and slot.offset == 32 * PAGE
+            window.give_back(slot)
+        assert window.take(33 * PAGE) is None

@@ -28,12 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from hmmirror.client._table import VALID, MirrorTable
 from hmmirror.client.channel import R
-from hmmirror.client.errors import (
-    DeviceError,
-    MirrorEvicted,
-    RemoteError,
-    device_error,
-)
+from hmmirror.client.errors import DeviceError, MirrorEvicted, RemoteError, device_error
 from hmmirror.client.window import WINDOW_MIN, DmaWindow, Slot
 from hmmirror.proto.entries import (
     HMM_PFN_VALID,
@@ -353,32 +348,28 @@ class Mirror(MirrorTable):
         slot = window.take(addr + length - first)
         if slot is None:
             return await self._transfer(addr, length, payload, fault, None)
-        done = False
         try:
             result = await self._transfer(addr, length, payload, fault, slot)
-            done = True
+        except MirrorEvicted:
+            window.give_back(slot)  # refused before any copy (NO_MIRROR, FENCED)
+            raise
         except DeviceError as exc:
-            # hmmd answered: its copy is over, unless EBUSY (a copy past its deadline may
-            # still run).
-            if exc.errno == errno.EBUSY:
+            # hmmd answered (or the access failed here, between requests): no copy runs,
+            # unless hmmd said EBUSY (a copy past its deadline may still run).
+            if isinstance(exc, RemoteError) and exc.errno == errno.EBUSY:
                 window.quarantine(slot)
             else:
                 window.give_back(slot)
             raise
-        except MirrorEvicted:
-            window.give_back(slot)  # refused before any copy (NO_MIRROR, FENCED)
-            raise
         except BaseException:
-            # No answer (a timeout, a cancel, a lost connection): hmmd may still copy into
-            # or out of the slot, through this session's mapping or an earlier one.
+            # No answer (a timeout, a cancel, a lost connection) or INTERNAL: hmmd may still
+            # copy into or out of the slot, through this session's mapping or an earlier one.
             window.quarantine(slot)
             raise
-        finally:
-            if done:
-                if payload is None and hold is not None and result[0] and _in_slot(result[0], slot):
-                    hold.append(slot)
-                else:
-                    window.give_back(slot)
+        if payload is None and hold is not None and _in_slot(result[0], slot):
+            hold.append(slot)
+        else:
+            window.give_back(slot)
         return result
 
     async def _transfer(
