@@ -4,7 +4,9 @@ One ROUTER socket, drained with ``loop.add_reader`` until ``EVENTS`` has no
 POLLIN. Each request runs as a task (it may fault) under a deadline, and is
 answered with the data, ``ok``, ``atomic_reply`` or an ``error`` whose code
 follows the verbs semantics (``ErrorCode.REMOTE_ACCESS``, EPERM, EFAULT, ...).
-READ data goes back as the very buffers hmmd's replies arrived in, zero-copy.
+READ data goes back as the very buffers hmmd's replies arrived in, zero-copy,
+or, when the session has a DMA window (SPEC §4.9), straight from the window's
+slot hmmd read it into, which is lent until libzmq has sent it.
 
 Who asks is what the listener proved (``requester_of``): a ``tcp://`` listener
 is a CURVE server whose ZAP handler admits only the keys in an allow-list
