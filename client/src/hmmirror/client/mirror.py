@@ -345,7 +345,7 @@ class Mirror(MirrorTable):
         if window is None or not wanted or length < WINDOW_MIN:
             return await self._transfer(addr, length, payload, fault, None)
         first = addr & ~_PAGE_MASK
-        slot = window.take(addr + length - first)
+        slot = await window.take_soon(addr + length - first)
         if slot is None:
             return await self._transfer(addr, length, payload, fault, None)
         try:

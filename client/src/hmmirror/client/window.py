@@ -19,6 +19,7 @@ When no slot is free the caller takes the plain path (data in bulk frames).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import mmap
@@ -32,6 +33,9 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 DEFAULT_SIZE = 32 << 20
 #: DMAs smaller than this take the plain path (the bulk frame costs little there).
 WINDOW_MIN = 64 << 10
+#: How long a DMA waits for a slot libzmq still holds before it takes the plain path, and
+#: how often it looks meanwhile (seconds).
+PATIENCE, POLL = 0.005, 0.0002
 
 
 class Slot:
@@ -83,6 +87,22 @@ class DmaWindow:
         if slot is None and self._lent:
             self._reclaim()
             slot = self._first_fit(npages)
+        return slot
+
+    async def take_soon(self, nbytes: int, patience: float = PATIENCE) -> Slot | None:
+        """``take``, waiting up to ``patience`` s while slots are still lent to libzmq.
+
+        pyzmq marks a tracker done on its garbage-collector thread, which needs the GIL:
+        while this loop is busy, slots libzmq has long sent stay lent. A short sleep lets
+        that thread run; never longer than ``patience``, then the caller's plain path.
+        """
+        slot = self.take(nbytes)
+        if slot is None and self._lent:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + patience
+            while slot is None and self._lent and loop.time() < deadline:
+                await asyncio.sleep(POLL)
+                slot = self.take(nbytes)
         self.counters["slots" if slot is not None else "fallbacks"] += 1
         return slot
 
