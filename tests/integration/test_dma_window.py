@@ -208,9 +208,11 @@ async def test_a_protocol_1_0_agent_works_unchanged_and_gets_no_window(hmmd, pup
         entries = await peer.populate(reg.mirror, addr, 16)
         env = await old_request(peer, DmaRead(mirror=reg.mirror, start=addr, npages=16), [entries])
         assert isinstance(env.msg, DmaReadReply) and bytes(env.bulk[0]) == data
+        bad = (await peer.stats())["bad_messages"]
         env = await old_request(peer, WindowOpen(size=16 * PAGE))
         assert isinstance(env.msg, Error) and env.msg.code == ErrorCode.UNKNOWN_MESSAGE
         assert "1.1" in env.msg.message
+        assert (await peer.stats())["bad_messages"] == bad + 1, "a type a 1.0 session lacks"
 
 
 def test_dma_window_setting_layers_and_bounds(tmp_path):

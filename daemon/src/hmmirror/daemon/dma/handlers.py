@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from hmmirror.daemon import authz
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PAGE_SIZE
 from hmmirror.daemon.request import Request, Services, aligned_range
@@ -138,22 +139,28 @@ def on_dma_write(svc: Services, r: Request) -> None:
 
 
 def on_window_open(svc: Services, r: Request) -> None:
-    """A ticket to attach a window (``dma.window.Windows.open`` checks who and how big)."""
+    """A ticket to attach a window (``dma.window.Windows.open`` checks how big, and the caps).
+
+    A session that said hello as 1.0 does not know the message (UNKNOWN_MESSAGE, counted
+    as bad input); one that may have no window (tcp://) is refused PERMISSION_DENIED.
+    """
     identity, session, env = r.identity, r.session, r.env
     msg = env.msg
     assert isinstance(msg, WindowOpen) and session is not None
     if session.version < WINDOW_VERSION:
-        raise RequestError(
-            ErrorCode.UNKNOWN_MESSAGE,
+        svc.reject(
+            identity, ErrorCode.UNKNOWN_MESSAGE,
             f"window_open needs protocol {WINDOW_VERSION[0]}.{WINDOW_VERSION[1]}: this session "
             f"said hello as {session.version[0]}.{session.version[1]}",
-        )
-    try:
-        ticket, ttl_ms = svc.windows.open(session, msg.size)
-    except RequestError as exc:
-        if exc.code == ErrorCode.PERMISSION_DENIED:
-            svc.counters["refusals"] += 1
-        raise
+            env.id, env.type, bad=True,
+        )  # fmt: skip
+        return
+    if not svc.windows.offer(session):
+        authz.refuse(
+            svc, session.peer.identity, "window_open",
+            "DMA windows are for local agents of an ipc:// hmmd only",
+        )  # fmt: skip
+    ticket, ttl_ms = svc.windows.open(session, msg.size)
     svc.send(identity, WindowTicket(ticket=ticket, expires_ms=ttl_ms), re=env.id)
 
 
