@@ -17,6 +17,7 @@ from hmmirror.proto import codec, decode
 from hmmirror.proto.codec import Envelope, encode, encode_ack, encode_invalidate
 from hmmirror.proto.errors import ProtocolError
 from hmmirror.proto.messages import Ack, Invalidate, Ok
+from hmmirror.proto.version import PROTOCOL_VERSION
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -54,7 +55,7 @@ def same_as_general(frames: list[Any]) -> tuple[str, Any]:
 @given(n=u64, msg_id=u64)
 def test_ack_fast_path_matches_general_path(n: int, msg_id: int) -> None:
     kind, env = same_as_general(encode_ack(n, msg_id))
-    assert kind == "ok" and env == Envelope("ack", msg_id, 0, (1, 0), Ack(n=n), ())
+    assert kind == "ok" and env == Envelope("ack", msg_id, 0, PROTOCOL_VERSION, Ack(n=n), ())
     assert codec._decode_hot(encode_ack(n, msg_id)) == env  # it did take the fast path
 
 

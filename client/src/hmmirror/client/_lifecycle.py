@@ -143,6 +143,11 @@ class Lifecycle(Channel):
         self._fenced = False
         self.lost = None
         self._renew_lease()
+        self._welcomed()
+
+    def _welcomed(self) -> None:
+        """A WELCOME made the session LIVE (the first, or after a fence or a loss): what a
+        subclass attaches to a session (its DMA window) it attaches again here."""
 
     async def open(self) -> None:
         """Say HELLO and start heartbeats; raise DaemonUnavailable if hmmd does not answer."""

@@ -29,6 +29,7 @@ import numpy.typing as npt
 from hmmirror.client._table import VALID, MirrorTable
 from hmmirror.client.channel import R
 from hmmirror.client.errors import DeviceError, MirrorEvicted, RemoteError, device_error
+from hmmirror.client.window import WINDOW_MIN, DmaWindow, Slot
 from hmmirror.proto.entries import (
     HMM_PFN_VALID,
     HMM_PFN_WRITE,
@@ -46,8 +47,10 @@ from hmmirror.proto.messages import (
     AtomicReply,
     DmaAtomic,
     DmaRead,
+    DmaReadInto,
     DmaReadReply,
     DmaWrite,
+    DmaWriteFrom,
     Fault,
     FaultMode,
     FaultReadReply,
@@ -78,6 +81,9 @@ class MirrorHost(Protocol):
 
     @property
     def physical_frames(self) -> bool: ...
+
+    @property
+    def dma_window(self) -> DmaWindow | None: ...
 
     async def exchange(
         self,
@@ -132,6 +138,11 @@ class _Stale(Exception):
     """hmmd refused a DMA as STALE: fault again."""
 
 
+def _in_slot(pieces: list[memoryview], slot: Slot) -> bool:
+    """Whether the data read is the slot's (not the data a fault brought in its own trip)."""
+    return len(pieces) == 1 and pieces[0].obj is slot.window.map
+
+
 class Mirror(MirrorTable):
     """One agent's mirror of [start, end) of a target, with its device page table."""
 
@@ -177,7 +188,7 @@ class Mirror(MirrorTable):
             except RemoteError as exc:
                 if not (
                     exc.code == ErrorCode.EAGAIN
-                    and isinstance(msg, Fault | DmaRead)  # nothing was done: ask again
+                    and isinstance(msg, Fault | DmaRead | DmaReadInto)  # nothing done: ask again
                     and loop.time() + pause < deadline
                 ):
                     self._refused(exc)
@@ -286,7 +297,7 @@ class Mirror(MirrorTable):
 
     async def _dma(
         self,
-        msg: DmaRead | DmaWrite | DmaAtomic,
+        msg: DmaRead | DmaWrite | DmaAtomic | DmaReadInto | DmaWriteFrom,
         expect: type[R],
         start: int,
         npages: int,
@@ -309,7 +320,12 @@ class Mirror(MirrorTable):
             self.session.dma_done()
 
     async def transfer(
-        self, addr: int, length: int, payload: memoryview | None, fault: FaultFn
+        self,
+        addr: int,
+        length: int,
+        payload: memoryview | None,
+        fault: FaultFn,
+        hold: list[Slot] | None = None,
     ) -> tuple[list[memoryview], int]:
         """Read (``payload`` None) or write ``length`` bytes at any ``addr`` through the table.
 
@@ -317,7 +333,49 @@ class Mirror(MirrorTable):
         page to the end of the access); a STALE refusal drops the translations
         and starts over, for up to the 1000 ms retry budget. Returns the data
         read, as views of the DMA replies in address order, and the fault calls made.
+
+        With the session's DMA window (SPEC §4.9) a write of ``WINDOW_MIN`` bytes or
+        more goes through a slot of it, and so does such a read when ``hold`` is given:
+        the data is then a view of the slot, which is appended to ``hold`` and is the
+        caller's to give back (``DmaWindow.give_back`` or ``lend``). Without a free
+        slot, the plain path.
         """
+        window = self.session.dma_window
+        wanted = payload is not None or hold is not None
+        if window is None or not wanted or length < WINDOW_MIN:
+            return await self._transfer(addr, length, payload, fault, None)
+        first = addr & ~_PAGE_MASK
+        slot = await window.take_soon(addr + length - first)
+        if slot is None:
+            return await self._transfer(addr, length, payload, fault, None)
+        try:
+            result = await self._transfer(addr, length, payload, fault, slot)
+        except MirrorEvicted:
+            window.give_back(slot)  # refused before any copy (NO_MIRROR, FENCED)
+            raise
+        except DeviceError as exc:
+            # hmmd answered (or the access failed here, between requests): no copy runs,
+            # unless hmmd said EBUSY (a copy past its deadline may still run).
+            if isinstance(exc, RemoteError) and exc.errno == errno.EBUSY:
+                window.quarantine(slot)
+            else:
+                window.give_back(slot)
+            raise
+        except BaseException:
+            # No answer (a timeout, a cancel, a lost connection) or INTERNAL: hmmd may still
+            # copy into or out of the slot, through this session's mapping or an earlier one.
+            window.quarantine(slot)
+            raise
+        if payload is None and hold is not None and _in_slot(result[0], slot):
+            hold.append(slot)
+        else:
+            window.give_back(slot)
+        return result
+
+    async def _transfer(
+        self, addr: int, length: int, payload: memoryview | None, fault: FaultFn, slot: Slot | None
+    ) -> tuple[list[memoryview], int]:
+        """``transfer``'s loop, through ``slot`` when it has one."""
         write = payload is not None
         need = _VALID_WRITE if write else VALID
         first = addr & ~_PAGE_MASK
@@ -355,7 +413,11 @@ class Mirror(MirrorTable):
                         raise _Stale("an invalidation zapped the range mid-access")
                     start = first + (off << PAGE_SHIFT)
                     lo, hi = max(addr, start), min(end, start + (n << PAGE_SHIFT))
-                    if payload is None:
+                    if slot is not None:
+                        await self._through_slot(slot, first, start, n, lo, hi, entries, payload)
+                        if payload is None and off + n >= npages:
+                            pieces.append(slot.view[addr - first : end - first])
+                    elif payload is None:
                         read = DmaRead(mirror=self.id, start=start, npages=n)
                         _, got = await self._dma(read, DmaReadReply, start, n, entries, None)
                         pieces.append(got[0][lo - start : hi - start])
@@ -371,6 +433,32 @@ class Mirror(MirrorTable):
                 self._forget(a, b, loop.time() > deadline, f"access at {addr:#x}", exc)
                 continue
             return pieces, faults
+
+    async def _through_slot(
+        self,
+        slot: Slot,
+        first: int,
+        start: int,
+        n: int,
+        lo: int,
+        hi: int,
+        entries: Entries,
+        payload: memoryview | None,
+    ) -> None:
+        """One chunk through the window: the slot's byte ``i`` is the address ``first + i``."""
+        at = slot.offset + (start - first)
+        if payload is None:
+            read = DmaReadInto(mirror=self.id, start=start, npages=n, offset=at)
+            await self._dma(read, Ok, start, n, entries, None)
+            return
+        if start == first:  # the first chunk puts the whole payload in place
+            slot.view[lo - first : lo - first + len(payload)] = payload
+        whole = hi - lo == n << PAGE_SHIFT
+        msg = DmaWriteFrom(
+            mirror=self.id, start=start, npages=n, offset=at + (lo - start),
+            length=0 if whole else hi - lo,
+        )  # fmt: skip
+        await self._dma(msg, Ok, start, n, entries, None)
 
     async def atomic(
         self, addr: int, op: AtomicOp, compare_add: int, swap: int, fault: FaultFn

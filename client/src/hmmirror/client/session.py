@@ -11,6 +11,7 @@ HELLO, the lease and recovery are ``Lifecycle``'s (``_lifecycle.py``);
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator
@@ -20,8 +21,9 @@ from hmmirror.client._lifecycle import Lifecycle, State
 from hmmirror.client._oneshot import ask, inventory, status
 from hmmirror.client._syncs import SyncBatcher
 from hmmirror.client.curve import CurveKeys
-from hmmirror.client.errors import DaemonUnavailable
+from hmmirror.client.errors import AgentError, DaemonUnavailable
 from hmmirror.client.mirror import Mirror
+from hmmirror.client.window import DmaWindow
 from hmmirror.proto.codec import Envelope, encode_ack
 from hmmirror.proto.messages import (
     Access,
@@ -32,7 +34,11 @@ from hmmirror.proto.messages import (
     Registered,
     Status,
     StatusReply,
+    Welcome,
+    WindowOpen,
+    WindowTicket,
 )
+from hmmirror.transport.door import DoorError, knock_async
 
 # ask, inventory and status are the one-shot helpers (_oneshot.py); callers have always
 # imported them from here.
@@ -52,6 +58,12 @@ class Session(Lifecycle):
     invalidations_received = 0
     #: An INVALIDATE was read in the current drain: ACK at its end (``_drained``).
     _ack_due = False
+    #: The shared-memory DMA window (``use_window``), and the session hmmd attached it for.
+    _window: DmaWindow | None = None
+    #: The WELCOME of the session hmmd attached the window to (a session id alone could name
+    #: another session of a restarted hmmd).
+    _window_for: Welcome | None = None
+    _window_task: asyncio.Task[bool] | None = None
 
     @functools.cached_property
     def _syncs(self) -> SyncBatcher:
@@ -105,6 +117,64 @@ class Session(Lifecycle):
         """A DMA finished: acks waiting on it may go out now."""
         if self._acks:
             self._advance_acks()
+
+    # --- the shared-memory DMA window (SPEC §4.9) ------------------------------------------------
+
+    @property
+    def dma_window(self) -> DmaWindow | None:
+        """The window hmmd holds for this very session, or None: take the plain path."""
+        window, welcome = self._window, self.welcome
+        if window is None or welcome is None or self._window_for is not welcome:
+            return None
+        return window if self.state is State.LIVE else None
+
+    async def use_window(self, size: int) -> bool:
+        """Share a DMA window of ``size`` bytes with hmmd (``ipc://`` only) and keep it
+        attached across re-HELLOs; say whether hmmd took it now (if not, DMAs take the
+        plain path, and the reason is logged)."""
+        if self._window is not None or not self.endpoint.startswith("ipc://"):
+            return self.dma_window is not None
+        self._window = DmaWindow(size)
+        return await self._attach_window()
+
+    async def _attach_window(self) -> bool:
+        """Ask for a ticket and hand the memfd to hmmd's door with it."""
+        window, welcome = self._window, self.welcome
+        if window is None or welcome is None:
+            return False
+        if welcome.window_max < window.size:
+            log.info(
+                "hmmd at %s offers no DMA window of %d bytes (window_max %d): plain DMA",
+                self.endpoint, window.size, welcome.window_max,
+            )  # fmt: skip
+            return False
+        try:
+            ticket = await self.call(WindowOpen(size=window.size), WindowTicket)
+            line = f"window {ticket.ticket}".encode()
+            await knock_async(self.endpoint[len("ipc://") :], line, window.fd, self.timeout)
+        except (AgentError, DoorError) as exc:
+            log.warning("no DMA window from hmmd at %s: %s; plain DMA", self.endpoint, exc)
+            return False
+        if self.welcome is not welcome:
+            return await self._attach_window()  # a new session meanwhile: attach to it
+        self._window_for = welcome
+        return True
+
+    def _welcomed(self) -> None:
+        """Attach the DMA window to the new session (in the background: until it is, DMAs
+        take the plain path)."""
+        if self._window is not None and (self._window_task is None or self._window_task.done()):
+            self._window_task = asyncio.ensure_future(self._attach_window())
+
+    async def close(self) -> None:
+        """End the session (``Lifecycle.close``), then release the DMA window."""
+        try:
+            await super().close()
+        finally:
+            if self._window_task is not None:
+                self._window_task.cancel()
+            if self._window is not None:
+                self._window.close()
 
     # --- the agent API ------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from hmmirror.daemon.config import Config
 from hmmirror.daemon.dispatch import Dispatcher
 from hmmirror.daemon.dma.copier import Copier
 from hmmirror.daemon.dma.service import DmaService
+from hmmirror.daemon.dma.window import Windows
 from hmmirror.daemon.fault.heap import keep_freed_memory
 from hmmirror.daemon.invalidation import Invalidation, Invalidator
 from hmmirror.daemon.limits import FdBudget
@@ -67,7 +68,9 @@ class Daemon:
         self.fds = FdBudget.raise_limit(config)
         tcp = config.endpoint.startswith("tcp://")
         self.allow = AllowDir(config.curve_allow) if tcp and config.curve_key else None
+        self.windows = Windows(enabled=not tcp)
         door = {"uffd": self._on_uffd} if config.uffd != "off" else {}
+        door["window"] = self.windows.on_door
         self.transport = Server(
             config.endpoint,
             self._on_message,
@@ -102,8 +105,9 @@ class Daemon:
             self.courier, config.ack_deadline, self._evict, self.registry.on_mm_idle
         )
         self.sessions = Sessions(
-            self.registry, self.invalidator, self.courier, self.transport, self.counters
-        )
+            self.registry, self.invalidator, self.courier, self.transport, self.counters,
+            self.windows.end,
+        )  # fmt: skip
         self.dma = DmaService(self.zero_pfn, self.invalidator, self.copier)
         self.acquirer = Acquirer(
             self.registry, self.invalidator, self.spawn, self.zero_pfn,
@@ -117,7 +121,7 @@ class Daemon:
         self.dispatch = Dispatcher(
             config, self.epoch, self.zero_pfn, self.counters, self.registry, self.courier,
             self.invalidator, self.sessions, self.supervisor, self.acquirer, self.dma,
-            self.copier, self.status, self.spawn,
+            self.copier, self.windows, self.status, self.spawn,
         )  # fmt: skip
         self.stopping = asyncio.Event()
         self.metrics = MetricsServer(self.status, self.invalidator.latency)
@@ -165,6 +169,7 @@ class Daemon:
                 task.cancel()
             self.registry.close()
             self.copier.close()
+            self.windows.close()
             self.metrics.close()
             self.acquirer.close()
             self.transport.close()
@@ -245,4 +250,5 @@ class Daemon:
         }
         stats.update(self.counters)
         stats.update(self.copier.figures())
+        stats.update(self.windows.figures())
         return stats

@@ -58,7 +58,8 @@ PUBLIC_STATUS = frozenset(
         "ack_p50_us", "ack_p99_us", "ack_p999_us", "ack_samples", "ack_histogram", "uffd_watched",
         "uffd_events", "strict_write_faults", "written_runs", "uffd_refusals",
         "reply_bytes", "reply_refusals", "copy_threads", "copy_stuck", "copy_timeouts",
-        "copy_refused", "watch_lag_s",
+        "copy_refused", "watch_lag_s", "windows", "window_bytes", "windows_attached",
+        "window_refusals", "window_reads", "window_writes",
     }
 )  # fmt: skip
 

@@ -27,6 +27,7 @@ from hmmirror.daemon.budget import busy
 from hmmirror.daemon.config import Config
 from hmmirror.daemon.dma.copier import Copier
 from hmmirror.daemon.dma.service import DmaService
+from hmmirror.daemon.dma.window import Windows
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.frames import FrameTokens
 from hmmirror.daemon.handlers import HANDLERS, UNGATED
@@ -66,6 +67,7 @@ class Dispatcher:
         acquirer: Acquirer,
         dma: DmaService,
         copier: Copier,
+        windows: Windows,
         status: Callable[[], dict[str, int | float | str]],
         spawn: Callable[[Awaitable[Any]], asyncio.Task[Any]],
     ) -> None:
@@ -84,6 +86,7 @@ class Dispatcher:
         self.acquirer = acquirer
         self.dma = dma
         self.copier = copier
+        self.windows = windows
         self._status = status
         self.spawn = spawn
         #: The policy in force (SIGHUP reads it again).

@@ -90,6 +90,12 @@ FIGURES: dict[str, Figure] = {
     "uffd_refusals": _c("uffd_refusals", "Userfaultfds offered by targets and refused."),
     "copy_timeouts": _c("copy_timeouts", "DMA copies that outlived copy_deadline."),
     "copy_refused": _c("copy_refused", "DMA copies refused EBUSY before they started."),
+    "windows": _g("dma_windows", "Shared-memory DMA windows mapped (SPEC 4.9)."),
+    "window_bytes": _g("dma_window_bytes", "Bytes of the DMA windows mapped.", "bytes"),
+    "windows_attached": _c("dma_windows_attached", "DMA windows attached since the start."),
+    "window_refusals": _c("dma_window_refusals", "DMA windows refused at the door."),
+    "window_reads": _c("dma_window_reads", "DMA reads served into a window."),
+    "window_writes": _c("dma_window_writes", "DMA writes served from a window."),
 }
 #: Status figures deliberately not exposed (identity, clocks, strings, the zero page,
 #: and the ring's percentiles that ``hmmirror_ack_round_trip_seconds`` replaces).

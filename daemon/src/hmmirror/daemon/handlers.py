@@ -17,7 +17,14 @@ import time
 from collections.abc import Awaitable
 
 from hmmirror.daemon import authz, logfmt
-from hmmirror.daemon.dma.handlers import on_dma_atomic, on_dma_read, on_dma_write
+from hmmirror.daemon.dma.handlers import (
+    on_dma_atomic,
+    on_dma_read,
+    on_dma_read_into,
+    on_dma_write,
+    on_dma_write_from,
+    on_window_open,
+)
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.fault.handlers import on_fault
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PAGE_SIZE, start_time
@@ -36,7 +43,9 @@ from hmmirror.proto.messages import (
     Ack,
     DmaAtomic,
     DmaRead,
+    DmaReadInto,
     DmaWrite,
+    DmaWriteFrom,
     Event,
     Fault,
     Goodbye,
@@ -56,6 +65,7 @@ from hmmirror.proto.messages import (
     TraceReply,
     Unregister,
     Welcome,
+    WindowOpen,
 )
 
 log = logging.getLogger(__name__)
@@ -70,6 +80,7 @@ def on_hello(svc: Services, r: Request) -> None:
         svc.close_session(session)
     new = Session(svc.registry.new_session_id(), identity, msg.agent, time.monotonic(), peer=r.peer)
     authz.open_session(svc, new, r.vouched)
+    new.version = env.version
     svc.registry.add_session(new)
     log.info(
         "session %d opened by %s (pid %d, %s)", new.id, msg.agent, msg.pid, new.peer.identity,
@@ -87,6 +98,7 @@ def on_hello(svc: Services, r: Request) -> None:
             max_fault_pages=MAX_FAULT_PAGES,
             max_dma_pages=MAX_DMA_PAGES,
             frames=FRAMES_PHYSICAL if new.physical_frames else FRAMES_TOKEN,
+            window_max=svc.windows.offer(new),
         ),
         re=env.id,
     )
@@ -395,4 +407,7 @@ HANDLERS: dict[type[Message], tuple[Handler, bool]] = {
     DmaWrite: (on_dma_write, True),
     DmaAtomic: (on_dma_atomic, True),
     SyncRange: (on_sync_range, True),
+    WindowOpen: (on_window_open, True),
+    DmaReadInto: (on_dma_read_into, True),
+    DmaWriteFrom: (on_dma_write_from, True),
 }

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Protocol
 from hmmirror.daemon import authz
 from hmmirror.daemon.dma.copier import Copier
 from hmmirror.daemon.dma.service import DmaService
+from hmmirror.daemon.dma.window import Windows
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.frames import FrameTokens
 from hmmirror.daemon.invalidation import Invalidator
@@ -58,6 +59,7 @@ class Services(authz.DaemonView, Protocol):
     dma: DmaService
     frames: FrameTokens
     invalidator: Invalidator
+    windows: Windows
 
     def send(
         self,

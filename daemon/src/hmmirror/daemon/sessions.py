@@ -50,8 +50,11 @@ class Sessions:
         courier: Courier[Invalidation],
         connections: Connections,
         counters: dict[str, int],
+        on_end: Callable[[Session], None] = lambda session: None,
     ) -> None:
         self.registry = registry
+        #: Called once a session ends, evicted or closed (its DMA window is unmapped).
+        self.on_end = on_end
         self.invalidator = invalidator
         self.courier = courier
         self.connections = connections
@@ -70,6 +73,7 @@ class Sessions:
         self.invalidator.forgive(session)
         for mirror in list(session.mirrors.values()):
             self.registry.drop_mirror(mirror)
+        self.on_end(session)
         self.courier.evicted(session, ids, reason)
 
     def close(self, session: Session) -> None:
@@ -77,6 +81,7 @@ class Sessions:
         self.invalidator.forgive(session)
         for mirror in list(session.mirrors.values()):
             self.registry.drop_mirror(mirror)
+        self.on_end(session)
         self.registry.sessions.pop(session.identity, None)
 
     async def sweep(

@@ -49,6 +49,8 @@ class Session:
     otherwise opaque frame tokens."""
     inspector: bool = False
     """May see every session's mirrors in ``inventory`` and the full ``status``."""
+    version: tuple[int, int] = (1, 0)
+    """The protocol version its ``hello`` said (1.1 and above may attach a DMA window)."""
     mirrors: dict[int, Mirror] = field(default_factory=dict)
     fenced: bool = False
     next_id: int = 1

@@ -6,7 +6,10 @@ newer minor version is accepted and its unknown fields are ignored.
 
 from __future__ import annotations
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 0)
+PROTOCOL_VERSION: tuple[int, int] = (1, 1)
+#: The first version with the shared-memory DMA window (SPEC §4.9): a session whose
+#: ``hello`` said less never gets one, and a ``welcome`` from an older daemon offers none.
+WINDOW_VERSION: tuple[int, int] = (1, 1)
 #: Seconds a fault or device access keeps retrying invalidations that race it before it
 #: gives up with ``EBUSY`` (SPEC §3, the EBUSY row; the kernel's HMM_RANGE_DEFAULT_TIMEOUT).
 RETRY_BUDGET = 1.0

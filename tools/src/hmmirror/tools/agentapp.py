@@ -52,7 +52,7 @@ from hmmirror.transport.settings import (
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 #: The settings the flags may set (a flag not given is None and leaves the layer below).
 _FLAGS = ("daemon", "listen", "name", "mr", "grant", "log_level", "log_format", "server_key",
-          "client_key", "listen_key", "listen_allow", "insecure")  # fmt: skip
+          "client_key", "listen_key", "listen_allow", "insecure", "dma_window")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         "live processes and serve remote READ, WRITE and atomics on them by rkey.",
         epilog="Settings come from defaults < --config FILE < HMMIRROR_ENDPOINT, "
         "HMMIRROR_AGENT_LISTEN, HMMIRROR_AGENT_LISTEN_KEY, HMMIRROR_AGENT_LISTEN_ALLOW, "
-        "HMMIRROR_AGENT_NAME, HMMIRROR_SERVER_KEY, HMMIRROR_CLIENT_KEY (empty: unset) < flags; "
+        "HMMIRROR_AGENT_NAME, HMMIRROR_AGENT_DMA_WINDOW, HMMIRROR_SERVER_KEY, "
+        "HMMIRROR_CLIENT_KEY (empty: unset) < flags; "
         "--mr replaces the file's mr list, --grant adds to its grants. Example: "
         "hm-agent --listen-key agent.key_secret --listen-allow allow/ "
         "--mr buf=1234:0x7f0000000000:2M:rwa --grant allow/host-b.key:buf:rw",
@@ -113,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--client-key", metavar="FILE", help="this agent's secret CURVE certificate"
     )
+    parser.add_argument(
+        "--dma-window", metavar="SIZE",
+        help="share a memfd of SIZE bytes with an ipc:// hmmd as the DMA window, so that READ "
+        "and WRITE data never crosses hmmd's socket (protocol 1.1; default 32MiB, at most "
+        "64MiB; 0 or off: none). Requests that find no free slot take the plain path",
+    )  # fmt: skip
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
         "--log-format", choices=["text", "json"],
@@ -151,6 +158,8 @@ async def serve(conf: AgentConfig, args: argparse.Namespace | None = None) -> in
         except (OSError, ValueError) as exc:
             raise ConfigError(f"server_key/client_key: {exc}") from exc
     async with connect(conf.daemon, name=conf.name[:64], curve=curve) as session:
+        if conf.dma_window and conf.daemon.startswith("ipc://"):
+            await session.use_window(conf.dma_window)
         nic = Nic(session, conf.name)
         service = RdmaService(
             nic, conf.listen, key_file=conf.listen_key, allow_dir=conf.listen_allow,

@@ -3,7 +3,7 @@
 The layers are those of hmmd (``hmmirror.transport.settings``): defaults < the
 ``--config`` TOML file (keys as the long flags) < environment < flags. The
 environment variables are ``HMMIRROR_ENDPOINT`` (hmmd, as for every client),
-``HMMIRROR_AGENT_LISTEN``, ``_LISTEN_KEY``, ``_LISTEN_ALLOW``, ``_NAME``,
+``HMMIRROR_AGENT_LISTEN``, ``_LISTEN_KEY``, ``_LISTEN_ALLOW``, ``_NAME``, ``_DMA_WINDOW``,
 ``HMMIRROR_SERVER_KEY`` and ``HMMIRROR_CLIENT_KEY``; an empty one counts as unset.
 ``--mr`` flags replace the file's ``mr`` list; ``--grant`` flags add to its
 ``[[grant]]`` tables. Everything is checked before anything starts, so
@@ -23,6 +23,8 @@ from typing import Any
 import zmq.auth
 from hmmirror.client.mlx5.grants import MR_NAME, Grant, GrantError, Grants, grant_from_table
 from hmmirror.client.mlx5.verbs import WHOLE_ADDRESS_SPACE, AccessFlags
+from hmmirror.client.window import DEFAULT_SIZE, PAGE_SIZE
+from hmmirror.proto.messages import MAX_WINDOW
 from hmmirror.transport.keys import CertificateError, CurveKeys
 from hmmirror.transport.settings import (
     BOOL,
@@ -33,10 +35,13 @@ from hmmirror.transport.settings import (
     Kind,
     build,
     choice,
+    format_size,
     parse_bind_endpoint,
     parse_endpoint,
+    parse_size,
     read_file,
     setting,
+    show_value,
 )
 
 DEFAULT_DAEMON = "ipc:///run/hmmirror/hmmd.sock"
@@ -137,6 +142,17 @@ def _grants(value: Any, label: str) -> tuple[Grant, ...]:
         raise ConfigError(str(exc)) from exc
 
 
+def _window_size(value: Any, label: str) -> int:
+    """A DMA window's size: ``off`` or 0 (none), or a multiple of 4 KiB up to 64 MiB."""
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "0")):
+        return 0
+    size = parse_size(value, label)
+    if size and (size % PAGE_SIZE or size > MAX_WINDOW):
+        raise ConfigError(f"{label} must be off or a multiple of 4KiB up to 64MiB, got {value!r}")
+    return size
+
+
+WINDOW_SIZE = Kind(_window_size, lambda size: show_value(format_size(size) if size else "off"))
 MRS = Kind(_mrs)
 GRANTS = Kind(_grants, accumulates=True)
 
@@ -167,6 +183,8 @@ class AgentConfig:
     """The directory of the public certificates of requesters allowed to connect."""
     insecure: bool = setting(False, BOOL, env=None)
     """Serve a tcp:// listener as plain TCP, with no authentication."""
+    dma_window: int = setting(DEFAULT_SIZE, WINDOW_SIZE, env="HMMIRROR_AGENT_DMA_WINDOW")
+    """The shared-memory DMA window's size (SPEC §4.9; an ipc:// hmmd only); 0: none."""
     grant: tuple[Grant, ...] = setting((), GRANTS, env=None)
     """Who may use which MRs, and how (``[[grant]]`` tables, then ``--grant`` flags)."""
 

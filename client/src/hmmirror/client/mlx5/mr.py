@@ -42,6 +42,7 @@ from hmmirror.client.mlx5.verbs import (
     AccessFlags,
     Advice,
 )
+from hmmirror.client.window import Slot
 from hmmirror.proto.entries import HMM_PFN_VALID, HMM_PFN_WRITE, PAGE_SHIFT, PAGE_SIZE
 from hmmirror.proto.messages import Access, AtomicOp, FaultMode
 
@@ -366,12 +367,15 @@ class MemoryRegion:
         if self.dead:
             raise DeviceError(errno.ENOENT, f"mr {self.mrn} is deregistered")
 
-    async def read(self, addr: int, length: int) -> list[memoryview]:
-        """Device READ of [addr, addr + length): views of the data, in address order."""
+    async def read(
+        self, addr: int, length: int, hold: list[Slot] | None = None
+    ) -> list[memoryview]:
+        """Device READ of [addr, addr + length): views of the data, in address order. With
+        ``hold`` the data may be in DMA window slots, appended there (``Mirror.transfer``)."""
         out: list[memoryview] = []
         with self._use():
             for base, lo, hi in self._pieces(addr, length):
-                out.extend(await self._transfer(base, lo, hi, None))
+                out.extend(await self._transfer(base, lo, hi, None, hold))
         return out
 
     async def write(self, addr: int, data: memoryview) -> None:
@@ -381,7 +385,12 @@ class MemoryRegion:
                 await self._transfer(base, lo, hi, data[lo - addr : hi - addr])
 
     async def _transfer(
-        self, base: int, lo: int, hi: int, payload: memoryview | None
+        self,
+        base: int,
+        lo: int,
+        hi: int,
+        payload: memoryview | None,
+        hold: list[Slot] | None = None,
     ) -> list[memoryview]:
         """Move [lo, hi) through the segment at ``base``; once more on a fresh mirror if
         hmmd evicted this one meanwhile (an evicted mirror keeps no translation)."""
@@ -390,7 +399,7 @@ class MemoryRegion:
             with self._use(seg):
                 fault = self._fault_fn(seg, payload is not None)
                 try:
-                    pieces, _ = await seg.mirror.transfer(lo, hi - lo, payload, fault)
+                    pieces, _ = await seg.mirror.transfer(lo, hi - lo, payload, fault, hold)
                     return pieces
                 except MirrorEvicted:
                     if attempt == 2:

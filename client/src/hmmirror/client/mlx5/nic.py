@@ -25,6 +25,7 @@ from hmmirror.client.mlx5.verbs import (
     Advice,
     Sge,
 )
+from hmmirror.client.window import Slot
 from hmmirror.proto.messages import MAX_MIRROR_PAGES, USER_ADDR_END, AtomicOp
 
 if TYPE_CHECKING:
@@ -185,13 +186,21 @@ class Nic:
     # --- device accesses ------------------------------------------------------------------------
 
     async def read(
-        self, key: int, addr: int, length: int, *, remote: bool = True
+        self,
+        key: int,
+        addr: int,
+        length: int,
+        *,
+        remote: bool = True,
+        hold: list[Slot] | None = None,
     ) -> list[memoryview]:
-        """READ ``length`` bytes at ``addr`` of ``key``; the data as views, in order."""
+        """READ ``length`` bytes at ``addr`` of ``key``; the data as views, in order. With
+        ``hold`` the data may be in DMA window slots, appended there: the caller gives
+        them back once the views are no longer used."""
         mr = self.lookup(key, addr, length, "read", remote)
         if length == 0:
             return []
-        return await mr.read(addr, length)
+        return await mr.read(addr, length, hold)
 
     async def write(
         self, key: int, addr: int, data: bytes | bytearray | memoryview, *, remote: bool = True

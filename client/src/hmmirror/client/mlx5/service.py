@@ -4,7 +4,9 @@ One ROUTER socket, drained with ``loop.add_reader`` until ``EVENTS`` has no
 POLLIN. Each request runs as a task (it may fault) under a deadline, and is
 answered with the data, ``ok``, ``atomic_reply`` or an ``error`` whose code
 follows the verbs semantics (``ErrorCode.REMOTE_ACCESS``, EPERM, EFAULT, ...).
-READ data goes back as the very buffers hmmd's replies arrived in, zero-copy.
+READ data goes back as the very buffers hmmd's replies arrived in, zero-copy,
+or, when the session has a DMA window (SPEC §4.9), straight from the window's
+slot hmmd read it into, which is lent until libzmq has sent it.
 
 Who asks is what the listener proved (``requester_of``): a ``tcp://`` listener
 is a CURVE server whose ZAP handler admits only the keys in an allow-list
@@ -27,6 +29,7 @@ from hmmirror.client.errors import AgentError, DeviceError, RemoteAccessError, R
 from hmmirror.client.mlx5.grants import Grants
 from hmmirror.client.mlx5.nic import Nic
 from hmmirror.client.mlx5.verbs import AccessFlags
+from hmmirror.client.window import Slot
 from hmmirror.proto.codec import Envelope, decode, encode
 from hmmirror.proto.errors import CODE_OF_ERRNO, ErrorCode, ProtocolError
 from hmmirror.proto.messages import (
@@ -226,14 +229,7 @@ class RdmaService:
             async with asyncio.timeout(REQUEST_DEADLINE):
                 if isinstance(msg, RdmaRead):
                     self.counters["reads"] += 1
-                    try:
-                        pieces = await self.nic.read(msg.rkey, msg.addr, msg.length)
-                        data: Any = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                    except BaseException:
-                        self.budget.unreserve(identity, msg.length)
-                        raise
-                    reply = RdmaReadReply(length=msg.length)
-                    self._reply(identity, reply, env.id, [data], reserved=msg.length)
+                    await self._read(identity, env.id, msg)
                     return
                 if isinstance(msg, RdmaWrite):
                     self.counters["writes"] += 1
@@ -257,6 +253,34 @@ class RdmaService:
             self.counters["errors"] += 1
             text = f"{type(exc).__name__}: {exc}"[:1024]
             self._reply(identity, Error(code=int(ErrorCode.INTERNAL), message=text), env.id)
+
+    async def _read(self, identity: bytes, re: int, msg: RdmaRead) -> None:
+        """An RDMA READ: the data goes out zero-copy, from hmmd's replies or from DMA window
+        slots, which are given back once libzmq released the frame."""
+        hold: list[Slot] = []
+        try:
+            pieces = await self.nic.read(msg.rkey, msg.addr, msg.length, hold=hold)
+        except BaseException:
+            self.budget.unreserve(identity, msg.length)
+            for slot in hold:  # the earlier pieces were read whole: their slots are free
+                slot.window.give_back(slot)
+            raise
+        data: Any = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if hold and len(pieces) != 1:
+            for slot in hold:  # joined into a copy already
+                slot.window.give_back(slot)
+            hold = []
+        reply = RdmaReadReply(length=msg.length)
+        # A reply from the window holds no memory of ours but the window's, which bounds it:
+        # it is not counted against the requester's cap (its tracker, set by pyzmq's gc
+        # thread, may lag behind a busy loop). A requester that does not read fills the
+        # window, and then the plain path's replies, which are counted, as before.
+        tracker = self._reply(
+            identity, reply, re, [data], reserved=msg.length, track=bool(hold), counted=not hold
+        )
+        if hold:
+            assert tracker is not None  # track=True always gives one
+            hold[0].window.lend(hold, tracker)
 
     def _refusal(self, requester: str | None, msg: RdmaRead | RdmaWrite | RdmaAtomic) -> str | None:
         """Why ``requester`` may not make this access (None: the grants allow it).
@@ -305,17 +329,27 @@ class RdmaService:
         return True
 
     def _reply(
-        self, identity: bytes, msg: Message, re: int, bulk: Sequence[Any] = (), reserved: int = 0
-    ) -> None:
+        self,
+        identity: bytes,
+        msg: Message,
+        re: int,
+        bulk: Sequence[Any] = (),
+        reserved: int = 0,
+        track: bool = False,
+        counted: bool = True,
+    ) -> zmq.MessageTracker | None:
         """Send ``msg`` to ``identity``; a requester that left is counted, not an error.
 
         Its bytes count against the requester's reply cap (in place of ``reserved``)
-        until libzmq lets go of them: the last frame is then sent tracked.
+        until libzmq lets go of them: the last frame is then sent tracked, as it is
+        with ``track``. Returns that frame's tracker (None if untracked): done once
+        libzmq no longer reads the frame's memory, sent or dropped. A reply not
+        ``counted`` only gives back its reservation.
         """
         frames = encode(msg, 0, re, bulk)
         nbytes = frame_bytes(frames)
         tracker = None
-        if self.budget.wants_tracker(identity, nbytes):
+        if track or self.budget.wants_tracker(identity, nbytes):
             last = frames[-1] = zmq.Frame(frames[-1], track=True, copy=False)
             tracker = last.tracker
         try:
@@ -325,4 +359,8 @@ class RdmaService:
             self.budget.unreserve(identity, reserved)
             log.debug("reply to a requester dropped: %s", exc)
         else:
-            self.budget.sent(identity, nbytes, tracker, reserved)
+            if counted:
+                self.budget.sent(identity, nbytes, tracker, reserved)
+            else:
+                self.budget.sent(identity, 0, None, reserved)
+        return tracker

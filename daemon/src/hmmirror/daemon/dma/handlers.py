@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from hmmirror.daemon import authz
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PAGE_SIZE
 from hmmirror.daemon.request import Request, Services, aligned_range
@@ -25,10 +26,15 @@ from hmmirror.proto.messages import (
     AtomicReply,
     DmaAtomic,
     DmaRead,
+    DmaReadInto,
     DmaReadReply,
     DmaWrite,
+    DmaWriteFrom,
     Ok,
+    WindowOpen,
+    WindowTicket,
 )
+from hmmirror.proto.version import WINDOW_VERSION
 
 
 def _failer(
@@ -101,25 +107,101 @@ def on_dma_read(svc: Services, r: Request) -> None:
         raise
 
 
+def _check_span(npages: int, offset: int, length: int) -> None:
+    """EINVAL unless ``length`` bytes at ``offset`` of the first page touch exactly
+    ``npages`` pages (a device write never rewrites the rest of a page)."""
+    if not (npages - 1) << PAGE_SHIFT < offset + length <= npages << PAGE_SHIFT:
+        raise RequestError(
+            ErrorCode.EINVAL,
+            f"DMA write of {length} bytes at offset {offset} does not span exactly {npages} pages",
+        )
+
+
 def on_dma_write(svc: Services, r: Request) -> None:
     """A device write through the agent's translations."""
     identity, session, env = r.identity, r.session, r.env
     msg = env.msg
     assert isinstance(msg, DmaWrite) and session is not None
     mirror = _writable_dma_target(svc, session, msg.mirror, msg.start, msg.npages)
-    length = msg.length or msg.npages << PAGE_SHIFT
-    if not (msg.npages - 1) << PAGE_SHIFT < msg.offset + length <= msg.npages << PAGE_SHIFT:
-        raise RequestError(
-            ErrorCode.EINVAL,
-            f"DMA write of {length} bytes at offset {msg.offset} does not span exactly "
-            f"{msg.npages} pages",
-        )
+    _check_span(msg.npages, msg.offset, msg.length or msg.npages << PAGE_SHIFT)
     svc.counters["dma_writes"] += 1
     entries = _from_agent(svc, session, env.bulk[0], msg.npages)
     end = msg.start + (msg.npages << PAGE_SHIFT)
     pending = svc.invalidator.pending_for(mirror, msg.start, end)
     svc.dma.write(
         mirror.mm, msg.start, msg.npages, entries, env.bulk[1], pending, msg.offset,
+        svc.device_write(mirror.mm, msg.start, end),
+        lambda: svc.send(identity, Ok(), re=env.id), _failer(svc, identity, env),
+    )  # fmt: skip
+
+
+# --- the shared-memory window (SPEC §4.9) --------------------------------------------------------
+
+
+def on_window_open(svc: Services, r: Request) -> None:
+    """A ticket to attach a window (``dma.window.Windows.open`` checks how big, and the caps).
+
+    A session that said hello as 1.0 does not know the message (UNKNOWN_MESSAGE, counted
+    as bad input); one that may have no window (tcp://) is refused PERMISSION_DENIED.
+    """
+    identity, session, env = r.identity, r.session, r.env
+    msg = env.msg
+    assert isinstance(msg, WindowOpen) and session is not None
+    if session.version < WINDOW_VERSION:
+        svc.reject(
+            identity, ErrorCode.UNKNOWN_MESSAGE,
+            f"window_open needs protocol {WINDOW_VERSION[0]}.{WINDOW_VERSION[1]}: this session "
+            f"said hello as {session.version[0]}.{session.version[1]}",
+            env.id, env.type, bad=True,
+        )  # fmt: skip
+        return
+    if not svc.windows.offer(session):
+        authz.refuse(
+            svc, session.peer.identity, "window_open",
+            "DMA windows are for local agents of an ipc:// hmmd only",
+        )  # fmt: skip
+    ticket, ttl_ms = svc.windows.open(session, msg.size)
+    svc.send(identity, WindowTicket(ticket=ticket, expires_ms=ttl_ms), re=env.id)
+
+
+def on_dma_read_into(svc: Services, r: Request) -> None:
+    """A device read into the session's window: ``dma_read``'s checks, no data on the wire."""
+    identity, session, env = r.identity, r.session, r.env
+    msg = env.msg
+    assert isinstance(msg, DmaReadInto) and session is not None
+    mirror = _dma_target(svc, session, msg.mirror, msg.start, msg.npages)
+    if msg.offset % PAGE_SIZE:
+        raise RequestError(ErrorCode.EINVAL, f"window offset {msg.offset} is not page-aligned")
+    into = svc.windows.of(session).view(msg.offset, msg.npages << PAGE_SHIFT)
+    svc.counters["dma_reads"] += 1
+    svc.windows.reads += 1
+    entries = _from_agent(svc, session, env.bulk[0], msg.npages)
+    end = msg.start + (msg.npages << PAGE_SHIFT)
+    pending = svc.invalidator.pending_for(mirror, msg.start, end)
+    svc.dma.read_into(
+        mirror.mm, msg.start, msg.npages, entries, pending, into,
+        lambda: svc.send(identity, Ok(), re=env.id), _failer(svc, identity, env),
+    )  # fmt: skip
+
+
+def on_dma_write_from(svc: Services, r: Request) -> None:
+    """A device write from the session's window: ``dma_write``'s checks; the data lands at
+    byte ``offset % 4096`` of the first page."""
+    identity, session, env = r.identity, r.session, r.env
+    msg = env.msg
+    assert isinstance(msg, DmaWriteFrom) and session is not None
+    mirror = _writable_dma_target(svc, session, msg.mirror, msg.start, msg.npages)
+    length = msg.length or msg.npages << PAGE_SHIFT
+    skip = msg.offset % PAGE_SIZE
+    _check_span(msg.npages, skip, length)
+    data = svc.windows.of(session).view(msg.offset, length)
+    svc.counters["dma_writes"] += 1
+    svc.windows.writes += 1
+    entries = _from_agent(svc, session, env.bulk[0], msg.npages)
+    end = msg.start + (msg.npages << PAGE_SHIFT)
+    pending = svc.invalidator.pending_for(mirror, msg.start, end)
+    svc.dma.write(
+        mirror.mm, msg.start, msg.npages, entries, data, pending, skip,
         svc.device_write(mirror.mm, msg.start, end),
         lambda: svc.send(identity, Ok(), re=env.id), _failer(svc, identity, env),
     )  # fmt: skip

@@ -235,6 +235,45 @@ class DmaService:
 
         self.copier.submit(mm, copy, done)
 
+    def read_into(
+        self,
+        mm: Mm,
+        start: int,
+        npages: int,
+        entries: Entries,
+        pending: bool,
+        into: memoryview,
+        reply: Callable[[], None],
+        fail: Fail,
+    ) -> None:
+        """Copy ``npages`` from the target into ``into`` (a window's bytes), then ``reply()``
+        or ``fail(error)``: checked as ``read``, before and after the copy.
+
+        A copy answered EBUSY at its deadline may still write ``into`` later: the agent
+        must not reuse those bytes (SPEC §4.9). ``into`` keeps the window mapped meanwhile.
+        """
+        self._precheck(mm, start, npages, entries, pending, write=False)
+        size, pid = npages << PAGE_SHIFT, mm.pid
+
+        def copy(job: CopyJob) -> int:
+            return vm.read_into(pid, into, [(start, size)])
+
+        def done(job: CopyJob) -> None:
+            try:
+                if job.cancelled:
+                    assert job.error is not None
+                    raise job.error
+                self._copied(mm, start, npages, False, job, size)
+                self._refuse_unless_live(
+                    mm, start, npages, entries, "changed mid-copy", CHANGED_MID_COPY
+                )
+            except Exception as exc:
+                fail(exc)
+                return
+            reply()
+
+        self.copier.submit(mm, copy, done)
+
     def write(
         self,
         mm: Mm,

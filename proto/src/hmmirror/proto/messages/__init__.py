@@ -30,6 +30,7 @@ from hmmirror.proto.messages.limits import (
     MAX_ITEMS,
     MAX_MIRROR_PAGES,
     MAX_RDMA_BYTES,
+    MAX_WINDOW,
     MIRROR_COLUMNS,
     MM_COLUMNS,
     NAME_MAX,
@@ -71,6 +72,13 @@ from hmmirror.proto.messages.trace import (
     TraceKind,
     TraceReply,
 )
+from hmmirror.proto.messages.window import (
+    TICKET_HEX,
+    DmaReadInto,
+    DmaWriteFrom,
+    WindowOpen,
+    WindowTicket,
+)
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Hello, Welcome, Heartbeat, HeartbeatAck, Goodbye, Ok, Error,
@@ -78,7 +86,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Invalidate, Ack, Evicted, SyncRange, DmaRead, DmaReadReply, DmaWrite,
     DmaAtomic, AtomicReply, Status, StatusReply, Inventory, InventoryReply,
     RdmaRead, RdmaReadReply, RdmaWrite, RdmaAtomic, StatMr, StatMrReply,
-    Trace, TraceReply,
+    Trace, TraceReply, WindowOpen, WindowTicket, DmaReadInto, DmaWriteFrom,
 )  # fmt: skip
 
 #: The explicit type table: the only way a wire string becomes a class.
@@ -97,10 +105,12 @@ __all__ = [
     "MAX_RDMA_BYTES",
     "MAX_TRACE_EVENTS",
     "MAX_TRACE_MS",
+    "MAX_WINDOW",
     "MIRROR_COLUMNS",
     "MM_COLUMNS",
     "NAME_MAX",
     "STAT_MR_COLUMNS",
+    "TICKET_HEX",
     "TRACE_COLUMNS",
     "TYPES",
     "U32_MAX",
@@ -111,8 +121,10 @@ __all__ = [
     "AtomicReply",
     "DmaAtomic",
     "DmaRead",
+    "DmaReadInto",
     "DmaReadReply",
     "DmaWrite",
+    "DmaWriteFrom",
     "Error",
     "Event",
     "Evicted",
@@ -145,4 +157,6 @@ __all__ = [
     "TraceReply",
     "Unregister",
     "Welcome",
+    "WindowOpen",
+    "WindowTicket",
 ]

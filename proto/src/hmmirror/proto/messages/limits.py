@@ -13,6 +13,8 @@ U32_MAX = (1 << 32) - 1
 MAX_FAULT_PAGES = 1 << 18
 #: The largest DMA one request may move: 4 MiB (1024 pages).
 MAX_DMA_PAGES = 1024
+#: The largest shared-memory DMA window one session may attach (SPEC §4.9): 64 MiB.
+MAX_WINDOW = 64 << 20
 #: Intervals per REGISTER.
 MAX_INTERVALS = 64
 #: Pages one mirror may cover in all (256 GiB): the daemon keeps a shadow entry per page.

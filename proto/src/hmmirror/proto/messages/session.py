@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from hmmirror.proto.messages.base import Message
-from hmmirror.proto.messages.limits import FRAMES_PHYSICAL, NAME_MAX, U32_MAX
+from hmmirror.proto.messages.limits import FRAMES_PHYSICAL, MAX_WINDOW, NAME_MAX, U32_MAX
 from hmmirror.proto.schema import Kind, wire
 
 
@@ -37,7 +37,9 @@ class Welcome(Message):
     ``frames = "physical"`` grant) or ``"token"`` (opaque frame tokens, equal
     exactly when the pages are). ``zero_pfn`` is the kernel's shared zero page
     in the same terms, its PFN or its token (0 if unknown), so agents can tell
-    ZERO pages apart as dmirror does.
+    ZERO pages apart as dmirror does. ``window_max`` (1.1) is the largest
+    shared-memory DMA window this session may attach (SPEC §4.9); 0: none (a 1.0
+    daemon or agent, a ``tcp://`` session, or windows off).
     """
 
     TYPE: ClassVar[str] = "welcome"
@@ -50,6 +52,7 @@ class Welcome(Message):
     max_fault_pages: int = wire(Kind.UINT, U32_MAX)
     max_dma_pages: int = wire(Kind.UINT, U32_MAX)
     frames: str = wire(Kind.STR, 16, default=FRAMES_PHYSICAL)
+    window_max: int = wire(Kind.UINT, MAX_WINDOW, default=0)
 
 
 @dataclass(frozen=True)
