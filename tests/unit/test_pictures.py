@@ -4,8 +4,11 @@ the live view's frame fitted to a terminal."""
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import select
+import time
 from array import array
 
 from hmmirror.daemon.histogram import STATUS_TEXT_MAX, AckHistogram, bucket_text, status_text
@@ -105,13 +108,33 @@ def _drive(bar: Progress) -> None:
     bar.close()
 
 
+def _read_closed_pty(master: int, deadline: float = 10.0) -> bytes:
+    """Everything written to a pty whose other end is closed: one ``read`` may return only
+    part (the tty layer hands written bytes to the reader in pieces); EIO says it is all."""
+    got = b""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if not select.select([master], [], [], max(0.0, end - time.monotonic()))[0]:
+            break
+        try:
+            piece = os.read(master, 4096)
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                return got
+            raise
+        if not piece:
+            return got
+        got += piece
+    raise AssertionError(f"the pty gave {got!r} and no end in {deadline} s")
+
+
 def test_the_progress_bar_draws_on_a_terminal() -> None:
     master, slave = os.openpty()
     with open(slave, "w") as tty:
         bar = Progress(tty, "demo")
         assert bar.enabled
         _drive(bar)
-    drawn = os.read(master, 4096).decode()
+    drawn = _read_closed_pty(master).decode()
     os.close(master)
     shown = "\r\x1b[Kdemo  [####################....................]   50%  round 4  ~3 s left"
     # drawn, erased for the line, drawn again under it, erased at the end
@@ -128,7 +151,7 @@ def test_the_progress_bar_writes_nothing_on_a_pipe_nor_under_json() -> None:
         _drive(off)
     with open(read_end) as f:
         assert f.read() == "a line\n"
-    assert os.read(master, 4096) == b"a line\r\n"
+    assert _read_closed_pty(master) == b"a line\r\n"
     os.close(master)
 
 
