@@ -117,27 +117,3 @@ async def test_a_fence_and_a_loss_drop_every_mirror(tmp_path: Any) -> None:
     finally:
         await session.close()
     assert session.state is State.CLOSED
-
-
-async def test_invalidates_read_in_one_drain_get_one_cumulative_ack(tmp_path: Any) -> None:
-    """Every INVALIDATE a drain reads is zapped at once, and the drain ends with one ACK of
-    the highest n (it used to send an ACK per INVALIDATE: one per mirror of a burst)."""
-    from hmmirror.proto.codec import decode, encode
-    from hmmirror.proto.messages import Ack, Invalidate
-
-    session = Session(f"ipc://{tmp_path}/no-hmmd.sock", "ack-test", 1.0)
-    sent: list[Any] = []
-    session._send_frames = lambda frames, copy=True: sent.append(  # type: ignore[method-assign]
-        decode([bytes(f) for f in frames]).msg
-    )
-    try:
-        for n in (1, 2, 3):
-            item = (2 * n + 1, 0x1000 * n, 0x1000 * (n + 1), 0)
-            session._on_frames(encode(Invalidate(n=n, mirror=n, items=(item,)), 100 + n))
-        assert sent == []  # nothing yet: the drain is still reading
-        session._drained()
-        assert sent == [Ack(n=3)]
-        session._drained()  # a drain that read no INVALIDATE acks nothing
-        assert sent == [Ack(n=3)]
-    finally:
-        await session.close()

@@ -56,8 +56,6 @@ class Session(Lifecycle):
 
     #: INVALIDATE messages received (this class's 0 until the first).
     invalidations_received = 0
-    #: An INVALIDATE was read in the current drain: ACK at its end (``_drained``).
-    _ack_due = False
     #: The shared-memory DMA window (``use_window``), and the session hmmd attached it for.
     _window: DmaWindow | None = None
     #: The WELCOME of the session hmmd attached the window to (a session id alone could name
@@ -77,9 +75,8 @@ class Session(Lifecycle):
         msg = env.msg
         if isinstance(msg, Invalidate):
             self._on_invalidate(msg)
-            # Acked once the drain has read everything queued (``_drained``): one cumulative
-            # ACK for a burst, however many INVALIDATEs (one per mirror) it held.
-            self._ack_due = True
+            # Ack now: the EVENTS check that follows then also covers the send's edge.
+            self._advance_acks()
         elif isinstance(msg, Evicted):
             # The whole session is fenced: every mirror goes, not only the ids listed (the
             # list is capped at 4096).
@@ -93,12 +90,6 @@ class Session(Lifecycle):
         mirror = self.mirrors.get(msg.mirror)
         fences = mirror._invalidate_items(msg.items) if mirror is not None else []
         self._acks.append((msg.n, fences))
-
-    def _drained(self) -> None:
-        """The drain read everything queued: ACK the INVALIDATEs it brought, at once."""
-        if self._ack_due:
-            self._ack_due = False
-            self._advance_acks()
 
     def _advance_acks(self) -> None:
         """ACK the highest n whose zaps are done and whose DMA fences have drained."""

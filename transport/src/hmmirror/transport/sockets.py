@@ -129,13 +129,6 @@ class Drained(abc.ABC):
                 self._on_frames(frames)
         finally:
             self._draining = False
-        self._drained()
-
-    def _drained(self) -> None:
-        """Called after a drain emptied the socket, outside the drain loop (so a send made
-        here gets its own ``EVENTS`` re-check): a burst's work done once, e.g. one
-        cumulative ACK for every INVALIDATE the drain read. The base class does nothing."""
-        return None
 
     def _sent(self) -> None:
         """A send happened: make sure its consumed edge does not strand inbound messages.
