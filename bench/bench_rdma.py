@@ -224,7 +224,8 @@ def _ceiling_rows(name: str, data_path: str, ours: list[float], raw: list[float]
     ideal_raw = statistics.median(i / r for i, r in zip(ideal, raw, strict=True))
     ours_ideal = statistics.median(o / i for o, i in zip(ours, ideal, strict=True))
     med = statistics.median(ideal)
-    what = {"shm": "data in shared memory", "ipc": "data over ipc, as hmmirror"}[data_path]
+    labels = {"shm": "data in shared memory", "ipc": "data over ipc, hmmirror's plain path"}
+    what = labels[data_path]
     log(f"[rdma {name}] idealized pipeline ({what}) {med / 1e6:.0f} MB/s; per-round ideal/raw "
         f"{[round(i / r, 2) for i, r in zip(ideal, raw, strict=True)]}")  # fmt: skip
     return [
@@ -295,15 +296,15 @@ def bench_rdma(window: int, seconds: float, rounds: int, fault_count: int, loop:
                     our_bw: list[float] = []
                     ideal_bw: dict[str, list[float]] = {k: [] for k in ideal_socks}
                     raw_block(sock, write, size, window, 0.1)  # warm-up
-                    for ideal_sock in ideal_socks.values() if not write else ():
-                        ceiling_block(ideal_sock, target.addr, REGION, size, window, 0.1)
+                    for ideal_sock in ideal_socks.values():
+                        ceiling_block(ideal_sock, target.addr, REGION, size, window, 0.1, write)
                     for _ in range(rounds):
                         raw_bw.append(raw_block(sock, write, size, window, seconds))
                         our_bw.append(baseline_fanout.run_bounded(loop, ours_run(write, size), 120))
                         vm_bw.append(vm_block(target.pid, target.addr, write, size, seconds))
-                        for data_path, ideal_sock in ideal_socks.items() if not write else ():
+                        for data_path, ideal_sock in ideal_socks.items():
                             ideal_bw[data_path].append(ceiling_block(
-                                ideal_sock, target.addr, REGION, size, window, seconds
+                                ideal_sock, target.addr, REGION, size, window, seconds, write
                             ))  # fmt: skip
                     ours, base, vm = (statistics.median(x) for x in (our_bw, raw_bw, vm_bw))
                     # Ratios of adjacent blocks, then their median: a drift in machine load
@@ -325,7 +326,7 @@ def bench_rdma(window: int, seconds: float, rounds: int, fault_count: int, loop:
                         f"RDMA {name} vs raw process_vm", f"{ours / 1e6:.0f} MB/s",
                         f"{vm / 1e6:.0f} MB/s", vm_ratio, "info", "info",
                     ))  # fmt: skip
-                    for data_path, bw in ideal_bw.items() if not write else ():
+                    for data_path, bw in ideal_bw.items():
                         rows.extend(_ceiling_rows(name, data_path, our_bw, raw_bw, bw, log))
             settle(log)
             r = baseline_fanout.run_bounded(

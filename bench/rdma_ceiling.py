@@ -1,4 +1,4 @@
-"""The ceiling of hmmirror's RDMA READ path: the same topology with nothing in the way.
+"""The ceiling of hmmirror's RDMA READ and WRITE paths: the same topology with nothing in the way.
 
 An *idealized pipeline* built from plain blocking pyzmq loops, with no library,
 no asyncio, no faults and no error handling, but the same hops and copies the
@@ -16,8 +16,15 @@ copy more than the raw pyzmq transfer (the read out of the target) and one
 ipc round trip more. Both are inherent to "the DMA is performed by hmmd".
 
 A second variant (``ipc``) sends the data back over the daemon's socket, as
-hmmirror does today, and the agent forwards the frames it received: two more
-copies (into and out of the ipc socket) than the shared window.
+hmmirror's plain ``dma_read`` does, and the agent forwards the frames it received:
+two more copies (into and out of the ipc socket) than the shared window.
+
+A WRITE takes the same hops the other way. With ``shm`` the agent copies the
+request's data into its window (libzmq owns the frame it arrived in, and hmmd can
+only write from its own memory) and the daemon checks the pagemap, then does one
+vectored process_vm_writev for the batch from the window (a write is checked
+once, before, as hmmd checks ``dma_write``). With ``ipc`` the agent forwards the
+data frames to the daemon, which writes from them.
 
 ``bench_rdma`` measures both in the same rounds as the raw transfer and as
 hmmirror. "ideal / raw" is the most any implementation of this design could
@@ -49,6 +56,7 @@ SLOTS = 16
 LIFETIME = 600.0
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_writev.restype = ctypes.c_ssize_t
 
 
 class _Iovec(ctypes.Structure):
@@ -71,7 +79,7 @@ def _orphaned() -> bool:
 
 def _live_ok(pagemap: int, batch: list[list[int]], named: Any) -> bool:
     """Whether the live pagemap still shows the pages the batch's entries name."""
-    for addr, length, _, first in batch:
+    for addr, length, _, first, _ in batch:
         n = length // PAGE
         raw = os.pread(pagemap, n * 8, addr // PAGE * 8)
         live = np.frombuffer(raw, dtype=np.uint64) & PFN
@@ -80,11 +88,26 @@ def _live_ok(pagemap: int, batch: list[list[int]], named: Any) -> bool:
     return True
 
 
-def daemon_main(endpoint: str, pid: int, window_path: str, over_ipc: bool) -> int:
-    """The daemon's half: checked, batched process_vm_readv into the agent's window.
+def _vm_batch(pid: int, batch: list[list[int]], base: int, frames: list[Any]) -> bool:
+    """One vectored process_vm_readv (or _writev, for a batch of writes) between the target
+    and the window at ``base`` (or, for writes over ipc, the data ``frames``)."""
+    n = len(batch)
+    write = bool(batch[0][4])
+    if frames:
+        local = (_Iovec * n)(*[_Iovec(_address(f.buffer), len(f.buffer)) for f in frames])
+    else:
+        local = (_Iovec * n)(*[_Iovec(base + off, ln) for _, ln, off, _, _ in batch])
+    remote = (_Iovec * n)(*[_Iovec(a, ln) for a, ln, _, _, _ in batch])
+    fn = _libc.process_vm_writev if write else _libc.process_vm_readv
+    return bool(fn(pid, local, n, remote, n, 0) == sum(ln for _, ln, _, _, _ in batch))
 
-    ``over_ipc``: also send the data back over the socket, as hmmirror does today (the
-    agent then forwards the frames it received, not its shared memory).
+
+def daemon_main(endpoint: str, pid: int, window_path: str, over_ipc: bool) -> int:
+    """The daemon's half: checked, batched process_vm_readv into the agent's window (or
+    process_vm_writev out of it, for a batch of writes).
+
+    ``over_ipc``: the data crosses the socket instead, as hmmirror's plain ``dma_read``
+    and ``dma_write`` do (the agent forwards the frames it received, not its shared memory).
     """
     fd = os.open(window_path, os.O_RDWR)
     window = mmap.mmap(fd, SLOT * SLOTS)
@@ -99,20 +122,17 @@ def daemon_main(endpoint: str, pid: int, window_path: str, over_ipc: bool) -> in
     while time.monotonic() < deadline and not _orphaned():
         if not sock.poll(1000):
             continue
-        ident, head, entries = sock.recv_multipart(copy=False)
-        batch = msgpack.unpackb(head.bytes)  # [[addr, length, slot offset, first entry], ...]
+        ident, head, entries, *frames = sock.recv_multipart(copy=False)
+        # [[addr, length, slot offset, first entry, write], ...]: all reads or all writes
+        batch = msgpack.unpackb(head.bytes)
         named = np.frombuffer(entries.buffer, dtype=np.uint64)
+        write = bool(batch[0][4])
 
-        ok = _live_ok(pagemap, batch, named)
-        if ok:
-            n = len(batch)
-            local = (_Iovec * n)(*[_Iovec(base + off, ln) for _, ln, off, _ in batch])
-            remote = (_Iovec * n)(*[_Iovec(a, ln) for a, ln, _, _ in batch])
-            total = sum(ln for _, ln, _, _ in batch)
-            copied = _libc.process_vm_readv(pid, local, n, remote, n, 0)
-            ok = copied == total and _live_ok(pagemap, batch, named)
-        if ok and over_ipc:
-            data = [window[off : off + ln] for _, ln, off, _ in batch]
+        ok = _live_ok(pagemap, batch, named) and _vm_batch(pid, batch, base, frames)
+        if ok and not write:  # a read is checked again after the copy
+            ok = _live_ok(pagemap, batch, named)
+        if ok and over_ipc and not write:
+            data = [window[off : off + ln] for _, ln, off, _, _ in batch]
             sock.send_multipart([ident, b"ok", *data], copy=batch[0][1] < 65536)
         else:
             sock.send_multipart([ident, b"ok" if ok else b"stale"])
@@ -120,7 +140,8 @@ def daemon_main(endpoint: str, pid: int, window_path: str, over_ipc: bool) -> in
 
 
 def agent_main(pid: int, addr: int, length: int, data_path: str) -> int:
-    """The agent's half: MTT check, one batched request to the daemon, the slices out.
+    """The agent's half: MTT check, one batched request to the daemon, the slices out (or,
+    for writes, the data into the window first and an ``ok`` out).
 
     ``data_path`` is ``shm`` (the data stays in the shared window) or ``ipc`` (it comes
     back over the daemon's socket).
@@ -162,7 +183,7 @@ def _agent_loop(pid: int, addr: int, mtt: Any, window: memoryview, endpoint: str
     print(f"ceiling ready tcp://127.0.0.1:{port}", flush=True)
     free = list(range(0, SLOT * SLOTS, SLOT))
     lent: list[tuple[int, zmq.MessageTracker]] = []
-    waiting: list[list[tuple[bytes, int, int, int]]] = []  # batches at the daemon
+    waiting: list[list[tuple[bytes, int, int, int, bool]]] = []  # batches at the daemon
     poller = zmq.Poller()
     poller.register(front, zmq.POLLIN)
     poller.register(back, zmq.POLLIN)
@@ -170,9 +191,10 @@ def _agent_loop(pid: int, addr: int, mtt: Any, window: memoryview, endpoint: str
     while time.monotonic() < deadline and not _orphaned():
         if not poller.poll(1000):
             continue
-        batch: list[tuple[bytes, int, int, int]] = []
+        batch: list[tuple[bytes, int, int, int, bool]] = []
         heads: list[list[int]] = []
         parts: list[Any] = []
+        carried: list[Any] = []  # writes over ipc: the data frames, forwarded
         first = 0
         while True:
             if not free:  # reclaim the slots ZeroMQ has finished sending
@@ -186,22 +208,30 @@ def _agent_loop(pid: int, addr: int, mtt: Any, window: memoryview, endpoint: str
                 if not free:
                     break
             try:
-                ident, head = front.recv_multipart(zmq.NOBLOCK)
+                ident, head, *data = front.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            rid, at, length = msgpack.unpackb(head)
+            rid, at, length = msgpack.unpackb(head.bytes)
+            write = bool(data)
+            if batch and batch[0][4] != write:  # the driver never mixes them (ceiling_block)
+                raise RuntimeError("the ceiling got reads and writes in one batch")
             i = (at - addr) // PAGE
             n = length // PAGE
             entries = mtt[i : i + n]
             if not (entries & VALID).all():
                 raise RuntimeError("the ceiling's MTT lost an entry")
             off = free.pop()
-            batch.append((ident, rid, off, length))
-            heads.append([at, length, off, first])
+            if write and over_ipc:
+                carried.append(data[0])
+            elif write:
+                window[off : off + length] = data[0].buffer  # the copy a WRITE adds
+            batch.append((ident.bytes, rid, off, length, write))
+            heads.append([at, length, off, first, int(write)])
             parts.append(entries)
             first += n
         if batch:
-            back.send_multipart([msgpack.packb(heads), np.concatenate(parts)])
+            back.send_multipart([msgpack.packb(heads), np.concatenate(parts), *carried],
+                                copy=not carried)  # fmt: skip
             waiting.append(batch)
         while waiting:
             try:
@@ -210,9 +240,12 @@ def _agent_loop(pid: int, addr: int, mtt: Any, window: memoryview, endpoint: str
                 break
             if verdict.bytes != b"ok":
                 raise RuntimeError("the ceiling's daemon refused a batch")
-            for i, (ident, rid, off, length) in enumerate(waiting.pop(0)):
+            for i, (ident, rid, off, length, write) in enumerate(waiting.pop(0)):
                 head = msgpack.packb([rid, length])
-                if over_ipc:  # forward the frame that came over the socket
+                if write:
+                    front.send_multipart([ident, head, b"ok"])
+                    free.append(off)
+                elif over_ipc:  # forward the frame that came over the socket
                     front.send_multipart([ident, head, data[i]], copy=length < 65536)
                     free.append(off)
                 elif length < 65536:
@@ -227,13 +260,19 @@ def _agent_loop(pid: int, addr: int, mtt: Any, window: memoryview, endpoint: str
 
 
 def ceiling_block(sock: zmq.Socket[Any], addr: int, span: int, size: int, window: int,
-                  seconds: float) -> float:  # fmt: skip
-    """Bytes per second READ through the idealized pipeline in one block of ``seconds``."""
+                  seconds: float, write: bool = False) -> float:  # fmt: skip
+    """Bytes per second READ (or WRITTEN) through the idealized pipeline in one block of
+    ``seconds``."""
     n = 0
+    payload = bytes(size)
 
     def post() -> None:
         nonlocal n
-        sock.send(msgpack.packb([n, addr + (n * size) % (span - size), size]))
+        head = msgpack.packb([n, addr + (n * size) % (span - size), size])
+        if write:
+            sock.send_multipart([head, payload], copy=size < 65536)
+        else:
+            sock.send(head)
         n += 1
 
     for _ in range(window):
