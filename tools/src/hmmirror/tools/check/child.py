@@ -45,8 +45,21 @@ class Child:
         assert self.proc.stdout is not None
         raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
         if not raw:
-            raise ChildDied(f"{self.name} (pid {self.pid}) exited")
+            raise ChildDied(f"{self.name} (pid {self.pid}) {await self._how_it_ended()}")
         return raw.decode().rstrip("\n")
+
+    async def _how_it_ended(self) -> str:
+        """``exited with status N`` or ``was killed by SIGX`` (waiting a moment for the exit
+        that follows a closed stdout), or ``closed its stdout`` if it still runs."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.proc.wait(), 1.0)
+        code = self.proc.returncode
+        if code is None:
+            return "closed its stdout"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with status {code}"
 
     def send(self, text: str) -> None:
         """Write one command line."""
