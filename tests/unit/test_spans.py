@@ -26,7 +26,12 @@ import numpy as np
 import pytest
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, ProcessView, start_time
 from hmmirror.daemon.state import Mirror, Mm, Session, Span
-from hmmirror.proto.entries import HMM_PFN_ERROR, HMM_PFN_VALID, HMM_PFN_WRITE
+from hmmirror.proto.entries import (
+    HMM_PFN_ERROR,
+    HMM_PFN_PFN_MASK,
+    HMM_PFN_VALID,
+    HMM_PFN_WRITE,
+)
 from hmmirror.proto.messages import Access
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -59,9 +64,15 @@ class Shadow:
     held: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def hand_out(self, page: int, entries: list[int], raws: list[int]) -> None:
-        """The agent now has ``entries`` from ``page``: VALID ones are held, others forgotten."""
+        """The agent now has ``entries`` from ``page``: VALID ones are held, others forgotten.
+
+        A VALID entry for the frame of a WRITE entry held already keeps the WRITE bit: the
+        agent may install the earlier reply last (``Span.hand_out``)."""
         for i, (e, r) in enumerate(zip(entries, raws, strict=True)):
             if e & HMM_PFN_VALID:
+                old = self.held.get(page + i, (0, 0))[0]
+                if old & HMM_PFN_WRITE and not (old ^ e) & HMM_PFN_PFN_MASK:
+                    e |= HMM_PFN_WRITE
                 self.held[page + i] = (e, r)
             else:
                 self.held.pop(page + i, None)
@@ -154,6 +165,18 @@ def snapshot(spans: list[Span]) -> list[tuple[bytes, bytes, int]]:
 
 
 # --- Span ------------------------------------------------------------------------------------
+
+
+def test_a_later_read_only_hand_out_of_the_same_frame_keeps_the_write_bit_in_the_model() -> None:
+    """The case hypothesis drew in CI (2026-12-06): WRITE for frame 7 at page 52, then a
+    read-only entry for frame 7 there. The span keeps WRITE (b302dc2); the model had not."""
+    span, model = Span(addr(0), addr(55)), Shadow(0, 55)
+    for page, ent in ((52, [entry_of(31), 0, 0]), (51, [HMM_PFN_VALID, HMM_PFN_VALID | 7])):
+        raws = [raw_of(i + 1) for i in range(len(ent))]
+        span.hand_out(addr(page), np.array(ent, dtype=np.uint64), np.array(raws, np.uint64))
+        model.hand_out(page, ent, raws)
+        model.check(span)
+    assert model.held[52][0] == HMM_PFN_VALID | HMM_PFN_WRITE | 7
 
 
 @fast
