@@ -57,6 +57,20 @@ def _from_agent(svc: Services, session: Session, frame: bytes | memoryview, npag
     return entries if session.physical_frames else svc.frames.physical(entries)
 
 
+def _named(
+    svc: Services,
+    session: Session,
+    mirror: Mirror,
+    frame: bytes | memoryview,
+    start: int,
+    npages: int,
+) -> tuple[Entries, bool]:
+    """The entries a DMA request names (``_from_agent``), and whether an INVALIDATE of its
+    range is still pending: what every DMA's pre-copy check compares."""
+    end = start + (npages << PAGE_SHIFT)
+    return _from_agent(svc, session, frame, npages), svc.invalidator.pending_for(mirror, start, end)
+
+
 def _dma_target(svc: Services, session: Session, mirror_id: int, start: int, npages: int) -> Mirror:
     """The live mirror a DMA names, checked to cover the page-aligned range."""
     mirror = svc.registry.mirror_of(session, mirror_id)
@@ -89,9 +103,7 @@ def on_dma_read(svc: Services, r: Request) -> None:
     # Room for the data first: a peer that does not read gets EBUSY, and no buffer.
     reserved = svc.reserve(identity, msg.npages << PAGE_SHIFT, "dma_read")
     svc.counters["dma_reads"] += 1
-    entries = _from_agent(svc, session, env.bulk[0], msg.npages)
-    end = msg.start + (msg.npages << PAGE_SHIFT)
-    pending = svc.invalidator.pending_for(mirror, msg.start, end)
+    entries, pending = _named(svc, session, mirror, env.bulk[0], msg.start, msg.npages)
 
     def reply(data: object) -> None:
         answer = DmaReadReply(mirror=mirror.id, start=msg.start, npages=msg.npages)
@@ -125,9 +137,8 @@ def on_dma_write(svc: Services, r: Request) -> None:
     mirror = _writable_dma_target(svc, session, msg.mirror, msg.start, msg.npages)
     _check_span(msg.npages, msg.offset, msg.length or msg.npages << PAGE_SHIFT)
     svc.counters["dma_writes"] += 1
-    entries = _from_agent(svc, session, env.bulk[0], msg.npages)
+    entries, pending = _named(svc, session, mirror, env.bulk[0], msg.start, msg.npages)
     end = msg.start + (msg.npages << PAGE_SHIFT)
-    pending = svc.invalidator.pending_for(mirror, msg.start, end)
     svc.dma.write(
         mirror.mm, msg.start, msg.npages, entries, env.bulk[1], pending, msg.offset,
         svc.device_write(mirror.mm, msg.start, end),
@@ -175,9 +186,7 @@ def on_dma_read_into(svc: Services, r: Request) -> None:
     into = svc.windows.of(session).view(msg.offset, msg.npages << PAGE_SHIFT)
     svc.counters["dma_reads"] += 1
     svc.windows.reads += 1
-    entries = _from_agent(svc, session, env.bulk[0], msg.npages)
-    end = msg.start + (msg.npages << PAGE_SHIFT)
-    pending = svc.invalidator.pending_for(mirror, msg.start, end)
+    entries, pending = _named(svc, session, mirror, env.bulk[0], msg.start, msg.npages)
     svc.dma.read_into(
         mirror.mm, msg.start, msg.npages, entries, pending, into,
         lambda: svc.send(identity, Ok(), re=env.id), _failer(svc, identity, env),
@@ -197,9 +206,8 @@ def on_dma_write_from(svc: Services, r: Request) -> None:
     data = svc.windows.of(session).view(msg.offset, length)
     svc.counters["dma_writes"] += 1
     svc.windows.writes += 1
-    entries = _from_agent(svc, session, env.bulk[0], msg.npages)
+    entries, pending = _named(svc, session, mirror, env.bulk[0], msg.start, msg.npages)
     end = msg.start + (msg.npages << PAGE_SHIFT)
-    pending = svc.invalidator.pending_for(mirror, msg.start, end)
     svc.dma.write(
         mirror.mm, msg.start, msg.npages, entries, data, pending, skip,
         svc.device_write(mirror.mm, msg.start, end),
@@ -216,8 +224,7 @@ def on_dma_atomic(svc: Services, r: Request) -> None:
     if msg.offset % 8:
         raise RequestError(ErrorCode.EINVAL, f"atomic at offset {msg.offset} is not 8-aligned")
     svc.counters["dma_atomics"] += 1
-    entries = _from_agent(svc, session, env.bulk[0], 1)
-    pending = svc.invalidator.pending_for(mirror, msg.start, msg.start + (1 << PAGE_SHIFT))
+    entries, pending = _named(svc, session, mirror, env.bulk[0], msg.start, 1)
     svc.dma.atomic(
         mirror.mm, msg.start + msg.offset, entries, AtomicOp(msg.op), (msg.compare_add, msg.swap),
         pending, svc.device_write(mirror.mm, msg.start, msg.start + PAGE_SIZE),

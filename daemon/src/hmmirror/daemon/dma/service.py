@@ -185,6 +185,14 @@ class DmaService:
         if mm.closed or job.error is not None or job.result != size:
             raise self._failure(mm, start, npages, write, job)
 
+    def _read_whole(
+        self, mm: Mm, start: int, npages: int, entries: Entries, job: CopyJob, size: int
+    ) -> None:
+        """A read's post-copy check: all ``size`` bytes came, and the pages are still the ones
+        the entries name (STALE if they changed mid-copy: the data is then discarded)."""
+        self._copied(mm, start, npages, False, job, size)
+        self._refuse_unless_live(mm, start, npages, entries, "changed mid-copy", CHANGED_MID_COPY)
+
     def read(
         self,
         mm: Mm,
@@ -219,10 +227,7 @@ class DmaService:
                 fail(job.error)
                 return
             try:
-                self._copied(mm, start, npages, False, job, size)
-                self._refuse_unless_live(
-                    mm, start, npages, entries, "changed mid-copy", CHANGED_MID_COPY
-                )
+                self._read_whole(mm, start, npages, entries, job, size)
             except Exception as exc:
                 if isinstance(buf, mmap.mmap):
                     buffers.give_back(buf)
@@ -263,10 +268,7 @@ class DmaService:
                 if job.cancelled:
                     assert job.error is not None
                     raise job.error
-                self._copied(mm, start, npages, False, job, size)
-                self._refuse_unless_live(
-                    mm, start, npages, entries, "changed mid-copy", CHANGED_MID_COPY
-                )
+                self._read_whole(mm, start, npages, entries, job, size)
             except Exception as exc:
                 fail(exc)
                 return
