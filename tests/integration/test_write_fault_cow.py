@@ -220,3 +220,81 @@ def test_a_cow_break_over_a_range_the_target_unmapped_fails_and_leaves_it_runnin
         proc.kill()
         proc.wait()
         proc.stdout.close()
+
+
+#: hmmd's part in a COW break, in a process the test can kill: start the injector, say its
+#: pid, then write-fault the run it is given in the target.
+_HMMD_STAND_IN = """
+import os, sys
+from hmmirror.daemon.linux import injector
+pid, addr, length = (int(a) for a in sys.argv[1:])
+pidfd = os.pidfd_open(pid)
+injector.INJECTOR.start()
+print(injector.INJECTOR.pid, flush=True)
+injector.populate_write(pid, pidfd, [(addr, length)])
+print("done", flush=True)
+"""
+
+#: A target with a large untouched private mapping, otherwise as _SIGNALLED.
+_LARGE = _SIGNALLED.replace("4 * 4096", str(1 << 29))
+
+
+def _rss(pid: int) -> int:
+    """``pid``'s resident set, bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+
+
+def _tracer_of(pid: int) -> int:
+    """The pid tracing ``pid``, or 0."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("TracerPid:"))
+
+
+def test_hmmd_killed_during_a_cow_break_leaves_the_target_running() -> None:
+    """hmmd SIGKILLed while the target runs an injected madvise: the injection is finished
+    and undone by the injector process, which then exits; the target never sees it.
+
+    Traced by hmmd itself, the target died of SIGTRAP (the kernel detaches a dead tracer's
+    tracees with single-step still set) or ran on with the injected call's registers."""
+    target = subprocess.Popen([sys.executable, "-c", _LARGE], stdout=subprocess.PIPE)
+    assert target.stdout is not None
+    fd = target.stdout.fileno()
+    hmmd = None
+    try:
+        addr = int(_line(fd, 10))
+        base = _rss(target.pid)
+        hmmd = subprocess.Popen(
+            [sys.executable, "-c", _HMMD_STAND_IN, str(target.pid), str(addr), str(1 << 29)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert hmmd.stdout is not None
+        helper = int(hmmd.stdout.readline())
+        deadline = time.monotonic() + 20
+        while _rss(target.pid) < base + (32 << 20):  # the madvise is under way
+            assert time.monotonic() < deadline, "the injected madvise never started"
+            time.sleep(0.0005)
+        hmmd.kill()
+        hmmd.wait(10)
+        while os.path.exists(f"/proc/{helper}") and _state(helper) != "Z":
+            assert time.monotonic() < deadline, "the injector outlived hmmd by 20 s"
+            time.sleep(0.01)
+        assert target.poll() is None, f"the target died: {target.returncode}"
+        assert _tracer_of(target.pid) == 0, "the target is still traced"
+        os.kill(target.pid, signal.SIGUSR1)
+        answer = _line(fd, 10)
+        assert target.poll() is None, f"the target died: {target.returncode}"
+        assert answer == b"usr1\n", "the target no longer runs as it did"
+    finally:
+        for proc in (hmmd, target):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
+
+
+def _state(pid: int) -> str:
+    """``pid``'s state letter (Z: a zombie, gone but for its exit status)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]

@@ -32,6 +32,7 @@ from hmmirror.daemon.dma.window import Windows
 from hmmirror.daemon.fault.heap import keep_freed_memory
 from hmmirror.daemon.invalidation import Invalidation, Invalidator
 from hmmirror.daemon.limits import FdBudget
+from hmmirror.daemon.linux import injector
 from hmmirror.daemon.linux.procfs import zero_pfn
 from hmmirror.daemon.metrics import MetricsServer
 from hmmirror.daemon.outbox import Courier
@@ -173,6 +174,7 @@ class Daemon:
             self.metrics.close()
             self.acquirer.close()
             self.transport.close()
+            injector.INJECTOR.close()
 
     def reload(self) -> None:
         """SIGHUP: read the policy file and the CURVE allow-list again (a bad policy file

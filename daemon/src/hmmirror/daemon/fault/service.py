@@ -34,7 +34,7 @@ import numpy as np
 from hmmirror.daemon.dma.copier import Copier, CopyJob
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.frames import FrameTokens
-from hmmirror.daemon.linux import inject, scan, vm
+from hmmirror.daemon.linux import inject, injector, scan, vm
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PM_PFN_MASK, PM_PRESENT, Raw, Vmas
 from hmmirror.daemon.pagetable import (
     classify,
@@ -148,11 +148,12 @@ async def fault_in(copier: Copier, mm: Mm, runs: list[tuple[int, int]]) -> int:
     return done
 
 
-def _populate_write_job(pid: int, runs: list[tuple[int, int]]) -> Callable[[CopyJob], None]:
-    """The worker's job that write-faults ``runs`` of ``pid`` in, in the target itself."""
+def _populate_write_job(mm: Mm, runs: list[tuple[int, int]]) -> Callable[[CopyJob], None]:
+    """The worker's job that write-faults ``runs`` of ``mm`` in, in the target itself (by
+    the injector process, which undoes the injection even if hmmd dies meanwhile)."""
 
     def job(_: CopyJob) -> None:
-        inject.populate_write(pid, runs)
+        injector.populate_write(mm.pid, mm.pidfd, runs)
 
     return job
 
@@ -171,7 +172,7 @@ def _alive(mm: Mm) -> bool:
 async def fault_in_write(
     copier: Copier, mm: Mm, runs: list[tuple[int, int]]
 ) -> RequestError | None:
-    """Write-fault the runs in the target (``inject.populate_write``), chunk by chunk, on
+    """Write-fault the runs in the target (``injector.populate_write``), chunk by chunk, on
     ``mm``'s worker: afterwards each page is the target's own, COW broken.
 
     Where the target cannot be made to (already traced, under seccomp, never stopped) the
@@ -184,7 +185,7 @@ async def fault_in_write(
     """
     pid = mm.pid
     for chunk in chunks(runs, POPULATE_CHUNK):
-        job = await copier.run(mm, _populate_write_job(pid, chunk))
+        job = await copier.run(mm, _populate_write_job(mm, chunk))
         error = job.error
         if isinstance(error, ProcessLookupError):
             raise RequestError(ErrorCode.ESRCH, f"process {pid} has exited") from error

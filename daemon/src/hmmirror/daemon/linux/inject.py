@@ -196,6 +196,7 @@ def _inject_userfaultfd(pid: int, pidfd: int) -> int:
     except OSError as exc:
         raise InjectError(f"cannot trace process {pid}: {exc.strerror}") from exc
     try:
+        _still_theirs(pid, pidfd)
         saved = _stop_in_syscall(pid)
         try:
             flags = os.O_CLOEXEC | os.O_NONBLOCK
@@ -284,14 +285,30 @@ def _step_call(pid: int, at: int, regs: _Regs, signals: list[int]) -> int:
     raise InjectError(f"process {pid} kept stopping before the injected system call")
 
 
-def populate_write(pid: int, runs: Sequence[tuple[int, int]]) -> None:
+def _still_theirs(pid: int, pidfd: int | None) -> None:
+    """Raise ProcessLookupError unless the process of ``pidfd`` still lives: then the pid
+    just seized is its own, not a reused one (a traced pid is not reused: it waits for us)."""
+    if pidfd is None:
+        return
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except ProcessLookupError as exc:
+        raise ProcessLookupError(errno.ESRCH, f"process {pid} has exited") from exc
+    except PermissionError:
+        pass  # hmmd lacks CAP_KILL over another user's process: EPERM says it exists
+
+
+def populate_write(pid: int, runs: Sequence[tuple[int, int]], pidfd: int | None = None) -> None:
     """``madvise(addr, length, MADV_POPULATE_WRITE)`` in ``pid`` for each (addr, length) run.
 
     The target's own write fault on each page: a page shared copy-on-write (with
     a fork child, the zero page, a file's page cache) is copied, and the target's
     stores meanwhile are never lost, as a write of the data from outside would lose
     them. Raises InjectError (refused), CallFailed (the madvise failed; the target's
-    registers are restored either way) or ProcessLookupError (the process is gone).
+    registers are restored either way) or ProcessLookupError (the process is gone, or
+    ``pidfd``'s process, when given, no longer holds ``pid``).
+
+    hmmd calls it through ``injector``, in a process that outlives hmmd.
     """
     why = refusal(pid)
     if why is not None:
@@ -305,6 +322,7 @@ def populate_write(pid: int, runs: Sequence[tuple[int, int]]) -> None:
             raise InjectError(f"cannot trace process {pid}: {exc.strerror}") from exc
         signals: list[int] = []
         try:
+            _still_theirs(pid, pidfd)
             _populate_seized(pid, runs, signals)
         except OSError as exc:
             raise InjectError(f"madvise injection into process {pid} failed: {exc}") from exc

@@ -21,7 +21,8 @@ from hmmirror.daemon import logfmt
 from hmmirror.daemon.config import Config
 from hmmirror.daemon.intake import OfferBook, default_path, is_userfaultfd
 from hmmirror.daemon.linux import userfaultfd
-from hmmirror.daemon.linux.inject import InjectError, inject_userfaultfd
+from hmmirror.daemon.linux.inject import InjectError
+from hmmirror.daemon.linux.injector import inject_userfaultfd
 from hmmirror.daemon.linux.procfs import start_time
 from hmmirror.daemon.registry import Registry
 from hmmirror.daemon.state import Mm, UffdWatcher
