@@ -20,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn, Protocol
 
 import numpy as np
 import numpy.typing as npt
+from hmmirror.client._reads import ReadCoalescer
 from hmmirror.client._table import VALID, MirrorTable
 from hmmirror.client.channel import R
 from hmmirror.client.errors import DeviceError, MirrorEvicted, RemoteError, device_error
@@ -295,6 +297,11 @@ class Mirror(MirrorTable):
 
     # --- device accesses ----------------------------------------------------------------------
 
+    @functools.cached_property
+    def _reads(self) -> ReadCoalescer:
+        """This mirror's read coalescer, made on first use."""
+        return ReadCoalescer(self)
+
     async def _dma(
         self,
         msg: DmaRead | DmaWrite | DmaAtomic | DmaReadInto | DmaWriteFrom,
@@ -418,9 +425,12 @@ class Mirror(MirrorTable):
                         if payload is None and off + n >= npages:
                             pieces.append(slot.view[addr - first : end - first])
                     elif payload is None:
-                        read = DmaRead(mirror=self.id, start=start, npages=n)
-                        _, got = await self._dma(read, DmaReadReply, start, n, entries, None)
-                        pieces.append(got[0][lo - start : hi - start])
+                        got = await self._reads.read(start, n)
+                        if got is None:  # no run took it: read alone
+                            read = DmaRead(mirror=self.id, start=start, npages=n)
+                            _, reply = await self._dma(read, DmaReadReply, start, n, entries, None)
+                            got = reply[0]
+                        pieces.append(got[lo - start : hi - start])
                     else:
                         whole = hi - lo == n << PAGE_SHIFT
                         msg = DmaWrite(
