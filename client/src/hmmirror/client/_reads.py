@@ -13,14 +13,15 @@ each starts over as it would have alone.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 from hmmirror.client._table import VALID
 from hmmirror.proto.entries import PAGE_SHIFT, Entries
-from hmmirror.proto.messages import DmaRead, DmaReadReply
 
-if TYPE_CHECKING:
-    from hmmirror.client.mirror import Mirror
+#: The table's entries for the pages [lo, hi), copied.
+EntriesFn = Callable[[int, int], Entries]
+#: One ``dma_read`` from ``start`` with ``entries`` (one per page); the data read.
+ReadFn = Callable[[int, Entries], Awaitable[memoryview]]
 
 #: Pages a run may read beyond the reads it serves (the gaps between them).
 MAX_GAP_PAGES = 8
@@ -40,8 +41,10 @@ class _Read:
 class ReadCoalescer:
     """One mirror's reads of this turn, sent together at its end."""
 
-    def __init__(self, mirror: Mirror) -> None:
-        self.mirror = mirror
+    def __init__(self, entries: EntriesFn, read_run: ReadFn, max_pages: Callable[[], int]) -> None:
+        self._entries = entries
+        self._read_run = read_run
+        self._max_pages = max_pages
         self.loop = asyncio.get_running_loop()
         self._queued: list[_Read] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -62,7 +65,7 @@ class ReadCoalescer:
             _alone([queued[0]])
             return
         queued.sort(key=lambda r: r.start)
-        limit = self.mirror.session.max_dma_pages << PAGE_SHIFT
+        limit = self._max_pages() << PAGE_SHIFT
         gap = MAX_GAP_PAGES << PAGE_SHIFT
         group = [queued[0]]
         lo, hi = queued[0].start, queued[0].end
@@ -82,9 +85,7 @@ class ReadCoalescer:
         if len(group) < 2:
             _alone(group)
             return
-        mirror = self.mirror
-        a = (lo - mirror.start) >> PAGE_SHIFT
-        entries = mirror.table[a : a + ((hi - lo) >> PAGE_SHIFT)].copy()
+        entries = self._entries(lo, hi)
         if not bool((entries >= VALID).all()):
             _alone(group)
             return
@@ -95,17 +96,14 @@ class ReadCoalescer:
     async def _run(self, group: list[_Read], start: int, entries: Entries) -> None:
         """One ``dma_read`` for ``group``; each read gets its slice. Refused, or failed in
         any way, each read goes alone and gets the answer it would have had by itself."""
-        npages = len(entries)
         try:
-            msg = DmaRead(mirror=self.mirror.id, start=start, npages=npages)
-            _, got = await self.mirror._dma(msg, DmaReadReply, start, npages, entries, None)
+            data = await self._read_run(start, entries)
         except Exception:
             _alone(group)
             return
         except BaseException:
             _alone(group)
             raise
-        data = got[0]
         for read in group:
             if not read.future.done():
                 read.future.set_result(data[read.start - start : read.end - start])

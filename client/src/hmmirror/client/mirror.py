@@ -300,7 +300,19 @@ class Mirror(MirrorTable):
     @functools.cached_property
     def _reads(self) -> ReadCoalescer:
         """This mirror's read coalescer, made on first use."""
-        return ReadCoalescer(self)
+
+        def entries(lo: int, hi: int) -> Entries:
+            a = (lo - self.start) >> PAGE_SHIFT
+            return self.table[a : a + ((hi - lo) >> PAGE_SHIFT)].copy()
+
+        return ReadCoalescer(entries, self._read_run, lambda: self.session.max_dma_pages)
+
+    async def _read_run(self, start: int, entries: Entries) -> memoryview:
+        """One plain ``dma_read`` of len(entries) pages from ``start``; the data."""
+        npages = len(entries)
+        read = DmaRead(mirror=self.id, start=start, npages=npages)
+        _, got = await self._dma(read, DmaReadReply, start, npages, entries, None)
+        return got[0]
 
     async def _dma(
         self,
@@ -427,9 +439,7 @@ class Mirror(MirrorTable):
                     elif payload is None:
                         got = await self._reads.read(start, n)
                         if got is None:  # no run took it: read alone
-                            read = DmaRead(mirror=self.id, start=start, npages=n)
-                            _, reply = await self._dma(read, DmaReadReply, start, n, entries, None)
-                            got = reply[0]
+                            got = await self._read_run(start, entries)
                         pieces.append(got[lo - start : hi - start])
                     else:
                         whole = hi - lo == n << PAGE_SHIFT
