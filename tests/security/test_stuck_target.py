@@ -418,3 +418,31 @@ async def test_dma_read_present_at_the_check_then_blocked(stuck_setup, hmmd, age
     stats = await status(hmmd.endpoint)
     assert stats["copy_stuck"] == 1, stats
     os.kill(pid, signal.SIGKILL)
+
+
+async def test_write_fault_on_the_targets_own_userfaultfd_is_refused(
+    stuck_setup, hmmd, agent, puppet
+):
+    """A write fault of pages the target's own userfaultfd handles: refused EFAULT at once.
+
+    The write fault runs madvise(MADV_POPULATE_WRITE) in the target, on the thread the
+    injector holds; that thread is also the one that serves the target's userfaultfd, so the
+    madvise and the target would wait for each other for good. Before the refusal the
+    target stopped answering, and the injector, blocked with it, held every other write
+    fault back until its 60 s deadline: the witness's write fault was answered EBUSY."""
+    target, attacker, where, _ = stuck_setup
+    attacker.do(op="mirror", name="never", pid=where["pid"], addr=where["never"], npages=64)
+    answer = attacker.do(op="fault", name="never", addr=where["never"], write=True)
+    assert answer["errno"] == 14, f"expected EFAULT, got {answer}"
+    assert "userfaultfd" in answer["error"] and answer["seconds"] <= SLACK, answer
+    target.send("serve")
+    target.take(lambda line: line.get("done") == "serve", 5.0)  # the target still runs
+    addr = await puppet.mmap(4 * PAGE, prot="rw")
+    async with agent(name="witness") as session:
+        mirror = await session.mirror(puppet.pid, addr, 4 * PAGE, Access.READ | Access.WRITE)
+        for i in range(4):
+            got = await asyncio.wait_for(mirror.fault(addr + i * PAGE, 1, True), WITNESS_DEADLINE)
+            assert got == 1, f"the witness's write fault installed {got} pages"
+        await mirror.close()
+    stats = await status(hmmd.endpoint)
+    assert stats["copy_stuck"] == 0, stats

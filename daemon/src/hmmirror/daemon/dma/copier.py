@@ -64,7 +64,8 @@ class CopyJob:
     """One copy: ``fn`` runs on the worker, ``done`` on the loop once it finished or timed out."""
 
     __slots__ = (
-        "buffer", "cancelled", "deadline", "done", "error", "fn", "nbytes", "result", "timed_out"
+        "buffer", "cancelled", "deadline", "done", "error", "fn", "nbytes", "pidfd", "result",
+        "timed_out",
     )  # fmt: skip
 
     def __init__(
@@ -81,6 +82,9 @@ class CopyJob:
         self.nbytes = nbytes
         #: A buffer the job took when it ran (the loop frees its pages if it is abandoned).
         self.buffer: Any = None
+        #: The target's pidfd while ``fn`` runs: the worker thread's own copy, which stays
+        #: open however long the call blocks (the mm's own may be closed meanwhile).
+        self.pidfd = -1
         self.result: Any = None
         self.error: Exception | None = None
         #: Set on the loop once the job was answered without its result: the worker skips it,
@@ -252,6 +256,7 @@ class Worker:
                         # name another process by the time the copy runs. Copy nothing.
                         if alive.poll(0):
                             raise ProcessLookupError(self.pid, "the process has exited")
+                        job.pidfd = pidfd
                         job.result = job.fn(job)
                     except Exception as exc:  # reported on the loop, as the copy's failure
                         job.error = exc

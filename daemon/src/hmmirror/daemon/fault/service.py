@@ -152,8 +152,8 @@ def _populate_write_job(mm: Mm, runs: list[tuple[int, int]]) -> Callable[[CopyJo
     """The worker's job that write-faults ``runs`` of ``mm`` in, in the target itself (by
     the injector process, which undoes the injection even if hmmd dies meanwhile)."""
 
-    def job(_: CopyJob) -> None:
-        injector.populate_write(mm.pid, mm.pidfd, runs)
+    def job(running: CopyJob) -> None:
+        injector.populate_write(mm.pid, running.pidfd, runs)
 
     return job
 

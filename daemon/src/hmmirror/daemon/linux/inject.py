@@ -123,6 +123,61 @@ def refusal(pid: int) -> str | None:
     return None
 
 
+#: VmFlags of a VMA registered with a userfaultfd (proc(5)): missing, write-protect, minor.
+_USERFAULTFD_FLAGS = frozenset((b"um", b"uw", b"ui"))
+
+
+def _holds_userfaultfd(pid: int) -> bool:
+    """Whether ``pid``'s fd table holds a userfaultfd (hmmd's own never stays there)."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False  # gone: the seize says so
+    for name in names:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[userfaultfd]":
+                return True
+    return False
+
+
+def userfaultfd_refusal(pid: int, runs: Sequence[tuple[int, int]]) -> str | None:
+    """Why a write fault of ``runs`` in ``pid`` could wait on the target's own userfaultfd.
+
+    Such a fault waits, killably only, until the target's handler answers, and that
+    handler may be the very thread the injection holds: then the target and the
+    injector wait for each other for good. A target that holds a userfaultfd has its
+    registered ranges read from smaps (a page walk, so only then); one the target handed
+    to another process is not seen, and that process is the one that answers.
+    """
+    if not _holds_userfaultfd(pid):
+        return None
+    try:
+        registered = _userfaultfd_ranges(pid)
+    except (OSError, ValueError) as exc:
+        return f"cannot read /proc/{pid}/smaps: {exc}"
+    for lo, hi in registered:
+        if any(addr < hi and lo < addr + length for addr, length in runs):
+            return (
+                f"process {pid} handles the page faults of {lo:#x}-{hi:#x} with its own "
+                "userfaultfd: a write fault there could wait for ever"
+            )
+    return None
+
+
+def _userfaultfd_ranges(pid: int) -> list[tuple[int, int]]:
+    """The [lo, hi) ranges of ``pid``'s VMAs registered with a userfaultfd (smaps' VmFlags)."""
+    ranges: list[tuple[int, int]] = []
+    lo = hi = 0
+    with open(f"/proc/{pid}/smaps", "rb") as f:
+        for line in f:
+            head = line.split(b" ", 1)[0]
+            if b"-" in head and not head.endswith(b":"):
+                lo, hi = (int(x, 16) for x in head.split(b"-"))
+            elif head == b"VmFlags:" and _USERFAULTFD_FLAGS.intersection(line.split()):
+                ranges.append((lo, hi))
+    return ranges
+
+
 def _set_call(pid: int, saved: _Regs, at: int, nr: int, args: Sequence[int]) -> _Regs:
     """Point the stopped tracee at the ``syscall`` instruction at ``at``, set up for ``nr``."""
     regs = _Regs()
@@ -195,28 +250,40 @@ def _inject_userfaultfd(pid: int, pidfd: int) -> int:
         _ptrace(PTRACE_SEIZE, pid)
     except OSError as exc:
         raise InjectError(f"cannot trace process {pid}: {exc.strerror}") from exc
+    signals: list[int] = []
     try:
         _still_theirs(pid, pidfd)
-        saved = _stop_in_syscall(pid)
+        saved = _stop_in_syscall(pid, signals)
         try:
-            flags = os.O_CLOEXEC | os.O_NONBLOCK
-            fd = _call(pid, saved, userfaultfd.SYS_USERFAULTFD, flags)
-            if fd == -1:  # EPERM: unprivileged userfaultfd is off; user-mode faults suffice
-                fd = _call(
-                    pid, saved, userfaultfd.SYS_USERFAULTFD, flags | userfaultfd.UFFD_USER_MODE_ONLY
-                )
-            if fd < 0:
-                raise InjectError(f"userfaultfd() in process {pid} failed: {os.strerror(-fd)}")
-            try:
-                return userfaultfd.getfd(pidfd, fd)
-            finally:
-                _call(pid, saved, SYS_CLOSE, fd)
+            return _userfaultfd_call(pid, pidfd, saved)
         finally:
             _ptrace(PTRACE_SETREGS, pid, 0, ctypes.addressof(saved))
     except OSError as exc:
         raise InjectError(f"injection into process {pid} failed: {exc}") from exc
     finally:
         _detach(pid)
+        _send_again(pid, pidfd, signals)
+
+
+def _userfaultfd_call(pid: int, pidfd: int, saved: _Regs) -> int:
+    """Run ``userfaultfd()`` in the stopped tracee, take the fd, close the target's copy."""
+    flags = os.O_CLOEXEC | os.O_NONBLOCK
+    fd = _call(pid, saved, userfaultfd.SYS_USERFAULTFD, flags)
+    if fd == -1:  # EPERM: unprivileged userfaultfd is off; user-mode faults suffice
+        fd = _call(pid, saved, userfaultfd.SYS_USERFAULTFD, flags | userfaultfd.UFFD_USER_MODE_ONLY)
+    if fd < 0:
+        raise InjectError(f"userfaultfd() in process {pid} failed: {os.strerror(-fd)}")
+    try:
+        ours = userfaultfd.getfd(pidfd, fd)
+    except BaseException:
+        _call(pid, saved, SYS_CLOSE, fd)
+        raise
+    try:
+        _call(pid, saved, SYS_CLOSE, fd)
+    except BaseException:
+        os.close(ours)  # the injection failed: hmmd gets no fd, so none may stay open here
+        raise
+    return ours
 
 
 def _detach(pid: int) -> None:
@@ -310,7 +377,7 @@ def populate_write(pid: int, runs: Sequence[tuple[int, int]], pidfd: int | None 
 
     hmmd calls it through ``injector``, in a process that outlives hmmd.
     """
-    why = refusal(pid)
+    why = refusal(pid) or userfaultfd_refusal(pid, runs)
     if why is not None:
         raise InjectError(why)
     with _seized:
@@ -328,9 +395,18 @@ def populate_write(pid: int, runs: Sequence[tuple[int, int]], pidfd: int | None 
             raise InjectError(f"madvise injection into process {pid} failed: {exc}") from exc
         finally:
             _detach(pid)
-            for sig in signals:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, sig)
+            _send_again(pid, pidfd, signals)
+
+
+def _send_again(pid: int, pidfd: int | None, signals: list[int]) -> None:
+    """Send the signals the injection suppressed, now the target is detached (through
+    ``pidfd`` where there is one: the pid may be reused once the target exits)."""
+    for sig in signals:
+        with contextlib.suppress(OSError):
+            if pidfd is None:
+                os.kill(pid, sig)
+            else:
+                signal.pidfd_send_signal(pidfd, sig)
 
 
 def _populate_seized(pid: int, runs: Sequence[tuple[int, int]], signals: list[int]) -> None:

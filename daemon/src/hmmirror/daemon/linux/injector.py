@@ -9,8 +9,10 @@ registers still replaced and single-step still set (``exit_ptrace`` detaches wit
 a SIGTRAP, which kills it, or runs on with the injected call's registers. So hmmd
 does not trace targets itself. It hands each injection to this long-lived child, in
 a session of its own, over a SOCK_SEQPACKET socketpair. The child ignores the
-signals a stop or a terminal sends, finishes and undoes the injection in hand
-whatever became of hmmd, and exits when hmmd's end of the socket closes.
+signals a stop, a terminal or systemd's watchdog sends, finishes and undoes the
+injection in hand whatever became of hmmd, and exits when hmmd's end of the socket
+closes. Under the unit it shares hmmd's cgroup, so an injection must end well
+within ``TimeoutStopSec=`` (10 s): one populate chunk takes tens of milliseconds.
 
 Requests are JSON with the target's pidfd attached (SCM_RIGHTS). The helper checks
 that the pidfd's process still lives once the pid is seized, so a reused pid is
@@ -35,10 +37,19 @@ from typing import Any
 
 from hmmirror.daemon.linux import inject
 
-#: How long hmmd waits for one injection (a 64 MiB populate takes tens of milliseconds; a
+#: How long hmmd waits for one populate (a 64 MiB chunk takes tens of milliseconds; a
 #: helper that starts takes a few hundred). Past it the helper is let go: it finishes the
 #: injection it holds, undoing it, and exits; the next request starts a new one.
 REPLY_DEADLINE = 60.0
+#: How long hmmd's event loop waits for a userfaultfd injection (a few stops of the target).
+USERFAULTFD_DEADLINE = 5.0
+#: Helpers let go that may still be blocked in their target's page fault: beyond this many,
+#: injections are refused until one returns, so a target that blocks them cannot make hmmd
+#: start helpers without end.
+MAX_RELEASED = 4
+#: Signals the helper ignores: a stop, a terminal, the unit's watchdog (SIGABRT) and
+#: control-group kill all reach it; it exits when hmmd's end of the socket closes.
+IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGABRT)
 #: The longest request or reply: a run list of one populate chunk is far smaller.
 _MESSAGE_MAX = 1 << 20
 
@@ -64,24 +75,22 @@ class Injector:
             self._started()
 
     def call(
-        self, request: dict[str, Any], pidfd: int, lock_timeout: float = -1
+        self, request: dict[str, Any], pidfd: int, deadline: float = REPLY_DEADLINE
     ) -> tuple[dict[str, Any], int | None]:
         """Send ``request`` with ``pidfd``; the reply and the descriptor it carried, if any.
 
-        Raises InjectError when the helper cannot be started, dies, or misses the deadline,
-        and when ``lock_timeout`` (seconds) passes while another injection runs.
+        Raises InjectError when the helper cannot be started, dies, or does not answer
+        within ``deadline`` seconds, and when another injection keeps it busy that long.
         """
-        if not self._lock.acquire(timeout=lock_timeout):
-            raise inject.InjectError(f"another injection kept hmmd busy for {lock_timeout:g} s")
+        if not self._lock.acquire(timeout=deadline):
+            raise inject.InjectError(f"another injection kept hmmd busy for {deadline:g} s")
         try:
             sock = self._started()
             try:
                 socket.send_fds(sock, [json.dumps(request).encode()], [pidfd])
-                if not select.select([sock], [], [], REPLY_DEADLINE)[0]:
+                if not select.select([sock], [], [], deadline)[0]:
                     self._release()
-                    raise inject.InjectError(
-                        f"the injector did not answer within {REPLY_DEADLINE:g} s"
-                    )
+                    raise inject.InjectError(f"the injector did not answer within {deadline:g} s")
                 message, fds, _, _ = socket.recv_fds(sock, _MESSAGE_MAX, 1)
             except OSError as exc:
                 self._release()
@@ -115,10 +124,15 @@ class Injector:
         if self._sock is not None and self._proc is not None and self._proc.poll() is None:
             return self._sock
         self._release()
+        if len(self._released) >= MAX_RELEASED:
+            raise inject.InjectError(
+                f"{len(self._released)} earlier injections are still blocked in their targets"
+            )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "hmmirror.daemon.linux.injector", str(theirs.fileno())],
+                # -P: hmmd's working directory never lends the helper a module.
+                [sys.executable, "-P", "-m", __name__, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -171,10 +185,9 @@ def populate_write(pid: int, pidfd: int, runs: Sequence[tuple[int, int]]) -> Non
 def inject_userfaultfd(pid: int, pidfd: int) -> int:
     """``inject.inject_userfaultfd`` in the helper; hmmd's copy of the new userfaultfd.
 
-    Called on hmmd's event loop: never waits long behind a COW break in progress."""
-    reply, fd = INJECTOR.call(
-        {"op": "userfaultfd", "pid": pid}, pidfd, lock_timeout=inject.STOP_DEADLINE
-    )
+    Called on hmmd's event loop: waits at most ``USERFAULTFD_DEADLINE``, a COW break in
+    progress included."""
+    reply, fd = INJECTOR.call({"op": "userfaultfd", "pid": pid}, pidfd, USERFAULTFD_DEADLINE)
     if fd is None:
         _raise(reply)
         raise inject.InjectError("the injector sent no userfaultfd")
@@ -233,9 +246,9 @@ def serve(sock: socket.socket) -> None:
 
 def main(argv: Sequence[str]) -> None:
     """Entry point: serve on the inherited socket descriptor ``argv[0]``."""
-    # hmmd's stop, a terminal's signals: an injection in hand is finished and undone first,
-    # and the socket's close (hmmd gone) is what ends this process.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+    # hmmd's stop, a terminal's signals, the watchdog's abort: an injection in hand is
+    # finished and undone first, and the socket's close (hmmd gone) is what ends this process.
+    for sig in IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     sock = socket.socket(fileno=int(argv[0]))
     try:
