@@ -119,6 +119,22 @@ async def test_fork_downgrades_write_entries_at_once(hmmd, watched, agent):
             await child.exit()
 
 
+async def test_a_write_fault_breaks_cow_under_the_watch(hmmd, watched, agent):
+    """A write fault over the zero page of a watched target: COW broken, WRITE handed out.
+
+    With "getfd" the target still holds the userfaultfd hmmd watches through; the injector
+    must not take it for one the target serves itself (and refuse the write fault)."""
+    puppet = watched
+    async with agent() as s:
+        addr = await puppet.mmap(4 * PAGE)
+        assert await puppet.read(addr, 4 * PAGE) == bytes(4 * PAGE)  # the zero page
+        mirror = await s.mirror(puppet.pid, addr, 4 * PAGE, Access.READ | Access.WRITE)
+        assert await mirror.fault(addr, 4, write=True) == 4
+        assert (await s.status())["uffd_watched"] == 1
+        await mirror.write(addr, b"w" * PAGE)
+        assert await puppet.read(addr, PAGE) == b"w" * PAGE
+
+
 async def test_mprotect_and_new_vmas_are_still_caught(hmmd, watched, agent):
     """mprotect raises no uffd event: the proc watcher (4 s here, so wait for it) covers it;
     and a VMA mapped later under a mirror gets registered, so its munmap is an event."""

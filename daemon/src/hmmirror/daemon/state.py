@@ -66,6 +66,7 @@ class UffdWatcher(Protocol):
     above this module and works on the ``Mm`` it watches)."""
 
     mm: Mm
+    fd: int
     closed: bool
     events: dict[str, int]
     written_runs: int

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import Callable
 from typing import NamedTuple
@@ -152,10 +153,23 @@ def _populate_write_job(mm: Mm, runs: list[tuple[int, int]]) -> Callable[[CopyJo
     """The worker's job that write-faults ``runs`` of ``mm`` in, in the target itself (by
     the injector process, which undoes the injection even if hmmd dies meanwhile)."""
 
+    own = _own_userfaultfds(mm)
+
     def job(running: CopyJob) -> None:
-        injector.populate_write(mm.pid, running.pidfd, runs)
+        injector.populate_write(mm.pid, running.pidfd, runs, own)
 
     return job
+
+
+def _own_userfaultfds(mm: Mm) -> list[int]:
+    """The inodes of hmmd's userfaultfds of ``mm``: the target may hold one too (it left it
+    open for hmmd to take), and the injector must not take it for one the target serves."""
+    inodes = []
+    for watch in (mm.uffd, mm.strict_uffd):
+        if watch is not None and not watch.closed:
+            with contextlib.suppress(OSError):
+                inodes.append(os.fstat(watch.fd).st_ino)
+    return inodes
 
 
 def _alive(mm: Mm) -> bool:

@@ -24,7 +24,7 @@ import platform
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from hmmirror.daemon.linux import userfaultfd
 
@@ -127,29 +127,36 @@ def refusal(pid: int) -> str | None:
 _USERFAULTFD_FLAGS = frozenset((b"um", b"uw", b"ui"))
 
 
-def _holds_userfaultfd(pid: int) -> bool:
-    """Whether ``pid``'s fd table holds a userfaultfd (hmmd's own never stays there)."""
+def _holds_userfaultfd(pid: int, ours: Collection[int]) -> bool:
+    """Whether ``pid``'s fd table holds a userfaultfd other than hmmd's (inodes ``ours``:
+    each userfaultfd has an anonymous inode of its own)."""
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return False  # gone: the seize says so
     for name in names:
+        path = f"/proc/{pid}/fd/{name}"
         with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[userfaultfd]":
+            if os.readlink(path) == "anon_inode:[userfaultfd]" and os.stat(path).st_ino not in ours:
                 return True
     return False
 
 
-def userfaultfd_refusal(pid: int, runs: Sequence[tuple[int, int]]) -> str | None:
+def userfaultfd_refusal(
+    pid: int, runs: Sequence[tuple[int, int]], ours: Collection[int] = ()
+) -> str | None:
     """Why a write fault of ``runs`` in ``pid`` could wait on the target's own userfaultfd.
 
     Such a fault waits, killably only, until the target's handler answers, and that
     handler may be the very thread the injection holds: then the target and the
-    injector wait for each other for good. A target that holds a userfaultfd has its
-    registered ranges read from smaps (a page walk, so only then); one the target handed
-    to another process is not seen, and that process is the one that answers.
+    injector wait for each other for good. A target that holds a userfaultfd other than
+    hmmd's (inodes ``ours``: one the target left open for hmmd to take stays in its fd
+    table) has its registered ranges read from smaps (a page walk, so only then); where
+    it holds hmmd's too, a range hmmd registered is refused as well, flags being alike. One
+    the target handed to another process is not seen, and that process is the one that
+    answers.
     """
-    if not _holds_userfaultfd(pid):
+    if not _holds_userfaultfd(pid, ours):
         return None
     try:
         registered = _userfaultfd_ranges(pid)
@@ -365,7 +372,12 @@ def _still_theirs(pid: int, pidfd: int | None) -> None:
         pass  # hmmd lacks CAP_KILL over another user's process: EPERM says it exists
 
 
-def populate_write(pid: int, runs: Sequence[tuple[int, int]], pidfd: int | None = None) -> None:
+def populate_write(
+    pid: int,
+    runs: Sequence[tuple[int, int]],
+    pidfd: int | None = None,
+    own_userfaultfds: Collection[int] = (),
+) -> None:
     """``madvise(addr, length, MADV_POPULATE_WRITE)`` in ``pid`` for each (addr, length) run.
 
     The target's own write fault on each page: a page shared copy-on-write (with
@@ -373,11 +385,12 @@ def populate_write(pid: int, runs: Sequence[tuple[int, int]], pidfd: int | None 
     stores meanwhile are never lost, as a write of the data from outside would lose
     them. Raises InjectError (refused), CallFailed (the madvise failed; the target's
     registers are restored either way) or ProcessLookupError (the process is gone, or
-    ``pidfd``'s process, when given, no longer holds ``pid``).
+    ``pidfd``'s process, when given, no longer holds ``pid``). ``own_userfaultfds`` are the
+    inodes of hmmd's userfaultfds of ``pid`` (``userfaultfd_refusal``).
 
     hmmd calls it through ``injector``, in a process that outlives hmmd.
     """
-    why = refusal(pid) or userfaultfd_refusal(pid, runs)
+    why = refusal(pid) or userfaultfd_refusal(pid, runs, own_userfaultfds)
     if why is not None:
         raise InjectError(why)
     with _seized:

@@ -174,9 +174,12 @@ def _raise(reply: dict[str, Any]) -> None:
     raise inject.InjectError(message)
 
 
-def populate_write(pid: int, pidfd: int, runs: Sequence[tuple[int, int]]) -> None:
+def populate_write(
+    pid: int, pidfd: int, runs: Sequence[tuple[int, int]], own_userfaultfds: Sequence[int] = ()
+) -> None:
     """``inject.populate_write`` in the helper: ``pidfd`` must be ``pid``'s."""
-    reply, fd = INJECTOR.call({"op": "populate", "pid": pid, "runs": list(runs)}, pidfd)
+    request = {"op": "populate", "pid": pid, "runs": list(runs), "own": list(own_userfaultfds)}
+    reply, fd = INJECTOR.call(request, pidfd)
     if fd is not None:
         os.close(fd)
     _raise(reply)
@@ -203,7 +206,8 @@ def _serve_one(request: dict[str, Any], pidfd: int) -> tuple[dict[str, Any], int
         pid = int(request["pid"])
         if request["op"] == "populate":
             runs = [(int(addr), int(length)) for addr, length in request["runs"]]
-            inject.populate_write(pid, runs, pidfd=pidfd)
+            own = frozenset(int(inode) for inode in request.get("own", ()))
+            inject.populate_write(pid, runs, pidfd, own)
             return {}, None
         if request["op"] == "userfaultfd":
             return {}, inject.inject_userfaultfd(pid, pidfd)
