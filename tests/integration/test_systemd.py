@@ -94,7 +94,7 @@ def test_hmmd_unit_exposure_is_at_most_2_5():
     match = re.search(r"Overall exposure level for hmmd\.service: (\d+\.\d+)", out.stdout)
     assert match, out.stdout + out.stderr
     assert float(match.group(1)) <= 2.5, out.stdout
-    caps = "CAP_SYS_PTRACE CAP_DAC_READ_SEARCH CAP_SYS_ADMIN"
+    caps = "CAP_SYS_PTRACE CAP_DAC_READ_SEARCH CAP_SYS_ADMIN CAP_KILL"
     for line in (f"AmbientCapabilities={caps}", f"CapabilityBoundingSet={caps}", "User=hmmirror",
                  "NoNewPrivileges=yes", "Type=notify", "LimitNOFILE="):  # fmt: skip
         assert line in (DEPLOY / "hmmd.service").read_text()

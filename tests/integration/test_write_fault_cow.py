@@ -229,8 +229,9 @@ import os, sys
 from hmmirror.daemon.linux import injector
 pid, addr, length = (int(a) for a in sys.argv[1:])
 pidfd = os.pidfd_open(pid)
-injector.INJECTOR.start()
-print(injector.INJECTOR.pid, flush=True)
+helper = injector.INJECTORS.of(pid)
+helper.start()
+print(helper.pid, flush=True)
 injector.populate_write(pid, pidfd, [(addr, length)])
 print("done", flush=True)
 """

@@ -18,10 +18,13 @@ import grp
 import json
 import mmap
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -203,3 +206,65 @@ def test_the_unit_user_and_capabilities_mirror_a_granted_other_users_process(
         assert hmmd.poll() is None, "hmmd still serves"
     finally:
         root_page.close()
+
+
+#: hmmd's part in COW breaks, as the unit's user: write-fault a target's 4 pages through the
+#: injector, over and over, until stdin closes.
+COW_BREAKER = """
+import os, sys, threading
+from hmmirror.daemon.linux import injector
+pid, addr = int(sys.argv[1]), int(sys.argv[2])
+pidfd = os.pidfd_open(pid)
+done = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+injector.populate_write(pid, pidfd, [(addr, 4 * 4096)])
+print("ready", flush=True)
+while not done.is_set():
+    injector.populate_write(pid, pidfd, [(addr, 4 * 4096)])
+injector.INJECTORS.close()
+"""
+
+#: A target of 4 private pages not yet touched that answers each SIGUSR1 with a line, mostly
+#: asleep in a system call. Prints its pid and the pages' address.
+SIGNALLED = """
+import ctypes, mmap, os, signal, time
+m = mmap.mmap(-1, 4 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+signal.signal(signal.SIGUSR1, lambda *_: os.write(1, b"usr1\\n"))
+print(os.getpid(), ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
+while True:
+    time.sleep(0.001)
+"""
+
+
+def test_signals_reach_another_users_target_through_cow_breaks_under_the_units_capabilities(
+    make_user: Callable[..., User],
+) -> None:
+    """A signal that arrives while the injector holds the target is suppressed, then sent
+    again once it lets go: with the unit's capabilities, for another user's target. Without
+    CAP_KILL the injector (the unit's user) could not send it again, and it was lost."""
+    settings = unit_service_settings(UNIT)
+    daemon_user, target_user = make_user(), make_user()
+    ambient = setpriv_caps(settings["AmbientCapabilities"])
+    bounding = setpriv_caps(settings["CapabilityBoundingSet"])
+    target = subprocess.Popen(target_user.argv(*User.python(SIGNALLED)), stdout=subprocess.PIPE)
+    target_user.procs.append(target)  # type: ignore[arg-type]  # killed at teardown
+    assert target.stdout is not None
+    pid, addr = (int(x) for x in target.stdout.readline().split())
+    breaker = subprocess.Popen(
+        ["setpriv", f"--reuid={daemon_user.uid}", f"--regid={daemon_user.gid}", "--init-groups",
+         f"--inh-caps={ambient}", f"--ambient-caps={ambient}", f"--bounding-set={bounding}", "--",
+         *User.python(COW_BREAKER, str(pid), str(addr))],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    daemon_user.procs.append(breaker)
+    assert breaker.stdout is not None and breaker.stdin is not None
+    line = breaker.stdout.readline().strip()
+    assert line == "ready", f"the COW breaker failed: {line or breaker.stderr.read()}"
+    fd = target.stdout.fileno()
+    for i in range(60):
+        time.sleep((i % 7) * 0.0003)
+        os.kill(pid, signal.SIGUSR1)
+        ready = select.select([fd], [], [], 5.0)[0]
+        assert ready and os.read(fd, 5) == b"usr1\n", f"signal {i} never reached the target"
+    breaker.stdin.close()
+    assert breaker.wait(USER_DEADLINE) == 0, breaker.stderr.read() if breaker.stderr else ""

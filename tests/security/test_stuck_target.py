@@ -41,6 +41,8 @@ import pytest
 from hmmirror.client import Access
 from hmmirror.client.session import status
 
+from .test_deployment import SIGNALLED
+
 PAGE = 4096
 #: hmmd's default copy deadline (``copy_deadline``): the attacker's answers come by then.
 COPY_DEADLINE = 1.0
@@ -446,3 +448,79 @@ async def test_write_fault_on_the_targets_own_userfaultfd_is_refused(
         await mirror.close()
     stats = await status(hmmd.endpoint)
     assert stats["copy_stuck"] == 0, stats
+
+
+#: A target (root's: a userfaultfd that makes others' copies wait needs privilege) whose
+#: 16 pages are registered for missing faults with a userfaultfd that only its child holds,
+#: and that nobody serves: every fault there waits until the target dies. Prints pid, address.
+HANDED_OFF = r"""
+import ctypes, fcntl, mmap, os, struct, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+fd = libc.syscall(323, os.O_CLOEXEC | os.O_NONBLOCK)
+assert fd >= 0, ctypes.get_errno()
+API, REGISTER = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x3F, (3 << 30) | (32 << 16) | (0xAA << 8)
+fcntl.ioctl(fd, API, bytearray(struct.pack("3Q", 0xAA, 0, 0)))
+m = mmap.mmap(-1, 16 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+at = ctypes.addressof(ctypes.c_char.from_buffer(m))
+fcntl.ioctl(fd, REGISTER, bytearray(struct.pack("4Q", at, 16 * 4096, 1, 0)))  # MISSING
+if os.fork() == 0:
+    while True:
+        time.sleep(3600)  # holds the userfaultfd, never reads it
+os.close(fd)
+print(os.getpid(), at, flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def test_an_injection_blocked_in_one_users_process_holds_back_no_other_user(
+    make_user: Callable[..., Any],
+) -> None:
+    """A write fault's injection waits for ever in one user's process (its userfaultfd is
+    held by a child, out of the refusal's sight): another user's injections go on, each in
+    time. With one helper for everyone, they waited behind it for its 60 s deadline."""
+    from hmmirror.daemon.linux import injector
+
+    user = make_user()
+    blocked = subprocess.Popen(
+        [sys.executable, "-c", HANDED_OFF], stdout=subprocess.PIPE, start_new_session=True
+    )
+    assert blocked.stdout is not None
+    ordinary = subprocess.Popen(user.argv(sys.executable, "-c", SIGNALLED), stdout=subprocess.PIPE)
+    assert ordinary.stdout is not None
+    try:
+        pid, addr = (int(x) for x in blocked.stdout.readline().split())
+        other, other_addr = (int(x) for x in ordinary.stdout.readline().split())
+        pidfd, other_fd = os.pidfd_open(pid), os.pidfd_open(other)
+        ended: list[BaseException | None] = []
+
+        def inject_blocked() -> None:
+            try:
+                injector.populate_write(pid, pidfd, [(addr, 16 * PAGE)])
+                ended.append(None)
+            except BaseException as exc:  # the target's death ends it
+                ended.append(exc)
+
+        worker = threading.Thread(target=inject_blocked, daemon=True)
+        worker.start()
+        time.sleep(0.5)
+        assert not ended, f"the injection did not block: {ended}"
+        t0 = time.monotonic()
+        injector.populate_write(other, other_fd, [(other_addr, 4 * PAGE)])
+        os.close(injector.inject_userfaultfd(other, other_fd))
+        assert time.monotonic() - t0 < 5.0, "another user's injections waited"
+        os.killpg(blocked.pid, signal.SIGKILL)  # the blocked madvise waits killably
+        worker.join(10)
+        assert ended and ended[0] is not None, "the blocked injection never ended"
+        os.close(pidfd)
+        os.close(other_fd)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(blocked.pid, signal.SIGKILL)
+        ordinary.kill()
+        injector.INJECTORS.close()
+        for proc in (blocked, ordinary):
+            proc.wait()
+            assert proc.stdout is not None
+            proc.stdout.close()

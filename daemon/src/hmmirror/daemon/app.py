@@ -174,7 +174,7 @@ class Daemon:
             self.metrics.close()
             self.acquirer.close()
             self.transport.close()
-            injector.INJECTOR.close()
+            injector.INJECTORS.close()
 
     def reload(self) -> None:
         """SIGHUP: read the policy file and the CURVE allow-list again (a bad policy file

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hmmirror.daemon.errors import RequestError
+from hmmirror.daemon.linux import procfs
 from hmmirror.daemon.state import Mm
 from hmmirror.proto.errors import ErrorCode
 
@@ -97,18 +98,6 @@ class CopyJob:
 
 def _dropped(_: CopyJob) -> None:
     """What an answered job's ``fn`` becomes: its data is released, and it never runs."""
-
-
-def _owner(pid: int) -> int:
-    """The real uid of process ``pid`` (the user who controls whether its pages block)."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
 
 
 class Worker:
@@ -391,7 +380,7 @@ class Copier:
         """A new worker for ``mm`` (its thread starts with the first copy)."""
         if mm.closed or mm.released:
             raise RequestError(ErrorCode.ESRCH, f"process {mm.pid} has exited")
-        worker = Worker(self, mm, _owner(mm.pid))
+        worker = Worker(self, mm, procfs.real_uid(mm.pid))
         self.workers[mm] = worker
         return worker
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import logging
 import os
 import platform
 import signal
@@ -27,6 +28,8 @@ import time
 from collections.abc import Collection, Sequence
 
 from hmmirror.daemon.linux import userfaultfd
+
+log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ptrace.restype = ctypes.c_long
@@ -123,23 +126,10 @@ def refusal(pid: int) -> str | None:
     return None
 
 
-#: VmFlags of a VMA registered with a userfaultfd (proc(5)): missing, write-protect, minor.
-_USERFAULTFD_FLAGS = frozenset((b"um", b"uw", b"ui"))
-
-
-def _holds_userfaultfd(pid: int, ours: Collection[int]) -> bool:
-    """Whether ``pid``'s fd table holds a userfaultfd other than hmmd's (inodes ``ours``:
-    each userfaultfd has an anonymous inode of its own)."""
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False  # gone: the seize says so
-    for name in names:
-        path = f"/proc/{pid}/fd/{name}"
-        with contextlib.suppress(OSError):
-            if os.readlink(path) == "anon_inode:[userfaultfd]" and os.stat(path).st_ino not in ours:
-                return True
-    return False
+#: VmFlags of a VMA registered with a userfaultfd (proc(5)): missing, minor, write-protect.
+#: hmmd registers write-protection only.
+_THEIRS_ONLY = frozenset((b"um", b"ui"))
+_USERFAULTFD_FLAGS = _THEIRS_ONLY | {b"uw"}
 
 
 def userfaultfd_refusal(
@@ -149,17 +139,23 @@ def userfaultfd_refusal(
 
     Such a fault waits, killably only, until the target's handler answers, and that
     handler may be the very thread the injection holds: then the target and the
-    injector wait for each other for good. A target that holds a userfaultfd other than
-    hmmd's (inodes ``ours``: one the target left open for hmmd to take stays in its fd
-    table) has its registered ranges read from smaps (a page walk, so only then); where
-    it holds hmmd's too, a range hmmd registered is refused as well, flags being alike. One
-    the target handed to another process is not seen, and that process is the one that
-    answers.
+    injector wait for each other for good. Where the target's fd table holds a
+    userfaultfd, its registered ranges are read from smaps (a page walk, so only then):
+    a range registered for missing or minor faults is refused whoever registered it
+    (hmmd never does), and one registered for write-protection too when the target
+    holds a userfaultfd that is not hmmd's (inodes ``ours``; one the target left open
+    for hmmd to take stays in its table). One the target handed to another process, or
+    keeps in a thread's own fd table, is not seen: the deadline bounds what it costs.
     """
-    if not _holds_userfaultfd(pid, ours):
+    table = userfaultfd.held(pid)
+    if table is None:
+        return f"cannot read the descriptors of process {pid}"
+    if not table:
         return None
+    foreign = any(info.get("ino") not in {str(inode) for inode in ours} for info in table.values())
+    refused = _USERFAULTFD_FLAGS if foreign else _THEIRS_ONLY
     try:
-        registered = _userfaultfd_ranges(pid)
+        registered = _userfaultfd_ranges(pid, refused)
     except (OSError, ValueError) as exc:
         return f"cannot read /proc/{pid}/smaps: {exc}"
     for lo, hi in registered:
@@ -171,8 +167,8 @@ def userfaultfd_refusal(
     return None
 
 
-def _userfaultfd_ranges(pid: int) -> list[tuple[int, int]]:
-    """The [lo, hi) ranges of ``pid``'s VMAs registered with a userfaultfd (smaps' VmFlags)."""
+def _userfaultfd_ranges(pid: int, flags: frozenset[bytes]) -> list[tuple[int, int]]:
+    """The [lo, hi) ranges of ``pid``'s VMAs whose smaps VmFlags hold one of ``flags``."""
     ranges: list[tuple[int, int]] = []
     lo = hi = 0
     with open(f"/proc/{pid}/smaps", "rb") as f:
@@ -180,7 +176,7 @@ def _userfaultfd_ranges(pid: int) -> list[tuple[int, int]]:
             head = line.split(b" ", 1)[0]
             if b"-" in head and not head.endswith(b":"):
                 lo, hi = (int(x, 16) for x in head.split(b"-"))
-            elif head == b"VmFlags:" and _USERFAULTFD_FLAGS.intersection(line.split()):
+            elif head == b"VmFlags:" and flags.intersection(line.split()):
                 ranges.append((lo, hi))
     return ranges
 
@@ -205,13 +201,14 @@ def _result(regs: _Regs) -> int:
     return ret - (1 << 64) if ret >= 1 << 63 else ret
 
 
-def _call(pid: int, saved: _Regs, nr: int, arg0: int) -> int:
-    """Run one system call in the stopped tracee at its ``syscall`` instruction."""
-    regs = _set_call(pid, saved, saved.r[_RIP] - 2, nr, (arg0,))
-    _ptrace(PTRACE_SINGLESTEP, pid)
-    _wait_stopped(pid)
-    _ptrace(PTRACE_GETREGS, pid, 0, ctypes.addressof(regs))
-    return _result(regs)
+def _call(pid: int, saved: _Regs, nr: int, arg0: int, signals: list[int]) -> int:
+    """Run one system call in the stopped tracee at its ``syscall`` instruction.
+
+    Stepped as ``_step_call`` steps: a signal that stops the tracee before the call runs
+    is noted in ``signals``, and the call is stepped again (read straight away, ``rax``
+    would still hold the call's number, not its result)."""
+    at = saved.r[_RIP] - 2
+    return _step_call(pid, at, _set_call(pid, saved, at, nr, (arg0,)), signals)
 
 
 def _stop_in_syscall(pid: int, signals: list[int] | None = None) -> _Regs:
@@ -262,7 +259,7 @@ def _inject_userfaultfd(pid: int, pidfd: int) -> int:
         _still_theirs(pid, pidfd)
         saved = _stop_in_syscall(pid, signals)
         try:
-            return _userfaultfd_call(pid, pidfd, saved)
+            return _userfaultfd_call(pid, pidfd, saved, signals)
         finally:
             _ptrace(PTRACE_SETREGS, pid, 0, ctypes.addressof(saved))
     except OSError as exc:
@@ -272,21 +269,22 @@ def _inject_userfaultfd(pid: int, pidfd: int) -> int:
         _send_again(pid, pidfd, signals)
 
 
-def _userfaultfd_call(pid: int, pidfd: int, saved: _Regs) -> int:
+def _userfaultfd_call(pid: int, pidfd: int, saved: _Regs, signals: list[int]) -> int:
     """Run ``userfaultfd()`` in the stopped tracee, take the fd, close the target's copy."""
     flags = os.O_CLOEXEC | os.O_NONBLOCK
-    fd = _call(pid, saved, userfaultfd.SYS_USERFAULTFD, flags)
-    if fd == -1:  # EPERM: unprivileged userfaultfd is off; user-mode faults suffice
-        fd = _call(pid, saved, userfaultfd.SYS_USERFAULTFD, flags | userfaultfd.UFFD_USER_MODE_ONLY)
+    nr = userfaultfd.SYS_USERFAULTFD
+    fd = _call(pid, saved, nr, flags, signals)
+    if fd == -errno.EPERM:  # unprivileged userfaultfd is off; user-mode faults suffice
+        fd = _call(pid, saved, nr, flags | userfaultfd.UFFD_USER_MODE_ONLY, signals)
     if fd < 0:
         raise InjectError(f"userfaultfd() in process {pid} failed: {os.strerror(-fd)}")
     try:
         ours = userfaultfd.getfd(pidfd, fd)
     except BaseException:
-        _call(pid, saved, SYS_CLOSE, fd)
+        _call(pid, saved, SYS_CLOSE, fd, signals)
         raise
     try:
-        _call(pid, saved, SYS_CLOSE, fd)
+        _call(pid, saved, SYS_CLOSE, fd, signals)
     except BaseException:
         os.close(ours)  # the injection failed: hmmd gets no fd, so none may stay open here
         raise
@@ -296,17 +294,47 @@ def _userfaultfd_call(pid: int, pidfd: int, saved: _Regs) -> int:
 def _detach(pid: int) -> None:
     """Detach, stopping the tracee first if it runs (PTRACE_DETACH needs it stopped).
 
-    A tracee left attached would be reported to hmmd, not its parent, when it dies.
+    A tracee left attached would be reported to the tracer, not its parent, when it dies,
+    and would freeze in the stop it was asked for. One that does not stop in time (its
+    thread waits in ``vfork()``, say) is noted, and ``finish_detaches`` lets it go once it
+    stops.
     """
     try:
         _ptrace(PTRACE_DETACH, pid)
         return
     except OSError:
         pass
-    with contextlib.suppress(OSError, InjectError):  # gone, or it will not stop: nothing left
+    try:
         _ptrace(PTRACE_INTERRUPT, pid)
         _wait_stopped(pid)
         _ptrace(PTRACE_DETACH, pid)
+    except ProcessLookupError:
+        return  # gone: nothing left
+    except (OSError, InjectError):
+        _undetached.add(pid)
+
+
+#: Tracees whose detach failed (they did not stop in time), to be let go when they stop.
+_undetached: set[int] = set()
+
+
+def finish_detaches() -> bool:
+    """Detach each noted tracee that has stopped since (sending on the signal it stopped
+    for, if any); whether any are left to wait for."""
+    for pid in list(_undetached):
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG | WALL)
+        except ChildProcessError:
+            _undetached.discard(pid)  # gone
+            continue
+        if got == 0:
+            continue
+        _undetached.discard(pid)
+        if os.WIFSTOPPED(status):
+            sig = os.WSTOPSIG(status) if _delivery_stop(status) else 0
+            with contextlib.suppress(OSError):
+                _ptrace(PTRACE_DETACH, pid, 0, sig)
+    return bool(_undetached)
 
 
 def _vdso_syscall(pid: int) -> int | None:
@@ -415,11 +443,17 @@ def _send_again(pid: int, pidfd: int | None, signals: list[int]) -> None:
     """Send the signals the injection suppressed, now the target is detached (through
     ``pidfd`` where there is one: the pid may be reused once the target exits)."""
     for sig in signals:
-        with contextlib.suppress(OSError):
+        try:
             if pidfd is None:
                 os.kill(pid, sig)
             else:
                 signal.pidfd_send_signal(pidfd, sig)
+        except ProcessLookupError:
+            return
+        except OSError as exc:  # EPERM: the unit grants CAP_KILL for this (deploy/README.md)
+            log.warning(
+                "signal %d to process %d, held during an injection, lost: %s", sig, pid, exc
+            )
 
 
 def _populate_seized(pid: int, runs: Sequence[tuple[int, int]], signals: list[int]) -> None:

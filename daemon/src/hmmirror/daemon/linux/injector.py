@@ -7,12 +7,16 @@ dies in between (hmmd SIGKILLed, or crashed) is detached by the kernel with the
 registers still replaced and single-step still set (``exit_ptrace`` detaches without
 ``ptrace_disable``, which only a voluntary PTRACE_DETACH runs): the target then takes
 a SIGTRAP, which kills it, or runs on with the injected call's registers. So hmmd
-does not trace targets itself. It hands each injection to this long-lived child, in
-a session of its own, over a SOCK_SEQPACKET socketpair. The child ignores the
-signals a stop, a terminal or systemd's watchdog sends, finishes and undoes the
-injection in hand whatever became of hmmd, and exits when hmmd's end of the socket
-closes. Under the unit it shares hmmd's cgroup, so an injection must end well
-within ``TimeoutStopSec=`` (10 s): one populate chunk takes tens of milliseconds.
+does not trace targets itself. It hands each injection to a long-lived child, one
+per user whose processes it injects into (so a user whose processes block an
+injection holds back only its own), in a session of its own, over a SOCK_SEQPACKET
+socketpair. The child ignores the signals a stop, a terminal or systemd's watchdog
+sends, finishes and undoes the injection in hand whatever became of hmmd, and exits
+when hmmd's end of the socket closes. Under the unit it shares hmmd's cgroup: a stop
+SIGKILLs it ``TimeoutStopSec=`` (10 s) after hmmd's SIGTERM. One populate chunk takes
+tens of milliseconds; only an injection already blocked in its target for good
+(docs/ARCHITECTURE.md §A.3) is cut short, and that target's thread is left with the
+injected registers.
 
 Requests are JSON with the target's pidfd attached (SCM_RIGHTS). The helper checks
 that the pidfd's process still lives once the pid is seized, so a reused pid is
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import select
 import signal
@@ -32,30 +37,40 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from hmmirror.daemon.linux import inject
+from hmmirror.daemon.linux import inject, procfs
 
 #: How long hmmd waits for one populate (a 64 MiB chunk takes tens of milliseconds; a
 #: helper that starts takes a few hundred). Past it the helper is let go: it finishes the
 #: injection it holds, undoing it, and exits; the next request starts a new one.
 REPLY_DEADLINE = 60.0
-#: How long hmmd's event loop waits for a userfaultfd injection (a few stops of the target).
-USERFAULTFD_DEADLINE = 5.0
-#: Helpers let go that may still be blocked in their target's page fault: beyond this many,
-#: injections are refused until one returns, so a target that blocks them cannot make hmmd
-#: start helpers without end.
-MAX_RELEASED = 4
+#: How long hmmd's event loop waits for a userfaultfd injection (a few stops of the target),
+#: and before it for another injection into the same user's processes (a populate chunk
+#: takes tens of milliseconds): together well within the 5 s between watchdog pings.
+USERFAULTFD_DEADLINE = 2.0
+USERFAULTFD_LOCK_WAIT = 0.5
+#: Helpers of one user let go that may still be blocked in their target's page fault:
+#: beyond this many, that user's injections are refused until one returns.
+MAX_RELEASED = 2
+#: Users with a helper at once (each helper serves the targets of one user, so a user whose
+#: targets block injections blocks only its own); an idle helper goes after IDLE_EXIT s.
+MAX_USERS = 32
+IDLE_EXIT = 60.0
+#: Runs per request: a request of 2048 runs is ~60 KiB of JSON, well within the socket's
+#: buffer (a populate chunk may be cut into 16384 one-page runs).
+RUNS_PER_REQUEST = 2048
 #: Signals the helper ignores: a stop, a terminal, the unit's watchdog (SIGABRT) and
 #: control-group kill all reach it; it exits when hmmd's end of the socket closes.
 IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGABRT)
-#: The longest request or reply: a run list of one populate chunk is far smaller.
+#: The longest request or reply.
 _MESSAGE_MAX = 1 << 20
 
 
 class Injector:
-    """hmmd's handle on the helper process, started on first use; thread-safe."""
+    """hmmd's handle on one helper process, started on first use; thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -63,6 +78,8 @@ class Injector:
         self._proc: subprocess.Popen[bytes] | None = None
         #: Helpers let go (deadline passed) that may still be finishing; reaped when done.
         self._released: list[subprocess.Popen[bytes]] = []
+        #: When the last call ended (time.monotonic()).
+        self.last_used = time.monotonic()
 
     @property
     def pid(self) -> int | None:
@@ -74,34 +91,59 @@ class Injector:
         with self._lock:
             self._started()
 
+    def idle(self, now: float) -> bool:
+        """Whether no call ran for IDLE_EXIT s and none runs now, nor any let go (racy, as
+        an opinion: ``close`` decides)."""
+        return (
+            now - self.last_used > IDLE_EXIT
+            and not self._lock.locked()
+            and not [p for p in self._released if p.poll() is None]
+        )
+
     def call(
-        self, request: dict[str, Any], pidfd: int, deadline: float = REPLY_DEADLINE
+        self,
+        request: dict[str, Any],
+        pidfd: int,
+        deadline: float = REPLY_DEADLINE,
+        lock_wait: float = REPLY_DEADLINE,
     ) -> tuple[dict[str, Any], int | None]:
         """Send ``request`` with ``pidfd``; the reply and the descriptor it carried, if any.
 
         Raises InjectError when the helper cannot be started, dies, or does not answer
-        within ``deadline`` seconds, and when another injection keeps it busy that long.
+        within ``deadline`` seconds, and when another injection keeps it busy for
+        ``lock_wait`` seconds.
         """
-        if not self._lock.acquire(timeout=deadline):
-            raise inject.InjectError(f"another injection kept hmmd busy for {deadline:g} s")
+        if not self._lock.acquire(timeout=lock_wait):
+            raise inject.InjectError(
+                f"another injection into this user's processes ran for {lock_wait:g} s"
+            )
         try:
-            sock = self._started()
-            try:
-                socket.send_fds(sock, [json.dumps(request).encode()], [pidfd])
-                if not select.select([sock], [], [], deadline)[0]:
-                    self._release()
-                    raise inject.InjectError(f"the injector did not answer within {deadline:g} s")
-                message, fds, _, _ = socket.recv_fds(sock, _MESSAGE_MAX, 1)
-            except OSError as exc:
-                self._release()
-                raise inject.InjectError(f"the injector process failed: {exc}") from exc
-            if not message:
-                self._release()
-                raise inject.InjectError("the injector process exited")
-            reply: dict[str, Any] = json.loads(message)
-            return reply, fds[0] if fds else None
+            return self._exchange(request, pidfd, deadline)
         finally:
+            self.last_used = time.monotonic()
             self._lock.release()
+
+    def _exchange(
+        self, request: dict[str, Any], pidfd: int, deadline: float
+    ) -> tuple[dict[str, Any], int | None]:
+        """``call`` under the lock."""
+        sock = self._started()
+        try:
+            socket.send_fds(sock, [json.dumps(request).encode()], [pidfd])
+            poller = select.poll()  # not select(): hmmd's descriptors may number past 1023
+            poller.register(sock, select.POLLIN)
+            if not poller.poll(deadline * 1000):
+                self._release()
+                raise inject.InjectError(f"the injector did not answer within {deadline:g} s")
+            message, fds, _, _ = socket.recv_fds(sock, _MESSAGE_MAX, 1)
+            reply: dict[str, Any] = json.loads(message) if message else {}
+        except (OSError, ValueError) as exc:
+            self._release()  # a reply may still come: it must never be taken for the next one
+            raise inject.InjectError(f"the injector process failed: {exc}") from exc
+        if not message:
+            self._release()
+            raise inject.InjectError("the injector process exited")
+        return reply, fds[0] if fds else None
 
     def close(self, timeout: float = 2.0) -> None:
         """Close hmmd's end; the helper exits once done. Wait ``timeout`` s for it to go.
@@ -126,7 +168,8 @@ class Injector:
         self._release()
         if len(self._released) >= MAX_RELEASED:
             raise inject.InjectError(
-                f"{len(self._released)} earlier injections are still blocked in their targets"
+                f"{len(self._released)} earlier injections are still blocked in this user's "
+                "processes"
             )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -157,8 +200,48 @@ class Injector:
             self._proc = None
 
 
-#: hmmd's one injector.
-INJECTOR = Injector()
+class Injectors:
+    """hmmd's helpers, one per user whose processes it injects into; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_uid: dict[int, Injector] = {}
+
+    def of(self, pid: int) -> Injector:
+        """The helper for ``pid``'s user (its real uid); InjectError beyond MAX_USERS."""
+        uid = procfs.real_uid(pid)
+        with self._lock:
+            found = self._by_uid.get(uid)
+            if found is not None:
+                return found
+            now = time.monotonic()
+            for other, helper in list(self._by_uid.items()):
+                if helper.idle(now):
+                    del self._by_uid[other]
+                    helper.close(0)
+            if len(self._by_uid) >= MAX_USERS:
+                raise inject.InjectError(
+                    f"hmmd already injects into the processes of {MAX_USERS} users"
+                )
+            found = self._by_uid[uid] = Injector()
+            return found
+
+    def pids(self) -> list[int]:
+        """The running helpers' pids."""
+        with self._lock:
+            return [p for p in (h.pid for h in self._by_uid.values()) if p is not None]
+
+    def close(self, timeout: float = 2.0) -> None:
+        """hmmd stops: every helper's end closes (each exits once its injection is done)."""
+        with self._lock:
+            helpers = list(self._by_uid.values())
+            self._by_uid.clear()
+        for helper in helpers:
+            helper.close(timeout)
+
+
+#: hmmd's helpers.
+INJECTORS = Injectors()
 
 
 def _raise(reply: dict[str, Any]) -> None:
@@ -177,20 +260,27 @@ def _raise(reply: dict[str, Any]) -> None:
 def populate_write(
     pid: int, pidfd: int, runs: Sequence[tuple[int, int]], own_userfaultfds: Sequence[int] = ()
 ) -> None:
-    """``inject.populate_write`` in the helper: ``pidfd`` must be ``pid``'s."""
-    request = {"op": "populate", "pid": pid, "runs": list(runs), "own": list(own_userfaultfds)}
-    reply, fd = INJECTOR.call(request, pidfd)
-    if fd is not None:
-        os.close(fd)
-    _raise(reply)
+    """``inject.populate_write`` in ``pid``'s user's helper: ``pidfd`` must be ``pid``'s.
+    Many runs go as several requests, each a whole injection."""
+    helper = INJECTORS.of(pid)
+    for at in range(0, len(runs), RUNS_PER_REQUEST):
+        part = [list(run) for run in runs[at : at + RUNS_PER_REQUEST]]
+        request = {"op": "populate", "pid": pid, "runs": part, "own": list(own_userfaultfds)}
+        reply, fd = helper.call(request, pidfd)
+        if fd is not None:
+            os.close(fd)
+        _raise(reply)
 
 
 def inject_userfaultfd(pid: int, pidfd: int) -> int:
     """``inject.inject_userfaultfd`` in the helper; hmmd's copy of the new userfaultfd.
 
-    Called on hmmd's event loop: waits at most ``USERFAULTFD_DEADLINE``, a COW break in
-    progress included."""
-    reply, fd = INJECTOR.call({"op": "userfaultfd", "pid": pid}, pidfd, USERFAULTFD_DEADLINE)
+    Called on hmmd's event loop: waits at most ``USERFAULTFD_LOCK_WAIT`` for another
+    injection into the same user's processes, then ``USERFAULTFD_DEADLINE``."""
+    helper = INJECTORS.of(pid)
+    reply, fd = helper.call(
+        {"op": "userfaultfd", "pid": pid}, pidfd, USERFAULTFD_DEADLINE, USERFAULTFD_LOCK_WAIT
+    )
     if fd is None:
         _raise(reply)
         raise inject.InjectError("the injector sent no userfaultfd")
@@ -200,9 +290,10 @@ def inject_userfaultfd(pid: int, pidfd: int) -> int:
 # --- the helper process -------------------------------------------------------------------
 
 
-def _serve_one(request: dict[str, Any], pidfd: int) -> tuple[dict[str, Any], int | None]:
-    """Run one injection; the reply, and a descriptor to send with it."""
+def _serve_one(message: bytes, pidfd: int) -> tuple[dict[str, Any], int | None]:
+    """Run the injection ``message`` asks for; the reply, and a descriptor to send with it."""
     try:
+        request = json.loads(message)
         pid = int(request["pid"])
         if request["op"] == "populate":
             runs = [(int(addr), int(length)) for addr, length in request["runs"]]
@@ -216,13 +307,18 @@ def _serve_one(request: dict[str, Any], pidfd: int) -> tuple[dict[str, Any], int
         return {"error": "call", "errno": exc.errno, "message": str(exc)}, None
     except ProcessLookupError as exc:
         return {"error": "gone", "message": str(exc)}, None
-    except (inject.InjectError, OSError, KeyError, TypeError, ValueError) as exc:
+    except (inject.InjectError, OSError, KeyError, TypeError, ValueError, RecursionError) as exc:
         return {"error": "refused", "message": str(exc)}, None
 
 
 def serve(sock: socket.socket) -> None:
-    """The helper's loop: one request at a time until hmmd's end closes."""
+    """The helper's loop: one request at a time until hmmd's end closes; meanwhile, tracees
+    a failed detach left attached are let go as soon as they stop."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
     while True:
+        if inject.finish_detaches() and not poller.poll(50):
+            continue
         try:
             message, fds, _, _ = socket.recv_fds(sock, _MESSAGE_MAX, 4)
         except OSError:
@@ -235,7 +331,7 @@ def serve(sock: socket.socket) -> None:
             if len(fds) != 1:
                 reply, out = {"error": "refused", "message": "a request carries one pidfd"}, None
             else:
-                reply, out = _serve_one(json.loads(message), fds[0])
+                reply, out = _serve_one(message, fds[0])
         finally:
             for fd in fds:
                 os.close(fd)
@@ -254,6 +350,8 @@ def main(argv: Sequence[str]) -> None:
     # finished and undone first, and the socket's close (hmmd gone) is what ends this process.
     for sig in IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    # One line per warning on hmmd's stderr (the journal, under the unit).
+    logging.basicConfig(level=logging.WARNING, format="hmmd injector: %(message)s")
     sock = socket.socket(fileno=int(argv[0]))
     try:
         serve(sock)

@@ -68,6 +68,19 @@ class Vmas:
 _SPECIAL_NAMES = (b"[vvar]", b"[vsyscall]", b"[vvar_vclock]")
 
 
+def real_uid(pid: int) -> int:
+    """The real uid of process ``pid`` (the user who controls whether its pages block, and
+    who may change its mappings), or -1 if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
 def _special(name: bytes) -> bool:
     """Whether a VMA of this name is one hmm refuses (vvar, vsyscall, a device mapping)."""
     device = name.startswith(b"/dev/") and not name.startswith((b"/dev/zero", b"/dev/shm/"))

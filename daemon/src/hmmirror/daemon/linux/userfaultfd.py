@@ -8,6 +8,7 @@ values, so they are defined here from include/uapi/linux/userfaultfd.h.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -149,17 +150,15 @@ def read_events(fd: int) -> list[tuple[int, int, int, int]]:
             return out
 
 
-def unconfigured_uffds(pid: int) -> list[int]:
-    """The target's userfaultfds on which nobody has done ``UFFDIO_API`` yet.
-
-    Those are the ones a cooperating target left for hmmd; a uffd the target
-    configured itself is its own business and is never touched.
-    """
-    found = []
+def held(pid: int) -> dict[int, dict[str, str]] | None:
+    """The userfaultfds in ``pid``'s fd table: fd -> its fdinfo fields; None if the table
+    cannot be read. Nothing here touches the files themselves (a descriptor swapped for a
+    FUSE file meanwhile could make a ``stat`` wait on its server)."""
+    found: dict[int, dict[str, str]] = {}
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:
-        return []
+        return None
     for name in names:
         try:
             if os.readlink(f"/proc/{pid}/fd/{name}") != "anon_inode:[userfaultfd]":
@@ -168,10 +167,22 @@ def unconfigured_uffds(pid: int) -> list[int]:
                 info = f.read()
         except OSError:
             continue
-        for line in info.splitlines():
-            if line.startswith("API:"):
-                # "API:\t<api>:<features>:<ioctls>"; features 0 means UFFDIO_API never ran.
-                parts = line.split()[1].split(":")
-                if len(parts) >= 2 and int(parts[1], 16) == 0:
-                    found.append(int(name))
+        fields = (line.split(":", 1) for line in info.splitlines() if ":" in line)
+        found[int(name)] = {key: value.strip() for key, value in fields}
     return found
+
+
+def unconfigured_uffds(pid: int) -> list[int]:
+    """The target's userfaultfds on which nobody has done ``UFFDIO_API`` yet.
+
+    Those are the ones a cooperating target left for hmmd; a uffd the target
+    configured itself is its own business and is never touched.
+    """
+    found = []
+    for fd, info in (held(pid) or {}).items():
+        # "API:\t<api>:<features>:<ioctls>"; features 0 means UFFDIO_API never ran.
+        parts = info.get("API", "").split(":")
+        with contextlib.suppress(ValueError):
+            if len(parts) >= 2 and int(parts[1], 16) == 0:
+                found.append(fd)
+    return sorted(found)

@@ -1,0 +1,222 @@
+"""The injector against awkward targets and an awkward hmmd: real processes, real ptrace.
+
+Each test calls the injections hmmd makes (``injector.populate_write``,
+``injector.inject_userfaultfd``, through the helper process) on a target started
+here: one whose main thread is showered with signals, one whose fd 323 is a plain
+file (the number ``userfaultfd()`` has on x86-64, which a signal stop left in
+``rax`` made look like the call's result), one write fault cut into thousands
+of runs, and an hmmd whose descriptors number past 1023 (``select`` cannot wait
+on those).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from hmmirror.daemon.linux import injector
+from hmmirror.testing.pagemap import PM_EXCLUSIVE, pagemap
+
+PAGE = 4096
+_USERFAULTFD = "anon_inode:[userfaultfd]"
+
+#: A target whose fd 323 is a plain file and whose main thread, blocked in a system call,
+#: takes a SIGUSR1 from a second thread every few microseconds. It prints its pid's page
+#: run (``--pages N``: N private pages, the even ones written, the odd ones read).
+_STORMED = """
+import ctypes, mmap, os, signal, sys, threading, time
+n = int(sys.argv[1])
+os.dup2(os.open("/etc/hostname", os.O_RDONLY), 323)
+m = mmap.mmap(-1, max(1, n) * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for i in range(n):
+    if i % 2 == 0:
+        m[i * 4096] = 1
+    else:
+        m[i * 4096]
+signal.signal(signal.SIGUSR1, lambda *_: None)
+main = threading.get_ident()
+def storm():
+    while True:
+        signal.pthread_kill(main, signal.SIGUSR1)
+        time.sleep(0.00002)
+if "--storm" in sys.argv:
+    threading.Thread(target=storm, daemon=True).start()
+print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+@contextlib.contextmanager
+def target(pages: int = 0, storm: bool = False) -> Iterator[tuple[int, int, int]]:
+    """(pid, pidfd, address of its pages) of a running _STORMED target."""
+    args = [sys.executable, "-c", _STORMED, str(pages)] + (["--storm"] if storm else [])
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        poller = select.poll()  # the test's own descriptors may number past 1023 too
+        poller.register(proc.stdout, select.POLLIN)
+        assert poller.poll(20_000), "the target did not start"
+        addr = int(proc.stdout.readline())
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            yield proc.pid, pidfd, addr
+        finally:
+            os.close(pidfd)
+        assert proc.poll() is None, f"the target died: {proc.returncode}"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def _fds(pid: int) -> dict[int, str]:
+    """``pid``'s descriptors and what each names."""
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            out[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+    return out
+
+
+def test_a_userfaultfd_injected_under_a_signal_storm_is_one_and_leaves_no_trace() -> None:
+    """Twenty injections while the target's main thread takes signal after signal: each
+    gives hmmd a userfaultfd (never a copy of the target's fd 323), and the target's fd
+    table ends as it began (fd 323 still its file, no userfaultfd left behind)."""
+    with target(storm=True) as (pid, pidfd, _):
+        before = _fds(pid)
+        assert before[323] == "/etc/hostname"
+        for i in range(20):
+            fd = injector.inject_userfaultfd(pid, pidfd)
+            try:
+                got = os.readlink(f"/proc/self/fd/{fd}")
+                assert got == _USERFAULTFD, f"injection {i} gave hmmd {got}, not a userfaultfd"
+            finally:
+                os.close(fd)
+        after = _fds(pid)
+        assert after[323] == "/etc/hostname", "the injection closed the target's fd 323"
+        assert _USERFAULTFD not in after.values(), "a userfaultfd was left in the target"
+        assert sorted(after) == sorted(before), (before, after)
+
+
+def test_a_cow_break_of_thousands_of_runs_is_made() -> None:
+    """16384 one-page runs in one 64 MiB populate chunk (every other page shared with the
+    zero page): all are made exclusive. Sent as one request, they overflowed the socket's
+    buffer and the write fault failed EMSGSIZE."""
+    n = 2 * 16384
+    with target(pages=n) as (pid, pidfd, addr):
+        runs = [(addr + i * PAGE, PAGE) for i in range(1, n, 2)]
+        injector.populate_write(pid, pidfd, runs)
+        assert (pagemap(pid, addr, n) & PM_EXCLUSIVE).all(), "some runs were not written"
+
+
+def test_injections_work_when_hmmd_holds_more_than_1023_descriptors() -> None:
+    """With hmmd's descriptors past 1023 (the unit allows 65536), an injection is answered:
+    ``select`` raised ValueError once the request was out, and the helper was never let go."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE's hard limit is {hard}: cannot open 1100 descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    spare: list[int] = []
+    try:
+        injector.INJECTORS.close()  # the next injection starts a helper on a high descriptor
+        spare = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+        with target(pages=4) as (pid, pidfd, addr):
+            injector.populate_write(pid, pidfd, [(addr + PAGE, PAGE), (addr + 3 * PAGE, PAGE)])
+            assert (pagemap(pid, addr, 4) & PM_EXCLUSIVE).all()
+            fd = injector.inject_userfaultfd(pid, pidfd)
+            assert os.readlink(f"/proc/self/fd/{fd}") == _USERFAULTFD
+            os.close(fd)
+    finally:
+        for fd in spare:
+            os.close(fd)
+        injector.INJECTORS.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_helper_exits_with_hmmds_end() -> None:
+    """hmmd closes its end: the helper exits within a second (nothing is left running)."""
+    helper = injector.INJECTORS.of(os.getpid())
+    helper.start()
+    pid = helper.pid
+    assert pid is not None
+    injector.INJECTORS.close()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{pid}"):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        assert time.monotonic() < deadline, "the helper outlived hmmd's end"
+        time.sleep(0.01)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+
+
+#: A target whose main thread waits in vfork() for ``argv[1]`` seconds (a clone with
+#: CLONE_VFORK but its own memory, so that its child may run Python while it waits).
+_VFORKING = """
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+print(os.getpid(), flush=True)
+sys.stdin.readline()
+child = libc.syscall(56, 0x4000 | 17, 0, 0, 0, 0)  # clone(CLONE_VFORK | SIGCHLD)
+if child == 0:
+    time.sleep(float(sys.argv[1]))
+    os._exit(0)
+os.waitpid(child, 0)
+print("back", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def _status(pid: int, key: str) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith(key + ":"))
+
+
+def test_a_target_that_cannot_stop_in_time_is_let_go_once_it_stops() -> None:
+    """The target's thread waits in vfork() and does not stop within the injection's 1 s:
+    the injection fails, and once the thread comes back (its stop comes then) the helper
+    detaches it. The target was left traced by the helper, frozen in that stop for good."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _VFORKING, "3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        pid = int(proc.stdout.readline())
+        pidfd = os.pidfd_open(pid)
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 10
+        while _status(pid, "State")[0] != "D":  # wait_for_vfork_done(), uninterruptible
+            assert time.monotonic() < deadline, "the target never waited in vfork()"
+            time.sleep(0.01)
+        with pytest.raises(injector.inject.InjectError, match="did not stop"):
+            injector.populate_write(pid, pidfd, [(0x10000, PAGE)])
+        poller = select.poll()
+        poller.register(proc.stdout, select.POLLIN)
+        assert poller.poll(10_000), "the target is still frozen 10 s after its vfork() ended"
+        assert proc.stdout.readline() == b"back\n"  # the child exited; the thread runs on
+        deadline = time.monotonic() + 5
+        while _status(pid, "TracerPid") != "0" or _status(pid, "State").startswith("t"):
+            assert time.monotonic() < deadline, (
+                f"the target stays traced ({_status(pid, 'TracerPid')}), "
+                f"state {_status(pid, 'State')}"
+            )
+            time.sleep(0.02)
+        os.close(pidfd)
+    finally:
+        proc.kill()
+        injector.INJECTORS.close()  # a tracee's exit is its tracer's to reap first
+        proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
