@@ -144,7 +144,9 @@ def test_injections_work_when_hmmd_holds_more_than_1023_descriptors() -> None:
 
 def test_the_helper_exits_with_hmmds_end() -> None:
     """hmmd closes its end: the helper exits within a second (nothing is left running)."""
-    helper = injector.INJECTORS.of(os.getpid())
+    pidfd = os.pidfd_open(os.getpid())
+    helper, _ = injector.INJECTORS.of(os.getpid(), pidfd)
+    os.close(pidfd)
     helper.start()
     pid = helper.pid
     assert pid is not None
@@ -220,3 +222,57 @@ def test_a_target_that_cannot_stop_in_time_is_let_go_once_it_stops() -> None:
         proc.wait()
         proc.stdin.close()
         proc.stdout.close()
+
+
+#: A target whose second thread keeps putting /dev/null at the lowest free descriptor and
+#: taking it away again: the number the injected userfaultfd() gets may name /dev/null by
+#: the time hmmd takes it.
+_SWAPPING = """
+import os, threading, time
+null = os.open("/dev/null", os.O_RDONLY)
+def swap():
+    while True:
+        try:
+            free = os.dup(null)
+            os.close(free)
+            for _ in range(50):
+                os.dup2(null, free)
+                os.close(free)
+        except OSError:
+            pass  # the injected close() came first
+threading.Thread(target=swap, daemon=True).start()
+print(0, flush=True)
+while True:
+    time.sleep(0.0005)
+"""
+
+
+def test_hmmd_never_takes_a_file_swapped_in_for_the_injected_userfaultfd() -> None:
+    """100 injections while another thread of the target swaps /dev/null in at the number the
+    new userfaultfd gets: each gives hmmd a userfaultfd or fails. /dev/null was handed over
+    (4 times in 100 here; hmmd then ran its UFFDIO_API ioctl on whatever file it was)."""
+    proc = subprocess.Popen([sys.executable, "-c", _SWAPPING], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == b"0\n"
+        pidfd = os.pidfd_open(proc.pid)
+        taken = refused = 0
+        for i in range(100):
+            try:
+                fd = injector.inject_userfaultfd(proc.pid, pidfd)
+            except injector.inject.InjectError:
+                refused += 1  # the descriptor was not a userfaultfd any more
+                continue
+            try:
+                got = os.readlink(f"/proc/self/fd/{fd}")
+                assert got == _USERFAULTFD, f"injection {i} gave hmmd {got}"
+                taken += 1
+            finally:
+                os.close(fd)
+        assert taken, f"no injection succeeded ({refused} refused)"
+        os.close(pidfd)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        injector.INJECTORS.close()

@@ -386,3 +386,70 @@ async def test_injection_into_a_target_spinning_in_user_code_is_refused_clearly(
         spinner.kill()
         spinner.wait()
         spinner.stdout.close()
+
+
+#: A target whose main thread waits in vfork() (a clone with CLONE_VFORK and its own
+#: memory) for 30 s: it never stops for ptrace meanwhile. Prints its pid and a page's address.
+NEVER_STOPS = """
+import ctypes, mmap, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+m = mmap.mmap(-1, 4096)
+print(os.getpid(), ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
+if libc.syscall(56, 0x4000 | 17, 0, 0, 0, 0) == 0:  # clone(CLONE_VFORK | SIGCHLD)
+    time.sleep(30)
+    os._exit(0)
+time.sleep(30)
+"""
+
+
+# The default heartbeat, so the default 3 s lease (the tests' 0.6 s is shorter than one
+# injection's deadline).
+@pytest.mark.hmmd_args(*SLOW_POLL, "--uffd", "inject", "--heartbeat", "1s")
+async def test_registers_of_targets_that_never_stop_hold_hmmd_up_once(hmmd, agent):
+    """Six registers at once, each of a process that never stops for the injection: hmmd
+    answers a bystander within the agents' 3 s lease, and every register succeeds (with
+    the proc watcher). Each register's injection held the event loop ~2 s in turn (the six
+    are handled in one turn), 12 s in all, and the agents' sessions were evicted."""
+    from hmmirror.client.session import status
+
+    targets = [
+        subprocess.Popen([sys.executable, "-c", NEVER_STOPS], stdout=subprocess.PIPE,
+                         start_new_session=True)
+        for _ in range(6)
+    ]  # fmt: skip
+    try:
+        where = []
+        for proc in targets:
+            assert proc.stdout is not None
+            where.append(tuple(int(x) for x in proc.stdout.readline().split()))
+        for proc in targets:  # each waits in vfork() now
+            deadline = time.monotonic() + 10
+            while _state(proc.pid) != "D":
+                assert time.monotonic() < deadline, "a target never waited in vfork()"
+                await asyncio.sleep(0.01)
+        async with agent() as s:
+            registers = asyncio.gather(
+                *(s.mirror(pid, addr, PAGE, Access.READ) for pid, addr in where),
+                return_exceptions=True,
+            )
+            await asyncio.sleep(0.05)
+            t0 = time.monotonic()
+            await status(hmmd.endpoint, timeout=30.0)
+            held = time.monotonic() - t0
+            results = await registers
+            assert held < 3.0, f"a bystander's status waited {held:.1f} s"
+            assert not [r for r in results if isinstance(r, BaseException)], results
+            assert (await s.status())["uffd_watched"] == 0
+    finally:
+        for proc in targets:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            assert proc.stdout is not None
+            proc.stdout.close()
+
+
+def _state(pid: int) -> str:
+    """``pid``'s state letter (D: uninterruptible, as in vfork())."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]

@@ -229,7 +229,7 @@ import os, sys
 from hmmirror.daemon.linux import injector
 pid, addr, length = (int(a) for a in sys.argv[1:])
 pidfd = os.pidfd_open(pid)
-helper = injector.INJECTORS.of(pid)
+helper, _ = injector.INJECTORS.of(pid, pidfd)
 helper.start()
 print(helper.pid, flush=True)
 injector.populate_write(pid, pidfd, [(addr, length)])

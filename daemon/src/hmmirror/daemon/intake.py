@@ -41,14 +41,6 @@ class Offer:
             os.close(self.fd)
 
 
-def is_userfaultfd(fd: int) -> bool:
-    """Whether ``fd`` (one of ours) is a userfaultfd."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]"
-    except OSError:
-        return False
-
-
 class OfferBook:
     """Offers by pid, bounded per uid and in all, expiring."""
 

@@ -256,7 +256,7 @@ def _inject_userfaultfd(pid: int, pidfd: int) -> int:
         raise InjectError(f"cannot trace process {pid}: {exc.strerror}") from exc
     signals: list[int] = []
     try:
-        _still_theirs(pid, pidfd)
+        still_theirs(pid, pidfd)
         saved = _stop_in_syscall(pid, signals)
         try:
             return _userfaultfd_call(pid, pidfd, saved, signals)
@@ -387,7 +387,7 @@ def _step_call(pid: int, at: int, regs: _Regs, signals: list[int]) -> int:
     raise InjectError(f"process {pid} kept stopping before the injected system call")
 
 
-def _still_theirs(pid: int, pidfd: int | None) -> None:
+def still_theirs(pid: int, pidfd: int | None) -> None:
     """Raise ProcessLookupError unless the process of ``pidfd`` still lives: then the pid
     just seized is its own, not a reused one (a traced pid is not reused: it waits for us)."""
     if pidfd is None:
@@ -430,7 +430,7 @@ def populate_write(
             raise InjectError(f"cannot trace process {pid}: {exc.strerror}") from exc
         signals: list[int] = []
         try:
-            _still_theirs(pid, pidfd)
+            still_theirs(pid, pidfd)
             _populate_seized(pid, runs, signals)
         except OSError as exc:
             raise InjectError(f"madvise injection into process {pid} failed: {exc}") from exc

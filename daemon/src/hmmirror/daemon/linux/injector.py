@@ -41,17 +41,24 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from hmmirror.daemon.linux import inject, procfs
+from hmmirror.daemon.linux import inject, userfaultfd
 
 #: How long hmmd waits for one populate (a 64 MiB chunk takes tens of milliseconds; a
 #: helper that starts takes a few hundred). Past it the helper is let go: it finishes the
 #: injection it holds, undoing it, and exits; the next request starts a new one.
 REPLY_DEADLINE = 60.0
-#: How long hmmd's event loop waits for a userfaultfd injection (a few stops of the target),
-#: and before it for another injection into the same user's processes (a populate chunk
-#: takes tens of milliseconds): together well within the 5 s between watchdog pings.
-USERFAULTFD_DEADLINE = 2.0
-USERFAULTFD_LOCK_WAIT = 0.5
+#: How long hmmd's event loop waits for a userfaultfd injection (a few stops of the target,
+#: a few milliseconds), and before it for another injection into the same user's processes
+#: (a populate chunk takes tens of milliseconds).
+USERFAULTFD_DEADLINE = 1.5
+USERFAULTFD_LOCK_WAIT = 0.25
+#: A userfaultfd injection that took longer than this (or failed for time) pauses that
+#: user's for USER_PAUSE s and everyone's for ALL_PAUSE s: one turn of the event loop,
+#: which may carry many registers, waits on at most one such injection (an agent's lease
+#: is 3 s, the watchdog's ping every 5 s).
+SLOW_USERFAULTFD = 0.25
+USER_PAUSE = 30.0
+ALL_PAUSE = 2.0
 #: Helpers of one user let go that may still be blocked in their target's page fault:
 #: beyond this many, that user's injections are refused until one returns.
 MAX_RELEASED = 2
@@ -80,22 +87,29 @@ class Injector:
         self._released: list[subprocess.Popen[bytes]] = []
         #: When the last call ended (time.monotonic()).
         self.last_used = time.monotonic()
+        #: Closed by hmmd: its calls are refused (a caller that took it before may still try).
+        self._closed = False
 
     @property
     def pid(self) -> int | None:
         """The running helper's pid, or None before the first injection."""
         return None if self._proc is None else self._proc.pid
 
-    def start(self) -> None:
-        """Start the helper now, if it does not run (the first injection would)."""
-        with self._lock:
+    def start(self, lock_wait: float = -1) -> None:
+        """Start the helper now, if it does not run (the first injection would); not if
+        another call keeps it busy for ``lock_wait`` s."""
+        if not self._lock.acquire(timeout=lock_wait):
+            return
+        try:
             self._started()
+        finally:
+            self._lock.release()
 
-    def idle(self, now: float) -> bool:
-        """Whether no call ran for IDLE_EXIT s and none runs now, nor any let go (racy, as
-        an opinion: ``close`` decides)."""
+    def idle(self, now: float, after: float = IDLE_EXIT) -> bool:
+        """Whether no call ran for ``after`` s and none runs now, nor any let go (racy, as
+        an opinion: a call that comes meanwhile is refused, and made again by its caller)."""
         return (
-            now - self.last_used > IDLE_EXIT
+            now - self.last_used > after
             and not self._lock.locked()
             and not [p for p in self._released if p.poll() is None]
         )
@@ -118,6 +132,8 @@ class Injector:
                 f"another injection into this user's processes ran for {lock_wait:g} s"
             )
         try:
+            if self._closed:
+                raise inject.InjectError("the injector of this user's processes was closed")
             return self._exchange(request, pidfd, deadline)
         finally:
             self.last_used = time.monotonic()
@@ -152,6 +168,7 @@ class Injector:
         if not self._lock.acquire(timeout=timeout):
             return
         try:
+            self._closed = True
             proc = self._proc
             self._release()
         finally:
@@ -206,25 +223,64 @@ class Injectors:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_uid: dict[int, Injector] = {}
+        #: Userfaultfd injections paused: by uid, and for all, until these times.
+        self._paused: dict[int, float] = {}
+        self._all_paused = 0.0
 
-    def of(self, pid: int) -> Injector:
-        """The helper for ``pid``'s user (its real uid); InjectError beyond MAX_USERS."""
-        uid = procfs.real_uid(pid)
+    def of(self, pid: int, pidfd: int) -> tuple[Injector, int]:
+        """The helper for ``pid``'s user (its real uid, read while ``pidfd`` shows the pid is
+        still its process), and that uid. Raises InjectError beyond MAX_USERS busy users,
+        ProcessLookupError if the process is gone."""
+        # hmmd's side only: the helper, which never gets here, starts without numpy.
+        from hmmirror.daemon.linux.procfs import real_uid
+
+        uid = real_uid(pid)
+        inject.still_theirs(pid, pidfd)  # the uid read was not a reused pid's
         with self._lock:
             found = self._by_uid.get(uid)
             if found is not None:
-                return found
-            now = time.monotonic()
-            for other, helper in list(self._by_uid.items()):
-                if helper.idle(now):
-                    del self._by_uid[other]
-                    helper.close(0)
-            if len(self._by_uid) >= MAX_USERS:
-                raise inject.InjectError(
-                    f"hmmd already injects into the processes of {MAX_USERS} users"
-                )
+                return found, uid
+            self._make_room()
             found = self._by_uid[uid] = Injector()
-            return found
+            return found, uid
+
+    def _make_room(self) -> None:
+        """Close helpers idle for IDLE_EXIT s; at MAX_USERS, the longest idle one that is not
+        busy (registry lock held). InjectError if all are busy."""
+        now = time.monotonic()
+        for uid, helper in list(self._by_uid.items()):
+            if helper.idle(now):
+                del self._by_uid[uid]
+                helper.close(0)
+        if len(self._by_uid) < MAX_USERS:
+            return
+        for uid, helper in sorted(self._by_uid.items(), key=lambda item: item[1].last_used):
+            if helper.idle(now, after=0):
+                del self._by_uid[uid]
+                helper.close(0)
+                return
+        raise inject.InjectError(f"hmmd is injecting into the processes of {MAX_USERS} users")
+
+    def check_paused(self, uid: int) -> None:
+        """Raise InjectError while userfaultfd injections are paused for ``uid``."""
+        now = time.monotonic()
+        with self._lock:
+            until = max(self._all_paused, self._paused.get(uid, 0.0))
+            if now < until:
+                raise inject.InjectError(
+                    f"userfaultfd injections paused for {until - now:.1f} s after one that "
+                    "held hmmd's event loop"
+                )
+
+    def took(self, uid: int, seconds: float) -> None:
+        """A userfaultfd injection for ``uid`` took ``seconds``, failed or not."""
+        if seconds < SLOW_USERFAULTFD:
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._paused = {u: t for u, t in self._paused.items() if t > now}
+            self._paused[uid] = now + USER_PAUSE
+            self._all_paused = now + ALL_PAUSE
 
     def pids(self) -> list[int]:
         """The running helpers' pids."""
@@ -236,6 +292,8 @@ class Injectors:
         with self._lock:
             helpers = list(self._by_uid.values())
             self._by_uid.clear()
+            self._paused.clear()
+            self._all_paused = 0.0
         for helper in helpers:
             helper.close(timeout)
 
@@ -262,7 +320,7 @@ def populate_write(
 ) -> None:
     """``inject.populate_write`` in ``pid``'s user's helper: ``pidfd`` must be ``pid``'s.
     Many runs go as several requests, each a whole injection."""
-    helper = INJECTORS.of(pid)
+    helper, _ = INJECTORS.of(pid, pidfd)
     for at in range(0, len(runs), RUNS_PER_REQUEST):
         part = [list(run) for run in runs[at : at + RUNS_PER_REQUEST]]
         request = {"op": "populate", "pid": pid, "runs": part, "own": list(own_userfaultfds)}
@@ -276,14 +334,26 @@ def inject_userfaultfd(pid: int, pidfd: int) -> int:
     """``inject.inject_userfaultfd`` in the helper; hmmd's copy of the new userfaultfd.
 
     Called on hmmd's event loop: waits at most ``USERFAULTFD_LOCK_WAIT`` for another
-    injection into the same user's processes, then ``USERFAULTFD_DEADLINE``."""
-    helper = INJECTORS.of(pid)
-    reply, fd = helper.call(
-        {"op": "userfaultfd", "pid": pid}, pidfd, USERFAULTFD_DEADLINE, USERFAULTFD_LOCK_WAIT
-    )
+    injection into the same user's processes, then ``USERFAULTFD_DEADLINE``; one slower
+    than SLOW_USERFAULTFD pauses them (``Injectors.took``)."""
+    helper, uid = INJECTORS.of(pid, pidfd)
+    INJECTORS.check_paused(uid)
+    helper.start(USERFAULTFD_LOCK_WAIT)  # its start (tens of ms) is not the target's doing
+    t0 = time.monotonic()
+    try:
+        reply, fd = helper.call(
+            {"op": "userfaultfd", "pid": pid}, pidfd, USERFAULTFD_DEADLINE, USERFAULTFD_LOCK_WAIT
+        )
+    finally:
+        INJECTORS.took(uid, time.monotonic() - t0)
     if fd is None:
         _raise(reply)
         raise inject.InjectError("the injector sent no userfaultfd")
+    if not userfaultfd.is_userfaultfd(fd):
+        os.close(fd)
+        raise inject.InjectError(
+            f"the injector sent a descriptor of process {pid} that is not a userfaultfd"
+        )
     return fd
 
 

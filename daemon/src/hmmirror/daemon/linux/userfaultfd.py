@@ -77,13 +77,28 @@ def userfaultfd(user_mode_only: bool = False) -> int:
 
 
 def getfd(pidfd: int, targetfd: int) -> int:
-    """``pidfd_getfd``: a duplicate of the target's fd ``targetfd`` in this process."""
+    """``pidfd_getfd``: a duplicate of the target's fd ``targetfd`` in this process, which
+    must be a userfaultfd: another thread of the target may have put any file at that
+    number since it was looked at (an ioctl on one of the user's FUSE files would wait on
+    the user's server). Raises OSError (EBADF: not a userfaultfd)."""
     fd = int(_libc.syscall(SYS_PIDFD_GETFD, pidfd, targetfd, 0))
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"pidfd_getfd({targetfd}): {os.strerror(err)}")
     os.set_inheritable(fd, False)
+    if not is_userfaultfd(fd):
+        os.close(fd)
+        raise OSError(errno.EBADF, f"fd {targetfd} of the target is no longer a userfaultfd")
     return fd
+
+
+def is_userfaultfd(fd: int) -> bool:
+    """Whether ``fd`` (one of ours) is a userfaultfd (its link names the file's kind
+    without touching the file)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]"
+    except OSError:
+        return False
 
 
 def api(fd: int, features: int) -> int:

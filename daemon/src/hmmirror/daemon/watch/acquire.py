@@ -19,7 +19,7 @@ import os
 
 from hmmirror.daemon import logfmt
 from hmmirror.daemon.config import Config
-from hmmirror.daemon.intake import OfferBook, default_path, is_userfaultfd
+from hmmirror.daemon.intake import OfferBook, default_path
 from hmmirror.daemon.linux import userfaultfd
 from hmmirror.daemon.linux.inject import InjectError
 from hmmirror.daemon.linux.injector import inject_userfaultfd
@@ -106,7 +106,7 @@ class Acquirer:
         """A target sent a userfaultfd: watch with it now, or keep it for its first mirror."""
         if self.mode == "off":
             return "hmmd runs with uffd = off"
-        if not is_userfaultfd(fd):
+        if not userfaultfd.is_userfaultfd(fd):
             return "the descriptor is not a userfaultfd"
         assert peer.pid is not None and peer.uid is not None
         try:
