@@ -276,3 +276,19 @@ def test_hmmd_never_takes_a_file_swapped_in_for_the_injected_userfaultfd() -> No
         proc.wait()
         proc.stdout.close()
         injector.INJECTORS.close()
+
+
+def test_an_injection_into_a_process_that_exited_is_refused_as_an_injection() -> None:
+    """Its pidfd says it exited: hmmd's userfaultfd watch, which takes InjectError, gets one
+    (a ProcessLookupError escaped it), and a populate gets ProcessLookupError (ESRCH)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        proc.wait(10)
+        with pytest.raises(injector.inject.InjectError, match="exited"):
+            injector.inject_userfaultfd(proc.pid, pidfd)
+        with pytest.raises(ProcessLookupError):
+            injector.populate_write(proc.pid, pidfd, [(0x10000, PAGE)])
+    finally:
+        os.close(pidfd)
+        injector.INJECTORS.close()

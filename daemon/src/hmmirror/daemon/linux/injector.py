@@ -336,7 +336,10 @@ def inject_userfaultfd(pid: int, pidfd: int) -> int:
     Called on hmmd's event loop: waits at most ``USERFAULTFD_LOCK_WAIT`` for another
     injection into the same user's processes, then ``USERFAULTFD_DEADLINE``; one slower
     than SLOW_USERFAULTFD pauses them (``Injectors.took``)."""
-    helper, uid = INJECTORS.of(pid, pidfd)
+    try:
+        helper, uid = INJECTORS.of(pid, pidfd)
+    except ProcessLookupError as exc:  # its callers take InjectError: no watch for this one
+        raise inject.InjectError(f"process {pid} has exited") from exc
     INJECTORS.check_paused(uid)
     helper.start(USERFAULTFD_LOCK_WAIT)  # its start (tens of ms) is not the target's doing
     t0 = time.monotonic()
