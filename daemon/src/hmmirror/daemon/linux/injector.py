@@ -52,11 +52,14 @@ REPLY_DEADLINE = 60.0
 #: (a populate chunk takes tens of milliseconds).
 USERFAULTFD_DEADLINE = 1.5
 USERFAULTFD_LOCK_WAIT = 0.25
-#: A userfaultfd injection that took longer than this (or failed for time) pauses that
-#: user's for USER_PAUSE s and everyone's for ALL_PAUSE s: one turn of the event loop,
-#: which may carry many registers, waits on at most one such injection (an agent's lease
-#: is 3 s, the watchdog's ping every 5 s).
-SLOW_USERFAULTFD = 0.25
+#: Time userfaultfd injections held the event loop within SPENT_WINDOW s: a user's past
+#: USER_BUDGET pauses that user's for USER_PAUSE s and everyone's for ALL_PAUSE s; everyone's
+#: past ALL_BUDGET pauses everyone's. One turn of the event loop, which may carry many
+#: registers, so waits on injections for about a budget at most (an agent's lease is 3 s,
+#: the watchdog's ping every 5 s); paused targets get the proc watcher.
+SPENT_WINDOW = 1.0
+USER_BUDGET = 0.3
+ALL_BUDGET = 0.6
 USER_PAUSE = 30.0
 ALL_PAUSE = 2.0
 #: Helpers of one user let go that may still be blocked in their target's page fault:
@@ -76,6 +79,10 @@ IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
 _MESSAGE_MAX = 1 << 20
 
 
+class ClosedInjector(inject.InjectError):
+    """The helper was closed (idle, or to make room) after its caller took it: ask again."""
+
+
 class Injector:
     """hmmd's handle on one helper process, started on first use; thread-safe."""
 
@@ -85,9 +92,9 @@ class Injector:
         self._proc: subprocess.Popen[bytes] | None = None
         #: Helpers let go (deadline passed) that may still be finishing; reaped when done.
         self._released: list[subprocess.Popen[bytes]] = []
-        #: When the last call ended (time.monotonic()).
+        #: When it was last handed out or last answered (time.monotonic()).
         self.last_used = time.monotonic()
-        #: Closed by hmmd: its calls are refused (a caller that took it before may still try).
+        #: Closed by hmmd: its calls are refused (a caller that took it before asks again).
         self._closed = False
 
     @property
@@ -95,19 +102,22 @@ class Injector:
         """The running helper's pid, or None before the first injection."""
         return None if self._proc is None else self._proc.pid
 
-    def start(self, lock_wait: float = -1) -> None:
+    def start(self, lock_wait: float = -1) -> float:
         """Start the helper now, if it does not run (the first injection would); not if
-        another call keeps it busy for ``lock_wait`` s."""
+        another call keeps it busy for ``lock_wait`` s. Returns the seconds spent waiting
+        for that call (the start itself is hmmd's cost, not a target's)."""
+        t0 = time.monotonic()
         if not self._lock.acquire(timeout=lock_wait):
-            return
+            return time.monotonic() - t0
+        waited = time.monotonic() - t0
         try:
             self._started()
         finally:
             self._lock.release()
+        return waited
 
     def idle(self, now: float, after: float = IDLE_EXIT) -> bool:
-        """Whether no call ran for ``after`` s and none runs now, nor any let go (racy, as
-        an opinion: a call that comes meanwhile is refused, and made again by its caller)."""
+        """Whether it was not used for ``after`` s and no call runs now, nor any let go."""
         return (
             now - self.last_used > after
             and not self._lock.locked()
@@ -125,15 +135,13 @@ class Injector:
 
         Raises InjectError when the helper cannot be started, dies, or does not answer
         within ``deadline`` seconds, and when another injection keeps it busy for
-        ``lock_wait`` seconds.
+        ``lock_wait`` seconds; ClosedInjector once it was closed.
         """
         if not self._lock.acquire(timeout=lock_wait):
             raise inject.InjectError(
                 f"another injection into this user's processes ran for {lock_wait:g} s"
             )
         try:
-            if self._closed:
-                raise inject.InjectError("the injector of this user's processes was closed")
             return self._exchange(request, pidfd, deadline)
         finally:
             self.last_used = time.monotonic()
@@ -161,24 +169,32 @@ class Injector:
             raise inject.InjectError("the injector process exited")
         return reply, fds[0] if fds else None
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Close hmmd's end; the helper exits once done. Wait ``timeout`` s for it to go.
-
-        Where an injection still runs, its worker keeps the socket: hmmd's exit closes it."""
-        if not self._lock.acquire(timeout=timeout):
-            return
+    def shut(self, lock_wait: float) -> subprocess.Popen[bytes] | bool | None:
+        """Close hmmd's end (the helper exits once its injection is done) and refuse later
+        calls. Returns the process to wait for (None: none ran), or False if a call kept it
+        busy for ``lock_wait`` s: then nothing changed."""
+        if not self._lock.acquire(timeout=lock_wait):
+            return False
         try:
             self._closed = True
             proc = self._proc
             self._release()
+            return proc
         finally:
             self._lock.release()
-        if proc is not None:
+
+    def close(self, timeout: float = 2.0) -> None:
+        """``shut``, then wait ``timeout`` s for the helper to go. Where an injection still
+        runs, its worker keeps the socket: hmmd's exit closes it."""
+        proc = self.shut(timeout)
+        if isinstance(proc, subprocess.Popen):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout)
 
     def _started(self) -> socket.socket:
         """The socket to a running helper, started now if there is none (lock held)."""
+        if self._closed:
+            raise ClosedInjector("the injector of this user's processes was closed")
         self._released = [p for p in self._released if p.poll() is None]
         if self._sock is not None and self._proc is not None and self._proc.poll() is None:
             return self._sock
@@ -188,7 +204,10 @@ class Injector:
                 f"{len(self._released)} earlier injections are still blocked in this user's "
                 "processes"
             )
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            raise inject.InjectError(f"cannot start the injector process: {exc}") from exc
         try:
             self._proc = subprocess.Popen(
                 # -P: hmmd's working directory never lends the helper a module.
@@ -226,6 +245,8 @@ class Injectors:
         #: Userfaultfd injections paused: by uid, and for all, until these times.
         self._paused: dict[int, float] = {}
         self._all_paused = 0.0
+        #: (when, uid, seconds) of the userfaultfd injections of the last SPENT_WINDOW s.
+        self._spent: list[tuple[float, int, float]] = []
 
     def of(self, pid: int, pidfd: int) -> tuple[Injector, int]:
         """The helper for ``pid``'s user (its real uid, read while ``pidfd`` shows the pid is
@@ -238,26 +259,24 @@ class Injectors:
         inject.still_theirs(pid, pidfd)  # the uid read was not a reused pid's
         with self._lock:
             found = self._by_uid.get(uid)
-            if found is not None:
-                return found, uid
-            self._make_room()
-            found = self._by_uid[uid] = Injector()
+            if found is None:
+                self._make_room()
+                found = self._by_uid[uid] = Injector()
+            found.last_used = time.monotonic()  # not idle: its caller is about to call it
             return found, uid
 
     def _make_room(self) -> None:
-        """Close helpers idle for IDLE_EXIT s; at MAX_USERS, the longest idle one that is not
-        busy (registry lock held). InjectError if all are busy."""
+        """Close helpers unused for IDLE_EXIT s; at MAX_USERS, the least recently used one
+        unused for a second and not busy (registry lock held). InjectError if none is."""
         now = time.monotonic()
         for uid, helper in list(self._by_uid.items()):
-            if helper.idle(now):
+            if helper.idle(now) and helper.shut(0) is not False:
                 del self._by_uid[uid]
-                helper.close(0)
         if len(self._by_uid) < MAX_USERS:
             return
         for uid, helper in sorted(self._by_uid.items(), key=lambda item: item[1].last_used):
-            if helper.idle(now, after=0):
+            if helper.idle(now, after=1.0) and helper.shut(0) is not False:
                 del self._by_uid[uid]
-                helper.close(0)
                 return
         raise inject.InjectError(f"hmmd is injecting into the processes of {MAX_USERS} users")
 
@@ -268,19 +287,23 @@ class Injectors:
             until = max(self._all_paused, self._paused.get(uid, 0.0))
             if now < until:
                 raise inject.InjectError(
-                    f"userfaultfd injections paused for {until - now:.1f} s after one that "
-                    "held hmmd's event loop"
+                    f"userfaultfd injections paused for {until - now:.1f} s: they held "
+                    "hmmd's event loop too long"
                 )
 
     def took(self, uid: int, seconds: float) -> None:
-        """A userfaultfd injection for ``uid`` took ``seconds``, failed or not."""
-        if seconds < SLOW_USERFAULTFD:
-            return
+        """A userfaultfd injection for ``uid`` held the event loop ``seconds``, failed or not:
+        pause when the last second's add up past a budget."""
         now = time.monotonic()
         with self._lock:
+            self._spent = [e for e in self._spent if now - e[0] < SPENT_WINDOW]
+            self._spent.append((now, uid, seconds))
             self._paused = {u: t for u, t in self._paused.items() if t > now}
-            self._paused[uid] = now + USER_PAUSE
-            self._all_paused = now + ALL_PAUSE
+            if sum(s for _, u, s in self._spent if u == uid) >= USER_BUDGET:
+                self._paused[uid] = now + USER_PAUSE
+                self._all_paused = now + ALL_PAUSE
+            elif sum(s for _, _, s in self._spent) >= ALL_BUDGET:
+                self._all_paused = now + ALL_PAUSE
 
     def pids(self) -> list[int]:
         """The running helpers' pids."""
@@ -288,14 +311,20 @@ class Injectors:
             return [p for p in (h.pid for h in self._by_uid.values()) if p is not None]
 
     def close(self, timeout: float = 2.0) -> None:
-        """hmmd stops: every helper's end closes (each exits once its injection is done)."""
+        """hmmd stops: every helper's end closes (each exits once its injection is done);
+        wait ``timeout`` s in all for them to go."""
         with self._lock:
             helpers = list(self._by_uid.values())
             self._by_uid.clear()
             self._paused.clear()
             self._all_paused = 0.0
-        for helper in helpers:
-            helper.close(timeout)
+            self._spent.clear()
+        deadline = time.monotonic() + timeout
+        procs = [helper.shut(timeout) for helper in helpers]
+        for proc in procs:
+            if isinstance(proc, subprocess.Popen):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(max(0.0, deadline - time.monotonic()))
 
 
 #: hmmd's helpers.
@@ -320,11 +349,13 @@ def populate_write(
 ) -> None:
     """``inject.populate_write`` in ``pid``'s user's helper: ``pidfd`` must be ``pid``'s.
     Many runs go as several requests, each a whole injection."""
-    helper, _ = INJECTORS.of(pid, pidfd)
     for at in range(0, len(runs), RUNS_PER_REQUEST):
         part = [list(run) for run in runs[at : at + RUNS_PER_REQUEST]]
         request = {"op": "populate", "pid": pid, "runs": part, "own": list(own_userfaultfds)}
-        reply, fd = helper.call(request, pidfd)
+        try:
+            reply, fd = INJECTORS.of(pid, pidfd)[0].call(request, pidfd)
+        except ClosedInjector:  # closed between being handed out and called: ask again
+            reply, fd = INJECTORS.of(pid, pidfd)[0].call(request, pidfd)
         if fd is not None:
             os.close(fd)
         _raise(reply)
@@ -333,22 +364,30 @@ def populate_write(
 def inject_userfaultfd(pid: int, pidfd: int) -> int:
     """``inject.inject_userfaultfd`` in the helper; hmmd's copy of the new userfaultfd.
 
-    Called on hmmd's event loop: waits at most ``USERFAULTFD_LOCK_WAIT`` for another
-    injection into the same user's processes, then ``USERFAULTFD_DEADLINE``; one slower
-    than SLOW_USERFAULTFD pauses them (``Injectors.took``)."""
+    Called on hmmd's event loop: waits at most ``USERFAULTFD_LOCK_WAIT`` (twice) for
+    another injection into the same user's processes, then ``USERFAULTFD_DEADLINE``; what
+    the waits add up to pauses these injections (``Injectors.took``)."""
+    try:
+        return _inject_userfaultfd(pid, pidfd)
+    except ClosedInjector:  # closed between being handed out and called: ask again
+        return _inject_userfaultfd(pid, pidfd)
+
+
+def _inject_userfaultfd(pid: int, pidfd: int) -> int:
+    """``inject_userfaultfd``, once."""
     try:
         helper, uid = INJECTORS.of(pid, pidfd)
     except ProcessLookupError as exc:  # its callers take InjectError: no watch for this one
         raise inject.InjectError(f"process {pid} has exited") from exc
     INJECTORS.check_paused(uid)
-    helper.start(USERFAULTFD_LOCK_WAIT)  # its start (tens of ms) is not the target's doing
+    waited = helper.start(USERFAULTFD_LOCK_WAIT)  # its start (tens of ms) is hmmd's cost
     t0 = time.monotonic()
     try:
         reply, fd = helper.call(
             {"op": "userfaultfd", "pid": pid}, pidfd, USERFAULTFD_DEADLINE, USERFAULTFD_LOCK_WAIT
         )
     finally:
-        INJECTORS.took(uid, time.monotonic() - t0)
+        INJECTORS.took(uid, waited + time.monotonic() - t0)
     if fd is None:
         _raise(reply)
         raise inject.InjectError("the injector sent no userfaultfd")
