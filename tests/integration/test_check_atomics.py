@@ -166,8 +166,10 @@ async def test_an_agent_lying_about_atomics_is_caught_by_the_atomic_oracle() -> 
     beside the lie it contradicts: the honest agents alone raise nothing)."""
     report = await Checker(Options(seed=6, duration=8.0, agents=3, scenario="lie-atomic")).run()
     atomic = [(k, d) for k, d in report.violations if k.startswith("atomic:")]
-    assert atomic, _summary(report)
-    assert report.atomics_judged > 20
+    # What the run did, for a failure to tell (a CI run on 2026-12-06 flagged nothing).
+    did = f"{report.atomics_judged} atomics judged; {dict(report.by_kind())}"
+    assert atomic, f"no atomic violation: {did}\n{_summary(report)}"
+    assert report.atomics_judged > 20, did
     assert all("of agent 0 " in d for _, d in atomic if d != "(more)"), _summary(report)
     assert report.by_kind()["stale translation"] == 0, _summary(report)
     shutil.rmtree(report.logs)  # kept because of the (expected) violations
