@@ -152,7 +152,8 @@ def userfaultfd_refusal(
         return f"cannot read the descriptors of process {pid}"
     if not table:
         return None
-    foreign = any(info.get("ino") not in {str(inode) for inode in ours} for info in table.values())
+    own = {str(inode) for inode in ours}
+    foreign = any(info.get("ino") not in own for info in table.values())
     refused = _USERFAULTFD_FLAGS if foreign else _THEIRS_ONLY
     try:
         registered = _userfaultfd_ranges(pid, refused)

@@ -183,14 +183,6 @@ class Injector:
         finally:
             self._lock.release()
 
-    def close(self, timeout: float = 2.0) -> None:
-        """``shut``, then wait ``timeout`` s for the helper to go. Where an injection still
-        runs, its worker keeps the socket: hmmd's exit closes it."""
-        proc = self.shut(timeout)
-        if isinstance(proc, subprocess.Popen):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout)
-
     def _started(self) -> socket.socket:
         """The socket to a running helper, started now if there is none (lock held)."""
         if self._closed:
@@ -304,11 +296,6 @@ class Injectors:
                 self._all_paused = now + ALL_PAUSE
             elif sum(s for _, _, s in self._spent) >= ALL_BUDGET:
                 self._all_paused = now + ALL_PAUSE
-
-    def pids(self) -> list[int]:
-        """The running helpers' pids."""
-        with self._lock:
-            return [p for p in (h.pid for h in self._by_uid.values()) if p is not None]
 
     def close(self, timeout: float = 2.0) -> None:
         """hmmd stops: every helper's end closes (each exits once its injection is done);
