@@ -6,7 +6,7 @@ newer minor version is accepted and its unknown fields are ignored.
 
 from __future__ import annotations
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 1)
+PROTOCOL_VERSION: tuple[int, int] = (1, 2)
 #: The first version with the shared-memory DMA window (SPEC §4.9): a session whose
 #: ``hello`` said less never gets one, and a ``welcome`` from an older daemon offers none.
 WINDOW_VERSION: tuple[int, int] = (1, 1)

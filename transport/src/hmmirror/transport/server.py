@@ -112,11 +112,11 @@ class _Line(Drained):
     def _on_frames(self, frames: list[zmq.Frame]) -> None:
         self.server._on_frames_of(self.conn, frames)
 
-    def close(self) -> None:
-        """Stop draining and close the socket (linger 0)."""
+    def close(self, linger_ms: int = 0) -> None:
+        """Stop draining and close the socket (what it still queues goes after ``linger_ms``)."""
         with contextlib.suppress(AttributeError, RuntimeError, ValueError):
             self._unwatch()
-        self.sock.close(linger=0)
+        self.sock.close(linger=linger_ms)
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,12 @@ class Limits:
     per_peer: int = 32
     """Per local uid (root is not limited) or remote address."""
     total: int = 4096
+    recycle_after: float = 60.0
+    """A peer at ``per_peer`` that knocks again gets the place of its own connection heard
+    from least recently, once that one has been silent this long (seconds): a client that
+    died, or closed without saying so, cannot lock its uid or address out for good. A
+    request in progress has a shorter deadline; a live client whose connection went this
+    way has its next send refused at once and knocks again."""
 
 
 #: Sockets a context keeps beyond the connections: the clients', the ZAP handler's.
@@ -331,24 +337,41 @@ class Server:
         if peer.root:
             return None
         if peer.uid is not None:
-            mine = sum(1 for c in self.connections.values() if c.peer.uid == peer.uid)
+            theirs = [c for c in self.connections.values() if c.peer.uid == peer.uid]
             who = f"uid {peer.uid}"
         else:
-            mine = sum(1 for c in self.connections.values() if c.peer.address == peer.address)
+            theirs = [c for c in self.connections.values() if c.peer.address == peer.address]
             who = f"address {peer.address}"
-        if mine >= self.limits.per_peer:
-            return f"{who} has {mine} connections, the most one may have"
+        if len(theirs) >= self.limits.per_peer and not self._recycle(theirs, who):
+            return f"{who} has {len(theirs)} connections, the most one may have"
         return None
 
-    def drop(self, rid: bytes) -> None:
-        """Disconnect and forget a connection."""
+    def _recycle(self, theirs: list[Connection], who: str) -> bool:
+        """Drop the connection of ``theirs`` heard from least recently if it has been silent
+        for ``recycle_after``; whether one was dropped."""
+        oldest = min(theirs, key=lambda c: c.last_seen)
+        silent = time.monotonic() - oldest.last_seen
+        if silent < self.limits.recycle_after:
+            return False
+        log.info(
+            "connection %s of %s silent for %.0f s: dropped for a new one of the same peer",
+            oldest.rid.hex(),
+            who,
+            silent,
+        )
+        self.drop(oldest.rid)
+        return True
+
+    def drop(self, rid: bytes, linger_ms: int = 0) -> None:
+        """Disconnect and forget a connection; ``linger_ms`` gives the messages already
+        queued to it that long to leave (libzmq closes in the background)."""
         conn = self.connections.pop(rid, None)
         if conn is None:
             return
         if self._by_endpoint.get(conn.endpoint) == rid:
             del self._by_endpoint[conn.endpoint]
         if conn.line is not None:
-            conn.line.close()
+            conn.line.close(linger_ms)
             conn.line = None
         pending = self._pending.pop(rid, None)
         if pending is not None:

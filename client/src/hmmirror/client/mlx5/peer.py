@@ -17,6 +17,7 @@ the target maps read-only), EFAULT (an unmapped page), EBUSY or ESRCH;
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,11 +25,18 @@ from typing import Any
 import zmq
 from hmmirror.client.channel import Channel, R
 from hmmirror.client.curve import CurveKeys
-from hmmirror.client.errors import DaemonUnavailable, RemoteError, RequestTimeout, device_error
+from hmmirror.client.errors import (
+    AgentError,
+    DaemonUnavailable,
+    RemoteError,
+    RequestTimeout,
+    device_error,
+)
 from hmmirror.proto.messages import (
     STAT_MR_COLUMNS,
     AtomicOp,
     AtomicReply,
+    Goodbye,
     Message,
     Ok,
     RdmaAtomic,
@@ -41,6 +49,8 @@ from hmmirror.proto.messages import (
 
 #: The requests that change nothing at the agent: a timeout of one has no effect to fear.
 _READ_ONLY = (RdmaRead, StatMr)
+#: How long closing waits for the agent's answer to ``goodbye`` (seconds).
+GOODBYE_WAIT = 0.5
 
 
 class RdmaPeer(Channel):
@@ -69,12 +79,24 @@ class RdmaPeer(Channel):
         cls, endpoint: str, *, timeout: float = 15.0, curve: CurveKeys | None = None
     ) -> AsyncIterator[RdmaPeer]:
         """Connect to the agent at ``endpoint`` (with ``curve`` keys for a CURVE listener);
-        close on exit."""
+        say goodbye and close on exit."""
         peer = cls(endpoint, timeout, curve)
         try:
             yield peer
         finally:
-            peer.close()
+            try:
+                await peer.goodbye()
+            finally:
+                peer.close()
+
+    async def goodbye(self) -> None:
+        """Tell the agent this connection is done, so that its place comes back at once
+        (SPEC §4.7): at most ``GOODBYE_WAIT`` for the answer, which may be an error (an
+        agent older than 1.2 does not know ``goodbye``); nothing to say if never connected."""
+        if self._closed or self.lost is not None or not self._dialer.ready:
+            return
+        with contextlib.suppress(AgentError):
+            await self.request(Goodbye(), timeout=GOODBYE_WAIT)
 
     def close(self) -> None:
         """Close the connection; requests still waiting fail."""

@@ -37,6 +37,7 @@ from hmmirror.proto.messages import (
     AtomicOp,
     AtomicReply,
     Error,
+    Goodbye,
     Message,
     Ok,
     RdmaAtomic,
@@ -70,6 +71,9 @@ REPLY_CAP = 32 << 20
 REPLY_STALL = 2.0
 #: Requests between two sweeps of the reply budget (which forgets idle requesters).
 SWEEP_EVERY = 1024
+#: How long the ``ok`` to a requester's ``goodbye`` (and any reply still queued to it) may
+#: take to leave once its connection is closed (libzmq closes it in the background).
+GOODBYE_LINGER_MS = 1000
 _NEEDS = {
     RdmaRead: AccessFlags.REMOTE_READ,
     RdmaWrite: AccessFlags.REMOTE_WRITE,
@@ -199,6 +203,12 @@ class RdmaService:
                 return
             if not self._over_budget(identity, msg, env.id):
                 self._reply(identity, self._stat(requester), env.id)
+            return
+        if isinstance(msg, Goodbye):
+            # The requester is leaving (SPEC §4.7, 1.2): its connection's place (of the 32
+            # one address or uid may hold) comes back now, not when it has been silent long.
+            self._reply(identity, Ok(), env.id)
+            self.server.drop(identity, GOODBYE_LINGER_MS)
             return
         if not isinstance(msg, RdmaRead | RdmaWrite | RdmaAtomic):
             self.counters["bad_messages"] += 1

@@ -1,0 +1,91 @@
+"""A peer's connection places: one address or uid holds at most ``Limits.per_peer`` at once.
+
+A requester that closes its connection gives the place back at once with ``goodbye``
+(SPEC §4.7, 1.2); one that died, or closed without a word, gets it back once that
+connection has been silent for ``Limits.recycle_after`` and the peer knocks again. Before
+either, the 33rd connection of a requester that connected and closed 32 times was refused
+for as long as hm-agent ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import zmq
+from hmmirror.testing.rdma import hm_agent
+from hmmirror.transport import Dialer, DoorError, Limits, Server
+
+PAGE = 4096
+
+
+async def test_a_requester_that_connects_again_and_again_is_never_locked_out(hmmd, puppet):
+    """Forty connections in a row, each closed by ``RdmaPeer.connect``'s exit, past the 32
+    places of the address: every one is served."""
+    addr = await puppet.mmap(PAGE)
+    await puppet.write(addr, b"still here")
+    async with hm_agent(hmmd, f"{puppet.pid}:{addr:#x}:{PAGE}:r") as agent:
+        (rkey,) = agent.rkeys
+        for i in range(40):
+            async with agent.peer() as peer:
+                got = bytes(await peer.read(rkey, addr, 10))
+            assert got == b"still here", f"connection {i}"
+
+
+async def test_a_silent_connection_gives_its_place_to_the_same_peers_next_one():
+    """Real door, real sockets: with 2 places, a third knock is refused while both
+    connections are fresh, and admitted once the older has been silent ``recycle_after``;
+    that one is dropped, the other kept, and the new one is served."""
+    seen: list[bytes] = []
+    server = Server(
+        "tcp://127.0.0.1:0",
+        lambda conn, frames: seen.append(conn.rid),
+        insecure=True,
+        limits=Limits(per_peer=2, recycle_after=0.5),
+    )
+    ctx: zmq.Context[object] = zmq.Context()
+    dialers: list[Dialer] = []
+    try:
+        server.start()
+        for _ in range(2):
+            dialers.append(Dialer(ctx, server.endpoint))
+            await dialers[-1].dial(5.0)
+        first, second = list(server.connections)
+        dialers[1].sock.send(b"keeps it fresh")  # the second is heard from later
+        third = Dialer(ctx, server.endpoint)
+        dialers.append(third)
+        started = time.monotonic()
+        with pytest.raises(DoorError, match="has 2 connections, the most one may have"):
+            await third.dial(5.0)
+        await asyncio.sleep(max(0.0, 0.6 - (time.monotonic() - started)))
+        dialers[1].sock.send(b"still fresh")
+        await asyncio.sleep(0.05)
+        assert seen.count(second) == 2, "the second connection was heard from"
+        fresh = Dialer(ctx, server.endpoint)
+        dialers.append(fresh)
+        await fresh.dial(5.0)
+        assert first not in server.connections, "the silent one gave its place"
+        assert second in server.connections, "the one heard from lately kept its place"
+        (new,) = set(server.connections) - {second}
+        fresh.sock.send(b"served")
+        for _ in range(100):
+            if new in seen:
+                break
+            await asyncio.sleep(0.02)
+        assert new in seen, "the new connection is served"
+        # The client of the dropped connection is told at its next send: no peer, EAGAIN.
+        refused = False
+        for _ in range(100):
+            try:
+                dialers[0].sock.send(b"anyone?", zmq.NOBLOCK)
+            except zmq.Again:
+                refused = True
+                break
+            await asyncio.sleep(0.02)
+        assert refused, "a send on the dropped connection was queued, not refused"
+    finally:
+        for d in dialers:
+            d.close()
+        server.close()
+        ctx.term()
