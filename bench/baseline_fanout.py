@@ -150,7 +150,8 @@ class Fanout:
             if w is not None and not w[1].done():
                 w[1].set_exception(ConnectionError(f"agent {agent!r} {why} (seq {s})"))
 
-    async def invalidate(self, mm: int, start: int, end: int, event: int = 0) -> int:
+    def submit(self, mm: int, start: int, end: int, event: int = 0) -> asyncio.Future[int]:
+        """Queue one invalidation; the future gets its seq once every agent acked it."""
         assert self.loop is not None
         self.seq += 1
         s = self.seq
@@ -160,6 +161,11 @@ class Fanout:
         if not self.flush_pending:
             self.flush_pending = True
             self.loop.call_soon(self._flush)
+        return fut
+
+    async def invalidate(self, mm: int, start: int, end: int, event: int = 0) -> int:
+        fut = self.submit(mm, start, end, event)
+        s = self.seq
         try:
             return await asyncio.wait_for(fut, self.timeout_s)
         finally:

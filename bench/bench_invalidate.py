@@ -18,6 +18,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baseline_fanout
+import baseline_relay
 from common import (
     Procs,
     Row,
@@ -203,11 +204,16 @@ def _pipe_ours(
     try:
         with tmpdir() as d, Procs() as bprocs:
             fan = baseline_fanout.setup(bprocs, f"ipc://{d}/base.sock", n, ctx)
+            # The idealized pipeline (the raw fan-out behind a driver hop) with hmmd's own
+            # agents only: the DIAG run compares agents, not topologies.
+            relay = baseline_relay.setup_relay(bprocs, d, n, ctx) if kind == "agent" else None
             with Ours(n, daemon_args, kind) as o:
                 settle(log)
                 r = baseline_fanout.run_bounded(
                     loop,
-                    drive_pipelined_interleaved(o, fan, window, warmup_s, duration_s, rounds),
+                    drive_pipelined_interleaved(
+                        o, fan, window, warmup_s, duration_s, rounds, relay
+                    ),
                     baseline_fanout.LIMIT_S,
                 )
                 r["agents"] = o.agent_stats()
@@ -229,6 +235,17 @@ def _pipe_ours(
         f"{st1.get('ack_p99_us')} us; agent page_invalidations {pinv(r['agents'])}; "
         f"{cpu_per_invalidation(r, dinv)}" + (f"; errors {r['errors']}" if r["errors"] else "")
     )
+    if r["relay_rounds"]:
+        r["relay_ratio"] = statistics.median(r["relay_rounds"])
+        r["ours_of_relay_ratio"] = statistics.median(r["ours_of_relay"])
+        r["relay_note"] = (
+            f"the raw fan-out in its own process, driven over ipc with each tick's calls "
+            f"as one request (bench/baseline_relay.py), interleaved: {r['relay_rate']:.0f}/s; "
+            f"median of the rounds' ratios to the baseline {r['relay_ratio']:.2f} (range "
+            f"{min(r['relay_rounds']):.2f}-{max(r['relay_rounds']):.2f}); ours / ideal "
+            f"{r['ours_of_relay_ratio']:.2f} (range {min(r['ours_of_relay']):.2f}-"
+            f"{max(r['ours_of_relay']):.2f})"
+        )
     return r
 
 
@@ -276,6 +293,19 @@ def bench_pipelined(
             "-",
         ),
     ]
+    if "relay_ratio" in r:
+        log(f"[{name}] idealized pipeline with a driver hop: {r['relay_note']}")
+        rows.append(
+            Row(
+                name + " (ideal: raw fan-out behind a driver hop)",
+                f"{r['relay_rate']:.0f}/s",
+                f"{brate:.0f}/s",
+                r["relay_ratio"],
+                "info",
+                "-",
+                r["relay_note"],
+            )
+        )
     if diag:
         try:
             q = _pipe_ours(

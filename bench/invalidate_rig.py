@@ -18,6 +18,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baseline_fanout
+import baseline_relay
 from common import (
     PAGE,
     PY,
@@ -184,9 +185,11 @@ async def drive_pipelined_interleaved(
     warmup_s: float,
     duration_s: float,
     rounds: int,
+    relay: baseline_relay.RelayDriver | None = None,
 ) -> dict[str, Any]:
     """Benchmark 2 on both sides in one event loop: ``rounds`` blocks of
-    ``duration_s / rounds`` each, a baseline block then ours, each after a ramp-up that is not
+    ``duration_s / rounds`` each, a baseline block then (with ``relay``) the idealized
+    pipeline's, then ours, each after a ramp-up that is not
     counted (``warmup_s`` in the first round, ``RAMP_S`` later), so a load change on the
     shared machine hits both sides alike (measuring the baseline's 3 s first and ours after
     it let other work in either half swing the ratio by 2x). Ours is counted by hmmd's
@@ -197,9 +200,11 @@ async def drive_pipelined_interleaved(
     t = o.target
     pc = time.perf_counter
     block_s = duration_s / rounds
-    res: dict[str, Any] = {"rounds": []}
+    res: dict[str, Any] = {"rounds": [], "relay_rounds": [], "ours_of_relay": []}
     errors: list[str] = []
     fan.start()
+    if relay is not None:
+        relay.start()
     try:
         async with connect(o.endpoint, name="bench-driver") as s:
 
@@ -210,7 +215,12 @@ async def drive_pipelined_interleaved(
             def base_op(k: int) -> Awaitable[int]:
                 return fan.invalidate(1, (k % 256) * PAGE, (k % 256 + 1) * PAGE)
 
+            def relay_op(k: int) -> Awaitable[None]:
+                assert relay is not None
+                return relay.invalidate((k % 256) * PAGE, (k % 256 + 1) * PAGE)
+
             base_lat: list[float] = []
+            relay_done = 0
             our_lat: list[float] = []
             base_done = our_inv = our_done = 0
             our_dt = 0.0
@@ -226,6 +236,15 @@ async def drive_pipelined_interleaved(
                 base_done += done
                 base_lat += lat
                 brate = done / block_s
+                rrate = 0.0
+                if relay is not None:
+                    t_meas = pc() + ramp
+                    done, _ = await baseline_fanout.windowed(
+                        relay_op, window, t_meas, t_meas + block_s
+                    )
+                    relay_done += done
+                    rrate = done / block_s
+                    res["relay_rounds"].append(rrate / brate if brate else float("nan"))
                 t_meas = pc() + ramp
                 t_end = t_meas + block_s
                 mark: dict[str, Any] = {}
@@ -256,8 +275,12 @@ async def drive_pipelined_interleaved(
                 first = first or mark
                 last = mark
                 res["rounds"].append((dinv / dt) / brate if brate else float("nan"))
+                if rrate:
+                    res["ours_of_relay"].append((dinv / dt) / rrate)
     finally:
         fan.close()
+        if relay is not None:
+            relay.close()
     res.update(
         st0=first["st0"],
         st1=last["st1"],
@@ -267,6 +290,7 @@ async def drive_pipelined_interleaved(
         cpu1=cpu,
         our_invalidations=our_inv,
         base_rate=base_done / (rounds * block_s),
+        relay_rate=relay_done / (rounds * block_s),
         base_lat_p50_ms=percentile(base_lat, 50),
         base_lat_p99_ms=percentile(base_lat, 99),
         driver_rate=our_done / (rounds * block_s),
