@@ -4,6 +4,7 @@ real runs that a lying agent is caught while the honest ones in the same run are
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -159,20 +160,32 @@ def test_refused_write_closes_its_intent_and_a_landed_write_needs_a_mapped_page(
     assert "WRITE at" in bad[0].text()
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)
 async def test_an_agent_lying_about_atomics_is_caught_by_the_atomic_oracle() -> None:
     """agent-0 logs a neighbour's value for some FETCH_ADDs: the atomic oracle flags it, and
     every atomic violation names one of agent-0's results (an honest op is flagged only
-    beside the lie it contradicts: the honest agents alone raise nothing)."""
-    report = await Checker(Options(seed=6, duration=8.0, agents=3, scenario="lie-atomic")).run()
-    atomic = [(k, d) for k, d in report.violations if k.startswith("atomic:")]
-    # What the run did, for a failure to tell (a CI run on 2026-12-06 flagged nothing).
-    did = f"{report.atomics_judged} atomics judged; {dict(report.by_kind())}"
-    assert atomic, f"no atomic violation: {did}\n{_summary(report)}"
-    assert report.atomics_judged > 20, did
-    assert all("of agent 0 " in d for _, d in atomic if d != "(more)"), _summary(report)
-    assert report.by_kind()["stale translation"] == 0, _summary(report)
-    shutil.rmtree(report.logs)  # kept because of the (expected) violations
+    beside the lie it contradicts: the honest agents alone raise nothing).
+
+    A lie of old + 1 is seen only when something contradicts it: a later result, or the
+    count a reset of the page ends. One that an overlapping honest increment could explain,
+    or that a reset follows at once, goes unseen, so a short run can miss every lie (two CI
+    runs on 2026-12-06 flagged nothing, with 38 atomics judged in one): up to three runs,
+    each of a new seed, until one flags; each run must flag agent 0 only."""
+    runs = []
+    for seed in (6, 7, 8):
+        report = await Checker(
+            Options(seed=seed, duration=8.0, agents=3, scenario="lie-atomic")
+        ).run()
+        atomic = [(k, d) for k, d in report.violations if k.startswith("atomic:")]
+        runs.append(f"seed {seed}: {report.atomics_judged} atomics judged; {report.by_kind()}")
+        assert report.atomics_judged > 20, runs[-1]
+        assert all("of agent 0 " in d for _, d in atomic if d != "(more)"), _summary(report)
+        assert report.by_kind()["stale translation"] == 0, _summary(report)
+        if report.logs and os.path.isdir(report.logs):
+            shutil.rmtree(report.logs)  # kept because of the (expected) violations
+        if atomic:
+            break
+    assert atomic, "no atomic violation in any run: " + "; ".join(runs)
 
 
 @pytest.mark.timeout(150)
