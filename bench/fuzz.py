@@ -126,6 +126,8 @@ def seed_messages() -> list[list[Any]]:
             seeds.append(encode(msg, id=U64_MAX if edge else 7, re=1 if edge else 0, bulk=bulk))
     seeds.append(encode_ack(3, 9))
     seeds.append(encode_invalidate(4, 2, msgpack.packb([[1, 0, 8192, 0]]), 10))
+    two = msgpack.packb([[1, 0, 8192, 0], [3, 0, 4096, 0]])
+    seeds.append(encode_invalidate(5, 2, two, 11, msgpack.packb([2, 3])))
     return seeds
 
 

@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+import numpy as np
 import pytest
 from hmmirror.client import Access, MirrorEvicted, RemoteError, State
 from hmmirror.client._reaper import reap
+from hmmirror.client._table import VALID
 from hmmirror.client.mirror import Mirror
 from hmmirror.client.mlx5 import AccessFlags, MemoryRegion
 from hmmirror.client.session import Session
 from hmmirror.proto.errors import ErrorCode
-from hmmirror.proto.messages import Registered
+from hmmirror.proto.messages import Invalidate, Registered
 
 
 def _stubborn(release: asyncio.Event) -> asyncio.Task[None]:
@@ -117,3 +119,29 @@ async def test_a_fence_and_a_loss_drop_every_mirror(tmp_path: Any) -> None:
     finally:
         await session.close()
     assert session.state is State.CLOSED
+
+
+async def test_an_invalidate_over_several_mirrors_zaps_each_its_own_items(tmp_path: Any) -> None:
+    """1.2: item i of an INVALIDATE is for mirror ``mirrors[i]``, or for ``mirror`` past the
+    end of the list. Each mirror loses the pages of its own items only, records its own
+    last seq, and one ACK n covers them all; an item for a mirror the session no longer
+    has is skipped."""
+    session = Session(f"ipc://{tmp_path}/no-hmmd.sock", "mirrors-test", 1.0)
+    try:
+        base = 0x10000
+        mirrors = {}
+        for mirror_id, pid in ((7, 1), (8, 2)):
+            reg = Registered(mirror=mirror_id, pid=pid, start_time=0, seq=0)
+            mirror = session.mirrors[mirror_id] = Mirror(session, reg, base, 4 * 4096, Access.READ)
+            mirror.table[:] = VALID | np.uint64(0x1234)  # as faults would have left them
+            mirror._held = 4
+            mirrors[mirror_id] = mirror
+        page = [(base + i * 4096, base + (i + 1) * 4096) for i in range(4)]
+        items = ((3, *page[0], 0), (5, *page[1], 0), (9, *page[2], 0), (11, *page[3], 0))
+        session._on_invalidate(Invalidate(n=4, mirror=7, items=items, mirrors=(7, 8, 99)))
+        assert [int(e) >= int(VALID) for e in mirrors[7].table] == [False, True, True, False]
+        assert [int(e) >= int(VALID) for e in mirrors[8].table] == [True, False, True, True]
+        assert (mirrors[7].seq, mirrors[8].seq) == (11, 5)
+        assert session._acks.drained() == 4
+    finally:
+        await session.close()

@@ -138,6 +138,8 @@ def test_odd_ack_bodies_match_general_path(body: dict[str, Any]) -> None:
         {"n": 1, "mirror": 2, "items": (b"abcd",)},
         {"n": 1, "mirror": 2, "items": ((0, 0, 0, 0),) * 4097},
         {"n": 1, "mirror": 2, "items": (), "extra": 1},
+        {"n": 1, "mirror": 2, "items": ((1, 2, 3, 0),), "mirrors": (2,)},
+        {"n": 1, "mirror": 2, "items": ((1, 2, 3, 0),), "mirrors": (3,)},
         {"n": "1", "mirror": 2, "items": ()},
     ],
 )

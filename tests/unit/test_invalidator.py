@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, cast
 
+import pytest
 from hmmirror.daemon.invalidation import Invalidation, Invalidator
 from hmmirror.daemon.linux.procfs import PAGE_SIZE, ProcessView
 from hmmirror.daemon.outbox import Courier
@@ -268,9 +269,14 @@ async def test_a_reply_sends_held_items_first_whatever_the_window() -> None:
     assert kinds == ["Invalidate", "Invalidate", "Ok"]
 
 
-async def test_a_batch_over_several_mirrors_is_one_invalidate_per_mirror() -> None:
+@pytest.mark.parametrize("version", [(1, 0), (1, 1)])
+async def test_a_batch_over_several_mirrors_is_one_invalidate_per_mirror(
+    version: tuple[int, int],
+) -> None:
+    """To a session whose hello said 1.1 or less (no ``Invalidate.mirrors``)."""
     f = Fanout()
     a = f.session("a")
+    a.version = version
     # A second mirror of the same session over another mm (another target process).
     mm2 = Mm(pid=2, start_time=1, view=cast(ProcessView, None), pidfd=-1)
     m2 = Mirror(50, a, mm2, [Span(LO, HI)], Access.READ)
@@ -288,6 +294,30 @@ async def test_a_batch_over_several_mirrors_is_one_invalidate_per_mirror() -> No
     for m in sent:
         assert [it[1] for it in m.items] == sorted(it[1] for it in m.items)
     f.inv.on_ack(a, 3)
+    assert f.mm.seq % 2 == 0 and mm2.seq % 2 == 0
+
+
+async def test_a_batch_over_several_mirrors_is_one_invalidate_to_a_1_2_session() -> None:
+    """A session whose hello said 1.2 gets the held batch of two mirrors as one INVALIDATE,
+    ``mirrors`` naming each item's mirror; one ACK of it completes both mms' invalidations."""
+    f = Fanout()
+    a = f.session("a")
+    a.version = (1, 2)
+    mm2 = Mm(pid=2, start_time=1, view=cast(ProcessView, None), pidfd=-1)
+    m2 = Mirror(50, a, mm2, [Span(LO, HI)], Access.READ)
+    mm2.mirrors.append(m2)
+    a.mirrors[m2.id] = m2
+    f.inv.begin(f.mm, page(0), Event.CLEAR)  # in flight: what follows is held
+    for i in (1, 2, 3):
+        f.inv.begin(f.mm, page(i), Event.CLEAR)
+        f.inv.begin(mm2, page(i), Event.CLEAR)
+    f.inv.on_ack(a, 1)
+    await asyncio.sleep(0)
+    (sent,) = f.sender.to(a)[1:]
+    assert sent.mirrors == (a.id,) * 3 + (m2.id,) * 3 and sent.mirror == a.id
+    assert [it[1] for it in sent.items] == [LO + i * PAGE_SIZE for i in (1, 2, 3)] * 2
+    assert f.mm.seq % 2 == 1 and mm2.seq % 2 == 1  # both still waiting for that ACK
+    f.inv.on_ack(a, 2)
     assert f.mm.seq % 2 == 0 and mm2.seq % 2 == 0
 
 

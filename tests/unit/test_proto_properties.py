@@ -142,7 +142,8 @@ def field_strategy(name: str, spec: Spec) -> st.SearchStrategy[Any]:
 
 def message_strategy(cls: type[M.Message]) -> st.SearchStrategy[M.Message]:
     """Instances of ``cls`` built field by field from the declared specs."""
-    return st.builds(cls, **{name: field_strategy(name, spec) for name, spec in specs(cls)})
+    fields = {name: field_strategy(name, spec) for name, spec in specs(cls)}
+    return st.builds(cls, **fields)
 
 
 STRATEGIES: dict[type[M.Message], st.SearchStrategy[M.Message]] = {

@@ -85,10 +85,21 @@ class Session(Lifecycle):
             self.loop.call_soon(self._fence)
 
     def _on_invalidate(self, msg: Invalidate) -> None:
-        """Zap the named mirror's entries; queue the ACK behind the DMA fences."""
+        """Zap the named mirrors' entries; queue the ACK behind the DMA fences."""
         self.invalidations_received += 1
-        mirror = self.mirrors.get(msg.mirror)
-        fences = mirror._invalidate_items(msg.items) if mirror is not None else []
+        if msg.mirrors:  # 1.2: item i is for mirrors[i], or for mirror past its end (§4.3)
+            per_mirror: dict[int, list[tuple[int, int, int, int]]] = {}
+            names = msg.mirrors
+            for i, item in enumerate(msg.items):
+                per_mirror.setdefault(names[i] if i < len(names) else msg.mirror, []).append(item)
+            fences = []
+            for mirror_id, items in per_mirror.items():
+                mirror = self.mirrors.get(mirror_id)
+                if mirror is not None:
+                    fences += mirror._invalidate_items(tuple(items))
+        else:
+            mirror = self.mirrors.get(msg.mirror)
+            fences = mirror._invalidate_items(msg.items) if mirror is not None else []
         self._acks.append((msg.n, fences))
 
     def _advance_acks(self) -> None:

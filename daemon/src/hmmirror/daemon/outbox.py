@@ -36,6 +36,7 @@ from hmmirror.daemon.budget import track_last
 from hmmirror.daemon.state import Mirror, Session
 from hmmirror.proto.codec import encode, encode_invalidate
 from hmmirror.proto.messages import MAX_ITEMS, Evicted, Message
+from hmmirror.proto.version import MIRRORS_VERSION
 from hmmirror.transport import Unreachable
 from hmmirror.transport.budget import ReplyBudget, frame_bytes
 
@@ -189,12 +190,13 @@ class Courier(Generic[T]):
             self.flush(session)
 
     def flush(self, session: Session) -> None:
-        """Send ``session``'s queued chunks now: one INVALIDATE per mirror (per ``MAX_ITEMS``).
+        """Send ``session``'s queued chunks now: one INVALIDATE (per ``MAX_ITEMS``) for them
+        all, or one per mirror to a session whose ``hello`` said less than 1.2.
 
         Chunks are grouped by mirror, each mirror's in the order they were queued: the
         order between two mirrors' items carries nothing (each zaps its own table, and
         one cumulative ACK covers both), so a batch over several targets costs one
-        message per mirror, not one per run.
+        message (1.2, ``Invalidate.mirrors``), or one per mirror, not one per run.
         """
         box = self.outbox(session)
         timer = self._held.pop(session, None)
@@ -208,11 +210,15 @@ class Courier(Generic[T]):
                 for chunk in batch:
                     groups.setdefault(chunk[2], []).append(chunk)
                 box.batch = list(chain.from_iterable(groups.values()))
+        one_mirror = session.version < MIRRORS_VERSION
         while box.batch and not session.fenced:
             first = box.batch[0]
             take, total = 0, 0
             for chunk in box.batch:
-                if take and (chunk[2] is not first[2] or total + len(chunk[0].items) > MAX_ITEMS):
+                if take and (
+                    (one_mirror and chunk[2] is not first[2])
+                    or total + len(chunk[0].items) > MAX_ITEMS
+                ):
                     break
                 take += 1
                 total += len(chunk[0].items)
@@ -228,7 +234,12 @@ class Courier(Generic[T]):
                 packed = first[0].packed()
             else:
                 packed = msgpack.packb(list(chain.from_iterable(c[0].items for c in chunks)))
-            frames = encode_invalidate(n, first[2].id, packed, session.take_id())
+            mirrors = b""
+            if not one_mirror and chunks[-1][2] is not first[2]:  # grouped: first and last differ
+                mirrors = msgpack.packb(
+                    list(chain.from_iterable([c[2].id] * len(c[0].items) for c in chunks))
+                )
+            frames = encode_invalidate(n, first[2].id, packed, session.take_id(), mirrors)
             try:
                 self.sender.send(session.identity, frames)
             except Unreachable as exc:

@@ -98,8 +98,24 @@ def encode(msg: Message, id: int, re: int = 0, bulk: Sequence[Any] = ()) -> list
         raise ValueError(f"{cls.TYPE} carries {len(cls.BULK)} bulk frames, got {len(bulk)}")
     header = msgpack.packb({"v": list(PROTOCOL_VERSION), "type": cls.TYPE, "id": id, "re": re})
     # msgpack packs tuples as arrays, so the frozen messages' tuples need no conversion.
-    body = msgpack.packb({name: getattr(msg, name) for name in _names(cls)})
+    fields = {name: getattr(msg, name) for name in _names(cls)}
+    for name, default in _omitted(cls):
+        if fields[name] == default:
+            del fields[name]
+    body = msgpack.packb(fields)
     return [b"", header, body, *bulk]
+
+
+_OMITTED: dict[type[Message], tuple[tuple[str, Any], ...]] = {}
+
+
+def _omitted(cls: type[Message]) -> tuple[tuple[str, Any], ...]:
+    """The (name, default) of ``cls``'s fields left out while they hold the default."""
+    cached = _OMITTED.get(cls)
+    if cached is None:
+        cached = tuple((n, spec.default) for n, spec in _fields(cls) if spec.omit_default)
+        _OMITTED[cls] = cached
+    return cached
 
 
 _HEADER_V = list(PROTOCOL_VERSION)
@@ -120,18 +136,30 @@ _ACK_HEAD = _head("ack")
 _pack_int = msgpack.Packer().pack
 
 
-def encode_invalidate(n: int, mirror: int, packed_items: bytes, id: int) -> list[Any]:
-    """``encode(Invalidate(n, mirror, items), id)`` from items packed once and shared.
+def encode_invalidate(
+    n: int, mirror: int, packed_items: bytes, id: int, packed_mirrors: bytes = b""
+) -> list[Any]:
+    """``encode(Invalidate(n, mirror, items, mirrors), id)`` from items packed once and shared.
 
     The fan-out hot path: ``packed_items`` is ``msgpack.packb(items)``, the same
     for every mirror an invalidation reaches, so only the small map around it is
-    built per session. The bytes are identical to the general encoder's (the
+    built per session; ``packed_mirrors``, ``msgpack.packb(mirrors)`` or empty for
+    none (1.2, SPEC §4.3). The bytes are identical to the general encoder's (the
     unit tests check it).
     """
     header = b"".join((_INVALIDATE_HEAD, _pack_int(id), _NO_RE))
-    # A 3-entry map, keys in field order, the items value spliced in already packed.
+    # A 3-entry map (4 with mirrors), keys in field order, the lists spliced in packed.
     body = b"".join(
-        (b"\x83\xa1n", _pack_int(n), b"\xa6mirror", _pack_int(mirror), b"\xa5items", packed_items)
+        (
+            b"\x84\xa1n" if packed_mirrors else b"\x83\xa1n",
+            _pack_int(n),
+            b"\xa6mirror",
+            _pack_int(mirror),
+            b"\xa5items",
+            packed_items,
+            b"\xa7mirrors" if packed_mirrors else b"",
+            packed_mirrors,
+        )
     )
     return [b"", header, body]
 
@@ -285,6 +313,8 @@ def _decode_hot(frames: Sequence[Buffer]) -> Envelope | None:
             return None
         try:
             raw = _unpack(frames[2], MAX_BODY, "body")
+            if len(raw) != 3:  # 1.2's ``mirrors``, or anything else: the general path
+                return None
             n_, mirror = raw.get("n"), raw.get("mirror")
             if type(n_) is not int or type(mirror) is not int or n_ < 0 or mirror < 0:
                 return None

@@ -47,11 +47,17 @@ class Spec:
     kind: Kind
     max: int = U64_MAX
     default: Any = REQUIRED
+    omit_default: bool = False
+    """Left out of the encoded body while it holds ``default`` (a field a later minor
+    version added: a message that does not use it is encoded as before)."""
 
 
-def wire(kind: Kind, max: int = U64_MAX, default: Any = dataclasses.MISSING) -> Any:
-    """Declare a message field of ``kind`` bounded by ``max``; ``default`` makes it optional."""
-    spec = Spec(kind, max, REQUIRED if default is dataclasses.MISSING else default)
+def wire(
+    kind: Kind, max: int = U64_MAX, default: Any = dataclasses.MISSING, omit_default: bool = False
+) -> Any:
+    """Declare a message field of ``kind`` bounded by ``max``; ``default`` makes it optional,
+    and ``omit_default`` leaves it out of the encoding while it holds the default."""
+    spec = Spec(kind, max, REQUIRED if default is dataclasses.MISSING else default, omit_default)
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata={"wire": spec})
     return dataclasses.field(default=default, metadata={"wire": spec})

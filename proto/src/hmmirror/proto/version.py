@@ -10,6 +10,9 @@ PROTOCOL_VERSION: tuple[int, int] = (1, 2)
 #: The first version with the shared-memory DMA window (SPEC §4.9): a session whose
 #: ``hello`` said less never gets one, and a ``welcome`` from an older daemon offers none.
 WINDOW_VERSION: tuple[int, int] = (1, 1)
+#: The first version that takes an INVALIDATE over several mirrors (``Invalidate.mirrors``,
+#: SPEC §4.3): a session whose ``hello`` said less gets one INVALIDATE per mirror.
+MIRRORS_VERSION: tuple[int, int] = (1, 2)
 #: Seconds a fault or device access keeps retrying invalidations that race it before it
 #: gives up with ``EBUSY`` (SPEC §3, the EBUSY row; the kernel's HMM_RANGE_DEFAULT_TIMEOUT).
 RETRY_BUDGET = 1.0

@@ -19,12 +19,19 @@ class Invalidate(Message):
     the mm's odd ``seq`` to record with ``set_seq``, the byte range [start, end)
     and an ``Event``; each item is one invalidation. RELEASE and EVICT items
     cover the whole mirror.
+
+    ``mirrors`` (1.2, only to a session whose ``hello`` said 1.2 or more): item
+    ``i`` is for mirror ``mirrors[i]``, or for ``mirror`` past the end of the list
+    (hmmd sends one per item, the first being ``mirror``): one message carries a
+    batch over several mirrors of the session (several target processes) where
+    1.1 took one message each.
     """
 
     TYPE: ClassVar[str] = "invalidate"
     n: int = wire(Kind.UINT)
     mirror: int = wire(Kind.UINT)
     items: tuple[tuple[int, int, int, int], ...] = wire(Kind.ITEMS, MAX_ITEMS)
+    mirrors: tuple[int, ...] = wire(Kind.UINTS, MAX_ITEMS, default=(), omit_default=True)
 
 
 @dataclass(frozen=True)
