@@ -14,6 +14,7 @@ import time
 
 import pytest
 import zmq
+from hmmirror.proto.messages import Goodbye
 from hmmirror.testing.rdma import hm_agent
 from hmmirror.transport import Dialer, DoorError, Limits, Server
 
@@ -89,3 +90,28 @@ async def test_a_silent_connection_gives_its_place_to_the_same_peers_next_one():
             d.close()
         server.close()
         ctx.term()
+
+
+async def test_a_requester_whose_connection_the_agent_closed_knocks_again(hmmd, puppet):
+    """The agent closed the connection (here after a ``goodbye`` sent by hand; after 60 s of
+    silence at the cap it does so by itself): the next READ is refused by our own socket
+    (no peer), and goes again, once, on a new connection."""
+    addr = await puppet.mmap(PAGE)
+    await puppet.write(addr, b"still here")
+    async with (
+        hm_agent(hmmd, f"{puppet.pid}:{addr:#x}:{PAGE}:r") as agent,
+        agent.peer() as peer,
+    ):
+        (rkey,) = agent.rkeys
+        assert bytes(await peer.read(rkey, addr, 10)) == b"still here"
+        await peer.request(Goodbye(), timeout=5.0)  # answered, then the agent closes its end
+        await asyncio.sleep(1.0)  # the close reaches our socket
+        assert bytes(await peer.read(rkey, addr, 10)) == b"still here"
+        assert bytes(await peer.read(rkey, addr + 6, 4)) == b"here"
+        # Eight requests find the next closed connection at once: one knock serves them all.
+        await peer.request(Goodbye(), timeout=5.0)
+        await asyncio.sleep(1.0)
+        before = peer.sock
+        reads = await asyncio.gather(*(peer.read(rkey, addr + i, 1) for i in range(8)))
+        assert b"".join(bytes(r) for r in reads) == b"still he"
+        assert peer.sock is not before

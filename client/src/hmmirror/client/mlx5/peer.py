@@ -46,6 +46,7 @@ from hmmirror.proto.messages import (
     StatMr,
     StatMrReply,
 )
+from hmmirror.transport.sockets import HWM
 
 #: The requests that change nothing at the agent: a timeout of one has no effect to fear.
 _READ_ONLY = (RdmaRead, StatMr)
@@ -67,11 +68,15 @@ class RdmaPeer(Channel):
 
     def __init__(self, endpoint: str, timeout: float, curve: CurveKeys | None = None) -> None:
         super().__init__(endpoint, timeout, curve)
+        self._monitor = self._monitored()
+        self._refused = ""
+
+    def _monitored(self) -> zmq.Socket[Any]:
+        """A monitor of the socket: the handshake's outcome."""
         events = 0
         for event in self._HANDSHAKE:
             events |= event
-        self._monitor = self.sock.get_monitor_socket(events)
-        self._refused = ""
+        return self.sock.get_monitor_socket(events)
 
     @classmethod
     @asynccontextmanager
@@ -100,10 +105,14 @@ class RdmaPeer(Channel):
 
     def close(self) -> None:
         """Close the connection; requests still waiting fail."""
-        if not self._monitor.closed:
-            self.sock.disable_monitor()
-            self._monitor.close(linger=0)
+        self._unmonitor()
         self._close_socket()
+
+    def _unmonitor(self) -> None:
+        if not self._monitor.closed:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.disable_monitor()
+            self._monitor.close(linger=0)
 
     def _handshake_refused(self) -> str:
         """Why the agent refused our last handshake ("" if it did not, or we cannot tell)."""
@@ -116,11 +125,47 @@ class RdmaPeer(Channel):
             self._refused = self._HANDSHAKE.get(event, self._refused)
         return self._refused
 
+    def _closed_by_agent(self, exc: DaemonUnavailable) -> bool:
+        """Whether ``exc`` says our socket refused a request because the agent had closed
+        the connection: a send refused (EAGAIN) with fewer requests unanswered than the
+        send queue holds, so not a full queue but no peer at all."""
+        return (
+            isinstance(exc.__cause__, zmq.Again)
+            and not self._closed
+            and self._dialer.ready
+            and len(self._pending) < HWM
+        )
+
+    async def _knock_again(self) -> None:
+        """The agent closed this connection (a ``goodbye``, or it took the place back after
+        a long silence, SPEC §4.7): a new one, watched like the first."""
+        self._unmonitor()
+        await self.redial()
+        self._monitor = self._monitored()
+
     async def _ask(
         self, msg: Message, expect: type[R], bulk: Any = (), copy: bool = True
     ) -> tuple[R, tuple[memoryview, ...]]:
         """One request and its reply (of type ``expect``) and bulk, with the agent's error
-        replies raised as the model's errors."""
+        replies raised as the model's errors. A request that could not leave because the
+        agent had closed the connection goes again, once, on a new one."""
+        sock = self.sock
+        try:
+            return await self._exchange(msg, expect, bulk, copy)
+        except DaemonUnavailable as exc:
+            if not self._closed_by_agent(exc):
+                raise
+        # The first request to find the connection gone knocks (``redial`` replaces the
+        # socket before it awaits anything); the others go on the new one, whose dial
+        # they then share.
+        if self.sock is sock:
+            await self._knock_again()
+        return await self._exchange(msg, expect, bulk, copy)
+
+    async def _exchange(
+        self, msg: Message, expect: type[R], bulk: Any, copy: bool
+    ) -> tuple[R, tuple[memoryview, ...]]:
+        """``exchange`` with the agent's errors raised as the model's."""
         try:
             return await self.exchange(msg, expect, bulk, copy=copy)
         except RemoteError as exc:
