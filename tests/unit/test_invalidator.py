@@ -269,15 +269,15 @@ async def test_a_reply_sends_held_items_first_whatever_the_window() -> None:
     assert kinds == ["Invalidate", "Invalidate", "Ok"]
 
 
-@pytest.mark.parametrize("version", [(1, 0), (1, 1)])
-async def test_a_batch_over_several_mirrors_is_one_invalidate_per_mirror(
+async def _held_batch_over_two_mirrors(
     version: tuple[int, int],
-) -> None:
-    """To a session whose hello said 1.1 or less (no ``Invalidate.mirrors``)."""
+) -> tuple[Fanout, Session, Mm, Mirror]:
+    """A session (whose hello said ``version``) with a second mirror over another mm (another
+    target process): pages 1-3 of both invalidated while page 0's INVALIDATE is unacked,
+    then that ACK, which releases the held batch."""
     f = Fanout()
     a = f.session("a")
     a.version = version
-    # A second mirror of the same session over another mm (another target process).
     mm2 = Mm(pid=2, start_time=1, view=cast(ProcessView, None), pidfd=-1)
     m2 = Mirror(50, a, mm2, [Span(LO, HI)], Access.READ)
     mm2.mirrors.append(m2)
@@ -288,6 +288,15 @@ async def test_a_batch_over_several_mirrors_is_one_invalidate_per_mirror(
         f.inv.begin(mm2, page(i), Event.CLEAR)
     f.inv.on_ack(a, 1)
     await asyncio.sleep(0)
+    return f, a, mm2, m2
+
+
+@pytest.mark.parametrize("version", [(1, 0), (1, 1)])
+async def test_a_batch_over_several_mirrors_is_one_invalidate_per_mirror(
+    version: tuple[int, int],
+) -> None:
+    """To a session whose hello said 1.1 or less (no ``Invalidate.mirrors``)."""
+    f, a, mm2, m2 = await _held_batch_over_two_mirrors(version)
     sent = f.sender.to(a)[1:]
     assert [(m.mirror, len(m.items)) for m in sent] == [(a.id, 3), (m2.id, 3)]
     # Each mirror's items keep their order (seq rises within a mirror).
@@ -300,19 +309,7 @@ async def test_a_batch_over_several_mirrors_is_one_invalidate_per_mirror(
 async def test_a_batch_over_several_mirrors_is_one_invalidate_to_a_1_2_session() -> None:
     """A session whose hello said 1.2 gets the held batch of two mirrors as one INVALIDATE,
     ``mirrors`` naming each item's mirror; one ACK of it completes both mms' invalidations."""
-    f = Fanout()
-    a = f.session("a")
-    a.version = (1, 2)
-    mm2 = Mm(pid=2, start_time=1, view=cast(ProcessView, None), pidfd=-1)
-    m2 = Mirror(50, a, mm2, [Span(LO, HI)], Access.READ)
-    mm2.mirrors.append(m2)
-    a.mirrors[m2.id] = m2
-    f.inv.begin(f.mm, page(0), Event.CLEAR)  # in flight: what follows is held
-    for i in (1, 2, 3):
-        f.inv.begin(f.mm, page(i), Event.CLEAR)
-        f.inv.begin(mm2, page(i), Event.CLEAR)
-    f.inv.on_ack(a, 1)
-    await asyncio.sleep(0)
+    f, a, mm2, m2 = await _held_batch_over_two_mirrors((1, 2))
     (sent,) = f.sender.to(a)[1:]
     assert sent.mirrors == (a.id,) * 3 + (m2.id,) * 3 and sent.mirror == a.id
     assert [it[1] for it in sent.items] == [LO + i * PAGE_SIZE for i in (1, 2, 3)] * 2
