@@ -41,6 +41,11 @@ R = TypeVar("R", bound=Message)
 _READS = frozenset({"status", "inventory", "heartbeat", "stat_mr", "rdma_read", "dma_read"})
 
 
+class Unsent(DaemonUnavailable):
+    """Our own socket refused the request (a full send queue, or no peer at all): it never
+    left, so sending it again cannot repeat it."""
+
+
 def _expire(fut: asyncio.Future[Envelope]) -> None:
     """The request's timer fired: fail ``fut`` with TimeoutError unless it was answered."""
     if not fut.done():
@@ -123,12 +128,12 @@ class Channel(Drained):
         return msg_id
 
     def _send_frames(self, frames: list[Any], copy: bool = True) -> None:
-        """Send ``frames`` without blocking; DaemonUnavailable if the queue is full."""
+        """Send ``frames`` without blocking; Unsent if the queue is full (or has no peer)."""
         try:
             send_frames(self.sock, frames, copy)
         except zmq.Again as exc:
             where = f"{self.what} at {self.endpoint}"
-            raise DaemonUnavailable(str(unreachable(exc, where))) from exc
+            raise Unsent(str(unreachable(exc, where))) from exc
         finally:
             self._sent()
 

@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import zmq
-from hmmirror.client.channel import Channel, R
+from hmmirror.client.channel import Channel, R, Unsent
 from hmmirror.client.curve import CurveKeys
 from hmmirror.client.errors import (
     AgentError,
@@ -125,16 +125,11 @@ class RdmaPeer(Channel):
             self._refused = self._HANDSHAKE.get(event, self._refused)
         return self._refused
 
-    def _closed_by_agent(self, exc: DaemonUnavailable) -> bool:
-        """Whether ``exc`` says our socket refused a request because the agent had closed
-        the connection: a send refused (EAGAIN) with fewer requests unanswered than the
-        send queue holds, so not a full queue but no peer at all."""
-        return (
-            isinstance(exc.__cause__, zmq.Again)
-            and not self._closed
-            and self._dialer.ready
-            and len(self._pending) < HWM
-        )
+    def _closed_by_agent(self) -> bool:
+        """Whether a request our socket refused (``Unsent``) was refused because the agent
+        had closed the connection: fewer requests are unanswered than the send queue holds,
+        so it was not full but had no peer at all."""
+        return not self._closed and self._dialer.ready and len(self._pending) < HWM
 
     async def _knock_again(self) -> None:
         """The agent closed this connection (a ``goodbye``, or it took the place back after
@@ -152,8 +147,8 @@ class RdmaPeer(Channel):
         sock = self.sock
         try:
             return await self._exchange(msg, expect, bulk, copy)
-        except DaemonUnavailable as exc:
-            if not self._closed_by_agent(exc):
+        except Unsent:
+            if not self._closed_by_agent():
                 raise
         # The first request to find the connection gone knocks (``redial`` replaces the
         # socket before it awaits anything); the others go on the new one, whose dial
