@@ -92,6 +92,13 @@ class Channel(Drained):
             raise DaemonUnavailable(
                 f"cannot connect to {self.what} at {self.endpoint}: {exc.why}"
             ) from exc
+        except asyncio.CancelledError:
+            # ``close`` cancelled the dial: the requests waiting on it fail as any request
+            # on a closed connection does. A cancel of the caller's own task goes on.
+            task = asyncio.current_task()
+            if not self._closed or (task is not None and task.cancelling()):
+                raise
+            raise DaemonUnavailable(f"connection to {self.endpoint} closed") from None
 
     async def redial(self) -> None:
         """A fresh connection to a server that dropped (or lost) this one: knock again."""

@@ -94,6 +94,9 @@ class Dialer:
         self._file = ""
         self.ready = False
         self._auth_failed = False
+        #: The handshake monitor's PAIR socket while a CURVE dial runs: ``close`` closes it
+        #: too, so a dial cancelled by a close cannot keep the context from terminating.
+        self._watcher: zmq.Socket[Any] | None = None
         try:
             if self.ipc:
                 self._dir = _private_dir()
@@ -176,7 +179,7 @@ class Dialer:
         # An address of its own: pyzmq's default one stays taken after disable_monitor.
         address = f"inproc://hmmirror.dial.{id(self)}.{secrets.token_hex(4)}"
         self.sock.monitor(address, _HANDSHAKE_FAILED)
-        monitor = self.sock.context.socket(zmq.PAIR)
+        monitor = self._watcher = self.sock.context.socket(zmq.PAIR)
         monitor.connect(address)
 
         def refused() -> bool:
@@ -190,9 +193,16 @@ class Dialer:
         try:
             yield refused
         finally:
-            with contextlib.suppress(zmq.ZMQError):
-                self.sock.disable_monitor()
-            monitor.close(linger=0)
+            self._unwatch()
+
+    def _unwatch(self) -> None:
+        """Stop the handshake monitor of a CURVE dial, if one runs (idempotent)."""
+        monitor, self._watcher = self._watcher, None
+        if monitor is None:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.disable_monitor()
+        monitor.close(linger=0)
 
     async def dial(self, timeout: float) -> None:
         """Knock, then wait for the server's connection; raise DoorError."""
@@ -285,7 +295,9 @@ class Dialer:
         check_reply(self.door, reply)
 
     def close(self) -> None:
-        """Close the socket (linger 0) and remove what it left on disk."""
+        """Close the socket (linger 0), and the monitor of a dial in progress, and remove
+        what it left on disk: the context can then terminate at once."""
+        self._unwatch()
         with contextlib.suppress(zmq.ZMQError):
             self.sock.close(linger=0)
         self._seal()

@@ -136,6 +136,8 @@ class RdmaPeer(Channel):
         a long silence, SPEC §4.7): a new one, watched like the first."""
         self._unmonitor()
         await self.redial()
+        if self._closed:  # closed while it knocked
+            raise DaemonUnavailable(f"connection to {self.endpoint} closed")
         self._monitor = self._monitored()
 
     async def _ask(
