@@ -92,6 +92,58 @@ async def test_a_silent_connection_gives_its_place_to_the_same_peers_next_one():
         ctx.term()
 
 
+async def knock_raw(endpoint: str, line: str) -> str:
+    """One knock at a TCP door, as anyone at the address can make it; the door's answer."""
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(line.encode() + b"\n")
+        await writer.drain()
+        return (await asyncio.wait_for(reader.readline(), 5.0)).decode().strip()
+    finally:
+        writer.close()
+
+
+async def test_a_knock_naming_a_live_connections_port_does_not_take_it_away():
+    """A stranger at the same address names the port of a connection that is live: the knock
+    is refused and the connection kept. Before, the server dropped that connection and
+    connected to the port again, before anyone was authenticated. Once the connection has been
+    silent for ``recycle_after`` (a client that died, its port bound again), it gives way."""
+    seen: list[bytes] = []
+    server = Server(
+        "tcp://127.0.0.1:0",
+        lambda conn, frames: seen.append(conn.rid),
+        insecure=True,
+        limits=Limits(recycle_after=0.5),
+    )
+    ctx: zmq.Context[object] = zmq.Context()
+    victim: Dialer | None = None
+    try:
+        server.start()
+        victim = Dialer(ctx, server.endpoint)
+        await victim.dial(5.0)
+        (rid,) = server.connections
+        port = victim.sock.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1]
+        answer = await knock_raw(server.endpoint, f"channel {port}")
+        assert "is connected already" in answer, answer
+        assert list(server.connections) == [rid], "the live connection was taken away"
+        victim.sock.send(b"still mine")
+        for _ in range(100):
+            if rid in seen:
+                break
+            await asyncio.sleep(0.02)
+        assert rid in seen, "the victim's connection still serves it"
+        await asyncio.sleep(0.6)  # silent past recycle_after
+        answer = await knock_raw(server.endpoint, f"channel {port}")
+        assert answer.startswith("ok"), answer
+        assert rid not in server.connections and len(server.connections) == 1
+    finally:
+        if victim is not None:
+            victim.close()
+        server.close()
+        ctx.term()
+
+
 async def test_a_requester_whose_connection_the_agent_closed_knocks_again(hmmd, puppet):
     """The agent closed the connection (here after a ``goodbye`` sent by hand; after 60 s of
     silence at the cap it does so by itself): the next READ is refused by our own socket

@@ -271,7 +271,14 @@ class Server:
         endpoint = tcp_endpoint(peer.address, int(arg))
         old = self._by_endpoint.get(endpoint)
         if old is not None:
-            self.drop(old)  # the client's port was reused: that connection is gone
+            # Anyone at the address can name the port (`ss -tn` shows it), and nobody is
+            # authenticated yet: a connection heard from lately is live, and a knock does not
+            # take it away. One silent for ``recycle_after`` may belong to a client that died
+            # and whose port was bound again: it gives way, as at the per-peer cap.
+            silent = time.monotonic() - self.connections[old].last_seen
+            if silent < self.limits.recycle_after:
+                return f"port {arg} of {peer.address} is connected already; bind another"
+            self.drop(old)
         return self._connect(peer, endpoint, -1, proven=not self.curve)
 
     def _connect(self, peer: Peer, endpoint: str, opath: int, proven: bool) -> str | None:
