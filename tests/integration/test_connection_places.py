@@ -10,6 +10,7 @@ for as long as hm-agent ran.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -140,6 +141,61 @@ async def test_a_knock_naming_a_live_connections_port_does_not_take_it_away():
     finally:
         if victim is not None:
             victim.close()
+        server.close()
+        ctx.term()
+
+
+def closed_port() -> int:
+    """A local TCP port nobody listens on (bound for a moment, then closed)."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return int(port)
+
+
+async def test_knocks_naming_ports_nobody_answers_from_do_not_hold_the_places():
+    """Knocks that name ports nobody answers from (no key, no listener: what anyone at any
+    address can send) fill every place; once they have sent nothing for
+    ``first_message_within``, a client's knock gets in and they are dropped, while a
+    connection that was heard from keeps its place however old. Before, they held the
+    places for as long as the server ran: hm-agent, which has no idle sweep, refused
+    everyone for good."""
+    seen: list[bytes] = []
+    server = Server(
+        "tcp://127.0.0.1:0",
+        lambda conn, frames: seen.append(conn.rid),
+        insecure=True,
+        limits=Limits(total=4, first_message_within=0.5),
+    )
+    ctx: zmq.Context[object] = zmq.Context()
+    dialers: list[Dialer] = []
+    try:
+        server.start()
+        dialers.append(Dialer(ctx, server.endpoint))
+        await dialers[0].dial(5.0)
+        dialers[0].sock.send(b"heard")
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.02)
+        (heard,) = seen
+        for _ in range(3):
+            answer = await knock_raw(server.endpoint, f"channel {closed_port()}")
+            assert answer == "ok", answer
+        assert len(server.connections) == 4
+        late = Dialer(ctx, server.endpoint)
+        dialers.append(late)
+        with pytest.raises(DoorError, match="too many connections"):
+            await late.dial(5.0)
+        await asyncio.sleep(0.6)  # the three sent nothing for first_message_within
+        client = Dialer(ctx, server.endpoint)
+        dialers.append(client)
+        await client.dial(5.0)
+        assert len(server.connections) == 2 and heard in server.connections
+    finally:
+        for d in dialers:
+            d.close()
         server.close()
         ctx.term()
 

@@ -93,6 +93,8 @@ class Connection:
     opath: int = -1
     """``ipc://``: the client's socket file, held open so ``endpoint`` stays unique."""
     last_seen: float = field(default_factory=time.monotonic)
+    heard: bool = False
+    """Whether a message came on it (until then ``last_seen`` is when it was made)."""
     proven: bool = False
     """Whether ``peer`` is final (a tcp CURVE peer's key is read from its first message)."""
     vouched: Any = None
@@ -132,6 +134,11 @@ class Limits:
     died, or closed without saying so, cannot lock its uid or address out for good. A
     request in progress has a shorter deadline; a live client whose connection went this
     way has its next send refused at once and knocks again."""
+    first_message_within: float = 10.0
+    """A connection that has sent nothing this long after it was made gives its place to
+    any knock that needs one (seconds): it was made to a port nobody answers from, or its
+    handshake failed (libzmq gives a handshake ``HANDSHAKE_MS``). Every client sends at once
+    (``hello``, a request), so such knocks cannot hold places for long."""
 
 
 #: Sockets a context keeps beyond the connections: the clients', the ZAP handler's.
@@ -339,6 +346,8 @@ class Server:
 
     def _over_limit(self, peer: Peer) -> str | None:
         """Why one more connection of ``peer`` is refused, or None."""
+        if len(self.connections) >= min(self.limits.total, self.limits.per_peer):
+            self._drop_unheard()
         if len(self.connections) >= self.limits.total:
             return f"too many connections ({self.limits.total}); try again later"
         if peer.root:
@@ -352,6 +361,17 @@ class Server:
         if len(theirs) >= self.limits.per_peer and not self._recycle(theirs, who):
             return f"{who} has {len(theirs)} connections, the most one may have"
         return None
+
+    def _drop_unheard(self) -> None:
+        """Drop the connections that sent nothing within ``first_message_within`` of being
+        made: knocks that named a port nobody answers from, or whose handshake failed, do
+        not hold places, whoever made them and from whatever address."""
+        since = time.monotonic() - self.limits.first_message_within
+        stale = [c.rid for c in self.connections.values() if not c.heard and c.last_seen < since]
+        if stale:
+            log.info("%d connections that never sent a message dropped", len(stale))
+        for rid in stale:
+            self.drop(rid)
 
     def _recycle(self, theirs: list[Connection], who: str) -> bool:
         """Drop the connection of ``theirs`` heard from least recently if it has been silent
@@ -398,6 +418,7 @@ class Server:
         if conn.line is None:
             return  # dropped while its last messages were being drained: nobody to answer
         conn.last_seen = time.monotonic()
+        conn.heard = True
         if not conn.proven:
             # The CURVE key the ZAP handler admitted, once per connection.
             with contextlib.suppress(zmq.ZMQError, UnicodeDecodeError):
