@@ -72,8 +72,10 @@ REPLY_STALL = 2.0
 #: Requests between two sweeps of the reply budget (which forgets idle requesters).
 SWEEP_EVERY = 1024
 #: How long the ``ok`` to a requester's ``goodbye`` (and any reply still queued to it) may
-#: take to leave once its connection is closed (libzmq closes it in the background).
-GOODBYE_LINGER_MS = 1000
+#: take to leave once its connection is closed (libzmq closes it in the background). Short:
+#: the socket is no longer counted against any place or cap meanwhile, and the requester
+#: needs no ``ok`` (it waits a moment for one, then closes anyway).
+GOODBYE_LINGER_MS = 250
 _NEEDS = {
     RdmaRead: AccessFlags.REMOTE_READ,
     RdmaWrite: AccessFlags.REMOTE_WRITE,
@@ -193,6 +195,10 @@ class RdmaService:
             self._reply(identity, Error(code=int(exc.code), message=str(exc)[:1024]), exc.id)
             return
         self.counters["requests"] += 1
+        if self.counters["requests"] % SWEEP_EVERY == 0:
+            # Forget the requesters that took everything, whatever the request: one that only
+            # gets refusals, or leaves without a word, is counted too, and must not stay.
+            self.budget.sweep()
         msg = env.msg
         if isinstance(msg, StatMr):
             if requester is None:
@@ -209,6 +215,7 @@ class RdmaService:
             # one address or uid may hold) comes back now, not when it has been silent long.
             self._reply(identity, Ok(), env.id)
             self.server.drop(identity, GOODBYE_LINGER_MS)
+            self.budget.forget(identity)
             return
         if not isinstance(msg, RdmaRead | RdmaWrite | RdmaAtomic):
             self.counters["bad_messages"] += 1
@@ -324,8 +331,6 @@ class RdmaService:
         refused once the requester is at its cap.
         """
         budget = self.budget
-        if self.counters["requests"] % SWEEP_EVERY == 0:
-            budget.sweep()  # forget the requesters that took everything (no sessions here)
         if isinstance(msg, RdmaRead):
             if budget.reserve(identity, msg.length):
                 return False
