@@ -244,6 +244,9 @@ def run(args: argparse.Namespace) -> int:
 
     logfmt.configure(conf.log_level, conf.log_format)
     from hmmirror.client.mlx5.service import ListenError
+    from hmmirror.transport.server import raise_nofile
+
+    raise_nofile()  # the listener's connection cap follows it (``transport.server.fd_room``)
 
     try:
         import uvloop

@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import secrets
 import stat
 import time
@@ -143,6 +144,34 @@ class Limits:
 
 #: Sockets a context keeps beyond the connections: the clients', the ZAP handler's.
 SPARE_SOCKETS = 16
+#: Descriptors one connection holds at most: its socket's stream and mailbox, and, over
+#: ``ipc://``, the client's socket file.
+FDS_PER_CONNECTION = 3
+#: Descriptors kept for everything else a server's process opens (its door, the knocks it is
+#: reading, its own clients, files).
+FD_RESERVE = 256
+
+
+def fd_room() -> int:
+    """Connections the soft RLIMIT_NOFILE leaves room for: more would meet EMFILE, and a
+    full descriptor table fails every knock, not only the one too many."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(1, (soft - FD_RESERVE) // FDS_PER_CONNECTION)
+
+
+def raise_nofile() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (a service's own choice, as
+    ``LimitNOFILE=`` is the unit's); the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, hard, exc)
+    return soft
 
 
 class Server:
@@ -203,7 +232,7 @@ class Server:
             # Before the first socket: the context's socket table is sized then.
             ctx.set(zmq.MAX_SOCKETS, self.limits.total + SPARE_SOCKETS)
         self.ctx = ctx
-        room = int(ctx.get(zmq.MAX_SOCKETS)) - SPARE_SOCKETS
+        room = min(int(ctx.get(zmq.MAX_SOCKETS)) - SPARE_SOCKETS, fd_room())
         if room < self.limits.total:
             self.limits = replace(self.limits, total=max(1, room))
         try:

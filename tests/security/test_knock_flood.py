@@ -1,0 +1,85 @@
+"""A flood of knocks at hm-agent's TCP door, from many loopback addresses, naming ports nobody
+answers from: no key and no listener needed, so any local user can send it.
+
+Before, each knock became a connection that held its place for as long as hm-agent ran (it
+has no idle sweep), and its cap (1007, from libzmq's socket table) was above what its
+descriptors allowed: under a unit's default limit of 1024 the door met EMFILE, and every
+requester was refused for good. Now the cap follows RLIMIT_NOFILE (``fd_room``), hm-agent
+raises its soft limit to the hard one, and a connection that sent nothing within
+``first_message_within`` (10 s) gives its place to the next knock.
+
+hm-agent runs here under ``prlimit --nofile=400:400``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+import pytest
+from hmmirror.testing import rdma
+from hmmirror.testing.rdma import hm_agent
+from hmmirror.transport.server import FD_RESERVE, FDS_PER_CONNECTION
+
+PAGE = 4096
+NOFILE = 400
+#: Loopback addresses the flood comes from, 32 knocks each (the per-address cap).
+SOURCES = [f"127.0.0.{i}" for i in range(2, 8)]
+
+
+def knock(port: int, source: str, dead: list[socket.socket]) -> str:
+    """One knock at the door on ``port`` from ``source``, naming a port nobody answers from
+    (bound, not listening, and kept in ``dead`` so that no two knocks name the same); the
+    door's answer ("" if it closed without one)."""
+    probe = socket.socket()
+    probe.bind((source, 0))
+    dead.append(probe)
+    door = ("127.0.0.1", port)
+    with socket.create_connection(door, timeout=3.0, source_address=(source, 0)) as s:
+        s.sendall(f"channel {probe.getsockname()[1]}\n".encode())
+        answer = b""
+        while not answer.endswith(b"\n"):
+            got = s.recv(256)
+            if not got:
+                break
+            answer += got
+    return answer.decode().strip()
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.timeout(120)
+async def test_a_knock_flood_from_many_addresses_cannot_lock_hm_agent(hmmd, puppet, monkeypatch):
+    addr = await puppet.mmap(PAGE)
+    await puppet.write(addr, b"still here")
+    monkeypatch.setattr(
+        rdma, "HM_AGENT", ["prlimit", f"--nofile={NOFILE}:{NOFILE}", *rdma.HM_AGENT]
+    )
+    async with hm_agent(hmmd, f"{puppet.pid}:{addr:#x}:{PAGE}:r") as agent:
+        (rkey,) = agent.rkeys
+        port = int(agent.endpoint.rsplit(":", 1)[1])
+        cap = (NOFILE - FD_RESERVE) // FDS_PER_CONNECTION
+        answers: list[str] = []
+        dead: list[socket.socket] = []
+        try:
+            for source in SOURCES:
+                answers += await asyncio.to_thread(
+                    lambda s=source: [knock(port, s, dead) for _ in range(32)]
+                )
+        finally:
+            for probe in dead:
+                probe.close()
+        flood_ended = time.monotonic()
+        admitted = answers.count("ok")
+        refused = [a for a in answers if a != "ok"]
+        assert admitted == cap, (admitted, cap, refused[:3])
+        assert all(f"too many connections ({cap})" in a for a in refused), set(refused)
+        assert open_fds(agent.proc.pid) < NOFILE - 100, "descriptors ran out"
+        # The flood's connections never send: past first_message_within they give way.
+        await asyncio.sleep(max(0.0, 10.5 - (time.monotonic() - flood_ended)))
+        async with agent.peer(timeout=10.0) as peer:
+            assert bytes(await peer.read(rkey, addr, 10)) == b"still here"
