@@ -9,10 +9,11 @@
   unpaced: writes that bring pages back (two per operation), and an mprotect read-only / back
   read-write of a slot every 50 operations (seen by hmmd's proc watcher, which also registers the
   re-mapped slots with the uffd). A thread that falls more than 50 ms behind its schedule skips
-  ahead rather than bursting, and counts what it skipped. ``--soak-target-procs N`` (default 1)
+  ahead rather than bursting, and counts what it skipped. ``--soak-target-procs N`` (default 4)
   spreads this over N target processes, each its own mm registered with hmmd with its own
   userfaultfd and 1/N of the arena, of the threads and of the rate: one Python process is
-  GIL-bound, so on a many-core machine one target, not hmmd, would be the limit.
+  GIL-bound (about 0.8 of a core at 10,000/s), so with one target the target, not hmmd, would
+  be the limit: on a many-core machine, and at the line on two vCPUs.
 * **Agents** (``agent`` mode of ``soak_procs.py``): real client-library sessions, each mirroring
   the whole arena of every target READ|WRITE (one mirror per target), faulting all of it in
   (PRESENT mode: what is present, nothing faulted in) at the start and then ``--soak-fault-hz``
@@ -25,9 +26,12 @@
   translation oracle (``hmmirror.tools.oracle.check``: its VALID entries against the target's
   /proc pagemap and maps, read by the agent itself). The targets are resumed (SIGCONT). The time
   paused is not part of any throughput window.
+* **Asked**: ``--soak-rate``, by default the goal's rate for the machine (bench/README.md): 30,000
+  ops/s with 16 or more CPUs, 10,000 on fewer.
 * **Reported**: hmmd's ``invalidations`` per 5 s window against the asked rate (min and median,
-  and an ASCII plot); hmmd's own ack round trip (INVALIDATE sent -> last ACK) p50/p99/p99.9 from
-  Status, whose ring holds the last 65,536 round trips, read at the end of each window; hmmd's
+  and an ASCII plot; the slowest window must reach 0.95 of it); hmmd's own ack round trip
+  (INVALIDATE sent -> last ACK) p50/p99/p99.9 from Status (p99 <= 2 ms is a goal with 16 or
+  more CPUs), whose ring holds the last 65,536 round trips, read at the end of each window; hmmd's
   VmRSS after the warm-up and at the end; coherence violations and VALID entries checked; CPU time
   per process group per window (each target's too, if several), and the load average. Two PNGs
   beside the text (``plots.py``; ``bench/out/`` or ``--plots DIR``): the windows' rates against
@@ -35,7 +39,7 @@
 
 The processes and the measuring are ``soak_rig.Rig``'s, which benchmark 7 (``bench_scaling``)
 shares. Run: ``uv run python -m bench --only soak [--soak-seconds 60 --soak-agents 8
---soak-rate 10000 --soak-target-procs 1]``.
+--soak-rate 10000 --soak-target-procs 4]``.
 """
 
 from __future__ import annotations
@@ -46,8 +50,13 @@ import sys
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Procs, Row, loadavg, settle, start_daemon, tmpdir
+from common import SERVER_CPUS, Procs, Row, cpus, is_server, loadavg, settle, start_daemon, tmpdir
 from soak_rig import Check, Measured, Rig, Window, describe_cores
+
+#: The least share of the asked rate the slowest 5 s window must reach (bench/README.md).
+HELD_GOAL = 0.95
+#: hmmd's ack round trip p99 the goal allows on a server (``SERVER_CPUS`` or more CPUs), in us.
+P99_GOAL_US = 2000.0
 
 
 class Soak:
@@ -141,6 +150,8 @@ def bench_soak(a: dict[str, Any], daemon_args: list[str], log: Any = print) -> l
     p50, p99 = float(st1["ack_p50_us"]), float(st1["ack_p99_us"])
     p999 = float(st1.get("ack_p999_us", float("nan")))
     growth = (r["rss1"] - r["rss0"]) / r["rss0"]
+    server = is_server()
+    p99_info = f"info ({cpus()} CPUs)"
     viol = sum(c.violations for c in soak.checks)
     held = sum(c.held for c in soak.checks)
     cores = {k: statistics.mean(w.cpu[k] for w in ws) for k in ws[0].cpu}
@@ -168,8 +179,8 @@ def bench_soak(a: dict[str, Any], daemon_args: list[str], log: Any = print) -> l
             f"{lo:.0f}/s",
             f"{asked:.0f}/s asked",
             lo / asked,
-            ">= 0.9",
-            "PASS" if lo / asked >= 0.9 else "FAIL",
+            f">= {HELD_GOAL}",
+            "PASS" if lo / asked >= HELD_GOAL else "FAIL",
             f"{len(ws)} windows over {a['seconds']:.0f} s, median {med:.0f}/s, max "
             f"{max(rates):.0f}/s; {total_inv} invalidations; watching: {r['mode']}; {procs}, ops "
             f"{t.get('ops')} (dontneed {t.get('dontneed')}, munmap {t.get('munmap')}, mprotect "
@@ -189,8 +200,8 @@ def bench_soak(a: dict[str, Any], daemon_args: list[str], log: Any = print) -> l
             f"{p50:.0f} / {p99:.0f} / {p999:.0f} us",
             "-",
             None,
-            "info",
-            "info",
+            f"p99 <= {P99_GOAL_US:.0f} us ({SERVER_CPUS}+ CPUs)" if server else p99_info,
+            ("PASS" if p99 <= P99_GOAL_US else "FAIL") if server else "info",
             "hmmd's own figures (INVALIDATE sent -> last ACK, one per uffd drain or watcher "
             "batch), Status at the end: its ring of the last 65,536 round trips "
             f"({int(st1.get('ack_samples', 0)) or '?'} recorded in all); read at each window's "

@@ -8,7 +8,8 @@
 * ``daemon_request`` / ``daemon_status``: one raw request that needs no session (Status, Inventory).
 * ``agent_args`` / ``run_modes``: the command lines of the helper scripts (agents, targets).
 * ``StdinLines``: a helper process's commands on stdin, read on its event loop.
-* ``machine_info``, ``Row`` and ``print_table`` for the report.
+* ``machine_info``, ``Row`` and ``print_table`` for the report; ``is_server`` and
+  ``SERVER_CPUS``: whether a row's 16-core goal (bench/README.md) applies to this machine.
 
 Run as a script, this file is the target: ``python bench/common.py target NBYTES [--populate]``.
 """
@@ -392,6 +393,27 @@ def machine_info() -> str:
         f"nproc={os.cpu_count()} loadavg={loadavg()} kernel={platform.release()} cpu={cpu!r} "
         f"python={platform.python_version()} {zv} {uv}"
     )
+
+
+#: Goals set for "a real server" (bench/README.md's table, 16 cores) apply from this many CPUs;
+#: fewer get the 2-vCPU goals (or an info row where the table has none for them).
+SERVER_CPUS = 16
+
+
+def cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def is_server() -> bool:
+    """Whether the server goals apply here (``SERVER_CPUS`` or more CPUs)."""
+    return cpus() >= SERVER_CPUS
+
+
+def soak_rate_goal() -> float:
+    """The invalidating ops/s the soak's goal asks for on this machine (bench/README.md):
+    30,000 on a server, 10,000 on the 2-vCPU development machines."""
+    return 30_000.0 if is_server() else 10_000.0
 
 
 @dataclass

@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--soak-seconds", type=float, default=60.0, help="soak: measured seconds (60)")
     ap.add_argument("--soak-agents", type=int, default=8, help="soak: agent processes (8)")
     ap.add_argument(
-        "--soak-rate", type=float, default=10000.0, help="soak: invalidating ops/s asked (10000)"
+        "--soak-rate",
+        type=float,
+        default=None,
+        help="soak: invalidating ops/s asked (the goal's rate for this machine: 30000 with "
+        f"{common.SERVER_CPUS}+ CPUs, else 10000; here {common.soak_rate_goal():.0f})",
     )
     ap.add_argument(
         "--soak-threads", type=int, default=16, help="soak: target churn threads in all (16)"
@@ -81,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--soak-target-procs",
         type=int,
-        default=1,
-        help="soak: target processes (separate mms) sharing the arena, threads and rate (1)",
+        default=4,
+        help="soak: target processes (separate mms) sharing the arena, threads and rate (4: "
+        "one Python process is GIL-bound, and the churn must not be the limit)",
     )
     ap.add_argument(
         "--soak-pages", type=int, default=4096, help="soak: target arena, in 4 KiB pages (4096)"
@@ -149,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         help="W=1: baseline and ours alternate in blocks of this many (250)",
     )
     a = ap.parse_args(argv)
+    if a.soak_rate is None:
+        a.soak_rate = common.soak_rate_goal()
 
     # Bounds: every loop below is bounded in count and time.
     if not 1 <= a.block <= 200_000:

@@ -29,8 +29,9 @@ def test_a_short_soak_writes_its_rate_and_round_trip_plots(tmp_path):
     out = subprocess.run(
         [sys.executable, os.path.join(REPO, "bench", "run.py"), "--only", "soak",
          "--soak-seconds", "5", "--soak-agents", "1", "--soak-rate", "300",
-         "--soak-threads", "1", "--soak-pages", "64", "--soak-warmup", "1",
-         "--soak-check-every", "5", "--idle-wait", "0", "--plots", str(tmp_path)],
+         "--soak-threads", "1", "--soak-pages", "64", "--soak-target-procs", "1",
+         "--soak-warmup", "1", "--soak-check-every", "5", "--idle-wait", "0",
+         "--plots", str(tmp_path)],
         capture_output=True, text=True, timeout=200, cwd=REPO,
     )  # fmt: skip
     rate, trips = tmp_path / "soak-rate.png", tmp_path / "soak-round-trip.png"
