@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from hmmirror.transport.peer import Peer
+from hmmirror.transport.sockowner import knocker_uid
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,10 @@ class Door:
             )
             return Peer(uid=uid, gid=gid, pid=pid), uid
         host = str(address[0]) if isinstance(address, tuple) else str(address)
-        return Peer(address=host), host
+        # Every user of this host knocks from the same addresses: one from here is counted
+        # by its user, as on a Unix door (a remote one by its address).
+        uid = knocker_uid(address, conn.getsockname()) if isinstance(address, tuple) else None
+        return Peer(address=host, host_uid=uid), host if uid is None else ("uid", uid)
 
     def _busy(self, conn: socket.socket, why: str, pidfd: int) -> None:
         """Turn a connection away at once; the client may knock again (``BUSY``)."""

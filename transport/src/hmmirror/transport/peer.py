@@ -2,7 +2,8 @@
 
 An ``ipc://`` peer is known by the kernel's SO_PEERCRED (uid, gid, pid); a
 ``tcp://`` peer by the CURVE public key the ZAP handler admitted, or by nothing
-at all on an ``insecure`` endpoint. Nothing a peer *says* ever goes in here.
+at all on an ``insecure`` endpoint (and, for limits only, by the local user that
+made the knock, when it came from this host). Nothing a peer *says* ever goes in here.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ class Peer:
     curve_key: str | None = None
     """The Z85 CURVE public key (``tcp://`` with CURVE only)."""
     address: str | None = None
-    """The remote address (``tcp://`` only; for logs, never for decisions)."""
+    """The remote address (``tcp://`` only; for logs and connection limits)."""
+    host_uid: int | None = None
+    """The uid owning the knock's socket when it was made on this host (``tcp://`` only;
+    ``sockowner``): what the door counts a local user's connections by, and whose ports it
+    may name. Never an authorization: over ``tcp://`` that is the CURVE key's."""
 
     @property
     def local(self) -> bool:

@@ -65,6 +65,7 @@ from hmmirror.transport.errors import Unreachable, reason, unreachable
 from hmmirror.transport.keys import AllowDir, ServerKeys
 from hmmirror.transport.peer import Peer
 from hmmirror.transport.sockets import Drained, send_frames, tune
+from hmmirror.transport.sockowner import listener_uids
 from hmmirror.transport.zap import DOMAIN, ZapHandler
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,12 @@ class Server:
             return f"'channel' needs the port the client bound, got {arg!r}"
         assert peer.address is not None
         endpoint = tcp_endpoint(peer.address, int(arg))
+        if peer.host_uid not in (None, 0) and peer.host_uid not in listener_uids(
+            peer.address, int(arg)
+        ):
+            # A local user names only a port it listens on itself: not another user's
+            # client (whose connection it would hijack), nor a port nobody answers from.
+            return f"uid {peer.host_uid} does not listen on port {arg} of {peer.address}"
         old = self._by_endpoint.get(endpoint)
         if old is not None:
             # Anyone at the address can name the port (`ss -tn` shows it), and nobody is
@@ -384,6 +391,9 @@ class Server:
         if peer.uid is not None:
             theirs = [c for c in self.connections.values() if c.peer.uid == peer.uid]
             who = f"uid {peer.uid}"
+        elif peer.host_uid is not None:  # a tcp:// knock from this host: its user's places
+            theirs = [c for c in self.connections.values() if c.peer.host_uid == peer.host_uid]
+            who = f"uid {peer.host_uid} (on this host)"
         else:
             theirs = [c for c in self.connections.values() if c.peer.address == peer.address]
             who = f"address {peer.address}"

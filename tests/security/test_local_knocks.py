@@ -1,0 +1,115 @@
+"""Knocks at a TCP door from another user of the same host, who holds no key.
+
+Every user of a host knocks from the same addresses (all of 127.0.0.0/8), and the door
+knew a TCP knock only by its address. So another user could name the port of someone
+else's connection (the server dropped it and connected there instead), name ports nobody
+answers from to fill places, and spread its knocks over 127.0.0.2, .3, ... to get 32 places
+per address. Now a knock made on this host is its user's (``sockowner``, from
+/proc/net/tcp): the user may name only a port it listens on itself, and holds at most
+``per_peer`` places, from whatever address.
+
+The attacker is a real second user running a plain socket script; the server is a real
+``transport.Server`` with a real door, and its legitimate client a real ``Dialer`` (root).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from dataclasses import replace
+
+import zmq
+from hmmirror.transport import Dialer, Limits, Server
+
+#: The attacker: knock as told, print each answer as a JSON line. argv: door port, then
+#: either a port to name ("name:PORT") or "own:N:SOURCES" (N knocks, each naming a port
+#: of a listening socket of its own, from the comma-separated source addresses in turn).
+ATTACK = r"""
+import json, socket, sys
+door = ("127.0.0.1", int(sys.argv[1]))
+def knock(port, source="127.0.0.1"):
+    with socket.create_connection(door, timeout=5, source_address=(source, 0)) as s:
+        s.sendall(f"channel {port}\n".encode())
+        answer = b""
+        while not answer.endswith(b"\n"):
+            got = s.recv(256)
+            if not got:
+                break
+            answer += got
+    return answer.decode().strip()
+kind, _, rest = sys.argv[2].partition(":")
+if kind == "name":
+    print(json.dumps(knock(int(rest))))
+else:
+    n, _, sources = rest.partition(":")
+    sources = sources.split(",")
+    mine = []
+    for i in range(int(n)):
+        source = sources[i % len(sources)]
+        listener = socket.socket()
+        listener.bind((source, 0))
+        listener.listen()
+        mine.append(listener)
+        print(json.dumps(knock(listener.getsockname()[1], source)), flush=True)
+"""
+
+
+async def attack(user, port: int, how: str) -> list[str]:
+    """Run the attacker as ``user``; its answers."""
+    proc = await asyncio.create_subprocess_exec(
+        *user.argv(sys.executable, "-c", ATTACK, str(port), how),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    return [json.loads(line) for line in out.decode().splitlines()]
+
+
+async def test_another_local_user_can_neither_take_a_connection_nor_hold_many_places(make_user):
+    mallory = make_user()
+    seen: list[bytes] = []
+    server = Server(
+        "tcp://127.0.0.1:0",
+        lambda conn, frames: seen.append(conn.rid),
+        insecure=True,
+        limits=Limits(per_peer=8, recycle_after=0.2),
+    )
+    ctx: zmq.Context[object] = zmq.Context()
+    victim: Dialer | None = None
+    try:
+        server.start()
+        port = int(server.endpoint.rsplit(":", 1)[1])
+        victim = Dialer(ctx, server.endpoint)
+        await victim.dial(5.0)
+        (rid,) = server.connections
+        theirs = int(victim.sock.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
+        await asyncio.sleep(0.3)  # silent past recycle_after: only ownership protects it now
+        (answer,) = await attack(mallory, port, f"name:{theirs}")
+        assert f"uid {mallory.uid} does not listen on port {theirs}" in answer, answer
+        assert list(server.connections) == [rid], "the victim's connection was taken"
+        victim.sock.send(b"still mine")
+        for _ in range(100):
+            if rid in seen:
+                break
+            await asyncio.sleep(0.02)
+        assert rid in seen, "the victim is still served"
+        # Ports of its own, from four loopback addresses: 8 places in all, not 8 per address
+        # (and none of them silent long enough to give way to the next).
+        server.limits = replace(server.limits, recycle_after=60.0)
+        answers = await attack(mallory, port, "own:12:127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5")
+        assert answers[:8] == ["ok"] * 8, answers
+        assert all(f"uid {mallory.uid} (on this host) has 8 connections" in a
+                   for a in answers[8:]), answers  # fmt: skip
+        # Root's own knocks are counted apart: the victim's side is not locked out.
+        more = Dialer(ctx, server.endpoint)
+        try:
+            await more.dial(5.0)
+        finally:
+            more.close()
+    finally:
+        if victim is not None:
+            victim.close()
+        server.close()
+        ctx.term()

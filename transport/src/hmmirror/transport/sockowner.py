@@ -1,0 +1,102 @@
+"""Which local user owns a TCP socket of this host: one exact ``sock_diag`` lookup.
+
+A TCP door knows a knock only by its source address, and every user of a host knocks from
+the same ones (all of 127.0.0.0/8, and the host's own addresses). A knock that came from
+this host (this network namespace) is made by a socket the kernel can name, with its
+owner's uid: the door counts such knocks per user, as it counts ``ipc://`` ones, and lets
+a user name only a port it listens on itself.
+
+The kernel is asked through ``NETLINK_SOCK_DIAG`` for exactly one socket (an
+``inet_diag_req_v2`` without ``NLM_F_DUMP``: ``inet_diag_find_one_icsk``, which looks the
+4-tuple up as an arriving packet would, established sockets first, then listeners), so a
+lookup costs the same however many sockets the host has; reading all of ``/proc/net/tcp``
+per knock would let a flood of knocks, or of sockets, cost the door's loop dearly.
+Layouts: ``include/uapi/linux/inet_diag.h``, ``sock_diag.h``, ``netlink.h``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 1
+NLMSG_ERROR = 2
+#: ``idiag_state`` of a listening socket (``TCP_LISTEN``).
+LISTEN = 10
+#: ``INET_DIAG_NOCOOKIE``: match the socket whatever its cookie.
+NOCOOKIE = 0xFFFFFFFF
+#: How long one lookup may take (the kernel answers at once; this is a bound, not a wait).
+TIMEOUT_S = 0.5
+
+_NLMSGHDR = struct.Struct("=IHHII")
+#: ``inet_diag_req_v2`` up to its ``inet_diag_sockid``: family, protocol, ext, pad, states.
+_REQ_HEAD = struct.Struct("=BBBxI")
+#: ``inet_diag_sockid``'s ports (big-endian), then, after src[16] and dst[16]: if, cookie[2].
+_PORTS = struct.Struct(">HH")
+_TAIL = struct.Struct("=III")
+#: ``inet_diag_msg``: family, state, timer, retrans, the sockid (48 bytes), expires, rqueue,
+#: wqueue, then uid at this offset, then inode.
+_STATE_AT, _UID_AT, _MSG_SIZE = 1, 4 + 48 + 12, 4 + 48 + 20
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _host(text: str) -> Address:
+    """An address as the door saw it, IPv4-mapped IPv6 taken as the IPv4 it maps."""
+    addr = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _lookup(local: tuple[Address, int], remote: tuple[Address, int]) -> tuple[int, int] | None:
+    """(state, uid) of the TCP socket bound at ``local`` with peer ``remote`` (a listener:
+    remote 0.0.0.0:0 or [::]:0), or None if this host has none."""
+    family = socket.AF_INET if local[0].version == 4 else socket.AF_INET6
+    if remote[0].version != local[0].version:
+        return None
+    req = b"".join((
+        _REQ_HEAD.pack(family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF),
+        _PORTS.pack(local[1], remote[1]),
+        local[0].packed.ljust(16, b"\0"),
+        remote[0].packed.ljust(16, b"\0"),
+        _TAIL.pack(0, NOCOOKIE, NOCOOKIE),
+    ))  # fmt: skip
+    msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(TIMEOUT_S)
+        nl.sendto(msg + req, (0, 0))
+        data = nl.recv(65536)
+    if len(data) < _NLMSGHDR.size:
+        return None
+    _, kind, _, _, _ = _NLMSGHDR.unpack_from(data)
+    if kind != SOCK_DIAG_BY_FAMILY or len(data) < _NLMSGHDR.size + _MSG_SIZE:
+        return None  # NLMSG_ERROR: -ENOENT, no such socket
+    state = data[_NLMSGHDR.size + _STATE_AT]
+    (uid,) = struct.unpack_from("=I", data, _NLMSGHDR.size + _UID_AT)
+    return state, uid
+
+
+def knocker_uid(source: tuple[str, int], door: tuple[str, int]) -> int | None:
+    """The uid owning the socket that connected from ``source`` to ``door``, if that socket
+    is on this host (None: the knock came from elsewhere, or the lookup failed)."""
+    try:
+        found = _lookup((_host(source[0]), source[1]), (_host(door[0]), door[1]))
+    except (OSError, ValueError):
+        return None
+    return None if found is None or found[0] == LISTEN else found[1]
+
+
+def listener_uids(host: str, port: int) -> set[int]:
+    """The uid of the socket listening on ``port`` at ``host`` (or on every address), as a
+    set: empty when none listens there, or the lookup failed."""
+    try:
+        addr = _host(host)
+        unspecified = ipaddress.ip_address("0.0.0.0" if addr.version == 4 else "::")
+        found = _lookup((addr, port), (unspecified, 0))
+    except (OSError, ValueError):
+        return set()
+    return {found[1]} if found is not None and found[0] == LISTEN else set()
