@@ -23,8 +23,9 @@ import zmq
 from hmmirror.transport import Dialer, Limits, Server
 
 #: The attacker: knock as told, print each answer as a JSON line. argv: door port, then
-#: either a port to name ("name:PORT") or "own:N:SOURCES" (N knocks, each naming a port
-#: of a listening socket of its own, from the comma-separated source addresses in turn).
+#: a port to name ("name:PORT"), or "own:N:SOURCES" (N knocks, each naming a port of a
+#: listening socket of its own, from the comma-separated source addresses in turn), or
+#: "hold:N:SOURCES" (N knocks that never send their line, held until stdin closes).
 ATTACK = r"""
 import json, socket, sys
 door = ("127.0.0.1", int(sys.argv[1]))
@@ -39,7 +40,14 @@ def knock(port, source="127.0.0.1"):
             answer += got
     return answer.decode().strip()
 kind, _, rest = sys.argv[2].partition(":")
-if kind == "name":
+if kind == "hold":  # N silent knocks (no line sent), from the sources in turn, kept open
+    n, _, sources = rest.partition(":")
+    sources = sources.split(",")
+    held = [socket.create_connection(door, timeout=5, source_address=(sources[i % len(sources)], 0))
+            for i in range(int(n))]
+    print(json.dumps("held"), flush=True)
+    sys.stdin.read()
+elif kind == "name":
     print(json.dumps(knock(int(rest))))
 else:
     n, _, sources = rest.partition(":")
@@ -111,5 +119,40 @@ async def test_another_local_user_can_neither_take_a_connection_nor_hold_many_pl
     finally:
         if victim is not None:
             victim.close()
+        server.close()
+        ctx.term()
+
+
+async def test_another_local_user_cannot_keep_the_door_busy(make_user):
+    """Knocks that never send their line wait at the door (2 s each, 64 at most in all).
+    Counted per address, one user knocking from eight loopback addresses filled all 64
+    and the door answered everyone else ``busy``; counted per user, it holds 8."""
+    mallory = make_user()
+    server = Server("tcp://127.0.0.1:0", lambda conn, frames: None, insecure=True)
+    ctx: zmq.Context[object] = zmq.Context()
+    holder = None
+    try:
+        server.start()
+        port = int(server.endpoint.rsplit(":", 1)[1])
+        sources = ",".join(f"127.0.0.{i}" for i in range(2, 10))
+        holder = await asyncio.create_subprocess_exec(
+            *mallory.argv(sys.executable, "-c", ATTACK, str(port), f"hold:64:{sources}"),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert holder.stdout is not None
+        line = await asyncio.wait_for(holder.stdout.readline(), 30)
+        assert json.loads(line) == "held", line
+        client = Dialer(ctx, server.endpoint)
+        try:
+            await client.dial(1.5)  # within the held knocks' 2 s: the door is not busy
+        finally:
+            client.close()
+        assert server.door is not None and server.door.counters["busy"] >= 64 - 8
+    finally:
+        if holder is not None and holder.returncode is None:
+            holder.kill()
+            await holder.wait()
         server.close()
         ctx.term()
