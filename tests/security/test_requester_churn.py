@@ -6,7 +6,7 @@ every 1024th READ or ``stat_mr`` that reached the budget check, and ``goodbye`` 
 nothing: a requester that connects, is refused (no grant) or says ``goodbye``, and goes
 away left its record for good, about 0.7 KB each, so one local user could grow hm-agent by
 hundreds of MB an hour (found by attacking it as another user). Now ``goodbye`` forgets
-its requester, and the sweep runs every 1024th request of any kind.
+its requester, and the sweep runs every 1024th message of any kind, garbage included.
 
 The service is the real one, on a real session with a real hmmd; the requesters are raw
 ZeroMQ peers dialled through the real door, each on a connection of its own.
@@ -48,6 +48,25 @@ def come_and_go(endpoint: str, requests: list[M.Message], comers: int) -> list[s
     return answers
 
 
+def come_and_go_raw(endpoint: str, comers: int, each: int = 1) -> int:
+    """``comers`` connections in turn, each sending ``each`` frames of garbage (reading every
+    answer) and closing; how many were answered."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    answered = 0
+    try:
+        for _ in range(comers):
+            sock = dial(ctx, endpoint, None, timeout=5.0)
+            try:
+                for _ in range(each):
+                    sock.send(b"\xc1 not msgpack")
+                    answered += bool(sock.poll(5000)) and bool(sock.recv_multipart())
+            finally:
+                sock.close(linger=0)
+    finally:
+        ctx.term()
+    return answered
+
+
 async def test_requesters_that_come_and_go_leave_no_record_behind(hmmd, agent, tmp_path):
     async with agent() as session:
         service = RdmaService(Nic(session, "mlx5_churn"), f"ipc://{tmp_path}/rdma.sock")
@@ -64,9 +83,15 @@ async def test_requesters_that_come_and_go_leave_no_record_behind(hmmd, agent, t
             answers = await asyncio.to_thread(come_and_go, endpoint, refused, COMERS)
             assert answers == ["error"] * COMERS
             assert len(service.budget.peers) >= COMERS // 2, "the records were counted"
-            more = SWEEP_EVERY - service.counters["requests"] % SWEEP_EVERY + 1
-            answers = await asyncio.to_thread(come_and_go, endpoint, refused * more, 1)
-            assert answers == ["error"] * more
+            answers = await asyncio.to_thread(come_and_go, endpoint, refused * SWEEP_EVERY, 1)
+            assert answers == ["error"] * SWEEP_EVERY
+            assert len(service.budget.peers) <= 2, len(service.budget.peers)
+            # Garbage, not even a request: its answers are counted, and swept as well.
+            answered = await asyncio.to_thread(come_and_go_raw, endpoint, COMERS)
+            assert answered == COMERS
+            assert len(service.budget.peers) >= COMERS // 2, "the records were counted"
+            answered = await asyncio.to_thread(come_and_go_raw, endpoint, 1, SWEEP_EVERY)
+            assert answered == SWEEP_EVERY
             assert len(service.budget.peers) <= 2, len(service.budget.peers)
         finally:
             await service.close()

@@ -154,6 +154,7 @@ class RdmaService:
             raise ListenError(f"cannot listen on {endpoint}: {exc}") from exc
         self.endpoint = self.server.endpoint
         self._tasks: set[asyncio.Task[None]] = set()
+        self._since_sweep = 0
         self.counters = dict.fromkeys(
             ("requests", "reads", "writes", "atomics", "errors", "bad_messages", "unroutable",
              "refused"), 0,
@@ -186,6 +187,13 @@ class RdmaService:
     def _handle(self, identity: bytes, frames: Sequence[zmq.Frame], requester: str | None) -> None:
         """Decode one request, check it against the grants and start it; a malformed or
         refused one is answered and counted."""
+        self._since_sweep += 1
+        if self._since_sweep >= SWEEP_EVERY:
+            # Forget the requesters that took everything, every SWEEP_EVERY messages of any
+            # kind: one that only sends garbage, or is refused, or leaves without a word, is
+            # counted too (its answers are), and must not stay.
+            self._since_sweep = 0
+            self.budget.sweep()
         try:
             env = decode(frames)
         except ProtocolError as exc:
@@ -195,10 +203,6 @@ class RdmaService:
             self._reply(identity, Error(code=int(exc.code), message=str(exc)[:1024]), exc.id)
             return
         self.counters["requests"] += 1
-        if self.counters["requests"] % SWEEP_EVERY == 0:
-            # Forget the requesters that took everything, whatever the request: one that only
-            # gets refusals, or leaves without a word, is counted too, and must not stay.
-            self.budget.sweep()
         msg = env.msg
         if isinstance(msg, StatMr):
             if requester is None:
