@@ -136,11 +136,13 @@ class Limits:
     died, or closed without saying so, cannot lock its uid or address out for good. A
     request in progress has a shorter deadline; a live client whose connection went this
     way has its next send refused at once and knocks again."""
-    first_message_within: float = 10.0
-    """A connection that has sent nothing this long after it was made gives its place to
-    any knock that needs one (seconds): it was made to a port nobody answers from, or its
-    handshake failed (libzmq gives a handshake ``HANDSHAKE_MS``). Every client sends at once
-    (``hello``, a request), so such knocks cannot hold places for long."""
+    first_message_within: float = 3.0
+    """A connection that has sent nothing this long after it was made gives its place to a
+    knock that needs one (seconds): the knock named a port nobody answers from, or the
+    handshake failed, or the client has nothing to say. Every hmmirror client sends at once
+    (``hello``, a request; a connection's handshake takes a few round trips), so knocks
+    that lead nowhere hold places only briefly: a flood of them must be fast, and is
+    capped per user (on this host) or address besides."""
 
 
 #: Sockets a context keeps beyond the connections: the clients', the ZAP handler's.
@@ -381,10 +383,11 @@ class Server:
         conn.line = _Line(self, conn, sock)
 
     def _over_limit(self, peer: Peer) -> str | None:
-        """Why one more connection of ``peer`` is refused, or None."""
-        if len(self.connections) >= min(self.limits.total, self.limits.per_peer):
-            self._drop_unheard()
-        if len(self.connections) >= self.limits.total:
+        """Why one more connection of ``peer`` is refused, or None. A place is made, when one
+        is needed, from connections that never sent a message (``_drop_unheard``), then
+        from ``peer``'s own silent ones (``_recycle``)."""
+        every = list(self.connections.values())
+        if len(every) >= self.limits.total and not self._drop_unheard(every):
             return f"too many connections ({self.limits.total}); try again later"
         if peer.root:
             return None
@@ -397,20 +400,26 @@ class Server:
         else:
             theirs = [c for c in self.connections.values() if c.peer.address == peer.address]
             who = f"address {peer.address}"
-        if len(theirs) >= self.limits.per_peer and not self._recycle(theirs, who):
+        if (
+            len(theirs) >= self.limits.per_peer
+            and not self._drop_unheard(theirs)
+            and not self._recycle(theirs, who)
+        ):
             return f"{who} has {len(theirs)} connections, the most one may have"
         return None
 
-    def _drop_unheard(self) -> None:
-        """Drop the connections that sent nothing within ``first_message_within`` of being
-        made: knocks that named a port nobody answers from, or whose handshake failed, do
-        not hold places, whoever made them and from whatever address."""
+    def _drop_unheard(self, among: list[Connection]) -> bool:
+        """Drop the connections of ``among`` that sent nothing within
+        ``first_message_within`` of being made; whether any was. Knocks that lead nowhere
+        do not hold places, whoever made them, whatever their address. A connection made
+        before ``start`` is spared: nothing has been read from it yet."""
         since = time.monotonic() - self.limits.first_message_within
-        stale = [c.rid for c in self.connections.values() if not c.heard and c.last_seen < since]
+        stale = [c.rid for c in among if c.line is not None and not c.heard and c.last_seen < since]
         if stale:
             log.info("%d connections that never sent a message dropped", len(stale))
         for rid in stale:
             self.drop(rid)
+        return bool(stale)
 
     def _recycle(self, theirs: list[Connection], who: str) -> bool:
         """Drop the connection of ``theirs`` heard from least recently if it has been silent
