@@ -144,3 +144,45 @@ async def test_async_sync_call_of_this_process(hold_dma, hmmd, agent):
         _never.set()
         await asyncio.gather(stuck, return_exceptions=True)
     del region
+
+
+#: A target that announces, sits idle until hmmd has closed its silent connection, and
+#: announces again.
+IDLE_TARGET = textwrap.dedent(
+    """
+    import mmap, ctypes, sys
+    from hmmirror.client.target import BlockingAnnouncer
+    m = mmap.mmap(-1, 4096)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    me = BlockingAnnouncer(sys.argv[1], timeout=10)
+    me.sync_range(addr, addr + 4096)
+    print("first", flush=True)
+    sys.stdin.readline()
+    me.sync_range(addr, addr + 4096)
+    print("second", flush=True)
+    me.close()
+    """
+)
+
+
+async def test_a_blocking_announcer_whose_connection_hmmd_closed_knocks_again(hmmd):
+    """hmmd closes a connection that stays silent without a session (its lease lapsed: a
+    blocking announcer sends no heartbeats), 10 s here. The next call used to block in its
+    send for good (a DEALER with no peer waits); now the refusal makes it knock again."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", IDLE_TARGET, hmmd.endpoint,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 15)
+        assert line == b"first\n", line + await proc.stderr.read()
+        await asyncio.sleep(12.0)  # past hmmd's drop of silent connections (10 s)
+        proc.stdin.write(b"again\n")
+        await proc.stdin.drain()
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert line == b"second\n", line
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()

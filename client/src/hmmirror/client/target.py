@@ -84,11 +84,17 @@ async def connect(endpoint: str, *, timeout: float = DEFAULT_TIMEOUT) -> AsyncIt
         yield Announcer(session)
 
 
+class _Gone(DaemonUnavailable):
+    """Our socket refused a request at once: hmmd closed the connection (nothing was sent)."""
+
+
 class BlockingAnnouncer:
     """The blocking twin of ``Announcer``: a plain socket, no event loop, no heartbeats.
 
     The session is opened on first use and again whenever hmmd has dropped it
-    (a lease that lapsed between calls, or a daemon restart).
+    (a lease that lapsed between calls, or a daemon restart); a connection hmmd
+    closed (it drops one that stays silent, SPEC §1.0) is found at the next send,
+    which our socket refuses at once (no peer), and replaced by a new knock.
     """
 
     def __init__(self, endpoint: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -97,12 +103,25 @@ class BlockingAnnouncer:
         self.pid = os.getpid()
         self._ctx = zmq.Context()
         try:
-            self._sock = dial(self._ctx, endpoint, timeout=timeout)
-        except (DoorError, OSError, ValueError) as exc:
+            self._sock = self._dial()
+        except DaemonUnavailable:
             self._ctx.term()
-            raise DaemonUnavailable(f"cannot connect to hmmd at {endpoint}: {exc}") from exc
+            raise
         self._next_id = 1
         self._open = False
+
+    def _dial(self) -> zmq.Socket[Any]:
+        """A new connection to hmmd (a knock at its door)."""
+        try:
+            return dial(self._ctx, self.endpoint, timeout=self.timeout)
+        except (DoorError, OSError, ValueError) as exc:
+            raise DaemonUnavailable(f"cannot connect to hmmd at {self.endpoint}: {exc}") from exc
+
+    def _redial(self) -> None:
+        """hmmd closed our connection: knock again; the session must be opened anew."""
+        self._sock.close(linger=0)
+        self._open = False
+        self._sock = self._dial()
 
     def close(self) -> None:
         """Close the socket."""
@@ -119,7 +138,12 @@ class BlockingAnnouncer:
         """One request and its reply, within ``timeout``; raise RequestTimeout or RemoteError."""
         msg_id = self._next_id
         self._next_id += 1
-        self._sock.send_multipart(encode(msg, msg_id))
+        try:
+            # Never a blocking send: with no peer (hmmd closed the connection) it would wait
+            # for good. The refusal leaves nothing queued; the caller knocks again.
+            self._sock.send_multipart(encode(msg, msg_id), zmq.NOBLOCK)
+        except zmq.Again as exc:
+            raise _Gone(f"hmmd at {self.endpoint} closed the connection") from exc
         deadline = time.monotonic() + self.timeout
         while True:
             left = deadline - time.monotonic()
@@ -155,11 +179,15 @@ class BlockingAnnouncer:
             raise ValueError(f"sync_range [{start:#x}, {end:#x}) is empty or out of range")
         msg = SyncRange(pid=self.pid, ranges=((start, end),), event=int(event), strict=True)
         for attempt in (1, 2):
-            if not self._open:
-                self._hello()
             try:
+                if not self._open:
+                    self._hello()
                 self._call(msg)
                 return
+            except _Gone:
+                if attempt == 2:
+                    raise
+                self._redial()  # nothing was sent: knock, hello and ask again, once
             except RemoteError as exc:
                 if exc.code == ErrorCode.INCOMPLETE:
                     raise SyncIncomplete(exc.message) from exc
