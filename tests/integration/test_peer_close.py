@@ -100,8 +100,10 @@ async def test_closing_a_requester_while_it_knocks_again(hmmd, puppet, listen):
         except BaseException:
             peer.close()
             raise
+        first = peer.sock
         with stopped(agent):
             reader = await read_pending(peer, rkey, addr)
+            assert peer.sock is not first, "the READ did not knock again"
             took = close_within_limit(peer)
             assert took < 1.0, f"close() took {took:.1f} s during a {listen} knock"
             with pytest.raises(DaemonUnavailable, match="closed"):
