@@ -11,19 +11,16 @@ descriptors itself (where libzmq would abort rather than fail).
 
 from __future__ import annotations
 
-import logging
-import resource
 from dataclasses import dataclass
 
 from hmmirror.daemon.config import Config
 from hmmirror.transport import Limits
-
-log = logging.getLogger(__name__)
+from hmmirror.transport.server import FD_RESERVE, FDS_PER_CONNECTION, raise_nofile
 
 #: Descriptors kept for hmmd itself: libzmq's threads and mailboxes, logs, /proc reads.
-RESERVE = 256
+RESERVE = FD_RESERVE
 #: Descriptors one connection, one watched process and one offer hold at most.
-PER_CONNECTION, PER_MM, PER_OFFER = 3, 5, 1
+PER_CONNECTION, PER_MM, PER_OFFER = FDS_PER_CONNECTION, 5, 1
 
 
 @dataclass(frozen=True)
@@ -38,16 +35,7 @@ class FdBudget:
     @classmethod
     def raise_limit(cls, config: Config) -> FdBudget:
         """Raise the soft RLIMIT_NOFILE to the hard limit, then divide it up."""
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY:
-            hard = 1 << 20
-        if soft != hard:
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-                soft = hard
-            except (OSError, ValueError) as exc:
-                log.warning("cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, hard, exc)
-        return cls.of(soft, config)
+        return cls.of(raise_nofile(), config)
 
     @classmethod
     def of(cls, nofile: int, config: Config) -> FdBudget:

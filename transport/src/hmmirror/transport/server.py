@@ -168,6 +168,8 @@ def raise_nofile() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit (a service's own choice, as
     ``LimitNOFILE=`` is the unit's); the soft limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
     if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
