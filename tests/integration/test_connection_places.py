@@ -16,6 +16,7 @@ import time
 import pytest
 import zmq
 from hmmirror.proto.messages import Goodbye
+from hmmirror.testing.knock import knock_line
 from hmmirror.testing.rdma import hm_agent
 from hmmirror.transport import Dialer, DoorError, Limits, Server
 
@@ -95,14 +96,7 @@ async def test_a_silent_connection_gives_its_place_to_the_same_peers_next_one():
 
 async def knock_raw(endpoint: str, line: str) -> str:
     """One knock at a TCP door, as anyone at the address can make it; the door's answer."""
-    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(line.encode() + b"\n")
-        await writer.drain()
-        return (await asyncio.wait_for(reader.readline(), 5.0)).decode().strip()
-    finally:
-        writer.close()
+    return await asyncio.to_thread(knock_line, int(endpoint.rsplit(":", 1)[1]), line)
 
 
 async def test_a_knock_naming_a_live_connections_port_does_not_take_it_away():

@@ -23,6 +23,7 @@ import time
 
 import pytest
 from hmmirror.testing import rdma
+from hmmirror.testing.knock import knock_line
 from hmmirror.testing.rdma import hm_agent
 from hmmirror.transport.server import FD_RESERVE, FDS_PER_CONNECTION
 
@@ -34,21 +35,11 @@ SOURCES = [f"127.0.0.{i}" for i in range(2, 8)]
 
 def knock(port: int, source: str, dead: list[socket.socket]) -> str:
     """One knock at the door on ``port`` from ``source``, naming a port nobody answers from
-    (bound, not listening, and kept in ``dead`` so that no two knocks name the same); the
-    door's answer ("" if it closed without one)."""
+    (bound, not listening, and kept in ``dead`` so that no two knocks name the same)."""
     probe = socket.socket()
     probe.bind((source, 0))
     dead.append(probe)
-    door = ("127.0.0.1", port)
-    with socket.create_connection(door, timeout=3.0, source_address=(source, 0)) as s:
-        s.sendall(f"channel {probe.getsockname()[1]}\n".encode())
-        answer = b""
-        while not answer.endswith(b"\n"):
-            got = s.recv(256)
-            if not got:
-                break
-            answer += got
-    return answer.decode().strip()
+    return knock_line(port, f"channel {probe.getsockname()[1]}", source)
 
 
 def open_fds(pid: int) -> int:

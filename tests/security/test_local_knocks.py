@@ -28,17 +28,11 @@ from hmmirror.transport import Dialer, Limits, Server
 #: "hold:N:SOURCES" (N knocks that never send their line, held until stdin closes).
 ATTACK = r"""
 import json, socket, sys
-door = ("127.0.0.1", int(sys.argv[1]))
-def knock(port, source="127.0.0.1"):
-    with socket.create_connection(door, timeout=5, source_address=(source, 0)) as s:
-        s.sendall(f"channel {port}\n".encode())
-        answer = b""
-        while not answer.endswith(b"\n"):
-            got = s.recv(256)
-            if not got:
-                break
-            answer += got
-    return answer.decode().strip()
+from hmmirror.testing.knock import knock_line
+port = int(sys.argv[1])
+door = ("127.0.0.1", port)
+def knock(named, source="127.0.0.1"):
+    return knock_line(port, f"channel {named}", source)
 kind, _, rest = sys.argv[2].partition(":")
 if kind == "hold":  # N silent knocks (no line sent), from the sources in turn, kept open
     n, _, sources = rest.partition(":")
