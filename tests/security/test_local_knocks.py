@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import zmq
@@ -25,7 +27,8 @@ from hmmirror.transport import Dialer, Limits, Server
 #: The attacker: knock as told, print each answer as a JSON line. argv: door port, then
 #: a port to name ("name:PORT"), or "own:N:SOURCES" (N knocks, each naming a port of a
 #: listening socket of its own, from the comma-separated source addresses in turn), or
-#: "hold:N:SOURCES" (N knocks that never send their line, held until stdin closes).
+#: "hold:N:SOURCES" (N knocks that never send their line, held until stdin closes), or
+#: "drop:PORT" (name PORT and close the knock at once, before the door has read it).
 ATTACK = r"""
 import json, socket, sys
 from hmmirror.testing.knock import knock_line
@@ -34,7 +37,11 @@ door = ("127.0.0.1", port)
 def knock(named, source="127.0.0.1"):
     return knock_line(port, f"channel {named}", source)
 kind, _, rest = sys.argv[2].partition(":")
-if kind == "hold":  # N silent knocks (no line sent), from the sources in turn, kept open
+if kind == "drop":  # the line sent, the socket closed at once: the knock is orphaned
+    with socket.create_connection(door, timeout=5) as s:
+        s.sendall(f"channel {rest}\n".encode())
+    print(json.dumps("dropped"), flush=True)
+elif kind == "hold":  # N silent knocks (no line sent), from the sources in turn, kept open
     n, _, sources = rest.partition(":")
     sources = sources.split(",")
     held = [socket.create_connection(door, timeout=5, source_address=(sources[i % len(sources)], 0))
@@ -148,5 +155,45 @@ async def test_another_local_user_cannot_keep_the_door_busy(make_user):
         if holder is not None and holder.returncode is None:
             holder.kill()
             await holder.wait()
+        server.close()
+        ctx.term()
+
+
+async def test_a_knock_whose_socket_is_closed_before_the_door_reads_it_is_not_served(make_user):
+    """The knock's line sent and its socket closed before the door accepted it: the kernel
+    keeps the closed socket as a minisock (an orphaned FIN_WAIT2, then TIME_WAIT), whose
+    uid reads 0. Taken at its word that made the knock root's, which may name any port: the
+    victim's connection was dropped and its port connected to. Now a knock from this host
+    whose socket is gone is not served."""
+    mallory = make_user()
+    server = Server(
+        "tcp://127.0.0.1:0",
+        lambda conn, frames: None,
+        insecure=True,
+        limits=Limits(recycle_after=0.1),
+    )
+    ctx: zmq.Context[object] = zmq.Context()
+    victim: Dialer | None = None
+    try:
+        server.start()
+        port = int(server.endpoint.rsplit(":", 1)[1])
+        victim = Dialer(ctx, server.endpoint)
+        await victim.dial(5.0)
+        (rid,) = server.connections
+        theirs = int(victim.sock.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
+        await asyncio.sleep(0.2)  # silent past recycle_after: only the door protects it now
+        attacker = subprocess.run(
+            mallory.argv(sys.executable, "-c", ATTACK, str(port), f"drop:{theirs}"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )  # fmt: skip  (blocking on purpose: the door reads nothing until the knock is closed)
+        assert json.loads(attacker.stdout) == "dropped", attacker.stderr[-2000:]
+        time.sleep(0.3)  # still blocking: the closed socket's FIN is acked, it is a minisock
+        await asyncio.sleep(0.5)  # the door accepts and judges it now
+        assert list(server.connections) == [rid], "an orphaned knock took the connection"
+    finally:
+        if victim is not None:
+            victim.close()
         server.close()
         ctx.term()

@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from hmmirror.transport.peer import Peer
-from hmmirror.transport.sockowner import knocker_uid
+from hmmirror.transport.sockowner import is_local, knocker_uid
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +271,10 @@ class Door:
         # Every user of this host knocks from the same addresses: one from here is counted
         # by its user, as on a Unix door (a remote one by its address).
         uid = knocker_uid(address, conn.getsockname()) if isinstance(address, tuple) else None
+        if uid is None and is_local(host):
+            # From this host, but its socket is closed already (a knock sent and dropped at
+            # once): nobody to answer, and nobody to count it against. Not served.
+            raise OSError(errno.ENOTCONN, "a local knock whose socket was closed")
         return Peer(address=host, host_uid=uid), host if uid is None else ("uid", uid)
 
     def _busy(self, conn: socket.socket, why: str, pidfd: int) -> None:

@@ -52,9 +52,11 @@ def _host(text: str) -> Address:
     return addr
 
 
-def _lookup(local: tuple[Address, int], remote: tuple[Address, int]) -> tuple[int, int] | None:
-    """(state, uid) of the TCP socket bound at ``local`` with peer ``remote`` (a listener:
-    remote 0.0.0.0:0 or [::]:0), or None if this host has none."""
+def _lookup(local: tuple[Address, int], remote: tuple[Address, int]) -> tuple[int, int, int] | None:
+    """(state, uid, inode) of the TCP socket bound at ``local`` with peer ``remote`` (a
+    listener: remote 0.0.0.0:0 or [::]:0), or None if this host has none. A socket its
+    process has closed (``TIME_WAIT``, an orphaned ``FIN_WAIT2``) is a kernel minisock:
+    inode 0 and uid 0, which say nothing of who made it."""
     family = socket.AF_INET if local[0].version == 4 else socket.AF_INET6
     if remote[0].version != local[0].version:
         return None
@@ -76,18 +78,39 @@ def _lookup(local: tuple[Address, int], remote: tuple[Address, int]) -> tuple[in
     if kind != SOCK_DIAG_BY_FAMILY or len(data) < _NLMSGHDR.size + _MSG_SIZE:
         return None  # NLMSG_ERROR: -ENOENT, no such socket
     state = data[_NLMSGHDR.size + _STATE_AT]
-    (uid,) = struct.unpack_from("=I", data, _NLMSGHDR.size + _UID_AT)
-    return state, uid
+    uid, inode = struct.unpack_from("=II", data, _NLMSGHDR.size + _UID_AT)
+    return state, uid, inode
 
 
 def knocker_uid(source: tuple[str, int], door: tuple[str, int]) -> int | None:
     """The uid owning the socket that connected from ``source`` to ``door``, if that socket
-    is on this host (None: the knock came from elsewhere, or the lookup failed)."""
+    is on this host and still open (None: the knock came from elsewhere, or its socket was
+    closed already, or the lookup failed; ``is_local`` tells the first from the others)."""
     try:
         found = _lookup((_host(source[0]), source[1]), (_host(door[0]), door[1]))
     except (OSError, ValueError):
         return None
-    return None if found is None or found[0] == LISTEN else found[1]
+    if found is None or found[0] == LISTEN or found[2] == 0:
+        return None
+    return found[1]
+
+
+def is_local(host: str) -> bool:
+    """Whether ``host`` is an address of this host (this network namespace): loopback, or
+    one a socket can bind."""
+    try:
+        addr = _host(host)
+    except ValueError:
+        return False
+    if addr.is_loopback:
+        return True
+    family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((str(addr), 0))
+    except OSError:
+        return False
+    return True
 
 
 def listener_uids(host: str, port: int) -> set[int]:
@@ -99,4 +122,4 @@ def listener_uids(host: str, port: int) -> set[int]:
         found = _lookup((addr, port), (unspecified, 0))
     except (OSError, ValueError):
         return set()
-    return {found[1]} if found is not None and found[0] == LISTEN else set()
+    return {found[1]} if found is not None and found[0] == LISTEN and found[2] else set()
