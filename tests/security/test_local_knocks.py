@@ -15,12 +15,15 @@ The attacker is a real second user running a plain socket script; the server is 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import replace
 
+import pytest
 import zmq
 from hmmirror.transport import Dialer, Limits, Server
 
@@ -28,7 +31,8 @@ from hmmirror.transport import Dialer, Limits, Server
 #: a port to name ("name:PORT"), or "own:N:SOURCES" (N knocks, each naming a port of a
 #: listening socket of its own, from the comma-separated source addresses in turn), or
 #: "hold:N:SOURCES" (N knocks that never send their line, held until stdin closes), or
-#: "drop:PORT" (name PORT and close the knock at once, before the door has read it).
+#: "drop:PORT" (name PORT and close the knock at once, before the door has read it), or
+#: "ll:ADDR,IFINDEX,PORT" (name PORT, knocking from and to a link-local address).
 ATTACK = r"""
 import json, socket, sys
 from hmmirror.testing.knock import knock_line
@@ -37,7 +41,15 @@ door = ("127.0.0.1", port)
 def knock(named, source="127.0.0.1"):
     return knock_line(port, f"channel {named}", source)
 kind, _, rest = sys.argv[2].partition(":")
-if kind == "drop":  # the line sent, the socket closed at once: the knock is orphaned
+if kind == "ll":  # from the host's link-local address ADDR on interface IFINDEX, name PORT
+    addr, index, named = rest.split(",")
+    with socket.socket(socket.AF_INET6) as s:
+        s.settimeout(5)
+        s.bind((addr, 0, 0, int(index)))
+        s.connect((addr, port, 0, int(index)))
+        s.sendall(f"channel {named}\n".encode())
+        print(json.dumps(s.makefile().readline().strip()), flush=True)
+elif kind == "drop":  # the line sent, the socket closed at once: the knock is orphaned
     with socket.create_connection(door, timeout=5) as s:
         s.sendall(f"channel {rest}\n".encode())
     print(json.dumps("dropped"), flush=True)
@@ -197,3 +209,37 @@ async def test_a_knock_whose_socket_is_closed_before_the_door_reads_it_is_not_se
             victim.close()
         server.close()
         ctx.term()
+
+
+def link_local() -> tuple[str, int] | None:
+    """One of this host's IPv6 link-local addresses and its interface index, if any."""
+    with open("/proc/net/if_inet6") as f:
+        for line in f:
+            hexaddr, index, _, scope, _, _name = line.split()
+            if scope == "20":  # IPV6_ADDR_LINKLOCAL
+                return str(ipaddress.IPv6Address(bytes.fromhex(hexaddr))), int(index, 16)
+    return None
+
+
+async def test_a_knock_from_a_link_local_address_is_still_its_users(make_user):
+    """A knock from the host's own link-local address: its socket is bound to the link's
+    interface, which a lookup on no interface does not find, and the address cannot be
+    bound without its scope, so the knock passed for a remote one: counted by address and
+    free to name any port. Now the lookup is made on the source's scope."""
+    found = link_local()
+    if found is None:
+        pytest.skip("no IPv6 link-local address on this host (/proc/net/if_inet6)")
+    addr, index = found
+    mallory = make_user()
+    server = Server("tcp://[::]:0", lambda conn, frames: None, insecure=True)
+    try:
+        server.start()
+        port = int(server.endpoint.rsplit(":", 1)[1])
+        with socket.socket() as roots:  # a port root listens on, that mallory names
+            roots.bind(("127.0.0.1", 0))
+            roots.listen()
+            (answer,) = await attack(mallory, port, f"ll:{addr},{index},{roots.getsockname()[1]}")
+        assert f"uid {mallory.uid} does not listen on port" in answer, answer
+        assert not server.connections
+    finally:
+        server.close()

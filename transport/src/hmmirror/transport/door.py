@@ -270,8 +270,10 @@ class Door:
         host = str(address[0]) if isinstance(address, tuple) else str(address)
         # Every user of this host knocks from the same addresses: one from here is counted
         # by its user, as on a Unix door (a remote one by its address).
-        uid = knocker_uid(address, conn.getsockname()) if isinstance(address, tuple) else None
-        if uid is None and is_local(host):
+        if not isinstance(address, tuple):
+            return Peer(address=host), host
+        uid = knocker_uid(address, conn.getsockname())
+        if uid is None and is_local(address):
             # From this host, but its socket is closed already (a knock sent and dropped at
             # once): nobody to answer, and nobody to count it against. Not served.
             raise OSError(errno.ENOTCONN, "a local knock whose socket was closed")

@@ -52,11 +52,15 @@ def _host(text: str) -> Address:
     return addr
 
 
-def _lookup(local: tuple[Address, int], remote: tuple[Address, int]) -> tuple[int, int, int] | None:
+def _lookup(
+    local: tuple[Address, int], remote: tuple[Address, int], ifindex: int = 0
+) -> tuple[int, int, int] | None:
     """(state, uid, inode) of the TCP socket bound at ``local`` with peer ``remote`` (a
     listener: remote 0.0.0.0:0 or [::]:0), or None if this host has none. A socket its
     process has closed (``TIME_WAIT``, an orphaned ``FIN_WAIT2``) is a kernel minisock:
-    inode 0 and uid 0, which say nothing of who made it."""
+    inode 0 and uid 0, which say nothing of who made it. ``ifindex``: the device a socket
+    bound to one (``SO_BINDTODEVICE``, a link-local scope) is matched on; 0 matches the
+    others only."""
     family = socket.AF_INET if local[0].version == 4 else socket.AF_INET6
     if remote[0].version != local[0].version:
         return None
@@ -65,7 +69,7 @@ def _lookup(local: tuple[Address, int], remote: tuple[Address, int]) -> tuple[in
         _PORTS.pack(local[1], remote[1]),
         local[0].packed.ljust(16, b"\0"),
         remote[0].packed.ljust(16, b"\0"),
-        _TAIL.pack(0, NOCOOKIE, NOCOOKIE),
+        _TAIL.pack(ifindex, NOCOOKIE, NOCOOKIE),
     ))  # fmt: skip
     msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
@@ -82,12 +86,28 @@ def _lookup(local: tuple[Address, int], remote: tuple[Address, int]) -> tuple[in
     return state, uid, inode
 
 
-def knocker_uid(source: tuple[str, int], door: tuple[str, int]) -> int | None:
-    """The uid owning the socket that connected from ``source`` to ``door``, if that socket
-    is on this host and still open (None: the knock came from elsewhere, or its socket was
-    closed already, or the lookup failed; ``is_local`` tells the first from the others)."""
+def _scope(address: tuple[object, ...]) -> int:
+    """An IPv6 socket address's scope id (its interface, for a link-local one), else 0."""
+    return int(address[3]) if len(address) >= 4 and isinstance(address[3], int) else 0
+
+
+def knocker_uid(source: tuple[object, ...], door: tuple[object, ...]) -> int | None:
+    """The uid owning the socket that connected from ``source`` to ``door`` (socket
+    addresses as ``accept`` and ``getsockname`` give them), if that socket is on this host
+    and still open (None: the knock came from elsewhere, or its socket was closed already,
+    or the lookup failed; ``is_local`` tells the first from the others). A socket bound to
+    a device is looked for on the source's scope, then on each interface in turn."""
     try:
-        found = _lookup((_host(source[0]), source[1]), (_host(door[0]), door[1]))
+        local = (_host(str(source[0])), int(str(source[1])))
+        remote = (_host(str(door[0])), int(str(door[1])))
+        scope = _scope(source)
+        found = _lookup(local, remote, scope)
+        if found is None and is_local(source):
+            for index, _ in socket.if_nameindex():
+                if index != scope:
+                    found = _lookup(local, remote, index)
+                    if found is not None:
+                        break
     except (OSError, ValueError):
         return None
     if found is None or found[0] == LISTEN or found[2] == 0:
@@ -95,31 +115,37 @@ def knocker_uid(source: tuple[str, int], door: tuple[str, int]) -> int | None:
     return found[1]
 
 
-def is_local(host: str) -> bool:
-    """Whether ``host`` is an address of this host (this network namespace): loopback, or
-    one a socket can bind."""
+def is_local(source: tuple[object, ...]) -> bool:
+    """Whether the socket address ``source`` is one of this host's (this network namespace):
+    loopback, or one a socket can bind (on its scope, for a link-local one)."""
     try:
-        addr = _host(host)
+        addr = _host(str(source[0]))
     except ValueError:
         return False
     if addr.is_loopback:
         return True
     family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+    where: tuple[str, int] | tuple[str, int, int, int] = (str(addr), 0)
+    if family == socket.AF_INET6:
+        where = (str(addr), 0, 0, _scope(source))
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.bind((str(addr), 0))
+            probe.bind(where)
     except OSError:
         return False
     return True
 
 
 def listener_uids(host: str, port: int) -> set[int]:
-    """The uid of the socket listening on ``port`` at ``host`` (or on every address), as a
-    set: empty when none listens there, or the lookup failed."""
+    """The uid of the socket listening on ``port`` at ``host`` (or on every address; a
+    ``%IFACE`` suffix names a link-local address's interface), as a set: empty when none
+    listens there, or the lookup failed."""
     try:
         addr = _host(host)
+        _, _, iface = host.partition("%")
+        ifindex = (int(iface) if iface.isdigit() else socket.if_nametoindex(iface)) if iface else 0
         unspecified = ipaddress.ip_address("0.0.0.0" if addr.version == 4 else "::")
-        found = _lookup((addr, port), (unspecified, 0))
+        found = _lookup((addr, port), (unspecified, 0), ifindex)
     except (OSError, ValueError):
         return set()
     return {found[1]} if found is not None and found[0] == LISTEN and found[2] else set()
