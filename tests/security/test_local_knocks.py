@@ -25,7 +25,7 @@ from dataclasses import replace
 
 import pytest
 import zmq
-from hmmirror.transport import Dialer, Limits, Server
+from hmmirror.transport import Dialer, DoorError, Limits, Server
 
 #: The attacker: knock as told, print each answer as a JSON line. argv: door port, then
 #: a port to name ("name:PORT"), or "own:N:SOURCES" (N knocks, each naming a port of a
@@ -243,3 +243,103 @@ async def test_a_knock_from_a_link_local_address_is_still_its_users(make_user):
         assert not server.connections
     finally:
         server.close()
+
+
+#: Another user's peer: connect a DEALER to a client's port, say hello, and report what
+#: it received within a second. argv: the port.
+SNOOP = r"""
+import json, sys, zmq
+ctx = zmq.Context()
+sock = ctx.socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.connect(f"tcp://127.0.0.1:{sys.argv[1]}")
+got = []
+sock.send(b"hello from elsewhere", zmq.NOBLOCK) if sock.poll(1000, zmq.POLLOUT) else None
+while sock.poll(1000):
+    got.append(sock.recv().decode(errors="replace"))
+print(json.dumps(got), flush=True)
+sock.close()
+ctx.term()
+"""
+
+
+async def test_nobody_can_connect_to_a_clients_port_once_the_server_has(make_user):
+    """A TCP client's DEALER binds a port for the server to connect to, and its port is
+    there for all to see (``ss -ltn``). Before, anyone could connect to it as well: in plain
+    TCP another user's peer then got its share of the client's requests (the DEALER spreads
+    them over its connections), and with CURVE a relay of a second server connection made
+    the client send part of its traffic into a pipe the relay could drop. Now the port's
+    listening socket drops every packet once the server is connected."""
+    mallory = make_user()
+    seen: list[bytes] = []
+    server = Server(
+        "tcp://127.0.0.1:0", lambda conn, frames: seen.append(frames[0].bytes), insecure=True
+    )
+    ctx: zmq.Context[object] = zmq.Context()
+    victim: Dialer | None = None
+    try:
+        server.start()
+        victim = Dialer(ctx, server.endpoint)
+        await victim.dial(5.0)
+        theirs = int(victim.sock.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
+        snoop = await asyncio.create_subprocess_exec(
+            *mallory.argv(sys.executable, "-c", SNOOP, str(theirs)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await asyncio.sleep(0.5)  # the snoop is connecting (or trying to)
+        for i in range(10):
+            victim.sock.send(f"request {i}".encode(), zmq.NOBLOCK)
+        out, err = await asyncio.wait_for(snoop.communicate(), 30)
+        assert snoop.returncode == 0, err.decode()[-2000:]
+        assert json.loads(out) == [], f"another user's peer received {out.decode()}"
+        for _ in range(100):
+            if len(seen) == 10:
+                break
+            await asyncio.sleep(0.02)
+        assert seen == [f"request {i}".encode() for i in range(10)], seen
+    finally:
+        if victim is not None:
+            victim.close()
+        server.close()
+        ctx.term()
+
+
+async def test_a_dial_during_which_another_connection_got_in_fails():
+    """If another connection reaches the client's port before the server's (a relay racing
+    the dial), the dial fails rather than leave the client sending into it. The door here is
+    a plain TCP listener that lets that connection in first, then connects as the server."""
+    door = socket.socket()
+    door.bind(("127.0.0.1", 0))
+    door.listen()
+    door.setblocking(False)
+    ctx: zmq.Context[object] = zmq.Context()
+    intruder = ctx.socket(zmq.DEALER)
+    posing = ctx.socket(zmq.DEALER)
+    client = Dialer(ctx, f"tcp://127.0.0.1:{door.getsockname()[1]}")
+    loop = asyncio.get_running_loop()
+
+    async def serve_one() -> None:
+        conn, _ = await loop.sock_accept(door)
+        with conn:
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await loop.sock_recv(conn, 64)
+            port = int(line.split()[1])
+            for sock in (intruder, posing):  # the intruder first, then "the server"
+                sock.connect(f"tcp://127.0.0.1:{port}")
+                while not sock.poll(10, zmq.POLLOUT):
+                    await asyncio.sleep(0.01)
+            await loop.sock_sendall(conn, b"ok\n")
+
+    try:
+        serving = asyncio.ensure_future(serve_one())
+        with pytest.raises(DoorError, match="2 connections reached this client's port"):
+            await client.dial(5.0)
+        await serving
+    finally:
+        client.close()
+        for sock in (intruder, posing):
+            sock.close(linger=0)
+        ctx.term()
+        door.close()

@@ -10,7 +10,9 @@ server's ROUTER then connects to it (``server`` says why that way round):
 - ``tcp://HOST:PORT``: the DEALER binds a free port on the address the knock
   leaves from, and the knock names that port. With CURVE keys the DEALER is the
   CURVE *client*: only the holder of the server's secret key can complete a
-  handshake with it, whoever connects.
+  handshake with it, whoever connects. Once the server is connected the port's
+  listening socket drops every packet, so no one can connect to the DEALER again
+  (``Dialer._shut_port``).
 
 ``Dialer`` does this for asyncio code (``await dialer.dial(timeout)``), or with
 ``dial_sync``; ``dial`` returns a ready socket for blocking code (tests,
@@ -46,6 +48,7 @@ from hmmirror.transport.door import (
 )
 from hmmirror.transport.keys import CurveKeys
 from hmmirror.transport.sockets import EVENTS, POLLOUT, tune
+from hmmirror.transport.sockowner import close_listener, connections_at
 from zmq.utils.monitor import recv_monitor_message
 
 #: A busy door is knocked at again after this pause, doubling up to the maximum.
@@ -92,6 +95,8 @@ class Dialer:
             self.sock.setsockopt(option, value)
         self._dir = ""
         self._file = ""
+        #: ``tcp://``: the address and port the DEALER bound for the knock.
+        self._bound: tuple[str, int] | None = None
         self.ready = False
         self._auth_failed = False
         #: The handshake monitor's PAIR socket while a CURVE dial runs: ``close`` closes it
@@ -142,7 +147,33 @@ class Dialer:
         local = str(knocking.getsockname()[0])
         self.sock.bind(tcp_endpoint(local, 0))
         last = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        return int(last.rpartition(":")[2])
+        port = int(last.rpartition(":")[2])
+        self._bound = (local, port)
+        return port
+
+    def _shut_port(self) -> None:
+        """``tcp://``: the server's connection arrived, so the DEALER's port takes no other.
+
+        Anyone who can reach the port could otherwise connect to it: in plain TCP to read
+        the requests the DEALER spreads over its connections, and with CURVE by relaying a
+        second connection of the server's (its own knock, naming its own port) into it,
+        to drop them. The port's listening socket gets a filter that drops every packet
+        (``sockowner.close_listener``; the connection made stays), and a dial during which
+        any other connection got in fails: nothing was sent yet.
+        """
+        if self._bound is None:
+            return
+        host, port = self._bound
+        if not close_listener(host, port):
+            raise DoorError(errno.EIO, self.door, f"cannot close this client's port {port}")
+        made = connections_at(host, port)
+        if made > 1:
+            raise DoorError(
+                errno.EPERM,
+                self.door,
+                f"{made} connections reached this client's port {port} during the dial, not "
+                "the server's alone: another process is in the way; knock again",
+            )
 
     # --- both ---------------------------------------------------------------------------------
 
@@ -231,6 +262,7 @@ class Dialer:
                 if time.monotonic() > deadline or refused():
                     raise self._refused("the server did not connect back")
                 await asyncio.sleep(0.001)
+        self._shut_port()
         self._seal()
         self.ready = True
 
@@ -278,6 +310,7 @@ class Dialer:
                 if time.monotonic() > deadline or refused():
                     raise self._refused("the server did not connect back")
                 time.sleep(0.001)
+        self._shut_port()
         self._seal()
         self.ready = True
 
