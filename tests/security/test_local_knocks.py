@@ -337,9 +337,79 @@ async def test_a_dial_during_which_another_connection_got_in_fails():
         with pytest.raises(DoorError, match="2 connections reached this client's port"):
             await client.dial(5.0)
         await serving
+        assert client.closed, "the DEALER the intruder reached is closed, never used again"
     finally:
         client.close()
         for sock in (intruder, posing):
             sock.close(linger=0)
+        ctx.term()
+        door.close()
+
+
+#: Another user's intruder: connect a DEALER to a client's port, wait until connected, say
+#: so, then report what it received. argv: the port.
+INTRUDE = r"""
+import json, sys, zmq
+ctx = zmq.Context()
+sock = ctx.socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.connect(f"tcp://127.0.0.1:{sys.argv[1]}")
+while not sock.poll(100, zmq.POLLOUT):
+    pass
+print(json.dumps("in"), flush=True)
+got = []
+while sock.poll(2000):
+    got.append(sock.recv().decode(errors="replace"))
+print(json.dumps(got), flush=True)
+sock.close()
+ctx.term()
+"""
+
+
+async def test_an_intruder_alone_at_a_clients_port_is_not_taken_for_the_server(make_user):
+    """Another user connects to the client's port before the server, and the server never
+    does: the client's DEALER can send (through the intruder), and it once counted one
+    connection and took it. Now the one connection must come from the user the door
+    belongs to (or, for a server on another host, from the address knocked at)."""
+    mallory = make_user()
+    door = socket.socket()
+    door.bind(("127.0.0.1", 0))
+    door.listen()
+    door.setblocking(False)
+    ctx: zmq.Context[object] = zmq.Context()
+    client = Dialer(ctx, f"tcp://127.0.0.1:{door.getsockname()[1]}")
+    loop = asyncio.get_running_loop()
+    intruder: asyncio.subprocess.Process | None = None
+
+    async def serve_one() -> None:
+        nonlocal intruder
+        conn, _ = await loop.sock_accept(door)
+        with conn:
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await loop.sock_recv(conn, 64)
+            intruder = await asyncio.create_subprocess_exec(
+                *mallory.argv(sys.executable, "-c", INTRUDE, line.split()[1].decode()),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            assert intruder.stdout is not None
+            assert json.loads(await asyncio.wait_for(intruder.stdout.readline(), 30)) == "in"
+            await loop.sock_sendall(conn, b"ok\n")
+
+    try:
+        serving = asyncio.ensure_future(serve_one())
+        with pytest.raises(DoorError, match="is not the server's"):
+            await client.dial(5.0)
+        await serving
+        assert client.closed
+        assert intruder is not None and intruder.stdout is not None
+        got = json.loads(await asyncio.wait_for(intruder.stdout.readline(), 30))
+        assert got == [], got
+    finally:
+        if intruder is not None and intruder.returncode is None:
+            intruder.kill()
+            await intruder.wait()
+        client.close()
         ctx.term()
         door.close()

@@ -84,6 +84,13 @@ class Channel(Drained):
 
     async def _dial(self, timeout: float) -> None:
         """Reach an ``ipc://`` server through its side door (once; concurrent callers wait)."""
+        if self._dialer.closed and not self._closed:
+            # The last dial found another process in the way and closed its socket: a new
+            # one knocks (the failed one is never used again).
+            self._unwatch()
+            self._dialer = Dialer(self.ctx, self.endpoint, self.curve, self.options)
+            self._dialing = None
+            self._watch(self._dialer.sock)
         if self._dialing is None or self._dialing.done():
             self._dialing = asyncio.ensure_future(self._dialer.dial(timeout))
         try:

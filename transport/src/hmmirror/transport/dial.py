@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import os
 import secrets
 import shutil
@@ -48,7 +49,13 @@ from hmmirror.transport.door import (
 )
 from hmmirror.transport.keys import CurveKeys
 from hmmirror.transport.sockets import EVENTS, POLLOUT, tune
-from hmmirror.transport.sockowner import close_listener, connections_at
+from hmmirror.transport.sockowner import (
+    is_local,
+    knocker_uid,
+    listener_uids,
+    peers_at,
+    refuse_all,
+)
 from zmq.utils.monitor import recv_monitor_message
 
 #: A busy door is knocked at again after this pause, doubling up to the maximum.
@@ -95,8 +102,11 @@ class Dialer:
             self.sock.setsockopt(option, value)
         self._dir = ""
         self._file = ""
-        #: ``tcp://``: the address and port the DEALER bound for the knock.
+        #: ``tcp://``: the address and port the DEALER bound for the knock, its listening
+        #: socket's descriptor (libzmq's), and the door's address as the knock reached it.
         self._bound: tuple[str, int] | None = None
+        self._listener = -1
+        self._door_at: tuple[str, int] | None = None
         self.ready = False
         self._auth_failed = False
         #: The handshake monitor's PAIR socket while a CURVE dial runs: ``close`` closes it
@@ -143,37 +153,67 @@ class Dialer:
         return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
 
     def _bind_near(self, knocking: socket.socket) -> int:
-        """Bind the DEALER on the address ``knocking`` leaves from; return its port."""
+        """Bind the DEALER on the address ``knocking`` leaves from; return its port.
+
+        The listening socket is made here and handed to libzmq (``ZMQ_USE_FD``), which
+        owns it from then on: its descriptor is what ``_shut_port`` filters."""
         local = str(knocking.getsockname()[0])
-        self.sock.bind(tcp_endpoint(local, 0))
-        last = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        port = int(last.rpartition(":")[2])
+        listener = socket.socket(knocking.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind((local, 0))
+            listener.listen(8)
+            port = int(listener.getsockname()[1])
+            self.sock.setsockopt(zmq.USE_FD, listener.fileno())
+            self.sock.bind(tcp_endpoint(local, port))
+        except BaseException:
+            listener.close()
+            raise
+        self._listener = listener.detach()  # libzmq closes it with the DEALER
         self._bound = (local, port)
+        peer = knocking.getpeername()
+        self._door_at = (str(peer[0]), int(peer[1]))
         return port
 
     def _shut_port(self) -> None:
-        """``tcp://``: the server's connection arrived, so the DEALER's port takes no other.
+        """``tcp://``: the server's connection arrived, so the DEALER's port takes no other,
+        and the one it took must be the server's.
 
         Anyone who can reach the port could otherwise connect to it: in plain TCP to read
         the requests the DEALER spreads over its connections, and with CURVE by relaying a
         second connection of the server's (its own knock, naming its own port) into it,
-        to drop them. The port's listening socket gets a filter that drops every packet
-        (``sockowner.close_listener``; the connection made stays), and a dial during which
-        any other connection got in fails: nothing was sent yet.
+        to drop them. The listening socket gets a filter that drops every packet
+        (``sockowner.refuse_all``; the connection made stays). The dial fails, and the
+        DEALER is closed, if any other connection got in, or if the one that did is not
+        the server's: from a server on this host, a socket of the user its door belongs
+        to; from another host, the address the knock went to.
         """
-        if self._bound is None:
+        if self._bound is None or self._listener < 0 or self._door_at is None:
             return
         host, port = self._bound
-        if not close_listener(host, port):
-            raise DoorError(errno.EIO, self.door, f"cannot close this client's port {port}")
-        made = connections_at(host, port)
-        if made > 1:
-            raise DoorError(
-                errno.EPERM,
-                self.door,
-                f"{made} connections reached this client's port {port} during the dial, not "
-                "the server's alone: another process is in the way; knock again",
-            )
+        try:
+            refuse_all(self._listener)
+            peers = peers_at(host, port)
+        except OSError as exc:
+            self.close()
+            why = f"cannot close this client's port: {exc}"
+            raise DoorError(errno.EIO, self.door, why) from exc
+        why = ""
+        if len(peers) != 1:
+            why = f"{len(peers)} connections reached this client's port {port} during the dial"
+        elif not self._from_server(peers[0], (host, port)):
+            why = f"the connection that reached this client's port {port} is not the server's"
+        if why:
+            self.close()
+            raise DoorError(errno.EPERM, self.door, f"{why}: another process is in the way")
+
+    def _from_server(self, peer: tuple[str, int], mine: tuple[str, int]) -> bool:
+        """Whether the connection from ``peer`` to ``mine`` was made by the server."""
+        assert self._door_at is not None
+        door_host, door_port = self._door_at
+        if is_local((door_host, door_port)):
+            owner = knocker_uid(peer, mine)  # the uid of the socket at the far end
+            return owner is not None and owner in listener_uids(door_host, door_port)
+        return ipaddress.ip_address(peer[0]) == _plain(door_host)
 
     # --- both ---------------------------------------------------------------------------------
 
@@ -327,9 +367,16 @@ class Dialer:
                 raise unreachable(self.door, exc) from exc
         check_reply(self.door, reply)
 
+    @property
+    def closed(self) -> bool:
+        """Whether the socket is closed (``close``, or a dial that found another process in
+        the way): a new Dialer must knock again."""
+        return bool(self.sock.closed)
+
     def close(self) -> None:
         """Close the socket (linger 0), and the monitor of a dial in progress, and remove
         what it left on disk: the context can then terminate at once."""
+        self._listener = -1
         self._unwatch()
         with contextlib.suppress(zmq.ZMQError):
             self.sock.close(linger=0)
@@ -351,3 +398,11 @@ def dial(
         dialer.close()
         raise
     return dialer.sock
+
+
+def _plain(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address without its scope, IPv4-mapped IPv6 taken as the IPv4 it maps."""
+    addr = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr

@@ -154,32 +154,45 @@ def listener_uids(host: str, port: int) -> set[int]:
     return {found[1]} if found is not None and found[0] == LISTEN and found[2] else set()
 
 
-def _rows(family: int) -> list[tuple[Address, int, int]]:
-    """(local host, local port, state) of every TCP socket of ``family`` (``/proc/net``)."""
-    table = "/proc/net/tcp" if family == socket.AF_INET else "/proc/net/tcp6"
+def _table(family: int) -> list[tuple[Address, int, Address, int, int]]:
+    """(local host, local port, remote host, remote port, state) of every TCP socket of
+    ``family`` in this process's network namespace (``/proc/self/net``); OSError if it
+    cannot be read (a unit's ``ProcSubset=pid`` hides it): the caller fails closed."""
+    table = "/proc/self/net/tcp" if family == socket.AF_INET else "/proc/self/net/tcp6"
     rows = []
-    with contextlib.suppress(OSError), open(table) as f:
+    with open(table) as f:
         next(f, None)
         for line in f:
             cols = line.split()
             if len(cols) < 4:
                 continue
-            hexaddr, _, hexport = cols[1].partition(":")
-            words = [int(hexaddr[i : i + 8], 16) for i in range(0, len(hexaddr), 8)]
-            raw = b"".join(struct.pack("<I", w) for w in words)
             with contextlib.suppress(ValueError):
-                host = _host(socket.inet_ntop(family, raw))
-                rows.append((host, int(hexport, 16), int(cols[3], 16)))
+                lhost, lport = _parse(cols[1], family)
+                rhost, rport = _parse(cols[2], family)
+                rows.append((lhost, lport, rhost, rport, int(cols[3], 16)))
     return rows
 
 
-def connections_at(host: str, port: int) -> int:
-    """How many TCP connections, made or being made, this host has at ``host``:``port``
-    (what a listener there accepted, or is accepting). Read once, from ``/proc/net``: the
-    whole table, so for rare checks only."""
+def _parse(field: str, family: int) -> tuple[Address, int]:
+    """``0100007F:1F90`` -> (127.0.0.1, 8080): the kernel's words in host byte order."""
+    hexaddr, _, hexport = field.partition(":")
+    words = [int(hexaddr[i : i + 8], 16) for i in range(0, len(hexaddr), 8)]
+    raw = b"".join(struct.pack("<I", w) for w in words)
+    return _host(socket.inet_ntop(family, raw)), int(hexport, 16)
+
+
+def peers_at(host: str, port: int) -> list[tuple[str, int]]:
+    """The far ends of the TCP connections, made or being made, that this host has at
+    ``host``:``port`` (what a listener there accepted, or is accepting), from both tables
+    (an IPv4 connection to a dual-stack listener is in ``tcp6``, v4-mapped). Reads the
+    whole tables: for rare checks only. OSError if they cannot be read."""
     want = _host(host)
-    family = socket.AF_INET if want.version == 4 else socket.AF_INET6
-    return sum(1 for h, p, st in _rows(family) if p == port and h == want and st != LISTEN)
+    return [
+        (str(rhost), rport)
+        for family in (socket.AF_INET, socket.AF_INET6)
+        for lhost, lport, rhost, rport, state in _table(family)
+        if lport == port and lhost == want and state != LISTEN
+    ]
 
 
 #: ``SO_ATTACH_FILTER`` (asm-generic/socket.h) and a classic BPF program of one
@@ -188,24 +201,11 @@ SO_ATTACH_FILTER = 26
 _DROP_ALL = (ctypes.c_uint64 * 1)(0x0000000000000006)
 
 
-def close_listener(host: str, port: int) -> bool:
-    """Make the listening TCP socket of this process at ``host``:``port`` take no more
-    connections, without closing it or what it accepted: a socket filter that drops every
-    packet, so a connection attempt is never answered (its SYN is dropped); the sockets it
-    already accepted have their own filters (none). Whether it was found."""
-    addr = _host(host)
-    unspecified = ipaddress.ip_address("0.0.0.0" if addr.version == 4 else "::")
-    found = _lookup((addr, port), (unspecified, 0))
-    if found is None or found[0] != LISTEN or not found[2]:
-        return False
-    target = f"socket:[{found[2]}]"
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{name}") != target:
-                continue
-            prog = struct.pack("HxxxxxxQ", 1, ctypes.addressof(_DROP_ALL))
-            # A duplicate of libzmq's descriptor: the same socket, closed again at once.
-            with socket.socket(fileno=os.dup(int(name))) as listener:
-                listener.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
-            return True
-    return False
+def refuse_all(fd: int) -> None:
+    """Make the listening TCP socket ``fd`` take no more connections, without closing it or
+    what it accepted: a socket filter that drops every packet, so a connection attempt is
+    never answered (its SYN is dropped); the sockets it accepted already have filters of
+    their own (none). OSError if the kernel refuses."""
+    prog = struct.pack("HxxxxxxQ", 1, ctypes.addressof(_DROP_ALL))
+    with socket.socket(fileno=os.dup(fd)) as listener:  # the same socket, closed again at once
+        listener.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
