@@ -396,3 +396,47 @@ async def test_an_intruder_alone_at_a_clients_port_is_not_taken_for_the_server(m
         client.close()
         ctx.term()
         door.close()
+
+
+async def test_a_client_that_knocks_again_keeps_one_port_and_closes_it():
+    """A busy door, knocked at again: the client names the same port, so that once the
+    server is connected the one listener is filtered. Before, each knock bound a new
+    listener on the DEALER, and the earlier ones stayed open to anyone."""
+    door = socket.socket()
+    door.bind(("127.0.0.1", 0))
+    door.listen()
+    door.setblocking(False)
+    ctx: zmq.Context[object] = zmq.Context()
+    server = ctx.socket(zmq.DEALER)
+    client = Dialer(ctx, f"tcp://127.0.0.1:{door.getsockname()[1]}")
+    loop = asyncio.get_running_loop()
+    named: list[int] = []
+
+    async def serve_two() -> None:
+        for answer in (b"error busy: try again\n", b"ok\n"):
+            conn, _ = await loop.sock_accept(door)
+            with conn:
+                line = b""
+                while not line.endswith(b"\n"):
+                    line += await loop.sock_recv(conn, 64)
+                named.append(int(line.split()[1]))
+                if answer == b"ok\n":
+                    server.connect(f"tcp://127.0.0.1:{named[-1]}")
+                    while not server.poll(10, zmq.POLLOUT):
+                        await asyncio.sleep(0.01)
+                await loop.sock_sendall(conn, answer)
+
+    try:
+        serving = asyncio.ensure_future(serve_two())
+        await client.dial(5.0)
+        await serving
+        assert len(named) == 2 and named[0] == named[1], named
+        with socket.socket() as anyone:
+            anyone.settimeout(1.0)
+            with pytest.raises(OSError):  # the filter drops its SYN: no answer, ever
+                anyone.connect(("127.0.0.1", named[0]))
+    finally:
+        client.close()
+        server.close(linger=0)
+        ctx.term()
+        door.close()

@@ -156,7 +156,11 @@ class Dialer:
         """Bind the DEALER on the address ``knocking`` leaves from; return its port.
 
         The listening socket is made here and handed to libzmq (``ZMQ_USE_FD``), which
-        owns it from then on: its descriptor is what ``_shut_port`` filters."""
+        owns it from then on: its descriptor is what ``_shut_port`` filters. Once per
+        Dialer: a knock again (a busy door, a dial tried anew) names the same port, so
+        that no earlier listener stays open beside the one that is filtered."""
+        if self._bound is not None:
+            return self._bound[1]
         local = str(knocking.getsockname()[0])
         listener = socket.socket(knocking.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -207,12 +211,21 @@ class Dialer:
             raise DoorError(errno.EPERM, self.door, f"{why}: another process is in the way")
 
     def _from_server(self, peer: tuple[str, int], mine: tuple[str, int]) -> bool:
-        """Whether the connection from ``peer`` to ``mine`` was made by the server."""
+        """Whether the connection from ``peer`` to ``mine`` was made by the server.
+
+        On this host: a socket of the user the door belongs to. From another host with
+        CURVE: the handshake, which only the server's secret key completes, says so (the
+        one connection could still be a relay of the server's, which can drop traffic but
+        not read it, as anyone on the path can); a multi-homed or NATed server's reply may
+        come from another address than the one knocked at. In plain TCP from another host,
+        nothing but that address says so: it must be the one knocked at."""
         assert self._door_at is not None
         door_host, door_port = self._door_at
         if is_local((door_host, door_port)):
             owner = knocker_uid(peer, mine)  # the uid of the socket at the far end
             return owner is not None and owner in listener_uids(door_host, door_port)
+        if self.curve is not None:
+            return True
         return ipaddress.ip_address(peer[0]) == _plain(door_host)
 
     # --- both ---------------------------------------------------------------------------------

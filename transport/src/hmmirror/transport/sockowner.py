@@ -98,19 +98,15 @@ def knocker_uid(source: tuple[object, ...], door: tuple[object, ...]) -> int | N
     """The uid owning the socket that connected from ``source`` to ``door`` (socket
     addresses as ``accept`` and ``getsockname`` give them), if that socket is on this host
     and still open (None: the knock came from elsewhere, or its socket was closed already,
-    or the lookup failed; ``is_local`` tells the first from the others). A socket bound to
-    a device is looked for on the source's scope, then on each interface in turn."""
+    or the lookup failed; ``is_local`` tells the first from the others). A link-local
+    source is looked for on its scope (its interface). A socket bound to a device
+    otherwise (``SO_BINDTODEVICE``) is not found, and its knock is not served: trying each
+    interface would let anyone make every knock cost one lookup per interface, on hosts
+    with hundreds of them."""
     try:
         local = (_host(str(source[0])), int(str(source[1])))
         remote = (_host(str(door[0])), int(str(door[1])))
-        scope = _scope(source)
-        found = _lookup(local, remote, scope)
-        if found is None and is_local(source):
-            for index, _ in socket.if_nameindex():
-                if index != scope:
-                    found = _lookup(local, remote, index)
-                    if found is not None:
-                        break
+        found = _lookup(local, remote, _scope(source))
     except (OSError, ValueError):
         return None
     if found is None or found[0] == LISTEN or found[2] == 0:
@@ -156,10 +152,13 @@ def listener_uids(host: str, port: int) -> set[int]:
 
 def _table(family: int) -> list[tuple[Address, int, Address, int, int]]:
     """(local host, local port, remote host, remote port, state) of every TCP socket of
-    ``family`` in this process's network namespace (``/proc/self/net``); OSError if it
-    cannot be read (a unit's ``ProcSubset=pid`` hides it): the caller fails closed."""
+    ``family`` in this process's network namespace (``/proc/self/net``): none for IPv6 on
+    a host without it (no ``tcp6``); OSError if the table cannot be read otherwise, and
+    the caller fails closed."""
     table = "/proc/self/net/tcp" if family == socket.AF_INET else "/proc/self/net/tcp6"
-    rows = []
+    rows: list[tuple[Address, int, Address, int, int]] = []
+    if family == socket.AF_INET6 and not os.path.exists("/proc/sys/net/ipv6"):
+        return rows  # booted with ipv6.disable=1: there is no table, and no IPv6 socket
     with open(table) as f:
         next(f, None)
         for line in f:
