@@ -440,3 +440,36 @@ async def test_a_client_that_knocks_again_keeps_one_port_and_closes_it():
         server.close(linger=0)
         ctx.term()
         door.close()
+
+
+async def test_a_dial_that_failed_closes_its_port():
+    """The door said ok but the server's connection did not come in time: the dial fails,
+    and its Dialer is closed, so that the next knock comes from a new one with a new port.
+    Before, the channel dialled again on the same Dialer, naming the same port, which the
+    server, connected to it late, then refused as connected already for a minute."""
+    door = socket.socket()
+    door.bind(("127.0.0.1", 0))
+    door.listen()
+    door.setblocking(False)
+    ctx: zmq.Context[object] = zmq.Context()
+    client = Dialer(ctx, f"tcp://127.0.0.1:{door.getsockname()[1]}")
+    loop = asyncio.get_running_loop()
+
+    async def answer_and_stay_away() -> None:
+        conn, _ = await loop.sock_accept(door)
+        with conn:
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await loop.sock_recv(conn, 64)
+            await loop.sock_sendall(conn, b"ok\n")
+
+    try:
+        serving = asyncio.ensure_future(answer_and_stay_away())
+        with pytest.raises(DoorError, match="did not connect back"):
+            await client.dial(0.5)
+        await serving
+        assert client.closed, "a failed dial's Dialer, and the port it named, are closed"
+    finally:
+        client.close()
+        ctx.term()
+        door.close()

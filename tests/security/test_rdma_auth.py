@@ -75,6 +75,8 @@ else:
         dialer.dial_sync(seconds / 2)
     except DoorError:
         failed = True  # refused, or never connected back: the sends below find no peer
+        sock = ctx.socket(zmq.DEALER)  # a failed dial closes its socket: one with no peer
+        sock.linger = 0
     monitor = sock.get_monitor_socket()
 asks = [(M.StatMr(), []), (M.RdmaRead(rkey=rkey, addr=addr, length=16), []),
         (M.RdmaWrite(rkey=rkey, addr=addr, length=6), [b"PWNED!"])]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import os
 import secrets
 import shutil
@@ -213,20 +212,18 @@ class Dialer:
     def _from_server(self, peer: tuple[str, int], mine: tuple[str, int]) -> bool:
         """Whether the connection from ``peer`` to ``mine`` was made by the server.
 
-        On this host: a socket of the user the door belongs to. From another host with
-        CURVE: the handshake, which only the server's secret key completes, says so (the
-        one connection could still be a relay of the server's, which can drop traffic but
-        not read it, as anyone on the path can); a multi-homed or NATed server's reply may
-        come from another address than the one knocked at. In plain TCP from another host,
-        nothing but that address says so: it must be the one knocked at."""
+        On this host: a socket of the user the door belongs to. From another host, the
+        one connection that came during the dial is taken: a multi-homed or NATed server's
+        reply may come from another address than the one knocked at, and with CURVE the
+        handshake, which only the server's secret key completes, says it is the server's
+        (a relay of it could drop traffic but not read it, as anyone on the path can). In
+        plain TCP nothing says who a remote server is: ``insecure`` means that."""
         assert self._door_at is not None
         door_host, door_port = self._door_at
-        if is_local((door_host, door_port)):
-            owner = knocker_uid(peer, mine)  # the uid of the socket at the far end
-            return owner is not None and owner in listener_uids(door_host, door_port)
-        if self.curve is not None:
+        if not is_local((door_host, door_port)):
             return True
-        return ipaddress.ip_address(peer[0]) == _plain(door_host)
+        owner = knocker_uid(peer, mine)  # the uid of the socket at the far end
+        return owner is not None and owner in listener_uids(door_host, door_port)
 
     # --- both ---------------------------------------------------------------------------------
 
@@ -289,7 +286,17 @@ class Dialer:
         monitor.close(linger=0)
 
     async def dial(self, timeout: float) -> None:
-        """Knock, then wait for the server's connection; raise DoorError."""
+        """Knock, then wait for the server's connection; raise DoorError. A failed dial
+        that bound a port closes the Dialer (``closed``): the server may still connect to
+        that port late, and a new Dialer knocks with a new one."""
+        try:
+            await self._dial_async(timeout)
+        except BaseException:
+            if self._bound is not None and not self.ready:
+                self.close()
+            raise
+
+    async def _dial_async(self, timeout: float) -> None:
         if self.ready:
             return
         deadline = time.monotonic() + timeout
@@ -338,6 +345,14 @@ class Dialer:
 
     def dial_sync(self, timeout: float) -> None:
         """``dial`` for blocking code."""
+        try:
+            self._dial_blocking(timeout)
+        except BaseException:
+            if self._bound is not None and not self.ready:
+                self.close()
+            raise
+
+    def _dial_blocking(self, timeout: float) -> None:
         if self.ready:
             return
         deadline = time.monotonic() + timeout
@@ -411,11 +426,3 @@ def dial(
         dialer.close()
         raise
     return dialer.sock
-
-
-def _plain(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """An address without its scope, IPv4-mapped IPv6 taken as the IPv4 it maps."""
-    addr = ipaddress.ip_address(host.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr

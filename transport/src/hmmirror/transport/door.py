@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from hmmirror.transport.peer import Peer
-from hmmirror.transport.sockowner import is_local, knocker_uid
+from hmmirror.transport.sockowner import LookupUnavailable, is_local, knocker_uid
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,7 @@ class Door:
         self.loop.add_reader(sock.fileno(), self._accept)
         self._pending: dict[int, _Pending] = {}
         self._paused = False
+        self._said_unattributed = False
         self.counters = dict.fromkeys(("accepted", "refused", "busy", "emfile"), 0)
 
     @classmethod
@@ -272,7 +273,15 @@ class Door:
         # by its user, as on a Unix door (a remote one by its address).
         if not isinstance(address, tuple):
             return Peer(address=host), host
-        uid = knocker_uid(address, conn.getsockname())
+        try:
+            uid = knocker_uid(address, conn.getsockname())
+        except LookupUnavailable as exc:
+            # Confined without netlink: knocks are counted by address, as before the
+            # lookup existed, and said so once.
+            if not self._said_unattributed:
+                self._said_unattributed = True
+                log.warning("door %s: local TCP knocks counted by address: %s", self.where, exc)
+            return Peer(address=host), host
         if uid is None and is_local(address):
             # From this host, but its socket is closed already (a knock sent and dropped at
             # once): nobody to answer, and nobody to count it against. Not served.

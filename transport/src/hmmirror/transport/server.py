@@ -143,6 +143,8 @@ class Limits:
     (``hello``, a request; a connection's handshake takes a few round trips), so knocks
     that lead nowhere hold places only briefly: a flood of them must be fast, and is
     capped per user (on this host) or address besides."""
+    first_message_within_remote: float = 10.0
+    """The same for a connection to another host, whose handshake may cross a slow link."""
 
 
 #: Sockets a context keeps beyond the connections: the clients', the ZAP handler's.
@@ -412,11 +414,20 @@ class Server:
 
     def _drop_unheard(self, among: list[Connection]) -> bool:
         """Drop the connections of ``among`` that sent nothing within
-        ``first_message_within`` of being made; whether any was. Knocks that lead nowhere
+        ``first_message_within`` of being made (``first_message_within_remote`` for one to
+        another host); whether any was. Knocks that lead nowhere
         do not hold places, whoever made them, whatever their address. A connection made
         before ``start`` is spared: nothing has been read from it yet."""
-        since = time.monotonic() - self.limits.first_message_within
-        stale = [c.rid for c in among if c.line is not None and not c.heard and c.last_seen < since]
+        now = time.monotonic()
+        local, remote = self.limits.first_message_within, self.limits.first_message_within_remote
+        stale = [
+            c.rid
+            for c in among
+            if c.line is not None
+            and not c.heard
+            and now - c.last_seen
+            >= (local if c.peer.local or c.peer.host_uid is not None else remote)
+        ]
         if stale:
             log.info("%d connections that never sent a message dropped", len(stale))
         for rid in stale:

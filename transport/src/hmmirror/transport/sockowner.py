@@ -94,6 +94,11 @@ def _scope(address: tuple[object, ...]) -> int:
     return int(address[3]) if len(address) >= 4 and isinstance(address[3], int) else 0
 
 
+class LookupUnavailable(OSError):
+    """The kernel could not be asked (no netlink here: a confined process): who made a
+    socket cannot be told, as opposed to a socket that is not there."""
+
+
 def knocker_uid(source: tuple[object, ...], door: tuple[object, ...]) -> int | None:
     """The uid owning the socket that connected from ``source`` to ``door`` (socket
     addresses as ``accept`` and ``getsockname`` give them), if that socket is on this host
@@ -102,13 +107,16 @@ def knocker_uid(source: tuple[object, ...], door: tuple[object, ...]) -> int | N
     source is looked for on its scope (its interface). A socket bound to a device
     otherwise (``SO_BINDTODEVICE``) is not found, and its knock is not served: trying each
     interface would let anyone make every knock cost one lookup per interface, on hosts
-    with hundreds of them."""
+    with hundreds of them. LookupUnavailable if the kernel could not be asked."""
     try:
         local = (_host(str(source[0])), int(str(source[1])))
         remote = (_host(str(door[0])), int(str(door[1])))
-        found = _lookup(local, remote, _scope(source))
-    except (OSError, ValueError):
+    except ValueError:
         return None
+    try:
+        found = _lookup(local, remote, _scope(source))
+    except OSError as exc:
+        raise LookupUnavailable(f"sock_diag: {exc}") from exc
     if found is None or found[0] == LISTEN or found[2] == 0:
         return None
     return found[1]
@@ -150,21 +158,22 @@ def listener_uids(host: str, port: int) -> set[int]:
     return {found[1]} if found is not None and found[0] == LISTEN and found[2] else set()
 
 
-def _table(family: int) -> list[tuple[Address, int, Address, int, int]]:
-    """(local host, local port, remote host, remote port, state) of every TCP socket of
-    ``family`` in this process's network namespace (``/proc/self/net``): none for IPv6 on
-    a host without it (no ``tcp6``); OSError if the table cannot be read otherwise, and
-    the caller fails closed."""
+def _table(family: int, port: int) -> list[tuple[Address, int, Address, int, int]]:
+    """(local host, local port, remote host, remote port, state) of the TCP sockets of
+    ``family`` at local ``port`` in this process's network namespace (``/proc/self/net``):
+    none for IPv6 on a host without it (no ``tcp6``); OSError if the table cannot be read
+    otherwise, and the caller fails closed."""
     table = "/proc/self/net/tcp" if family == socket.AF_INET else "/proc/self/net/tcp6"
     rows: list[tuple[Address, int, Address, int, int]] = []
     if family == socket.AF_INET6 and not os.path.exists("/proc/sys/net/ipv6"):
         return rows  # booted with ipv6.disable=1: there is no table, and no IPv6 socket
+    suffix = f":{port:04X}"
     with open(table) as f:
         next(f, None)
         for line in f:
-            cols = line.split()
-            if len(cols) < 4:
-                continue
+            cols = line.split(None, 4)
+            if len(cols) < 4 or not cols[1].endswith(suffix):
+                continue  # another local port: not parsed (a busy host lists thousands)
             with contextlib.suppress(ValueError):
                 lhost, lport = _parse(cols[1], family)
                 rhost, rport = _parse(cols[2], family)
@@ -189,7 +198,7 @@ def peers_at(host: str, port: int) -> list[tuple[str, int]]:
     return [
         (str(rhost), rport)
         for family in (socket.AF_INET, socket.AF_INET6)
-        for lhost, lport, rhost, rport, state in _table(family)
+        for lhost, lport, rhost, rport, state in _table(family, port)
         if lport == port and lhost == want and state != LISTEN
     ]
 
