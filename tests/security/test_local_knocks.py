@@ -308,32 +308,57 @@ async def test_nobody_can_connect_to_a_clients_port_once_the_server_has(make_use
         ctx.term()
 
 
+class FakeDoor:
+    """A plain TCP listener that plays a server's door: the test reads each knock, and
+    decides who connects to the port it names, and what the door answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.sock.setblocking(False)
+        self.endpoint = f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    async def knock(self) -> tuple[socket.socket, int]:
+        """The next knock: its connection (answer it with ``answer``) and the port named."""
+        loop = asyncio.get_running_loop()
+        conn, _ = await loop.sock_accept(self.sock)
+        line = b""
+        while not line.endswith(b"\n"):
+            line += await loop.sock_recv(conn, 64)
+        return conn, int(line.split()[1])
+
+    @staticmethod
+    async def answer(conn: socket.socket, line: bytes) -> None:
+        with conn:
+            await asyncio.get_running_loop().sock_sendall(conn, line)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def connected(sock: zmq.Socket[object]) -> None:
+    """Until ``sock`` (a connecting DEALER) can send: its connection is made."""
+    while not sock.poll(10, zmq.POLLOUT):
+        await asyncio.sleep(0.01)
+
+
 async def test_a_dial_during_which_another_connection_got_in_fails():
     """If another connection reaches the client's port before the server's (a relay racing
-    the dial), the dial fails rather than leave the client sending into it. The door here is
-    a plain TCP listener that lets that connection in first, then connects as the server."""
-    door = socket.socket()
-    door.bind(("127.0.0.1", 0))
-    door.listen()
-    door.setblocking(False)
+    the dial), the dial fails rather than leave the client sending into it. The door here
+    lets that connection in first, then connects as the server."""
+    door = FakeDoor()
     ctx: zmq.Context[object] = zmq.Context()
     intruder = ctx.socket(zmq.DEALER)
     posing = ctx.socket(zmq.DEALER)
-    client = Dialer(ctx, f"tcp://127.0.0.1:{door.getsockname()[1]}")
-    loop = asyncio.get_running_loop()
+    client = Dialer(ctx, door.endpoint)
 
     async def serve_one() -> None:
-        conn, _ = await loop.sock_accept(door)
-        with conn:
-            line = b""
-            while not line.endswith(b"\n"):
-                line += await loop.sock_recv(conn, 64)
-            port = int(line.split()[1])
-            for sock in (intruder, posing):  # the intruder first, then "the server"
-                sock.connect(f"tcp://127.0.0.1:{port}")
-                while not sock.poll(10, zmq.POLLOUT):
-                    await asyncio.sleep(0.01)
-            await loop.sock_sendall(conn, b"ok\n")
+        conn, port = await door.knock()
+        for sock in (intruder, posing):  # the intruder first, then "the server"
+            sock.connect(f"tcp://127.0.0.1:{port}")
+            await connected(sock)
+        await door.answer(conn, b"ok\n")
 
     try:
         serving = asyncio.ensure_future(serve_one())
@@ -352,33 +377,25 @@ async def test_a_dial_during_which_another_connection_got_in_fails():
 async def test_an_intruder_alone_at_a_clients_port_is_not_taken_for_the_server(make_user):
     """Another user connects to the client's port before the server, and the server never
     does: the client's DEALER can send (through the intruder), and it once counted one
-    connection and took it. Now the one connection must come from the user the door
-    belongs to (or, for a server on another host, from the address knocked at)."""
+    connection and took it. Now, from a server on this host, the one connection must come
+    from the user the door belongs to."""
     mallory = make_user()
-    door = socket.socket()
-    door.bind(("127.0.0.1", 0))
-    door.listen()
-    door.setblocking(False)
+    door = FakeDoor()
     ctx: zmq.Context[object] = zmq.Context()
-    client = Dialer(ctx, f"tcp://127.0.0.1:{door.getsockname()[1]}")
-    loop = asyncio.get_running_loop()
+    client = Dialer(ctx, door.endpoint)
     intruder: asyncio.subprocess.Process | None = None
 
     async def serve_one() -> None:
         nonlocal intruder
-        conn, _ = await loop.sock_accept(door)
-        with conn:
-            line = b""
-            while not line.endswith(b"\n"):
-                line += await loop.sock_recv(conn, 64)
-            intruder = await asyncio.create_subprocess_exec(
-                *mallory.argv(sys.executable, "-c", PEER, line.split()[1].decode()),
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            assert intruder.stdout is not None
-            assert json.loads(await asyncio.wait_for(intruder.stdout.readline(), 30)) == "in"
-            await loop.sock_sendall(conn, b"ok\n")
+        conn, port = await door.knock()
+        intruder = await asyncio.create_subprocess_exec(
+            *mallory.argv(sys.executable, "-c", PEER, str(port)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert intruder.stdout is not None
+        assert json.loads(await asyncio.wait_for(intruder.stdout.readline(), 30)) == "in"
+        await door.answer(conn, b"ok\n")
 
     try:
         serving = asyncio.ensure_future(serve_one())
@@ -402,29 +419,21 @@ async def test_a_client_that_knocks_again_keeps_one_port_and_closes_it():
     """A busy door, knocked at again: the client names the same port, so that once the
     server is connected the one listener is filtered. Before, each knock bound a new
     listener on the DEALER, and the earlier ones stayed open to anyone."""
-    door = socket.socket()
-    door.bind(("127.0.0.1", 0))
-    door.listen()
-    door.setblocking(False)
+    door = FakeDoor()
     ctx: zmq.Context[object] = zmq.Context()
     server = ctx.socket(zmq.DEALER)
-    client = Dialer(ctx, f"tcp://127.0.0.1:{door.getsockname()[1]}")
-    loop = asyncio.get_running_loop()
+    client = Dialer(ctx, door.endpoint)
     named: list[int] = []
 
     async def serve_two() -> None:
-        for answer in (b"error busy: try again\n", b"ok\n"):
-            conn, _ = await loop.sock_accept(door)
-            with conn:
-                line = b""
-                while not line.endswith(b"\n"):
-                    line += await loop.sock_recv(conn, 64)
-                named.append(int(line.split()[1]))
-                if answer == b"ok\n":
-                    server.connect(f"tcp://127.0.0.1:{named[-1]}")
-                    while not server.poll(10, zmq.POLLOUT):
-                        await asyncio.sleep(0.01)
-                await loop.sock_sendall(conn, answer)
+        conn, port = await door.knock()
+        named.append(port)
+        await door.answer(conn, b"error busy: try again\n")
+        conn, port = await door.knock()
+        named.append(port)
+        server.connect(f"tcp://127.0.0.1:{port}")
+        await connected(server)
+        await door.answer(conn, b"ok\n")
 
     try:
         serving = asyncio.ensure_future(serve_two())
@@ -447,21 +456,13 @@ async def test_a_dial_that_failed_closes_its_port():
     and its Dialer is closed, so that the next knock comes from a new one with a new port.
     Before, the channel dialled again on the same Dialer, naming the same port, which the
     server, connected to it late, then refused as connected already for a minute."""
-    door = socket.socket()
-    door.bind(("127.0.0.1", 0))
-    door.listen()
-    door.setblocking(False)
+    door = FakeDoor()
     ctx: zmq.Context[object] = zmq.Context()
-    client = Dialer(ctx, f"tcp://127.0.0.1:{door.getsockname()[1]}")
-    loop = asyncio.get_running_loop()
+    client = Dialer(ctx, door.endpoint)
 
     async def answer_and_stay_away() -> None:
-        conn, _ = await loop.sock_accept(door)
-        with conn:
-            line = b""
-            while not line.endswith(b"\n"):
-                line += await loop.sock_recv(conn, 64)
-            await loop.sock_sendall(conn, b"ok\n")
+        conn, _ = await door.knock()
+        await door.answer(conn, b"ok\n")
 
     try:
         serving = asyncio.ensure_future(answer_and_stay_away())
