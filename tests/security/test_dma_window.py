@@ -33,6 +33,7 @@ from hmmirror.proto.messages import (
 )
 from hmmirror.testing.hmmd import HmmdStartError, start_hmmd
 from hmmirror.testing.rawpeer import RawPeer, raw_peer
+from hmmirror.transport.door import read_reply
 
 PAGE = 4096
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -58,13 +59,7 @@ def knock(path: str, line: str, fd: int) -> str:
         sock.settimeout(5)
         sock.connect(path)
         socket.send_fds(sock, [line.encode() + b"\n"], [fd])
-        answer = b""
-        while not answer.endswith(b"\n"):
-            chunk = sock.recv(256)
-            if not chunk:
-                break
-            answer += chunk
-    return answer.decode().strip()
+        return read_reply(sock).strip()
 
 
 async def ticket(peer: RawPeer, size: int) -> str:

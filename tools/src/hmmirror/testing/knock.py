@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import socket
 
+from hmmirror.transport.door import read_reply
+
 
 def knock_line(port: int, line: str, source: str = "127.0.0.1", timeout: float = 5.0) -> str:
     """Knock at the TCP door on 127.0.0.1:``port`` from ``source`` with ``line``; the
@@ -16,10 +18,4 @@ def knock_line(port: int, line: str, source: str = "127.0.0.1", timeout: float =
     door = ("127.0.0.1", port)
     with socket.create_connection(door, timeout=timeout, source_address=(source, 0)) as s:
         s.sendall(line.encode() + b"\n")
-        answer = b""
-        while not answer.endswith(b"\n"):
-            got = s.recv(256)
-            if not got:
-                break
-            answer += got
-    return answer.decode(errors="replace").strip()
+        return read_reply(s).strip()
