@@ -85,12 +85,9 @@ class Channel(Drained):
     async def _dial(self, timeout: float) -> None:
         """Reach an ``ipc://`` server through its side door (once; concurrent callers wait)."""
         if self._dialer.closed and not self._closed:
-            # The last dial found another process in the way and closed its socket: a new
-            # one knocks (the failed one is never used again).
-            self._unwatch()
-            self._dialer = Dialer(self.ctx, self.endpoint, self.curve, self.options)
-            self._dialing = None
-            self._watch(self._dialer.sock)
+            # The last dial failed and closed its socket (a server may still connect to
+            # its port late): a new Dialer knocks, the failed one is never used again.
+            self._new_dialer()
         if self._dialing is None or self._dialing.done():
             self._dialing = asyncio.ensure_future(self._dialer.dial(timeout))
         try:
@@ -111,12 +108,16 @@ class Channel(Drained):
         """A fresh connection to a server that dropped (or lost) this one: knock again."""
         if self._closed:
             return
+        self._new_dialer()
+        await self._dial(self.timeout)
+
+    def _new_dialer(self) -> None:
+        """Drain a new Dialer's socket in place of the current one, which is closed."""
         self._unwatch()
         self._dialer.close()
         self._dialer = Dialer(self.ctx, self.endpoint, self.curve, self.options)
         self._dialing = None
         self._watch(self._dialer.sock)
-        await self._dial(self.timeout)
 
     def _close_socket(self) -> None:
         """Fail every pending request and close the socket (idempotent)."""

@@ -289,12 +289,8 @@ class Dialer:
         """Knock, then wait for the server's connection; raise DoorError. A failed dial
         that bound a port closes the Dialer (``closed``): the server may still connect to
         that port late, and a new Dialer knocks with a new one."""
-        try:
+        with self._closed_if_failed():
             await self._dial_async(timeout)
-        except BaseException:
-            if self._bound is not None and not self.ready:
-                self.close()
-            raise
 
     async def _dial_async(self, timeout: float) -> None:
         if self.ready:
@@ -345,8 +341,14 @@ class Dialer:
 
     def dial_sync(self, timeout: float) -> None:
         """``dial`` for blocking code."""
-        try:
+        with self._closed_if_failed():
             self._dial_blocking(timeout)
+
+    @contextlib.contextmanager
+    def _closed_if_failed(self) -> Iterator[None]:
+        """Close the Dialer if the dial fails once it has bound a port."""
+        try:
+            yield
         except BaseException:
             if self._bound is not None and not self.ready:
                 self.close()
