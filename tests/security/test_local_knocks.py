@@ -26,6 +26,7 @@ from dataclasses import replace
 import pytest
 import zmq
 from hmmirror.transport import Dialer, DoorError, Limits, Server
+from hmmirror.transport.door import read_reply_async
 
 #: The attacker: knock as told, print each answer as a JSON line. argv: door port, then
 #: a port to name ("name:PORT"), or "own:N:SOURCES" (N knocks, each naming a port of a
@@ -321,11 +322,8 @@ class FakeDoor:
 
     async def knock(self) -> tuple[socket.socket, int]:
         """The next knock: its connection (answer it with ``answer``) and the port named."""
-        loop = asyncio.get_running_loop()
-        conn, _ = await loop.sock_accept(self.sock)
-        line = b""
-        while not line.endswith(b"\n"):
-            line += await loop.sock_recv(conn, 64)
+        conn, _ = await asyncio.get_running_loop().sock_accept(self.sock)
+        line = await read_reply_async(conn)  # one line, as the door reads a knock's
         return conn, int(line.split()[1])
 
     @staticmethod
