@@ -92,10 +92,12 @@ class Ours:
         return out
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds (user + system, every thread) that hmmd and the agents used so far."""
+        """CPU seconds (user + system, every thread) that hmmd, the agents and the driver (this
+        process, which drives only one side at a time) used so far."""
         return {
             "hmmd": cpu_seconds(self.daemon.pid),
             "agents": sum(cpu_seconds(a.pid) for a in self.agents),
+            "driver": cpu_seconds(os.getpid()),
         }
 
     def __exit__(self, *exc: Any) -> None:
@@ -114,8 +116,8 @@ def cpu_per_invalidation(r: dict[str, Any], n: int) -> str:
     if n <= 0:
         return "cpu per invalidation: -"
     c0, c1 = r["cpu0"], r["cpu1"]
-    per = {k: (c1[k] - c0[k]) / n * 1e6 for k in c0}
-    return f"cpu per invalidation: hmmd {per['hmmd']:.0f} us, agents {per['agents']:.0f} us"
+    per = ", ".join(f"{k} {(c1[k] - c0[k]) / n * 1e6:.0f} us" for k in c0)
+    return f"cpu per invalidation: {per}"
 
 
 async def drive_w1(
@@ -157,13 +159,15 @@ async def drive_w1(
 
             await base(warmup, False)
             await ours(warmup, False)
-            cpu0 = o.cpu()
+            cpu1 = cpu0 = dict.fromkeys(o.cpu(), 0.0)  # our blocks' CPU, not the baseline's
             while len(lat) < count:
                 k = min(block, count - len(lat))
                 await base(k, True)
+                before = o.cpu()
                 await ours(k, True)
+                after = o.cpu()
+                cpu1 = {key: used + after[key] - before[key] for key, used in cpu1.items()}
             st1 = await s.status()
-            cpu1 = o.cpu()
     finally:
         fan.close()
     return {
@@ -224,7 +228,7 @@ async def drive_pipelined_interleaved(
             our_lat: list[float] = []
             base_done = our_inv = our_done = 0
             our_dt = 0.0
-            cpu = {"hmmd": 0.0, "agents": 0.0}
+            cpu = dict.fromkeys(o.cpu(), 0.0)
             first: dict[str, Any] = {}
             last: dict[str, Any] = {}
             for r in range(rounds):
