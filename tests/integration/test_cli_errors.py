@@ -80,6 +80,8 @@ def _short_keys(tmp_path: Path) -> str:
         (f'expose_socket = "{LONG_PATH}"', "longer than 107 bytes"),
         ('heartbeat = "0.0001ms"', "shorter than 1ms"),
         ('poll_min = "0s"', "positive"),
+        ("nice = 25", "from -20 to 19"),
+        ('nice = "fast"', "whole number"),
         ("SHORT_KEYS", "40-character Z85 key"),
     ],
 )  # fmt: skip
@@ -122,6 +124,7 @@ def test_print_config_writes_durations_as_they_are_written(tmp_path):
         (HMMD, ["run", "--log-level", "loud"], "hmmd: run: argument --log-level"),
         (HMMD, ["run", "--heartbeat", "-1"], "--heartbeat"),
         (HMMD, ["bogus"], "invalid choice"),
+        (HMMD, ["run", "--nice", "-21"], "--nice must be from -20 to 19"),
         (HM_AGENT, ["--bogus"], "unrecognized arguments"),
         (HMMCTL, ["--endpoint", "garbage", "status"], "must start with ipc:// or tcp://"),
         (HMMCTL, ["--endpoint", "udp://10.0.0.1:5", "mms"], "udp://10.0.0.1:5"),

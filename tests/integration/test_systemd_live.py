@@ -63,6 +63,7 @@ CHECKS = [
     "install_layout",
     "hmmd_credentials",
     "hmmd_nofile",
+    "hmmd_nice",
     "hmmd_tcp_endpoint",
     "granted_mirror",
     "ungranted_refused",

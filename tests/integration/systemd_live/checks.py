@@ -336,6 +336,18 @@ class Live:
         detail = {"soft": soft, "hard": hard, "LimitNOFILE": want, "pid1_hard": ceiling}
         return want > 0 and soft == hard == min(want, ceiling), detail
 
+    async def hmmd_nice(self) -> tuple[bool, Detail]:
+        """Every hmmd thread runs at the unit's Nice= (libzmq's threads inherit it), and hmmd,
+        whose filter refuses setpriority, did not try to change it and warn."""
+        want = int(unit_setting("/etc/systemd/system/hmmd.service", "Nice") or 0)
+        tasks = Path(f"/proc/{self.main_pid}/task")
+        nices = sorted({os.getpriority(os.PRIO_PROCESS, int(t.name)) for t in tasks.iterdir()})
+        log = sh("journalctl", "-u", "hmmd", "--no-pager", "-o", "cat").stdout
+        warned = [ln for ln in log.splitlines() if "cannot run at nice" in ln]
+        detail = {"Nice": want, "thread_nices": nices, "threads": len(list(tasks.iterdir()))}
+        detail["warned"] = warned[:2]
+        return want < 0 and nices == [want] and not warned, detail
+
     async def hmmd_tcp_endpoint(self) -> tuple[bool, Detail]:
         """The unit's sandbox lets hmmd bind a tcp:// endpoint (libzmq asks netlink first): a
         copy of hmmd.service on tcp://127.0.0.1:5555 (plain TCP, the container's own network)
@@ -612,6 +624,7 @@ async def main() -> int:
             await results.run("install_layout", live.install_layout)
             await results.run("hmmd_credentials", live.hmmd_credentials)
             await results.run("hmmd_nofile", live.hmmd_nofile)
+            await results.run("hmmd_nice", live.hmmd_nice)
             await results.run("hmmd_tcp_endpoint", live.hmmd_tcp_endpoint)
             await results.run("granted_mirror", live.granted_mirror)
             await results.run("ungranted_refused", live.ungranted_refused)

@@ -47,6 +47,7 @@ _FLAGS = (
     "reply_cap",
     "max_connections",
     "max_connections_per_peer",
+    "nice",
     "log_level",
 )
 
@@ -135,6 +136,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="connections one local uid or remote address may hold (default 32; root: any)",
     )
+    run.add_argument(
+        "--nice",
+        metavar="N",
+        help="nice value of hmmd's threads, -20..19 (default -10: ahead of the targets it serves)",
+    )
     run.add_argument("--curve-key", metavar="FILE", help="the daemon's secret CURVE certificate")
     run.add_argument(
         "--curve-allow", metavar="DIR", help="directory of allowed agents' public certificates"
@@ -191,8 +197,10 @@ async def _run(config: Config) -> int:
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
     """``hmmd run``: serve until SIGTERM or SIGINT; return the exit code."""
+    from hmmirror.daemon.linux.priority import apply_nice
     from hmmirror.transport import AddressInUse
 
+    apply_nice(config.nice)  # before the loop and libzmq make threads, which inherit it
     try:
         import uvloop
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from hmmirror.daemon.linux.priority import NICE_MAX, NICE_MIN
 from hmmirror.transport.keys import CertificateError, ServerKeys
 from hmmirror.transport.settings import (
     BIND_ENDPOINT,
@@ -28,6 +29,7 @@ from hmmirror.transport.settings import (
     as_toml,
     build,
     choice,
+    integer,
     number,
     parse_string,
     read_file,
@@ -75,6 +77,10 @@ class Config:
     """Fastest proc watcher poll interval (right after a change)."""
     poll_max: float = setting(0.05, DURATION)
     """Slowest proc watcher poll interval (while nothing changes)."""
+    nice: int = setting(-10, integer(NICE_MIN, NICE_MAX))
+    """The nice value of every hmmd thread (-20 to 19). Target threads wait in munmap and
+    madvise until hmmd has read their events, so hmmd runs ahead of ordinary work (0);
+    raising a priority needs CAP_SYS_NICE, or ``Nice=`` in the unit (deploy/hmmd.service)."""
     log_level: str = setting("info", LOG_LEVEL)
     log_format: str = setting("text", choice("text", "json"))
     """stderr log lines: "text", or "json" (one object per line, for log collectors)."""

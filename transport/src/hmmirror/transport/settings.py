@@ -279,6 +279,22 @@ def number(minimum: float) -> Kind:
     return Kind(parse)
 
 
+def integer(minimum: int, maximum: int) -> Kind:
+    """A whole number, negative ones too, from ``minimum`` to ``maximum``."""
+
+    def parse(value: Any, label: str) -> int:
+        """The integer, checked against the range."""
+        text = str(value).strip()
+        if isinstance(value, bool) or not text.lstrip("+-").isdigit():
+            raise ConfigError(f"{label} must be a whole number, got {value!r}")
+        out = int(text)
+        if not minimum <= out <= maximum:
+            raise ConfigError(f"{label} must be from {minimum} to {maximum}, got {out}")
+        return out
+
+    return Kind(parse)
+
+
 def choice(*values: str, fold_case: bool = False) -> Kind:
     """One of ``values`` (compared in lower case, and kept so, if ``fold_case``)."""
     allowed = " or ".join(map(repr, values)) if len(values) == 2 else f"one of {sorted(values)}"
