@@ -41,3 +41,22 @@ async def test_a_child_that_only_closed_its_stdout_says_so() -> None:
     finally:
         child.kill()
         await child.reap()
+
+
+async def test_a_cancel_that_comes_with_a_childs_line_is_not_lost() -> None:
+    """SIGTERM cancels the checker's run; a cancel in the very loop turn a child's answer
+    arrives must still end it. ``asyncio.wait_for`` on Python 3.11 returned the line instead
+    (CPython bpo-42130), and the checker went on with its rounds for good (CI, 2026-12-07)."""
+    child = await _child("import sys; sys.stdin.readline()")
+    try:
+        reading = asyncio.ensure_future(child.line(10))
+        for _ in range(5):
+            await asyncio.sleep(0)  # the read now waits for a line
+        assert child.proc.stdout is not None
+        child.proc.stdout.feed_data(b'{"answer": 1}\n')  # it arrives: the read can end this turn
+        reading.cancel()  # and the cancel comes in the same turn
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+    finally:
+        child.kill()
+        await child.reap()

@@ -99,7 +99,8 @@ class RawPeer:
 
     async def reply(self, id: int, timeout: float | None = None) -> Envelope:
         """The reply to request ``id``; a wait that times out leaves it to be waited for again."""
-        env = await asyncio.wait_for(asyncio.shield(self.replies[id]), self._wait(timeout))
+        async with asyncio.timeout(self._wait(timeout)):
+            env = await asyncio.shield(self.replies[id])
         del self.replies[id]
         return env
 
@@ -116,7 +117,8 @@ class RawPeer:
 
     async def recv(self, timeout: float | None = None) -> Envelope:
         """The next unsolicited message (an invalidate, evicted, or an uncorrelated reply)."""
-        return await asyncio.wait_for(self.unsolicited.get(), self._wait(timeout))
+        async with asyncio.timeout(self._wait(timeout)):
+            return await self.unsolicited.get()
 
     async def quiet(self, seconds: float) -> None:
         """Assert nothing unsolicited reaches this peer for ``seconds``."""

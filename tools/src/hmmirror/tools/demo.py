@@ -187,7 +187,8 @@ async def run_demo(
         )  # fmt: skip
         try:
             assert target.stdout is not None
-            line = await asyncio.wait_for(asyncio.to_thread(target.stdout.readline), 10)
+            async with asyncio.timeout(10):
+                line = await asyncio.to_thread(target.stdout.readline)
             base_s, size_s = line.split()
             base, size = int(base_s, 16), int(size_s)
             async with (

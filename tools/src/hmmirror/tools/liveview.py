@@ -290,6 +290,7 @@ async def top_screen(
                                   block=screen.block, footer=footer))  # fmt: skip
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), max(0.0, next_read - loop.time()))
+                    async with asyncio.timeout(max(0.0, next_read - loop.time())):
+                        await wake.wait()
     finally:
         loop.remove_signal_handler(signal.SIGWINCH)

@@ -404,7 +404,8 @@ async def resolve(
         if step.busy:
             # Sleep until the overlapping window closes (or the budget ends).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(mm.idle.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await mm.idle.wait()
         elif step.write:
             failed = await fault_in_write(copier, mm, step.runs)
             if failed is not None:

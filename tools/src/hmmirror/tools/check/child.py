@@ -43,7 +43,8 @@ class Child:
     async def line(self, timeout: float = COMMAND_DEADLINE) -> str:
         """The next stdout line; ChildDied on EOF, TimeoutError past ``timeout``."""
         assert self.proc.stdout is not None
-        raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        async with asyncio.timeout(timeout):
+            raw = await self.proc.stdout.readline()
         if not raw:
             raise ChildDied(f"{self.name} (pid {self.pid}) {await self._how_it_ended()}")
         return raw.decode().rstrip("\n")
@@ -52,7 +53,8 @@ class Child:
         """``exited with status N`` or ``was killed by SIGX`` (waiting a moment for the exit
         that follows a closed stdout), or ``closed its stdout`` if it still runs."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.proc.wait(), 1.0)
+            async with asyncio.timeout(1.0):
+                await self.proc.wait()
         code = self.proc.returncode
         if code is None:
             return "closed its stdout"
@@ -82,7 +84,9 @@ class Child:
     async def reap(self, timeout: float = 5.0) -> int | None:
         """Wait for the child to exit (SIGKILL after ``timeout``); its return code."""
         try:
-            return await asyncio.wait_for(self.proc.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self.proc.wait()
         except TimeoutError:
             self.kill()
-            return await asyncio.wait_for(self.proc.wait(), 5.0)
+            async with asyncio.timeout(5.0):
+                return await self.proc.wait()
