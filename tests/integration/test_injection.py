@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from hmmirror.daemon.linux import injector
+from hmmirror.daemon.linux import inject, injector
 from hmmirror.testing.pagemap import PM_EXCLUSIVE, pagemap
 
 PAGE = 4096
@@ -43,12 +43,15 @@ for i in range(n):
         m[i * 4096]
 signal.signal(signal.SIGUSR1, lambda *_: None)
 main = threading.get_ident()
-def storm():
+def storm(pause):
     while True:
         signal.pthread_kill(main, signal.SIGUSR1)
-        time.sleep(0.00002)
+        if pause:
+            time.sleep(pause)
 if "--storm" in sys.argv:
-    threading.Thread(target=storm, daemon=True).start()
+    threading.Thread(target=storm, args=(0.00002,), daemon=True).start()
+if "--flood" in sys.argv:  # as fast as one thread can send them: no pause at all
+    threading.Thread(target=storm, args=(0,), daemon=True).start()
 print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
 while True:
     time.sleep(3600)
@@ -56,9 +59,12 @@ while True:
 
 
 @contextlib.contextmanager
-def target(pages: int = 0, storm: bool = False) -> Iterator[tuple[int, int, int]]:
+def target(
+    pages: int = 0, storm: bool = False, flood: bool = False
+) -> Iterator[tuple[int, int, int]]:
     """(pid, pidfd, address of its pages) of a running _STORMED target."""
     args = [sys.executable, "-c", _STORMED, str(pages)] + (["--storm"] if storm else [])
+    args += ["--flood"] if flood else []
     proc = subprocess.Popen(args, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     try:
@@ -105,6 +111,23 @@ def test_a_userfaultfd_injected_under_a_signal_storm_is_one_and_leaves_no_trace(
         assert after[323] == "/etc/hostname", "the injection closed the target's fd 323"
         assert _USERFAULTFD not in after.values(), "a userfaultfd was left in the target"
         assert sorted(after) == sorted(before), (before, after)
+
+
+def test_a_target_that_floods_itself_with_signals_is_refused_within_the_step_deadline() -> None:
+    """A thread that signals the main thread with no pause wins every race against the
+    steps of the injected call (each signal stops the tracee before the call runs). The
+    injection gives up after ``STEP_DEADLINE`` with the reason, so hmmd's loop is not held
+    for longer, and the target is left as it was: alive, its fd table unchanged, its signals
+    delivered. (Stepping was bounded by 50 steps only; a storm that a busy host let win 50
+    times in a row failed the test above once in CI, 2026-12-07.)"""
+    with target(flood=True) as (pid, pidfd, _):
+        before = _fds(pid)
+        t0 = time.monotonic()
+        with pytest.raises(inject.InjectError, match="kept stopping for signals"):
+            injector.inject_userfaultfd(pid, pidfd)
+        took = time.monotonic() - t0
+        assert took < inject.STEP_DEADLINE + 0.5, f"the injection held on for {took:.2f} s"
+        assert _fds(pid) == before
 
 
 def test_a_cow_break_of_thousands_of_runs_is_made() -> None:

@@ -51,8 +51,13 @@ PTRACE_EVENT_STOP = 128
 _SYSCALL_INSN = b"\x0f\x05"
 #: How long the target may take to stop at each step before the attempt is abandoned.
 STOP_DEADLINE = 1.0
-#: How many times the target is interrupted, looking for it blocked in a system call.
+#: How many times the target is interrupted, looking for it blocked in a system call; and
+#: how many times at least an injected call is stepped while signals keep stopping the target
+#: before it (each is held back and sent again after the detach)...
 SYSCALL_ATTEMPTS = 50
+#: ...and for how long (seconds): a target under a storm of signals needs more steps on a
+#: busy host, and hmmd's event loop waits meanwhile (``injector.USER_BUDGET``).
+STEP_DEADLINE = 0.05
 # struct user_regs_struct (x86-64) field indexes.
 _RAX, _RDI, _ORIG_RAX, _RIP = 10, 14, 15, 16
 _RSI, _RDX = 13, 12
@@ -101,7 +106,7 @@ def _wait_stopped(pid: int, signals: list[int] | None = None) -> None:
         if got == pid:
             if os.WIFSTOPPED(status):
                 if signals is not None and _delivery_stop(status):
-                    signals.append(os.WSTOPSIG(status))
+                    _note(signals, os.WSTOPSIG(status))
                 return
             raise InjectError(f"process {pid} exited during injection")
         if time.monotonic() > deadline:
@@ -366,6 +371,13 @@ def _delivery_stop(status: int) -> bool:
     return status >> 16 == 0 and os.WSTOPSIG(status) != signal.SIGTRAP
 
 
+def _note(signals: list[int], sig: int) -> None:
+    """Note a suppressed signal, to be sent again once detached: a standard signal once (the
+    kernel keeps one of each pending anyway), a real-time one each time (they queue)."""
+    if sig >= signal.SIGRTMIN or sig not in signals:
+        signals.append(sig)
+
+
 def _step_call(pid: int, at: int, regs: _Regs, signals: list[int]) -> int:
     """Single-step the tracee set up by ``_set_call`` through its system call; its result.
 
@@ -373,19 +385,25 @@ def _step_call(pid: int, at: int, regs: _Regs, signals: list[int]) -> int:
     only the target's exit ends the wait early. A signal that stops the tracee
     first is suppressed and noted in ``signals``, to be sent again once detached.
     """
-    for _ in range(SYSCALL_ATTEMPTS):
+    deadline = time.monotonic() + STEP_DEADLINE
+    steps = 0
+    while steps < SYSCALL_ATTEMPTS or time.monotonic() < deadline:
+        steps += 1
         _ptrace(PTRACE_SINGLESTEP, pid)
         _, status = os.waitpid(pid, WALL)
         if not os.WIFSTOPPED(status):
             raise InjectError(f"process {pid} exited during injection")
         if _delivery_stop(status):
-            signals.append(os.WSTOPSIG(status))  # sent again once detached
+            _note(signals, os.WSTOPSIG(status))
         _ptrace(PTRACE_GETREGS, pid, 0, ctypes.addressof(regs))
         if regs.r[_RIP] == at + 2:
             return _result(regs)
         if regs.r[_RIP] != at:
             raise InjectError(f"process {pid} left the injected system call at {regs.r[_RIP]:#x}")
-    raise InjectError(f"process {pid} kept stopping before the injected system call")
+    raise InjectError(
+        f"process {pid} kept stopping for signals before the injected system call "
+        f"({steps} times in {STEP_DEADLINE * 1000:g} ms)"
+    )
 
 
 def still_theirs(pid: int, pidfd: int | None) -> None:
