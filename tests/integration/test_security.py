@@ -7,6 +7,7 @@ Real hmmd processes on tcp loopback, real ZeroMQ CURVE handshakes, keys made by
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -30,12 +31,27 @@ def keys(directory, name: str) -> tuple[str, str]:
     return public, secret
 
 
-def start(tmp_path, *args: str) -> tuple[HmmdProcess, str]:
+def _loopback(host: str) -> str:
+    """``host`` as an endpoint's host; skipped (with why) if this host has no such address."""
+    if host == "::1":
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+                probe.bind(("::1", 0))
+        except OSError as exc:
+            pytest.skip(f"no IPv6 loopback address here: {exc}")
+        return "[::1]"
+    return host
+
+
+LOOPBACKS = pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+
+
+def start(tmp_path, *args: str, host: str = "127.0.0.1") -> tuple[HmmdProcess, str]:
     # The uffd intake of a tcp:// hmmd would live in /run/hmmirror: keep it in the test's dir.
     env = dict(os.environ, HMMIRROR_EXPOSE_SOCKET=str(tmp_path / "uffd.sock"))
     try:
         proc = start_hmmd(
-            "tcp://127.0.0.1:0", args, log_path=str(tmp_path / "hmmd.stderr"), env=env
+            f"tcp://{_loopback(host)}:0", args, log_path=str(tmp_path / "hmmd.stderr"), env=env
         )
     except HmmdStartError as e:
         raise AssertionError(str(e)) from None
@@ -55,8 +71,11 @@ def test_plain_tcp_needs_insecure_true():
     assert "insecure = true" in out.stderr and "curve_key" in out.stderr
 
 
-async def test_insecure_tcp_works_and_says_so(tmp_path):
-    proc, endpoint = start(tmp_path, "--insecure")
+@LOOPBACKS
+async def test_insecure_tcp_works_and_says_so(tmp_path, host):
+    """Over IPv4 and IPv6 alike (over IPv6 hmmd never connected back: its sockets lacked
+    ZMQ_IPV6, and libzmq refuses an IPv6 address without it)."""
+    proc, endpoint = start(tmp_path, "--insecure", host=host)
     try:
         async with connect(endpoint, name="plain") as s:
             assert (await s.status())["sessions"] == 1
@@ -65,7 +84,8 @@ async def test_insecure_tcp_works_and_says_so(tmp_path):
     assert "plain TCP (insecure = true)" in err
 
 
-async def test_curve_admits_only_allowed_keys(tmp_path):
+@LOOPBACKS
+async def test_curve_admits_only_allowed_keys(tmp_path, host):
     _, server_secret = keys(tmp_path / "server", "hmmd")
     server_public = str(tmp_path / "server" / "hmmd.key")
     allowed_public, allowed_secret = keys(tmp_path / "agents", "good")
@@ -73,7 +93,9 @@ async def test_curve_admits_only_allowed_keys(tmp_path):
     allow = tmp_path / "allow"
     allow.mkdir()
     os.link(allowed_public, allow / "good.key")
-    proc, endpoint = start(tmp_path, "--curve-key", server_secret, "--curve-allow", str(allow))
+    proc, endpoint = start(
+        tmp_path, "--curve-key", server_secret, "--curve-allow", str(allow), host=host
+    )
     try:
         async with connect(
             endpoint, name="good", curve=CurveKeys.load(server_public, allowed_secret)

@@ -39,8 +39,10 @@ HWM = 10000
 
 
 def tune(sock: zmq.Socket[Any]) -> None:
-    """The options every hmmirror socket uses: no linger, size caps, buffers, HWMs."""
+    """The options every hmmirror socket uses: no linger, size caps, buffers, HWMs, and
+    IPv6 (libzmq refuses an IPv6 address without it; IPv4 ones still work)."""
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IPV6, 1)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
     sock.setsockopt(zmq.SNDBUF, SOCKET_BUFFER)
     sock.setsockopt(zmq.RCVBUF, SOCKET_BUFFER)
