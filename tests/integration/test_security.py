@@ -82,6 +82,9 @@ async def test_insecure_tcp_works_and_says_so(tmp_path, host):
     finally:
         err = stop(proc)
     assert "plain TCP (insecure = true)" in err
+    # The launcher's summary of the log finds that warning line (it matched "WARNING" at
+    # the start of a line, which hmmd's timestamped lines never have, so it found nothing).
+    assert "plain TCP (insecure = true)" in proc.problems(), proc.problems()
 
 
 @LOOPBACKS

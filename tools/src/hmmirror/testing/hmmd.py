@@ -221,15 +221,20 @@ class HmmdProcess:
         return "".join(self.log().splitlines(keepends=True)[-n:])
 
     def problems(self) -> str:
-        """A one-line summary of WARNING/ERROR/Traceback lines in the log ('' if none)."""
+        """A one-line summary of the warning, error and Traceback lines in the log ('' if
+        none): ``TIMESTAMP level logger: ...`` lines (``daemon.logfmt``'s text format)."""
         bad = [
             ln.strip()
             for ln in self.log().splitlines()
-            if ln.startswith(("WARNING", "ERROR", "CRITICAL", "Traceback"))
+            if ln.startswith("Traceback") or ln.split(" ", 2)[1:2] in _BAD_LEVELS
         ]
         if not bad:
             return ""
         return f"hmmd logged {len(bad)} warning/error lines, first: {bad[0][:200]!r}"
+
+
+#: The levels ``problems`` reports, as the second word of a log line.
+_BAD_LEVELS = (["warning"], ["error"], ["critical"])
 
 
 class LaunchOptions(TypedDict, total=False):
