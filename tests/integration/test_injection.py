@@ -113,18 +113,20 @@ def test_a_userfaultfd_injected_under_a_signal_storm_is_one_and_leaves_no_trace(
         assert sorted(after) == sorted(before), (before, after)
 
 
-def test_a_target_that_floods_itself_with_signals_is_refused_within_the_step_deadline() -> None:
-    """A thread that signals the main thread with no pause wins every race against the
-    steps of the injected call (each signal stops the tracee before the call runs). The
-    injection gives up after ``STEP_DEADLINE`` with the reason, so hmmd's loop is not held
-    for longer, and the target is left as it was: alive, its fd table unchanged, its signals
-    delivered. (Stepping was bounded by 50 steps only; a storm that a busy host let win 50
-    times in a row failed the test above once in CI, 2026-12-07.)"""
+def test_a_target_flooding_itself_with_signals_holds_an_injection_only_its_deadline() -> None:
+    """A thread that signals the main thread with no pause wins most races against the steps
+    of the injected call (each signal stops the tracee before the call runs). The injection
+    either gets its call through or gives up with the reason after ``STEP_DEADLINE``, so
+    hmmd's loop is not held longer; either way the target is left as it was: alive, its fd
+    table unchanged. (Stepping was bounded by 50 steps only; a storm that a busy host let
+    win 50 times in a row failed the test above once in CI, 2026-12-07.)"""
     with target(flood=True) as (pid, pidfd, _):
         before = _fds(pid)
         t0 = time.monotonic()
-        with pytest.raises(inject.InjectError, match="kept stopping for signals"):
-            injector.inject_userfaultfd(pid, pidfd)
+        try:
+            os.close(injector.inject_userfaultfd(pid, pidfd))
+        except inject.InjectError as exc:
+            assert "kept stopping for signals" in str(exc), exc
         took = time.monotonic() - t0
         assert took < inject.STEP_DEADLINE + 0.5, f"the injection held on for {took:.2f} s"
         assert _fds(pid) == before
