@@ -21,7 +21,8 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 
 import pytest
 import zmq
@@ -335,21 +336,51 @@ class FakeDoor:
         self.sock.close()
 
 
+@dataclass
+class Dialing:
+    """A FakeDoor, a context and a Dialer that knocks at the door, and the test's own DEALERs
+    (``socket``); all closed when the test ends."""
+
+    door: FakeDoor
+    ctx: zmq.Context[object]
+    client: Dialer
+    own: list[zmq.Socket[object]] = field(default_factory=list)
+
+    def socket(self) -> zmq.Socket[object]:
+        """A DEALER of the test's own in the same context."""
+        sock = self.ctx.socket(zmq.DEALER)
+        self.own.append(sock)
+        return sock
+
+
+@pytest.fixture
+def dialing() -> Iterator[Dialing]:
+    """A ``Dialing``, closed afterwards: the Dialer, the test's sockets, the context, the door."""
+    door = FakeDoor()
+    ctx: zmq.Context[object] = zmq.Context()
+    d = Dialing(door, ctx, Dialer(ctx, door.endpoint))
+    try:
+        yield d
+    finally:
+        d.client.close()
+        for sock in d.own:
+            sock.close(linger=0)
+        ctx.term()
+        door.close()
+
+
 async def connected(sock: zmq.Socket[object]) -> None:
     """Until ``sock`` (a connecting DEALER) can send: its connection is made."""
     while not sock.poll(10, zmq.POLLOUT):
         await asyncio.sleep(0.01)
 
 
-async def test_a_dial_during_which_another_connection_got_in_fails():
+async def test_a_dial_during_which_another_connection_got_in_fails(dialing: Dialing):
     """If another connection reaches the client's port before the server's (a relay racing
     the dial), the dial fails rather than leave the client sending into it. The door here
     lets that connection in first, then connects as the server."""
-    door = FakeDoor()
-    ctx: zmq.Context[object] = zmq.Context()
-    intruder = ctx.socket(zmq.DEALER)
-    posing = ctx.socket(zmq.DEALER)
-    client = Dialer(ctx, door.endpoint)
+    door, client = dialing.door, dialing.client
+    intruder, posing = dialing.socket(), dialing.socket()
 
     async def serve_one() -> None:
         conn, port = await door.knock()
@@ -358,29 +389,22 @@ async def test_a_dial_during_which_another_connection_got_in_fails():
             await connected(sock)
         await door.answer(conn, b"ok\n")
 
-    try:
-        serving = asyncio.ensure_future(serve_one())
-        with pytest.raises(DoorError, match="2 connections reached this client's port"):
-            await client.dial(5.0)
-        await serving
-        assert client.closed, "the DEALER the intruder reached is closed, never used again"
-    finally:
-        client.close()
-        for sock in (intruder, posing):
-            sock.close(linger=0)
-        ctx.term()
-        door.close()
+    serving = asyncio.ensure_future(serve_one())
+    with pytest.raises(DoorError, match="2 connections reached this client's port"):
+        await client.dial(5.0)
+    await serving
+    assert client.closed, "the DEALER the intruder reached is closed, never used again"
 
 
-async def test_an_intruder_alone_at_a_clients_port_is_not_taken_for_the_server(make_user):
+async def test_an_intruder_alone_at_a_clients_port_is_not_taken_for_the_server(
+    make_user, dialing: Dialing
+):
     """Another user connects to the client's port before the server, and the server never
     does: the client's DEALER can send (through the intruder), and it once counted one
     connection and took it. Now, from a server on this host, the one connection must come
     from the user the door belongs to."""
     mallory = make_user()
-    door = FakeDoor()
-    ctx: zmq.Context[object] = zmq.Context()
-    client = Dialer(ctx, door.endpoint)
+    door, client = dialing.door, dialing.client
     intruder: asyncio.subprocess.Process | None = None
 
     async def serve_one() -> None:
@@ -408,19 +432,14 @@ async def test_an_intruder_alone_at_a_clients_port_is_not_taken_for_the_server(m
         if intruder is not None and intruder.returncode is None:
             intruder.kill()
             await intruder.wait()
-        client.close()
-        ctx.term()
-        door.close()
 
 
-async def test_a_client_that_knocks_again_keeps_one_port_and_closes_it():
+async def test_a_client_that_knocks_again_keeps_one_port_and_closes_it(dialing: Dialing):
     """A busy door, knocked at again: the client names the same port, so that once the
     server is connected the one listener is filtered. Before, each knock bound a new
     listener on the DEALER, and the earlier ones stayed open to anyone."""
-    door = FakeDoor()
-    ctx: zmq.Context[object] = zmq.Context()
-    server = ctx.socket(zmq.DEALER)
-    client = Dialer(ctx, door.endpoint)
+    door, client = dialing.door, dialing.client
+    server = dialing.socket()
     named: list[int] = []
 
     async def serve_two() -> None:
@@ -433,42 +452,29 @@ async def test_a_client_that_knocks_again_keeps_one_port_and_closes_it():
         await connected(server)
         await door.answer(conn, b"ok\n")
 
-    try:
-        serving = asyncio.ensure_future(serve_two())
-        await client.dial(5.0)
-        await serving
-        assert len(named) == 2 and named[0] == named[1], named
-        with socket.socket() as anyone:
-            anyone.settimeout(1.0)
-            with pytest.raises(OSError):  # the filter drops its SYN: no answer, ever
-                anyone.connect(("127.0.0.1", named[0]))
-    finally:
-        client.close()
-        server.close(linger=0)
-        ctx.term()
-        door.close()
+    serving = asyncio.ensure_future(serve_two())
+    await client.dial(5.0)
+    await serving
+    assert len(named) == 2 and named[0] == named[1], named
+    with socket.socket() as anyone:
+        anyone.settimeout(1.0)
+        with pytest.raises(OSError):  # the filter drops its SYN: no answer, ever
+            anyone.connect(("127.0.0.1", named[0]))
 
 
-async def test_a_dial_that_failed_closes_its_port():
+async def test_a_dial_that_failed_closes_its_port(dialing: Dialing):
     """The door said ok but the server's connection did not come in time: the dial fails,
     and its Dialer is closed, so that the next knock comes from a new one with a new port.
     Before, the channel dialled again on the same Dialer, naming the same port, which the
     server, connected to it late, then refused as connected already for a minute."""
-    door = FakeDoor()
-    ctx: zmq.Context[object] = zmq.Context()
-    client = Dialer(ctx, door.endpoint)
+    door, client = dialing.door, dialing.client
 
     async def answer_and_stay_away() -> None:
         conn, _ = await door.knock()
         await door.answer(conn, b"ok\n")
 
-    try:
-        serving = asyncio.ensure_future(answer_and_stay_away())
-        with pytest.raises(DoorError, match="did not connect back"):
-            await client.dial(0.5)
-        await serving
-        assert client.closed, "a failed dial's Dialer, and the port it named, are closed"
-    finally:
-        client.close()
-        ctx.term()
-        door.close()
+    serving = asyncio.ensure_future(answer_and_stay_away())
+    with pytest.raises(DoorError, match="did not connect back"):
+        await client.dial(0.5)
+    await serving
+    assert client.closed, "a failed dial's Dialer, and the port it named, are closed"
