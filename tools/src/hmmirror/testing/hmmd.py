@@ -226,15 +226,21 @@ class HmmdProcess:
         bad = [
             ln.strip()
             for ln in self.log().splitlines()
-            if ln.startswith("Traceback") or ln.split(" ", 2)[1:2] in _BAD_LEVELS
+            if ln.startswith("Traceback") or _level(ln) in _BAD_LEVELS
         ]
         if not bad:
             return ""
         return f"hmmd logged {len(bad)} warning/error lines, first: {bad[0][:200]!r}"
 
 
-#: The levels ``problems`` reports, as the second word of a log line.
-_BAD_LEVELS = (["warning"], ["error"], ["critical"])
+#: The levels ``problems`` reports.
+_BAD_LEVELS = frozenset(("warning", "error", "critical"))
+
+
+def _level(line: str) -> str:
+    """The level of a ``TIMESTAMP level logger: message`` log line ('' for another line)."""
+    words = line.split(" ", 2)
+    return words[1] if len(words) > 1 else ""
 
 
 class LaunchOptions(TypedDict, total=False):
