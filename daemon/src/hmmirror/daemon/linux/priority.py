@@ -30,9 +30,9 @@ def _threads() -> list[int]:
         return [0]  # 0: the calling thread
 
 
-def apply_nice(nice: int) -> bool:
-    """Set every thread of this process to ``nice``; False (after one warning) if the kernel
-    refused: raising a priority needs CAP_SYS_NICE (or RLIMIT_NICE), and a unit's system call
+def apply_nice(nice: int) -> None:
+    """Set every thread of this process to ``nice``, or warn once if the kernel refused:
+    raising a priority needs CAP_SYS_NICE (or RLIMIT_NICE), and a unit's system call
     filter may refuse the call itself. A thread already there is left alone, so a service
     manager that set it (``Nice=`` in hmmd.service) needs no call allowed."""
     refused: OSError | None = None
@@ -47,7 +47,7 @@ def apply_nice(nice: int) -> bool:
                 raise
             refused = exc
     if refused is None:
-        return True
+        return
     log.warning(
         "cannot run at nice %d (%s; raising a priority needs CAP_SYS_NICE): staying at nice %d, "
         "so target threads in munmap or madvise may wait longer for hmmd on a busy host",
@@ -55,4 +55,3 @@ def apply_nice(nice: int) -> bool:
         refused.strerror,
         os.getpriority(os.PRIO_PROCESS, 0),
     )
-    return False
