@@ -347,8 +347,10 @@ class Dialing:
     own: list[zmq.Socket[object]] = field(default_factory=list)
 
     def socket(self) -> zmq.Socket[object]:
-        """A DEALER of the test's own in the same context."""
+        """A DEALER of the test's own in the same context. ``IMMEDIATE``: without it a
+        connecting DEALER can send at once, and ``connected`` would not wait at all."""
         sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
         self.own.append(sock)
         return sock
 
@@ -369,10 +371,12 @@ def dialing() -> Iterator[Dialing]:
         door.close()
 
 
-async def connected(sock: zmq.Socket[object]) -> None:
-    """Until ``sock`` (a connecting DEALER) can send: its connection is made."""
-    while not sock.poll(10, zmq.POLLOUT):
-        await asyncio.sleep(0.01)
+async def connected(sock: zmq.Socket[object], deadline: float = 10.0) -> None:
+    """Until ``sock`` (a connecting ``IMMEDIATE`` DEALER) can send: its connection is made
+    and its handshake done. Fails after ``deadline`` seconds."""
+    async with asyncio.timeout(deadline):
+        while not sock.poll(0, zmq.POLLOUT):
+            await asyncio.sleep(0.01)
 
 
 async def test_a_dial_during_which_another_connection_got_in_fails(dialing: Dialing):
