@@ -176,6 +176,16 @@ def thread_nices(pid: int) -> set[int]:
     return {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in tasks}
 
 
+def zmq_policies(pid: int) -> set[int]:
+    """The scheduling policies of ``pid``'s libzmq threads (``ZMQbg/...``), which
+    ``transport.sockets.context`` asks to be SCHED_BATCH."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if (task / "comm").read_text().startswith("ZMQbg/"):
+            found.add(os.sched_getscheduler(int(task.name)))
+    return found
+
+
 def test_the_unit_user_and_capabilities_mirror_a_granted_other_users_process(
     deployed_hmmd: Any, make_user: Callable[..., User], hmmd_group: str
 ) -> None:
@@ -217,6 +227,8 @@ def test_the_unit_user_and_capabilities_mirror_a_granted_other_users_process(
         # which hmmd (without CAP_SYS_NICE, setpriority filtered) left as it found it.
         nice = int(unit_service_settings(UNIT)["Nice"][0])
         assert nice < 0 and thread_nices(hmmd.pid) == {nice}, thread_nices(hmmd.pid)
+        # libzmq's threads run under SCHED_BATCH: the unit's filter lets that through.
+        assert zmq_policies(hmmd.pid) == {os.SCHED_BATCH}, zmq_policies(hmmd.pid)
         log = Path(endpoint.removeprefix("ipc://")).with_name("hmmd.stderr").read_text()
         assert "cannot run at nice" not in log, log
     finally:
@@ -242,6 +254,8 @@ def test_an_hmmd_that_may_not_raise_its_priority_says_so_once_and_serves(
                         "status"])  # fmt: skip
         assert out.returncode == 0, out.stderr
         assert thread_nices(launched.proc.pid) == {os.getpriority(os.PRIO_PROCESS, 0)}
+        # SCHED_BATCH for libzmq's threads needs no privilege.
+        assert zmq_policies(launched.proc.pid) == {os.SCHED_BATCH}
         warned = [ln for ln in launched.log().splitlines() if "cannot run at nice" in ln]
         assert len(warned) == 1 and " warning " in warned[0], launched.log()
         assert "cannot run at nice -10 (Permission denied" in warned[0], warned

@@ -338,7 +338,8 @@ class Live:
 
     async def hmmd_nice(self) -> tuple[bool, Detail]:
         """Every hmmd thread runs at the unit's Nice= (libzmq's threads inherit it), and hmmd,
-        whose filter refuses setpriority, did not try to change it and warn."""
+        whose filter refuses setpriority, did not try to change it and warn; libzmq's threads
+        run under SCHED_BATCH, which the filter lets libzmq set."""
         want = int(unit_setting("/etc/systemd/system/hmmd.service", "Nice") or 0)
         tasks = Path(f"/proc/{self.main_pid}/task")
         nices = sorted({os.getpriority(os.PRIO_PROCESS, int(t.name)) for t in tasks.iterdir()})
@@ -346,7 +347,11 @@ class Live:
         warned = [ln for ln in log.splitlines() if "cannot run at nice" in ln]
         detail = {"Nice": want, "thread_nices": nices, "threads": len(list(tasks.iterdir()))}
         detail["warned"] = warned[:2]
-        return want < 0 and nices == [want] and not warned, detail
+        # libzmq starts its threads with hmmd's first socket: a client's connection.
+        detail["status_rc"] = sh("hmmctl", "--endpoint", ENDPOINT, "status").returncode
+        detail["zmq_policies"] = policies = zmq_policies(self.main_pid)
+        batch = policies == [os.SCHED_BATCH]
+        return want < 0 and nices == [want] and not warned and batch, detail
 
     async def hmmd_tcp_endpoint(self) -> tuple[bool, Detail]:
         """The unit's sandbox lets hmmd bind a tcp:// endpoint (libzmq asks netlink first): a
@@ -512,8 +517,12 @@ class Live:
             try:
                 d = await start_agent_unit("nic0", until={"active", "failed"})
                 d["serving_when_active"] = d["states"][-1] == "active" and tcp_accepts(AGENT_PORT)
-                d |= show("hm-agent@nic0", "Type", "StatusText", "ExecMainStatus", "NRestarts")
-                return d["Type"] == "notify" and d["serving_when_active"], d
+                d |= show("hm-agent@nic0", "Type", "StatusText", "ExecMainStatus", "NRestarts",
+                          "MainPID")  # fmt: skip
+                # The unit's filter lets libzmq's threads run under SCHED_BATCH.
+                d["zmq_policies"] = zmq_policies(int(d["MainPID"]))
+                batch = d["zmq_policies"] == [os.SCHED_BATCH]
+                return d["Type"] == "notify" and d["serving_when_active"] and batch, d
             finally:
                 sh("systemctl", "stop", "hm-agent@nic0")
 
@@ -581,6 +590,16 @@ async def start_agent_unit(instance: str, until: set[str]) -> Detail:
             break
         await asyncio.sleep(0.02)
     return {"states": states, "seconds": round(time.monotonic() - t0, 2)}
+
+
+def zmq_policies(pid: int) -> list[int]:
+    """The scheduling policies of ``pid``'s libzmq threads (``ZMQbg/...``), sorted, once each."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            if (task / "comm").read_text().startswith("ZMQbg/"):
+                found.add(os.sched_getscheduler(int(task.name)))
+    return sorted(found)
 
 
 def tcp_accepts(port: int) -> bool:

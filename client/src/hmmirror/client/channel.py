@@ -31,7 +31,7 @@ from hmmirror.proto.errors import ProtocolError
 from hmmirror.proto.messages import Error, Hello, Message
 from hmmirror.transport import CurveKeys, Dialer, DoorError, Drained
 from hmmirror.transport.errors import unreachable
-from hmmirror.transport.sockets import send_frames
+from hmmirror.transport.sockets import context, send_frames
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Channel(Drained):
         self.timeout = timeout
         self.curve = curve
         self.options = options
-        self.ctx = zmq.Context()
+        self.ctx = context()
         try:
             self._dialer = Dialer(self.ctx, endpoint, curve, options)
         except (OSError, ValueError, zmq.ZMQError) as exc:

@@ -50,6 +50,7 @@ from hmmirror.proto.errors import ErrorCode, ProtocolError
 from hmmirror.proto.messages import Error, Event, Hello, Message, SyncRange, Welcome
 from hmmirror.transport import DoorError, dial
 from hmmirror.transport.intake import intake_path, offer
+from hmmirror.transport.sockets import context
 
 #: How long a blocking call waits for hmmd: longer than any ack deadline hmmd would use.
 DEFAULT_TIMEOUT = 15.0
@@ -101,7 +102,7 @@ class BlockingAnnouncer:
         self.endpoint = endpoint
         self.timeout = timeout
         self.pid = os.getpid()
-        self._ctx = zmq.Context()
+        self._ctx = context()
         try:
             self._sock = self._dial()
         except DaemonUnavailable:

@@ -64,7 +64,7 @@ from hmmirror.transport.door import Door, Handler, split_tcp, tcp_endpoint
 from hmmirror.transport.errors import Unreachable, reason, unreachable
 from hmmirror.transport.keys import AllowDir, ServerKeys
 from hmmirror.transport.peer import Peer
-from hmmirror.transport.sockets import Drained, send_frames, tune
+from hmmirror.transport.sockets import Drained, context, send_frames, tune
 from hmmirror.transport.sockowner import listener_uids
 from hmmirror.transport.zap import DOMAIN, ZapHandler
 
@@ -235,7 +235,7 @@ class Server:
         self._started = False
         self._owns_ctx = ctx is None
         if ctx is None:
-            ctx = zmq.Context()
+            ctx = context()
             # Before the first socket: the context's socket table is sized then.
             ctx.set(zmq.MAX_SOCKETS, self.limits.total + SPARE_SOCKETS)
         self.ctx = ctx

@@ -1,4 +1,5 @@
-"""What every hmmirror ZeroMQ socket shares: options, a non-blocking send, and the drain loop.
+"""What every hmmirror ZeroMQ socket shares: its context, options, a non-blocking send, and
+the drain loop.
 
 A plain (not ``zmq.asyncio``) socket is registered with ``loop.add_reader`` on
 its edge-triggered FD; the reader drains until ``EVENTS`` shows no POLLIN, and
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import os
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -36,6 +38,27 @@ ZERO_COPY_MIN = 64 * 1024
 SOCKET_BUFFER = 4 << 20
 #: Messages queued per peer and direction before a send fails (EAGAIN) or input stops.
 HWM = 10000
+
+
+#: The scheduling policy of libzmq's own threads (its I/O thread and reaper): see ``context``.
+IO_THREAD_POLICY = os.SCHED_BATCH
+
+
+def context() -> zmq.Context[zmq.Socket[Any]]:
+    """A new ZeroMQ context whose threads run under ``SCHED_BATCH``.
+
+    Each send to a peer whose pipe is empty wakes the context's I/O thread. As a normal
+    thread, the woken I/O thread preempts the sender on its core at once, writes that one
+    message, and sleeps; the sender's next send wakes it again. Under ``SCHED_BATCH`` a
+    wake-up does not preempt (the kernel's ``check_preempt_wakeup_fair``): the I/O thread
+    runs on an idle core, or once the sender's loop waits, and writes what queued meanwhile
+    in one go. The policy keeps the thread's nice value, and needs no privilege; libzmq
+    applies it as each thread starts (``ZMQ_THREAD_SCHED_POLICY``). Measured in
+    docs/ARCHITECTURE.md §B.
+    """
+    ctx: zmq.Context[zmq.Socket[Any]] = zmq.Context()
+    ctx.set(zmq.THREAD_SCHED_POLICY, IO_THREAD_POLICY)
+    return ctx
 
 
 def tune(sock: zmq.Socket[Any]) -> None:
