@@ -58,6 +58,9 @@ SYSCALL_ATTEMPTS = 50
 #: ...and for how long (seconds): a target under a storm of signals needs more steps on a
 #: busy host, and hmmd's event loop waits meanwhile (``injector.USER_BUDGET``).
 STEP_DEADLINE = 0.05
+#: The same for a call that undoes what an injected call did (closing the target's copy of
+#: the userfaultfd just made): given up on, it would leave the target changed.
+CLEANUP_DEADLINE = 0.5
 # struct user_regs_struct (x86-64) field indexes.
 _RAX, _RDI, _ORIG_RAX, _RIP = 10, 14, 15, 16
 _RSI, _RDX = 13, 12
@@ -207,14 +210,21 @@ def _result(regs: _Regs) -> int:
     return ret - (1 << 64) if ret >= 1 << 63 else ret
 
 
-def _call(pid: int, saved: _Regs, nr: int, arg0: int, signals: list[int]) -> int:
+def _call(
+    pid: int,
+    saved: _Regs,
+    nr: int,
+    arg0: int,
+    signals: list[int],
+    deadline: float = STEP_DEADLINE,
+) -> int:
     """Run one system call in the stopped tracee at its ``syscall`` instruction.
 
-    Stepped as ``_step_call`` steps: a signal that stops the tracee before the call runs
-    is noted in ``signals``, and the call is stepped again (read straight away, ``rax``
-    would still hold the call's number, not its result)."""
+    Stepped as ``_step_call`` steps, for at least ``deadline`` seconds: a signal that stops
+    the tracee before the call runs is noted in ``signals``, and the call is stepped again
+    (read straight away, ``rax`` would still hold the call's number, not its result)."""
     at = saved.r[_RIP] - 2
-    return _step_call(pid, at, _set_call(pid, saved, at, nr, (arg0,)), signals)
+    return _step_call(pid, at, _set_call(pid, saved, at, nr, (arg0,)), signals, deadline)
 
 
 def _stop_in_syscall(pid: int, signals: list[int] | None = None) -> _Regs:
@@ -284,13 +294,15 @@ def _userfaultfd_call(pid: int, pidfd: int, saved: _Regs, signals: list[int]) ->
         fd = _call(pid, saved, nr, flags | userfaultfd.UFFD_USER_MODE_ONLY, signals)
     if fd < 0:
         raise InjectError(f"userfaultfd() in process {pid} failed: {os.strerror(-fd)}")
+    # From here on the target holds a userfaultfd it never asked for: its close must get
+    # through, under a storm of signals too, or the injection would leave the target changed.
     try:
         ours = userfaultfd.getfd(pidfd, fd)
     except BaseException:
-        _call(pid, saved, SYS_CLOSE, fd, signals)
+        _call(pid, saved, SYS_CLOSE, fd, signals, CLEANUP_DEADLINE)
         raise
     try:
-        _call(pid, saved, SYS_CLOSE, fd, signals)
+        _call(pid, saved, SYS_CLOSE, fd, signals, CLEANUP_DEADLINE)
     except BaseException:
         os.close(ours)  # the injection failed: hmmd gets no fd, so none may stay open here
         raise
@@ -378,14 +390,17 @@ def _note(signals: list[int], sig: int) -> None:
         signals.append(sig)
 
 
-def _step_call(pid: int, at: int, regs: _Regs, signals: list[int]) -> int:
+def _step_call(
+    pid: int, at: int, regs: _Regs, signals: list[int], budget: float = STEP_DEADLINE
+) -> int:
     """Single-step the tracee set up by ``_set_call`` through its system call; its result.
 
     Waits as long as the call takes, however long (a populate of a large range);
     only the target's exit ends the wait early. A signal that stops the tracee
-    first is suppressed and noted in ``signals``, to be sent again once detached.
+    first is suppressed and noted in ``signals``, to be sent again once detached;
+    after ``SYSCALL_ATTEMPTS`` such stops and ``budget`` seconds, the call is given up.
     """
-    deadline = time.monotonic() + STEP_DEADLINE
+    deadline = time.monotonic() + budget
     steps = 0
     while steps < SYSCALL_ATTEMPTS or time.monotonic() < deadline:
         steps += 1
@@ -402,7 +417,7 @@ def _step_call(pid: int, at: int, regs: _Regs, signals: list[int]) -> int:
             raise InjectError(f"process {pid} left the injected system call at {regs.r[_RIP]:#x}")
     raise InjectError(
         f"process {pid} kept stopping for signals before the injected system call "
-        f"({steps} times in {STEP_DEADLINE * 1000:g} ms)"
+        f"({steps} times in {budget * 1000:g} ms)"
     )
 
 
