@@ -59,8 +59,10 @@ SYSCALL_ATTEMPTS = 50
 #: busy host, and hmmd's event loop waits meanwhile (``injector.USER_BUDGET``).
 STEP_DEADLINE = 0.05
 #: The same for a call that undoes what an injected call did (closing the target's copy of
-#: the userfaultfd just made): given up on, it would leave the target changed.
-CLEANUP_DEADLINE = 0.5
+#: the userfaultfd just made): given up on, it would leave the target changed, so it gets
+#: far longer. hmmd's loop waits for the helper only ``injector.USERFAULTFD_DEADLINE``; the
+#: helper finishes the injection, and this undo, after hmmd stopped waiting.
+CLEANUP_DEADLINE = 5.0
 # struct user_regs_struct (x86-64) field indexes.
 _RAX, _RDI, _ORIG_RAX, _RIP = 10, 14, 15, 16
 _RSI, _RDX = 13, 12
