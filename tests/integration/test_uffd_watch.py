@@ -176,6 +176,32 @@ async def test_a_range_mapped_again_at_once_is_watched_at_once(hmmd, watched, ag
         assert start <= again and again + 2 * PAGE <= end
 
 
+async def test_a_range_mapped_again_under_two_mirrors_is_watched_for_both(hmmd, watched, agent):
+    """Two agents mirror overlapping ranges, pages [0, 4) and [2, 6). MAP_FIXED over pages
+    3 and 4, under both, leaves a new VMA that hmmd registers in one walk of the union of
+    the two mirrors' spans: a DONTNEED of it is an event at once for each mirror."""
+    puppet = watched
+    async with agent() as s1, agent() as s2:
+        addr = await puppet.mmap(6 * PAGE)
+        await puppet.write(addr, b"x" * 6 * PAGE)
+        first = await s1.mirror(puppet.pid, addr, 4 * PAGE, Access.READ)
+        second = await s2.mirror(puppet.pid, addr + 2 * PAGE, 4 * PAGE, Access.READ)
+        await first.fault(addr, 4)
+        await second.fault(addr + 2 * PAGE, 4)
+        again = await puppet.mmap(2 * PAGE, fixed=addr + 3 * PAGE)
+        assert again == addr + 3 * PAGE
+        assert (await events_within(first, 1))[0] == Event.UNMAP
+        assert (await events_within(second, 1))[0] == Event.UNMAP
+        await asyncio.sleep(0.1)  # hmmd's first look is 1 ms after the UNMAP, its last 85 ms
+        await puppet.write(again, b"w" * 2 * PAGE)
+        await puppet.madvise(again, 2 * PAGE, "dontneed")
+        assert (await events_within(first, 2))[1] == Event.CLEAR
+        assert (await events_within(second, 2))[1] == Event.CLEAR
+        assert first.events[1][:2] == (again, addr + 4 * PAGE)  # clipped to its bounds
+        start, end, _ = second.events[1]
+        assert start <= again and again + 2 * PAGE <= end
+
+
 async def test_a_target_with_a_uffd_exits(hmmd, watched, agent):
     puppet = watched
     async with agent() as s:

@@ -32,12 +32,12 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any
 
 from hmmirror.daemon.linux import scan, userfaultfd
 from hmmirror.daemon.linux.procfs import PAGE_SIZE
-from hmmirror.daemon.state import Mm
+from hmmirror.daemon.state import Mm, Span
 from hmmirror.daemon.watch.proc import Change, FanOut, detect, merge
 from hmmirror.proto.messages import Event
 
@@ -112,13 +112,14 @@ class UffdWatch:
         VMAs (EINVAL) and VMAs another uffd holds (EBUSY) stay with the proc watcher.
         A strict watch covers only the strict mirrors' VMAs.
         """
-        added = 0
+        wanted = [(span.start, span.end) for span in self._spans()]
+        return sum(self.cover_range(lo, hi) for lo, hi in union(wanted))
+
+    def _spans(self) -> Iterator[Span]:
+        """The spans of the mirrors this watch covers (a strict one: the strict mirrors')."""
         for mirror in list(self.mm.mirrors):
-            if self.strict and not mirror.strict:
-                continue
-            for span in mirror.spans:
-                added += self.cover_range(span.start, span.end)
-        return added
+            if not self.strict or mirror.strict:
+                yield from mirror.spans
 
     def release(self, lo: int, hi: int) -> None:
         """Unregister the VMA [lo, hi) from this uffd, so the strict one can take it."""
@@ -320,16 +321,12 @@ class UffdWatch:
         if attempt:
             if self.closed or self.mm.released:
                 return
-            added = 0
-            for mirror in list(self.mm.mirrors):
-                if self.strict and not mirror.strict:
-                    continue
-                for span in mirror.spans:
-                    for lo, hi in ranges:
-                        a, b = max(lo, span.start), min(hi, span.end)
-                        if a < b:
-                            added += self.cover_range(a, b)
-            if added:
+            wanted = [
+                (max(lo, span.start), min(hi, span.end))
+                for span in self._spans()
+                for lo, hi in ranges
+            ]
+            if sum(self.cover_range(a, b) for a, b in union(wanted)):
                 return
         if attempt < len(RECOVER_DELAYS):
             asyncio.get_running_loop().call_later(
@@ -342,6 +339,24 @@ class UffdWatch:
         self.announcer.announce(
             self.mm, [(page, end, Event.WRITTEN)], then=lambda: self.unprotect(page, end)
         )
+
+
+def union(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The same addresses as ``ranges``, as sorted disjoint ranges (empty ones dropped).
+
+    An mm's mirrors often cover one range, one mirror per agent, and each walk of
+    its VMAs is one PROCMAP_QUERY per VMA: walking the union walks each VMA once.
+    Touching ranges merge too, which changes nothing: a VMA meets the merged range
+    exactly when it meets one of the two.
+    """
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(r for r in ranges if r[0] < r[1]):
+        if out and lo <= out[-1][1]:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def cover(mm: Mm) -> None:
