@@ -200,12 +200,14 @@ class Invalidator:
         waiting = inv.waiting
         written = event == Event.WRITTEN
         for mirror in list(mm.mirrors):
-            if mirror.dead or not mirror.overlaps(lo, hi):
+            if mirror.dead or lo >= mirror.hi or hi <= mirror.lo:
                 continue
             if written and not mirror.watch_writes:
                 continue  # a write changes no translation: only data caches care
             spans = mirror.spans
             single = len(spans) == 1
+            if not single and not mirror.overlaps(lo, hi):
+                continue
             bounds = (mirror.lo, mirror.hi)
             shared = shared_by_bounds.get(bounds) if single else None
             if shared is None:
@@ -233,8 +235,12 @@ class Invalidator:
         inv.timer = loop.call_later(self.ack_deadline, self._expire, inv)
         # Send only once every target is counted: a send that fails evicts its session and
         # forgives its items, and that must not close the window on the others still to come.
+        queue = self.courier.queue
         for session, chunk in chunks:
-            self._queue(session, chunk)
+            if session.fenced:
+                self._queue(session, chunk)  # forgiven: it was evicted earlier in this fan-out
+            else:
+                queue(session, chunk)
         return inv
 
     def _complete(self, inv: Invalidation) -> None:
