@@ -138,8 +138,9 @@ def bench_scaling(a: dict[str, Any], daemon_args: list[str], log: Any = print) -
             verdict,
             f"same hmmd process, 1-target case first; {asked:.0f} ops/s asked in all in both; "
             f"each of the {nag} agents mirrors every target; cores 1 target: hmmd "
-            f"{one.cores['hmmd']:.2f} agents {one.cores['agents']:.2f} target "
-            f"{one.cores['target']:.2f}; {n} targets: hmmd {many.cores['hmmd']:.2f} agents "
+            f"{one.cores['hmmd']:.2f} (loop {one.cores['hmmd_loop']:.2f}) agents "
+            f"{one.cores['agents']:.2f} target {one.cores['target']:.2f}; {n} targets: hmmd "
+            f"{many.cores['hmmd']:.2f} (loop {many.cores['hmmd_loop']:.2f}) agents "
             f"{many.cores['agents']:.2f} targets {many.cores['target']:.2f}; ranges per hmmd "
             f"invalidation window {one.per_window:.1f} -> {many.per_window:.1f}",
         )

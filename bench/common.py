@@ -483,10 +483,12 @@ if __name__ == "__main__":
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (all its threads), in seconds; 0 if it is gone."""
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """utime + stime of ``pid`` (all its threads, or only its thread ``thread``), in
+    seconds; 0 if it is gone."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(path) as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
