@@ -1,7 +1,7 @@
-"""``watch.uffd.union``: the ranges a uffd watch walks for VMAs to register.
+"""``watch.proc.union``: the ranges a watcher reads (pagemap) or walks (VMAs to register).
 
-The watch walks the union of its mirrors' spans rather than each span, so an mm
-mirrored by eight agents over one range costs one walk, not eight. The union
+The watchers take the union of an mm's mirrors' ranges rather than each, so an mm
+mirrored by eight agents over one range costs one read or walk, not eight. The union
 must hold exactly the addresses of its input, as sorted disjoint ranges that
 do not touch (touching ones merge: a VMA meets [a, c) exactly when it meets
 [a, b) or [b, c)), whatever the order, overlaps and empty ranges of the input.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from itertools import pairwise
 
-from hmmirror.daemon.watch.uffd import union
+from hmmirror.daemon.watch.proc import union
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -302,6 +302,12 @@ class Perms:
     writable: npt.NDArray[np.bool_]
     shared: npt.NDArray[np.bool_]
 
+    def part(self, pages: slice) -> Perms:
+        """The facts of the pages ``pages`` of this range (views, not copies)."""
+        return Perms(
+            self.covered[pages], self.readable[pages], self.writable[pages], self.shared[pages]
+        )
+
 
 def vma_perms(vmas: Vmas, start: int, npages: int) -> Perms:
     """Per-page VMA permissions of the range. Special (IO/PFNMAP-like) VMAs read as unreadable.

@@ -1,7 +1,8 @@
 """The proc watcher: diff maps and pagemap against what each mirror was handed.
 
-Only pages some mirror holds a VALID translation for are read, so the cost
-follows the mirrored working set, not the process size. A maps diff alone
+Only pages some mirror holds a VALID translation for are read, each once however
+many mirrors hold it, so the cost follows the mirrored working set, not the
+process size or the number of agents. A maps diff alone
 misses MAP_FIXED over a whole VMA and MADV_DONTNEED; the pagemap PFN and
 present-bit comparison catches both. Changes are seen up to one poll interval
 after they happen: this is observation mode, and the docs say so.
@@ -15,15 +16,16 @@ mm gone, new VMAs to register with a uffd, its own failure) to a ``Keeper``
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import numpy as np
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, Vmas
 from hmmirror.daemon.pagetable import classify, runs, vma_perms
-from hmmirror.daemon.state import Mm
+from hmmirror.daemon.state import Mm, Span
 from hmmirror.proto.messages import Event
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ def detect(
     pagemap is read before the VMAs: a munmap landing between the two reads then
     shows as a missing VMA (UNMAP), not as a page gone from a live VMA (CLEAR).
     """
-    reads = []
+    wanted: list[tuple[Span, int, int, int]] = []
     for mirror in mm.mirrors:
         for span in mirror.spans:
             a, b = max(lo, span.start), min(hi, span.end)
@@ -72,19 +74,46 @@ def detect(
             if len(held) == 0:
                 continue
             first, last = ia + int(held[0]), ia + int(held[-1]) + 1
-            sub_start = span.start + (first << PAGE_SHIFT)
-            reads.append((span, first, last, sub_start, mm.view.pagemap(sub_start, last - first)))
-    if not reads:
+            wanted.append((span, first, last, span.start + (first << PAGE_SHIFT)))
+    if not wanted:
         return []
+    # Each page is read once, however many mirrors hold it (an mm's mirrors, one per agent,
+    # often cover one range): the union of their ranges, every pagemap before any VMA.
+    ranges = union((s, s + ((last - first) << PAGE_SHIFT)) for _, first, last, s in wanted)
+    raws = [mm.view.pagemap(s, (e - s) >> PAGE_SHIFT) for s, e in ranges]
+    # Only the VMAs of each read range: a full maps parse costs ~1 ms per 1,000 VMAs.
+    perms = [
+        vma_perms(vmas if vmas is not None else mm.view.maps_range(s, e), s, (e - s) >> PAGE_SHIFT)
+        for s, e in ranges
+    ]
+    starts = [s for s, _ in ranges]
     found: list[Change] = []
-    for span, first, last, sub_start, new_raw in reads:
-        sub_end = sub_start + ((last - first) << PAGE_SHIFT)
-        # Only the VMAs of each read range: a full maps parse costs ~1 ms per 1,000 VMAs.
-        here = vmas if vmas is not None else mm.view.maps_range(sub_start, sub_end)
-        perms = vma_perms(here, sub_start, last - first)
-        events = classify(span.handed[first:last], span.raw[first:last], new_raw, perms, zero_pfn)
+    for span, first, last, sub_start in wanted:
+        i = bisect.bisect_right(starts, sub_start) - 1  # the union range holding this one
+        a = (sub_start - starts[i]) >> PAGE_SHIFT
+        cut = slice(a, a + last - first)
+        handed, raw = span.handed[first:last], span.raw[first:last]
+        events = classify(handed, raw, raws[i][cut], perms[i].part(cut), zero_pfn)
         found.extend(runs(events, sub_start))
     return merge(found)
+
+
+def union(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The same addresses as ``ranges``, as sorted disjoint ranges (empty ones dropped).
+
+    An mm's mirrors often cover one range, one mirror per agent: reading or walking
+    the union reads each page, or walks each VMA, once. Touching ranges merge too,
+    which changes nothing: a VMA meets the merged range exactly when it meets one
+    of the two.
+    """
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(r for r in ranges if r[0] < r[1]):
+        if out and lo <= out[-1][1]:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def merge(changes: list[Change]) -> list[Change]:

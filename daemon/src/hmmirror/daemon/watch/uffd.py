@@ -32,13 +32,13 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from hmmirror.daemon.linux import scan, userfaultfd
 from hmmirror.daemon.linux.procfs import PAGE_SIZE
 from hmmirror.daemon.state import Mm, Span
-from hmmirror.daemon.watch.proc import Change, FanOut, detect, merge
+from hmmirror.daemon.watch.proc import Change, FanOut, detect, merge, union
 from hmmirror.proto.messages import Event
 
 log = logging.getLogger(__name__)
@@ -339,24 +339,6 @@ class UffdWatch:
         self.announcer.announce(
             self.mm, [(page, end, Event.WRITTEN)], then=lambda: self.unprotect(page, end)
         )
-
-
-def union(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The same addresses as ``ranges``, as sorted disjoint ranges (empty ones dropped).
-
-    An mm's mirrors often cover one range, one mirror per agent, and each walk of
-    its VMAs is one PROCMAP_QUERY per VMA: walking the union walks each VMA once.
-    Touching ranges merge too, which changes nothing: a VMA meets the merged range
-    exactly when it meets one of the two.
-    """
-    out: list[tuple[int, int]] = []
-    for lo, hi in sorted(r for r in ranges if r[0] < r[1]):
-        if out and lo <= out[-1][1]:
-            if hi > out[-1][1]:
-                out[-1] = (out[-1][0], hi)
-        else:
-            out.append((lo, hi))
-    return out
 
 
 def cover(mm: Mm) -> None:
