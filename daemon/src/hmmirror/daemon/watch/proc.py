@@ -117,14 +117,12 @@ def union(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def merge(changes: list[Change]) -> list[Change]:
-    """Merge overlapping or touching ranges with the same event (two mirrors saw one change)."""
-    out: list[Change] = []
-    for start, end, event in sorted(changes, key=lambda c: (c[2], c[0])):
-        if out and out[-1][2] == event and start <= out[-1][1]:
-            out[-1] = (out[-1][0], max(end, out[-1][1]), event)
-        else:
-            out.append((start, end, event))
-    return out
+    """Merge overlapping or touching ranges with the same event (two mirrors saw one change),
+    in order of event, then address."""
+    by_event: dict[Event, list[tuple[int, int]]] = {}
+    for start, end, event in changes:
+        by_event.setdefault(event, []).append((start, end))
+    return [(lo, hi, event) for event in sorted(by_event) for lo, hi in union(by_event[event])]
 
 
 class ProcWatch:
