@@ -8,6 +8,9 @@ that covers them, when every page of that run, the gaps between them included, h
 a VALID translation now, and the run fits ``max_dma_pages``. Each read then gets its
 own slice of the reply. A refusal (STALE, say) reaches every read of the run, and
 each starts over as it would have alone.
+
+A read asked for with ``alone=True`` is sent even without company, as a run of its
+own pages: its caller (``Mirror.read_now``) has no slower path of its own to take it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from hmmirror.client._table import VALID
-from hmmirror.proto.entries import PAGE_SHIFT, Entries
+from hmmirror.proto.entries import PAGE_SHIFT, PAGE_SIZE, Entries
 
 #: The table's entries for the pages [lo, hi), copied.
 EntriesFn = Callable[[int, int], Entries]
@@ -26,16 +29,22 @@ ReadFn = Callable[[int, Entries], Awaitable[memoryview]]
 #: Pages a run may read beyond the reads it serves (the gaps between them).
 MAX_GAP_PAGES = 8
 
+_PAGE_MASK = PAGE_SIZE - 1
+
 
 class _Read:
-    """One read waiting for this turn's flush."""
+    """One read of the bytes [start, end) waiting for this turn's flush."""
 
-    __slots__ = ("end", "future", "start")
+    __slots__ = ("alone", "end", "future", "start")
 
-    def __init__(self, start: int, end: int, future: asyncio.Future[memoryview | None]) -> None:
+    def __init__(
+        self, start: int, end: int, future: asyncio.Future[memoryview | None], alone: bool
+    ) -> None:
         self.start = start
         self.end = end
         self.future = future
+        #: Sent as a run of its own when it has no company.
+        self.alone = alone
 
 
 class ReadCoalescer:
@@ -49,20 +58,24 @@ class ReadCoalescer:
         self._queued: list[_Read] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def read(self, start: int, npages: int) -> asyncio.Future[memoryview | None]:
-        """The pages [start, +npages) as one view, read as part of a run; None when no
-        run took the read (it was alone, or its run was refused): the caller reads alone."""
+    def read(
+        self, start: int, length: int, alone: bool = False
+    ) -> asyncio.Future[memoryview | None]:
+        """The bytes [start, +length) as one view, read as part of a run; None when no
+        run took the read (it was alone, or its run was refused): the caller reads alone.
+        With ``alone`` a read without company is sent as a run of its own pages."""
         future: asyncio.Future[memoryview | None] = self.loop.create_future()
         if not self._queued:
             self.loop.call_soon(self._flush)
-        self._queued.append(_Read(start, start + (npages << PAGE_SHIFT), future))
+        self._queued.append(_Read(start, start + length, future, alone))
         return future
 
     def _flush(self) -> None:
-        """Group this turn's reads into runs and send each run of two or more."""
+        """Group this turn's reads into runs and send each run of two or more (or of one
+        read asked for ``alone``)."""
         queued, self._queued = self._queued, []
         if len(queued) == 1:
-            _alone([queued[0]])
+            self._send_run(queued, queued[0].start, queued[0].end)
             return
         queued.sort(key=lambda r: r.start)
         limit = self._max_pages() << PAGE_SHIFT
@@ -71,7 +84,8 @@ class ReadCoalescer:
         lo, hi = queued[0].start, queued[0].end
         for read in queued[1:]:
             new_hi = max(hi, read.end)
-            if read.start - hi <= gap and new_hi - lo <= limit:
+            span = ((new_hi + _PAGE_MASK) & ~_PAGE_MASK) - (lo & ~_PAGE_MASK)
+            if read.start - hi <= gap and span <= limit:
                 group.append(read)
                 hi = new_hi
                 continue
@@ -80,11 +94,14 @@ class ReadCoalescer:
         self._send_run(group, lo, hi)
 
     def _send_run(self, group: list[_Read], lo: int, hi: int) -> None:
-        """Send ``group`` as one read of [lo, hi) if it has company and every page of the
-        run holds a VALID translation now; else each read goes alone."""
-        if len(group) < 2:
+        """Send ``group`` as one read of the pages over [lo, hi) if it has company (or asked
+        to go ``alone``) and every page of the run holds a VALID translation now; else each
+        read goes alone."""
+        if len(group) < 2 and not group[0].alone:
             _alone(group)
             return
+        lo &= ~_PAGE_MASK
+        hi = (hi + _PAGE_MASK) & ~_PAGE_MASK
         entries = self._entries(lo, hi)
         if not bool((entries >= VALID).all()):
             _alone(group)

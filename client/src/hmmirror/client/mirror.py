@@ -307,6 +307,34 @@ class Mirror(MirrorTable):
 
         return ReadCoalescer(entries, self._read_run, lambda: self.session.max_dma_pages)
 
+    def read_now(self, addr: int, length: int) -> asyncio.Future[memoryview | None] | None:
+        """A small device read served without a task of its own: when every page of
+        [addr, addr + length) holds a VALID translation now, it joins this turn's coalesced
+        ``dma_read`` (as a run of its own if it has no company), and the future gives its
+        data, or None if that run was refused or failed (a STALE, an eviction: the caller
+        then takes ``transfer``, which faults, retries and raises as it must). None at once
+        when the read cannot go this way: the mirror is not live, a page is missing, or the
+        read is one for the DMA window (SPEC §4.9) or larger than one ``dma_read``."""
+        if self.released or self.dropped is not None or length <= 0:
+            return None
+        if self.session.dma_window is not None and length >= WINDOW_MIN:
+            return None
+        first = addr & ~_PAGE_MASK
+        end = addr + length
+        if first < self.start or end > self.end:
+            return None
+        a = (first - self.start) >> PAGE_SHIFT
+        b = (end - self.start + _PAGE_MASK) >> PAGE_SHIFT
+        if b - a > self.session.max_dma_pages:
+            return None
+        table = self.table
+        if b - a <= 2:  # a small read's pages, looked at one by one: cheaper than an array op
+            if table[a] < VALID or table[b - 1] < VALID:
+                return None
+        elif not bool((table[a:b] >= VALID).all()):
+            return None
+        return self._reads.read(addr, length, alone=True)
+
     async def _read_run(self, start: int, entries: Entries) -> memoryview:
         """One plain ``dma_read`` of len(entries) pages from ``start``; the data."""
         npages = len(entries)
@@ -437,7 +465,7 @@ class Mirror(MirrorTable):
                         if payload is None and off + n >= npages:
                             pieces.append(slot.view[addr - first : end - first])
                     elif payload is None:
-                        got = await self._reads.read(start, n)
+                        got = await self._reads.read(start, n << PAGE_SHIFT)
                         if got is None:  # no run took it: read alone
                             got = await self._read_run(start, entries)
                         pieces.append(got[lo - start : hi - start])

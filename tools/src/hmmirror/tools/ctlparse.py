@@ -51,7 +51,8 @@ JSON_HELP = {
     "with -d also rkey, lkey, iova (hex strings, as rdma writes them), mrlen, pid, comm",
     "keys": "one JSON object: public, secret (the two files' paths)",
     "check": "the final report as one JSON object (progress goes to stderr): scenario, "
-    "seed, elapsed_s, rounds, target_ops (by kind), agents, reads, writes, atomics, "
+    "seed, elapsed_s, rounds, target_ops (by kind), agents, reads, quick_reads, writes, "
+    "atomics, "
     "page_fault_calls, page_faults, prefetch_calls, page_prefetch, invalidations, "
     "pages_invalidated, stale, evictions, refused, busy, slowest_op_s, "
     "translations_checked, reads_judged, atomics_judged, judged, checker_cpu_s, "

@@ -223,21 +223,29 @@ class MemoryRegion:
     @contextlib.contextmanager
     def _use(self, seg: _Segment | None = None) -> Iterator[None]:
         """Hold the MR's usecount (and ``seg``'s) for the duration of an operation."""
+        self._hold(seg)
+        try:
+            yield
+        finally:
+            self._release(seg)
+
+    def _hold(self, seg: _Segment | None) -> None:
+        """Take the MR's usecount, and ``seg``'s."""
         self.users += 1
         self._idle.clear()
         if seg is not None:
             seg.users += 1
             seg.idle.clear()
-        try:
-            yield
-        finally:
-            if seg is not None:
-                seg.users -= 1
-                if seg.users == 0:
-                    seg.idle.set()
-            self.users -= 1
-            if self.users == 0:
-                self._idle.set()
+
+    def _release(self, seg: _Segment | None) -> None:
+        """Give back what ``_hold`` took."""
+        if seg is not None:
+            seg.users -= 1
+            if seg.users == 0:
+                seg.idle.set()
+        self.users -= 1
+        if self.users == 0:
+            self._idle.set()
 
     def _pieces(self, addr: int, length: int) -> Iterator[tuple[int, int, int]]:
         """Split [addr, addr + length) by segment: (segment base, start, end) each."""
@@ -377,6 +385,29 @@ class MemoryRegion:
             for base, lo, hi in self._pieces(addr, length):
                 out.extend(await self._transfer(base, lo, hi, None, hold))
         return out
+
+    def read_now(self, addr: int, length: int) -> asyncio.Future[memoryview | None] | None:
+        """A small device READ without a task of its own (``Mirror.read_now``): a future of
+        its data, of None when the caller must take ``read`` after all, or None at once
+        (the MR is deregistered, or its segment there is not live). The usecounts are
+        held until the future is done."""
+        if self.dead:
+            return None
+        if self.implicit:
+            base = addr & ~(IMPLICIT_CHILD_SIZE - 1)
+            if addr + length > base + IMPLICIT_CHILD_SIZE:
+                return None
+        else:
+            base = self._base
+        seg = self._segments.get(base)
+        if seg is None:
+            return None
+        got = seg.mirror.read_now(addr, length)
+        if got is None:
+            return None
+        self._hold(seg)
+        got.add_done_callback(lambda _: self._release(seg))
+        return got
 
     async def write(self, addr: int, data: memoryview) -> None:
         """Device WRITE of ``data`` at ``addr``."""

@@ -202,6 +202,20 @@ class Nic:
             return []
         return await mr.read(addr, length, hold)
 
+    def read_now(
+        self, key: int, addr: int, length: int
+    ) -> asyncio.Future[memoryview | None] | None:
+        """A remote READ of ``length`` bytes at ``addr`` of ``key`` without a task of its own,
+        when its translations are all present (``MemoryRegion.read_now``): a future of the
+        data, or of None when the caller must take ``read`` after all. None at once when it
+        cannot go this way (``read`` then answers it, errors included)."""
+        mr = self._mrs.get(key)
+        if mr is None or length <= 0 or not mr.covers(addr, length):
+            return None
+        if not mr.access & _REMOTE_RIGHT["read"]:
+            return None
+        return mr.read_now(addr, length)
+
     async def write(
         self, key: int, addr: int, data: bytes | bytearray | memoryview, *, remote: bool = True
     ) -> None:

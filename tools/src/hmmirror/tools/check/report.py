@@ -36,6 +36,7 @@ def print_report(report: Report, out: IO[str]) -> None:
             "device reads / writes / atomics",
             f"{total('reads')} / {total('writes')} / {total('atomics')}",
         ),
+        ("  reads served without a task (present pages)", total("quick_reads")),
         ("page faults (calls / pages)", f"{total('page_faults_handled')} / {total('page_faults')}"),
         ("prefetch (calls / pages)", f"{total('prefetches')} / {total('page_prefetch')}"),
         (
@@ -93,6 +94,7 @@ def as_dict(report: Report) -> dict[str, Any]:
         "target_ops": dict(sorted(report.target_ops.items())),
         "agents": len(agents),
         "reads": total("reads"),
+        "quick_reads": total("quick_reads"),
         "writes": total("writes"),
         "atomics": total("atomics"),
         "page_fault_calls": total("page_faults_handled"),
