@@ -224,7 +224,11 @@ def _ceiling_rows(name: str, data_path: str, ours: list[float], raw: list[float]
     ideal_raw = statistics.median(i / r for i, r in zip(ideal, raw, strict=True))
     ours_ideal = statistics.median(o / i for o, i in zip(ours, ideal, strict=True))
     med = statistics.median(ideal)
-    labels = {"shm": "data in shared memory", "ipc": "data over ipc, hmmirror's plain path"}
+    labels = {
+        "shm": "data in shared memory",
+        "ipc": "data over ipc, hmmirror's plain path",
+        "thread": "data over ipc, the daemon's copy on a thread as hmmd's must be",
+    }
     what = labels[data_path]
     log(f"[rdma {name}] idealized pipeline ({what}) {med / 1e6:.0f} MB/s; per-round ideal/raw "
         f"{[round(i / r, 2) for i, r in zip(ideal, raw, strict=True)]}")  # fmt: skip
@@ -258,7 +262,7 @@ def bench_rdma(window: int, seconds: float, rounds: int, fault_count: int, loop:
         raw = procs.spawn([PY, os.path.abspath(__file__), "raw-server"])
         raw_ep = read_line(raw, "raw ready", 30).split()[-1]
         ideal_eps = {}
-        for data_path in ("shm", "ipc"):
+        for data_path in ("shm", "ipc", "thread"):
             ideal = procs.spawn([PY, rdma_ceiling.__file__, "agent", str(target.pid),
                                  hex(target.addr), str(REGION), data_path])  # fmt: skip
             ideal_eps[data_path] = read_line(ideal, "ceiling ready", 30).split()[-1]

@@ -19,6 +19,14 @@ A second variant (``ipc``) sends the data back over the daemon's socket, as
 hmmirror's plain ``dma_read`` does, and the agent forwards the frames it received:
 two more copies (into and out of the ipc socket) than the shared window.
 
+A third (``thread``) is ``ipc`` with the daemon's copy on a worker thread, as hmmd
+must run it: a ``process_vm_readv`` waits in the target's page fault for as long as
+the fault takes, forever when the target's own userfaultfd never answers, so a copy
+made on the daemon's loop would let any target stop it (docs/ARCHITECTURE.md §A.2,
+``daemon/dma/copier.py``). The loop hands each batch to the thread and goes on; the
+thread wakes it through an eventfd when the copy is done. That is two thread
+wake-ups per batch more than ``ipc``: the ceiling of any hmmd that keeps that rule.
+
 A WRITE takes the same hops the other way. With ``shm`` the agent copies the
 request's data into its window (libzmq owns the frame it arrived in, and hmmd can
 only write from its own memory) and the daemon checks the pagemap, then does one
@@ -36,11 +44,14 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from typing import Any
 
 import msgpack
@@ -102,13 +113,15 @@ def _vm_batch(pid: int, batch: list[list[int]], base: int, frames: list[Any]) ->
     return bool(fn(pid, local, n, remote, n, 0) == sum(ln for _, ln, _, _, _ in batch))
 
 
-def daemon_main(endpoint: str, pid: int, window_path: str, over_ipc: bool) -> int:
+def daemon_main(endpoint: str, pid: int, window_path: str, data_path: str) -> int:
     """The daemon's half: checked, batched process_vm_readv into the agent's window (or
     process_vm_writev out of it, for a batch of writes).
 
-    ``over_ipc``: the data crosses the socket instead, as hmmirror's plain ``dma_read``
-    and ``dma_write`` do (the agent forwards the frames it received, not its shared memory).
+    ``data_path`` ``ipc`` or ``thread``: the data crosses the socket instead, as hmmirror's
+    plain ``dma_read`` and ``dma_write`` do (the agent forwards the frames it received, not
+    its shared memory); with ``thread`` the copy runs on a worker thread.
     """
+    over_ipc = data_path != "shm"
     fd = os.open(window_path, os.O_RDWR)
     window = mmap.mmap(fd, SLOT * SLOTS)
     base = _address(window)
@@ -119,6 +132,8 @@ def daemon_main(endpoint: str, pid: int, window_path: str, over_ipc: bool) -> in
     sock.bind(endpoint)
     print("daemon ready", flush=True)
     deadline = time.monotonic() + LIFETIME
+    if data_path == "thread":
+        return _threaded_daemon(sock, pid, pagemap, window, deadline)
     while time.monotonic() < deadline and not _orphaned():
         if not sock.poll(1000):
             continue
@@ -139,12 +154,67 @@ def daemon_main(endpoint: str, pid: int, window_path: str, over_ipc: bool) -> in
     return 0
 
 
+def _threaded_daemon(sock: zmq.Socket[Any], pid: int, pagemap: int, window: mmap.mmap,
+                     deadline: float) -> int:  # fmt: skip
+    """The ``thread`` daemon: every batch checked on the loop, copied on a worker thread,
+    checked again and answered on the loop once the thread says it is done."""
+    base = _address(window)
+    jobs: queue.SimpleQueue[tuple[Any, list[list[int]], Any, list[Any]] | None] = (
+        queue.SimpleQueue()
+    )
+    finished: deque[tuple[Any, list[list[int]], Any, bool]] = deque()
+    done = os.eventfd(0, os.EFD_NONBLOCK)
+
+    def copier() -> None:
+        while (job := jobs.get()) is not None:
+            ident, batch, named, frames = job
+            finished.append((ident, batch, named, _vm_batch(pid, batch, base, frames)))
+            os.eventfd_write(done, 1)
+
+    thread = threading.Thread(target=copier, daemon=True)
+    thread.start()
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(done, zmq.POLLIN)
+    while time.monotonic() < deadline and not _orphaned():
+        if not poller.poll(1000):
+            continue
+        while True:
+            try:
+                ident, head, entries, *frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            batch = msgpack.unpackb(head.bytes)
+            named = np.frombuffer(entries.buffer, dtype=np.uint64)
+            if _live_ok(pagemap, batch, named):
+                jobs.put((ident, batch, named, frames))
+            else:
+                sock.send_multipart([ident, b"stale"])
+        try:
+            os.eventfd_read(done)
+        except BlockingIOError:
+            continue
+        while finished:
+            ident, batch, named, ok = finished.popleft()
+            write = bool(batch[0][4])
+            if ok and not write:  # a read is checked again after the copy
+                ok = _live_ok(pagemap, batch, named)
+            if ok and not write:
+                data = [window[off : off + ln] for _, ln, off, _, _ in batch]
+                sock.send_multipart([ident, b"ok", *data], copy=batch[0][1] < 65536)
+            else:
+                sock.send_multipart([ident, b"ok" if ok else b"stale"])
+    jobs.put(None)
+    thread.join(1.0)
+    return 0
+
+
 def agent_main(pid: int, addr: int, length: int, data_path: str) -> int:
     """The agent's half: MTT check, one batched request to the daemon, the slices out (or,
     for writes, the data into the window first and an ``ok`` out).
 
-    ``data_path`` is ``shm`` (the data stays in the shared window) or ``ipc`` (it comes
-    back over the daemon's socket).
+    ``data_path`` is ``shm`` (the data stays in the shared window), ``ipc`` (it comes
+    back over the daemon's socket) or ``thread`` (``ipc``, the daemon copying on a thread).
     """
     # The bench ends us with SIGTERM: leave through the with-blocks (temporary directory,
     # the daemon half) instead of dying on the spot.
@@ -165,7 +235,7 @@ def agent_main(pid: int, addr: int, length: int, data_path: str) -> int:
         )  # fmt: skip
         try:
             assert daemon.stdout is not None and "ready" in daemon.stdout.readline()
-            return _agent_loop(pid, addr, mtt, window, endpoint, data_path == "ipc")
+            return _agent_loop(pid, addr, mtt, window, endpoint, data_path != "shm")
         finally:
             daemon.kill()
             daemon.wait()
@@ -294,7 +364,7 @@ def ceiling_block(sock: zmq.Socket[Any], addr: int, span: int, size: int, window
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["daemon"]:
-        sys.exit(daemon_main(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "ipc"))
+        sys.exit(daemon_main(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]))
     if sys.argv[1:2] == ["agent"]:
         sys.exit(agent_main(int(sys.argv[2]), int(sys.argv[3], 0), int(sys.argv[4]), sys.argv[5]))
     sys.exit(2)
