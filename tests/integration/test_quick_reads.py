@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import time
 from typing import Any
 
 import pytest
+import zmq
+from hmmirror.client.mlx5.service import MAX_IN_FLIGHT
 from hmmirror.client.session import status
+from hmmirror.proto import decode, encode
+from hmmirror.proto import messages as M
 from hmmirror.testing.pagemap import PM_PFN, pagemap
 from hmmirror.testing.rdma import hm_agent
+from hmmirror.transport import dial
 
 PAGE = 4096
 
@@ -85,3 +92,56 @@ async def test_small_reads_after_the_target_rewrote_a_page_unseen_get_the_new_by
         after = await counts(hmmd)
         await child.exit()
     assert after["stale"] > before["stale"], "hmmd refused the old frame"
+
+
+def _flood(
+    endpoint: str, rkey: int, addr: int, npages: int, count: int, hmmd_pid: int
+) -> list[str]:
+    """``count`` 4-byte READs over the pages at once from a raw DEALER while hmmd is stopped;
+    the error texts of the answers that came within 2 s. Then hmmd is continued, and every
+    other READ must be answered (with data or an error) within 30 s."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    sock = dial(ctx, endpoint, None, timeout=5.0)
+    try:
+        os.kill(hmmd_pid, signal.SIGSTOP)
+        try:
+            for i in range(1, count + 1):
+                read = M.RdmaRead(rkey=rkey, addr=addr + i % npages * PAGE, length=4)
+                sock.send_multipart(encode(read, i))
+            early = []
+            while sock.poll(2000):
+                msg = decode(sock.recv_multipart()).msg
+                early.append(msg.message if isinstance(msg, M.Error) else "")
+        finally:
+            os.kill(hmmd_pid, signal.SIGCONT)
+        answered = len(early)
+        deadline = time.monotonic() + 30
+        while answered < count and sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            sock.recv_multipart()
+            answered += 1
+        assert answered == count, f"{count - answered} READs were never answered"
+        return early
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+async def test_reads_without_a_task_count_against_the_requests_in_flight(hmmd, puppet):
+    """hmmd stopped (SIGSTOP): READs of translated pages wait in their runs without a
+    task. They still hold places of ``MAX_IN_FLIGHT``, so of ``MAX_IN_FLIGHT + 40`` READs
+    sent at once exactly 40 are refused EBUSY at once, and the agent's memory stays
+    bounded whatever a requester sends. Continued, hmmd lets every other READ be answered."""
+    npages = 64
+    addr = await puppet.mmap(npages * PAGE)
+    await puppet.write(addr, os.urandom(npages * PAGE))
+    spec = f"{puppet.pid}:{addr:#x}:{npages * PAGE}:rw"
+    async with hm_agent(hmmd, spec, insecure=True) as agent, agent.peer() as peer:
+        (rkey,) = agent.rkeys
+        await peer.read(rkey, addr, npages * PAGE)  # the agent holds every translation
+        flood = MAX_IN_FLIGHT + 40
+        early = await asyncio.to_thread(
+            _flood, agent.endpoint, rkey, addr, npages, flood, hmmd.proc.pid
+        )
+        busy = [a for a in early if "requests already in progress" in a]
+        assert len(early) == len(busy) == 40, early[:3]
+        assert len(await peer.read(rkey, addr, 8)) == 8, "the agent serves READs again"
