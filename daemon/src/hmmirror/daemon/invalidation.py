@@ -237,8 +237,8 @@ class Invalidator:
         # forgives its items, and that must not close the window on the others still to come.
         queue = self.courier.queue
         for session, chunk in chunks:
-            if session.fenced:
-                self._queue(session, chunk)  # forgiven: it was evicted earlier in this fan-out
+            if session.fenced:  # evicted earlier in this fan-out: nobody will ack it
+                self._forgive(session, chunk)
             else:
                 queue(session, chunk)
         return inv
@@ -317,14 +317,11 @@ class Invalidator:
         await asyncio.shield(inv.done)
         return inv
 
-    def _queue(self, session: Session, chunk: Chunk) -> None:
-        """Hand ``chunk`` to the session's outbox, or forgive it if nobody will ack it."""
-        if session.fenced:  # evicted earlier in this fan-out: nobody will ack it
-            part, inv, _ = chunk
-            if inv.forgiven(session, len(part.items)):
-                self._complete(inv)
-            return
-        self.courier.queue(session, chunk)
+    def _forgive(self, session: Session, chunk: Chunk) -> None:
+        """Forgive ``chunk`` of a fenced session: nobody will ack it."""
+        part, inv, _ = chunk
+        if inv.forgiven(session, len(part.items)):
+            self._complete(inv)
 
     def on_ack(self, session: Session, n: int) -> None:
         """Apply a cumulative ``ACK(n)`` from ``session``. One that acks nothing new (late,
