@@ -272,6 +272,12 @@ async def test_implicit_access_spanning_two_children(hmmd, puppet, agent):
         mr = await nic.reg_mr(puppet.pid, 0, WHOLE_ADDRESS_SPACE, RW)
         assert await read_all(nic, mr, start, 4 * PAGE) == pattern(6, 4)
         assert mr.children == [boundary - IMPLICIT_CHILD_SIZE, boundary]
+        # Without a task (hm-agent's READ of translated pages): inside either child it
+        # reads; across the boundary it declines, and the task's path reads it whole.
+        for at in (start + 100, boundary + 100):
+            got = nic.read_now(mr.rkey, at, 64)
+            assert got is not None and bytes(await got) == pattern(6, 4)[at - start :][:64]
+        assert nic.read_now(mr.rkey, boundary - 4, 8) is None
         await nic.write(mr.rkey, boundary - 4, b"abcdefgh")
         assert await puppet.read(boundary - 4, 8) == b"abcdefgh"
 

@@ -391,15 +391,11 @@ class MemoryRegion:
         its data, of None when the caller must take ``read`` after all, or None at once
         (the MR is deregistered, or its segment there is not live). The usecounts are
         held until the future is done."""
-        if self.dead:
+        if self.dead or length <= 0:
             return None
-        if self.implicit:
-            base = addr & ~(IMPLICIT_CHILD_SIZE - 1)
-            if addr + length > base + IMPLICIT_CHILD_SIZE:
-                return None
-        else:
-            base = self._base
-        seg = self._segments.get(base)
+        # The first piece's segment: a READ across two implicit children lies beyond its
+        # mirror's end, which Mirror.read_now declines.
+        seg = self._segments.get(next(self._pieces(addr, length))[0])
         if seg is None:
             return None
         got = seg.mirror.read_now(addr, length)

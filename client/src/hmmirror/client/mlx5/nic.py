@@ -209,10 +209,9 @@ class Nic:
         when its translations are all present (``MemoryRegion.read_now``): a future of the
         data, or of None when the caller must take ``read`` after all. None at once when it
         cannot go this way (``read`` then answers it, errors included)."""
-        mr = self._mrs.get(key)
-        if mr is None or length <= 0 or not mr.covers(addr, length):
-            return None
-        if not mr.access & _REMOTE_RIGHT["read"]:
+        try:
+            mr = self.lookup(key, addr, length, "read", True)
+        except RemoteAccessError:
             return None
         return mr.read_now(addr, length)
 
