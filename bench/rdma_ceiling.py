@@ -141,17 +141,23 @@ def daemon_main(endpoint: str, pid: int, window_path: str, data_path: str) -> in
         # [[addr, length, slot offset, first entry, write], ...]: all reads or all writes
         batch = msgpack.unpackb(head.bytes)
         named = np.frombuffer(entries.buffer, dtype=np.uint64)
-        write = bool(batch[0][4])
-
         ok = _live_ok(pagemap, batch, named) and _vm_batch(pid, batch, base, frames)
-        if ok and not write:  # a read is checked again after the copy
-            ok = _live_ok(pagemap, batch, named)
-        if ok and over_ipc and not write:
-            data = [window[off : off + ln] for _, ln, off, _, _ in batch]
-            sock.send_multipart([ident, b"ok", *data], copy=batch[0][1] < 65536)
-        else:
-            sock.send_multipart([ident, b"ok" if ok else b"stale"])
+        _answer(sock, pagemap, window, over_ipc, ident, batch, named, ok)
     return 0
+
+
+def _answer(sock: zmq.Socket[Any], pagemap: int, window: mmap.mmap, over_ipc: bool, ident: Any,
+            batch: list[list[int]], named: Any, ok: bool) -> None:  # fmt: skip
+    """Answer a copied batch: a read is checked again after the copy, and its data goes
+    back over the socket with ``over_ipc``."""
+    write = bool(batch[0][4])
+    if ok and not write:
+        ok = _live_ok(pagemap, batch, named)
+    if ok and over_ipc and not write:
+        data = [window[off : off + ln] for _, ln, off, _, _ in batch]
+        sock.send_multipart([ident, b"ok", *data], copy=batch[0][1] < 65536)
+    else:
+        sock.send_multipart([ident, b"ok" if ok else b"stale"])
 
 
 def _threaded_daemon(sock: zmq.Socket[Any], pid: int, pagemap: int, window: mmap.mmap,
@@ -195,15 +201,7 @@ def _threaded_daemon(sock: zmq.Socket[Any], pid: int, pagemap: int, window: mmap
         except BlockingIOError:
             continue
         while finished:
-            ident, batch, named, ok = finished.popleft()
-            write = bool(batch[0][4])
-            if ok and not write:  # a read is checked again after the copy
-                ok = _live_ok(pagemap, batch, named)
-            if ok and not write:
-                data = [window[off : off + ln] for _, ln, off, _, _ in batch]
-                sock.send_multipart([ident, b"ok", *data], copy=batch[0][1] < 65536)
-            else:
-                sock.send_multipart([ident, b"ok" if ok else b"stale"])
+            _answer(sock, pagemap, window, True, *finished.popleft())
     jobs.put(None)
     thread.join(1.0)
     return 0
