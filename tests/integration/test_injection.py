@@ -84,6 +84,18 @@ def target(
         proc.stdout.close()
 
 
+@pytest.fixture(autouse=True)
+def _no_loop_budget(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """These tests count what injections do, not how much of hmmd's loop they may take:
+    that budget (``Injectors.took``, tested in ``tests/unit/test_injector_budget.py``) paused
+    a run of twenty stormed injections on a busy CI host, 2026-12-07, and its 30 s pause
+    then refused the next test's injection too. Lifted here, and no pause outlives a test."""
+    monkeypatch.setattr(injector, "USER_BUDGET", float("inf"))
+    monkeypatch.setattr(injector, "ALL_BUDGET", float("inf"))
+    yield
+    injector.INJECTORS.close()
+
+
 def _fds(pid: int) -> dict[int, str]:
     """``pid``'s descriptors and what each names."""
     out = {}
