@@ -205,7 +205,12 @@ def bench_fault(
             f"median {bmed * 1e3:.2f} ms "
             f"({present}/{npages} present; {size / bbest / 1e9:.0f} GB of VA/s)"
         )
-        env = {"physical": {}, "token": {"HMMIRROR_ROOT_FRAMES": "token"}}
+        # Both daemons watch the one target on purpose, to compare the frame modes: neither
+        # claims it (SPEC §1.7), or the second would be answered MOVED.
+        env = {
+            "physical": {"HMMIRROR_OWNERS_DIR": "off"},
+            "token": {"HMMIRROR_ROOT_FRAMES": "token", "HMMIRROR_OWNERS_DIR": "off"},
+        }
         results: dict[str, dict[str, Any]] = {}
         daemons: dict[str, Any] = {}
         try:

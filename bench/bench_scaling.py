@@ -1,6 +1,7 @@
-"""Benchmark 7: multi-target scaling. One hmmd, the same churn from 1 target process or from N.
+"""Benchmark 7: multi-target scaling. The same churn from 1 target process or from N, through
+one hmmd or several.
 
-Two cases on the same hmmd process, one after the other, each with ``--soak-agents`` (8) agents
+Two cases on the same hmmd process(es), one after the other, each with ``--soak-agents`` (8) agents
 that mirror *every* target (one mirror per target, as a device driver mirrors each process that
 uses the device): first 1 target process, then ``--scaling-targets`` (8) target processes, each
 a separate mm registered with hmmd with its own userfaultfd. The churn asked is the same in both:
@@ -12,13 +13,24 @@ from many processes. Each case: ``--soak-warmup`` s of churn, then ``--soak-seco
 in 5 s windows, then one quiescent oracle check; the targets and agents of a case are killed
 before the next starts.
 
-The processes and the measuring are benchmark 6's (``soak_rig.Rig``, ``soak_procs.py``): hmmd's
-Status ``invalidations`` delta per window, and the CPU of hmmd, the agents and the targets from
-/proc/PID/stat. Reported: each case's aggregate invalidations/s (all windows' invalidations over
-their time) against the asked rate (info), and the ratio N targets / 1 target: target >= 4 on
-a machine with 16 or more CPUs, an info row on fewer (two vCPUs are saturated by either case).
+``--scaling-daemons D`` (1 on fewer than ``SERVER_CPUS`` CPUs, 4 on a server) runs D hmmd
+instances, ``hmmd-0.sock`` .. in one directory so that they share its ``hmmd-owners`` claims
+(SPEC.md §1.7): one hmmd event loop cannot make 4x, several can spread the mms over cores. Both
+cases run on the same D instances, so the ratio compares like with like. Each target exposes
+its userfaultfd to instance j mod D, which owns it; each agent holds a ``SessionGroup`` with
+every instance, and follows MOVED where a pid's pick is not its owner (at registration). In the
+1-target case one instance does all the work and the others idle.
 
-Run: ``uv run python -m bench --only scaling [--soak-seconds 20 --scaling-targets 8]``.
+The processes and the measuring are benchmark 6's (``soak_rig.Rig``, ``soak_procs.py``): hmmd's
+Status ``invalidations`` delta per window (summed over the instances), and the CPU of hmmd (all
+instances; its "loop" is the busiest instance's main thread), the agents and the targets from
+/proc/PID/stat. Reported: each case's aggregate invalidations/s (all windows' invalidations over
+their time) against the asked rate (info), with each instance's share of the invalidations and
+its CPU, and the ratio N targets / 1 target: target >= 4 on a machine with 16 or more CPUs, an
+info row on fewer (two vCPUs are saturated by either case).
+
+Run: ``uv run python -m bench --only scaling [--soak-seconds 20 --scaling-targets 8
+--scaling-daemons 4]``.
 """
 
 from __future__ import annotations
@@ -30,7 +42,20 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SERVER_CPUS, Procs, Row, cpus, is_server, loadavg, settle, start_daemon, tmpdir
+from common import (
+    SERVER_CPUS,
+    Procs,
+    Row,
+    cpus,
+    hmmds,
+    is_server,
+    loadavg,
+    report_problems,
+    settle,
+    start_daemons,
+    tmpdir,
+)
+from hmmirror.testing.hmmd import HmmdProcess
 from soak_rig import Measured, Rig, daemon_mms, describe_cores
 
 #: The ratio the issue asks for, on a server (``SERVER_CPUS`` or more CPUs).
@@ -46,6 +71,7 @@ class Case:
         self, rig: Rig, m: Measured, tstats: dict[str, int], agents: list[dict[str, Any]]
     ) -> None:
         self.rig, self.m, self.tstats, self.agents = rig, m, tstats, agents
+        self.ndaemons = len(rig.hmmds)
         self.rate = m.invalidations / m.running_s  # aggregate: all windows over their time
         self.cores = m.cores()
         # One ack round trip is recorded per invalidation window hmmd opened (one per uffd
@@ -67,31 +93,55 @@ class Case:
             f"{asked / self.rig.ntargets:.0f} ops/s asked each; "
             f"target ops {t.get('ops')} (skipped behind schedule {t.get('skipped')}); cores: "
             f"{describe_cores(self.cores)}; ack p50/p99 {float(m.st1['ack_p50_us']):.0f}/"
-            f"{float(m.st1['ack_p99_us']):.0f} us (hmmd's ring, both cases so far); evictions "
-            f"{evictions}; agents' fault errors {ferr}; loadavg {m.windows[-1].load}"
+            f"{float(m.st1['ack_p99_us']):.0f} us ("
+            + ("hmmd's ring" if self.ndaemons == 1 else "the worst instance's ring")
+            + f", both cases so far); evictions {evictions}; agents' fault errors {ferr}; "
+            f"loadavg {m.windows[-1].load}" + self.instances()
+        )
+
+    def instances(self) -> str:
+        """Each hmmd instance's share of the invalidations, its cores and targets, the MOVED
+        answers in the windows (none expected: the agents found the owners at registration),
+        and the MOVED the agents' groups followed since they started."""
+        if self.ndaemons == 1:
+            return ""
+        m, inv = self.m, self.m.per_instance()
+        moved = sum(m.per_instance("moved"))
+        follows = sum(int(a.get("moves") or 0) for a in self.agents)
+        each = "; ".join(
+            f"#{i} {n} inval ({n / max(1, sum(inv)):.0%}), {self.cores[f'hmmd{i}']:.2f} cores "
+            f"(loop {self.cores[f'hmmd{i}_loop']:.2f}), {self.rig.owner.count(i)} target(s)"
+            for i, n in enumerate(inv)
+        )
+        return (
+            f"; {self.ndaemons} hmmd instances: {each}; MOVED answered {moved}, followed by "
+            f"the agents' groups {follows}"
         )
 
 
-def _forget(endpoint: str) -> None:
-    """Wait (bounded) until hmmd holds no mm, so one case's teardown is not the next's load."""
+def _forget(endpoints: list[str]) -> None:
+    """Wait (bounded) until no hmmd instance holds an mm, so one case's teardown is not the
+    next's load."""
     deadline = time.monotonic() + FORGET_S
-    while daemon_mms(endpoint) and time.monotonic() < deadline:
+    while any(daemon_mms(e) for e in endpoints) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
 def _run(a: dict[str, Any], daemon_args: list[str], log: Any) -> dict[int, Case]:
     cases: dict[int, Case] = {}
     with tmpdir() as d, Procs() as procs:
-        endpoint = f"ipc://{d}/hmmd.sock"
         busy = settle(log)
         log(f"[scaling] before start: {busy:.2f} cores busy with other work, load {loadavg()}")
-        daemon = start_daemon(procs, endpoint, d, daemon_args)
+        daemons: list[HmmdProcess] = []
         try:
+            daemons = start_daemons(procs, d, int(a.get("daemons", 1)), daemon_args, log,
+                                    "scaling")  # fmt: skip
+            pairs = [(h.endpoint, h.proc.pid) for h in daemons]
             for n in (1, a["targets"]):
-                _forget(endpoint)
+                _forget([e for e, _ in pairs])
                 # The case's own Procs: its targets and agents are killed before the next case.
                 with Procs() as case_procs:
-                    rig = Rig(case_procs, endpoint, daemon.proc.pid, targets=n,
+                    rig = Rig(case_procs, pairs, targets=n,
                               pages=a["pages"], threads=a["threads"], agents=a["agents"],
                               fault_hz=a["fault_hz"], log=log, tag=f"scaling {n}t")  # fmt: skip
                     rig.start()
@@ -99,23 +149,23 @@ def _run(a: dict[str, Any], daemon_args: list[str], log: Any) -> dict[int, Case]
                     tstats, _, agents = rig.finish()
                 cases[n] = Case(rig, m, tstats, agents)
         finally:
-            bad = daemon.problems()
-            if bad:
-                log(f"[hmmd log] {bad}")
+            report_problems(daemons, log)
     return cases
 
 
 def bench_scaling(a: dict[str, Any], daemon_args: list[str], log: Any = print) -> list[Row]:
     n, asked, nag = a["targets"], float(a["rate"]), a["agents"]
+    nd = int(a.get("daemons", 1))
     try:
         cases = _run(a, daemon_args, log)
     except Exception as exc:
         log(f"[scaling] failed: {exc!r}")
-        return [Row("scaling", "ERROR", "-", None, "-", "ERROR", repr(exc)[:300])]
+        return [Row(f"scaling{hmmds(nd)}", "ERROR", "-", None, "-", "ERROR", repr(exc)[:300])]
     one, many = cases[1], cases[n]
     rows = [
         Row(
-            f"scaling: {k} target{'s' if k > 1 else ''} x {nag} agents, aggregate inval/s",
+            f"scaling: {k} target{'s' if k > 1 else ''} x {nag} agents{hmmds(nd)}, aggregate "
+            "inval/s",
             f"{c.rate:.0f}/s",
             f"{asked:.0f}/s asked",
             c.rate / asked,
@@ -128,15 +178,21 @@ def bench_scaling(a: dict[str, Any], daemon_args: list[str], log: Any = print) -
     ratio = many.rate / one.rate if one.rate > 0 else None
     judged = is_server()
     verdict = "info" if not judged or ratio is None else ("PASS" if ratio >= GOAL else "FAIL")
+    same = (
+        "same hmmd process"
+        if nd == 1
+        else f"same {nd} hmmd instances (sockets in one directory, sharing hmmd-owners; the "
+        "loop is the busiest instance's)"
+    )
     rows.append(
         Row(
-            f"scaling: {n} targets / 1 target, aggregate inval/s",
+            f"scaling: {n} targets / 1 target{hmmds(nd)}, aggregate inval/s",
             f"{many.rate:.0f}/s",
             f"{one.rate:.0f}/s",
             ratio,
             f">= {GOAL:.0f} ({SERVER_CPUS}+ CPUs)" if judged else f"info ({cpus()} CPUs)",
             verdict,
-            f"same hmmd process, 1-target case first; {asked:.0f} ops/s asked in all in both; "
+            f"{same}, 1-target case first; {asked:.0f} ops/s asked in all in both; "
             f"each of the {nag} agents mirrors every target; cores 1 target: hmmd "
             f"{one.cores['hmmd']:.2f} (loop {one.cores['hmmd_loop']:.2f}) agents "
             f"{one.cores['agents']:.2f} target {one.cores['target']:.2f}; {n} targets: hmmd "

@@ -50,7 +50,20 @@ import sys
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SERVER_CPUS, Procs, Row, cpus, is_server, loadavg, settle, start_daemon, tmpdir
+from common import (
+    SERVER_CPUS,
+    Procs,
+    Row,
+    cpus,
+    hmmds,
+    is_server,
+    loadavg,
+    report_problems,
+    settle,
+    start_daemons,
+    tmpdir,
+)
+from hmmirror.testing.hmmd import HmmdProcess
 from soak_rig import Check, Measured, Rig, Window, describe_cores
 
 #: The least share of the asked rate the slowest 5 s window must reach (bench/README.md).
@@ -72,12 +85,14 @@ class Soak:
     def run(self) -> dict[str, Any]:
         a, log = self.a, self.log
         with tmpdir() as d, Procs() as procs:
-            endpoint = f"ipc://{d}/hmmd.sock"
             busy = settle(log)
             log(f"[soak] before start: {busy:.2f} cores busy with other work, load {loadavg()}")
-            daemon = start_daemon(procs, endpoint, d, self.daemon_args)
+            daemons: list[HmmdProcess] = []
             try:
-                rig = Rig(procs, endpoint, daemon.proc.pid, targets=a.get("target_procs", 1),
+                daemons = start_daemons(procs, d, int(a.get("daemons", 1)), self.daemon_args,
+                                        log, "soak")  # fmt: skip
+                pairs = [(h.endpoint, h.proc.pid) for h in daemons]
+                rig = Rig(procs, pairs, targets=a.get("target_procs", 1),
                           pages=a["pages"], threads=a["threads"], agents=a["agents"],
                           fault_hz=a["fault_hz"], log=log)  # fmt: skip
                 rig.start()
@@ -90,9 +105,7 @@ class Soak:
                     "valid0": rig.valid0, "split": (rig.pages, rig.threads),
                 }  # fmt: skip
             finally:
-                bad = daemon.problems()
-                if bad:
-                    log(f"[hmmd log] {bad}")
+                report_problems(daemons, log)
 
 
 def _plot(windows: list[Window], asked: float, width: int = 50) -> list[str]:
@@ -136,6 +149,7 @@ def bench_soak(a: dict[str, Any], daemon_args: list[str], log: Any = print) -> l
         return [Row("soak", "ERROR", "-", None, "-", "ERROR", repr(exc)[:300])]
     ws = soak.windows
     asked = float(a["rate"])
+    nd = int(a.get("daemons", 1))
     rates = [w.rate for w in ws]
     log("[soak] invalidations/s per window (after warm-up; quiescent pauses excluded):")
     for line in _plot(ws, asked):
@@ -175,6 +189,7 @@ def bench_soak(a: dict[str, Any], daemon_args: list[str], log: Any = print) -> l
         Row(
             f"soak {a['agents']} agents"
             + (f", {ntargets} targets" if ntargets > 1 else "")
+            + hmmds(nd)
             + ": inval/s held, min 5 s window",
             f"{lo:.0f}/s",
             f"{asked:.0f}/s asked",
@@ -196,7 +211,7 @@ def bench_soak(a: dict[str, Any], daemon_args: list[str], log: Any = print) -> l
             "-",
         ),
         Row(
-            "soak: hmmd ack round trip p50 / p99 / p99.9",
+            f"soak: hmmd ack round trip p50 / p99 / p99.9{' (worst instance)' if nd > 1 else ''}",
             f"{p50:.0f} / {p99:.0f} / {p999:.0f} us",
             "-",
             None,
@@ -210,7 +225,7 @@ def bench_soak(a: dict[str, Any], daemon_args: list[str], log: Any = print) -> l
             f"evictions during the run {evictions}",
         ),
         Row(
-            "soak: hmmd VmRSS end / after warm-up",
+            f"soak: hmmd VmRSS end / after warm-up{' (all instances)' if nd > 1 else ''}",
             f"{r['rss1']} KiB",
             f"{r['rss0']} KiB",
             r["rss1"] / r["rss0"],

@@ -292,6 +292,43 @@ def start_daemon(
     )  # HmmdStartError, a RuntimeError, says why with hmmd's log
 
 
+#: hmmd instances a benchmark may run on one host (``--soak-daemons``, ``--scaling-daemons``).
+MAX_DAEMONS = 8
+
+
+def hmmds(n: int) -> str:
+    """The daemon count as the rows name it: nothing for one hmmd (the rows read as they always
+    did), ", N hmmds" for several."""
+    return f", {n} hmmds" if n > 1 else ""
+
+
+def start_daemons(
+    procs: Procs, workdir: str, n: int, extra: Sequence[str], log: Any, tag: str
+) -> list[HmmdProcess]:
+    """``n`` hmmds, their sockets in ``workdir`` (``hmmd.sock`` for one, ``hmmd-I.sock`` for
+    several), so that they share ``workdir/hmmd-owners`` and each process has one owner among
+    them (SPEC.md §1.7). ``procs`` stops them."""
+    if not 1 <= n <= MAX_DAEMONS:
+        raise ValueError(f"{n} hmmd instances: 1..{MAX_DAEMONS}")
+    if n == 1:
+        return [start_daemon(procs, f"ipc://{workdir}/hmmd.sock", workdir, extra)]
+    daemons = [
+        start_daemon(procs, f"ipc://{workdir}/hmmd-{i}.sock", workdir, extra, name=f"hmmd-{i}")
+        for i in range(n)
+    ]
+    log(f"[{tag}] {n} hmmd instances sharing {workdir}/hmmd-owners: pids "
+        f"{','.join(str(h.proc.pid) for h in daemons)}")  # fmt: skip
+    return daemons
+
+
+def report_problems(daemons: Sequence[HmmdProcess], log: Any) -> None:
+    """Log what each hmmd's stderr says went wrong (nothing if nothing did)."""
+    for i, daemon in enumerate(daemons):
+        bad = daemon.problems()
+        if bad:
+            log(f"[hmmd{'-' + str(i) if len(daemons) > 1 else ''} log] {bad}")
+
+
 def daemon_request(endpoint: str, msg: Any, reply: str, timeout: float = 5.0) -> Any:
     """One raw request that needs no session (Status, Inventory) -> the reply message."""
     import zmq

@@ -7,6 +7,11 @@ on ``THREADS`` threads (see ``bench_soak``'s docstring for the mix). ``python
 bench/soak_procs.py agent ...`` is one client-library agent mirroring the whole arena of every
 target it is given (one mirror each), faulting runs of them and running the translation oracle
 over every mirror when asked (``check`` on stdin). ``soak_rig.Rig`` starts both kinds.
+
+ENDPOINTS is one hmmd's endpoint or several, comma-separated (hmmd instances whose sockets
+share a directory, SPEC.md §1.7). A target is given the one it exposes its userfaultfd to
+(the rig gives target j instance j mod D), which owns it from then on; an agent opens a
+``SessionGroup`` with all of them, which finds each target's owner (following MOVED).
 """
 
 from __future__ import annotations
@@ -114,7 +119,8 @@ def _churn(
 
 
 def target_main(argv: list[str]) -> int:
-    """``target ENDPOINT PAGES THREADS SEED``, then ``go RATE MAX_SECONDS`` and ``stop`` lines."""
+    """``target ENDPOINT PAGES THREADS SEED``, then ``go RATE MAX_SECONDS`` and ``stop`` lines.
+    ENDPOINT is the hmmd the target's userfaultfd goes to, which owns it from then on."""
     endpoint, pages, threads, seed = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
     from hmmirror.client.target import expose
 
@@ -187,10 +193,14 @@ def target_main(argv: list[str]) -> int:
 
 
 async def _agent(
-    endpoint: str, name: str, ranges: list[tuple[int, int, int]], fault_hz: float, seed: int
+    endpoints: list[str],
+    name: str,
+    ranges: list[tuple[int, int, int]],
+    fault_hz: float,
+    seed: int,
 ) -> None:
     import numpy as np
-    from hmmirror.client import Access, connect
+    from hmmirror.client import Access, connect_group
     from hmmirror.client.errors import AgentError
     from hmmirror.proto.entries import HMM_PFN_VALID
     from hmmirror.proto.messages import FaultMode
@@ -198,11 +208,12 @@ async def _agent(
 
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
-    async with connect(endpoint, name=name, timeout=10.0) as session:
+    # One hmmd is a group of one: its mirror calls are the session's own.
+    async with connect_group(endpoints, name=name, timeout=10.0) as group:
         mirrors = []
         got = 0
         for pid, start, length in ranges:  # one mirror per target: a device mirroring many mms
-            mirror = await session.mirror(pid, start, length, Access.READ | Access.WRITE)
+            mirror = await group.mirror(pid, start, length, Access.READ | Access.WRITE)
             got += await mirror.populate(start, mirror.npages, False, FaultMode.PRESENT)
             mirrors.append(mirror)
         ids = ",".join(str(m.id) for m in mirrors)
@@ -269,20 +280,22 @@ async def _agent(
         stats = {
             "counters": {k: sum(m.counters[k] for m in mirrors) for k in mirrors[0].counters},
             "retries": sum(m.retries for m in mirrors),
-            "invalidate_msgs": session.invalidations_received,
+            "invalidate_msgs": sum(s.invalidations_received for s in group.sessions),
             "faults": faults,
             "fault_errors": errors,
             "last_error": last_error,
             "dropped": next((m.dropped for m in mirrors if m.dropped is not None), None),
         }
+        stats["moves"] = group.moves  # MOVED answers its mirror calls followed
         print("agent stats " + json.dumps(stats), flush=True)
         for m in mirrors:
             await m.close()
 
 
 def agent_main(argv: list[str]) -> int:
-    """``agent ENDPOINT NAME PID START LENGTH FAULT_HZ SEED [PID START LENGTH]...``: the first
-    target's range, then those of the other targets this agent mirrors too."""
+    """``agent ENDPOINTS NAME PID START LENGTH FAULT_HZ SEED [PID START LENGTH]...``: the first
+    target's range, then those of the other targets this agent mirrors too; ENDPOINTS one
+    hmmd's, or several comma-separated (a ``SessionGroup`` with all)."""
     import baseline_fanout
 
     endpoint, name, pid, start, length = agent_args(argv)
@@ -293,7 +306,8 @@ def agent_main(argv: list[str]) -> int:
     ranges = [(pid, start, length)] + [
         (int(more[i]), int(more[i + 1], 0), int(more[i + 2])) for i in range(0, len(more), 3)
     ]
-    baseline_fanout.pick_runner("uvloop")(_agent(endpoint, name, ranges, fault_hz, seed))
+    endpoints = endpoint.split(",")
+    baseline_fanout.pick_runner("uvloop")(_agent(endpoints, name, ranges, fault_hz, seed))
     return 0
 
 
