@@ -51,6 +51,9 @@ class ErrorCode(IntEnum):
     INCOMPLETE = 110
     """A strict ``sync_range`` completed, but some mirrors were evicted (or left) instead of
     acking; they hold no usable translation any more."""
+    MOVED = 111
+    """Another hmmd of this host watches the process; ``error.owner`` names its endpoint
+    (protocol 1.3, SPEC §1.7)."""
     INTERNAL = 199
     """The receiver failed; the request may or may not have taken effect."""
 

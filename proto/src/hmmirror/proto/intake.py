@@ -23,6 +23,9 @@ RUNTIME_DIR = "/run/hmmirror"
 OFFER_TTL = 30.0
 #: Offers hmmd keeps per uid (a process may have a plain and a strict one).
 OFFERS_PER_UID = 16
+#: The first word of a refusal that names the hmmd of this host that watches the process
+#: (SPEC.md §1.7): ``error moved: <endpoint>``. A target given several hmmds offers there.
+MOVED = "moved:"
 
 
 def encode_line(strict: bool) -> bytes:
@@ -38,3 +41,17 @@ def parse_option(arg: str) -> bool:
     if arg:
         raise ValueError(f"unknown option {arg!r} of {WORD!r} (only {STRICT!r})")
     return False
+
+
+def moved(owner: str) -> str:
+    """The refusal that sends a target to ``owner``, the hmmd that watches its process."""
+    return f"{MOVED} {owner}"
+
+
+def moved_owner(reason: str) -> str | None:
+    """The endpoint a ``moved:`` refusal names (``reason`` is what follows ``error``), or
+    None for any other refusal."""
+    if not reason.startswith(MOVED):
+        return None
+    owner = reason[len(MOVED) :].strip()
+    return owner or None

@@ -24,6 +24,10 @@ class Hello(Message):
     pid: int = wire(Kind.UINT, U32_MAX, default=0)
 
 
+#: The longest heartbeat, lease or ack deadline an agent accepts in a WELCOME (1 hour).
+MAX_TERM_MS = 3_600_000
+
+
 @dataclass(frozen=True)
 class Welcome(Message):
     """Daemon → agent, answering ``hello``.
@@ -53,6 +57,21 @@ class Welcome(Message):
     max_dma_pages: int = wire(Kind.UINT, U32_MAX)
     frames: str = wire(Kind.STR, 16, default=FRAMES_PHYSICAL)
     window_max: int = wire(Kind.UINT, MAX_WINDOW, default=0)
+
+    def unusable(self) -> str | None:
+        """Why an agent cannot keep a session on these terms (SPEC §3), or None: a zero or
+        a lease shorter than the heartbeat would make it lose the session at once and knock
+        again without pause; a heartbeat or lease past ``MAX_TERM_MS`` would leave a silent
+        daemon unnoticed for days; a zero page count would refuse every fault or DMA."""
+        if not 1 <= self.heartbeat_ms <= MAX_TERM_MS:
+            return f"heartbeat_ms {self.heartbeat_ms} (1 to {MAX_TERM_MS})"
+        if not self.heartbeat_ms <= self.lease_ms <= MAX_TERM_MS:
+            return f"lease_ms {self.lease_ms} ({self.heartbeat_ms} to {MAX_TERM_MS})"
+        if not 1 <= self.ack_deadline_ms <= MAX_TERM_MS:
+            return f"ack_deadline_ms {self.ack_deadline_ms} (1 to {MAX_TERM_MS})"
+        if self.max_fault_pages < 1 or self.max_dma_pages < 1:
+            return f"max_fault_pages {self.max_fault_pages}, max_dma_pages {self.max_dma_pages}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -90,8 +109,10 @@ class Error(Message):
 
     ``code`` is an ``ErrorCode``; ``message`` says what failed, for whom and why.
     ``re`` is 0 when the failing message could not be decoded far enough to name.
+    ``owner`` (1.3) comes with ``MOVED``: the endpoint of the hmmd that watches the process.
     """
 
     TYPE: ClassVar[str] = "error"
     code: int = wire(Kind.UINT, 65535)
     message: str = wire(Kind.STR, 1024)
+    owner: str = wire(Kind.STR, 256, default="", omit_default=True)
