@@ -26,6 +26,7 @@ and running out of descriptors pauses accepting instead of failing.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno
@@ -51,9 +52,12 @@ LINE_MAX = 64
 PENDING_PER_PEER, PENDING_TOTAL = 8, 64
 #: The first word of a refusal that asks the client to knock again a little later.
 BUSY = "busy:"
+#: How a refusal's reason begins in ``DoorError.why``.
+REFUSED = "refused: "
 #: After EMFILE/ENFILE, accepting pauses this long (the backlog holds newcomers).
 EMFILE_PAUSE = 0.1
 _CRED = struct.Struct("3i")
+_INT = array.array("i")
 
 #: A handler gets the sender, the line's argument, the descriptor sent with it (-1 on a tcp
 #: door) and a pidfd of the sending process (-1 where the kernel gives none: SO_PEERPIDFD is
@@ -85,22 +89,36 @@ class AddressInUse(OSError):
         return str(self.strerror)
 
 
-def share_with_group(path: str, group: str, mode: int = 0o660) -> None:
-    """Give a socket file ``mode`` and, if ``group`` exists, that group.
+def share_with_group(path: str, group: str, mode: int = 0o660) -> int:
+    """Give the socket file we just bound at ``path`` ``mode`` and, if ``group`` exists,
+    that group; return its inode.
 
-    A socket already in the group (hmmd.service runs with Group=hmmirror) is left
-    alone: the unit's system call filter refuses chown (in @privileged).
+    By descriptor, not by path: in a directory another user may write, the path could be
+    swapped for a symlink between bind and chmod, and root would chmod what it names.
+    The file must be a socket of our own (bind made it so), or OSError. A socket already
+    in the group (hmmd.service runs with Group=hmmirror) is left alone: the unit's system
+    call filter refuses chown (in @privileged).
     """
-    os.chmod(path, mode)
-    if not group:
-        return
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        gid = grp.getgrnam(group).gr_gid
-    except KeyError:
-        log.info("no group %r: %s keeps its group", group, path)
-        return
-    if os.stat(path).st_gid != gid:
-        os.chown(path, -1, gid)
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            raise OSError(errno.EEXIST, f"{path} was replaced after it was bound")
+        # chmod and chown through /proc follow the descriptor to the inode itself (an O_PATH
+        # descriptor refuses fchmod), never a path another user could change meanwhile.
+        by_fd = f"/proc/self/fd/{fd}"
+        os.chmod(by_fd, mode)
+        if group:
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                log.info("no group %r: %s keeps its group", group, path)
+                return st.st_ino
+            if st.st_gid != gid:
+                os.chown(by_fd, -1, gid)
+        return st.st_ino
+    finally:
+        os.close(fd)
 
 
 def claim(path: str) -> None:
@@ -187,8 +205,7 @@ class Door:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(path)
-            inode = os.stat(path).st_ino
-            share_with_group(path, group, mode)
+            inode = share_with_group(path, group, mode)
             sock.listen(128)
         except OSError:
             sock.close()
@@ -328,7 +345,7 @@ class Door:
         if pending is None:
             return
         try:
-            data, fds, _, _ = socket.recv_fds(conn, LINE_MAX, 4 if self.local else 0)
+            data, fds = recv_fds(conn, LINE_MAX, 4 if self.local else 0)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -366,6 +383,20 @@ class Door:
                 if fd != keep:
                     with contextlib.suppress(OSError):
                         os.close(fd)
+
+
+def recv_fds(sock: socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
+    """``socket.recv_fds``, with the descriptors close-on-exec (``MSG_CMSG_CLOEXEC``): the
+    standard one ignores its ``flags`` (CPython 3.11), and a descriptor a peer sent must
+    never reach a program its receiver starts. Descriptors past ``maxfds`` are closed by
+    the kernel (MSG_CTRUNC), never installed."""
+    size = socket.CMSG_LEN(maxfds * _INT.itemsize) if maxfds else 0
+    data, ancdata, _, _ = sock.recvmsg(bufsize, size, socket.MSG_CMSG_CLOEXEC)
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
 
 
 def _peer_pidfd(conn: socket.socket) -> int:
@@ -470,4 +501,4 @@ def check_reply(where: str, reply: str) -> None:
     reason = reply[len("error ") :] if reply.startswith("error ") else (reply or "no answer")
     if reason.startswith(BUSY):
         raise DoorError(errno.EAGAIN, where, f"busy: {reason[len(BUSY) :].strip()}", busy=True)
-    raise DoorError(errno.EPERM, where, f"refused: {reason}")
+    raise DoorError(errno.EPERM, where, f"{REFUSED}{reason}")

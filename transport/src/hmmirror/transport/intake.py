@@ -11,10 +11,11 @@ is SPEC.md §1.6.
 
 from __future__ import annotations
 
+import errno
 import os
 
-from hmmirror.proto.intake import RUNTIME_DIR, SOCKET_NAME, encode_line
-from hmmirror.transport.door import knock
+from hmmirror.proto.intake import RUNTIME_DIR, SOCKET_NAME, encode_line, moved_owner
+from hmmirror.transport.door import REFUSED, DoorError, knock
 
 
 def intake_path(endpoint: str) -> str:
@@ -27,7 +28,22 @@ def intake_path(endpoint: str) -> str:
     return os.path.join(runtime, SOCKET_NAME)
 
 
+class OfferMoved(DoorError):
+    """The intake refused: another hmmd of the host, at ``owner``, watches the process."""
+
+    def __init__(self, where: str, why: str, owner: str) -> None:
+        super().__init__(errno.EPERM, where, why)
+        self.owner = owner
+
+
 def offer(path: str, fd: int, *, strict: bool = False, timeout: float = 5.0) -> None:
     """The target's end: hand ``fd`` (a userfaultfd of this process) to the intake at
-    ``path``; raise DoorError unless hmmd took it. The caller keeps (and closes) its copy."""
-    knock(path, encode_line(strict), fd, timeout)
+    ``path``; raise DoorError unless hmmd took it (OfferMoved when it names the hmmd that
+    watches the process). The caller keeps (and closes) its copy."""
+    try:
+        knock(path, encode_line(strict), fd, timeout)
+    except DoorError as exc:
+        owner = moved_owner(exc.why.removeprefix(REFUSED))
+        if owner is None:
+            raise
+        raise OfferMoved(exc.where, exc.why, owner) from exc

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq.auth
+from hmmirror.transport.settings import untrusted
 from zmq.utils import z85
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,12 @@ class CurveKeys:
 
     @classmethod
     def load(cls, server_cert: str, client_cert: str) -> CurveKeys:
-        """From the server's public certificate and this client's secret certificate."""
+        """From the server's public certificate and this client's secret certificate (which
+        others may not read, as for the server's own: ``check_secret_file``)."""
         server_public, _ = _load(server_cert)
         public, secret = _load(client_cert)
+        if secret is not None:
+            check_secret_file(client_cert)
         if secret is None:
             raise CertificateError(f"{client_cert} holds no secret key (use the .key_secret file)")
         return cls(server_public, public, secret)
@@ -116,15 +120,19 @@ def _is_key(key: bytes) -> bool:
 
 
 def check_secret_file(path: str) -> None:
-    """Refuse a secret key file that others could read (or that is missing)."""
+    """Refuse a secret key file that others could read, or that is not root's or this
+    program's user's (another user could give it the key of their choosing), or missing."""
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except OSError as exc:
         raise CertificateError(f"cannot read {path}: {exc.strerror}") from exc
-    if mode & 0o077:
+    if st.st_mode & 0o077:
         raise CertificateError(
-            f"{path} is readable by others (mode {mode & 0o777:o}); chmod 600 it"
+            f"{path} is readable by others (mode {st.st_mode & 0o777:o}); chmod 600 it"
         )
+    why = untrusted(st)
+    if why is not None:
+        raise CertificateError(f"{path}: {why}")
 
 
 def generate(directory: str, name: str, *, force: bool = False) -> tuple[str, str]:
@@ -224,6 +232,9 @@ class AllowDir:
                     continue
                 path = os.path.join(self.directory, name)
                 try:  # one bad file is skipped, never the whole list
+                    why = untrusted(os.stat(path))
+                    if why is not None:  # who may write it could add a key of their own
+                        raise ValueError(why)
                     keys.add(zmq.auth.load_certificate(path)[0])
                 except (OSError, ValueError) as exc:
                     log.warning("allow-list %s: skipping %s: %s", self.directory, name, exc)

@@ -48,3 +48,17 @@ class Peer:
         if self.curve_key:
             return f"curve:{self.curve_key}"
         return "unknown"
+
+
+#: Control characters (C0, DEL, C1) and the line and paragraph separators, as ``\xNN`` or
+#: ``\uNNNN`` escapes.
+_UNPRINTABLE = {
+    c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+    for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+}
+
+
+def printable(text: str) -> str:
+    """``text`` (a name a peer chose, say) with its control characters escaped: one line,
+    which cannot forge a log line of its own or move a terminal's cursor."""
+    return text.translate(_UNPRINTABLE)

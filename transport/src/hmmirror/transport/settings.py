@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import math
+import os
 import re
 import socket
+import stat
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar
 
 from hmmirror.proto.version import PROTOCOL_VERSION
 
@@ -69,6 +72,32 @@ def refuse(prog: str, exc: Exception) -> int:
 def version_line(prog: str, version: str) -> str:
     """What ``PROG --version`` prints: ``hmmd 0.1.0, protocol 1.0``."""
     return f"{prog} {version}, protocol {PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}"
+
+
+def distribution_version(name: str) -> str:
+    """The version of the installed distribution ``name`` (the repository's VERSION file is
+    its one source), read when asked: importing ``importlib.metadata`` alone was a sixth of
+    every program's start, and most starts never print a version."""
+    from importlib.metadata import version
+
+    return version(name)
+
+
+class VersionAction(argparse.Action):
+    """``--version``: print what ``line`` says (the program's ``version`` command's line)
+    on stdout and exit 0, as argparse's own action does, reading the version only then."""
+
+    def __init__(
+        self, option_strings: list[str], dest: str, *, line: Callable[[], str], **kwargs: Any
+    ) -> None:
+        kwargs.setdefault("help", "show program's version number and exit")
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS,
+                         **kwargs)  # fmt: skip
+        self.line = line
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        print(self.line())
+        parser.exit()
 
 
 # --- values -------------------------------------------------------------------------------
@@ -345,11 +374,42 @@ def _kind(field: dataclasses.Field[Any]) -> Kind:
 # --- layers -------------------------------------------------------------------------------
 
 
+class UntrustedFile(PermissionError):
+    """A file whose owner or mode does not allow trusting it (``untrusted``)."""
+
+
+def untrusted(st: os.stat_result) -> str | None:
+    """Why a file (or directory) with status ``st`` may not be trusted to configure this
+    program, or None: it must be root's or this process's user's, and writable by no one
+    else. hmmd acts for every user: a file another user could write (or replace, being its
+    owner) would let that user choose its settings, grants or keys."""
+    if st.st_uid not in (0, os.geteuid()):
+        return f"it belongs to uid {st.st_uid}, neither root nor this program's user"
+    if stat.S_ISCHR(st.st_mode) and st.st_uid == 0:
+        return None  # a device of root's, /dev/null (--config /dev/null: no file at all)
+    if st.st_mode & 0o022:
+        return f"others may write it (mode {st.st_mode & 0o777:o}); chmod go-w it"
+    return None
+
+
+def open_trusted(path: str) -> BinaryIO:
+    """``path`` opened for reading, once its owner and mode allow trusting it (``untrusted``,
+    judged on the open file, not the path); UntrustedFile naming why not."""
+    f = open(path, "rb")  # noqa: SIM115 (returned to the caller, who closes it)
+    why = untrusted(os.fstat(f.fileno()))
+    if why is not None:
+        f.close()
+        raise UntrustedFile(errno.EPERM, f"{path}: {why}")
+    return f
+
+
 def read_file(path: str, section: str | None = None) -> dict[str, Any]:
     """The settings in the TOML file ``path`` (its ``[section]`` table, if it has one)."""
     try:
-        with open(path, "rb") as f:
+        with open_trusted(path) as f:
             data = tomllib.load(f)
+    except UntrustedFile as exc:
+        raise ConfigError(f"config file {exc.strerror}") from exc
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:

@@ -10,23 +10,33 @@ The kernel is asked through ``NETLINK_SOCK_DIAG`` for exactly one socket (an
 ``inet_diag_req_v2`` without ``NLM_F_DUMP``: ``inet_diag_find_one_icsk``, which looks the
 4-tuple up as an arriving packet would, established sockets first, then listeners), so a
 lookup costs the same however many sockets the host has; reading all of ``/proc/net/tcp``
-per knock would let a flood of knocks, or of sockets, cost the door's loop dearly.
+per knock would let a flood of knocks, or of sockets, cost the door's loop dearly. A
+client's rare check of who reached its port (``peers_at``) is a dump filtered by the
+kernel.
 Layouts: ``include/uapi/linux/inet_diag.h``, ``sock_diag.h``, ``netlink.h``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import errno
 import ipaddress
 import os
 import socket
 import struct
+import time
+from collections.abc import Iterator
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST = 1
-NLMSG_ERROR = 2
+#: ``NLM_F_ROOT | NLM_F_MATCH``: every socket the request's filter accepts.
+NLM_F_DUMP = 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+#: The request's attribute carrying a filter program, and the program's "source port
+#: equals" op (``include/uapi/linux/inet_diag.h``).
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_S_EQ = 11
 #: ``idiag_state`` of a listening socket (``TCP_LISTEN``).
 LISTEN = 10
 #: ``INET_DIAG_NOCOOKIE``: match the socket whatever its cookie.
@@ -40,6 +50,11 @@ _REQ_HEAD = struct.Struct("=BBBxI")
 #: ``inet_diag_sockid``'s ports (big-endian), then, after src[16] and dst[16]: if, cookie[2].
 _PORTS = struct.Struct(">HH")
 _TAIL = struct.Struct("=III")
+#: ``inet_diag_bc_op`` (code, yes, no) and ``nlattr`` (length, type).
+_BC_OP = struct.Struct("=BBH")
+_NLATTR = struct.Struct("=HH")
+#: A reply's datagram: a dump's come in at most 32 KiB (``netlink_dump``).
+_DUMP_BUFFER = 65536
 #: ``inet_diag_msg``: family, state, timer, retrans, the sockid (48 bytes), expires, rqueue,
 #: wqueue, then uid at this offset, then inode.
 _STATE_AT, _UID_AT, _MSG_SIZE = 1, 4 + 48 + 12, 4 + 48 + 20
@@ -55,6 +70,30 @@ def _host(text: str) -> Address:
     return addr
 
 
+def _request(
+    family: int,
+    states: int,
+    local: tuple[Address, int],
+    remote: tuple[Address, int],
+    ifindex: int = 0,
+) -> bytes:
+    """An ``inet_diag_req_v2`` for TCP sockets of ``family`` in ``states`` (a mask of
+    ``1 << state``) at the 4-tuple ``local``, ``remote`` (an exact lookup's key)."""
+    return b"".join((
+        _REQ_HEAD.pack(family, socket.IPPROTO_TCP, 0, states),
+        _PORTS.pack(local[1], remote[1]),
+        local[0].packed.ljust(16, b"\0"),
+        remote[0].packed.ljust(16, b"\0"),
+        _TAIL.pack(ifindex, NOCOOKIE, NOCOOKIE),
+    ))  # fmt: skip
+
+
+def _message(payload: bytes, flags: int = NLM_F_REQUEST) -> bytes:
+    """``payload`` as one ``SOCK_DIAG_BY_FAMILY`` netlink message."""
+    header = _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), SOCK_DIAG_BY_FAMILY, flags, 1, 0)
+    return header + payload
+
+
 def _lookup(
     local: tuple[Address, int], remote: tuple[Address, int], ifindex: int = 0
 ) -> tuple[int, int, int] | None:
@@ -67,26 +106,16 @@ def _lookup(
     family = socket.AF_INET if local[0].version == 4 else socket.AF_INET6
     if remote[0].version != local[0].version:
         return None
-    req = b"".join((
-        _REQ_HEAD.pack(family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF),
-        _PORTS.pack(local[1], remote[1]),
-        local[0].packed.ljust(16, b"\0"),
-        remote[0].packed.ljust(16, b"\0"),
-        _TAIL.pack(ifindex, NOCOOKIE, NOCOOKIE),
-    ))  # fmt: skip
-    msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
         nl.settimeout(TIMEOUT_S)
-        nl.sendto(msg + req, (0, 0))
-        data = nl.recv(65536)
-    if len(data) < _NLMSGHDR.size:
-        return None
-    _, kind, _, _, _ = _NLMSGHDR.unpack_from(data)
-    if kind != SOCK_DIAG_BY_FAMILY or len(data) < _NLMSGHDR.size + _MSG_SIZE:
-        return None  # NLMSG_ERROR: -ENOENT, no such socket
-    state = data[_NLMSGHDR.size + _STATE_AT]
-    uid, inode = struct.unpack_from("=II", data, _NLMSGHDR.size + _UID_AT)
-    return state, uid, inode
+        nl.sendto(_message(_request(family, 0xFFFFFFFF, local, remote, ifindex)), (0, 0))
+        data = nl.recv(_DUMP_BUFFER)
+    for kind, body in _messages(data):  # the first message is the answer
+        if kind != SOCK_DIAG_BY_FAMILY or len(body) < _MSG_SIZE:
+            return None  # NLMSG_ERROR: -ENOENT, no such socket
+        uid, inode = struct.unpack_from("=II", body, _UID_AT)
+        return body[_STATE_AT], uid, inode
+    return None
 
 
 def _scope(address: tuple[object, ...]) -> int:
@@ -158,49 +187,74 @@ def listener_uids(host: str, port: int) -> set[int]:
     return {found[1]} if found is not None and found[0] == LISTEN and found[2] else set()
 
 
-def _table(family: int, port: int) -> list[tuple[Address, int, Address, int, int]]:
-    """(local host, local port, remote host, remote port, state) of the TCP sockets of
-    ``family`` at local ``port`` in this process's network namespace (``/proc/self/net``):
-    none for IPv6 on a host without it (no ``tcp6``); OSError if the table cannot be read
-    otherwise, and the caller fails closed."""
-    table = "/proc/self/net/tcp" if family == socket.AF_INET else "/proc/self/net/tcp6"
-    rows: list[tuple[Address, int, Address, int, int]] = []
-    if family == socket.AF_INET6 and not os.path.exists("/proc/sys/net/ipv6"):
-        return rows  # booted with ipv6.disable=1: there is no table, and no IPv6 socket
-    suffix = f":{port:04X}"
-    with open(table) as f:
-        next(f, None)
-        for line in f:
-            cols = line.split(None, 4)
-            if len(cols) < 4 or not cols[1].endswith(suffix):
-                continue  # another local port: not parsed (a busy host lists thousands)
-            with contextlib.suppress(ValueError):
-                lhost, lport = _parse(cols[1], family)
-                rhost, rport = _parse(cols[2], family)
-                rows.append((lhost, lport, rhost, rport, int(cols[3], 16)))
-    return rows
-
-
-def _parse(field: str, family: int) -> tuple[Address, int]:
-    """``0100007F:1F90`` -> (127.0.0.1, 8080): the kernel's words in host byte order."""
-    hexaddr, _, hexport = field.partition(":")
-    words = [int(hexaddr[i : i + 8], 16) for i in range(0, len(hexaddr), 8)]
-    raw = b"".join(struct.pack("<I", w) for w in words)
-    return _host(socket.inet_ntop(family, raw)), int(hexport, 16)
-
-
 def peers_at(host: str, port: int) -> list[tuple[str, int]]:
     """The far ends of the TCP connections, made or being made, that this host has at
-    ``host``:``port`` (what a listener there accepted, or is accepting), from both tables
-    (an IPv4 connection to a dual-stack listener is in ``tcp6``, v4-mapped). Reads the
-    whole tables: for rare checks only. OSError if they cannot be read."""
+    ``host``:``port`` (what a listener there accepted, or is accepting), of both families
+    (an IPv4 connection to a dual-stack listener is an IPv6 socket, v4-mapped). Each is
+    listed once: the kernel walks its tables in one pass (``_dump_at``). OSError if it
+    cannot be asked, and the caller fails closed."""
     want = _host(host)
     return [
         (str(rhost), rport)
         for family in (socket.AF_INET, socket.AF_INET6)
-        for lhost, lport, rhost, rport, state in _table(family, port)
-        if lport == port and lhost == want and state != LISTEN
+        for lhost, rhost, rport in _dump_at(family, port)
+        if lhost == want
     ]
+
+
+def _dump_at(family: int, port: int) -> list[tuple[Address, Address, int]]:
+    """(local host, remote host, remote port) of the TCP sockets of ``family`` at local
+    ``port``, listeners left out, in this network namespace: none for IPv6 on a host
+    without it.
+
+    A ``NLM_F_DUMP`` with a bytecode filter (``INET_DIAG_BC_S_EQ``): the kernel puts only
+    the sockets at ``port`` in the reply, so one message holds them all and the whole table
+    is walked in one pass. Reading ``/proc/net/tcp`` instead is a walk resumed at each
+    ``read``, and one resumed after other sockets came or went lists an entry twice, or
+    misses one (``tests/unit/test_sockowner.py``)."""
+    if family == socket.AF_INET6 and not os.path.exists("/proc/sys/net/ipv6"):
+        return []  # booted with ipv6.disable=1: there is no IPv6 socket
+    unspecified = ipaddress.ip_address("0.0.0.0" if family == socket.AF_INET else "::")
+    # Two ops: "local port == PORT? then jump past the end (accept), else past it by
+    # 4 more (reject)", the port carried in the second op (``inet_diag_bc_run``).
+    bytecode = _BC_OP.pack(INET_DIAG_BC_S_EQ, 8, 12) + _BC_OP.pack(0, 0, port)
+    attr = _NLATTR.pack(_NLATTR.size + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode
+    ask = _request(family, ~(1 << LISTEN) & 0xFFFFFFFF, (unspecified, port), (unspecified, 0))
+    rows: list[tuple[Address, Address, int]] = []
+    deadline = time.monotonic() + TIMEOUT_S
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(TIMEOUT_S)
+        nl.sendto(_message(ask + attr, NLM_F_REQUEST | NLM_F_DUMP), (0, 0))
+        while time.monotonic() < deadline:
+            for kind, body in _messages(nl.recv(_DUMP_BUFFER)):
+                if kind == NLMSG_DONE:
+                    return rows
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else errno.EIO
+                    raise OSError(code, f"sock_diag dump: {os.strerror(code)}")
+                if kind == SOCK_DIAG_BY_FAMILY and len(body) >= _MSG_SIZE:
+                    rows.append((
+                        _host(socket.inet_ntop(family, body[8 : 8 + _width(family)])),
+                        _host(socket.inet_ntop(family, body[24 : 24 + _width(family)])),
+                        _PORTS.unpack_from(body, 4)[1],
+                    ))  # fmt: skip
+    raise OSError(errno.ETIMEDOUT, f"sock_diag dump: no end in {TIMEOUT_S:g} s")
+
+
+def _width(family: int) -> int:
+    """The bytes of an address of ``family`` (at the start of ``inet_diag_sockid``'s 16)."""
+    return 4 if family == socket.AF_INET else 16
+
+
+def _messages(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of each netlink message in one datagram (each padded to 4 bytes)."""
+    at = 0
+    while at + _NLMSGHDR.size <= len(data):
+        length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, at)
+        if length < _NLMSGHDR.size or at + length > len(data):
+            return  # malformed: nothing more in it can be trusted
+        yield kind, data[at + _NLMSGHDR.size : at + length]
+        at += (length + 3) & ~3
 
 
 #: ``SO_ATTACH_FILTER`` (asm-generic/socket.h) and a classic BPF program of one
