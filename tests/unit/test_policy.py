@@ -241,11 +241,12 @@ def test_the_sample_policy_is_valid() -> None:
 
 
 def test_refusals_are_logged_at_most_a_burst_per_window(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
     import time
 
-    from hmmirror.daemon.authz import RefusalLog
+    from hmmirror.daemon.logfmt import Limited
 
-    refusals = RefusalLog(burst=2, window=0.05)
+    refusals = Limited(logging.getLogger("hmmirror.daemon.authz"), "refusals", 2, 0.05)
     with caplog.at_level("WARNING", logger="hmmirror.daemon.authz"):
         for i in range(5):
             refusals.warning(f"refused {i}")

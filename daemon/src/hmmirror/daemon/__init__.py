@@ -5,8 +5,21 @@ mirroring agents, and sends them synchronous, sequence-numbered invalidations.
 Run it with ``hmmd run`` (see ``hmmd --help``).
 """
 
-from importlib.metadata import version
+from hmmirror.transport.settings import distribution_version
 
-#: The installed distribution's version: the repository's VERSION file is its one source.
-__version__ = version("hmmirror-daemon")
-__all__ = ["__version__"]
+#: The installed distribution, whose version (the repository's VERSION file is its one
+#: source) is read when asked (``version``), not at every start.
+DISTRIBUTION = "hmmirror-daemon"
+__all__ = ["DISTRIBUTION", "version"]
+
+
+def version() -> str:
+    """hmmd's version."""
+    return distribution_version(DISTRIBUTION)
+
+
+def __getattr__(name: str) -> str:
+    """``hmmirror.daemon.__version__``, read on first use."""
+    if name == "__version__":
+        return version()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

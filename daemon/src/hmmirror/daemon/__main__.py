@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from hmmirror.daemon import __version__, logfmt, sdnotify
+from hmmirror.daemon import logfmt, sdnotify, version
 from hmmirror.daemon.config import DEFAULT_CONFIG_FILE, Config, ConfigError, load
 from hmmirror.daemon.policy import Policy, PolicyError
 from hmmirror.transport.settings import (
@@ -22,6 +22,7 @@ from hmmirror.transport.settings import (
     EXIT_OK,
     EXIT_USAGE,
     Parser,
+    VersionAction,
     refuse,
     version_line,
 )
@@ -42,11 +43,15 @@ _FLAGS = (
     "socket_group",
     "log_format",
     "expose_socket",
+    "owners_dir",
     "curve_key",
     "curve_allow",
     "reply_cap",
     "max_connections",
     "max_connections_per_peer",
+    "max_mirrors",
+    "max_mirrors_per_peer",
+    "max_mirror_pages_per_peer",
     "nice",
     "log_level",
 )
@@ -70,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--print-config", action="store_true", help="print the effective configuration and exit"
     )
-    parser.add_argument("--version", action="version", version=version_line("hmmd", __version__))
+    parser.add_argument("--version", action=VersionAction, line=_version_line)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--endpoint", help="ipc://PATH (default) or tcp://HOST:PORT to bind")
@@ -115,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", metavar="FILE", help="grants of agents to targets (TOML)")
     run.add_argument("--expose-socket", metavar="PATH", help="where targets send their userfaultfd")
     run.add_argument(
+        "--owners-dir",
+        metavar="DIR",
+        help="shared by the hmmds of one host, so that each process has one (default: "
+        "hmmd-owners beside the intake socket; off: claim nothing)",
+    )
+    run.add_argument(
         "--socket-group", metavar="GROUP", help="group of the 0660 sockets (default hmmirror)"
     )
     run.add_argument(
@@ -135,6 +146,21 @@ def _parser() -> argparse.ArgumentParser:
         "--max-connections-per-peer",
         metavar="N",
         help="connections one local uid or remote address may hold (default 32; root: any)",
+    )
+    run.add_argument(
+        "--max-mirrors",
+        metavar="N",
+        help="mirrors kept at most, of all agents (default 0: a quarter of vm.max_map_count)",
+    )
+    run.add_argument(
+        "--max-mirrors-per-peer",
+        metavar="N",
+        help="mirrors one local uid or remote peer may hold (default 4096; root: any)",
+    )
+    run.add_argument(
+        "--max-mirror-pages-per-peer",
+        metavar="N",
+        help="pages one local uid or remote peer may mirror (default 2^28: 1 TiB; root: any)",
     )
     run.add_argument(
         "--nice",
@@ -198,6 +224,7 @@ async def _run(config: Config) -> int:
 def _serve(config: Config, args: argparse.Namespace) -> int:
     """``hmmd run``: serve until SIGTERM or SIGINT; return the exit code."""
     from hmmirror.daemon.linux.priority import apply_nice
+    from hmmirror.daemon.owners import OwnersError
     from hmmirror.transport import AddressInUse
 
     apply_nice(config.nice)  # before the loop and libzmq make threads, which inherit it
@@ -207,6 +234,9 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         return uvloop.run(_run(config))
     except AddressInUse as exc:  # one hmmd per endpoint: the live one keeps serving
         print(f"hmmd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OwnersError as exc:  # a directory another user made, or one that cannot be made:
+        print(f"hmmd: {exc}", file=sys.stderr)  # a deployment error, which a restart repeats
         return EXIT_USAGE
     except ValueError as exc:  # the config layer let through what the transport refuses: a bug
         return refuse("hmmd", exc)
@@ -224,8 +254,13 @@ def _check_config(config: Config, args: argparse.Namespace) -> int:
 
 def _version(config: Config, args: argparse.Namespace) -> int:
     """``hmmd version``: what ``hmmd --version`` prints."""
-    print(version_line("hmmd", __version__))
+    print(_version_line())
     return EXIT_OK
+
+
+def _version_line() -> str:
+    """``hmmd 0.1.0, protocol 1.3``."""
+    return version_line("hmmd", version())
 
 
 #: The subcommands, by name; each gets the loaded, checked configuration.

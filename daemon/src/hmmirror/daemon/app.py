@@ -31,11 +31,12 @@ from hmmirror.daemon.dma.service import DmaService
 from hmmirror.daemon.dma.window import Windows
 from hmmirror.daemon.fault.heap import keep_freed_memory
 from hmmirror.daemon.invalidation import Invalidation, Invalidator
-from hmmirror.daemon.limits import FdBudget
+from hmmirror.daemon.limits import FdBudget, MirrorCaps
 from hmmirror.daemon.linux import injector
 from hmmirror.daemon.linux.procfs import zero_pfn
 from hmmirror.daemon.metrics import MetricsServer
 from hmmirror.daemon.outbox import Courier
+from hmmirror.daemon.owners import Owners, OwnersMissing
 from hmmirror.daemon.policy import Policy, PolicyError
 from hmmirror.daemon.registry import Registry
 from hmmirror.daemon.sessions import Sessions
@@ -51,7 +52,8 @@ log = logging.getLogger(__name__)
 #: The counters ``status`` reports, all zero at the start.
 COUNTERS = (
     "messages", "bad_messages", "faults", "dma_reads", "dma_writes", "dma_atomics",
-    "evictions", "releases", "registrations", "reply_evictions", "refusals",
+    "evictions", "releases", "registrations", "reply_evictions", "refusals", "moved",
+    "mirror_refusals",
 )  # fmt: skip
 
 
@@ -99,7 +101,7 @@ class Daemon:
                 config.ack_deadline,
             )
         # Built bottom-up; a lower part calls up only through what it was handed here.
-        self.registry = Registry(on_close=self.copier.forget)
+        self.registry = Registry(on_close=self.copier.forget, caps=MirrorCaps.of(config))
         budget = ReplyBudget(config.reply_cap, config.ack_deadline)
         self.courier: Courier[Invalidation] = Courier(self.transport, budget, self._evict)
         self.invalidator = Invalidator(
@@ -127,6 +129,28 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.metrics = MetricsServer(self.status, self.invalidator.latency)
 
+    def _claim_in(self, config: Config) -> None:
+        """Open the owners directory (SPEC §1.7). A default one that cannot be made (a
+        tcp:// hmmd run by a user without /run/hmmirror) leaves this hmmd claiming nothing,
+        as before there were claims, and says so; one configured, or one that others could
+        write, stops hmmd (``OwnersError``)."""
+        path = config.owners_path
+        if path is None:
+            return
+        try:
+            self.registry.owners = Owners(path, self.transport.endpoint)
+        except OwnersMissing as exc:
+            if config.owners_dir:
+                raise
+            log.warning(
+                "%s: this hmmd claims no process, so no other hmmd of the host may watch "
+                "the processes it watches (set owners_dir, or run one hmmd)",
+                exc,
+            )
+            return
+        swept = self.registry.owners.sweep()
+        log.info("claims in %s (%d left by instances gone, removed)", path, swept)
+
     def _on_message(self, conn: Connection, frames: Sequence[Buffer]) -> None:
         """The transport's delivery of one inbound message."""
         self.dispatch.on_message(conn, frames)
@@ -152,6 +176,7 @@ class Daemon:
         try:
             self.transport.start()
             self.acquirer.open_intake(config, self.transport.ipc)
+            self._claim_in(config)
             if config.metrics:
                 await self.metrics.start(config.metrics)
                 log.info("metrics on %s", self.metrics.url)
@@ -173,6 +198,9 @@ class Daemon:
             self.windows.close()
             self.metrics.close()
             self.acquirer.close()
+            if self.registry.owners is not None:
+                self.registry.owners.close()
+                self.registry.owners = None  # its directory descriptor is closed
             self.transport.close()
             injector.INJECTORS.close()
 
@@ -249,6 +277,7 @@ class Daemon:
             "reply_refusals": budget.refusals,
             "metrics": self.metrics.url,
             "uffd_last_refusal": self.acquirer.last_refusal[:256],
+            "claims": len(reg.owners) if reg.owners is not None else 0,
         }
         stats.update(self.counters)
         stats.update(self.copier.figures())

@@ -13,6 +13,7 @@ import os
 import time
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
+from hmmirror.daemon import logfmt
 from hmmirror.daemon.config import Config
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.linux.creds import (
@@ -64,30 +65,7 @@ PUBLIC_STATUS = frozenset(
 )  # fmt: skip
 
 
-class RefusalLog:
-    """Logs at most ``burst`` refusals per ``window`` seconds, then says how many it skipped."""
-
-    def __init__(self, burst: int = 20, window: float = 10.0) -> None:
-        self.burst, self.window = burst, window
-        self._start = -window
-        self._logged = 0
-        self._skipped = 0
-
-    def warning(self, text: str) -> None:
-        """Log ``text`` as a warning unless this window's budget is spent."""
-        now = time.monotonic()
-        if now - self._start >= self.window:
-            if self._skipped:
-                log.warning("%d more refusals were not logged", self._skipped)
-            self._start, self._logged, self._skipped = now, 0, 0
-        if self._logged < self.burst:
-            self._logged += 1
-            log.warning("%s", text)
-        else:
-            self._skipped += 1
-
-
-_refusals = RefusalLog()
+_refusals = logfmt.Limited(log, "refusals")
 
 
 #: How long a reading of Yama's ptrace_scope is reused, in seconds.
@@ -132,7 +110,7 @@ def open_session(d: DaemonView, session: Session, vouched: Creds | None) -> None
 def refuse(d: DaemonView, who: str, what: str, why: str) -> NoReturn:
     """Count, log (rate-limited) and raise PERMISSION_DENIED with the one-line reason."""
     d.counters["refusals"] = d.counters.get("refusals", 0) + 1
-    _refusals.warning(f"refused {what} by {who}: {why}")
+    _refusals.warning("refused %s by %s: %s", what, who, why)
     raise RequestError(ErrorCode.PERMISSION_DENIED, why)
 
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from hmmirror.daemon.linux.priority import NICE_MAX, NICE_MIN
+from hmmirror.daemon.owners import OWNERS_DIRNAME
+from hmmirror.proto.messages.session import MAX_TERM_MS
+from hmmirror.transport.intake import intake_path
 from hmmirror.transport.keys import CertificateError, ServerKeys
 from hmmirror.transport.settings import (
     BIND_ENDPOINT,
@@ -106,10 +109,23 @@ class Config:
     expose_socket: str = setting("", Kind(_socket_path))
     """Where targets send their userfaultfd (empty: the ipc:// endpoint's side door itself;
     for a tcp:// endpoint, hmmd.uffd.sock in the runtime directory)."""
+    owners_dir: str = setting("", STRING)
+    """Where the hmmd instances of one host record which of them watches each process, so
+    that two never watch the same one (SPEC.md §1.7: the loser answers MOVED). Empty: the
+    directory ``hmmd-owners`` beside the uffd intake socket (/run/hmmirror/hmmd-owners for
+    the default endpoint); "off": claim nothing (only for a host with one hmmd)."""
     max_connections: int = setting(0, WHOLE)
     """Connections hmmd keeps at most (0: a quarter of its descriptor limit allows)."""
     max_connections_per_peer: int = setting(32, WHOLE)
     """Connections one local uid (root is not limited) or one remote address may hold."""
+    max_mirrors: int = setting(0, WHOLE)
+    """Mirrors hmmd keeps at most, of all agents (0: a quarter of ``vm.max_map_count``: a
+    large mirror's two shadow arrays are two mappings of hmmd's own). Past it: TOO_LARGE."""
+    max_mirrors_per_peer: int = setting(4096, WHOLE)
+    """Mirrors one local uid (root is not limited) or one remote peer may hold."""
+    max_mirror_pages_per_peer: int = setting(1 << 28, WHOLE)
+    """Pages of address space one local uid (root is not limited) or one remote peer may
+    mirror in all (default 2^28: 1 TiB; hmmd keeps 16 bytes per page an agent faulted)."""
     reply_cap: int = setting(32 << 20, size(minimum=MIN_REPLY_CAP))
     """The most reply bytes hmmd keeps queued (or being prepared) for one connection; past
     it requests are refused with EBUSY, and a peer that stays there without reading for
@@ -123,6 +139,16 @@ class Config:
     def heartbeat_ms(self) -> int:
         """The heartbeat interval in milliseconds, as the wire carries it."""
         return max(1, int(self.heartbeat * 1000))
+
+    @property
+    def owners_path(self) -> str | None:
+        """The owners directory in effect; None with ``owners_dir = "off"``."""
+        if self.owners_dir == "off":
+            return None
+        if self.owners_dir:
+            return self.owners_dir
+        intake = self.expose_socket or intake_path(self.endpoint)
+        return os.path.join(os.path.dirname(intake), OWNERS_DIRNAME)
 
     @property
     def lease(self) -> float:
@@ -146,6 +172,13 @@ def load(
     config = build(Config, file, path, os.environ if env is None else env, flags or {})
     if config.poll_min > config.poll_max:
         raise ConfigError("poll_min must not exceed poll_max")
+    longest = MAX_TERM_MS / 1000  # what agents accept in a WELCOME (SPEC §5)
+    for name, value in (
+        ("heartbeat x lease_factor", config.lease),
+        ("ack_deadline", config.ack_deadline),
+    ):
+        if value > longest:
+            raise ConfigError(f"{name} is {value:g} s; agents accept at most {longest:g} s")
     if config.endpoint.startswith("tcp://") and not config.insecure:
         if not (config.curve_key and config.curve_allow):
             raise ConfigError(

@@ -33,6 +33,7 @@ from hmmirror.daemon.frames import FrameTokens
 from hmmirror.daemon.handlers import HANDLERS, UNGATED
 from hmmirror.daemon.invalidation import Invalidation, Invalidator
 from hmmirror.daemon.outbox import Courier
+from hmmirror.daemon.owners import Moved
 from hmmirror.daemon.policy import Policy
 from hmmirror.daemon.registry import Registry
 from hmmirror.daemon.request import Request
@@ -45,6 +46,7 @@ from hmmirror.daemon.watch.uffd import device_write
 from hmmirror.proto.codec import Buffer, Envelope, decode
 from hmmirror.proto.errors import ErrorCode, ProtocolError
 from hmmirror.proto.messages import Error, Message
+from hmmirror.proto.version import MOVED_VERSION
 from hmmirror.transport import Connection
 
 log = logging.getLogger(__name__)
@@ -189,6 +191,9 @@ class Dispatcher:
         if tracer.on:
             code = exc.code if isinstance(exc, RequestError) else ErrorCode.INTERNAL
             tracer.error(self.registry.sessions.get(identity), env.msg, env.id, int(code))
+        if isinstance(exc, Moved):
+            self._moved(identity, env, exc)
+            return
         if isinstance(exc, RequestError):
             # Bad arguments are bad input, whether a cap or a range was violated; ESRCH,
             # NO_MIRROR or EPERM can follow from a race or a policy, not only from the peer.
@@ -198,6 +203,18 @@ class Dispatcher:
         log.error("%s id=%d from %r failed", env.type, env.id, identity, exc_info=exc)
         message = f"{env.type} failed: {exc}"
         self.reject(identity, ErrorCode.INTERNAL, message, env.id, env.type, bad=False)
+
+    def _moved(self, identity: bytes, env: Envelope, exc: Moved) -> None:
+        """Answer MOVED with the owner's endpoint; a session older than 1.3 does not know
+        the code, and gets PERMISSION_DENIED with the endpoint in its message instead."""
+        session = self.registry.sessions.get(identity)
+        if session is not None and session.version >= MOVED_VERSION:
+            error = Error(code=int(ErrorCode.MOVED), message=exc.message, owner=exc.owner)
+        else:
+            text = f"{exc.message} (protocol 1.3 agents are sent there)"
+            error = Error(code=int(ErrorCode.PERMISSION_DENIED), message=text[:1024])
+        self.counters["moved"] += 1
+        self.send(identity, error, re=env.id)
 
     # --- the rest of request.Services -------------------------------------------------------
 

@@ -18,7 +18,7 @@ from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from hmmirror.daemon import __version__
+from hmmirror.daemon import version
 from hmmirror.daemon.histogram import AckHistogram, RingFollower
 from hmmirror.proto.version import PROTOCOL_VERSION
 from prometheus_client.core import (
@@ -81,6 +81,11 @@ FIGURES: dict[str, Figure] = {
     "releases": _c("releases", "Mirrors released (their process exited or was replaced)."),
     "registrations": _c("registrations", "Mirrors registered since the start."),
     "refusals": _c("refusals", "Requests refused PERMISSION_DENIED by the access rules."),
+    "moved": _c("moved", "Requests refused MOVED: another hmmd of the host owns the process."),
+    "mirror_refusals": _c(
+        "mirror_refusals", "Registrations refused TOO_LARGE: past a peer's or hmmd's mirror caps."
+    ),
+    "claims": _g("claims", "Processes this hmmd owns among the host's hmmds (owners_dir)."),
     "reply_refusals": _c("reply_refusals", "Requests refused because replies were over cap."),
     "uffd_events": _c("uffd_events", "Userfaultfd events read by the watchers."),
     "strict_write_faults": _c(
@@ -189,6 +194,6 @@ def registry(figures: Figures, latency: object | None = None) -> CollectorRegist
     """A registry of hmmd's collector and the process collector (no global state)."""
     protocol = f"{PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}"
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(StatusCollector(figures, latency, __version__, protocol))
+    reg.register(StatusCollector(figures, latency, version(), protocol))
     ProcessCollector(registry=reg)
     return reg

@@ -28,6 +28,7 @@ from hmmirror.daemon.dma.handlers import (
 from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.fault.handlers import on_fault
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PAGE_SIZE, start_time
+from hmmirror.daemon.owners import Moved
 from hmmirror.daemon.request import Handler, Request, Services
 from hmmirror.daemon.state import Mirror, Session, Span
 from hmmirror.daemon.trace import tracer
@@ -69,6 +70,8 @@ from hmmirror.proto.messages import (
 )
 
 log = logging.getLogger(__name__)
+#: Sessions opened and said goodbye to: a peer may open and close them back to back.
+_sessions_log = logfmt.Limited(log, "session openings and goodbyes", burst=100)
 
 
 def on_hello(svc: Services, r: Request) -> None:
@@ -82,7 +85,7 @@ def on_hello(svc: Services, r: Request) -> None:
     authz.open_session(svc, new, r.vouched)
     new.version = env.version
     svc.registry.add_session(new)
-    log.info(
+    _sessions_log.info(
         "session %d opened by %s (pid %d, %s)", new.id, msg.agent, msg.pid, new.peer.identity,
         extra=logfmt.fields(session=new.id, agent=msg.agent, pid=msg.pid, peer=new.peer.identity),
     )  # fmt: skip
@@ -116,7 +119,7 @@ def on_goodbye(svc: Services, r: Request) -> None:
     assert session is not None
     mirrors = len(session.mirrors)
     svc.close_session(session)
-    log.info(
+    _sessions_log.info(
         "session %d of %s closed by its agent (goodbye); %d mirrors dropped",
         session.id, session.name, mirrors,
         extra=logfmt.fields(session=session.id, agent=session.name),
@@ -238,6 +241,10 @@ def on_register(svc: Services, r: Request) -> None:
         if spans and start < spans[-1][1]:
             raise RequestError(ErrorCode.EINVAL, "intervals overlap")
         spans.append((start, end))
+    full = svc.registry.room_for(session.peer, total)
+    if full is not None:  # before the mirror's shadow arrays are made
+        svc.counters["mirror_refusals"] += 1
+        raise RequestError(ErrorCode.TOO_LARGE, full)
     access = Access(msg.access)
     checked = authz.authorize(svc, session, msg.pid, access, "register")
     if msg.start_time and msg.start_time != checked.start:
@@ -355,9 +362,14 @@ def on_sync_range(svc: Services, r: Request) -> None:
     authz.authorize_sync_range(svc, session, msg.pid, watched=bool(mms))
     if not mms:
         try:
-            start_time(msg.pid)
+            started_at = start_time(msg.pid)
         except ProcessLookupError as exc:
             raise RequestError(ErrorCode.ESRCH, f"no process {msg.pid}") from exc
+        # Its mirrors are another hmmd's: answering OK here would leave them unsynced.
+        owners = svc.registry.owners
+        owner = owners.owner_of(msg.pid, started_at) if owners is not None else None
+        if owner is not None:
+            raise Moved(msg.pid, owner)
     ranges = list(msg.ranges)
     started = [svc.invalidator.begin(mm, ranges, event) for mm in mms]
     pending = [inv for inv in started if not inv.finished]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from hmmirror.daemon.linux.procfs import start_time
@@ -44,8 +44,16 @@ class Offer:
 class OfferBook:
     """Offers by pid, bounded per uid and in all, expiring."""
 
-    def __init__(self, total: int, per_uid: int = OFFERS_PER_UID, ttl: float = OFFER_TTL) -> None:
+    def __init__(
+        self,
+        total: int,
+        per_uid: int = OFFERS_PER_UID,
+        ttl: float = OFFER_TTL,
+        on_leave: Callable[[int, int], None] | None = None,
+    ) -> None:
         self.total = total
+        #: Called with (pid, start time) as each kept offer leaves, taken or closed.
+        self.on_leave = on_leave
         self.per_uid = per_uid
         self.ttl = ttl
         self._offers: dict[int, Offer] = {}
@@ -61,7 +69,7 @@ class OfferBook:
         """Keep ``fd`` (ours once accepted) for (pid, st); the reason if refused (fd not kept)."""
         old = self._offers.pop(pid, None)
         if old is not None:
-            old.close()  # the process offers again, or the pid was reused
+            self._close(old)  # the process offers again, or the pid was reused
         mine = sum(1 for o in self._offers.values() if o.uid == uid)
         if mine >= self.per_uid or len(self._offers) >= self.total:
             self.expire(check_alive=True)  # make room from the dead before refusing
@@ -81,8 +89,10 @@ class OfferBook:
         if offer is None:
             return None
         if offer.start_time != st:
-            offer.close()  # offered by an earlier process with the same pid
+            self._close(offer)  # offered by an earlier process with the same pid
             return None
+        if self.on_leave is not None:
+            self.on_leave(offer.pid, offer.start_time)
         return offer.fd
 
     def expire(self, *, check_alive: bool = True) -> int:
@@ -103,14 +113,20 @@ class OfferBook:
             if not alive:
                 gone.append(pid)
         for pid in gone:
-            self._offers.pop(pid).close()
+            self._close(self._offers.pop(pid))
         return len(gone)
 
     def close(self) -> None:
         """Close every offer."""
-        for offer in self._offers.values():
-            offer.close()
+        for offer in list(self._offers.values()):
+            self._close(offer)
         self._offers.clear()
+
+    def _close(self, offer: Offer) -> None:
+        """Close a kept offer that leaves the book untaken."""
+        offer.close()
+        if self.on_leave is not None:
+            self.on_leave(offer.pid, offer.start_time)
 
 
 def default_path(endpoint: str) -> str:

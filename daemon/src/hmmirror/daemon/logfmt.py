@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from hmmirror.transport.peer import printable
+
 #: The structured fields a record may carry, in the order text lines show them.
 FIELDS = ("session", "agent", "pid", "mirror", "peer")
 #: sd-daemon(3) priorities (syslog's) by logging level.
@@ -41,6 +43,45 @@ def fields(**values: object) -> dict[str, object]:
     if unknown:
         raise ValueError(f"unknown log fields: {sorted(unknown)}")
     return values
+
+
+class Limited:
+    """Logs at most ``burst`` lines per ``window`` seconds through ``logger``, then says how
+    many ``what`` it skipped: for lines a peer can cause at will (a refusal, a reply it
+    never read), so that the peer cannot fill the journal or spend hmmd's loop on logging."""
+
+    def __init__(
+        self, logger: logging.Logger, what: str, burst: int = 20, window: float = 10.0
+    ) -> None:
+        self.logger, self.what = logger, what
+        self.burst, self.window = burst, window
+        self._start = -window
+        self._logged = 0
+        self._skipped = 0
+
+    def log(
+        self, level: int, text: str, *args: object, extra: dict[str, object] | None = None
+    ) -> None:
+        """Log ``text % args`` (with ``extra``: ``fields``) at ``level`` unless this window's
+        budget is spent."""
+        now = time.monotonic()
+        if now - self._start >= self.window:
+            if self._skipped:
+                self.logger.log(level, "%d more %s were not logged", self._skipped, self.what)
+            self._start, self._logged, self._skipped = now, 0, 0
+        if self._logged < self.burst:
+            self._logged += 1
+            self.logger.log(level, text, *args, extra=extra)
+        else:
+            self._skipped += 1
+
+    def warning(self, text: str, *args: object, extra: dict[str, object] | None = None) -> None:
+        """``log`` at WARNING."""
+        self.log(logging.WARNING, text, *args, extra=extra)
+
+    def info(self, text: str, *args: object, extra: dict[str, object] | None = None) -> None:
+        """``log`` at INFO."""
+        self.log(logging.INFO, text, *args, extra=extra)
 
 
 def _present(record: logging.LogRecord) -> dict[str, Any]:
@@ -66,10 +107,12 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as one line (more when it carries a traceback)."""
-        text = f"{record.levelname.lower()} {record.name}: {record.getMessage()}"
+        # What a peer said (an agent's name, say) may hold a newline: one record stays one
+        # line, or a peer could forge a line of hmmd's own (a traceback's lines follow).
+        text = f"{record.levelname.lower()} {record.name}: {printable(record.getMessage())}"
         extra = _present(record)
         if extra:
-            text += " [" + " ".join(f"{k}={v}" for k, v in extra.items()) + "]"
+            text += " [" + " ".join(f"{k}={printable(str(v))}" for k, v in extra.items()) + "]"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         if self.journal:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import TYPE_CHECKING
 
-from hmmirror.daemon.exposition import Figures, registry
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import CollectorRegistry
+if TYPE_CHECKING:  # prometheus_client is imported by ``start``: most hmmds serve no metrics
+    from hmmirror.daemon.exposition import Figures
+    from prometheus_client.registry import CollectorRegistry
 
 #: Seconds a client has to send its request and take the answer.
 REQUEST_DEADLINE = 2.0
@@ -52,6 +53,8 @@ class MetricsServer:
 
     async def start(self, address: str) -> None:
         """Bind and serve; ``url`` then says where."""
+        from hmmirror.daemon.exposition import registry
+
         host, _, port = address.rpartition(":")
         self.registry = registry(self.figures, self.latency)
         self.server = await asyncio.start_server(
@@ -70,6 +73,8 @@ class MetricsServer:
         if not head.startswith((b"GET /metrics ", b"GET /metrics?")):
             return "404 Not Found", "text/plain", b"only GET /metrics is served here\n"
         assert self.registry is not None  # start() made it before serving
+        from prometheus_client.exposition import choose_encoder  # loaded by start() already
+
         encoder, content_type = choose_encoder(accept_of(head))
         return "200 OK", content_type, encoder(self.registry)
 

@@ -32,6 +32,7 @@ from itertools import chain
 from typing import Any, Generic, Protocol, TypeVar
 
 import msgpack
+from hmmirror.daemon import logfmt
 from hmmirror.daemon.budget import track_last
 from hmmirror.daemon.state import Mirror, Session
 from hmmirror.proto.codec import encode, encode_invalidate
@@ -41,6 +42,8 @@ from hmmirror.transport import Unreachable
 from hmmirror.transport.budget import ReplyBudget, frame_bytes
 
 log = logging.getLogger(__name__)
+#: Replies a peer never read: one line each would let it flood the log (and hmmd's loop).
+_dropped = logfmt.Limited(log, "dropped replies")
 
 #: INVALIDATEs a session may have sent and not acked before later items wait for its ACK.
 #: 1 measured best on 2 vCPUs (bench/README.md, soak): each message costs both ends a
@@ -292,7 +295,7 @@ class Courier(Generic[T]):
             self.sender.send(identity, frames, copy=copy)
         except Unreachable as exc:
             budget.unreserve(identity, reserved)
-            log.info("reply %s to %r dropped: %s", msg.TYPE, identity, exc)
+            _dropped.info("reply %s to %r dropped: %s", msg.TYPE, identity, exc)
             if session is not None:
                 self.lost(session, f"peer unreachable: {exc}")
             return

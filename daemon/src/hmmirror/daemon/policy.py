@@ -53,6 +53,7 @@ from typing import Any
 from hmmirror.daemon.linux.creds import CAP_SYS_PTRACE, Creds
 from hmmirror.proto.messages import Access
 from hmmirror.transport.peer import Peer
+from hmmirror.transport.settings import UntrustedFile, open_trusted
 
 _ACCESS = {"read": Access.READ, "write": Access.WRITE}
 _KEYS = {"agents", "uids", "gids", "exes", "cgroups", "privileged", "access", "frames"}
@@ -203,8 +204,10 @@ class Policy:
     def load(cls, path: str) -> Policy:
         """Parse ``path``; raise PolicyError naming what is wrong."""
         try:
-            with open(path, "rb") as f:
+            with open_trusted(path) as f:  # grants: a file another user could write is refused
                 data = tomllib.load(f)
+        except UntrustedFile as exc:
+            raise PolicyError(str(exc.strerror)) from exc
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise PolicyError(f"{path}: {exc}") from exc
         unknown = set(data) - {"grant"}

@@ -215,10 +215,13 @@ class Mirror:
     """Lowest mirrored address."""
     hi: int = field(init=False)
     """End of the highest mirrored span."""
+    pages: int = field(init=False)
+    """Pages of address space its spans cover (what the peer's budget counts)."""
 
     def __post_init__(self) -> None:
         self.lo = min(s.start for s in self.spans)
         self.hi = max(s.end for s in self.spans)
+        self.pages = sum(s.end - s.start for s in self.spans) >> PAGE_SHIFT
 
     def span_for(self, start: int, end: int) -> Span | None:
         """The span containing [start, end), if one does."""

@@ -44,7 +44,8 @@ import time
 from dataclasses import dataclass
 
 from hmmirror.daemon.errors import RequestError
-from hmmirror.daemon.linux.procfs import PAGE_SIZE, start_time
+from hmmirror.daemon.linux.creds import sender_start_time
+from hmmirror.daemon.linux.procfs import PAGE_SIZE
 from hmmirror.daemon.state import Session
 from hmmirror.proto.errors import ErrorCode
 from hmmirror.proto.messages import MAX_WINDOW, TICKET_HEX
@@ -124,29 +125,15 @@ def is_memfd(fd: int) -> str | None:
     return None
 
 
-def _pidfd_names(pidfd: int, pid: int) -> bool:
-    """Whether ``pidfd`` still names the running process ``pid`` (its fdinfo's ``Pid:``)."""
-    try:
-        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
-            for line in f:
-                if line.startswith(b"Pid:"):
-                    return int(line.split()[1]) == pid
-    except (OSError, ValueError, IndexError):
-        return False
-    return False
-
-
 def _is_process(peer: Peer, pidfd: int, ticket: _Ticket) -> bool:
-    """Whether the door's sender is the ticket's process: its pid, uid and start time, and,
-    where the door has a pidfd of it, a pidfd that still names that pid (not a reused one)."""
+    """Whether the door's sender is the ticket's process: its pid, uid and start time, the
+    start time read while the door's pidfd of the sender shows it alive (not a reused pid)."""
     if peer.pid != ticket.pid or peer.uid != ticket.uid:
         return False
     try:
-        if start_time(peer.pid) != ticket.start:
-            return False
+        return sender_start_time(peer.pid, pidfd) == ticket.start
     except ProcessLookupError:
         return False
-    return pidfd < 0 or _pidfd_names(pidfd, peer.pid)
 
 
 class Windows:

@@ -23,7 +23,8 @@ import functools
 import os
 import re
 import select
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, replace
 
 from hmmirror.daemon.linux.procfs import start_time
 
@@ -194,6 +195,22 @@ def _readable(fd: int) -> bool:
     return bool(poller.poll(0))
 
 
+def sender_start_time(pid: int, pidfd: int) -> int:
+    """The start time of the process that knocked at a door as ``pid``, with the door's
+    pidfd of it (SO_PEERPIDFD); ProcessLookupError once that process has exited.
+
+    SO_PEERCRED's pid is the connecting process's, recorded at connect(): if that process
+    exited before its knock is read, the pid may be another process's by now, of any
+    user. The pidfd names the connecting process itself and polls readable once it has
+    exited, so a start time read while it still does not belongs to that process, not to
+    a successor. Without a pidfd (-1: a kernel before 6.5) only the pid's word counts.
+    """
+    started = start_time(pid)
+    if pidfd >= 0 and _readable(pidfd):
+        raise ProcessLookupError(pid, f"process {pid} is gone")
+    return started
+
+
 def read_agent_creds(pid: int, uid: int, gid: int, pidfd: int | None = None) -> Creds | None:
     """The credentials of an ``ipc://`` agent's process, read at HELLO; None if unproven.
 
@@ -212,6 +229,8 @@ def read_agent_creds(pid: int, uid: int, gid: int, pidfd: int | None = None) -> 
         return None
     try:
         creds = read_creds(pid)
+        # Read only where it can matter (most agents hold no capability), while alive.
+        secure = bool(creds.cap_prm or creds.cap_eff) and _secure_exec(pid)
         alive = not _readable(pidfd)  # a pidfd is readable once its process exited
     except OSError:
         return None
@@ -220,7 +239,28 @@ def read_agent_creds(pid: int, uid: int, gid: int, pidfd: int | None = None) -> 
             os.close(pidfd)
     if not alive or creds.pid != pid or creds.uids != {uid} or creds.gids != {gid}:
         return None  # gone, a thread, or set-id (mixed ids): only SO_PEERCRED's word counts
+    if secure:
+        # Capabilities its program gained at exec (file capabilities): the process may have
+        # exec'd it after connecting, and whoever holds the connection would borrow them.
+        return replace(creds, cap_prm=0, cap_eff=0)
     return creds
+
+
+#: ``AT_SECURE`` (include/uapi/linux/auxvec.h): set when the program running gained
+#: privileges at exec (set-uid, set-gid, or file capabilities), as the dynamic loader sees.
+AT_SECURE = 23
+_AUXV_ENTRY = struct.Struct("@LL")
+
+
+def _secure_exec(pid: int) -> bool:
+    """Whether the program ``pid`` runs gained privileges when it was exec'd (its auxv's
+    AT_SECURE; ambient capabilities, as systemd's AmbientCapabilities= gives, do not)."""
+    with open(f"/proc/{pid}/auxv", "rb") as f:
+        data = f.read()
+    for key, value in _AUXV_ENTRY.iter_unpack(data[: len(data) - len(data) % _AUXV_ENTRY.size]):
+        if key == AT_SECURE:
+            return bool(value)
+    return True  # no AT_SECURE: nothing says the capabilities were not gained at exec
 
 
 def ancestors(pid: int) -> tuple[int, ...]:

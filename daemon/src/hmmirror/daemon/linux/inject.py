@@ -28,6 +28,7 @@ import time
 from collections.abc import Collection, Sequence
 
 from hmmirror.daemon.linux import userfaultfd
+from hmmirror.daemon.linux.procfs import smaps_flags
 
 log = logging.getLogger(__name__)
 
@@ -180,16 +181,7 @@ def userfaultfd_refusal(
 
 def _userfaultfd_ranges(pid: int, flags: frozenset[bytes]) -> list[tuple[int, int]]:
     """The [lo, hi) ranges of ``pid``'s VMAs whose smaps VmFlags hold one of ``flags``."""
-    ranges: list[tuple[int, int]] = []
-    lo = hi = 0
-    with open(f"/proc/{pid}/smaps", "rb") as f:
-        for line in f:
-            head = line.split(b" ", 1)[0]
-            if b"-" in head and not head.endswith(b":"):
-                lo, hi = (int(x, 16) for x in head.split(b"-"))
-            elif head == b"VmFlags:" and flags.intersection(line.split()):
-                ranges.append((lo, hi))
-    return ranges
+    return [(lo, hi) for lo, hi, words in smaps_flags(pid) if flags & words]
 
 
 def _set_call(pid: int, saved: _Regs, at: int, nr: int, args: Sequence[int]) -> _Regs:

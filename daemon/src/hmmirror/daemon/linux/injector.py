@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hmmirror.daemon.linux import inject, userfaultfd
+from hmmirror.transport.door import recv_fds
 
 #: How long hmmd waits for one populate (a 64 MiB chunk takes tens of milliseconds; a
 #: helper that starts takes a few hundred). Past it the helper is let go: it finishes the
@@ -159,7 +160,7 @@ class Injector:
             if not poller.poll(deadline * 1000):
                 self._release()
                 raise inject.InjectError(f"the injector did not answer within {deadline:g} s")
-            message, fds, _, _ = socket.recv_fds(sock, _MESSAGE_MAX, 1)
+            message, fds = recv_fds(sock, _MESSAGE_MAX, 1)
             reply: dict[str, Any] = json.loads(message) if message else {}
         except (OSError, ValueError) as exc:
             self._release()  # a reply may still come: it must never be taken for the next one
@@ -419,7 +420,7 @@ def serve(sock: socket.socket) -> None:
         if inject.finish_detaches() and not poller.poll(50):
             continue
         try:
-            message, fds, _, _ = socket.recv_fds(sock, _MESSAGE_MAX, 4)
+            message, fds = recv_fds(sock, _MESSAGE_MAX, 4)
         except OSError:
             return
         if not message:

@@ -19,16 +19,19 @@ import os
 
 from hmmirror.daemon import logfmt
 from hmmirror.daemon.config import Config
+from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.intake import OfferBook, default_path
 from hmmirror.daemon.linux import userfaultfd
+from hmmirror.daemon.linux.creds import sender_start_time
 from hmmirror.daemon.linux.inject import InjectError
 from hmmirror.daemon.linux.injector import inject_userfaultfd
 from hmmirror.daemon.linux.procfs import start_time
+from hmmirror.daemon.owners import Moved
 from hmmirror.daemon.registry import Registry
 from hmmirror.daemon.state import Mm, UffdWatcher
 from hmmirror.daemon.watch.proc import FanOut
 from hmmirror.daemon.watch.uffd import Spawn, UffdWatch, cover
-from hmmirror.proto.intake import parse_option
+from hmmirror.proto.intake import moved, parse_option
 from hmmirror.transport import Door, Peer
 
 log = logging.getLogger(__name__)
@@ -59,8 +62,8 @@ class Acquirer:
         #: The ``uffd_fork`` setting: "adopt" keeps a FORK's child uffd, else it is closed.
         self.fork_policy = fork_policy
         #: Userfaultfds targets exposed before anything mirrored them (plain, strict).
-        self.offers = OfferBook(offer_limit)
-        self.strict_offers = OfferBook(offer_limit)
+        self.offers = OfferBook(offer_limit, on_leave=self._offer_left)
+        self.strict_offers = OfferBook(offer_limit, on_leave=self._offer_left)
         #: Children whose uffd a FORK handed us (pid, start time), so no two FORKs claim one.
         self._adopted: set[tuple[int, int]] = set()
         self.refusals = 0
@@ -78,6 +81,11 @@ class Acquirer:
             self.intake = Door.unix(path, {"uffd": self.on_door}, config.socket_group)
         except OSError as exc:  # the watchers still work; only exposing is unavailable
             log.warning("no userfaultfd intake at %s: %s", path, exc)
+
+    def _offer_left(self, pid: int, st: int) -> None:
+        """An offer was taken or closed: give back the claim it held."""
+        if self.registry.owners is not None:
+            self.registry.owners.drop(pid, st)
 
     def expire(self) -> None:
         """Close the offers nobody mirrored in time."""
@@ -100,9 +108,9 @@ class Acquirer:
             strict = parse_option(arg)  # the intake's own rule (SPEC.md §1.6)
         except ValueError as exc:
             return str(exc)
-        return self._on_exposed(peer, fd, strict=strict)
+        return self._on_exposed(peer, fd, pidfd, strict=strict)
 
-    def _on_exposed(self, peer: Peer, fd: int, strict: bool) -> str | None:
+    def _on_exposed(self, peer: Peer, fd: int, pidfd: int, strict: bool) -> str | None:
         """A target sent a userfaultfd: watch with it now, or keep it for its first mirror."""
         if self.mode == "off":
             return "hmmd runs with uffd = off"
@@ -110,7 +118,7 @@ class Acquirer:
             return "the descriptor is not a userfaultfd"
         assert peer.pid is not None and peer.uid is not None
         try:
-            st = start_time(peer.pid)
+            st = sender_start_time(peer.pid, pidfd)  # the sender's, not a reused pid's
         except ProcessLookupError:
             return f"process {peer.pid} is gone"
         return self._take_fd(peer.pid, st, fd, strict, peer.uid)
@@ -127,7 +135,23 @@ class Acquirer:
             else:
                 self._watch_with(mm, fd, configured=False)
             return None
-        return (self.strict_offers if strict else self.offers).put(pid, st, fd, uid)
+        owners = self.registry.owners
+        if owners is None:
+            return (self.strict_offers if strict else self.offers).put(pid, st, fd, uid)
+        try:
+            owners.hold(pid, st)  # the hmmd that holds a process's uffd is the one to watch it
+        except Moved as exc:
+            return moved(exc.owner)  # the target offers there (SPEC.md §1.6)
+        except RequestError as exc:
+            return exc.message
+        try:
+            refused = (self.strict_offers if strict else self.offers).put(pid, st, fd, uid)
+        except BaseException:
+            owners.drop(pid, st)
+            raise
+        if refused is not None:
+            owners.drop(pid, st)
+        return refused
 
     # --- the first mirror of an mm ------------------------------------------------------------
 

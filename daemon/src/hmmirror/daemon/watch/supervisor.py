@@ -82,29 +82,15 @@ class Supervisor:
             if mm is not None:
                 os.close(pidfd)
                 return mm
-            most, nofile = self.capacity()
-            if len(mms) >= most:  # each one holds descriptors: keep headroom
-                raise RequestError(
-                    ErrorCode.EBUSY,
-                    f"hmmd watches {len(mms)} processes, the most its descriptor limit "
-                    f"({nofile}) leaves room for",
-                )
+            owners = self.registry.owners
+            if owners is not None:  # first: another hmmd of the host may watch it (MOVED)
+                owners.hold(pid, st)
             try:
-                view = ProcessView(pid)
-            except PermissionError as exc:
-                raise RequestError(
-                    ErrorCode.PERMISSION_DENIED, f"hmmd may not read process {pid}"
-                ) from exc
-            except OSError as exc:
-                raise RequestError(ErrorCode.ESRCH, f"process {pid} vanished: {exc}") from exc
-            # The pid may have been reused since pidfd_open: check it still names st.
-            try:
-                same = start_time(pid) == st
-            except ProcessLookupError:
-                same = False
-            if not same:
-                view.close()
-                raise RequestError(ErrorCode.ESRCH, f"process {pid} exited or was replaced")
+                view = self._open_view(pid, st, len(mms))
+            except BaseException:
+                if owners is not None:
+                    owners.drop(pid, st)
+                raise
         except (ProcessLookupError, RequestError) as exc:
             os.close(pidfd)
             if isinstance(exc, RequestError):
@@ -117,6 +103,33 @@ class Supervisor:
         mm.watcher = self.spawn(watch.run())
         self.acquirer.attach(mm)
         return mm
+
+    def _open_view(self, pid: int, st: int, watched: int) -> ProcessView:
+        """The maps and pagemap of process (pid, st), if hmmd has room for one more."""
+        most, nofile = self.capacity()
+        if watched >= most:  # each one holds descriptors: keep headroom
+            raise RequestError(
+                ErrorCode.EBUSY,
+                f"hmmd watches {watched} processes, the most its descriptor limit "
+                f"({nofile}) leaves room for",
+            )
+        try:
+            view = ProcessView(pid)
+        except PermissionError as exc:
+            raise RequestError(
+                ErrorCode.PERMISSION_DENIED, f"hmmd may not read process {pid}"
+            ) from exc
+        except OSError as exc:
+            raise RequestError(ErrorCode.ESRCH, f"process {pid} vanished: {exc}") from exc
+        # The pid may have been reused since pidfd_open: check it still names st.
+        try:
+            same = start_time(pid) == st
+        except ProcessLookupError:
+            same = False
+        if not same:
+            view.close()
+            raise RequestError(ErrorCode.ESRCH, f"process {pid} exited or was replaced")
+        return view
 
     def cover(self, mm: Mm) -> None:
         """Register the VMAs under ``mm``'s mirrors with its uffds, if it has any."""
@@ -147,7 +160,9 @@ class Supervisor:
         """The mm is gone (RELEASE, ``mn_itree_release``) or can no longer be watched (EVICT):
         tell every mirror, then forget them and the mm."""
         self.counters["releases" if event == Event.RELEASE else "evictions"] += 1
-        await self.invalidator.invalidate(mm, 0, 1 << 64, event)
-        for mirror in list(mm.mirrors):
-            self.registry.drop_mirror(mirror)
-        self.registry.drop_mm(mm)
+        try:
+            await self.invalidator.invalidate(mm, 0, 1 << 64, event)
+        finally:  # whatever became of the announcement, nothing is left holding the mm
+            for mirror in list(mm.mirrors):
+                self.registry.drop_mirror(mirror)
+            self.registry.drop_mm(mm)

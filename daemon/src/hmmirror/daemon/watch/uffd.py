@@ -36,7 +36,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from hmmirror.daemon.linux import scan, userfaultfd
-from hmmirror.daemon.linux.procfs import PAGE_SIZE
+from hmmirror.daemon.linux.procfs import PAGE_SIZE, smaps_flags
 from hmmirror.daemon.state import Mm, Span
 from hmmirror.daemon.watch.proc import Change, FanOut, detect, merge, union
 from hmmirror.proto.messages import Event
@@ -88,6 +88,8 @@ class UffdWatch:
         self._refused: set[tuple[int, int]] = set()
         self._armed: set[tuple[int, int]] = set()
         """Registered VMAs whose written bits were cleared once: later scans report writes."""
+        self._proven = False
+        """Whether a VMA of the target showed our registration: the uffd acts on its mm."""
         self.events = dict.fromkeys(("unmap", "remove", "remap", "fork", "write_fault"), 0)
         self.written_runs = 0
         self.closed = False
@@ -167,10 +169,37 @@ class UffdWatch:
                 self._refused.add(key)
                 continue
             self._registered.add(key)
+            if not self._proven and not self._other_holds(key):
+                self._prove(lo, hi)
             added += 1
             if not self.strict and any(m.watch_writes for m in self.mm.mirrors):
                 self._arm(key)
         return added
+
+    def _other_holds(self, key: tuple[int, int]) -> bool:
+        """Whether the mm's other watch (plain or strict) registered the VMA ``key``: its
+        ``uw`` there would prove nothing of this one."""
+        other = self.mm.uffd if self.strict else self.mm.strict_uffd
+        return isinstance(other, UffdWatch) and other is not self and key in other._registered
+
+    def _prove(self, lo: int, hi: int) -> None:
+        """The target's VMA [lo, hi), just registered, must show it (``uw``): a uffd acts on
+        the mm of the process that made it, whoever holds it, and one of another process's
+        (left in the target's table, or offered by it) would register that mm instead and
+        report none of the target's changes. OSError if it does not (the caller closes the
+        watch: the proc watcher covers the mm); a VMA gone meanwhile proves nothing."""
+        try:
+            flags = next((f for a, b, f in smaps_flags(self.mm.pid) if (a, b) == (lo, hi)), None)
+        except OSError:
+            return  # the process is going: its RELEASE follows
+        if flags is None:
+            return  # changed meanwhile: the next registration tries again
+        if b"uw" not in flags:
+            for a, b in self._registered:  # leave the other mm as it was
+                with contextlib.suppress(OSError):
+                    userfaultfd.unregister(self.fd, a, b - a)
+            raise OSError(errno.EBADF, f"the userfaultfd is not this process's (pid {self.mm.pid})")
+        self._proven = True
 
     def _arm(self, key: tuple[int, int]) -> None:
         """Clear the written bits of a registered VMA: from now on, writes are reported."""
