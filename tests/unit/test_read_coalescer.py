@@ -101,3 +101,24 @@ async def test_every_read_of_a_run_that_cannot_go_is_told_to_go_alone(why):
     )
     assert got == [None, None]
     assert mirror.runs == ([(BASE, 3)] if refuse else [])
+
+
+async def test_no_read_keeps_more_than_twice_its_bytes_of_the_run_alive():
+    """Replies go out zero-copy, and a reply cap counts a reply's bytes: a slice of a run
+    pinned the whole run (4 MiB for a read of 64 KiB beside a few bytes), so a requester that
+    never read its replies held far more than its cap. A read under half the run gets a copy."""
+
+    class FreshBuffers(FakeMirror):
+        async def read_run(self, start: int, entries: Entries) -> memoryview:
+            data = await super().read_run(start, entries)
+            return memoryview(bytearray(data))  # a buffer of its own, as hmmd's reply is
+
+    reads = coalescer(FreshBuffers())
+    asks = [(BASE + 10, 8), (BASE + 2 * PAGE_SIZE, 8 * PAGE_SIZE), (BASE + 15 * PAGE_SIZE, 8)]
+    got = await asyncio.gather(*(reads.read(a, n, alone=True) for a, n in asks))
+    for (a, n), data in zip(asks, got, strict=True):
+        assert data is not None and bytes(data) == want(a, n)
+        pinned = len(data.obj)  # type: ignore[arg-type]
+        assert pinned <= 2 * n, f"a read of {n} bytes keeps {pinned} bytes alive"
+    whole = await asyncio.gather(reads.read(BASE, 3 * PAGE_SIZE), reads.read(BASE + 5, 9))
+    assert whole[0] is not None and len(whole[0].obj) == 3 * PAGE_SIZE  # type: ignore[arg-type]

@@ -12,11 +12,13 @@ from hmmirror.client.errors import (
     DaemonUnavailable,
     DeviceError,
     MirrorEvicted,
+    Moved,
     RemoteError,
     RequestTimeout,
     SyncIncomplete,
     UnexpectedReply,
 )
+from hmmirror.client.group import SessionGroup, connect_group
 from hmmirror.client.mirror import Mirror, ReadResult, WriteResult
 from hmmirror.client.session import Session, connect
 from hmmirror.client.target import expose
@@ -30,15 +32,18 @@ __all__ = [
     "Event",
     "Mirror",
     "MirrorEvicted",
+    "Moved",
     "ReadResult",
     "RemoteError",
     "RequestTimeout",
     "Session",
+    "SessionGroup",
     "State",
     "SyncIncomplete",
     "UnexpectedReply",
     "WriteResult",
     "connect",
+    "connect_group",
     "expose",
     "status",
 ]

@@ -138,6 +138,9 @@ class Lifecycle(Channel):
         welcome = await self.call(
             Hello(agent=self.name[:64], pid=os.getpid()), Welcome, timeout=timeout
         )
+        why = welcome.unusable()
+        if why is not None:
+            raise DaemonUnavailable(f"hmmd at {self.endpoint} offered unusable terms: {why}")
         self.welcome = welcome
         self._acks.clear()
         self._fenced = False

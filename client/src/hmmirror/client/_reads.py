@@ -6,8 +6,9 @@ issued in the same turn of the event loop (the requests one drain of an RDMA lis
 delivered, say) whose pages lie close together are sent as one ``dma_read`` of the run
 that covers them, when every page of that run, the gaps between them included, holds
 a VALID translation now, and the run fits ``max_dma_pages``. Each read then gets its
-own slice of the reply. A refusal (STALE, say) reaches every read of the run, and
-each starts over as it would have alone.
+own slice of the reply (a copy, if under half of it: replies go out zero-copy, and
+what a reply pins must stay near what the requester's reply cap counts). A refusal
+(STALE, say) reaches every read of the run, and each starts over as it would have alone.
 
 A read asked for with ``alone=True`` is sent even without company, as a run of its
 own pages: its caller (``Mirror.read_now``) has no slower path of its own to take it.
@@ -123,7 +124,14 @@ class ReadCoalescer:
             raise
         for read in group:
             if not read.future.done():
-                read.future.set_result(data[read.start - start : read.end - start])
+                piece = data[read.start - start : read.end - start]
+                if 2 * len(piece) < len(data):
+                    # A copy: a slice would keep the whole run alive as long as the read's
+                    # reply waits to be sent (zero-copy), while its requester's reply cap
+                    # counts only the slice; a never-reading requester could pin run after
+                    # run. A slice of half the run or more pins at most twice its size.
+                    piece = memoryview(bytes(piece))
+                read.future.set_result(piece)
 
 
 def _alone(group: list[_Read]) -> None:

@@ -120,6 +120,11 @@ class MirrorTable:
         return []
 
     @property
+    def held(self) -> int:
+        """How many entries are VALID now."""
+        return self._held
+
+    @property
     def events(self) -> list[tuple[int, int, Event]]:
         """The first invalidations this mirror received: (start, end, event)."""
         return [

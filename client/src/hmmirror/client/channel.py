@@ -189,7 +189,7 @@ class Channel(Drained):
         finally:
             self._pending.pop(msg_id, None)
         if isinstance(env.msg, Error):
-            raise RemoteError(env.msg.code, env.msg.message)
+            raise RemoteError(env.msg.code, env.msg.message, env.msg.owner)
         if expect is not None and not isinstance(env.msg, expect):
             raise UnexpectedReply(expect.TYPE, env.type)
         return env

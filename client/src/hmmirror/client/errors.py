@@ -32,12 +32,15 @@ class RemoteError(AgentError):
     """hmmd answered with an error (a ``RemoteDeviceError`` where the code is an errno's)."""
 
     def __new__(cls, code: int, message: str, *args: object) -> RemoteError:
-        """The class the code calls for: RemoteDeviceError for an errno-valued code."""
+        """The class the code calls for: RemoteDeviceError for an errno-valued code, Moved
+        for MOVED."""
         if cls is RemoteError and _errno_of(code) is not None:
             return RemoteDeviceError.__new__(RemoteDeviceError, code, message)
+        if cls is RemoteError and code == ErrorCode.MOVED:
+            return super().__new__(Moved, code, message)
         return super().__new__(cls, code, message, *args)
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, owner: str = "") -> None:
         try:
             self.code: ErrorCode | int = ErrorCode(code)
         except ValueError:
@@ -46,6 +49,13 @@ class RemoteError(AgentError):
         # Not super(): in a RemoteDeviceError the next class is DeviceError, which sets its own.
         AgentError.__init__(self, f"{name}: {message}")
         self.message = message
+        #: With MOVED (SPEC §1.7): the endpoint of the hmmd that watches the process.
+        self.owner = owner
+
+
+class Moved(RemoteError):
+    """MOVED: another hmmd of the target's host watches the process; ``owner`` is its
+    endpoint (``SessionGroup`` follows it to a member)."""
 
 
 class SyncIncomplete(AgentError):
@@ -94,7 +104,7 @@ class RemoteDeviceError(RemoteError, DeviceError):
             raise ValueError(f"error code {code} stands for no errno")
         return OSError.__new__(cls, errno, _strerror(code, errno, message))
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, owner: str = "") -> None:
         errno = self.errno
         assert errno is not None  # __new__ set it
         RemoteError.__init__(self, code, _unprefixed(errno, message))

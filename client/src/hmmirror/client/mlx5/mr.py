@@ -47,6 +47,7 @@ from hmmirror.proto.entries import HMM_PFN_VALID, HMM_PFN_WRITE, PAGE_SHIFT, PAG
 from hmmirror.proto.messages import Access, AtomicOp, FaultMode
 
 if TYPE_CHECKING:
+    from hmmirror.client.group import SessionGroup
     from hmmirror.client.session import Session
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,13 @@ class MemoryRegion:
         length: int,
         access: AccessFlags,
         start_time: int = 0,
+        group: SessionGroup | None = None,
     ) -> None:
+        #: The session with the hmmd that watches the MR's process (in a group: its owner's,
+        #: once a registration found it).
         self.session = session
+        #: Sessions with every hmmd of a host that runs several (SPEC §1.7), or None.
+        self.group = group
         self.mrn = mrn
         #: mlx5 gives an MR one mkey, used as both its lkey and its rkey.
         self.lkey = self.rkey = key
@@ -119,6 +125,19 @@ class MemoryRegion:
         with self._use(seg):
             await seg.mirror.populate(self._base, npages, False, FaultMode.PRESENT)
 
+    async def _mirror(self, base: int, size: int, access: Access) -> Mirror:
+        """A mirror of [base, base + size) from the hmmd that watches the MR's process: the
+        MR's session, or in a group the owner's, found by following MOVED (SPEC §1.7)."""
+        if self.group is None:
+            return await self.session.mirror(
+                self.pid, base, size, access, start_time=self.start_time
+            )
+        try:
+            return await self.group.mirror(self.pid, base, size, access, start_time=self.start_time)
+        finally:
+            # The member that answered last: the owner, whose FENCED a retry would heal.
+            self.session = self.group.session_for(self.pid)
+
     def _span_end(self) -> int:
         """End of the explicit MR's page-aligned span."""
         return (self.end + _PAGE_MASK) & ~_PAGE_MASK
@@ -127,9 +146,7 @@ class MemoryRegion:
         """Mirror [base, base + size) of the MR's process as a new segment."""
         access = Access.READ | Access.WRITE if self.writable else Access.READ
         try:
-            mirror = await self.session.mirror(
-                self.pid, base, size, access, start_time=self.start_time
-            )
+            mirror = await self._mirror(base, size, access)
         except RemoteError as exc:
             # hmmd ended the session (its EVICTED notice may never have come): every
             # mirror of it is gone there, so every translation goes here too, this MR's
@@ -137,9 +154,7 @@ class MemoryRegion:
             if not self.session.rehello_if_fenced(exc):
                 raise device_error(exc) from exc
             await self.session.rehello()  # joins the HELLO that rehello_if_fenced began
-            mirror = await self.session.mirror(
-                self.pid, base, size, access, start_time=self.start_time
-            )
+            mirror = await self._mirror(base, size, access)
         self.start_time = mirror.start_time  # later children must be of the same process
         seg = _Segment(base, mirror)
         if self.implicit:
@@ -190,7 +205,8 @@ class MemoryRegion:
                 self._retired[name] += seg.mirror.counters[name]
 
     def _child_emptied(self, seg: _Segment) -> None:
-        """An invalidation zapped an implicit child's last page: drop the child."""
+        """An implicit child holds no page (an invalidation zapped its last one, or its
+        users are done and mapped nothing): drop the child."""
         if self._segments.get(seg.base) is not seg or self.dead:
             return
         self._retire(seg)  # new faults create a fresh child from now on
@@ -243,6 +259,12 @@ class MemoryRegion:
             seg.users -= 1
             if seg.users == 0:
                 seg.idle.set()
+                if self.implicit and seg.mirror.held == 0:
+                    # destroy_unused_implicit_child_mr: a child that holds nothing (its
+                    # faults found nothing mapped) is not kept, or a requester naming GiB
+                    # after unmapped GiB would pile up mirrors, here and at hmmd (whose
+                    # per-peer caps every hm-agent of this uid shares).
+                    self._child_emptied(seg)
         self.users -= 1
         if self.users == 0:
             self._idle.set()

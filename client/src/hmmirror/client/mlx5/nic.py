@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from hmmirror.client.errors import DeviceError, RemoteAccessError
+from hmmirror.client.group import SessionGroup
 from hmmirror.client.mlx5.mr import MemoryRegion
 from hmmirror.client.mlx5.verbs import (
     ADVISE_FLUSH,
@@ -46,10 +47,14 @@ _REMOTE_RIGHT = {
 
 
 class Nic:
-    """An mlx5-model device whose memory accesses go through hmmd via ``session``."""
+    """An mlx5-model device whose memory accesses go through hmmd via ``session`` (or the
+    hmmds of a ``SessionGroup``)."""
 
-    def __init__(self, session: Session, name: str = "mlx5_0") -> None:
-        self.session = session
+    def __init__(self, session: Session | SessionGroup, name: str = "mlx5_0") -> None:
+        #: With a group (a host that runs several hmmds, SPEC §1.7) each MR is registered
+        #: with the hmmd that watches its process; ``session`` is then the group's first.
+        self.group = session if isinstance(session, SessionGroup) else None
+        self.session = session.sessions[0] if isinstance(session, SessionGroup) else session
         self.name = name
         self._mrs: dict[int, MemoryRegion] = {}
         self._next_index = 1
@@ -90,7 +95,8 @@ class Nic:
         index = self._next_index
         self._next_index += 1
         key = (index << KEY_RANDOM_BITS) | secrets.randbits(KEY_RANDOM_BITS)
-        mr = MemoryRegion(self.session, index, key, pid, addr, length, access, start_time)
+        session = self.session if self.group is None else self.group.session_for(pid)
+        mr = MemoryRegion(session, index, key, pid, addr, length, access, start_time, self.group)
         try:
             await mr._open()
         except BaseException:
