@@ -10,6 +10,7 @@ daemon's stderr, rather than in the timeout thread.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import shutil
@@ -74,6 +75,10 @@ def _check_deadlines(request: pytest.FixtureRequest) -> None:
         )
 
 
+#: The test's hmmd, started but not yet ready, for the ``puppet`` fixture to wait for.
+STARTING_HMMD = pytest.StashKey["Hmmd"]()
+
+
 @dataclass
 class Hmmd:
     """A running hmmd (started by :func:`hmmirror.testing.hmmd.start_hmmd`) and its directory."""
@@ -83,14 +88,28 @@ class Hmmd:
     killed_by_test: bool = False
     """Set by a test that kills hmmd on purpose: its exit status is then not a failure."""
 
+    def wait_ready(self) -> None:
+        """Wait for the ready line (once), within the fixture's deadline; fail the test if
+        hmmd exits or prints none. The fixture leaves the wait to the ``puppet`` fixture
+        when a test takes both, so that the two processes start at once; whatever a test
+        uses of hmmd waits for it first."""
+        if self.launched.ready:
+            return
+        try:
+            self.launched.wait_ready(FIXTURE_DEADLINE)
+        except HmmdStartError as e:
+            pytest.fail(str(e), pytrace=False)
+
     @property
     def endpoint(self) -> str:
         """The endpoint hmmd bound (from its ready line)."""
+        self.wait_ready()
         return self.launched.endpoint
 
     @property
     def proc(self) -> subprocess.Popen[bytes]:
         """hmmd's process."""
+        self.wait_ready()
         return self.launched.proc
 
     @property
@@ -101,10 +120,12 @@ class Hmmd:
     @property
     def stdout_lines(self) -> list[str]:
         """Everything hmmd printed on stdout, the ready line first."""
+        self.wait_ready()
         return self.launched.stdout_lines
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal hmmd as a fault-injection test does (SIGKILL marks the death expected)."""
+        self.wait_ready()
         if sig in (signal.SIGKILL, signal.SIGTERM):
             self.killed_by_test = True
         os.kill(self.proc.pid, sig)
@@ -136,10 +157,10 @@ def hmmd(request: pytest.FixtureRequest) -> Iterator[Hmmd]:
     )
     daemon = Hmmd(launched, directory)
     try:
-        try:
-            launched.wait_ready(FIXTURE_DEADLINE)
-        except HmmdStartError as e:
-            pytest.fail(str(e), pytrace=False)
+        if "puppet" in request.fixturenames:
+            request.node.stash[STARTING_HMMD] = daemon  # the puppet fixture waits for it
+        else:
+            daemon.wait_ready()
         yield daemon
     finally:
         rc, killed = launched.stop(TERM_GRACE)
@@ -164,6 +185,9 @@ async def puppet(request: pytest.FixtureRequest) -> AsyncIterator[Puppet]:
     """A spawned puppet target process; killed (with its children) afterwards."""
     _check_deadlines(request)
     async with Puppet.spawn(timeout=FIXTURE_DEADLINE) as p:
+        started = request.node.stash.get(STARTING_HMMD, None)
+        if started is not None:  # hmmd, started just before: ready before the test begins
+            await asyncio.to_thread(started.wait_ready)
         yield p
 
 

@@ -188,24 +188,37 @@ async def test_an_agent_lying_about_atomics_is_caught_by_the_atomic_oracle() -> 
     assert atomic, "no atomic violation in any run: " + "; ".join(runs)
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)
 async def test_a_refused_write_logged_as_landed_is_caught_by_the_data_oracle() -> None:
     """agent-0 logs the WRITEs hmmd refused as landed: the data oracle flags writes on pages
     that were unmapped all along, or READs that got the page's real value where it believed
     agent-0's write, and every one is agent-0's. Which of the two a run shows depends on the
-    interleaving (a CI run on 2026-12-06 caught the lie by READs only)."""
-    report = await Checker(Options(seed=6, duration=4.0, agents=3, scenario="lie-write")).run()
-    kinds = report.by_kind()
+    interleaving (a CI run on 2026-12-06 caught the lie by READs only).
+
+    A lie on a page the target munmapped is not seen: another mapping may have taken the
+    hole, and the write landed there (``stamps.HOLE``). So a short run may see no lie: up to
+    three runs, each of a new seed, until one flags (as the atomic lie's test does); each
+    run must flag agent 0 only."""
     landed, never_live = "data: write landed on an unmapped page", "data: read a value never live"
-    assert kinds[landed] + kinds[never_live] > 0, _summary(report)
-    caught = [(k, d) for k, d in report.violations if k in (landed, never_live)]
-    assert all(
-        ("wrote agent 0 " if k == landed else "live then: agent 0 ") in d
-        for k, d in caught
-        if d != "(more)"
-    ), _summary(report)
-    assert not any(k.startswith("atomic:") for k in kinds), _summary(report)
-    shutil.rmtree(report.logs)
+    runs = []
+    for seed in (6, 7, 8):
+        report = await Checker(
+            Options(seed=seed, duration=4.0, agents=3, scenario="lie-write")
+        ).run()
+        kinds = report.by_kind()
+        runs.append(f"seed {seed}: {kinds[landed]} landed, {kinds[never_live]} never live")
+        caught = [(k, d) for k, d in report.violations if k in (landed, never_live)]
+        assert all(
+            ("wrote agent 0 " if k == landed else "live then: agent 0 ") in d
+            for k, d in caught
+            if d != "(more)"
+        ), _summary(report)
+        assert not any(k.startswith("atomic:") for k in kinds), _summary(report)
+        if report.logs and os.path.isdir(report.logs):
+            shutil.rmtree(report.logs)
+        if caught:
+            break
+    assert caught, "no lie caught in any run: " + "; ".join(runs)
 
 
 @pytest.mark.timeout(150)

@@ -78,6 +78,8 @@ def test_config_layers_file_then_environment_then_flags(tmp_path):
         ("ack_deadline = 'soon'\n", "not a duration"),
         ("endpoint = 'udp://x'\n", "endpoint must start with"),
         ("poll_min = '1s'\npoll_max = '10ms'\n", "poll_min must not exceed poll_max"),
+        ("heartbeat = '30m'\n", "heartbeat x lease_factor is 5400 s; agents accept at most"),
+        ("ack_deadline = '2h'\n", "ack_deadline is 7200 s; agents accept at most 3600 s"),
         ("[hmmd\n", "hmmd.toml"),
     ],
 )
@@ -210,10 +212,13 @@ def test_sockets_belong_to_the_socket_group(directory: str, tmp_path: Path) -> N
     endpoint = f"ipc://{directory}/hmmd.sock"
     hmmd = start_hmmd(endpoint, ["--socket-group", group], log_path=str(tmp_path / "hmmd.stderr"))
     try:
-        # One socket: the door, where agents and targets (their userfaultfds) knock.
-        assert sorted(os.listdir(directory)) == ["hmmd.sock"]
+        # One socket: the door, where agents and targets (their userfaultfds) knock; and the
+        # claims the hmmds of this directory share (SPEC §1.7), theirs alone.
+        assert sorted(os.listdir(directory)) == ["hmmd-owners", "hmmd.sock"]
         st = os.stat(f"{directory}/hmmd.sock")
         assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid)
+        owners = os.lstat(f"{directory}/hmmd-owners")
+        assert stat.S_ISDIR(owners.st_mode) and stat.S_IMODE(owners.st_mode) == 0o700
     finally:
         assert hmmd.stop(10) == (0, False)
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hmmirror.proto.messages import Access
 from hmmirror.testing.curve import NO_KEY_ENV, curve_hmmd
 from hmmirror.testing.rdma import hm_agent
@@ -271,3 +272,24 @@ async def test_hm_agent_log_format_from_its_config_file(hmmd, tmp_path):
     async with hm_agent(hmmd, extra=["--config", str(cfg)]) as agent:
         pass
     assert all(json.loads(line)["msg"] for line in agent.errors.decode().splitlines())
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_a_reader_that_goes_away_ends_hmmctl_quietly(buffered):
+    """``hmmctl ... | head``: stdout's reader gone before hmmctl writes; it stops with the
+    status SIGPIPE gives (141), and no traceback, whether its stdout is block-buffered (a
+    pipe, CI's clean environment) or not (PYTHONUNBUFFERED, as here)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [PY, "-m", HMMCTL, "completion", "bash"], stdout=write_end, stderr=subprocess.PIPE,
+            text=True, timeout=30, stdin=subprocess.DEVNULL, env=env,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr
+    assert done.stderr == ""

@@ -193,6 +193,18 @@ def test_keys_generate_keeps_existing_keys_and_stays_in_its_directory(tmp_path):
     assert sorted(os.listdir(keys)) == ["hmmd.key", "hmmd.key_secret"]
 
 
+def test_a_client_secret_key_others_can_read_is_refused_as_hmmd_s_own_is(tmp_path):
+    """hmmd refused a secret key file others could read; hmmctl and hm-agent took theirs."""
+    keys = tmp_path / "keys"
+    for name in ("hmmd", "me"):
+        assert run(HMMCTL, "keys", "generate", str(keys), name).returncode == 0
+    secret = keys / "me.key_secret"
+    secret.chmod(0o644)
+    client = ["--server-key", str(keys / "hmmd.key"), "--client-key", str(secret)]
+    out = run(HMMCTL, "--endpoint", "tcp://127.0.0.1:1", *client, "status")
+    one_line(out, HMMCTL, 2, "me.key_secret is readable by others (mode 644); chmod 600 it")
+
+
 def test_a_client_without_curve_keys_is_told_what_to_set(tmp_path):
     with curve_hmmd(tmp_path) as rig:
         out = run(HMMCTL, "--endpoint", rig.endpoint, "--timeout", "1", "status", env=NO_KEY_ENV)

@@ -259,6 +259,29 @@ async def test_implicit_children_are_created_on_fault_and_dropped_when_empty(hmm
         assert mr.children_created == 2
 
 
+async def test_implicit_children_that_map_nothing_are_not_kept(hmmd, puppet, agent):
+    """Accesses to GiB after GiB where the process maps nothing each made a child (a mirror
+    at hmmd) that no invalidation would ever empty: they piled up until the MR was gone, and
+    past hmmd's per-peer caps every hm-agent of the uid was refused. Each is dropped once
+    its users are done."""
+    addr = await puppet.mmap(PAGE)
+    await puppet.write(addr, b"k")
+    async with agent() as s:
+        nic = Nic(s)
+        mr = await nic.reg_mr(puppet.pid, 0, WHOLE_ADDRESS_SPACE, RW)
+        empty = 0x7E0000000000  # far from anything the puppet maps
+        for k in range(64):
+            with pytest.raises(DeviceError) as info:
+                await read_all(nic, mr, empty + k * IMPLICIT_CHILD_SIZE, 1)
+            assert info.value.errno == errno.EFAULT, info.value
+        await until(lambda: len(s.mirrors) == 0, "the empty children to be unregistered")
+        assert mr.children == [] and mr.children_created == 64 == mr.children_dropped
+        assert (await s.status())["mirrors"] == 0
+        # A child that maps something is kept, and reads on.
+        assert await read_all(nic, mr, addr, 1) == b"k"
+        assert mr.children == [addr & ~(IMPLICIT_CHILD_SIZE - 1)]
+
+
 async def test_implicit_access_spanning_two_children(hmmd, puppet, agent):
     # Reserve 2 GiB + 2 pages without memory, then map around a GiB boundary inside it.
     span = 2 * IMPLICIT_CHILD_SIZE + 2 * PAGE

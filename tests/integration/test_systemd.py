@@ -77,7 +77,7 @@ def test_units_verify_clean(tmp_path):
         shutil.copy(VENV_BIN / script, root / "usr/local/bin" / script)
     out = subprocess.run(
         [exe, "verify", f"--root={root}", "/etc/systemd/system/hmmd.service",
-         "/etc/systemd/system/hm-agent@.service"],
+         "/etc/systemd/system/hmmd@.service", "/etc/systemd/system/hm-agent@.service"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
@@ -98,6 +98,27 @@ def test_hmmd_unit_exposure_is_at_most_2_5():
     for line in (f"AmbientCapabilities={caps}", f"CapabilityBoundingSet={caps}", "User=hmmirror",
                  "NoNewPrivileges=yes", "Type=notify", "LimitNOFILE="):  # fmt: skip
         assert line in (DEPLOY / "hmmd.service").read_text()
+
+
+#: The only lines in which hmmd@.service's body (from ``[Unit]`` on) differs from hmmd.service's.
+INSTANCE_LINES = {
+    "Description=hmmirror host daemon (HMM mirroring over ZeroMQ)\n":
+        "Description=hmmirror host daemon, instance %i (HMM mirroring over ZeroMQ)\n",
+    "ExecStart=/usr/local/bin/hmmd run\n":
+        "ExecStart=/usr/local/bin/hmmd run --endpoint ipc:///run/hmmirror/hmmd-%i.sock\n",
+}  # fmt: skip
+
+
+def test_the_instance_unit_is_hmmd_service_but_for_its_endpoint_and_shared_directory():
+    """hmmd@.service is hmmd.service line for line, but for its name and the instance's own
+    socket: a change to one unit that the other lacks fails here. Both keep /run/hmmirror
+    when they stop, which the others serve from."""
+    body = (DEPLOY / "hmmd.service").read_text().partition("[Unit]\n")[2]
+    for old, new in INSTANCE_LINES.items():
+        assert body.count(old) == 1, old
+        body = body.replace(old, new)
+    assert (DEPLOY / "hmmd@.service").read_text().partition("[Unit]\n")[2] == body
+    assert "\nRuntimeDirectoryPreserve=yes\n" in body
 
 
 def test_agent_unit_is_notify_and_does_not_restart_a_configuration_error():

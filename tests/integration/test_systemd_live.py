@@ -77,6 +77,7 @@ CHECKS = [
     "hm_agent_bad_listen_scheme",
     "hmmd_watchdog",
     "journal_priorities",
+    "hmmd_instances",
 ]
 
 #: Checks of behaviour other branches of issue 11 bring; strict: each fails the run once that
@@ -319,7 +320,7 @@ def live() -> Iterator[dict[str, Any]]:
 
 def _journal(doc: dict[str, Any], check: str) -> str:
     """The journal most likely to explain ``check``."""
-    unit = "hmmd-tcp" if check == "hmmd_tcp_endpoint" else "hmmd"
+    unit = {"hmmd_tcp_endpoint": "hmmd-tcp", "hmmd_instances": "hmmd@0"}.get(check, "hmmd")
     if check.startswith("hm_agent"):
         unit = {
             "hm_agent_ready": "hm-agent@nic0",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
-from hmmirror.client import Access
+from hmmirror.client import Access, RemoteError, connect
 from hmmirror.client.mlx5 import RdmaPeer
 from hmmirror.client.session import status
 from hmmirror.proto import ErrorCode, ProtocolError, decode, encode
@@ -320,6 +321,126 @@ async def test_a_peer_that_never_reads_cannot_grow_hmmd_and_is_evicted(
         assert "queued replies" in hmmd.stderr(), "not evicted for not reading"
         assert not evicted or "queued replies" in evicted[0]
         assert hmmd.proc.poll() is None
+
+
+async def test_a_peer_that_never_reads_cannot_flood_hmmds_log(hmmd: Any) -> None:
+    """Every reply hmmd could not queue for a peer was one log line: a peer that sends cheap
+    requests and never reads had hmmd write thousands of lines a second (and spend its loop
+    on them). Now a burst is logged, then how many were not."""
+    async with never_reader(hmmd.endpoint) as peer:
+        assert isinstance((await peer.ask(M.Hello(agent="never-reads", pid=1))).msg, M.Welcome)
+        deadline = time.monotonic() + 20.0
+        while peer.sent < 30_000 and time.monotonic() < deadline:
+            try:
+                peer.send(M.Status())
+            except zmq.Again:
+                await asyncio.sleep(0.005)
+        await asyncio.sleep(0.5)  # hmmd answers what it took
+        stats = await status(hmmd.endpoint)
+    dropped = hmmd.stderr().count("dropped: ")
+    print(f"\n{peer.sent} status requests never read: {dropped} lines of dropped replies")
+    assert stats["evictions"] >= 1, f"the peer was never evicted: {stats}"
+    assert 1 <= dropped <= 25, f"{dropped} log lines for replies dropped to one peer"
+    # Sessions opened and closed back to back: hmmd says so, within a budget.
+    async with never_reader(hmmd.endpoint) as churner:
+        for _ in range(3000):
+            churner.send(M.Hello(agent="churner", pid=1))
+            churner.send(M.Goodbye())
+        until = time.monotonic() + 20.0
+        while (await status(hmmd.endpoint))["messages"] < stats["messages"] + 6000:
+            assert time.monotonic() < until, "hmmd did not take 6000 messages in 20 s"
+            await asyncio.sleep(0.05)
+    opened = hmmd.stderr().count("opened by churner")
+    print(f"3000 sessions opened and closed: {opened} lines of them")
+    assert 1 <= opened <= 120, f"{opened} log lines for one peer's sessions"
+    assert hmmd.proc.poll() is None
+
+
+#: A hoarder: mirror ``count`` ranges of ``pages`` pages of this very process (a user may
+#: always mirror its own; the ranges need not be mapped), back to back, until refused; say
+#: how far it got (a JSON line) and hold them until stdin closes; then close the session and
+#: mirror once more, and say so. argv: endpoint, pages, count.
+HOARDER = r"""
+import asyncio, json, os, sys
+from hmmirror.client import RemoteError, connect
+from hmmirror.proto import ErrorCode
+async def main():
+    endpoint, pages, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    got, refusal, base = 0, None, 0x100000000000
+    async with connect(endpoint, name="hoarder") as s:
+        for i in range(count):
+            try:
+                await s.mirror(os.getpid(), base + i * pages * 4096, pages * 4096)
+            except RemoteError as exc:
+                refusal = [ErrorCode(exc.code).name, exc.message]
+                break
+            got += 1
+        print(json.dumps({"got": got, "refusal": refusal}), flush=True)
+        await asyncio.to_thread(sys.stdin.read)
+    async with connect(endpoint, name="hoarder-again") as s:
+        await s.mirror(os.getpid(), base, pages * 4096)  # the first session's share is back
+    print(json.dumps({"again": True}), flush=True)
+asyncio.run(main())
+"""
+
+
+async def hoard(user: Any, endpoint: str, pages: int, pid: int) -> tuple[dict[str, Any], int]:
+    """Run HOARDER as ``user``: how far it got, and process ``pid``'s mappings meanwhile."""
+    proc = user.popen(user.python(HOARDER, endpoint, str(pages), "4096"))
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 120)
+        assert line, proc.stderr.read()
+        held = map_count(pid)
+        out, err = await asyncio.to_thread(proc.communicate, "", 60)
+        assert proc.returncode == 0 and json.loads(out) == {"again": True}, err
+        return json.loads(line), held
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def map_count(pid: int) -> int:
+    """How many mappings process ``pid`` has."""
+    with open(f"/proc/{pid}/maps") as f:
+        return sum(1 for _ in f)
+
+
+@pytest.mark.hmmd_args("--heartbeat", "1s", "--max-mirrors-per-peer", "200")
+async def test_a_user_cannot_make_hmmd_hold_mirror_after_mirror(
+    hmmd: Any, hmmd_group: str, make_user: Any
+) -> None:
+    """A mirror holds shadow arrays of 8 bytes per page of its range, each array a mapping of
+    hmmd's once large, and any user may mirror its own process, mapped or not: with no cap,
+    a user registering mirror after mirror ran hmmd out of mappings (vm.max_map_count) and
+    memory. Now a peer holds at most ``max_mirror_pages_per_peer`` pages (1 TiB) and
+    ``max_mirrors_per_peer`` mirrors; past either, TOO_LARGE, and a closed session gives
+    its share back."""
+    mallory = make_user(groups=(hmmd_group,))
+    maps_before = map_count(hmmd.proc.pid)
+    large, maps_held = await hoard(mallory, hmmd.endpoint, 1 << 25, hmmd.proc.pid)
+    many, _ = await hoard(mallory, hmmd.endpoint, 1, hmmd.proc.pid)
+    stats = await status(hmmd.endpoint)
+    print(
+        f"\nmirrors of 2^25 pages: {large['got']} before {large['refusal']}; hmmd's mappings "
+        f"{maps_before} -> {maps_held}\nmirrors of 1 page: {many['got']} before {many['refusal']}"
+    )
+    assert large["got"] == 8 and large["refusal"][0] == "TOO_LARGE", large  # 8 x 2^25 = 2^28
+    assert "max_mirror_pages_per_peer" in large["refusal"][1], large
+    assert maps_held < maps_before + 64, f"hmmd's mappings grew {maps_before} -> {maps_held}"
+    assert many["got"] == 200 and "max_mirrors_per_peer" in many["refusal"][1], many
+    assert stats["mirror_refusals"] == 2 and stats["mirrors"] == 0, stats
+    assert hmmd.proc.poll() is None
+
+
+@pytest.mark.hmmd_args("--heartbeat", "1s", "--max-mirrors", "16")
+async def test_max_mirrors_caps_every_agent_root_included(hmmd: Any, puppet: Puppet) -> None:
+    addr = await puppet.mmap(PAGE)
+    async with connect(hmmd.endpoint, name="root-hoarder") as session:
+        for _ in range(16):
+            await session.mirror(puppet.pid, addr, PAGE)
+        with pytest.raises(RemoteError) as full:
+            await session.mirror(puppet.pid, addr, PAGE)
+    assert full.value.code == ErrorCode.TOO_LARGE and "max_mirrors" in full.value.message
 
 
 # --- hm-agent -------------------------------------------------------------------------------

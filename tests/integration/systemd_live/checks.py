@@ -148,12 +148,12 @@ class Agent:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def start(cls, user: str) -> AsyncIterator[Agent]:
-        """Run agent.py as ``user``; kill it afterwards."""
+    async def start(cls, user: str, endpoint: str = ENDPOINT) -> AsyncIterator[Agent]:
+        """Run agent.py as ``user`` with hmmd at ``endpoint``; kill it afterwards."""
         proc = await asyncio.create_subprocess_exec(
             str(STAGE / f"as-{user}"),
             str(STAGE / "agent.py"),
-            ENDPOINT,
+            endpoint,
             f"live-{user}",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -575,6 +575,67 @@ class Live:
         )
         return ok, d
 
+    async def hmmd_instances(self) -> tuple[bool, Detail]:
+        """hmmd@0 and hmmd@1 (hmmd@.service) serve beside hmmd.service on
+        /run/hmmirror/hmmd-N.sock and share its hmmd-owners claims (hmmd's user, 0700): a
+        process mirrored through @0 is refused MOVED at @1, naming @0. hm-agent@ given the
+        three endpoints becomes active, serving an MR of that process (registered at @0
+        through MOVED), and every instance stays up. Stopping @1 leaves @0 serving with its
+        socket, and hm-agent@ started again with the same three, @1 among them, becomes
+        active all the same (it warns of @1 and serves through the others)."""
+        sockets = {i: f"/run/hmmirror/hmmd-{i}.sock" for i in (0, 1)}
+        units = ("hmmd@0", "hmmd@1", "hmmd")
+        port = AGENT_PORT + 2
+        d: Detail = {}
+        try:
+            d["start_rc"] = sh("systemctl", "start", "hmmd@0", "hmmd@1").returncode
+            d["active"] = [show(u, "ActiveState")["ActiveState"] for u in units]
+            owners = os.stat("/run/hmmirror/hmmd-owners")
+            hmmirror = pwd.getpwnam("hmmirror").pw_uid
+            d["owners"] = [owners.st_uid == hmmirror, oct(owners.st_mode & 0o777)]
+            async with (
+                target("hmm-target") as t,
+                Agent.start("hmm-agent", f"ipc://{sockets[0]}") as first,
+                Agent.start("hmm-agent", f"ipc://{sockets[1]}") as second,
+            ):
+                addr = await filled(t, 2, b"instance")
+                await first.must("mirror", pid=t.pid, addr=addr, length=2 * PAGE)
+                d["at_1"] = await second.ask("mirror", pid=t.pid, addr=addr, length=2 * PAGE)
+                every = ",".join([ENDPOINT, *(f"ipc://{s}" for s in sockets.values())])
+                write_agent_config(
+                    "multi", f"tcp://127.0.0.1:{port}", [f"{t.pid}:{addr:#x}:8K:rw"], every
+                )
+                try:
+                    agent = await start_agent_unit("multi", until={"active", "failed"})
+                    d["agent"] = agent["states"][-1], tcp_accepts(port)
+                    d["active_with_agent"] = [show(u, "ActiveState")["ActiveState"] for u in units]
+                finally:
+                    sh("systemctl", "stop", "hm-agent@multi")
+                d["stop_1_rc"] = sh("systemctl", "stop", "hmmd@1").returncode
+                try:
+                    agent = await start_agent_unit("multi", until={"active", "failed"})
+                    d["agent_without_1"] = agent["states"][-1], tcp_accepts(port)
+                finally:
+                    sh("systemctl", "stop", "hm-agent@multi")
+            status_0 = sh("hmmctl", "--endpoint", f"ipc://{sockets[0]}", "status")
+            d["after"] = {
+                "hmmd@0": show("hmmd@0", "ActiveState")["ActiveState"],
+                "socket_0": os.path.exists(sockets[0]),
+                "status_0_rc": status_0.returncode,
+            }
+            moved = d["at_1"].get("code") == "MOVED" and sockets[0] in d["at_1"].get("error", "")
+            ok = (
+                d["start_rc"] == 0
+                and d["active"] == d["active_with_agent"] == ["active"] * 3
+                and d["owners"] == [True, "0o700"]
+                and moved
+                and d["agent"] == d["agent_without_1"] == ("active", True)
+                and d["after"] == {"hmmd@0": "active", "socket_0": True, "status_0_rc": 0}
+            )
+            return ok, d
+        finally:
+            sh("systemctl", "stop", "hmmd@0", "hmmd@1")
+
 
 async def start_agent_unit(instance: str, until: set[str]) -> Detail:
     """``systemctl start --no-block hm-agent@INSTANCE``, then its ActiveState every 20 ms
@@ -611,11 +672,11 @@ def tcp_accepts(port: int) -> bool:
         return False
 
 
-def write_agent_config(instance: str, listen: str, mrs: list[str]) -> None:
+def write_agent_config(instance: str, listen: str, mrs: list[str], daemon: str = ENDPOINT) -> None:
     """/etc/hmmirror/agent-INSTANCE.toml. A plain-TCP listener must say so (``insecure``)
     where hm-agent knows that setting: the container has a network of its own."""
     lines = [
-        f'daemon = "{ENDPOINT}"',
+        f'daemon = "{daemon}"',
         f'listen = "{listen}"',
         f'name = "{instance}"',
         "mr = [" + ", ".join(f'"{m}"' for m in mrs) + "]",
@@ -627,7 +688,8 @@ def write_agent_config(instance: str, listen: str, mrs: list[str]) -> None:
 
 def collect_journal(results: Results) -> None:
     """The units' journals, for whoever reads a failure."""
-    for unit in ("hmmd", "hmmd-tcp", "hm-agent@nic0", "hm-agent@busy", "hm-agent@scheme"):
+    for unit in ("hmmd", "hmmd-tcp", "hm-agent@nic0", "hm-agent@busy", "hm-agent@scheme",
+                 "hmmd@0", "hmmd@1", "hm-agent@multi"):  # fmt: skip
         out = sh("journalctl", "--no-pager", "-o", "short-monotonic", "-u", unit, "-n", "80")
         results.doc["journal"][unit] = out.stdout[-8000:]
     results.save()
@@ -663,6 +725,7 @@ async def main() -> int:
             )
             await results.run("hmmd_watchdog", live.hmmd_watchdog)
             await results.run("journal_priorities", live.journal_priorities)
+            await results.run("hmmd_instances", live.hmmd_instances)
     except TimeoutError:
         results.doc["timeout"] = f"the checks ran past {RUN_DEADLINE} s"
     finally:

@@ -21,7 +21,8 @@ install -D -m 0644 "$S"/deploy/hmmirror.tmpfiles /usr/lib/tmpfiles.d/hmmirror.co
 systemd-sysusers hmmirror.conf && systemd-tmpfiles --create hmmirror.conf
 install -m 0640 -g hmmirror "$S"/deploy/hmmd.toml /etc/hmmirror/hmmd.toml
 install -D -m 0644 "$S"/README.md /usr/share/doc/hmmirror/README.md
-install -m 0644 "$S"/deploy/hmmd.service "$S"/deploy/hm-agent@.service /etc/systemd/system/
+install -m 0644 "$S"/deploy/hmmd.service "$S"/deploy/hmmd@.service "$S"/deploy/hm-agent@.service \
+    /etc/systemd/system/
 systemctl enable hmmd.service
 
 # The checks: a target user, a granted agent user, a stranger; all may reach the socket.

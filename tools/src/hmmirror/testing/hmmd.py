@@ -103,6 +103,11 @@ class HmmdProcess:
 
     # --- readiness -------------------------------------------------------------------------
 
+    @property
+    def ready(self) -> bool:
+        """Whether its ready line came (``wait_ready`` returned)."""
+        return self._drainer is not None
+
     def wait_ready(self, deadline: float = START_DEADLINE) -> str:
         """Read stdout until the ready line; set ``endpoint`` from it and return it.
 

@@ -357,6 +357,12 @@ class Puppet:
         """Make the puppet call ``hmmirror.client.expose(endpoint, strict=strict)``."""
         await self._call("expose", endpoint=endpoint, strict=strict)
 
+    async def announce(self, endpoint: str, addr: int, length: int) -> str:
+        """Make the puppet announce a CLEAR of its own [addr, addr + length) through
+        ``BlockingAnnouncer(endpoint)``; the endpoint of the hmmd that took it."""
+        served: str = await self._call("announce", endpoint=endpoint, addr=addr, length=length)
+        return served
+
     async def uffd_leave(self) -> int:
         """Make the puppet create a userfaultfd it leaves unconfigured; returns its fd number."""
         fd: int = await self._call("uffd_leave")

@@ -89,6 +89,7 @@ class PuppetTarget:
             "uffd_stats": self.op_uffd_stats,
             "uffd_close": self.op_uffd_close,
             "expose": self.op_expose,
+            "announce": self.op_announce,
             "uffd_leave": self.op_uffd_leave,
         }
 
@@ -303,6 +304,15 @@ class PuppetTarget:
 
         expose(a["endpoint"], strict=a.get("strict", False))
         return None, b""
+
+    def op_announce(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
+        """``BlockingAnnouncer(endpoint).sync_range(addr, addr + length)``: this process
+        announces its own change; answers the endpoint of the hmmd that took it."""
+        from hmmirror.client.target import BlockingAnnouncer
+
+        with BlockingAnnouncer(a["endpoint"], timeout=a.get("timeout", 15.0)) as me:
+            me.sync_range(a["addr"], a["addr"] + a["length"])
+            return me.endpoint, b""
 
     def op_uffd_leave(self, a: dict[str, Any], _: bytes) -> tuple[Any, bytes]:
         """Create a userfaultfd and leave it open and unconfigured, for hmmd to take

@@ -3,3 +3,6 @@
 They are built on the agent library (``hmmirror.client``) and, where they start an hmmd of their
 own (the demo, the checker), on ``hmmirror.daemon``; the library itself never imports this package.
 """
+
+#: The installed distribution of these programs (its version: ``--version``).
+DISTRIBUTION = "hmmirror-tools"

@@ -26,10 +26,10 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from importlib.metadata import version
 
 from hmmirror.client.errors import AgentError, DaemonUnavailable
 from hmmirror.client.mlx5.grants import Grants
+from hmmirror.tools import DISTRIBUTION
 from hmmirror.tools.agentconfig import (
     DEFAULT_DAEMON,
     DEFAULT_LISTEN,
@@ -44,6 +44,8 @@ from hmmirror.transport.settings import (
     EXIT_USAGE,
     ConfigError,
     Parser,
+    VersionAction,
+    distribution_version,
     refuse,
     version_line,
 )
@@ -70,7 +72,11 @@ def _parser() -> argparse.ArgumentParser:
         "--mr buf=1234:0x7f0000000000:2M:rwa --grant allow/host-b.key:buf:rw",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML file (keys as the long flags)")
-    parser.add_argument("--daemon", metavar="ENDPOINT", help=f"hmmd (default {DEFAULT_DAEMON})")
+    parser.add_argument(
+        "--daemon",
+        metavar="ENDPOINT[,ENDPOINT...]",
+        help=f"hmmd (default {DEFAULT_DAEMON}); every hmmd of a host that runs several",
+    )
     parser.add_argument(
         "--listen", metavar="ENDPOINT", help=f"where to serve RDMA (default {DEFAULT_LISTEN}; "
         "port 0 picks a free one)",
@@ -125,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         "--log-format", choices=["text", "json"],
         help="stderr lines: text (timestamped) or one JSON object per line, as hmmd's (text)",
     )  # fmt: skip
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action=VersionAction, line=_version)
     sub = parser.add_subparsers(dest="command", metavar="[COMMAND]")
     sub.add_parser("run", help="serve RDMA until SIGTERM or SIGINT (the default)")
     sub.add_parser("check-config", help="check the settings and exit 0 if they are good")
@@ -135,9 +141,10 @@ def _parser() -> argparse.ArgumentParser:
 
 async def serve(conf: AgentConfig, args: argparse.Namespace | None = None) -> int:
     """Connect, bind, register, serve until a signal; return the exit code."""
+    from hmmirror.client.group import connect_group
     from hmmirror.client.mlx5.nic import Nic
     from hmmirror.client.mlx5.service import RdmaService
-    from hmmirror.client.session import connect
+    from hmmirror.client.session import Session
     from hmmirror.daemon.sdnotify import notify
 
     log = logging.getLogger("hmmirror.agent")
@@ -157,10 +164,19 @@ async def serve(conf: AgentConfig, args: argparse.Namespace | None = None) -> in
             curve = CurveKeys.load(conf.server_key, conf.client_key)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"server_key/client_key: {exc}") from exc
-    async with connect(conf.daemon, name=conf.name[:64], curve=curve) as session:
-        if conf.dma_window and conf.daemon.startswith("ipc://"):
-            await session.use_window(conf.dma_window)
-        nic = Nic(session, conf.name)
+    async with connect_group(conf.daemons, name=conf.name[:64], curve=curve) as group:
+
+        async def attach(session: Session) -> None:
+            """The DMA window for an ipc:// hmmd's session (one that answered late too)."""
+            if conf.dma_window and session.endpoint.startswith("ipc://"):
+                await session.use_window(conf.dma_window)
+
+        for session in group.sessions:
+            await attach(session)
+        group.on_join = attach
+        # One hmmd: the plain session. Several (some perhaps not answering yet): each MR
+        # goes to the one watching its process.
+        nic = Nic(group if len(conf.daemons) > 1 else group.sessions[0], conf.name)
         service = RdmaService(
             nic, conf.listen, key_file=conf.listen_key, allow_dir=conf.listen_allow,
             insecure=conf.insecure,
@@ -206,7 +222,8 @@ async def serve(conf: AgentConfig, args: argparse.Namespace | None = None) -> in
             log.warning("no requester holds a grant: every RDMA access will be refused")
         log.info(
             "hm-agent %s serving %d MR(s) on %s (hmmd %s, epoch %s)",
-            nic.name, len(nic.mrs), service.endpoint, conf.daemon, session.epoch,
+            nic.name, len(nic.mrs), service.endpoint, conf.daemon,
+            ", ".join(str(s.epoch) for s in group.sessions),
         )  # fmt: skip
         try:
             await stop.wait()
@@ -259,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except (AgentError, OSError) as exc:
         hint = ""
-        keyless = conf.daemon.startswith("tcp://") and not conf.server_key
+        keyless = "tcp://" in conf.daemon and not conf.server_key
         if isinstance(exc, DaemonUnavailable) and keyless:  # hmmd only logs why it ignored us
             hint = " (no server_key/client_key: a tcp:// hmmd that is not insecure needs them)"
         print(f"hm-agent: {exc}{hint}", file=sys.stderr)
@@ -284,7 +301,7 @@ def show_version(args: argparse.Namespace) -> int:
 
 def _version() -> str:
     """What ``hm-agent --version`` prints."""
-    return version_line("hm-agent", version("hmmirror-tools"))
+    return version_line("hm-agent", distribution_version(DISTRIBUTION))
 
 
 #: The subcommands; none given is ``run``. A ConfigError from any is a configuration error.

@@ -45,6 +45,8 @@ from hmmirror.transport.settings import (
 )
 
 DEFAULT_DAEMON = "ipc:///run/hmmirror/hmmd.sock"
+#: The most hmmds of one host an agent may talk to (``daemon``, comma-separated).
+MAX_DAEMONS = 16
 #: The port perftest's RDMA tools have always used.
 DEFAULT_LISTEN = "tcp://127.0.0.1:18515"
 _LENGTH = re.compile(r"^(0x[0-9a-fA-F]+|\d+)([KMG]?)$")
@@ -162,7 +164,9 @@ class AgentConfig:
     """Everything hm-agent can be told (the file's keys are these names)."""
 
     daemon: str = setting(DEFAULT_DAEMON, NONEMPTY, env="HMMIRROR_ENDPOINT")
-    """hmmd's endpoint."""
+    """hmmd's endpoint; on a host that runs several hmmds, all of theirs, comma-separated:
+    each MR is registered with the one that watches its process (SPEC §1.7); one that does
+    not answer at start is left out, with a warning, while another does."""
     listen: str = setting(DEFAULT_LISTEN, NONEMPTY, env="HMMIRROR_AGENT_LISTEN")
     """Where to serve RDMA (tcp:// or ipc://; port 0 picks a free one)."""
     name: str = setting("mlx5_0", NONEMPTY, env="HMMIRROR_AGENT_NAME")
@@ -189,6 +193,11 @@ class AgentConfig:
     """Who may use which MRs, and how (``[[grant]]`` tables, then ``--grant`` flags)."""
 
     @property
+    def daemons(self) -> tuple[str, ...]:
+        """The hmmd endpoints ``daemon`` names, in order."""
+        return tuple(part.strip() for part in self.daemon.split(","))
+
+    @property
     def mr_numbers(self) -> dict[str, int]:
         """MR names by the number they will be registered as (1, 2, ...), before they are."""
         return {spec.name: i for i, spec in enumerate(self.mr, 1)}
@@ -204,7 +213,13 @@ def load(
     conf = build(AgentConfig, file, path or "config", env, flags, blank_env_unsets=True)
     # The endpoints are checked once the layers are merged: an environment variable or a
     # flag may stand in for a file's endpoint that this host cannot use.
-    parse_endpoint(conf.daemon, "daemon")
+    daemons = conf.daemons
+    for endpoint in daemons:
+        parse_endpoint(endpoint, "daemon")
+    if len(set(daemons)) != len(daemons) or len(daemons) > MAX_DAEMONS:
+        raise ConfigError(
+            f"daemon: at most {MAX_DAEMONS} different hmmd endpoints, got {conf.daemon!r}"
+        )
     names = [spec.name for spec in conf.mr]
     if len(set(names)) != len(names):
         raise ConfigError(f"MR names must differ: {names}")

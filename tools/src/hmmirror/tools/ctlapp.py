@@ -9,7 +9,8 @@ Global options (``--endpoint``, ``--timeout``, ``--server-key``, ``--client-key`
 Exit codes: 0 success, 1 failure (daemon or agent unreachable, violations
 found, keys that exist already, the daemon's distribution missing for ``demo``
 and ``check``), 2 usage error (a malformed endpoint, duration or count, an
-unusable key file). Every error is one line on stderr, ``hmmctl: ...``.
+unusable key file), 141 when what read stdout went away (``| head``), as SIGPIPE
+ends a program. Every error is one line on stderr, ``hmmctl: ...``.
 ``HMMIRROR_ENDPOINT`` sets the default hmmd endpoint, ``HMMIRROR_AGENT`` the
 default hm-agent endpoint, ``HMMIRROR_SERVER_KEY`` and ``HMMIRROR_CLIENT_KEY`` the
 defaults of ``--server-key`` and ``--client-key`` (the CURVE certificates for a
@@ -19,16 +20,21 @@ defaults of ``--server-key`` and ``--client-key`` (the CURVE certificates for a
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
 from hmmirror.tools import ctlinspect, ctlrun, ctlstat, ctltrace
 from hmmirror.tools.ctlinspect import Refused, fail
+from hmmirror.tools.ctlparse import MANY_HMMDS
 from hmmirror.tools.ctlparse import build as _parser
 from hmmirror.transport.settings import EXIT_USAGE
 
 __all__ = ["COMMANDS", "_parser", "main"]
 
+#: The commands that read hmmd and take one endpoint only (``MANY_HMMDS`` take several).
+ONE_HMMD = ("top", "trace")
 #: The subcommands, by name; none given prints the help (exit 2).
 COMMANDS: dict[str | None, Callable[[argparse.Namespace], int]] = {
     "status": ctlinspect.status,
@@ -53,10 +59,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    endpoints = args.endpoint if isinstance(args.endpoint, tuple) else (args.endpoint,)
+    args.endpoint, args.endpoints = endpoints[0], endpoints
+    if len(endpoints) > 1 and args.command in ONE_HMMD:
+        return fail(
+            f"{args.command} reads one hmmd, and --endpoint names {len(endpoints)}: give one "
+            f"({', '.join(MANY_HMMDS)} read several)",
+            EXIT_USAGE,
+        )
     try:
-        return command(args)
+        code = command(args)
+        sys.stdout.flush()  # a block-buffered stdout's reader gone shows here, not at exit
+        return code
     except Refused as exc:
         return fail(str(exc), exc.code)
+    except BrokenPipeError:
+        # What reads stdout went away (``hmmctl mirrors | head``): stop quietly with the
+        # status of a program that SIGPIPE ended, and point stdout at /dev/null so that the
+        # interpreter's last flush does not fail again (Python's "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

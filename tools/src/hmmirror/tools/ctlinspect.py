@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -59,17 +60,20 @@ def load_keys(server_key: str, client_key: str, server_flag: str) -> CurveKeys |
         raise Refused(f"{server_flag}/--client-key: {exc}", EXIT_USAGE) from exc
 
 
-def _curve(args: argparse.Namespace) -> CurveKeys | None:
-    """The CURVE keys for a ``tcp://`` hmmd (None: none given, or an ipc:// hmmd)."""
-    if not args.endpoint.startswith("tcp://"):
+def _curve(args: argparse.Namespace, endpoint: str = "") -> CurveKeys | None:
+    """The CURVE keys for a ``tcp://`` hmmd, ``endpoint`` or ``--endpoint``'s (None: none
+    given, or an ipc:// hmmd)."""
+    if not (endpoint or args.endpoint).startswith("tcp://"):
         return None
     return load_keys(args.server_key, args.client_key, "--server-key")
 
 
-def _unreachable(args: argparse.Namespace, curve: CurveKeys | None, exc: AgentError) -> str:
+def _unreachable(
+    args: argparse.Namespace, curve: CurveKeys | None, exc: AgentError, endpoint: str = ""
+) -> str:
     """What to say when hmmd did not answer: the error, and what to check when no keys
     were given for a tcp:// hmmd (which ignores such a client, and only logs why)."""
-    if curve is not None or not args.endpoint.startswith("tcp://"):
+    if curve is not None or not (endpoint or args.endpoint).startswith("tcp://"):
         return str(exc)
     return (
         f"{exc} (no CURVE keys given: a tcp:// hmmd that is not insecure ignores such a "
@@ -79,21 +83,55 @@ def _unreachable(args: argparse.Namespace, curve: CurveKeys | None, exc: AgentEr
 
 
 def _ask_hmmd(
-    args: argparse.Namespace, ask: Callable[[CurveKeys | None], Coroutine[Any, Any, T]]
+    args: argparse.Namespace,
+    ask: Callable[[CurveKeys | None], Coroutine[Any, Any, T]],
+    endpoint: str = "",
 ) -> T:
-    """One question to hmmd, with the keys given; Refused if it fails."""
-    curve = _curve(args)
+    """One question to hmmd (``endpoint``, else ``--endpoint``'s), with the keys given;
+    Refused if it fails."""
+    curve = _curve(args, endpoint)
     try:
         return asyncio.run(ask(curve))
     except AgentError as exc:
-        raise Refused(_unreachable(args, curve, exc)) from exc
+        raise Refused(_unreachable(args, curve, exc, endpoint)) from exc
+
+
+def _ask_each(
+    args: argparse.Namespace,
+    ask: Callable[[str, CurveKeys | None], Coroutine[Any, Any, T]],
+) -> tuple[list[tuple[str, T]], int]:
+    """The same question to each hmmd ``--endpoint`` names, in order: the answers, and the
+    exit status (1 if one did not answer, which is said in one line and skipped; Refused,
+    as for one, when only one is named)."""
+    answers: list[tuple[str, T]] = []
+    code = 0
+    for endpoint in args.endpoints:
+        try:
+            answer = _ask_hmmd(args, functools.partial(ask, endpoint), endpoint)
+        except Refused as exc:
+            if len(args.endpoints) == 1:
+                raise
+            code = fail(str(exc), exc.code)
+            continue
+        answers.append((endpoint, answer))
+    return answers, code
 
 
 def status(args: argparse.Namespace) -> int:
-    """``hmmctl status``: the daemon's figures, one per line (``-j``: one object)."""
+    """``hmmctl status``: the daemon's figures, one per line (``-j``: one object); given
+    several hmmds, each one's in turn (``-j``: one object per line)."""
     from hmmirror.client.session import status as ask_status
 
-    stats = _ask_hmmd(args, lambda curve: ask_status(args.endpoint, args.timeout, curve))
+    answers, code = _ask_each(args, lambda where, curve: ask_status(where, args.timeout, curve))
+    for n, (endpoint, stats) in enumerate(answers):
+        if len(args.endpoints) > 1 and not args.json:
+            print(f"{chr(10) if n else ''}== hmmd at {endpoint}")
+        _show_status(args, stats)
+    return code
+
+
+def _show_status(args: argparse.Namespace, stats: dict[str, int | float | str]) -> None:
+    """One hmmd's figures, as ``status`` prints them."""
     text = stats.get("ack_histogram")
     buckets: ackhistogram.Buckets | None = None
     if isinstance(text, str):
@@ -102,7 +140,7 @@ def status(args: argparse.Namespace) -> int:
     if args.json:
         parsed = {"ack_histogram": ackhistogram.as_json(str(text))} if buckets is not None else {}
         emit({**stats, **parsed})  # parsed in its place among the keys
-        return 0
+        return
     shown = {k: v for k, v in stats.items() if k != "ack_histogram" or buckets is None}
     width = max(len(k) for k in shown)
     for key, value in shown.items():
@@ -111,41 +149,47 @@ def status(args: argparse.Namespace) -> int:
         print(f"\nack round trip since hmmd started ({ackhistogram.summary(buckets)}):")
         for line in ackhistogram.draw(buckets, 40, ackhistogram.block_for(sys.stdout.encoding)):
             print(line)
-    return 0
 
 
 def inventory(args: argparse.Namespace) -> int:
-    """``hmmctl mms`` and ``hmmctl mirrors``: a table, or (``-j``) one object per row."""
+    """``hmmctl mms`` and ``hmmctl mirrors``: a table, or (``-j``) one object per row;
+    given several hmmds, their rows together, each naming its hmmd (HMMD, ``endpoint``)."""
     from hmmirror.client.session import inventory as ask_inventory
 
-    mms, mirrors = _ask_hmmd(args, lambda curve: ask_inventory(args.endpoint, args.timeout, curve))
-    if args.command == "mms":
-        rows: list[dict[str, object]] = [
-            {"pid": m["pid"], "start_time": m["start_time"], "seq": m["seq"],
-             "active": m["active"], "mirrors": m["mirrors"],
-             "watched": _WATCHED.get(m["uffd"], "?")} for m in mms
-        ]  # fmt: skip
-        heads: tuple[str, ...] = ("PID", "START", "SEQ", "ACTIVE", "MIRRORS", "WATCHED BY")
-    else:
-        rows = [
-            {"mirror": m["mirror"], "agent": m["agent"], "session": m["session"],
-             "pid": m["pid"], "lo": int(m["lo"]), "hi": int(m["hi"]),
-             "held_pages": m["held_pages"], "access": "rw" if int(m["access"]) & 2 else "r",
-             "writes": _WRITES.get(int(m["flags"]), "?")} for m in mirrors
-        ]  # fmt: skip
-        heads = ("MIRROR", "AGENT", "SESSION", "PID", "RANGE", "PAGES HELD", "ACCESS", "WRITES")
+    answers, code = _ask_each(args, lambda where, curve: ask_inventory(where, args.timeout, curve))
+    several = len(args.endpoints) > 1
+    rows: list[dict[str, object]] = []
+    for endpoint, (mms, mirrors) in answers:
+        at = {"endpoint": endpoint} if several else {}
+        if args.command == "mms":
+            rows += [
+                {"pid": m["pid"], "start_time": m["start_time"], "seq": m["seq"],
+                 "active": m["active"], "mirrors": m["mirrors"],
+                 "watched": _WATCHED.get(m["uffd"], "?"), **at} for m in mms
+            ]  # fmt: skip
+        else:
+            rows += [
+                {"mirror": m["mirror"], "agent": m["agent"], "session": m["session"],
+                 "pid": m["pid"], "lo": int(m["lo"]), "hi": int(m["hi"]),
+                 "held_pages": m["held_pages"], "access": "rw" if int(m["access"]) & 2 else "r",
+                 "writes": _WRITES.get(int(m["flags"]), "?"), **at} for m in mirrors
+            ]  # fmt: skip
     if args.json:
         for row in rows:
             emit(row)
-        return 0
+        return code
     if args.command == "mirrors":
+        heads: tuple[str, ...] = ("MIRROR", "AGENT", "SESSION", "PID", "RANGE", "PAGES HELD",
+                                  "ACCESS", "WRITES")  # fmt: skip
         cells = [[r["mirror"], r["agent"], r["session"], r["pid"],
-                  f"{r['lo']:#x}-{r['hi']:#x}", r["held_pages"], r["access"], r["writes"]]
+                  f"{r['lo']:#x}-{r['hi']:#x}", r["held_pages"], r["access"], r["writes"],
+                  *([r["endpoint"]] if several else [])]
                  for r in rows]  # fmt: skip
     else:
+        heads = ("PID", "START", "SEQ", "ACTIVE", "MIRRORS", "WATCHED BY")
         cells = [list(r.values()) for r in rows]
-    print(table(heads, cells))
-    return 0
+    print(table((*heads, "HMMD") if several else heads, cells))
+    return code
 
 
 def top_until_interrupted(args: argparse.Namespace) -> int:

@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
-from importlib.metadata import version
 from typing import Any
 
 from hmmirror.client.curve import CLIENT_KEY_ENV, SERVER_KEY_ENV
+from hmmirror.tools import DISTRIBUTION
 from hmmirror.transport.settings import (
+    ConfigError,
     Parser,
+    VersionAction,
+    distribution_version,
     flag,
     parse_duration,
     parse_endpoint,
@@ -35,14 +38,16 @@ GLOBALS_AFTER = (
 )
 #: What ``-j`` prints, by command (the keys are stable; new ones may be added).
 JSON_HELP = {
-    "status": "one JSON object: hmmd's figures by the names the text shows (epoch, "
+    "status": "one JSON object (one line per hmmd, given several): hmmd's figures by the "
+    "names the text shows (epoch, "
     "endpoint, pid, uptime_s, sessions, mms, mirrors, invalidations, stale, ack_p50_us, "
     "ack_p99_us, evictions, ...; ack_histogram parsed: [{le_s, count}], le_s null for the "
     "bucket above 10 s); a caller who is not root gets the counters only",
     "mms": "one JSON object per line: pid, start_time, seq, active, mirrors, watched "
-    "(proc, proc+uffd or proc+uffd+strict)",
+    "(proc, proc+uffd or proc+uffd+strict); given several hmmds, also endpoint",
     "mirrors": "one JSON object per line: mirror, agent, session, pid, lo, hi (the range, "
-    "bytes), held_pages, access (r or rw), writes (-, watch or strict)",
+    "bytes), held_pages, access (r or rw), writes (-, watch or strict); given several "
+    "hmmds, also endpoint",
     "top": "one JSON object per line and interval: ts (Unix seconds), sessions, mms, "
     "mirrors, invalidations_per_s, faults_per_s, dma_per_s, "
     "ack_p50_us, ack_p99_us, evictions, stale",
@@ -67,6 +72,20 @@ JSON_HELP = {
 }
 
 
+#: The commands that read several hmmds (``--endpoint A,B``); the others read one.
+MANY_HMMDS = ("status", "mms", "mirrors")
+#: The most hmmds one command reads (as hm-agent's ``daemon``).
+MAX_HMMDS = 16
+
+
+def parse_endpoints(value: str, label: str) -> tuple[str, ...]:
+    """One hmmd endpoint, or several, comma-separated and different (at most MAX_HMMDS)."""
+    endpoints = tuple(parse_endpoint(part.strip(), label) for part in str(value).split(","))
+    if len(set(endpoints)) != len(endpoints) or len(endpoints) > MAX_HMMDS:
+        raise ConfigError(f"{label}: at most {MAX_HMMDS} different hmmd endpoints, got {value!r}")
+    return endpoints
+
+
 def duration(name: str, minimum: float = 0.001) -> Callable[[str], float]:
     """A flag's duration in seconds (``2``, ``2s``, ``250ms``), at least ``minimum``."""
     return flag(lambda text, label: parse_duration(text, label, minimum), name)
@@ -76,10 +95,11 @@ def _global_options() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
     """The global options, with their top-level defaults (read from the environment now)."""
     return [
         (("--endpoint",), dict(
-            type=flag(parse_endpoint, "--endpoint"), metavar="ENDPOINT",
+            type=flag(parse_endpoints, "--endpoint"), metavar="ENDPOINT",
             default=os.environ.get("HMMIRROR_ENDPOINT", DEFAULT_ENDPOINT),
             help="hmmd endpoint, ipc://PATH or tcp://HOST:PORT (default $HMMIRROR_ENDPOINT "
-            "or %(default)s)",
+            "or %(default)s); status, mms and mirrors take the several hmmds of a host, "
+            "comma-separated, as hm-agent does",
         )),
         (("--timeout",), dict(
             type=duration("--timeout"), default=2.0, metavar="DURATION",
@@ -150,7 +170,7 @@ def build() -> argparse.ArgumentParser:
     )
     for flags, options in _global_options():
         parser.add_argument(*flags, **options)
-    parser.add_argument("--version", action="version", version=program_version())
+    parser.add_argument("--version", action=VersionAction, line=program_version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _command(sub, "status", "show the daemon's state and figures")
     _command(sub, "mms", "list the processes hmmd watches, and how")
@@ -318,4 +338,4 @@ def _check_parser(sub: argparse._SubParsersAction[Parser]) -> None:
 
 def program_version() -> str:
     """What ``hmmctl --version`` prints."""
-    return version_line("hmmctl", version("hmmirror-tools"))
+    return version_line("hmmctl", distribution_version(DISTRIBUTION))

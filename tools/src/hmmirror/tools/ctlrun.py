@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-from importlib.metadata import version
 
 from hmmirror.proto.version import PROTOCOL_VERSION
+from hmmirror.tools import DISTRIBUTION
 from hmmirror.tools.ctlinspect import emit, fail
 from hmmirror.tools.ctlparse import program_version
-from hmmirror.transport.settings import EXIT_OK, EXIT_USAGE
+from hmmirror.transport.settings import EXIT_OK, EXIT_USAGE, distribution_version
 
 
 def _missing_daemon(command: str) -> int | None:
@@ -88,7 +88,7 @@ def show_version(args: argparse.Namespace) -> int:
     """``hmmctl version``."""
     if args.json:
         emit({
-            "program": "hmmctl", "version": version("hmmirror-tools"),
+            "program": "hmmctl", "version": distribution_version(DISTRIBUTION),
             "protocol": f"{PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}",
         })  # fmt: skip
     else:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from hmmirror.daemon import __version__
+from hmmirror.daemon import version
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def manpage(program: Program, date: datetime.date | None = None) -> str:
     parser = program.parser()
     day = (date or datetime.date(2026, 1, 1)).isoformat()
     lines = [
-        f'.TH {program.name.upper()} {program.section} "{day}" "hmmirror {__version__}" "hmmirror"',
+        f'.TH {program.name.upper()} {program.section} "{day}" "hmmirror {version()}" "hmmirror"',
         ".SH NAME",
         f"{_roff(program.name)} \\- {_roff(program.summary)}",
         ".SH SYNOPSIS",

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from hmmirror.tools import ackhistogram
+from hmmirror.transport.peer import printable
 
 Figures = dict[str, int | float | str]
 _WATCHED = {0: "proc", 1: "proc+uffd", 2: "proc+uffd+strict"}
@@ -68,8 +69,8 @@ def rate(prev: Figures, now: Figures, *keys: str) -> float | None:
 
 
 def table(heads: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Columns aligned under their heads."""
-    cells = [[str(c) for c in row] for row in rows]
+    """Columns aligned under their heads (control characters a peer put in a name escaped)."""
+    cells = [[printable(str(c)) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
               for i, h in enumerate(heads)]  # fmt: skip
     lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True))]

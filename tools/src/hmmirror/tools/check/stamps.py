@@ -97,10 +97,17 @@ ATOMIC_FAILED = 9
 FOREVER = (1 << 64) - 1
 #: DMA_LOG flag: the page's bytes 16..4096 were not all zero.
 GARBAGE = 1
+#: Target log flag (``extra`` of a SET of UNMAPPED): the target munmapped the page, and
+#: left a hole that any mapping of its process may take (its allocator's, a library's)
+#: until it maps the page again. A READ or WRITE there then lands in that mapping, as HMM
+#: says it must: the page may show anything, and a WRITE may land.
+HOLE = 2
+#: In the mapped timeline: a hole some other mapping may have taken.
+ANY = (1 << 64) - 2
 
 _WRITE_KINDS = (WRITE, WRITE_INTENT, WRITE_FAILED)
-#: The mapped timeline's two values.
-_GONE, _THERE = frozenset((UNMAPPED,)), frozenset((ZERO,))
+#: The mapped timeline's values: unmapped, mapped, and a hole (unmapped, or taken).
+_GONE, _THERE, _HOLE = frozenset((UNMAPPED,)), frozenset((ZERO,)), frozenset((UNMAPPED, ANY))
 
 RECORD = np.dtype(
     [("t0", "<u8"), ("t1", "<u8"), ("addr", "<u8"), ("kind", "<u8"), ("value", "<u8"),
@@ -254,7 +261,8 @@ class DataOracle:
                 values = frozenset(self.pages[int(rec["extra"])].live(t0, t1)) - {UNMAPPED}
             self.pages[addr].add(t0, t1, values)
             gone = kind == SET and int(rec["value"]) == UNMAPPED
-            self.mapped[addr].add(t0, t1, _GONE if gone else _THERE)
+            hole = gone and int(rec["extra"]) & HOLE
+            self.mapped[addr].add(t0, t1, _HOLE if hole else _GONE if gone else _THERE)
 
     def judge(self, dma_logs: Iterable[npt.NDArray[np.void]]) -> list[DataViolation]:
         """Every READ whose value was never live during its flight, or whose page had garbage;
@@ -278,6 +286,8 @@ class DataOracle:
                     int(rec["t1"]),
                     int(rec["value"]),
                 )
+                if addr in self.mapped and ANY in self.mapped[addr].live(s, r):
+                    continue  # a hole another mapping may have taken: any bytes at all
                 live = self.pages[addr].live(s, r) if addr in self.pages else {UNMAPPED}
                 if int(rec["extra"]) & GARBAGE:
                     found.append(DataViolation(addr, s, r, got, tuple(sorted(live)), "garbage"))

@@ -29,6 +29,7 @@ import time
 
 from hmmirror.tools.check.stamps import (
     FREE,
+    HOLE,
     MOVE,
     PAGE,
     SET,
@@ -88,9 +89,9 @@ class CheckTarget:
     def _log(self, t0: int, t1: int, addr: int, kind: int, value: int, extra: int = 0) -> None:
         self.buf += record(t0, t1, addr, kind, value, extra)
 
-    def _log_slot(self, t0: int, t1: int, slot: int, value: int) -> None:
+    def _log_slot(self, t0: int, t1: int, slot: int, value: int, extra: int = 0) -> None:
         for p in range(SLOT_PAGES):
-            self._log(t0, t1, self.addr(slot, p), SET, value)
+            self._log(t0, t1, self.addr(slot, p), SET, value, extra)
 
     def flush(self) -> None:
         """Write the buffered records to the log file."""
@@ -165,7 +166,8 @@ class CheckTarget:
         if op < 0.70:
             t0 = time.monotonic_ns()
             check(libc.munmap(self.addr(slot), SLOT), "munmap")
-            self._log_slot(t0, time.monotonic_ns(), slot, UNMAPPED)
+            # A hole: the process's own next mapping may take it (HOLE, stamps.py).
+            self._log_slot(t0, time.monotonic_ns(), slot, UNMAPPED, HOLE)
             self.state[slot] = "gone"
             return "munmap"
         if op < 0.77:
