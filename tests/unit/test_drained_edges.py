@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq
 from hmmirror.transport import Drained
-from hmmirror.transport.sockets import send_frames
+from hmmirror.transport.sockets import DRAIN_BUDGET, send_frames
 
 
 class Collector(Drained):
@@ -88,6 +88,44 @@ async def test_messages_queued_before_the_reader_and_in_bursts_are_all_drained(
             await asyncio.sleep(0.01)
         assert len(line.got) == want
         assert line.got[:50] == [b"early%d" % i for i in range(50)]
+    finally:
+        ours.close(0)
+        peer.close(0)
+        ctx.term()
+
+
+async def test_a_full_queue_is_drained_in_turns_that_let_the_loop_run(tmp_path: Any) -> None:
+    """A drain handled messages for as long as they queued: a peer that kept the queue full
+    kept the loop in one callback, and no timer or other socket ran meanwhile. Now each
+    turn handles ``DRAIN_BUDGET`` at most, and every message is still handled, in order."""
+    ctx = zmq.Context()
+    ours, peer = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    try:
+        ours.linger = peer.linger = 0
+        ours.bind(f"ipc://{tmp_path}/full.sock")
+        peer.connect(f"ipc://{tmp_path}/full.sock")
+        count = 4 * DRAIN_BUDGET + 7
+        for i in range(count):
+            peer.send_multipart([b"", b"f%d" % i])
+        time.sleep(0.2)  # all of them queued on our side before anyone looks
+        line = Collector(ours)
+        seen_between: list[int] = []
+
+        def tick() -> None:  # another callback of the loop: it runs between turns
+            seen_between.append(len(line.got))
+            if len(line.got) < count:
+                asyncio.get_running_loop().call_soon(tick)
+
+        asyncio.get_running_loop().call_soon(tick)
+        deadline = time.monotonic() + 5
+        while len(line.got) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert line.got == [b"f%d" % i for i in range(count)]
+        # The other callback ran while messages were still waiting, turn after turn (the
+        # FD's reader and the drain's own recall may both run in one turn of the loop).
+        partial = sorted({n for n in seen_between if 0 < n < count})
+        assert len(partial) >= 2, seen_between
+        assert partial[0] <= DRAIN_BUDGET, seen_between
     finally:
         ours.close(0)
         peer.close(0)

@@ -38,6 +38,10 @@ ZERO_COPY_MIN = 64 * 1024
 SOCKET_BUFFER = 4 << 20
 #: Messages queued per peer and direction before a send fails (EAGAIN) or input stops.
 HWM = 10000
+#: Messages one drain handles before it gives the loop back (and comes back on the next
+#: turn): a peer that keeps the queue full must not keep timers, leases, the door and the
+#: other sockets waiting. A few milliseconds of handling; a pipelined burst of 64 fits.
+DRAIN_BUDGET = 256
 
 
 #: The scheduling policy of libzmq's own threads (its I/O thread and reaper): see ``context``.
@@ -123,23 +127,31 @@ class Drained(abc.ABC):
         """One inbound message's frames."""
 
     def _drain(self) -> None:
-        """Handle every queued message (the FD is edge-triggered: drain fully).
+        """Handle the queued messages (the FD is edge-triggered: drain fully, in turns).
 
         It runs when the FD fired or ``_after_sends`` saw POLLIN, so a message is
         almost always there: the first look is the ``recv`` itself, whose EAGAIN
         (a ``recv`` processes the socket's commands first, as an ``EVENTS`` read
         does) says when none is. After each message ``EVENTS`` is read, which
         re-arms the edge and also catches one that a send made while handling (an
-        ACK) may have consumed.
+        ACK) may have consumed. After ``DRAIN_BUDGET`` messages it stops and has
+        the loop call it again on its next turn (``_after_sends``): the edge will not.
         """
         self._draining = True
         try:
             sock = self.sock
             look = False
+            budget = DRAIN_BUDGET
             # A handler may close the socket (a connection dropped by its own message).
             while not sock.closed:
                 if look and not cast(int, sock.get(EVENTS)) & POLLIN:
                     break
+                if not budget:
+                    if not self._recheck:
+                        self._recheck = True
+                        self.loop.call_soon(self._after_sends)
+                    break
+                budget -= 1
                 look = True
                 try:
                     # Frames carry their own "more" flag: no RCVMORE query (an enum
