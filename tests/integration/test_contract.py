@@ -468,3 +468,19 @@ async def test_the_new_image_can_be_mirrored_while_the_old_ones_release_waits(hm
         silent.close()
         proc.kill()
         await proc.wait()
+
+
+async def test_a_sync_range_over_part_of_a_page_invalidates_the_whole_page(hmmd, puppet, agent):
+    """A change to part of a page is a change to the page. hmmd and the agent both cut a
+    range's ends down to pages, so a target that announced bytes 100..200 of a page (or up
+    to one byte into it) left the agent's translation of that page standing."""
+    addr = await puppet.mmap(4 * PAGE)
+    await puppet.write(addr, b"p" * 4 * PAGE)
+    async with agent() as device, agent() as announcer:
+        mirror = await device.mirror(puppet.pid, addr, 4 * PAGE, Access.READ)
+        await mirror.read(addr, 4)
+        assert (mirror.table & np.uint64(HMM_PFN_VALID)).all()
+        await announcer.sync_range(puppet.pid, addr + PAGE + 100, addr + PAGE + 200)
+        await announcer.sync_range(puppet.pid, addr + 3 * PAGE - 1, addr + 3 * PAGE + 1)
+        valid = [bool(e & np.uint64(HMM_PFN_VALID)) for e in mirror.table]
+        assert valid == [True, False, False, False], valid

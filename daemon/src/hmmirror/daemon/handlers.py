@@ -29,7 +29,7 @@ from hmmirror.daemon.errors import RequestError
 from hmmirror.daemon.fault.handlers import on_fault
 from hmmirror.daemon.linux.procfs import PAGE_SHIFT, PAGE_SIZE, start_time
 from hmmirror.daemon.owners import Moved
-from hmmirror.daemon.request import Handler, Request, Services
+from hmmirror.daemon.request import Handler, Request, Services, whole_pages
 from hmmirror.daemon.state import Mirror, Session, Span
 from hmmirror.daemon.trace import tracer
 from hmmirror.proto.errors import ErrorCode
@@ -370,7 +370,7 @@ def on_sync_range(svc: Services, r: Request) -> None:
         owner = owners.owner_of(msg.pid, started_at) if owners is not None else None
         if owner is not None:
             raise Moved(msg.pid, owner)
-    ranges = list(msg.ranges)
+    ranges = whole_pages(msg.ranges)
     started = [svc.invalidator.begin(mm, ranges, event) for mm in mms]
     pending = [inv for inv in started if not inv.finished]
 

@@ -9,7 +9,7 @@ the daemon; ``dispatch.Dispatcher`` provides it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, Protocol
 
@@ -107,6 +107,19 @@ class Services(authz.DaemonView, Protocol):
 
 
 Handler = Callable[[Services, Request], "Awaitable[None] | None"]
+
+
+def whole_pages(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``ranges`` widened to whole pages: a change to part of a page is a change to the page
+    (the kernel's notifier ranges always cover whole pages), so a ``sync_range`` that names
+    part of one must invalidate all of it. Each end stays within ``USER_ADDR_END`` (no mirror
+    lies beyond), and every range keeps at least a page."""
+    out = []
+    for start, end in ranges:
+        lo = start & ~(PAGE_SIZE - 1)
+        hi = min((end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1), USER_ADDR_END)
+        out.append((lo, max(hi, lo + PAGE_SIZE)))
+    return out
 
 
 def aligned_range(start: int, npages: int, what: str) -> int:
