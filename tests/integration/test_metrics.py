@@ -6,6 +6,7 @@ Every test scrapes a real hmmd started with ``--metrics 127.0.0.1:0``.
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 from hmmirror.client import Access
 from hmmirror.daemon.exposition import FIGURES, UNDESCRIBED
-from hmmirror.daemon.metrics import MAX_CONNECTIONS, MAX_REQUEST, REQUEST_DEADLINE
+from hmmirror.daemon.metrics import MAX_CONNECTIONS, MAX_REQUEST, REQUEST_DEADLINE, MetricsServer
 from hmmirror.proto.ackbuckets import BOUNDS_S
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
@@ -200,3 +201,43 @@ async def test_a_hostile_scraper_holds_neither_hmmd_nor_the_endpoint(hmmd, puppe
         w.close()
     line, _, body = await http(url)
     assert line == "HTTP/1.1 200 OK" and "hmmirror_sessions" in body
+
+
+@pytest.mark.parametrize(
+    "accept",
+    ["text/plain; version=x", "application/openmetrics-text; version=2.\nX-Forged: yes"],
+)
+async def test_a_scrapers_accept_header_neither_breaks_nor_writes_the_answer(
+    hmmd, puppet, agent, accept
+):
+    """prometheus_client raised TypeError on a version it cannot compare (the request went
+    unanswered, and hmmd logged a traceback for it), and copied any other version, a bare
+    newline included, into the answer's Content-Type, where it became a header of its own.
+    Both now get the plain text format."""
+    _, url = await busy_hmmd(puppet, agent, rounds=1)
+    line, headers, body = await http(url, accept=accept)
+    assert line == "HTTP/1.1 200 OK"
+    assert headers["content-type"].startswith("text/plain; version=0.0.4"), headers
+    assert "x-forged" not in headers, headers
+    assert "hmmirror_sessions" in body
+    assert "Traceback" not in hmmd.stderr() and "never retrieved" not in hmmd.stderr()
+
+
+async def test_an_ipv6_address_in_brackets_is_served() -> None:
+    """``metrics = "[::1]:9464"``, as URLs write an IPv6 address, failed hmmd's start."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:  # a host without IPv6 loopback cannot serve it at all
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    server = MetricsServer(lambda: {})
+    await server.start("[::1]:0")
+    try:
+        assert server.url.startswith("http://[::1]:"), server.url
+        port = int(server.url.rsplit(":", 1)[1].split("/")[0])
+        reader, writer = await asyncio.open_connection("::1", port)
+        writer.write(b"GET /nothing HTTP/1.1\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 404")
+        writer.close()
+    finally:
+        server.close()

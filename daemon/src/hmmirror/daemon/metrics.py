@@ -28,11 +28,13 @@ MAX_CONNECTIONS = 16
 
 
 def accept_of(head: bytes) -> str:
-    """The ``Accept`` header of a request head ("" when absent)."""
+    """The ``Accept`` header of a request head ("" when absent, or when it holds anything but
+    printable ASCII: prometheus_client copies its version into the answer's Content-Type)."""
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"accept":
-            return value.strip().decode("latin-1")
+            value = value.strip()
+            return value.decode("ascii") if all(0x20 <= c < 0x7F for c in value) else ""
     return ""
 
 
@@ -56,12 +58,14 @@ class MetricsServer:
         from hmmirror.daemon.exposition import registry
 
         host, _, port = address.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")  # "[::1]:9464", as URLs write it
         self.registry = registry(self.figures, self.latency)
         self.server = await asyncio.start_server(
             self._serve, host or "127.0.0.1", int(port), limit=MAX_REQUEST
         )
         bound = self.server.sockets[0].getsockname()
-        self.url = f"http://{bound[0]}:{bound[1]}/metrics"
+        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        self.url = f"http://{shown}:{bound[1]}/metrics"
 
     def close(self) -> None:
         """Stop serving."""
@@ -75,7 +79,10 @@ class MetricsServer:
         assert self.registry is not None  # start() made it before serving
         from prometheus_client.exposition import choose_encoder  # loaded by start() already
 
-        encoder, content_type = choose_encoder(accept_of(head))
+        try:
+            encoder, content_type = choose_encoder(accept_of(head))
+        except (TypeError, ValueError):  # a version it cannot compare ("version=x"): the plain
+            encoder, content_type = choose_encoder("")  # format, as for no Accept at all
         return "200 OK", content_type, encoder(self.registry)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -85,7 +92,9 @@ class MetricsServer:
             if self.open <= MAX_CONNECTIONS:
                 async with asyncio.timeout(REQUEST_DEADLINE):
                     await self._exchange(reader, writer)
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+        except TimeoutError:  # a client that does not take the answer keeps nothing of hmmd's
+            writer.transport.abort()
+        except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             self.open -= 1
