@@ -89,7 +89,7 @@ class MirrorTable:
                 self._counters["page_invalidations_handled"] += 1
                 if self._held == 0 and self.on_empty is not None:
                     self.on_empty(self)
-        if event == Event.RELEASE:
+        if event == Event.RELEASE and not self.released:  # once, however many items say so
             self.released = True
             self.table[:] = 0
             self._held = 0
@@ -106,11 +106,13 @@ class MirrorTable:
         one pass over the items whatever their number.
         """
         if self._held or self._inflight or not _WHOLE_MIRROR.isdisjoint(map(_EVENT_FIELD, items)):
-            fences: list[asyncio.Future[None]] = []
+            # Each DMA once, however many items overlap it: 4096 items over the same
+            # in-flight DMAs made a list of 4096 entries per DMA, kept until they completed.
+            fences: dict[asyncio.Future[None], None] = {}
             for seq, start, end, event in items:
                 kind = _EVENT_OF[event] if event < len(_EVENT_OF) else Event.CLEAR
-                fences.extend(self._invalidate(seq, start, end, kind))
-            return fences
+                fences.update(dict.fromkeys(self._invalidate(seq, start, end, kind)))
+            return list(fences)
         if items:
             self.seq = items[-1][0]
         self._gen += 1
