@@ -26,7 +26,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypedDict, Unpack
+from typing import TypedDict, Unpack, cast
+
+from hmmirror.testing import forkserver
 
 __all__ = [
     "READY_PREFIX",
@@ -272,6 +274,11 @@ def launch_hmmd(
     given_env, spawn = opts.get("env"), opts.get("spawn")
     env = None if given_env is None else dict(given_env)
     mode = "ab" if opts.get("append", False) else "wb"
+    if spawn is None and not opts.get("python") and forkserver.FORK_SERVER.enabled:
+        forked = forkserver.FORK_SERVER.spawn(
+            argv, argv[3:], log_path, opts.get("append", False), opts.get("pdeathsig", False), env
+        )
+        return HmmdProcess(cast(subprocess.Popen[bytes], forked), argv, endpoint, log_path)
     with open(log_path, mode) as log:  # the child keeps its own copy
         if spawn is not None:
             proc = spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
