@@ -19,6 +19,7 @@ from hmmirror.client.curve import CLIENT_KEY_ENV, SERVER_KEY_ENV, CertificateErr
 from hmmirror.client.errors import AgentError
 from hmmirror.tools import ackhistogram
 from hmmirror.tools.liveview import Screen, rate, read_hmmd, table, top_screen
+from hmmirror.transport.peer import printable
 from hmmirror.transport.settings import EXIT_FAILURE, EXIT_USAGE
 
 T = TypeVar("T")
@@ -143,8 +144,8 @@ def _show_status(args: argparse.Namespace, stats: dict[str, int | float | str]) 
         return
     shown = {k: v for k, v in stats.items() if k != "ack_histogram" or buckets is None}
     width = max(len(k) for k in shown)
-    for key, value in shown.items():
-        print(f"{key:<{width}}  {value}")
+    for key, value in shown.items():  # hmmd's strings may quote what a peer or target chose
+        print(f"{printable(key):<{width}}  {printable(str(value))}")
     if buckets is not None:
         print(f"\nack round trip since hmmd started ({ackhistogram.summary(buckets)}):")
         for line in ackhistogram.draw(buckets, 40, ackhistogram.block_for(sys.stdout.encoding)):
