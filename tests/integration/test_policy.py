@@ -70,11 +70,15 @@ async def test_root_agents_mirror_and_write_anything_but_hmmd(
     assert "refused register by session" in hmmd.stderr()
 
 
-async def test_a_thread_of_hmmd_is_hmmd(hmmd, agent):
-    tids = [int(t) for t in os.listdir(f"/proc/{hmmd.proc.pid}/task") if int(t) != hmmd.proc.pid]
-    if not tids:
-        pytest.skip(f"hmmd (pid {hmmd.proc.pid}) runs no thread besides its main one")
+async def test_a_thread_of_hmmd_is_hmmd(hmmd, puppet, agent):
+    addr = await puppet.mmap(PAGE)
+    await puppet.write(addr, b"t" * PAGE)
     async with agent() as s:
+        mirror = await s.mirror(puppet.pid, addr, PAGE, Access.READ)
+        await mirror.read(addr, 1)  # hmmd's DMA copies run on a thread of its own
+        tids = [int(t) for t in os.listdir(f"/proc/{hmmd.proc.pid}/task")]
+        tids.remove(hmmd.proc.pid)
+        assert tids, f"hmmd (pid {hmmd.proc.pid}) runs no thread besides its main one"
         with pytest.raises(RemoteError) as info:
             await s.sync_range(tids[0], 0x10000, 0x11000)
     assert info.value.code == ErrorCode.PERMISSION_DENIED and "hmmd itself" in info.value.message
