@@ -69,9 +69,12 @@ class Owners:
             flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
             self._dir = os.open(directory, flags)
         except OSError as exc:
-            # Something else at the name (a symbolic link, a file) is somebody's doing, never
-            # a directory that merely cannot be made: refused like one others could write.
-            kind = OwnersMissing if exc.errno in _MISSING else OwnersError
+            # Something at the name that cannot be opened (a symbolic link, a file, another
+            # user's directory this hmmd may not read) is somebody's doing, never a directory
+            # that merely cannot be made: refused like one others could write. Taken for
+            # missing, it would leave this instance claiming nothing beside others that do.
+            missing = exc.errno in _MISSING and not os.path.lexists(directory)
+            kind = OwnersMissing if missing else OwnersError
             raise kind(f"owners directory {directory}: {exc.strerror}") from exc
         st = os.fstat(self._dir)
         if st.st_uid != os.geteuid() or st.st_mode & 0o077:
