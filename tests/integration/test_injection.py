@@ -362,3 +362,19 @@ def test_an_injection_into_a_process_that_exited_is_refused_as_an_injection() ->
     finally:
         os.close(pidfd)
         injector.INJECTORS.close()
+
+
+def test_the_helper_starts_without_numpy_or_pyzmq() -> None:
+    """hmmd's loop waits for a new helper to start and answer its first injection. The
+    helper imported numpy and pyzmq with the daemon and transport packages (about half a
+    second on 2 vCPUs), longer than the tests' 0.6 s lease once the machine was busy: the
+    injected-uffd tests evicted their own agents. It needs neither."""
+    probe = (
+        "import sys, hmmirror.daemon.linux.injector; "
+        "print(sorted({'numpy', 'zmq'} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", probe], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

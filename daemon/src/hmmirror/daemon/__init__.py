@@ -5,8 +5,6 @@ mirroring agents, and sends them synchronous, sequence-numbered invalidations.
 Run it with ``hmmd run`` (see ``hmmd --help``).
 """
 
-from hmmirror.transport.settings import distribution_version
-
 #: The installed distribution, whose version (the repository's VERSION file is its one
 #: source) is read when asked (``version``), not at every start.
 DISTRIBUTION = "hmmirror-daemon"
@@ -15,6 +13,10 @@ __all__ = ["DISTRIBUTION", "version"]
 
 def version() -> str:
     """hmmd's version."""
+    # Imported here: every program of the package imports this one (the injector's helper
+    # too, whose start hmmd waits for), and the transport package is most of a start.
+    from hmmirror.transport.settings import distribution_version
+
     return distribution_version(DISTRIBUTION)
 
 

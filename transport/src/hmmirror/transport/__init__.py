@@ -6,15 +6,44 @@ CURVE proved about its peer (``Peer``): ``server.Server`` on one side,
 handler for CURVE, ``keys`` for CURVE certificates, ``sockets`` for what
 every socket shares (options, sends, the drain loop), ``errors`` for zmq's
 failures as typed errors, and ``intake`` for both ends of the uffd intake.
+
+The names below are imported on first use (PEP 562): a program that needs one module of
+the package (the injector's helper takes ``door.recv_fds``) does not pay for pyzmq and the
+rest, and hmmd waits for that helper to start.
 """
 
-from hmmirror.transport.dial import Dialer, dial
-from hmmirror.transport.door import AddressInUse, Door, DoorError
-from hmmirror.transport.errors import Unreachable
-from hmmirror.transport.keys import AllowDir, CertificateError, CurveKeys, ServerKeys
-from hmmirror.transport.peer import Peer
-from hmmirror.transport.server import Connection, Limits, Server
-from hmmirror.transport.sockets import Drained
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hmmirror.transport.dial import Dialer, dial
+    from hmmirror.transport.door import AddressInUse, Door, DoorError
+    from hmmirror.transport.errors import Unreachable
+    from hmmirror.transport.keys import AllowDir, CertificateError, CurveKeys, ServerKeys
+    from hmmirror.transport.peer import Peer
+    from hmmirror.transport.server import Connection, Limits, Server
+    from hmmirror.transport.sockets import Drained
+
+#: Where each exported name lives.
+_HOME = {
+    "Dialer": "dial", "dial": "dial", "AddressInUse": "door", "Door": "door",
+    "DoorError": "door", "Unreachable": "errors", "AllowDir": "keys",
+    "CertificateError": "keys", "CurveKeys": "keys", "ServerKeys": "keys", "Peer": "peer",
+    "Connection": "server", "Limits": "server", "Server": "server", "Drained": "sockets",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    """An exported name, imported from its module on first use."""
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AddressInUse",

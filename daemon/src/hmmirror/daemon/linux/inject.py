@@ -28,7 +28,7 @@ import time
 from collections.abc import Collection, Sequence
 
 from hmmirror.daemon.linux import userfaultfd
-from hmmirror.daemon.linux.procfs import smaps_flags
+from hmmirror.daemon.linux.smaps import smaps_flags
 
 log = logging.getLogger(__name__)
 

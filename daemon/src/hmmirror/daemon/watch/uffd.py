@@ -36,7 +36,8 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from hmmirror.daemon.linux import scan, userfaultfd
-from hmmirror.daemon.linux.procfs import PAGE_SIZE, smaps_flags
+from hmmirror.daemon.linux.procfs import PAGE_SIZE
+from hmmirror.daemon.linux.smaps import smaps_flags
 from hmmirror.daemon.state import Mm, Span
 from hmmirror.daemon.watch.proc import Change, FanOut, detect, merge, union
 from hmmirror.proto.messages import Event
