@@ -13,6 +13,9 @@ uffd with a child, and exits. The test gives the freed pid to a root process
 (ns_last_pid, as checkpoint/restore tools steer pids), then the child sends the uffd.
 hmmd must refuse it, knowing the sender by the door's pidfd (SO_PEERPIDFD), not its pid.
 
+Third, a userfaultfd offered to whoever bound the intake's path first: only a process that
+could ptrace the target gets it.
+
 Second, a userfaultfd of another process's mm, left open in the target. A userfaultfd acts
 on the mm of the process that created it, whoever holds it; hmmd takes one a target left
 unconfigured (pidfd_getfd) or offered, and would register the target's ranges on the other
@@ -23,7 +26,9 @@ registered once it registered them (smaps' ``uw``), or watch through /proc inste
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -155,3 +160,58 @@ async def test_descriptors_hmmd_receives_are_close_on_exec(hmmd, puppet):
         kept.append((fd, flags))
     assert kept, "hmmd kept no userfaultfd from the offer"
     assert all(flags & os.O_CLOEXEC for _, flags in kept), [(fd, oct(f)) for fd, f in kept]
+
+
+#: A door lookalike, as another user: bind argv[1], take one knock, say whether a
+#: userfaultfd came with it, answer ``ok``.
+LOOKALIKE = r"""
+import os, socket, sys
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(sys.argv[1])
+srv.listen(1)
+print("listening", flush=True)
+srv.settimeout(20)
+try:
+    conn, _ = srv.accept()
+except TimeoutError:
+    print("no knock", flush=True)
+    sys.exit(0)
+conn.settimeout(5)
+try:
+    msg, fds, _, _ = socket.recv_fds(conn, 256, 1)
+except (OSError, TimeoutError):
+    msg, fds = b"", []
+got = [os.readlink(f"/proc/self/fd/{fd}") for fd in fds]
+print("got", msg.strip().decode(errors="replace"), got, flush=True)
+if msg:
+    conn.send(b"ok\n")
+"""
+
+
+def test_a_uffd_is_offered_only_to_a_process_that_could_ptrace_the_target(make_user):
+    """A target offers its userfaultfd to the intake at the path it was configured with. A
+    userfaultfd lets its holder fill the target's pages: a second user who bound that path
+    first (a shared directory) took it, and the target was told ``ok``. Now the target hands
+    it only to a process that could ptrace it anyway (the kernel's rule), and says why not."""
+    from hmmirror.daemon.linux import userfaultfd
+    from hmmirror.transport.door import DoorError
+    from hmmirror.transport.intake import offer
+
+    shared = tempfile.mkdtemp(prefix="hmoffer-", dir="/tmp")
+    os.chmod(shared, 0o1777)
+    attacker = make_user()
+    try:
+        path = os.path.join(shared, "hmmd.sock")
+        lookalike = attacker.popen(attacker.python(LOOKALIKE, path))
+        assert lookalike.stdout is not None
+        assert lookalike.stdout.readline().strip() == "listening", lookalike.stderr
+        fd = userfaultfd.userfaultfd()
+        try:
+            with pytest.raises(DoorError, match="could not ptrace this one"):
+                offer(path, fd, timeout=5.0)
+        finally:
+            os.close(fd)
+        out, _ = lookalike.communicate(timeout=30)
+        assert "anon_inode:[userfaultfd]" not in out, out
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -33,6 +33,7 @@ import errno
 import grp
 import logging
 import os
+import select
 import socket
 import stat
 import struct
@@ -437,14 +438,59 @@ def unreachable(where: str, exc: OSError) -> DoorError:
     return DoorError(code, where, why)
 
 
-def knock(path: str, line: bytes, fd: int, timeout: float) -> None:
-    """Hand ``fd`` to the Unix door at ``path`` with ``line``; raise DoorError unless ``ok``."""
+#: CAP_SYS_PTRACE's bit in /proc/PID/status's CapEff (include/uapi/linux/capability.h).
+CAP_SYS_PTRACE = 19
+
+
+def serves_a_tracer(sock: socket.socket, where: str) -> None:
+    """Raise DoorError unless the process serving the Unix socket ``sock`` (its SO_PEERCRED)
+    could ptrace this one anyway: our own user, or CAP_SYS_PTRACE in its effective set.
+
+    What a knock hands over may be worth as much as ptrace (a userfaultfd lets its holder
+    fill this process's pages): a socket at a path another user bound first must not get
+    it. Its status counts only if its pidfd shows it still alive once read (a pid reused
+    since it called listen() names another process)."""
+    pid, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    pidfd = _peer_pidfd(sock)
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+        if pidfd >= 0 and select.select([pidfd], [], [], 0)[0]:  # readable: it exited
+            status = ""
+    except OSError:
+        status = ""
+    finally:
+        _close(pidfd)
+    caps = next(
+        (line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), "0"
+    )
+    if status and (uid == os.geteuid() or int(caps, 16) >> CAP_SYS_PTRACE & 1):
+        return
+    raise DoorError(
+        errno.EPERM, where,
+        f"the process serving it (pid {pid}, uid {uid}) could not ptrace this one: refused",
+    )  # fmt: skip
+
+
+def knock(
+    path: str,
+    line: bytes,
+    fd: int,
+    timeout: float,
+    vet: Callable[[socket.socket, str], None] | None = None,
+) -> None:
+    """Hand ``fd`` to the Unix door at ``path`` with ``line``; raise DoorError unless ``ok``.
+    ``vet`` judges the server once connected, before anything is sent (``serves_a_tracer``)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(path)
+            if vet is not None:
+                vet(sock, path)
             socket.send_fds(sock, [line + b"\n"], [fd])
             reply = read_reply(sock)
+        except DoorError:  # the vetting's own reason
+            raise
         except OSError as exc:
             raise unreachable(path, exc) from exc
     check_reply(path, reply)

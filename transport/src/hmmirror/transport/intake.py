@@ -15,7 +15,7 @@ import errno
 import os
 
 from hmmirror.proto.intake import RUNTIME_DIR, SOCKET_NAME, encode_line, moved_owner
-from hmmirror.transport.door import REFUSED, DoorError, knock
+from hmmirror.transport.door import REFUSED, DoorError, knock, serves_a_tracer
 
 
 def intake_path(endpoint: str) -> str:
@@ -39,9 +39,12 @@ class OfferMoved(DoorError):
 def offer(path: str, fd: int, *, strict: bool = False, timeout: float = 5.0) -> None:
     """The target's end: hand ``fd`` (a userfaultfd of this process) to the intake at
     ``path``; raise DoorError unless hmmd took it (OfferMoved when it names the hmmd that
-    watches the process). The caller keeps (and closes) its copy."""
+    watches the process), or when what serves ``path`` could not ptrace this process.
+    The caller keeps (and closes) its copy."""
     try:
-        knock(path, encode_line(strict), fd, timeout)
+        # A userfaultfd lets its holder fill this process's pages: only to a process that
+        # could ptrace it anyway (the kernel's rule), whoever bound the path.
+        knock(path, encode_line(strict), fd, timeout, vet=serves_a_tracer)
     except DoorError as exc:
         owner = moved_owner(exc.why.removeprefix(REFUSED))
         if owner is None:
