@@ -15,6 +15,8 @@ rest, and hmmd waits for that helper to start.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -62,3 +64,17 @@ __all__ = [
     "Unreachable",
     "dial",
 ]
+
+
+class _Package(types.ModuleType):
+    """This package: a submodule never hides an exported name it shares (the function
+    ``dial`` and the module ``dial``). The import system sets each loaded submodule as an
+    attribute of its package; imported eagerly, the function was bound after it."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _HOME and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
