@@ -226,4 +226,7 @@ async def test_honest_run_judges_atomics_and_closes_refused_writes() -> None:
     """With no fault planted, atomics are judged and refused writes logged: 0 violations."""
     report = await Checker(Options(seed=14, duration=4.0, agents=3)).run()
     assert not report.violations, _summary(report)
-    assert report.atomics_judged > 20
+    # How many fit in 4 s is the machine's: 34-37 on a quiet 2-vCPU guest, 19 on a clean
+    # clone's first minutes (2026-12-08, every process compiling its modules), where "> 20"
+    # failed. Judged at all, several times over, is what this test asks.
+    assert report.atomics_judged >= 10, _summary(report)
