@@ -9,7 +9,9 @@ a message that arrived just before our send must still be handed on. Real socket
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import zmq
@@ -36,13 +38,24 @@ class Collector(Drained):
             self._sent()
 
 
-async def test_a_message_that_arrives_before_our_send_is_not_stranded(tmp_path: Any) -> None:
-    ctx = zmq.Context()
+@contextlib.contextmanager
+def dealers(tmp_path: Any, name: str) -> Iterator[tuple[zmq.Socket[Any], zmq.Socket[Any]]]:
+    """Two connected DEALERs (ours bound on ``name``, the peer's connected), closed after."""
+    ctx: zmq.Context[zmq.Socket[Any]] = zmq.Context()
     ours, peer = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
     try:
         ours.linger = peer.linger = 0
-        ours.bind(f"ipc://{tmp_path}/edge.sock")
-        peer.connect(f"ipc://{tmp_path}/edge.sock")
+        ours.bind(f"ipc://{tmp_path}/{name}")
+        peer.connect(f"ipc://{tmp_path}/{name}")
+        yield ours, peer
+    finally:
+        ours.close(0)
+        peer.close(0)
+        ctx.term()
+
+
+async def test_a_message_that_arrives_before_our_send_is_not_stranded(tmp_path: Any) -> None:
+    with dealers(tmp_path, "edge.sock") as (ours, peer):
         line = Collector(ours)
         # The connection is up once a first round trip went through.
         peer.send(b"hello")
@@ -59,21 +72,12 @@ async def test_a_message_that_arrives_before_our_send_is_not_stranded(tmp_path: 
             assert line.got[-1] == want
             assert peer.recv_multipart() == [b"", b"x%d" % i]
         assert len(line.got) == 201
-    finally:
-        ours.close(0)
-        peer.close(0)
-        ctx.term()
 
 
 async def test_messages_queued_before_the_reader_and_in_bursts_are_all_drained(
     tmp_path: Any,
 ) -> None:
-    ctx = zmq.Context()
-    ours, peer = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
-    try:
-        ours.linger = peer.linger = 0
-        ours.bind(f"ipc://{tmp_path}/burst.sock")
-        peer.connect(f"ipc://{tmp_path}/burst.sock")
+    with dealers(tmp_path, "burst.sock") as (ours, peer):
         for i in range(50):  # before anyone watches the socket
             peer.send_multipart([b"", b"early%d" % i])
         time.sleep(0.05)
@@ -88,22 +92,13 @@ async def test_messages_queued_before_the_reader_and_in_bursts_are_all_drained(
             await asyncio.sleep(0.01)
         assert len(line.got) == want
         assert line.got[:50] == [b"early%d" % i for i in range(50)]
-    finally:
-        ours.close(0)
-        peer.close(0)
-        ctx.term()
 
 
 async def test_a_full_queue_is_drained_in_turns_that_let_the_loop_run(tmp_path: Any) -> None:
     """A drain handled messages for as long as they queued: a peer that kept the queue full
     kept the loop in one callback, and no timer or other socket ran meanwhile. Now each
     turn handles ``DRAIN_BUDGET`` at most, and every message is still handled, in order."""
-    ctx = zmq.Context()
-    ours, peer = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
-    try:
-        ours.linger = peer.linger = 0
-        ours.bind(f"ipc://{tmp_path}/full.sock")
-        peer.connect(f"ipc://{tmp_path}/full.sock")
+    with dealers(tmp_path, "full.sock") as (ours, peer):
         count = 4 * DRAIN_BUDGET + 7
         for i in range(count):
             peer.send_multipart([b"", b"f%d" % i])
@@ -126,7 +121,3 @@ async def test_a_full_queue_is_drained_in_turns_that_let_the_loop_run(tmp_path: 
         partial = sorted({n for n in seen_between if 0 < n < count})
         assert len(partial) >= 2, seen_between
         assert partial[0] <= DRAIN_BUDGET, seen_between
-    finally:
-        ours.close(0)
-        peer.close(0)
-        ctx.term()
